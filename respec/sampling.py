@@ -1,0 +1,97 @@
+"""Sampling without host syncs: temperature / top-k / top-p per row, the exponential trick, and
+counter-based noise.
+
+The exponential trick: if E_v ~ Exp(1) independently, then argmax_v p_v / E_v is a sample from p
+(it is the Gumbel-max trick written with exponentials). It needs no cumulative sum and no
+`multinomial`, so a whole batch samples in a few fused elementwise kernels inside the compiled
+step, with no `.item()` and no data-dependent control flow.
+
+The noise is *counter-based*: the uniform for (row seed, token position, vocabulary id, stream) is
+a hash of those integers, computed in the graph. So a request's tokens depend only on its seed and
+its own text, not on which other requests share its batch, on the batch bucket, or on whether it
+was preempted and recomputed. Speculative decoding draws its extra randomness (the draft's samples,
+the acceptance test, the residual resample) from other streams of the same hash.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+# Streams: independent noise for each use at the same (seed, position).
+STREAM_SAMPLE = 0  # the target's own sample (plain decoding, bonus and residual tokens)
+STREAM_DRAFT = 1  # the drafter's proposals
+STREAM_ACCEPT = 2  # the acceptance test of speculative sampling
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for 0 <= x < 2^32, without overflowing int64."""
+    lo, hi = x & 0xFFFF, x >> 16
+    return ((((hi * c) & 0xFFFF) << 16) + lo * c) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (xor-shift-multiply), good enough that adjacent counters give
+    independent-looking outputs. Input and output in [0, 2^32) as int64."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seed: torch.Tensor, position: torch.Tensor, vocab: int, stream: int) -> torch.Tensor:
+    """Uniforms in (0, 1), shape (*seed.shape, vocab), from counters (seed, position, stream, v).
+
+    seed, position: int64 tensors of the same shape (one value per row)."""
+    row = _mix32((_mix32((seed & _M32) ^ (stream * 0x9E3779B9 & _M32)) + position) & _M32)  # (...,)
+    v = torch.arange(vocab, device=seed.device, dtype=torch.int64)  # (V,)
+    h = _mix32((row.unsqueeze(-1) ^ _mix32(v)) & _M32)  # (..., V)
+    return (h.to(torch.float64) + 0.5).mul(1.0 / 2**32).to(torch.float32)
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) what top-k, then top-p, remove; per row. logits (B, V) fp32 already divided by
+    the temperature; top_k (B,) int64 (0 = off); top_p (B,) fp32 (1 = off).
+
+    Same order and meaning as Hugging Face's warpers: top-k first, then the smallest set of the
+    remaining tokens whose renormalised mass reaches top_p (the most likely token always stays)."""
+    V = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    rank = torch.arange(V, device=logits.device)
+    k = torch.where(top_k > 0, top_k, V).unsqueeze(-1)  # (B, 1)
+    sorted_logits = sorted_logits.masked_fill(rank >= k, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # (B, V) mass of strictly more likely tokens
+    keep_sorted = (mass_before < top_p.unsqueeze(-1)) & (rank < k)
+    keep_sorted[:, 0] = True
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                      top_p: torch.Tensor, *, use_filter: bool) -> torch.Tensor:
+    """Log-probabilities (B, V) of the distribution each row samples from.
+
+    Rows with temperature 0 (greedy) get the model's own log-softmax: their sample is the argmax,
+    and the log-prob reported for it is the model's (the point mass would always say 0)."""
+    greedy = temperature <= 0
+    t = torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(-1)  # (B, 1)
+    scaled = logits.float() / t
+    if use_filter:
+        filtered = filter_logits(scaled, top_k, top_p)
+        scaled = torch.where(greedy.unsqueeze(-1), scaled, filtered)
+    return scaled.log_softmax(dim=-1)
+
+
+def sample(logprobs: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor, position: torch.Tensor,
+           stream: int = STREAM_SAMPLE) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from `logprobs` (B, V) by the exponential trick; argmax where temperature
+    is 0. Returns (tokens (B,) int64, their log-probs (B,) fp32)."""
+    u = uniform_noise(seed, position, logprobs.shape[-1], stream)  # (B, V)
+    # p / E with E = -log(u) ~ Exp(1); in log space: logp - log(-log u).
+    score = logprobs - torch.log(-torch.log(u))
+    greedy = (temperature <= 0).unsqueeze(-1)
+    tokens = torch.where(greedy, logprobs, score).argmax(dim=-1)  # (B,)
+    return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

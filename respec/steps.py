@@ -1,0 +1,45 @@
+"""The pure step functions the rollout engine runs: prefill and decode.
+
+Each step takes all of its state as explicit tensors (token ids, positions, block tables, the
+cache tensor, per-row sampling parameters), writes the new tokens' keys/values into the cache and
+returns the sampled tokens with their log-probs. No host syncs, no Python-side decisions that
+depend on tensor values: that is what lets `compile/` hand them to `torch.compile` whole, with
+static shapes, and lets the engine pad a batch to a bucket with rows that do nothing.
+
+Padding conventions:
+  * a padding *row* (decode, batch bucket) has position 0 and a block table of null blocks, so it
+    writes to the null block and reads only its own garbage;
+  * a padding *token* (prefill, right-padded prompts) has `valid = False` and position 0: it writes
+    to the null block and, like every query, attends to at least one finite key.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from respec.paged_attention import PagedKV
+from respec.sampling import sample, sampling_logprobs
+
+
+def prefill_step(model, cache, tokens, positions, valid, block_tables, last_index, seeds, temperature,
+                 top_k, top_p, *, use_filter: bool):
+    """Cache the prompts and sample each row's first new token.
+
+    tokens, positions, valid: (B, T) right-padded prompts; last_index: (B,) index of each row's
+    last real token; block_tables: (B, W); seeds, temperature, top_k, top_p: (B,)."""
+    kv = PagedKV.build(cache, block_tables, positions, model.cfg.n_rep, valid=valid)
+    hidden = model(tokens, positions, kv)  # (B, T, d)
+    last = hidden.gather(1, last_index.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])).squeeze(1)  # (B, d)
+    logprobs = sampling_logprobs(model.logits(last), temperature, top_k, top_p, use_filter=use_filter)
+    next_pos = positions.gather(1, last_index.view(-1, 1)).squeeze(1) + 1  # (B,) where the new token sits
+    return sample(logprobs, temperature, seeds, next_pos)
+
+
+def decode_step(model, cache, tokens, positions, block_tables, seeds, temperature, top_k, top_p, *,
+                use_filter: bool):
+    """One token for every row. tokens, positions, seeds, temperature, top_k, top_p: (B,);
+    block_tables: (B, W). The input token's keys/values are written at `positions`."""
+    kv = PagedKV.build(cache, block_tables, positions.unsqueeze(1), model.cfg.n_rep)
+    hidden = model(tokens.unsqueeze(1), positions.unsqueeze(1), kv)  # (B, 1, d)
+    logprobs = sampling_logprobs(model.logits(hidden[:, 0]), temperature, top_k, top_p, use_filter=use_filter)
+    return sample(logprobs, temperature, seeds, positions + 1)
