@@ -44,13 +44,21 @@ def cache_dir() -> Path:
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
-    """`bf16` / `fp32` / `fp16` -> torch dtype, refusing fp16 on CPU (it is ~700x slower there)."""
+    """`auto` / `bf16` / `fp32` / `fp16` -> torch dtype.
+
+    `auto` is bf16 on CUDA and on CPUs that do bf16 matmuls natively (AVX-512-BF16 or AMX), and fp32
+    on other CPUs, where bf16 is emulated and several times slower than fp32. fp16 is refused on
+    CPU (it is ~700x slower than bf16 there)."""
+    device = torch.device(device)
+    if name == "auto":
+        native_bf16 = device.type != "cpu" or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return torch.bfloat16 if native_bf16 else torch.float32
     table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
              "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
     if name not in table:
-        raise ModelLoadError(f"unknown dtype {name!r} (choose bf16 or fp32)")
+        raise ModelLoadError(f"unknown dtype {name!r} (choose auto, bf16 or fp32)")
     dtype = table[name]
-    if dtype == torch.float16 and torch.device(device).type == "cpu":
+    if dtype == torch.float16 and device.type == "cpu":
         raise ModelLoadError("fp16 on CPU is ~700x slower than bf16 here; use --dtype bf16 (or fp32)")
     return dtype
 
