@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from respec.paged_attention import PagedKV, causal_attention, paged_attention, write_kv
+from respec.paged_attention import LayerKV, PagedKV, causal_attention, paged_attention, write_kv
 
 
 @dataclass
@@ -177,7 +177,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=False)
         self.split = (q_out, kv_out, kv_out)
 
-    def forward(self, x, cos, sin, kv: PagedKV | None, layer: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, kv: LayerKV | None) -> torch.Tensor:
         B, T, _ = x.shape
         cfg = self.cfg
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
@@ -188,8 +188,8 @@ class Attention(nn.Module):
         if kv is None:
             out = causal_attention(q, k, v)
         else:
-            write_kv(kv, layer, k, v)
-            out = paged_attention(q, kv, layer)
+            write_kv(kv, k, v)
+            out = paged_attention(q, kv)
         return self.o_proj(out.reshape(B, T, -1))
 
 
@@ -213,9 +213,15 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv: PagedKV | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, self.layer)
+    def forward(self, x, cos, sin, kv: LayerKV | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def call_block(block: Block, x, cos, sin, kv: LayerKV | None) -> torch.Tensor:
+    """The plain way to run a block. `compile/` substitutes a compiled version of this function,
+    compiled once and reused by every layer (all layers share one graph)."""
+    return block(x, cos, sin, kv)
 
 
 class Decoder(nn.Module):
@@ -249,6 +255,7 @@ class Decoder(nn.Module):
         kv: PagedKV | None = None,  # paged cache to read and write; None = plain causal attention
         *,
         hidden_layers: tuple[int, ...] = (),  # also return the outputs of these blocks (drafter features)
+        run_block=None,  # how to call a block: run_block(block, x, cos, sin, layer_kv); default block(...)
     ):
         """Final hidden states (B, T, d), normed; plus the requested block outputs if any."""
         B, T = input_ids.shape
@@ -258,8 +265,9 @@ class Decoder(nn.Module):
         cos = self.rope_cos[positions].to(x.dtype).unsqueeze(2)  # (B, T, 1, D)
         sin = self.rope_sin[positions].to(x.dtype).unsqueeze(2)
         taps = []
+        run_block = run_block or call_block
         for block in self.layers:
-            x = block(x, cos, sin, kv)
+            x = run_block(block, x, cos, sin, None if kv is None else kv.layer(block.layer))
             if block.layer in hidden_layers:
                 taps.append(x)
         x = self.norm(x)

@@ -280,10 +280,15 @@ def load_tokenizer(spec: str):
         raise ModelLoadError(f"cannot load a tokenizer from {ckpt}: {type(e).__name__}") from e
 
 
-def load_model(spec: str, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+def load_model(spec: str, *, dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu",
                seed: int = 0) -> Decoder:
-    """The model a `--model` spec names, on `device` in `dtype`."""
+    """The model a `--model` spec names, on `device` in `dtype` (a torch dtype or a name that
+    `resolve_dtype` takes; `auto` by default)."""
     device = torch.device(device)
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype, device)
+    elif dtype == torch.float16 and device.type == "cpu":
+        dtype = resolve_dtype("fp16", device)  # raises with the message
     ckpt = resolve_checkpoint(spec)
     if ckpt is None:
         return random_model(PRESETS[spec], dtype=dtype, device=device, seed=seed)

@@ -93,7 +93,8 @@ class RolloutEngine:
         max_batch: int = 64,  # most sequences decoding at once
         max_prefill_tokens: int = 4096,  # padded prompt tokens per prefill batch
         eager: bool = False,  # no torch.compile (debugging; same tokens)
-        pack_weights: bool = True,  # oneDNN-packed linears on CPU bf16 (compile/cpu_linear.py)
+        pack_weights: bool = True,  # oneDNN-packed linears on CPU (compile/cpu_linear.py)
+        compile_mode: str | None = None,  # regional / whole (default per device, see compile/policy.py)
     ):
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -108,7 +109,7 @@ class RolloutEngine:
         self.eos = set(int(e) for e in eos_token_ids)
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
-        self.steps = CompiledSteps(eager=eager, device=self.device)
+        self.steps = CompiledSteps(eager=eager, device=self.device, mode=compile_mode)
         self.stats = EngineStats()
 
     def sync_weights(self) -> None:
@@ -117,7 +118,8 @@ class RolloutEngine:
             repack(self.runner)
 
     # ------------------------------------------------------------------------------------------
-    def _check(self, prompt: list[int], params: SamplingParams) -> None:
+    def check_request(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise ValueError (one line) if this request can never be served."""
         params.validate()
         if not prompt:
             raise ValueError("empty prompt")
@@ -137,7 +139,7 @@ class RolloutEngine:
             raise ValueError("one SamplingParams per prompt, or a single one for all")
         seqs = [_Sequence(i, list(map(int, p)), sp) for i, (p, sp) in enumerate(zip(prompts, plist))]
         for s in seqs:
-            self._check(s.prompt, s.params)
+            self.check_request(s.prompt, s.params)
         waiting: deque[_Sequence] = deque(seqs)
         running: list[_Sequence] = []
         with torch.no_grad():
@@ -215,9 +217,9 @@ class RolloutEngine:
         width = table_width(max(len(self.blocks.tables[s.id]) for s in seqs))
         tables = self.cache.block_tables([s.id for s in seqs], width)
         (seeds, temp, top_k, top_p), use_filter = self._row_params(seqs, B)
-        step = self.steps.get(prefill_step, dynamic=True, use_filter=use_filter)
+        step = self.steps.eager_fn(prefill_step, use_filter=use_filter)
         dev = self.device
-        out = step(self.runner, self.cache.tensor, tokens.to(dev), positions.to(dev), valid.to(dev), tables,
+        out = step(self.runner, self.cache.pools, tokens.to(dev), positions.to(dev), valid.to(dev), tables,
                    last.to(dev), seeds, temp, top_k, top_p)
         self._record(seqs, *out)
         self.stats.prefill_s += time.perf_counter() - t0
@@ -232,9 +234,7 @@ class RolloutEngine:
         tables = self.cache.block_tables([s.id for s in seqs], width, rows)
         (seeds, temp, top_k, top_p), use_filter = self._row_params(seqs, rows)
         step = self.steps.get(decode_step, use_filter=use_filter)
-        if not self.steps.eager:
-            self.steps.mark_dynamic_width(tables)
-        next_tokens, logprobs = step(self.runner, self.cache.tensor, tokens.to(self.device),
+        next_tokens, logprobs = step(self.runner, self.cache.pools, tokens.to(self.device),
                                      positions.to(self.device), tables, seeds, temp, top_k, top_p)
         self._record(seqs, next_tokens[: len(seqs)], logprobs[: len(seqs)])
         self.stats.decode_s += time.perf_counter() - t0

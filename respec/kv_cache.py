@@ -1,4 +1,4 @@
-"""The paged KV cache: one block pool for all layers, and the block manager that hands it out.
+"""The paged KV cache: a block pool per layer, and the block manager that hands blocks out.
 
 Memory is carved into blocks of `block_size` token slots. A sequence owns a list of blocks, its
 *block table*; token position p lives in slot `p % block_size` of block `table[p // block_size]`.
@@ -95,7 +95,8 @@ class BlockManager:
 
 
 class PagedKVCache:
-    """The block pool tensor `(L, 2, num_blocks, block_size, Hkv, D)` plus its block manager."""
+    """The block pools, one `(2, num_blocks, block_size, Hkv, D)` tensor per layer, plus the block
+    manager that hands their blocks out (a block id names the same slots in every layer)."""
 
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, capacity_bytes: int,
                  block_size: int = 16, dtype: torch.dtype = torch.bfloat16, device="cpu"):
@@ -109,8 +110,8 @@ class PagedKVCache:
             )
         self.block_size = block_size
         # Zeros, not empty: the null block and stale slots are read (then masked), so keep them finite.
-        self.tensor = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
-                                  dtype=dtype, device=device)
+        self.pools = [torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+                      for _ in range(num_layers)]
         self.blocks = BlockManager(num_blocks, block_size)
 
     def block_tables(self, seqs: list[int], width: int, rows: int | None = None) -> torch.Tensor:
@@ -120,4 +121,4 @@ class PagedKVCache:
         for i, s in enumerate(seqs):
             t = self.blocks.tables[s]
             table[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
-        return table.to(self.tensor.device, non_blocking=True)
+        return table.to(self.pools[0].device, non_blocking=True)

@@ -1,18 +1,22 @@
 """Attention over a paged KV cache: write the new keys/values into their slots, then read every
 sequence's keys/values back through its block table and run SDPA.
 
-The cache is one tensor `(L, 2, num_blocks, block_size, Hkv, D)` (nano-vllm's layout: a view per
-layer, K at index 0 and V at 1). Block 0 is the *null block*: it is never handed to a sequence, so
-padding rows and padding tokens write there and unused block-table entries point there. Its
-contents are garbage but finite, and the mask below never lets a real query see them.
+The cache is one pool tensor per layer, `(2, num_blocks, block_size, Hkv, D)` (K at index 0, V at
+1). Separate tensors per layer, rather than views of one big tensor, keep a layer's forward a
+function of tensors that alias nothing else, which is what lets `compile/` compile one decoder
+block once and reuse that graph for every layer. Block 0 is the *null block*: it is never handed
+to a sequence, so padding rows and padding tokens write there and unused block-table entries point
+there. Its contents are garbage but finite, and the mask below never lets a real query see them.
 
 GQA without expanding K/V: the `n_rep` query heads that share one KV head are folded into the query
 length, `q (B, Hkv, n_rep*T, D)` against `k (B, Hkv, S, D)`. SDPA then sees plain multi-head
 attention with Hkv heads and never copies K/V n_rep times.
 
-Chosen over flex_attention with a paged block mask because gather + SDPA is one code path that
-runs eager, compiled, on CPU and on CUDA, and at the context lengths of RL rollouts the gather is
-a small fraction of a decoding step (the weights dominate; see `generate.py --bench`).
+The gather uses `index_select` on the flattened table: on CPU, advanced indexing `pool[tables]`
+measured 3-10x slower for the same copy. Chosen over flex_attention with a paged block mask
+because gather + SDPA is one code path that runs eager, compiled, on CPU and on CUDA, and at the
+context lengths of RL rollouts the gather is a small fraction of a decoding step (the weights
+dominate; see `generate.py --bench`).
 """
 
 from __future__ import annotations
@@ -26,22 +30,35 @@ NULL_BLOCK = 0  # block id reserved for padding writes and unused table entries
 
 
 @dataclass
-class PagedKV:
-    """Everything one forward needs to use the paged cache, as explicit tensors."""
+class LayerKV:
+    """What one layer's attention needs: its pool and the batch's addressing."""
 
-    cache: torch.Tensor  # (L, 2, num_blocks, block_size, Hkv, D) the block pool of every layer
+    pool: torch.Tensor  # (2, num_blocks, block_size, Hkv, D) this layer's keys (0) and values (1)
     block_tables: torch.Tensor  # (B, W) int64 block ids, position p lives in block_tables[b, p // bs]
     slot_mapping: torch.Tensor  # (B*T,) int64 flat slot (block * bs + offset) for each new token
     mask: torch.Tensor  # (B, 1, n_rep*T, W*bs) bool, True where the query may attend
 
+
+@dataclass
+class PagedKV:
+    """Everything one forward needs to use the paged cache, as explicit tensors."""
+
+    pools: list[torch.Tensor]  # one (2, num_blocks, block_size, Hkv, D) pool per layer
+    block_tables: torch.Tensor  # (B, W)
+    slot_mapping: torch.Tensor  # (B*T,)
+    mask: torch.Tensor  # (B, 1, n_rep*T, W*bs)
+
+    def layer(self, i: int) -> LayerKV:
+        return LayerKV(self.pools[i], self.block_tables, self.slot_mapping, self.mask)
+
     @staticmethod
-    def build(cache, block_tables, positions, n_rep: int, valid=None) -> "PagedKV":
+    def build(pools, block_tables, positions, n_rep: int, valid=None) -> "PagedKV":
         """Slots and causal mask from the block tables and the new tokens' positions (B, T).
 
         A query at position p sees keys at positions 0..p, so the mask also hides everything past a
         sequence's real length (stale slots after a rollback, the null block's garbage). Tokens with
         `valid` False (padding) write to the null block instead of their position's slot."""
-        bs = cache.shape[3]
+        bs = pools[0].shape[2]
         B, T = positions.shape
         block = block_tables.gather(1, positions // bs)  # (B, T)
         slots = block * bs + positions % bs  # (B, T)
@@ -51,14 +68,26 @@ class PagedKV:
         key_pos = torch.arange(block_tables.shape[1] * bs, device=positions.device)  # (S,)
         mask = key_pos.view(1, 1, -1) <= positions.unsqueeze(-1)  # (B, T, S)
         mask = mask.unsqueeze(1).expand(B, n_rep, T, -1).reshape(B, 1, n_rep * T, -1)
-        return PagedKV(cache, block_tables, slot_mapping, mask)
+        return PagedKV(list(pools), block_tables, slot_mapping, mask)
 
 
-def write_kv(kv: PagedKV, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Store the new keys/values (B, T, Hkv, D) of `layer` at their slots."""
-    _, _, n, bs, hkv, d = kv.cache.shape
-    kv.cache[layer, 0].view(n * bs, hkv, d).index_copy_(0, kv.slot_mapping, k.reshape(-1, hkv, d))
-    kv.cache[layer, 1].view(n * bs, hkv, d).index_copy_(0, kv.slot_mapping, v.reshape(-1, hkv, d))
+def write_kv(kv: LayerKV, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store the new keys/values (B, T, Hkv, D) at their slots.
+
+    One `index_put_` on a view of the whole pool, on purpose: compiled, inductor turns that into an
+    in-place scatter, while `index_copy_` into `pool[0]` (a view of a view) was functionalized into
+    a copy of the entire pool on every call (measured: 70 ms instead of 0.07 ms for a 100 MB pool)."""
+    _, n, bs, hkv, d = kv.pool.shape
+    which = torch.arange(2, device=k.device).view(2, 1)  # 0 = keys, 1 = values
+    new = torch.stack([k.reshape(-1, hkv, d), v.reshape(-1, hkv, d)])  # (2, B*T, Hkv, D)
+    kv.pool.view(2, n * bs, hkv, d).index_put_((which, kv.slot_mapping.view(1, -1)), new)
+
+
+def gather_kv(pool: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """(N, bs, Hkv, D) pool -> (B, Hkv, W*bs, D): each row's blocks in table order."""
+    B, W = block_tables.shape
+    _, bs, hkv, d = pool.shape
+    return pool.index_select(0, block_tables.reshape(-1)).view(B, W * bs, hkv, d).transpose(1, 2)
 
 
 def _fold_gqa(q: torch.Tensor, hkv: int) -> torch.Tensor:
@@ -73,14 +102,12 @@ def _unfold_gqa(o: torch.Tensor, T: int) -> torch.Tensor:
     return o.view(B, hkv, -1, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, -1, D)
 
 
-def paged_attention(q: torch.Tensor, kv: PagedKV, layer: int) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, kv: LayerKV) -> torch.Tensor:
     """q (B, T, H, D) attends to its sequence's cached keys/values; returns (B, T, H, D)."""
-    B, T, H, D = q.shape
-    k_pool, v_pool = kv.cache[layer, 0], kv.cache[layer, 1]  # (N, bs, Hkv, D)
-    hkv = k_pool.shape[2]
-    k = k_pool[kv.block_tables].flatten(1, 2).transpose(1, 2)  # (B, Hkv, S, D)
-    v = v_pool[kv.block_tables].flatten(1, 2).transpose(1, 2)  # (B, Hkv, S, D)
-    o = F.scaled_dot_product_attention(_fold_gqa(q, hkv), k, v, attn_mask=kv.mask)
+    T = q.shape[1]
+    k = gather_kv(kv.pool[0], kv.block_tables)  # (B, Hkv, S, D)
+    v = gather_kv(kv.pool[1], kv.block_tables)
+    o = F.scaled_dot_product_attention(_fold_gqa(q, k.shape[1]), k, v, attn_mask=kv.mask)
     return _unfold_gqa(o, T)
 
 

@@ -1,9 +1,10 @@
 """The pure step functions the rollout engine runs: prefill and decode.
 
 Each step takes all of its state as explicit tensors (token ids, positions, block tables, the
-cache tensor, per-row sampling parameters), writes the new tokens' keys/values into the cache and
-returns the sampled tokens with their log-probs. No host syncs, no Python-side decisions that
-depend on tensor values: that is what lets `compile/` hand them to `torch.compile` whole, with
+per-layer cache pools, per-row sampling parameters), writes the new tokens' keys/values into the
+cache and returns the sampled tokens with their log-probs. No host syncs, no Python-side decisions
+that depend on tensor values: that is what lets `compile/` compile them (whole, or region by
+region: `run_block` runs one decoder block, `sample_fn` the output head and the sampler) with
 static shapes, and lets the engine pad a batch to a bucket with rows that do nothing.
 
 Padding conventions:
@@ -21,25 +22,30 @@ from respec.paged_attention import PagedKV
 from respec.sampling import sample, sampling_logprobs
 
 
-def prefill_step(model, cache, tokens, positions, valid, block_tables, last_index, seeds, temperature,
-                 top_k, top_p, *, use_filter: bool):
+def sample_next(model, hidden, seeds, temperature, top_k, top_p, next_pos, *, use_filter: bool):
+    """Output head and sampler: hidden (B, d) of each row's last token -> (tokens (B,), log-probs (B,)).
+    `next_pos` (B,) is the position the sampled token will take (it keys the sampling noise)."""
+    logprobs = sampling_logprobs(model.logits(hidden), temperature, top_k, top_p, use_filter=use_filter)
+    return sample(logprobs, temperature, seeds, next_pos)
+
+
+def prefill_step(model, pools, tokens, positions, valid, block_tables, last_index, seeds, temperature,
+                 top_k, top_p, *, use_filter: bool, run_block=None, sample_fn=sample_next):
     """Cache the prompts and sample each row's first new token.
 
     tokens, positions, valid: (B, T) right-padded prompts; last_index: (B,) index of each row's
     last real token; block_tables: (B, W); seeds, temperature, top_k, top_p: (B,)."""
-    kv = PagedKV.build(cache, block_tables, positions, model.cfg.n_rep, valid=valid)
-    hidden = model(tokens, positions, kv)  # (B, T, d)
+    kv = PagedKV.build(pools, block_tables, positions, model.cfg.n_rep, valid=valid)
+    hidden = model(tokens, positions, kv, run_block=run_block)  # (B, T, d)
     last = hidden.gather(1, last_index.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])).squeeze(1)  # (B, d)
-    logprobs = sampling_logprobs(model.logits(last), temperature, top_k, top_p, use_filter=use_filter)
     next_pos = positions.gather(1, last_index.view(-1, 1)).squeeze(1) + 1  # (B,) where the new token sits
-    return sample(logprobs, temperature, seeds, next_pos)
+    return sample_fn(model, last, seeds, temperature, top_k, top_p, next_pos, use_filter=use_filter)
 
 
-def decode_step(model, cache, tokens, positions, block_tables, seeds, temperature, top_k, top_p, *,
-                use_filter: bool):
+def decode_step(model, pools, tokens, positions, block_tables, seeds, temperature, top_k, top_p, *,
+                use_filter: bool, run_block=None, sample_fn=sample_next):
     """One token for every row. tokens, positions, seeds, temperature, top_k, top_p: (B,);
     block_tables: (B, W). The input token's keys/values are written at `positions`."""
-    kv = PagedKV.build(cache, block_tables, positions.unsqueeze(1), model.cfg.n_rep)
-    hidden = model(tokens.unsqueeze(1), positions.unsqueeze(1), kv)  # (B, 1, d)
-    logprobs = sampling_logprobs(model.logits(hidden[:, 0]), temperature, top_k, top_p, use_filter=use_filter)
-    return sample(logprobs, temperature, seeds, positions + 1)
+    kv = PagedKV.build(pools, block_tables, positions.unsqueeze(1), model.cfg.n_rep)
+    hidden = model(tokens.unsqueeze(1), positions.unsqueeze(1), kv, run_block=run_block)  # (B, 1, d)
+    return sample_fn(model, hidden[:, 0], seeds, temperature, top_k, top_p, positions + 1, use_filter=use_filter)

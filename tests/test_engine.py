@@ -1,0 +1,109 @@
+"""The rollout engine: greedy == transformers' generate, preemption, sampling, reproducibility."""
+
+import pytest
+import torch
+
+from respec.engine import RolloutEngine, SamplingParams
+from respec.sampling import filter_logits, sample, sampling_logprobs
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a short poem about the sea. The sea",
+    "Question: What is 12 + 30? Think step by step, then give the answer.\nAnswer:",
+]
+
+
+def greedy(n):
+    return SamplingParams(max_new_tokens=n, temperature=0.0, stop_on_eos=False)
+
+
+def test_greedy_batch_matches_transformers_generate(smollm2, smollm2_hf, tokenizer):
+    """Three prompts of different lengths in one batch; transformers runs each alone (no padding)."""
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    assert len({len(p) for p in prompts}) == 3
+    engine = RolloutEngine(smollm2, kv_cache_bytes=64 << 20, eos_token_ids=[tokenizer.eos_token_id], eager=True)
+    ours = engine.generate(prompts, SamplingParams(max_new_tokens=24, temperature=0.0))
+    for p, o in zip(prompts, ours):
+        with torch.no_grad():  # stops at EOS (kept in the output) like the engine
+            ref = smollm2_hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False,
+                                      pad_token_id=tokenizer.eos_token_id)[0, len(p):].tolist()
+        assert o.token_ids == ref, (tokenizer.decode(o.token_ids), tokenizer.decode(ref))
+    assert {o.finish_reason for o in ours} == {"stop", "length"}  # both ways of ending are covered
+
+
+def test_logprobs_are_the_models(smollm2, tokenizer):
+    """The log-prob reported for each greedy token is log_softmax of a full forward at that position."""
+    prompt = tokenizer.encode(PROMPTS[0])
+    engine = RolloutEngine(smollm2, kv_cache_bytes=64 << 20, eager=True)
+    (out,) = engine.generate([prompt], greedy(8))
+    ids = torch.tensor([prompt + out.token_ids])
+    with torch.no_grad():
+        logp = smollm2.logits(smollm2(ids)).log_softmax(-1)[0]
+    expected = [logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(out.token_ids)]
+    assert out.logprobs == pytest.approx(expected, abs=1e-4)
+
+
+def test_more_requests_than_kv_capacity(tiny):
+    """A pool far too small for the batch: sequences are preempted and recomputed, none dropped,
+    and the greedy tokens are the same as with ample room."""
+    prompts = [[(7 * i + j) % 500 + 3 for j in range(5 + 3 * i)] for i in range(8)]
+    ample = RolloutEngine(tiny, kv_cache_bytes=64 << 20, block_size=4, eager=True)
+    want = ample.generate(prompts, greedy(30))
+    bytes_per_block = ample.cache.bytes_per_block
+    small = RolloutEngine(tiny, kv_cache_bytes=24 * bytes_per_block, block_size=4, eager=True)
+    got = small.generate(prompts, greedy(30))
+    assert small.stats.preemptions > 0
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert all(len(g.token_ids) == 30 for g in got)
+    assert small.blocks.num_free == small.blocks.num_blocks - 1  # everything was given back
+
+
+def test_sampling_is_reproducible_and_independent_of_the_batch(tiny):
+    params = SamplingParams(max_new_tokens=20, temperature=1.0, top_p=0.9, seed=11, stop_on_eos=False)
+    engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True)
+    alone = engine.generate([[5, 6, 7]], params)[0]
+    others = [SamplingParams(max_new_tokens=9, temperature=0.5, seed=s, stop_on_eos=False) for s in range(4)]
+    batch = engine.generate([[1, 2], [5, 6, 7], [9] * 17, [4]], [others[0], params, others[1], others[2]])
+    assert batch[1].token_ids == alone.token_ids
+    assert batch[1].logprobs == pytest.approx(alone.logprobs, abs=1e-5)
+    again = engine.generate([[5, 6, 7]], SamplingParams(**{**params.__dict__, "seed": 12}))[0]
+    assert again.token_ids != alone.token_ids
+
+
+def test_eos_stops_and_frees(tiny):
+    engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True)
+    (free_run,) = engine.generate([[3, 4, 5]], greedy(12))
+    eos = free_run.token_ids[4]
+    engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eos_token_ids=[eos], eager=True)
+    (out,) = engine.generate([[3, 4, 5]], SamplingParams(max_new_tokens=12, temperature=0.0))
+    first = free_run.token_ids.index(eos)
+    assert out.token_ids == free_run.token_ids[: first + 1] and out.finish_reason == "stop"
+    assert engine.blocks.num_free == engine.blocks.num_blocks - 1
+
+
+def test_sampler_follows_the_distribution():
+    """20k draws of the exponential-trick sampler (counter noise, one seed each) against p."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    n = 20_000
+    lp = sampling_logprobs(logits.expand(n, -1), torch.ones(n), torch.zeros(n, dtype=torch.long), torch.ones(n),
+                           use_filter=False)
+    tokens, _ = sample(lp, torch.ones(n), torch.arange(n), torch.full((n,), 7))
+    counts = torch.bincount(tokens, minlength=6).double()
+    expected = n * logits.softmax(-1).double()
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 20.5  # chi-square, 5 degrees of freedom: p = 0.001
+
+
+def test_top_k_top_p_match_transformers_warpers():
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50) * 3
+    for top_k, top_p in [(0, 0.8), (5, 1.0), (10, 0.5), (3, 0.95)]:
+        ours = filter_logits(logits, torch.full((6,), top_k), torch.full((6,), top_p))
+        ref = logits.clone()
+        if top_k:
+            ref = TopKLogitsWarper(top_k)(None, ref)
+        if top_p < 1:
+            ref = TopPLogitsWarper(top_p)(None, ref)
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref)), (top_k, top_p)
