@@ -150,11 +150,11 @@ def hf_model_for(spec: str, model, tokenizer, dtype, device, tmp: Path):
 
 
 def hf_generate(hf, tokenizer, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], float]:
-    """Greedy `generate` with EOS ignored (exactly `new_tokens` per row); (tokens, seconds)."""
+    """Greedy `generate` that runs past EOS (exactly `new_tokens` per row); (tokens, seconds)."""
     tokenizer.padding_side = "left"
     batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(hf.device)
     t0 = time.perf_counter()
-    out = hf.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+    out = hf.generate(**batch, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
                       pad_token_id=tokenizer.pad_token_id)
     if hf.device.type == "cuda":
         torch.cuda.synchronize()
@@ -238,8 +238,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
         device = torch.device(args.device)
         dtype = resolve_dtype(args.dtype, device)
-        tokenizer = load_tokenizer(args.model)
         model = load_model(args.model, dtype=dtype, device=device, seed=args.seed)
+        tokenizer = load_tokenizer(args.model)
         if args.bench:
             report = run_bench(args, model, tokenizer, dtype)
             if args.json is not None:

@@ -15,8 +15,10 @@ init is ever paid for a checkpoint. Every failure is a `ModelLoadError` with a o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -165,8 +167,10 @@ def gguf_to_checkpoint(gguf: Path) -> Path:
 
     hf_logging.set_verbosity_error()
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers draws its own progress bar for the conversion; keep stderr to respec's lines.
+        with contextlib.redirect_stderr(io.StringIO()):
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # transformers raises many kinds here; the user needs one line
         raise ModelLoadError(f"cannot read GGUF file {gguf}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     out.parent.mkdir(parents=True, exist_ok=True)

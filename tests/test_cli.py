@@ -1,0 +1,99 @@
+"""generate.py and the loaders on bad input: one clear line, a non-zero exit, nothing overwritten."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import generate
+from models.loading import ModelLoadError, load_model, random_model, save_hf_checkpoint
+from tests.conftest import TINY_LLAMA
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_main(capsys, *argv):
+    try:
+        code = generate.main(list(argv))
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def one_line_error(code, err, needle):
+    assert code != 0
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("generate.py: error:") and needle in err, err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--model", "no-such-preset"], "unknown model"),
+    (["--model", "/no/such/dir"], "not found"),
+    (["--model", "/no/such/file.gguf"], "not found"),
+    (["--model", "tiny", "--dtype", "fp16", "--device", "cpu"], "fp16 on CPU"),
+    (["--model", "tiny", "--max-new-tokens", "0"], "must be positive"),
+    (["--model", "tiny", "--bench", "--new-tokens", "-3"], "must be positive"),
+    (["--model", "tiny", "--bench", "--batch-sizes", "1,0,8"], "must be positive"),
+    (["--model", "tiny", "--kv-cache-gb", "0"], "must be positive"),
+    (["--model", "tiny", "--temperature", "-1"], "temperature"),
+    (["--model", "tiny", "--task", "no_such_task"], "no_such_task"),
+])
+def test_bad_arguments(capsys, argv, needle):
+    one_line_error(*run_main(capsys, *argv), needle)
+
+
+def test_prompt_longer_than_context(capsys):
+    code, err = run_main(capsys, "--model", "tiny", "--eager", "--prompt", "hello " * 2100)
+    one_line_error(code, err, "does not fit the model's context")
+
+
+def test_corrupt_safetensors(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    save_hf_checkpoint(random_model(TINY_LLAMA), ckpt)
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match="corrupt safetensors"):
+        load_model(str(ckpt))
+    one_line_error(*run_main(capsys, "--model", str(ckpt)), "corrupt safetensors")
+
+
+def test_checkpoint_never_overwritten(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    save_hf_checkpoint(random_model(TINY_LLAMA), ckpt)
+    before = (ckpt / "model.safetensors").read_bytes()
+    with pytest.raises(ModelLoadError, match="refusing to overwrite"):
+        save_hf_checkpoint(random_model(TINY_LLAMA, seed=5), ckpt)
+    assert (ckpt / "model.safetensors").read_bytes() == before
+
+
+def test_bench_json_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    out.write_text("earlier results")
+    one_line_error(*run_main(capsys, "--model", "tiny", "--bench", "--json", str(out)), "refusing to overwrite")
+    assert out.read_text() == "earlier results"
+
+
+def test_generate_end_to_end_subprocess():
+    """The command line as users run it: a tiny model answering a reasoning-gym problem."""
+    proc = subprocess.run([sys.executable, "generate.py", "--model", "tiny", "--eager", "--max-new-tokens", "5"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "[basic_arithmetic]" in proc.stdout and "5 tokens" in proc.stderr and "reference answer" in proc.stderr
+
+
+def test_bench_tiny_writes_report(tmp_path):
+    out = tmp_path / "bench.json"
+    code = generate.main(["--model", "tiny", "--dtype", "fp32", "--eager", "--bench", "--batch-sizes", "1,3", "--new-tokens", "6",
+                          "--json", str(out)])
+    assert code == 0
+    import json
+
+    report = json.loads(out.read_text())
+    assert report["model"] == "tiny" and report["dtype"] == "float32"
+    assert [r["batch"] for r in report["results"]] == [1, 3]
+    for r in report["results"]:
+        assert r["respec_tok_s"] > 0 and r["hf_tok_s"] > 0 and r["roofline_ms"] > 0
+        # fp32, greedy, the same weights: transformers produces the very same tokens
+        assert r["same_tokens_as_hf"] == f"{r['batch']}/{r['batch']}"
