@@ -22,6 +22,7 @@ Policy, and why:
 
 from __future__ import annotations
 
+import inspect
 import os
 from functools import partial
 
@@ -106,13 +107,18 @@ class CompiledSteps:
             if self.mode == "eager":
                 step = partial(fn, **static_kwargs)
             elif self.mode == "regional":
-                step = partial(fn, run_block=self._run_block, sample_fn=self._tail, **static_kwargs)
+                regions = {"run_block": self._run_block}
+                if "sample_fn" in inspect.signature(fn).parameters:
+                    regions["sample_fn"] = self._tail
+                step = partial(fn, **regions, **static_kwargs)
             else:
                 graph = torch.compile(partial(fn, **static_kwargs), fullgraph=True, dynamic=False,
                                       mode="reduce-overhead" if self.device.type == "cuda" else None)
 
-                def step(model, pools, tokens, positions, block_tables, *rest, _graph=graph):
-                    _mark_width_dynamic(block_tables)
-                    return _graph(model, pools, tokens, positions, block_tables, *rest)
+                signature = inspect.signature(fn)
+
+                def step(*args, _graph=graph, **kwargs):
+                    _mark_width_dynamic(signature.bind_partial(*args, **kwargs).arguments["block_tables"])
+                    return _graph(*args, **kwargs)
             self._cache[key] = step
         return self._cache[key]

@@ -27,7 +27,10 @@ import torch
 
 from compile.cpu_linear import packed_view, packing_available, repack
 from compile.policy import CompiledSteps, batch_bucket, buckets_up_to, table_width
+from models.drafter import check_compatible
 from respec.kv_cache import PagedKVCache
+from respec.paged_attention import PagedKV
+from respec.speculative import speculative_step
 from respec.steps import decode_step, prefill_step
 
 
@@ -80,6 +83,20 @@ class EngineStats:
     generated_tokens: int = 0
     preemptions: int = 0
     batch_sizes: list[int] = field(default_factory=list)  # active batch at every decode step
+    sd_steps: int = 0  # speculative steps (one target verify each)
+    sd_rows: int = 0  # sequences summed over speculative steps
+    sd_emitted: int = 0  # tokens those rows emitted (accepted drafts + one corrected/bonus token each)
+    sd_accepted_at: list[int] = field(default_factory=list)  # rows whose draft i was accepted, per i
+
+    @property
+    def accept_len(self) -> float:
+        """Mean tokens emitted per row per target verify step (bonus included)."""
+        return self.sd_emitted / max(self.sd_rows, 1)
+
+    @property
+    def accept_per_pos(self) -> list[float]:
+        """Fraction of rows whose i-th draft token was accepted."""
+        return [a / max(self.sd_rows, 1) for a in self.sd_accepted_at]
 
 
 class RolloutEngine:
@@ -95,6 +112,8 @@ class RolloutEngine:
         eager: bool = False,  # no torch.compile (debugging; same tokens)
         pack_weights: bool = True,  # oneDNN-packed linears on CPU (compile/cpu_linear.py)
         compile_mode: str | None = None,  # regional / whole (default per device, see compile/policy.py)
+        drafter=None,  # a Decoder-shaped drafter over the target's vocabulary: speculative decoding
+        num_draft_tokens: int = 0,  # k, tokens drafted per speculative step (>= 1 with a drafter)
     ):
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -102,9 +121,19 @@ class RolloutEngine:
         self.runner = packed_view(model) if pack_weights and packing_available(self.device, self.dtype) else model
         cfg = model.cfg
         self.max_len = cfg.max_position_embeddings
+        self.drafter, self.k = drafter, num_draft_tokens
+        draft_shape = None
+        if drafter is not None:
+            check_compatible(model, drafter)
+            if num_draft_tokens < 1:
+                raise ValueError(f"speculative decoding needs k >= 1 draft tokens, got {num_draft_tokens}")
+            dc = drafter.cfg
+            draft_shape = (dc.num_layers, dc.num_kv_heads, dc.head_dim)
+            packed = pack_weights and packing_available(self.device, self.dtype)
+            self.draft_runner = packed_view(drafter) if packed else drafter
         self.cache = PagedKVCache(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                                   capacity_bytes=kv_cache_bytes, block_size=block_size, dtype=self.dtype,
-                                  device=self.device)
+                                  device=self.device, draft_shape=draft_shape)
         self.blocks = self.cache.blocks
         self.eos = set(int(e) for e in eos_token_ids)
         self.max_batch = max_batch
@@ -116,6 +145,8 @@ class RolloutEngine:
         """Call after the model's weights changed (an optimizer step): refresh packed copies."""
         if self.runner is not self.model:
             repack(self.runner)
+        if self.drafter is not None and self.draft_runner is not self.drafter:
+            repack(self.draft_runner)
 
     # ------------------------------------------------------------------------------------------
     def check_request(self, prompt: list[int], params: SamplingParams) -> None:
@@ -125,7 +156,7 @@ class RolloutEngine:
             raise ValueError("empty prompt")
         if len(prompt) >= self.max_len:
             raise ValueError(f"prompt of {len(prompt)} tokens does not fit the model's context of {self.max_len}")
-        longest = min(len(prompt) + params.max_new_tokens, self.max_len)
+        longest = min(len(prompt) + params.max_new_tokens + self.k, self.max_len)
         if self.blocks.blocks_for(longest) > self.blocks.num_blocks - 1:
             raise ValueError(
                 f"a sequence of {longest} tokens needs {self.blocks.blocks_for(longest)} KV blocks but the cache has "
@@ -148,8 +179,11 @@ class RolloutEngine:
                 if admitted:
                     self._prefill(admitted)
                     running += admitted
+                elif self.drafter is not None and all(len(s.tokens) + self.k < self.max_len for s in running):
+                    self._reserve_slots(waiting, running, self.k + 1)
+                    self._speculate(running)
                 else:
-                    self._reserve_decode_slots(waiting, running)
+                    self._reserve_slots(waiting, running, 1)
                     self._decode(running)
                 for s in [s for s in running if s.finish_reason]:
                     self.blocks.free(s.id)
@@ -172,15 +206,16 @@ class RolloutEngine:
             admitted.append(waiting.popleft())
         return admitted
 
-    def _reserve_decode_slots(self, waiting: deque, running: list) -> None:
-        """One slot per running sequence for its newest token, preempting from the back if needed."""
-        while sum(self.blocks.extra_blocks(s.id, 1) for s in running) > self.blocks.num_free:
+    def _reserve_slots(self, waiting: deque, running: list, n: int) -> None:
+        """`n` slots per running sequence (its newest token, plus drafts when speculating),
+        preempting from the back if the pool runs dry."""
+        while sum(self.blocks.extra_blocks(s.id, n) for s in running) > self.blocks.num_free:
             victim = running.pop()  # the most recently admitted
             self.blocks.free(victim.id)
             waiting.appendleft(victim)
             self.stats.preemptions += 1
         for s in running:
-            self.blocks.append(s.id, 1)
+            self.blocks.append(s.id, n)
 
     def _row_params(self, seqs: list[_Sequence], rows: int):
         """Per-row sampling tensors, padded to `rows` (padding rows: greedy, seed 0)."""
@@ -192,15 +227,18 @@ class RolloutEngine:
         use_filter = any(s.params.top_k > 0 or s.params.top_p < 1 for s in seqs if s.params.temperature > 0)
         return [t.to(self.device) for t in (seeds, temp, top_k, top_p)], use_filter
 
+    def _emit(self, s: _Sequence, tok: int, lp: float) -> None:
+        s.out.append(tok)
+        s.logprobs.append(lp)
+        self.stats.generated_tokens += 1
+        if s.params.stop_on_eos and tok in self.eos:
+            s.finish_reason = "stop"
+        elif len(s.out) >= s.params.max_new_tokens or len(s.tokens) >= self.max_len:
+            s.finish_reason = "length"
+
     def _record(self, seqs: list[_Sequence], tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
         for s, tok, lp in zip(seqs, tokens.tolist(), logprobs.tolist()):  # the one host sync per step
-            s.out.append(tok)
-            s.logprobs.append(lp)
-            if s.params.stop_on_eos and tok in self.eos:
-                s.finish_reason = "stop"
-            elif len(s.out) >= s.params.max_new_tokens or len(s.tokens) >= self.max_len:
-                s.finish_reason = "length"
-        self.stats.generated_tokens += len(seqs)
+            self._emit(s, tok, lp)
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
         t0 = time.perf_counter()
@@ -219,8 +257,11 @@ class RolloutEngine:
         (seeds, temp, top_k, top_p), use_filter = self._row_params(seqs, B)
         step = self.steps.eager_fn(prefill_step, use_filter=use_filter)
         dev = self.device
-        out = step(self.runner, self.cache.pools, tokens.to(dev), positions.to(dev), valid.to(dev), tables,
-                   last.to(dev), seeds, temp, top_k, top_p)
+        tokens, positions, valid = tokens.to(dev), positions.to(dev), valid.to(dev)
+        out = step(self.runner, self.cache.pools, tokens, positions, valid, tables, last.to(dev), seeds, temp, top_k, top_p)
+        if self.drafter is not None:  # the drafter caches the same tokens in its own pools
+            self.draft_runner(tokens, positions, PagedKV.build(self.cache.draft_pools, tables, positions,
+                                                               self.drafter.cfg.n_rep, valid=valid))
         self._record(seqs, *out)
         self.stats.prefill_s += time.perf_counter() - t0
 
@@ -239,6 +280,39 @@ class RolloutEngine:
         self._record(seqs, next_tokens[: len(seqs)], logprobs[: len(seqs)])
         self.stats.decode_s += time.perf_counter() - t0
         self.stats.decode_steps += 1
+        self.stats.batch_sizes.append(len(seqs))
+
+    def _speculate(self, seqs: list[_Sequence]) -> None:
+        t0 = time.perf_counter()
+        k = self.k
+        rows = batch_bucket(len(seqs), self.max_batch)
+        pad = [0] * (rows - len(seqs))
+        prev = torch.tensor([s.tokens[-2] for s in seqs] + pad, dtype=torch.int64)
+        tokens = torch.tensor([s.tokens[-1] for s in seqs] + pad, dtype=torch.int64)
+        positions = torch.tensor([len(s.tokens) - 1 for s in seqs] + pad, dtype=torch.int64)
+        width = table_width(max(len(self.blocks.tables[s.id]) for s in seqs))
+        tables = self.cache.block_tables([s.id for s in seqs], width, rows)
+        (seeds, temp, top_k, top_p), use_filter = self._row_params(seqs, rows)
+        step = self.steps.get(speculative_step, k=k, use_filter=use_filter)
+        dev = self.device
+        out_tokens, out_lp, n = step(self.runner, self.draft_runner, self.cache.pools, self.cache.draft_pools,
+                                     prev.to(dev), tokens.to(dev), positions.to(dev), tables, seeds, temp, top_k, top_p)
+        out_tokens, out_lp, n = out_tokens.tolist(), out_lp.tolist(), n.tolist()  # the host sync of this step
+        if len(self.stats.sd_accepted_at) < k:
+            self.stats.sd_accepted_at += [0] * (k - len(self.stats.sd_accepted_at))
+        for i, s in enumerate(seqs):
+            for tok, lp in zip(out_tokens[i][: n[i] + 1], out_lp[i][: n[i] + 1]):
+                self._emit(s, tok, lp)
+                if s.finish_reason:
+                    break
+            else:  # roll back the rejected drafts' slots (target and drafter share the tables)
+                self.blocks.truncate(s.id, k - n[i])
+            for j in range(n[i]):
+                self.stats.sd_accepted_at[j] += 1
+        self.stats.sd_steps += 1
+        self.stats.sd_rows += len(seqs)
+        self.stats.sd_emitted += sum(ni + 1 for ni in n[: len(seqs)])
+        self.stats.decode_s += time.perf_counter() - t0
         self.stats.batch_sizes.append(len(seqs))
 
     # ------------------------------------------------------------------------------------------

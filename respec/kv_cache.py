@@ -99,9 +99,16 @@ class PagedKVCache:
     manager that hands their blocks out (a block id names the same slots in every layer)."""
 
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, capacity_bytes: int,
-                 block_size: int = 16, dtype: torch.dtype = torch.bfloat16, device="cpu"):
+                 block_size: int = 16, dtype: torch.dtype = torch.bfloat16, device="cpu",
+                 draft_shape: tuple[int, int, int] | None = None):
+        """`draft_shape` = (layers, kv heads, head dim) of a drafter: it gets pools of its own with the
+        same blocks (a block id names the same token slots in the target's and the drafter's pools),
+        and the capacity in bytes covers both."""
         itemsize = torch.empty((), dtype=dtype).element_size()
-        self.bytes_per_block = num_layers * 2 * block_size * num_kv_heads * head_dim * itemsize
+        per_token = num_layers * num_kv_heads * head_dim
+        if draft_shape is not None:
+            per_token += draft_shape[0] * draft_shape[1] * draft_shape[2]
+        self.bytes_per_block = 2 * block_size * per_token * itemsize
         num_blocks = int(capacity_bytes // self.bytes_per_block)
         if num_blocks < 2:
             raise ValueError(
@@ -112,6 +119,9 @@ class PagedKVCache:
         # Zeros, not empty: the null block and stale slots are read (then masked), so keep them finite.
         self.pools = [torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
                       for _ in range(num_layers)]
+        dl, dh, dd = draft_shape or (0, 0, 0)
+        self.draft_pools = [torch.zeros(2, num_blocks, block_size, dh, dd, dtype=dtype, device=device)
+                            for _ in range(dl)]
         self.blocks = BlockManager(num_blocks, block_size)
 
     def block_tables(self, seqs: list[int], width: int, rows: int | None = None) -> torch.Tensor:

@@ -29,3 +29,17 @@ def test_whole_step_compile_equals_eager(tiny):
     want, _ = run(tiny, True, batch=5, temperature=0.7)
     got, _ = run(tiny, False, "whole", batch=5, temperature=0.7)
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
+
+
+def test_compiled_speculative_step_equals_eager(tiny):
+    from models.drafter import truncated_drafter
+
+    def sd(eager, mode=None):
+        engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=eager, compile_mode=mode, max_batch=8,
+                               drafter=truncated_drafter(tiny, 1), num_draft_tokens=3)
+        params = [SamplingParams(max_new_tokens=30, seed=s, temperature=0.8, stop_on_eos=False) for s in range(3)]
+        return engine.generate(PROMPTS[:3], params)
+
+    want = sd(True)
+    got = sd(False, "regional")
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]

@@ -1,0 +1,94 @@
+"""Exact batched speculative decoding: draft k tokens per row, verify k+1 positions in one target
+forward, accept each row's own prefix by rejection sampling.
+
+For each row, with p_i the target's and q_i the drafter's sampling distributions at draft position
+i (temperature, top-k and top-p applied to both, exactly as plain sampling applies them):
+  * draft token d_i ~ q_i is accepted with probability min(1, p_i(d_i) / q_i(d_i));
+  * at the first rejection i, the row emits a token from normalize(max(0, p_i - q_i)) and stops;
+  * if all k are accepted it emits a bonus token from p_{k+1}.
+The emitted tokens are then distributed exactly as plain sampling from p would produce them
+(Leviathan et al. 2023; Chen et al. 2023). Greedy rows (temperature 0) accept while the draft equals
+the target's argmax and emit the argmax at the first mismatch.
+
+Everything is batched tensors: the accepted length of every row is `cumprod` over its accept mask,
+and the correction token is gathered at that length; no `.item()`, no `.nonzero()`. Randomness is
+counter-based (`respec/sampling.py`): the drafter's samples, the acceptance uniforms and the
+correction samples come from three streams of the same hash, keyed by (seed, position), so no
+decision reuses noise that shaped an earlier output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from respec.paged_attention import PagedKV
+from respec.sampling import STREAM_ACCEPT, STREAM_DRAFT, sample, sampling_logprobs, uniform_noise
+
+
+def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, temperature: torch.Tensor,
+                  seeds: torch.Tensor, positions: torch.Tensor):
+    """The rejection-sampling rule, for a batch.
+
+    p: (B, k+1, V) target sampling log-probs at the k draft positions and the bonus position;
+    q: (B, k, V) drafter sampling log-probs; drafts: (B, k) draft tokens (sampled from q);
+    positions: (B,) position of each row's last accepted token (drafts sit at positions+1..+k).
+    Returns tokens (B, k+1), their target log-probs (B, k+1), and n (B,): the row emits
+    tokens[:, :n+1] (n accepted drafts and one corrected or bonus token)."""
+    B, k = drafts.shape
+    greedy = (temperature <= 0).view(B, 1)
+    p_k = p[:, :k]
+    p_d = p_k.gather(-1, drafts.unsqueeze(-1)).squeeze(-1)  # (B, k)
+    q_d = q.gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
+    steps = torch.arange(1, k + 1, device=drafts.device)
+    draft_pos = positions.unsqueeze(1) + steps  # (B, k)
+    u = uniform_noise(seeds.unsqueeze(1).expand(B, k), draft_pos, 1, STREAM_ACCEPT).squeeze(-1)  # (B, k)
+    accept = torch.where(greedy, drafts == p_k.argmax(-1), u.log() < p_d - q_d)
+    n = accept.long().cumprod(dim=1).sum(dim=1)  # (B,) accepted drafts
+
+    # Where a row stops: the residual max(0, p - q) after a rejection, p itself after k acceptances.
+    residual = (p_k.exp() - q.exp()).clamp_min(0)  # (B, k, V), unnormalised: the sampler is scale-free
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual.log(), p_k)
+    stop_dist = torch.cat([residual, p[:, k:]], dim=1)  # (B, k+1, V)
+    V = p.shape[-1]
+    at_n = n.view(B, 1, 1).expand(B, 1, V)
+    chosen = torch.where(greedy, p.gather(1, at_n).squeeze(1), stop_dist.gather(1, at_n).squeeze(1))  # (B, V)
+    correction, _ = sample(chosen, temperature, seeds, positions + 1 + n)
+
+    tokens = torch.cat([drafts, drafts.new_zeros(B, 1)], dim=1).scatter(1, n.view(B, 1), correction.view(B, 1))
+    logprobs = p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, k+1) the target's, as plain decoding
+    return tokens, logprobs, n
+
+
+def speculative_step(target, drafter, pools, draft_pools, prev_tokens, tokens, positions, block_tables, seeds,
+                     temperature, top_k, top_p, *, k: int, use_filter: bool, run_block=None):
+    """One SD step for every row: k drafter forwards, one target forward over k+1 positions.
+
+    tokens (B,): each row's newest token, at `positions` (B,), not yet in either cache;
+    prev_tokens (B,): the token before it (re-fed to the drafter, whose cache may lack it when every
+    draft of the previous step was accepted). Target and drafter caches share the block tables.
+    Returns (tokens (B, k+1), log-probs (B, k+1), n (B,)) as `accept_drafts`."""
+    B = tokens.shape[0]
+    n_rep_d = drafter.cfg.n_rep
+    # Draft: the first forward covers (previous, newest) token, the rest one token each.
+    inp = torch.stack([prev_tokens, tokens], dim=1)
+    pos = torch.stack([(positions - 1).clamp_min(0), positions], dim=1)
+    drafts, q = [], []
+    for i in range(k):
+        kv = PagedKV.build(draft_pools, block_tables, pos, n_rep_d)
+        hidden = drafter(inp, pos, kv, run_block=run_block)[:, -1]  # (B, d)
+        q_i = sampling_logprobs(drafter.logits(hidden), temperature, top_k, top_p, use_filter=use_filter)
+        d_i, _ = sample(q_i, temperature, seeds, positions + 1 + i, stream=STREAM_DRAFT)
+        drafts.append(d_i)
+        q.append(q_i)
+        inp, pos = d_i.view(B, 1), (positions + 1 + i).view(B, 1)
+    drafts_t = torch.stack(drafts, dim=1)  # (B, k)
+
+    # Verify: the newest token and the k drafts in one target forward.
+    v_tokens = torch.cat([tokens.view(B, 1), drafts_t], dim=1)  # (B, k+1)
+    v_pos = positions.view(B, 1) + torch.arange(k + 1, device=positions.device)
+    kv = PagedKV.build(pools, block_tables, v_pos, target.cfg.n_rep)
+    hidden = target(v_tokens, v_pos, kv, run_block=run_block)  # (B, k+1, d)
+    rep = lambda t: t.repeat_interleave(k + 1)  # noqa: E731  per-row parameters for every position
+    p = sampling_logprobs(target.logits(hidden).flatten(0, 1), rep(temperature), rep(top_k), rep(top_p),
+                          use_filter=use_filter).view(B, k + 1, -1)
+    return accept_drafts(p, torch.stack(q, dim=1), drafts_t, temperature, seeds, positions)
