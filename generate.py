@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from models.loading import ModelLoadError, load_model, load_tokenizer, resolve_checkpoint, resolve_dtype, save_hf_checkpoint
+from models.drafter import truncated_drafter
 from respec.engine import RolloutEngine, SamplingParams
 from respec.tasks import DEFAULT_TASK, chat_prompt, make_problems
 
@@ -65,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eager", action="store_true", help="no torch.compile (same tokens, slower)")
     p.add_argument("--kv-cache-gb", type=positive_float, default=1.0, help="size of the paged KV cache")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--drafter", help="speculative decoding with this drafter: first:N = the target's first N layers")
+    p.add_argument("--k", type=int, default=4, help="tokens drafted per speculative step (with --drafter)")
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", help="text to complete; default: a problem of --task")
     g.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template")
@@ -81,6 +84,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def make_drafter(spec: str | None, model, k: int):
+    """The drafter a --drafter spec names (None without one)."""
+    if spec is None:
+        return None
+    if k < 1:
+        raise ValueError(f"--k must be >= 1, got {k}")
+    kind, _, arg = spec.partition(":")
+    if kind == "first" and arg.isdigit():
+        return truncated_drafter(model, int(arg))
+    raise ValueError(f"unknown drafter {spec!r} (expected first:N, the target's first N layers)")
+
+
 def eos_ids(tokenizer, model) -> list[int]:
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     cfg_eos = model.cfg.eos_token_id
@@ -90,6 +105,7 @@ def eos_ids(tokenizer, model) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------
 def run_generate(args, model, tokenizer) -> None:
+    drafter = make_drafter(args.drafter, model, args.k)
     problem = None
     if args.prompt is None:
         problem = make_problems(args.task, 1, seed=args.seed)[0]
@@ -103,7 +119,7 @@ def run_generate(args, model, tokenizer) -> None:
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     params.validate()
     engine = RolloutEngine(model, kv_cache_bytes=int(args.kv_cache_gb * 2**30), eos_token_ids=eos_ids(tokenizer, model),
-                           eager=args.eager)
+                           eager=args.eager, drafter=drafter, num_draft_tokens=args.k if drafter else 0)
     engine.check_request(prompt, params)
     engine.warmup([1], use_filter=args.temperature > 0 and (args.top_p < 1 or args.top_k > 0))
     t0 = time.perf_counter()
@@ -113,6 +129,8 @@ def run_generate(args, model, tokenizer) -> None:
     print(text)
     n = len(completion.token_ids)
     print(f"-- {n} tokens in {elapsed:.2f} s ({n / elapsed:.1f} tok/s), finish: {completion.finish_reason}", file=sys.stderr)
+    if drafter is not None:
+        print(f"-- speculative: k={args.k}, {engine.stats.accept_len:.2f} tokens per verify step", file=sys.stderr)
     if problem is not None:
         print(f"-- reference answer: {problem.answer}   score: {problem.score(text):.2f}", file=sys.stderr)
 
@@ -178,7 +196,17 @@ def run_bench(args, model, tokenizer, dtype) -> dict:
         need = sum(engine.blocks.blocks_for(len(p) + args.new_tokens) for p in prompts)
         if need > engine.blocks.num_blocks - 1:
             raise ValueError(f"batch {b} needs {need} KV blocks, the cache has {engine.blocks.num_blocks - 1}: raise --kv-cache-gb")
+    drafter = make_drafter(args.drafter, model, args.k)
+    sd_engine = None
+    if drafter is not None:
+        sd_engine = RolloutEngine(model, kv_cache_bytes=int(args.kv_cache_gb * 2**30), eager=args.eager,
+                                  max_batch=max(args.batch_sizes), drafter=drafter, num_draft_tokens=args.k)
     compile_s = engine.warmup(args.batch_sizes)
+    if sd_engine is not None:  # compiles the draft and verify shapes of every bucket
+        t0 = time.perf_counter()
+        for b in args.batch_sizes:
+            sd_engine.generate([[1, 2, 3]] * b, SamplingParams(max_new_tokens=args.k + 2, temperature=0.0, stop_on_eos=False))
+        compile_s += time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         hf = hf_model_for(args.model, model, tokenizer, dtype, device, Path(tmp))
     results = []
@@ -193,6 +221,16 @@ def run_bench(args, model, tokenizer, dtype) -> dict:
             hf_generate(hf, tokenizer, prompts, 2)  # warm-up
             theirs, hf_s = hf_generate(hf, tokenizer, prompts, args.new_tokens)
         same = sum(o.token_ids == t for o, t in zip(ours, theirs))
+        sd = {}
+        if sd_engine is not None:
+            sd_engine.stats = type(sd_engine.stats)()
+            t0 = time.perf_counter()
+            spec = sd_engine.generate(prompts, greedy)
+            sd_s = time.perf_counter() - t0
+            st = sd_engine.stats
+            sd = {"sd_tok_s": round(b * args.new_tokens / sd_s, 2), "accept_len": round(st.accept_len, 3),
+                  "accept_per_pos": [round(a, 3) for a in st.accept_per_pos],
+                  "sd_same_as_plain": f"{sum(x.token_ids == o.token_ids for x, o in zip(spec, ours))}/{b}"}
         results.append({
             "batch": b,
             "respec_tok_s": round(b * args.new_tokens / respec_s, 2),
@@ -200,9 +238,11 @@ def run_bench(args, model, tokenizer, dtype) -> dict:
             "step_ms": round(step_ms, 2),
             "roofline_ms": round(roofline_ms, 2),
             "same_tokens_as_hf": f"{same}/{b}",
+            **sd,
         })
         print(f"  batch {b}: done", flush=True)
     report = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "compile_s": round(compile_s, 1),
+              "drafter": args.drafter, "k": args.k if drafter is not None else 0,
               "read_bandwidth_gb_s": round(bandwidth, 1), "weight_bytes": weight_bytes,
               "new_tokens": args.new_tokens, "results": results}
     print_table(report)
@@ -217,6 +257,13 @@ def print_table(report: dict) -> None:
     for r in report["results"]:
         print(f"{r['batch']:>5} {r['respec_tok_s']:>13.1f} {r['hf_tok_s']:>10.1f} {r['respec_tok_s'] / r['hf_tok_s']:>8.2f}x"
               f" {r['step_ms']:>8.1f} {r['roofline_ms']:>12.1f} {r['step_ms'] / r['roofline_ms']:>10.2f}x {r['same_tokens_as_hf']:>11}")
+    sd_rows = [r for r in report["results"] if "sd_tok_s" in r]
+    if sd_rows:
+        print(f"\nspeculative decoding, drafter {report['drafter']}, k={report['k']}")
+        print(f"{'batch':>5} {'sd tok/s':>9} {'vs plain':>9} {'accept len':>11} {'same as plain':>14}  accepted per position")
+        for r in sd_rows:
+            print(f"{r['batch']:>5} {r['sd_tok_s']:>9.1f} {r['sd_tok_s'] / r['respec_tok_s']:>8.2f}x {r['accept_len']:>11.2f}"
+                  f" {r['sd_same_as_plain']:>14}  {r['accept_per_pos']}")
 
 
 def write_json(path: Path, data: dict) -> None:

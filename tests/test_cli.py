@@ -39,6 +39,10 @@ def one_line_error(code, err, needle):
     (["--model", "tiny", "--kv-cache-gb", "0"], "must be positive"),
     (["--model", "tiny", "--temperature", "-1"], "temperature"),
     (["--model", "tiny", "--task", "no_such_task"], "no_such_task"),
+    (["--model", "tiny", "--drafter", "first:9"], "1..4 layers"),
+    (["--model", "tiny", "--drafter", "first:1", "--k", "0"], "--k must be >= 1"),
+    (["--model", "tiny", "--drafter", "first:1", "--k", "-2"], "--k must be >= 1"),
+    (["--model", "tiny", "--drafter", "/no/such/drafter"], "unknown drafter"),
 ])
 def test_bad_arguments(capsys, argv, needle):
     one_line_error(*run_main(capsys, *argv), needle)
