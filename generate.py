@@ -24,6 +24,7 @@ import torch
 
 from models.loading import ModelLoadError, load_model, load_tokenizer, resolve_checkpoint, resolve_dtype, save_hf_checkpoint
 from models.drafter import truncated_drafter
+from models.eagle import check_eagle_fits, load_eagle
 from respec.engine import RolloutEngine, SamplingParams
 from respec.tasks import DEFAULT_TASK, chat_prompt, make_problems
 
@@ -66,7 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eager", action="store_true", help="no torch.compile (same tokens, slower)")
     p.add_argument("--kv-cache-gb", type=positive_float, default=1.0, help="size of the paged KV cache")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--drafter", help="speculative decoding with this drafter: first:N = the target's first N layers")
+    p.add_argument("--drafter", help="speculative decoding with this drafter: a directory from train.py --stage "
+                                     "drafter, or first:N (the target's first N layers)")
     p.add_argument("--k", type=int, default=4, help="tokens drafted per speculative step (with --drafter)")
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", help="text to complete; default: a problem of --task")
@@ -93,7 +95,13 @@ def make_drafter(spec: str | None, model, k: int):
     kind, _, arg = spec.partition(":")
     if kind == "first" and arg.isdigit():
         return truncated_drafter(model, int(arg))
-    raise ValueError(f"unknown drafter {spec!r} (expected first:N, the target's first N layers)")
+    if Path(spec).is_dir():
+        param = next(model.parameters())
+        head = load_eagle(spec, dtype=param.dtype, device=param.device)
+        check_eagle_fits(model, head)
+        return head
+    raise ValueError(f"drafter not found: {spec!r} (expected a drafter directory from train.py --stage drafter, "
+                     f"or first:N for the target's first N layers)")
 
 
 def eos_ids(tokenizer, model) -> list[int]:

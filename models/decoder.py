@@ -168,12 +168,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, in_features: int | None = None):
+        """`in_features` defaults to the model width (the EAGLE head's layer reads 2x that)."""
         super().__init__()
         self.cfg = cfg
         q_out = cfg.num_heads * cfg.head_dim
         kv_out = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, q_out + 2 * kv_out, bias=cfg.qkv_bias)
+        self.qkv_proj = nn.Linear(in_features or cfg.hidden_size, q_out + 2 * kv_out, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=False)
         self.split = (q_out, kv_out, kv_out)
 
@@ -257,21 +258,22 @@ class Decoder(nn.Module):
         hidden_layers: tuple[int, ...] = (),  # also return the outputs of these blocks (drafter features)
         run_block=None,  # how to call a block: run_block(block, x, cos, sin, layer_kv); default block(...)
     ):
-        """Final hidden states (B, T, d), normed; plus the requested block outputs if any."""
+        """Final hidden states (B, T, d), normed; plus the outputs of the `hidden_layers` blocks, in
+        that order, if any are requested."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)  # (B, T, d)
         cos = self.rope_cos[positions].to(x.dtype).unsqueeze(2)  # (B, T, 1, D)
         sin = self.rope_sin[positions].to(x.dtype).unsqueeze(2)
-        taps = []
+        taps = {}
         run_block = run_block or call_block
         for block in self.layers:
             x = run_block(block, x, cos, sin, None if kv is None else kv.layer(block.layer))
             if block.layer in hidden_layers:
-                taps.append(x)
+                taps[block.layer] = x
         x = self.norm(x)
-        return (x, taps) if hidden_layers else x
+        return (x, [taps[i] for i in hidden_layers]) if hidden_layers else x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Output head on already-normed hidden states; fp32 logits."""

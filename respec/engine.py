@@ -28,9 +28,10 @@ import torch
 from compile.cpu_linear import packed_view, packing_available, repack
 from compile.policy import CompiledSteps, batch_bucket, buckets_up_to, table_width
 from models.drafter import check_compatible
+from models.eagle import EagleHead, check_eagle_fits
 from respec.kv_cache import PagedKVCache
 from respec.paged_attention import PagedKV
-from respec.speculative import speculative_step
+from respec.speculative import eagle_speculative_step, speculative_step
 from respec.steps import decode_step, prefill_step
 
 
@@ -69,6 +70,8 @@ class _Sequence:
     out: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    # EAGLE drafting: the (target feature, token) pairs the head has not seen, as padded tensors
+    pending: tuple | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -112,7 +115,7 @@ class RolloutEngine:
         eager: bool = False,  # no torch.compile (debugging; same tokens)
         pack_weights: bool = True,  # oneDNN-packed linears on CPU (compile/cpu_linear.py)
         compile_mode: str | None = None,  # regional / whole (default per device, see compile/policy.py)
-        drafter=None,  # a Decoder-shaped drafter over the target's vocabulary: speculative decoding
+        drafter=None,  # speculative decoding: an EagleHead, or a Decoder over the target's vocabulary
         num_draft_tokens: int = 0,  # k, tokens drafted per speculative step (>= 1 with a drafter)
     ):
         param = next(model.parameters())
@@ -123,12 +126,16 @@ class RolloutEngine:
         self.max_len = cfg.max_position_embeddings
         self.drafter, self.k = drafter, num_draft_tokens
         draft_shape = None
+        self.eagle = isinstance(drafter, EagleHead)
         if drafter is not None:
-            check_compatible(model, drafter)
             if num_draft_tokens < 1:
                 raise ValueError(f"speculative decoding needs k >= 1 draft tokens, got {num_draft_tokens}")
-            dc = drafter.cfg
-            draft_shape = (dc.num_layers, dc.num_kv_heads, dc.head_dim)
+            if self.eagle:
+                check_eagle_fits(model, drafter)
+                draft_shape = (1, cfg.num_kv_heads, cfg.head_dim)
+            else:
+                check_compatible(model, drafter)
+                draft_shape = (drafter.cfg.num_layers, drafter.cfg.num_kv_heads, drafter.cfg.head_dim)
             packed = pack_weights and packing_available(self.device, self.dtype)
             self.draft_runner = packed_view(drafter) if packed else drafter
         self.cache = PagedKVCache(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
@@ -212,6 +219,7 @@ class RolloutEngine:
         while sum(self.blocks.extra_blocks(s.id, n) for s in running) > self.blocks.num_free:
             victim = running.pop()  # the most recently admitted
             self.blocks.free(victim.id)
+            victim.pending = None  # recomputed by the prefill that readmits it
             waiting.appendleft(victim)
             self.stats.preemptions += 1
         for s in running:
@@ -255,15 +263,42 @@ class RolloutEngine:
         width = table_width(max(len(self.blocks.tables[s.id]) for s in seqs))
         tables = self.cache.block_tables([s.id for s in seqs], width)
         (seeds, temp, top_k, top_p), use_filter = self._row_params(seqs, B)
-        step = self.steps.eager_fn(prefill_step, use_filter=use_filter)
+        taps_of = self.drafter.cfg.feature_layers if self.eagle else ()
+        step = self.steps.eager_fn(prefill_step, use_filter=use_filter, hidden_layers=taps_of)
         dev = self.device
         tokens, positions, valid = tokens.to(dev), positions.to(dev), valid.to(dev)
         out = step(self.runner, self.cache.pools, tokens, positions, valid, tables, last.to(dev), seeds, temp, top_k, top_p)
-        if self.drafter is not None:  # the drafter caches the same tokens in its own pools
+        if self.eagle:
+            *out, taps = out
+            self._eagle_prefill(seqs, tokens, positions, valid, tables, taps, out[0])
+        elif self.drafter is not None:  # the drafter caches the same tokens in its own pools
             self.draft_runner(tokens, positions, PagedKV.build(self.cache.draft_pools, tables, positions,
                                                                self.drafter.cfg.n_rep, valid=valid))
         self._record(seqs, *out)
         self.stats.prefill_s += time.perf_counter() - t0
+
+    def _eagle_prefill(self, seqs, tokens, positions, valid, tables, taps, first_tokens) -> None:
+        """The head consumes the prompt pairs (feature of position j-1, token j), j = 0..L-1 (a zero
+        feature before the first token); the pair of the first sampled token waits in `pending`."""
+        head = self.draft_runner
+        B = tokens.shape[0]
+        shifted = torch.cat([taps.new_zeros(B, 1, taps.shape[-1]), taps[:, :-1]], dim=1)
+        kv = PagedKV.build(self.cache.draft_pools, tables, positions, head.n_rep, valid=valid)
+        head(head.project(shifted), tokens, positions, self.runner.embed_tokens, kv.layer(0))
+        for i, s in enumerate(seqs):
+            L = len(s.tokens)
+            s.pending = self._pending(taps[i, L - 1: L], first_tokens[i: i + 1], L, 0)
+
+    def _pending(self, taps, tokens, first_position: int, n: int) -> tuple:
+        """Pending pairs padded to k+1: `taps` (m, 3d), `tokens` (m,), positions from `first_position`;
+        the first n+1 are valid."""
+        k1, dev = self.k + 1, taps.device
+        pad = k1 - taps.shape[0]
+        if pad:
+            taps = torch.cat([taps, taps.new_zeros(pad, taps.shape[-1])])
+            tokens = torch.cat([tokens, tokens.new_zeros(pad)])
+        positions = first_position + torch.arange(k1, device=dev)
+        return taps, tokens, positions, torch.arange(k1, device=dev) <= n
 
     def _decode(self, seqs: list[_Sequence]) -> None:
         t0 = time.perf_counter()
@@ -293,11 +328,22 @@ class RolloutEngine:
         width = table_width(max(len(self.blocks.tables[s.id]) for s in seqs))
         tables = self.cache.block_tables([s.id for s in seqs], width, rows)
         (seeds, temp, top_k, top_p), use_filter = self._row_params(seqs, rows)
-        step = self.steps.get(speculative_step, k=k, use_filter=use_filter)
         dev = self.device
-        out_tokens, out_lp, n = step(self.runner, self.draft_runner, self.cache.pools, self.cache.draft_pools,
-                                     prev.to(dev), tokens.to(dev), positions.to(dev), tables, seeds, temp, top_k, top_p)
-        out_tokens, out_lp, n = out_tokens.tolist(), out_lp.tolist(), n.tolist()  # the host sync of this step
+        if self.eagle:
+            step = self.steps.get(eagle_speculative_step, k=k, use_filter=use_filter)
+            blank = self._pending(torch.zeros(1, self.drafter.fc.in_features, dtype=self.dtype, device=dev),
+                                  torch.zeros(1, dtype=torch.int64, device=dev), 0, 0)
+            pend = [s.pending for s in seqs] + [blank] * len(pad)
+            pend_taps, pend_tokens, pend_pos, pend_valid = (torch.stack(t) for t in zip(*pend))
+            out_tokens_d, out_lp, n_d, taps = step(self.runner, self.draft_runner, self.cache.pools,
+                                                   self.cache.draft_pools, pend_taps, pend_tokens, pend_pos,
+                                                   pend_valid, positions.to(dev), tables, seeds, temp, top_k, top_p)
+        else:
+            step = self.steps.get(speculative_step, k=k, use_filter=use_filter)
+            out_tokens_d, out_lp, n_d = step(self.runner, self.draft_runner, self.cache.pools, self.cache.draft_pools,
+                                             prev.to(dev), tokens.to(dev), positions.to(dev), tables, seeds, temp,
+                                             top_k, top_p)
+        out_tokens, out_lp, n = out_tokens_d.tolist(), out_lp.tolist(), n_d.tolist()  # the host sync of this step
         if len(self.stats.sd_accepted_at) < k:
             self.stats.sd_accepted_at += [0] * (k - len(self.stats.sd_accepted_at))
         for i, s in enumerate(seqs):
@@ -307,6 +353,8 @@ class RolloutEngine:
                     break
             else:  # roll back the rejected drafts' slots (target and drafter share the tables)
                 self.blocks.truncate(s.id, k - n[i])
+                if self.eagle:  # the verified pairs the head has not seen: up to the newest token
+                    s.pending = self._pending(taps[i], out_tokens_d[i], len(s.tokens) - 1 - n[i], n[i])
             for j in range(n[i]):
                 self.stats.sd_accepted_at[j] += 1
         self.stats.sd_steps += 1

@@ -92,3 +92,44 @@ def speculative_step(target, drafter, pools, draft_pools, prev_tokens, tokens, p
     p = sampling_logprobs(target.logits(hidden).flatten(0, 1), rep(temperature), rep(top_k), rep(top_p),
                           use_filter=use_filter).view(B, k + 1, -1)
     return accept_drafts(p, torch.stack(q, dim=1), drafts_t, temperature, seeds, positions)
+
+
+def eagle_speculative_step(target, head, pools, head_pools, pend_taps, pend_tokens, pend_pos, pend_valid, positions,
+                           block_tables, seeds, temperature, top_k, top_p, *, k: int, use_filter: bool,
+                           run_block=None):
+    """One SD step with an EAGLE head (`models/eagle.py`).
+
+    pend_taps (B, k+1, 3d), pend_tokens / pend_pos / pend_valid (B, k+1): the (target feature of
+    position j-1, token j) pairs the head has not consumed yet, right-padded; each row's last valid
+    pair holds its newest token, at `positions` (B,). The head first catches up on them (rewriting
+    the slots it filled with its own features while drafting), then drafts k tokens feeding its own
+    output features back. Returns `accept_drafts`'s (tokens, log-probs, n) and the target's
+    features at the k+1 verified positions (B, k+1, 3d): the next step's pending pairs."""
+    B = positions.shape[0]
+    embed = target.embed_tokens
+    kv = PagedKV.build(head_pools, block_tables, pend_pos, head.n_rep, valid=pend_valid)
+    out = head(head.project(pend_taps), pend_tokens, pend_pos, embed, kv.layer(0))  # (B, k+1, d)
+    last = pend_valid.long().sum(1) - 1  # (B,)
+    g = out.gather(1, last.view(B, 1, 1).expand(B, 1, out.shape[-1]))  # (B, 1, d)
+    newest = pend_tokens.gather(1, last.view(B, 1))  # (B, 1)
+    drafts, q = [], []
+    for i in range(k):
+        q_i = sampling_logprobs(head.target_logits(g[:, 0]), temperature, top_k, top_p, use_filter=use_filter)
+        d_i, _ = sample(q_i, temperature, seeds, positions + 1 + i, stream=STREAM_DRAFT)
+        drafts.append(d_i)
+        q.append(q_i)
+        if i < k - 1:
+            pos = (positions + 1 + i).view(B, 1)
+            kv = PagedKV.build(head_pools, block_tables, pos, head.n_rep)
+            g = head(g, d_i.view(B, 1), pos, embed, kv.layer(0))
+    drafts_t = torch.stack(drafts, dim=1)  # (B, k)
+
+    v_tokens = torch.cat([newest, drafts_t], dim=1)  # (B, k+1)
+    v_pos = positions.view(B, 1) + torch.arange(k + 1, device=positions.device)
+    kv = PagedKV.build(pools, block_tables, v_pos, target.cfg.n_rep)
+    hidden, taps = target(v_tokens, v_pos, kv, run_block=run_block, hidden_layers=head.cfg.feature_layers)
+    rep = lambda t: t.repeat_interleave(k + 1)  # noqa: E731
+    p = sampling_logprobs(target.logits(hidden).flatten(0, 1), rep(temperature), rep(top_k), rep(top_p),
+                          use_filter=use_filter).view(B, k + 1, -1)
+    tokens, logprobs, n = accept_drafts(p, torch.stack(q, dim=1), drafts_t, temperature, seeds, positions)
+    return tokens, logprobs, n, torch.cat(taps, dim=-1)

@@ -30,16 +30,19 @@ def sample_next(model, hidden, seeds, temperature, top_k, top_p, next_pos, *, us
 
 
 def prefill_step(model, pools, tokens, positions, valid, block_tables, last_index, seeds, temperature,
-                 top_k, top_p, *, use_filter: bool, run_block=None, sample_fn=sample_next):
+                 top_k, top_p, *, use_filter: bool, run_block=None, sample_fn=sample_next, hidden_layers=()):
     """Cache the prompts and sample each row's first new token.
 
     tokens, positions, valid: (B, T) right-padded prompts; last_index: (B,) index of each row's
-    last real token; block_tables: (B, W); seeds, temperature, top_k, top_p: (B,)."""
+    last real token; block_tables: (B, W); seeds, temperature, top_k, top_p: (B,). With
+    `hidden_layers`, also returns those blocks' outputs concatenated (B, T, len * d)."""
     kv = PagedKV.build(pools, block_tables, positions, model.cfg.n_rep, valid=valid)
-    hidden = model(tokens, positions, kv, run_block=run_block)  # (B, T, d)
+    out = model(tokens, positions, kv, run_block=run_block, hidden_layers=hidden_layers)
+    hidden, taps = out if hidden_layers else (out, None)  # (B, T, d)
     last = hidden.gather(1, last_index.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])).squeeze(1)  # (B, d)
     next_pos = positions.gather(1, last_index.view(-1, 1)).squeeze(1) + 1  # (B,) where the new token sits
-    return sample_fn(model, last, seeds, temperature, top_k, top_p, next_pos, use_filter=use_filter)
+    sampled = sample_fn(model, last, seeds, temperature, top_k, top_p, next_pos, use_filter=use_filter)
+    return (*sampled, torch.cat(taps, dim=-1)) if hidden_layers else sampled
 
 
 def decode_step(model, pools, tokens, positions, block_tables, seeds, temperature, top_k, top_p, *,

@@ -42,7 +42,7 @@ def one_line_error(code, err, needle):
     (["--model", "tiny", "--drafter", "first:9"], "1..4 layers"),
     (["--model", "tiny", "--drafter", "first:1", "--k", "0"], "--k must be >= 1"),
     (["--model", "tiny", "--drafter", "first:1", "--k", "-2"], "--k must be >= 1"),
-    (["--model", "tiny", "--drafter", "/no/such/drafter"], "unknown drafter"),
+    (["--model", "tiny", "--drafter", "/no/such/drafter"], "drafter not found"),
 ])
 def test_bad_arguments(capsys, argv, needle):
     one_line_error(*run_main(capsys, *argv), needle)

@@ -1,0 +1,92 @@
+"""The EAGLE-style head: exact speculative decoding with it, checkpoints, and its training entry point."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import generate
+import train
+from models.decoder import PRESETS
+from models.eagle import EagleConfig, EagleHead, load_eagle, save_eagle
+from models.loading import random_model
+from respec.engine import RolloutEngine, SamplingParams
+from tests.test_speculative import (LENGTH, N_SAMPLES, PROMPT, SHARPEN, SMALL, chi2_quantile_999, chi_square,
+                                    exact_sequence_probs, sample_sequences)
+
+PROMPTS = [[1, 2, 3, 4, 5], [7] * 30, [9, 8, 7], [40, 41]]
+
+
+def head_for(target, draft_vocab, seed=0):
+    torch.manual_seed(seed)
+    head = EagleHead(EagleConfig.for_target(target.cfg, draft_vocab)).eval()
+    with torch.no_grad():
+        head.d2t.copy_(torch.randperm(target.cfg.vocab_size)[:draft_vocab])
+    return head
+
+
+@pytest.mark.parametrize("k", range(1, 7))
+def test_greedy_eagle_sd_equals_plain(tiny, k):
+    params = SamplingParams(max_new_tokens=25, temperature=0.0, stop_on_eos=False)
+    want = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True).generate(PROMPTS, params)
+    engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True, drafter=head_for(tiny, 3000), num_draft_tokens=k)
+    got = engine.generate(PROMPTS, params)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert engine.stats.sd_steps > 0
+
+
+def test_eagle_sd_sampling_is_lossless():
+    """A 3-of-4-token draft vocabulary: the head can never propose one token, and SD must still
+    reproduce the target's distribution over whole sequences."""
+    target = random_model(SMALL, seed=3)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(SHARPEN)
+    head = head_for(target, 3, seed=1)
+    probs = exact_sequence_probs(target, 1.0, 1.0)
+    engine = RolloutEngine(target, kv_cache_bytes=256 << 20, block_size=4, max_batch=512, eager=True, drafter=head,
+                           num_draft_tokens=2)
+    counts = sample_sequences(engine, 1.0, 1.0)
+    chi2, dof = chi_square(counts, probs, N_SAMPLES)
+    print(f"EAGLE head: chi2 {chi2:.1f} on {dof} dof, accept/pos {engine.stats.accept_per_pos}")
+    assert 0.1 < engine.stats.accept_per_pos[0] < 0.95
+    assert chi2 < chi2_quantile_999(dof)
+    assert LENGTH == 3 and PROMPT
+
+
+def test_save_load_round_trip(tiny, tmp_path):
+    head = head_for(tiny, 500)
+    save_eagle(head, tmp_path / "d")
+    again = load_eagle(tmp_path / "d")
+    for (n1, a), (n2, b) in zip(head.state_dict().items(), again.state_dict().items()):
+        assert n1 == n2 and torch.equal(a, b)
+
+
+def test_bad_eagle_drafters(tiny, tmp_path, capsys):
+    other = random_model(dataclasses.replace(PRESETS["tiny"], hidden_size=32, head_dim=8))
+    save_eagle(head_for(other, 100), tmp_path / "other")
+    for spec, needle in [(str(tmp_path / "other"), "different target"), (str(tmp_path / "missing"), "not found")]:
+        code = generate.main(["--model", "tiny", "--eager", "--drafter", spec])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot load drafter"):
+        load_eagle(tmp_path / "broken")
+
+
+def test_train_drafter_stage_end_to_end(tmp_path, capsys):
+    out = tmp_path / "drafter"
+    code = train.main(["--stage", "drafter", "--model", "tiny", "--out", str(out), "--prompts", "8", "--held-out", "2",
+                       "--new-tokens", "12", "--epochs", "1", "--batch", "4", "--draft-vocab", "512"])
+    assert code == 0
+    report = json.loads((out / "train_report.json").read_text())
+    assert set(report["held_out_greedy"]) == {str(k) for k in range(1, 7)}
+    assert report["steps"] == 2
+    head = load_eagle(out)
+    assert head.cfg.draft_vocab_size == 512
+    # the drafter directory is usable by generate.py
+    assert generate.main(["--model", "tiny", "--eager", "--drafter", str(out), "--k", "3", "--max-new-tokens", "6"]) == 0
+    # and never overwritten
+    assert train.main(["--stage", "drafter", "--model", "tiny", "--out", str(out)]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
