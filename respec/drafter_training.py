@@ -7,9 +7,10 @@
      target's next-token distribution at every position;
   4. the head is trained with forward KL(p_target || q_head) over the draft vocabulary, with a
      training-time-test (TTT) unroll: unroll step s feeds the head its own output features of step
-     s-1 (shifted by one position), as drafting does after the first token. Simplification against
-     EAGLE-3: in step s every key comes from step-s features, while at inference the keys before the
-     drafting point come from true target features; the loss weight of step s is 0.8^s.
+     s-1 (shifted by one position), as drafting does after the first token, and attends exactly as
+     the s-th draft does at inference: to keys made from true target features up to the drafting
+     point and to the keys of its own earlier draft steps after it (`ttt_layer`). The loss weight
+     of step s is 0.8^s.
 """
 
 from __future__ import annotations
@@ -64,11 +65,60 @@ def target_features(target, seqs: Sequences, feature_layers, batch: int = 8):
     return feats
 
 
+def ttt_layer(head: EagleHead, features: torch.Tensor, tokens: torch.Tensor, embed, unroll: int):
+    """The head's layer over every TTT step; returns the output features of each step (B, T, d).
+
+    Step s, query position j (the s-th draft after drafting point j - s) sees: step-0 keys (true
+    features) at positions <= j - s, and the key of step t at position j - s + t for t = 1..s:
+    what the s-th draft attends to at inference."""
+    from models.decoder import apply_rope
+
+    layer, cfg = head.layer, head.cfg.target
+    B, T, _ = features.shape
+    emb = layer.embed_norm(embed(tokens).to(features.dtype))
+    cos = head.rope_cos[:T].to(features.dtype).view(1, T, 1, -1)
+    sin = head.rope_sin[:T].to(features.dtype).view(1, T, 1, -1)
+    attn = layer.self_attn
+    rep = cfg.n_rep
+    pos = torch.arange(T, device=features.device)
+    keys, values, outs = [], [], []
+    feat = features
+    for s in range(unroll):
+        h = torch.cat([emb, layer.feature_norm(feat)], dim=-1)
+        q, k, v = attn.qkv_proj(h).split(attn.split, dim=-1)
+        q = apply_rope(q.view(B, T, cfg.num_heads, cfg.head_dim), cos, sin).transpose(1, 2)  # (B, H, T, D)
+        k = apply_rope(k.view(B, T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        k = k.repeat_interleave(rep, dim=2).transpose(1, 2)  # (B, H, T, D)
+        v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim).repeat_interleave(rep, dim=2).transpose(1, 2)
+        keys.append(k)
+        values.append(v)
+        scale = cfg.head_dim ** -0.5
+        scores = [(q @ keys[0].transpose(-1, -2)) * scale]  # (B, H, T, T) against true-feature keys
+        scores[0] = scores[0].masked_fill(pos.view(1, -1) > (pos - s).view(-1, 1), float("-inf"))
+        shifted_v = []
+        for t in range(1, s + 1):  # own keys: step t at position j - (s - t)
+            shift = s - t
+            k_t = torch.roll(keys[t], shift, dims=2)
+            v_t = torch.roll(values[t], shift, dims=2)
+            d_t = (q * k_t).sum(-1, keepdim=True) * scale  # (B, H, T, 1)
+            scores.append(d_t.masked_fill((pos < shift).view(1, 1, -1, 1), float("-inf")))
+            shifted_v.append(v_t)
+        w = torch.cat(scores, dim=-1).softmax(-1)
+        w = torch.nan_to_num(w)  # rows with no visible key at all (j < s): unused by the loss
+        o = w[..., :T] @ values[0]
+        for t, v_t in enumerate(shifted_v):
+            o = o + w[..., T + t: T + t + 1] * v_t
+        x = feat + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        outs.append(x)
+        feat = torch.cat([x.new_zeros(B, 1, x.shape[-1]), x[:, :-1]], dim=1)  # own features, shifted
+    return outs
+
+
 def head_loss(head: EagleHead, target, batch, unroll: int):
     """Summed over TTT steps: weighted mean soft cross-entropy to the target over the draft vocab."""
     tokens, taps, final, mask = batch  # (B, T), (B, T, 3d), (B, T, d), (B, T) positions with a next token
     B, T = tokens.shape
-    positions = torch.arange(T).expand(B, T)
     with torch.no_grad():  # the target's distribution of the next token, restricted to the draft vocab
         w = target.lm_head.weight[head.d2t].float()  # (N, d)
         p = (final @ w.T).log_softmax(-1)  # (B, T, N)
@@ -76,8 +126,7 @@ def head_loss(head: EagleHead, target, batch, unroll: int):
     feature = head.project(shifted)  # pair j: (feature of position j-1, token j)
     total, steps = 0.0, []
     m = mask.float()
-    for s in range(unroll):
-        out = head(feature, tokens, positions, target.embed_tokens)
+    for s, out in enumerate(ttt_layer(head, feature, tokens, target.embed_tokens, unroll)):
         logq = head.draft_logits(out).log_softmax(-1)
         ce = -(p.exp() * logq).sum(-1)  # (B, T)
         # step s predicts from s own features back: its first s positions have no such history
@@ -88,7 +137,6 @@ def head_loss(head: EagleHead, target, batch, unroll: int):
         with torch.no_grad():
             agree = ((logq.argmax(-1) == p.argmax(-1)).float() * valid).sum() / valid.sum().clamp_min(1)
         steps.append((loss_s.item(), agree.item()))
-        feature = torch.cat([out.new_zeros(B, 1, out.shape[-1]), out[:, :-1]], dim=1)
     return total, steps
 
 

@@ -90,3 +90,35 @@ def test_train_drafter_stage_end_to_end(tmp_path, capsys):
     # and never overwritten
     assert train.main(["--stage", "drafter", "--model", "tiny", "--out", str(out)]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_training_time_test_unroll_matches_drafting(tiny):
+    """Unroll step s of training computes, at every position, exactly what the s-th draft step
+    computes at inference over the paged cache (true-feature keys before the drafting point, the
+    head's own keys after it)."""
+    from respec.drafter_training import ttt_layer
+    from respec.kv_cache import PagedKVCache
+    from respec.paged_attention import PagedKV
+
+    head = head_for(tiny, 300)
+    T, P = 11, 6
+    torch.manual_seed(2)
+    features = torch.randn(1, T, tiny.cfg.hidden_size)
+    tokens = torch.randint(0, 300, (1, T))
+    with torch.no_grad():
+        outs = ttt_layer(head, features, tokens, tiny.embed_tokens, 4)
+        cfg = tiny.cfg
+        cache = PagedKVCache(num_layers=1, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                             capacity_bytes=1 << 20, block_size=4, dtype=torch.float32)
+        cache.blocks.allocate(0, T)
+        tables = cache.block_tables([0], 4)
+        pos = torch.arange(P + 1).view(1, -1)
+        out = head(features[:, : P + 1], tokens[:, : P + 1], pos, tiny.embed_tokens,
+                   PagedKV.build(cache.pools, tables, pos, head.n_rep).layer(0))
+        g = out[:, P:]
+        torch.testing.assert_close(g, outs[0][:, P:P + 1])
+        for s in range(1, 4):
+            pos = torch.tensor([[P + s]])
+            g = head(g, tokens[:, P + s: P + s + 1], pos, tiny.embed_tokens,
+                     PagedKV.build(cache.pools, tables, pos, head.n_rep).layer(0))
+            torch.testing.assert_close(g, outs[s][:, P + s: P + s + 1], rtol=1e-4, atol=1e-5)
