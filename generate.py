@@ -83,6 +83,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     b.add_argument("--batch-sizes", type=positive_int_list, default=[1, 8, 32])
     b.add_argument("--new-tokens", type=positive_int, default=128, help="tokens generated per sequence")
     b.add_argument("--json", type=Path, help="write the benchmark results here (an existing file is never overwritten)")
+    w = p.add_argument_group("adaptive SD sweep")
+    w.add_argument("--sweep", action="store_true", help="measure tokens/s for every k = 0..--k and the adaptive "
+                   "policy at each of --batch-sizes, against the fitted cost model, plus a long-tail rollout")
+    w.add_argument("--longtail-samples", type=positive_int, default=32, help="rollouts in the long-tail run")
+    w.add_argument("--plot", type=Path, help="PNG of measured and predicted throughput (default: next to --json)")
     return p.parse_args(argv)
 
 
@@ -295,7 +300,15 @@ def main(argv=None) -> int:
         dtype = resolve_dtype(args.dtype, device)
         model = load_model(args.model, dtype=dtype, device=device, seed=args.seed)
         tokenizer = load_tokenizer(args.model)
-        if args.bench:
+        if args.bench and args.sweep:
+            raise ValueError("--bench and --sweep are separate runs: choose one")
+        if args.sweep:
+            from respec.sweep import run_sweep
+
+            report = run_sweep(args, model, tokenizer, make_drafter(args.drafter, model, args.k))
+            if args.json is not None:
+                write_json(args.json, report)
+        elif args.bench:
             report = run_bench(args, model, tokenizer, dtype)
             if args.json is not None:
                 write_json(args.json, report)

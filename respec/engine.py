@@ -31,6 +31,7 @@ from models.drafter import check_compatible
 from models.eagle import EagleHead, check_eagle_fits
 from respec.kv_cache import PagedKVCache
 from respec.paged_attention import PagedKV
+from respec.solver import FixedK
 from respec.speculative import eagle_speculative_step, speculative_step
 from respec.steps import decode_step, prefill_step
 
@@ -70,8 +71,12 @@ class _Sequence:
     out: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
-    # EAGLE drafting: the (target feature, token) pairs the head has not seen, as padded tensors
+    # EAGLE head: the (target feature of position j-1, token j) pairs it has not consumed yet, for
+    # j = pending_start.. : features (m, 3d) and tokens (m,); the last pair holds the newest token
     pending: tuple | None = None
+    pending_start: int = 0
+    # small-model drafter: how many leading tokens its KV cache holds
+    drafted: int = 0
 
     @property
     def tokens(self) -> list[int]:
@@ -90,6 +95,7 @@ class EngineStats:
     sd_rows: int = 0  # sequences summed over speculative steps
     sd_emitted: int = 0  # tokens those rows emitted (accepted drafts + one corrected/bonus token each)
     sd_accepted_at: list[int] = field(default_factory=list)  # rows whose draft i was accepted, per i
+    chosen_k: list[int] = field(default_factory=list)  # draft length of every decode step (0 = plain)
 
     @property
     def accept_len(self) -> float:
@@ -116,7 +122,8 @@ class RolloutEngine:
         pack_weights: bool = True,  # oneDNN-packed linears on CPU (compile/cpu_linear.py)
         compile_mode: str | None = None,  # regional / whole (default per device, see compile/policy.py)
         drafter=None,  # speculative decoding: an EagleHead, or a Decoder over the target's vocabulary
-        num_draft_tokens: int = 0,  # k, tokens drafted per speculative step (>= 1 with a drafter)
+        num_draft_tokens: int = 0,  # k (the largest k with a policy), tokens drafted per SD step (>= 1)
+        policy=None,  # chooses k per step (respec/solver.py: FixedK, AdaptiveK); default FixedK(k)
     ):
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -125,6 +132,7 @@ class RolloutEngine:
         cfg = model.cfg
         self.max_len = cfg.max_position_embeddings
         self.drafter, self.k = drafter, num_draft_tokens
+        self.policy = policy if policy is not None else FixedK(num_draft_tokens)
         draft_shape = None
         self.eagle = isinstance(drafter, EagleHead)
         if drafter is not None:
@@ -186,16 +194,27 @@ class RolloutEngine:
                 if admitted:
                     self._prefill(admitted)
                     running += admitted
-                elif self.drafter is not None and all(len(s.tokens) + self.k < self.max_len for s in running):
-                    self._reserve_slots(waiting, running, self.k + 1)
-                    self._speculate(running)
                 else:
-                    self._reserve_slots(waiting, running, 1)
-                    self._decode(running)
+                    k = self._choose_k(running)
+                    self._reserve_slots(waiting, running, k + 1)
+                    if k and running:  # (preemption may have emptied the batch)
+                        self._speculate(running, k)
+                    elif running:
+                        self._decode(running)
                 for s in [s for s in running if s.finish_reason]:
                     self.blocks.free(s.id)
                     running.remove(s)
         return [Completion(s.out, s.logprobs, s.finish_reason) for s in seqs]
+
+    def _choose_k(self, running: list[_Sequence]) -> int:
+        """This step's draft length: the policy's choice for the active batch, capped at the
+        engine's k and at what still fits every sequence's context."""
+        if self.drafter is None:
+            return 0
+        context = sum(len(s.tokens) for s in running) / len(running)
+        k = min(self.policy.choose(len(running), context), self.k)
+        room = min(self.max_len - len(s.tokens) for s in running)
+        return max(0, min(k, room - 1))
 
     # ------------------------------------------------------------------------------------------
     def _admit(self, waiting: deque, running: list) -> list[_Sequence]:
@@ -219,7 +238,7 @@ class RolloutEngine:
         while sum(self.blocks.extra_blocks(s.id, n) for s in running) > self.blocks.num_free:
             victim = running.pop()  # the most recently admitted
             self.blocks.free(victim.id)
-            victim.pending = None  # recomputed by the prefill that readmits it
+            victim.pending, victim.drafted = None, 0  # drafter state is rebuilt by the prefill that readmits it
             waiting.appendleft(victim)
             self.stats.preemptions += 1
         for s in running:
@@ -274,6 +293,8 @@ class RolloutEngine:
         elif self.drafter is not None:  # the drafter caches the same tokens in its own pools
             self.draft_runner(tokens, positions, PagedKV.build(self.cache.draft_pools, tables, positions,
                                                                self.drafter.cfg.n_rep, valid=valid))
+            for s in seqs:
+                s.drafted = len(s.tokens)
         self._record(seqs, *out)
         self.stats.prefill_s += time.perf_counter() - t0
 
@@ -287,18 +308,65 @@ class RolloutEngine:
         head(head.project(shifted), tokens, positions, self.runner.embed_tokens, kv.layer(0))
         for i, s in enumerate(seqs):
             L = len(s.tokens)
-            s.pending = self._pending(taps[i, L - 1: L], first_tokens[i: i + 1], L, 0)
+            s.pending, s.pending_start = (taps[i, L - 1: L], first_tokens[i: i + 1]), L
 
-    def _pending(self, taps, tokens, first_position: int, n: int) -> tuple:
-        """Pending pairs padded to k+1: `taps` (m, 3d), `tokens` (m,), positions from `first_position`;
-        the first n+1 are valid."""
-        k1, dev = self.k + 1, taps.device
-        pad = k1 - taps.shape[0]
-        if pad:
-            taps = torch.cat([taps, taps.new_zeros(pad, taps.shape[-1])])
-            tokens = torch.cat([tokens, tokens.new_zeros(pad)])
-        positions = first_position + torch.arange(k1, device=dev)
-        return taps, tokens, positions, torch.arange(k1, device=dev) <= n
+    def _padded_pending(self, s: _Sequence | None, width: int) -> tuple:
+        """A sequence's pending pairs as (features, tokens, positions, valid), right-padded to `width`
+        (None: a padding row, one zero pair at position 0)."""
+        dev = self.device
+        if s is None:
+            taps = torch.zeros(1, self.drafter.fc.in_features, dtype=self.dtype, device=dev)
+            tokens, start = torch.zeros(1, dtype=torch.int64, device=dev), 0
+        else:
+            (taps, tokens), start = s.pending, s.pending_start
+        m = taps.shape[0]
+        taps = torch.cat([taps, taps.new_zeros(width - m, taps.shape[-1])])
+        tokens = torch.cat([tokens, tokens.new_zeros(width - m)])
+        positions = start + torch.arange(width, device=dev)
+        return taps, tokens, positions, torch.arange(width, device=dev) < m
+
+    def _catch_up(self, seqs: list[_Sequence], k: int) -> None:
+        """Bring the drafter up to date before an SD step of k drafts with what it missed while SD
+        was off (plain decode steps): the EAGLE head consumes all but its newest pending pair (which
+        the SD step consumes), a small-model drafter caches all but the last two tokens (which the
+        SD step feeds). One eager, right-padded forward over the sequences that need it."""
+        if self.eagle:
+            behind = [s for s in seqs if s.pending[0].shape[0] > k + 1]
+            if not behind:
+                return
+            width = max(s.pending[0].shape[0] for s in behind) - 1
+            rows = [self._padded_pending(s, width + 1) for s in behind]
+            taps, tokens, positions, valid = (torch.stack(t)[:, :width] for t in zip(*rows))
+            valid = valid & (torch.arange(width, device=self.device) < torch.tensor(
+                [s.pending[0].shape[0] - 1 for s in behind], device=self.device).view(-1, 1))
+            tables = self.cache.block_tables([s.id for s in behind], table_width(
+                max(len(self.blocks.tables[s.id]) for s in behind)))
+            kv = PagedKV.build(self.cache.draft_pools, tables, positions, self.draft_runner.n_rep, valid=valid)
+            self.draft_runner(self.draft_runner.project(taps), tokens, positions, self.runner.embed_tokens, kv.layer(0))
+            for s in behind:
+                (t, tok), m = s.pending, s.pending[0].shape[0]
+                s.pending, s.pending_start = (t[m - 1:], tok[m - 1:]), s.pending_start + m - 1
+        elif self.drafter is not None:
+            behind = [s for s in seqs if s.drafted < len(s.tokens) - 2]
+            if not behind:
+                return
+            width = max(len(s.tokens) - 2 - s.drafted for s in behind)
+            tokens = torch.zeros(len(behind), width, dtype=torch.int64)
+            positions = torch.zeros(len(behind), width, dtype=torch.int64)
+            valid = torch.zeros(len(behind), width, dtype=torch.bool)
+            for i, s in enumerate(behind):
+                missing = s.tokens[s.drafted: len(s.tokens) - 2]
+                tokens[i, : len(missing)] = torch.tensor(missing)
+                positions[i, : len(missing)] = torch.arange(s.drafted, s.drafted + len(missing))
+                valid[i, : len(missing)] = True
+            dev = self.device
+            tables = self.cache.block_tables([s.id for s in behind], table_width(
+                max(len(self.blocks.tables[s.id]) for s in behind)))
+            positions, valid = positions.to(dev), valid.to(dev)
+            self.draft_runner(tokens.to(dev), positions, PagedKV.build(self.cache.draft_pools, tables, positions,
+                                                                       self.drafter.cfg.n_rep, valid=valid))
+            for s in behind:
+                s.drafted = len(s.tokens) - 2
 
     def _decode(self, seqs: list[_Sequence]) -> None:
         t0 = time.perf_counter()
@@ -309,17 +377,23 @@ class RolloutEngine:
         width = table_width(max(len(self.blocks.tables[s.id]) for s in seqs))
         tables = self.cache.block_tables([s.id for s in seqs], width, rows)
         (seeds, temp, top_k, top_p), use_filter = self._row_params(seqs, rows)
-        step = self.steps.get(decode_step, use_filter=use_filter)
-        next_tokens, logprobs = step(self.runner, self.cache.pools, tokens.to(self.device),
-                                     positions.to(self.device), tables, seeds, temp, top_k, top_p)
+        taps_of = self.drafter.cfg.feature_layers if self.eagle else ()
+        step = self.steps.get(decode_step, use_filter=use_filter, hidden_layers=taps_of)
+        next_tokens, logprobs, *taps = step(self.runner, self.cache.pools, tokens.to(self.device),
+                                            positions.to(self.device), tables, seeds, temp, top_k, top_p)
+        if self.eagle:  # the head will need (feature of the input token, the token sampled after it)
+            for i, s in enumerate(seqs):
+                t, tok = s.pending
+                s.pending = (torch.cat([t, taps[0][i: i + 1]]), torch.cat([tok, next_tokens[i: i + 1]]))
         self._record(seqs, next_tokens[: len(seqs)], logprobs[: len(seqs)])
         self.stats.decode_s += time.perf_counter() - t0
         self.stats.decode_steps += 1
         self.stats.batch_sizes.append(len(seqs))
+        self.stats.chosen_k.append(0)
 
-    def _speculate(self, seqs: list[_Sequence]) -> None:
+    def _speculate(self, seqs: list[_Sequence], k: int) -> None:
         t0 = time.perf_counter()
-        k = self.k
+        self._catch_up(seqs, k)
         rows = batch_bucket(len(seqs), self.max_batch)
         pad = [0] * (rows - len(seqs))
         prev = torch.tensor([s.tokens[-2] for s in seqs] + pad, dtype=torch.int64)
@@ -331,9 +405,7 @@ class RolloutEngine:
         dev = self.device
         if self.eagle:
             step = self.steps.get(eagle_speculative_step, k=k, use_filter=use_filter)
-            blank = self._pending(torch.zeros(1, self.drafter.fc.in_features, dtype=self.dtype, device=dev),
-                                  torch.zeros(1, dtype=torch.int64, device=dev), 0, 0)
-            pend = [s.pending for s in seqs] + [blank] * len(pad)
+            pend = [self._padded_pending(s, k + 1) for s in seqs] + [self._padded_pending(None, k + 1)] * len(pad)
             pend_taps, pend_tokens, pend_pos, pend_valid = (torch.stack(t) for t in zip(*pend))
             out_tokens_d, out_lp, n_d, taps = step(self.runner, self.draft_runner, self.cache.pools,
                                                    self.cache.draft_pools, pend_taps, pend_tokens, pend_pos,
@@ -354,7 +426,10 @@ class RolloutEngine:
             else:  # roll back the rejected drafts' slots (target and drafter share the tables)
                 self.blocks.truncate(s.id, k - n[i])
                 if self.eagle:  # the verified pairs the head has not seen: up to the newest token
-                    s.pending = self._pending(taps[i], out_tokens_d[i], len(s.tokens) - 1 - n[i], n[i])
+                    s.pending = (taps[i, : n[i] + 1], out_tokens_d[i, : n[i] + 1])
+                    s.pending_start = len(s.tokens) - 1 - n[i]
+                else:
+                    s.drafted = len(s.tokens) - 2
             for j in range(n[i]):
                 self.stats.sd_accepted_at[j] += 1
         self.stats.sd_steps += 1
@@ -362,8 +437,56 @@ class RolloutEngine:
         self.stats.sd_emitted += sum(ni + 1 for ni in n[: len(seqs)])
         self.stats.decode_s += time.perf_counter() - t0
         self.stats.batch_sizes.append(len(seqs))
+        self.stats.chosen_k.append(k)
+        self.policy.observe(n[: len(seqs)], k)
 
     # ------------------------------------------------------------------------------------------
+    def time_step(self, batch: int, k: int, context: int, *, reps: int = 2) -> float:
+        """Seconds of one real decode step (k = 0) or SD step with k drafts (greedy rows), for
+        `batch` synthetic sequences with `context` tokens each (the cache's contents do not change
+        the time). The first call of a shape warms up (it may compile) and is not timed. Used by
+        the cost profile (respec/solver.py); statistics and the policy are left untouched."""
+        if k > self.k or (k and self.drafter is None):
+            raise ValueError(f"cannot time k={k}: the engine drafts at most {self.k if self.drafter else 0}")
+        if self.blocks.blocks_for(context + k + 1) * batch > self.blocks.num_free:
+            raise ValueError(f"{batch} sequences of {context} tokens do not fit the KV cache")
+        gen = torch.Generator().manual_seed(context)
+        params = SamplingParams(max_new_tokens=1 << 30, temperature=0.0, stop_on_eos=False)
+        seqs = []
+        for i in range(batch):
+            ids = torch.randint(self.model.cfg.vocab_size, (context,), generator=gen).tolist()
+            s = _Sequence(-1 - i, ids[:-1], params, out=ids[-1:])
+            self.blocks.allocate(s.id, context - 1)
+            s.drafted = context - 2
+            if self.eagle:
+                s.pending = (torch.zeros(1, self.drafter.fc.in_features, dtype=self.dtype, device=self.device),
+                             torch.tensor(ids[-1:], device=self.device))
+                s.pending_start = context - 1
+            seqs.append(s)
+        stats, policy = self.stats, self.policy
+        self.stats, self.policy = EngineStats(), FixedK(k)
+        times = []
+        try:
+            with torch.no_grad():
+                for _ in range(reps + 1):
+                    for s in seqs:
+                        self.blocks.append(s.id, k + 1)
+                    t0 = time.perf_counter()
+                    self._speculate(seqs, k) if k else self._decode(seqs)
+                    times.append(time.perf_counter() - t0)
+                    for s in seqs:  # back to the same state
+                        self.blocks.truncate(s.id, self.blocks.lengths[s.id] - (context - 1))
+                        del s.out[1:], s.logprobs[:]
+                        s.drafted = context - 2
+                        if self.eagle:
+                            s.pending = (s.pending[0][:1], s.pending[1][:1])
+                            s.pending_start = context - 1
+        finally:
+            for s in seqs:
+                self.blocks.free(s.id)
+            self.stats, self.policy = stats, policy
+        return sum(times[1:]) / reps
+
     def warmup(self, batch_sizes: list[int] | None = None, *, use_filter: bool = False, progress: bool = True) -> float:
         """Compile the decode step for every batch bucket ahead of time; returns seconds spent."""
         if self.steps.eager:

@@ -46,9 +46,12 @@ def prefill_step(model, pools, tokens, positions, valid, block_tables, last_inde
 
 
 def decode_step(model, pools, tokens, positions, block_tables, seeds, temperature, top_k, top_p, *,
-                use_filter: bool, run_block=None, sample_fn=sample_next):
+                use_filter: bool, run_block=None, sample_fn=sample_next, hidden_layers=()):
     """One token for every row. tokens, positions, seeds, temperature, top_k, top_p: (B,);
-    block_tables: (B, W). The input token's keys/values are written at `positions`."""
+    block_tables: (B, W). The input token's keys/values are written at `positions`. With
+    `hidden_layers`, also returns those blocks' outputs for the input token, concatenated (B, len * d)."""
     kv = PagedKV.build(pools, block_tables, positions.unsqueeze(1), model.cfg.n_rep)
-    hidden = model(tokens.unsqueeze(1), positions.unsqueeze(1), kv, run_block=run_block)  # (B, 1, d)
-    return sample_fn(model, hidden[:, 0], seeds, temperature, top_k, top_p, positions + 1, use_filter=use_filter)
+    out = model(tokens.unsqueeze(1), positions.unsqueeze(1), kv, run_block=run_block, hidden_layers=hidden_layers)
+    hidden, taps = out if hidden_layers else (out, None)  # (B, 1, d)
+    sampled = sample_fn(model, hidden[:, 0], seeds, temperature, top_k, top_p, positions + 1, use_filter=use_filter)
+    return (*sampled, torch.cat(taps, dim=-1)[:, 0]) if hidden_layers else sampled

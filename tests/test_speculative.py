@@ -130,8 +130,8 @@ def test_rollback_with_preemption_keeps_blocks_consistent(tiny):
     checks = []
     original = small._speculate
 
-    def checked(seqs):
-        original(seqs)
+    def checked(seqs, k):
+        original(seqs, k)
         small.blocks.check_invariants()
         checks.append(len(seqs))
 

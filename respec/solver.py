@@ -1,0 +1,211 @@
+"""Adaptive speculative decoding: the draft length k (0 = off) for every decoding step.
+
+Speculative decoding pays while the target's forward is bound by reading its weights, so that
+verifying k+1 tokens per row costs little more than decoding one. As the active batch grows the
+forward becomes bound by arithmetic, every verified-but-rejected token costs real time, and SD turns
+into a loss. In a rollout the active batch shrinks as sequences finish, so the best k changes within
+one rollout. At every step the engine asks `AdaptiveK.choose(B, context)`:
+
+    k* = argmax_k  B * E[tokens | k] / t_step(B, k, context),   k in 0..K
+    E[tokens | k] = 1 + sum_{i<=k} prod_{j<=i} alpha_j          (k = 0: plain decoding, 1 token)
+
+with alpha_j the probability that draft j is accepted given that drafts 1..j-1 were, and t_step
+the time of one step from `CostModel`, an affine model fitted on this machine:
+
+    t_verify(B, w, c) = x0 + x1*[w > 1] + x2 * B*w + x3 * B*c     (target forward, w tokens per row)
+    t_draft(B)        = x4 + x5 * B                                 (one drafter step)
+    t_step(B, k, c)   = t_verify(B, k+1, c) + k * t_draft(B)
+
+x0 is the fixed cost of a step (Python, kernel launches, the host sync), x1 the fixed cost an SD step
+adds (acceptance test, drafter catch-up), x2 the cost per token the target processes (its matrix
+products), x3 the cost per cached token read (the KV gather and attention), x4 + x5*B a draft step.
+`profile_costs` measures the engine's real steps over a grid of (B, k, c) and `fit_costs` fits the
+six coefficients by least squares on relative error, with none negative.
+
+alpha is tracked online (`observe`, an exponential moving average per draft position) and can be
+set from outside (`set_alpha`): when SD is off there are no SD steps to learn from, and the drafter's
+distillation can report `1 - TV(p_target, q_draft)` so that an improving drafter turns SD back on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+FEATURES = ("step", "sd_step", "target_token", "context_token", "draft_step", "draft_row")
+
+
+def step_features(B: int, k: int, context: float) -> list[float]:
+    """The regressors of t_step(B, k, context), in `FEATURES` order."""
+    return [1.0, float(k > 0), B * (k + 1.0), B * float(context), float(k), float(k * B)]
+
+
+@dataclass
+class CostModel:
+    coef: tuple[float, ...]  # seconds, per FEATURES entry
+    key: str = ""  # what it was measured for (model, drafter, dtype, compile mode, machine)
+    rel_error: float | None = None  # median |fit - measured| / measured over the profile
+
+    def step_s(self, B: int, k: int, context: float) -> float:
+        return sum(c * f for c, f in zip(self.coef, step_features(B, k, context)))
+
+    def verify_s(self, B: int, width: int, context: float) -> float:
+        x = self.coef
+        return x[0] + x[1] * (width > 1) + x[2] * B * width + x[3] * B * context
+
+    def draft_s(self, B: int) -> float:
+        return self.coef[4] + self.coef[5] * B
+
+    def to_json(self) -> dict:
+        return {"features": list(FEATURES), **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CostModel":
+        if list(data.get("features", [])) != list(FEATURES):
+            raise ValueError("cost profile was fitted with other features")
+        return cls(tuple(data["coef"]), data.get("key", ""), data.get("rel_error"))
+
+
+def fit_costs(samples: list[dict], key: str = "") -> CostModel:
+    """Least squares on relative error over samples {"batch", "k", "context", "seconds"}.
+    Coefficients that come out negative are dropped (set to 0) and the rest refitted, so the model
+    never predicts that more work takes less time."""
+    X = torch.tensor([step_features(s["batch"], s["k"], s["context"]) for s in samples], dtype=torch.float64)
+    y = torch.tensor([s["seconds"] for s in samples], dtype=torch.float64)
+    Xw, yw = X / y.unsqueeze(1), torch.ones_like(y)  # minimise sum ((X c - y) / y)^2
+    active = list(range(X.shape[1]))
+    while True:
+        coef = torch.zeros(X.shape[1], dtype=torch.float64)
+        sol = torch.linalg.lstsq(Xw[:, active], yw.unsqueeze(1)).solution.squeeze(1)
+        coef[active] = sol
+        negative = [i for i, c in zip(active, sol.tolist()) if c < 0]
+        if not negative:
+            break
+        active.remove(min(negative, key=lambda i: coef[i].item()))
+    rel = ((X @ coef - y).abs() / y).median().item()
+    return CostModel(tuple(coef.tolist()), key, rel)
+
+
+def expected_tokens(alpha: list[float], k: int) -> float:
+    """Tokens one SD step emits per row with k drafts: 1 + sum_{i<=k} prod_{j<=i} alpha_j."""
+    total, run = 1.0, 1.0
+    for a in alpha[:k]:
+        run *= a
+        total += run
+    return total
+
+
+class FixedK:
+    """The same k at every step (0 = plain decoding)."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def choose(self, batch: int, context: float) -> int:
+        return self.k
+
+    def observe(self, accepted: list[int], k: int) -> None:
+        pass
+
+
+class AdaptiveK:
+    """Chooses k per step from the fitted costs and the acceptance estimate (see module doc)."""
+
+    def __init__(self, costs: CostModel, max_k: int, alpha: list[float] | None = None, *, ema: float = 0.05,
+                 prior: float = 0.5):
+        if max_k < 1:
+            raise ValueError(f"max_k must be >= 1, got {max_k}")
+        self.costs, self.max_k, self.ema = costs, max_k, ema
+        self.alpha = [prior] * max_k
+        if alpha is not None:
+            self.set_alpha(alpha)
+
+    def set_alpha(self, alpha: list[float]) -> None:
+        """An external estimate of the per-position conditional acceptance (missing positions keep
+        the last known value of the one before)."""
+        vals = [min(max(float(a), 0.0), 1.0) for a in alpha[: self.max_k]]
+        if not vals:
+            return
+        self.alpha = vals + [vals[-1]] * (self.max_k - len(vals))
+
+    def throughput(self, batch: int, k: int, context: float) -> float:
+        """Predicted tokens per second of one step."""
+        return batch * expected_tokens(self.alpha, k) / self.costs.step_s(batch, k, context)
+
+    def choose(self, batch: int, context: float) -> int:
+        return max(range(self.max_k + 1), key=lambda k: (self.throughput(batch, k, context), -k))
+
+    def observe(self, accepted: list[int], k: int) -> None:
+        """One SD step: `accepted` holds each row's number of accepted drafts (0..k). Position j's
+        conditional acceptance is (rows with >= j accepted) / (rows with >= j-1 accepted)."""
+        reached = len(accepted)
+        for j in range(1, k + 1):
+            if reached == 0:
+                break
+            passed = sum(1 for n in accepted if n >= j)
+            self.alpha[j - 1] += self.ema * (passed / reached - self.alpha[j - 1])
+            reached = passed
+
+
+def conditional_alpha(accept_per_pos: list[float]) -> list[float]:
+    """Unconditional per-position acceptance (fraction of rows whose draft j was accepted, as the
+    engine's stats and a drafter's train report give it) -> conditional alpha_j."""
+    out, prev = [], 1.0
+    for a in accept_per_pos:
+        out.append(a / prev if prev > 0 else 0.0)
+        prev = a
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+def machine_key() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.machine()}-{platform.processor() or 'cpu'}-{torch.get_num_threads()}threads"
+
+
+def cost_key(model_desc: str, drafter_desc: str, engine) -> str:
+    text = "|".join([model_desc, drafter_desc, str(engine.dtype), engine.steps.mode, machine_key(), torch.__version__])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def profile_costs(engine, *, batch_sizes=(1, 4, 16, 64), ks=None, contexts=(64, 448), reps: int = 2,
+                  progress: bool = True) -> list[dict]:
+    """Time the engine's real decode (k = 0) and SD steps (k >= 1) on synthetic sequences of
+    `context` cached tokens (their KV contents do not change the time). The first call of each
+    shape is a warm-up (it may compile) and is not timed."""
+    from tqdm import tqdm
+
+    max_k = engine.k
+    ks = ks if ks is not None else sorted({0, 1, max(1, max_k // 2), max_k})
+    grid = [(c, B, k) for c in contexts for B in batch_sizes for k in ks]
+    samples = []
+    for c, B, k in tqdm(grid, desc="profiling step costs", disable=not progress):
+        samples.append({"batch": B, "k": k, "context": c, "seconds": engine.time_step(B, k, c, reps=reps)})
+    return samples
+
+
+def load_or_profile(engine, key: str, path, **profile_kwargs) -> tuple[CostModel, bool]:
+    """The cost model cached at `path` if it was fitted for `key`, else profile, fit and cache it.
+    Returns (model, loaded_from_cache)."""
+    if path.exists():
+        try:
+            model = CostModel.from_json(json.loads(path.read_text()))
+            if model.key == key:
+                return model, True
+        except (ValueError, KeyError, json.JSONDecodeError):
+            pass  # stale or damaged: measure again
+    t0 = time.perf_counter()
+    samples = profile_costs(engine, **profile_kwargs)
+    model = fit_costs(samples, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {**model.to_json(), "samples": samples, "profile_s": round(time.perf_counter() - t0, 1)}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+    return model, False

@@ -1,0 +1,173 @@
+"""`generate.py --sweep`: fixed k against the adaptive policy, measured against the cost model.
+
+In one run, for a target and a drafter:
+  1. the cost model (respec/solver.py) is loaded from the cache directory or profiled and fitted;
+  2. grid: for every batch size and every k in 0..K, a greedy rollout of `--new-tokens` tokens per
+     row (EOS ignored, so the batch stays full) is timed, next to the model's prediction made
+     *before* the run from the acceptance estimate so far (the drafter's training report, then
+     what earlier SD runs observed);
+  3. adaptive: the same rollouts with the policy choosing k at every step;
+  4. long tail: `--longtail-samples` task prompts sampled at temperature 1 with natural EOS, so the
+     active batch shrinks as rows finish, run with always-SD at the best single k, never-SD, and
+     adaptive. Sampled completions differ between the runs (each is exact in distribution, not
+     token-identical), so their tokens are reported with the seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+from models.loading import cache_dir
+from respec.engine import RolloutEngine, SamplingParams
+from respec.solver import AdaptiveK, FixedK, conditional_alpha, cost_key, load_or_profile
+from respec.tasks import DEFAULT_TASK, chat_prompt, make_problems
+
+
+def initial_alpha(drafter_spec: str, k: int) -> list[float] | None:
+    """Conditional acceptance from a drafter directory's held-out measurement, if it has one."""
+    report = Path(drafter_spec) / "train_report.json"
+    if not report.is_file():
+        return None
+    held = json.loads(report.read_text()).get("held_out_greedy", {})
+    if not held:
+        return None
+    longest = held[max(held, key=int)]
+    return conditional_alpha(longest["accept_per_pos"])[:k] or None
+
+
+def timed_rollout(engine, prompts, params) -> tuple[float, list]:
+    t0 = time.perf_counter()
+    out = engine.generate(prompts, params)
+    return time.perf_counter() - t0, out
+
+
+def run_sweep(args, model, tokenizer, drafter) -> dict:
+    if drafter is None:
+        raise ValueError("--sweep needs a --drafter")
+    plot = args.plot or (args.json.with_suffix(".png") if args.json else None)
+    if plot is not None and plot.exists():
+        raise ValueError(f"{plot} exists; refusing to overwrite it")
+    K = args.k
+    batches = sorted(args.batch_sizes)
+    engine = RolloutEngine(model, kv_cache_bytes=int(args.kv_cache_gb * 2**30), eager=args.eager,
+                           max_batch=max(batches + [args.longtail_samples]), drafter=drafter, num_draft_tokens=K)
+    prompts_all = [chat_prompt(tokenizer, p.messages()) for p in make_problems(DEFAULT_TASK, max(batches), seed=args.seed)]
+    need = sum(engine.blocks.blocks_for(len(p) + args.new_tokens + K + 1) for p in prompts_all)
+    if need > engine.blocks.num_blocks - 1:
+        raise ValueError(f"batch {max(batches)} needs {need} KV blocks, the cache has {engine.blocks.num_blocks - 1}: "
+                         f"raise --kv-cache-gb")
+
+    key = cost_key(args.model, args.drafter, engine)
+    mean_prompt = sum(len(p) for p in prompts_all) / len(prompts_all)
+    profile_batches = sorted({batches[0], batches[-1], *batches[1:-1:2]})
+    t0 = time.perf_counter()
+    costs, cached = load_or_profile(engine, key, cache_dir() / "costs" / f"{key}.json", batch_sizes=profile_batches,
+                                    ks=sorted({0, 1, max(1, K // 2), K}),
+                                    contexts=(round(mean_prompt), round(mean_prompt + args.new_tokens)))
+    profile_s = time.perf_counter() - t0
+    print(f"cost model {'loaded from cache' if cached else f'profiled and fitted in {profile_s:.0f} s'}: "
+          f"median fit error {costs.rel_error:.1%}", flush=True)
+    policy = AdaptiveK(costs, K, initial_alpha(args.drafter, K))
+    print(f"initial acceptance estimate: {[round(a, 3) for a in policy.alpha]}", flush=True)
+
+    greedy = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, stop_on_eos=False)
+    context = mean_prompt + args.new_tokens / 2
+    grid, adaptive = [], []
+    for b in batches:
+        prompts = prompts_all[:b]
+        for k in range(K + 1):
+            predicted = policy.throughput(b, k, context)
+            engine.policy = FixedK(k)
+            engine.generate(prompts, SamplingParams(max_new_tokens=K + 2, temperature=0.0, stop_on_eos=False))  # warm-up
+            engine.stats = type(engine.stats)()
+            seconds, _ = timed_rollout(engine, prompts, greedy)
+            if k:  # what this run taught about acceptance
+                policy.set_alpha(conditional_alpha(engine.stats.accept_per_pos))
+            grid.append({"batch": b, "k": k, "predicted_tok_s": round(predicted, 2),
+                         "measured_tok_s": round(b * args.new_tokens / seconds, 2)})
+            print(f"  batch {b:>3} k={k}: measured {grid[-1]['measured_tok_s']:8.1f} tok/s, predicted "
+                  f"{predicted:8.1f}", flush=True)
+        engine.policy = policy
+        engine.stats = type(engine.stats)()
+        seconds, _ = timed_rollout(engine, prompts, greedy)
+        chosen = Counter(engine.stats.chosen_k).most_common(1)[0][0]
+        adaptive.append({"batch": b, "k_chosen": chosen, "measured_tok_s": round(b * args.new_tokens / seconds, 2),
+                         "k_per_step": dict(Counter(engine.stats.chosen_k))})
+        print(f"  batch {b:>3} adaptive (k={chosen} most often): {adaptive[-1]['measured_tok_s']:8.1f} tok/s", flush=True)
+
+    # The best single k > 0 over the grid (geometric mean of measured throughput over batch sizes).
+    def score(k):
+        return sum(math.log(g["measured_tok_s"]) for g in grid if g["k"] == k)
+    best_k = max(range(1, K + 1), key=score)
+    long_prompts = [chat_prompt(tokenizer, p.messages())
+                    for p in make_problems(DEFAULT_TASK, args.longtail_samples, seed=args.seed + 1)]
+    sampled = [SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, seed=args.seed + i)
+               for i in range(len(long_prompts))]
+    longtail = {"samples": len(long_prompts), "always_sd_k": best_k}
+    for name, pol in (("never_sd", FixedK(0)), ("always_sd", FixedK(best_k)), ("adaptive", policy)):
+        engine.policy = pol
+        engine.stats = type(engine.stats)()
+        seconds, out = timed_rollout(engine, long_prompts, sampled)
+        tokens = sum(len(o.token_ids) for o in out)
+        longtail[f"{name}_s"] = round(seconds, 2)
+        longtail[f"{name}_tokens"] = tokens
+        longtail[f"{name}_tok_s"] = round(tokens / seconds, 2)
+        lengths = sorted(len(o.token_ids) for o in out)
+        print(f"  long tail {name}: {tokens} tokens in {seconds:.1f} s ({tokens / seconds:.1f} tok/s), "
+              f"lengths {lengths[0]}..{lengths[len(lengths) // 2]}..{lengths[-1]}", flush=True)
+    longtail["tokens"] = longtail["never_sd_tokens"]
+
+    report = {"model": args.model, "drafter": args.drafter, "dtype": str(engine.dtype).removeprefix("torch."),
+              "max_k": K, "new_tokens": args.new_tokens, "cost_model": {**costs.to_json(), "cached": cached},
+              "grid": grid, "adaptive": adaptive, "longtail": longtail}
+    print_sweep(report)
+    if plot is not None:
+        plot_sweep(report, plot)
+        print(f"plot: {plot}")
+    return report
+
+
+def print_sweep(report: dict) -> None:
+    rows = report["grid"]
+    errors = sorted(abs(r["predicted_tok_s"] - r["measured_tok_s"]) / r["measured_tok_s"] for r in rows)
+    print(f"\nmedian |predicted - measured| / measured over the grid: {errors[len(errors) // 2]:.1%}")
+    print(f"{'batch':>5} " + " ".join(f"{'k=' + str(k):>9}" for k in range(report["max_k"] + 1))
+          + f" {'adaptive':>9} {'k*':>3} {'vs best':>8}")
+    for a in report["adaptive"]:
+        cells = [r for r in rows if r["batch"] == a["batch"]]
+        best = max(r["measured_tok_s"] for r in cells)
+        print(f"{a['batch']:>5} " + " ".join(f"{r['measured_tok_s']:>9.1f}" for r in cells)
+              + f" {a['measured_tok_s']:>9.1f} {a['k_chosen']:>3} {a['measured_tok_s'] / best:>7.2f}x")
+    lt = report["longtail"]
+    print(f"long tail ({lt['samples']} samples): never-SD {lt['never_sd_tok_s']:.1f} tok/s, always-SD k={lt['always_sd_k']} "
+          f"{lt['always_sd_tok_s']:.1f} tok/s, adaptive {lt['adaptive_tok_s']:.1f} tok/s")
+
+
+def plot_sweep(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k in range(report["max_k"] + 1):
+        rows = [r for r in report["grid"] if r["k"] == k]
+        b = [r["batch"] for r in rows]
+        line, = ax.plot(b, [r["measured_tok_s"] for r in rows], "o-", label=f"k={k} measured")
+        ax.plot(b, [r["predicted_tok_s"] for r in rows], "--", color=line.get_color(), alpha=0.7)
+    ad = report["adaptive"]
+    ax.plot([a["batch"] for a in ad], [a["measured_tok_s"] for a in ad], "k*", markersize=12, label="adaptive")
+    for a in ad:
+        ax.annotate(f"k={a['k_chosen']}", (a["batch"], a["measured_tok_s"]), textcoords="offset points", xytext=(4, 6))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("tokens / s")
+    ax.set_title(f"{report['model']} {report['dtype']}: measured (solid) vs predicted (dashed)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,171 @@
+"""The adaptive-k solver: the throughput formula, the cost fit, online acceptance, and switching SD
+on and off mid-rollout (which must not change greedy tokens)."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from models.drafter import truncated_drafter
+from respec.engine import RolloutEngine, SamplingParams
+from respec.solver import (AdaptiveK, CostModel, FixedK, conditional_alpha, expected_tokens, fit_costs,
+                           load_or_profile, step_features)
+
+# A memory-bound-then-compute-bound machine in miniature: 10 ms per step, 0.5 ms per token the
+# target processes, 1 ms per draft step (coefficients in FEATURES order).
+COSTS = CostModel((0.010, 0.0, 0.0005, 0.0, 0.001, 0.0))
+
+
+def test_expected_tokens():
+    assert expected_tokens([0.5, 0.5], 0) == 1.0
+    assert expected_tokens([0.5, 0.5], 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_tokens([1.0] * 4, 4) == 5.0
+
+
+def test_zero_acceptance_turns_sd_off():
+    policy = AdaptiveK(COSTS, max_k=6, alpha=[0.0] * 6)
+    assert all(policy.choose(b, 100) == 0 for b in (1, 2, 8, 64))
+
+
+def test_cheap_drafter_and_high_acceptance_turn_sd_on():
+    policy = AdaptiveK(COSTS, max_k=6, alpha=[0.9] * 6)
+    assert policy.choose(1, 100) > 0
+
+
+def test_decision_flips_where_the_costs_cross():
+    """With alpha = 0.77 and k = 1 the only option besides plain decoding, SD pays while
+    1.77 / t_step(B, 1) > 1 / t_step(B, 0), i.e. 1.77 (10 + 0.5 B) > 11 + B (ms): below B = 58.3."""
+    policy = AdaptiveK(COSTS, max_k=1, alpha=[0.77])
+    gain = lambda b: 1.77 / COSTS.step_s(b, 1, 0) - 1 / COSTS.step_s(b, 0, 0)  # noqa: E731
+    crossing = next(b for b in range(1, 1000) if gain(b) <= 0)
+    assert crossing == 59
+    assert policy.choose(crossing - 1, 0) == 1
+    assert policy.choose(crossing, 0) == 0
+    assert all(policy.choose(b, 0) == 1 for b in range(1, crossing))
+    assert all(policy.choose(b, 0) == 0 for b in range(crossing, 1000))
+
+
+def test_online_acceptance_moves_toward_observations():
+    policy = AdaptiveK(COSTS, max_k=3, alpha=[0.5, 0.5, 0.5], ema=0.5)
+    # 4 rows, k = 3: accepted 3, 1, 0, 3 -> position 1: 3/4, position 2: 2/3, position 3: 2/2
+    policy.observe([3, 1, 0, 3], 3)
+    assert policy.alpha == pytest.approx([0.625, 0.5 + 0.5 * (2 / 3 - 0.5), 0.75])
+    for _ in range(40):
+        policy.observe([0, 0, 0, 0], 3)  # nothing accepted: only position 1 is informed
+    assert policy.alpha[0] < 1e-6 and policy.alpha[1] > 0.5
+    assert policy.choose(1, 100) == 0
+
+
+def test_external_estimate_turns_sd_on():
+    policy = AdaptiveK(COSTS, max_k=4, alpha=[0.0] * 4)
+    assert policy.choose(1, 50) == 0
+    policy.set_alpha([0.9, 0.9])  # e.g. 1 - TV(p, q) from the distillation batches
+    assert policy.alpha == [0.9] * 4
+    assert policy.choose(1, 50) > 0
+
+
+def test_conditional_alpha():
+    assert conditional_alpha([0.8, 0.4, 0.1]) == pytest.approx([0.8, 0.5, 0.25])
+    assert conditional_alpha([0.5, 0.0, 0.0]) == [0.5, 0.0, 0.0]
+
+
+def test_fit_recovers_known_costs():
+    truth = (0.02, 0.003, 0.0004, 2e-6, 0.0015, 0.0001)
+    rng = random.Random(0)
+    samples = []
+    for b in (1, 4, 16, 64):
+        for k in (0, 1, 2, 4):
+            for c in (64, 448):
+                t = sum(x * f for x, f in zip(truth, step_features(b, k, c)))
+                samples.append({"batch": b, "k": k, "context": c, "seconds": t * (1 + 0.01 * rng.uniform(-1, 1))})
+    model = fit_costs(samples)
+    assert model.rel_error < 0.02
+    assert all(c >= 0 for c in model.coef)
+    for b, k, c in [(2, 3, 200), (32, 1, 300), (8, 0, 100)]:
+        want = sum(x * f for x, f in zip(truth, step_features(b, k, c)))
+        assert model.step_s(b, k, c) == pytest.approx(want, rel=0.05)
+
+
+def test_fit_never_goes_negative():
+    # times that fall with batch size cannot be explained by non-negative costs: the fit drops terms
+    samples = [{"batch": b, "k": 0, "context": 10, "seconds": 1.0 / b} for b in (1, 2, 4, 8)]
+    assert all(c >= 0 for c in fit_costs(samples).coef)
+
+
+def test_profile_is_cached(tiny, tmp_path):
+    engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, block_size=4, eager=True,
+                           drafter=truncated_drafter(tiny, 1), num_draft_tokens=2)
+    path = tmp_path / "costs.json"
+    kw = dict(batch_sizes=(1, 2), ks=(0, 1, 2), contexts=(8, 24), reps=1, progress=False)
+    first, cached = load_or_profile(engine, "key-a", path, **kw)
+    assert not cached and path.exists()
+    data = json.loads(path.read_text())
+    assert len(data["samples"]) == 12 and all(s["seconds"] > 0 for s in data["samples"])
+    again, cached = load_or_profile(engine, "key-a", path, **kw)
+    assert cached and again.coef == first.coef
+    _, cached = load_or_profile(engine, "key-b", path, **kw)  # another model/machine: measured anew
+    assert not cached
+    assert engine.blocks.num_free == engine.blocks.num_blocks - 1  # profiling leaves no blocks behind
+    assert engine.stats.decode_steps == 0
+
+
+class Schedule:
+    """A policy that switches SD on and off by step number."""
+
+    def __init__(self, ks):
+        self.ks, self.step = ks, 0
+
+    def choose(self, batch, context):
+        self.step += 1
+        return self.ks[(self.step - 1) % len(self.ks)]
+
+    def observe(self, accepted, k):
+        pass
+
+
+@pytest.mark.parametrize("kind", ["eagle", "small"])
+def test_switching_sd_on_and_off_keeps_greedy_tokens(tiny, kind):
+    from tests.test_eagle import head_for
+
+    prompts = [[(5 * i + j) % 400 + 3 for j in range(4 + 5 * i)] for i in range(5)]
+    params = SamplingParams(max_new_tokens=40, temperature=0.0)
+    want = RolloutEngine(tiny, kv_cache_bytes=64 << 20, block_size=4, eager=True).generate(prompts, params)
+    drafter = head_for(tiny, 300) if kind == "eagle" else truncated_drafter(tiny, 1)
+    # off for runs of several steps (the drafter falls behind), then on with different k
+    schedule = Schedule([0, 0, 0, 3, 1, 0, 0, 0, 0, 0, 2, 3, 0, 1])
+    engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, block_size=4, eager=True, drafter=drafter,
+                           num_draft_tokens=3, policy=schedule)
+    got = engine.generate(prompts, params)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert set(engine.stats.chosen_k) >= {0, 1, 2, 3}
+    assert len(engine.stats.chosen_k) == len(engine.stats.batch_sizes)
+    engine.blocks.check_invariants()
+
+
+def test_adaptive_policy_in_the_engine_matches_plain_greedy(tiny):
+    prompts = [[(3 * i + j) % 400 + 3 for j in range(6 + 2 * i)] for i in range(6)]
+    # SD pays below 4 active sequences on this made-up machine: the engine switches as rows finish
+    costs = CostModel((0.010, 0.0, 0.004, 0.0, 0.001, 0.0))
+    policy = AdaptiveK(costs, max_k=2, alpha=[0.6, 0.6])
+    ks = {b: policy.choose(b, 10) for b in range(1, 7)}
+    assert ks[1] > 0 and ks[3] > 0 and ks[4] == 0 and ks[6] == 0
+    engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, block_size=4, eager=True,
+                           drafter=truncated_drafter(tiny, 1), num_draft_tokens=2, policy=policy)
+    params_varied = [SamplingParams(max_new_tokens=4 + 4 * i, temperature=0.0) for i in range(6)]
+    want = RolloutEngine(tiny, kv_cache_bytes=64 << 20, block_size=4, eager=True).generate(prompts, params_varied)
+    got = engine.generate(prompts, params_varied)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    log = list(zip(engine.stats.batch_sizes, engine.stats.chosen_k))
+    assert any(k == 0 for _, k in log) and any(k > 0 for _, k in log)
+    assert all(k == 0 for b, k in log if b >= 4)
+
+
+def test_fixed_policy_is_the_default(tiny):
+    engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, block_size=4, eager=True,
+                           drafter=truncated_drafter(tiny, 1), num_draft_tokens=2)
+    assert isinstance(engine.policy, FixedK) and engine.policy.k == 2
+    with torch.no_grad():
+        assert engine.time_step(2, 2, 16, reps=1) > 0
+    with pytest.raises(ValueError, match="at most 2"):
+        engine.time_step(2, 3, 16)
