@@ -101,3 +101,32 @@ def test_bench_tiny_writes_report(tmp_path):
         assert r["respec_tok_s"] > 0 and r["hf_tok_s"] > 0 and r["roofline_ms"] > 0
         # fp32, greedy, the same weights: transformers produces the very same tokens
         assert r["same_tokens_as_hf"] == f"{r['batch']}/{r['batch']}"
+
+
+def test_sweep_tiny_writes_report_and_plot(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "sweep.json"
+    args = ["--model", "tiny", "--dtype", "fp32", "--eager", "--sweep", "--drafter", "first:1", "--k", "2",
+            "--batch-sizes", "1,2,4", "--new-tokens", "6", "--longtail-samples", "3", "--json", str(out)]
+    assert generate.main(args) == 0
+    import json
+
+    report = json.loads(out.read_text())
+    assert {(g["batch"], g["k"]) for g in report["grid"]} == {(b, k) for b in (1, 2, 4) for k in range(3)}
+    assert all(g["measured_tok_s"] > 0 and g["predicted_tok_s"] > 0 for g in report["grid"])
+    assert [a["batch"] for a in report["adaptive"]] == [1, 2, 4]
+    assert all(0 <= a["k_chosen"] <= 2 for a in report["adaptive"])
+    lt = report["longtail"]
+    assert lt["adaptive_s"] > 0 and lt["always_sd_s"] > 0 and lt["never_sd_s"] > 0 and lt["tokens"] > 0
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert not report["cost_model"]["cached"]
+    # a second run reuses the fitted costs, and refuses to overwrite the earlier report
+    capsys.readouterr()
+    one_line_error(*run_main(capsys, *args), "refusing to overwrite")
+    args[-1] = str(tmp_path / "again.json")
+    assert generate.main(args) == 0
+    assert json.loads((tmp_path / "again.json").read_text())["cost_model"]["cached"]
+
+
+def test_sweep_needs_a_drafter(capsys):
+    one_line_error(*run_main(capsys, "--model", "tiny", "--sweep"), "needs a --drafter")
