@@ -87,6 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     w.add_argument("--sweep", action="store_true", help="measure tokens/s for every k = 0..--k and the adaptive "
                    "policy at each of --batch-sizes, against the fitted cost model, plus a long-tail rollout")
     w.add_argument("--longtail-samples", type=positive_int, default=32, help="rollouts in the long-tail run")
+    w.add_argument("--longtail-tokens", type=positive_int, default=256, help="token limit of a long-tail rollout")
     w.add_argument("--plot", type=Path, help="PNG of measured and predicted throughput (default: next to --json)")
     return p.parse_args(argv)
 

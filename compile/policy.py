@@ -3,7 +3,8 @@
 Policy, and why:
   * **Regional compilation on CPU.** The decode step is compiled region by region: one decoder
     block (a single graph, reused by all layers, since they share code and shapes and each gets
-    its own cache pool) and the tail (output head + sampler). Compiling the whole 30-layer step as
+    its own cache pool) and the tails (output head + sampler; in speculative steps also the
+    drafter's head + sampler and the target's head + acceptance test). Compiling the whole 30-layer step as
     one graph costs about 200 s per batch bucket on a 2-core CPU; the regions cost about 10 s, run
     as fast (the weights' matrix products dominate either way), and leave only ~30 cheap compiled
     calls per step in Python.
@@ -29,7 +30,9 @@ from functools import partial
 import torch
 
 from models.decoder import call_block
+from models.eagle import call_head
 from models.loading import cache_dir
+from respec.speculative import draft_next, verify_tail
 from respec.steps import sample_next
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -89,11 +92,19 @@ class CompiledSteps:
             use_persistent_cache()
             configure_dynamo()
             self._block = torch.compile(call_block, fullgraph=True, dynamic=False)
-            self._tail = torch.compile(sample_next, fullgraph=True, dynamic=False)
+            self._head = torch.compile(call_head, fullgraph=True, dynamic=False)
+            self._tails = {  # the sampling ends of the steps: one graph each per batch bucket (and k)
+                name: torch.compile(f, fullgraph=True, dynamic=False)
+                for name, f in (("sample_fn", sample_next), ("draft_fn", draft_next), ("verify_fn", verify_tail))
+            }
 
     def _run_block(self, block, x, cos, sin, kv):
         _mark_width_dynamic(kv.block_tables, kv.mask)
         return self._block(block, x, cos, sin, kv)
+
+    def _run_head(self, head, feature, tokens, positions, embed, kv):
+        _mark_width_dynamic(kv.block_tables, kv.mask)
+        return self._head(head, feature, tokens, positions, embed, kv)
 
     def eager_fn(self, fn, **static_kwargs):
         """`fn` with `static_kwargs` bound, never compiled (prefill)."""
@@ -107,9 +118,9 @@ class CompiledSteps:
             if self.mode == "eager":
                 step = partial(fn, **static_kwargs)
             elif self.mode == "regional":
-                regions = {"run_block": self._run_block}
-                if "sample_fn" in inspect.signature(fn).parameters:
-                    regions["sample_fn"] = self._tail
+                params = inspect.signature(fn).parameters
+                regions = {"run_block": self._run_block, "run_head": self._run_head}
+                regions = {name: region for name, region in (regions | self._tails).items() if name in params}
                 step = partial(fn, **regions, **static_kwargs)
             else:
                 graph = torch.compile(partial(fn, **static_kwargs), fullgraph=True, dynamic=False,

@@ -279,6 +279,10 @@ class Decoder(nn.Module):
         """Output head on already-normed hidden states; fp32 logits."""
         return self.lm_head(hidden).float()
 
+    def target_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The drafter interface (models/drafter.py): a Decoder drafts over the target's own vocabulary."""
+        return self.logits(hidden)
+
     def num_weight_bytes(self, *, decode: bool = True) -> int:
         """Bytes of weights one decoding step reads (the embedding is a row gather, not a read)."""
         total = sum(p.numel() * p.element_size() for p in self.parameters())

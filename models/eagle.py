@@ -109,6 +109,11 @@ class EagleHead(nn.Module):
         return full.index_copy(-1, self.d2t, small)
 
 
+def call_head(head: EagleHead, feature, tokens, positions, embed: nn.Embedding, kv: LayerKV | None):
+    """The plain way to run the head's layer; `compile/` substitutes a compiled version."""
+    return head(feature, tokens, positions, embed, kv)
+
+
 def target_taps(taps: list[torch.Tensor]) -> torch.Tensor:
     """The outputs of the feature layers, concatenated on the last dim."""
     return torch.cat(taps, dim=-1)

@@ -89,6 +89,7 @@ class EngineStats:
     decode_s: float = 0.0
     decode_steps: int = 0
     generated_tokens: int = 0
+    prefill_tokens: int = 0  # of those, sampled by prefills (one per admitted sequence)
     preemptions: int = 0
     batch_sizes: list[int] = field(default_factory=list)  # active batch at every decode step
     sd_steps: int = 0  # speculative steps (one target verify each)
@@ -96,6 +97,11 @@ class EngineStats:
     sd_emitted: int = 0  # tokens those rows emitted (accepted drafts + one corrected/bonus token each)
     sd_accepted_at: list[int] = field(default_factory=list)  # rows whose draft i was accepted, per i
     chosen_k: list[int] = field(default_factory=list)  # draft length of every decode step (0 = plain)
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens per second of the decoding steps alone (what the step-cost model predicts)."""
+        return (self.generated_tokens - self.prefill_tokens) / max(self.decode_s, 1e-9)
 
     @property
     def accept_len(self) -> float:
@@ -296,6 +302,7 @@ class RolloutEngine:
             for s in seqs:
                 s.drafted = len(s.tokens)
         self._record(seqs, *out)
+        self.stats.prefill_tokens += len(seqs)
         self.stats.prefill_s += time.perf_counter() - t0
 
     def _eagle_prefill(self, seqs, tokens, positions, valid, tables, taps, first_tokens) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from models.eagle import call_head
 from respec.paged_attention import PagedKV
 from respec.sampling import STREAM_ACCEPT, STREAM_DRAFT, sample, sampling_logprobs, uniform_noise
 
@@ -59,8 +60,27 @@ def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, temper
     return tokens, logprobs, n
 
 
+def draft_next(drafter, hidden, seeds, temperature, top_k, top_p, next_pos, *, use_filter: bool):
+    """A drafter's output head and sampler: hidden (B, d) -> (draft tokens (B,), the drafter's
+    sampling log-probs over the target vocabulary (B, V)). A compiled region (compile/policy.py)."""
+    q = sampling_logprobs(drafter.target_logits(hidden), temperature, top_k, top_p, use_filter=use_filter)
+    tokens, _ = sample(q, temperature, seeds, next_pos, stream=STREAM_DRAFT)
+    return tokens, q
+
+
+def verify_tail(target, hidden, drafts, q, seeds, temperature, top_k, top_p, positions, *, use_filter: bool):
+    """The target's output head over the k+1 verified positions, hidden (B, k+1, d), and the
+    acceptance test (`accept_drafts`). A compiled region (compile/policy.py)."""
+    B, k1 = drafts.shape[0], drafts.shape[1] + 1
+    rep = lambda t: t.repeat_interleave(k1)  # noqa: E731  per-row parameters for every position
+    p = sampling_logprobs(target.logits(hidden).flatten(0, 1), rep(temperature), rep(top_k), rep(top_p),
+                          use_filter=use_filter).view(B, k1, -1)
+    return accept_drafts(p, q, drafts, temperature, seeds, positions)
+
+
 def speculative_step(target, drafter, pools, draft_pools, prev_tokens, tokens, positions, block_tables, seeds,
-                     temperature, top_k, top_p, *, k: int, use_filter: bool, run_block=None):
+                     temperature, top_k, top_p, *, k: int, use_filter: bool, run_block=None,
+                     draft_fn=draft_next, verify_fn=verify_tail):
     """One SD step for every row: k drafter forwards, one target forward over k+1 positions.
 
     tokens (B,): each row's newest token, at `positions` (B,), not yet in either cache;
@@ -76,8 +96,7 @@ def speculative_step(target, drafter, pools, draft_pools, prev_tokens, tokens, p
     for i in range(k):
         kv = PagedKV.build(draft_pools, block_tables, pos, n_rep_d)
         hidden = drafter(inp, pos, kv, run_block=run_block)[:, -1]  # (B, d)
-        q_i = sampling_logprobs(drafter.logits(hidden), temperature, top_k, top_p, use_filter=use_filter)
-        d_i, _ = sample(q_i, temperature, seeds, positions + 1 + i, stream=STREAM_DRAFT)
+        d_i, q_i = draft_fn(drafter, hidden, seeds, temperature, top_k, top_p, positions + 1 + i, use_filter=use_filter)
         drafts.append(d_i)
         q.append(q_i)
         inp, pos = d_i.view(B, 1), (positions + 1 + i).view(B, 1)
@@ -88,15 +107,13 @@ def speculative_step(target, drafter, pools, draft_pools, prev_tokens, tokens, p
     v_pos = positions.view(B, 1) + torch.arange(k + 1, device=positions.device)
     kv = PagedKV.build(pools, block_tables, v_pos, target.cfg.n_rep)
     hidden = target(v_tokens, v_pos, kv, run_block=run_block)  # (B, k+1, d)
-    rep = lambda t: t.repeat_interleave(k + 1)  # noqa: E731  per-row parameters for every position
-    p = sampling_logprobs(target.logits(hidden).flatten(0, 1), rep(temperature), rep(top_k), rep(top_p),
-                          use_filter=use_filter).view(B, k + 1, -1)
-    return accept_drafts(p, torch.stack(q, dim=1), drafts_t, temperature, seeds, positions)
+    return verify_fn(target, hidden, drafts_t, torch.stack(q, dim=1), seeds, temperature, top_k, top_p, positions,
+                     use_filter=use_filter)
 
 
 def eagle_speculative_step(target, head, pools, head_pools, pend_taps, pend_tokens, pend_pos, pend_valid, positions,
                            block_tables, seeds, temperature, top_k, top_p, *, k: int, use_filter: bool,
-                           run_block=None):
+                           run_block=None, run_head=call_head, draft_fn=draft_next, verify_fn=verify_tail):
     """One SD step with an EAGLE head (`models/eagle.py`).
 
     pend_taps (B, k+1, 3d), pend_tokens / pend_pos / pend_valid (B, k+1): the (target feature of
@@ -108,28 +125,25 @@ def eagle_speculative_step(target, head, pools, head_pools, pend_taps, pend_toke
     B = positions.shape[0]
     embed = target.embed_tokens
     kv = PagedKV.build(head_pools, block_tables, pend_pos, head.n_rep, valid=pend_valid)
-    out = head(head.project(pend_taps), pend_tokens, pend_pos, embed, kv.layer(0))  # (B, k+1, d)
+    out = run_head(head, head.project(pend_taps), pend_tokens, pend_pos, embed, kv.layer(0))  # (B, k+1, d)
     last = pend_valid.long().sum(1) - 1  # (B,)
     g = out.gather(1, last.view(B, 1, 1).expand(B, 1, out.shape[-1]))  # (B, 1, d)
     newest = pend_tokens.gather(1, last.view(B, 1))  # (B, 1)
     drafts, q = [], []
     for i in range(k):
-        q_i = sampling_logprobs(head.target_logits(g[:, 0]), temperature, top_k, top_p, use_filter=use_filter)
-        d_i, _ = sample(q_i, temperature, seeds, positions + 1 + i, stream=STREAM_DRAFT)
+        d_i, q_i = draft_fn(head, g[:, 0], seeds, temperature, top_k, top_p, positions + 1 + i, use_filter=use_filter)
         drafts.append(d_i)
         q.append(q_i)
         if i < k - 1:
             pos = (positions + 1 + i).view(B, 1)
             kv = PagedKV.build(head_pools, block_tables, pos, head.n_rep)
-            g = head(g, d_i.view(B, 1), pos, embed, kv.layer(0))
+            g = run_head(head, g, d_i.view(B, 1), pos, embed, kv.layer(0))
     drafts_t = torch.stack(drafts, dim=1)  # (B, k)
 
     v_tokens = torch.cat([newest, drafts_t], dim=1)  # (B, k+1)
     v_pos = positions.view(B, 1) + torch.arange(k + 1, device=positions.device)
     kv = PagedKV.build(pools, block_tables, v_pos, target.cfg.n_rep)
     hidden, taps = target(v_tokens, v_pos, kv, run_block=run_block, hidden_layers=head.cfg.feature_layers)
-    rep = lambda t: t.repeat_interleave(k + 1)  # noqa: E731
-    p = sampling_logprobs(target.logits(hidden).flatten(0, 1), rep(temperature), rep(top_k), rep(top_p),
-                          use_filter=use_filter).view(B, k + 1, -1)
-    tokens, logprobs, n = accept_drafts(p, torch.stack(q, dim=1), drafts_t, temperature, seeds, positions)
+    tokens, logprobs, n = verify_fn(target, hidden, drafts_t, torch.stack(q, dim=1), seeds, temperature, top_k, top_p,
+                                    positions, use_filter=use_filter)
     return tokens, logprobs, n, torch.cat(taps, dim=-1)

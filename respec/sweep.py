@@ -5,12 +5,14 @@ In one run, for a target and a drafter:
   2. grid: for every batch size and every k in 0..K, a greedy rollout of `--new-tokens` tokens per
      row (EOS ignored, so the batch stays full) is timed, next to the model's prediction made
      *before* the run from the acceptance estimate so far (the drafter's training report, then
-     what earlier SD runs observed);
+     what earlier SD runs observed). `measured_tok_s` is the decoding steps' throughput, which is
+     what the cost model predicts (and what k changes); `rollout_tok_s` includes the prefill;
   3. adaptive: the same rollouts with the policy choosing k at every step;
-  4. long tail: `--longtail-samples` task prompts sampled at temperature 1 with natural EOS, so the
-     active batch shrinks as rows finish, run with always-SD at the best single k, never-SD, and
-     adaptive. Sampled completions differ between the runs (each is exact in distribution, not
-     token-identical), so their tokens are reported with the seconds.
+  4. long tail: `--longtail-samples` task prompts completed greedily with natural EOS (step-by-step
+     answers of 8 to a few hundred tokens), so the active batch shrinks as rows finish, run with
+     always-SD at the best single k, never-SD, and adaptive. Greedy makes the three runs produce
+     the very same tokens (checked), so their seconds compare directly; sampled rollouts would be
+     equal only in distribution, and their lengths would differ from run to run.
 """
 
 from __future__ import annotations
@@ -88,14 +90,17 @@ def run_sweep(args, model, tokenizer, drafter) -> dict:
             if k:  # what this run taught about acceptance
                 policy.set_alpha(conditional_alpha(engine.stats.accept_per_pos))
             grid.append({"batch": b, "k": k, "predicted_tok_s": round(predicted, 2),
-                         "measured_tok_s": round(b * args.new_tokens / seconds, 2)})
+                         "measured_tok_s": round(engine.stats.decode_tok_s, 2),
+                         "rollout_tok_s": round(b * args.new_tokens / seconds, 2),
+                         "accept_len": round(engine.stats.accept_len, 3) if k else None})
             print(f"  batch {b:>3} k={k}: measured {grid[-1]['measured_tok_s']:8.1f} tok/s, predicted "
                   f"{predicted:8.1f}", flush=True)
         engine.policy = policy
         engine.stats = type(engine.stats)()
         seconds, _ = timed_rollout(engine, prompts, greedy)
         chosen = Counter(engine.stats.chosen_k).most_common(1)[0][0]
-        adaptive.append({"batch": b, "k_chosen": chosen, "measured_tok_s": round(b * args.new_tokens / seconds, 2),
+        adaptive.append({"batch": b, "k_chosen": chosen, "measured_tok_s": round(engine.stats.decode_tok_s, 2),
+                         "rollout_tok_s": round(b * args.new_tokens / seconds, 2),
                          "k_per_step": dict(Counter(engine.stats.chosen_k))})
         print(f"  batch {b:>3} adaptive (k={chosen} most often): {adaptive[-1]['measured_tok_s']:8.1f} tok/s", flush=True)
 
@@ -105,13 +110,14 @@ def run_sweep(args, model, tokenizer, drafter) -> dict:
     best_k = max(range(1, K + 1), key=score)
     long_prompts = [chat_prompt(tokenizer, p.messages())
                     for p in make_problems(DEFAULT_TASK, args.longtail_samples, seed=args.seed + 1)]
-    sampled = [SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, seed=args.seed + i)
-               for i in range(len(long_prompts))]
+    natural = SamplingParams(max_new_tokens=args.longtail_tokens, temperature=0.0)
     longtail = {"samples": len(long_prompts), "always_sd_k": best_k}
+    outputs = {}
     for name, pol in (("never_sd", FixedK(0)), ("always_sd", FixedK(best_k)), ("adaptive", policy)):
         engine.policy = pol
         engine.stats = type(engine.stats)()
-        seconds, out = timed_rollout(engine, long_prompts, sampled)
+        seconds, out = timed_rollout(engine, long_prompts, natural)
+        outputs[name] = [o.token_ids for o in out]
         tokens = sum(len(o.token_ids) for o in out)
         longtail[f"{name}_s"] = round(seconds, 2)
         longtail[f"{name}_tokens"] = tokens
@@ -120,6 +126,8 @@ def run_sweep(args, model, tokenizer, drafter) -> dict:
         print(f"  long tail {name}: {tokens} tokens in {seconds:.1f} s ({tokens / seconds:.1f} tok/s), "
               f"lengths {lengths[0]}..{lengths[len(lengths) // 2]}..{lengths[-1]}", flush=True)
     longtail["tokens"] = longtail["never_sd_tokens"]
+    longtail["same_tokens"] = outputs["always_sd"] == outputs["never_sd"] == outputs["adaptive"]
+    longtail["adaptive_k_per_step"] = [[b, k] for b, k in zip(engine.stats.batch_sizes, engine.stats.chosen_k)]
 
     report = {"model": args.model, "drafter": args.drafter, "dtype": str(engine.dtype).removeprefix("torch."),
               "max_k": K, "new_tokens": args.new_tokens, "cost_model": {**costs.to_json(), "cached": cached},

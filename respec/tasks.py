@@ -17,7 +17,9 @@ DEFAULT_TASK_CONFIG = {
     "basic_arithmetic": dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1, operators=("+", "-")),
 }
 
-INSTRUCTION = "Solve the problem. End your reply with a line of the form 'Answer: <answer>'."
+# Asking for steps makes the model write a short reasoning trace (greedy SmolLM2: 8-125 tokens on
+# basic_arithmetic, against 7-11 for a bare answer): the spread of lengths RL rollouts have.
+INSTRUCTION = "Think step by step, then end your reply with a line of the form 'Answer: <answer>'."
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 

@@ -107,7 +107,7 @@ def test_sweep_tiny_writes_report_and_plot(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "sweep.json"
     args = ["--model", "tiny", "--dtype", "fp32", "--eager", "--sweep", "--drafter", "first:1", "--k", "2",
-            "--batch-sizes", "1,2,4", "--new-tokens", "6", "--longtail-samples", "3", "--json", str(out)]
+            "--batch-sizes", "1,2,4", "--new-tokens", "6", "--longtail-samples", "3", "--longtail-tokens", "12", "--json", str(out)]
     assert generate.main(args) == 0
     import json
 
@@ -118,6 +118,7 @@ def test_sweep_tiny_writes_report_and_plot(tmp_path, monkeypatch, capsys):
     assert all(0 <= a["k_chosen"] <= 2 for a in report["adaptive"])
     lt = report["longtail"]
     assert lt["adaptive_s"] > 0 and lt["always_sd_s"] > 0 and lt["never_sd_s"] > 0 and lt["tokens"] > 0
+    assert lt["same_tokens"]  # greedy: the three policies produce the very same completions
     assert out.with_suffix(".png").stat().st_size > 0
     assert not report["cost_model"]["cached"]
     # a second run reuses the fitted costs, and refuses to overwrite the earlier report

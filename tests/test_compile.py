@@ -31,12 +31,18 @@ def test_whole_step_compile_equals_eager(tiny):
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
 
 
-def test_compiled_speculative_step_equals_eager(tiny):
+@pytest.mark.parametrize("kind", ["small", "eagle"])
+def test_compiled_speculative_step_equals_eager(tiny, kind):
+    """Regional compilation of the SD steps (target blocks, the head's layer, the draft sampler and
+    the verify tail) gives the eager tokens, sampling at T=0.8."""
     from models.drafter import truncated_drafter
+    from tests.test_eagle import head_for
+
+    drafter = truncated_drafter(tiny, 1) if kind == "small" else head_for(tiny, 300)
 
     def sd(eager, mode=None):
         engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=eager, compile_mode=mode, max_batch=8,
-                               drafter=truncated_drafter(tiny, 1), num_draft_tokens=3)
+                               drafter=drafter, num_draft_tokens=3)
         params = [SamplingParams(max_new_tokens=30, seed=s, temperature=0.8, stop_on_eos=False) for s in range(3)]
         return engine.generate(PROMPTS[:3], params)
 
