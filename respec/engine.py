@@ -453,12 +453,17 @@ class RolloutEngine:
         `batch` synthetic sequences with `context` tokens each (the cache's contents do not change
         the time). The first call of a shape warms up (it may compile) and is not timed. Used by
         the cost profile (respec/solver.py); statistics and the policy are left untouched."""
+        times = self._synthetic_steps(batch, k, context, reps + 1)
+        return sum(times[1:]) / max(reps, 1)
+
+    def _synthetic_steps(self, batch: int, k: int, context: int, calls: int, *, use_filter: bool = False) -> list[float]:
         if k > self.k or (k and self.drafter is None):
             raise ValueError(f"cannot time k={k}: the engine drafts at most {self.k if self.drafter else 0}")
         if self.blocks.blocks_for(context + k + 1) * batch > self.blocks.num_free:
             raise ValueError(f"{batch} sequences of {context} tokens do not fit the KV cache")
         gen = torch.Generator().manual_seed(context)
-        params = SamplingParams(max_new_tokens=1 << 30, temperature=0.0, stop_on_eos=False)
+        params = SamplingParams(max_new_tokens=1 << 30, temperature=1.0 if use_filter else 0.0,
+                                top_p=0.9 if use_filter else 1.0, stop_on_eos=False)
         seqs = []
         for i in range(batch):
             ids = torch.randint(self.model.cfg.vocab_size, (context,), generator=gen).tolist()
@@ -475,7 +480,7 @@ class RolloutEngine:
         times = []
         try:
             with torch.no_grad():
-                for _ in range(reps + 1):
+                for _ in range(calls):
                     for s in seqs:
                         self.blocks.append(s.id, k + 1)
                     t0 = time.perf_counter()
@@ -484,6 +489,7 @@ class RolloutEngine:
                     for s in seqs:  # back to the same state
                         self.blocks.truncate(s.id, self.blocks.lengths[s.id] - (context - 1))
                         del s.out[1:], s.logprobs[:]
+                        s.finish_reason = None
                         s.drafted = context - 2
                         if self.eagle:
                             s.pending = (s.pending[0][:1], s.pending[1][:1])
@@ -492,17 +498,24 @@ class RolloutEngine:
             for s in seqs:
                 self.blocks.free(s.id)
             self.stats, self.policy = stats, policy
-        return sum(times[1:]) / reps
+        return times
 
-    def warmup(self, batch_sizes: list[int] | None = None, *, use_filter: bool = False, progress: bool = True) -> float:
-        """Compile the decode step for every batch bucket ahead of time; returns seconds spent."""
+    def warmup(self, batch_sizes: list[int] | None = None, *, ks: list[int] | None = None, use_filter: bool = False,
+               progress: bool = True) -> float:
+        """Compile the steps ahead of time for every batch bucket up to the largest of `batch_sizes`
+        (a rollout's batch shrinks through all of them) and every draft length in `ks` (default: 0,
+        plus the engine's k with a fixed policy, or 0..k with any other policy); returns seconds."""
         if self.steps.eager:
             return 0.0
         from tqdm import tqdm
 
         t0 = time.perf_counter()
-        buckets = sorted({batch_bucket(b, self.max_batch) for b in (batch_sizes or buckets_up_to(self.max_batch))})
-        params = SamplingParams(max_new_tokens=2, temperature=1.0, top_p=0.9 if use_filter else 1.0)
-        for b in tqdm(buckets, desc="compiling decode buckets", disable=not progress):
-            self.generate([[1, 2, 3]] * b, params)
+        largest = max(batch_sizes) if batch_sizes else self.max_batch
+        buckets = buckets_up_to(batch_bucket(largest, self.max_batch))
+        if ks is None:
+            fixed = isinstance(self.policy, FixedK)
+            ks = [0] if self.drafter is None else sorted({0, self.policy.k}) if fixed else list(range(self.k + 1))
+        context = 4 * self.blocks.block_size
+        for b, k in tqdm([(b, k) for b in buckets for k in ks], desc="compiling step shapes", disable=not progress):
+            self._synthetic_steps(b, k, context, 1, use_filter=use_filter)
         return time.perf_counter() - t0

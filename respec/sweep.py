@@ -63,6 +63,7 @@ def run_sweep(args, model, tokenizer, drafter) -> dict:
         raise ValueError(f"batch {max(batches)} needs {need} KV blocks, the cache has {engine.blocks.num_blocks - 1}: "
                          f"raise --kv-cache-gb")
 
+    engine.warmup(batches + [args.longtail_samples], ks=list(range(K + 1)))  # every (bucket, k) a rollout can meet
     key = cost_key(args.model, args.drafter, engine)
     mean_prompt = sum(len(p) for p in prompts_all) / len(prompts_all)
     profile_batches = sorted({batches[0], batches[-1], *batches[1:-1:2]})
@@ -84,7 +85,6 @@ def run_sweep(args, model, tokenizer, drafter) -> dict:
         for k in range(K + 1):
             predicted = policy.throughput(b, k, context)
             engine.policy = FixedK(k)
-            engine.generate(prompts, SamplingParams(max_new_tokens=K + 2, temperature=0.0, stop_on_eos=False))  # warm-up
             engine.stats = type(engine.stats)()
             seconds, _ = timed_rollout(engine, prompts, greedy)
             if k:  # what this run taught about acceptance
