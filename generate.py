@@ -88,6 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "policy at each of --batch-sizes, against the fitted cost model, plus a long-tail rollout")
     w.add_argument("--longtail-samples", type=positive_int, default=32, help="rollouts in the long-tail run")
     w.add_argument("--longtail-tokens", type=positive_int, default=256, help="token limit of a long-tail rollout")
+    w.add_argument("--sweep-reps", type=positive_int, default=2, help="runs per grid point (the fastest counts)")
     w.add_argument("--plot", type=Path, help="PNG of measured and predicted throughput (default: next to --json)")
     return p.parse_args(argv)
 
@@ -303,7 +304,7 @@ def main(argv=None) -> int:
         if args.sweep:
             from respec.sweep import run_sweep
 
-            report = run_sweep(args, model, tokenizer, make_drafter(args.drafter, model, args.k))
+            report = run_sweep(args, model, tokenizer, make_drafter(args.drafter, model, args.k), eos_ids(tokenizer, model))
             if args.json is not None:
                 write_json(args.json, report)
         elif args.bench:

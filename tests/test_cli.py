@@ -107,7 +107,7 @@ def test_sweep_tiny_writes_report_and_plot(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "sweep.json"
     args = ["--model", "tiny", "--dtype", "fp32", "--eager", "--sweep", "--drafter", "first:1", "--k", "2",
-            "--batch-sizes", "1,2,4", "--new-tokens", "6", "--longtail-samples", "3", "--longtail-tokens", "12", "--json", str(out)]
+            "--batch-sizes", "1,2,4", "--new-tokens", "6", "--longtail-samples", "3", "--longtail-tokens", "12", "--sweep-reps", "1", "--json", str(out)]
     assert generate.main(args) == 0
     import json
 
