@@ -91,6 +91,18 @@ def run_sweep(args, model, tokenizer, drafter, eos_token_ids) -> dict:
     policy = AdaptiveK(costs, K, initial_alpha(args.drafter, K))
     print(f"initial acceptance estimate: {[round(a, 3) for a in policy.alpha]}", flush=True)
 
+    # Acceptance so far, pooled over every SD run of the sweep: reached[j] rows had drafts 1..j
+    # accepted (reached[0]: all rows) in runs that drafted at least j+1 tokens, passed[j] of them
+    # also accepted draft j+1.
+    reached, passed = [0] * K, [0] * K
+
+    def learn(stats, k):
+        rows = [stats.sd_rows] + stats.sd_accepted_at
+        for j in range(k):
+            reached[j] += rows[j]
+            passed[j] += rows[j + 1]
+        policy.set_alpha([passed[j] / reached[j] for j in range(K) if reached[j]])
+
     greedy = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, stop_on_eos=False)
     context = mean_prompt + args.new_tokens / 2
     grid, adaptive = [], []
@@ -101,7 +113,7 @@ def run_sweep(args, model, tokenizer, drafter, eos_token_ids) -> dict:
             engine.policy = FixedK(k)
             tok_s, seconds, stats = best_of(args.sweep_reps, engine, prompts, greedy)
             if k:  # what this run taught about acceptance
-                policy.set_alpha(conditional_alpha(stats.accept_per_pos))
+                learn(stats, k)
             grid.append({"batch": b, "k": k, "predicted_tok_s": round(predicted, 2),
                          "measured_tok_s": round(tok_s, 2),
                          "rollout_tok_s": round(b * args.new_tokens / seconds, 2),
