@@ -20,7 +20,6 @@ Parallelism (FSDP2) and compilation are applied from outside (`respec/`, `compil
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
