@@ -25,37 +25,9 @@ import torch
 from models.loading import ModelLoadError, load_model, load_tokenizer, resolve_checkpoint, resolve_dtype, save_hf_checkpoint
 from models.drafter import truncated_drafter
 from models.eagle import check_eagle_fits, load_eagle
+from respec.cli import OneLineParser, positive_float, positive_int, positive_int_list
 from respec.engine import RolloutEngine, SamplingParams
 from respec.tasks import DEFAULT_TASK, chat_prompt, make_problems
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def positive_int_list(text: str) -> list[int]:
-    return [positive_int(t) for t in text.split(",") if t.strip()] or [positive_int(text)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

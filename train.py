@@ -8,7 +8,6 @@ GRPO training of the actor with online drafter distillation is the `grpo` stage 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -19,23 +18,9 @@ import torch
 from models.eagle import save_eagle
 from models.loading import ModelLoadError, load_model, load_tokenizer
 from respec import drafter_training as dt
+from respec.cli import OneLineParser, positive_int
 from respec.engine import RolloutEngine, SamplingParams
 from respec.tasks import DEFAULT_TASK, chat_prompt, make_problems
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
 
 
 def parse_args(argv=None):

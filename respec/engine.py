@@ -114,6 +114,20 @@ class EngineStats:
         return [a / max(self.sd_rows, 1) for a in self.sd_accepted_at]
 
 
+def right_padded(spans: list[tuple[list[int], int]]):
+    """Token spans (ids, position of the first) as right-padded (tokens, positions, valid), (B, T)."""
+    T = max(len(ids) for ids, _ in spans)
+    tokens = torch.zeros(len(spans), T, dtype=torch.int64)
+    positions = torch.zeros(len(spans), T, dtype=torch.int64)
+    valid = torch.zeros(len(spans), T, dtype=torch.bool)
+    for i, (ids, start) in enumerate(spans):
+        n = len(ids)
+        tokens[i, :n] = torch.tensor(ids)
+        positions[i, :n] = torch.arange(start, start + n)
+        valid[i, :n] = True
+    return tokens, positions, valid
+
+
 class RolloutEngine:
     def __init__(
         self,
@@ -250,6 +264,11 @@ class RolloutEngine:
         for s in running:
             self.blocks.append(s.id, n)
 
+    def _tables(self, seqs: list[_Sequence], rows: int | None = None) -> torch.Tensor:
+        """The sequences' block tables, as wide as the longest needs, padded to `rows` rows."""
+        width = table_width(max(len(self.blocks.tables[s.id]) for s in seqs))
+        return self.cache.block_tables([s.id for s in seqs], width, rows)
+
     def _row_params(self, seqs: list[_Sequence], rows: int):
         """Per-row sampling tensors, padded to `rows` (padding rows: greedy, seed 0)."""
         pad = rows - len(seqs)
@@ -275,18 +294,10 @@ class RolloutEngine:
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
         t0 = time.perf_counter()
-        B, T = len(seqs), max(len(s.tokens) for s in seqs)
-        tokens = torch.zeros(B, T, dtype=torch.int64)
-        positions = torch.zeros(B, T, dtype=torch.int64)
-        valid = torch.zeros(B, T, dtype=torch.bool)
-        for i, s in enumerate(seqs):
-            n = len(s.tokens)
-            tokens[i, :n] = torch.tensor(s.tokens)
-            positions[i, :n] = torch.arange(n)
-            valid[i, :n] = True
+        B = len(seqs)
+        tokens, positions, valid = right_padded([(s.tokens, 0) for s in seqs])
         last = torch.tensor([len(s.tokens) - 1 for s in seqs], dtype=torch.int64)
-        width = table_width(max(len(self.blocks.tables[s.id]) for s in seqs))
-        tables = self.cache.block_tables([s.id for s in seqs], width)
+        tables = self._tables(seqs)
         (seeds, temp, top_k, top_p), use_filter = self._row_params(seqs, B)
         taps_of = self.drafter.cfg.feature_layers if self.eagle else ()
         step = self.steps.eager_fn(prefill_step, use_filter=use_filter, hidden_layers=taps_of)
@@ -346,8 +357,7 @@ class RolloutEngine:
             taps, tokens, positions, valid = (torch.stack(t)[:, :width] for t in zip(*rows))
             valid = valid & (torch.arange(width, device=self.device) < torch.tensor(
                 [s.pending[0].shape[0] - 1 for s in behind], device=self.device).view(-1, 1))
-            tables = self.cache.block_tables([s.id for s in behind], table_width(
-                max(len(self.blocks.tables[s.id]) for s in behind)))
+            tables = self._tables(behind)
             kv = PagedKV.build(self.cache.draft_pools, tables, positions, self.draft_runner.n_rep, valid=valid)
             self.draft_runner(self.draft_runner.project(taps), tokens, positions, self.runner.embed_tokens, kv.layer(0))
             for s in behind:
@@ -357,18 +367,9 @@ class RolloutEngine:
             behind = [s for s in seqs if s.drafted < len(s.tokens) - 2]
             if not behind:
                 return
-            width = max(len(s.tokens) - 2 - s.drafted for s in behind)
-            tokens = torch.zeros(len(behind), width, dtype=torch.int64)
-            positions = torch.zeros(len(behind), width, dtype=torch.int64)
-            valid = torch.zeros(len(behind), width, dtype=torch.bool)
-            for i, s in enumerate(behind):
-                missing = s.tokens[s.drafted: len(s.tokens) - 2]
-                tokens[i, : len(missing)] = torch.tensor(missing)
-                positions[i, : len(missing)] = torch.arange(s.drafted, s.drafted + len(missing))
-                valid[i, : len(missing)] = True
+            tokens, positions, valid = right_padded([(s.tokens[s.drafted: len(s.tokens) - 2], s.drafted) for s in behind])
             dev = self.device
-            tables = self.cache.block_tables([s.id for s in behind], table_width(
-                max(len(self.blocks.tables[s.id]) for s in behind)))
+            tables = self._tables(behind)
             positions, valid = positions.to(dev), valid.to(dev)
             self.draft_runner(tokens.to(dev), positions, PagedKV.build(self.cache.draft_pools, tables, positions,
                                                                        self.drafter.cfg.n_rep, valid=valid))
@@ -381,8 +382,7 @@ class RolloutEngine:
         pad = rows - len(seqs)
         tokens = torch.tensor([s.out[-1] for s in seqs] + [0] * pad, dtype=torch.int64)
         positions = torch.tensor([len(s.tokens) - 1 for s in seqs] + [0] * pad, dtype=torch.int64)
-        width = table_width(max(len(self.blocks.tables[s.id]) for s in seqs))
-        tables = self.cache.block_tables([s.id for s in seqs], width, rows)
+        tables = self._tables(seqs, rows)
         (seeds, temp, top_k, top_p), use_filter = self._row_params(seqs, rows)
         taps_of = self.drafter.cfg.feature_layers if self.eagle else ()
         step = self.steps.get(decode_step, use_filter=use_filter, hidden_layers=taps_of)
@@ -406,8 +406,7 @@ class RolloutEngine:
         prev = torch.tensor([s.tokens[-2] for s in seqs] + pad, dtype=torch.int64)
         tokens = torch.tensor([s.tokens[-1] for s in seqs] + pad, dtype=torch.int64)
         positions = torch.tensor([len(s.tokens) - 1 for s in seqs] + pad, dtype=torch.int64)
-        width = table_width(max(len(self.blocks.tables[s.id]) for s in seqs))
-        tables = self.cache.block_tables([s.id for s in seqs], width, rows)
+        tables = self._tables(seqs, rows)
         (seeds, temp, top_k, top_p), use_filter = self._row_params(seqs, rows)
         dev = self.device
         if self.eagle:
