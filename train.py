@@ -1,46 +1,88 @@
-"""Training with respec.
+"""Training with respec: GRPO with speculative rollouts (default), or drafter pretraining.
 
-  python train.py --stage drafter --model smollm2-135m --out runs/drafter
-      pretrain an EAGLE-style draft head by distillation from the target (respec/drafter_training.py)
+  python train.py                                  # the default run: SmolLM2-135M on basic_arithmetic, ReSpec mode
+  torchrun --nproc_per_node=2 train.py             # the same, data-parallel with FSDP2 (gloo on CPU)
+  python train.py --task products --task-config '{"min_terms": 2, "max_terms": 2}' --steps 50
+  python train.py --data gsm8k.jsonl --sd off      # GSM8K-format JSONL ("question", "answer" ending in "#### N")
+  python train.py --resume runs/grpo-20261123-101500 --steps 40    # continue a run (more steps)
+  python train.py --stage drafter --out runs/drafter                # pretrain an EAGLE-style head
 
-GRPO training of the actor with online drafter distillation is the `grpo` stage (not built yet).
+Multi-node: torchrun's usual rendezvous, e.g. `torchrun --nnodes=2 --nproc_per_node=8
+--rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train.py ...` on every node.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-from models.eagle import save_eagle
 from models.loading import ModelLoadError, load_model, load_tokenizer
-from respec import drafter_training as dt
+from respec import distributed
 from respec.cli import OneLineParser, positive_int
-from respec.engine import RolloutEngine, SamplingParams
-from respec.tasks import DEFAULT_TASK, chat_prompt, make_problems
+from respec.tasks import DEFAULT_TASK, make_task
+from respec.trainer import TrainConfig, Trainer
 
 
 def parse_args(argv=None):
-    p = OneLineParser(prog="train.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage", choices=["drafter"], required=True)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"])
-    p.add_argument("--out", type=Path, required=True, help="new directory for the drafter (never overwritten)")
-    p.add_argument("--task", default=DEFAULT_TASK)
-    p.add_argument("--prompts", type=positive_int, default=192, help="training prompts (target rollouts)")
-    p.add_argument("--held-out", type=positive_int, default=16, help="prompts for the final acceptance measurement")
-    p.add_argument("--new-tokens", type=positive_int, default=96, help="rollout length")
-    p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
-    p.add_argument("--draft-vocab", type=positive_int, default=8192)
-    p.add_argument("--epochs", type=positive_int, default=4)
-    p.add_argument("--batch", type=positive_int, default=8)
-    p.add_argument("--unroll", type=positive_int, default=3, help="training-time-test steps")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--checkpoint-every", type=positive_int, default=50, help="optimizer steps between checkpoints")
-    p.add_argument("--seed", type=int, default=0)
+    p = OneLineParser(prog="train.py", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    d = TrainConfig()
+    p.add_argument("--stage", choices=["grpo", "drafter"], default="grpo")
+    # --- model and data ---
+    p.add_argument("--model", default=d.model, help="preset (smollm2-135m, tiny), .gguf file or HF checkpoint dir")
+    p.add_argument("--task", default=d.task, help="reasoning-gym dataset name")
+    p.add_argument("--task-config", default="{}", help="reasoning-gym options as JSON, e.g. '{\"min_terms\": 2}'")
+    p.add_argument("--data", default=None, help="GSM8K-format JSONL file (question, answer '... #### N') instead of --task")
+    p.add_argument("--format-weight", type=float, default=d.format_weight, help="reward for a strict 'Answer:' line")
+    # --- GRPO ---
+    p.add_argument("--steps", type=positive_int, default=None, help=f"RL steps (default {d.steps})")
+    p.add_argument("--prompts", type=positive_int, default=d.prompts, help="prompts per step, over all ranks (P)")
+    p.add_argument("--group", type=int, default=d.group, help="samples per prompt (G >= 2)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=d.max_new_tokens, help="completion length limit (tokens)")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="optimizer steps of LR warm-up")
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="cosine floor, as a fraction of --lr")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm")
+    p.add_argument("--clip-low", type=float, default=d.clip_low, help="ratio clipped below at 1 - this")
+    p.add_argument("--clip-high", type=float, default=d.clip_high, help="ratio clipped above at 1 + this")
+    p.add_argument("--kl-coef", type=float, default=d.kl_coef, help="k3 KL to the initial model (0: no reference)")
+    p.add_argument("--no-std-scaling", action="store_true", help="advantages centred only (Dr. GRPO)")
+    p.add_argument("--epochs", type=positive_int, default=d.epochs, help="passes over each rollout")
+    p.add_argument("--minibatches", type=positive_int, default=d.minibatches, help="optimizer steps per pass")
+    p.add_argument("--micro-tokens", type=positive_int, default=d.micro_tokens, help="padded tokens per forward/backward")
+    # --- speculative decoding ---
+    p.add_argument("--sd", choices=["off", "on", "adaptive"], default=d.sd, help="adaptive: the solver picks k per step")
+    p.add_argument("--drafter", default=d.drafter, help="EAGLE head dir, 'auto' (cached default, pretrained once) or 'none'")
+    p.add_argument("--k", type=positive_int, default=d.k, help="largest draft length")
+    # --- system ---
+    p.add_argument("--dtype", default=d.dtype, choices=["auto", "bf16", "fp32", "fp16"], help="rollout dtype")
+    p.add_argument("--train-dtype", default=d.train_dtype, choices=["auto", "bf16", "fp32", "fp16"],
+                   help="autocast dtype of the training forward (weights stay fp32)")
+    p.add_argument("--eager", action="store_true", help="no torch.compile in the rollout engine")
+    p.add_argument("--kv-cache-mb", type=positive_int, default=d.kv_cache_mb, help="KV block pool per rank (MiB)")
+    p.add_argument("--max-batch", type=positive_int, default=d.max_batch, help="most sequences decoding at once per rank")
+    # --- run ---
+    p.add_argument("--out", type=Path, default=None, help="new run directory (default runs/grpo-<time>; never overwritten)")
+    p.add_argument("--resume", type=Path, default=None, help="continue this run directory from its last checkpoint")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--checkpoint-every", type=positive_int, default=d.checkpoint_every, help="steps between checkpoints")
+    p.add_argument("--keep-checkpoints", type=positive_int, default=d.keep_checkpoints)
+    p.add_argument("--export-hf", type=Path, default=None, help="also write the final actor here (HF checkpoint)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    # --- drafter pretraining (--stage drafter) ---
+    p.add_argument("--held-out", type=positive_int, default=16, help="[drafter] prompts for the acceptance measurement")
+    p.add_argument("--draft-vocab", type=positive_int, default=8192, help="[drafter] draft vocabulary size")
+    p.add_argument("--batch", type=positive_int, default=8, help="[drafter] sequences per optimizer step")
+    p.add_argument("--unroll", type=positive_int, default=3, help="[drafter] training-time-test steps")
+    p.add_argument("--new-tokens", type=positive_int, default=96, help="[drafter] rollout length")
     return p.parse_args(argv)
 
 
@@ -48,88 +90,150 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_drafter(args) -> dict:
-    from tqdm import tqdm
+# ----------------------------------------------------------------------------------------------
+def run_drafter(args) -> int:
+    """--stage drafter: pretrain an EAGLE-style head by distillation from the target."""
+    from respec.drafter_training import pretrain
 
+    if args.out is None:
+        raise ValueError("--stage drafter needs --out DIR")
+    if args.out.exists():
+        raise ValueError(f"{args.out} exists; refusing to overwrite it (choose a new --out)")
     target = load_model(args.model, dtype=args.dtype)
-    target.requires_grad_(False)
     tok = load_tokenizer(args.model)
-    problems = make_problems(args.task, args.prompts + args.held_out, seed=args.seed)
-    prompts = [chat_prompt(tok, p.messages()) for p in problems]
-    train_prompts, held_out = prompts[: args.prompts], prompts[args.prompts:]
+    task = make_task(task=args.task, config=json.loads(args.task_config), data=args.data, seed=args.seed)
+    prompts = args.prompts if args.prompts != TrainConfig.prompts else 192
+    args.out.mkdir(parents=True)
+    report = pretrain(target, tok, args.out, problems=task.problems(0, prompts + args.held_out), held_out=args.held_out,
+                      new_tokens=args.new_tokens, temperature=args.temperature, draft_vocab=args.draft_vocab,
+                      epochs=args.epochs if args.epochs != TrainConfig.epochs else 4, batch=args.batch,
+                      unroll=args.unroll, lr=args.lr if args.lr != TrainConfig.lr else 1e-3, seed=args.seed, log=log)
+    print(json.dumps(report["held_out_greedy"]))
+    return 0
 
-    # Eager engines: a one-off job whose batch shrinks through every bucket would spend longer
-    # compiling them (cold) than generating.
-    engine = RolloutEngine(target, kv_cache_bytes=1 << 30, max_batch=32, eos_token_ids=[tok.eos_token_id], eager=True)
-    seqs, t_gen = dt.timed(dt.sample_rollouts, engine, train_prompts, args.new_tokens, args.temperature, args.seed)
-    n_tok = sum(len(t) - n for t, n in zip(seqs.tokens, seqs.prompt_lens))
-    log(f"rollouts: {len(seqs.tokens)} sequences, {n_tok} generated tokens in {t_gen:.0f} s")
-    vocab = dt.draft_vocabulary(seqs, args.draft_vocab, target.cfg.vocab_size)
-    head = dt.new_head(target, vocab, args.seed)
-    feats, t_feat = dt.timed(dt.target_features, target, seqs, head.cfg.feature_layers)
-    log(f"target features: {t_feat:.0f} s; head has {sum(p.numel() for p in head.parameters()) / 1e6:.1f}M parameters")
 
-    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.0)
-    steps_per_epoch = -(-len(seqs.tokens) // args.batch)
-    total = steps_per_epoch * args.epochs
-    gen = torch.Generator().manual_seed(args.seed)
-    history, step, t0 = [], 0, time.perf_counter()
-    bar = tqdm(total=total, desc="drafter KD", file=sys.stderr)
-    head.train()
-    for epoch in range(args.epochs):
-        for batch in dt.make_batches(seqs, feats, args.batch, gen):
-            for group in opt.param_groups:
-                group["lr"] = dt.cosine_lr(step, total, args.lr)
-            loss, per_step = dt.head_loss(head, target, batch, args.unroll)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
-            opt.step()
-            step += 1
-            history.append({"step": step, "epoch": epoch, "loss": loss.item(),
-                            "agree_per_unroll": [round(a, 4) for _, a in per_step]})
-            bar.set_postfix(loss=f"{loss.item():.3f}", agree=f"{per_step[0][1]:.2f}")
-            bar.update()
-            if step % args.checkpoint_every == 0:
-                save_eagle(head, args.out / "checkpoint")
-    bar.close()
-    t_train = time.perf_counter() - t0
-    head.eval()
-    save_eagle(head, args.out)
+# ----------------------------------------------------------------------------------------------
+def config_from_args(args) -> TrainConfig:
+    try:
+        task_config = json.loads(args.task_config)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--task-config is not valid JSON: {e.msg}") from None
+    if not isinstance(task_config, dict):
+        raise ValueError("--task-config must be a JSON object")
+    return TrainConfig(
+        model=args.model, task=args.task, task_config=task_config, data=args.data, format_weight=args.format_weight,
+        steps=args.steps or TrainConfig.steps, prompts=args.prompts, group=args.group,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, lr=args.lr,
+        warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip, clip_low=args.clip_low, clip_high=args.clip_high, kl_coef=args.kl_coef,
+        scale_adv_by_std=not args.no_std_scaling, epochs=args.epochs, minibatches=args.minibatches,
+        micro_tokens=args.micro_tokens, sd=args.sd, drafter=args.drafter, k=args.k, dtype=args.dtype,
+        train_dtype=args.train_dtype, eager=args.eager, kv_cache_mb=args.kv_cache_mb, max_batch=args.max_batch,
+        seed=args.seed, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+        export_hf=str(args.export_hf) if args.export_hf else None, progress=not args.no_progress,
+    )
 
-    # Held-out acceptance: greedy SD with the new head on prompts it never saw.
-    acceptance = {}
-    for k in range(1, 7):
-        sd = RolloutEngine(target, kv_cache_bytes=1 << 30, max_batch=32, eos_token_ids=[tok.eos_token_id],
-                           drafter=head.to(target.embed_tokens.weight.dtype), num_draft_tokens=k, eager=True)
-        sd.generate(held_out, SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0))
-        acceptance[k] = {"accept_len": round(sd.stats.accept_len, 3),
-                         "accept_per_pos": [round(a, 3) for a in sd.stats.accept_per_pos]}
-        log(f"held-out k={k}: {acceptance[k]['accept_len']:.2f} tokens per verify step, per position "
-            f"{acceptance[k]['accept_per_pos']}")
-    report = {"model": args.model, "task": args.task, "prompts": args.prompts, "held_out": args.held_out,
-              "generated_tokens": n_tok, "rollout_s": round(t_gen, 1), "features_s": round(t_feat, 1),
-              "train_s": round(t_train, 1), "steps": step, "final_loss": history[-1]["loss"] if history else None,
-              "held_out_greedy": acceptance}
-    (args.out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-    return report
+
+def resumed_config(args) -> TrainConfig:
+    """The config a run was started with (config.json), with --steps / --export-hf / --no-progress
+    taken from this command line."""
+    run = args.resume
+    path = run / "config.json"
+    if not path.is_file():
+        raise ValueError(f"--resume {run}: not a training run directory (no config.json)")
+    try:
+        saved = json.loads(path.read_text())
+        cfg = TrainConfig(**saved)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"--resume {run}: config.json is unreadable ({type(e).__name__})") from None
+    if args.steps:
+        cfg.steps = args.steps
+    if args.export_hf:
+        cfg.export_hf = str(args.export_hf)
+    cfg.progress = not args.no_progress
+    return cfg
+
+
+def summary(history: list[dict], run_dir: Path, wall_s: float, prep: dict) -> str:
+    first, last = history[:5], history[-5:]
+    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    rollout = sum(r["rollout_s"] for r in history)
+    step = sum(r["step_s"] for r in history)
+    lines = [
+        f"run {run_dir}: {len(history)} steps in {wall_s:.0f} s wall "
+        f"(compile {prep.get('compile_s', 0):.0f} s, SD cost profile {prep.get('profile_s', 0):.0f} s)",
+        f"reward  first {len(first)} steps {mean(first, 'reward_mean'):.3f}  ->  last {len(last)} steps "
+        f"{mean(last, 'reward_mean'):.3f}   (accuracy {mean(first, 'accuracy'):.3f} -> {mean(last, 'accuracy'):.3f})",
+        f"rollout {rollout / step:.0%} of step time; {sum(r['rollout_tok_s'] * r['rollout_s'] for r in history) / rollout:.0f} "
+        f"tokens/s; SD on in {mean(history, 'sd_fraction'):.0%} of decoding steps; accept_len "
+        f"{mean([r for r in history if r['accept_len']] or history[:1], 'accept_len'):.2f}",
+        f"train phase MFU {mean(history, 'train_mfu'):.1%} (of the measured GEMM peak in the training dtype)",
+        f"metrics {run_dir / 'metrics.jsonl'}, plots {run_dir / 'plots'}, final actor {run_dir / 'hf'}",
+    ]
+    return "\n".join(lines)
+
+
+def run_grpo(args, d: distributed.Dist) -> int:
+    from respec import checkpoint
+    from respec.plot import plot_run
+
+    if args.resume is not None:
+        cfg = resumed_config(args)
+        run_dir = args.resume
+        start = checkpoint.latest_checkpoint(run_dir)
+    else:
+        cfg = config_from_args(args)
+        run_dir = args.out or Path("runs") / time.strftime("grpo-%Y%m%d-%H%M%S")
+        if run_dir.exists():
+            raise ValueError(f"{run_dir} exists; refusing to overwrite it (choose a new --out, or --resume it)")
+        start = None
+    cfg.out = str(run_dir)
+    cfg.validate(d.world)
+    if cfg.export_hf and Path(cfg.export_hf).exists():
+        raise ValueError(f"--export-hf {cfg.export_hf} exists; refusing to overwrite it")
+
+    task = make_task(task=cfg.task, config=cfg.task_config, data=cfg.data, seed=cfg.seed)  # bad data fails here
+
+    wall = time.perf_counter()
+    trainer = Trainer(cfg, d=d, run_dir=run_dir, task=task, log=log if d.main else (lambda m: None))
+    if d.main and args.resume is None:
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    distributed.barrier(d)
+    if start is not None:
+        trainer.resume(start)
+        if d.main:
+            log(f"resumed {run_dir} from {start.name} (step {trainer.step})")
+    prep = trainer.prepare()
+    history = trainer.run()
+    # The run's own copy of the final actor, replaced only once the new one is complete.
+    fresh = run_dir / ".hf.tmp"
+    if d.main:
+        shutil.rmtree(fresh, ignore_errors=True)
+    checkpoint.export_hf(trainer.actor, fresh, d, tokenizer=trainer.tok)
+    if d.main:
+        shutil.rmtree(run_dir / "hf", ignore_errors=True)
+        fresh.rename(run_dir / "hf")
+    if cfg.export_hf:
+        checkpoint.export_hf(trainer.actor, Path(cfg.export_hf), d, tokenizer=trainer.tok)
+    if d.main:
+        plot_run(run_dir)
+        if history:
+            print(summary(history, run_dir, time.perf_counter() - wall, prep), flush=True)
+    return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    d = distributed.init()
     try:
-        if args.out.exists():
-            raise ValueError(f"{args.out} exists; refusing to overwrite it (choose a new --out)")
-        if not 0 <= args.temperature:
-            raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-        args.out.mkdir(parents=True)
-        report = run_drafter(args)
+        return run_drafter(args) if args.stage == "drafter" else run_grpo(args, d)
     except (ModelLoadError, ValueError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        if d.main:
+            print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(report["held_out_greedy"]))
-    return 0
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -15,13 +15,19 @@
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from models.eagle import EagleConfig, EagleHead
+from models.eagle import EagleConfig, EagleHead, save_eagle
+from respec.engine import RolloutEngine, SamplingParams
+from respec.tasks import chat_prompt
 
 
 @dataclass
@@ -31,8 +37,6 @@ class Sequences:
 
 
 def sample_rollouts(engine, prompts: list[list[int]], new_tokens: int, temperature: float, seed: int) -> Sequences:
-    from respec.engine import SamplingParams
-
     params = [SamplingParams(max_new_tokens=new_tokens, temperature=temperature, seed=seed + i) for i in range(len(prompts))]
     out = engine.generate(prompts, params)
     return Sequences([p + o.token_ids for p, o in zip(prompts, out)], [len(p) for p in prompts])
@@ -182,3 +186,74 @@ def timed(fn, *args, **kwargs):
     t0 = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - t0
+
+
+def pretrain(target, tokenizer, out_dir, *, problems: list, held_out: int, new_tokens: int,
+             temperature: float = 1.0, draft_vocab: int = 8192, epochs: int = 4, batch: int = 8, unroll: int = 3,
+             lr: float = 1e-3, checkpoint_every: int = 50, seed: int = 0, held_out_ks=range(1, 7),
+             log=print) -> dict:
+    """The whole pretraining job on `problems` (the last `held_out` of them held out): target
+    rollouts, draft vocabulary, features, TTT training, held-out acceptance. Writes the head,
+    train_report.json and history.jsonl into `out_dir`."""
+    out_dir = Path(out_dir)
+    target.requires_grad_(False)
+    prompts = len(problems) - held_out
+    all_prompts = [chat_prompt(tokenizer, p.messages()) for p in problems]
+    train_prompts, held_prompts = all_prompts[:prompts], all_prompts[prompts:]
+    eos = [tokenizer.eos_token_id]
+
+    # Eager engines: a one-off job whose batch shrinks through every bucket would spend longer
+    # compiling them (cold) than generating.
+    engine = RolloutEngine(target, kv_cache_bytes=1 << 30, max_batch=32, eos_token_ids=eos, eager=True)
+    seqs, t_gen = timed(sample_rollouts, engine, train_prompts, new_tokens, temperature, seed)
+    n_tok = sum(len(t) - n for t, n in zip(seqs.tokens, seqs.prompt_lens))
+    log(f"rollouts: {len(seqs.tokens)} sequences, {n_tok} generated tokens in {t_gen:.0f} s")
+    vocab = draft_vocabulary(seqs, draft_vocab, target.cfg.vocab_size)
+    head = new_head(target, vocab, seed)
+    feats, t_feat = timed(target_features, target, seqs, head.cfg.feature_layers)
+    log(f"target features: {t_feat:.0f} s; head has {sum(p.numel() for p in head.parameters()) / 1e6:.1f}M parameters")
+
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    total = -(-len(seqs.tokens) // batch) * epochs
+    gen = torch.Generator().manual_seed(seed)
+    history, step, t0 = [], 0, time.perf_counter()
+    bar = tqdm(total=total, desc="drafter KD", file=sys.stderr)
+    head.train()
+    for epoch in range(epochs):
+        for mb in make_batches(seqs, feats, batch, gen):
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(step, total, lr)
+            loss, per_step = head_loss(head, target, mb, unroll)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+            opt.step()
+            step += 1
+            history.append({"step": step, "epoch": epoch, "loss": loss.item(),
+                            "agree_per_unroll": [round(a, 4) for _, a in per_step]})
+            bar.set_postfix(loss=f"{loss.item():.3f}", agree=f"{per_step[0][1]:.2f}")
+            bar.update()
+            if step % checkpoint_every == 0:
+                save_eagle(head, out_dir / "checkpoint")
+    bar.close()
+    t_train = time.perf_counter() - t0
+    head.eval()
+    save_eagle(head, out_dir)
+
+    # Held-out acceptance: greedy SD with the new head on prompts it never saw.
+    acceptance = {}
+    for k in held_out_ks:
+        sd = RolloutEngine(target, kv_cache_bytes=1 << 30, max_batch=32, eos_token_ids=eos,
+                           drafter=head.to(target.embed_tokens.weight.dtype), num_draft_tokens=k, eager=True)
+        sd.generate(held_prompts, SamplingParams(max_new_tokens=new_tokens, temperature=0.0))
+        acceptance[k] = {"accept_len": round(sd.stats.accept_len, 3),
+                         "accept_per_pos": [round(a, 3) for a in sd.stats.accept_per_pos]}
+        log(f"held-out k={k}: {acceptance[k]['accept_len']:.2f} tokens per verify step, per position "
+            f"{acceptance[k]['accept_per_pos']}")
+    report = {"prompts": prompts, "held_out": held_out, "generated_tokens": n_tok,
+              "rollout_s": round(t_gen, 1), "features_s": round(t_feat, 1), "train_s": round(t_train, 1),
+              "steps": step, "final_loss": history[-1]["loss"] if history else None,
+              "held_out_greedy": acceptance}
+    (out_dir / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    return report

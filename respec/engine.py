@@ -198,8 +198,10 @@ class RolloutEngine:
                 f"{self.blocks.num_blocks - 1}: raise the KV cache size"
             )
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
-        """Complete every prompt; results in input order."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], *,
+                 on_finish=None) -> list[Completion]:
+        """Complete every prompt; results in input order. `on_finish(n)` (e.g. a tqdm bar's update)
+        is told whenever n sequences finish."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError("one SamplingParams per prompt, or a single one for all")
@@ -221,9 +223,12 @@ class RolloutEngine:
                         self._speculate(running, k)
                     elif running:
                         self._decode(running)
-                for s in [s for s in running if s.finish_reason]:
+                finished = [s for s in running if s.finish_reason]
+                for s in finished:
                     self.blocks.free(s.id)
                     running.remove(s)
+                if finished and on_finish is not None:
+                    on_finish(len(finished))
         return [Completion(s.out, s.logprobs, s.finish_reason) for s in seqs]
 
     def _choose_k(self, running: list[_Sequence]) -> int:

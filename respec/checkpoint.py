@@ -1,0 +1,146 @@
+"""Checkpoints of a training run, with `torch.distributed.checkpoint` (DCP), written atomically.
+
+Layout of a run directory:
+
+    RUN_DIR/config.json            every setting of the run
+    RUN_DIR/metrics.jsonl          one JSON object per step
+    RUN_DIR/checkpoints/step_000010/   DCP files (actor, optimizer, LR schedule, drafter, step) +
+                                       rng_rank{r}.pt (each rank's random states)
+    RUN_DIR/checkpoints/latest     the name of the newest complete checkpoint
+    RUN_DIR/hf/                    the final actor as a Hugging Face checkpoint
+
+A checkpoint is written into a hidden temporary directory by every rank, then (after a barrier)
+renamed into place by rank 0, and only then is `latest` replaced (write + os.replace). A run killed
+at any moment leaves `latest` naming a complete checkpoint, or no `latest` at all; never a
+half-written one. Older checkpoints beyond `keep` are removed after the new one is in place.
+
+Each rank saves only its own shards (DCP); resuming with a different number of ranks is DCP's
+resharding, but respec's data split follows the world size, so an exact continuation needs the
+same number of ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from respec.distributed import Dist, barrier
+
+LATEST = "latest"
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    pointer = checkpoint_root(run_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    path = checkpoint_root(run_dir) / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _app_state(actor, optimizer, scheduler, drafter, progress: dict) -> dict:
+    state = {
+        "actor": get_model_state_dict(actor),
+        "optimizer": get_optimizer_state_dict(actor, optimizer),
+        "scheduler": scheduler.state_dict(),
+        "progress": dict(progress),
+    }
+    if drafter is not None:
+        state["drafter"] = drafter.state_dict()
+    return state
+
+
+def save(run_dir: Path, step: int, d: Dist, *, actor, optimizer, scheduler, drafter=None, progress: dict,
+         keep: int = 2) -> Path:
+    """Write the checkpoint of `step` (every rank calls this) and point `latest` at it."""
+    root = checkpoint_root(run_dir)
+    name = f"step_{step:06d}"
+    final, tmp = root / name, root / f".{name}.tmp"
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier crash at this step
+        tmp.mkdir(parents=True)
+    barrier(d)
+    dcp.save(_app_state(actor, optimizer, scheduler, drafter, progress), checkpoint_id=str(tmp))
+    torch.save(_rng_state(), tmp / f"rng_rank{d.rank}.pt")
+    barrier(d)
+    if d.main:
+        if final.exists():  # a resumed run redoing a step it had checkpointed: replace that one
+            shutil.rmtree(final)
+        tmp.rename(final)
+        pointer_tmp = root / f".{LATEST}.tmp"
+        pointer_tmp.write_text(name + "\n")
+        os.replace(pointer_tmp, root / LATEST)
+        done = sorted(p for p in root.glob("step_*") if p.is_dir())
+        for old in done[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(d)
+    return final
+
+
+def load(path: Path, d: Dist, *, actor, optimizer, scheduler, drafter=None) -> dict:
+    """Restore everything `save` wrote into the live objects; returns the saved progress dict."""
+    state = _app_state(actor, optimizer, scheduler, drafter, {"step": 0, "data_position": 0})
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(actor, state["actor"])
+    set_optimizer_state_dict(actor, optimizer, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if drafter is not None:
+        drafter.load_state_dict(state["drafter"])
+    rng = path / f"rng_rank{d.rank}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return state["progress"]
+
+
+def full_actor_state(actor) -> dict[str, torch.Tensor]:
+    """The actor's whole state dict on the CPU of every rank (an all-gather when sharded)."""
+    return get_model_state_dict(actor, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export_hf(actor, out_dir: Path, d: Dist, *, tokenizer=None) -> None:
+    """Write the actor as a Hugging Face checkpoint (config.json, safetensors, tokenizer) that
+    transformers' AutoModelForCausalLM loads. Every rank takes part in the gather; rank 0 writes."""
+    from models.decoder import Decoder
+    from models.loading import save_hf_checkpoint
+
+    state = full_actor_state(actor)
+    if d.main:
+        with torch.device("meta"):
+            model = Decoder(actor.cfg)
+        state = {k: v.float() for k, v in state.items()}
+        if actor.cfg.tie_word_embeddings:
+            state["lm_head.weight"] = state["embed_tokens.weight"]
+        model.load_state_dict(state, assign=True, strict=True)
+        model.tie_weights()
+        save_hf_checkpoint(model, out_dir, tokenizer)
+    barrier(d)

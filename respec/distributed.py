@@ -1,0 +1,132 @@
+"""Data parallelism for the trainer: process groups, FSDP2 on the actor, and the rollout copy.
+
+The same code runs as one process (`python train.py`) and under torchrun
+(`torchrun --nproc_per_node=N train.py`, NCCL on CUDA, gloo on CPU). Multi-node uses torchrun's
+usual rendezvous, e.g. on each of two nodes:
+
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train.py ...
+
+Parallelism is applied from outside the model (as torchtitan does): `apply_fsdp` calls
+`fully_shard` on each decoder block, then on the root, under one `MixedPrecisionPolicy`. Each rank
+rolls out its own share of the prompts with a full, unsharded copy of the actor (`RolloutCopy`),
+refreshed from the shards after every update. In one process nothing is sharded and the rollout
+engine reads the actor's own tensors: no copy at all.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init(device_kind: str = "auto") -> Dist:
+    """Join torchrun's process group if launched by torchrun, else run as a single process."""
+    cuda = torch.cuda.is_available() if device_kind == "auto" else device_kind == "cuda"
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device("cuda" if cuda else "cpu"))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return Dist(rank, world, local, device)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
+    """Sum a few floats over ranks (metrics, token counts). Identity in one process."""
+    if d.world == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    if d.device.type == "cuda":
+        t = t.to(d.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_reduce_max(values: list[float], d: Dist) -> list[float]:
+    """Elementwise max of a few floats over ranks (the slowest rank's phase time)."""
+    if d.world == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    if d.device.type == "cuda":
+        t = t.to(d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def barrier(d: Dist) -> None:
+    if d.world > 1:
+        dist.barrier()
+
+
+def apply_fsdp(model, *, param_dtype: torch.dtype, reduce_dtype: torch.dtype = torch.float32) -> None:
+    """Shard `model` (a models.decoder.Decoder) over the default process group: each block, then
+    the root (embedding, final norm, head). Blocks reshard after forward (their parameters are
+    gathered again for backward); the root keeps its parameters, which backward needs first."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for block in model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A sharded DTensor parameter gathered whole; plain tensors pass through."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class RolloutCopy:
+    """The weights the rollout engine reads.
+
+    `model` is the actor itself when nothing is sharded and the rollout dtype is the training
+    dtype; otherwise a separate unsharded Decoder in the rollout dtype, refreshed by `sync` from
+    the actor's (sharded) parameters after every optimizer step."""
+
+    def __init__(self, actor, *, dtype: torch.dtype, sharded: bool):
+        self.actor = actor
+        self.shared = not sharded and next(actor.parameters()).dtype == dtype
+        if self.shared:
+            self.model = actor
+            return
+        from models.decoder import Decoder
+
+        with torch.device("meta"):
+            copy = Decoder(actor.cfg)
+        device = next(actor.parameters()).device
+        copy.to_empty(device=device)
+        copy.tie_weights()
+        copy.init_buffers(device)
+        self.model = copy.to(dtype).eval().requires_grad_(False)
+        self.sync()
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        if self.shared:
+            return
+        mine = dict(self.model.named_parameters())
+        for name, p in self.actor.named_parameters():  # every rank takes part in each all-gather
+            mine[name].copy_(full_tensor(p.detach()))

@@ -1,0 +1,514 @@
+"""The GRPO trainer: rollout through the (speculative) engine, rewards, the clipped GRPO update on an
+FSDP2-sharded actor, checkpoints, metrics.
+
+One step, as data flows (../DESIGN, "One GRPO step"):
+
+  1. data: the step's P prompts (data positions step*P .. step*P+P-1, so a resumed run sees the same
+     data); rank r takes prompts r, r+W, r+2W, ... and rolls each out G times;
+  2. rollout: the engine generates all of this rank's P/W*G completions over one paged KV cache,
+     with the SD policy (off / a fixed k / the adaptive solver) choosing k at every decoding step;
+  3. rewards: the task's score of each completion (+ the optional format reward);
+  4. advantages per group (a group lives on one rank), then `epochs` passes of `minibatches`
+     optimizer steps each, the loss a token-level mean over the global minibatch;
+  5. the rollout copy of the weights is refreshed from the updated actor;
+  6. metrics to RUN_DIR/metrics.jsonl, a checkpoint every `checkpoint_every` steps.
+
+Departures from the paper and from common GRPO trainers, on purpose:
+
+* The old log-probs of the ratio are recomputed by the training forward, not taken from the
+  rollout: the engine's log-probs come from a different computation (paged attention, packed
+  weights, a batch of a different shape, the verify forward under SD) and differ from the training
+  forward's by numerical noise, which would make the ratio != 1 before any update and be clipped
+  silently. With one update per rollout (`epochs=1, minibatches=1`, the default) the old log-probs
+  *are* the current ones, so the same forward gives both (ratio exactly 1, no extra pass).
+* Minibatches are fixed, not shuffled: global minibatch m is the prompts m*P/M .. (m+1)*P/M-1 on
+  any number of ranks, so one process and N ranks take the same optimizer steps on the same data.
+* Each rank does the same number of forward/backward passes (microbatches are balanced across
+  ranks): FSDP2's collectives must match one for one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from models.eagle import EagleHead, load_eagle
+from models.loading import cache_dir, load_model, load_tokenizer, resolve_checkpoint, resolve_dtype
+from respec import checkpoint, distributed, grpo, rewards
+from respec.engine import EngineStats, RolloutEngine, SamplingParams
+from respec.solver import AdaptiveK, FixedK, conditional_alpha, cost_key, load_or_profile
+from respec.tasks import DEFAULT_TASK, chat_prompt, make_task
+
+
+@dataclass
+class TrainConfig:
+    # --- model and data ---
+    model: str = "smollm2-135m"  # preset, .gguf file or Hugging Face checkpoint directory
+    task: str = DEFAULT_TASK  # reasoning-gym dataset name (ignored with `data`)
+    task_config: dict = field(default_factory=dict)  # reasoning-gym options, override respec's defaults
+    data: str | None = None  # GSM8K-format JSONL file instead of a reasoning-gym task
+    format_weight: float = 0.1  # reward for a strict `Answer:` line, added to the correctness score
+    # --- GRPO ---
+    steps: int = 20  # RL steps (one rollout + its updates each)
+    prompts: int = 8  # P, prompts per step (global, over all ranks)
+    group: int = 4  # G, samples per prompt
+    max_new_tokens: int = 96  # completion length limit
+    temperature: float = 1.0  # rollout sampling temperature (the training log-probs use the same)
+    top_p: float = 1.0
+    lr: float = 1e-5  # peak AdamW learning rate
+    warmup_steps: int = 2  # optimizer steps of linear warm-up, then cosine to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global gradient norm
+    clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.2
+    kl_coef: float = 0.0  # k3 KL to the frozen initial model; 0 skips the reference model
+    scale_adv_by_std: bool = True  # divide advantages by the group's std (False: Dr. GRPO)
+    epochs: int = 1  # passes over each rollout
+    minibatches: int = 1  # optimizer steps per pass
+    micro_tokens: int = 4096  # padded tokens per forward/backward (memory, not maths)
+    # --- speculative decoding ---
+    sd: str = "adaptive"  # off | on (always k) | adaptive (the solver picks k per step)
+    drafter: str = "auto"  # EAGLE head directory | auto (cached default head, pretrained if missing) | none
+    k: int = 3  # largest draft length
+    # --- system ---
+    dtype: str = "auto"  # rollout dtype: auto = bf16 where native (CUDA, AVX-512-BF16/AMX), else fp32
+    train_dtype: str = "auto"  # autocast dtype of the training forward (same rule); weights stay fp32
+    eager: bool = False  # no torch.compile in the rollout engine
+    kv_cache_mb: int = 1024  # KV block pool per rank
+    max_batch: int = 64  # most sequences decoding at once per rank
+    # --- run ---
+    out: str = ""  # run directory
+    seed: int = 0
+    checkpoint_every: int = 10  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2
+    export_hf: str | None = None  # also write the final actor here as a Hugging Face checkpoint
+    progress: bool = True  # tqdm bars
+
+    def validate(self, world: int) -> None:
+        if self.group < 2:
+            raise ValueError(f"--group must be >= 2 (GRPO compares samples of one prompt), got {self.group}")
+        if self.prompts % world:
+            raise ValueError(f"--prompts {self.prompts} is not divisible by the world size {world}")
+        if (self.prompts // world) % self.minibatches:
+            raise ValueError(f"prompts per rank ({self.prompts // world}) is not divisible by --minibatches "
+                             f"{self.minibatches}")
+        if self.sd not in ("off", "on", "adaptive"):
+            raise ValueError(f"--sd must be off, on or adaptive, got {self.sd!r}")
+        for name in ("steps", "prompts", "max_new_tokens", "epochs", "minibatches", "micro_tokens", "k",
+                     "kv_cache_mb", "max_batch", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0 for GRPO sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.lr <= 0 or self.kl_coef < 0 or self.grad_clip <= 0:
+            raise ValueError("--lr and --grad-clip must be positive and --kl-coef >= 0")
+
+
+def request_seed(seed: int, step: int, index: int) -> int:
+    """The sampling seed of completion `index` (global prompt * G + sample) of `step`: the same on
+    any number of ranks and after a resume."""
+    digest = hashlib.sha256(f"{seed}:{step}:{index}".encode()).digest()
+    return int.from_bytes(digest[:7], "little")
+
+
+def balanced_chunks(lengths: list[int], n: int) -> list[list[int]]:
+    """Split indices sorted by length into `n` contiguous chunks of about equal total length (some
+    may be empty when there are fewer items than chunks). Sorting keeps padding small."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    total, chunks, current, acc = sum(lengths), [], [], 0
+    for i in order:
+        current.append(i)
+        acc += lengths[i]
+        if len(chunks) < n - 1 and acc >= total * (len(chunks) + 1) / n:
+            chunks.append(current)
+            current = []
+    chunks.append(current)
+    return chunks + [[] for _ in range(n - len(chunks))]
+
+
+def right_pad(seqs: list[list[int]], prompt_lens: list[int], device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(tokens (N, T), completion mask (N, T), real tokens) for sequences prompt + completion."""
+    T = max(map(len, seqs))
+    tokens = torch.zeros(len(seqs), T, dtype=torch.int64)
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for i, (s, p) in enumerate(zip(seqs, prompt_lens)):
+        tokens[i, :len(s)] = torch.tensor(s)
+        mask[i, p:len(s)] = True
+    return tokens.to(device), mask.to(device), sum(map(len, seqs))
+
+
+def gemm_peak(dtype: torch.dtype, device: torch.device, *, m: int = 1024, reps: int = 3) -> float:
+    """Measured matrix-multiply FLOP/s of this process in `dtype` (a (m x 576) @ (576 x 1536)
+    product, SmolLM2's MLP shape); the denominator of the train phase's MFU."""
+    a = torch.randn(m, 576, dtype=dtype, device=device)
+    b = torch.randn(576, 1536, dtype=dtype, device=device)
+    a @ b
+    best = math.inf
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * m * 576 * 1536 / best
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, d: distributed.Dist, run_dir: Path, task=None, tokenizer=None,
+                 log=None):
+        self.cfg, self.d, self.run_dir = cfg, d, Path(run_dir)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if d.main else None)
+        device = d.device
+        self.tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+        self.task = task if task is not None else make_task(task=cfg.task, config=cfg.task_config, data=cfg.data,
+                                                            seed=cfg.seed)
+        self.rollout_dtype = resolve_dtype(cfg.dtype, device)
+        self.train_dtype = resolve_dtype(cfg.train_dtype, device)
+
+        # The actor: fp32 master weights, sharded under torchrun.
+        torch.manual_seed(cfg.seed)
+        self.actor = load_model(cfg.model, dtype=torch.float32, device=device, seed=cfg.seed)
+        self.actor.requires_grad_(True)
+        self.n_params = sum(p.numel() for p in self.actor.parameters())
+        if d.world > 1:
+            distributed.apply_fsdp(self.actor, param_dtype=self.train_dtype)
+        self.rollout = distributed.RolloutCopy(self.actor, dtype=self.rollout_dtype, sharded=d.world > 1)
+        self.reference = None
+        if cfg.kl_coef > 0:
+            self.reference = load_model(cfg.model, dtype=torch.float32, device=device, seed=cfg.seed)
+            self.reference.requires_grad_(False)
+
+        self.optimizer = torch.optim.AdamW(self.actor.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
+                                           weight_decay=cfg.weight_decay, eps=1e-8)
+        total_updates = cfg.steps * cfg.epochs * cfg.minibatches
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: grpo.warmup_cosine(s, total=total_updates, warmup=cfg.warmup_steps,
+                                                         min_ratio=cfg.min_lr_ratio))
+
+        self.drafter, self.sd_reason = self._drafter()
+        eos = self.actor.cfg.eos_token_id
+        eos_ids = {self.tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.engine = RolloutEngine(self.rollout.model, kv_cache_bytes=cfg.kv_cache_mb << 20, max_batch=cfg.max_batch,
+                                    eos_token_ids=sorted(e for e in eos_ids if e is not None), eager=cfg.eager,
+                                    drafter=self.drafter, num_draft_tokens=cfg.k if self.drafter is not None else 0)
+        self.step = 0
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    # ------------------------------------------------------------------------------------------
+    def _drafter(self) -> tuple[EagleHead | None, str]:
+        cfg = self.cfg
+        if cfg.sd == "off":
+            return None, "--sd off"
+        if cfg.drafter == "none":
+            return None, "no drafter (--drafter none)"
+        path = Path(cfg.drafter) if cfg.drafter != "auto" else default_drafter_dir(cfg)
+        if cfg.drafter == "auto" and not (path / "config.json").is_file():
+            if self.d.main:
+                self.log(f"no cached drafter for this model and task: pretraining one into {path} (once)")
+                pretrain_default_drafter(cfg, path, self.tok, self.task, self.log)
+            distributed.barrier(self.d)
+        head = load_eagle(path, dtype=self.rollout_dtype, device=self.d.device)
+        head.requires_grad_(False)
+        self.drafter_dir = path
+        return head, ""
+
+    def prepare(self) -> dict:
+        """Compile the engine's step shapes and set up the SD policy; returns timings."""
+        cfg, out = self.cfg, {}
+        local_batch = cfg.prompts // self.d.world * cfg.group
+        ks = [0] if self.drafter is None else ([0, cfg.k] if cfg.sd == "on" else list(range(cfg.k + 1)))
+        out["compile_s"] = self.engine.warmup([min(local_batch, cfg.max_batch)], ks=ks, progress=cfg.progress and self.d.main)
+        if self.drafter is None:
+            self.log(f"speculative decoding off: {self.sd_reason}")
+        elif cfg.sd == "on":
+            self.engine.policy = FixedK(cfg.k)
+        else:
+            key = cost_key(cfg.model, str(self.drafter_dir), self.engine)
+            t0 = time.perf_counter()
+            batches = sorted({1, min(4, local_batch), min(16, local_batch), min(local_batch, cfg.max_batch)})
+            costs, cached = load_or_profile(self.engine, key, cache_dir() / "costs" / f"{key}.json",
+                                            batch_sizes=batches, ks=sorted({0, 1, max(1, cfg.k // 2), cfg.k}),
+                                            contexts=(64, 64 + cfg.max_new_tokens), progress=cfg.progress and self.d.main)
+            out["profile_s"] = round(time.perf_counter() - t0, 1)
+            self.engine.policy = AdaptiveK(costs, cfg.k, drafter_alpha(self.drafter_dir, cfg.k))
+            self.log(f"SD adaptive: cost model {'cached' if cached else 'profiled'} (fit error {costs.rel_error:.1%}), "
+                     f"initial acceptance {[round(a, 2) for a in self.engine.policy.alpha]}")
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        cfg, d = self.cfg, self.d
+        history = []
+        peak = gemm_peak(self.train_dtype, d.device)
+        (self.peak_flops,) = distributed.all_reduce_sum([peak], d)
+        bf16_peak = gemm_peak(torch.bfloat16, d.device, m=128, reps=1) if self.train_dtype != torch.bfloat16 else peak
+        self.log(f"GEMM peak: {peak / 1e9:.0f} GFLOP/s in {self.train_dtype} per process "
+                 f"(bf16: {bf16_peak / 1e9:.1f} GFLOP/s)")
+        while self.step < cfg.steps:
+            m = self.train_step()
+            self.step += 1
+            history.append(m)
+            if d.main:
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps(m) + "\n")
+                self.log(f"step {m['step']:>4}: reward {m['reward_mean']:.3f} acc {m['accuracy']:.3f} "
+                         f"len {m['response_len_mean']:.0f} | rollout {m['rollout_s']:.1f}s "
+                         f"({m['rollout_tok_s']:.0f} tok/s, SD {m['sd_fraction']:.0%}, accept {m['accept_len']:.2f}) "
+                         f"train {m['train_s']:.1f}s (MFU {m['train_mfu']:.1%})")
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save()
+        return history
+
+    def save(self) -> None:
+        checkpoint.save(self.run_dir, self.step, self.d, actor=self.actor, optimizer=self.optimizer,
+                        scheduler=self.scheduler, drafter=self.drafter,
+                        progress={"step": self.step, "data_position": self.step * self.cfg.prompts},
+                        keep=self.cfg.keep_checkpoints)
+
+    def resume(self, path: Path) -> None:
+        progress = checkpoint.load(path, self.d, actor=self.actor, optimizer=self.optimizer,
+                                   scheduler=self.scheduler, drafter=self.drafter)
+        self.step = int(progress["step"])
+        self.after_update()
+        # Metrics of steps after the checkpoint (a run killed between checkpoints) are redone.
+        if self.d.main and self.metrics_path.is_file():
+            kept = [line for line in self.metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= self.step]
+            tmp = self.metrics_path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.metrics_path)
+        distributed.barrier(self.d)
+
+    def after_update(self) -> None:
+        """The rollout engine reads the new weights (all-gather into the copy; repack)."""
+        self.rollout.sync()
+        self.engine.sync_weights()
+
+    # ------------------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        cfg, d = self.cfg, self.d
+        P, G, W = cfg.prompts, cfg.group, d.world
+        t_step = time.perf_counter()
+        problems = self.task.problems(self.step * P, P)
+        mine = list(range(d.rank, P, W))  # global prompt indices of this rank
+        prompts = [chat_prompt(self.tok, problems[i].messages()) for i in mine]
+        requests = [prompts[j] for j in range(len(mine)) for _ in range(G)]
+        params = [SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                 seed=request_seed(cfg.seed, self.step, i * G + g)) for i in mine for g in range(G)]
+
+        # 1. rollout
+        self.engine.stats = EngineStats()
+        t0 = time.perf_counter()
+        with tqdm(total=len(requests), desc=f"step {self.step + 1} rollout", disable=not (cfg.progress and d.main),
+                  file=sys.stderr, leave=False) as bar:
+            completions = self.engine.generate(requests, params, on_finish=bar.update)
+        rollout_s = time.perf_counter() - t0
+        stats = self.engine.stats
+
+        # 2. rewards
+        t0 = time.perf_counter()
+        scored = []
+        for j, c in enumerate(tqdm(completions, desc="reward", disable=not (cfg.progress and d.main),
+                                   file=sys.stderr, leave=False)):
+            text = self.tok.decode(c.token_ids, skip_special_tokens=True)
+            scored.append(rewards.score(problems[mine[j // G]], text, format_weight=cfg.format_weight))
+        reward_s = time.perf_counter() - t0
+        r = torch.tensor([s.reward for s in scored], dtype=torch.float32).view(len(mine), G)
+        adv = grpo.group_advantages(r, scale_by_std=cfg.scale_adv_by_std).view(-1)  # (n,)
+
+        # 3. policy update
+        t0 = time.perf_counter()
+        seqs = [p + c.token_ids for p, c in zip(requests, completions)]
+        plens = [len(p) for p in requests]
+        upd = self.update(seqs, plens, adv)
+        self.after_update()
+        train_s = time.perf_counter() - t0
+
+        # 4. metrics, summed over ranks
+        n = len(scored)
+        sums = distributed.all_reduce_sum([
+            n, sum(s.reward for s in scored), sum(s.reward ** 2 for s in scored), sum(s.correct >= 1.0 for s in scored),
+            sum(s.formatted for s in scored), sum(len(c.token_ids) for c in completions),
+            float(sum(len(set(row)) > 1 for row in r.tolist())), stats.generated_tokens,
+            len(stats.chosen_k), sum(1 for k in stats.chosen_k if k > 0), stats.sd_rows, stats.sd_emitted,
+        ], d)
+        (n, r_sum, r_sq, correct, formatted, resp_tokens, signal, generated, dsteps, sd_steps, sd_rows,
+         sd_emitted) = sums
+        rollout_max, train_max = distributed.all_reduce_max([rollout_s, train_s], d)  # the slowest rank sets the pace
+        mean = r_sum / n
+        step_s = time.perf_counter() - t_step
+        return {
+            "step": self.step + 1,
+            "reward_mean": round(mean, 4),
+            "reward_std": round(math.sqrt(max(r_sq / n - mean ** 2, 0.0)), 4),
+            "accuracy": round(correct / n, 4),
+            "format_rate": round(formatted / n, 4),
+            "groups_with_signal": round(signal / (n / G), 4),
+            "response_len_mean": round(resp_tokens / n, 2),
+            **upd,
+            "lr": self.scheduler.get_last_lr()[0],
+            "rollout_s": round(rollout_max, 3),
+            "reward_s": round(reward_s, 3),
+            "train_s": round(train_max, 3),
+            "drafter_s": 0.0,
+            "step_s": round(step_s, 3),
+            "rollout_tok_s": round(generated / max(rollout_max, 1e-9), 2),
+            "sd_fraction": round(sd_steps / max(dsteps, 1), 4),
+            "accept_len": round(sd_emitted / sd_rows, 4) if sd_rows else 0.0,
+            "decode_steps": int(dsteps),
+            "train_mfu": round(6 * self.n_params * upd["trained_tokens"] / max(train_max, 1e-9) / self.peak_flops, 4),
+        }
+
+    def update(self, seqs: list[list[int]], plens: list[int], adv: torch.Tensor) -> dict:
+        """`epochs` x `minibatches` optimizer steps on this rank's sequences (prompt + completion)."""
+        cfg, d, device = self.cfg, self.d, self.d.device
+        G = cfg.group
+        n_prompts = len(seqs) // G
+        per_mb = n_prompts // cfg.minibatches
+        minibatches = [list(range(m * per_mb * G, (m + 1) * per_mb * G)) for m in range(cfg.minibatches)]
+        lengths = [len(s) for s in seqs]
+
+        def micro_split(indices: list[int]) -> list[list[int]]:
+            """This minibatch's microbatches; the same count on every rank (FSDP collectives)."""
+            padded = sum(lengths[i] for i in indices)
+            want = max(1, math.ceil(padded * 1.1 / cfg.micro_tokens))
+            (most,) = distributed.all_reduce_max([want], d)
+            chunks = balanced_chunks([lengths[i] for i in indices], int(most))
+            return [[indices[j] for j in chunk] for chunk in chunks]
+
+        plan = [micro_split(mb) for mb in minibatches]
+        single_pass = cfg.epochs == 1 and cfg.minibatches == 1
+        autocast = torch.autocast(device.type, dtype=self.train_dtype, enabled=self.train_dtype != torch.float32)
+
+        # Old (and reference) log-probs, per microbatch, before any update: see the module docstring.
+        old, ref = {}, {}
+        if not single_pass or self.reference is not None:
+            with torch.no_grad(), autocast:
+                for micros in plan:
+                    for mi, micro in enumerate(micros):
+                        idx = micro or [minibatches[0][0]]
+                        tokens, mask, _ = right_pad([seqs[i] for i in idx], [plens[i] for i in idx], device)
+                        key = tuple(micro)
+                        if not single_pass:
+                            old[key] = grpo.token_logprobs(self.actor, tokens, mask, temperature=cfg.temperature)[0]
+                        if self.reference is not None:
+                            ref[key] = grpo.token_logprobs(self.reference, tokens, mask, temperature=cfg.temperature)[0]
+
+        sums = dict(pg=0.0, kl=0.0, clipped=0, tokens=0, entropy=0.0, trained=0, loss=0.0)
+        grad_norms = []
+        bar = tqdm(total=cfg.epochs * sum(len(p) for p in plan), desc="train",
+                   disable=not (cfg.progress and d.main), file=sys.stderr, leave=False)
+        self.actor.train()
+        for epoch in range(cfg.epochs):
+            for mb, micros in zip(minibatches, plan):
+                local_tokens = sum(lengths[i] - plens[i] for i in mb)
+                (global_tokens,) = distributed.all_reduce_sum([local_tokens], d)
+                # FSDP2 averages gradients over ranks: each rank's loss is its token sum over the
+                # global count divided by W, so the average is the global token mean.
+                denom = max(global_tokens, 1) / d.world
+                self.optimizer.zero_grad(set_to_none=True)
+                for micro in micros:
+                    empty = not micro  # a rank with fewer sequences than microbatches still takes part
+                    idx = micro or [mb[0]]
+                    tokens, mask, real = right_pad([seqs[i] for i in idx], [plens[i] for i in idx], device)
+                    with autocast:
+                        logp, entropy = grpo.token_logprobs(self.actor, tokens, mask, temperature=cfg.temperature,
+                                                            with_entropy=epoch == 0)
+                    key = tuple(micro)
+                    terms = grpo.policy_loss(
+                        logp, old[key] if key in old else logp.detach(), adv[idx].to(device), mask,
+                        num_tokens=denom, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                        ref_logp=ref.get(key), kl_coef=cfg.kl_coef)
+                    (terms.loss * (0.0 if empty else 1.0)).backward()
+                    bar.update()
+                    if empty:
+                        continue
+                    sums["trained"] += real
+                    sums["loss"] += float(terms.loss.detach())
+                    if epoch == 0:
+                        sums["pg"] += terms.pg_sum
+                        sums["kl"] += terms.kl_sum
+                        sums["clipped"] += terms.clipped
+                        sums["tokens"] += int(mask.sum())
+                        sums["entropy"] += float(entropy[mask].sum())
+                norm = torch.nn.utils.clip_grad_norm_(self.actor.parameters(), cfg.grad_clip)
+                grad_norms.append(float(distributed.full_tensor(norm)))
+                self.optimizer.step()
+                self.scheduler.step()
+        bar.close()
+        self.actor.eval()
+        keys = ["pg", "kl", "clipped", "tokens", "entropy", "trained", "loss"]
+        g = dict(zip(keys, distributed.all_reduce_sum([sums[k] for k in keys], d)))
+        return {
+            "loss": round(g["loss"] / d.world / (cfg.epochs * cfg.minibatches), 6),
+            "kl": round(g["kl"] / max(g["tokens"], 1), 6),
+            "entropy": round(g["entropy"] / max(g["tokens"], 1), 4),
+            "clip_frac": round(g["clipped"] / max(g["tokens"], 1), 4),
+            "grad_norm": round(sum(grad_norms) / len(grad_norms), 4),
+            "trained_tokens": int(g["trained"]),
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# The default drafter: pretrained once per (model, task) and cached
+# ----------------------------------------------------------------------------------------------
+
+DEFAULT_DRAFTER_RECIPE = dict(prompts=64, held_out=8, new_tokens=96, epochs=3, unroll=3, batch=8)
+
+
+def default_drafter_dir(cfg: TrainConfig) -> Path:
+    ckpt = resolve_checkpoint(cfg.model)
+    ident = json.dumps([str(ckpt) if ckpt else cfg.model, cfg.task if cfg.data is None else cfg.data,
+                        DEFAULT_DRAFTER_RECIPE], sort_keys=True)
+    return cache_dir() / "drafters" / hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def pretrain_default_drafter(cfg: TrainConfig, path: Path, tokenizer, task, log) -> None:
+    """A short `train.py --stage drafter` run, written to a temporary directory and renamed into
+    place (an interrupted pretraining leaves nothing half-written in the cache)."""
+    import shutil
+    import tempfile
+
+    from respec.drafter_training import pretrain
+
+    target = load_model(cfg.model, dtype=cfg.dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp", dir=path.parent))
+    try:
+        recipe = DEFAULT_DRAFTER_RECIPE
+        t0 = time.perf_counter()
+        # Problems from far beyond any data position a run reaches: the head never sees the RL prompts.
+        problems = task.problems(10**6, recipe["prompts"] + recipe["held_out"])
+        pretrain(target, tokenizer, tmp, problems=problems, held_out=recipe["held_out"], new_tokens=recipe["new_tokens"], epochs=recipe["epochs"],
+                 unroll=recipe["unroll"], batch=recipe["batch"], seed=cfg.seed, held_out_ks=[cfg.k], log=log)
+        log(f"drafter pretrained in {time.perf_counter() - t0:.0f} s")
+        if not path.exists():
+            tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def drafter_alpha(path: Path, k: int) -> list[float] | None:
+    """Conditional acceptance per position from a drafter directory's held-out measurement."""
+    report = Path(path) / "train_report.json"
+    if not report.is_file():
+        return None
+    held = json.loads(report.read_text()).get("held_out_greedy", {})
+    if not held:
+        return None
+    return conditional_alpha(held[max(held, key=int)]["accept_per_pos"])[:k] or None
+

@@ -1,0 +1,157 @@
+"""The GRPO trainer end to end on the tiny model: it learns a toy task, the exported Hugging Face
+checkpoint is the actor, resuming is exact (also after SIGKILL), two data-parallel ranks under
+torchrun equal one process, and bad input ends with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from respec import checkpoint, distributed
+from respec.trainer import TrainConfig, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+# The toy run every test here uses: tiny random model, toy-letters task, sharp sampling so that GRPO
+# reweights a few dozen likely tokens (see respec/tasks.py, LettersTask).
+TOY = ["--model", "tiny", "--task", "toy-letters", "--prompts", "4", "--group", "8", "--max-new-tokens", "8",
+       "--temperature", "0.05", "--lr", "1e-3", "--sd", "off", "--eager", "--no-progress",
+       "--warmup-steps", "0", "--min-lr-ratio", "1"]
+# What a step's metrics must reproduce exactly (everything but the clocks).
+EXACT = ["step", "reward_mean", "reward_std", "accuracy", "response_len_mean", "loss", "kl", "entropy",
+         "clip_frac", "grad_norm", "lr", "trained_tokens", "decode_steps"]
+
+
+def train(*args, torchrun: int = 0, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
+                "--standalone"] if torchrun else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if torchrun else None
+    out = subprocess.run(launcher + [str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=ROOT,
+                         env=env, timeout=600, **kw)
+    if check and out.returncode != 0:
+        raise AssertionError(f"train.py failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return out
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def exact(rows: list[dict]) -> list[dict]:
+    return [{k: r[k] for k in EXACT} for r in rows]
+
+
+# ----------------------------------------------------------------------------------------------
+def test_reward_rises_and_export_equals_actor(tmp_path, tokenizer):
+    cfg = TrainConfig(model="tiny", task="toy-letters", steps=12, prompts=4, group=8, max_new_tokens=8,
+                      temperature=0.05, lr=1e-3, warmup_steps=0, sd="off", eager=True, progress=False)
+    d = distributed.Dist()
+    trainer = Trainer(cfg, d=d, run_dir=tmp_path / "run", tokenizer=tokenizer, log=lambda m: None)
+    (tmp_path / "run").mkdir()
+    trainer.prepare()
+    history = trainer.run()
+    rewards = [m["reward_mean"] for m in history]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + 0.3, rewards
+    assert all(m["grad_norm"] > 0 for m in history[:3])
+
+    # The exported directory loads in transformers and gives the actor's logits.
+    from conftest import hf_from_dir
+
+    checkpoint.export_hf(trainer.actor, tmp_path / "hf", d, tokenizer=tokenizer)
+    hf = hf_from_dir(tmp_path / "hf")
+    ids = torch.tensor([[1, 50, 400, 7000, 12, 9, 33]])
+    with torch.no_grad():
+        ours = trainer.actor.logits(trainer.actor(ids))
+        theirs = hf(ids).logits.float()
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_resume_is_exact_including_after_sigkill(tmp_path):
+    straight, split, killed = tmp_path / "straight", tmp_path / "split", tmp_path / "killed"
+    train(*TOY, "--steps", "4", "--checkpoint-every", "2", "--out", str(straight))
+    # 2 steps, then --resume for 2 more (a constant LR: the schedule does not depend on --steps)
+    train(*TOY, "--steps", "2", "--checkpoint-every", "2", "--out", str(split))
+    assert checkpoint.latest_checkpoint(split).name == "step_000002"
+    train("--resume", str(split), "--steps", "4", "--no-progress")
+    assert exact(metrics(split)) == exact(metrics(straight))
+
+    # SIGKILL in the middle of step 3 (step 2's checkpoint complete), then resume.
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TOY, "--steps", "4", "--checkpoint-every", "1",
+                             "--out", str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        latest = checkpoint.latest_checkpoint(killed)
+        if latest is not None and latest.name == "step_000002":
+            break
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.latest_checkpoint(killed).name in ("step_000002", "step_000003")
+    resumed_from = checkpoint.latest_checkpoint(killed).name
+    out = train("--resume", str(killed), "--no-progress")
+    assert f"resumed {killed} from {resumed_from}" in out.stderr
+    assert exact(metrics(killed)) == exact(metrics(straight))
+    assert (killed / "hf" / "model.safetensors").is_file()
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = [*TOY, "--steps", "3", "--checkpoint-every", "3"]
+    train(*args, "--out", str(one))
+    train(*args, "--out", str(two), torchrun=2)
+    a, b = metrics(one), metrics(two)
+    for ra, rb in zip(a, b):
+        for k in ("reward_mean", "accuracy", "response_len_mean", "trained_tokens"):  # (decode steps are per rank)
+            assert ra[k] == rb[k], (k, ra, rb)
+        for k in ("loss", "entropy", "grad_norm", "clip_frac"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), (k, ra, rb)
+    from safetensors.torch import load_file
+
+    pa, pb = load_file(one / "hf" / "model.safetensors"), load_file(two / "hf" / "model.safetensors")
+    assert pa.keys() == pb.keys()
+    worst = max((pa[k] - pb[k]).abs().max().item() for k in pa)
+    assert worst < 1e-5, worst
+
+
+def test_bad_input_is_one_line_and_touches_nothing(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"question": "1+1?", "answer": "#### 2"}\n')
+    malformed = tmp_path / "malformed.jsonl"
+    malformed.write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": "oops"\n')
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("precious")
+    not_a_run = tmp_path / "not_a_run"
+    not_a_run.mkdir()
+    cases = {
+        "unknown task": (["--task", "no_such_task"], "cannot create reasoning-gym task"),
+        "unreadable data": (["--data", str(tmp_path / "missing.jsonl")], "cannot read data file"),
+        "malformed line": (["--data", str(malformed)], "malformed.jsonl:2:"),
+        "G < 2": (["--group", "1"], "--group must be >= 2"),
+        "bad task config": (["--task-config", "{not json"], "--task-config is not valid JSON"),
+        "existing out": (["--out", str(existing)], "refusing to overwrite"),
+        "not a run": (["--resume", str(not_a_run)], "not a training run directory"),
+        "minibatches": (["--prompts", "3", "--minibatches", "2"], "not divisible by --minibatches"),
+    }
+    for name, (args, message) in cases.items():
+        run_dir = tmp_path / f"run-{name.replace(' ', '_')}"
+        extra = [] if "--out" in args or "--resume" in args else ["--out", str(run_dir)]
+        out = train("--model", "tiny", "--sd", "off", *args, *extra, check=False)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2, (name, out.stderr[-2000:])
+        assert len(lines) == 1 and message in lines[0], (name, lines)
+        assert not run_dir.exists(), name
+    assert (existing / "keep.txt").read_text() == "precious" and sorted(os.listdir(existing)) == ["keep.txt"]
+    assert os.listdir(not_a_run) == []
+    with pytest.raises(ValueError, match="not divisible by the world size 2"):
+        TrainConfig(prompts=3).validate(2)
