@@ -41,12 +41,13 @@ def parse_args(argv=None):
     p.add_argument("--format-weight", type=float, default=d.format_weight, help="reward for a strict 'Answer:' line")
     # --- GRPO ---
     p.add_argument("--steps", type=positive_int, default=None, help=f"RL steps (default {d.steps})")
-    p.add_argument("--prompts", type=positive_int, default=d.prompts, help="prompts per step, over all ranks (P)")
+    p.add_argument("--prompts", type=positive_int, default=None,
+                   help=f"prompts per step, over all ranks (P; default {d.prompts}) [drafter: training prompts, default 192]")
     p.add_argument("--group", type=int, default=d.group, help="samples per prompt (G >= 2)")
     p.add_argument("--max-new-tokens", type=positive_int, default=d.max_new_tokens, help="completion length limit (tokens)")
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--top-p", type=float, default=d.top_p)
-    p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
+    p.add_argument("--lr", type=float, default=None, help=f"peak AdamW learning rate (default {d.lr}) [drafter: 1e-3]")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="optimizer steps of LR warm-up")
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="cosine floor, as a fraction of --lr")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
@@ -55,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--clip-high", type=float, default=d.clip_high, help="ratio clipped above at 1 + this")
     p.add_argument("--kl-coef", type=float, default=d.kl_coef, help="k3 KL to the initial model (0: no reference)")
     p.add_argument("--no-std-scaling", action="store_true", help="advantages centred only (Dr. GRPO)")
-    p.add_argument("--epochs", type=positive_int, default=d.epochs, help="passes over each rollout")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help=f"passes over each rollout (default {d.epochs}) [drafter: over its data, default 4]")
     p.add_argument("--minibatches", type=positive_int, default=d.minibatches, help="optimizer steps per pass")
     p.add_argument("--micro-tokens", type=positive_int, default=d.micro_tokens, help="padded tokens per forward/backward")
     # --- speculative decoding ---
@@ -102,12 +104,12 @@ def run_drafter(args) -> int:
     target = load_model(args.model, dtype=args.dtype)
     tok = load_tokenizer(args.model)
     task = make_task(task=args.task, config=json.loads(args.task_config), data=args.data, seed=args.seed)
-    prompts = args.prompts if args.prompts != TrainConfig.prompts else 192
+    prompts = args.prompts or 192
     args.out.mkdir(parents=True)
     report = pretrain(target, tok, args.out, problems=task.problems(0, prompts + args.held_out), held_out=args.held_out,
                       new_tokens=args.new_tokens, temperature=args.temperature, draft_vocab=args.draft_vocab,
-                      epochs=args.epochs if args.epochs != TrainConfig.epochs else 4, batch=args.batch,
-                      unroll=args.unroll, lr=args.lr if args.lr != TrainConfig.lr else 1e-3, seed=args.seed, log=log)
+                      epochs=args.epochs or 4, batch=args.batch, unroll=args.unroll,
+                      lr=args.lr if args.lr is not None else 1e-3, seed=args.seed, log=log)
     print(json.dumps(report["held_out_greedy"]))
     return 0
 
@@ -122,11 +124,12 @@ def config_from_args(args) -> TrainConfig:
         raise ValueError("--task-config must be a JSON object")
     return TrainConfig(
         model=args.model, task=args.task, task_config=task_config, data=args.data, format_weight=args.format_weight,
-        steps=args.steps or TrainConfig.steps, prompts=args.prompts, group=args.group,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, lr=args.lr,
+        steps=args.steps or TrainConfig.steps, prompts=args.prompts or TrainConfig.prompts, group=args.group,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        lr=args.lr if args.lr is not None else TrainConfig.lr,
         warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, clip_low=args.clip_low, clip_high=args.clip_high, kl_coef=args.kl_coef,
-        scale_adv_by_std=not args.no_std_scaling, epochs=args.epochs, minibatches=args.minibatches,
+        scale_adv_by_std=not args.no_std_scaling, epochs=args.epochs or TrainConfig.epochs, minibatches=args.minibatches,
         micro_tokens=args.micro_tokens, sd=args.sd, drafter=args.drafter, k=args.k, dtype=args.dtype,
         train_dtype=args.train_dtype, eager=args.eager, kv_cache_mb=args.kv_cache_mb, max_batch=args.max_batch,
         seed=args.seed, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
