@@ -54,7 +54,7 @@ def policy_loss(
     advantages: torch.Tensor,  # (N,) one per sequence
     mask: torch.Tensor,  # (N, T) bool, True on completion tokens (not prompt, not padding)
     *,
-    num_tokens: int,  # completion tokens in the whole (mini)batch across ranks: the mean's denominator
+    num_tokens: float,  # completion tokens in the whole (mini)batch (/ ranks under FSDP): the denominator
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     ref_logp: torch.Tensor | None = None,  # (N, T) under the frozen reference (None: no KL term)

@@ -150,7 +150,7 @@ def right_pad(seqs: list[list[int]], prompt_lens: list[int], device) -> tuple[to
     return tokens.to(device), mask.to(device), sum(map(len, seqs))
 
 
-def gemm_peak(dtype: torch.dtype, device: torch.device, *, m: int = 1024, reps: int = 3) -> float:
+def gemm_peak(dtype: torch.dtype, device: torch.device, *, m: int = 2048, reps: int = 5) -> float:
     """Measured matrix-multiply FLOP/s of this process in `dtype` (a (m x 576) @ (576 x 1536)
     product, SmolLM2's MLP shape); the denominator of the train phase's MFU."""
     a = torch.randn(m, 576, dtype=dtype, device=device)
@@ -184,7 +184,13 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.actor = load_model(cfg.model, dtype=torch.float32, device=device, seed=cfg.seed)
         self.actor.requires_grad_(True)
+        # Model FLOPs per trained token (forward + backward = 6 per weight): every weight but the
+        # embedding's for every token, the output head's only for completion tokens (the only
+        # positions it runs on, grpo.token_logprobs).
         self.n_params = sum(p.numel() for p in self.actor.parameters())
+        self.n_head = self.actor.lm_head.weight.numel()
+        self.n_body = self.n_params - self.actor.embed_tokens.weight.numel() - (
+            0 if self.actor.cfg.tie_word_embeddings else self.n_head)
         if d.world > 1:
             distributed.apply_fsdp(self.actor, param_dtype=self.train_dtype)
         self.rollout = distributed.RolloutCopy(self.actor, dtype=self.rollout_dtype, sharded=d.world > 1)
@@ -371,7 +377,8 @@ class Trainer:
             "sd_fraction": round(sd_steps / max(dsteps, 1), 4),
             "accept_len": round(sd_emitted / sd_rows, 4) if sd_rows else 0.0,
             "decode_steps": int(dsteps),
-            "train_mfu": round(6 * self.n_params * upd["trained_tokens"] / max(train_max, 1e-9) / self.peak_flops, 4),
+            "train_mfu": round(6 * (self.n_body * upd["trained_tokens"] + self.n_head * upd["trained_completion"])
+                               / max(train_max, 1e-9) / self.peak_flops, 4),
         }
 
     def update(self, seqs: list[list[int]], plens: list[int], adv: torch.Tensor) -> dict:
@@ -399,17 +406,18 @@ class Trainer:
         old, ref = {}, {}
         if not single_pass or self.reference is not None:
             with torch.no_grad(), autocast:
-                for micros in plan:
-                    for mi, micro in enumerate(micros):
-                        idx = micro or [minibatches[0][0]]
+                for mb, micros in zip(minibatches, plan):
+                    for micro in micros:
+                        idx = micro or [mb[0]]  # an empty microbatch still runs (FSDP), its result unused
                         tokens, mask, _ = right_pad([seqs[i] for i in idx], [plens[i] for i in idx], device)
-                        key = tuple(micro)
                         if not single_pass:
-                            old[key] = grpo.token_logprobs(self.actor, tokens, mask, temperature=cfg.temperature)[0]
+                            old[tuple(micro)] = grpo.token_logprobs(self.actor, tokens, mask,
+                                                                    temperature=cfg.temperature)[0]
                         if self.reference is not None:
-                            ref[key] = grpo.token_logprobs(self.reference, tokens, mask, temperature=cfg.temperature)[0]
+                            ref[tuple(micro)] = grpo.token_logprobs(self.reference, tokens, mask,
+                                                                    temperature=cfg.temperature)[0]
 
-        sums = dict(pg=0.0, kl=0.0, clipped=0, tokens=0, entropy=0.0, trained=0, loss=0.0)
+        sums = dict(pg=0.0, kl=0.0, clipped=0, tokens=0, entropy=0.0, trained=0, trained_completion=0, loss=0.0)
         grad_norms = []
         bar = tqdm(total=cfg.epochs * sum(len(p) for p in plan), desc="train",
                    disable=not (cfg.progress and d.main), file=sys.stderr, leave=False)
@@ -431,14 +439,15 @@ class Trainer:
                                                             with_entropy=epoch == 0)
                     key = tuple(micro)
                     terms = grpo.policy_loss(
-                        logp, old[key] if key in old else logp.detach(), adv[idx].to(device), mask,
+                        logp, old[key] if key in old and not empty else logp.detach(), adv[idx].to(device), mask,
                         num_tokens=denom, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                        ref_logp=ref.get(key), kl_coef=cfg.kl_coef)
+                        ref_logp=None if empty else ref.get(key), kl_coef=cfg.kl_coef)
                     (terms.loss * (0.0 if empty else 1.0)).backward()
                     bar.update()
                     if empty:
                         continue
                     sums["trained"] += real
+                    sums["trained_completion"] += int(mask.sum())
                     sums["loss"] += float(terms.loss.detach())
                     if epoch == 0:
                         sums["pg"] += terms.pg_sum
@@ -452,7 +461,7 @@ class Trainer:
                 self.scheduler.step()
         bar.close()
         self.actor.eval()
-        keys = ["pg", "kl", "clipped", "tokens", "entropy", "trained", "loss"]
+        keys = ["pg", "kl", "clipped", "tokens", "entropy", "trained", "trained_completion", "loss"]
         g = dict(zip(keys, distributed.all_reduce_sum([sums[k] for k in keys], d)))
         return {
             "loss": round(g["loss"] / d.world / (cfg.epochs * cfg.minibatches), 6),
@@ -461,6 +470,7 @@ class Trainer:
             "clip_frac": round(g["clipped"] / max(g["tokens"], 1), 4),
             "grad_norm": round(sum(grad_norms) / len(grad_norms), 4),
             "trained_tokens": int(g["trained"]),
+            "trained_completion": int(g["trained_completion"]),
         }
 
 

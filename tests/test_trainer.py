@@ -5,6 +5,7 @@ torchrun equal one process, and bad input ends with one line."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -155,3 +156,19 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path):
     assert os.listdir(not_a_run) == []
     with pytest.raises(ValueError, match="not divisible by the world size 2"):
         TrainConfig(prompts=3).validate(2)
+
+
+def test_several_updates_per_rollout_with_kl(tmp_path, tokenizer):
+    """epochs x minibatches > 1 recomputes old log-probs before the first update (so later updates
+    have ratio != 1 and can clip), and the KL to the reference is > 0 once the actor moves."""
+    cfg = TrainConfig(model="tiny", task="toy-letters", steps=2, prompts=4, group=8, max_new_tokens=8,
+                      temperature=0.05, lr=1e-3, warmup_steps=0, epochs=2, minibatches=2, kl_coef=0.1,
+                      micro_tokens=64, sd="off", eager=True, progress=False)
+    trainer = Trainer(cfg, d=distributed.Dist(), run_dir=tmp_path, tokenizer=tokenizer, log=lambda m: None)
+    assert trainer.reference is not None
+    trainer.prepare()
+    history = trainer.run()
+    assert all(m["kl"] >= 0 for m in history) and history[-1]["kl"] > 0  # k3 >= 0; > 0 once the actor moved
+    assert any(m["clip_frac"] > 0 for m in history)  # later minibatches ran off-policy
+    assert trainer.scheduler.last_epoch == 2 * 2 * 2  # steps x epochs x minibatches optimizer steps
+    assert all(math.isfinite(m["loss"]) for m in history)
