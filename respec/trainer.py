@@ -76,7 +76,8 @@ class TrainConfig:
     scale_adv_by_std: bool = True  # divide advantages by the group's std (False: Dr. GRPO)
     epochs: int = 1  # passes over each rollout
     minibatches: int = 1  # optimizer steps per pass
-    micro_tokens: int = 4096  # padded tokens per forward/backward (memory, not maths)
+    micro_tokens: int = 512  # tokens per forward/backward: length-sorted microbatches keep padding small (measured
+    # on 2 CPU cores, 32 sequences of ~120 tokens: 512 -> 26.8 s per update, one microbatch of all -> 39.4 s)
     # --- speculative decoding ---
     sd: str = "adaptive"  # off | on (always k) | adaptive (the solver picks k per step)
     drafter: str = "auto"  # EAGLE head directory | auto (cached default head, pretrained if missing) | none
