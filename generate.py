@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from compile.policy import use_persistent_cache
 from models.loading import ModelLoadError, load_model, load_tokenizer, resolve_checkpoint, resolve_dtype, save_hf_checkpoint
 from models.drafter import truncated_drafter
 from models.eagle import check_eagle_fits, load_eagle
@@ -259,6 +260,7 @@ def write_json(path: Path, data: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     args = parse_args(argv)
+    use_persistent_cache()
     try:
         if args.json is not None:
             if args.json.exists():

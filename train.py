@@ -21,10 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+from compile.policy import use_persistent_cache
 from models.loading import ModelLoadError, load_model, load_tokenizer
 from respec import distributed
 from respec.cli import OneLineParser, positive_int
-from respec.tasks import DEFAULT_TASK, make_task
+from respec.tasks import make_task
 from respec.trainer import TrainConfig, Trainer
 
 
@@ -207,6 +208,10 @@ def run_grpo(args, d: distributed.Dist) -> int:
         trainer.resume(start)
         if d.main:
             log(f"resumed {run_dir} from {start.name} (step {trainer.step})")
+    elif args.resume is not None:
+        trainer.forget_metrics_after(0)
+        if d.main:
+            log(f"{run_dir} has no complete checkpoint yet: starting it from step 0")
     prep = trainer.prepare()
     history = trainer.run()
     # The run's own copy of the final actor, replaced only once the new one is complete.
@@ -228,6 +233,7 @@ def run_grpo(args, d: distributed.Dist) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    use_persistent_cache()
     d = distributed.init()
     try:
         return run_drafter(args) if args.stage == "drafter" else run_grpo(args, d)

@@ -40,7 +40,11 @@ MIN_TABLE_WIDTH = 4  # block-table widths below this are padded up (keeps the dy
 
 
 def use_persistent_cache() -> None:
-    """Point inductor's on-disk cache into respec's cache directory (unless the user set one)."""
+    """Point inductor's on-disk cache into respec's cache directory (unless the user set one).
+
+    Must run before anything touches inductor: the first use of inductor's cache (a CPU ISA probe
+    is enough) writes its default, /tmp/torchinductor_<user>, into the same environment variable.
+    The entry points (train.py, generate.py) call this first."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
 
 

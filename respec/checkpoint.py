@@ -21,9 +21,11 @@ same number of ranks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,6 +54,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         return None
     path = checkpoint_root(run_dir) / pointer.read_text().strip()
     return path if path.is_dir() else None
+
+
+@contextlib.contextmanager
+def _single_process_quiet(d: Dist):
+    """DCP warns on every call without a process group that it assumes one process: we know."""
+    with warnings.catch_warnings():
+        if d.world == 1:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _rng_state() -> dict:
@@ -90,7 +101,8 @@ def save(run_dir: Path, step: int, d: Dist, *, actor, optimizer, scheduler, draf
         shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier crash at this step
         tmp.mkdir(parents=True)
     barrier(d)
-    dcp.save(_app_state(actor, optimizer, scheduler, drafter, progress), checkpoint_id=str(tmp))
+    with _single_process_quiet(d):
+        dcp.save(_app_state(actor, optimizer, scheduler, drafter, progress), checkpoint_id=str(tmp))
     torch.save(_rng_state(), tmp / f"rng_rank{d.rank}.pt")
     barrier(d)
     if d.main:
@@ -110,7 +122,8 @@ def save(run_dir: Path, step: int, d: Dist, *, actor, optimizer, scheduler, draf
 def load(path: Path, d: Dist, *, actor, optimizer, scheduler, drafter=None) -> dict:
     """Restore everything `save` wrote into the live objects; returns the saved progress dict."""
     state = _app_state(actor, optimizer, scheduler, drafter, {"step": 0, "data_position": 0})
-    dcp.load(state, checkpoint_id=str(path))
+    with _single_process_quiet(d):
+        dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(actor, state["actor"])
     set_optimizer_state_dict(actor, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

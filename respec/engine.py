@@ -243,7 +243,7 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------------------------------
     def _admit(self, waiting: deque, running: list) -> list[_Sequence]:
-        admitted, padded_tokens = [], 0
+        admitted = []
         while waiting and len(running) + len(admitted) < self.max_batch:
             s = waiting[0]
             n = len(s.tokens)

@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 from models.loading import cache_dir
-from respec.engine import RolloutEngine, SamplingParams
+from respec.engine import EngineStats, RolloutEngine, SamplingParams
 from respec.solver import AdaptiveK, FixedK, conditional_alpha, cost_key, load_or_profile
 from respec.tasks import DEFAULT_TASK, chat_prompt, make_problems
 
@@ -48,7 +48,7 @@ def timed_rollout(engine, prompts, params) -> tuple[float, list]:
     return time.perf_counter() - t0, out
 
 
-def best_of(reps: int, engine, prompts, params) -> tuple[float, float, "EngineStats"]:
+def best_of(reps: int, engine, prompts, params) -> tuple[float, float, EngineStats]:
     """The fastest of `reps` identical rollouts (this machine's load varies between runs; the
     fastest is the least disturbed): (decode-phase tok/s, rollout seconds, that run's stats)."""
     best = None

@@ -292,10 +292,13 @@ class Trainer:
                                    scheduler=self.scheduler, drafter=self.drafter)
         self.step = int(progress["step"])
         self.after_update()
-        # Metrics of steps after the checkpoint (a run killed between checkpoints) are redone.
+        self.forget_metrics_after(self.step)
+
+    def forget_metrics_after(self, step: int) -> None:
+        """Drop metrics of steps after `step`: a run killed between checkpoints redoes them."""
         if self.d.main and self.metrics_path.is_file():
             kept = [line for line in self.metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= self.step]
+                    if line.strip() and json.loads(line)["step"] <= step]
             tmp = self.metrics_path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.metrics_path)
