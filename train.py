@@ -69,7 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=d.dtype, choices=["auto", "bf16", "fp32", "fp16"], help="rollout dtype")
     p.add_argument("--train-dtype", default=d.train_dtype, choices=["auto", "bf16", "fp32", "fp16"],
                    help="autocast dtype of the training forward (weights stay fp32)")
-    p.add_argument("--eager", action="store_true", help="no torch.compile in the rollout engine")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default=d.compile,
+                   help="torch.compile the rollout engine (auto: on CUDA only; a cold CPU compile takes minutes)")
+    p.add_argument("--eager", action="store_true", help="the same as --compile off")
     p.add_argument("--kv-cache-mb", type=positive_int, default=d.kv_cache_mb, help="KV block pool per rank (MiB)")
     p.add_argument("--max-batch", type=positive_int, default=d.max_batch, help="most sequences decoding at once per rank")
     # --- run ---
@@ -132,7 +134,7 @@ def config_from_args(args) -> TrainConfig:
         grad_clip=args.grad_clip, clip_low=args.clip_low, clip_high=args.clip_high, kl_coef=args.kl_coef,
         scale_adv_by_std=not args.no_std_scaling, epochs=args.epochs or TrainConfig.epochs, minibatches=args.minibatches,
         micro_tokens=args.micro_tokens, sd=args.sd, drafter=args.drafter, k=args.k, dtype=args.dtype,
-        train_dtype=args.train_dtype, eager=args.eager, kv_cache_mb=args.kv_cache_mb, max_batch=args.max_batch,
+        train_dtype=args.train_dtype, compile="off" if args.eager else args.compile, kv_cache_mb=args.kv_cache_mb, max_batch=args.max_batch,
         seed=args.seed, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
         export_hf=str(args.export_hf) if args.export_hf else None, progress=not args.no_progress,
     )

@@ -52,7 +52,7 @@ def exact(rows: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 def test_reward_rises_and_export_equals_actor(tmp_path, tokenizer):
     cfg = TrainConfig(model="tiny", task="toy-letters", steps=12, prompts=4, group=8, max_new_tokens=8,
-                      temperature=0.05, lr=1e-3, warmup_steps=0, sd="off", eager=True, progress=False)
+                      temperature=0.05, lr=1e-3, warmup_steps=0, sd="off", compile="off", progress=False)
     d = distributed.Dist()
     trainer = Trainer(cfg, d=d, run_dir=tmp_path / "run", tokenizer=tokenizer, log=lambda m: None)
     (tmp_path / "run").mkdir()
@@ -163,7 +163,7 @@ def test_several_updates_per_rollout_with_kl(tmp_path, tokenizer):
     have ratio != 1 and can clip), and the KL to the reference is > 0 once the actor moves."""
     cfg = TrainConfig(model="tiny", task="toy-letters", steps=2, prompts=4, group=8, max_new_tokens=8,
                       temperature=0.05, lr=1e-3, warmup_steps=0, epochs=2, minibatches=2, kl_coef=0.1,
-                      micro_tokens=64, sd="off", eager=True, progress=False)
+                      micro_tokens=64, sd="off", compile="off", progress=False)
     trainer = Trainer(cfg, d=distributed.Dist(), run_dir=tmp_path, tokenizer=tokenizer, log=lambda m: None)
     assert trainer.reference is not None
     trainer.prepare()
