@@ -55,26 +55,22 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
-    """Sum a few floats over ranks (metrics, token counts). Identity in one process."""
+def _all_reduce(values: list[float], d: Dist, op) -> list[float]:
     if d.world == 1:
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
-    if d.device.type == "cuda":
-        t = t.to(d.device)
-    dist.all_reduce(t)
+    t = torch.tensor(values, dtype=torch.float64, device=d.device if d.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=op)
     return t.tolist()
+
+
+def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
+    """Sum a few floats over ranks (metrics, token counts). Identity in one process."""
+    return _all_reduce(values, d, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(values: list[float], d: Dist) -> list[float]:
     """Elementwise max of a few floats over ranks (the slowest rank's phase time)."""
-    if d.world == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
-    if d.device.type == "cuda":
-        t = t.to(d.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+    return _all_reduce(values, d, dist.ReduceOp.MAX)
 
 
 def barrier(d: Dist) -> None:

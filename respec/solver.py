@@ -34,6 +34,7 @@ import json
 import platform
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -160,6 +161,18 @@ def conditional_alpha(accept_per_pos: list[float]) -> list[float]:
         out.append(a / prev if prev > 0 else 0.0)
         prev = a
     return out
+
+
+def drafter_alpha(drafter_dir, k: int) -> list[float] | None:
+    """Conditional acceptance per position from a drafter directory's held-out measurement
+    (train_report.json of `train.py --stage drafter`), if it has one: the solver's prior."""
+    report = Path(drafter_dir) / "train_report.json"
+    if not report.is_file():
+        return None
+    held = json.loads(report.read_text()).get("held_out_greedy", {})
+    if not held:
+        return None
+    return conditional_alpha(held[max(held, key=int)]["accept_per_pos"])[:k] or None
 
 
 # ---------------------------------------------------------------------------------------------

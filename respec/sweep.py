@@ -18,7 +18,6 @@ In one run, for a target and a drafter:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import Counter
@@ -26,20 +25,8 @@ from pathlib import Path
 
 from models.loading import cache_dir
 from respec.engine import EngineStats, RolloutEngine, SamplingParams
-from respec.solver import AdaptiveK, FixedK, conditional_alpha, cost_key, load_or_profile
+from respec.solver import AdaptiveK, FixedK, cost_key, drafter_alpha, load_or_profile
 from respec.tasks import DEFAULT_TASK, chat_prompt, make_problems
-
-
-def initial_alpha(drafter_spec: str, k: int) -> list[float] | None:
-    """Conditional acceptance from a drafter directory's held-out measurement, if it has one."""
-    report = Path(drafter_spec) / "train_report.json"
-    if not report.is_file():
-        return None
-    held = json.loads(report.read_text()).get("held_out_greedy", {})
-    if not held:
-        return None
-    longest = held[max(held, key=int)]
-    return conditional_alpha(longest["accept_per_pos"])[:k] or None
 
 
 def timed_rollout(engine, prompts, params) -> tuple[float, list]:
@@ -88,7 +75,7 @@ def run_sweep(args, model, tokenizer, drafter, eos_token_ids) -> dict:
     profile_s = time.perf_counter() - t0
     print(f"cost model {'loaded from cache' if cached else f'profiled and fitted in {profile_s:.0f} s'}: "
           f"median fit error {costs.rel_error:.1%}", flush=True)
-    policy = AdaptiveK(costs, K, initial_alpha(args.drafter, K))
+    policy = AdaptiveK(costs, K, drafter_alpha(args.drafter, K))
     print(f"initial acceptance estimate: {[round(a, 3) for a in policy.alpha]}", flush=True)
 
     # Acceptance so far, pooled over every SD run of the sweep: reached[j] rows had drafts 1..j

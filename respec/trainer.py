@@ -45,7 +45,7 @@ from models.eagle import EagleHead, load_eagle
 from models.loading import cache_dir, load_model, load_tokenizer, resolve_checkpoint, resolve_dtype
 from respec import checkpoint, distributed, grpo, rewards
 from respec.engine import EngineStats, RolloutEngine, SamplingParams
-from respec.solver import AdaptiveK, FixedK, conditional_alpha, cost_key, load_or_profile
+from respec.solver import AdaptiveK, FixedK, cost_key, drafter_alpha, load_or_profile
 from respec.tasks import DEFAULT_TASK, chat_prompt, make_task
 
 
@@ -522,15 +522,3 @@ def pretrain_default_drafter(cfg: TrainConfig, path: Path, tokenizer, task, log)
             tmp.rename(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def drafter_alpha(path: Path, k: int) -> list[float] | None:
-    """Conditional acceptance per position from a drafter directory's held-out measurement."""
-    report = Path(path) / "train_report.json"
-    if not report.is_file():
-        return None
-    held = json.loads(report.read_text()).get("held_out_greedy", {})
-    if not held:
-        return None
-    return conditional_alpha(held[max(held, key=int)]["accept_per_pos"])[:k] or None
-
