@@ -107,7 +107,9 @@ def test_resume_is_exact_including_after_sigkill(tmp_path):
 
 def test_two_ranks_equal_one_process(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    args = [*TOY, "--steps", "3", "--checkpoint-every", "3"]
+    # fp32 throughout: bf16 autocast (the default where bf16 is native) rounds differently for the
+    # different microbatch shapes of one process and two ranks (entropy off by ~1%)
+    args = [*TOY, "--steps", "3", "--checkpoint-every", "3", "--dtype", "fp32", "--train-dtype", "fp32"]
     train(*args, "--out", str(one))
     train(*args, "--out", str(two), torchrun=2)
     a, b = metrics(one), metrics(two)
