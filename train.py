@@ -63,8 +63,21 @@ def parse_args(argv=None):
     p.add_argument("--micro-tokens", type=positive_int, default=d.micro_tokens, help="padded tokens per forward/backward")
     # --- speculative decoding ---
     p.add_argument("--sd", choices=["off", "on", "adaptive"], default=d.sd, help="adaptive: the solver picks k per step")
-    p.add_argument("--drafter", default=d.drafter, help="EAGLE head dir, 'auto' (cached default, pretrained once) or 'none'")
+    p.add_argument("--drafter", default=d.drafter,
+                   help="EAGLE head dir, 'auto' (cached default, pretrained once), 'random' (untrained: cold start) or 'none'")
     p.add_argument("--k", type=positive_int, default=d.k, help="largest draft length")
+    # --- the drafter's online distillation ---
+    p.add_argument("--drafter-update", choices=["frozen", "kd", "rkd", "akd"], default=d.drafter_update,
+                   help="frozen | kd (uniform) | rkd (reward-weighted) | akd (positive advantages only)")
+    p.add_argument("--drafter-async", choices=["on", "off"], default="on" if d.drafter_async else "off",
+                   help="drafter update in a background thread, overlapped with the next rollout")
+    p.add_argument("--drafter-lr", type=float, default=d.drafter_lr, help="the head's AdamW learning rate")
+    p.add_argument("--drafter-batch", type=positive_int, default=d.drafter_batch,
+                   help="sequences per drafter optimizer step, over all ranks")
+    p.add_argument("--drafter-epochs", type=positive_int, default=d.drafter_epochs,
+                   help="passes over the replay buffer per drafter update")
+    p.add_argument("--drafter-update-interval", type=positive_int, default=d.drafter_update_interval,
+                   help="RL steps between drafter updates (the replay buffer holds that many steps)")
     # --- system ---
     p.add_argument("--dtype", default=d.dtype, choices=["auto", "bf16", "fp32", "fp16"], help="rollout dtype")
     p.add_argument("--train-dtype", default=d.train_dtype, choices=["auto", "bf16", "fp32", "fp16"],
@@ -133,7 +146,10 @@ def config_from_args(args) -> TrainConfig:
         warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, clip_low=args.clip_low, clip_high=args.clip_high, kl_coef=args.kl_coef,
         scale_adv_by_std=not args.no_std_scaling, epochs=args.epochs or TrainConfig.epochs, minibatches=args.minibatches,
-        micro_tokens=args.micro_tokens, sd=args.sd, drafter=args.drafter, k=args.k, dtype=args.dtype,
+        micro_tokens=args.micro_tokens, sd=args.sd, drafter=args.drafter, k=args.k,
+        drafter_update=args.drafter_update, drafter_async=args.drafter_async == "on", drafter_lr=args.drafter_lr,
+        drafter_batch=args.drafter_batch, drafter_epochs=args.drafter_epochs,
+        drafter_update_interval=args.drafter_update_interval, dtype=args.dtype,
         train_dtype=args.train_dtype, compile="off" if args.eager else args.compile, kv_cache_mb=args.kv_cache_mb, max_batch=args.max_batch,
         seed=args.seed, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
         export_hf=str(args.export_hf) if args.export_hf else None, progress=not args.no_progress,
@@ -174,7 +190,14 @@ def summary(history: list[dict], run_dir: Path, wall_s: float, prep: dict) -> st
         f"tokens/s; SD on in {mean(history, 'sd_fraction'):.0%} of decoding steps; accept_len "
         f"{mean([r for r in history if r['accept_len']] or history[:1], 'accept_len'):.2f}",
         f"train phase MFU {mean(history, 'train_mfu'):.1%} (of the measured GEMM peak in the training dtype)",
-        f"metrics {run_dir / 'metrics.jsonl'}, plots {run_dir / 'plots'}, final actor {run_dir / 'hf'}",
+    ]
+    est = [r["accept_est"] for r in history if "accept_est" in r]
+    if est:
+        lines.append(f"drafter distillation {mean(history, 'drafter_s'):.1f} s per step on the critical path; estimated "
+                     f"accept_len (1 - TV) {est[0]:.2f} -> {est[-1]:.2f}")
+    lines += [
+        f"metrics {run_dir / 'metrics.jsonl'}, plots {run_dir / 'plots'}, final actor {run_dir / 'hf'}"
+        + (f", final drafter {run_dir / 'drafter'}" if (run_dir / "drafter").is_dir() else ""),
     ]
     return "\n".join(lines)
 
@@ -226,6 +249,7 @@ def run_grpo(args, d: distributed.Dist) -> int:
         fresh.rename(run_dir / "hf")
     if cfg.export_hf:
         checkpoint.export_hf(trainer.actor, Path(cfg.export_hf), d, tokenizer=trainer.tok)
+    trainer.export_drafter(run_dir / "drafter")
     if d.main:
         plot_run(run_dir)
         if history:

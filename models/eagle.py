@@ -119,6 +119,15 @@ def target_taps(taps: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(taps, dim=-1)
 
 
+def cast_head(head: EagleHead, dtype: torch.dtype) -> EagleHead:
+    """A frozen copy of `head` in `dtype` (the rollout engine's), rope tables kept in fp32."""
+    import copy
+
+    out = copy.deepcopy(head).to(dtype).eval().requires_grad_(False)
+    out.init_buffers(head.fc.weight.device)
+    return out
+
+
 def save_eagle(head: EagleHead, out_dir: str | Path) -> None:
     from safetensors.torch import save_file
 

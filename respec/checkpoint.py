@@ -5,9 +5,11 @@ Layout of a run directory:
     RUN_DIR/config.json            every setting of the run
     RUN_DIR/metrics.jsonl          one JSON object per step
     RUN_DIR/checkpoints/step_000010/   DCP files (actor, optimizer, LR schedule, drafter, step) +
-                                       rng_rank{r}.pt (each rank's random states)
+                                       rng_rank{r}.pt (each rank's random states) + extras.pt (the
+                                       drafter's online learner: fp32 head, optimizer, replay buffer)
     RUN_DIR/checkpoints/latest     the name of the newest complete checkpoint
     RUN_DIR/hf/                    the final actor as a Hugging Face checkpoint
+    RUN_DIR/drafter/               the final drafter (with online distillation), for `--drafter DIR`
 
 A checkpoint is written into a hidden temporary directory by every rank, then (after a barrier)
 renamed into place by rank 0, and only then is `latest` replaced (write + os.replace). A run killed
@@ -41,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 from respec.distributed import Dist, barrier
 
 LATEST = "latest"
+EXTRAS = "extras.pt"
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -92,8 +95,10 @@ def _app_state(actor, optimizer, scheduler, drafter, progress: dict) -> dict:
 
 
 def save(run_dir: Path, step: int, d: Dist, *, actor, optimizer, scheduler, drafter=None, progress: dict,
-         keep: int = 2) -> Path:
-    """Write the checkpoint of `step` (every rank calls this) and point `latest` at it."""
+         keep: int = 2, extras: dict | None = None) -> Path:
+    """Write the checkpoint of `step` (every rank calls this) and point `latest` at it. `extras`:
+    state that is the same on every rank (the drafter's online learner, the solver's acceptance),
+    written by rank 0 with torch.save."""
     root = checkpoint_root(run_dir)
     name = f"step_{step:06d}"
     final, tmp = root / name, root / f".{name}.tmp"
@@ -104,6 +109,8 @@ def save(run_dir: Path, step: int, d: Dist, *, actor, optimizer, scheduler, draf
     with _single_process_quiet(d):
         dcp.save(_app_state(actor, optimizer, scheduler, drafter, progress), checkpoint_id=str(tmp))
     torch.save(_rng_state(), tmp / f"rng_rank{d.rank}.pt")
+    if extras is not None and d.main:
+        torch.save(extras, tmp / EXTRAS)
     barrier(d)
     if d.main:
         if final.exists():  # a resumed run redoing a step it had checkpointed: replace that one
@@ -133,6 +140,12 @@ def load(path: Path, d: Dist, *, actor, optimizer, scheduler, drafter=None) -> d
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))
     return state["progress"]
+
+
+def load_extras(path: Path) -> dict:
+    """The `extras` a checkpoint was saved with ({} if none)."""
+    extras = Path(path) / EXTRAS
+    return torch.load(extras, weights_only=False) if extras.is_file() else {}
 
 
 def full_actor_state(actor) -> dict[str, torch.Tensor]:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from models.eagle import EagleConfig, EagleHead, save_eagle
 from respec.engine import RolloutEngine, SamplingParams
+from respec.kd_loss import accepted_mass, weighted_kl
 from respec.tasks import chat_prompt
 
 
@@ -52,8 +53,10 @@ def draft_vocabulary(seqs: Sequences, size: int, vocab_size: int) -> torch.Tenso
 
 
 @torch.no_grad()
-def target_features(target, seqs: Sequences, feature_layers, batch: int = 8):
-    """Per sequence: (taps (T, 3d), final normed hidden (T, d)) from one causal target forward."""
+def target_features(target, seqs: Sequences, feature_layers, batch: int = 8, *, temperature: float | None = None):
+    """Per sequence: (taps (T, 3d), final normed hidden (T, d)) from one causal target forward; with
+    a `temperature`, also the log-partition (T,) of the target's full-vocabulary logits / temperature
+    at the positions `collate` masks in (what the acceptance estimate needs, `head_loss`; 0 elsewhere)."""
     feats = []
     for i in range(0, len(seqs.tokens), batch):
         group = seqs.tokens[i:i + batch]
@@ -63,8 +66,17 @@ def target_features(target, seqs: Sequences, feature_layers, batch: int = 8):
             ids[j, :len(t)] = torch.tensor(t)
         hidden, taps = target(ids.to(target.embed_tokens.weight.device), hidden_layers=feature_layers)
         taps = torch.cat(taps, dim=-1)
+        lse = None
+        if temperature is not None:  # only where a completion token is predicted (the rest stays 0)
+            lens, plens = [len(t) for t in group], seqs.prompt_lens[i:i + batch]
+            where = torch.zeros(len(group), T, dtype=torch.bool, device=hidden.device)
+            for j, (n, p) in enumerate(zip(lens, plens)):
+                where[j, max(p - 1, 0): n - 1] = True
+            lse = torch.zeros(len(group), T, device=hidden.device)
+            lse[where] = (target.logits(hidden[where]) / temperature).logsumexp(-1)  # (rows,) fp32
         for j, t in enumerate(group):  # right padding never affects earlier positions (causal)
-            feats.append((taps[j, :len(t)].float().cpu(), hidden[j, :len(t)].float().cpu()))
+            item = (taps[j, :len(t)].float().cpu(), hidden[j, :len(t)].float().cpu())
+            feats.append(item + (lse[j, :len(t)].cpu(),) if lse is not None else item)
     return feats
 
 
@@ -118,48 +130,74 @@ def ttt_layer(head: EagleHead, features: torch.Tensor, tokens: torch.Tensor, emb
     return outs
 
 
-def head_loss(head: EagleHead, target, batch, unroll: int):
-    """Summed over TTT steps: weighted mean soft cross-entropy to the target over the draft vocab."""
-    tokens, taps, final, mask = batch  # (B, T), (B, T, 3d), (B, T, d), (B, T) positions with a next token
+def head_loss(head: EagleHead, target, batch, unroll: int, *, weights: torch.Tensor | None = None,
+              denom: float | None = None, temperature: float = 1.0, lse: torch.Tensor | None = None):
+    """The TTT distillation loss: sum over unroll steps s of 0.8^s * the weighted KL(p || q_s) of
+    respec/kd_loss.py, p the target's next-token distribution renormalised on the draft vocabulary,
+    q_s the head's after s steps on its own features. Both at `temperature`.
+
+    batch: tokens (B, T), taps (B, T, 3d), final (B, T, d) (the target's normed last hidden state),
+    mask (B, T) (positions whose next token is distilled); `weights` (B,) per sequence (default 1)
+    and `denom` the weighted token count of the whole batch over microbatches and ranks (default:
+    this batch's). With `lse` (B, T), the log-partition of the target's *full-vocabulary* sampling
+    logits, every step also measures sum_t (1 - TV(p_full, q_s)): the acceptance estimate.
+    Returns (loss, [per step: {"kl", "agree", and with lse "accepted", "count"}])."""
+    tokens, taps, final, mask = batch
     B, T = tokens.shape
-    with torch.no_grad():  # the target's distribution of the next token, restricted to the draft vocab
+    weights = torch.ones(B, device=tokens.device) if weights is None else weights
+    with torch.no_grad():  # the target's logits of the next token over the draft vocab
         w = target.lm_head.weight[head.d2t].float()  # (N, d)
-        p = (final @ w.T).log_softmax(-1)  # (B, T, N)
+        z = (final.float() @ w.T) / temperature  # (B, T, N)
+        logp = z.log_softmax(-1)
+        p_full = None  # (B, T, N): the draft vocabulary's slice of the full p (lse is only set on the mask)
+        if lse is not None:
+            p_full = torch.where(mask.unsqueeze(-1), (z - lse.unsqueeze(-1)).exp(), 0.0)
     shifted = torch.cat([taps.new_zeros(B, 1, taps.shape[-1]), taps[:, :-1]], dim=1)
     feature = head.project(shifted)  # pair j: (feature of position j-1, token j)
     total, steps = 0.0, []
-    m = mask.float()
     for s, out in enumerate(ttt_layer(head, feature, tokens, target.embed_tokens, unroll)):
-        logq = head.draft_logits(out).log_softmax(-1)
-        ce = -(p.exp() * logq).sum(-1)  # (B, T)
-        # step s predicts from s own features back: its first s positions have no such history
-        valid = m.clone()
-        valid[:, :s] = 0
-        loss_s = (ce * valid).sum() / valid.sum().clamp_min(1)
+        logq = (head.draft_logits(out) / temperature).log_softmax(-1)  # (B, T, N)
+        # step s predicts from s own features back: its first s positions have no such history (they
+        # are prompt positions, outside the mask, for any prompt longer than the unroll)
+        valid = mask.clone()
+        valid[:, :s] = False
+        loss_s = weighted_kl(logp, logq, valid, weights, denom=denom)
         total = total + (0.8 ** s) * loss_s
         with torch.no_grad():
-            agree = ((logq.argmax(-1) == p.argmax(-1)).float() * valid).sum() / valid.sum().clamp_min(1)
-        steps.append((loss_s.item(), agree.item()))
+            n = valid.sum().clamp_min(1)
+            stat = {"kl": loss_s.item(), "agree": ((logq.argmax(-1) == logp.argmax(-1)) & valid).sum().item() / n.item()}
+            if p_full is not None:
+                stat["accepted"] = (accepted_mass(p_full, logq.exp()) * valid).sum().item()
+                stat["count"] = int(valid.sum())
+        steps.append(stat)
     return total, steps
+
+
+def collate(seqs: Sequences, feats, idx: list[int]):
+    """Sequences `idx` right-padded: tokens (B, T), taps (B, T, 3d), final (B, T, d), mask (B, T)
+    (positions whose next token is a completion token: what drafting will see) and, if `feats`
+    carry it, the log-partition lse (B, T) (else None)."""
+    T = max(len(seqs.tokens[j]) for j in idx)
+    d3, d = feats[idx[0]][0].shape[-1], feats[idx[0]][1].shape[-1]
+    tokens = torch.zeros(len(idx), T, dtype=torch.int64)
+    taps = torch.zeros(len(idx), T, d3)
+    final = torch.zeros(len(idx), T, d)
+    mask = torch.zeros(len(idx), T, dtype=torch.bool)
+    lse = torch.zeros(len(idx), T) if len(feats[idx[0]]) > 2 else None
+    for r, j in enumerate(idx):
+        n = len(seqs.tokens[j])
+        tokens[r, :n] = torch.tensor(seqs.tokens[j])
+        taps[r, :n], final[r, :n] = feats[j][:2]
+        if lse is not None:
+            lse[r, :n] = feats[j][2]
+        mask[r, max(seqs.prompt_lens[j] - 1, 0): n - 1] = True
+    return tokens, taps, final, mask, lse
 
 
 def make_batches(seqs: Sequences, feats, batch: int, gen: torch.Generator):
     order = torch.randperm(len(seqs.tokens), generator=gen).tolist()
     for i in range(0, len(order), batch):
-        idx = order[i:i + batch]
-        T = max(len(seqs.tokens[j]) for j in idx)
-        d3, d = feats[idx[0]][0].shape[-1], feats[idx[0]][1].shape[-1]
-        tokens = torch.zeros(len(idx), T, dtype=torch.int64)
-        taps = torch.zeros(len(idx), T, d3)
-        final = torch.zeros(len(idx), T, d)
-        mask = torch.zeros(len(idx), T, dtype=torch.bool)
-        for r, j in enumerate(idx):
-            n = len(seqs.tokens[j])
-            tokens[r, :n] = torch.tensor(seqs.tokens[j])
-            taps[r, :n], final[r, :n] = feats[j]
-            # train where the next token is part of the completion (what drafting will see)
-            mask[r, max(seqs.prompt_lens[j] - 1, 0): n - 1] = True
-        yield tokens, taps, final, mask
+        yield collate(seqs, feats, order[i:i + batch])[:4]
 
 
 def new_head(target, draft_vocab: torch.Tensor, seed: int) -> EagleHead:
@@ -174,6 +212,14 @@ def new_head(target, draft_vocab: torch.Tensor, seed: int) -> EagleHead:
         # start the output head from the target's (frozen) head rows: a strong initialisation
         head.lm_head.weight.copy_(target.lm_head.weight[draft_vocab].float())
     return head
+
+
+def untrained_head(target, prompts: list[list[int]], *, seed: int, draft_vocab: int = 8192) -> EagleHead:
+    """A head with nothing learned yet, for a cold start that only online distillation improves: random
+    layers, the draft vocabulary the most frequent tokens of `prompts` (then the lowest ids, which
+    BPE gives its most frequent merges), output rows copied from the target's head (as `new_head`)."""
+    vocab = draft_vocabulary(Sequences(prompts, [len(p) for p in prompts]), draft_vocab, target.cfg.vocab_size)
+    return new_head(target, vocab, seed)
 
 
 def cosine_lr(step: int, total: int, base: float, warmup: int = 20) -> float:
@@ -230,8 +276,8 @@ def pretrain(target, tokenizer, out_dir, *, problems: list, held_out: int, new_t
             opt.step()
             step += 1
             history.append({"step": step, "epoch": epoch, "loss": loss.item(),
-                            "agree_per_unroll": [round(a, 4) for _, a in per_step]})
-            bar.set_postfix(loss=f"{loss.item():.3f}", agree=f"{per_step[0][1]:.2f}")
+                            "agree_per_unroll": [round(st["agree"], 4) for st in per_step]})
+            bar.set_postfix(loss=f"{loss.item():.3f}", agree=f"{per_step[0]['agree']:.2f}")
             bar.update()
             if step % checkpoint_every == 0:
                 save_eagle(head, out_dir / "checkpoint")

@@ -180,6 +180,10 @@ class RolloutEngine:
         """Call after the model's weights changed (an optimizer step): refresh packed copies."""
         if self.runner is not self.model:
             repack(self.runner)
+        self.sync_drafter()
+
+    def sync_drafter(self) -> None:
+        """Call after the drafter's weights changed (an online distillation update)."""
         if self.drafter is not None and self.draft_runner is not self.drafter:
             repack(self.draft_runner)
 

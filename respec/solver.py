@@ -169,7 +169,10 @@ def drafter_alpha(drafter_dir, k: int) -> list[float] | None:
     report = Path(drafter_dir) / "train_report.json"
     if not report.is_file():
         return None
-    held = json.loads(report.read_text()).get("held_out_greedy", {})
+    data = json.loads(report.read_text())
+    if data.get("alpha_estimate"):  # a head exported by a training run: its online 1 - TV estimate
+        return [float(a) for a in data["alpha_estimate"]][:k]
+    held = data.get("held_out_greedy", {})
     if not held:
         return None
     return conditional_alpha(held[max(held, key=int)]["accept_per_pos"])[:k] or None

@@ -41,11 +41,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from models.eagle import EagleHead, load_eagle
+from models.eagle import EagleHead, cast_head, load_eagle, save_eagle
 from models.loading import cache_dir, load_model, load_tokenizer, resolve_checkpoint, resolve_dtype
 from respec import checkpoint, distributed, grpo, rewards
 from respec.engine import EngineStats, RolloutEngine, SamplingParams
-from respec.solver import AdaptiveK, FixedK, cost_key, drafter_alpha, load_or_profile
+from respec.kd_loss import sequence_weights
+from respec.online_learner import KDConfig, OnlineLearner
+from respec.solver import AdaptiveK, FixedK, conditional_alpha, cost_key, drafter_alpha, load_or_profile
 from respec.tasks import DEFAULT_TASK, chat_prompt, make_task
 
 
@@ -80,8 +82,16 @@ class TrainConfig:
     # on 2 CPU cores, 32 sequences of ~120 tokens: 512 -> 26.8 s per update, one microbatch of all -> 39.4 s)
     # --- speculative decoding ---
     sd: str = "adaptive"  # off | on (always k) | adaptive (the solver picks k per step)
-    drafter: str = "auto"  # EAGLE head directory | auto (cached default head, pretrained if missing) | none
+    drafter: str = "auto"  # EAGLE head directory | auto (cached default head, pretrained if missing) | random | none
     k: int = 3  # largest draft length
+    # --- the drafter's online distillation (respec/online_learner.py) ---
+    drafter_update: str = "rkd"  # frozen | kd (uniform weights) | rkd (reward-weighted) | akd (positive advantages)
+    drafter_async: bool = False  # update in a background thread overlapped with the next rollout (measured
+    # on 2 CPU cores: see docs/benchmarks.md, "Online drafter distillation")
+    drafter_lr: float = 1e-3  # the head's AdamW learning rate (constant)
+    drafter_batch: int = 8  # sequences per drafter optimizer step, over all ranks
+    drafter_epochs: int = 1  # passes over the replay buffer per drafter update
+    drafter_update_interval: int = 1  # RL steps between drafter updates
     # --- system ---
     dtype: str = "auto"  # rollout dtype: auto = bf16 where native (CUDA, AVX-512-BF16/AMX), else fp32
     train_dtype: str = "auto"  # autocast dtype of the training forward (same rule); weights stay fp32
@@ -112,8 +122,13 @@ class TrainConfig:
             raise ValueError(f"--compile must be auto, on or off, got {self.compile!r}")
         if self.sd not in ("off", "on", "adaptive"):
             raise ValueError(f"--sd must be off, on or adaptive, got {self.sd!r}")
+        if self.drafter_update not in DRAFTER_UPDATES:
+            raise ValueError(f"--drafter-update must be one of {', '.join(DRAFTER_UPDATES)}, got {self.drafter_update!r}")
+        if self.drafter_lr <= 0:
+            raise ValueError(f"--drafter-lr must be positive, got {self.drafter_lr}")
         for name in ("steps", "prompts", "max_new_tokens", "epochs", "minibatches", "micro_tokens", "k",
-                     "kv_cache_mb", "max_batch", "checkpoint_every"):
+                     "kv_cache_mb", "max_batch", "checkpoint_every", "drafter_batch", "drafter_epochs",
+                     "drafter_update_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.temperature <= 0:
@@ -122,6 +137,10 @@ class TrainConfig:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.lr <= 0 or self.kl_coef < 0 or self.grad_clip <= 0:
             raise ValueError("--lr and --grad-clip must be positive and --kl-coef >= 0")
+
+
+# --drafter-update -> the KD weighting w(r) of respec/kd_loss.py (frozen: no online learner)
+DRAFTER_UPDATES = {"frozen": None, "kd": "uniform", "rkd": "reward", "akd": "advantage"}
 
 
 def request_seed(seed: int, step: int, index: int) -> int:
@@ -214,32 +233,49 @@ class Trainer:
                                                          min_ratio=cfg.min_lr_ratio))
 
         self.compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-        self.drafter, self.sd_reason = self._drafter()
+        master, self.sd_reason = self._drafter()
+        # The engine drafts with a copy in the rollout dtype; the learner trains the fp32 master.
+        self.drafter = None if master is None else cast_head(master, self.rollout_dtype)
         eos = self.actor.cfg.eos_token_id
         eos_ids = {self.tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.engine = RolloutEngine(self.rollout.model, kv_cache_bytes=cfg.kv_cache_mb << 20, max_batch=cfg.max_batch,
                                     eos_token_ids=sorted(e for e in eos_ids if e is not None), eager=not self.compiled,
                                     drafter=self.drafter, num_draft_tokens=cfg.k if self.drafter is not None else 0)
+        self.learner = None
+        if master is not None and DRAFTER_UPDATES[cfg.drafter_update] is not None:
+            self.learner = OnlineLearner(master, self.engine, KDConfig(
+                weighting=DRAFTER_UPDATES[cfg.drafter_update], lr=cfg.drafter_lr, batch=cfg.drafter_batch,
+                epochs=cfg.drafter_epochs, interval=cfg.drafter_update_interval, unroll=cfg.k,
+                temperature=cfg.temperature, async_update=cfg.drafter_async), world=d.world, k=cfg.k)
+        self.last_alpha_est = None
         self.step = 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
     # ------------------------------------------------------------------------------------------
     def _drafter(self) -> tuple[EagleHead | None, str]:
+        """The drafter's fp32 master weights (or None, and why not)."""
         cfg = self.cfg
+        self.drafter_dir, self.drafter_prior = None, None
         if cfg.sd == "off":
             return None, "--sd off"
         if cfg.drafter == "none":
             return None, "no drafter (--drafter none)"
+        if cfg.drafter == "random":  # cold start: an untrained head that only online distillation improves
+            from respec.drafter_training import untrained_head
+
+            problems = self.task.problems(10**6, 64)  # far beyond any RL data position, as pretraining
+            prompts = [chat_prompt(self.tok, p.messages()) for p in problems]
+            self.drafter_prior = [0.0] * cfg.k  # known to accept nothing until the estimate says otherwise
+            return untrained_head(self.rollout.model, prompts, seed=cfg.seed), ""
         path = Path(cfg.drafter) if cfg.drafter != "auto" else default_drafter_dir(cfg)
         if cfg.drafter == "auto" and not (path / "config.json").is_file():
             if self.d.main:
                 self.log(f"no cached drafter for this model and task: pretraining one into {path} (once)")
                 pretrain_default_drafter(cfg, path, self.tok, self.task, self.log)
             distributed.barrier(self.d)
-        head = load_eagle(path, dtype=self.rollout_dtype, device=self.d.device)
-        head.requires_grad_(False)
         self.drafter_dir = path
-        return head, ""
+        self.drafter_prior = drafter_alpha(path, cfg.k)
+        return load_eagle(path, dtype=torch.float32, device=self.d.device), ""
 
     def prepare(self) -> dict:
         """Compile the engine's step shapes and set up the SD policy; returns timings."""
@@ -252,14 +288,14 @@ class Trainer:
         elif cfg.sd == "on":
             self.engine.policy = FixedK(cfg.k)
         else:
-            key = cost_key(cfg.model, str(self.drafter_dir), self.engine)
+            key = cost_key(cfg.model, str(self.drafter_dir or "untrained"), self.engine)
             t0 = time.perf_counter()
             batches = sorted({1, min(4, local_batch), min(16, local_batch), min(local_batch, cfg.max_batch)})
             costs, cached = load_or_profile(self.engine, key, cache_dir() / "costs" / f"{key}.json",
                                             batch_sizes=batches, ks=sorted({0, 1, max(1, cfg.k // 2), cfg.k}),
                                             contexts=(64, 64 + cfg.max_new_tokens), progress=cfg.progress and self.d.main)
             out["profile_s"] = round(time.perf_counter() - t0, 1)
-            self.engine.policy = AdaptiveK(costs, cfg.k, drafter_alpha(self.drafter_dir, cfg.k))
+            self.engine.policy = AdaptiveK(costs, cfg.k, self.drafter_prior)
             self.log(f"SD adaptive: cost model {'cached' if cached else 'profiled'} (fit error {costs.rel_error:.1%}), "
                      f"initial acceptance {[round(a, 2) for a in self.engine.policy.alpha]}")
         return out
@@ -286,18 +322,30 @@ class Trainer:
                          f"train {m['train_s']:.1f}s (MFU {m['train_mfu']:.1%})")
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save()
+        if self.learner is not None:  # the last step's update, if it ran in the background
+            self.on_drafter_update(self.learner.collect())
         return history
 
     def save(self) -> None:
+        extras = {"last_alpha_est": self.last_alpha_est}
+        if isinstance(self.engine.policy, AdaptiveK):  # the solver's acceptance (online EMA) at this point
+            extras["solver_alpha"] = list(self.engine.policy.alpha)
+        if self.learner is not None:
+            extras["drafter_learner"] = self.learner.state_dict()
         checkpoint.save(self.run_dir, self.step, self.d, actor=self.actor, optimizer=self.optimizer,
                         scheduler=self.scheduler, drafter=self.drafter,
                         progress={"step": self.step, "data_position": self.step * self.cfg.prompts},
-                        keep=self.cfg.keep_checkpoints)
+                        keep=self.cfg.keep_checkpoints, extras=extras)
 
     def resume(self, path: Path) -> None:
         progress = checkpoint.load(path, self.d, actor=self.actor, optimizer=self.optimizer,
                                    scheduler=self.scheduler, drafter=self.drafter)
         self.step = int(progress["step"])
+        extras = checkpoint.load_extras(path)
+        self.last_alpha_est = extras.get("last_alpha_est")
+        self.drafter_prior = extras.get("solver_alpha", self.drafter_prior)  # prepare() builds the solver with it
+        if self.learner is not None and "drafter_learner" in extras:
+            self.learner.load_state_dict(extras["drafter_learner"])
         self.after_update()
         self.forget_metrics_after(self.step)
 
@@ -310,6 +358,37 @@ class Trainer:
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.metrics_path)
         distributed.barrier(self.d)
+
+    def kd_weights(self, rewards: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+        """w(r) of this rank's completions; rewards normalised with the global batch's statistics."""
+        n, total, sq = distributed.all_reduce_sum([rewards.numel(), float(rewards.sum()), float((rewards ** 2).sum())],
+                                                  self.d)
+        mean = total / n
+        std = math.sqrt(max(sq / n - mean ** 2, 0.0))
+        return sequence_weights(self.learner.cfg.weighting, rewards, advantages, mean=mean, std=std)
+
+    def on_drafter_update(self, kd: dict | None) -> dict | None:
+        """A finished drafter update: its acceptance estimate goes to the solver."""
+        if kd and "alpha_est" in kd:
+            self.last_alpha_est = kd["alpha_est"]
+        if kd and "alpha_est" in kd and isinstance(self.engine.policy, AdaptiveK):
+            self.engine.policy.set_alpha(kd["alpha_est"])
+        return kd
+
+    def export_drafter(self, out_dir: Path) -> None:
+        """The drafter as trained so far (`--drafter DIR` loads it), with its last acceptance
+        estimate as the solver's prior; written aside and swapped in."""
+        if self.learner is None or not self.d.main:
+            return
+        import shutil
+
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_eagle(self.learner.head, tmp)
+        if self.last_alpha_est:
+            (tmp / "train_report.json").write_text(json.dumps({"alpha_estimate": self.last_alpha_est}) + "\n")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
 
     def after_update(self) -> None:
         """The rollout engine reads the new weights (all-gather into the copy; repack)."""
@@ -330,12 +409,18 @@ class Trainer:
 
         # 1. rollout
         self.engine.stats = EngineStats()
+        self.drafter_version = self.learner.live_version if self.learner is not None else 0  # drafter updates in it
         t0 = time.perf_counter()
         with tqdm(total=len(requests), desc=f"step {self.step + 1} rollout", disable=not (cfg.progress and d.main),
                   file=sys.stderr, leave=False) as bar:
             completions = self.engine.generate(requests, params, on_finish=bar.update)
         rollout_s = time.perf_counter() - t0
         stats = self.engine.stats
+        drafter_s, kd = 0.0, None
+        if self.learner is not None and self.cfg.drafter_async:  # between rollouts: swap in the last update
+            t0 = time.perf_counter()
+            kd = self.on_drafter_update(self.learner.collect())
+            drafter_s += time.perf_counter() - t0
 
         # 2. rewards
         t0 = time.perf_counter()
@@ -356,14 +441,24 @@ class Trainer:
         self.after_update()
         train_s = time.perf_counter() - t0
 
-        # 4. metrics, summed over ranks
+        # 4. the drafter's online distillation from the updated actor (background thread if async)
+        if self.learner is not None:
+            t0 = time.perf_counter()
+            self.learner.submit(self.rollout.model, seqs, plens, self.kd_weights(r.view(-1), adv), self.step)
+            if not self.cfg.drafter_async:
+                kd = self.on_drafter_update(self.learner.collect())
+            drafter_s += time.perf_counter() - t0
+
+        # 5. metrics, summed over ranks
         n = len(scored)
-        sums = distributed.all_reduce_sum([
+        accepted_at = (stats.sd_accepted_at + [0] * cfg.k)[:cfg.k]
+        sums = distributed.all_reduce_sum([*accepted_at, 
             n, sum(s.reward for s in scored), sum(s.reward ** 2 for s in scored), sum(s.correct >= 1.0 for s in scored),
             sum(s.formatted for s in scored), sum(len(c.token_ids) for c in completions),
             float(sum(len(set(row)) > 1 for row in r.tolist())), stats.generated_tokens,
             len(stats.chosen_k), sum(1 for k in stats.chosen_k if k > 0), stats.sd_rows, stats.sd_emitted,
         ], d)
+        accepted_at, sums = sums[:cfg.k], sums[cfg.k:]
         (n, r_sum, r_sq, correct, formatted, resp_tokens, signal, generated, dsteps, sd_steps, sd_rows,
          sd_emitted) = sums
         rollout_max, train_max = distributed.all_reduce_max([rollout_s, train_s], d)  # the slowest rank sets the pace
@@ -382,12 +477,16 @@ class Trainer:
             "rollout_s": round(rollout_max, 3),
             "reward_s": round(reward_s, 3),
             "train_s": round(train_max, 3),
-            "drafter_s": 0.0,
+            "drafter_s": round(drafter_s, 3),
             "step_s": round(step_s, 3),
             "rollout_tok_s": round(generated / max(rollout_max, 1e-9), 2),
             "sd_fraction": round(sd_steps / max(dsteps, 1), 4),
             "accept_len": round(sd_emitted / sd_rows, 4) if sd_rows else 0.0,
             "decode_steps": int(dsteps),
+            # conditional acceptance per draft position, measured in this rollout (empty without SD)
+            "alpha_measured": [round(a, 4) for a in conditional_alpha([a / sd_rows for a in accepted_at])] if sd_rows else [],
+            "drafter_version": self.drafter_version,
+            **(kd or {}),
             "train_mfu": round(6 * (self.n_body * upd["trained_tokens"] + self.n_head * upd["trained_completion"])
                                / max(train_max, 1e-9) / self.peak_flops, 4),
         }

@@ -105,24 +105,33 @@ def test_resume_is_exact_including_after_sigkill(tmp_path):
     assert (killed / "hf" / "model.safetensors").is_file()
 
 
-def test_two_ranks_equal_one_process(tmp_path):
+def one_and_two_ranks(tmp_path, args: list[str]) -> tuple[Path, Path]:
+    """The same run in one process and under torchrun with two ranks; fp32 throughout (bf16
+    autocast, the default where bf16 is native, rounds differently for the two runs' microbatch
+    shapes: entropy off by ~1%)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    # fp32 throughout: bf16 autocast (the default where bf16 is native) rounds differently for the
-    # different microbatch shapes of one process and two ranks (entropy off by ~1%)
-    args = [*TOY, "--steps", "3", "--checkpoint-every", "3", "--dtype", "fp32", "--train-dtype", "fp32"]
-    train(*args, "--out", str(one))
-    train(*args, "--out", str(two), torchrun=2)
+    train(*args, "--dtype", "fp32", "--train-dtype", "fp32", "--out", str(one))
+    train(*args, "--dtype", "fp32", "--train-dtype", "fp32", "--out", str(two), torchrun=2)
+    return one, two
+
+
+def max_abs_diff(file_a: Path, file_b: Path) -> float:
+    from safetensors.torch import load_file
+
+    a, b = load_file(file_a), load_file(file_b)
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    one, two = one_and_two_ranks(tmp_path, [*TOY, "--steps", "3", "--checkpoint-every", "3"])
     a, b = metrics(one), metrics(two)
     for ra, rb in zip(a, b):
         for k in ("reward_mean", "accuracy", "response_len_mean", "trained_tokens"):  # (decode steps are per rank)
             assert ra[k] == rb[k], (k, ra, rb)
         for k in ("loss", "entropy", "grad_norm", "clip_frac"):
             assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), (k, ra, rb)
-    from safetensors.torch import load_file
-
-    pa, pb = load_file(one / "hf" / "model.safetensors"), load_file(two / "hf" / "model.safetensors")
-    assert pa.keys() == pb.keys()
-    worst = max((pa[k] - pb[k]).abs().max().item() for k in pa)
+    worst = max_abs_diff(one / "hf" / "model.safetensors", two / "hf" / "model.safetensors")
     assert worst < 1e-5, worst
 
 
@@ -174,3 +183,37 @@ def test_several_updates_per_rollout_with_kl(tmp_path, tokenizer):
     assert any(m["clip_frac"] > 0 for m in history)  # later minibatches ran off-policy
     assert trainer.scheduler.last_epoch == 2 * 2 * 2  # steps x epochs x minibatches optimizer steps
     assert all(math.isfinite(m["loss"]) for m in history)
+
+
+# The toy run with speculative rollouts and the drafter distilled online from an untrained head.
+KD_TOY = [a for a in TOY if a not in ("--sd", "off")] + ["--sd", "on", "--k", "2", "--drafter", "random",
+                                                          "--drafter-update", "rkd"]
+KD_EXACT = EXACT + ["accept_len", "alpha_measured", "drafter_version", "kd_step", "kd_loss", "alpha_est"]
+
+
+def test_online_kd_async_resume_is_exact(tmp_path):
+    """A background drafter update in flight at a checkpoint: the resumed run drafts with the same
+    (not yet swapped) weights and swaps the same update in after its next rollout."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    args = [*KD_TOY, "--drafter-async", "on", "--checkpoint-every", "2"]
+    train(*args, "--steps", "4", "--out", str(straight))
+    train(*args, "--steps", "2", "--out", str(split))
+    train("--resume", str(split), "--steps", "4", "--no-progress")
+    rows = metrics(straight)
+    assert [{k: r.get(k) for k in KD_EXACT} for r in metrics(split)] == [{k: r.get(k) for k in KD_EXACT} for r in rows]
+    assert [r["drafter_version"] for r in rows] == [0, 0, 1, 2]  # async: a rollout drafts one update behind
+    assert [r.get("kd_step") for r in rows] == [None, 0, 1, 2]  # an update's stats arrive with the next rollout
+    assert all(r["alpha_measured"] for r in rows) and all(r["drafter_s"] >= 0 for r in rows)
+    assert (straight / "drafter" / "model.safetensors").is_file()
+
+
+def test_online_kd_two_ranks_equal_one_process(tmp_path):
+    """The replicated head with all-reduced gradients takes the same updates as one process."""
+    # a drafter minibatch of 2 prompts x 8 samples: one prompt per rank (round-robin), as in one process
+    one, two = one_and_two_ranks(tmp_path, [*KD_TOY, "--steps", "2", "--drafter-batch", "16"])
+    for ra, rb in zip(metrics(one), metrics(two)):
+        assert ra["reward_mean"] == rb["reward_mean"] and ra["kd_updates"] == rb["kd_updates"]
+        assert rb["kd_loss"] == pytest.approx(ra["kd_loss"], rel=1e-3)
+        assert rb["alpha_est"] == pytest.approx(ra["alpha_est"], abs=1e-4)
+    worst = max_abs_diff(one / "drafter" / "model.safetensors", two / "drafter" / "model.safetensors")
+    assert worst < 1e-5, worst

@@ -1,0 +1,237 @@
+"""The drafter's online learner: distils the EAGLE head from the actor while GRPO trains it.
+
+The actor changes every RL step, so a drafter fitted once goes stale. Each step, after the actor's
+update, `submit` hands the learner the step's completions and their weights w(r):
+
+  1. teacher signal: one no-grad forward of the *updated* actor (the rollout copy) over the
+     sequences gives what the head needs, the outputs of its three feature layers and the final
+     hidden state, plus the log-partition of the full-vocabulary logits (for the acceptance
+     estimate); stored with each sequence's weight in a replay buffer;
+  2. every `interval` steps one drafter update: `epochs` passes over the buffer in minibatches of
+     `batch` sequences (over all ranks), each one AdamW step on the training-time-test loss of
+     respec/drafter_training.py weighted as respec/kd_loss.py says; the buffer is then emptied;
+  3. from the same forwards (first pass only: data the head has not been trained on yet), the
+     acceptance estimate alpha_j = mean over tokens of 1 - TV(p_actor, q_draft) at draft position j,
+     which goes to the solver (`AdaptiveK.set_alpha`): a drafter that starts weak is trained while
+     SD stays off, and SD turns itself on once the estimate says it pays;
+  4. `collect` swaps the new weights into the head the engine drafts with (rollout dtype, packed
+     copies refreshed), always between rollouts.
+
+Synchronous (default) or asynchronous: with `async_update`, steps 1-3 run in a background thread
+(on CUDA on a stream of their own) while the next rollout runs, drafting with the previous weights;
+`collect` after that rollout waits for it and swaps. Everything the thread reads (the rollout copy
+of the actor) stays unchanged until the next actor update, which comes after `collect`.
+
+Data parallelism: the head (10M parameters for SmolLM2) is replicated on every rank and its
+gradients all-reduced (summed; each rank's loss is divided by the *global* weighted token count).
+Minibatches are not shuffled: minibatch m is the m-th `batch / world` sequences of every rank, which
+(prompts being dealt round-robin, `batch` a multiple of world x group) is the same set of sequences
+on any number of ranks, so N ranks take the same drafter updates as one process.
+Sharding it would save ~40 MB of optimizer state per rank at the price of FSDP collectives on every
+minibatch; the reductions use a process group of their own, so a background update never interleaves
+with the trainer's collectives.
+
+Departures from the paper: the teacher signal is recomputed after the update by a forward of the
+rollout copy (the training forward's activations are from the pre-update actor, and on CPU the
+no-grad forward in the rollout dtype is cheap); the replay buffer holds the last `interval` steps
+only, no older rollouts.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from models.eagle import EagleHead
+from respec.drafter_training import Sequences, collate, head_loss, target_features
+from respec.kd_loss import WEIGHTINGS
+from respec.solver import expected_tokens
+
+
+@dataclass
+class KDConfig:
+    weighting: str = "reward"  # w(r): uniform (kd) | reward (rkd) | advantage (akd), respec/kd_loss.py
+    lr: float = 1e-3  # AdamW learning rate of the head (constant)
+    batch: int = 8  # sequences per drafter optimizer step, over all ranks
+    epochs: int = 1  # passes over the buffer per update
+    interval: int = 1  # RL steps between drafter updates (the buffer holds that many steps)
+    unroll: int = 3  # training-time-test steps = draft positions the estimate covers (use >= k)
+    temperature: float = 1.0  # the rollout's sampling temperature (both distributions use it)
+    grad_clip: float = 1.0
+    async_update: bool = False  # run the update in a background thread, overlapped with the next rollout
+
+    def validate(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown KD weighting {self.weighting!r}")
+        for name in ("batch", "epochs", "interval", "unroll"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"drafter {name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"--drafter-lr must be positive, got {self.lr}")
+
+
+@dataclass
+class _Item:
+    tokens: list[int]  # prompt + completion
+    prompt_len: int
+    weight: float  # w(r)
+    feats: tuple  # (taps (T, 3d), final (T, d), lse (T,)) from the updated actor, CPU fp32
+
+
+class OnlineLearner:
+    """See the module docstring. `head` is the trainable fp32 master copy; `engine.drafter` the head
+    the engine drafts with (the same weights in the rollout dtype)."""
+
+    def __init__(self, head: EagleHead, engine, cfg: KDConfig, *, world: int = 1, k: int = 3):
+        cfg.validate()
+        self.cfg, self.engine, self.k, self.world = cfg, engine, k, world
+        self.head = head.float().train().requires_grad_(True)
+        self.opt = torch.optim.AdamW(self.head.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+        self.buffer: list[_Item] = []
+        self.updates = 0  # drafter updates done (the learner's version)
+        self.live_version = 0  # the version the engine drafts with
+        self.group = dist.new_group() if world > 1 else None  # the head's own all-reduces
+        self.stream = torch.cuda.Stream() if engine.device.type == "cuda" else None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._result: dict | None = None  # stats of the last finished work, not yet collected
+
+    # ------------------------------------------------------------------------------------------
+    def submit(self, model, seqs: list[list[int]], prompt_lens: list[int], weights: torch.Tensor, step: int) -> None:
+        """Hand over one RL step's sequences (after the actor's update; `model` holds its new weights)."""
+        self.wait()
+        work = lambda: self._work(model, seqs, prompt_lens, weights, step)  # noqa: E731
+        if not self.cfg.async_update:
+            work()
+            return
+        self._thread = threading.Thread(target=self._run_guarded, args=(work,), name="drafter-kd", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until background work (if any) is done; re-raise its error in this thread."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            if self.stream is not None:
+                torch.cuda.current_stream().wait_stream(self.stream)
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"drafter update failed: {error}") from error
+
+    def collect(self) -> dict | None:
+        """Wait for the submitted work, swap a new head into the engine; returns the work's stats
+        (None if nothing finished since the last call). Call between rollouts."""
+        self.wait()
+        if self.live_version != self.updates:
+            self._swap()
+        result, self._result = self._result, None
+        return result
+
+    # ------------------------------------------------------------------------------------------
+    def _run_guarded(self, work) -> None:
+        try:
+            if self.stream is not None:
+                with torch.cuda.stream(self.stream):
+                    work()
+            else:
+                work()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread by wait()
+            self._error = e
+
+    def _work(self, model, seqs, prompt_lens, weights, step) -> None:
+        t0 = time.perf_counter()
+        feats = target_features(model, Sequences(seqs, prompt_lens), self.head.cfg.feature_layers,
+                                temperature=self.cfg.temperature)
+        self.buffer += [_Item(s, p, float(w), f) for s, p, w, f in zip(seqs, prompt_lens, weights.tolist(), feats)]
+        teacher_s = time.perf_counter() - t0
+        stats = {"kd_step": step, "kd_teacher_s": round(teacher_s, 3)}
+        if (step + 1) % self.cfg.interval == 0:
+            stats.update(self._update(model))
+        stats["kd_s"] = round(time.perf_counter() - t0, 3)
+        self._result = stats
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        if self.group is None:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, group=self.group)
+        return t.tolist()
+
+    def _update(self, model) -> dict:
+        """One drafter update over the buffer (see the module docstring)."""
+        cfg, items = self.cfg, self.buffer
+        seqs = Sequences([it.tokens for it in items], [it.prompt_len for it in items])
+        feats = [it.feats for it in items]
+        weights = torch.tensor([it.weight for it in items])
+        per_rank = max(1, cfg.batch // self.world)  # the same on every rank: local batches are equal
+        minibatches = [list(range(i, min(i + per_rank, len(items)))) for i in range(0, len(items), per_rank)]
+        accepted, counts = [0.0] * cfg.unroll, [0] * cfg.unroll
+        kl_sum, kl_n, opt_steps = 0.0, 0, 0
+        device = self.head.fc.weight.device
+        self.head.train()
+        for epoch in range(cfg.epochs):
+            for idx in minibatches:
+                tokens, taps, final, mask, lse = (t.to(device) for t in collate(seqs, feats, idx))
+                w = weights[idx].to(device)
+                (denom,) = self._all_reduce([float((w.view(-1, 1) * mask).sum())])
+                loss, per_step = head_loss(self.head, model, (tokens, taps, final, mask), cfg.unroll,
+                                           weights=w, denom=max(denom, 1e-12), temperature=cfg.temperature,
+                                           lse=lse if epoch == 0 else None)
+                if epoch == 0:
+                    for s, st in enumerate(per_step):
+                        accepted[s] += st["accepted"]
+                        counts[s] += st["count"]
+                kl_sum += per_step[0]["kl"]
+                kl_n += 1
+                if denom <= 0:  # every weight 0 (e.g. advantage weighting, no group with signal)
+                    continue
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.group is not None:
+                    for p in self.head.parameters():
+                        if p.grad is not None:
+                            dist.all_reduce(p.grad, group=self.group)
+                torch.nn.utils.clip_grad_norm_(self.head.parameters(), cfg.grad_clip)
+                self.opt.step()
+                opt_steps += 1
+        self.head.eval()
+        self.buffer = []
+        self.updates += 1
+        sums = self._all_reduce(accepted + [float(c) for c in counts] + [kl_sum])  # (each rank's KL is its share)
+        alpha = [a / max(c, 1.0) for a, c in zip(sums[:cfg.unroll], sums[cfg.unroll:2 * cfg.unroll])]
+        return {
+            "kd_updates": self.updates,
+            "kd_opt_steps": opt_steps,
+            "kd_loss": round(sums[-1] / max(kl_n, 1), 5),  # step-0 weighted KL, mean over minibatches
+            "kd_weight_mean": round(float(weights.mean()), 4),
+            # the head before this update (version `alpha_est_version`: the one that drafted this step's
+            # rollout when the update is synchronous) against the updated actor, on this step's rollouts
+            "alpha_est": [round(a, 4) for a in alpha],
+            "alpha_est_version": self.updates - 1,
+            "accept_est": round(expected_tokens(alpha, self.k), 4),
+        }
+
+    @torch.no_grad()
+    def _swap(self) -> None:
+        live = dict(self.engine.drafter.named_parameters())
+        for name, p in self.head.named_parameters():
+            live[name].copy_(p)
+        self.engine.sync_drafter()
+        self.live_version = self.updates
+
+    # ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a resume needs to continue exactly (call between steps: waits for the thread)."""
+        self.wait()
+        return {"head": self.head.state_dict(), "optimizer": self.opt.state_dict(), "updates": self.updates,
+                "live_version": self.live_version, "buffer": self.buffer, "result": self._result}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.head.load_state_dict(state["head"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.updates, self.live_version = state["updates"], state["live_version"]
+        self.buffer, self._result = state["buffer"], state["result"]

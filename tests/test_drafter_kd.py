@@ -1,0 +1,185 @@
+"""The drafter's online distillation: the reward-weighted KD loss by hand, w(r), the 1 - TV acceptance
+estimate against the acceptance rule itself, and the online learner on the tiny model (it learns,
+swaps its weights into the engine, runs the same in the background, skips all-zero weights)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.eagle import cast_head
+from respec.drafter_training import untrained_head
+from respec.engine import RolloutEngine, SamplingParams
+from respec.kd_loss import accepted_mass, sequence_weights, weighted_kl
+from respec.online_learner import KDConfig, OnlineLearner
+from respec.speculative import accept_drafts
+
+L = math.log
+
+
+def kl(p, q):
+    return sum(pi * L(pi / qi) for pi, qi in zip(p, q))
+
+
+def test_weighted_kl_by_hand():
+    p = [[[0.5, 0.5], [0.9, 0.1]], [[0.2, 0.8], [0.6, 0.4]]]  # (N=2, T=2, V=2)
+    q = [[[0.25, 0.75], [0.5, 0.5]], [[0.5, 0.5], [0.6, 0.4]]]
+    logp, logq = torch.tensor(p).log(), torch.tensor(q).log().requires_grad_(True)
+    mask = torch.tensor([[True, True], [True, False]])  # the last position of row 1 is not distilled
+    # KL by hand: 0.5 ln 2 + 0.5 ln(2/3); 0.9 ln 1.8 + 0.1 ln 0.2; 0.2 ln 0.4 + 0.8 ln 1.6
+    k00 = 0.5 * L(2) + 0.5 * L(2 / 3)
+    k01 = 0.9 * L(1.8) + 0.1 * L(0.2)
+    k10 = 0.2 * L(0.4) + 0.8 * L(1.6)
+    assert k00 == pytest.approx(kl(p[0][0], q[0][0])) and k10 == pytest.approx(kl(p[1][0], q[1][0]))
+
+    loss = weighted_kl(logp, logq, mask, torch.tensor([2.0, 1.0]))
+    assert loss.item() == pytest.approx((2 * (k00 + k01) + 1 * k10) / (2 * 2 + 1 * 1), rel=1e-6)
+
+    # A row of weight 0 contributes nothing: not to the value, not to the gradient.
+    loss0 = weighted_kl(logp, logq, mask, torch.tensor([1.0, 0.0]))
+    assert loss0.item() == pytest.approx((k00 + k01) / 2, rel=1e-6)
+    loss0.backward()
+    assert logq.grad[1].abs().max().item() == 0.0 and logq.grad[0].abs().max().item() > 0
+    other_q = torch.tensor([[[0.25, 0.75], [0.5, 0.5]], [[0.99, 0.01], [0.01, 0.99]]]).log()
+    assert weighted_kl(logp, other_q, mask, torch.tensor([1.0, 0.0])).item() == pytest.approx(loss0.item())
+
+    # A part of a batch divided by the whole batch's weighted count: the parts add up to the whole.
+    w = torch.tensor([2.0, 1.0])
+    parts = sum(weighted_kl(logp[i:i + 1], logq[i:i + 1].detach(), mask[i:i + 1], w[i:i + 1], denom=5.0)
+                for i in range(2))
+    assert parts.item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_uniform_weights_are_plain_kd():
+    g = torch.Generator().manual_seed(0)
+    logp = torch.randn(3, 5, 7, generator=g).log_softmax(-1)
+    logq = torch.randn(3, 5, 7, generator=g).log_softmax(-1)
+    mask = torch.rand(3, 5, generator=g) > 0.3
+    plain = F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1)[mask].mean()  # token-mean KD
+    for c in (1.0, 0.3, 7.0):  # any constant weight
+        assert weighted_kl(logp, logq, mask, torch.full((3,), c)).item() == pytest.approx(plain.item(), rel=1e-5)
+
+
+def test_sequence_weights():
+    r = torch.tensor([0.0, 0.0, 1.0, 1.1])
+    mean = (1.0 + 1.1) / 4
+    std = math.sqrt((1.0 + 1.21) / 4 - mean ** 2)
+    w = sequence_weights("reward", r)
+    expected = [min(max(1 + (x - mean) / std, 0.0), 2.0) for x in r.tolist()]
+    assert w.tolist() == pytest.approx(expected, abs=1e-6)
+    assert w[3].item() == 2.0  # clipped at w_max
+    assert (sequence_weights("reward", r, mean=0.5, std=0.5) == torch.tensor([0.0, 0.0, 2.0, 2.0])).all()
+    assert (sequence_weights("reward", torch.full((4,), 0.3)) == 1).all()  # all equal: uniform KD
+    assert (sequence_weights("uniform", r) == 1).all()
+    adv = torch.tensor([-1.2, 0.0, 0.5, 1.5])
+    assert sequence_weights("advantage", r, adv).tolist() == [0.0, 0.0, 0.5, 1.5]
+    with pytest.raises(ValueError, match="unknown KD weighting"):
+        sequence_weights("nope", r)
+
+
+def test_accepted_mass_is_the_acceptance_rate_of_speculative_sampling():
+    """sum min(p, q) against the rejection rule of respec/speculative.py run on 40,000 drafts."""
+    g = torch.Generator().manual_seed(1)
+    V, B = 6, 40_000
+    for sharp in (0.5, 2.0):
+        p = (torch.randn(V, generator=g) * sharp).softmax(-1)
+        q = (torch.randn(V, generator=g) * sharp).softmax(-1)
+        drafts = torch.multinomial(q, B, replacement=True, generator=g).view(B, 1)
+        _, _, n = accept_drafts(p.log().expand(B, 2, V), q.log().expand(B, 1, V), drafts, torch.ones(B),
+                                torch.arange(B), torch.full((B,), 10))
+        measured = n.float().mean().item()
+        expected = accepted_mass(p, q).item()
+        assert expected == pytest.approx(1 - 0.5 * (p - q).abs().sum().item(), abs=1e-6)  # = 1 - TV
+        assert abs(measured - expected) < 4 * math.sqrt(expected * (1 - expected) / B), (measured, expected)
+
+
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def rollouts(tiny):
+    """Eight greedy tiny-model completions of random prompts: (sequences, prompt lengths)."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(5, tiny.cfg.vocab_size, (int(n),), generator=g).tolist() for n in (9, 12, 7, 15, 10, 8, 11, 13)]
+    engine = RolloutEngine(tiny, kv_cache_bytes=8 << 20, eager=True)
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=12, temperature=0.0, stop_on_eos=False))
+    return [p + o.token_ids for p, o in zip(prompts, outs)], [len(p) for p in prompts]
+
+
+def make_learner(tiny, seqs, **kw):
+    head = untrained_head(tiny, seqs, seed=0, draft_vocab=512)  # the rollouts' tokens first
+    engine = RolloutEngine(tiny, kv_cache_bytes=8 << 20, eager=True, drafter=cast_head(head, torch.float32),
+                           num_draft_tokens=3)
+    # T = 0.1: the random tiny model's full distribution is nearly uniform over 49k tokens (no drafter
+    # could be accepted), its sharpened one is not
+    cfg = KDConfig(**{"weighting": "reward", "lr": 3e-3, "batch": 4, "temperature": 0.1, **kw})
+    return OnlineLearner(head, engine, cfg, k=3), engine
+
+
+def test_learner_learns_and_swaps_between_rollouts(tiny, rollouts):
+    seqs, plens = rollouts
+    learner, engine = make_learner(tiny, seqs)
+    before = engine.drafter.fc.weight.clone()
+    weights = torch.ones(len(seqs))
+    history = []
+    for step in range(6):
+        learner.submit(tiny, seqs, plens, weights, step)
+        history.append(learner.collect())
+        # the engine drafts with exactly the learner's weights after every collect
+        for (name, live), (_, master) in zip(engine.drafter.named_parameters(), learner.head.named_parameters()):
+            assert torch.equal(live, master.to(live.dtype)), name
+    assert not torch.equal(before, engine.drafter.fc.weight)
+    assert history[-1]["kd_loss"] < 0.7 * history[0]["kd_loss"], [h["kd_loss"] for h in history]
+    assert history[-1]["alpha_est"][0] > history[0]["alpha_est"][0] + 0.05, [h["alpha_est"] for h in history]
+    assert all(0.0 <= a <= 1.0 for h in history for a in h["alpha_est"]) and len(history[0]["alpha_est"]) == 3
+    assert [h["kd_updates"] for h in history] == list(range(1, 7))
+    assert learner.collect() is None  # nothing new since
+
+    # The trained head drafts losslessly: greedy SD gives exactly plain greedy tokens.
+    prompts = [s[:n] for s, n in zip(seqs, plens)]
+    sd = engine.generate(prompts, SamplingParams(max_new_tokens=12, temperature=0.0, stop_on_eos=False))
+    assert [s[n:] for s, n in zip(seqs, plens)] == [o.token_ids for o in sd]
+    assert engine.stats.sd_steps > 0
+
+
+def test_background_update_equals_synchronous_and_waits_for_the_swap(tiny, rollouts):
+    seqs, plens = rollouts
+    weights = sequence_weights("reward", torch.tensor([0.0, 1.0, 0.0, 1.1, 0.1, 1.0, 0.0, 0.0]))
+    sync, _ = make_learner(tiny, seqs)
+    background, engine = make_learner(tiny, seqs, async_update=True)
+    for step in range(3):
+        sync.submit(tiny, seqs, plens, weights, step)
+        a = sync.collect()
+        live = engine.drafter.fc.weight.clone()
+        background.submit(tiny, seqs, plens, weights, step)
+        # the engine's head does not change until collect(): a rollout now would use the old weights
+        background._thread.join()
+        assert torch.equal(engine.drafter.fc.weight, live)
+        b = background.collect()
+        assert b["alpha_est"] == pytest.approx(a["alpha_est"], abs=1e-4)
+        assert b["kd_loss"] == pytest.approx(a["kd_loss"], rel=1e-4)
+    for (name, x), (_, y) in zip(sync.head.named_parameters(), background.head.named_parameters()):
+        assert torch.allclose(x, y, atol=1e-5), name
+
+
+def test_all_zero_weights_leave_the_head_unchanged(tiny, rollouts):
+    seqs, plens = rollouts
+    learner, engine = make_learner(tiny, seqs, weighting="advantage")
+    before = {k: v.clone() for k, v in learner.head.state_dict().items()}
+    learner.submit(tiny, seqs, plens, torch.zeros(len(seqs)), 0)
+    stats = learner.collect()
+    assert stats["kd_opt_steps"] == 0 and stats["kd_updates"] == 1
+    assert all(torch.equal(before[k], v) for k, v in learner.head.state_dict().items())
+    assert len(stats["alpha_est"]) == 3  # the estimate is still measured
+
+
+def test_update_interval_buffers_steps(tiny, rollouts):
+    seqs, plens = rollouts
+    learner, _ = make_learner(tiny, seqs, interval=2)
+    learner.submit(tiny, seqs, plens, torch.ones(len(seqs)), 0)
+    first = learner.collect()
+    assert "kd_updates" not in first and len(learner.buffer) == len(seqs)  # teacher signal kept, no update
+    learner.submit(tiny, seqs, plens, torch.ones(len(seqs)), 1)
+    second = learner.collect()
+    assert second["kd_updates"] == 1 and second["kd_opt_steps"] == 2 * len(seqs) // 4 and learner.buffer == []
