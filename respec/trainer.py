@@ -288,7 +288,8 @@ class Trainer:
         elif cfg.sd == "on":
             self.engine.policy = FixedK(cfg.k)
         else:
-            key = cost_key(cfg.model, str(self.drafter_dir or "untrained"), self.engine)
+            # step costs depend on the drafter's shape, not on its weights: one profile per architecture
+            key = cost_key(cfg.model, json.dumps(self.drafter.cfg.to_json(), sort_keys=True), self.engine)
             t0 = time.perf_counter()
             batches = sorted({1, min(4, local_batch), min(16, local_batch), min(local_batch, cfg.max_batch)})
             costs, cached = load_or_profile(self.engine, key, cache_dir() / "costs" / f"{key}.json",

@@ -110,6 +110,27 @@ def test_profile_is_cached(tiny, tmp_path):
     assert engine.stats.decode_steps == 0
 
 
+def test_noisy_profile_is_measured_again(tmp_path):
+    """A profile taken on a busy machine (steps 1-3x slower at random) fits badly; the second
+    measurement, with twice the repetitions, is kept."""
+
+    class BusyThenQuiet:
+        k, calls, reps = 2, 0, []
+
+        def time_step(self, B, k, c, *, reps):
+            self.calls += 1
+            self.reps.append(reps)
+            t = 0.01 + 0.001 * B * (k + 1) + 0.002 * k
+            busy = 1 + 2 * ((self.calls * 7) % 5) / 4  # 1, 1.5, 2, 2.5 or 3, scrambled
+            return t * busy if self.calls <= 18 else t
+
+    engine = BusyThenQuiet()
+    kw = dict(batch_sizes=(1, 2, 4), ks=(0, 1, 2), contexts=(8, 24), reps=1, progress=False)
+    model, cached = load_or_profile(engine, "key", tmp_path / "costs.json", **kw)
+    assert not cached and engine.calls == 36 and engine.reps == [1] * 18 + [2] * 18
+    assert model.rel_error < 0.01 and model.step_s(4, 2, 8) == pytest.approx(0.01 + 0.012 + 0.004, rel=0.01)
+
+
 class Schedule:
     """A policy that switches SD on and off by step number."""
 
