@@ -108,6 +108,8 @@ class OnlineLearner:
         if not self.cfg.async_update:
             work()
             return
+        if self.stream is not None:  # the side stream must see the actor's freshly updated weights
+            self.stream.wait_stream(torch.cuda.current_stream())
         self._thread = threading.Thread(target=self._run_guarded, args=(work,), name="drafter-kd", daemon=True)
         self._thread.start()
 
@@ -157,7 +159,7 @@ class OnlineLearner:
     def _all_reduce(self, values: list[float]) -> list[float]:
         if self.group is None:
             return values
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.head.fc.weight.device)  # (NCCL: on the GPU)
         dist.all_reduce(t, group=self.group)
         return t.tolist()
 
