@@ -72,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--drafter-async", choices=["on", "off"], default="on" if d.drafter_async else "off",
                    help="drafter update in a background thread, overlapped with the next rollout")
     p.add_argument("--drafter-lr", type=float, default=d.drafter_lr, help="the head's AdamW learning rate")
+    p.add_argument("--drafter-warmup", type=int, default=d.drafter_warmup,
+                   help="drafter optimizer steps of linear LR warm-up (0: none)")
     p.add_argument("--drafter-batch", type=positive_int, default=d.drafter_batch,
                    help="sequences per drafter optimizer step, over all ranks")
     p.add_argument("--drafter-epochs", type=positive_int, default=d.drafter_epochs,
@@ -148,6 +150,7 @@ def config_from_args(args) -> TrainConfig:
         scale_adv_by_std=not args.no_std_scaling, epochs=args.epochs or TrainConfig.epochs, minibatches=args.minibatches,
         micro_tokens=args.micro_tokens, sd=args.sd, drafter=args.drafter, k=args.k,
         drafter_update=args.drafter_update, drafter_async=args.drafter_async == "on", drafter_lr=args.drafter_lr,
+        drafter_warmup=args.drafter_warmup,
         drafter_batch=args.drafter_batch, drafter_epochs=args.drafter_epochs,
         drafter_update_interval=args.drafter_update_interval, dtype=args.dtype,
         train_dtype=args.train_dtype, compile="off" if args.eager else args.compile, kv_cache_mb=args.kv_cache_mb, max_batch=args.max_batch,

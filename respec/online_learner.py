@@ -55,7 +55,9 @@ from respec.solver import expected_tokens
 @dataclass
 class KDConfig:
     weighting: str = "reward"  # w(r): uniform (kd) | reward (rkd) | advantage (akd), respec/kd_loss.py
-    lr: float = 1e-3  # AdamW learning rate of the head (constant)
+    lr: float = 1e-3  # AdamW learning rate of the head (constant after the warm-up)
+    warmup: int = 10  # drafter optimizer steps of linear LR warm-up. Without it the first update of a
+    # pretrained head (Adam's first steps move every weight by ~lr) cut accept_len by 15% (1.50 -> 1.28)
     batch: int = 8  # sequences per drafter optimizer step, over all ranks
     epochs: int = 1  # passes over the buffer per update
     interval: int = 1  # RL steps between drafter updates (the buffer holds that many steps)
@@ -93,6 +95,7 @@ class OnlineLearner:
         self.opt = torch.optim.AdamW(self.head.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
         self.buffer: list[_Item] = []
         self.updates = 0  # drafter updates done (the learner's version)
+        self.opt_steps = 0  # drafter optimizer steps taken (the LR warm-up counts them)
         self.live_version = 0  # the version the engine drafts with
         self.group = dist.new_group() if world > 1 else None  # the head's own all-reduces
         self.stream = torch.cuda.Stream() if engine.device.type == "cuda" else None
@@ -198,7 +201,10 @@ class OnlineLearner:
                         if p.grad is not None:
                             dist.all_reduce(p.grad, group=self.group)
                 torch.nn.utils.clip_grad_norm_(self.head.parameters(), cfg.grad_clip)
+                for group in self.opt.param_groups:
+                    group["lr"] = cfg.lr * min(1.0, (self.opt_steps + 1) / max(cfg.warmup, 1))
                 self.opt.step()
+                self.opt_steps += 1
                 opt_steps += 1
         self.head.eval()
         self.buffer = []
@@ -230,10 +236,11 @@ class OnlineLearner:
         """Everything a resume needs to continue exactly (call between steps: waits for the thread)."""
         self.wait()
         return {"head": self.head.state_dict(), "optimizer": self.opt.state_dict(), "updates": self.updates,
-                "live_version": self.live_version, "buffer": self.buffer, "result": self._result}
+                "opt_steps": self.opt_steps, "live_version": self.live_version, "buffer": self.buffer,
+                "result": self._result}
 
     def load_state_dict(self, state: dict) -> None:
         self.head.load_state_dict(state["head"])
         self.opt.load_state_dict(state["optimizer"])
-        self.updates, self.live_version = state["updates"], state["live_version"]
+        self.updates, self.live_version, self.opt_steps = state["updates"], state["live_version"], state["opt_steps"]
         self.buffer, self._result = state["buffer"], state["result"]

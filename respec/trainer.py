@@ -88,7 +88,8 @@ class TrainConfig:
     drafter_update: str = "rkd"  # frozen | kd (uniform weights) | rkd (reward-weighted) | akd (positive advantages)
     drafter_async: bool = False  # update in a background thread overlapped with the next rollout (measured
     # on 2 CPU cores: see docs/benchmarks.md, "Online drafter distillation")
-    drafter_lr: float = 1e-3  # the head's AdamW learning rate (constant)
+    drafter_lr: float = 1e-3  # the head's AdamW learning rate (after a linear warm-up)
+    drafter_warmup: int = 10  # drafter optimizer steps of LR warm-up (0: none)
     drafter_batch: int = 8  # sequences per drafter optimizer step, over all ranks
     drafter_epochs: int = 1  # passes over the replay buffer per drafter update
     drafter_update_interval: int = 1  # RL steps between drafter updates
@@ -124,8 +125,9 @@ class TrainConfig:
             raise ValueError(f"--sd must be off, on or adaptive, got {self.sd!r}")
         if self.drafter_update not in DRAFTER_UPDATES:
             raise ValueError(f"--drafter-update must be one of {', '.join(DRAFTER_UPDATES)}, got {self.drafter_update!r}")
-        if self.drafter_lr <= 0:
-            raise ValueError(f"--drafter-lr must be positive, got {self.drafter_lr}")
+        if self.drafter_lr <= 0 or self.drafter_warmup < 0:
+            raise ValueError(f"--drafter-lr must be positive and --drafter-warmup >= 0, got {self.drafter_lr}, "
+                             f"{self.drafter_warmup}")
         for name in ("steps", "prompts", "max_new_tokens", "epochs", "minibatches", "micro_tokens", "k",
                      "kv_cache_mb", "max_batch", "checkpoint_every", "drafter_batch", "drafter_epochs",
                      "drafter_update_interval"):
@@ -244,7 +246,8 @@ class Trainer:
         self.learner = None
         if master is not None and DRAFTER_UPDATES[cfg.drafter_update] is not None:
             self.learner = OnlineLearner(master, self.engine, KDConfig(
-                weighting=DRAFTER_UPDATES[cfg.drafter_update], lr=cfg.drafter_lr, batch=cfg.drafter_batch,
+                weighting=DRAFTER_UPDATES[cfg.drafter_update], lr=cfg.drafter_lr, warmup=cfg.drafter_warmup,
+                batch=cfg.drafter_batch,
                 epochs=cfg.drafter_epochs, interval=cfg.drafter_update_interval, unroll=cfg.k,
                 temperature=cfg.temperature, async_update=cfg.drafter_async), world=d.world, k=cfg.k)
         self.last_alpha_est = None
