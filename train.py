@@ -23,7 +23,7 @@ from pathlib import Path
 
 from compile.policy import use_persistent_cache
 from models.loading import ModelLoadError, load_model, load_tokenizer
-from respec import distributed
+from respec import checkpoint, distributed, guards
 from respec.cli import OneLineParser, positive_int
 from respec.tasks import make_task
 from respec.trainer import TrainConfig, Trainer
@@ -206,7 +206,6 @@ def summary(history: list[dict], run_dir: Path, wall_s: float, prep: dict) -> st
 
 
 def run_grpo(args, d: distributed.Dist) -> int:
-    from respec import checkpoint
     from respec.plot import plot_run
 
     if args.resume is not None:
@@ -266,10 +265,23 @@ def main(argv=None) -> int:
     d = distributed.init()
     try:
         return run_drafter(args) if args.stage == "drafter" else run_grpo(args, d)
-    except (ModelLoadError, ValueError) as e:
+    except (ModelLoadError, ValueError) as e:  # bad input: nothing was started
         if d.main:
             print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    except (guards.RunFailed, checkpoint.CheckpointError) as e:  # the run stopped; its last checkpoint is kept
+        if d.main:
+            print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+    except guards.RunInterrupted as e:
+        if d.main:
+            print(f"train.py: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # a second Ctrl-C
+        if d.main:
+            print("train.py: interrupted (a second Ctrl-C: no checkpoint written for the step in progress)",
+                  file=sys.stderr)
+        return 130
     finally:
         distributed.shutdown()
 

@@ -46,6 +46,17 @@ LATEST = "latest"
 EXTRAS = "extras.pt"
 
 
+class CheckpointError(OSError):
+    """A checkpoint could not be written; its partial files are gone and `latest` is unchanged."""
+
+
+def _first_line(e: BaseException) -> str:
+    for line in str(e).splitlines():
+        if "No space" in line or "Errno" in line:
+            return line.strip()
+    return (str(e).splitlines() or [type(e).__name__])[0].strip()
+
+
 def checkpoint_root(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -106,11 +117,17 @@ def save(run_dir: Path, step: int, d: Dist, *, actor, optimizer, scheduler, draf
         shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier crash at this step
         tmp.mkdir(parents=True)
     barrier(d)
-    with _single_process_quiet(d):
-        dcp.save(_app_state(actor, optimizer, scheduler, drafter, progress), checkpoint_id=str(tmp))
-    torch.save(_rng_state(), tmp / f"rng_rank{d.rank}.pt")
-    if extras is not None and d.main:
-        torch.save(extras, tmp / EXTRAS)
+    try:
+        with _single_process_quiet(d):
+            dcp.save(_app_state(actor, optimizer, scheduler, drafter, progress), checkpoint_id=str(tmp))
+        torch.save(_rng_state(), tmp / f"rng_rank{d.rank}.pt")
+        if extras is not None and d.main:
+            torch.save(extras, tmp / EXTRAS)
+    except (OSError, RuntimeError) as e:  # a full disk, a lost mount (DCP wraps the OSError of a writer thread)
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        kept = f"{previous.name} is still the latest" if previous else "there is no earlier checkpoint"
+        raise CheckpointError(f"cannot write checkpoint {name} ({_first_line(e)}); {kept}") from e
     barrier(d)
     if d.main:
         if final.exists():  # a resumed run redoing a step it had checkpointed: replace that one

@@ -36,6 +36,10 @@ from respec.speculative import eagle_speculative_step, speculative_step
 from respec.steps import decode_step, prefill_step
 
 
+class Stopped(Exception):
+    """`generate` was asked to stop (`should_stop`) before every sequence finished."""
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 128  # completion length limit (tokens)
@@ -203,9 +207,10 @@ class RolloutEngine:
             )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], *,
-                 on_finish=None) -> list[Completion]:
+                 on_finish=None, should_stop=None) -> list[Completion]:
         """Complete every prompt; results in input order. `on_finish(n)` (e.g. a tqdm bar's update)
-        is told whenever n sequences finish."""
+        is told whenever n sequences finish. If `should_stop()` turns true (checked before every
+        step), the rollout is abandoned: its blocks are freed and `Stopped` is raised."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError("one SamplingParams per prompt, or a single one for all")
@@ -216,6 +221,10 @@ class RolloutEngine:
         running: list[_Sequence] = []
         with torch.no_grad():
             while waiting or running:
+                if should_stop is not None and should_stop():
+                    for s in running:
+                        self.blocks.free(s.id)
+                    raise Stopped(f"rollout abandoned with {len(running) + len(waiting)} of {len(seqs)} sequences unfinished")
                 admitted = self._admit(waiting, running)
                 if admitted:
                     self._prefill(admitted)

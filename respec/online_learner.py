@@ -194,6 +194,9 @@ class OnlineLearner:
                 kl_n += 1
                 if denom <= 0:  # every weight 0 (e.g. advantage weighting, no group with signal)
                     continue
+                (bad,) = self._all_reduce([0.0 if torch.isfinite(loss) else 1.0])  # every rank agrees
+                if bad:  # a diverged actor as teacher: keep the head as it is
+                    continue
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if self.group is not None:

@@ -13,6 +13,9 @@ One step, as data flows (../DESIGN, "One GRPO step"):
   5. the rollout copy of the weights is refreshed from the updated actor;
   6. metrics to RUN_DIR/metrics.jsonl, a checkpoint every `checkpoint_every` steps.
 
+Ctrl-C, a non-finite loss and a checkpoint that cannot be written stop the run as
+respec/guards.py describes: with one line, and a checkpoint `--resume` can continue from.
+
 Departures from the paper and from common GRPO trainers, on purpose:
 
 * The old log-probs of the ratio are recomputed by the training forward, not taken from the
@@ -43,8 +46,8 @@ from tqdm import tqdm
 
 from models.eagle import EagleHead, cast_head, load_eagle, save_eagle
 from models.loading import cache_dir, load_model, load_tokenizer, resolve_checkpoint, resolve_dtype
-from respec import checkpoint, distributed, grpo, rewards
-from respec.engine import EngineStats, RolloutEngine, SamplingParams
+from respec import checkpoint, distributed, grpo, guards, rewards
+from respec.engine import EngineStats, RolloutEngine, SamplingParams, Stopped
 from respec.kd_loss import sequence_weights
 from respec.online_learner import KDConfig, OnlineLearner
 from respec.solver import AdaptiveK, FixedK, conditional_alpha, cost_key, drafter_alpha, load_or_profile
@@ -251,6 +254,8 @@ class Trainer:
                 epochs=cfg.drafter_epochs, interval=cfg.drafter_update_interval, unroll=cfg.k,
                 temperature=cfg.temperature, async_update=cfg.drafter_async), world=d.world, k=cfg.k)
         self.last_alpha_est = None
+        self.stop = guards.StopRequest()  # entered by run(): Ctrl-C asks the run to stop
+        self.saved_step: int | None = None  # the step of the newest checkpoint written or resumed
         self.step = 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
@@ -313,19 +318,37 @@ class Trainer:
         bf16_peak = gemm_peak(torch.bfloat16, d.device, m=128, reps=1) if self.train_dtype != torch.bfloat16 else peak
         self.log(f"GEMM peak: {peak / 1e9:.0f} GFLOP/s in {self.train_dtype} per process "
                  f"(bf16: {bf16_peak / 1e9:.1f} GFLOP/s)")
-        while self.step < cfg.steps:
-            m = self.train_step()
-            self.step += 1
-            history.append(m)
-            if d.main:
-                with open(self.metrics_path, "a") as f:
-                    f.write(json.dumps(m) + "\n")
-                self.log(f"step {m['step']:>4}: reward {m['reward_mean']:.3f} acc {m['accuracy']:.3f} "
-                         f"len {m['response_len_mean']:.0f} | rollout {m['rollout_s']:.1f}s "
-                         f"({m['rollout_tok_s']:.0f} tok/s, SD {m['sd_fraction']:.0%}, accept {m['accept_len']:.2f}) "
-                         f"train {m['train_s']:.1f}s (MFU {m['train_mfu']:.1%})")
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+        streak = guards.BadStepStreak(limit=3)
+        stopped = False
+        with self.stop:
+            while self.step < cfg.steps:
+                try:
+                    m = self.train_step()
+                except Stopped:  # Ctrl-C in a rollout: nothing has changed since the last completed step
+                    stopped = True
+                    break
+                self.step += 1
+                history.append(m)
+                if d.main:
+                    with open(self.metrics_path, "a") as f:
+                        f.write(json.dumps(m) + "\n")
+                    skipped = f" | {m['skipped_updates']} update(s) skipped: non-finite loss" if m["skipped_updates"] else ""
+                    self.log(f"step {m['step']:>4}: reward {m['reward_mean']:.3f} acc {m['accuracy']:.3f} "
+                             f"len {m['response_len_mean']:.0f} | rollout {m['rollout_s']:.1f}s "
+                             f"({m['rollout_tok_s']:.0f} tok/s, SD {m['sd_fraction']:.0%}, accept {m['accept_len']:.2f}) "
+                             f"train {m['train_s']:.1f}s (MFU {m['train_mfu']:.1%}){skipped}")
+                all_skipped = m["skipped_updates"] == cfg.epochs * cfg.minibatches
+                if not all_skipped and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+                    self.save()
+                streak.record(all_skipped, self.step, self.saved_step)
+                stopped = distributed.all_reduce_max([float(self.stop.requested)], d)[0] > 0  # every rank agrees
+                if stopped:
+                    break
+        if stopped:
+            if self.saved_step != self.step:
                 self.save()
+            raise guards.RunInterrupted(f"interrupted: the checkpoint of step {self.step} is in "
+                                        f"{checkpoint.checkpoint_root(self.run_dir)}; continue with --resume {self.run_dir}")
         if self.learner is not None:  # the last step's update, if it ran in the background
             self.on_drafter_update(self.learner.collect())
         return history
@@ -340,11 +363,12 @@ class Trainer:
                         scheduler=self.scheduler, drafter=self.drafter,
                         progress={"step": self.step, "data_position": self.step * self.cfg.prompts},
                         keep=self.cfg.keep_checkpoints, extras=extras)
+        self.saved_step = self.step
 
     def resume(self, path: Path) -> None:
         progress = checkpoint.load(path, self.d, actor=self.actor, optimizer=self.optimizer,
                                    scheduler=self.scheduler, drafter=self.drafter)
-        self.step = int(progress["step"])
+        self.step = self.saved_step = int(progress["step"])
         extras = checkpoint.load_extras(path)
         self.last_alpha_est = extras.get("last_alpha_est")
         self.drafter_prior = extras.get("solver_alpha", self.drafter_prior)  # prepare() builds the solver with it
@@ -373,6 +397,9 @@ class Trainer:
 
     def on_drafter_update(self, kd: dict | None) -> dict | None:
         """A finished drafter update: its acceptance estimate goes to the solver."""
+        if kd and "alpha_est" in kd and not all(math.isfinite(a) for a in kd["alpha_est"]):
+            # a non-finite teacher (the actor diverged): the estimate says nothing, keep the solver's
+            kd = {k: v for k, v in kd.items() if k not in ("alpha_est", "accept_est")}
         if kd and "alpha_est" in kd:
             self.last_alpha_est = kd["alpha_est"]
         if kd and "alpha_est" in kd and isinstance(self.engine.policy, AdaptiveK):
@@ -417,7 +444,9 @@ class Trainer:
         t0 = time.perf_counter()
         with tqdm(total=len(requests), desc=f"step {self.step + 1} rollout", disable=not (cfg.progress and d.main),
                   file=sys.stderr, leave=False) as bar:
-            completions = self.engine.generate(requests, params, on_finish=bar.update)
+            # one process abandons the rollout on Ctrl-C; ranks finish theirs and agree after the step
+            stop = (lambda: self.stop.requested) if d.world == 1 else None  # noqa: E731
+            completions = self.engine.generate(requests, params, on_finish=bar.update, should_stop=stop)
         rollout_s = time.perf_counter() - t0
         stats = self.engine.stats
         drafter_s, kd = 0.0, None
@@ -532,7 +561,7 @@ class Trainer:
                                                                     temperature=cfg.temperature)[0]
 
         sums = dict(pg=0.0, kl=0.0, clipped=0, tokens=0, entropy=0.0, trained=0, trained_completion=0, loss=0.0)
-        grad_norms = []
+        grad_norms, skipped = [], 0
         bar = tqdm(total=cfg.epochs * sum(len(p) for p in plan), desc="train",
                    disable=not (cfg.progress and d.main), file=sys.stderr, leave=False)
         self.actor.train()
@@ -569,8 +598,13 @@ class Trainer:
                         sums["clipped"] += terms.clipped
                         sums["tokens"] += int(mask.sum())
                         sums["entropy"] += float(entropy[mask].sum())
-                norm = torch.nn.utils.clip_grad_norm_(self.actor.parameters(), cfg.grad_clip)
-                grad_norms.append(float(distributed.full_tensor(norm)))
+                norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(self.actor.parameters(),
+                                                                                     cfg.grad_clip)))
+                if not math.isfinite(norm):  # a non-finite loss or gradient (the same on every rank: the norm
+                    self.optimizer.zero_grad(set_to_none=True)  # is global): skip this update
+                    skipped += 1
+                    continue
+                grad_norms.append(norm)
                 self.optimizer.step()
                 self.scheduler.step()
         bar.close()
@@ -582,7 +616,8 @@ class Trainer:
             "kl": round(g["kl"] / max(g["tokens"], 1), 6),
             "entropy": round(g["entropy"] / max(g["tokens"], 1), 4),
             "clip_frac": round(g["clipped"] / max(g["tokens"], 1), 4),
-            "grad_norm": round(sum(grad_norms) / len(grad_norms), 4),
+            "grad_norm": round(sum(grad_norms) / len(grad_norms), 4) if grad_norms else None,
+            "skipped_updates": skipped,
             "trained_tokens": int(g["trained"]),
             "trained_completion": int(g["trained_completion"]),
         }
