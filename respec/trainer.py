@@ -516,6 +516,8 @@ class Trainer:
             "sd_fraction": round(sd_steps / max(dsteps, 1), 4),
             "accept_len": round(sd_emitted / sd_rows, 4) if sd_rows else 0.0,
             "decode_steps": int(dsteps),
+            # (active batch, chosen k) of every decoding step of this rank's rollout: the long tail
+            "k_trace": [[b, k] for b, k in zip(stats.batch_sizes, stats.chosen_k)],
             # conditional acceptance per draft position, measured in this rollout (empty without SD)
             "alpha_measured": [round(a, 4) for a in conditional_alpha([a / sd_rows for a in accepted_at])] if sd_rows else [],
             "drafter_version": self.drafter_version,

@@ -1,0 +1,151 @@
+"""Side-by-side experiments: the same GRPO training with speculative decoding off, naive, and ReSpec's
+way, plus the ablation ladder, over several seeds.
+
+    python -m respec.experiment --out runs/exp [--steps 30] [--seeds 0,1] [-- TRAIN_PY_ARGS ...]
+    python -m respec.report runs/exp          # BENCHMARKS.md sections and plots from it
+
+Every variant trains the same model on the same task with the same global batch and seeds; only the
+speculation differs (train.py flags):
+
+    baseline            --sd off                                    no speculative decoding
+    sd-naive            --sd on --drafter-update frozen             always speculate, the drafter never updated
+    rkd                 --sd on --drafter-update rkd                + reward-weighted online distillation
+    rkd+adaptive        --sd adaptive --drafter-update rkd          + the solver picks k per step: ReSpec
+    rkd+adaptive+async  ... --drafter-async on                      + the update overlapped with the next rollout
+
+(`rkd`, `rkd+adaptive`, `rkd+adaptive+async` are the paper's ablation ladder, its Figure 14.) The
+report calls `rkd+adaptive+async` "respec" when `--respec-async on` (the overlap pays on the
+machine), else `rkd+adaptive`.
+
+Each run is a train.py run directory, OUT/<variant>/seed<N>, with its log beside it (seed<N>.log).
+Running the same command again resumes the experiment: finished runs are skipped and interrupted
+ones continue from their last checkpoint (`train.py --resume`); nothing is started over. The
+settings are kept in OUT/experiment.json, and a different command line against the same OUT is
+refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from respec.cli import OneLineParser, positive_int
+
+ROOT = Path(__file__).resolve().parents[1]
+
+VARIANTS: dict[str, list[str]] = {
+    "baseline": ["--sd", "off"],
+    "sd-naive": ["--sd", "on", "--drafter-update", "frozen"],
+    "rkd": ["--sd", "on", "--drafter-update", "rkd"],
+    "rkd+adaptive": ["--sd", "adaptive", "--drafter-update", "rkd"],
+    "rkd+adaptive+async": ["--sd", "adaptive", "--drafter-update", "rkd", "--drafter-async", "on"],
+}
+# flags the experiment sets itself: not allowed among the pass-through train.py arguments
+OWN_FLAGS = ("--out", "--seed", "--steps", "--resume", "--sd", "--drafter-update", "--drafter-async", "--stage")
+
+
+def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    p = OneLineParser(prog="python -m respec.experiment", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--out", type=Path, required=True, help="experiment directory (created, or resumed if it exists)")
+    p.add_argument("--steps", type=positive_int, default=30, help="RL steps of every run")
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds; every variant runs with each")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    p.add_argument("--respec-async", choices=["on", "off"], default="off",
+                   help="which ladder run the report calls 'respec' (on: the one with the overlapped update)")
+    p.add_argument("--nproc", type=positive_int, default=1, help="ranks per run (torchrun --nproc_per_node)")
+    args = p.parse_args(own)
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    args.variants = [v for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown or not args.variants or not args.seeds:
+        p.error(f"unknown variant(s) {', '.join(unknown)} (choose from {', '.join(VARIANTS)})" if unknown
+                else "no variants or seeds given")
+    clash = [a for a in passthrough if a.split("=")[0] in OWN_FLAGS]
+    if clash:
+        p.error(f"{', '.join(clash)} is set by the experiment itself; not allowed after --")
+    args.train_args = passthrough
+    return args
+
+
+def settings(args) -> dict:
+    """What defines the experiment (a resumed experiment must have the same)."""
+    return {"steps": args.steps, "seeds": args.seeds, "variants": args.variants, "train_args": args.train_args,
+            "respec_async": args.respec_async, "nproc": args.nproc}
+
+
+def run_dir(out: Path, variant: str, seed: int) -> Path:
+    return out / variant / f"seed{seed}"
+
+
+def finished(run: Path, steps: int) -> bool:
+    metrics = run / "metrics.jsonl"
+    return (run / "hf").is_dir() and metrics.is_file() and len(metrics.read_text().splitlines()) >= steps
+
+
+def command(args, variant: str, seed: int) -> list[str]:
+    run = run_dir(args.out, variant, seed)
+    launcher = [sys.executable] if args.nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "--standalone"]
+    if (run / "config.json").is_file():  # started before: continue it
+        return launcher + [str(ROOT / "train.py"), "--resume", str(run), "--steps", str(args.steps), "--no-progress"]
+    return launcher + [str(ROOT / "train.py"), *args.train_args, *VARIANTS[variant], "--seed", str(seed),
+                       "--steps", str(args.steps), "--out", str(run), "--no-progress"]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    manifest = args.out / "experiment.json"
+    want = settings(args)
+    if manifest.is_file():
+        saved = json.loads(manifest.read_text())
+        saved.pop("started", None)
+        if saved != want:
+            print(f"respec.experiment: error: {args.out} holds an experiment with other settings ({manifest}); "
+                  "choose a new --out", file=sys.stderr)
+            return 2
+    elif args.out.exists() and any(args.out.iterdir()):
+        print(f"respec.experiment: error: {args.out} exists and is not an experiment directory", file=sys.stderr)
+        return 2
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        manifest.write_text(json.dumps({**want, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2) + "\n")
+    runs = [(v, s) for s in args.seeds for v in args.variants]
+    for i, (variant, seed) in enumerate(runs, 1):
+        run = run_dir(args.out, variant, seed)
+        if finished(run, args.steps):
+            print(f"[{i}/{len(runs)}] {variant} seed {seed}: done", flush=True)
+            continue
+        if run.is_dir() and not any(run.iterdir()):  # killed between creating it and writing its config
+            run.rmdir()
+        cmd = command(args, variant, seed)
+        log = run.parent / f"seed{seed}.log"
+        run.parent.mkdir(parents=True, exist_ok=True)
+        print(f"[{i}/{len(runs)}] {variant} seed {seed}: {'resuming' if '--resume' in cmd else 'running'} "
+              f"(log {log})", flush=True)
+        t0 = time.perf_counter()
+        with open(log, "a") as f:
+            f.write(f"$ {' '.join(cmd)}\n")
+            f.flush()
+            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        if code != 0:
+            print(f"respec.experiment: error: {variant} seed {seed} failed (exit {code}); see {log}; run the same "
+                  "command again to continue", file=sys.stderr)
+            return 1
+        print(f"[{i}/{len(runs)}] {variant} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"all {len(runs)} runs done; report: python -m respec.report {args.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

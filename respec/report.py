@@ -1,0 +1,250 @@
+"""The report of a side-by-side experiment (respec/experiment.py): Markdown and plots.
+
+    python -m respec.report runs/exp            # writes runs/exp/BENCHMARKS.md and runs/exp/plots/*.png
+
+What it shows, per variant (seeds pooled; spread = min..max over seeds):
+  * step time and its phases (rollout, reward, train, drafter), the rollout's share of the step;
+  * end-to-end speedup over the baseline: per step (baseline step time / variant step time, same
+    seed and step, averaged over seeds), its peak over steps, and on average (total baseline time /
+    total variant time);
+  * rollout tokens/s, the fraction of decoding steps that speculated, accept_len over steps (and the
+    drafter's 1 - TV estimate where it is distilled online);
+  * the chosen k against the active batch size during one rollout of ReSpec (the long tail);
+  * reward and accuracy curves with their seed spread.
+It reads only what the runs wrote (metrics.jsonl); nothing is measured here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from respec.plot import read_metrics
+
+PHASES = (("rollout_s", "rollout"), ("reward_s", "reward"), ("train_s", "train"), ("drafter_s", "drafter"))
+
+
+def load(out: Path) -> tuple[dict, dict[str, dict[int, list[dict]]]]:
+    """(settings, {variant: {seed: metrics rows}}) of the runs that have metrics."""
+    manifest = Path(out) / "experiment.json"
+    if not manifest.is_file():
+        raise ValueError(f"{out} is not an experiment directory (no experiment.json)")
+    cfg = json.loads(manifest.read_text())
+    runs: dict[str, dict[int, list[dict]]] = {}
+    for variant in cfg["variants"]:
+        for seed in cfg["seeds"]:
+            path = Path(out) / variant / f"seed{seed}"
+            if (path / "metrics.jsonl").is_file():
+                runs.setdefault(variant, {})[seed] = read_metrics(path)
+    if "baseline" not in runs:
+        raise ValueError(f"{out} has no baseline run with metrics yet")
+    return cfg, runs
+
+
+def respec_variant(cfg: dict, runs: dict) -> str | None:
+    name = "rkd+adaptive+async" if cfg.get("respec_async") == "on" else "rkd+adaptive"
+    return name if name in runs else None
+
+
+def mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def per_step(seeds: dict[int, list[dict]], key: str) -> list[float]:
+    """The seed mean of `key` at every step all seeds reached."""
+    n = min(len(rows) for rows in seeds.values())
+    return [mean(rows[i].get(key) or 0.0 for rows in seeds.values()) for i in range(n)]
+
+
+def speedups(base: dict[int, list[dict]], var: dict[int, list[dict]]) -> tuple[list[float], float]:
+    """(per-step speedup, seed mean; total-time speedup) over the seeds and steps both have."""
+    seeds = sorted(set(base) & set(var))
+    n = min(min(len(base[s]), len(var[s])) for s in seeds)
+    steps = [mean(base[s][i]["step_s"] / var[s][i]["step_s"] for s in seeds) for i in range(n)]
+    total = sum(base[s][i]["step_s"] for s in seeds for i in range(n)) / sum(var[s][i]["step_s"] for s in seeds
+                                                                           for i in range(n))
+    return steps, total
+
+
+def first_last(rows_by_seed: dict[int, list[dict]], key: str, n: int = 5) -> str:
+    """mean of the first n steps -> the last n, with the seed spread of each."""
+    firsts = [mean(r[key] for r in rows[:n]) for rows in rows_by_seed.values()]
+    lasts = [mean(r[key] for r in rows[-n:]) for rows in rows_by_seed.values()]
+    spread = lambda xs: f" ({min(xs):.2f}..{max(xs):.2f})" if len(xs) > 1 else ""  # noqa: E731
+    return f"{mean(firsts):.3f}{spread(firsts)} -> {mean(lasts):.3f}{spread(lasts)}"
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def table(cfg: dict, runs: dict) -> str:
+    base = runs["baseline"]
+    respec = respec_variant(cfg, runs)
+    head = ["variant", "seeds", "step s", "rollout / reward / train / drafter s", "rollout share", "rollout tok/s",
+            "SD steps", "accept_len first 5 -> last 5", "speedup avg (peak)", "reward first 5 -> last 5"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for variant, seeds in runs.items():
+        rows = [r for rs in seeds.values() for r in rs]
+        phases = " / ".join(f"{mean(r[k] for r in rows):.2f}" for k, _ in PHASES)
+        share = sum(r["rollout_s"] for r in rows) / sum(r["step_s"] for r in rows)
+        tok_s = sum(r["rollout_tok_s"] * r["rollout_s"] for r in rows) / max(sum(r["rollout_s"] for r in rows), 1e-9)
+        sd = mean(r["sd_fraction"] for r in rows)
+        accept = first_last(seeds, "accept_len") if sd > 0 else "-"
+        per, total = speedups(base, seeds)
+        speed = f"{total:.2f}x ({max(per):.2f}x)" if variant != "baseline" else "1"
+        name = f"**{variant}** (respec)" if variant == respec else variant
+        lines.append(f"| {name} | {len(seeds)} | {mean(r['step_s'] for r in rows):.2f} | {phases} | {share:.0%} | "
+                     f"{tok_s:.0f} | {sd:.0%} | {accept} | {speed} | {first_last(seeds, 'reward_mean')} |")
+    return "\n".join(lines)
+
+
+def plots(cfg: dict, runs: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    colors = {v: f"C{i}" for i, v in enumerate(runs)}
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(out / name)
+
+    # 1. phases of the mean step, per variant
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    names = list(runs)
+    bottom = [0.0] * len(names)
+    for key, label in PHASES:
+        vals = [mean(r[key] for rs in runs[v].values() for r in rs) for v in names]
+        ax.bar(names, vals, bottom=bottom, label=label)
+        bottom = [b + x for b, x in zip(bottom, vals)]
+    ax.set_ylabel("seconds per RL step (mean)")
+    ax.tick_params(axis="x", labelrotation=15)
+    ax.legend()
+    save(fig, "phases.png")
+
+    # 2. speedup over the baseline per step; 3. rollout tokens/s; 4. accept_len
+    fig, (sp, tok, acc) = plt.subplots(1, 3, figsize=(15, 3.8))
+    for v, seeds in runs.items():
+        per, _ = speedups(runs["baseline"], seeds)
+        steps = range(1, len(per) + 1)
+        if v != "baseline":
+            sp.plot(steps, per, color=colors[v], marker="o", ms=3, label=v)
+        tok.plot(range(1, len(per_step(seeds, "rollout_tok_s")) + 1), per_step(seeds, "rollout_tok_s"),
+                 color=colors[v], label=v)
+        if mean(r["sd_fraction"] for rs in seeds.values() for r in rs) > 0:
+            acc_vals = per_step(seeds, "accept_len")
+            acc.plot(range(1, len(acc_vals) + 1), acc_vals, color=colors[v], marker="o", ms=3, label=v)
+            if all("accept_est" in r for rs in seeds.values() for r in rs[1:]):
+                est = per_step(seeds, "accept_est")
+                acc.plot(range(1, len(est) + 1), est, color=colors[v], ls="--", label=f"{v} (1 - TV estimate)")
+    sp.axhline(1.0, color="gray", lw=0.8)
+    for ax, ylabel in ((sp, "speedup over baseline (step time)"), (tok, "rollout tokens/s"),
+                       (acc, "accept_len (tokens per verify step)")):
+        ax.set_xlabel("RL step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    save(fig, "speed.png")
+
+    # 5. chosen k against the active batch in one rollout of ReSpec (the middle step of seed 0's run)
+    respec = respec_variant(cfg, runs)
+    if respec is not None:
+        rows = runs[respec][min(runs[respec])]
+        row = rows[len(rows) // 2]
+        trace = row.get("k_trace") or []
+        if trace:
+            fig, ax = plt.subplots(figsize=(7, 3.8))
+            ax.plot([b for b, _ in trace], color="C0", label="active batch")
+            ax.set_xlabel(f"decoding step (rollout of RL step {row['step']}, {respec})")
+            ax.set_ylabel("active sequences")
+            ax2 = ax.twinx()
+            ax2.step(range(len(trace)), [k for _, k in trace], color="C3", where="post", label="chosen k")
+            ax2.set_ylabel("draft length k (0 = plain decoding)")
+            ax2.set_ylim(-0.2, max(k for _, k in trace) + 0.5)
+            ax.legend(loc="upper center")
+            ax2.legend(loc="upper right")
+            save(fig, "k_vs_batch.png")
+
+    # 6. reward and accuracy: seed mean with min..max band
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    for ax, key in zip(axes, ("reward_mean", "accuracy")):
+        for v, seeds in runs.items():
+            n = min(len(rs) for rs in seeds.values())
+            vals = [[rs[i][key] for rs in seeds.values()] for i in range(n)]
+            steps = range(1, n + 1)
+            ax.plot(steps, [mean(x) for x in vals], color=colors[v], label=v)
+            if len(seeds) > 1:
+                ax.fill_between(steps, [min(x) for x in vals], [max(x) for x in vals], color=colors[v], alpha=0.15)
+        ax.set_xlabel("RL step")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    save(fig, "reward.png")
+    return written
+
+
+def report(out: Path) -> Path:
+    cfg, runs = load(out)
+    pngs = plots(cfg, runs, Path(out) / "plots")
+    steps = {v: min(len(rs) for rs in seeds.values()) for v, seeds in runs.items()}
+    cmd = " ".join(["python -m respec.experiment --out", str(out), "--steps", str(cfg["steps"]), "--seeds",
+                    ",".join(map(str, cfg["seeds"])), "--variants", ",".join(cfg["variants"])]
+                   + (["--respec-async", "on"] if cfg.get("respec_async") == "on" else [])
+                   + (["--", *cfg["train_args"]] if cfg["train_args"] else []))
+    text = "\n".join([
+        f"## Side by side: {', '.join(runs)}",
+        "",
+        f"Command: `{cmd}`, then `python -m respec.report {out}`.  ",
+        f"Machine: {machine()}.  ",
+        f"Experiment started {cfg.get('started', '?')}; report written {time.strftime('%Y-%m-%d %H:%M')}; "
+        f"steps per run: {', '.join(f'{v} {n}' for v, n in steps.items())}.",
+        "",
+        table(cfg, runs),
+        "",
+        *[f"![{p.stem}](plots/{p.name})" for p in pngs],
+        "",
+    ])
+    path = Path(out) / "BENCHMARKS.md"
+    path.write_text(text)
+    return path
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: python -m respec.report EXPERIMENT_DIR", file=sys.stderr)
+        return 2
+    try:
+        path = report(Path(argv[0]))
+    except ValueError as e:
+        print(f"respec.report: error: {e}", file=sys.stderr)
+        return 2
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""The side-by-side experiment runner and its report on the tiny model: an experiment killed in the
+middle of a run continues where it stopped, a different command line against the same directory
+is refused, and the report has every variant's row and plot."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from test_trainer import ROOT
+
+TOY = ["--model", "tiny", "--task", "toy-letters", "--prompts", "4", "--group", "8", "--max-new-tokens", "8",
+       "--temperature", "0.05", "--lr", "1e-3", "--eager", "--drafter", "random"]
+
+
+def experiment(out, *extra, **kw) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "respec.experiment", "--out", str(out), "--steps", "3", "--seeds", "0",
+           "--variants", "baseline,rkd", *extra, "--", *TOY]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, **kw)
+
+
+def test_experiment_resumes_and_reports(tmp_path):
+    out = tmp_path / "exp"
+    # Kill the whole experiment (runner and its train.py) once the baseline has a checkpointed step.
+    proc = subprocess.Popen([sys.executable, "-m", "respec.experiment", "--out", str(out), "--steps", "3", "--seeds",
+                             "0", "--variants", "baseline,rkd", "--", *TOY, "--checkpoint-every", "1"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = out / "baseline" / "seed0" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and not latest.is_file():
+        assert proc.poll() is None
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "rkd").exists()
+
+    # The same command again: the baseline resumes from its checkpoint, rkd runs, both complete.
+    cmd_args = ["--", *TOY, "--checkpoint-every", "1"]
+    done = subprocess.run([sys.executable, "-m", "respec.experiment", "--out", str(out), "--steps", "3", "--seeds",
+                           "0", "--variants", "baseline,rkd", *cmd_args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "baseline seed 0: resuming" in done.stdout and "rkd seed 0: running" in done.stdout
+    for variant in ("baseline", "rkd"):
+        rows = (out / variant / "seed0" / "metrics.jsonl").read_text().splitlines()
+        assert len(rows) == 3 and (out / variant / "seed0" / "hf").is_dir()
+    assert "--resume" in (out / "baseline" / "seed0.log").read_text()
+
+    again = subprocess.run([sys.executable, "-m", "respec.experiment", "--out", str(out), "--steps", "3", "--seeds",
+                            "0", "--variants", "baseline,rkd", *cmd_args], capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 0 and again.stdout.count(": done") == 2
+
+    other = experiment(out)  # other settings (no --checkpoint-every): refused, nothing touched
+    assert other.returncode == 2 and "other settings" in other.stderr and len(other.stderr.splitlines()) == 1
+
+    report = subprocess.run([sys.executable, "-m", "respec.report", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert report.returncode == 0, report.stderr
+    text = (out / "BENCHMARKS.md").read_text()
+    assert "| baseline | 1 |" in text and "| rkd | 1 |" in text and "python -m respec.experiment" in text
+    for png in ("phases", "speed", "reward"):
+        assert (out / "plots" / f"{png}.png").stat().st_size > 0 and f"plots/{png}.png" in text
+
+
+def test_bad_experiment_arguments(tmp_path):
+    bad = {
+        "own flag": (["--", "--sd", "on"], "is set by the experiment itself"),
+        "unknown variant": (["--variants", "baseline,turbo"], "unknown variant"),
+        "bad seeds": (["--seeds", "a,b"], "--seeds must be comma-separated integers"),
+    }
+    for name, (args, needle) in bad.items():
+        out = subprocess.run([sys.executable, "-m", "respec.experiment", "--out", str(tmp_path / name), *args],
+                             capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 2 and needle in out.stderr and len(out.stderr.splitlines()) == 1, (name, out.stderr)
+        assert not (tmp_path / name).exists()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("x")
+    out = subprocess.run([sys.executable, "-m", "respec.experiment", "--out", str(tmp_path / "notes")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "not an experiment directory" in out.stderr
+    assert os.listdir(tmp_path / "notes") == ["keep.txt"]
+    rep = subprocess.run([sys.executable, "-m", "respec.report", str(tmp_path / "notes")], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert rep.returncode == 2 and "not an experiment directory" in rep.stderr
