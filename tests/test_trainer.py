@@ -217,3 +217,56 @@ def test_online_kd_two_ranks_equal_one_process(tmp_path):
         assert rb["alpha_est"] == pytest.approx(ra["alpha_est"], abs=1e-4)
     worst = max_abs_diff(one / "drafter" / "model.safetensors", two / "drafter" / "model.safetensors")
     assert worst < 1e-5, worst
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--lr", "-1"], "--lr and --grad-clip must be positive"),
+    (["--kl-coef", "-0.1"], "--kl-coef >= 0"),
+    (["--k", "0"], "must be positive, got 0"),
+    (["--steps", "ten"], "not an integer"),
+    (["--prompts", "-4"], "must be positive"),
+    (["--sd", "sometimes"], "invalid choice"),
+    (["--compile", "maybe"], "invalid choice"),
+    (["--dtype", "fp16"], "fp16 on CPU"),
+    (["--drafter-update", "bogus"], "invalid choice"),
+    (["--drafter-async", "yes"], "invalid choice"),
+    (["--drafter-lr", "0"], "--drafter-lr must be positive"),
+    (["--drafter-batch", "0"], "must be positive"),
+    (["--sd", "on", "--drafter", "no/such/drafter"], "drafter not found"),
+    (["--model", "no/such/model"], "model path not found"),
+    (["--model", "model.gguf"], "GGUF file not found"),
+    (["--data", "EMPTY"], "has no problems"),
+])
+def test_bad_flags_are_one_line(tmp_path, capsys, args, needle):
+    """Every flag with a wrong value: one line on stderr, exit code 2, no run directory."""
+    import train as train_py
+
+    (tmp_path / "empty.jsonl").write_text("\n")
+    args = [str(tmp_path / "empty.jsonl") if a == "EMPTY" else a for a in args]
+    out = tmp_path / "run"
+    try:
+        code = train_py.main(["--model", "tiny", "--sd", "off", *args, "--out", str(out), "--no-progress"])
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], (code, err)
+    assert not out.exists()
+
+
+def test_model_directory_with_a_missing_shard(tmp_path, tokenizer):
+    """A checkpoint whose index names a shard that is not there: one line, nothing created."""
+    from models.loading import random_model, save_hf_checkpoint
+    from models.decoder import PRESETS
+
+    ckpt = tmp_path / "ckpt"
+    save_hf_checkpoint(random_model(PRESETS["tiny"]), ckpt, tokenizer)
+    (ckpt / "model.safetensors").rename(ckpt / "model-00001-of-00002.safetensors")
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+        "model.norm.weight": "model-00002-of-00002.safetensors"}}))
+    out = train("--model", str(ckpt), "--sd", "off", "--out", str(tmp_path / "run"), check=False)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "missing shard model-00002-of-00002" in lines[0], lines
+    assert not (tmp_path / "run").exists()
