@@ -18,6 +18,9 @@ report calls `rkd+adaptive+async` "respec" when `--respec-async on` (the overlap
 machine), else `rkd+adaptive`.
 
 Each run is a train.py run directory, OUT/<variant>/seed<N>, with its log beside it (seed<N>.log).
+Disk: a SmolLM2 run's checkpoint (actor, AdamW state, drafter) is ~1.7 GB; runs keep one while they
+run and drop it when they finish (the report reads only metrics.jsonl; the final actor stays in
+RUN_DIR/hf, ~0.5 GB). Keeping train.py's default two per run, 20 runs filled 70 GB here.
 Running the same command again resumes the experiment: finished runs are skipped and interrupted
 ones continue from their last checkpoint (`train.py --resume`); nothing is started over. The
 settings are kept in OUT/experiment.json, and a different command line against the same OUT is
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -45,7 +49,8 @@ VARIANTS: dict[str, list[str]] = {
     "rkd+adaptive+async": ["--sd", "adaptive", "--drafter-update", "rkd", "--drafter-async", "on"],
 }
 # flags the experiment sets itself: not allowed among the pass-through train.py arguments
-OWN_FLAGS = ("--out", "--seed", "--steps", "--resume", "--sd", "--drafter-update", "--drafter-async", "--stage")
+OWN_FLAGS = ("--out", "--seed", "--steps", "--resume", "--sd", "--drafter-update", "--drafter-async", "--stage",
+             "--keep-checkpoints")
 
 
 def parse_args(argv=None):
@@ -100,7 +105,7 @@ def command(args, variant: str, seed: int) -> list[str]:
     if (run / "config.json").is_file():  # started before: continue it
         return launcher + [str(ROOT / "train.py"), "--resume", str(run), "--steps", str(args.steps), "--no-progress"]
     return launcher + [str(ROOT / "train.py"), *args.train_args, *VARIANTS[variant], "--seed", str(seed),
-                       "--steps", str(args.steps), "--out", str(run), "--no-progress"]
+                       "--steps", str(args.steps), "--out", str(run), "--keep-checkpoints", "1", "--no-progress"]
 
 
 def main(argv=None) -> int:
@@ -142,6 +147,7 @@ def main(argv=None) -> int:
             print(f"respec.experiment: error: {variant} seed {seed} failed (exit {code}); see {log}; run the same "
                   "command again to continue", file=sys.stderr)
             return 1
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)  # finished: the report needs only its metrics
         print(f"[{i}/{len(runs)}] {variant} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
     print(f"all {len(runs)} runs done; report: python -m respec.report {args.out}", flush=True)
     return 0

@@ -47,6 +47,7 @@ def test_experiment_resumes_and_reports(tmp_path):
     for variant in ("baseline", "rkd"):
         rows = (out / variant / "seed0" / "metrics.jsonl").read_text().splitlines()
         assert len(rows) == 3 and (out / variant / "seed0" / "hf").is_dir()
+        assert not (out / variant / "seed0" / "checkpoints").exists()  # dropped once the run finished
     assert "--resume" in (out / "baseline" / "seed0.log").read_text()
 
     again = subprocess.run([sys.executable, "-m", "respec.experiment", "--out", str(out), "--steps", "3", "--seeds",
