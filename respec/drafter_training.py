@@ -52,6 +52,12 @@ def draft_vocabulary(seqs: Sequences, size: int, vocab_size: int) -> torch.Tenso
     return counts.argsort(descending=True, stable=True)[:size]
 
 
+def distilled(prompt_len: int, n: int) -> slice:
+    """The positions of a sequence of n tokens whose next token is a completion token: the ones the
+    head is distilled on and the acceptance estimated at (what drafting will see)."""
+    return slice(max(prompt_len - 1, 0), n - 1)
+
+
 @torch.no_grad()
 def target_features(target, seqs: Sequences, feature_layers, batch: int = 8, *, temperature: float | None = None):
     """Per sequence: (taps (T, 3d), final normed hidden (T, d)) from one causal target forward; with
@@ -71,7 +77,7 @@ def target_features(target, seqs: Sequences, feature_layers, batch: int = 8, *, 
             lens, plens = [len(t) for t in group], seqs.prompt_lens[i:i + batch]
             where = torch.zeros(len(group), T, dtype=torch.bool, device=hidden.device)
             for j, (n, p) in enumerate(zip(lens, plens)):
-                where[j, max(p - 1, 0): n - 1] = True
+                where[j, distilled(p, n)] = True
             lse = torch.zeros(len(group), T, device=hidden.device)
             lse[where] = (target.logits(hidden[where]) / temperature).logsumexp(-1)  # (rows,) fp32
         for j, t in enumerate(group):  # right padding never affects earlier positions (causal)
@@ -175,8 +181,7 @@ def head_loss(head: EagleHead, target, batch, unroll: int, *, weights: torch.Ten
 
 def collate(seqs: Sequences, feats, idx: list[int]):
     """Sequences `idx` right-padded: tokens (B, T), taps (B, T, 3d), final (B, T, d), mask (B, T)
-    (positions whose next token is a completion token: what drafting will see) and, if `feats`
-    carry it, the log-partition lse (B, T) (else None)."""
+    (`distilled` positions) and, if `feats` carry it, the log-partition lse (B, T) (else None)."""
     T = max(len(seqs.tokens[j]) for j in idx)
     d3, d = feats[idx[0]][0].shape[-1], feats[idx[0]][1].shape[-1]
     tokens = torch.zeros(len(idx), T, dtype=torch.int64)
@@ -190,7 +195,7 @@ def collate(seqs: Sequences, feats, idx: list[int]):
         taps[r, :n], final[r, :n] = feats[j][:2]
         if lse is not None:
             lse[r, :n] = feats[j][2]
-        mask[r, max(seqs.prompt_lens[j] - 1, 0): n - 1] = True
+        mask[r, distilled(seqs.prompt_lens[j], n)] = True
     return tokens, taps, final, mask, lse
 
 

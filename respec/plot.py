@@ -90,8 +90,8 @@ def plot_run(run_dir: Path) -> list[Path]:
 
 def acceptance_pairs(rows: list[dict]) -> list[tuple[list[float], list[float], float, float]]:
     """(estimated alpha, measured alpha, estimated accept_len, measured accept_len) for every rollout
-    that speculated with the drafter version an estimate was computed for (the same step when the
-    drafter update is synchronous, two steps later when it runs in the background)."""
+    that speculated with the drafter version an estimate was computed for (paired by version, so
+    synchronous and background updates pair alike)."""
     measured = {r["drafter_version"]: r for r in rows if r.get("alpha_measured")}
     out = []
     for r in rows:
@@ -99,6 +99,11 @@ def acceptance_pairs(rows: list[dict]) -> list[tuple[list[float], list[float], f
         if "alpha_est" in r and m is not None:
             out.append((r["alpha_est"], m["alpha_measured"], r["accept_est"], m["accept_len"]))
     return out
+
+
+def mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
 
 
 def correlation(xs: list[float], ys: list[float]) -> float:
@@ -115,7 +120,6 @@ def summary_table(run_dirs: list[Path], first: int = 5) -> str:
     head = ("| run | steps | accept_len first {n} -> last {n} | estimate first {n} -> last {n} | alpha_1 est vs "
             "measured: corr, mean gap | reward first {n} -> last {n} | step s | drafter s on the step |").format(n=first)
     lines = [head, "|" + "---|" * 8]
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     for run in run_dirs:
         rows = read_metrics(run)
         acc = [r["accept_len"] for r in rows if r.get("accept_len")]

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from respec.plot import read_metrics
+from respec.plot import mean, read_metrics
 
 PHASES = (("rollout_s", "rollout"), ("reward_s", "reward"), ("train_s", "train"), ("drafter_s", "drafter"))
 
@@ -48,11 +48,6 @@ def load(out: Path) -> tuple[dict, dict[str, dict[int, list[dict]]]]:
 def respec_variant(cfg: dict, runs: dict) -> str | None:
     name = "rkd+adaptive+async" if cfg.get("respec_async") == "on" else "rkd+adaptive"
     return name if name in runs else None
-
-
-def mean(xs) -> float:
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else float("nan")
 
 
 def per_step(seeds: dict[int, list[dict]], key: str) -> list[float]:

@@ -397,12 +397,13 @@ class Trainer:
 
     def on_drafter_update(self, kd: dict | None) -> dict | None:
         """A finished drafter update: its acceptance estimate goes to the solver."""
-        if kd and "alpha_est" in kd and not all(math.isfinite(a) for a in kd["alpha_est"]):
+        if not kd or "alpha_est" not in kd:
+            return kd
+        if not all(math.isfinite(a) for a in kd["alpha_est"]):
             # a non-finite teacher (the actor diverged): the estimate says nothing, keep the solver's
-            kd = {k: v for k, v in kd.items() if k not in ("alpha_est", "accept_est")}
-        if kd and "alpha_est" in kd:
-            self.last_alpha_est = kd["alpha_est"]
-        if kd and "alpha_est" in kd and isinstance(self.engine.policy, AdaptiveK):
+            return {k: v for k, v in kd.items() if k not in ("alpha_est", "accept_est")}
+        self.last_alpha_est = kd["alpha_est"]
+        if isinstance(self.engine.policy, AdaptiveK):
             self.engine.policy.set_alpha(kd["alpha_est"])
         return kd
 
@@ -440,7 +441,7 @@ class Trainer:
 
         # 1. rollout
         self.engine.stats = EngineStats()
-        self.drafter_version = self.learner.live_version if self.learner is not None else 0  # drafter updates in it
+        drafter_version = self.learner.live_version if self.learner is not None else 0  # drafter updates in it
         t0 = time.perf_counter()
         with tqdm(total=len(requests), desc=f"step {self.step + 1} rollout", disable=not (cfg.progress and d.main),
                   file=sys.stderr, leave=False) as bar:
@@ -485,7 +486,8 @@ class Trainer:
         # 5. metrics, summed over ranks
         n = len(scored)
         accepted_at = (stats.sd_accepted_at + [0] * cfg.k)[:cfg.k]
-        sums = distributed.all_reduce_sum([*accepted_at, 
+        sums = distributed.all_reduce_sum([
+            *accepted_at,
             n, sum(s.reward for s in scored), sum(s.reward ** 2 for s in scored), sum(s.correct >= 1.0 for s in scored),
             sum(s.formatted for s in scored), sum(len(c.token_ids) for c in completions),
             float(sum(len(set(row)) > 1 for row in r.tolist())), stats.generated_tokens,
@@ -520,7 +522,7 @@ class Trainer:
             "k_trace": [[b, k] for b, k in zip(stats.batch_sizes, stats.chosen_k)],
             # conditional acceptance per draft position, measured in this rollout (empty without SD)
             "alpha_measured": [round(a, 4) for a in conditional_alpha([a / sd_rows for a in accepted_at])] if sd_rows else [],
-            "drafter_version": self.drafter_version,
+            "drafter_version": drafter_version,
             **(kd or {}),
             "train_mfu": round(6 * (self.n_body * upd["trained_tokens"] + self.n_head * upd["trained_completion"])
                                / max(train_max, 1e-9) / self.peak_flops, 4),

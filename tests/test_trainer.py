@@ -203,7 +203,7 @@ def test_online_kd_async_resume_is_exact(tmp_path):
     assert [{k: r.get(k) for k in KD_EXACT} for r in metrics(split)] == [{k: r.get(k) for k in KD_EXACT} for r in rows]
     assert [r["drafter_version"] for r in rows] == [0, 0, 1, 2]  # async: a rollout drafts one update behind
     assert [r.get("kd_step") for r in rows] == [None, 0, 1, 2]  # an update's stats arrive with the next rollout
-    assert all(r["alpha_measured"] for r in rows) and all(r["drafter_s"] >= 0 for r in rows)
+    assert all(r["alpha_measured"] for r in rows)  # every rollout speculated and measured its acceptance
     assert (straight / "drafter" / "model.safetensors").is_file()
 
 
