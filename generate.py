@@ -66,6 +66,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def parse_device(spec: str) -> torch.device:
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"--device {spec!r} is not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec}: no CUDA GPU is available")
+    return device
+
+
 def make_drafter(spec: str | None, model, k: int):
     """The drafter a --drafter spec names (None without one)."""
     if spec is None:
@@ -269,7 +279,11 @@ def main(argv=None) -> int:
                 raise ValueError(f"directory {args.json.parent} does not exist")
         if args.temperature < 0:
             raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-        device = torch.device(args.device)
+        if not 0 < args.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+        if args.top_k < 0:
+            raise ValueError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+        device = parse_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         model = load_model(args.model, dtype=dtype, device=device, seed=args.seed)
         tokenizer = load_tokenizer(args.model)

@@ -110,6 +110,23 @@ def table(cfg: dict, runs: dict) -> str:
     return "\n".join(lines)
 
 
+def reward_table(runs: dict) -> str:
+    """Each seed's run-mean reward and accuracy, and whether a variant's range over seeds meets the
+    baseline's (with two seeds the ranges are narrow: read it with the curves' bands)."""
+    def run_means(seeds: dict[int, list[dict]], key: str) -> list[float]:
+        return [mean(r[key] for r in rows) for _, rows in sorted(seeds.items())]
+
+    base = run_means(runs["baseline"], "reward_mean")
+    head = ["variant", "reward, run mean per seed", "accuracy, run mean per seed", "reward range meets baseline's"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for variant, seeds in runs.items():
+        rew, acc = run_means(seeds, "reward_mean"), run_means(seeds, "accuracy")
+        meets = "-" if variant == "baseline" else ("yes" if min(rew) <= max(base) and max(rew) >= min(base) else "no")
+        lines.append(f"| {variant} | {' / '.join(f'{x:.3f}' for x in rew)} | {' / '.join(f'{x:.3f}' for x in acc)} "
+                     f"| {meets} |")
+    return "\n".join(lines)
+
+
 def plots(cfg: dict, runs: dict, out: Path) -> list[Path]:
     import matplotlib
 
@@ -218,6 +235,8 @@ def report(out: Path) -> Path:
         f"steps per run: {', '.join(f'{v} {n}' for v, n in steps.items())}.",
         "",
         table(cfg, runs),
+        "",
+        reward_table(runs),
         "",
         *[f"![{p.stem}](plots/{p.name})" for p in pngs],
         "",

@@ -43,9 +43,22 @@ def one_line_error(code, err, needle):
     (["--model", "tiny", "--drafter", "first:1", "--k", "0"], "--k must be >= 1"),
     (["--model", "tiny", "--drafter", "first:1", "--k", "-2"], "--k must be >= 1"),
     (["--model", "tiny", "--drafter", "/no/such/drafter"], "drafter not found"),
+    (["--model", "tiny", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--model", "tiny", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--model", "tiny", "--top-k", "-1"], "--top-k must be >= 0"),
+    (["--model", "tiny", "--device", "gpu0"], "is not a device"),
+    (["--model", "tiny", "--sweep-reps", "0"], "must be positive"),
+    (["--model", "tiny", "--longtail-samples", "-1"], "must be positive"),
+    (["--model", "tiny", "--steps-typo", "3"], "unrecognized arguments"),
+    (["--model", "tiny", "--bench", "--sweep"], "separate runs"),
 ])
 def test_bad_arguments(capsys, argv, needle):
     one_line_error(*run_main(capsys, *argv), needle)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is there")
+def test_cuda_device_without_a_gpu(capsys):
+    one_line_error(*run_main(capsys, "--model", "tiny", "--device", "cuda"), "no CUDA GPU is available")
 
 
 def test_prompt_longer_than_context(capsys):

@@ -85,3 +85,18 @@ def test_bad_experiment_arguments(tmp_path):
     rep = subprocess.run([sys.executable, "-m", "respec.report", str(tmp_path / "notes")], capture_output=True,
                          text=True, cwd=ROOT)
     assert rep.returncode == 2 and "not an experiment directory" in rep.stderr
+
+
+def test_reward_table_compares_seed_ranges():
+    from respec.report import reward_table
+
+    def run(*rewards):  # one seed's metrics rows
+        return [{"reward_mean": r, "accuracy": r / 2} for r in rewards]
+
+    runs = {"baseline": {0: run(0.4, 0.6), 1: run(0.6, 0.8)},  # run means 0.5, 0.7
+            "close": {0: run(0.6, 0.8), 1: run(0.8, 1.0)},  # 0.7, 0.9: meets at 0.7
+            "worse": {0: run(0.1, 0.2), 1: run(0.2, 0.3)}}  # 0.15, 0.25: below the baseline's range
+    lines = reward_table(runs).splitlines()
+    assert lines[2] == "| baseline | 0.500 / 0.700 | 0.250 / 0.350 | - |"
+    assert lines[3] == "| close | 0.700 / 0.900 | 0.350 / 0.450 | yes |"
+    assert lines[4] == "| worse | 0.150 / 0.250 | 0.075 / 0.125 | no |"
