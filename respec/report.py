@@ -7,8 +7,10 @@ What it shows, per variant (seeds pooled; spread = min..max over seeds):
   * end-to-end speedup over the baseline: per step (baseline step time / variant step time, same
     seed and step, averaged over seeds), its peak over steps, and on average (total baseline time /
     total variant time);
-  * rollout tokens/s, the fraction of decoding steps that speculated, accept_len over steps (and the
-    drafter's 1 - TV estimate where it is distilled online);
+  * the mean completion length (runs sample different tokens, so their lengths drift apart and
+    step time follows them: read every speedup next to it);
+  * rollout tokens/s, the fraction of decoding steps that speculated, accept_len over the steps that
+    speculated (and the drafter's 1 - TV estimate where it is distilled online);
   * the chosen k against the active batch size during one rollout of ReSpec (the long tail);
   * reward and accuracy curves with their seed spread.
 It reads only what the runs wrote (metrics.jsonl); nothing is measured here.
@@ -66,8 +68,26 @@ def speedups(base: dict[int, list[dict]], var: dict[int, list[dict]]) -> tuple[l
     return steps, total
 
 
+def speculated(rows: list[dict]) -> list[dict]:
+    """The steps whose rollout took at least one speculative step (accept_len means something)."""
+    return [r for r in rows if r.get("sd_fraction", 0) > 0]
+
+
+def sd_per_step(seeds: dict[int, list[dict]], key: str) -> list[float]:
+    """Like per_step, over the seeds that speculated at that step (NaN where none did)."""
+    n = min(len(rows) for rows in seeds.values())
+    out = []
+    for i in range(n):
+        vals = [rows[i][key] for rows in seeds.values() if rows[i].get("sd_fraction", 0) > 0 and key in rows[i]]
+        out.append(mean(vals) if vals else float("nan"))
+    return out
+
+
 def first_last(rows_by_seed: dict[int, list[dict]], key: str, n: int = 5) -> str:
     """mean of the first n steps -> the last n, with the seed spread of each."""
+    rows_by_seed = {s: rows for s, rows in rows_by_seed.items() if rows}
+    if not rows_by_seed:
+        return "-"
     firsts = [mean(r[key] for r in rows[:n]) for rows in rows_by_seed.values()]
     lasts = [mean(r[key] for r in rows[-n:]) for rows in rows_by_seed.values()]
     spread = lambda xs: f" ({min(xs):.2f}..{max(xs):.2f})" if len(xs) > 1 else ""  # noqa: E731
@@ -92,8 +112,9 @@ def machine() -> str:
 def table(cfg: dict, runs: dict) -> str:
     base = runs["baseline"]
     respec = respec_variant(cfg, runs)
-    head = ["variant", "seeds", "step s", "rollout / reward / train / drafter s", "rollout share", "rollout tok/s",
-            "SD steps", "accept_len first 5 -> last 5", "speedup avg (peak)", "reward first 5 -> last 5"]
+    head = ["variant", "seeds", "step s", "rollout / reward / train / drafter s", "rollout share", "response len",
+            "rollout tok/s", "SD steps", "accept_len first 5 -> last 5 SD steps", "speedup avg (peak)",
+            "reward first 5 -> last 5"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, seeds in runs.items():
         rows = [r for rs in seeds.values() for r in rs]
@@ -101,12 +122,12 @@ def table(cfg: dict, runs: dict) -> str:
         share = sum(r["rollout_s"] for r in rows) / sum(r["step_s"] for r in rows)
         tok_s = sum(r["rollout_tok_s"] * r["rollout_s"] for r in rows) / max(sum(r["rollout_s"] for r in rows), 1e-9)
         sd = mean(r["sd_fraction"] for r in rows)
-        accept = first_last(seeds, "accept_len") if sd > 0 else "-"
+        accept = first_last({seed: speculated(rs) for seed, rs in seeds.items()}, "accept_len")
         per, total = speedups(base, seeds)
         speed = f"{total:.2f}x ({max(per):.2f}x)" if variant != "baseline" else "1"
         name = f"**{variant}** (respec)" if variant == respec else variant
         lines.append(f"| {name} | {len(seeds)} | {mean(r['step_s'] for r in rows):.2f} | {phases} | {share:.0%} | "
-                     f"{tok_s:.0f} | {sd:.0%} | {accept} | {speed} | {first_last(seeds, 'reward_mean')} |")
+                     f"{mean(r['response_len_mean'] for r in rows):.0f} | {tok_s:.0f} | {sd:.0%} | {accept} | {speed} | {first_last(seeds, 'reward_mean')} |")
     return "\n".join(lines)
 
 
@@ -166,7 +187,7 @@ def plots(cfg: dict, runs: dict, out: Path) -> list[Path]:
         tok.plot(range(1, len(per_step(seeds, "rollout_tok_s")) + 1), per_step(seeds, "rollout_tok_s"),
                  color=colors[v], label=v)
         if mean(r["sd_fraction"] for rs in seeds.values() for r in rs) > 0:
-            acc_vals = per_step(seeds, "accept_len")
+            acc_vals = sd_per_step(seeds, "accept_len")  # gaps where no seed speculated
             acc.plot(range(1, len(acc_vals) + 1), acc_vals, color=colors[v], marker="o", ms=3, label=v)
             if all("accept_est" in r for rs in seeds.values() for r in rs[1:]):
                 est = per_step(seeds, "accept_est")

@@ -100,3 +100,14 @@ def test_reward_table_compares_seed_ranges():
     assert lines[2] == "| baseline | 0.500 / 0.700 | 0.250 / 0.350 | - |"
     assert lines[3] == "| close | 0.700 / 0.900 | 0.350 / 0.450 | yes |"
     assert lines[4] == "| worse | 0.150 / 0.250 | 0.075 / 0.125 | no |"
+
+
+def test_accept_len_counts_only_steps_that_speculated():
+    from respec.report import first_last, sd_per_step, speculated
+
+    adaptive = [{"sd_fraction": 0.0, "accept_len": 0.0}, {"sd_fraction": 0.1, "accept_len": 2.0},
+                {"sd_fraction": 0.0, "accept_len": 0.0}, {"sd_fraction": 0.5, "accept_len": 3.0}]
+    assert first_last({0: speculated(adaptive)}, "accept_len", n=1) == "2.000 -> 3.000"
+    assert first_last({0: speculated(adaptive[:1])}, "accept_len") == "-"  # never speculated
+    vals = sd_per_step({0: adaptive, 1: [dict(r, sd_fraction=0.2, accept_len=1.0) for r in adaptive]}, "accept_len")
+    assert vals == [1.0, 1.5, 1.0, 2.0]
