@@ -202,21 +202,21 @@ def plots(cfg: dict, runs: dict, out: Path) -> list[Path]:
             ax.legend(fontsize=7)
     save(fig, "speed.png")
 
-    # 5. chosen k against the active batch in one rollout of ReSpec (the middle step of seed 0's run)
+    # 5. chosen k against the active batch in one rollout of ReSpec: the one that speculated most
     respec = respec_variant(cfg, runs)
     if respec is not None:
-        rows = runs[respec][min(runs[respec])]
-        row = rows[len(rows) // 2]
+        seed, row = max(((seed, r) for seed, rs in sorted(runs[respec].items()) for r in rs),
+                        key=lambda sr: (sum(k > 0 for _, k in sr[1].get("k_trace") or []), len(sr[1].get("k_trace") or [])))
         trace = row.get("k_trace") or []
         if trace:
             fig, ax = plt.subplots(figsize=(7, 3.8))
             ax.plot([b for b, _ in trace], color="C0", label="active batch")
-            ax.set_xlabel(f"decoding step (rollout of RL step {row['step']}, {respec})")
+            ax.set_xlabel(f"decoding step (rollout of RL step {row['step']}, seed {seed}, {respec})")
             ax.set_ylabel("active sequences")
             ax2 = ax.twinx()
             ax2.step(range(len(trace)), [k for _, k in trace], color="C3", where="post", label="chosen k")
             ax2.set_ylabel("draft length k (0 = plain decoding)")
-            ax2.set_ylim(-0.2, max(k for _, k in trace) + 0.5)
+            ax2.set_ylim(-0.2, max(1, max(k for _, k in trace)) + 0.5)
             ax.legend(loc="upper center")
             ax2.legend(loc="upper right")
             save(fig, "k_vs_batch.png")
