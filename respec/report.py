@@ -19,8 +19,10 @@ It reads only what the runs wrote (metrics.jsonl); nothing is measured here.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -126,25 +128,33 @@ def table(cfg: dict, runs: dict) -> str:
         per, total = speedups(base, seeds)
         speed = f"{total:.2f}x ({max(per):.2f}x)" if variant != "baseline" else "1"
         name = f"**{variant}** (respec)" if variant == respec else variant
+        length = mean(r["response_len_mean"] for r in rows)
         lines.append(f"| {name} | {len(seeds)} | {mean(r['step_s'] for r in rows):.2f} | {phases} | {share:.0%} | "
-                     f"{mean(r['response_len_mean'] for r in rows):.0f} | {tok_s:.0f} | {sd:.0%} | {accept} | {speed} | {first_last(seeds, 'reward_mean')} |")
+                     f"{length:.0f} | {tok_s:.0f} | {sd:.0%} | {accept} | {speed} | {first_last(seeds, 'reward_mean')} |")
     return "\n".join(lines)
 
 
 def reward_table(runs: dict) -> str:
-    """Each seed's run-mean reward and accuracy, and whether a variant's range over seeds meets the
-    baseline's (with two seeds the ranges are narrow: read it with the curves' bands)."""
+    """Each seed's run-mean reward (+- its standard error over the run's steps) and accuracy, and
+    whether a variant's range over seeds meets the baseline's (with two seeds the ranges are narrow:
+    read it with the standard errors and the curves' bands)."""
     def run_means(seeds: dict[int, list[dict]], key: str) -> list[float]:
         return [mean(r[key] for r in rows) for _, rows in sorted(seeds.items())]
 
+    def with_error(rows: list[dict]) -> str:
+        xs = [r["reward_mean"] for r in rows]
+        se = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
+        return f"{mean(xs):.3f} +- {se:.3f}"
+
     base = run_means(runs["baseline"], "reward_mean")
-    head = ["variant", "reward, run mean per seed", "accuracy, run mean per seed", "reward range meets baseline's"]
+    head = ["variant", "reward, run mean per seed (+- standard error over steps)", "accuracy, run mean per seed",
+            "reward range meets baseline's"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, seeds in runs.items():
         rew, acc = run_means(seeds, "reward_mean"), run_means(seeds, "accuracy")
         meets = "-" if variant == "baseline" else ("yes" if min(rew) <= max(base) and max(rew) >= min(base) else "no")
-        lines.append(f"| {variant} | {' / '.join(f'{x:.3f}' for x in rew)} | {' / '.join(f'{x:.3f}' for x in acc)} "
-                     f"| {meets} |")
+        lines.append(f"| {variant} | {' / '.join(with_error(rows) for _, rows in sorted(seeds.items()))} | "
+                     f"{' / '.join(f'{x:.3f}' for x in acc)} | {meets} |")
     return "\n".join(lines)
 
 

@@ -97,9 +97,9 @@ def test_reward_table_compares_seed_ranges():
             "close": {0: run(0.6, 0.8), 1: run(0.8, 1.0)},  # 0.7, 0.9: meets at 0.7
             "worse": {0: run(0.1, 0.2), 1: run(0.2, 0.3)}}  # 0.15, 0.25: below the baseline's range
     lines = reward_table(runs).splitlines()
-    assert lines[2] == "| baseline | 0.500 / 0.700 | 0.250 / 0.350 | - |"
-    assert lines[3] == "| close | 0.700 / 0.900 | 0.350 / 0.450 | yes |"
-    assert lines[4] == "| worse | 0.150 / 0.250 | 0.075 / 0.125 | no |"
+    assert lines[2] == "| baseline | 0.500 +- 0.100 / 0.700 +- 0.100 | 0.250 / 0.350 | - |"
+    assert lines[3] == "| close | 0.700 +- 0.100 / 0.900 +- 0.100 | 0.350 / 0.450 | yes |"
+    assert lines[4] == "| worse | 0.150 +- 0.050 / 0.250 +- 0.050 | 0.075 / 0.125 | no |"
 
 
 def test_accept_len_counts_only_steps_that_speculated():
