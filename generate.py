@@ -102,6 +102,12 @@ def eos_ids(tokenizer, model) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
+def sampling_params(args) -> SamplingParams:
+    """The generation flags as the engine's SamplingParams (checked by `main` before anything loads)."""
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed)
+
+
 def run_generate(args, model, tokenizer) -> None:
     drafter = make_drafter(args.drafter, model, args.k)
     problem = None
@@ -113,9 +119,7 @@ def run_generate(args, model, tokenizer) -> None:
         prompt = chat_prompt(tokenizer, [{"role": "user", "content": args.prompt}])
     else:
         prompt = tokenizer.encode(args.prompt)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    params.validate()
+    params = sampling_params(args)
     engine = RolloutEngine(model, kv_cache_bytes=int(args.kv_cache_gb * 2**30), eos_token_ids=eos_ids(tokenizer, model),
                            eager=args.eager, drafter=drafter, num_draft_tokens=args.k if drafter else 0)
     engine.check_request(prompt, params)
@@ -277,12 +281,7 @@ def main(argv=None) -> int:
                 raise ValueError(f"{args.json} exists; refusing to overwrite it")
             if not args.json.parent.is_dir():
                 raise ValueError(f"directory {args.json.parent} does not exist")
-        if args.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-        if not 0 < args.top_p <= 1:
-            raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-        if args.top_k < 0:
-            raise ValueError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+        sampling_params(args).validate()  # --temperature, --top-p, --top-k
         device = parse_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         model = load_model(args.model, dtype=dtype, device=device, seed=args.seed)

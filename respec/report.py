@@ -54,10 +54,21 @@ def respec_variant(cfg: dict, runs: dict) -> str | None:
     return name if name in runs else None
 
 
-def per_step(seeds: dict[int, list[dict]], key: str) -> list[float]:
-    """The seed mean of `key` at every step all seeds reached."""
+def speculated(rows: list[dict]) -> list[dict]:
+    """The steps whose rollout took at least one speculative step (accept_len means something)."""
+    return [r for r in rows if r.get("sd_fraction", 0) > 0]
+
+
+def per_step(seeds: dict[int, list[dict]], key: str, *, sd_only: bool = False) -> list[float]:
+    """The seed mean of `key` at every step all seeds reached; with `sd_only`, over the seeds whose
+    rollout speculated at that step (NaN where none did: a gap in a curve)."""
     n = min(len(rows) for rows in seeds.values())
-    return [mean(rows[i].get(key) or 0.0 for rows in seeds.values()) for i in range(n)]
+    out = []
+    for i in range(n):
+        rows = [rs[i] for rs in seeds.values()]
+        vals = [r.get(key) or 0.0 for r in (speculated(rows) if sd_only else rows)]
+        out.append(mean(vals) if vals else float("nan"))
+    return out
 
 
 def speedups(base: dict[int, list[dict]], var: dict[int, list[dict]]) -> tuple[list[float], float]:
@@ -68,21 +79,6 @@ def speedups(base: dict[int, list[dict]], var: dict[int, list[dict]]) -> tuple[l
     total = sum(base[s][i]["step_s"] for s in seeds for i in range(n)) / sum(var[s][i]["step_s"] for s in seeds
                                                                            for i in range(n))
     return steps, total
-
-
-def speculated(rows: list[dict]) -> list[dict]:
-    """The steps whose rollout took at least one speculative step (accept_len means something)."""
-    return [r for r in rows if r.get("sd_fraction", 0) > 0]
-
-
-def sd_per_step(seeds: dict[int, list[dict]], key: str) -> list[float]:
-    """Like per_step, over the seeds that speculated at that step (NaN where none did)."""
-    n = min(len(rows) for rows in seeds.values())
-    out = []
-    for i in range(n):
-        vals = [rows[i][key] for rows in seeds.values() if rows[i].get("sd_fraction", 0) > 0 and key in rows[i]]
-        out.append(mean(vals) if vals else float("nan"))
-    return out
 
 
 def first_last(rows_by_seed: dict[int, list[dict]], key: str, n: int = 5) -> str:
@@ -138,23 +134,22 @@ def reward_table(runs: dict) -> str:
     """Each seed's run-mean reward (+- its standard error over the run's steps) and accuracy, and
     whether a variant's range over seeds meets the baseline's (with two seeds the ranges are narrow:
     read it with the standard errors and the curves' bands)."""
-    def run_means(seeds: dict[int, list[dict]], key: str) -> list[float]:
-        return [mean(r[key] for r in rows) for _, rows in sorted(seeds.items())]
+    def per_seed(seeds: dict[int, list[dict]], key: str) -> list[list[float]]:
+        return [[r[key] for r in rows] for _, rows in sorted(seeds.items())]
 
-    def with_error(rows: list[dict]) -> str:
-        xs = [r["reward_mean"] for r in rows]
-        se = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
-        return f"{mean(xs):.3f} +- {se:.3f}"
+    def std_error(xs: list[float]) -> float:
+        return statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
 
-    base = run_means(runs["baseline"], "reward_mean")
+    base = [mean(xs) for xs in per_seed(runs["baseline"], "reward_mean")]
     head = ["variant", "reward, run mean per seed (+- standard error over steps)", "accuracy, run mean per seed",
             "reward range meets baseline's"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, seeds in runs.items():
-        rew, acc = run_means(seeds, "reward_mean"), run_means(seeds, "accuracy")
+        rewards = per_seed(seeds, "reward_mean")
+        rew = [mean(xs) for xs in rewards]
         meets = "-" if variant == "baseline" else ("yes" if min(rew) <= max(base) and max(rew) >= min(base) else "no")
-        lines.append(f"| {variant} | {' / '.join(with_error(rows) for _, rows in sorted(seeds.items()))} | "
-                     f"{' / '.join(f'{x:.3f}' for x in acc)} | {meets} |")
+        lines.append(f"| {variant} | {' / '.join(f'{mean(xs):.3f} +- {std_error(xs):.3f}' for xs in rewards)} | "
+                     f"{' / '.join(f'{mean(xs):.3f}' for xs in per_seed(seeds, 'accuracy'))} | {meets} |")
     return "\n".join(lines)
 
 
@@ -197,7 +192,7 @@ def plots(cfg: dict, runs: dict, out: Path) -> list[Path]:
         tok.plot(range(1, len(per_step(seeds, "rollout_tok_s")) + 1), per_step(seeds, "rollout_tok_s"),
                  color=colors[v], label=v)
         if mean(r["sd_fraction"] for rs in seeds.values() for r in rs) > 0:
-            acc_vals = sd_per_step(seeds, "accept_len")  # gaps where no seed speculated
+            acc_vals = per_step(seeds, "accept_len", sd_only=True)  # gaps where no seed speculated
             acc.plot(range(1, len(acc_vals) + 1), acc_vals, color=colors[v], marker="o", ms=3, label=v)
             if all("accept_est" in r for rs in seeds.values() for r in rs[1:]):
                 est = per_step(seeds, "accept_est")

@@ -4,6 +4,7 @@ is refused, and the report has every variant's row and plot."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -103,11 +104,14 @@ def test_reward_table_compares_seed_ranges():
 
 
 def test_accept_len_counts_only_steps_that_speculated():
-    from respec.report import first_last, sd_per_step, speculated
+    from respec.report import first_last, per_step, speculated
 
     adaptive = [{"sd_fraction": 0.0, "accept_len": 0.0}, {"sd_fraction": 0.1, "accept_len": 2.0},
                 {"sd_fraction": 0.0, "accept_len": 0.0}, {"sd_fraction": 0.5, "accept_len": 3.0}]
     assert first_last({0: speculated(adaptive)}, "accept_len", n=1) == "2.000 -> 3.000"
     assert first_last({0: speculated(adaptive[:1])}, "accept_len") == "-"  # never speculated
-    vals = sd_per_step({0: adaptive, 1: [dict(r, sd_fraction=0.2, accept_len=1.0) for r in adaptive]}, "accept_len")
+    vals = per_step({0: adaptive, 1: [dict(r, sd_fraction=0.2, accept_len=1.0) for r in adaptive]}, "accept_len",
+                    sd_only=True)
     assert vals == [1.0, 1.5, 1.0, 2.0]
+    alone = per_step({0: adaptive}, "accept_len", sd_only=True)
+    assert math.isnan(alone[0]) and alone[1] == 2.0 and math.isnan(alone[2])
