@@ -177,7 +177,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=False)
         self.split = (q_out, kv_out, kv_out)
 
-    def forward(self, x, cos, sin, kv: LayerKV | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, kv: LayerKV | None, *, attend=None) -> torch.Tensor:
+        """Attention of the tokens x (B, T, in) over the cache `kv` (or causally over themselves when
+        it is None). `attend(q, k, v) -> (B, T, H, D)`, given q (B, T, H, D) and these tokens' own k, v
+        (B, T, Hkv, D) after RoPE, replaces both: for a caller that decides itself which keys each query
+        sees (the EAGLE head's training-time-test unroll, respec/drafter_training.py)."""
         B, T, _ = x.shape
         cfg = self.cfg
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
@@ -185,7 +189,9 @@ class Attention(nn.Module):
         k = k.view(B, T, cfg.num_kv_heads, cfg.head_dim)  # (B, T, Hkv, D)
         v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim)  # (B, T, Hkv, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is None:
+        if attend is not None:
+            out = attend(q, k, v)
+        elif kv is None:
             out = causal_attention(q, k, v)
         else:
             write_kv(kv, k, v)

@@ -61,9 +61,10 @@ class EagleLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, feature, embedding, cos, sin, kv: LayerKV | None):
+    def forward(self, feature, embedding, cos, sin, kv: LayerKV | None, *, attend=None):
+        """`attend`: see `Attention.forward` (training-time test chooses the keys itself)."""
         h = torch.cat([self.embed_norm(embedding), self.feature_norm(feature)], dim=-1)  # (B, T, 2d)
-        x = feature + self.self_attn(h, cos, sin, kv)
+        x = feature + self.self_attn(h, cos, sin, kv, attend=attend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

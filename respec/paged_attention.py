@@ -118,3 +118,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
     )  # (B, H, T, D)
     return o.transpose(1, 2)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention over an explicit key set: q (B, T, H, D) against k, v (B, S, Hkv, D), with mask (T, S)
+    or (B, 1, T, S) bool, True where the query may attend (every row needs one True). Returns (B, T, H, D).
+    For callers whose keys are not one causal sequence (the EAGLE head's training-time test)."""
+    o = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=True
+    )  # (B, H, T, D)
+    return o.transpose(1, 2)
