@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from models.eagle import EagleConfig, EagleHead, save_eagle
+from models.eagle import EagleConfig, EagleHead, cast_head, save_eagle
 from respec.engine import RolloutEngine, SamplingParams
 from respec.kd_loss import accepted_mass, weighted_kl
+from respec.paged_attention import masked_attention
 from respec.tasks import chat_prompt
 
 
@@ -86,94 +87,102 @@ def target_features(target, seqs: Sequences, feature_layers, batch: int = 8, *, 
     return feats
 
 
+def unroll_mask(T: int, s: int, device=None) -> torch.Tensor:
+    """Which keys each query of TTT step s sees: (T, (s+1)*T) bool over the key set [K_0 | K_1 | ... | K_s],
+    K_t the keys step t made at every position (K_0 from the true features).
+
+    The query at position j of step s is the s-th draft after drafting point j - s. At inference that
+    draft attends to the cache: keys of true features up to the drafting point (K_0 at positions <=
+    j - s), then the key each earlier draft step wrote after it (step t at position j - s + t, for
+    t = 1..s; t = s is the query's own key, so no row is empty)."""
+    j = torch.arange(T, device=device).view(-1, 1)  # query positions
+    i = torch.arange(T, device=device).view(1, -1)  # key positions within one block
+    blocks = [i <= j - s] + [i == j - s + t for t in range(1, s + 1)]
+    return torch.cat(blocks, dim=1)
+
+
 def ttt_layer(head: EagleHead, features: torch.Tensor, tokens: torch.Tensor, embed, unroll: int):
     """The head's layer over every TTT step; returns the output features of each step (B, T, d).
 
-    Step s, query position j (the s-th draft after drafting point j - s) sees: step-0 keys (true
-    features) at positions <= j - s, and the key of step t at position j - s + t for t = 1..s:
-    what the s-th draft attends to at inference."""
-    from models.decoder import apply_rope
-
-    layer, cfg = head.layer, head.cfg.target
+    Step s runs the head's own layer (`EagleLayer`) on (its step s-1 output features shifted by one
+    position, the tokens); only which keys a query sees differs from a causal forward: `unroll_mask`,
+    over the keys of every step so far. The steps' keys are kept, so step s costs one layer forward."""
     B, T, _ = features.shape
-    emb = layer.embed_norm(embed(tokens).to(features.dtype))
-    cos = head.rope_cos[:T].to(features.dtype).view(1, T, 1, -1)
+    emb = embed(tokens).to(features.dtype)  # (B, T, d)
+    cos = head.rope_cos[:T].to(features.dtype).view(1, T, 1, -1)  # (1, T, 1, D)
     sin = head.rope_sin[:T].to(features.dtype).view(1, T, 1, -1)
-    attn = layer.self_attn
-    rep = cfg.n_rep
-    pos = torch.arange(T, device=features.device)
-    keys, values, outs = [], [], []
+    keys, values, outs = [], [], []  # per step: (B, T, Hkv, D)
     feat = features
     for s in range(unroll):
-        h = torch.cat([emb, layer.feature_norm(feat)], dim=-1)
-        q, k, v = attn.qkv_proj(h).split(attn.split, dim=-1)
-        q = apply_rope(q.view(B, T, cfg.num_heads, cfg.head_dim), cos, sin).transpose(1, 2)  # (B, H, T, D)
-        k = apply_rope(k.view(B, T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-        k = k.repeat_interleave(rep, dim=2).transpose(1, 2)  # (B, H, T, D)
-        v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim).repeat_interleave(rep, dim=2).transpose(1, 2)
-        keys.append(k)
-        values.append(v)
-        scale = cfg.head_dim ** -0.5
-        scores = [(q @ keys[0].transpose(-1, -2)) * scale]  # (B, H, T, T) against true-feature keys
-        scores[0] = scores[0].masked_fill(pos.view(1, -1) > (pos - s).view(-1, 1), float("-inf"))
-        shifted_v = []
-        for t in range(1, s + 1):  # own keys: step t at position j - (s - t)
-            shift = s - t
-            k_t = torch.roll(keys[t], shift, dims=2)
-            v_t = torch.roll(values[t], shift, dims=2)
-            d_t = (q * k_t).sum(-1, keepdim=True) * scale  # (B, H, T, 1)
-            scores.append(d_t.masked_fill((pos < shift).view(1, 1, -1, 1), float("-inf")))
-            shifted_v.append(v_t)
-        w = torch.cat(scores, dim=-1).softmax(-1)
-        w = torch.nan_to_num(w)  # rows with no visible key at all (j < s): unused by the loss
-        o = w[..., :T] @ values[0]
-        for t, v_t in enumerate(shifted_v):
-            o = o + w[..., T + t: T + t + 1] * v_t
-        x = feat + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        mask = unroll_mask(T, s, features.device)  # (T, (s+1)*T)
+
+        def attend(q, k, v, mask=mask):  # this step's keys join the set, then the masked attention
+            keys.append(k)
+            values.append(v)
+            return masked_attention(q, torch.cat(keys, dim=1), torch.cat(values, dim=1), mask)
+
+        x = head.layer(feat, emb, cos, sin, None, attend=attend)  # (B, T, d)
         outs.append(x)
         feat = torch.cat([x.new_zeros(B, 1, x.shape[-1]), x[:, :-1]], dim=1)  # own features, shifted
     return outs
 
 
 def head_loss(head: EagleHead, target, batch, unroll: int, *, weights: torch.Tensor | None = None,
-              denom: float | None = None, temperature: float = 1.0, lse: torch.Tensor | None = None):
-    """The TTT distillation loss: sum over unroll steps s of 0.8^s * the weighted KL(p || q_s) of
-    respec/kd_loss.py, p the target's next-token distribution renormalised on the draft vocabulary,
-    q_s the head's after s steps on its own features. Both at `temperature`.
+              denom: float | None = None, temperature: float = 1.0, lse: torch.Tensor | None = None,
+              decay: float = 1.0, tv_weight: float = 0.0):
+    """The TTT distillation loss: sum over unroll steps s of decay^s * (the weighted KL(p || q_s) of
+    respec/kd_loss.py + tv_weight * the weighted mean of TV(p_full, q_s)). p is the target's
+    next-token distribution renormalised on the draft vocabulary, p_full its slice of the target's
+    full distribution, q_s the head's after s steps on its own features; all at `temperature`.
+
+    Why both terms: a draft from q_s is accepted with probability sum_x min(p_full, q_s) = 1 - TV, so
+    TV is the loss acceptance actually pays. Its gradient alone is weak (it only sees where q_s < p
+    or q_s > p, not by how much), so the KL, whose minimiser (q_s = p on the draft vocabulary) also
+    maximises 1 - TV, does the steering. `decay` < 1 trusts later steps less; every step counts
+    alike at k = 3, since drafts are accepted or rejected in a row.
 
     batch: tokens (B, T), taps (B, T, 3d), final (B, T, d) (the target's normed last hidden state),
     mask (B, T) (positions whose next token is distilled); `weights` (B,) per sequence (default 1)
     and `denom` the weighted token count of the whole batch over microbatches and ranks (default:
-    this batch's). With `lse` (B, T), the log-partition of the target's *full-vocabulary* sampling
-    logits, every step also measures sum_t (1 - TV(p_full, q_s)): the acceptance estimate.
-    Returns (loss, [per step: {"kl", "agree", and with lse "accepted", "count"}])."""
+    this batch's). `lse` (B, T) is the log-partition of the target's *full-vocabulary* sampling
+    logits: the TV term needs it, and with it every step also reports sum_t (1 - TV(p_full, q_s)),
+    the acceptance estimate. Returns (loss, [per step: {"kl", "agree", and with lse "accepted",
+    "count"}])."""
     tokens, taps, final, mask = batch
     B, T = tokens.shape
+    if tv_weight and lse is None:
+        raise ValueError("the TV term needs the target's log-partition (lse)")
     weights = torch.ones(B, device=tokens.device) if weights is None else weights
+    # Only the distilled positions pay the draft-vocabulary heads: flatten them to rows.
+    w_row = weights.view(-1, 1).expand(B, T)[mask]  # (R,) each row's sequence weight
+    first = torch.arange(T, device=tokens.device).expand(B, T)[mask]  # (R,) position of each row
     with torch.no_grad():  # the target's logits of the next token over the draft vocab
         w = target.lm_head.weight[head.d2t].float()  # (N, d)
-        z = (final.float() @ w.T) / temperature  # (B, T, N)
+        z = (final[mask].float() @ w.T) / temperature  # (R, N)
         logp = z.log_softmax(-1)
-        p_full = None  # (B, T, N): the draft vocabulary's slice of the full p (lse is only set on the mask)
-        if lse is not None:
-            p_full = torch.where(mask.unsqueeze(-1), (z - lse.unsqueeze(-1)).exp(), 0.0)
+        # the draft vocabulary's slice of the full p (R, N): its mass outside is never accepted
+        p_full = (z - lse[mask].unsqueeze(-1)).exp() if lse is not None else None
     shifted = torch.cat([taps.new_zeros(B, 1, taps.shape[-1]), taps[:, :-1]], dim=1)
     feature = head.project(shifted)  # pair j: (feature of position j-1, token j)
     total, steps = 0.0, []
     for s, out in enumerate(ttt_layer(head, feature, tokens, target.embed_tokens, unroll)):
-        logq = (head.draft_logits(out) / temperature).log_softmax(-1)  # (B, T, N)
+        logq = (head.draft_logits(out[mask]) / temperature).log_softmax(-1)  # (R, N)
         # step s predicts from s own features back: its first s positions have no such history (they
         # are prompt positions, outside the mask, for any prompt longer than the unroll)
-        valid = mask.clone()
-        valid[:, :s] = False
-        loss_s = weighted_kl(logp, logq, valid, weights, denom=denom)
-        total = total + (0.8 ** s) * loss_s
+        valid = first >= s  # (R,)
+        n_w = (w_row * valid).sum() if denom is None else denom  # weighted row count
+        loss_s = weighted_kl(logp.unsqueeze(1), logq.unsqueeze(1), valid.unsqueeze(1), w_row, denom=n_w)
+        accepted = accepted_mass(p_full, logq.exp()) if p_full is not None else None  # (R,)
+        step_loss = loss_s
+        if tv_weight:
+            tv = ((1.0 - accepted) * w_row * valid).sum() / n_w
+            step_loss = step_loss + tv_weight * tv
+        total = total + (decay ** s) * step_loss
         with torch.no_grad():
             n = valid.sum().clamp_min(1)
             stat = {"kl": loss_s.item(), "agree": ((logq.argmax(-1) == logp.argmax(-1)) & valid).sum().item() / n.item()}
-            if p_full is not None:
-                stat["accepted"] = (accepted_mass(p_full, logq.exp()) * valid).sum().item()
+            if accepted is not None:
+                stat["accepted"] = (accepted * valid).sum().item()
                 stat["count"] = int(valid.sum())
         steps.append(stat)
     return total, steps
@@ -200,9 +209,10 @@ def collate(seqs: Sequences, feats, idx: list[int]):
 
 
 def make_batches(seqs: Sequences, feats, batch: int, gen: torch.Generator):
+    """One epoch of shuffled batches: collate's (tokens, taps, final, mask, lse)."""
     order = torch.randperm(len(seqs.tokens), generator=gen).tolist()
     for i in range(0, len(order), batch):
-        yield collate(seqs, feats, order[i:i + batch])[:4]
+        yield collate(seqs, feats, order[i:i + batch])
 
 
 def new_head(target, draft_vocab: torch.Tensor, seed: int) -> EagleHead:
@@ -239,13 +249,65 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t0
 
 
+def train_head(head: EagleHead, target, seqs: Sequences, feats, *, epochs: int, batch: int, unroll: int, lr: float,
+               temperature: float = 1.0, decay: float = 1.0, tv_weight: float = 0.0, seed: int = 0,
+               checkpoint: Path | None = None, checkpoint_every: int = 50) -> list[dict]:
+    """AdamW with a warm-up and cosine decay over `epochs` passes of `head_loss`; `feats` must carry
+    the log-partition (`target_features(..., temperature=...)`). Returns the history, one entry per
+    optimizer step, with the acceptance estimate sum_s (1 - TV) per unroll step on that batch."""
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    total = -(-len(seqs.tokens) // batch) * epochs
+    gen = torch.Generator().manual_seed(seed)
+    history, step = [], 0
+    bar = tqdm(total=total, desc="drafter KD", file=sys.stderr)
+    head.train()
+    for epoch in range(epochs):
+        for tokens, taps, final, mask, lse in make_batches(seqs, feats, batch, gen):
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(step, total, lr, warmup=min(20, total // 10))
+            loss, per_step = head_loss(head, target, (tokens, taps, final, mask), unroll, temperature=temperature,
+                                       lse=lse, decay=decay, tv_weight=tv_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+            opt.step()
+            step += 1
+            accept = [st["accepted"] / max(st["count"], 1) for st in per_step]
+            history.append({"step": step, "epoch": epoch, "loss": loss.item(),
+                            "agree_per_unroll": [round(st["agree"], 4) for st in per_step],
+                            "accept_est_per_unroll": [round(a, 4) for a in accept]})
+            bar.set_postfix(loss=f"{loss.item():.3f}", accept=f"{sum(accept):.2f}")
+            bar.update()
+            if checkpoint is not None and step % checkpoint_every == 0:
+                save_eagle(head, checkpoint)
+    bar.close()
+    head.eval()
+    return history
+
+
+@torch.no_grad()
+def held_out_acceptance(target, head: EagleHead, prompts: list[list[int]], *, k: int, new_tokens: int,
+                        temperature: float, eos: list[int], seed: int = 0, max_batch: int = 64) -> dict:
+    """Speculative decoding with `head` at draft length k on `prompts` (to their natural EOS or
+    `new_tokens`): tokens per verify step and the fraction of rows accepting each draft position."""
+    sd = RolloutEngine(target, kv_cache_bytes=1 << 30, max_batch=max_batch, eos_token_ids=eos,
+                       drafter=cast_head(head, target.embed_tokens.weight.dtype), num_draft_tokens=k, eager=True)
+    params = [SamplingParams(max_new_tokens=new_tokens, temperature=temperature, seed=seed + i) for i in range(len(prompts))]
+    sd.generate(prompts, params)
+    return {"accept_len": round(sd.stats.accept_len, 3), "accept_per_pos": [round(a, 3) for a in sd.stats.accept_per_pos]}
+
+
 def pretrain(target, tokenizer, out_dir, *, problems: list, held_out: int, new_tokens: int,
              temperature: float = 1.0, draft_vocab: int = 8192, epochs: int = 4, batch: int = 8, unroll: int = 3,
-             lr: float = 1e-3, checkpoint_every: int = 50, seed: int = 0, held_out_ks=range(1, 7),
+             lr: float = 1e-3, decay: float = 1.0, tv_weight: float = 0.0, max_batch: int = 64,
+             checkpoint_every: int = 50, seed: int = 0, held_out_ks=range(1, 7), greedy: bool = True,
              log=print) -> dict:
     """The whole pretraining job on `problems` (the last `held_out` of them held out): target
     rollouts, draft vocabulary, features, TTT training, held-out acceptance. Writes the head,
-    train_report.json and history.jsonl into `out_dir`."""
+    train_report.json and history.jsonl into `out_dir`.
+
+    The held-out acceptance is measured as RL will meet it: speculative decoding at the rollout
+    `temperature` to each completion's natural EOS (and, with `greedy`, also at temperature 0)."""
     out_dir = Path(out_dir)
     target.requires_grad_(False)
     prompts = len(problems) - held_out
@@ -253,58 +315,43 @@ def pretrain(target, tokenizer, out_dir, *, problems: list, held_out: int, new_t
     train_prompts, held_prompts = all_prompts[:prompts], all_prompts[prompts:]
     eos = [tokenizer.eos_token_id]
 
-    # Eager engines: a one-off job whose batch shrinks through every bucket would spend longer
-    # compiling them (cold) than generating.
-    engine = RolloutEngine(target, kv_cache_bytes=1 << 30, max_batch=32, eos_token_ids=eos, eager=True)
+    # An eager engine at a large batch: a one-off job whose batch shrinks through every bucket would
+    # spend longer compiling (cold) than generating, and decoding is cheaper per token the more rows
+    # share one read of the weights.
+    engine = RolloutEngine(target, kv_cache_bytes=1 << 30, max_batch=max_batch, eos_token_ids=eos, eager=True)
     seqs, t_gen = timed(sample_rollouts, engine, train_prompts, new_tokens, temperature, seed)
+    del engine
     n_tok = sum(len(t) - n for t, n in zip(seqs.tokens, seqs.prompt_lens))
     log(f"rollouts: {len(seqs.tokens)} sequences, {n_tok} generated tokens in {t_gen:.0f} s")
     vocab = draft_vocabulary(seqs, draft_vocab, target.cfg.vocab_size)
     head = new_head(target, vocab, seed)
-    feats, t_feat = timed(target_features, target, seqs, head.cfg.feature_layers)
+    feats, t_feat = timed(target_features, target, seqs, head.cfg.feature_layers, temperature=temperature)
     log(f"target features: {t_feat:.0f} s; head has {sum(p.numel() for p in head.parameters()) / 1e6:.1f}M parameters")
 
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
-    total = -(-len(seqs.tokens) // batch) * epochs
-    gen = torch.Generator().manual_seed(seed)
-    history, step, t0 = [], 0, time.perf_counter()
-    bar = tqdm(total=total, desc="drafter KD", file=sys.stderr)
-    head.train()
-    for epoch in range(epochs):
-        for mb in make_batches(seqs, feats, batch, gen):
-            for group in opt.param_groups:
-                group["lr"] = cosine_lr(step, total, lr)
-            loss, per_step = head_loss(head, target, mb, unroll)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
-            opt.step()
-            step += 1
-            history.append({"step": step, "epoch": epoch, "loss": loss.item(),
-                            "agree_per_unroll": [round(st["agree"], 4) for st in per_step]})
-            bar.set_postfix(loss=f"{loss.item():.3f}", agree=f"{per_step[0]['agree']:.2f}")
-            bar.update()
-            if step % checkpoint_every == 0:
-                save_eagle(head, out_dir / "checkpoint")
-    bar.close()
-    t_train = time.perf_counter() - t0
-    head.eval()
+    history, t_train = timed(train_head, head, target, seqs, feats, epochs=epochs, batch=batch, unroll=unroll, lr=lr,
+                             temperature=temperature, decay=decay, tv_weight=tv_weight, seed=seed,
+                             checkpoint=out_dir / "checkpoint", checkpoint_every=checkpoint_every)
     save_eagle(head, out_dir)
 
-    # Held-out acceptance: greedy SD with the new head on prompts it never saw.
-    acceptance = {}
+    # Held-out acceptance on prompts the head never saw.
+    sampled, greedy_acc = {}, {}
+    t0 = time.perf_counter()
     for k in held_out_ks:
-        sd = RolloutEngine(target, kv_cache_bytes=1 << 30, max_batch=32, eos_token_ids=eos,
-                           drafter=head.to(target.embed_tokens.weight.dtype), num_draft_tokens=k, eager=True)
-        sd.generate(held_prompts, SamplingParams(max_new_tokens=new_tokens, temperature=0.0))
-        acceptance[k] = {"accept_len": round(sd.stats.accept_len, 3),
-                         "accept_per_pos": [round(a, 3) for a in sd.stats.accept_per_pos]}
-        log(f"held-out k={k}: {acceptance[k]['accept_len']:.2f} tokens per verify step, per position "
-            f"{acceptance[k]['accept_per_pos']}")
+        sampled[k] = held_out_acceptance(target, head, held_prompts, k=k, new_tokens=new_tokens,
+                                         temperature=temperature, eos=eos, seed=seed + 10**6, max_batch=max_batch)
+        log(f"held-out k={k}, T={temperature:g}: {sampled[k]['accept_len']:.2f} tokens per verify step, per position "
+            f"{sampled[k]['accept_per_pos']}")
+        if greedy:
+            greedy_acc[k] = held_out_acceptance(target, head, held_prompts, k=k, new_tokens=new_tokens,
+                                                temperature=0.0, eos=eos, max_batch=max_batch)
+            log(f"held-out k={k}, greedy: {greedy_acc[k]['accept_len']:.2f} tokens per verify step, per position "
+                f"{greedy_acc[k]['accept_per_pos']}")
+    t_held = time.perf_counter() - t0
     report = {"prompts": prompts, "held_out": held_out, "generated_tokens": n_tok,
               "rollout_s": round(t_gen, 1), "features_s": round(t_feat, 1), "train_s": round(t_train, 1),
-              "steps": step, "final_loss": history[-1]["loss"] if history else None,
-              "held_out_greedy": acceptance}
+              "held_out_s": round(t_held, 1), "steps": len(history),
+              "final_loss": history[-1]["loss"] if history else None,
+              "temperature": temperature, "held_out_sampled": sampled, "held_out_greedy": greedy_acc}
     (out_dir / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     return report

@@ -183,3 +183,49 @@ def test_update_interval_buffers_steps(tiny, rollouts):
     learner.submit(tiny, seqs, plens, torch.ones(len(seqs)), 1)
     second = learner.collect()
     assert second["kd_updates"] == 1 and second["kd_opt_steps"] == 2 * len(seqs) // 4 and learner.buffer == []
+
+
+# ----------------------------------------------------------------------------------------------
+def test_unroll_mask_by_hand():
+    """Step 0 is causal; at step 2 the query at position j sees true-feature keys up to j - 2, the
+    step-1 key at j - 1 and its own step-2 key at j."""
+    from respec.drafter_training import unroll_mask
+
+    assert torch.equal(unroll_mask(3, 0), torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool))
+    got = unroll_mask(4, 2).int().tolist()  # (4, 3 * 4): [K_0 | K_1 | K_2]
+    assert got == [[0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
+                   [0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0],
+                   [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0],
+                   [1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1]]
+
+
+def test_head_loss_tv_term_is_one_minus_acceptance(tiny, rollouts):
+    """The acceptance estimate of step 0 against sum_x min(p, q) computed from the target's and the
+    head's full-vocabulary distributions directly, and the TV term of the loss by hand: the loss
+    with tv_weight c is the KL loss plus c * sum_s decay^s * (1 - mean acceptance of step s)."""
+    from respec.drafter_training import Sequences, collate, head_loss, target_features
+
+    seqs, plens = rollouts
+    head = untrained_head(tiny, seqs, seed=0, draft_vocab=512)
+    T_sample = 0.1
+    feats = target_features(tiny, Sequences(seqs, plens), head.cfg.feature_layers, temperature=T_sample)
+    tokens, taps, final, mask, lse = collate(Sequences(seqs, plens), feats, list(range(4)))
+    with torch.no_grad():
+        kl_only, steps = head_loss(head, tiny, (tokens, taps, final, mask), 2, temperature=T_sample, lse=lse,
+                                   decay=0.5)
+        with_tv, _ = head_loss(head, tiny, (tokens, taps, final, mask), 2, temperature=T_sample, lse=lse,
+                               decay=0.5, tv_weight=3.0)
+        # reference for step 0: a plain causal head forward, both distributions over all 49k tokens
+        feature = head.project(torch.cat([taps.new_zeros(4, 1, taps.shape[-1]), taps[:, :-1]], dim=1))
+        pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+        out = head(feature, tokens, pos, tiny.embed_tokens)
+        p = (tiny.logits(final) / T_sample).softmax(-1)[mask]  # (R, V)
+        q = (head.target_logits(out) / T_sample).softmax(-1)[mask]
+    want = torch.minimum(p, q).sum(-1)  # (R,)
+    assert steps[0]["count"] == int(mask.sum())
+    assert steps[0]["accepted"] == pytest.approx(want.sum().item(), rel=1e-4)
+    assert 0.0 < want.mean().item() < 1.0
+    tv = [1 - st["accepted"] / st["count"] for st in steps]
+    assert with_tv.item() == pytest.approx(kl_only.item() + 3.0 * (tv[0] + 0.5 * tv[1]), rel=1e-5)
+    with pytest.raises(ValueError, match="needs the target's log-partition"):
+        head_loss(head, tiny, (tokens, taps, final, mask), 1, tv_weight=1.0)
