@@ -103,6 +103,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=positive_int, default=8, help="[drafter] sequences per optimizer step")
     p.add_argument("--unroll", type=positive_int, default=3, help="[drafter] training-time-test steps")
     p.add_argument("--new-tokens", type=positive_int, default=96, help="[drafter] rollout length")
+    p.add_argument("--step-decay", type=float, default=1.0, help="[drafter] loss weight of TTT step s is this^s")
+    p.add_argument("--tv-weight", type=float, default=0.0,
+                   help="[drafter] weight of the TV(p, q) term (1 - acceptance) beside the KL")
     return p.parse_args(argv)
 
 
@@ -127,8 +130,9 @@ def run_drafter(args) -> int:
     report = pretrain(target, tok, args.out, problems=task.problems(0, prompts + args.held_out), held_out=args.held_out,
                       new_tokens=args.new_tokens, temperature=args.temperature, draft_vocab=args.draft_vocab,
                       epochs=args.epochs or 4, batch=args.batch, unroll=args.unroll,
-                      lr=args.lr if args.lr is not None else 1e-3, seed=args.seed, log=log)
-    print(json.dumps(report["held_out_greedy"]))
+                      lr=args.lr if args.lr is not None else 1e-3, decay=args.step_decay, tv_weight=args.tv_weight,
+                      max_batch=args.max_batch, seed=args.seed, log=log)
+    print(json.dumps({"sampled": report["held_out_sampled"], "greedy": report["held_out_greedy"]}))
     return 0
 
 

@@ -156,7 +156,8 @@ def head_loss(head: EagleHead, target, batch, unroll: int, *, weights: torch.Ten
     # Only the distilled positions pay the draft-vocabulary heads: flatten them to rows.
     w_row = weights.view(-1, 1).expand(B, T)[mask]  # (R,) each row's sequence weight
     first = torch.arange(T, device=tokens.device).expand(B, T)[mask]  # (R,) position of each row
-    with torch.no_grad():  # the target's logits of the next token over the draft vocab
+    # the target's logits of the next token over the draft vocab, in fp32 even under autocast
+    with torch.no_grad(), torch.autocast(tokens.device.type, enabled=False):
         w = target.lm_head.weight[head.d2t].float()  # (N, d)
         z = (final[mask].float() @ w.T) / temperature  # (R, N)
         logp = z.log_softmax(-1)
@@ -251,10 +252,12 @@ def timed(fn, *args, **kwargs):
 
 def train_head(head: EagleHead, target, seqs: Sequences, feats, *, epochs: int, batch: int, unroll: int, lr: float,
                temperature: float = 1.0, decay: float = 1.0, tv_weight: float = 0.0, seed: int = 0,
-               checkpoint: Path | None = None, checkpoint_every: int = 50) -> list[dict]:
+               compute_dtype: torch.dtype = torch.float32, checkpoint: Path | None = None,
+               checkpoint_every: int = 50) -> list[dict]:
     """AdamW with a warm-up and cosine decay over `epochs` passes of `head_loss`; `feats` must carry
-    the log-partition (`target_features(..., temperature=...)`). Returns the history, one entry per
-    optimizer step, with the acceptance estimate sum_s (1 - TV) per unroll step on that batch."""
+    the log-partition (`target_features(..., temperature=...)`). The forward runs under autocast to
+    `compute_dtype` (weights, optimizer and the loss's softmaxes stay fp32). Returns the history, one
+    entry per optimizer step, with the acceptance estimate (1 - TV) per unroll step on that batch."""
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
     total = -(-len(seqs.tokens) // batch) * epochs
     gen = torch.Generator().manual_seed(seed)
@@ -265,8 +268,10 @@ def train_head(head: EagleHead, target, seqs: Sequences, feats, *, epochs: int, 
         for tokens, taps, final, mask, lse in make_batches(seqs, feats, batch, gen):
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(step, total, lr, warmup=min(20, total // 10))
-            loss, per_step = head_loss(head, target, (tokens, taps, final, mask), unroll, temperature=temperature,
-                                       lse=lse, decay=decay, tv_weight=tv_weight)
+            device = head.fc.weight.device
+            with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+                loss, per_step = head_loss(head, target, (tokens, taps, final, mask), unroll, temperature=temperature,
+                                           lse=lse, decay=decay, tv_weight=tv_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -330,6 +335,7 @@ def pretrain(target, tokenizer, out_dir, *, problems: list, held_out: int, new_t
 
     history, t_train = timed(train_head, head, target, seqs, feats, epochs=epochs, batch=batch, unroll=unroll, lr=lr,
                              temperature=temperature, decay=decay, tv_weight=tv_weight, seed=seed,
+                             compute_dtype=target.embed_tokens.weight.dtype,  # the target's: bf16 where native
                              checkpoint=out_dir / "checkpoint", checkpoint_every=checkpoint_every)
     save_eagle(head, out_dir)
 
