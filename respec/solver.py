@@ -172,7 +172,8 @@ def drafter_alpha(drafter_dir, k: int) -> list[float] | None:
     data = json.loads(report.read_text())
     if data.get("alpha_estimate"):  # a head exported by a training run: its online 1 - TV estimate
         return [float(a) for a in data["alpha_estimate"]][:k]
-    held = data.get("held_out_greedy", {})
+    # at the rollout temperature where measured (reports since the head trains for it), else greedy
+    held = data.get("held_out_sampled") or data.get("held_out_greedy", {})
     if not held:
         return None
     return conditional_alpha(held[max(held, key=int)]["accept_per_pos"])[:k] or None
