@@ -5,12 +5,16 @@
   2. the draft vocabulary is the most frequent tokens of those sequences;
   3. one target forward per sequence gives the features (outputs of the feature layers) and the
      target's next-token distribution at every position;
-  4. the head is trained with forward KL(p_target || q_head) over the draft vocabulary, with a
+  4. the head is trained with forward KL(p_target || q_head) over the draft vocabulary (optionally
+     plus TV(p, q), the acceptance it costs: `head_loss`), at the rollout temperature, with a
      training-time-test (TTT) unroll: unroll step s feeds the head its own output features of step
      s-1 (shifted by one position), as drafting does after the first token, and attends exactly as
      the s-th draft does at inference: to keys made from true target features up to the drafting
-     point and to the keys of its own earlier draft steps after it (`ttt_layer`). The loss weight
-     of step s is 0.8^s.
+     point and to the keys of its own earlier draft steps after it (`unroll_mask`). The unroll runs
+     the head's own layer (`ttt_layer`), only the key set and mask are its own. Steps weigh alike by
+     default: at k = 3 a later draft is accepted only after the earlier ones, and it is the weakest;
+  5. held-out acceptance: speculative decoding with the new head at the rollout temperature, to
+     natural EOS, on prompts it never saw.
 """
 
 from __future__ import annotations
