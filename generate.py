@@ -3,11 +3,14 @@
   python generate.py                                    # a reasoning-gym problem, answered and scored
   python generate.py --model smollm2-135m --chat --prompt "What is 7 + 5?"
   python generate.py --bench --batch-sizes 1,8,32 --new-tokens 128 --json bench.json
+  python generate.py --bench --temperature 1 --drafter auto --batch-sizes 1,4,16,64   # SD as RL samples
 
 The benchmark runs both engines in one process on the same weights, dtype, prompts and number of
 new tokens (greedy, EOS ignored) and reports tokens/s, respec's time per decoding step, and the
 roofline: the bytes of weights one step must read divided by this machine's streaming read
-bandwidth, measured in the same run.
+bandwidth, measured in the same run. With --temperature > 0 it samples as RL rollouts do (each row
+its own seed, stopping at EOS), compares respec's plain decoding with speculative decoding, and
+skips transformers (its sampled tokens could not be compared).
 """
 
 from __future__ import annotations
@@ -41,7 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-cache-gb", type=positive_float, default=1.0, help="size of the paged KV cache")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--drafter", help="speculative decoding with this drafter: a directory from train.py --stage "
-                                     "drafter, or first:N (the target's first N layers)")
+                                     "drafter, auto (the default head train.py uses for --task, pretrained once if "
+                                     "missing), history (model-free: suffix matches in the text), first:N (the "
+                                     "target's first N layers), or any of those but history + '+history' (per row: "
+                                     "history where its suffix match is long, the model elsewhere)")
     p.add_argument("--k", type=int, default=4, help="tokens drafted per speculative step (with --drafter)")
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", help="text to complete; default: a problem of --task")
@@ -56,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     b.add_argument("--batch-sizes", type=positive_int_list, default=[1, 8, 32])
     b.add_argument("--new-tokens", type=positive_int, default=128, help="tokens generated per sequence")
     b.add_argument("--json", type=Path, help="write the benchmark results here (an existing file is never overwritten)")
+    b.add_argument("--past-rollouts", type=int, default=0,
+                   help="SD only: rollouts of the same prompts (other seeds) generated before the timed one, as RL "
+                        "sees its prompts again each epoch; what the history drafter can draw on")
     w = p.add_argument_group("adaptive SD sweep")
     w.add_argument("--sweep", action="store_true", help="measure tokens/s for every k = 0..--k and the adaptive "
                    "policy at each of --batch-sizes, against the fitted cost model, plus a long-tail rollout")
@@ -76,22 +85,40 @@ def parse_device(spec: str) -> torch.device:
     return device
 
 
-def make_drafter(spec: str | None, model, k: int):
+def make_drafter(spec: str | None, model, k: int, args=None, tokenizer=None):
     """The drafter a --drafter spec names (None without one)."""
     if spec is None:
         return None
     if k < 1:
         raise ValueError(f"--k must be >= 1, got {k}")
+    if spec.endswith("+history") and spec != "+history":  # per row: history where it matches long, the model elsewhere
+        from respec.drafters import as_drafter
+        from respec.drafters.hybrid import HybridDrafter
+
+        return HybridDrafter(as_drafter(make_drafter(spec.removesuffix("+history"), model, k, args, tokenizer)))
     kind, _, arg = spec.partition(":")
     if kind == "first" and arg.isdigit():
         return truncated_drafter(model, int(arg))
+    if spec == "history":
+        from respec.drafters.history import HistoryDrafter
+
+        return HistoryDrafter()
+    if spec == "auto":  # the head train.py pretrains and caches for this model and task
+        from respec.drafters.choose import default_head_dir, pretrain_default_head
+        from respec.tasks import make_task
+
+        spec = str(default_head_dir(args.model, args.task))
+        if not (Path(spec) / "config.json").is_file():
+            log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+            log(f"no cached default drafter for {args.model} / {args.task}: pretraining one into {spec} (once)")
+            pretrain_default_head(args.model, Path(spec), tokenizer, make_task(task=args.task), k=k, log=log)
     if Path(spec).is_dir():
         param = next(model.parameters())
         head = load_eagle(spec, dtype=param.dtype, device=param.device)
         check_eagle_fits(model, head)
         return head
     raise ValueError(f"drafter not found: {spec!r} (expected a drafter directory from train.py --stage drafter, "
-                     f"or first:N for the target's first N layers)")
+                     f"auto, history, first:N for the target's first N layers, or X+history)")
 
 
 def eos_ids(tokenizer, model) -> list[int]:
@@ -109,7 +136,7 @@ def sampling_params(args) -> SamplingParams:
 
 
 def run_generate(args, model, tokenizer) -> None:
-    drafter = make_drafter(args.drafter, model, args.k)
+    drafter = make_drafter(args.drafter, model, args.k, args, tokenizer)
     problem = None
     if args.prompt is None:
         problem = make_problems(args.task, 1, seed=args.seed)[0]
@@ -187,82 +214,111 @@ def run_bench(args, model, tokenizer, dtype) -> dict:
     bandwidth = read_bandwidth_gbs(device)
     weight_bytes = model.num_weight_bytes()
     roofline_ms = weight_bytes / (bandwidth * 1e9) * 1e3
+    sampled = args.temperature > 0
     print(f"model {args.model}  dtype {str(dtype).removeprefix('torch.')}  weights read per step "
-          f"{weight_bytes / 1e6:.0f} MB  read bandwidth {bandwidth:.1f} GB/s  roofline {roofline_ms:.1f} ms/step",
-          flush=True)
-    greedy = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, stop_on_eos=False)
+          f"{weight_bytes / 1e6:.0f} MB  read bandwidth {bandwidth:.1f} GB/s  roofline {roofline_ms:.1f} ms/step"
+          + (f"  sampling T={args.temperature}, stopping at EOS" if sampled else ""), flush=True)
+
+    def params(b: int, rollout: int = 0) -> list[SamplingParams]:
+        """Greedy past EOS (comparable with transformers token for token), or sampled as RL samples:
+        each row its own seed (another set per past rollout), stopping at EOS."""
+        if not sampled:
+            return [SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, stop_on_eos=False)] * b
+        return [SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature, top_p=args.top_p,
+                               top_k=args.top_k, seed=args.seed * 1_000_003 + rollout * 10_007 + i) for i in range(b)]
+
+    eos = eos_ids(tokenizer, model)
     engine = RolloutEngine(model, kv_cache_bytes=int(args.kv_cache_gb * 2**30), eager=args.eager,
-                           max_batch=max(args.batch_sizes))
+                           max_batch=max(args.batch_sizes), eos_token_ids=eos)
     prompts_for = {b: bench_prompts(tokenizer, b, args.seed) for b in args.batch_sizes}
     for b, prompts in prompts_for.items():  # all rows must fit the cache at once, or preemption enters the numbers
-        need = sum(engine.blocks.blocks_for(len(p) + args.new_tokens) for p in prompts)
+        need = sum(engine.blocks.blocks_for(len(p) + args.new_tokens + args.k + 1) for p in prompts)
         if need > engine.blocks.num_blocks - 1:
             raise ValueError(f"batch {b} needs {need} KV blocks, the cache has {engine.blocks.num_blocks - 1}: raise --kv-cache-gb")
-    drafter = make_drafter(args.drafter, model, args.k)
+    drafter = make_drafter(args.drafter, model, args.k, args, tokenizer)
     sd_engine = None
     if drafter is not None:
         sd_engine = RolloutEngine(model, kv_cache_bytes=int(args.kv_cache_gb * 2**30), eager=args.eager,
-                                  max_batch=max(args.batch_sizes), drafter=drafter, num_draft_tokens=args.k)
-    compile_s = engine.warmup(args.batch_sizes)
+                                  max_batch=max(args.batch_sizes), drafter=drafter, num_draft_tokens=args.k,
+                                  eos_token_ids=eos)
+        sd_engine.time_phases = True  # where an SD step's time goes (a device sync per phase on GPUs)
+    use_filter = sampled and (args.top_p < 1 or args.top_k > 0)
+    compile_s = engine.warmup(args.batch_sizes, use_filter=use_filter)
     if sd_engine is not None:  # the draft and verify shapes of every bucket (rows finish at different steps)
-        compile_s += sd_engine.warmup(args.batch_sizes)
-    with tempfile.TemporaryDirectory() as tmp:
-        hf = hf_model_for(args.model, model, tokenizer, dtype, device, Path(tmp))
+        compile_s += sd_engine.warmup(args.batch_sizes, use_filter=use_filter)
+    hf = None
+    if not sampled:
+        with tempfile.TemporaryDirectory() as tmp:
+            hf = hf_model_for(args.model, model, tokenizer, dtype, device, Path(tmp))
     results = []
     for b in args.batch_sizes:
         prompts = prompts_for[b]
-        engine.stats.decode_s, engine.stats.decode_steps = 0.0, 0
+        engine.stats = type(engine.stats)()
         t0 = time.perf_counter()
-        ours = engine.generate(prompts, greedy)
+        ours = engine.generate(prompts, params(b))
         respec_s = time.perf_counter() - t0
+        plain_tokens = sum(len(o.token_ids) for o in ours)
         step_ms = engine.stats.decode_s / max(engine.stats.decode_steps, 1) * 1e3
-        with torch.no_grad():
-            hf_generate(hf, tokenizer, prompts, 2)  # warm-up
-            theirs, hf_s = hf_generate(hf, tokenizer, prompts, args.new_tokens)
-        same = sum(o.token_ids == t for o, t in zip(ours, theirs))
-        sd = {}
+        row = {"batch": b, "respec_tok_s": round(plain_tokens / respec_s, 2),
+               "tokens_per_row": round(plain_tokens / b, 1), "step_ms": round(step_ms, 2),
+               "roofline_ms": round(roofline_ms, 2)}
+        if hf is not None:
+            with torch.no_grad():
+                hf_generate(hf, tokenizer, prompts, 2)  # warm-up
+                theirs, hf_s = hf_generate(hf, tokenizer, prompts, args.new_tokens)
+            row |= {"hf_tok_s": round(b * args.new_tokens / hf_s, 2),
+                    "same_tokens_as_hf": f"{sum(o.token_ids == t for o, t in zip(ours, theirs))}/{b}"}
         if sd_engine is not None:
+            for r in range(args.past_rollouts):  # earlier rollouts of these prompts (the history drafter keeps them)
+                sd_engine.generate(prompts, params(b, rollout=r + 1))
             sd_engine.stats = type(sd_engine.stats)()
             t0 = time.perf_counter()
-            spec = sd_engine.generate(prompts, greedy)
+            spec = sd_engine.generate(prompts, params(b))
             sd_s = time.perf_counter() - t0
             st = sd_engine.stats
-            sd = {"sd_tok_s": round(b * args.new_tokens / sd_s, 2), "accept_len": round(st.accept_len, 3),
-                  "accept_per_pos": [round(a, 3) for a in st.accept_per_pos],
-                  "sd_same_as_plain": f"{sum(x.token_ids == o.token_ids for x, o in zip(spec, ours))}/{b}"}
-        results.append({
-            "batch": b,
-            "respec_tok_s": round(b * args.new_tokens / respec_s, 2),
-            "hf_tok_s": round(b * args.new_tokens / hf_s, 2),
-            "step_ms": round(step_ms, 2),
-            "roofline_ms": round(roofline_ms, 2),
-            "same_tokens_as_hf": f"{same}/{b}",
-            **sd,
-        })
+            sd_tokens = sum(len(x.token_ids) for x in spec)
+            per_step = lambda t: round(t / max(st.sd_steps, 1) * 1e3, 2)  # noqa: E731  ms per SD step
+            row |= {"sd_draft_ms": per_step(st.sd_phase_s["draft"]), "sd_verify_ms": per_step(st.sd_phase_s["verify"]),
+                    "sd_host_ms": per_step(st.sd_phase_s["host"])}
+            row |= {"sd_tok_s": round(sd_tokens / sd_s, 2), "sd_tokens_per_row": round(sd_tokens / b, 1),
+                    "accept_len": round(st.accept_len, 3), "sd_step_fraction": round(st.sd_steps / max(len(st.chosen_k), 1), 3),
+                    "accept_per_pos": [round(a, 3) for a in st.accept_per_pos]}
+            if not sampled:
+                row["sd_same_as_plain"] = f"{sum(x.token_ids == o.token_ids for x, o in zip(spec, ours))}/{b}"
+        results.append(row)
         print(f"  batch {b}: done", flush=True)
     report = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "compile_s": round(compile_s, 1),
-              "drafter": args.drafter, "k": args.k if drafter is not None else 0,
-              "read_bandwidth_gb_s": round(bandwidth, 1), "weight_bytes": weight_bytes,
-              "new_tokens": args.new_tokens, "results": results}
+              "drafter": args.drafter, "k": args.k if drafter is not None else 0, "temperature": args.temperature,
+              "past_rollouts": args.past_rollouts, "read_bandwidth_gb_s": round(bandwidth, 1),
+              "weight_bytes": weight_bytes, "new_tokens": args.new_tokens, "results": results}
     print_table(report)
     return report
 
 
 def print_table(report: dict) -> None:
-    print(f"\n{report['model']} {report['dtype']}, {report['new_tokens']} new tokens, compile {report['compile_s']} s")
-    head = f"{'batch':>5} {'respec tok/s':>13} {'hf tok/s':>10} {'speed-up':>9} {'step ms':>8} {'roofline ms':>12} {'x roofline':>11} {'same as hf':>11}"
-    print(head)
-    print("-" * len(head))
-    for r in report["results"]:
-        print(f"{r['batch']:>5} {r['respec_tok_s']:>13.1f} {r['hf_tok_s']:>10.1f} {r['respec_tok_s'] / r['hf_tok_s']:>8.2f}x"
-              f" {r['step_ms']:>8.1f} {r['roofline_ms']:>12.1f} {r['step_ms'] / r['roofline_ms']:>10.2f}x {r['same_tokens_as_hf']:>11}")
+    sampled = report.get("temperature", 0) > 0
+    print(f"\n{report['model']} {report['dtype']}, {report['new_tokens']} new tokens"
+          + (f" at most, T={report['temperature']}, EOS stops" if sampled else "") + f", compile {report['compile_s']} s")
+    if not sampled:
+        head = (f"{'batch':>5} {'respec tok/s':>13} {'hf tok/s':>10} {'speed-up':>9} {'step ms':>8} {'roofline ms':>12} "
+                f"{'x roofline':>11} {'same as hf':>11}")
+        print(head)
+        print("-" * len(head))
+        for r in report["results"]:
+            print(f"{r['batch']:>5} {r['respec_tok_s']:>13.1f} {r['hf_tok_s']:>10.1f} {r['respec_tok_s'] / r['hf_tok_s']:>8.2f}x"
+                  f" {r['step_ms']:>8.1f} {r['roofline_ms']:>12.1f} {r['step_ms'] / r['roofline_ms']:>10.2f}x {r['same_tokens_as_hf']:>11}")
     sd_rows = [r for r in report["results"] if "sd_tok_s" in r]
     if sd_rows:
-        print(f"\nspeculative decoding, drafter {report['drafter']}, k={report['k']}")
-        print(f"{'batch':>5} {'sd tok/s':>9} {'vs plain':>9} {'accept len':>11} {'same as plain':>14}  accepted per position")
+        past = f", {report['past_rollouts']} past rollouts of the prompts" if report.get("past_rollouts") else ""
+        print(f"\nspeculative decoding, drafter {report['drafter']}, k={report['k']}{past}")
+        print(f"{'batch':>5} {'plain tok/s':>12} {'sd tok/s':>9} {'vs plain':>9} {'accept len':>11} {'SD steps':>9} "
+              f"{'tokens/row':>11} {'same as plain':>14} {'plain step ms':>14} {'SD step ms: draft + verify + host':>34}"
+              f"  accepted per position")
         for r in sd_rows:
-            print(f"{r['batch']:>5} {r['sd_tok_s']:>9.1f} {r['sd_tok_s'] / r['respec_tok_s']:>8.2f}x {r['accept_len']:>11.2f}"
-                  f" {r['sd_same_as_plain']:>14}  {r['accept_per_pos']}")
+            phases = f"{r['sd_draft_ms']:.1f} + {r['sd_verify_ms']:.1f} + {r['sd_host_ms']:.1f}"
+            print(f"{r['batch']:>5} {r['respec_tok_s']:>12.1f} {r['sd_tok_s']:>9.1f} {r['sd_tok_s'] / r['respec_tok_s']:>8.2f}x"
+                  f" {r['accept_len']:>11.2f} {r['sd_step_fraction']:>9.0%} {r['sd_tokens_per_row']:>11}"
+                  f" {r.get('sd_same_as_plain', '-'):>14} {r['step_ms']:>14.1f} {phases:>34}  {r['accept_per_pos']}")
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -282,6 +338,8 @@ def main(argv=None) -> int:
             if not args.json.parent.is_dir():
                 raise ValueError(f"directory {args.json.parent} does not exist")
         sampling_params(args).validate()  # --temperature, --top-p, --top-k
+        if args.past_rollouts < 0:
+            raise ValueError(f"--past-rollouts must be >= 0, got {args.past_rollouts}")
         device = parse_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         model = load_model(args.model, dtype=dtype, device=device, seed=args.seed)
@@ -291,7 +349,8 @@ def main(argv=None) -> int:
         if args.sweep:
             from respec.sweep import run_sweep
 
-            report = run_sweep(args, model, tokenizer, make_drafter(args.drafter, model, args.k), eos_ids(tokenizer, model))
+            report = run_sweep(args, model, tokenizer, make_drafter(args.drafter, model, args.k, args, tokenizer),
+                               eos_ids(tokenizer, model))
             if args.json is not None:
                 write_json(args.json, report)
         elif args.bench:

@@ -64,7 +64,9 @@ def parse_args(argv=None):
     # --- speculative decoding ---
     p.add_argument("--sd", choices=["off", "on", "adaptive"], default=d.sd, help="adaptive: the solver picks k per step")
     p.add_argument("--drafter", default=d.drafter,
-                   help="EAGLE head dir, 'auto' (cached default, pretrained once), 'random' (untrained: cold start) or 'none'")
+                   help="EAGLE head dir, 'auto' (cached default, pretrained once), 'random' (untrained: cold start), "
+                        "'history' (model-free: suffix matches in the prompt's rollouts; nothing to distil), 'none', "
+                        "or a head + '+history' (e.g. auto+history: history where its match is long, the head elsewhere)")
     p.add_argument("--k", type=positive_int, default=d.k, help="largest draft length")
     # --- the drafter's online distillation ---
     p.add_argument("--drafter-update", choices=["frozen", "kd", "rkd", "akd"], default=d.drafter_update,

@@ -32,10 +32,12 @@ import torch
 from models.decoder import call_block
 from models.eagle import call_head
 from models.loading import cache_dir
-from respec.speculative import draft_next, verify_tail
-from respec.steps import sample_next
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Parameters of the step functions that name their sampling tails (output head + sampler, the
+# drafter's head + sampler, the verify's head + acceptance test): regional compilation compiles
+# each one's default, whatever function that is.
+TAIL_PARAMS = ("sample_fn", "draft_fn", "verify_fn")
 MIN_TABLE_WIDTH = 4  # block-table widths below this are padded up (keeps the dynamic dim > 1)
 
 
@@ -97,10 +99,12 @@ class CompiledSteps:
             configure_dynamo()
             self._block = torch.compile(call_block, fullgraph=True, dynamic=False)
             self._head = torch.compile(call_head, fullgraph=True, dynamic=False)
-            self._tails = {  # the sampling ends of the steps: one graph each per batch bucket (and k)
-                name: torch.compile(f, fullgraph=True, dynamic=False)
-                for name, f in (("sample_fn", sample_next), ("draft_fn", draft_next), ("verify_fn", verify_tail))
-            }
+        self._tails: dict = {}  # tail function -> its compiled version (one graph per batch bucket and k)
+
+    def _tail(self, f):
+        if f not in self._tails:
+            self._tails[f] = torch.compile(f, fullgraph=True, dynamic=False)
+        return self._tails[f]
 
     def _run_block(self, block, x, cos, sin, kv):
         _mark_width_dynamic(kv.block_tables, kv.mask)
@@ -123,8 +127,9 @@ class CompiledSteps:
                 step = partial(fn, **static_kwargs)
             elif self.mode == "regional":
                 params = inspect.signature(fn).parameters
-                regions = {"run_block": self._run_block, "run_head": self._run_head}
-                regions = {name: region for name, region in (regions | self._tails).items() if name in params}
+                regions = {name: region for name, region in (("run_block", self._run_block), ("run_head", self._run_head))
+                           if name in params}
+                regions |= {name: self._tail(params[name].default) for name in TAIL_PARAMS if name in params}
                 step = partial(fn, **regions, **static_kwargs)
             else:
                 graph = torch.compile(partial(fn, **static_kwargs), fullgraph=True, dynamic=False,

@@ -68,6 +68,13 @@ def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
     return _all_reduce(values, d, dist.ReduceOp.SUM)
 
 
+def all_reduce_named(values: dict[str, float], d: Dist) -> dict[str, float]:
+    """Sum named floats over ranks, by name (one all-reduce over the sorted keys): adding a
+    metric cannot shift the others."""
+    keys = sorted(values)
+    return dict(zip(keys, all_reduce_sum([float(values[k]) for k in keys], d)))
+
+
 def all_reduce_max(values: list[float], d: Dist) -> list[float]:
     """Elementwise max of a few floats over ranks (the slowest rank's phase time)."""
     return _all_reduce(values, d, dist.ReduceOp.MAX)

@@ -27,13 +27,11 @@ import torch
 
 from compile.cpu_linear import packed_view, packing_available, repack
 from compile.policy import CompiledSteps, batch_bucket, buckets_up_to, table_width
-from models.drafter import check_compatible
-from models.eagle import EagleHead, check_eagle_fits
+from respec.drafters import DraftBatch, Drafter, EngineView, as_drafter
 from respec.kv_cache import PagedKVCache
-from respec.paged_attention import PagedKV
 from respec.solver import FixedK
-from respec.speculative import eagle_speculative_step, speculative_step
-from respec.steps import decode_step, prefill_step
+from respec.speculative import verify_step
+from respec.steps import decode_step, prefill_step, right_padded
 
 
 class Stopped(Exception):
@@ -75,12 +73,6 @@ class _Sequence:
     out: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
-    # EAGLE head: the (target feature of position j-1, token j) pairs it has not consumed yet, for
-    # j = pending_start.. : features (m, 3d) and tokens (m,); the last pair holds the newest token
-    pending: tuple | None = None
-    pending_start: int = 0
-    # small-model drafter: how many leading tokens its KV cache holds
-    drafted: int = 0
 
     @property
     def tokens(self) -> list[int]:
@@ -98,9 +90,13 @@ class EngineStats:
     batch_sizes: list[int] = field(default_factory=list)  # active batch at every decode step
     sd_steps: int = 0  # speculative steps (one target verify each)
     sd_rows: int = 0  # sequences summed over speculative steps
-    sd_emitted: int = 0  # tokens those rows emitted (accepted drafts + one corrected/bonus token each)
+    sd_emitted: int = 0  # tokens those rows emitted (accepted drafts + one corrected/bonus token, up to a stop)
     sd_accepted_at: list[int] = field(default_factory=list)  # rows whose draft i was accepted, per i
+    sd_reached_at: list[int] = field(default_factory=list)  # rows that proposed a draft i with drafts < i accepted
     chosen_k: list[int] = field(default_factory=list)  # draft length of every decode step (0 = plain)
+    # where SD steps' time goes: "draft" (catch-up and drafting), "verify" (the target's forward over
+    # k+1 positions and the acceptance test, to the host sync) and "host" (emitting, rollback, commit)
+    sd_phase_s: dict = field(default_factory=lambda: {"draft": 0.0, "verify": 0.0, "host": 0.0})
 
     @property
     def decode_tok_s(self) -> float:
@@ -117,19 +113,11 @@ class EngineStats:
         """Fraction of rows whose i-th draft token was accepted."""
         return [a / max(self.sd_rows, 1) for a in self.sd_accepted_at]
 
-
-def right_padded(spans: list[tuple[list[int], int]]):
-    """Token spans (ids, position of the first) as right-padded (tokens, positions, valid), (B, T)."""
-    T = max(len(ids) for ids, _ in spans)
-    tokens = torch.zeros(len(spans), T, dtype=torch.int64)
-    positions = torch.zeros(len(spans), T, dtype=torch.int64)
-    valid = torch.zeros(len(spans), T, dtype=torch.bool)
-    for i, (ids, start) in enumerate(spans):
-        n = len(ids)
-        tokens[i, :n] = torch.tensor(ids)
-        positions[i, :n] = torch.arange(start, start + n)
-        valid[i, :n] = True
-    return tokens, positions, valid
+    @property
+    def alpha(self) -> list[float]:
+        """Conditional acceptance of draft i: of the rows that proposed it with every earlier draft
+        accepted, the fraction that accepted it (rows with shorter proposals do not count)."""
+        return [a / r if r else 0.0 for a, r in zip(self.sd_accepted_at, self.sd_reached_at)]
 
 
 class RolloutEngine:
@@ -145,7 +133,7 @@ class RolloutEngine:
         eager: bool = False,  # no torch.compile (debugging; same tokens)
         pack_weights: bool = True,  # oneDNN-packed linears on CPU (compile/cpu_linear.py)
         compile_mode: str | None = None,  # regional / whole (default per device, see compile/policy.py)
-        drafter=None,  # speculative decoding: an EagleHead, or a Decoder over the target's vocabulary
+        drafter=None,  # speculative decoding: a respec.drafters.Drafter, or a model `as_drafter` wraps in one
         num_draft_tokens: int = 0,  # k (the largest k with a policy), tokens drafted per SD step (>= 1)
         policy=None,  # chooses k per step (respec/solver.py: FixedK, AdaptiveK); default FixedK(k)
     ):
@@ -155,30 +143,29 @@ class RolloutEngine:
         self.runner = packed_view(model) if pack_weights and packing_available(self.device, self.dtype) else model
         cfg = model.cfg
         self.max_len = cfg.max_position_embeddings
-        self.drafter, self.k = drafter, num_draft_tokens
+        self.drafter: Drafter | None = as_drafter(drafter)
+        self.k = num_draft_tokens
         self.policy = policy if policy is not None else FixedK(num_draft_tokens)
-        draft_shape = None
-        self.eagle = isinstance(drafter, EagleHead)
-        if drafter is not None:
+        if self.drafter is not None:
             if num_draft_tokens < 1:
                 raise ValueError(f"speculative decoding needs k >= 1 draft tokens, got {num_draft_tokens}")
-            if self.eagle:
-                check_eagle_fits(model, drafter)
-                draft_shape = (1, cfg.num_kv_heads, cfg.head_dim)
-            else:
-                check_compatible(model, drafter)
-                draft_shape = (drafter.cfg.num_layers, drafter.cfg.num_kv_heads, drafter.cfg.head_dim)
-            packed = pack_weights and packing_available(self.device, self.dtype)
-            self.draft_runner = packed_view(drafter) if packed else drafter
+            self.drafter.check(model)
         self.cache = PagedKVCache(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                                   capacity_bytes=kv_cache_bytes, block_size=block_size, dtype=self.dtype,
-                                  device=self.device, draft_shape=draft_shape)
+                                  device=self.device, draft_shape=self.drafter and self.drafter.pool_shape)
         self.blocks = self.cache.blocks
         self.eos = set(int(e) for e in eos_token_ids)
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
         self.steps = CompiledSteps(eager=eager, device=self.device, mode=compile_mode)
         self.stats = EngineStats()
+        self.time_phases = False  # see _phase
+        # the target's features the drafter reads, returned by prefill, decode and verify steps
+        self.feature_layers = self.drafter.feature_layers if self.drafter is not None else ()
+        if self.drafter is not None:
+            self.drafter.attach(EngineView(target=self.runner, draft_pools=self.cache.draft_pools, steps=self.steps,
+                                           tables=self._tables, device=self.device, dtype=self.dtype,
+                                           pack_weights=pack_weights))
 
     def sync_weights(self) -> None:
         """Call after the model's weights changed (an optimizer step): refresh packed copies."""
@@ -188,8 +175,8 @@ class RolloutEngine:
 
     def sync_drafter(self) -> None:
         """Call after the drafter's weights changed (an online distillation update)."""
-        if self.drafter is not None and self.draft_runner is not self.drafter:
-            repack(self.draft_runner)
+        if self.drafter is not None:
+            self.drafter.sync()
 
     # ------------------------------------------------------------------------------------------
     def check_request(self, prompt: list[int], params: SamplingParams) -> None:
@@ -223,7 +210,7 @@ class RolloutEngine:
             while waiting or running:
                 if should_stop is not None and should_stop():
                     for s in running:
-                        self.blocks.free(s.id)
+                        self._release(s)
                     raise Stopped(f"rollout abandoned with {len(running) + len(waiting)} of {len(seqs)} sequences unfinished")
                 admitted = self._admit(waiting, running)
                 if admitted:
@@ -231,28 +218,39 @@ class RolloutEngine:
                     running += admitted
                 else:
                     k = self._choose_k(running)
-                    self._reserve_slots(waiting, running, k + 1)
-                    if k and running:  # (preemption may have emptied the batch)
-                        self._speculate(running, k)
+                    caps = self._draft_caps(running, k)
+                    self._reserve_slots(waiting, running, caps)
+                    if running and any(caps[: len(running)]):  # (preemption may have emptied the batch)
+                        self._speculate(running, k, caps[: len(running)])
                     elif running:
                         self._decode(running)
                 finished = [s for s in running if s.finish_reason]
                 for s in finished:
-                    self.blocks.free(s.id)
+                    self._release(s)
                     running.remove(s)
                 if finished and on_finish is not None:
                     on_finish(len(finished))
         return [Completion(s.out, s.logprobs, s.finish_reason) for s in seqs]
 
+    def _release(self, s: _Sequence) -> None:
+        """A sequence leaves the batch (finished, preempted or abandoned): its blocks and drafter state go."""
+        self.blocks.free(s.id)
+        if self.drafter is not None:
+            self.drafter.forget(s)
+
     def _choose_k(self, running: list[_Sequence]) -> int:
-        """This step's draft length: the policy's choice for the active batch, capped at the
-        engine's k and at what still fits every sequence's context."""
+        """This step's draft length: the policy's choice for the active batch, capped at the engine's k."""
         if self.drafter is None:
             return 0
         context = sum(len(s.tokens) for s in running) / len(running)
-        k = min(self.policy.choose(len(running), context), self.k)
-        room = min(self.max_len - len(s.tokens) for s in running)
-        return max(0, min(k, room - 1))
+        return min(self.policy.choose(len(running), context), self.k)
+
+    def _draft_caps(self, running: list[_Sequence], k: int) -> list[int]:
+        """Most drafts each row may propose this step: k, less where the row's context or token limit
+        is near (a row emits at most drafts + 1 tokens). Per row, so one long sequence does not turn
+        SD off for the batch."""
+        return [max(0, min(k, self.max_len - len(s.tokens) - 1, s.params.max_new_tokens - len(s.out) - 1))
+                for s in running]
 
     # ------------------------------------------------------------------------------------------
     def _admit(self, waiting: deque, running: list) -> list[_Sequence]:
@@ -270,17 +268,16 @@ class RolloutEngine:
             admitted.append(waiting.popleft())
         return admitted
 
-    def _reserve_slots(self, waiting: deque, running: list, n: int) -> None:
-        """`n` slots per running sequence (its newest token, plus drafts when speculating),
-        preempting from the back if the pool runs dry."""
-        while sum(self.blocks.extra_blocks(s.id, n) for s in running) > self.blocks.num_free:
-            victim = running.pop()  # the most recently admitted
-            self.blocks.free(victim.id)
-            victim.pending, victim.drafted = None, 0  # drafter state is rebuilt by the prefill that readmits it
+    def _reserve_slots(self, waiting: deque, running: list, caps: list[int]) -> None:
+        """Slots for every running sequence's newest token and its `caps` drafts, preempting from
+        the back (the most recently admitted) if the pool runs dry."""
+        while sum(self.blocks.extra_blocks(s.id, c + 1) for s, c in zip(running, caps)) > self.blocks.num_free:
+            victim = running.pop()
+            self._release(victim)  # drafter state is rebuilt by the prefill that readmits it
             waiting.appendleft(victim)
             self.stats.preemptions += 1
-        for s in running:
-            self.blocks.append(s.id, n)
+        for s, c in zip(running, caps):
+            self.blocks.append(s.id, c + 1)
 
     def _tables(self, seqs: list[_Sequence], rows: int | None = None) -> torch.Tensor:
         """The sequences' block tables, as wide as the longest needs, padded to `rows` rows."""
@@ -317,82 +314,16 @@ class RolloutEngine:
         last = torch.tensor([len(s.tokens) - 1 for s in seqs], dtype=torch.int64)
         tables = self._tables(seqs)
         (seeds, temp, top_k, top_p), use_filter = self._row_params(seqs, B)
-        taps_of = self.drafter.cfg.feature_layers if self.eagle else ()
-        step = self.steps.eager_fn(prefill_step, use_filter=use_filter, hidden_layers=taps_of)
+        step = self.steps.eager_fn(prefill_step, use_filter=use_filter, hidden_layers=self.feature_layers)
         dev = self.device
         tokens, positions, valid = tokens.to(dev), positions.to(dev), valid.to(dev)
         out = step(self.runner, self.cache.pools, tokens, positions, valid, tables, last.to(dev), seeds, temp, top_k, top_p)
-        if self.eagle:
-            *out, taps = out
-            self._eagle_prefill(seqs, tokens, positions, valid, tables, taps, out[0])
-        elif self.drafter is not None:  # the drafter caches the same tokens in its own pools
-            self.draft_runner(tokens, positions, PagedKV.build(self.cache.draft_pools, tables, positions,
-                                                               self.drafter.cfg.n_rep, valid=valid))
-            for s in seqs:
-                s.drafted = len(s.tokens)
-        self._record(seqs, *out)
+        first, logprobs, taps = out if self.feature_layers else (*out, None)
+        if self.drafter is not None:  # the drafter sees the same tokens (before the first new one is recorded)
+            self.drafter.on_prefill(seqs, tokens, positions, valid, tables, taps, first)
+        self._record(seqs, first, logprobs)
         self.stats.prefill_tokens += len(seqs)
         self.stats.prefill_s += time.perf_counter() - t0
-
-    def _eagle_prefill(self, seqs, tokens, positions, valid, tables, taps, first_tokens) -> None:
-        """The head consumes the prompt pairs (feature of position j-1, token j), j = 0..L-1 (a zero
-        feature before the first token); the pair of the first sampled token waits in `pending`."""
-        head = self.draft_runner
-        B = tokens.shape[0]
-        shifted = torch.cat([taps.new_zeros(B, 1, taps.shape[-1]), taps[:, :-1]], dim=1)
-        kv = PagedKV.build(self.cache.draft_pools, tables, positions, head.n_rep, valid=valid)
-        head(head.project(shifted), tokens, positions, self.runner.embed_tokens, kv.layer(0))
-        for i, s in enumerate(seqs):
-            L = len(s.tokens)
-            s.pending, s.pending_start = (taps[i, L - 1: L], first_tokens[i: i + 1]), L
-
-    def _padded_pending(self, s: _Sequence | None, width: int) -> tuple:
-        """A sequence's pending pairs as (features, tokens, positions, valid), right-padded to `width`
-        (None: a padding row, one zero pair at position 0)."""
-        dev = self.device
-        if s is None:
-            taps = torch.zeros(1, self.drafter.fc.in_features, dtype=self.dtype, device=dev)
-            tokens, start = torch.zeros(1, dtype=torch.int64, device=dev), 0
-        else:
-            (taps, tokens), start = s.pending, s.pending_start
-        m = taps.shape[0]
-        taps = torch.cat([taps, taps.new_zeros(width - m, taps.shape[-1])])
-        tokens = torch.cat([tokens, tokens.new_zeros(width - m)])
-        positions = start + torch.arange(width, device=dev)
-        return taps, tokens, positions, torch.arange(width, device=dev) < m
-
-    def _catch_up(self, seqs: list[_Sequence], k: int) -> None:
-        """Bring the drafter up to date before an SD step of k drafts with what it missed while SD
-        was off (plain decode steps): the EAGLE head consumes all but its newest pending pair (which
-        the SD step consumes), a small-model drafter caches all but the last two tokens (which the
-        SD step feeds). One eager, right-padded forward over the sequences that need it."""
-        if self.eagle:
-            behind = [s for s in seqs if s.pending[0].shape[0] > k + 1]
-            if not behind:
-                return
-            width = max(s.pending[0].shape[0] for s in behind) - 1
-            rows = [self._padded_pending(s, width + 1) for s in behind]
-            taps, tokens, positions, valid = (torch.stack(t)[:, :width] for t in zip(*rows))
-            valid = valid & (torch.arange(width, device=self.device) < torch.tensor(
-                [s.pending[0].shape[0] - 1 for s in behind], device=self.device).view(-1, 1))
-            tables = self._tables(behind)
-            kv = PagedKV.build(self.cache.draft_pools, tables, positions, self.draft_runner.n_rep, valid=valid)
-            self.draft_runner(self.draft_runner.project(taps), tokens, positions, self.runner.embed_tokens, kv.layer(0))
-            for s in behind:
-                (t, tok), m = s.pending, s.pending[0].shape[0]
-                s.pending, s.pending_start = (t[m - 1:], tok[m - 1:]), s.pending_start + m - 1
-        elif self.drafter is not None:
-            behind = [s for s in seqs if s.drafted < len(s.tokens) - 2]
-            if not behind:
-                return
-            tokens, positions, valid = right_padded([(s.tokens[s.drafted: len(s.tokens) - 2], s.drafted) for s in behind])
-            dev = self.device
-            tables = self._tables(behind)
-            positions, valid = positions.to(dev), valid.to(dev)
-            self.draft_runner(tokens.to(dev), positions, PagedKV.build(self.cache.draft_pools, tables, positions,
-                                                                       self.drafter.cfg.n_rep, valid=valid))
-            for s in behind:
-                s.drafted = len(s.tokens) - 2
 
     def _decode(self, seqs: list[_Sequence]) -> None:
         t0 = time.perf_counter()
@@ -402,67 +333,86 @@ class RolloutEngine:
         positions = torch.tensor([len(s.tokens) - 1 for s in seqs] + [0] * pad, dtype=torch.int64)
         tables = self._tables(seqs, rows)
         (seeds, temp, top_k, top_p), use_filter = self._row_params(seqs, rows)
-        taps_of = self.drafter.cfg.feature_layers if self.eagle else ()
-        step = self.steps.get(decode_step, use_filter=use_filter, hidden_layers=taps_of)
+        step = self.steps.get(decode_step, use_filter=use_filter, hidden_layers=self.feature_layers)
         next_tokens, logprobs, *taps = step(self.runner, self.cache.pools, tokens.to(self.device),
                                             positions.to(self.device), tables, seeds, temp, top_k, top_p)
-        if self.eagle:  # the head will need (feature of the input token, the token sampled after it)
-            for i, s in enumerate(seqs):
-                t, tok = s.pending
-                s.pending = (torch.cat([t, taps[0][i: i + 1]]), torch.cat([tok, next_tokens[i: i + 1]]))
+        if self.drafter is not None:
+            self.drafter.on_decode(seqs, taps[0] if taps else None, next_tokens)
         self._record(seqs, next_tokens[: len(seqs)], logprobs[: len(seqs)])
         self.stats.decode_s += time.perf_counter() - t0
         self.stats.decode_steps += 1
         self.stats.batch_sizes.append(len(seqs))
         self.stats.chosen_k.append(0)
 
-    def _speculate(self, seqs: list[_Sequence], k: int) -> None:
+    def _speculate(self, seqs: list[_Sequence], k: int, caps: list[int]) -> None:
+        """One SD step: catch up -> draft -> verify -> accept -> roll back -> commit."""
         t0 = time.perf_counter()
-        self._catch_up(seqs, k)
+        dev = self.device
+        self.drafter.catch_up(seqs, k)
         rows = batch_bucket(len(seqs), self.max_batch)
         pad = [0] * (rows - len(seqs))
-        prev = torch.tensor([s.tokens[-2] for s in seqs] + pad, dtype=torch.int64)
-        tokens = torch.tensor([s.tokens[-1] for s in seqs] + pad, dtype=torch.int64)
-        positions = torch.tensor([len(s.tokens) - 1 for s in seqs] + pad, dtype=torch.int64)
-        tables = self._tables(seqs, rows)
         (seeds, temp, top_k, top_p), use_filter = self._row_params(seqs, rows)
-        dev = self.device
-        if self.eagle:
-            step = self.steps.get(eagle_speculative_step, k=k, use_filter=use_filter)
-            pend = [self._padded_pending(s, k + 1) for s in seqs] + [self._padded_pending(None, k + 1)] * len(pad)
-            pend_taps, pend_tokens, pend_pos, pend_valid = (torch.stack(t) for t in zip(*pend))
-            out_tokens_d, out_lp, n_d, taps = step(self.runner, self.draft_runner, self.cache.pools,
-                                                   self.cache.draft_pools, pend_taps, pend_tokens, pend_pos,
-                                                   pend_valid, positions.to(dev), tables, seeds, temp, top_k, top_p)
-        else:
-            step = self.steps.get(speculative_step, k=k, use_filter=use_filter)
-            out_tokens_d, out_lp, n_d = step(self.runner, self.draft_runner, self.cache.pools, self.cache.draft_pools,
-                                             prev.to(dev), tokens.to(dev), positions.to(dev), tables, seeds, temp,
-                                             top_k, top_p)
-        out_tokens, out_lp, n = out_tokens_d.tolist(), out_lp.tolist(), n_d.tolist()  # the host sync of this step
-        if len(self.stats.sd_accepted_at) < k:
-            self.stats.sd_accepted_at += [0] * (k - len(self.stats.sd_accepted_at))
+        batch = DraftBatch(
+            seqs=seqs, k=k, seeds=seeds, temperature=temp, top_k=top_k, top_p=top_p, use_filter=use_filter,
+            tokens=torch.tensor([s.tokens[-1] for s in seqs] + pad, dtype=torch.int64, device=dev),
+            positions=torch.tensor([len(s.tokens) - 1 for s in seqs] + pad, dtype=torch.int64, device=dev),
+            block_tables=self._tables(seqs, rows),
+            max_drafts=torch.tensor(caps + pad, dtype=torch.int64, device=dev), max_drafts_list=caps)
+        drafts = self.drafter.draft(batch)
+        if drafts.lengths_list is not None and not any(drafts.lengths_list):  # nothing to verify
+            for s, cap in zip(seqs, caps):
+                self.blocks.truncate(s.id, cap)
+            return self._decode(seqs)
+        t1 = self._phase("draft", t0)
+        verify = self.steps.get(verify_step, use_filter=use_filter, hidden_layers=self.feature_layers)
+        tokens_d, logprobs_d, n_d, taps = verify(self.runner, self.cache.pools, batch.tokens, drafts.tokens,
+                                                 drafts.lengths, drafts.q, batch.positions, batch.block_tables,
+                                                 seeds, temp, top_k, top_p)
+        # the host sync of this step
+        tokens, logprobs, n, lengths = tokens_d.tolist(), logprobs_d.tolist(), n_d.tolist(), drafts.lengths.tolist()
+        t2 = self._phase("verify", t1)
         for i, s in enumerate(seqs):
-            for tok, lp in zip(out_tokens[i][: n[i] + 1], out_lp[i][: n[i] + 1]):
+            for tok, lp in zip(tokens[i][: n[i] + 1], logprobs[i][: n[i] + 1]):
                 self._emit(s, tok, lp)
+                self.stats.sd_emitted += 1
                 if s.finish_reason:
                     break
-            else:  # roll back the rejected drafts' slots (target and drafter share the tables)
-                self.blocks.truncate(s.id, k - n[i])
-                if self.eagle:  # the verified pairs the head has not seen: up to the newest token
-                    s.pending = (taps[i, : n[i] + 1], out_tokens_d[i, : n[i] + 1])
-                    s.pending_start = len(s.tokens) - 1 - n[i]
-                else:
-                    s.drafted = len(s.tokens) - 2
-            for j in range(n[i]):
-                self.stats.sd_accepted_at[j] += 1
+            else:  # roll back the slots of the rejected drafts (the drafter's pools share the tables)
+                self.blocks.truncate(s.id, caps[i] - n[i])
+            self._count_acceptance(n[i], lengths[i])
+        running = [i for i, s in enumerate(seqs) if not s.finish_reason]
+        if running:
+            self.drafter.commit([seqs[i] for i in running], [n[i] for i in running], tokens_d[running],
+                                None if taps is None else taps[running])
+        self._phase("host", t2)
         self.stats.sd_steps += 1
         self.stats.sd_rows += len(seqs)
-        self.stats.sd_emitted += sum(ni + 1 for ni in n[: len(seqs)])
         self.stats.decode_s += time.perf_counter() - t0
         self.stats.batch_sizes.append(len(seqs))
         self.stats.chosen_k.append(k)
-        self.policy.observe(n[: len(seqs)], k)
+        self.policy.observe(n[: len(seqs)], k, lengths[: len(seqs)])
+
+    def _phase(self, name: str, since: float) -> float:
+        """Add the time since `since` to an SD phase; returns now. On a GPU the phases are only
+        separated with `time_phases` set (a device sync each, which a rollout should not pay)."""
+        if self.time_phases and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.stats.sd_phase_s[name] += now - since
+        return now
+
+    def _count_acceptance(self, n: int, proposed: int) -> None:
+        """Per draft position: rows that accepted it, and rows that reached it (proposed it, with
+        every earlier draft accepted)."""
+        st = self.stats
+        grow = proposed - len(st.sd_accepted_at)
+        if grow > 0:
+            st.sd_accepted_at += [0] * grow
+            st.sd_reached_at += [0] * grow
+        for j in range(min(n + 1, proposed)):
+            st.sd_reached_at[j] += 1
+        for j in range(n):
+            st.sd_accepted_at[j] += 1
 
     # ------------------------------------------------------------------------------------------
     def time_step(self, batch: int, k: int, context: int, *, reps: int = 2) -> float:
@@ -483,15 +433,12 @@ class RolloutEngine:
                                 top_p=0.9 if use_filter else 1.0, stop_on_eos=False)
         seqs = []
         for i in range(batch):
-            ids = torch.randint(self.model.cfg.vocab_size, (context,), generator=gen).tolist()
-            s = _Sequence(-1 - i, ids[:-1], params, out=ids[-1:])
-            self.blocks.allocate(s.id, context - 1)
-            s.drafted = context - 2
-            if self.eagle:
-                s.pending = (torch.zeros(1, self.drafter.fc.in_features, dtype=self.dtype, device=self.device),
-                             torch.tensor(ids[-1:], device=self.device))
-                s.pending_start = context - 1
-            seqs.append(s)
+            # A repeating text, so that a drafter which drafts from the text itself (respec/drafters/
+            # history.py) proposes all k tokens, as a model drafter always does.
+            period = torch.randint(self.model.cfg.vocab_size, (8,), generator=gen).tolist()
+            ids = (period * (context // 8 + 1))[:context]
+            seqs.append(_Sequence(-1 - i, ids[:-1], params, out=ids[-1:]))
+            self.blocks.allocate(seqs[-1].id, context - 1)
         stats, policy = self.stats, self.policy
         self.stats, self.policy = EngineStats(), FixedK(k)
         times = []
@@ -500,17 +447,17 @@ class RolloutEngine:
                 for _ in range(calls):
                     for s in seqs:
                         self.blocks.append(s.id, k + 1)
+                        if self.drafter is not None:
+                            self.drafter.assume_cached(s)
                     t0 = time.perf_counter()
-                    self._speculate(seqs, k) if k else self._decode(seqs)
+                    self._speculate(seqs, k, [k] * batch) if k else self._decode(seqs)
                     times.append(time.perf_counter() - t0)
                     for s in seqs:  # back to the same state
                         self.blocks.truncate(s.id, self.blocks.lengths[s.id] - (context - 1))
                         del s.out[1:], s.logprobs[:]
                         s.finish_reason = None
-                        s.drafted = context - 2
-                        if self.eagle:
-                            s.pending = (s.pending[0][:1], s.pending[1][:1])
-                            s.pending_start = context - 1
+                        if self.drafter is not None:
+                            self.drafter.forget(s)
         finally:
             for s in seqs:
                 self.blocks.free(s.id)

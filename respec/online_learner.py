@@ -231,7 +231,7 @@ class OnlineLearner:
 
     @torch.no_grad()
     def _swap(self) -> None:
-        live = dict(self.engine.drafter.named_parameters())
+        live = dict(self.engine.drafter.module.named_parameters())
         for name, p in self.head.named_parameters():
             live[name].copy_(p)
         self.engine.sync_drafter()

@@ -48,7 +48,18 @@ def uniform_noise(seed: torch.Tensor, position: torch.Tensor, vocab: int, stream
     row = _mix32((_mix32((seed & _M32) ^ (stream * 0x9E3779B9 & _M32)) + position) & _M32)  # (...,)
     v = torch.arange(vocab, device=seed.device, dtype=torch.int64)  # (V,)
     h = _mix32((row.unsqueeze(-1) ^ _mix32(v)) & _M32)  # (..., V)
-    return (h.to(torch.float64) + 0.5).mul(1.0 / 2**32).to(torch.float32)
+    return unit_interval(h)
+
+
+def unit_interval(h: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes (int64 in [0, 2^32)) -> float32 uniforms strictly inside (0, 1).
+
+    Only the top 23 bits are kept: (m + 0.5) / 2^23 with m < 2^23 has at most 24 significant bits,
+    so it is exact in float32 and lies in [2^-24, 1 - 2^-24]. Mapping all 32 bits, (h + 0.5) / 2^32,
+    rounds to exactly 1.0 in float32 for the top 128 values of h; -log(1) = 0 then turns the
+    exponential trick's score into +inf (or NaN on a masked token, which argmax picks), about once
+    per 680 rows at a 49k vocabulary."""
+    return ((h >> 9).to(torch.float32) + 0.5) * (1.0 / 2**23)
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -110,7 +110,7 @@ class FixedK:
     def choose(self, batch: int, context: float) -> int:
         return self.k
 
-    def observe(self, accepted: list[int], k: int) -> None:
+    def observe(self, accepted: list[int], k: int, proposed: list[int] | None = None) -> None:
         pass
 
 
@@ -141,16 +141,17 @@ class AdaptiveK:
     def choose(self, batch: int, context: float) -> int:
         return max(range(self.max_k + 1), key=lambda k: (self.throughput(batch, k, context), -k))
 
-    def observe(self, accepted: list[int], k: int) -> None:
-        """One SD step: `accepted` holds each row's number of accepted drafts (0..k). Position j's
-        conditional acceptance is (rows with >= j accepted) / (rows with >= j-1 accepted)."""
-        reached = len(accepted)
+    def observe(self, accepted: list[int], k: int, proposed: list[int] | None = None) -> None:
+        """One SD step: `accepted` holds each row's number of accepted drafts (0..k), `proposed` how
+        many it drafted (default k). Position j's conditional acceptance is (rows with >= j
+        accepted) / (rows that proposed j with >= j-1 accepted)."""
+        proposed = proposed if proposed is not None else [k] * len(accepted)
         for j in range(1, k + 1):
+            reached = sum(1 for n, m in zip(accepted, proposed) if n >= j - 1 and m >= j)
             if reached == 0:
                 break
             passed = sum(1 for n in accepted if n >= j)
             self.alpha[j - 1] += self.ema * (passed / reached - self.alpha[j - 1])
-            reached = passed
 
 
 def conditional_alpha(accept_per_pos: list[float]) -> list[float]:

@@ -22,6 +22,21 @@ from respec.paged_attention import PagedKV
 from respec.sampling import sample, sampling_logprobs
 
 
+def right_padded(spans: list[tuple[list[int], int]]):
+    """Token spans (ids, position of the first) as right-padded (tokens, positions, valid), (B, T),
+    on the host. Padding has position 0 and valid False (see the conventions above)."""
+    T = max(len(ids) for ids, _ in spans)
+    tokens = torch.zeros(len(spans), T, dtype=torch.int64)
+    positions = torch.zeros(len(spans), T, dtype=torch.int64)
+    valid = torch.zeros(len(spans), T, dtype=torch.bool)
+    for i, (ids, start) in enumerate(spans):
+        n = len(ids)
+        tokens[i, :n] = torch.tensor(ids)
+        positions[i, :n] = torch.arange(start, start + n)
+        valid[i, :n] = True
+    return tokens, positions, valid
+
+
 def sample_next(model, hidden, seeds, temperature, top_k, top_p, next_pos, *, use_filter: bool):
     """Output head and sampler: hidden (B, d) of each row's last token -> (tokens (B,), log-probs (B,)).
     `next_pos` (B,) is the position the sampled token will take (it keys the sampling noise)."""

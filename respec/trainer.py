@@ -44,13 +44,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from models.eagle import EagleHead, cast_head, load_eagle, save_eagle
-from models.loading import cache_dir, load_model, load_tokenizer, resolve_checkpoint, resolve_dtype
+from models.eagle import save_eagle
+from models.loading import cache_dir, load_model, load_tokenizer, resolve_dtype
 from respec import checkpoint, distributed, grpo, guards, rewards
+from respec.drafters.choose import Chosen, choose_drafter
 from respec.engine import EngineStats, RolloutEngine, SamplingParams, Stopped
 from respec.kd_loss import sequence_weights
 from respec.online_learner import KDConfig, OnlineLearner
-from respec.solver import AdaptiveK, FixedK, conditional_alpha, cost_key, drafter_alpha, load_or_profile
+from respec.solver import AdaptiveK, FixedK, cost_key, load_or_profile
 from respec.tasks import DEFAULT_TASK, chat_prompt, make_task
 
 
@@ -85,7 +86,9 @@ class TrainConfig:
     # on 2 CPU cores, 32 sequences of ~120 tokens: 512 -> 26.8 s per update, one microbatch of all -> 39.4 s)
     # --- speculative decoding ---
     sd: str = "adaptive"  # off | on (always k) | adaptive (the solver picks k per step)
-    drafter: str = "auto"  # EAGLE head directory | auto (cached default head, pretrained if missing) | random | none
+    # EAGLE head directory | auto (cached default head, pretrained if missing) | random | history | none,
+    # or a head + "+history" (per row: the history drafter where its suffix match is long, the head elsewhere)
+    drafter: str = "auto"
     k: int = 3  # largest draft length
     # --- the drafter's online distillation (respec/online_learner.py) ---
     drafter_update: str = "rkd"  # frozen | kd (uniform weights) | rkd (reward-weighted) | akd (positive advantages)
@@ -238,9 +241,15 @@ class Trainer:
                                                          min_ratio=cfg.min_lr_ratio))
 
         self.compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-        master, self.sd_reason = self._drafter()
-        # The engine drafts with a copy in the rollout dtype; the learner trains the fp32 master.
-        self.drafter = None if master is None else cast_head(master, self.rollout_dtype)
+        self.sd_reason = "--sd off" if cfg.sd == "off" else "no drafter (--drafter none)" if cfg.drafter == "none" else ""
+        chosen = Chosen(None) if cfg.sd == "off" else choose_drafter(
+            cfg.drafter, target=self.rollout.model, k=cfg.k, model=cfg.model,
+            task_name=cfg.task if cfg.data is None else str(cfg.data), task=self.task, tokenizer=self.tok,
+            rollout_dtype=self.rollout_dtype, seed=cfg.seed, dtype=cfg.dtype, temperature=cfg.temperature,
+            pretrain_here=self.d.main,
+            wait=lambda: distributed.barrier(self.d), log=self.log)
+        self.drafter, master = chosen.drafter, chosen.master
+        self.drafter_prior = chosen.prior
         eos = self.actor.cfg.eos_token_id
         eos_ids = {self.tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.engine = RolloutEngine(self.rollout.model, kv_cache_bytes=cfg.kv_cache_mb << 20, max_batch=cfg.max_batch,
@@ -260,31 +269,6 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
     # ------------------------------------------------------------------------------------------
-    def _drafter(self) -> tuple[EagleHead | None, str]:
-        """The drafter's fp32 master weights (or None, and why not)."""
-        cfg = self.cfg
-        self.drafter_dir, self.drafter_prior = None, None
-        if cfg.sd == "off":
-            return None, "--sd off"
-        if cfg.drafter == "none":
-            return None, "no drafter (--drafter none)"
-        if cfg.drafter == "random":  # cold start: an untrained head that only online distillation improves
-            from respec.drafter_training import untrained_head
-
-            problems = self.task.problems(10**6, 64)  # far beyond any RL data position, as pretraining
-            prompts = [chat_prompt(self.tok, p.messages()) for p in problems]
-            self.drafter_prior = [0.0] * cfg.k  # known to accept nothing until the estimate says otherwise
-            return untrained_head(self.rollout.model, prompts, seed=cfg.seed), ""
-        path = Path(cfg.drafter) if cfg.drafter != "auto" else default_drafter_dir(cfg)
-        if cfg.drafter == "auto" and not (path / "config.json").is_file():
-            if self.d.main:
-                self.log(f"no cached drafter for this model and task: pretraining one into {path} (once)")
-                pretrain_default_drafter(cfg, path, self.tok, self.task, self.log)
-            distributed.barrier(self.d)
-        self.drafter_dir = path
-        self.drafter_prior = drafter_alpha(path, cfg.k)
-        return load_eagle(path, dtype=torch.float32, device=self.d.device), ""
-
     def prepare(self) -> dict:
         """Compile the engine's step shapes and set up the SD policy; returns timings."""
         cfg, out = self.cfg, {}
@@ -297,7 +281,7 @@ class Trainer:
             self.engine.policy = FixedK(cfg.k)
         else:
             # step costs depend on the drafter's shape, not on its weights: one profile per architecture
-            key = cost_key(cfg.model, json.dumps(self.drafter.cfg.to_json(), sort_keys=True), self.engine)
+            key = cost_key(cfg.model, self.engine.drafter.describe(), self.engine)
             t0 = time.perf_counter()
             batches = sorted({1, min(4, local_batch), min(16, local_batch), min(local_batch, cfg.max_batch)})
             costs, cached = load_or_profile(self.engine, key, cache_dir() / "costs" / f"{key}.json",
@@ -360,14 +344,14 @@ class Trainer:
         if self.learner is not None:
             extras["drafter_learner"] = self.learner.state_dict()
         checkpoint.save(self.run_dir, self.step, self.d, actor=self.actor, optimizer=self.optimizer,
-                        scheduler=self.scheduler, drafter=self.drafter,
+                        scheduler=self.scheduler, drafter=self.drafter and self.drafter.module,
                         progress={"step": self.step, "data_position": self.step * self.cfg.prompts},
                         keep=self.cfg.keep_checkpoints, extras=extras)
         self.saved_step = self.step
 
     def resume(self, path: Path) -> None:
         progress = checkpoint.load(path, self.d, actor=self.actor, optimizer=self.optimizer,
-                                   scheduler=self.scheduler, drafter=self.drafter)
+                                   scheduler=self.scheduler, drafter=self.drafter and self.drafter.module)
         self.step = self.saved_step = int(progress["step"])
         extras = checkpoint.load_extras(path)
         self.last_alpha_est = extras.get("last_alpha_est")
@@ -485,17 +469,21 @@ class Trainer:
 
         # 5. metrics, summed over ranks
         n = len(scored)
-        accepted_at = (stats.sd_accepted_at + [0] * cfg.k)[:cfg.k]
-        sums = distributed.all_reduce_sum([
-            *accepted_at,
-            n, sum(s.reward for s in scored), sum(s.reward ** 2 for s in scored), sum(s.correct >= 1.0 for s in scored),
-            sum(s.formatted for s in scored), sum(len(c.token_ids) for c in completions),
-            float(sum(len(set(row)) > 1 for row in r.tolist())), stats.generated_tokens,
-            len(stats.chosen_k), sum(1 for k in stats.chosen_k if k > 0), stats.sd_rows, stats.sd_emitted,
-        ], d)
-        accepted_at, sums = sums[:cfg.k], sums[cfg.k:]
-        (n, r_sum, r_sq, correct, formatted, resp_tokens, signal, generated, dsteps, sd_steps, sd_rows,
-         sd_emitted) = sums
+        per_pos = lambda counts: (counts + [0] * cfg.k)[:cfg.k]  # noqa: E731  one entry per draft position
+        sums = distributed.all_reduce_named({
+            "n": n, "r_sum": sum(s.reward for s in scored), "r_sq": sum(s.reward ** 2 for s in scored),
+            "correct": sum(s.correct >= 1.0 for s in scored), "formatted": sum(s.formatted for s in scored),
+            "resp_tokens": sum(len(c.token_ids) for c in completions),
+            "signal": sum(len(set(row)) > 1 for row in r.tolist()), "generated": stats.generated_tokens,
+            "dsteps": len(stats.chosen_k), "sd_steps": sum(1 for k in stats.chosen_k if k > 0),
+            "sd_rows": stats.sd_rows, "sd_emitted": stats.sd_emitted,
+            **{f"accepted_{j}": a for j, a in enumerate(per_pos(stats.sd_accepted_at))},
+            **{f"reached_{j}": a for j, a in enumerate(per_pos(stats.sd_reached_at))},
+        }, d)
+        n, r_sum, r_sq, sd_rows = sums["n"], sums["r_sum"], sums["r_sq"], sums["sd_rows"]
+        # conditional acceptance per draft position: of the rows that proposed it with every earlier
+        # draft accepted, the fraction that accepted it
+        alpha = [sums[f"accepted_{j}"] / sums[f"reached_{j}"] for j in range(cfg.k) if sums[f"reached_{j}"]]
         rollout_max, train_max = distributed.all_reduce_max([rollout_s, train_s], d)  # the slowest rank sets the pace
         mean = r_sum / n
         step_s = time.perf_counter() - t_step
@@ -503,10 +491,10 @@ class Trainer:
             "step": self.step + 1,
             "reward_mean": round(mean, 4),
             "reward_std": round(math.sqrt(max(r_sq / n - mean ** 2, 0.0)), 4),
-            "accuracy": round(correct / n, 4),
-            "format_rate": round(formatted / n, 4),
-            "groups_with_signal": round(signal / (n / G), 4),
-            "response_len_mean": round(resp_tokens / n, 2),
+            "accuracy": round(sums["correct"] / n, 4),
+            "format_rate": round(sums["formatted"] / n, 4),
+            "groups_with_signal": round(sums["signal"] / (n / G), 4),
+            "response_len_mean": round(sums["resp_tokens"] / n, 2),
             **upd,
             "lr": self.scheduler.get_last_lr()[0],
             "rollout_s": round(rollout_max, 3),
@@ -514,14 +502,14 @@ class Trainer:
             "train_s": round(train_max, 3),
             "drafter_s": round(drafter_s, 3),
             "step_s": round(step_s, 3),
-            "rollout_tok_s": round(generated / max(rollout_max, 1e-9), 2),
-            "sd_fraction": round(sd_steps / max(dsteps, 1), 4),
-            "accept_len": round(sd_emitted / sd_rows, 4) if sd_rows else 0.0,
-            "decode_steps": int(dsteps),
+            "rollout_tok_s": round(sums["generated"] / max(rollout_max, 1e-9), 2),
+            "sd_fraction": round(sums["sd_steps"] / max(sums["dsteps"], 1), 4),
+            "accept_len": round(sums["sd_emitted"] / sd_rows, 4) if sd_rows else 0.0,
+            "decode_steps": int(sums["dsteps"]),
             # (active batch, chosen k) of every decoding step of this rank's rollout: the long tail
             "k_trace": [[b, k] for b, k in zip(stats.batch_sizes, stats.chosen_k)],
             # conditional acceptance per draft position, measured in this rollout (empty without SD)
-            "alpha_measured": [round(a, 4) for a in conditional_alpha([a / sd_rows for a in accepted_at])] if sd_rows else [],
+            "alpha_measured": [round(a, 4) for a in alpha],
             "drafter_version": drafter_version,
             **(kd or {}),
             "train_mfu": round(6 * (self.n_body * upd["trained_tokens"] + self.n_head * upd["trained_completion"])
@@ -625,49 +613,3 @@ class Trainer:
             "trained_tokens": int(g["trained"]),
             "trained_completion": int(g["trained_completion"]),
         }
-
-
-# ----------------------------------------------------------------------------------------------
-# The default drafter: pretrained once per (model, task) and cached
-# ----------------------------------------------------------------------------------------------
-
-# Sized for held-out acceptance at T = 1 within about three minutes on 2 CPU cores: the head overfits
-# a few dozen rollouts (more epochs on them raise the training estimate, not the held-out one), so the
-# budget goes to rollouts (decoded 64 rows at a time) and to a higher learning rate, with the forward in
-# bf16 where native. Equal TTT step weights (step_decay 1). Measurements: the branch's report.
-DEFAULT_DRAFTER_RECIPE = dict(prompts=192, held_out=8, new_tokens=64, epochs=4, unroll=3, batch=8, lr=3e-3,
-                              step_decay=1.0, max_batch=64)
-
-
-def default_drafter_dir(cfg: TrainConfig) -> Path:
-    ckpt = resolve_checkpoint(cfg.model)
-    ident = json.dumps([str(ckpt) if ckpt else cfg.model, cfg.task if cfg.data is None else cfg.data,
-                        DEFAULT_DRAFTER_RECIPE], sort_keys=True)
-    return cache_dir() / "drafters" / hashlib.sha256(ident.encode()).hexdigest()[:16]
-
-
-def pretrain_default_drafter(cfg: TrainConfig, path: Path, tokenizer, task, log) -> None:
-    """A short `train.py --stage drafter` run, written to a temporary directory and renamed into
-    place (an interrupted pretraining leaves nothing half-written in the cache)."""
-    import shutil
-    import tempfile
-
-    from respec.drafter_training import pretrain
-
-    target = load_model(cfg.model, dtype=cfg.dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp", dir=path.parent))
-    try:
-        recipe = DEFAULT_DRAFTER_RECIPE
-        t0 = time.perf_counter()
-        # Problems from far beyond any data position a run reaches: the head never sees the RL prompts.
-        problems = task.problems(10**6, recipe["prompts"] + recipe["held_out"])
-        pretrain(target, tokenizer, tmp, problems=problems, held_out=recipe["held_out"], new_tokens=recipe["new_tokens"],
-                 temperature=cfg.temperature, epochs=recipe["epochs"], unroll=recipe["unroll"], batch=recipe["batch"],
-                 lr=recipe["lr"], decay=recipe["step_decay"], max_batch=recipe["max_batch"], seed=cfg.seed,
-                 held_out_ks=[cfg.k], greedy=False, log=log)
-        log(f"drafter pretrained in {time.perf_counter() - t0:.0f} s")
-        if not path.exists():
-            tmp.rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

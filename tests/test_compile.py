@@ -31,16 +31,17 @@ def test_whole_step_compile_equals_eager(tiny):
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
 
 
-@pytest.mark.parametrize("kind", ["small", "eagle"])
+@pytest.mark.parametrize("kind", ["small", "eagle", "history"])
 def test_compiled_speculative_step_equals_eager(tiny, kind):
     """Regional compilation of the SD steps (target blocks, the head's layer, the draft sampler and
-    the verify tail) gives the eager tokens, sampling at T=0.8."""
+    the verify tail; point-mass drafts for the history drafter) gives the eager tokens, sampling at T=0.8."""
     from models.drafter import truncated_drafter
+    from respec.drafters.history import HistoryDrafter
     from tests.test_eagle import head_for
 
-    drafter = truncated_drafter(tiny, 1) if kind == "small" else head_for(tiny, 300)
-
     def sd(eager, mode=None):
+        drafter = {"small": lambda: truncated_drafter(tiny, 1), "eagle": lambda: head_for(tiny, 300),
+                   "history": lambda: HistoryDrafter(min_match=1)}[kind]()
         engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=eager, compile_mode=mode, max_batch=8,
                                drafter=drafter, num_draft_tokens=3)
         params = [SamplingParams(max_new_tokens=30, seed=s, temperature=0.8, stop_on_eos=False) for s in range(3)]

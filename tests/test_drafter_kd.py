@@ -88,7 +88,7 @@ def test_accepted_mass_is_the_acceptance_rate_of_speculative_sampling():
         p = (torch.randn(V, generator=g) * sharp).softmax(-1)
         q = (torch.randn(V, generator=g) * sharp).softmax(-1)
         drafts = torch.multinomial(q, B, replacement=True, generator=g).view(B, 1)
-        _, _, n = accept_drafts(p.log().expand(B, 2, V), q.log().expand(B, 1, V), drafts, torch.ones(B),
+        _, _, n = accept_drafts(p.log().expand(B, 2, V), q.log().expand(B, 1, V), drafts, torch.ones(B, dtype=torch.long), torch.ones(B),
                                 torch.arange(B), torch.full((B,), 10))
         measured = n.float().mean().item()
         expected = accepted_mass(p, q).item()
@@ -120,16 +120,16 @@ def make_learner(tiny, seqs, **kw):
 def test_learner_learns_and_swaps_between_rollouts(tiny, rollouts):
     seqs, plens = rollouts
     learner, engine = make_learner(tiny, seqs)
-    before = engine.drafter.fc.weight.clone()
+    before = engine.drafter.module.fc.weight.clone()
     weights = torch.ones(len(seqs))
     history = []
     for step in range(6):
         learner.submit(tiny, seqs, plens, weights, step)
         history.append(learner.collect())
         # the engine drafts with exactly the learner's weights after every collect
-        for (name, live), (_, master) in zip(engine.drafter.named_parameters(), learner.head.named_parameters()):
+        for (name, live), (_, master) in zip(engine.drafter.module.named_parameters(), learner.head.named_parameters()):
             assert torch.equal(live, master.to(live.dtype)), name
-    assert not torch.equal(before, engine.drafter.fc.weight)
+    assert not torch.equal(before, engine.drafter.module.fc.weight)
     assert history[-1]["kd_loss"] < 0.7 * history[0]["kd_loss"], [h["kd_loss"] for h in history]
     assert history[-1]["alpha_est"][0] > history[0]["alpha_est"][0] + 0.05, [h["alpha_est"] for h in history]
     assert all(0.0 <= a <= 1.0 for h in history for a in h["alpha_est"]) and len(history[0]["alpha_est"]) == 3
@@ -151,11 +151,11 @@ def test_background_update_equals_synchronous_and_waits_for_the_swap(tiny, rollo
     for step in range(3):
         sync.submit(tiny, seqs, plens, weights, step)
         a = sync.collect()
-        live = engine.drafter.fc.weight.clone()
+        live = engine.drafter.module.fc.weight.clone()
         background.submit(tiny, seqs, plens, weights, step)
         # the engine's head does not change until collect(): a rollout now would use the old weights
         background._thread.join()
-        assert torch.equal(engine.drafter.fc.weight, live)
+        assert torch.equal(engine.drafter.module.fc.weight, live)
         b = background.collect()
         assert b["alpha_est"] == pytest.approx(a["alpha_est"], abs=1e-4)
         assert b["kd_loss"] == pytest.approx(a["kd_loss"], rel=1e-4)

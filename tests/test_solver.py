@@ -141,7 +141,7 @@ class Schedule:
         self.step += 1
         return self.ks[(self.step - 1) % len(self.ks)]
 
-    def observe(self, accepted, k):
+    def observe(self, accepted, k, proposed=None):
         pass
 
 

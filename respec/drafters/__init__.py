@@ -1,0 +1,136 @@
+"""The drafter interface: what the rollout engine asks of any drafter, whatever its kind.
+
+A drafter proposes up to k tokens per row; the engine verifies them with one target forward and
+accepts each row's prefix exactly (`respec/speculative.py`). The engine never asks which kind of
+drafter it holds: it calls these hooks, in this order, and each kind keeps its own per-sequence
+state behind them (a new kind is one new file in this folder):
+
+  on_prefill(seqs, ...)   sequences were admitted (or readmitted after a preemption): their prompt
+                          and text were cached by the target, and their first token sampled
+  on_decode(seqs, ...)    a plain decode step (SD off this step) emitted one token per row
+  catch_up(seqs, k)       before an SD step: consume whatever was emitted while SD was off
+  draft(batch)            propose up to `batch.max_drafts[i]` tokens per row -> `Drafts`
+  commit(seqs, n, ...)    after the verify: row i kept its first n[i] drafts and one target token
+  forget(seq)             the sequence finished, was preempted or abandoned: drop its state
+
+The draft's distribution matters for exactness: `Drafts.q` is the distribution each proposal was
+sampled from (the acceptance rule needs it), or None for a deterministic drafter (point masses:
+a draft d is accepted with probability p(d), and a rejection resamples from p with d removed).
+Anything that decides how many tokens a row proposes must be known before the draft is sampled,
+never depend on the sampled tokens themselves, or q stops being the drafts' distribution.
+
+Kinds: `eagle.py` (an EAGLE-3-style head on the target's features), `layers.py` (a small causal LM
+over the target's vocabulary, e.g. the target's own first layers), `history.py` (model-free: the
+continuation of the longest suffix match in the row's prompt, its own text, its group siblings' and
+earlier rollouts of the same prompt).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class EngineView:
+    """What a drafter may use of the engine that runs it."""
+
+    target: torch.nn.Module  # the target as the engine runs it (packed linears on CPU); its embedding feeds heads
+    draft_pools: list  # the drafter's own KV pools (its `pool_shape`), addressed by the target's block tables
+    steps: object  # compile/policy.py CompiledSteps: `get(fn, **static)` compiles a step function
+    tables: Callable  # tables(seqs, rows=None) -> (rows, W) block tables of those sequences
+    device: torch.device
+    dtype: torch.dtype  # the rollout dtype
+    pack_weights: bool  # whether the engine packs linears (compile/cpu_linear.py); drafters with weights follow
+
+
+@dataclass
+class DraftBatch:
+    """One SD step's rows, padded by the engine to a batch bucket (`rows` >= len(seqs); padding rows
+    have max_drafts 0, position 0 and null block tables)."""
+
+    seqs: list  # the running sequences, rows 0..len(seqs)-1
+    k: int  # draft length of this step (the widest any row may propose)
+    tokens: torch.Tensor  # (rows,) each row's newest token, at `positions`, not yet in any cache
+    positions: torch.Tensor  # (rows,)
+    block_tables: torch.Tensor  # (rows, W) the target's; a drafter's own pools use the same blocks
+    seeds: torch.Tensor  # (rows,) per-row sampling parameters (respec/sampling.py)
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    use_filter: bool  # whether any row filters (top-k / top-p): a static flag of the compiled steps
+    max_drafts: torch.Tensor  # (rows,) int64 most tokens each row may propose (room left; <= k)
+    max_drafts_list: list[int]  # the same for the real rows, on the host
+
+
+@dataclass
+class Drafts:
+    tokens: torch.Tensor  # (rows, k) proposals; entries past a row's length are ignored
+    lengths: torch.Tensor  # (rows,) int64 how many each row proposed (<= max_drafts)
+    q: torch.Tensor | None  # (rows, k, V) sampling log-probs each proposal was drawn from; None = point masses
+    lengths_list: list[int] | None = None  # the real rows' lengths on the host, where the drafter knows them
+    # without a sync (a history drafter); all zero -> the engine decodes plainly instead of verifying
+
+
+class Drafter:
+    """Base class: every hook a no-op except `draft`. See the module docstring for the protocol."""
+
+    feature_layers: tuple[int, ...] = ()  # target blocks whose outputs (concatenated) the drafter reads
+    pool_shape: tuple[int, int, int] | None = None  # (layers, kv heads, head dim) of its own KV pools
+    module: torch.nn.Module | None = None  # its weights, if any (online distillation swaps them in)
+
+    def check(self, target) -> None:
+        """Raise ValueError (one line) if this drafter cannot serve `target`."""
+
+    def describe(self) -> str:
+        """The drafter's architecture (not its weights): step costs depend on it, so the solver's
+        cost profile is cached per description."""
+        return type(self).__name__
+
+    def attach(self, view: EngineView) -> None:
+        self.view = view
+
+    def sync(self) -> None:
+        """The weights in `module` changed (an online distillation update)."""
+
+    def on_prefill(self, seqs, tokens, positions, valid, block_tables, taps, first_tokens) -> None:
+        """tokens, positions, valid (B, T): the right-padded prefill; taps (B, T, F) the target's
+        features at `feature_layers` (None without); first_tokens (B,) the sampled first tokens."""
+
+    def on_decode(self, seqs, taps, next_tokens) -> None:
+        """taps (rows, F) the target's features of each row's input token; next_tokens (rows,)."""
+
+    def catch_up(self, seqs, k: int) -> None:
+        pass
+
+    def draft(self, batch: DraftBatch) -> Drafts:
+        raise NotImplementedError
+
+    def commit(self, seqs, n: list[int], tokens: torch.Tensor, taps: torch.Tensor | None) -> None:
+        """Rows still running after the verify: row i kept n[i] drafts and tokens[i, n[i]];
+        tokens (rows, k+1) and taps (rows, k+1, F) are the verify's, for the k+1 verified positions."""
+
+    def forget(self, seq) -> None:
+        pass
+
+    def assume_cached(self, seq) -> None:
+        """Timing only (`RolloutEngine.time_step`): state as if the drafter had consumed all of a
+        synthetic sequence's tokens but the newest (the cache contents are garbage)."""
+
+
+def as_drafter(obj) -> Drafter | None:
+    """A `Drafter` from what users pass the engine: a Drafter, an EAGLE head, or a causal LM over the
+    target's vocabulary (`models/drafter.py`)."""
+    from models.eagle import EagleHead
+
+    if obj is None or isinstance(obj, Drafter):
+        return obj
+    if isinstance(obj, EagleHead):
+        from respec.drafters.eagle import EagleDrafter
+
+        return EagleDrafter(obj)
+    from respec.drafters.layers import LayerDrafter
+
+    return LayerDrafter(obj)

@@ -1,0 +1,112 @@
+"""From a `--drafter` spec to the drafter the engine runs, in one place for train.py and generate.py.
+
+Specs: an EAGLE head directory; `auto` (the default head for this model and task, pretrained once
+and cached); `random` (an untrained head, for a cold start that only online distillation
+improves); `history` (model-free); `first:N` (the target's first N layers, generate.py); and any
+head spec + `+history` (per row: the history drafter where its suffix match is long, the head
+elsewhere). `none` is no drafter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models.eagle import EagleHead, cast_head, load_eagle
+from models.loading import cache_dir, load_model, resolve_checkpoint
+from respec.drafters import Drafter
+
+# The default head's pretraining (respec/drafter_training.py: pretrain); part of its cache key.
+# Sized for held-out acceptance at the rollout temperature within about three minutes on 2 CPU cores:
+# the head overfits a few dozen rollouts (more epochs on them raise the training estimate, not the
+# held-out one), so the budget goes to rollouts (decoded 64 rows at a time) and to a higher learning
+# rate, with the forward in bf16 where native; equal TTT step weights (step_decay 1).
+DEFAULT_HEAD_RECIPE = dict(prompts=192, held_out=8, new_tokens=64, epochs=4, unroll=3, batch=8, lr=3e-3,
+                           step_decay=1.0, max_batch=64)
+
+
+@dataclass
+class Chosen:
+    drafter: Drafter | None  # what the engine drafts with (None: no speculative decoding)
+    master: EagleHead | None = None  # fp32 weights online distillation trains (a head only)
+    prior: list[float] | None = None  # the solver's initial acceptance per draft position (None: its default)
+    directory: Path | None = None  # where the head came from
+
+
+def default_head_dir(model: str, task: str) -> Path:
+    """The cached default head of a model (spec) and task (name or data file)."""
+    ckpt = resolve_checkpoint(model)
+    ident = json.dumps([str(ckpt) if ckpt else model, task, DEFAULT_HEAD_RECIPE], sort_keys=True)
+    return cache_dir() / "drafters" / hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def pretrain_default_head(model: str, path: Path, tokenizer, task, *, dtype: str = "auto", seed: int = 0,
+                          k: int = 3, temperature: float = 1.0, log=print) -> None:
+    """A short `train.py --stage drafter` run, written to a temporary directory and renamed into
+    place (an interrupted pretraining leaves nothing half-written in the cache)."""
+    from respec.drafter_training import pretrain
+
+    target = load_model(model, dtype=dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp", dir=path.parent))
+    try:
+        recipe = DEFAULT_HEAD_RECIPE
+        t0 = time.perf_counter()
+        # Problems from far beyond any data position a run reaches: the head never sees the RL prompts.
+        problems = task.problems(10**6, recipe["prompts"] + recipe["held_out"])
+        pretrain(target, tokenizer, tmp, problems=problems, held_out=recipe["held_out"],
+                 new_tokens=recipe["new_tokens"], temperature=temperature, epochs=recipe["epochs"],
+                 unroll=recipe["unroll"], batch=recipe["batch"], lr=recipe["lr"], decay=recipe["step_decay"],
+                 max_batch=recipe["max_batch"], seed=seed, held_out_ks=[k], greedy=False, log=log)
+        log(f"drafter pretrained in {time.perf_counter() - t0:.0f} s")
+        if not path.exists():
+            tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def choose_drafter(spec: str, *, target, k: int, model: str, task_name: str, task, tokenizer, rollout_dtype,
+                   seed: int = 0, dtype: str = "auto", temperature: float = 1.0, pretrain_here: bool = True,
+                   wait=lambda: None, log=print) -> Chosen:
+    """The drafter `spec` names, for `target` (the rollout model). With `auto`, a missing default
+    head is pretrained where `pretrain_here` (one rank), and every rank then `wait()`s for it."""
+    from respec.drafter_training import untrained_head
+    from respec.drafters.eagle import EagleDrafter
+    from respec.drafters.history import HistoryDrafter
+    from respec.drafters.hybrid import HybridDrafter
+    from respec.solver import drafter_alpha
+    from respec.tasks import chat_prompt
+
+    if spec == "none":
+        return Chosen(None)
+    if spec == "history":
+        return Chosen(HistoryDrafter())
+    head_spec = spec.removesuffix("+history")
+    device = next(target.parameters()).device
+    prior, directory = None, None
+    if head_spec == "random":  # cold start: an untrained head that only online distillation improves
+        problems = task.problems(10**6, 64)  # far beyond any RL data position, as pretraining
+        prompts = [chat_prompt(tokenizer, p.messages()) for p in problems]
+        master = untrained_head(target, prompts, seed=seed)
+        prior = [0.0] * k  # known to accept nothing until the estimate says otherwise
+    else:
+        directory = Path(head_spec) if head_spec != "auto" else default_head_dir(model, task_name)
+        if head_spec == "auto" and not (directory / "config.json").is_file():
+            if pretrain_here:
+                log(f"no cached drafter for this model and task: pretraining one into {directory} (once)")
+                pretrain_default_head(model, directory, tokenizer, task, dtype=dtype, seed=seed, k=k,
+                                      temperature=temperature, log=log)
+            wait()
+        prior = drafter_alpha(directory, k)
+        master = load_eagle(directory, dtype=torch.float32, device=device)
+    drafter: Drafter = EagleDrafter(cast_head(master, rollout_dtype))  # the engine's copy, in the rollout dtype
+    if spec.endswith("+history"):
+        drafter = HybridDrafter(drafter)
+    return Chosen(drafter, master, prior, directory)

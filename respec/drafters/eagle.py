@@ -1,0 +1,166 @@
+"""The EAGLE-3-style head as a drafter (`models/eagle.py` has the head itself).
+
+The head drafts from the target's features: to propose the token after position j it consumes
+the pair (target feature of position j-1, token j). Its per-sequence state is the *pending*
+pairs: the ones whose token the target has emitted but the head has not consumed yet. After a
+prefill that is the pair of the first sampled token; every plain decode step adds one; an SD step
+consumes the last k+1 (`catch_up` consumes any older ones first) and leaves the verified ones
+(`commit`). The head's KV cache lives in pools of its own addressed by the target's block tables,
+so rolling back the target's slots rolls the head's back too.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from compile.cpu_linear import packed_view, packing_available, repack
+from models.eagle import EagleHead, call_head, check_eagle_fits
+from respec.drafters import DraftBatch, Drafter, Drafts, EngineView
+from respec.paged_attention import PagedKV
+from respec.sampling import STREAM_DRAFT, sample, sampling_logprobs
+
+
+def head_draft_next(head, hidden, seeds, temperature, top_k, top_p, next_pos, *, use_filter: bool):
+    """The head's output layer and sampler: hidden (B, d) -> (draft tokens (B,) as target ids, the
+    sampling log-probs they were drawn from, over the target vocabulary (B, V)).
+
+    Sampled over the draft vocabulary only (its noise, top-k and top-p too): q may be any
+    distribution as long as it is the one the draft came from, and the target-vocabulary view is
+    -inf outside the draft vocabulary. A compiled region (compile/policy.py)."""
+    q_small = sampling_logprobs(head.draft_logits(hidden), temperature, top_k, top_p, use_filter=use_filter)  # (B, N)
+    index, _ = sample(q_small, temperature, seeds, next_pos, stream=STREAM_DRAFT)
+    q = q_small.new_full((q_small.shape[0], head.cfg.target.vocab_size), float("-inf")).index_copy(-1, head.d2t, q_small)
+    return head.d2t[index], q
+
+
+def eagle_draft(head, target, head_pools, pend_taps, pend_tokens, pend_pos, pend_valid, positions, block_tables,
+                lengths, seeds, temperature, top_k, top_p, *, k: int, use_filter: bool, run_head=call_head,
+                draft_fn=head_draft_next):
+    """k draft tokens per row from an EAGLE head.
+
+    pend_taps (B, k+1, 3d), pend_tokens / pend_pos / pend_valid (B, k+1): the pending pairs,
+    right-padded; each row's last valid pair holds its newest token, at `positions` (B,). The head
+    first consumes them (rewriting the slots it filled with its own features while drafting last
+    time), then drafts k tokens feeding its own output features back. Its cache slots past a row's
+    `lengths` (B,) are not written. Returns (drafts (B, k), q (B, k, V))."""
+    B = positions.shape[0]
+    embed = target.embed_tokens
+    kv = PagedKV.build(head_pools, block_tables, pend_pos, head.n_rep, valid=pend_valid)
+    out = run_head(head, head.project(pend_taps), pend_tokens, pend_pos, embed, kv.layer(0))  # (B, k+1, d)
+    last = pend_valid.long().sum(1) - 1  # (B,)
+    g = out.gather(1, last.view(B, 1, 1).expand(B, 1, out.shape[-1]))  # (B, 1, d)
+    drafts, q = [], []
+    for i in range(k):
+        d_i, q_i = draft_fn(head, g[:, 0], seeds, temperature, top_k, top_p, positions + 1 + i, use_filter=use_filter)
+        drafts.append(d_i)
+        q.append(q_i)
+        if i < k - 1:  # the head's own feature for draft i, at its position (kept only where it is needed)
+            needed = (i + 1 < lengths).view(B, 1)
+            pos = torch.where(needed, (positions + 1 + i).view(B, 1), positions.view(B, 1))
+            kv = PagedKV.build(head_pools, block_tables, pos, head.n_rep, valid=needed)
+            g = run_head(head, g, d_i.view(B, 1), pos, embed, kv.layer(0))
+    return torch.stack(drafts, dim=1), torch.stack(q, dim=1)
+
+
+class EagleDrafter(Drafter):
+    def __init__(self, head: EagleHead):
+        self.module = head
+        self.feature_layers = tuple(head.cfg.feature_layers)
+        t = head.cfg.target
+        self.pool_shape = (1, t.num_kv_heads, t.head_dim)
+        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # seq id -> (features (m, 3d), tokens (m,))
+        self.pending_start: dict[int, int] = {}  # seq id -> position of the first pending token
+
+    def check(self, target) -> None:
+        check_eagle_fits(target, self.module)
+
+    def describe(self) -> str:
+        return json.dumps(self.module.cfg.to_json(), sort_keys=True)
+
+    def attach(self, view: EngineView) -> None:
+        super().attach(view)
+        packed = view.pack_weights and packing_available(view.device, view.dtype)
+        self.runner = packed_view(self.module) if packed else self.module
+
+    def sync(self) -> None:
+        if self.runner is not self.module:
+            repack(self.runner)
+
+    def on_prefill(self, seqs, tokens, positions, valid, block_tables, taps, first_tokens) -> None:
+        """The head consumes the prompt pairs (feature of position j-1, token j), j = 0..L-1 (a zero
+        feature before the first token); the pair of the first sampled token waits."""
+        head, B = self.runner, tokens.shape[0]
+        shifted = torch.cat([taps.new_zeros(B, 1, taps.shape[-1]), taps[:, :-1]], dim=1)
+        kv = PagedKV.build(self.view.draft_pools, block_tables, positions, head.n_rep, valid=valid)
+        head(head.project(shifted), tokens, positions, self.view.target.embed_tokens, kv.layer(0))
+        for i, s in enumerate(seqs):
+            L = len(s.tokens)
+            self.pending[s.id], self.pending_start[s.id] = (taps[i, L - 1: L], first_tokens[i: i + 1]), L
+
+    def on_decode(self, seqs, taps, next_tokens) -> None:
+        """The head will need (feature of the input token, the token sampled after it)."""
+        for i, s in enumerate(seqs):
+            t, tok = self.pending[s.id]
+            self.pending[s.id] = (torch.cat([t, taps[i: i + 1]]), torch.cat([tok, next_tokens[i: i + 1]]))
+
+    def _padded(self, s, width: int) -> tuple:
+        """A sequence's pending pairs as (features, tokens, positions, valid), right-padded to `width`
+        (None: a padding row, one zero pair at position 0). Padding sits at the row's first pending
+        position and is not written (valid False), so no lookup goes past the row's block table."""
+        dev = self.view.device
+        if s is None:
+            taps = torch.zeros(1, self.module.fc.in_features, dtype=self.view.dtype, device=dev)
+            tokens, start = torch.zeros(1, dtype=torch.int64, device=dev), 0
+        else:
+            (taps, tokens), start = self.pending[s.id], self.pending_start[s.id]
+        m = taps.shape[0]
+        taps = torch.cat([taps, taps.new_zeros(width - m, taps.shape[-1])])
+        tokens = torch.cat([tokens, tokens.new_zeros(width - m)])
+        valid = torch.arange(width, device=dev) < m
+        positions = torch.where(valid, start + torch.arange(width, device=dev), start)
+        return taps, tokens, positions, valid
+
+    def catch_up(self, seqs, k: int) -> None:
+        """Consume all but the newest pending pair (the SD step consumes that) of the rows with more
+        than k+1 pending (SD was off for a while): one eager, right-padded forward."""
+        behind = [s for s in seqs if self.pending[s.id][0].shape[0] > k + 1]
+        if not behind:
+            return
+        width = max(self.pending[s.id][0].shape[0] for s in behind) - 1
+        rows = []
+        for s in behind:  # the row's pairs but its newest
+            (t, tok), m = self.pending[s.id], self.pending[s.id][0].shape[0]
+            self.pending[s.id] = (t[:m - 1], tok[:m - 1])
+            rows.append(self._padded(s, width))
+            self.pending[s.id], self.pending_start[s.id] = (t[m - 1:], tok[m - 1:]), self.pending_start[s.id] + m - 1
+        taps, tokens, positions, valid = (torch.stack(x) for x in zip(*rows))
+        kv = PagedKV.build(self.view.draft_pools, self.view.tables(behind), positions, self.runner.n_rep, valid=valid)
+        self.runner(self.runner.project(taps), tokens, positions, self.view.target.embed_tokens, kv.layer(0))
+
+    def draft(self, batch: DraftBatch) -> Drafts:
+        k, pad = batch.k, batch.tokens.shape[0] - len(batch.seqs)
+        pend = [self._padded(s, k + 1) for s in batch.seqs] + [self._padded(None, k + 1)] * pad
+        pend_taps, pend_tokens, pend_pos, pend_valid = (torch.stack(t) for t in zip(*pend))
+        step = self.view.steps.get(eagle_draft, k=k, use_filter=batch.use_filter)
+        drafts, q = step(self.runner, self.view.target, self.view.draft_pools, pend_taps, pend_tokens, pend_pos,
+                         pend_valid, batch.positions, batch.block_tables, batch.max_drafts, batch.seeds,
+                         batch.temperature, batch.top_k, batch.top_p)
+        return Drafts(drafts, batch.max_drafts, q)
+
+    def commit(self, seqs, n, tokens, taps) -> None:
+        """The verified pairs the head has not seen: up to the newest token."""
+        for i, s in enumerate(seqs):
+            self.pending[s.id] = (taps[i, : n[i] + 1], tokens[i, : n[i] + 1])
+            self.pending_start[s.id] = len(s.tokens) - 1 - n[i]
+
+    def forget(self, seq) -> None:
+        self.pending.pop(seq.id, None)
+        self.pending_start.pop(seq.id, None)
+
+    def assume_cached(self, seq) -> None:
+        dev = self.view.device
+        self.pending[seq.id] = (torch.zeros(1, self.module.fc.in_features, dtype=self.view.dtype, device=dev),
+                                torch.tensor(seq.tokens[-1:], device=dev))
+        self.pending_start[seq.id] = len(seq.tokens) - 1

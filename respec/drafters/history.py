@@ -1,0 +1,153 @@
+"""A model-free drafter: propose what followed the same words before.
+
+For each row, find the longest suffix of its latest tokens (up to `max_match` tokens, at least
+`min_match`) that occurred earlier in the text it can see, and propose the tokens that followed
+that occurrence. What a row can see is everything RL generates for the same prompt:
+  * its prompt and its own text so far,
+  * its group siblings' text (the G samples of one prompt decode together),
+  * earlier rollouts of the same prompt (a dataset that cycles over epochs), the last `window`.
+Serving engines have only the first; the last two are what RL has on top (SuffixDecoding, arXiv
+2411.04975; DAS, arXiv 2511.13841).
+
+Drafting costs no forward: one dictionary lookup per suffix length per row. The index maps every
+n-gram (n = 1..max_match) to the latest place it occurred with a continuation; it is updated
+incrementally as text arrives (`catch_up`), and rebuilt for a prompt only when `window` documents
+have left it.
+
+The draft is deterministic: q is a point mass on the proposal (`Drafts.q` is None), so a draft d
+is accepted with probability p(d) and a rejection resamples from p with d removed
+(respec/speculative.py). That caps acceptance at the target's max p per position, whatever the
+drafter: on high-entropy text (a small model at temperature 1) it pays little; it pays where text
+repeats. How many tokens a row proposes (its match's continuation, capped) is known before
+drafting, as exactness requires. Unlike a model drafter, the proposals depend on the siblings'
+text so far, so a row's sampled tokens (not their distribution) depend on what shares its batch.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from respec.drafters import DraftBatch, Drafter, Drafts
+
+
+class SuffixIndex:
+    """The n-grams (n = 1..max_n) of a prompt's documents, each mapped to the latest (document,
+    position) that continued it. Documents are token lists that only grow."""
+
+    def __init__(self, max_n: int):
+        self.max_n = max_n
+        self.docs: dict[int, list[int]] = {}
+        self.indexed: dict[int, int] = {}  # doc -> tokens whose n-grams ending before them are indexed
+        self.latest: dict[tuple[int, ...], tuple[int, int]] = {}  # n-gram -> (doc, position after it)
+
+    def extend(self, doc: int, tokens: list[int]) -> None:
+        """Document `doc` is now `tokens` (a prefix of it was given before)."""
+        self.docs[doc] = tokens
+        start = self.indexed.get(doc, 1)
+        for end in range(start, len(tokens)):  # tokens[end] continues every n-gram ending at end - 1
+            for n in range(1, min(self.max_n, end) + 1):
+                self.latest[tuple(tokens[end - n: end])] = (doc, end)
+        self.indexed[doc] = max(start, len(tokens))
+
+    def keep_only(self, docs: list[int]) -> None:
+        """Drop every document not in `docs` and re-index the rest (in the given order, oldest first,
+        so the latest occurrence still wins)."""
+        kept = [(d, self.docs[d]) for d in docs]
+        self.docs, self.indexed, self.latest = {}, {}, {}
+        for d, t in kept:
+            self.extend(d, t)
+
+    def propose(self, doc: int, min_n: int, limit: int) -> tuple[list[int], int]:
+        """The continuation (at most `limit` tokens) of the longest suffix of `doc` (>= min_n tokens)
+        seen before, and that suffix's length; ([], 0) if there is none. A continuation that runs
+        into the end of its document (a loop in the row's own text, say) is extended by matching
+        again on the text plus the proposal so far."""
+        text, out, first = self.docs[doc], [], 0
+        while len(out) < limit:
+            more, n = self._continuation(text + out if out else text, min_n, limit - len(out))
+            if not more:
+                break
+            out, first = out + more, first or n
+        return out, first
+
+    def _continuation(self, tokens: list[int], min_n: int, limit: int) -> tuple[list[int], int]:
+        for n in range(min(self.max_n, len(tokens)), min_n - 1, -1):
+            hit = self.latest.get(tuple(tokens[len(tokens) - n:]))
+            if hit is not None:
+                src, pos = hit
+                return self.docs[src][pos: pos + limit], n
+        return [], 0
+
+
+class HistoryDrafter(Drafter):
+    def __init__(self, *, max_match: int = 8, min_match: int = 2, window: int = 32, max_prompts: int = 4096):
+        self.max_match = max_match  # longest suffix looked up (tokens)
+        self.min_match = min_match  # shortest suffix worth proposing from
+        self.window = window  # finished rollouts kept per prompt
+        self.max_prompts = max_prompts  # prompts kept (least recently used dropped first)
+        self.index: OrderedDict[tuple[int, ...], SuffixIndex] = OrderedDict()  # prompt -> its documents
+        self.past: dict[tuple[int, ...], list[int]] = {}  # prompt -> finished documents, oldest first
+        self.doc: dict[int, tuple[tuple[int, ...], int]] = {}  # live seq id -> (prompt, document)
+        self.crowded: set[tuple[int, ...]] = set()  # prompts due for a rebuild (too many evicted documents)
+        self.next_doc = 0
+
+    def _index_of(self, s) -> SuffixIndex:
+        key = tuple(s.prompt)
+        if key not in self.index:
+            self.index[key] = SuffixIndex(self.max_match)
+            self.past[key] = []
+            if len(self.index) > self.max_prompts:
+                old, _ = self.index.popitem(last=False)
+                del self.past[old]
+        self.index.move_to_end(key)
+        return self.index[key]
+
+    def catch_up(self, seqs, k: int) -> None:
+        """Index whatever the rows emitted since the last step (new rows: their prompt and text)."""
+        for key in self.crowded:  # prompts with `window` evicted documents piled up: rebuild once
+            if key in self.index:
+                past = self.past[key]
+                del past[: len(past) - self.window]
+                live = [d for p, d in self.doc.values() if p == key]
+                self.index[key].keep_only(sorted(past + live))
+        self.crowded.clear()
+        for s in seqs:
+            index = self._index_of(s)
+            if s.id not in self.doc:
+                self.doc[s.id] = (tuple(s.prompt), self.next_doc)
+                self.next_doc += 1
+            index.extend(self.doc[s.id][1], s.tokens)
+
+    def proposals(self, batch: DraftBatch) -> list[tuple[list[int], int]]:
+        """Each real row's (proposal, length of the suffix it matched)."""
+        return [self.index[tuple(s.prompt)].propose(self.doc[s.id][1], self.min_match, cap) if cap else ([], 0)
+                for s, cap in zip(batch.seqs, batch.max_drafts_list)]
+
+    def draft(self, batch: DraftBatch) -> Drafts:
+        rows, k = batch.tokens.shape[0], batch.k
+        tokens = torch.zeros(rows, k, dtype=torch.int64)
+        lengths = [0] * rows
+        for i, (prop, _) in enumerate(self.proposals(batch)):
+            tokens[i, :len(prop)] = torch.tensor(prop, dtype=torch.int64)
+            lengths[i] = len(prop)
+        dev = batch.tokens.device
+        return Drafts(tokens.to(dev), torch.tensor(lengths, device=dev), None, lengths_list=lengths[: len(batch.seqs)])
+
+    def forget(self, seq) -> None:
+        """The sequence's text stays as an earlier rollout of its prompt, whether it finished or was
+        preempted (then the readmitted sequence starts a new document: the same prefix twice does no
+        harm). A prompt keeps its live documents and its last `window` finished ones: evicted ones
+        leave the index once `window` of them have piled up, at the next `catch_up` (so a batch of
+        rows finishing together costs one rebuild)."""
+        if seq.id not in self.doc:
+            return
+        key, doc = self.doc.pop(seq.id)
+        if key in self.past:
+            self.past[key].append(doc)
+            if len(self.past[key]) >= 2 * self.window:
+                self.crowded.add(key)
+
+    def assume_cached(self, seq) -> None:
+        self.catch_up([seq], 0)

@@ -1,0 +1,106 @@
+"""A small causal LM over the target's vocabulary as a drafter (`models/drafter.py`), e.g. the
+target's own first N layers.
+
+Its state per sequence is how many leading tokens its KV cache holds (`drafted`); its pools are its
+own, addressed by the target's block tables. An SD step feeds it the last two tokens (the one before
+the newest may be missing: when every draft of the previous step was accepted, the drafter never
+ran on the last of them), so `catch_up` caches all but those two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+
+from compile.cpu_linear import packed_view, packing_available, repack
+from models.drafter import check_compatible
+from respec.drafters import DraftBatch, Drafter, Drafts, EngineView
+from respec.paged_attention import PagedKV
+from respec.speculative import draft_next
+from respec.steps import right_padded
+
+
+def layer_draft(drafter, draft_pools, prev_tokens, tokens, positions, block_tables, lengths, seeds, temperature,
+                top_k, top_p, *, k: int, use_filter: bool, run_block=None, draft_fn=draft_next):
+    """k draft tokens per row from a causal LM with its own paged cache.
+
+    tokens (B,): each row's newest token at `positions` (B,); prev_tokens (B,): the token before it.
+    The first forward covers (previous, newest), the rest one token each; cache slots past a row's
+    `lengths` (B,) are not written. Returns (drafts (B, k), q (B, k, V))."""
+    B = tokens.shape[0]
+    n_rep = drafter.cfg.n_rep
+    inp = torch.stack([prev_tokens, tokens], dim=1)
+    pos = torch.stack([(positions - 1).clamp_min(0), positions], dim=1)
+    valid = None
+    drafts, q = [], []
+    for i in range(k):
+        kv = PagedKV.build(draft_pools, block_tables, pos, n_rep, valid=valid)
+        hidden = drafter(inp, pos, kv, run_block=run_block)[:, -1]  # (B, d)
+        d_i, q_i = draft_fn(drafter, hidden, seeds, temperature, top_k, top_p, positions + 1 + i, use_filter=use_filter)
+        drafts.append(d_i)
+        q.append(q_i)
+        valid = (i + 1 < lengths).view(B, 1)  # draft i's slot is needed only to draft i+1
+        inp, pos = d_i.view(B, 1), torch.where(valid, (positions + 1 + i).view(B, 1), positions.view(B, 1))
+    return torch.stack(drafts, dim=1), torch.stack(q, dim=1)
+
+
+class LayerDrafter(Drafter):
+    def __init__(self, model):
+        self.module = model
+        self.pool_shape = (model.cfg.num_layers, model.cfg.num_kv_heads, model.cfg.head_dim)
+        self.drafted: dict[int, int] = {}  # seq id -> leading tokens in the drafter's cache
+
+    def check(self, target) -> None:
+        check_compatible(target, self.module)
+
+    def describe(self) -> str:
+        return json.dumps({"layers": dataclasses.asdict(self.module.cfg)}, sort_keys=True)
+
+    def attach(self, view: EngineView) -> None:
+        super().attach(view)
+        packed = view.pack_weights and packing_available(view.device, view.dtype)
+        self.runner = packed_view(self.module) if packed else self.module
+
+    def sync(self) -> None:
+        if self.runner is not self.module:
+            repack(self.runner)
+
+    def _cache(self, spans, seqs) -> None:
+        """One eager right-padded forward caching token spans (ids, first position) of `seqs`."""
+        dev = self.view.device
+        tokens, positions, valid = (t.to(dev) for t in right_padded(spans))
+        kv = PagedKV.build(self.view.draft_pools, self.view.tables(seqs), positions, self.module.cfg.n_rep, valid=valid)
+        self.runner(tokens, positions, kv)
+
+    def on_prefill(self, seqs, tokens, positions, valid, block_tables, taps, first_tokens) -> None:
+        kv = PagedKV.build(self.view.draft_pools, block_tables, positions, self.module.cfg.n_rep, valid=valid)
+        self.runner(tokens, positions, kv)
+        for s in seqs:
+            self.drafted[s.id] = len(s.tokens)  # the prompt (and the text before a preemption)
+
+    def catch_up(self, seqs, k: int) -> None:
+        behind = [s for s in seqs if self.drafted[s.id] < len(s.tokens) - 2]
+        if behind:
+            self._cache([(s.tokens[self.drafted[s.id]: len(s.tokens) - 2], self.drafted[s.id]) for s in behind], behind)
+            for s in behind:
+                self.drafted[s.id] = len(s.tokens) - 2
+
+    def draft(self, batch: DraftBatch) -> Drafts:
+        pad = [0] * (batch.tokens.shape[0] - len(batch.seqs))
+        prev = torch.tensor([s.tokens[-2] for s in batch.seqs] + pad, dtype=torch.int64, device=self.view.device)
+        step = self.view.steps.get(layer_draft, k=batch.k, use_filter=batch.use_filter)
+        drafts, q = step(self.runner, self.view.draft_pools, prev, batch.tokens, batch.positions, batch.block_tables,
+                         batch.max_drafts, batch.seeds, batch.temperature, batch.top_k, batch.top_p)
+        return Drafts(drafts, batch.max_drafts, q)
+
+    def commit(self, seqs, n, tokens, taps) -> None:
+        for s in seqs:
+            self.drafted[s.id] = len(s.tokens) - 2
+
+    def forget(self, seq) -> None:
+        self.drafted.pop(seq.id, None)
+
+    def assume_cached(self, seq) -> None:
+        self.drafted[seq.id] = len(seq.tokens) - 2

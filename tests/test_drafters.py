@@ -1,0 +1,230 @@
+"""The drafter interface and its kinds: the history drafter's index, greedy SD token-identical and
+sampled SD lossless with it (mixed per-row draft lengths and sampling settings in one batch), and
+the engine's per-row bookkeeping (late admission, per-row draft caps, acceptance counts, EOS)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from models.decoder import PRESETS
+from models.drafter import truncated_drafter
+from models.loading import random_model
+from respec.drafters import as_drafter
+from respec.drafters.history import HistoryDrafter, SuffixIndex
+from respec.drafters.hybrid import HybridDrafter
+from respec.drafters.layers import LayerDrafter
+from respec.engine import RolloutEngine, SamplingParams
+from respec.solver import AdaptiveK, CostModel
+from tests.test_eagle import head_for
+from tests.test_speculative import SHARPEN, SMALL, chi2_quantile_999, chi_square, exact_sequence_probs
+
+
+def greedy(n, **kw):
+    return SamplingParams(max_new_tokens=n, temperature=0.0, stop_on_eos=False, **kw)
+
+
+# --- the history drafter's index ---------------------------------------------------------------
+def test_suffix_index_proposes_the_continuation_of_the_longest_match():
+    index = SuffixIndex(max_n=4)
+    index.extend(0, [1, 2, 3, 4, 5, 9, 9])
+    index.extend(1, [7, 3, 4, 6, 8])  # a sibling: "3 4" continued by 6 more recently
+    index.extend(2, [2, 3, 4])  # the row drafting: its longest seen suffix is "2 3 4" (doc 0)
+    assert index.propose(2, min_n=2, limit=3) == ([5, 9, 9], 3)
+    assert index.propose(2, min_n=2, limit=1) == ([5], 3)
+    index.extend(2, [2, 3, 4, 7])  # "4 7" and "7" were never continued: nothing >= 2 tokens matches
+    assert index.propose(2, min_n=2, limit=3) == ([], 0)
+    assert index.propose(2, min_n=1, limit=3) == ([3, 4, 6], 1)  # "7" was continued in doc 1
+    index.extend(3, [3, 4])
+    # the latest "3 4" (doc 2) continues with 7, to its end; "4 7" was never continued, so that is all
+    assert index.propose(3, min_n=2, limit=4) == ([7], 2)
+    # with single-token matches allowed, the proposal goes on from "7" (continued in doc 1)
+    assert index.propose(3, min_n=1, limit=4) == ([7, 3, 4, 6], 2)
+    index.keep_only([1, 3])  # docs 0 and 2 leave: "3 4" now continues with 6, from doc 1
+    assert index.propose(3, min_n=2, limit=2) == ([6, 8], 2)
+
+
+def test_history_window_is_bounded():
+    """A prompt keeps its live documents and at most 2 x window finished ones."""
+    drafter = HistoryDrafter(window=3)
+    seq = lambda i, out: type("S", (), {"id": i, "prompt": [1, 2], "out": out, "tokens": [1, 2] + out})()  # noqa: E731
+    for i in range(20):
+        s = seq(i, [3, 4, i + 10])
+        drafter.catch_up([s], 0)
+        index = drafter.index[(1, 2)]
+        assert len(index.docs) <= 7 and len(drafter.past[(1, 2)]) <= 6
+        drafter.forget(s)
+    assert {t[-1] for t in index.docs.values()} >= {27, 28, 29}  # the newest stay
+
+
+# --- SD with the history drafter -----------------------------------------------------------------
+PROMPTS = [[5, 6, 7, 8] * 6, [9, 10, 11] * 4, [40, 41, 42, 43, 44]]
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_history_greedy_sd_equals_plain(tiny, k):
+    """Greedy SD is token-identical to plain decoding; given one past rollout of the same prompts
+    (the same greedy text), the history drafter's drafts are the target's own tokens."""
+    prompts = [p for p in PROMPTS for _ in range(3)]  # three siblings per prompt
+    want = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True).generate(prompts, greedy(30))
+    engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True, drafter=HistoryDrafter(), num_draft_tokens=k)
+    first = engine.generate(prompts, greedy(30))
+    assert [g.token_ids for g in first] == [w.token_ids for w in want]
+    engine.stats = type(engine.stats)()
+    again = engine.generate(prompts, greedy(30))
+    assert [g.token_ids for g in again] == [w.token_ids for w in want]
+    assert engine.stats.alpha == [1.0] * k  # the past rollout is the text itself
+    assert engine.stats.accept_len > 0.8 * (k + 1)
+
+
+N_MIXED = 30_000
+MIXED = [(1.0, 1.0), (0.7, 0.9)]  # (temperature, top_p), alternating rows of one batch
+
+
+@pytest.mark.parametrize("kind", ["history", "hybrid"])
+def test_sd_sampling_is_lossless_with_mixed_rows(kind):
+    """Rows of one batch sample at two settings. `history`: the history drafter proposes 0..k
+    tokens per row from its siblings' text (the same prompt). `hybrid`: per row, history point
+    masses where the match is long, an independent small model's stochastic drafts elsewhere, in
+    the same verify. Each setting's sequences must follow plain sampling's distribution
+    (chi-square, with a power check)."""
+    target = random_model(SMALL, seed=3)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(SHARPEN)
+    history = HistoryDrafter(min_match=1)
+    drafter = history if kind == "history" else HybridDrafter(LayerDrafter(random_model(dataclasses.replace(
+        SMALL, num_layers=1), seed=4)), history, min_match=2)
+    lengths_seen = set()
+    proposals = history.proposals
+
+    def recorded(batch):
+        out = proposals(batch)
+        lengths_seen.update(len(p) for p, _ in out)
+        return out
+
+    history.proposals = recorded
+    engine = RolloutEngine(target, kv_cache_bytes=256 << 20, block_size=4, max_batch=512, eager=True, drafter=drafter,
+                           num_draft_tokens=3)
+    # 5 tokens sampled, the first 3 compared (a marginal of the same distribution): after the
+    # prefill's token the rows may draft up to 3, so every draft length 0..3 can occur
+    prompt, length = [0, 1], 3
+    params = [SamplingParams(max_new_tokens=length + 2, temperature=t, top_p=p, seed=i, stop_on_eos=False)
+              for i in range(N_MIXED) for t, p in [MIXED[i % 2]]]
+    out = engine.generate([prompt] * N_MIXED, params)
+    assert engine.stats.sd_steps > 0 and len(lengths_seen - {0}) >= 2  # several draft lengths were proposed
+    assert 0.2 < engine.stats.alpha[0] < 0.95  # drafts are really rejected sometimes
+    if kind == "hybrid":  # both kinds of rows really occurred
+        assert 0 < drafter.history_rows < engine.stats.sd_rows
+    for j, (t, p) in enumerate(MIXED):
+        probs = exact_sequence_probs(target, t, p, prompt=prompt, length=length)
+        counts: dict = {}
+        for o in out[j::2]:
+            counts[tuple(o.token_ids[:length])] = counts.get(tuple(o.token_ids[:length]), 0) + 1
+        n = N_MIXED // 2
+        chi2, dof = chi_square(counts, probs, n)
+        print(f"{kind}, T={t} top_p={p}: chi2 {chi2:.1f} on {dof} dof, alpha {engine.stats.alpha}")
+        assert chi2 < chi2_quantile_999(dof)
+        # power: a 2% bias (2% of the mass moved to one sequence) is rejected
+        keys = list(probs)
+        biased = torch.tensor([probs[s] for s in keys]) * 0.98
+        biased[keys.index(sorted(probs, key=probs.get)[-2])] += 0.02
+        draws = torch.multinomial(biased, n, replacement=True, generator=torch.Generator().manual_seed(j))
+        fake = {}
+        for i in draws.tolist():
+            fake[keys[i]] = fake.get(keys[i], 0) + 1
+        assert chi_square(fake, probs, n)[0] > chi2_quantile_999(dof)
+
+
+# --- the engine's per-row bookkeeping ------------------------------------------------------------
+class Schedule:
+    """A policy replaying a fixed list of k (then the last one forever)."""
+
+    def __init__(self, ks):
+        self.ks, self.calls = list(ks), 0
+
+    def choose(self, batch, context):
+        self.calls += 1
+        return self.ks[min(self.calls - 1, len(self.ks) - 1)]
+
+    def observe(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("kind", ["eagle", "layers"])
+def test_sd_turns_on_after_late_admissions(tiny, kind):
+    """More requests than --max-batch (admitted at different times, with different prompt lengths)
+    and SD off for a while, then on: the drafter's catch-up pads its rows without looking up
+    positions past a row's block table; greedy tokens equal plain decoding."""
+    prompts = [[3 + i] * (4 + 9 * i) for i in range(4)]
+    want = RolloutEngine(tiny, kv_cache_bytes=64 << 20, block_size=4, eager=True).generate(prompts, greedy(14))
+    drafter = head_for(tiny, 3000) if kind == "eagle" else truncated_drafter(tiny, 1)
+    engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, block_size=4, eager=True, max_batch=2, drafter=drafter,
+                           num_draft_tokens=3, policy=Schedule([0] * 10 + [3]))
+    got = engine.generate(prompts, greedy(14))
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert engine.stats.sd_steps > 0
+
+
+def test_a_row_near_its_context_end_does_not_turn_sd_off_for_the_batch():
+    cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=512, max_position_embeddings=48)
+    model = random_model(cfg, seed=2)
+    prompts = [[7] * 40, [1, 2, 3], [4, 5, 6, 7]]  # the first reaches the context end after 8 tokens
+    want = RolloutEngine(model, kv_cache_bytes=64 << 20, block_size=4, eager=True).generate(prompts, greedy(30))
+    engine = RolloutEngine(model, kv_cache_bytes=64 << 20, block_size=4, eager=True,
+                           drafter=truncated_drafter(model, 2), num_draft_tokens=4)
+    got = engine.generate(prompts, greedy(30))
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert len(got[0].token_ids) == 8 and got[0].finish_reason == "length"
+    # every decoding step speculated while more than one row was running
+    assert all(k == 4 for b, k in zip(engine.stats.batch_sizes, engine.stats.chosen_k) if b > 1)
+
+
+def test_acceptance_counts_with_mixed_draft_lengths(tiny):
+    """k alternates 1 and 3 with a drafter identical to the target: every proposed draft is
+    accepted, so the conditional acceptance is 1 at every position (rows that never proposed a
+    position do not count against it), in the engine's stats and in the solver's estimate."""
+    policy = AdaptiveK(CostModel((0.0,) * 6), 3, [0.5, 0.5, 0.5], ema=0.5)
+    ks = [1, 3]
+    policy.choose = lambda batch, context: ks[len(engine.stats.chosen_k) % 2]
+    engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True, drafter=truncated_drafter(tiny, 4),
+                           num_draft_tokens=3, policy=policy)
+    engine.generate(PROMPTS, greedy(40))
+    st = engine.stats
+    assert set(st.chosen_k) - {0} == {1, 3}  # (0: the last steps, where no row has room to draft)
+    assert st.alpha == [1.0, 1.0, 1.0]
+    assert st.sd_reached_at[0] > st.sd_reached_at[1] > 0
+    assert all(a > 0.99 for a in policy.alpha)
+
+
+def test_accept_len_counts_only_emitted_tokens(tiny):
+    """Rows that stop at EOS inside a verify emit fewer than n + 1 tokens: accept_len counts what
+    was emitted, so SD steps' tokens add up to the completions' (after the prefill's first)."""
+    engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True, drafter=truncated_drafter(tiny, 4),
+                           num_draft_tokens=4, eos_token_ids=list(range(0, 49152, 3)))  # a third of the vocabulary
+    out = engine.generate([p for p in PROMPTS for _ in range(8)],
+                          [SamplingParams(max_new_tokens=30, temperature=1.0, seed=i) for i in range(24)])
+    assert any(o.finish_reason == "stop" and len(o.token_ids) > 1 for o in out)
+    st = engine.stats
+    assert st.decode_steps == 0 and st.sd_emitted == sum(len(o.token_ids) for o in out) - st.prefill_tokens
+
+
+def test_hybrid_greedy_sd_equals_plain(tiny):
+    """The EAGLE head and the history drafter side by side: token-identical to plain decoding, and
+    both kinds of rows occur once a past rollout of the same prompts exists."""
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    want = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True).generate(prompts, greedy(24))
+    drafter = HybridDrafter(as_drafter(head_for(tiny, 3000)))
+    engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True, drafter=drafter, num_draft_tokens=3)
+    for _ in range(2):
+        got = engine.generate(prompts, greedy(24))
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert 0 < drafter.history_rows < engine.stats.sd_rows
+
+
+def test_as_drafter_wraps_each_kind(tiny):
+    assert type(as_drafter(head_for(tiny, 300))).__name__ == "EagleDrafter"
+    assert type(as_drafter(truncated_drafter(tiny, 1))).__name__ == "LayerDrafter"
+    history = HistoryDrafter()
+    assert as_drafter(history) is history and as_drafter(None) is None

@@ -1,0 +1,52 @@
+"""The sampler at the real vocabulary size: uniforms strictly inside (0, 1), and masked tokens
+never sampled. The 4- and 6-token vocabularies of the distribution tests cannot see either."""
+
+from __future__ import annotations
+
+import torch
+
+from respec.sampling import STREAM_SAMPLE, sample, sampling_logprobs, uniform_noise, unit_interval
+
+V = 49152  # SmolLM2's vocabulary
+
+
+def test_unit_interval_never_reaches_0_or_1():
+    h = torch.tensor([0, 1, 511, 512, 2**31, 2**32 - 129, 2**32 - 128, 2**32 - 1], dtype=torch.int64)
+    u = unit_interval(h)
+    assert u.dtype == torch.float32
+    assert (u > 0).all() and (u < 1).all()
+    assert torch.isfinite(torch.log(-torch.log(u))).all()
+
+
+def test_counter_where_32_bit_mapping_gave_exactly_one():
+    """Seed 72 at position 600 hashes vocabulary id 42688 into the top 128 values of 2^32, which the
+    old 32-bit mapping rounded to u = 1.0 (found by search). Token 42688 is masked by top-k = 1
+    here; with u = 1.0 its score was -inf + inf = NaN, and argmax picked it."""
+    seed, pos, hot = torch.tensor([72]), torch.tensor([600]), 42688
+    u = uniform_noise(seed, pos, V, STREAM_SAMPLE)
+    assert u[0, hot] < 1
+    logits = torch.randn(1, V, generator=torch.Generator().manual_seed(0))
+    logits[0, hot] = logits.min() - 5  # an unlikely token, far from the argmax
+    one = torch.ones(1)
+    for top_k, use_filter in ((1, True), (0, False)):
+        lp = sampling_logprobs(logits, one, torch.tensor([top_k]), one, use_filter=use_filter)
+        tok, logp = sample(lp, one, seed, pos)
+        assert int(tok) != hot and torch.isfinite(logp).all()
+        if top_k == 1:
+            assert int(tok) == int(logits.argmax())
+
+
+def test_top_k_rows_at_the_real_vocabulary_size():
+    """Many seeds and positions: top-k = 1 rows at temperature 1 equal greedy, and top-k = 50 rows
+    only ever sample one of their 50 most likely tokens."""
+    n = 384
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(n, V, generator=gen) * 3
+    seeds, pos = torch.arange(n) * 7919, torch.randint(0, 4096, (n,), generator=gen)
+    one = torch.ones(n)
+    for top_k in (1, 50):
+        lp = sampling_logprobs(logits, one, torch.full((n,), top_k), one, use_filter=True)
+        tok, logp = sample(lp, one, seeds, pos)
+        top = logits.topk(top_k, dim=-1).indices
+        assert (top == tok.view(-1, 1)).any(-1).all()
+        assert torch.isfinite(logp).all()
