@@ -273,3 +273,17 @@ def test_model_directory_with_a_missing_shard(tmp_path, tokenizer):
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and "missing shard model-00002-of-00002" in lines[0], lines
     assert not (tmp_path / "run").exists()
+
+
+def test_history_and_hybrid_drafters_in_grpo(tmp_path):
+    """`--drafter history` (model-free, nothing to distil) and `--drafter random+history` (per row
+    beside a head distilled online) run GRPO with speculative rollouts; toy-letters repeats itself,
+    so the history drafts get accepted."""
+    for spec in ("history", "random+history"):
+        run = tmp_path / spec
+        train(*[a for a in TOY if a not in ("--sd", "off")], "--sd", "on", "--k", "2", "--drafter", spec,
+              "--steps", "2", "--out", str(run))
+        rows = metrics(run)
+        assert len(rows) == 2 and all(r["sd_fraction"] > 0 for r in rows)
+        assert any(r["accept_len"] > 1 for r in rows)
+        assert ("drafter_version" in rows[-1]) and (run / "drafter").is_dir() == (spec != "history")
