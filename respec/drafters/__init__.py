@@ -90,10 +90,20 @@ class Drafter:
         return type(self).__name__
 
     def attach(self, view: EngineView) -> None:
+        """Keep what the drafter uses of the engine; a drafter with weights runs them as the engine
+        runs the target's (`runner`: packed linears on CPU, compile/cpu_linear.py)."""
+        from compile.cpu_linear import packed_view, packing_available
+
         self.view = view
+        packed = view.pack_weights and packing_available(view.device, view.dtype)
+        self.runner = packed_view(self.module) if packed and self.module is not None else self.module
 
     def sync(self) -> None:
-        """The weights in `module` changed (an online distillation update)."""
+        """The weights in `module` changed (an online distillation update): refresh the packed copy."""
+        from compile.cpu_linear import repack
+
+        if self.runner is not self.module:
+            repack(self.runner)
 
     def on_prefill(self, seqs, tokens, positions, valid, block_tables, taps, first_tokens) -> None:
         """tokens, positions, valid (B, T): the right-padded prefill; taps (B, T, F) the target's

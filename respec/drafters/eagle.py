@@ -15,9 +15,8 @@ import json
 
 import torch
 
-from compile.cpu_linear import packed_view, packing_available, repack
 from models.eagle import EagleHead, call_head, check_eagle_fits
-from respec.drafters import DraftBatch, Drafter, Drafts, EngineView
+from respec.drafters import DraftBatch, Drafter, Drafts
 from respec.paged_attention import PagedKV
 from respec.sampling import STREAM_DRAFT, sample, sampling_logprobs
 
@@ -78,15 +77,6 @@ class EagleDrafter(Drafter):
 
     def describe(self) -> str:
         return json.dumps(self.module.cfg.to_json(), sort_keys=True)
-
-    def attach(self, view: EngineView) -> None:
-        super().attach(view)
-        packed = view.pack_weights and packing_available(view.device, view.dtype)
-        self.runner = packed_view(self.module) if packed else self.module
-
-    def sync(self) -> None:
-        if self.runner is not self.module:
-            repack(self.runner)
 
     def on_prefill(self, seqs, tokens, positions, valid, block_tables, taps, first_tokens) -> None:
         """The head consumes the prompt pairs (feature of position j-1, token j), j = 0..L-1 (a zero

@@ -33,7 +33,7 @@ class HybridDrafter(Drafter):
         return f"hybrid({self.model.describe()}, history)"
 
     def attach(self, view: EngineView) -> None:
-        super().attach(view)
+        self.view = view  # the model drafter keeps the (packed) weights it runs
         self.model.attach(view)
         self.history.attach(view)
 

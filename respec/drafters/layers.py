@@ -14,9 +14,8 @@ import json
 
 import torch
 
-from compile.cpu_linear import packed_view, packing_available, repack
 from models.drafter import check_compatible
-from respec.drafters import DraftBatch, Drafter, Drafts, EngineView
+from respec.drafters import DraftBatch, Drafter, Drafts
 from respec.paged_attention import PagedKV
 from respec.speculative import draft_next
 from respec.steps import right_padded
@@ -57,15 +56,6 @@ class LayerDrafter(Drafter):
 
     def describe(self) -> str:
         return json.dumps({"layers": dataclasses.asdict(self.module.cfg)}, sort_keys=True)
-
-    def attach(self, view: EngineView) -> None:
-        super().attach(view)
-        packed = view.pack_weights and packing_available(view.device, view.dtype)
-        self.runner = packed_view(self.module) if packed else self.module
-
-    def sync(self) -> None:
-        if self.runner is not self.module:
-            repack(self.runner)
 
     def _cache(self, spans, seqs) -> None:
         """One eager right-padded forward caching token spans (ids, first position) of `seqs`."""
