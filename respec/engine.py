@@ -366,7 +366,8 @@ class RolloutEngine:
         t1 = self._phase("draft", t0)
         verify = self.steps.get(verify_step, use_filter=use_filter, hidden_layers=self.feature_layers)
         tokens_d, logprobs_d, n_d, taps = verify(self.runner, self.cache.pools, batch.tokens, drafts.tokens,
-                                                 drafts.lengths, drafts.q, batch.positions, batch.block_tables,
+                                                 drafts.lengths, drafts.q, drafts.point, batch.positions,
+                                                 batch.block_tables,
                                                  seeds, temp, top_k, top_p)
         # the host sync of this step
         tokens, logprobs, n, lengths = tokens_d.tolist(), logprobs_d.tolist(), n_d.tolist(), drafts.lengths.tolist()

@@ -31,11 +31,13 @@ from respec.sampling import STREAM_ACCEPT, STREAM_DRAFT, sample, sampling_logpro
 
 
 def accept_drafts(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor, lengths: torch.Tensor,
-                  temperature: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor):
+                  temperature: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
+                  point: torch.Tensor | None = None):
     """The rejection-sampling rule, for a batch.
 
     p: (B, k+1, V) target sampling log-probs at the k draft positions and the bonus position;
-    q: (B, k, V) drafter sampling log-probs, or None for point masses on the drafts;
+    q: (B, k, V) drafter sampling log-probs, or None for point masses on the drafts; point: (B,) bool,
+    rows whose drafts are point masses although q is given (a hybrid drafter's; their q is ignored);
     drafts: (B, k) draft tokens; lengths: (B,) drafts each row really proposed (<= k);
     positions: (B,) position of each row's last accepted token (drafts sit at positions+1..+k).
     Returns tokens (B, k+1), their target log-probs (B, k+1), and n (B,): the row emits
@@ -46,6 +48,8 @@ def accept_drafts(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor,
     p_k = p[:, :k]
     p_d = p_k.gather(-1, drafts.unsqueeze(-1)).squeeze(-1)  # (B, k)
     q_d = 0.0 if q is None else q.gather(-1, drafts.unsqueeze(-1)).squeeze(-1)  # log q(d); a point mass: log 1
+    if q is not None and point is not None:
+        q_d = torch.where(point.view(B, 1), 0.0, q_d)
     steps = torch.arange(1, k + 1, device=drafts.device)
     draft_pos = positions.unsqueeze(1) + steps  # (B, k)
     u = uniform_noise(seeds.unsqueeze(1).expand(B, k), draft_pos, 1, STREAM_ACCEPT).squeeze(-1)  # (B, k)
@@ -54,12 +58,16 @@ def accept_drafts(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor,
 
     # Where a row stops: the residual max(0, p - q) after a rejection, p itself where the row
     # proposed nothing, and p after k acceptances (the bonus position).
-    if q is None:  # p - point mass on d, clamped: p with d removed
-        residual = p_k.scatter(-1, drafts.unsqueeze(-1), float("-inf"))
-        residual = torch.where(residual.amax(-1, keepdim=True) > float("-inf"), residual, p_k)
+    if q is None or point is not None:  # p - point mass on d, clamped: p with d removed
+        without_d = p_k.scatter(-1, drafts.unsqueeze(-1), float("-inf"))
+        without_d = torch.where(without_d.amax(-1, keepdim=True) > float("-inf"), without_d, p_k)
+    if q is None:
+        residual = without_d
     else:
         residual = (p_k.exp() - q.exp()).clamp_min(0)  # (B, k, V), unnormalised: the sampler is scale-free
         residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual.log(), p_k)
+        if point is not None:
+            residual = torch.where(point.view(B, 1, 1), without_d, residual)
     residual = torch.where(drafted.unsqueeze(-1), residual, p_k)
     stop_dist = torch.cat([residual, p[:, k:]], dim=1)  # (B, k+1, V)
     V = p.shape[-1]
@@ -80,22 +88,23 @@ def draft_next(drafter, hidden, seeds, temperature, top_k, top_p, next_pos, *, u
     return tokens, q
 
 
-def verify_tail(target, hidden, drafts, lengths, q, seeds, temperature, top_k, top_p, positions, *, use_filter: bool):
+def verify_tail(target, hidden, drafts, lengths, q, point, seeds, temperature, top_k, top_p, positions, *,
+                use_filter: bool):
     """The target's output head over the k+1 verified positions, hidden (B, k+1, d), and the
     acceptance test (`accept_drafts`). A compiled region (compile/policy.py)."""
     B, k1 = drafts.shape[0], drafts.shape[1] + 1
     rep = lambda t: t.repeat_interleave(k1)  # noqa: E731  per-row parameters for every position
     p = sampling_logprobs(target.logits(hidden).flatten(0, 1), rep(temperature), rep(top_k), rep(top_p),
                           use_filter=use_filter).view(B, k1, -1)
-    return accept_drafts(p, q, drafts, lengths, temperature, seeds, positions)
+    return accept_drafts(p, q, drafts, lengths, temperature, seeds, positions, point)
 
 
-def verify_step(target, pools, tokens, drafts, lengths, q, positions, block_tables, seeds, temperature, top_k,
+def verify_step(target, pools, tokens, drafts, lengths, q, point, positions, block_tables, seeds, temperature, top_k,
                 top_p, *, use_filter: bool, hidden_layers=(), run_block=None, verify_fn=verify_tail):
     """Verify every row's drafts in one target forward over k+1 positions, and accept exactly.
 
     tokens (B,): each row's newest token, at `positions` (B,), not yet in the cache; drafts (B, k)
-    of which row i proposed lengths[i]; q (B, k, V) or None as `accept_drafts`. Slots past a row's
+    of which row i proposed lengths[i]; q (B, k, V) or None, and point (B,) or None, as `accept_drafts`. Slots past a row's
     proposals are neither written (they go to the null block) nor looked up past its table.
     Returns (tokens (B, k+1), log-probs (B, k+1), n (B,)) as `accept_drafts`, and with
     `hidden_layers` the target's features at the k+1 verified positions (B, k+1, F)."""
@@ -107,6 +116,6 @@ def verify_step(target, pools, tokens, drafts, lengths, q, positions, block_tabl
     kv = PagedKV.build(pools, block_tables, v_pos, target.cfg.n_rep, valid=valid)
     out = target(v_tokens, v_pos, kv, run_block=run_block, hidden_layers=hidden_layers)
     hidden, taps = out if hidden_layers else (out, None)  # (B, k+1, d)
-    tokens_out, logprobs, n = verify_fn(target, hidden, drafts, lengths, q, seeds, temperature, top_k, top_p,
+    tokens_out, logprobs, n = verify_fn(target, hidden, drafts, lengths, q, point, seeds, temperature, top_k, top_p,
                                         positions, use_filter=use_filter)
     return tokens_out, logprobs, n, (torch.cat(taps, dim=-1) if hidden_layers else None)

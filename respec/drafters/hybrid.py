@@ -5,7 +5,8 @@ tokens, and the continuation fills the row's draft length): repeated text, where
 proposal is accepted with the target's own high probability. Every other row takes the model's
 (stochastic) drafts. The choice depends only on what is known before anything is sampled (the
 rows' text, its siblings' and earlier rollouts'), never on the model's sampled drafts, so each
-row's q is still the distribution its drafts came from: the model's, or a point mass.
+row's q is still the distribution its drafts came from: the model's, or a point mass (`Drafts.point`
+marks those rows; the acceptance test needs no dense q for them).
 
 The model drafter keeps its own state as if it drafted every row (it does: its drafts for history
 rows are computed and discarded), so switching a row between the two costs nothing.
@@ -64,9 +65,7 @@ class HybridDrafter(Drafter):
         self.history_rows += int(use.sum())
         dev = batch.tokens.device
         use, hist = use.to(dev), hist.to(dev)
-        point = torch.full_like(drafts.q, float("-inf")).scatter(-1, hist.unsqueeze(-1), 0.0)  # (rows, k, V) log 1 at d
-        return Drafts(torch.where(use.view(-1, 1), hist, drafts.tokens), drafts.lengths,
-                      torch.where(use.view(-1, 1, 1), point, drafts.q))
+        return Drafts(torch.where(use.view(-1, 1), hist, drafts.tokens), drafts.lengths, drafts.q, point=use)
 
     def commit(self, seqs, n, tokens, taps) -> None:
         self.model.commit(seqs, n, tokens, taps)
