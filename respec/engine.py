@@ -367,10 +367,9 @@ class RolloutEngine:
         verify = self.steps.get(verify_step, use_filter=use_filter, hidden_layers=self.feature_layers)
         tokens_d, logprobs_d, n_d, taps = verify(self.runner, self.cache.pools, batch.tokens, drafts.tokens,
                                                  drafts.lengths, drafts.q, drafts.point, batch.positions,
-                                                 batch.block_tables,
-                                                 seeds, temp, top_k, top_p)
-        # the host sync of this step
-        tokens, logprobs, n, lengths = tokens_d.tolist(), logprobs_d.tolist(), n_d.tolist(), drafts.lengths.tolist()
+                                                 batch.block_tables, seeds, temp, top_k, top_p)
+        tokens, logprobs, n = tokens_d.tolist(), logprobs_d.tolist(), n_d.tolist()  # the host sync of this step
+        lengths = drafts.lengths_list if drafts.lengths_list is not None else caps
         t2 = self._phase("verify", t1)
         for i, s in enumerate(seqs):
             for tok, lp in zip(tokens[i][: n[i] + 1], logprobs[i][: n[i] + 1]):

@@ -71,8 +71,8 @@ class Drafts:
     lengths: torch.Tensor  # (rows,) int64 how many each row proposed (<= max_drafts)
     q: torch.Tensor | None  # (rows, k, V) sampling log-probs each proposal was drawn from; None = point masses
     point: torch.Tensor | None = None  # (rows,) bool: these rows' proposals are point masses whatever q says
-    lengths_list: list[int] | None = None  # the real rows' lengths on the host, where the drafter knows them
-    # without a sync (a history drafter); all zero -> the engine decodes plainly instead of verifying
+    lengths_list: list[int] | None = None  # the real rows' lengths on the host; None: each proposed its
+    # max_drafts. All zero (a history drafter that matched nothing) -> the engine decodes plainly instead
 
 
 class Drafter:
