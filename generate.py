@@ -104,14 +104,11 @@ def make_drafter(spec: str | None, model, k: int, args=None, tokenizer=None):
 
         return HistoryDrafter()
     if spec == "auto":  # the head train.py pretrains and caches for this model and task
-        from respec.drafters.choose import default_head_dir, pretrain_default_head
+        from respec.drafters.choose import default_head
         from respec.tasks import make_task
 
-        spec = str(default_head_dir(args.model, args.task))
-        if not (Path(spec) / "config.json").is_file():
-            log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-            log(f"no cached default drafter for {args.model} / {args.task}: pretraining one into {spec} (once)")
-            pretrain_default_head(args.model, Path(spec), tokenizer, make_task(task=args.task), k=k, log=log)
+        spec = str(default_head(args.model, args.task, make_task(task=args.task), tokenizer, k=k,
+                                log=lambda m: print(m, file=sys.stderr)))
     if Path(spec).is_dir():
         param = next(model.parameters())
         head = load_eagle(spec, dtype=param.dtype, device=param.device)

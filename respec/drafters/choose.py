@@ -72,6 +72,19 @@ def pretrain_default_head(model: str, path: Path, tokenizer, task, *, dtype: str
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def default_head(model: str, task_name: str, task, tokenizer, *, pretrain_here: bool = True, wait=lambda: None,
+                 log=print, **pretrain_kw) -> Path:
+    """The directory of the default head for this model and task; a missing one is pretrained
+    where `pretrain_here` (one rank), and every caller then `wait()`s for it."""
+    directory = default_head_dir(model, task_name)
+    if not (directory / "config.json").is_file():
+        if pretrain_here:
+            log(f"no cached drafter for this model and task: pretraining one into {directory} (once)")
+            pretrain_default_head(model, directory, tokenizer, task, log=log, **pretrain_kw)
+        wait()
+    return directory
+
+
 def choose_drafter(spec: str, *, target, k: int, model: str, task_name: str, task, tokenizer, rollout_dtype,
                    seed: int = 0, dtype: str = "auto", temperature: float = 1.0, pretrain_here: bool = True,
                    wait=lambda: None, log=print) -> Chosen:
@@ -97,13 +110,9 @@ def choose_drafter(spec: str, *, target, k: int, model: str, task_name: str, tas
         master = untrained_head(target, prompts, seed=seed)
         prior = [0.0] * k  # known to accept nothing until the estimate says otherwise
     else:
-        directory = Path(head_spec) if head_spec != "auto" else default_head_dir(model, task_name)
-        if head_spec == "auto" and not (directory / "config.json").is_file():
-            if pretrain_here:
-                log(f"no cached drafter for this model and task: pretraining one into {directory} (once)")
-                pretrain_default_head(model, directory, tokenizer, task, dtype=dtype, seed=seed, k=k,
-                                      temperature=temperature, log=log)
-            wait()
+        directory = Path(head_spec) if head_spec != "auto" else default_head(
+            model, task_name, task, tokenizer, pretrain_here=pretrain_here, wait=wait, log=log, dtype=dtype,
+            seed=seed, k=k, temperature=temperature)
         prior = drafter_alpha(directory, k)
         master = load_eagle(directory, dtype=torch.float32, device=device)
     drafter: Drafter = EagleDrafter(cast_head(master, rollout_dtype))  # the engine's copy, in the rollout dtype
