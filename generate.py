@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     w.add_argument("--sweep", action="store_true", help="measure tokens/s for every k = 0..--k and the adaptive "
                    "policy at each of --batch-sizes, against the fitted cost model, plus a long-tail rollout")
     w.add_argument("--longtail-samples", type=positive_int, default=32, help="rollouts in the long-tail run")
+    w.add_argument("--longtail-group", type=positive_int, default=8, help="siblings per prompt in the long-tail run (G)")
+    w.add_argument("--longtail-temperature", type=float, default=1.0,
+                   help="sampling temperature of the long-tail run, natural EOS (0: greedy, the same tokens checked)")
     w.add_argument("--longtail-tokens", type=positive_int, default=256, help="token limit of a long-tail rollout")
     w.add_argument("--sweep-reps", type=positive_int, default=2, help="runs per grid point (the fastest counts)")
     w.add_argument("--plot", type=Path, help="PNG of measured and predicted throughput (default: next to --json)")
@@ -335,6 +338,8 @@ def main(argv=None) -> int:
             if not args.json.parent.is_dir():
                 raise ValueError(f"directory {args.json.parent} does not exist")
         sampling_params(args).validate()  # --temperature, --top-p, --top-k
+        if args.longtail_temperature < 0:
+            raise ValueError(f"--longtail-temperature must be >= 0, got {args.longtail_temperature}")
         if args.past_rollouts < 0:
             raise ValueError(f"--past-rollouts must be >= 0, got {args.past_rollouts}")
         device = parse_device(args.device)

@@ -120,7 +120,8 @@ def test_sweep_tiny_writes_report_and_plot(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "sweep.json"
     args = ["--model", "tiny", "--dtype", "fp32", "--eager", "--sweep", "--drafter", "first:1", "--k", "2",
-            "--batch-sizes", "1,2,4", "--new-tokens", "6", "--longtail-samples", "3", "--longtail-tokens", "12", "--sweep-reps", "1", "--json", str(out)]
+            "--batch-sizes", "1,2,4", "--new-tokens", "6", "--longtail-samples", "3", "--longtail-group", "2",
+            "--longtail-temperature", "0", "--longtail-tokens", "12", "--sweep-reps", "1", "--json", str(out)]
     assert generate.main(args) == 0
     import json
 
@@ -138,8 +139,13 @@ def test_sweep_tiny_writes_report_and_plot(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     one_line_error(*run_main(capsys, *args), "refusing to overwrite")
     args[-1] = str(tmp_path / "again.json")
+    args[args.index("--longtail-temperature") + 1] = "1"  # the GRPO-shaped tail: sampled siblings
     assert generate.main(args) == 0
-    assert json.loads((tmp_path / "again.json").read_text())["cost_model"]["cached"]
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["cost_model"]["cached"]
+    lt = again["longtail"]
+    assert lt["temperature"] == 1 and lt["group"] == 2 and lt["samples"] == 3 and lt["same_tokens"] is None
+    assert lt["never_sd_tokens"] > 0 and lt["always_sd_tok_s"] > 0 and lt["adaptive_tok_s"] > 0
 
 
 def test_sweep_needs_a_drafter(capsys):
