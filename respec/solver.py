@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -181,14 +183,19 @@ def drafter_alpha(drafter_dir, k: int) -> list[float] | None:
 
 
 # ---------------------------------------------------------------------------------------------
-def machine_key() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"{platform.machine()}-{platform.processor() or 'cpu'}-{torch.get_num_threads()}threads"
+def machine_key(device: torch.device | str = "cpu") -> str:
+    """What a cost profile was measured on: the GPU's name, or the CPU's vector ISA and thread count
+    (an AVX2-only CPU runs bf16 ~20x slower than one with AVX-512-BF16: their profiles must not mix)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda-{torch.cuda.get_device_name(device)}"
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"{device.type}-{platform.machine()}-{isa}-{torch.get_num_threads()}threads"
 
 
 def cost_key(model_desc: str, drafter_desc: str, engine) -> str:
-    text = "|".join([model_desc, drafter_desc, str(engine.dtype), engine.steps.mode, machine_key(), torch.__version__])
+    text = "|".join([model_desc, drafter_desc, str(engine.dtype), engine.steps.mode, machine_key(engine.device),
+                     torch.__version__])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -231,7 +238,9 @@ def load_or_profile(engine, key: str, path, *, max_error: float = 0.15, **profil
             samples, model = again, second
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {**model.to_json(), "samples": samples, "profile_s": round(time.perf_counter() - t0, 1)}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
+    # A temporary file of this writer's own, renamed into place: ranks profiling at once never
+    # write into each other's file, and a reader sees a whole profile or none.
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
+        f.write(json.dumps(data, indent=1) + "\n")
+    os.replace(f.name, path)
     return model, False

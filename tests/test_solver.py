@@ -10,7 +10,7 @@ import torch
 from models.drafter import truncated_drafter
 from respec.engine import RolloutEngine, SamplingParams
 from respec.solver import (AdaptiveK, CostModel, FixedK, conditional_alpha, expected_tokens, fit_costs,
-                           load_or_profile, step_features)
+                           load_or_profile, machine_key, step_features)
 
 # A memory-bound-then-compute-bound machine in miniature: 10 ms per step, 0.5 ms per token the
 # target processes, 1 ms per draft step (coefficients in FEATURES order).
@@ -129,6 +129,44 @@ def test_noisy_profile_is_measured_again(tmp_path):
     model, cached = load_or_profile(engine, "key", tmp_path / "costs.json", **kw)
     assert not cached and engine.calls == 36 and engine.reps == [1] * 18 + [2] * 18
     assert model.rel_error < 0.01 and model.step_s(4, 2, 8) == pytest.approx(0.01 + 0.012 + 0.004, rel=0.01)
+
+
+class Flat:
+    """An engine whose every step takes 10 ms (profiles without running anything)."""
+    k = 1
+
+    def time_step(self, B, k, c, *, reps):
+        return 0.01 * (1 + k)
+
+
+def test_profiles_written_at_once_do_not_collide(tmp_path, monkeypatch):
+    """Ranks of one node profile at the same time and cache to the same path: each writes a file
+    of its own and renames it into place (a shared temporary name: the second rename finds nothing)."""
+    import os
+
+    path, kw = tmp_path / "costs.json", dict(batch_sizes=(1, 2), ks=(0, 1), contexts=(8, 24), reps=1, progress=False)
+    replace, nested = os.replace, []
+
+    def replace_after_another_rank(src, dst):
+        if not nested:  # another rank profiles and saves between this rank's write and its rename
+            nested.append(None)
+            nested[0] = load_or_profile(Flat(), "key", path, **kw)
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_after_another_rank)
+    model, cached = load_or_profile(Flat(), "key", path, **kw)
+    assert not cached and not nested[0][1]
+    assert CostModel.from_json(json.loads(path.read_text())).key == "key"
+    assert [f.name for f in tmp_path.iterdir()] == ["costs.json"]  # no temporary file left behind
+
+
+def test_machine_key_tells_devices_and_cpus_apart(monkeypatch):
+    cpu = machine_key("cpu")
+    assert cpu.startswith("cpu-") and torch.backends.cpu.get_cpu_capability() in cpu
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # another CPU, same arch
+    assert machine_key("cpu") != cpu
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert machine_key("cuda:0") == "cuda-NVIDIA H100 80GB HBM3"
 
 
 class Schedule:
