@@ -85,6 +85,8 @@ def parse_device(spec: str) -> torch.device:
         raise ValueError(f"--device {spec!r} is not a device (cpu, cuda, cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {spec}: no CUDA GPU is available")
+    if device.type == "cuda":  # fp32 matrix products on TF32 tensor cores
+        torch.set_float32_matmul_precision("high")
     return device
 
 

@@ -26,7 +26,7 @@ from models.loading import ModelLoadError, load_model, load_tokenizer
 from respec import checkpoint, distributed, guards
 from respec.cli import OneLineParser, positive_int
 from respec.tasks import make_task
-from respec.trainer import TrainConfig, Trainer
+from respec.trainer import TrainConfig, Trainer, default_prompts
 
 
 def parse_args(argv=None):
@@ -43,7 +43,8 @@ def parse_args(argv=None):
     # --- GRPO ---
     p.add_argument("--steps", type=positive_int, default=None, help=f"RL steps (default {d.steps})")
     p.add_argument("--prompts", type=positive_int, default=None,
-                   help=f"prompts per step, over all ranks (P; default {d.prompts}) [drafter: training prompts, default 192]")
+                   help=f"prompts per step, over all ranks (P; default {d.prompts}, rounded up to a multiple of the ranks) "
+                        "[drafter: training prompts, default 192]")
     p.add_argument("--group", type=int, default=d.group, help="samples per prompt (G >= 2)")
     p.add_argument("--max-new-tokens", type=positive_int, default=d.max_new_tokens, help="completion length limit (tokens)")
     p.add_argument("--temperature", type=float, default=d.temperature)
@@ -60,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=positive_int, default=None,
                    help=f"passes over each rollout (default {d.epochs}) [drafter: over its data, default 4]")
     p.add_argument("--minibatches", type=positive_int, default=d.minibatches, help="optimizer steps per pass")
-    p.add_argument("--micro-tokens", type=positive_int, default=d.micro_tokens, help="padded tokens per forward/backward")
+    p.add_argument("--micro-tokens", type=positive_int, default=d.micro_tokens,
+                   help="padded tokens per forward/backward (default: 512 on CPU, 8192 on a GPU)")
     # --- speculative decoding ---
     p.add_argument("--sd", choices=["off", "on", "adaptive"], default=d.sd, help="adaptive: the solver picks k per step")
     p.add_argument("--drafter", default=d.drafter,
@@ -89,7 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", choices=["auto", "on", "off"], default=d.compile,
                    help="torch.compile the rollout engine (auto: on CUDA only; a cold CPU compile takes minutes)")
     p.add_argument("--eager", action="store_true", help="the same as --compile off")
-    p.add_argument("--kv-cache-mb", type=positive_int, default=d.kv_cache_mb, help="KV block pool per rank (MiB)")
+    p.add_argument("--kv-cache-mb", type=positive_int, default=d.kv_cache_mb,
+                   help="KV block pool per rank in MiB (default: 1024 on CPU; on a GPU 40%% of its free memory)")
     p.add_argument("--max-batch", type=positive_int, default=d.max_batch, help="most sequences decoding at once per rank")
     # --- run ---
     p.add_argument("--out", type=Path, default=None, help="new run directory (default runs/grpo-<time>; never overwritten)")
@@ -116,15 +119,18 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-def run_drafter(args) -> int:
-    """--stage drafter: pretrain an EAGLE-style head by distillation from the target."""
+def run_drafter(args, d: distributed.Dist) -> int:
+    """--stage drafter: pretrain an EAGLE-style head by distillation from the target, on this
+    process's device (one process: the pretraining is not distributed)."""
     from respec.drafter_training import pretrain
 
+    if d.world > 1:
+        raise ValueError(f"--stage drafter runs in one process, not {d.world} ranks: start it without torchrun")
     if args.out is None:
         raise ValueError("--stage drafter needs --out DIR")
     if args.out.exists():
         raise ValueError(f"{args.out} exists; refusing to overwrite it (choose a new --out)")
-    target = load_model(args.model, dtype=args.dtype)
+    target = load_model(args.model, dtype=args.dtype, device=d.device)
     tok = load_tokenizer(args.model)
     task = make_task(task=args.task, config=json.loads(args.task_config), data=args.data, seed=args.seed)
     prompts = args.prompts or 192
@@ -139,7 +145,7 @@ def run_drafter(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-def config_from_args(args) -> TrainConfig:
+def config_from_args(args, world: int = 1) -> TrainConfig:
     try:
         task_config = json.loads(args.task_config)
     except json.JSONDecodeError as e:
@@ -148,7 +154,7 @@ def config_from_args(args) -> TrainConfig:
         raise ValueError("--task-config must be a JSON object")
     return TrainConfig(
         model=args.model, task=args.task, task_config=task_config, data=args.data, format_weight=args.format_weight,
-        steps=args.steps or TrainConfig.steps, prompts=args.prompts or TrainConfig.prompts, group=args.group,
+        steps=args.steps or TrainConfig.steps, prompts=args.prompts or default_prompts(world), group=args.group,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         lr=args.lr if args.lr is not None else TrainConfig.lr,
         warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
@@ -219,7 +225,7 @@ def run_grpo(args, d: distributed.Dist) -> int:
         run_dir = args.resume
         start = checkpoint.latest_checkpoint(run_dir)
     else:
-        cfg = config_from_args(args)
+        cfg = config_from_args(args, d.world)
         run_dir = args.out or Path("runs") / time.strftime("grpo-%Y%m%d-%H%M%S")
         if run_dir.exists():
             raise ValueError(f"{run_dir} exists; refusing to overwrite it (choose a new --out, or --resume it)")
@@ -270,7 +276,7 @@ def main(argv=None) -> int:
     use_persistent_cache()
     d = distributed.init()
     try:
-        return run_drafter(args) if args.stage == "drafter" else run_grpo(args, d)
+        return run_drafter(args, d) if args.stage == "drafter" else run_grpo(args, d)
     except (ModelLoadError, ValueError) as e:  # bad input: nothing was started
         if d.main:
             print(f"train.py: error: {e}", file=sys.stderr)

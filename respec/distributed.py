@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+COLLECTIVE_TIMEOUT = timedelta(minutes=45)
 
 
 @dataclass
@@ -33,10 +37,17 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def node_main(self) -> bool:
+        """The first rank of its node: writes what every rank of the node reads from its cache."""
+        return self.local_rank == 0
+
 
 def init(device_kind: str = "auto") -> Dist:
     """Join torchrun's process group if launched by torchrun, else run as a single process."""
     cuda = torch.cuda.is_available() if device_kind == "auto" else device_kind == "cuda"
+    if cuda:  # fp32 matrix products (the trainer's fp32 master weights, the head's loss) on TF32 tensor cores
+        torch.set_float32_matmul_precision("high")
     if "RANK" not in os.environ:
         return Dist(device=torch.device("cuda" if cuda else "cpu"))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -46,7 +57,10 @@ def init(device_kind: str = "auto") -> Dist:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        # A first run may pretrain the default drafter and compile every step shape while the other
+        # ranks wait at a barrier: minutes, past NCCL's default 10-minute timeout on a slow node.
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
+                                timeout=COLLECTIVE_TIMEOUT)
     return Dist(rank, world, local, device)
 
 

@@ -221,6 +221,7 @@ def make_batches(seqs: Sequences, feats, batch: int, gen: torch.Generator):
 
 
 def new_head(target, draft_vocab: torch.Tensor, seed: int) -> EagleHead:
+    """A fresh fp32 head on the target's device (initialised on the CPU: the same weights anywhere)."""
     cfg = EagleConfig.for_target(target.cfg, len(draft_vocab))
     torch.manual_seed(seed)
     head = EagleHead(cfg)
@@ -229,8 +230,9 @@ def new_head(target, draft_vocab: torch.Tensor, seed: int) -> EagleHead:
         for name, p in head.named_parameters():
             if p.dim() == 2:
                 torch.nn.init.normal_(p, std=0.02)
+        head = head.to(target.lm_head.weight.device)
         # start the output head from the target's (frozen) head rows: a strong initialisation
-        head.lm_head.weight.copy_(target.lm_head.weight[draft_vocab].float())
+        head.lm_head.weight.copy_(target.lm_head.weight[head.d2t].float())
     return head
 
 

@@ -21,6 +21,17 @@ import torch
 from respec.paged_attention import NULL_BLOCK
 
 
+def default_pool_bytes(device, *, gpu_fraction: float = 0.4, cpu_bytes: int = 1 << 30) -> int:
+    """The KV pool's size when none is given: on a GPU a fraction of the memory free now (call it
+    once the models are loaded; the rest is left to the optimizer's state and the activations of
+    training), elsewhere a fixed 1 GiB (enough for 64 rows of 700 tokens of SmolLM2-135M)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * gpu_fraction)
+    return cpu_bytes
+
+
 class OutOfBlocks(RuntimeError):
     """The pool has fewer free blocks than an allocation needs."""
 

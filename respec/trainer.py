@@ -50,6 +50,7 @@ from respec import checkpoint, distributed, grpo, guards, rewards
 from respec.drafters.choose import Chosen, choose_drafter
 from respec.engine import EngineStats, RolloutEngine, SamplingParams, Stopped
 from respec.kd_loss import sequence_weights
+from respec.kv_cache import default_pool_bytes
 from respec.online_learner import KDConfig, OnlineLearner
 from respec.solver import AdaptiveK, FixedK, cost_key, load_or_profile
 from respec.tasks import DEFAULT_TASK, chat_prompt, make_task
@@ -82,8 +83,10 @@ class TrainConfig:
     scale_adv_by_std: bool = True  # divide advantages by the group's std (False: Dr. GRPO)
     epochs: int = 1  # passes over each rollout
     minibatches: int = 1  # optimizer steps per pass
-    micro_tokens: int = 512  # tokens per forward/backward: length-sorted microbatches keep padding small (measured
-    # on 2 CPU cores, 32 sequences of ~120 tokens: 512 -> 26.8 s per update, one microbatch of all -> 39.4 s)
+    # padded tokens per forward/backward; 0 = per device (MICRO_TOKENS): length-sorted microbatches keep
+    # padding small (measured on 2 CPU cores, 32 sequences of ~120 tokens: 512 -> 26.8 s per update, one
+    # microbatch of all -> 39.4 s); a GPU wants large ones to fill its cores
+    micro_tokens: int = 0
     # --- speculative decoding ---
     sd: str = "adaptive"  # off | on (always k) | adaptive (the solver picks k per step)
     # EAGLE head directory | auto (cached default head, pretrained if missing) | random | history | none,
@@ -107,7 +110,7 @@ class TrainConfig:
     # than a whole default run; with a warm cache (`--compile on` after one compiled run) decoding is
     # 1.2-1.4x faster than eager.
     compile: str = "auto"  # auto | on | off
-    kv_cache_mb: int = 1024  # KV block pool per rank
+    kv_cache_mb: int = 0  # KV block pool per rank; 0 = per device (respec/kv_cache.py: default_pool_bytes)
     max_batch: int = 64  # most sequences decoding at once per rank
     # --- run ---
     out: str = ""  # run directory
@@ -134,17 +137,29 @@ class TrainConfig:
         if self.drafter_lr <= 0 or self.drafter_warmup < 0:
             raise ValueError(f"--drafter-lr must be positive and --drafter-warmup >= 0, got {self.drafter_lr}, "
                              f"{self.drafter_warmup}")
-        for name in ("steps", "prompts", "max_new_tokens", "epochs", "minibatches", "micro_tokens", "k",
-                     "kv_cache_mb", "max_batch", "checkpoint_every", "drafter_batch", "drafter_epochs",
-                     "drafter_update_interval"):
+        for name in ("steps", "prompts", "max_new_tokens", "epochs", "minibatches", "k", "max_batch",
+                     "checkpoint_every", "drafter_batch", "drafter_epochs", "drafter_update_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("micro_tokens", "kv_cache_mb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: sized for the device), got "
+                                 f"{getattr(self, name)}")
         if self.temperature <= 0:
             raise ValueError(f"--temperature must be > 0 for GRPO sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.lr <= 0 or self.kl_coef < 0 or self.grad_clip <= 0:
             raise ValueError("--lr and --grad-clip must be positive and --kl-coef >= 0")
+
+
+MICRO_TOKENS = {"cpu": 512, "cuda": 8192}  # TrainConfig.micro_tokens = 0, per device type
+
+
+def default_prompts(world: int, at_least: int = 4) -> int:
+    """Prompts per step when none are given: the smallest multiple of the world size >= `at_least`
+    (each rank gets whole prompts, so 4 would not do on 3, 5, 6 or 7 GPUs)."""
+    return world * -(-at_least // world)
 
 
 # --drafter-update -> the KD weighting w(r) of respec/kd_loss.py (frozen: no online learner)
@@ -246,13 +261,15 @@ class Trainer:
             cfg.drafter, target=self.rollout.model, k=cfg.k, model=cfg.model,
             task_name=cfg.task if cfg.data is None else str(cfg.data), task=self.task, tokenizer=self.tok,
             rollout_dtype=self.rollout_dtype, seed=cfg.seed, dtype=cfg.dtype, temperature=cfg.temperature,
-            pretrain_here=self.d.main,
+            pretrain_here=self.d.node_main,
             wait=lambda: distributed.barrier(self.d), log=self.log)
         self.drafter, master = chosen.drafter, chosen.master
         self.drafter_prior = chosen.prior
         eos = self.actor.cfg.eos_token_id
         eos_ids = {self.tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.engine = RolloutEngine(self.rollout.model, kv_cache_bytes=cfg.kv_cache_mb << 20, max_batch=cfg.max_batch,
+        self.micro_tokens = cfg.micro_tokens or MICRO_TOKENS.get(device.type, MICRO_TOKENS["cpu"])
+        pool = cfg.kv_cache_mb << 20 if cfg.kv_cache_mb else default_pool_bytes(device)  # after the models, on a GPU
+        self.engine = RolloutEngine(self.rollout.model, kv_cache_bytes=pool, max_batch=cfg.max_batch,
                                     eos_token_ids=sorted(e for e in eos_ids if e is not None), eager=not self.compiled,
                                     drafter=self.drafter, num_draft_tokens=cfg.k if self.drafter is not None else 0)
         self.learner = None
@@ -528,7 +545,7 @@ class Trainer:
         def micro_split(indices: list[int]) -> list[list[int]]:
             """This minibatch's microbatches; the same count on every rank (FSDP collectives)."""
             padded = sum(lengths[i] for i in indices)
-            want = max(1, math.ceil(padded * 1.1 / cfg.micro_tokens))
+            want = max(1, math.ceil(padded * 1.1 / self.micro_tokens))
             (most,) = distributed.all_reduce_max([want], d)
             chunks = balanced_chunks([lengths[i] for i in indices], int(most))
             return [[indices[j] for j in chunk] for chunk in chunks]

@@ -4,6 +4,7 @@ swaps its weights into the engine, runs the same in the background, skips all-ze
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -229,3 +230,13 @@ def test_head_loss_tv_term_is_one_minus_acceptance(tiny, rollouts):
     assert with_tv.item() == pytest.approx(kl_only.item() + 3.0 * (tv[0] + 0.5 * tv[1]), rel=1e-5)
     with pytest.raises(ValueError, match="needs the target's log-partition"):
         head_loss(head, tiny, (tokens, taps, final, mask), 1, tv_weight=1.0)
+
+
+def test_untrained_head_lives_on_the_targets_device(tiny, rollouts):
+    """`--drafter random` hands its head to the engine and the learner: it must sit where the
+    target does (a target on the meta device stands in for a GPU here)."""
+    seqs, _ = rollouts
+    cpu = untrained_head(tiny, seqs, seed=0, draft_vocab=512)
+    meta = untrained_head(copy.deepcopy(tiny).to("meta"), seqs, seed=0, draft_vocab=512)
+    assert {p.device.type for p in meta.parameters()} | {b.device.type for b in meta.buffers()} == {"meta"}
+    assert [n for n, _ in meta.named_parameters()] == [n for n, _ in cpu.named_parameters()]

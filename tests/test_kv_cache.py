@@ -118,3 +118,11 @@ def test_cache_capacity_in_bytes():
     assert cache.blocks.num_blocks == 10
     with pytest.raises(ValueError, match="at least 2"):
         PagedKVCache(num_layers=2, num_kv_heads=2, head_dim=8, capacity_bytes=100, block_size=4)
+
+
+def test_default_pool_is_sized_for_the_device(monkeypatch):
+    from respec.kv_cache import default_pool_bytes
+
+    assert default_pool_bytes("cpu") == 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 << 30, 80 << 30))  # free, total
+    assert default_pool_bytes("cuda:0") == int(0.4 * (60 << 30))

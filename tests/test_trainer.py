@@ -287,3 +287,17 @@ def test_history_and_hybrid_drafters_in_grpo(tmp_path):
         assert len(rows) == 2 and all(r["sd_fraction"] > 0 for r in rows)
         assert any(r["accept_len"] > 1 for r in rows)
         assert ("drafter_version" in rows[-1]) and (run / "drafter").is_dir() == (spec != "history")
+
+
+def test_default_sizes_fit_any_number_of_ranks():
+    """The default prompt count divides among 1..8 ranks; micro-batch and KV pool sizes of 0 mean
+    'sized for the device'."""
+    from respec.trainer import default_prompts
+
+    for world in range(1, 9):
+        n = default_prompts(world)
+        assert n >= 4 and n % world == 0 and n < 4 + world
+        TrainConfig(prompts=n).validate(world)
+    TrainConfig(micro_tokens=0, kv_cache_mb=0).validate(1)
+    with pytest.raises(ValueError, match="--kv-cache-mb must be >= 0"):
+        TrainConfig(kv_cache_mb=-1).validate(1)

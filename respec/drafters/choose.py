@@ -47,13 +47,14 @@ def default_head_dir(model: str, task: str) -> Path:
     return cache_dir() / "drafters" / hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
-def pretrain_default_head(model: str, path: Path, tokenizer, task, *, dtype: str = "auto", seed: int = 0,
-                          k: int = 3, temperature: float = 1.0, log=print) -> None:
-    """A short `train.py --stage drafter` run, written to a temporary directory and renamed into
-    place (an interrupted pretraining leaves nothing half-written in the cache)."""
+def pretrain_default_head(model: str, path: Path, tokenizer, task, *, dtype: str = "auto", device="cpu",
+                          seed: int = 0, k: int = 3, temperature: float = 1.0, log=print) -> None:
+    """A short `train.py --stage drafter` run on `device`, written to a temporary directory and
+    renamed into place (an interrupted pretraining leaves nothing half-written in the cache; of two
+    nodes pretraining into one shared cache, the first to finish wins and both use its head)."""
     from respec.drafter_training import pretrain
 
-    target = load_model(model, dtype=dtype)
+    target = load_model(model, dtype=dtype, device=device)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp", dir=path.parent))
     try:
@@ -66,8 +67,11 @@ def pretrain_default_head(model: str, path: Path, tokenizer, task, *, dtype: str
                  unroll=recipe["unroll"], batch=recipe["batch"], lr=recipe["lr"], decay=recipe["step_decay"],
                  max_batch=recipe["max_batch"], seed=seed, held_out_ks=[k], greedy=False, log=log)
         log(f"drafter pretrained in {time.perf_counter() - t0:.0f} s")
-        if not path.exists():
+        try:
             tmp.rename(path)
+        except OSError:
+            if not (path / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -75,7 +79,8 @@ def pretrain_default_head(model: str, path: Path, tokenizer, task, *, dtype: str
 def default_head(model: str, task_name: str, task, tokenizer, *, pretrain_here: bool = True, wait=lambda: None,
                  log=print, **pretrain_kw) -> Path:
     """The directory of the default head for this model and task; a missing one is pretrained
-    where `pretrain_here` (one rank), and every caller then `wait()`s for it."""
+    where `pretrain_here` (the first rank of each node: each node has its own cache), and every
+    caller then `wait()`s for it."""
     directory = default_head_dir(model, task_name)
     if not (directory / "config.json").is_file():
         if pretrain_here:
@@ -112,7 +117,7 @@ def choose_drafter(spec: str, *, target, k: int, model: str, task_name: str, tas
     else:
         directory = Path(head_spec) if head_spec != "auto" else default_head(
             model, task_name, task, tokenizer, pretrain_here=pretrain_here, wait=wait, log=log, dtype=dtype,
-            seed=seed, k=k, temperature=temperature)
+            device=device, seed=seed, k=k, temperature=temperature)
         prior = drafter_alpha(directory, k)
         master = load_eagle(directory, dtype=torch.float32, device=device)
     drafter: Drafter = EagleDrafter(cast_head(master, rollout_dtype))  # the engine's copy, in the rollout dtype
