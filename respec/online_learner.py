@@ -30,8 +30,11 @@ Minibatches are not shuffled: minibatch m is the m-th `batch / world` sequences 
 (prompts being dealt round-robin, `batch` a multiple of world x group) is the same set of sequences
 on any number of ranks, so N ranks take the same drafter updates as one process.
 Sharding it would save ~40 MB of optimizer state per rank at the price of FSDP collectives on every
-minibatch; the reductions use a process group of their own, so a background update never interleaves
-with the trainer's collectives.
+minibatch. The reductions run on a gloo process group of their own, over CPU tensors (the gradients
+as one flat buffer per optimizer step): a background update issues them from its thread while the
+main thread issues the trainer's (NCCL on GPUs) in another order, and two NCCL communicators used
+concurrently from two threads can deadlock (each rank's kernels of one wait for peers stuck behind
+kernels of the other); gloo's run on CPU threads and never queue behind a GPU kernel.
 
 Departures from the paper: the teacher signal is recomputed after the update by a forward of the
 rollout copy (the training forward's activations are from the pre-update actor, and on CPU the
@@ -100,7 +103,7 @@ class OnlineLearner:
         self.updates = 0  # drafter updates done (the learner's version)
         self.opt_steps = 0  # drafter optimizer steps taken (the LR warm-up counts them)
         self.live_version = 0  # the version the engine drafts with
-        self.group = dist.new_group() if world > 1 else None  # the head's own all-reduces
+        self.group = dist.new_group(backend="gloo") if world > 1 else None  # the head's own (module docstring)
         self.stream = torch.cuda.Stream() if engine.device.type == "cuda" else None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -165,9 +168,16 @@ class OnlineLearner:
     def _all_reduce(self, values: list[float]) -> list[float]:
         if self.group is None:
             return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.head.fc.weight.device)  # (NCCL: on the GPU)
+        t = torch.tensor(values, dtype=torch.float64)  # gloo: on the CPU
         dist.all_reduce(t, group=self.group)
         return t.tolist()
+
+    def _all_reduce_grads(self) -> None:
+        grads = [p.grad for p in self.head.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads]).cpu()
+        dist.all_reduce(flat, group=self.group)
+        for g, part in zip(grads, flat.to(grads[0].device).split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
 
     def _update(self, model) -> dict:
         """One drafter update over the buffer (see the module docstring)."""
@@ -203,9 +213,7 @@ class OnlineLearner:
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if self.group is not None:
-                    for p in self.head.parameters():
-                        if p.grad is not None:
-                            dist.all_reduce(p.grad, group=self.group)
+                    self._all_reduce_grads()
                 torch.nn.utils.clip_grad_norm_(self.head.parameters(), cfg.grad_clip)
                 for group in self.opt.param_groups:
                     group["lr"] = cfg.lr * min(1.0, (self.opt_steps + 1) / max(cfg.warmup, 1))
