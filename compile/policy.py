@@ -9,7 +9,13 @@ Policy, and why:
     as fast (the weights' matrix products dominate either way), and leave only ~30 cheap compiled
     calls per step in Python.
   * **Whole-step compilation on CUDA**, with CUDA graphs (`mode="reduce-overhead"`), where launch
-    overhead, not compile time, is what matters.
+    overhead, not compile time, is what matters. Three things keep the graphs on and few:
+    - the KV pools are written in place by every step, and inductor records graphs only for
+      functions whose mutated inputs are static: the engine marks its pools (`static_inputs`);
+    - a graph's outputs live in memory its next replay overwrites: every output is copied out
+      before the step returns (a few (B,) and (B, d) tensors), so what a drafter keeps stays valid;
+    - a graph is recorded per input shape, so the block-table width (dynamic for the compiler)
+      is rounded up to a power of two: ~6 widths per (batch bucket, k), not one per 16 tokens.
   * Batch sizes go through buckets (1, 2, 4, 8, ...): the engine pads the active batch up to the
     next bucket with rows that do nothing. Every bucket is one static-shape graph.
   * The block-table width (how much context the longest sequence has) is a *dynamic* dimension:
@@ -114,6 +120,19 @@ class CompiledSteps:
         _mark_width_dynamic(kv.block_tables, kv.mask)
         return self._head(head, feature, tokens, positions, embed, kv)
 
+    def table_width(self, num_blocks: int) -> int:
+        """Block-table width for a batch whose longest sequence has `num_blocks` blocks (whole-step
+        graphs: a power of two, see the module docstring)."""
+        width = table_width(num_blocks)
+        return 1 << (width - 1).bit_length() if self.mode == "whole" else width
+
+    def static_inputs(self, tensors) -> None:
+        """Tensors every step reads and writes in place at a fixed address (the KV pools): whole-step
+        CUDA graphs use them where they are instead of copying them in (and record at all)."""
+        if self.mode == "whole":
+            for t in tensors:
+                torch._dynamo.mark_static_address(t)
+
     def eager_fn(self, fn, **static_kwargs):
         """`fn` with `static_kwargs` bound, never compiled (prefill)."""
         return partial(fn, **static_kwargs)
@@ -132,13 +151,17 @@ class CompiledSteps:
                 regions |= {name: self._tail(params[name].default) for name in TAIL_PARAMS if name in params}
                 step = partial(fn, **regions, **static_kwargs)
             else:
+                cuda_graphs = self.device.type == "cuda"
                 graph = torch.compile(partial(fn, **static_kwargs), fullgraph=True, dynamic=False,
-                                      mode="reduce-overhead" if self.device.type == "cuda" else None)
+                                      mode="reduce-overhead" if cuda_graphs else None)
 
                 signature = inspect.signature(fn)
 
                 def step(*args, _graph=graph, **kwargs):
                     _mark_width_dynamic(signature.bind_partial(*args, **kwargs).arguments["block_tables"])
-                    return _graph(*args, **kwargs)
+                    if not cuda_graphs:
+                        return _graph(*args, **kwargs)
+                    torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are done with
+                    return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in _graph(*args, **kwargs))
             self._cache[key] = step
         return self._cache[key]

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from compile.cpu_linear import packed_view, packing_available, repack
-from compile.policy import CompiledSteps, batch_bucket, buckets_up_to, table_width
+from compile.policy import CompiledSteps, batch_bucket, buckets_up_to
 from respec.drafters import DraftBatch, Drafter, EngineView, as_drafter
 from respec.kv_cache import PagedKVCache
 from respec.solver import FixedK
@@ -158,6 +158,7 @@ class RolloutEngine:
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
         self.steps = CompiledSteps(eager=eager, device=self.device, mode=compile_mode)
+        self.steps.static_inputs(self.cache.pools + self.cache.draft_pools)
         self.stats = EngineStats()
         self.time_phases = False  # see _phase
         # the target's features the drafter reads, returned by prefill, decode and verify steps
@@ -281,7 +282,7 @@ class RolloutEngine:
 
     def _tables(self, seqs: list[_Sequence], rows: int | None = None) -> torch.Tensor:
         """The sequences' block tables, as wide as the longest needs, padded to `rows` rows."""
-        width = table_width(max(len(self.blocks.tables[s.id]) for s in seqs))
+        width = self.steps.table_width(max(len(self.blocks.tables[s.id]) for s in seqs))
         return self.cache.block_tables([s.id for s in seqs], width, rows)
 
     def _row_params(self, seqs: list[_Sequence], rows: int):

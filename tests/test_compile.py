@@ -27,8 +27,15 @@ def test_regional_compile_equals_eager(tiny, kw):
 
 def test_whole_step_compile_equals_eager(tiny):
     want, _ = run(tiny, True, batch=5, temperature=0.7)
-    got, _ = run(tiny, False, "whole", batch=5, temperature=0.7)
+    got, engine = run(tiny, False, "whole", batch=5, temperature=0.7)
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    # what CUDA graphs need (tests/test_cuda.py checks they are used): pools at a static address,
+    # block-table widths from a short list
+    assert all(getattr(p, "_dynamo_static_input_type", None) for p in engine.cache.pools)
+    assert [engine.steps.table_width(n) for n in (1, 4, 5, 9, 16, 17)] == [4, 4, 8, 16, 16, 32]
+    _, regional = run(tiny, False, "regional", batch=1)
+    assert not any(hasattr(p, "_dynamo_static_input_type") for p in regional.cache.pools)
+    assert [regional.steps.table_width(n) for n in (1, 5, 17)] == [4, 5, 17]
 
 
 @pytest.mark.parametrize("kind", ["small", "eagle", "history"])
