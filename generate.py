@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from compile.policy import use_persistent_cache
+from compile.policy import require_tensorrt, use_persistent_cache
 from models.loading import ModelLoadError, load_model, load_tokenizer, resolve_checkpoint, resolve_dtype, save_hf_checkpoint
 from models.drafter import truncated_drafter
 from models.eagle import check_eagle_fits, load_eagle
@@ -41,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto: bf16 on GPUs and CPUs with native bf16, else fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--eager", action="store_true", help="no torch.compile (same tokens, slower)")
+    p.add_argument("--compile-mode", choices=["regional", "whole", "tensorrt"],
+                   help="how the steps are compiled (compile/policy.py; default: whole on CUDA, regional on CPU); "
+                        "tensorrt: the whole step by Torch-TensorRT (CUDA, requirements-trt.txt)")
     p.add_argument("--kv-cache-gb", type=positive_float, default=1.0, help="size of the paged KV cache")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--drafter", help="speculative decoding with this drafter: a directory from train.py --stage "
@@ -150,7 +153,8 @@ def run_generate(args, model, tokenizer) -> None:
         prompt = tokenizer.encode(args.prompt)
     params = sampling_params(args)
     engine = RolloutEngine(model, kv_cache_bytes=int(args.kv_cache_gb * 2**30), eos_token_ids=eos_ids(tokenizer, model),
-                           eager=args.eager, drafter=drafter, num_draft_tokens=args.k if drafter else 0)
+                           eager=args.eager, compile_mode=args.compile_mode, drafter=drafter,
+                           num_draft_tokens=args.k if drafter else 0)
     engine.check_request(prompt, params)
     engine.warmup([1], use_filter=args.temperature > 0 and (args.top_p < 1 or args.top_k > 0))
     t0 = time.perf_counter()
@@ -231,7 +235,7 @@ def run_bench(args, model, tokenizer, dtype) -> dict:
 
     eos = eos_ids(tokenizer, model)
     engine = RolloutEngine(model, kv_cache_bytes=int(args.kv_cache_gb * 2**30), eager=args.eager,
-                           max_batch=max(args.batch_sizes), eos_token_ids=eos)
+                           compile_mode=args.compile_mode, max_batch=max(args.batch_sizes), eos_token_ids=eos)
     prompts_for = {b: bench_prompts(tokenizer, b, args.seed) for b in args.batch_sizes}
     for b, prompts in prompts_for.items():  # all rows must fit the cache at once, or preemption enters the numbers
         need = sum(engine.blocks.blocks_for(len(p) + args.new_tokens + args.k + 1) for p in prompts)
@@ -241,7 +245,8 @@ def run_bench(args, model, tokenizer, dtype) -> dict:
     sd_engine = None
     if drafter is not None:
         sd_engine = RolloutEngine(model, kv_cache_bytes=int(args.kv_cache_gb * 2**30), eager=args.eager,
-                                  max_batch=max(args.batch_sizes), drafter=drafter, num_draft_tokens=args.k,
+                                  compile_mode=args.compile_mode, max_batch=max(args.batch_sizes), drafter=drafter,
+                                  num_draft_tokens=args.k,
                                   eos_token_ids=eos)
         sd_engine.time_phases = True  # where an SD step's time goes (a device sync per phase on GPUs)
     use_filter = sampled and (args.top_p < 1 or args.top_k > 0)
@@ -345,6 +350,8 @@ def main(argv=None) -> int:
         if args.past_rollouts < 0:
             raise ValueError(f"--past-rollouts must be >= 0, got {args.past_rollouts}")
         device = parse_device(args.device)
+        if args.compile_mode == "tensorrt":
+            require_tensorrt(device)
         dtype = resolve_dtype(args.dtype, device)
         model = load_model(args.model, dtype=dtype, device=device, seed=args.seed)
         tokenizer = load_tokenizer(args.model)

@@ -21,6 +21,9 @@ Policy, and why:
   * The block-table width (how much context the longest sequence has) is a *dynamic* dimension:
     it changes every `block_size` tokens, and the only ops that see it are a gather, a mask and
     SDPA, which cost the same compiled either way. Bucketing it too would multiply compile time.
+  * **TensorRT** (`mode="tensorrt"`, CUDA only, optional: requirements-trt.txt): the whole step
+    compiled by Torch-TensorRT's `torch.compile` backend instead of inductor, with the same
+    static pools and power-of-two table widths (one engine per shape), no CUDA graphs of ours.
   * Prefill runs eagerly: its prompt lengths vary without bound, and it is a few large matrix
     products per sequence that compilation would not speed up.
   * The inductor cache lives under respec's cache directory, so a second run skips codegen.
@@ -90,6 +93,16 @@ def _mark_width_dynamic(block_tables: torch.Tensor, mask: torch.Tensor | None = 
         torch._dynamo.mark_dynamic(mask, 3, min=2, max=1 << 30)
 
 
+def require_tensorrt(device: torch.device) -> None:
+    """Torch-TensorRT registers its `torch.compile` backend on import; it runs on CUDA only."""
+    if device.type != "cuda":
+        raise ValueError(f"the tensorrt compile mode runs on CUDA GPUs only, not on {device}")
+    try:
+        import torch_tensorrt  # noqa: F401
+    except ImportError:
+        raise ValueError("the tensorrt compile mode needs torch-tensorrt: pip install -r requirements-trt.txt") from None
+
+
 class CompiledSteps:
     """The engine's step functions, compiled according to the policy above (or not at all)."""
 
@@ -97,8 +110,10 @@ class CompiledSteps:
         self.eager = eager
         self.device = torch.device(device)
         self.mode = "eager" if eager else mode or ("whole" if self.device.type == "cuda" else "regional")
-        if self.mode not in ("eager", "regional", "whole"):
-            raise ValueError(f"unknown compile mode {mode!r} (eager, regional or whole)")
+        if self.mode not in ("eager", "regional", "whole", "tensorrt"):
+            raise ValueError(f"unknown compile mode {mode!r} (eager, regional, whole or tensorrt)")
+        if self.mode == "tensorrt":
+            require_tensorrt(self.device)
         self._cache: dict = {}
         if self.mode != "eager":
             use_persistent_cache()
@@ -124,12 +139,12 @@ class CompiledSteps:
         """Block-table width for a batch whose longest sequence has `num_blocks` blocks (whole-step
         graphs: a power of two, see the module docstring)."""
         width = table_width(num_blocks)
-        return 1 << (width - 1).bit_length() if self.mode == "whole" else width
+        return 1 << (width - 1).bit_length() if self.mode in ("whole", "tensorrt") else width
 
     def static_inputs(self, tensors) -> None:
         """Tensors every step reads and writes in place at a fixed address (the KV pools): whole-step
         CUDA graphs use them where they are instead of copying them in (and record at all)."""
-        if self.mode == "whole":
+        if self.mode in ("whole", "tensorrt"):
             for t in tensors:
                 torch._dynamo.mark_static_address(t)
 
@@ -151,8 +166,9 @@ class CompiledSteps:
                 regions |= {name: self._tail(params[name].default) for name in TAIL_PARAMS if name in params}
                 step = partial(fn, **regions, **static_kwargs)
             else:
-                cuda_graphs = self.device.type == "cuda"
+                cuda_graphs = self.mode == "whole" and self.device.type == "cuda"
                 graph = torch.compile(partial(fn, **static_kwargs), fullgraph=True, dynamic=False,
+                                      backend="tensorrt" if self.mode == "tensorrt" else "inductor",
                                       mode="reduce-overhead" if cuda_graphs else None)
 
                 signature = inspect.signature(fn)

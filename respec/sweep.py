@@ -59,6 +59,7 @@ def run_sweep(args, model, tokenizer, drafter, eos_token_ids) -> dict:
     K = args.k
     batches = sorted(args.batch_sizes)
     engine = RolloutEngine(model, kv_cache_bytes=int(args.kv_cache_gb * 2**30), eager=args.eager,
+                           compile_mode=args.compile_mode,
                            max_batch=max(batches + [args.longtail_samples]), drafter=drafter, num_draft_tokens=K,
                            eos_token_ids=eos_token_ids)
     prompts_all = [chat_prompt(tokenizer, p.messages()) for p in make_problems(DEFAULT_TASK, max(batches), seed=args.seed)]

@@ -51,6 +51,8 @@ def one_line_error(code, err, needle):
     (["--model", "tiny", "--longtail-samples", "-1"], "must be positive"),
     (["--model", "tiny", "--steps-typo", "3"], "unrecognized arguments"),
     (["--model", "tiny", "--bench", "--sweep"], "separate runs"),
+    (["--model", "tiny", "--device", "cpu", "--compile-mode", "tensorrt"], "CUDA GPUs only"),
+    (["--model", "tiny", "--compile-mode", "fast"], "invalid choice"),
 ])
 def test_bad_arguments(capsys, argv, needle):
     one_line_error(*run_main(capsys, *argv), needle)
