@@ -133,6 +133,15 @@ PRESETS: dict[str, ModelConfig] = {
         bos_token_id=1,
         eos_token_id=2,
     ),
+    # Random weights at real models' shapes: speed and correctness checks where no checkpoint can
+    # be had (a GPU machine without a model hub); SmolLM2's tokenizer, as for tiny.
+    "random-smollm2-135m": ModelConfig(bos_token_id=1, eos_token_id=2),
+    "random-qwen2.5-0.5b": ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
+                                       num_heads=14, num_kv_heads=2, head_dim=64, rope_theta=1e6, rms_norm_eps=1e-6,
+                                       max_position_embeddings=32768, qkv_bias=True, eos_token_id=2),
+    "random-qwen2.5-1.5b": ModelConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
+                                       num_heads=12, num_kv_heads=2, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6,
+                                       max_position_embeddings=32768, qkv_bias=True, eos_token_id=2),
 }
 
 

@@ -30,7 +30,10 @@ import torch
 from models.decoder import PRESETS, Decoder, ModelConfig
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_PRESETS = ("tiny", "smollm2-135m")
+MODEL_PRESETS = ("tiny", "smollm2-135m", "random-smollm2-135m", "random-qwen2.5-0.5b", "random-qwen2.5-1.5b")
+# The tokenizer of the random-weight presets (tiny, random-*): SmolLM2's, from its GGUF, or from the
+# directory this variable names (a machine without the GGUF package, e.g. the GPU check's).
+TOKENIZER_ENV = "RESPEC_TOKENIZER"
 
 
 class ModelLoadError(ValueError):
@@ -252,8 +255,9 @@ def random_model(cfg: ModelConfig, *, dtype=torch.float32, device="cpu", seed: i
 
 
 def resolve_checkpoint(spec: str) -> Path | None:
-    """The checkpoint directory a spec names, converting GGUF if needed; None for `tiny`."""
-    if spec == "tiny":
+    """The checkpoint directory a spec names, converting GGUF if needed; None for a random-weight
+    preset (tiny, random-*)."""
+    if spec in PRESETS:
         return None
     if spec == "smollm2-135m":
         return gguf_to_checkpoint(smollm2_gguf_path())
@@ -274,10 +278,13 @@ def resolve_checkpoint(spec: str) -> Path | None:
 
 
 def load_tokenizer(spec: str):
-    """The tokenizer of a model spec (`tiny` borrows SmolLM2's)."""
+    """The tokenizer of a model spec (the random-weight presets borrow SmolLM2's, see TOKENIZER_ENV)."""
     from transformers import AutoTokenizer
 
-    ckpt = resolve_checkpoint("smollm2-135m" if spec == "tiny" else spec)
+    if spec in PRESETS:
+        ckpt = Path(os.environ[TOKENIZER_ENV]) if os.environ.get(TOKENIZER_ENV) else resolve_checkpoint("smollm2-135m")
+    else:
+        ckpt = resolve_checkpoint(spec)
     try:
         return AutoTokenizer.from_pretrained(ckpt)
     except Exception as e:

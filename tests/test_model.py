@@ -42,3 +42,22 @@ def test_load_into_bf16_keeps_weights(tiny_pair):
     again = load_model(str(path), dtype="bf16")
     assert again.embed_tokens.weight.dtype == torch.bfloat16
     assert torch.equal(again.embed_tokens.weight, ours.embed_tokens.weight.bfloat16())
+
+
+@pytest.mark.parametrize("preset", ["random-smollm2-135m", "random-qwen2.5-0.5b", "random-qwen2.5-1.5b"])
+def test_real_shape_presets_match_transformers(tmp_path, preset):
+    """The random-weight presets the GPU check measures have the real models' shapes (cut to two
+    layers here) and transformers reads them as the same model."""
+    import dataclasses
+
+    from models.decoder import PRESETS
+    from models.loading import random_model, save_hf_checkpoint
+    from tests.conftest import hf_from_dir
+
+    ours = random_model(dataclasses.replace(PRESETS[preset], num_layers=2), seed=2)
+    save_hf_checkpoint(ours, tmp_path / preset)
+    hf = hf_from_dir(tmp_path / preset)
+    ids = torch.randint(0, ours.cfg.vocab_size, (2, 19), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (ours.logits(ours(ids)) - hf(ids).logits.float()).abs().max().item()
+    assert diff <= 1e-4, diff
