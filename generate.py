@@ -184,9 +184,9 @@ def read_bandwidth_gbs(device: torch.device, nbytes: int = 512 * 2**20, repeats:
     return nbytes / best / 1e9
 
 
-def bench_prompts(tokenizer, n: int, seed: int) -> list[list[int]]:
-    """`n` chat prompts of reasoning-gym problems (different texts and lengths)."""
-    return [chat_prompt(tokenizer, p.messages()) for p in make_problems(DEFAULT_TASK, n, seed=seed)]
+def bench_prompts(tokenizer, n: int, seed: int, task: str = DEFAULT_TASK) -> list[list[int]]:
+    """`n` chat prompts of `task`'s problems (different texts and lengths)."""
+    return [chat_prompt(tokenizer, p.messages()) for p in make_problems(task, n, seed=seed)]
 
 
 def hf_model_for(spec: str, model, tokenizer, dtype, device, tmp: Path):
@@ -236,7 +236,7 @@ def run_bench(args, model, tokenizer, dtype) -> dict:
     eos = eos_ids(tokenizer, model)
     engine = RolloutEngine(model, kv_cache_bytes=int(args.kv_cache_gb * 2**30), eager=args.eager,
                            compile_mode=args.compile_mode, max_batch=max(args.batch_sizes), eos_token_ids=eos)
-    prompts_for = {b: bench_prompts(tokenizer, b, args.seed) for b in args.batch_sizes}
+    prompts_for = {b: bench_prompts(tokenizer, b, args.seed, args.task) for b in args.batch_sizes}
     for b, prompts in prompts_for.items():  # all rows must fit the cache at once, or preemption enters the numbers
         need = sum(engine.blocks.blocks_for(len(p) + args.new_tokens + args.k + 1) for p in prompts)
         if need > engine.blocks.num_blocks - 1:

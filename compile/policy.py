@@ -16,6 +16,10 @@ Policy, and why:
       before the step returns (a few (B,) and (B, d) tensors), so what a drafter keeps stays valid;
     - a graph is recorded per input shape, so the block-table width (dynamic for the compiler)
       is rounded up to a power of two: ~6 widths per (batch bucket, k), not one per 16 tokens.
+    The batch dimension is dynamic too (every per-row input's dim 0), so each step function is
+    compiled once per k and sampling flag, not once per batch bucket (a cold compile of a 30-layer
+    step takes tens of seconds even on a GPU host); the smallest bucket is 2 rows, since the compiler
+    specialises a dimension of size 1. CUDA graphs are still recorded per bucket (a few runs each).
   * Batch sizes go through buckets (1, 2, 4, 8, ...): the engine pads the active batch up to the
     next bucket with rows that do nothing. Every bucket is one static-shape graph.
   * The block-table width (how much context the longest sequence has) is a *dynamic* dimension:
@@ -32,6 +36,7 @@ Policy, and why:
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 from functools import partial
@@ -98,7 +103,7 @@ def require_tensorrt(device: torch.device) -> None:
     if device.type != "cuda":
         raise ValueError(f"the tensorrt compile mode runs on CUDA GPUs only, not on {device}")
     try:
-        import torch_tensorrt  # noqa: F401
+        importlib.import_module("torch_tensorrt")  # registers the "tensorrt" backend
     except ImportError:
         raise ValueError("the tensorrt compile mode needs torch-tensorrt: pip install -r requirements-trt.txt") from None
 
@@ -134,6 +139,11 @@ class CompiledSteps:
     def _run_head(self, head, feature, tokens, positions, embed, kv):
         _mark_width_dynamic(kv.block_tables, kv.mask)
         return self._head(head, feature, tokens, positions, embed, kv)
+
+    def batch_bucket(self, n: int, max_batch: int) -> int:
+        """Rows a step of `n` sequences is padded to (whole-step graphs: at least 2, see above)."""
+        rows = batch_bucket(n, max_batch)
+        return max(rows, 2) if self.mode in ("whole", "tensorrt") else rows
 
     def table_width(self, num_blocks: int) -> int:
         """Block-table width for a batch whose longest sequence has `num_blocks` blocks (whole-step
@@ -174,7 +184,11 @@ class CompiledSteps:
                 signature = inspect.signature(fn)
 
                 def step(*args, _graph=graph, **kwargs):
-                    _mark_width_dynamic(signature.bind_partial(*args, **kwargs).arguments["block_tables"])
+                    inputs = signature.bind_partial(*args, **kwargs).arguments
+                    for t in inputs.values():  # per-row inputs (the pools come as lists, weights as modules)
+                        if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] > 1:
+                            torch._dynamo.mark_dynamic(t, 0, min=2, max=1 << 16)
+                    _mark_width_dynamic(inputs["block_tables"])
                     if not cuda_graphs:
                         return _graph(*args, **kwargs)
                     torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are done with

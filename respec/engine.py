@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from compile.cpu_linear import packed_view, packing_available, repack
-from compile.policy import CompiledSteps, batch_bucket, buckets_up_to
+from compile.policy import CompiledSteps, buckets_up_to
 from respec.drafters import DraftBatch, Drafter, EngineView, as_drafter
 from respec.kv_cache import PagedKVCache
 from respec.solver import FixedK
@@ -328,7 +328,7 @@ class RolloutEngine:
 
     def _decode(self, seqs: list[_Sequence]) -> None:
         t0 = time.perf_counter()
-        rows = batch_bucket(len(seqs), self.max_batch)
+        rows = self.steps.batch_bucket(len(seqs), self.max_batch)
         pad = rows - len(seqs)
         tokens = torch.tensor([s.out[-1] for s in seqs] + [0] * pad, dtype=torch.int64)
         positions = torch.tensor([len(s.tokens) - 1 for s in seqs] + [0] * pad, dtype=torch.int64)
@@ -350,7 +350,7 @@ class RolloutEngine:
         t0 = time.perf_counter()
         dev = self.device
         self.drafter.catch_up(seqs, k)
-        rows = batch_bucket(len(seqs), self.max_batch)
+        rows = self.steps.batch_bucket(len(seqs), self.max_batch)
         pad = [0] * (rows - len(seqs))
         (seeds, temp, top_k, top_p), use_filter = self._row_params(seqs, rows)
         batch = DraftBatch(
@@ -476,7 +476,7 @@ class RolloutEngine:
 
         t0 = time.perf_counter()
         largest = max(batch_sizes) if batch_sizes else self.max_batch
-        buckets = buckets_up_to(batch_bucket(largest, self.max_batch))
+        buckets = sorted({self.steps.batch_bucket(b, self.max_batch) for b in buckets_up_to(largest)})
         if ks is None:
             fixed = isinstance(self.policy, FixedK)
             ks = [0] if self.drafter is None else sorted({0, self.policy.k}) if fixed else list(range(self.k + 1))

@@ -29,7 +29,7 @@ from pathlib import Path
 from models.loading import cache_dir
 from respec.engine import EngineStats, RolloutEngine, SamplingParams
 from respec.solver import AdaptiveK, FixedK, cost_key, drafter_alpha, load_or_profile
-from respec.tasks import DEFAULT_TASK, chat_prompt, make_problems
+from respec.tasks import chat_prompt, make_problems
 
 
 def timed_rollout(engine, prompts, params) -> tuple[float, list]:
@@ -62,7 +62,7 @@ def run_sweep(args, model, tokenizer, drafter, eos_token_ids) -> dict:
                            compile_mode=args.compile_mode,
                            max_batch=max(batches + [args.longtail_samples]), drafter=drafter, num_draft_tokens=K,
                            eos_token_ids=eos_token_ids)
-    prompts_all = [chat_prompt(tokenizer, p.messages()) for p in make_problems(DEFAULT_TASK, max(batches), seed=args.seed)]
+    prompts_all = [chat_prompt(tokenizer, p.messages()) for p in make_problems(args.task, max(batches), seed=args.seed)]
     need = sum(engine.blocks.blocks_for(len(p) + args.new_tokens + K + 1) for p in prompts_all)
     if need > engine.blocks.num_blocks - 1:
         raise ValueError(f"batch {max(batches)} needs {need} KV blocks, the cache has {engine.blocks.num_blocks - 1}: "
@@ -124,7 +124,7 @@ def run_sweep(args, model, tokenizer, drafter, eos_token_ids) -> dict:
         return sum(math.log(g["measured_tok_s"]) for g in grid if g["k"] == k)
     best_k = max(range(1, K + 1), key=score)
     G = args.longtail_group
-    groups = make_problems(DEFAULT_TASK, -(-args.longtail_samples // G), seed=args.seed + 1)
+    groups = make_problems(args.task, -(-args.longtail_samples // G), seed=args.seed + 1)
     long_prompts = [chat_prompt(tokenizer, p.messages()) for p in groups for _ in range(G)][:args.longtail_samples]
     T = args.longtail_temperature
 

@@ -185,8 +185,8 @@ def make_task(*, task: str | None = None, config: dict | None = None, data: str 
 
 
 def make_problems(task: str, n: int, seed: int = 0, **config) -> list[Problem]:
-    """The first `n` problems of the reasoning-gym task `task`."""
-    return ReasoningGymTask(task, config, seed=seed).problems(0, n)
+    """The first `n` problems of the task `task` (reasoning-gym's, or toy-letters)."""
+    return make_task(task=task, config=config, seed=seed).problems(0, n)
 
 
 def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:

@@ -32,10 +32,26 @@ def test_whole_step_compile_equals_eager(tiny):
     # what CUDA graphs need (tests/test_cuda.py checks they are used): pools at a static address,
     # block-table widths from a short list
     assert all(getattr(p, "_dynamo_static_input_type", None) for p in engine.cache.pools)
+    assert engine.steps.batch_bucket(1, 8) == 2  # no size-1 batch dimension to specialise on
     assert [engine.steps.table_width(n) for n in (1, 4, 5, 9, 16, 17)] == [4, 4, 8, 16, 16, 32]
     _, regional = run(tiny, False, "regional", batch=1)
     assert not any(hasattr(p, "_dynamo_static_input_type") for p in regional.cache.pools)
     assert [regional.steps.table_width(n) for n in (1, 5, 17)] == [4, 5, 17]
+
+
+def test_whole_step_compiles_once_for_every_batch_size(tiny):
+    """Rows finishing one after another take the batch through buckets 8, 4 and 2: the whole-step
+    policy's dynamic batch dimension compiles the decode step once for all of them."""
+    from torch._dynamo.utils import counters
+
+    params = [SamplingParams(max_new_tokens=8 + 6 * i, seed=i, temperature=0.7, stop_on_eos=False) for i in range(5)]
+    want = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True, max_batch=8).generate(PROMPTS, params)
+    engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=False, compile_mode="whole", max_batch=8)
+    before = counters["stats"]["unique_graphs"]
+    got = engine.generate(PROMPTS, params)
+    assert sorted(set(engine.stats.batch_sizes)) == [1, 2, 3, 4, 5]
+    assert counters["stats"]["unique_graphs"] - before <= 1
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
 
 
 @pytest.mark.parametrize("kind", ["small", "eagle", "history"])

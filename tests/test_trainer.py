@@ -301,3 +301,13 @@ def test_default_sizes_fit_any_number_of_ranks():
     TrainConfig(micro_tokens=0, kv_cache_mb=0).validate(1)
     with pytest.raises(ValueError, match="--kv-cache-mb must be >= 0"):
         TrainConfig(kv_cache_mb=-1).validate(1)
+
+
+def test_drafter_pretraining_refuses_several_ranks(tmp_path):
+    """`--stage drafter` is one process: under torchrun every rank would pretrain into one --out."""
+    import train as train_py
+
+    args = train_py.parse_args(["--stage", "drafter", "--model", "tiny", "--out", str(tmp_path / "head")])
+    with pytest.raises(ValueError, match="runs in one process, not 2 ranks"):
+        train_py.run_drafter(args, distributed.Dist(rank=0, world=2))
+    assert not (tmp_path / "head").exists()

@@ -1,0 +1,159 @@
+"""The CUDA path: the key checks of the CPU suite again on a GPU (skipped without one).
+
+Random weights throughout (a GPU machine may have no model hub and no GGUF package), SmolLM2's
+tokenizer where one is needed (`RESPEC_TOKENIZER`, see models/loading.py). `python -m
+respec.gpu_check` runs this file first; on a CPU-only machine every test here is skipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CUDA = torch.device("cuda")
+PROMPTS = [[1, 2, 3, 4, 5], [7] * 30, [9, 8, 7], [11] * 3, [300, 200, 100, 50, 25]]
+
+
+def on_cuda(model):
+    return copy.deepcopy(model).to(CUDA)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "llama"])
+def test_logits_match_transformers(tiny_pair, name):
+    ours, hf, _ = tiny_pair[name]
+    ours, hf = on_cuda(ours), on_cuda(hf)
+    ids = torch.randint(0, ours.cfg.vocab_size, (2, 37), generator=torch.Generator().manual_seed(0)).to(CUDA)
+    with torch.no_grad():
+        diff = (ours.logits(ours(ids)) - hf(ids).logits.float()).abs().max().item()
+    assert diff <= 1e-3, diff
+
+
+def test_greedy_batch_matches_transformers_generate(tiny_pair):
+    """Prompts of different lengths in one batch; transformers runs each alone (no padding)."""
+    from respec.engine import RolloutEngine, SamplingParams
+
+    ours, hf, _ = tiny_pair["llama"]
+    ours, hf = on_cuda(ours), on_cuda(hf)
+    eos = ours.cfg.eos_token_id
+    engine = RolloutEngine(ours, kv_cache_bytes=64 << 20, eager=True, eos_token_ids=[eos])
+    out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=24, temperature=0.0))
+    for p, o in zip(PROMPTS, out):
+        with torch.no_grad():  # stops at EOS (kept in the output) like the engine
+            ref = hf.generate(torch.tensor([p], device=CUDA), max_new_tokens=24, do_sample=False, eos_token_id=eos,
+                              pad_token_id=eos)[0, len(p):].tolist()
+        assert o.token_ids == ref
+
+
+def cudagraph_trees_recorded() -> int:
+    """Graphs CUDA-graph trees recorded on this device so far (0 if none)."""
+    from torch._inductor import cudagraph_trees
+
+    manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+    return 0 if manager is None else sum(len(nodes) for nodes in manager.roots.values())
+
+
+def test_cuda_graphs_are_used_and_equal_eager(tiny):
+    """The whole-step policy (CUDA graphs) gives the eager tokens, across batch buckets and a
+    growing block table, and records graphs without skipping any."""
+    from torch._dynamo.utils import counters
+
+    from respec.engine import RolloutEngine, SamplingParams
+
+    model = on_cuda(tiny)
+    params = [SamplingParams(max_new_tokens=40, seed=s, temperature=0.7, stop_on_eos=False) for s in range(5)]
+
+    def run(eager):
+        engine = RolloutEngine(model, kv_cache_bytes=64 << 20, eager=eager, max_batch=8)
+        return engine.generate(PROMPTS, params), engine
+
+    want, _ = run(True)
+    skips = counters["inductor"]["cudagraph_skips"]
+    got, engine = run(False)
+    assert engine.steps.mode == "whole"
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert counters["inductor"]["cudagraph_skips"] == skips, "inductor skipped CUDA graphs"
+    assert cudagraph_trees_recorded() > 0
+
+
+@pytest.mark.parametrize("kind", ["eagle", "history"])
+def test_compiled_speculative_decoding_equals_eager(tiny, kind):
+    """SD under CUDA graphs: the drafter's kept features survive the next replay (they are copied
+    out of the graph's memory), so the tokens equal the eager engine's."""
+    from respec.drafters.history import HistoryDrafter
+    from respec.engine import RolloutEngine, SamplingParams
+    from tests.test_eagle import head_for
+
+    model = on_cuda(tiny)
+    params = [SamplingParams(max_new_tokens=30, seed=s, temperature=0.8, stop_on_eos=False) for s in range(3)]
+
+    def sd(eager):
+        drafter = head_for(model, 300).to(CUDA) if kind == "eagle" else HistoryDrafter(min_match=1)
+        engine = RolloutEngine(model, kv_cache_bytes=64 << 20, eager=eager, max_batch=8, drafter=drafter,
+                               num_draft_tokens=3)
+        return engine.generate(PROMPTS[:3], params)
+
+    assert [g.token_ids for g in sd(False)] == [w.token_ids for w in sd(True)]
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_sd_sampling_is_lossless(temperature, top_p):
+    """The chi-square test of tests/test_speculative.py with the engine on the GPU."""
+    from models.loading import random_model
+    from respec.engine import RolloutEngine
+    from tests.test_speculative import (N_SAMPLES, SHARPEN, SMALL, chi2_quantile_999, chi_square,
+                                        exact_sequence_probs, sample_sequences)
+
+    target = random_model(SMALL, seed=3)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(SHARPEN)
+    drafter = random_model(dataclasses.replace(SMALL, num_layers=1), seed=4)
+    probs = exact_sequence_probs(target, temperature, top_p)  # on the CPU: the model's own distribution
+    engine = RolloutEngine(target.to(CUDA), kv_cache_bytes=256 << 20, block_size=4, max_batch=512, eager=True,
+                           drafter=drafter.to(CUDA), num_draft_tokens=2)
+    counts = sample_sequences(engine, temperature, top_p)
+    assert 0.2 < engine.stats.accept_per_pos[0] < 0.95
+    chi2, dof = chi_square(counts, probs, N_SAMPLES)
+    assert chi2 < chi2_quantile_999(dof), (chi2, dof)
+
+
+# ----------------------------------------------------------------------------------------------
+TOY = ["--model", "tiny", "--task", "toy-letters", "--prompts", "4", "--group", "8", "--max-new-tokens", "8",
+       "--temperature", "0.05", "--lr", "1e-3", "--sd", "off", "--no-progress", "--warmup-steps", "0",
+       "--min-lr-ratio", "1"]
+# sampled tokens must match exactly; losses within float tolerance (GPU reductions need not be
+# bit-reproducible between two processes)
+SAME_TOKENS = ["step", "reward_mean", "accuracy", "response_len_mean", "trained_tokens"]
+CLOSE = ["loss", "entropy", "grad_norm"]
+
+
+def assert_same_run(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert {k: ra[k] for k in SAME_TOKENS} == {k: rb[k] for k in SAME_TOKENS}
+        for k in CLOSE:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-3, abs=1e-5), (k, ra[k], rb[k])
+
+
+def test_trainer_resume_on_cuda(tmp_path):
+    from respec import checkpoint
+    from tests.test_trainer import metrics, train
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(*TOY, "--steps", "4", "--checkpoint-every", "2", "--out", str(straight))
+    train(*TOY, "--steps", "2", "--checkpoint-every", "2", "--out", str(split))
+    assert checkpoint.latest_checkpoint(split).name == "step_000002"
+    train("--resume", str(split), "--steps", "4", "--no-progress")
+    assert_same_run(metrics(split), metrics(straight))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_ranks_equal_one_process_on_cuda(tmp_path):
+    from tests.test_trainer import metrics, one_and_two_ranks
+
+    one, two = one_and_two_ranks(tmp_path, [*TOY, "--steps", "3"])
+    assert_same_run(metrics(one), metrics(two))
