@@ -152,3 +152,27 @@ def test_sweep_tiny_writes_report_and_plot(tmp_path, monkeypatch, capsys):
 
 def test_sweep_needs_a_drafter(capsys):
     one_line_error(*run_main(capsys, "--model", "tiny", "--sweep"), "needs a --drafter")
+
+
+def test_gpu_check_quick_runs_every_stage(tmp_path, monkeypatch):
+    """The prepared GPU check, on the tiny model and this machine's device: every stage runs and
+    the folder holds its summary, logs, bench report and GRPO metrics (on a GPU the same stages
+    run at real shapes: `python -m respec.gpu_check --out DIR`)."""
+    import json
+
+    from models.loading import resolve_checkpoint
+    from respec import gpu_check
+
+    monkeypatch.setenv("RESPEC_TOKENIZER", str(resolve_checkpoint("smollm2-135m")))
+    monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "check"
+    assert gpu_check.main(["--out", str(out), "--quick", "--device", "cpu", "--budget-s", "400"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["status"] for s in summary["stages"].values()] == ["ok"] * 5, summary["stages"]
+    assert summary["bench"]["tiny"]["rows"][0]["same_tokens_as_hf"] == "1/1"
+    assert [r["step"] for r in summary["grpo"]] == [1, 2, 3]  # two steps, then one more after the resume
+    assert summary["costs"]["rel_error"] < 0.5 and summary["cudagraph_skips"] == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"check.log", "summary.json", "summary.md", "bench-tiny.json", "grpo-metrics.jsonl"} <= names
+    assert len(names) <= 8  # what comes back from the GPU machine
+    assert gpu_check.main(["--out", str(out), "--quick", "--device", "cpu"]) == 2  # never overwritten
