@@ -111,11 +111,13 @@ def make_drafter(spec: str | None, model, k: int, args=None, tokenizer=None):
         from respec.drafters.history import HistoryDrafter
 
         return HistoryDrafter()
-    if spec == "auto":  # the head train.py pretrains and caches for this model and task
+    if spec == "auto":  # the head train.py's default run pretrains and caches for this model and task
         from respec.drafters.choose import default_head
         from respec.tasks import make_task
+        from respec.trainer import TrainConfig
 
-        spec = str(default_head(args.model, args.task, make_task(task=args.task), tokenizer, k=k,
+        spec = str(default_head(args.model, args.task, make_task(task=args.task), tokenizer,
+                                max_new_tokens=TrainConfig.max_new_tokens, k=k,
                                 log=lambda m: print(m, file=sys.stderr)))
     if Path(spec).is_dir():
         param = next(model.parameters())

@@ -260,7 +260,8 @@ class Trainer:
         chosen = Chosen(None) if cfg.sd == "off" else choose_drafter(
             cfg.drafter, target=self.rollout.model, k=cfg.k, model=cfg.model,
             task_name=cfg.task if cfg.data is None else str(cfg.data), task=self.task, tokenizer=self.tok,
-            rollout_dtype=self.rollout_dtype, seed=cfg.seed, dtype=cfg.dtype, temperature=cfg.temperature,
+            task_config=cfg.task_config, max_new_tokens=cfg.max_new_tokens, rollout_dtype=self.rollout_dtype,
+            seed=cfg.seed, dtype=cfg.dtype, temperature=cfg.temperature,
             pretrain_here=self.d.node_main,
             wait=lambda: distributed.barrier(self.d), log=self.log)
         self.drafter, master = chosen.drafter, chosen.master

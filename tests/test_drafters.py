@@ -228,3 +228,15 @@ def test_as_drafter_wraps_each_kind(tiny):
     assert type(as_drafter(truncated_drafter(tiny, 1))).__name__ == "LayerDrafter"
     history = HistoryDrafter()
     assert as_drafter(history) is history and as_drafter(None) is None
+
+
+def test_default_head_key_covers_task_options_and_length():
+    """Settings with other task options or completion lengths get heads pretrained on their own text."""
+    from respec.drafters.choose import default_head_dir, pretrain_tokens
+
+    base = default_head_dir("tiny", "basic_arithmetic")
+    assert base == default_head_dir("tiny", "basic_arithmetic", {}, 64)
+    assert default_head_dir("tiny", "basic_arithmetic", {"min_terms": 3, "max_terms": 3}) != base
+    assert default_head_dir("tiny", "basic_arithmetic", max_new_tokens=96) != base
+    assert default_head_dir("tiny", "products") != base
+    assert pretrain_tokens(64) == 64 and pretrain_tokens(512) == 128  # rollouts up to the recipe's cap

@@ -28,7 +28,8 @@ from respec.drafters import Drafter
 # the head overfits a few dozen rollouts (more epochs on them raise the training estimate, not the
 # held-out one), so the budget goes to rollouts (decoded 64 rows at a time) and to a higher learning
 # rate, with the forward in bf16 where native; equal TTT step weights (step_decay 1).
-DEFAULT_HEAD_RECIPE = dict(prompts=192, held_out=8, new_tokens=64, epochs=4, unroll=3, batch=8, lr=3e-3,
+# Its rollouts are as long as the run's completions (--max-new-tokens), up to `max_new_tokens`.
+DEFAULT_HEAD_RECIPE = dict(prompts=192, held_out=8, max_new_tokens=128, epochs=4, unroll=3, batch=8, lr=3e-3,
                            step_decay=1.0, max_batch=64)
 
 
@@ -40,15 +41,22 @@ class Chosen:
     directory: Path | None = None  # where the head came from
 
 
-def default_head_dir(model: str, task: str) -> Path:
-    """The cached default head of a model (spec) and task (name or data file)."""
+def pretrain_tokens(max_new_tokens: int) -> int:
+    """Tokens per pretraining rollout for runs whose completions are up to `max_new_tokens` long."""
+    return min(max_new_tokens, DEFAULT_HEAD_RECIPE["max_new_tokens"])
+
+
+def default_head_dir(model: str, task: str, task_config: dict | None = None, max_new_tokens: int = 64) -> Path:
+    """The cached default head of a model (spec), task (name or data file) with its options, and
+    completion length: each setting gets a head pretrained on its own kind of text."""
     ckpt = resolve_checkpoint(model)
-    ident = json.dumps([str(ckpt) if ckpt else model, task, DEFAULT_HEAD_RECIPE], sort_keys=True)
+    ident = json.dumps([str(ckpt) if ckpt else model, task, task_config or {}, pretrain_tokens(max_new_tokens),
+                        DEFAULT_HEAD_RECIPE], sort_keys=True)
     return cache_dir() / "drafters" / hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
-def pretrain_default_head(model: str, path: Path, tokenizer, task, *, dtype: str = "auto", device="cpu",
-                          seed: int = 0, k: int = 3, temperature: float = 1.0, log=print) -> None:
+def pretrain_default_head(model: str, path: Path, tokenizer, task, *, max_new_tokens: int = 64, dtype: str = "auto",
+                          device="cpu", seed: int = 0, k: int = 3, temperature: float = 1.0, log=print) -> None:
     """A short `train.py --stage drafter` run on `device`, written to a temporary directory and
     renamed into place (an interrupted pretraining leaves nothing half-written in the cache; of two
     nodes pretraining into one shared cache, the first to finish wins and both use its head)."""
@@ -63,7 +71,7 @@ def pretrain_default_head(model: str, path: Path, tokenizer, task, *, dtype: str
         # Problems from far beyond any data position a run reaches: the head never sees the RL prompts.
         problems = task.problems(10**6, recipe["prompts"] + recipe["held_out"])
         pretrain(target, tokenizer, tmp, problems=problems, held_out=recipe["held_out"],
-                 new_tokens=recipe["new_tokens"], temperature=temperature, epochs=recipe["epochs"],
+                 new_tokens=pretrain_tokens(max_new_tokens), temperature=temperature, epochs=recipe["epochs"],
                  unroll=recipe["unroll"], batch=recipe["batch"], lr=recipe["lr"], decay=recipe["step_decay"],
                  max_batch=recipe["max_batch"], seed=seed, held_out_ks=[k], greedy=False, log=log)
         log(f"drafter pretrained in {time.perf_counter() - t0:.0f} s")
@@ -76,23 +84,25 @@ def pretrain_default_head(model: str, path: Path, tokenizer, task, *, dtype: str
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def default_head(model: str, task_name: str, task, tokenizer, *, pretrain_here: bool = True, wait=lambda: None,
-                 log=print, **pretrain_kw) -> Path:
+def default_head(model: str, task_name: str, task, tokenizer, *, task_config: dict | None = None,
+                 max_new_tokens: int = 64, pretrain_here: bool = True, wait=lambda: None, log=print,
+                 **pretrain_kw) -> Path:
     """The directory of the default head for this model and task; a missing one is pretrained
     where `pretrain_here` (the first rank of each node: each node has its own cache), and every
     caller then `wait()`s for it."""
-    directory = default_head_dir(model, task_name)
+    directory = default_head_dir(model, task_name, task_config, max_new_tokens)
     if not (directory / "config.json").is_file():
         if pretrain_here:
-            log(f"no cached drafter for this model and task: pretraining one into {directory} (once)")
-            pretrain_default_head(model, directory, tokenizer, task, log=log, **pretrain_kw)
+            log(f"no cached drafter for this model, task and length: pretraining one into {directory} (once)")
+            pretrain_default_head(model, directory, tokenizer, task, max_new_tokens=max_new_tokens, log=log,
+                                  **pretrain_kw)
         wait()
     return directory
 
 
 def choose_drafter(spec: str, *, target, k: int, model: str, task_name: str, task, tokenizer, rollout_dtype,
-                   seed: int = 0, dtype: str = "auto", temperature: float = 1.0, pretrain_here: bool = True,
-                   wait=lambda: None, log=print) -> Chosen:
+                   task_config: dict | None = None, max_new_tokens: int = 64, seed: int = 0, dtype: str = "auto",
+                   temperature: float = 1.0, pretrain_here: bool = True, wait=lambda: None, log=print) -> Chosen:
     """The drafter `spec` names, for `target` (the rollout model). With `auto`, a missing default
     head is pretrained where `pretrain_here` (one rank), and every rank then `wait()`s for it."""
     from respec.drafter_training import untrained_head
@@ -116,8 +126,9 @@ def choose_drafter(spec: str, *, target, k: int, model: str, task_name: str, tas
         prior = [0.0] * k  # known to accept nothing until the estimate says otherwise
     else:
         directory = Path(head_spec) if head_spec != "auto" else default_head(
-            model, task_name, task, tokenizer, pretrain_here=pretrain_here, wait=wait, log=log, dtype=dtype,
-            device=device, seed=seed, k=k, temperature=temperature)
+            model, task_name, task, tokenizer, task_config=task_config, max_new_tokens=max_new_tokens,
+            pretrain_here=pretrain_here, wait=wait, log=log, dtype=dtype, device=device, seed=seed, k=k,
+            temperature=temperature)
         prior = drafter_alpha(directory, k)
         master = load_eagle(directory, dtype=torch.float32, device=device)
     drafter: Drafter = EagleDrafter(cast_head(master, rollout_dtype))  # the engine's copy, in the rollout dtype
