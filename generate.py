@@ -360,7 +360,7 @@ def main(argv=None) -> int:
         if args.bench and args.sweep:
             raise ValueError("--bench and --sweep are separate runs: choose one")
         if args.sweep:
-            from respec.sweep import run_sweep
+            from respec.lab.sweep import run_sweep
 
             report = run_sweep(args, model, tokenizer, make_drafter(args.drafter, model, args.k, args, tokenizer),
                                eos_ids(tokenizer, model))

@@ -218,7 +218,7 @@ def summary(history: list[dict], run_dir: Path, wall_s: float, prep: dict) -> st
 
 
 def run_grpo(args, d: distributed.Dist) -> int:
-    from respec.plot import plot_run
+    from respec.lab.plot import plot_run
 
     if args.resume is not None:
         cfg = resumed_config(args)

@@ -157,11 +157,11 @@ def test_sweep_needs_a_drafter(capsys):
 def test_gpu_check_quick_runs_every_stage(tmp_path, monkeypatch):
     """The prepared GPU check, on the tiny model and this machine's device: every stage runs and
     the folder holds its summary, logs, bench report and GRPO metrics (on a GPU the same stages
-    run at real shapes: `python -m respec.gpu_check --out DIR`)."""
+    run at real shapes: `python -m respec.lab.gpu_check --out DIR`)."""
     import json
 
     from models.loading import resolve_checkpoint
-    from respec import gpu_check
+    from respec.lab import gpu_check
 
     monkeypatch.setenv("RESPEC_TOKENIZER", str(resolve_checkpoint("smollm2-135m")))
     monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))

@@ -2,7 +2,7 @@
 
 Random weights throughout (a GPU machine may have no model hub and no GGUF package), SmolLM2's
 tokenizer where one is needed (`RESPEC_TOKENIZER`, see models/loading.py). `python -m
-respec.gpu_check` runs this file first; on a CPU-only machine every test here is skipped.
+respec.lab.gpu_check` runs this file first; on a CPU-only machine every test here is skipped.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ TOY = ["--model", "tiny", "--task", "toy-letters", "--prompts", "4", "--group", 
 
 
 def experiment(out, *extra, **kw) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "respec.experiment", "--out", str(out), "--steps", "3", "--seeds", "0",
+    cmd = [sys.executable, "-m", "respec.lab.experiment", "--out", str(out), "--steps", "3", "--seeds", "0",
            "--variants", "baseline,rkd", *extra, "--", *TOY]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, **kw)
 
@@ -26,7 +26,7 @@ def experiment(out, *extra, **kw) -> subprocess.CompletedProcess:
 def test_experiment_resumes_and_reports(tmp_path):
     out = tmp_path / "exp"
     # Kill the whole experiment (runner and its train.py) once the baseline has a checkpointed step.
-    proc = subprocess.Popen([sys.executable, "-m", "respec.experiment", "--out", str(out), "--steps", "3", "--seeds",
+    proc = subprocess.Popen([sys.executable, "-m", "respec.lab.experiment", "--out", str(out), "--steps", "3", "--seeds",
                              "0", "--variants", "baseline,rkd", "--", *TOY, "--checkpoint-every", "1"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     latest = out / "baseline" / "seed0" / "checkpoints" / "latest"
@@ -40,7 +40,7 @@ def test_experiment_resumes_and_reports(tmp_path):
 
     # The same command again: the baseline resumes from its checkpoint, rkd runs, both complete.
     cmd_args = ["--", *TOY, "--checkpoint-every", "1"]
-    done = subprocess.run([sys.executable, "-m", "respec.experiment", "--out", str(out), "--steps", "3", "--seeds",
+    done = subprocess.run([sys.executable, "-m", "respec.lab.experiment", "--out", str(out), "--steps", "3", "--seeds",
                            "0", "--variants", "baseline,rkd", *cmd_args], capture_output=True, text=True, cwd=ROOT,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -51,17 +51,17 @@ def test_experiment_resumes_and_reports(tmp_path):
         assert not (out / variant / "seed0" / "checkpoints").exists()  # dropped once the run finished
     assert "--resume" in (out / "baseline" / "seed0.log").read_text()
 
-    again = subprocess.run([sys.executable, "-m", "respec.experiment", "--out", str(out), "--steps", "3", "--seeds",
+    again = subprocess.run([sys.executable, "-m", "respec.lab.experiment", "--out", str(out), "--steps", "3", "--seeds",
                             "0", "--variants", "baseline,rkd", *cmd_args], capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 0 and again.stdout.count(": done") == 2
 
     other = experiment(out)  # other settings (no --checkpoint-every): refused, nothing touched
     assert other.returncode == 2 and "other settings" in other.stderr and len(other.stderr.splitlines()) == 1
 
-    report = subprocess.run([sys.executable, "-m", "respec.report", str(out)], capture_output=True, text=True, cwd=ROOT)
+    report = subprocess.run([sys.executable, "-m", "respec.lab.report", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert report.returncode == 0, report.stderr
     text = (out / "BENCHMARKS.md").read_text()
-    assert "| baseline | 1 |" in text and "| rkd | 1 |" in text and "python -m respec.experiment" in text
+    assert "| baseline | 1 |" in text and "| rkd | 1 |" in text and "python -m respec.lab.experiment" in text
     for png in ("phases", "speed", "reward"):
         assert (out / "plots" / f"{png}.png").stat().st_size > 0 and f"plots/{png}.png" in text
 
@@ -73,23 +73,23 @@ def test_bad_experiment_arguments(tmp_path):
         "bad seeds": (["--seeds", "a,b"], "--seeds must be comma-separated integers"),
     }
     for name, (args, needle) in bad.items():
-        out = subprocess.run([sys.executable, "-m", "respec.experiment", "--out", str(tmp_path / name), *args],
+        out = subprocess.run([sys.executable, "-m", "respec.lab.experiment", "--out", str(tmp_path / name), *args],
                              capture_output=True, text=True, cwd=ROOT)
         assert out.returncode == 2 and needle in out.stderr and len(out.stderr.splitlines()) == 1, (name, out.stderr)
         assert not (tmp_path / name).exists()
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("x")
-    out = subprocess.run([sys.executable, "-m", "respec.experiment", "--out", str(tmp_path / "notes")],
+    out = subprocess.run([sys.executable, "-m", "respec.lab.experiment", "--out", str(tmp_path / "notes")],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and "not an experiment directory" in out.stderr
     assert os.listdir(tmp_path / "notes") == ["keep.txt"]
-    rep = subprocess.run([sys.executable, "-m", "respec.report", str(tmp_path / "notes")], capture_output=True,
+    rep = subprocess.run([sys.executable, "-m", "respec.lab.report", str(tmp_path / "notes")], capture_output=True,
                          text=True, cwd=ROOT)
     assert rep.returncode == 2 and "not an experiment directory" in rep.stderr
 
 
 def test_reward_table_compares_seed_ranges():
-    from respec.report import reward_table
+    from respec.lab.report import reward_table
 
     def run(*rewards):  # one seed's metrics rows
         return [{"reward_mean": r, "accuracy": r / 2} for r in rewards]
@@ -104,7 +104,7 @@ def test_reward_table_compares_seed_ranges():
 
 
 def test_accept_len_counts_only_steps_that_speculated():
-    from respec.report import first_last, per_step, speculated
+    from respec.lab.report import first_last, per_step, speculated
 
     adaptive = [{"sd_fraction": 0.0, "accept_len": 0.0}, {"sd_fraction": 0.1, "accept_len": 2.0},
                 {"sd_fraction": 0.0, "accept_len": 0.0}, {"sd_fraction": 0.5, "accept_len": 3.0}]

@@ -1,8 +1,8 @@
 """Side-by-side experiments: the same GRPO training with speculative decoding off, naive, and ReSpec's
 way, plus the ablation ladder, over several seeds.
 
-    python -m respec.experiment --out runs/exp [--steps 30] [--seeds 0,1] [-- TRAIN_PY_ARGS ...]
-    python -m respec.report runs/exp          # BENCHMARKS.md sections and plots from it
+    python -m respec.lab.experiment --out runs/exp [--steps 30] [--seeds 0,1] [-- TRAIN_PY_ARGS ...]
+    python -m respec.lab.report runs/exp          # BENCHMARKS.md sections and plots from it
 
 Every variant trains the same model on the same task with the same global batch and seeds; only the
 speculation differs (train.py flags):
@@ -40,7 +40,7 @@ from pathlib import Path
 
 from respec.cli import OneLineParser, positive_int
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 VARIANTS: dict[str, list[str]] = {
     "baseline": ["--sd", "off"],
@@ -58,7 +58,7 @@ def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
-    p = OneLineParser(prog="python -m respec.experiment", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="python -m respec.lab.experiment", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", type=Path, required=True, help="experiment directory (created, or resumed if it exists)")
     p.add_argument("--steps", type=positive_int, default=30, help="RL steps of every run")
@@ -118,11 +118,11 @@ def main(argv=None) -> int:
         saved = json.loads(manifest.read_text())
         saved.pop("started", None)
         if saved != want:
-            print(f"respec.experiment: error: {args.out} holds an experiment with other settings ({manifest}); "
+            print(f"respec.lab.experiment: error: {args.out} holds an experiment with other settings ({manifest}); "
                   "choose a new --out", file=sys.stderr)
             return 2
     elif args.out.exists() and any(args.out.iterdir()):
-        print(f"respec.experiment: error: {args.out} exists and is not an experiment directory", file=sys.stderr)
+        print(f"respec.lab.experiment: error: {args.out} exists and is not an experiment directory", file=sys.stderr)
         return 2
     else:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -146,12 +146,12 @@ def main(argv=None) -> int:
             f.flush()
             code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
         if code != 0:
-            print(f"respec.experiment: error: {variant} seed {seed} failed (exit {code}); see {log}; run the same "
+            print(f"respec.lab.experiment: error: {variant} seed {seed} failed (exit {code}); see {log}; run the same "
                   "command again to continue", file=sys.stderr)
             return 1
         shutil.rmtree(run / "checkpoints", ignore_errors=True)  # finished: the report needs only its metrics
         print(f"[{i}/{len(runs)}] {variant} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
-    print(f"all {len(runs)} runs done; report: python -m respec.report {args.out}", flush=True)
+    print(f"all {len(runs)} runs done; report: python -m respec.lab.report {args.out}", flush=True)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Plots of training runs from their metrics.jsonl.
 
-    python -m respec.plot RUN_DIR                                  # writes RUN_DIR/plots/*.png
-    python -m respec.plot --compare RUN_A RUN_B ... --out cmp.png  # several runs side by side
+    python -m respec.lab.plot RUN_DIR                                  # writes RUN_DIR/plots/*.png
+    python -m respec.lab.plot --compare RUN_A RUN_B ... --out cmp.png  # several runs side by side
 
 Four figures per run: reward and accuracy per step; the step's phase times (rollout, reward, train,
 drafter); rollout tokens/s with the fraction of decoding steps that speculated; acceptance length,
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     compare = argv[:1] == ["--compare"] and len(argv) >= 4 and argv[-2] == "--out"
     if not compare and (len(argv) != 1 or argv[0].startswith("-")):
-        print("usage: python -m respec.plot RUN_DIR | --compare RUN_DIR [RUN_DIR ...] --out FILE.png", file=sys.stderr)
+        print("usage: python -m respec.lab.plot RUN_DIR | --compare RUN_DIR [RUN_DIR ...] --out FILE.png", file=sys.stderr)
         return 2
     try:
         if compare:
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
         else:
             paths = plot_run(Path(argv[0]))
     except ValueError as e:
-        print(f"respec.plot: error: {e}", file=sys.stderr)
+        print(f"respec.lab.plot: error: {e}", file=sys.stderr)
         return 2
     for p in paths:
         print(p)

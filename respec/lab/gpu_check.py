@@ -1,7 +1,7 @@
 """The prepared GPU check: one command that runs and measures respec's CUDA path.
 
-    python -m respec.gpu_check --out gpu-check            # on a CUDA machine, ~5 minutes
-    python -m respec.gpu_check --out /tmp/c --quick       # the same stages on the tiny model (any machine)
+    python -m respec.lab.gpu_check --out gpu-check            # on a CUDA machine, ~5 minutes
+    python -m respec.lab.gpu_check --out /tmp/c --quick       # the same stages on the tiny model (any machine)
 
 It writes everything into `--out` (at most 8 files):
   check.log           every stage's command and output
@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CUDAGRAPH_SKIP = "skipping cudagraphs"
 
 
@@ -132,7 +132,7 @@ class Check:
                                                       "compile_s": report["compile_s"], "rows": report["results"]}
 
     def costs(self) -> None:
-        proc = self.run("cost profile", [sys.executable, "-m", "respec.gpu_check", "--costs-only", "--device",
+        proc = self.run("cost profile", [sys.executable, "-m", "respec.lab.gpu_check", "--costs-only", "--device",
                                          self.device] + (["--quick"] if self.quick else []), 120)
         if proc is not None and proc.returncode == 0:
             self.summary["costs"] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -258,7 +258,7 @@ def profile_costs_here(device: str, quick: bool) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m respec.gpu_check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m respec.lab.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, help="folder for everything the check writes (must not exist)")
     p.add_argument("--budget-s", type=float, default=290, help="wall-clock budget of the whole check")
     p.add_argument("--quick", action="store_true", help="the tiny model everywhere, eager (a smoke run on any machine)")

@@ -1,6 +1,6 @@
-"""The report of a side-by-side experiment (respec/experiment.py): Markdown and plots.
+"""The report of a side-by-side experiment (respec/lab/experiment.py): Markdown and plots.
 
-    python -m respec.report runs/exp            # writes runs/exp/BENCHMARKS.md and runs/exp/plots/*.png
+    python -m respec.lab.report runs/exp            # writes runs/exp/BENCHMARKS.md and runs/exp/plots/*.png
 
 What it shows, per variant (seeds pooled; spread = min..max over seeds):
   * step time and its phases (rollout, reward, train, drafter), the rollout's share of the step;
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from respec.plot import mean, read_metrics
+from respec.lab.plot import mean, read_metrics
 
 PHASES = (("rollout_s", "rollout"), ("reward_s", "reward"), ("train_s", "train"), ("drafter_s", "drafter"))
 
@@ -248,14 +248,14 @@ def report(out: Path) -> Path:
     cfg, runs = load(out)
     pngs = plots(cfg, runs, Path(out) / "plots")
     steps = {v: min(len(rs) for rs in seeds.values()) for v, seeds in runs.items()}
-    cmd = " ".join(["python -m respec.experiment --out", str(out), "--steps", str(cfg["steps"]), "--seeds",
+    cmd = " ".join(["python -m respec.lab.experiment --out", str(out), "--steps", str(cfg["steps"]), "--seeds",
                     ",".join(map(str, cfg["seeds"])), "--variants", ",".join(cfg["variants"])]
                    + (["--respec-async", "on"] if cfg.get("respec_async") == "on" else [])
                    + (["--", *cfg["train_args"]] if cfg["train_args"] else []))
     text = "\n".join([
         f"## Side by side: {', '.join(runs)}",
         "",
-        f"Command: `{cmd}`, then `python -m respec.report {out}`.  ",
+        f"Command: `{cmd}`, then `python -m respec.lab.report {out}`.  ",
         f"Machine: {machine()}.  ",
         f"Experiment started {cfg.get('started', '?')}; report written {time.strftime('%Y-%m-%d %H:%M')}; "
         f"steps per run: {', '.join(f'{v} {n}' for v, n in steps.items())}.",
@@ -275,12 +275,12 @@ def report(out: Path) -> Path:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: python -m respec.report EXPERIMENT_DIR", file=sys.stderr)
+        print("usage: python -m respec.lab.report EXPERIMENT_DIR", file=sys.stderr)
         return 2
     try:
         path = report(Path(argv[0]))
     except ValueError as e:
-        print(f"respec.report: error: {e}", file=sys.stderr)
+        print(f"respec.lab.report: error: {e}", file=sys.stderr)
         return 2
     print(path.read_text())
     return 0
