@@ -71,6 +71,8 @@ def test_bad_experiment_arguments(tmp_path):
         "own flag": (["--", "--sd", "on"], "is set by the experiment itself"),
         "unknown variant": (["--variants", "baseline,turbo"], "unknown variant"),
         "bad seeds": (["--seeds", "a,b"], "--seeds must be comma-separated integers"),
+        "two drafters": (["--variants", "baseline,history+adaptive", "--", "--drafter", "runs/head"],
+                         "would override the drafter of history+adaptive"),
     }
     for name, (args, needle) in bad.items():
         out = subprocess.run([sys.executable, "-m", "respec.lab.experiment", "--out", str(tmp_path / name), *args],
@@ -88,19 +90,22 @@ def test_bad_experiment_arguments(tmp_path):
     assert rep.returncode == 2 and "not an experiment directory" in rep.stderr
 
 
-def test_reward_table_compares_seed_ranges():
+def test_reward_table_pairs_seeds_with_the_baseline():
     from respec.lab.report import reward_table
 
     def run(*rewards):  # one seed's metrics rows
         return [{"reward_mean": r, "accuracy": r / 2} for r in rewards]
 
-    runs = {"baseline": {0: run(0.4, 0.6), 1: run(0.6, 0.8)},  # run means 0.5, 0.7
-            "close": {0: run(0.6, 0.8), 1: run(0.8, 1.0)},  # 0.7, 0.9: meets at 0.7
-            "worse": {0: run(0.1, 0.2), 1: run(0.2, 0.3)}}  # 0.15, 0.25: below the baseline's range
+    runs = {"baseline": {0: run(0.4, 0.6), 1: run(0.6, 0.8), 2: run(0.2, 0.4)},  # run means 0.5, 0.7, 0.3
+            "better": {0: run(0.5, 0.7), 1: run(0.8, 0.9), 2: run(0.3, 0.5)},  # +0.1, +0.15, +0.1 per seed
+            "noise": {0: run(0.6, 0.8), 1: run(0.5, 0.7), 2: run(0.2, 0.4)},  # +0.2, -0.1, 0: no difference
+            "one": {0: run(0.4, 0.6)}}
     lines = reward_table(runs).splitlines()
-    assert lines[2] == "| baseline | 0.500 +- 0.100 / 0.700 +- 0.100 | 0.250 / 0.350 | - |"
-    assert lines[3] == "| close | 0.700 +- 0.100 / 0.900 +- 0.100 | 0.350 / 0.450 | yes |"
-    assert lines[4] == "| worse | 0.150 +- 0.050 / 0.250 +- 0.050 | 0.075 / 0.125 | no |"
+    assert lines[2] == "| baseline | 0.500 +- 0.100 / 0.700 +- 0.100 / 0.300 +- 0.100 | 0.250 / 0.350 / 0.150 | - | - |"
+    # +0.117 +- 4.303 * 0.0289 / sqrt(3): the interval leaves out 0 although the ranges overlap
+    assert lines[3].endswith("| +0.117 [+0.045, +0.188] | yes |"), lines[3]
+    assert lines[4].endswith("| no |") and "[-0." in lines[4], lines[4]
+    assert lines[5].endswith("| +0.000 (one seed) | - |"), lines[5]
 
 
 def test_accept_len_counts_only_steps_that_speculated():

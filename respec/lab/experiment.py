@@ -13,6 +13,9 @@ speculation differs (train.py flags):
     rkd+adaptive        --sd adaptive --drafter-update rkd --drafter-async off   + the solver picks k
     rkd+adaptive+async  --sd adaptive --drafter-update rkd --drafter-async on    + the update overlapped
                                                                                  with the next rollout
+    history+adaptive    --sd adaptive --drafter history                   the model-free drafter, no KD
+    rkd+adaptive+async+history   as rkd+adaptive+async with --drafter auto+history (per row: history
+                                 where its suffix match is long, the head elsewhere)
 
 (`rkd`, `rkd+adaptive`, `rkd+adaptive+async` are the paper's ablation ladder, its Figure 14.) The
 report calls `rkd+adaptive+async` "respec" (train.py's default; `--respec-async off` names
@@ -48,6 +51,9 @@ VARIANTS: dict[str, list[str]] = {
     "rkd": ["--sd", "on", "--drafter-update", "rkd", "--drafter-async", "off"],
     "rkd+adaptive": ["--sd", "adaptive", "--drafter-update", "rkd", "--drafter-async", "off"],
     "rkd+adaptive+async": ["--sd", "adaptive", "--drafter-update", "rkd", "--drafter-async", "on"],
+    "history+adaptive": ["--sd", "adaptive", "--drafter", "history"],
+    "rkd+adaptive+async+history": ["--sd", "adaptive", "--drafter", "auto+history", "--drafter-update", "rkd",
+                                   "--drafter-async", "on"],
 }
 # flags the experiment sets itself: not allowed among the pass-through train.py arguments
 OWN_FLAGS = ("--out", "--seed", "--steps", "--resume", "--sd", "--drafter-update", "--drafter-async", "--stage",
@@ -62,7 +68,8 @@ def parse_args(argv=None):
                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", type=Path, required=True, help="experiment directory (created, or resumed if it exists)")
     p.add_argument("--steps", type=positive_int, default=30, help="RL steps of every run")
-    p.add_argument("--seeds", default="0,1", help="comma-separated seeds; every variant runs with each")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; every variant runs with each (three: "
+                   "the reward comparison's interval is taken over seeds)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
     p.add_argument("--respec-async", choices=["on", "off"], default="on",
                    help="which ladder run the report calls 'respec' (on, as train.py's default: the one with the "
@@ -81,6 +88,9 @@ def parse_args(argv=None):
     clash = [a for a in passthrough if a.split("=")[0] in OWN_FLAGS]
     if clash:
         p.error(f"{', '.join(clash)} is set by the experiment itself; not allowed after --")
+    own_drafter = [v for v in args.variants if "--drafter" in VARIANTS[v]]
+    if own_drafter and any(a.split("=")[0] == "--drafter" for a in passthrough):
+        p.error(f"--drafter after -- would override the drafter of {', '.join(own_drafter)}: leave those variants out")
     args.train_args = passthrough
     return args
 

@@ -130,26 +130,50 @@ def table(cfg: dict, runs: dict) -> str:
     return "\n".join(lines)
 
 
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def paired_difference(variant: dict[int, list[dict]], baseline: dict[int, list[dict]], key: str = "reward_mean"):
+    """The variant's reward minus the baseline's, paired by seed (the same seed: the same prompts in
+    the same order) and step: each seed's mean over the steps both ran, then the mean over seeds
+    with a 95% t-interval over seeds (None with one seed). Per-step differences of one seed are not
+    independent (a policy's reward moves slowly), so the interval is taken over seeds, not steps.
+    Returns (mean, half-width or None, number of seeds)."""
+    diffs = []
+    for seed in sorted(set(variant) & set(baseline)):
+        pairs = list(zip(variant[seed], baseline[seed]))
+        if pairs:
+            diffs.append(mean([v[key] - b[key] for v, b in pairs]))
+    if not diffs:
+        return float("nan"), None, 0
+    n = len(diffs)
+    half = T_975.get(n - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(n) if n > 1 else None
+    return mean(diffs), half, n
+
+
 def reward_table(runs: dict) -> str:
     """Each seed's run-mean reward (+- its standard error over the run's steps) and accuracy, and
-    whether a variant's range over seeds meets the baseline's (with two seeds the ranges are narrow:
-    read it with the standard errors and the curves' bands)."""
+    the reward difference to the baseline paired by seed and step, with a 95% interval over seeds:
+    a variant differs from the baseline when the interval leaves out 0."""
     def per_seed(seeds: dict[int, list[dict]], key: str) -> list[list[float]]:
         return [[r[key] for r in rows] for _, rows in sorted(seeds.items())]
 
     def std_error(xs: list[float]) -> float:
         return statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
 
-    base = [mean(xs) for xs in per_seed(runs["baseline"], "reward_mean")]
     head = ["variant", "reward, run mean per seed (+- standard error over steps)", "accuracy, run mean per seed",
-            "reward range meets baseline's"]
+            "reward - baseline, paired (95% interval over seeds)", "differs from baseline"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, seeds in runs.items():
         rewards = per_seed(seeds, "reward_mean")
-        rew = [mean(xs) for xs in rewards]
-        meets = "-" if variant == "baseline" else ("yes" if min(rew) <= max(base) and max(rew) >= min(base) else "no")
+        if variant == "baseline":
+            diff, differs = "-", "-"
+        else:
+            d, half, n = paired_difference(seeds, runs["baseline"])
+            diff = f"{d:+.3f}" + (f" [{d - half:+.3f}, {d + half:+.3f}]" if half is not None else " (one seed)")
+            differs = "-" if half is None else ("yes" if d - half > 0 or d + half < 0 else "no")
         lines.append(f"| {variant} | {' / '.join(f'{mean(xs):.3f} +- {std_error(xs):.3f}' for xs in rewards)} | "
-                     f"{' / '.join(f'{mean(xs):.3f}' for xs in per_seed(seeds, 'accuracy'))} | {meets} |")
+                     f"{' / '.join(f'{mean(xs):.3f}' for xs in per_seed(seeds, 'accuracy'))} | {diff} | {differs} |")
     return "\n".join(lines)
 
 
