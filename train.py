@@ -82,6 +82,8 @@ def parse_args(argv=None):
                    help="sequences per drafter optimizer step, over all ranks")
     p.add_argument("--drafter-epochs", type=positive_int, default=d.drafter_epochs,
                    help="passes over the replay buffer per drafter update")
+    p.add_argument("--drafter-idle-interval", type=positive_int, default=d.drafter_idle_interval,
+                   help="RL steps between distillations while the rollouts do not speculate (1: every step)")
     p.add_argument("--drafter-update-interval", type=positive_int, default=d.drafter_update_interval,
                    help="RL steps between drafter updates (the replay buffer holds that many steps)")
     # --- system ---
@@ -164,7 +166,8 @@ def config_from_args(args, world: int = 1) -> TrainConfig:
         drafter_update=args.drafter_update, drafter_async=args.drafter_async == "on", drafter_lr=args.drafter_lr,
         drafter_warmup=args.drafter_warmup,
         drafter_batch=args.drafter_batch, drafter_epochs=args.drafter_epochs,
-        drafter_update_interval=args.drafter_update_interval, dtype=args.dtype,
+        drafter_update_interval=args.drafter_update_interval, drafter_idle_interval=args.drafter_idle_interval,
+        dtype=args.dtype,
         train_dtype=args.train_dtype, compile="off" if args.eager else args.compile, kv_cache_mb=args.kv_cache_mb, max_batch=args.max_batch,
         seed=args.seed, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
         export_hf=str(args.export_hf) if args.export_hf else None, progress=not args.no_progress,

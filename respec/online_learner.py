@@ -17,6 +17,12 @@ update, `submit` hands the learner the step's completions and their weights w(r)
   4. `collect` swaps the new weights into the head the engine drafts with (rollout dtype, packed
      copies refreshed), always between rollouts.
 
+When to distil (`due`, the schedule in one place): after every RL step whose rollout speculated,
+and every `idle_interval` steps while the rollouts do not (the solver keeps SD off). Distilling
+still pays then, since the head must keep up with the actor for its acceptance estimate to turn SD
+back on, but not every step: in the long-response setting SD stayed off for 98% of decoding steps
+and the distillation cost 3.4-3.8 s of work per step (docs/benchmarks.md).
+
 In line or in the background: with `async_update` (the trainer's default, `--drafter-async on`),
 steps 1-3 run in a background thread (on CUDA on a stream of their own) while the next rollout runs,
 drafting with the previous weights; `collect` after that rollout waits for it and swaps. Everything
@@ -66,6 +72,7 @@ class KDConfig:
     batch: int = 8  # sequences per drafter optimizer step, over all ranks
     epochs: int = 1  # passes over the buffer per update
     interval: int = 1  # RL steps between drafter updates (the buffer holds that many steps)
+    idle_interval: int = 4  # RL steps between distillations while the rollouts do not speculate (`due`)
     unroll: int = 3  # training-time-test steps = draft positions the estimate covers (use >= k)
     temperature: float = 1.0  # the rollout's sampling temperature (both distributions use it)
     grad_clip: float = 1.0
@@ -75,7 +82,7 @@ class KDConfig:
     def validate(self) -> None:
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown KD weighting {self.weighting!r}")
-        for name in ("batch", "epochs", "interval", "unroll"):
+        for name in ("batch", "epochs", "interval", "idle_interval", "unroll"):
             if getattr(self, name) < 1:
                 raise ValueError(f"drafter {name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -104,6 +111,7 @@ class OnlineLearner:
         self.updates = 0  # drafter updates done (the learner's version)
         self.opt_steps = 0  # drafter optimizer steps taken (the LR warm-up counts them)
         self.live_version = 0  # the version the engine drafts with
+        self.last_submit: int | None = None  # the RL step last handed over
         self.group = dist.new_group(backend="gloo") if world > 1 else None  # the head's own (module docstring)
         self.stream = torch.cuda.Stream() if engine.device.type == "cuda" else None
         self._thread: threading.Thread | None = None
@@ -111,9 +119,15 @@ class OnlineLearner:
         self._result: dict | None = None  # stats of the last finished work, not yet collected
 
     # ------------------------------------------------------------------------------------------
+    def due(self, step: int, speculated: bool) -> bool:
+        """Whether RL step `step` is distilled (see the module docstring): always after a rollout that
+        speculated, else once every `idle_interval` steps. Every rank must pass the same `speculated`."""
+        return speculated or self.last_submit is None or step - self.last_submit >= self.cfg.idle_interval
+
     def submit(self, model, seqs: list[list[int]], prompt_lens: list[int], weights: torch.Tensor, step: int) -> None:
         """Hand over one RL step's sequences (after the actor's update; `model` holds its new weights)."""
         self.wait()
+        self.last_submit = step
         work = lambda: self._work(model, seqs, prompt_lens, weights, step)  # noqa: E731
         if not self.cfg.async_update:
             work()
@@ -252,13 +266,14 @@ class OnlineLearner:
         self.wait()
         return {"head": self.head.state_dict(), "optimizer": self.opt.state_dict(), "updates": self.updates,
                 "opt_steps": self.opt_steps, "live_version": self.live_version, "buffer": self.buffer,
-                "result": self._result}
+                "result": self._result, "last_submit": self.last_submit}
 
     def load_state_dict(self, state: dict) -> None:
         self.head.load_state_dict(state["head"])
         self.opt.load_state_dict(state["optimizer"])
         self.updates, self.live_version, self.opt_steps = state["updates"], state["live_version"], state["opt_steps"]
         self.buffer, self._result = state["buffer"], state["result"]
+        self.last_submit = state.get("last_submit")
 
 
 # ----------------------------------------------------------------------------------------------

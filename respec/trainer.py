@@ -102,6 +102,7 @@ class TrainConfig:
     drafter_batch: int = 8  # sequences per drafter optimizer step, over all ranks
     drafter_epochs: int = 1  # passes over the replay buffer per drafter update
     drafter_update_interval: int = 1  # RL steps between drafter updates
+    drafter_idle_interval: int = 4  # RL steps between distillations while rollouts do not speculate
     # --- system ---
     dtype: str = "auto"  # rollout dtype: auto = bf16 where native (CUDA, AVX-512-BF16/AMX), else fp32
     train_dtype: str = "auto"  # autocast dtype of the training forward (same rule); weights stay fp32
@@ -138,7 +139,8 @@ class TrainConfig:
             raise ValueError(f"--drafter-lr must be positive and --drafter-warmup >= 0, got {self.drafter_lr}, "
                              f"{self.drafter_warmup}")
         for name in ("steps", "prompts", "max_new_tokens", "epochs", "minibatches", "k", "max_batch",
-                     "checkpoint_every", "drafter_batch", "drafter_epochs", "drafter_update_interval"):
+                     "checkpoint_every", "drafter_batch", "drafter_epochs", "drafter_update_interval",
+                     "drafter_idle_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         for name in ("micro_tokens", "kv_cache_mb"):
@@ -280,7 +282,8 @@ class Trainer:
             self.learner = OnlineLearner(master, self.engine, KDConfig(
                 weighting=DRAFTER_UPDATES[cfg.drafter_update], lr=cfg.drafter_lr, warmup=cfg.drafter_warmup,
                 batch=cfg.drafter_batch,
-                epochs=cfg.drafter_epochs, interval=cfg.drafter_update_interval, unroll=cfg.k,
+                epochs=cfg.drafter_epochs, interval=cfg.drafter_update_interval,
+                idle_interval=cfg.drafter_idle_interval, unroll=cfg.k,
                 temperature=cfg.temperature, async_update=cfg.drafter_async), world=d.world, k=cfg.k)
         self.last_alpha_est = None
         self.stop = guards.StopRequest()  # entered by run(): Ctrl-C asks the run to stop
@@ -479,15 +482,7 @@ class Trainer:
         self.after_update()
         train_s = time.perf_counter() - t0
 
-        # 4. the drafter's online distillation from the updated actor (background thread if async)
-        if self.learner is not None:
-            t0 = time.perf_counter()
-            self.learner.submit(self.rollout.model, seqs, plens, self.kd_weights(r.view(-1), adv), self.step)
-            if not self.cfg.drafter_async:
-                kd = self.on_drafter_update(self.learner.collect())
-            drafter_s += time.perf_counter() - t0
-
-        # 5. metrics, summed over ranks
+        # 4. this step's rollout and rewards, summed over ranks (the distillation schedule reads them)
         n = len(scored)
         per_pos = lambda counts: (counts + [0] * cfg.k)[:cfg.k]  # noqa: E731  one entry per draft position
         sums = distributed.all_reduce_named({
@@ -500,6 +495,16 @@ class Trainer:
             **{f"accepted_{j}": a for j, a in enumerate(per_pos(stats.sd_accepted_at))},
             **{f"reached_{j}": a for j, a in enumerate(per_pos(stats.sd_reached_at))},
         }, d)
+
+        # 5. the drafter's online distillation from the updated actor (background thread if async)
+        if self.learner is not None and self.learner.due(self.step, sums["sd_steps"] > 0):
+            t0 = time.perf_counter()
+            self.learner.submit(self.rollout.model, seqs, plens, self.kd_weights(r.view(-1), adv), self.step)
+            if not self.cfg.drafter_async:
+                kd = self.on_drafter_update(self.learner.collect())
+            drafter_s += time.perf_counter() - t0
+
+        # 6. metrics
         n, r_sum, r_sq, sd_rows = sums["n"], sums["r_sum"], sums["r_sq"], sums["sd_rows"]
         # conditional acceptance per draft position: of the rows that proposed it with every earlier
         # draft accepted, the fraction that accepted it

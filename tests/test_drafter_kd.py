@@ -186,6 +186,19 @@ def test_update_interval_buffers_steps(tiny, rollouts):
     assert second["kd_updates"] == 1 and second["kd_opt_steps"] == 2 * len(seqs) // 4 and learner.buffer == []
 
 
+def test_distillation_schedule(tiny, rollouts):
+    """Every step after a rollout that speculated; every `idle_interval` steps while none did."""
+    seqs, _ = rollouts
+    learner, _ = make_learner(tiny, seqs, idle_interval=3)
+    due = []
+    for step, speculated in enumerate([False, False, False, False, True, True, False, False, False, False]):
+        due.append(learner.due(step, speculated))
+        if due[-1]:
+            learner.last_submit = step  # what submit records
+    assert due == [True, False, False, True, True, True, False, False, True, False]
+    assert learner.state_dict()["last_submit"] == 8  # a resume keeps the schedule
+
+
 # ----------------------------------------------------------------------------------------------
 def test_unroll_mask_by_hand():
     """Step 0 is causal; at step 2 the query at position j sees true-feature keys up to j - 2, the
