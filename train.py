@@ -246,15 +246,13 @@ def run_grpo(args, d: distributed.Dist) -> int:
         run_dir.mkdir(parents=True)
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     distributed.barrier(d)
-    if start is not None:
-        trainer.resume(start)
-        if d.main:
-            log(f"resumed {run_dir} from {start.name} (step {trainer.step})")
-    elif args.resume is not None:
+    if start is None and args.resume is not None:
         trainer.forget_metrics_after(0)
         if d.main:
             log(f"{run_dir} has no complete checkpoint yet: starting it from step 0")
-    prep = trainer.prepare()
+    prep = trainer.start(start)
+    if start is not None and d.main:
+        log(f"resumed {run_dir} from {start.name} (step {trainer.step})")
     history = trainer.run()
     # The run's own copy of the final actor, replaced only once the new one is complete.
     fresh = run_dir / ".hf.tmp"

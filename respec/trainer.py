@@ -289,11 +289,34 @@ class Trainer:
         self.stop = guards.StopRequest()  # entered by run(): Ctrl-C asks the run to stop
         self.saved_step: int | None = None  # the step of the newest checkpoint written or resumed
         self.step = 0
+        self.started = False  # start() ran
+        self.peak_flops = 0.0  # set by start()
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
     # ------------------------------------------------------------------------------------------
-    def prepare(self) -> dict:
-        """Compile the engine's step shapes and set up the SD policy; returns timings."""
+    def start(self, checkpoint_dir: Path | None = None) -> dict:
+        """Everything between building the collaborators (`__init__`) and the first step, in the
+        order it must happen; returns timings.
+
+          1. restore a checkpoint, if given: the actor, optimizer, scheduler and drafter weights, the
+             learner's state, and the solver's acceptance, which step 3 starts from;
+          2. compile the engine's step shapes (the drafter's too);
+          3. the SD policy: fixed k, or the solver from the cost model (profiled once, cached) and the
+             acceptance prior (the drafter's pretraining report, or what step 1 restored);
+          4. the GEMM peak the MFU metric divides by, summed over ranks."""
+        if checkpoint_dir is not None:
+            self._restore(checkpoint_dir)
+        out = self._compile_and_plan()
+        peak = gemm_peak(self.train_dtype, self.d.device)
+        (self.peak_flops,) = distributed.all_reduce_sum([peak], self.d)
+        bf16_peak = gemm_peak(torch.bfloat16, self.d.device, m=128, reps=1) if self.train_dtype != torch.bfloat16 else peak
+        self.log(f"GEMM peak: {peak / 1e9:.0f} GFLOP/s in {self.train_dtype} per process "
+                 f"(bf16: {bf16_peak / 1e9:.1f} GFLOP/s)")
+        self.started = True
+        return out
+
+    def _compile_and_plan(self) -> dict:
+        """Steps 2 and 3 of `start`."""
         cfg, out = self.cfg, {}
         local_batch = cfg.prompts // self.d.world * cfg.group
         ks = [0] if self.drafter is None else ([0, cfg.k] if cfg.sd == "on" else list(range(cfg.k + 1)))
@@ -318,13 +341,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> list[dict]:
+        """The RL steps up to `cfg.steps` (after `start`)."""
+        if not self.started:
+            raise RuntimeError("Trainer.start() must run before Trainer.run()")
         cfg, d = self.cfg, self.d
         history = []
-        peak = gemm_peak(self.train_dtype, d.device)
-        (self.peak_flops,) = distributed.all_reduce_sum([peak], d)
-        bf16_peak = gemm_peak(torch.bfloat16, d.device, m=128, reps=1) if self.train_dtype != torch.bfloat16 else peak
-        self.log(f"GEMM peak: {peak / 1e9:.0f} GFLOP/s in {self.train_dtype} per process "
-                 f"(bf16: {bf16_peak / 1e9:.1f} GFLOP/s)")
         streak = guards.BadStepStreak(limit=3)
         stopped = False
         with self.stop:
@@ -372,13 +393,14 @@ class Trainer:
                         keep=self.cfg.keep_checkpoints, extras=extras)
         self.saved_step = self.step
 
-    def resume(self, path: Path) -> None:
+    def _restore(self, path: Path) -> None:
+        """Step 1 of `start`."""
         progress = checkpoint.load(path, self.d, actor=self.actor, optimizer=self.optimizer,
                                    scheduler=self.scheduler, drafter=self.drafter and self.drafter.module)
         self.step = self.saved_step = int(progress["step"])
         extras = checkpoint.load_extras(path)
         self.last_alpha_est = extras.get("last_alpha_est")
-        self.drafter_prior = extras.get("solver_alpha", self.drafter_prior)  # prepare() builds the solver with it
+        self.drafter_prior = extras.get("solver_alpha", self.drafter_prior)  # step 3 builds the solver with it
         if self.learner is not None and "drafter_learner" in extras:
             self.learner.load_state_dict(extras["drafter_learner"])
         self.after_update()
@@ -430,7 +452,10 @@ class Trainer:
         tmp.rename(out_dir)
 
     def after_update(self) -> None:
-        """The rollout engine reads the new weights (all-gather into the copy; repack)."""
+        """The rollout engine reads the new weights (all-gather into the copy; repack). A background
+        drafter update reads the rollout copy as its teacher: it must be done before the copy changes."""
+        if self.learner is not None:
+            self.learner.wait()
         self.rollout.sync()
         self.engine.sync_weights()
 

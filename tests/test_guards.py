@@ -26,7 +26,7 @@ def toy_trainer(tmp_path, tokenizer, **kw) -> Trainer:
                                 compile="off", progress=False), **kw})
     (tmp_path / "run").mkdir()
     trainer = Trainer(cfg, d=distributed.Dist(), run_dir=tmp_path / "run", tokenizer=tokenizer, log=lambda m: None)
-    trainer.prepare()
+    trainer.start()
     return trainer
 
 

@@ -56,7 +56,7 @@ def test_reward_rises_and_export_equals_actor(tmp_path, tokenizer):
     d = distributed.Dist()
     trainer = Trainer(cfg, d=d, run_dir=tmp_path / "run", tokenizer=tokenizer, log=lambda m: None)
     (tmp_path / "run").mkdir()
-    trainer.prepare()
+    trainer.start()
     history = trainer.run()
     rewards = [m["reward_mean"] for m in history]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
@@ -177,7 +177,7 @@ def test_several_updates_per_rollout_with_kl(tmp_path, tokenizer):
                       micro_tokens=64, sd="off", compile="off", progress=False)
     trainer = Trainer(cfg, d=distributed.Dist(), run_dir=tmp_path, tokenizer=tokenizer, log=lambda m: None)
     assert trainer.reference is not None
-    trainer.prepare()
+    trainer.start()
     history = trainer.run()
     assert all(m["kl"] >= 0 for m in history) and history[-1]["kl"] > 0  # k3 >= 0; > 0 once the actor moved
     assert any(m["clip_frac"] > 0 for m in history)  # later minibatches ran off-policy
