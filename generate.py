@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from compile.policy import require_tensorrt, use_persistent_cache
+from compile.policy import COMPILE_MODES, require_tensorrt, use_persistent_cache
 from models.loading import ModelLoadError, load_model, load_tokenizer, resolve_checkpoint, resolve_dtype, save_hf_checkpoint
 from models.drafter import truncated_drafter
 from models.eagle import check_eagle_fits, load_eagle
@@ -41,9 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto: bf16 on GPUs and CPUs with native bf16, else fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--eager", action="store_true", help="no torch.compile (same tokens, slower)")
-    p.add_argument("--compile-mode", choices=["regional", "whole", "tensorrt"],
+    p.add_argument("--compile-mode", choices=COMPILE_MODES,
                    help="how the steps are compiled (compile/policy.py; default: whole on CUDA, regional on CPU); "
-                        "tensorrt: the whole step by Torch-TensorRT (CUDA, requirements-trt.txt)")
+                        "regional-dynamic: one graph for all batch sizes; tensorrt: the whole step by "
+                        "Torch-TensorRT (CUDA, requirements-trt.txt)")
     p.add_argument("--kv-cache-gb", type=positive_float, default=1.0, help="size of the paged KV cache")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--drafter", help="speculative decoding with this drafter: a directory from train.py --stage "

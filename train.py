@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from compile.policy import use_persistent_cache
+from compile.policy import COMPILE_MODES, use_persistent_cache
 from models.loading import ModelLoadError, load_model, load_tokenizer
 from respec import checkpoint, distributed, guards
 from respec.cli import OneLineParser, positive_int
@@ -92,6 +92,9 @@ def parse_args(argv=None):
                    help="autocast dtype of the training forward (weights stay fp32)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default=d.compile,
                    help="torch.compile the rollout engine (auto: on CUDA only; a cold CPU compile takes minutes)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=d.compile_mode,
+                   help="how a compiled engine compiles its steps (compile/policy.py; default: whole on CUDA, "
+                        "regional on CPU; regional-dynamic: one graph for all batch sizes)")
     p.add_argument("--eager", action="store_true", help="the same as --compile off")
     p.add_argument("--kv-cache-mb", type=positive_int, default=d.kv_cache_mb,
                    help="KV block pool per rank in MiB (default: 1024 on CPU; on a GPU 40%% of its free memory)")
@@ -168,7 +171,8 @@ def config_from_args(args, world: int = 1) -> TrainConfig:
         drafter_batch=args.drafter_batch, drafter_epochs=args.drafter_epochs,
         drafter_update_interval=args.drafter_update_interval, drafter_idle_interval=args.drafter_idle_interval,
         dtype=args.dtype,
-        train_dtype=args.train_dtype, compile="off" if args.eager else args.compile, kv_cache_mb=args.kv_cache_mb, max_batch=args.max_batch,
+        train_dtype=args.train_dtype, compile="off" if args.eager else args.compile,
+        compile_mode=args.compile_mode, kv_cache_mb=args.kv_cache_mb, max_batch=args.max_batch,
         seed=args.seed, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
         export_hf=str(args.export_hf) if args.export_hf else None, progress=not args.no_progress,
     )

@@ -21,7 +21,12 @@ Policy, and why:
     step takes tens of seconds even on a GPU host); the smallest bucket is 2 rows, since the compiler
     specialises a dimension of size 1. CUDA graphs are still recorded per bucket (a few runs each).
   * Batch sizes go through buckets (1, 2, 4, 8, ...): the engine pads the active batch up to the
-    next bucket with rows that do nothing. Every bucket is one static-shape graph.
+    next bucket with rows that do nothing. Every bucket is one static-shape graph, except with a
+    dynamic batch dimension (`regional-dynamic` and whole-step compilation): one graph for all
+    buckets from 2 rows up (batch 1 is padded to 2). On 2 CPU cores (bf16, SmolLM2) that cut the cold
+    compile of plain decoding from ~40 s per bucket to 34 s in all, but its decode steps at batch
+    16-64 measured 16-86% slower than the static graphs' (docs/benchmarks.md): static buckets
+    (`regional`) stay the CPU default.
   * The block-table width (how much context the longest sequence has) is a *dynamic* dimension:
     it changes every `block_size` tokens, and the only ops that see it are a gather, a mask and
     SDPA, which cost the same compiled either way. Bucketing it too would multiply compile time.
@@ -47,6 +52,7 @@ from models.decoder import call_block
 from models.eagle import call_head
 from models.loading import cache_dir
 
+COMPILE_MODES = ("regional", "regional-dynamic", "whole", "tensorrt")  # besides eager (see above)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # Parameters of the step functions that name their sampling tails (output head + sampler, the
 # drafter's head + sampler, the verify's head + acceptance test): regional compilation compiles
@@ -92,6 +98,13 @@ def table_width(num_blocks: int) -> int:
     return max(MIN_TABLE_WIDTH, num_blocks)
 
 
+def _mark_rows_dynamic(*tensors) -> None:
+    """Dim 0 (the rows) of each tensor argument dynamic, where it has more than one row."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] > 1:
+            torch._dynamo.mark_dynamic(t, 0, min=2, max=1 << 20)
+
+
 def _mark_width_dynamic(block_tables: torch.Tensor, mask: torch.Tensor | None = None) -> None:
     torch._dynamo.mark_dynamic(block_tables, 1, min=MIN_TABLE_WIDTH, max=1 << 20)
     if mask is not None:
@@ -115,8 +128,10 @@ class CompiledSteps:
         self.eager = eager
         self.device = torch.device(device)
         self.mode = "eager" if eager else mode or ("whole" if self.device.type == "cuda" else "regional")
-        if self.mode not in ("eager", "regional", "whole", "tensorrt"):
-            raise ValueError(f"unknown compile mode {mode!r} (eager, regional, whole or tensorrt)")
+        if self.mode != "eager" and self.mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {mode!r} (eager, {', '.join(COMPILE_MODES)})")
+        # one graph for every batch size (see the module docstring), or one per batch bucket
+        self.dynamic_batch = self.mode in ("regional-dynamic", "whole", "tensorrt")
         if self.mode == "tensorrt":
             require_tensorrt(self.device)
         self._cache: dict = {}
@@ -129,21 +144,31 @@ class CompiledSteps:
 
     def _tail(self, f):
         if f not in self._tails:
-            self._tails[f] = torch.compile(f, fullgraph=True, dynamic=False)
+            graph = torch.compile(f, fullgraph=True, dynamic=False)
+
+            def tail(*args, **kwargs):
+                if self.dynamic_batch:
+                    _mark_rows_dynamic(*args)
+                return graph(*args, **kwargs)
+            self._tails[f] = tail
         return self._tails[f]
 
     def _run_block(self, block, x, cos, sin, kv):
         _mark_width_dynamic(kv.block_tables, kv.mask)
+        if self.dynamic_batch:
+            _mark_rows_dynamic(x, cos, sin, kv.block_tables, kv.slot_mapping, kv.mask)
         return self._block(block, x, cos, sin, kv)
 
     def _run_head(self, head, feature, tokens, positions, embed, kv):
         _mark_width_dynamic(kv.block_tables, kv.mask)
+        if self.dynamic_batch:
+            _mark_rows_dynamic(feature, tokens, positions, kv.block_tables, kv.slot_mapping, kv.mask)
         return self._head(head, feature, tokens, positions, embed, kv)
 
     def batch_bucket(self, n: int, max_batch: int) -> int:
         """Rows a step of `n` sequences is padded to (whole-step graphs: at least 2, see above)."""
         rows = batch_bucket(n, max_batch)
-        return max(rows, 2) if self.mode in ("whole", "tensorrt") else rows
+        return max(rows, 2) if self.dynamic_batch else rows
 
     def table_width(self, num_blocks: int) -> int:
         """Block-table width for a batch whose longest sequence has `num_blocks` blocks (whole-step
@@ -169,7 +194,7 @@ class CompiledSteps:
         if key not in self._cache:
             if self.mode == "eager":
                 step = partial(fn, **static_kwargs)
-            elif self.mode == "regional":
+            elif self.mode in ("regional", "regional-dynamic"):
                 params = inspect.signature(fn).parameters
                 regions = {name: region for name, region in (("run_block", self._run_block), ("run_head", self._run_head))
                            if name in params}

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from compile.policy import COMPILE_MODES
 from models.eagle import save_eagle
 from models.loading import cache_dir, load_model, load_tokenizer, resolve_dtype
 from respec import checkpoint, distributed, grpo, guards, rewards
@@ -111,6 +112,7 @@ class TrainConfig:
     # than a whole default run; with a warm cache (`--compile on` after one compiled run) decoding is
     # 1.2-1.4x faster than eager.
     compile: str = "auto"  # auto | on | off
+    compile_mode: str | None = None  # with compile on: compile/policy.py COMPILE_MODES (default per device)
     kv_cache_mb: int = 0  # KV block pool per rank; 0 = per device (respec/kv_cache.py: default_pool_bytes)
     max_batch: int = 64  # most sequences decoding at once per rank
     # --- run ---
@@ -131,6 +133,9 @@ class TrainConfig:
                              f"{self.minibatches}")
         if self.compile not in ("auto", "on", "off"):
             raise ValueError(f"--compile must be auto, on or off, got {self.compile!r}")
+        if self.compile_mode is not None and (self.compile_mode not in COMPILE_MODES or self.compile == "off"):
+            raise ValueError(f"--compile-mode {self.compile_mode} needs a compiled engine (--compile on or auto) and "
+                             f"one of {', '.join(COMPILE_MODES)}")
         if self.sd not in ("off", "on", "adaptive"):
             raise ValueError(f"--sd must be off, on or adaptive, got {self.sd!r}")
         if self.drafter_update not in DRAFTER_UPDATES:
@@ -276,6 +281,7 @@ class Trainer:
         pool = cfg.kv_cache_mb << 20 if cfg.kv_cache_mb else default_pool_bytes(device)  # after the models, on a GPU
         self.engine = RolloutEngine(self.rollout.model, kv_cache_bytes=pool, max_batch=cfg.max_batch,
                                     eos_token_ids=sorted(e for e in eos_ids if e is not None), eager=not self.compiled,
+                                    compile_mode=cfg.compile_mode,
                                     drafter=self.drafter, num_draft_tokens=cfg.k if self.drafter is not None else 0)
         self.learner = None
         if master is not None and DRAFTER_UPDATES[cfg.drafter_update] is not None:
