@@ -166,7 +166,8 @@ class CompiledSteps:
         return self._head(head, feature, tokens, positions, embed, kv)
 
     def batch_bucket(self, n: int, max_batch: int) -> int:
-        """Rows a step of `n` sequences is padded to (whole-step graphs: at least 2, see above)."""
+        """Rows a step of `n` sequences is padded to (with a dynamic batch dimension at least 2: the
+        compiler would specialise a dimension of size 1, see above)."""
         rows = batch_bucket(n, max_batch)
         return max(rows, 2) if self.dynamic_batch else rows
 
