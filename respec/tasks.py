@@ -120,6 +120,7 @@ class JsonlTask:
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read data file {path}: {e.strerror if isinstance(e, OSError) else e}") from e
         self.items: list[tuple[str, str]] = []
+        self.linenos: list[int] = []  # the file line of each item
         for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -132,6 +133,7 @@ class JsonlTask:
                 raise ValueError(f"{path}:{lineno}: expected a JSON object with 'question' and an 'answer' "
                                  "ending in '#### <number>'") from None
             self.items.append((question, answer.rsplit("####", 1)[1].strip()))
+            self.linenos.append(lineno)
         if not self.items:
             raise ValueError(f"data file {path} has no problems")
 
@@ -140,6 +142,11 @@ class JsonlTask:
         order = list(range(len(self.items)))
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return order
+
+    def located_problems(self) -> list[tuple[str, Problem]]:
+        """Every problem with where it comes from ("file:line"), so all can be checked up front."""
+        return [(f"{self.name}:{lineno}", Problem(q, a, numeric_scorer(a)))
+                for lineno, (q, a) in zip(self.linenos, self.items)]
 
     def problems(self, start: int, n: int) -> list[Problem]:
         out = []

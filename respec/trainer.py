@@ -240,6 +240,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.actor = load_model(cfg.model, dtype=torch.float32, device=device, seed=cfg.seed)
         self.actor.requires_grad_(True)
+        self._check_prompts(self.actor.cfg.max_position_embeddings)  # before any pretraining or writing
         # Model FLOPs per trained token (forward + backward = 6 per weight): every weight but the
         # embedding's for every token, the output head's only for completion tokens (the only
         # positions it runs on, grpo.token_logprobs).
@@ -298,6 +299,18 @@ class Trainer:
         self.started = False  # start() ran
         self.peak_flops = 0.0  # set by start()
         self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    def _check_prompts(self, limit: int) -> None:
+        """A task read from a file: every prompt must fit the model's context (`limit` tokens) with
+        room for one new token, checked before anything is written (a generated task's prompts
+        are short)."""
+        located = getattr(self.task, "located_problems", None)
+        if located is None:
+            return
+        for where, problem in located():
+            n = len(chat_prompt(self.tok, problem.messages()))
+            if n >= limit:
+                raise ValueError(f"{where}: prompt of {n} tokens does not fit the model's context of {limit}")
 
     # ------------------------------------------------------------------------------------------
     def start(self, checkpoint_dir: Path | None = None) -> dict:

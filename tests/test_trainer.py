@@ -143,12 +143,16 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path):
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("precious")
+    long = tmp_path / "long.jsonl"  # its second problem is longer than tiny's 2048-token context
+    long.write_text('{"question": "1+1?", "answer": "#### 2"}\n' + '{"question": "' + "one " * 3000
+                    + '?", "answer": "#### 1"}\n')
     not_a_run = tmp_path / "not_a_run"
     not_a_run.mkdir()
     cases = {
         "unknown task": (["--task", "no_such_task"], "cannot create reasoning-gym task"),
         "unreadable data": (["--data", str(tmp_path / "missing.jsonl")], "cannot read data file"),
         "malformed line": (["--data", str(malformed)], "malformed.jsonl:2:"),
+        "prompt too long": (["--data", str(long)], "long.jsonl:2: prompt of"),
         "G < 2": (["--group", "1"], "--group must be >= 2"),
         "bad task config": (["--task-config", "{not json"], "--task-config is not valid JSON"),
         "existing out": (["--out", str(existing)], "refusing to overwrite"),
