@@ -120,3 +120,17 @@ def test_accept_len_counts_only_steps_that_speculated():
     assert vals == [1.0, 1.5, 1.0, 2.0]
     alone = per_step({0: adaptive}, "accept_len", sd_only=True)
     assert math.isnan(alone[0]) and alone[1] == 2.0 and math.isnan(alone[2])
+
+
+def test_acceptance_plot_leaves_out_steps_that_did_not_speculate(tmp_path):
+    import json
+
+    from respec.lab.plot import measured_acceptance, plot_run
+
+    rows = [{"step": i + 1, "accept_len": a, "sd_fraction": f, "reward_mean": 0.1, "accuracy": 0.1, "format_rate": 1.0,
+             "rollout_s": 1.0, "reward_s": 0.0, "train_s": 1.0, "drafter_s": 0.0, "rollout_tok_s": 10.0}
+            for i, (a, f) in enumerate([(1.4, 0.3), (0.0, 0.0), (1.6, 0.1)])]
+    assert measured_acceptance(rows) == [(1, 1.4), (3, 1.6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    written = plot_run(tmp_path)
+    assert (tmp_path / "plots" / "acceptance.png") in written

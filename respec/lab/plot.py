@@ -80,12 +80,20 @@ def plot_run(run_dir: Path) -> list[Path]:
     finish(fig, ax, "throughput.png", "tokens/s")
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, col("accept_len"), marker="o", label="measured accept_len (tokens per verify)")
+    measured = measured_acceptance(rows)
+    if measured:
+        ax.plot(*zip(*measured), marker="o", linestyle="", label="measured accept_len (steps that speculated)")
     est = [(r["step"], r["accept_est"]) for r in rows if "accept_est" in r]
     if est:
         ax.plot(*zip(*est), marker="x", label="estimated (1 - TV, at the largest k)")
     finish(fig, ax, "acceptance.png", "tokens per verify step")
     return written
+
+
+def measured_acceptance(rows: list[dict]) -> list[tuple[int, float]]:
+    """(step, accept_len) of the steps whose rollout speculated; the others verified nothing, so
+    they have no acceptance to draw (not 0 tokens per verify)."""
+    return [(r["step"], r["accept_len"]) for r in rows if r.get("sd_fraction", 0) > 0]
 
 
 def acceptance_pairs(rows: list[dict]) -> list[tuple[list[float], list[float], float, float]]:
@@ -145,7 +153,7 @@ def plot_compare(run_dirs: list[Path], out: Path) -> Path:
     fig, (acc, rew) = plt.subplots(1, 2, figsize=(11, 4))
     for i, run in enumerate(run_dirs):
         rows, color = read_metrics(run), f"C{i}"
-        measured = [(r["step"], r["accept_len"]) for r in rows if r.get("accept_len")]
+        measured = measured_acceptance(rows)
         if measured:
             acc.plot(*zip(*measured), color=color, marker="o", ms=3, label=f"{Path(run).name}")
         est = [(r["step"], r["accept_est"]) for r in rows if "accept_est" in r]
