@@ -533,6 +533,7 @@ class Trainer:
             "n": n, "r_sum": sum(s.reward for s in scored), "r_sq": sum(s.reward ** 2 for s in scored),
             "correct": sum(s.correct >= 1.0 for s in scored), "formatted": sum(s.formatted for s in scored),
             "resp_tokens": sum(len(c.token_ids) for c in completions),
+            "truncated": sum(c.finish_reason == "length" for c in completions),
             "signal": sum(len(set(row)) > 1 for row in r.tolist()), "generated": stats.generated_tokens,
             "dsteps": len(stats.chosen_k), "sd_steps": sum(1 for k in stats.chosen_k if k > 0),
             "sd_rows": stats.sd_rows, "sd_emitted": stats.sd_emitted,
@@ -564,6 +565,7 @@ class Trainer:
             "format_rate": round(sums["formatted"] / n, 4),
             "groups_with_signal": round(sums["signal"] / (n / G), 4),
             "response_len_mean": round(sums["resp_tokens"] / n, 2),
+            "truncated_frac": round(sums["truncated"] / n, 4),  # completions cut at --max-new-tokens
             **upd,
             "lr": self.scheduler.get_last_lr()[0],
             "rollout_s": round(rollout_max, 3),

@@ -61,6 +61,10 @@ def test_reward_rises_and_export_equals_actor(tmp_path, tokenizer):
     rewards = [m["reward_mean"] for m in history]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.3, rewards
+    # completions cut at the 8-token limit: each has 8 tokens, so they bound the mean length from below
+    for m in history:
+        assert 0 <= m["truncated_frac"] <= 1 and 8 * m["truncated_frac"] <= m["response_len_mean"] + 1e-6, m
+        assert m["truncated_frac"] == 1 or m["response_len_mean"] < 8  # all 8 long: all were cut
     assert all(m["grad_norm"] > 0 for m in history[:3])
 
     # The exported directory loads in transformers and gives the actor's logits.
