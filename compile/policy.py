@@ -102,7 +102,7 @@ def _mark_rows_dynamic(*tensors) -> None:
     """Dim 0 (the rows) of each tensor argument dynamic, where it has more than one row."""
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] > 1:
-            torch._dynamo.mark_dynamic(t, 0, min=2, max=1 << 20)
+            torch._dynamo.mark_dynamic(t, 0, min=2, max=1 << 16)
 
 
 def _mark_width_dynamic(block_tables: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -146,11 +146,10 @@ class CompiledSteps:
         if f not in self._tails:
             graph = torch.compile(f, fullgraph=True, dynamic=False)
 
-            def tail(*args, **kwargs):
-                if self.dynamic_batch:
-                    _mark_rows_dynamic(*args)
+            def rows_dynamic(*args, **kwargs):
+                _mark_rows_dynamic(*args)
                 return graph(*args, **kwargs)
-            self._tails[f] = tail
+            self._tails[f] = rows_dynamic if self.dynamic_batch else graph
         return self._tails[f]
 
     def _run_block(self, block, x, cos, sin, kv):
@@ -211,9 +210,7 @@ class CompiledSteps:
 
                 def step(*args, _graph=graph, **kwargs):
                     inputs = signature.bind_partial(*args, **kwargs).arguments
-                    for t in inputs.values():  # per-row inputs (the pools come as lists, weights as modules)
-                        if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] > 1:
-                            torch._dynamo.mark_dynamic(t, 0, min=2, max=1 << 16)
+                    _mark_rows_dynamic(*inputs.values())  # (the pools come as lists, the weights as modules)
                     _mark_width_dynamic(inputs["block_tables"])
                     if not cuda_graphs:
                         return _graph(*args, **kwargs)
