@@ -9,7 +9,8 @@ update, `submit` hands the learner the step's completions and their weights w(r)
      estimate); stored with each sequence's weight in a replay buffer;
   2. every `interval` steps one drafter update: `epochs` passes over the buffer in minibatches of
      `batch` sequences (over all ranks), each one AdamW step on the training-time-test loss of
-     respec/drafter_training.py weighted as respec/kd_loss.py says; the buffer is then emptied;
+     respec/drafter_training.py weighted as respec/kd_loss.py says, its forward under autocast to the
+     rollout dtype (bf16 where native; fp32 master weights and optimizer); the buffer is then emptied;
   3. from the same forwards (first pass only: data the head has not been trained on yet), the
      acceptance estimate alpha_j = mean over tokens of 1 - TV(p_actor, q_draft) at draft position j,
      which goes to the solver (`AdaptiveK.set_alpha`): a drafter that starts weak is trained while
@@ -205,15 +206,19 @@ class OnlineLearner:
         accepted, counts = [0.0] * cfg.unroll, [0] * cfg.unroll
         kl_sum, kl_n, opt_steps = 0.0, 0, 0
         device = self.head.fc.weight.device
+        # the forward in the rollout copy's dtype (bf16 where it is native: `--dtype auto`), as in
+        # pretraining; the master weights, AdamW and the loss's softmaxes stay fp32
+        compute_dtype = model.embed_tokens.weight.dtype
         self.head.train()
         for epoch in range(cfg.epochs):
             for idx in minibatches:
                 tokens, taps, final, mask, lse = (t.to(device) for t in collate(seqs, feats, idx))
                 w = weights[idx].to(device)
                 (denom,) = self._all_reduce([float((w.view(-1, 1) * mask).sum())])
-                loss, per_step = head_loss(self.head, model, (tokens, taps, final, mask), cfg.unroll,
-                                           weights=w, denom=max(denom, 1e-12), temperature=cfg.temperature,
-                                           lse=lse if epoch == 0 else None)
+                with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+                    loss, per_step = head_loss(self.head, model, (tokens, taps, final, mask), cfg.unroll,
+                                               weights=w, denom=max(denom, 1e-12), temperature=cfg.temperature,
+                                               lse=lse if epoch == 0 else None)
                 if epoch == 0:
                     for s, st in enumerate(per_step):
                         accepted[s] += st["accepted"]

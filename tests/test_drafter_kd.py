@@ -144,6 +144,21 @@ def test_learner_learns_and_swaps_between_rollouts(tiny, rollouts):
     assert engine.stats.sd_steps > 0
 
 
+def test_learner_forward_runs_in_the_rollout_dtype_and_keeps_an_fp32_master(tiny, rollouts):
+    """With a bf16 rollout copy (`--dtype auto` where bf16 is native) the head's forward runs under
+    bf16 autocast: the master weights and their AdamW state stay fp32, and the head still learns."""
+    seqs, plens = rollouts
+    teacher = copy.deepcopy(tiny).to(torch.bfloat16)
+    learner, engine = make_learner(teacher, seqs)
+    seen = []
+    handle = learner.head.fc.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    history = [learner.submit(teacher, seqs, plens, torch.ones(len(seqs)), s) or learner.collect() for s in range(6)]
+    handle.remove()
+    assert set(seen) == {torch.bfloat16}, seen
+    assert all(p.dtype == torch.float32 for p in learner.head.parameters())
+    assert all(v.dtype == torch.float32 for st in learner.opt.state.values() for v in st.values() if v.dim() > 0)
+    assert history[-1]["kd_loss"] < 0.7 * history[0]["kd_loss"], [h["kd_loss"] for h in history]
+
 def test_background_update_equals_synchronous_and_waits_for_the_swap(tiny, rollouts):
     seqs, plens = rollouts
     weights = sequence_weights("reward", torch.tensor([0.0, 1.0, 0.0, 1.1, 0.1, 1.0, 0.0, 0.0]))
