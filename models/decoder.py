@@ -1,8 +1,10 @@
-"""The target model: one decoder for the Qwen2 / Qwen2.5 / Llama / SmolLM2 family.
+"""The target model: one decoder for the Qwen2 / Qwen2.5 / Qwen3 / Llama / SmolLM2 family.
 
 Everything the family shares is here: RMSNorm, rotary position embeddings (RoPE, theta from the
-config), grouped-query attention (GQA), a SwiGLU MLP, optional q/k/v bias (Qwen2) and tied or
-untied input/output embeddings. Differences from the Hugging Face modules, on purpose:
+config, with Llama 3's frequency scaling where the config asks for it), grouped-query attention
+(GQA), a SwiGLU MLP, optional q/k/v bias (Qwen2), optional per-head RMSNorm of q and k before RoPE
+(Qwen3) and tied or untied input/output embeddings. Differences from the Hugging Face modules, on
+purpose:
 
 * q/k/v are one fused `qkv_proj` and gate/up one fused `gate_up_proj`: one matrix product instead
   of three (two) per layer, which matters when decoding is bound by reading weights. Loading maps
@@ -20,6 +22,7 @@ Parallelism (FSDP2) and compilation are applied from outside (`respec/`, `compil
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -44,6 +47,10 @@ class ModelConfig:
     max_position_embeddings: int = 8192  # longest sequence (prompt + completion) the model takes
     tie_word_embeddings: bool = True  # output head shares the input embedding matrix
     qkv_bias: bool = False  # Qwen2 has a bias on q/k/v; Llama does not
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k (head_dim wide) before RoPE
+    # Llama 3.x long-context RoPE: {"factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"}; None = plain RoPE
+    rope_llama3: dict | None = None
     bos_token_id: int | None = None  # from the checkpoint, informational
     eos_token_id: int | list[int] | None = None  # stop token(s) from the checkpoint
 
@@ -56,12 +63,16 @@ class ModelConfig:
     def from_hf(cls, hf: dict) -> "ModelConfig":
         """Read a Hugging Face `config.json` (as a dict) of a Llama- or Qwen2-family model."""
         model_type = hf.get("model_type", "llama")
-        if model_type not in ("llama", "qwen2", "mistral"):
-            raise ValueError(f"unsupported model_type {model_type!r} (respec runs llama/qwen2-family decoders)")
+        if model_type not in ("llama", "qwen2", "qwen3", "mistral"):
+            raise ValueError(f"unsupported model_type {model_type!r} (respec runs llama/qwen2/qwen3-family decoders)")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", None):
-            raise ValueError(f"unsupported RoPE scaling {rope_type!r} (only plain RoPE is implemented)")
+        if rope_type not in ("default", "llama3", None):
+            raise ValueError(f"unsupported RoPE scaling {rope_type!r} (plain RoPE and Llama 3's are implemented)")
+        llama3 = None
+        if rope_type == "llama3":
+            llama3 = {k: float(rope[k]) for k in ("factor", "low_freq_factor", "high_freq_factor")}
+            llama3["original_max_position_embeddings"] = int(rope["original_max_position_embeddings"])
         theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         num_heads = hf["num_attention_heads"]
         return cls(
@@ -78,16 +89,22 @@ class ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             # Qwen2 configs do not say it: the architecture always has the bias.
             qkv_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            qk_norm=model_type == "qwen3",
+            rope_llama3=llama3,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
         )
 
     def to_hf(self) -> dict:
-        """The Hugging Face `config.json` for this model (Qwen2 if it has q/k/v bias, else Llama)."""
-        qwen = self.qkv_bias
+        """The Hugging Face `config.json` for this model: Qwen3 if it normalises q/k, Qwen2 if it has
+        a q/k/v bias, else Llama."""
+        kind = "qwen3" if self.qk_norm else "qwen2" if self.qkv_bias else "llama"
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_llama3:
+            rope = {**rope, "rope_type": "llama3", **self.rope_llama3}
         return {
-            "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
-            "model_type": "qwen2" if qwen else "llama",
+            "architectures": [{"qwen3": "Qwen3", "qwen2": "Qwen2", "llama": "Llama"}[kind] + "ForCausalLM"],
+            "model_type": kind,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -96,11 +113,12 @@ class ModelConfig:
             "num_key_value_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
             "rope_theta": self.rope_theta,
+            "rope_parameters": rope,
             "rms_norm_eps": self.rms_norm_eps,
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": "silu",
-            **({} if qwen else {"attention_bias": False, "mlp_bias": False}),
+            **({} if kind == "qwen2" else {"attention_bias": self.qkv_bias, "mlp_bias": False}),
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
         }
@@ -159,9 +177,23 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def llama3_frequencies(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                       original_max_position_embeddings: int) -> torch.Tensor:
+    """Llama 3's RoPE scaling: rotations whose wavelength is short against the original context
+    keep their frequency, long ones are slowed down `factor` times, and the band between the two
+    wavelength bounds (original context / low_freq_factor and / high_freq_factor) blends the two
+    linearly in original context / wavelength."""
+    wavelength = 2 * math.pi / inv_freq
+    blend = (original_max_position_embeddings / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blend = blend.clamp(0.0, 1.0)  # 1: short wavelengths, kept; 0: long ones, divided by factor
+    return blend * inv_freq + (1 - blend) * inv_freq / factor
+
+
 def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (max_position_embeddings, head_dim), fp32, in the rotate-half layout."""
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim))
+    if cfg.rope_llama3:
+        inv_freq = llama3_frequencies(inv_freq, **cfg.rope_llama3)
     t = torch.arange(cfg.max_position_embeddings, device=device).float()
     freqs = torch.outer(t, inv_freq)  # (P, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (P, D)
@@ -185,6 +217,9 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(in_features or cfg.hidden_size, q_out + 2 * kv_out, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=False)
         self.split = (q_out, kv_out, kv_out)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, kv: LayerKV | None, *, attend=None) -> torch.Tensor:
         """Attention of the tokens x (B, T, in) over the cache `kv` (or causally over themselves when
@@ -197,6 +232,8 @@ class Attention(nn.Module):
         q = q.view(B, T, cfg.num_heads, cfg.head_dim)  # (B, T, H, D)
         k = k.view(B, T, cfg.num_kv_heads, cfg.head_dim)  # (B, T, Hkv, D)
         v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim)  # (B, T, Hkv, D)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if attend is not None:
             out = attend(q, k, v)
@@ -240,7 +277,7 @@ def call_block(block: Block, x, cos, sin, kv: LayerKV | None) -> torch.Tensor:
 
 
 class Decoder(nn.Module):
-    """A Llama/Qwen2-family causal LM. Build on the meta device and load with `assign=True`."""
+    """A Llama/Qwen2/Qwen3-family causal LM. Build on the meta device and load with `assign=True`."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -7,7 +7,11 @@
   * a path to a `.gguf` file: transformers (with `gguf`) dequantizes it once, and the result is
     cached as a Hugging Face checkpoint (config.json + model.safetensors + tokenizer) under the
     cache directory, so every later load is a two-second safetensors read;
-  * a Hugging Face checkpoint directory of a Llama / Qwen2 / Qwen2.5 / SmolLM2 model.
+  * a Hugging Face checkpoint directory of a Llama (3.x included) / Qwen2 / Qwen2.5 / Qwen3 /
+    SmolLM2 model;
+  * a Hugging Face Hub id (`Qwen/Qwen2.5-0.5B-Instruct`): its snapshot in the local Hugging Face
+    cache (`HF_HUB_CACHE`, read without the network), else downloaded into that cache where the
+    machine can reach the Hub (config, safetensors weights and tokenizer files only).
 
 The model is built on the meta device and the weights are attached with `assign=True`: no random
 init is ever paid for a checkpoint. Every failure is a `ModelLoadError` with a one-line message.
@@ -21,6 +25,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,6 +39,11 @@ MODEL_PRESETS = ("tiny", "smollm2-135m", "random-smollm2-135m", "random-qwen2.5-
 # The tokenizer of the random-weight presets (tiny, random-*): SmolLM2's, from its GGUF, or from the
 # directory this variable names (a machine without the GGUF package, e.g. the GPU check's).
 TOKENIZER_ENV = "RESPEC_TOKENIZER"
+
+
+# owner/name, as the Hub spells model ids; checked only after no file or directory of that name exists
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
 
 
 class ModelLoadError(ValueError):
@@ -73,7 +83,7 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------
 
 def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Map a Hugging Face Llama/Qwen2 state dict onto `Decoder`'s names, fusing q/k/v and gate/up."""
+    """Map a Hugging Face Llama/Qwen2/Qwen3 state dict onto `Decoder`'s names, fusing q/k/v and gate/up."""
     def take(name: str) -> torch.Tensor:
         if name not in hf:
             raise ModelLoadError(f"checkpoint is missing tensor {name}")
@@ -88,6 +98,9 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
         out[q + "self_attn.qkv_proj.weight"] = torch.cat([take(a + f"{n}_proj.weight") for n in "qkv"])
         if cfg.qkv_bias:
             out[q + "self_attn.qkv_proj.bias"] = torch.cat([take(a + f"{n}_proj.bias") for n in "qkv"])
+        if cfg.qk_norm:
+            for n in ("q_norm", "k_norm"):
+                out[q + f"self_attn.{n}.weight"] = take(a + f"{n}.weight")
         out[q + "self_attn.o_proj.weight"] = take(a + "o_proj.weight")
         out[q + "mlp.gate_up_proj.weight"] = torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")])
         out[q + "mlp.down_proj.weight"] = take(m + "down_proj.weight")
@@ -110,6 +123,9 @@ def to_hf_state_dict(model: Decoder) -> dict[str, torch.Tensor]:
             for n, t in zip("qkv", parts):
                 out[p + f"self_attn.{n}_proj.{kind}"] = t
         out[p + "self_attn.o_proj.weight"] = sd[q + "self_attn.o_proj.weight"]
+        if cfg.qk_norm:
+            for n in ("q_norm", "k_norm"):
+                out[p + f"self_attn.{n}.weight"] = sd[q + f"self_attn.{n}.weight"]
         gate, up = sd[q + "mlp.gate_up_proj.weight"].chunk(2)
         out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
         out[p + "mlp.down_proj.weight"] = sd[q + "mlp.down_proj.weight"]
@@ -254,6 +270,22 @@ def random_model(cfg: ModelConfig, *, dtype=torch.float32, device="cpu", seed: i
     return model.to(device=device, dtype=dtype).eval()
 
 
+def hub_checkpoint(repo_id: str) -> Path:
+    """The snapshot directory of a Hub model id: the local cache's, else a fresh download."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=HUB_FILES))
+    except Exception:  # not cached (the hub raises several kinds): try the network
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"model {repo_id!r}: no such file or directory, and no Hugging Face model of that id in the "
+                             f"local cache nor one to download ({reason[:160]})") from e
+
+
 def resolve_checkpoint(spec: str) -> Path | None:
     """The checkpoint directory a spec names, converting GGUF if needed; None for a random-weight
     preset (tiny, random-*)."""
@@ -270,10 +302,13 @@ def resolve_checkpoint(spec: str) -> Path | None:
         return path
     if path.exists():
         raise ModelLoadError(f"{path} is neither a checkpoint directory nor a .gguf file")
+    if HUB_ID.fullmatch(spec):
+        return hub_checkpoint(spec)
     if os.sep in spec or spec.startswith("."):
         raise ModelLoadError(f"model path not found: {path}")
     raise ModelLoadError(
-        f"unknown model {spec!r}: expected a preset ({', '.join(MODEL_PRESETS)}), a .gguf file or a checkpoint directory"
+        f"unknown model {spec!r}: expected a preset ({', '.join(MODEL_PRESETS)}), a .gguf file, a checkpoint directory "
+        "or a Hugging Face model id (owner/name)"
     )
 
 

@@ -17,6 +17,12 @@ from models.loading import load_model, load_tokenizer, random_model, resolve_che
 TINY_LLAMA = dataclasses.replace(PRESETS["tiny"], qkv_bias=False, tie_word_embeddings=False, vocab_size=512,
                                  rope_theta=50000.0)
 TINY_QWEN2 = dataclasses.replace(PRESETS["tiny"], vocab_size=512)
+TINY_QWEN3 = dataclasses.replace(PRESETS["tiny"], vocab_size=512, qkv_bias=False, qk_norm=True)
+# Llama 3.x RoPE scaling with an "original context" of 64 positions, so that the tiny model's eight
+# rotation frequencies fall in all three bands (kept, blended, slowed down)
+TINY_LLAMA3 = dataclasses.replace(TINY_LLAMA, rope_llama3={"factor": 8.0, "low_freq_factor": 1.0,
+                                                           "high_freq_factor": 4.0,
+                                                           "original_max_position_embeddings": 64})
 
 
 def hf_from_dir(path, dtype=torch.float32):
@@ -49,10 +55,16 @@ def smollm2_hf():
 
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory):
-    """{name: (our model, transformers' model)} on the same random weights."""
+    """{name: (our model, transformers' model, checkpoint dir)} on the same random weights (the
+    norms' too: a swapped q_norm / k_norm must show)."""
     pairs = {}
-    for name, cfg in (("qwen2", TINY_QWEN2), ("llama", TINY_LLAMA)):
+    for name, cfg in (("qwen2", TINY_QWEN2), ("llama", TINY_LLAMA), ("qwen3", TINY_QWEN3), ("llama3", TINY_LLAMA3)):
         ours = random_model(cfg, seed=1)
+        gen = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for n, p in ours.named_parameters():
+                if n.endswith("norm.weight"):
+                    p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
         path = tmp_path_factory.mktemp("hf") / name
         save_hf_checkpoint(ours, path)
         pairs[name] = (ours, hf_from_dir(path), path)

@@ -6,10 +6,11 @@ import torch
 from models.loading import load_model
 
 
-@pytest.mark.parametrize("name", ["qwen2", "llama"])
+@pytest.mark.parametrize("name", ["qwen2", "llama", "qwen3", "llama3"])
 def test_tiny_logits_match_transformers(tiny_pair, name):
     ours, hf, _ = tiny_pair[name]
     assert ours.cfg.qkv_bias == (name == "qwen2")
+    assert type(hf).__name__ == {"qwen2": "Qwen2", "qwen3": "Qwen3"}.get(name, "Llama") + "ForCausalLM"
     ids = torch.randint(0, ours.cfg.vocab_size, (2, 37), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         mine = ours.logits(ours(ids))
@@ -17,6 +18,23 @@ def test_tiny_logits_match_transformers(tiny_pair, name):
     diff = (mine - theirs).abs().max().item()
     print(f"tiny {name}: max |logit diff| = {diff:.2e}")
     assert diff <= 1e-4
+
+
+def test_qk_norm_and_llama3_rope_change_the_logits(tiny_pair):
+    """The two features the qwen3 / llama3 pairs check are not no-ops on these weights: without them
+    the same weights give other logits (so the matches above have power)."""
+    import dataclasses
+
+    from models.decoder import Decoder
+
+    ids = torch.randint(0, 512, (1, 37), generator=torch.Generator().manual_seed(0))
+    for name, change in (("qwen3", {"qk_norm": False}), ("llama3", {"rope_llama3": None})):
+        ours = tiny_pair[name][0]
+        plain = Decoder(dataclasses.replace(ours.cfg, **change))
+        plain.load_state_dict(ours.state_dict(), strict=False)  # (qwen3: the q/k norms are left out)
+        with torch.no_grad():
+            diff = (ours.logits(ours(ids)) - plain.logits(plain(ids))).abs().max().item()
+        assert diff > 1e-3, (name, diff)  # ten times the matches' tolerance (1e-4)
 
 
 def test_smollm2_logits_match_transformers(smollm2, smollm2_hf, tokenizer):
@@ -61,3 +79,28 @@ def test_real_shape_presets_match_transformers(tmp_path, preset):
     with torch.no_grad():
         diff = (ours.logits(ours(ids)) - hf(ids).logits.float()).abs().max().item()
     assert diff <= 1e-4, diff
+
+
+def test_model_by_hub_id_from_a_fake_local_cache(tiny_pair, tmp_path, monkeypatch):
+    """`--model owner/name` reads the snapshot from the local Hugging Face cache, offline; an id
+    that is not there is one clear error."""
+    import shutil
+
+    import huggingface_hub.constants as hub
+
+    from models.loading import ModelLoadError
+
+    ours, _, path = tiny_pair["qwen3"]
+    repo = tmp_path / "models--acme--tiny-qwen3"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(path, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    again = load_model("acme/tiny-qwen3", dtype=torch.float32)
+    assert again.cfg.qk_norm
+    for (n1, p1), (n2, p2) in zip(ours.state_dict().items(), again.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    with pytest.raises(ModelLoadError, match="no Hugging Face model of that id in the local cache"):
+        load_model("acme/not-there")
