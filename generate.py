@@ -36,7 +36,8 @@ from respec.tasks import DEFAULT_TASK, chat_prompt, make_problems
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineParser(prog="generate.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m", help="preset (smollm2-135m, tiny), .gguf file or HF checkpoint dir")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="preset (smollm2-135m, tiny, random-*), .gguf file, HF checkpoint dir or Hub id (owner/name)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
                    help="auto: bf16 on GPUs and CPUs with native bf16, else fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -45,7 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="how the steps are compiled (compile/policy.py; default: whole on CUDA, regional on CPU); "
                         "regional-dynamic: one graph for all batch sizes; tensorrt: the whole step by "
                         "Torch-TensorRT (CUDA, requirements-trt.txt)")
-    p.add_argument("--kv-cache-gb", type=positive_float, default=1.0, help="size of the paged KV cache")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--kv-cache-mb", type=positive_int, default=None,
+                      help="size of the paged KV cache in MiB (default 1024; the same option as train.py's)")
+    size.add_argument("--kv-cache-gb", type=positive_float, default=None, help="the same in GiB")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--drafter", help="speculative decoding with this drafter: a directory from train.py --stage "
                                      "drafter, auto (the default head train.py uses for --task, pretrained once if "
@@ -79,7 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     w.add_argument("--longtail-tokens", type=positive_int, default=256, help="token limit of a long-tail rollout")
     w.add_argument("--sweep-reps", type=positive_int, default=2, help="runs per grid point (the fastest counts)")
     w.add_argument("--plot", type=Path, help="PNG of measured and predicted throughput (default: next to --json)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.kv_cache_gb = args.kv_cache_mb / 1024 if args.kv_cache_mb else args.kv_cache_gb or 1.0
+    return args
 
 
 def parse_device(spec: str) -> torch.device:

@@ -1,8 +1,22 @@
-"""What generate.py and train.py share on the command line: one-line errors and checked numbers."""
+"""What generate.py and train.py share on the command line: one-line errors, checked numbers, and
+options generated from config dataclasses.
+
+A config dataclass declares each option once, as a field made by `option(default, help, ...)`;
+`add_options` turns the fields into argparse options (`--max-new-tokens`, also spelled
+`--max_new_tokens`, plus any aliases such as TRL's `--max_completion_length`) with their help,
+choices and types, and `given_options` returns only what the user set, on the command line or in a
+`--config FILE` (YAML or JSON, the same names; flags override the file). Knowing what was *given*,
+not just the values, is what lets train.py refuse an option that does not apply to the chosen
+stage, or one a resumed run cannot change.
+"""
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
+import json
+from pathlib import Path
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -34,3 +48,150 @@ def positive_float(text: str) -> float:
 
 def positive_int_list(text: str) -> list[int]:
     return [positive_int(t) for t in text.split(",") if t.strip()] or [positive_int(text)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Options declared once, on the config dataclass
+# ----------------------------------------------------------------------------------------------
+
+def option(default, help: str, *, choices=None, aliases: tuple[str, ...] = (), flag: str | None = None):
+    """A config field that is also a command-line option. `flag` renames it (`--reward` for
+    `rewards`; for a bool, a switch that sets the opposite of the default, e.g. `--no-progress`);
+    `aliases` are other names in underscore form (TRL's), accepted on the command line and in files."""
+    meta = {"help": help, "choices": choices, "aliases": aliases, "flag": flag}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _on_off(text: str) -> bool:
+    table = {"on": True, "true": True, "yes": True, "1": True, "off": False, "false": False, "no": False, "0": False}
+    if text.lower() not in table:
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return table[text.lower()]
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def option_fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if "help" in f.metadata}
+
+
+def _kind(f: dataclasses.Field) -> str:
+    return str(f.type).split("|")[0].strip()  # "int", "float", "str", "bool", "dict", "list"
+
+
+def add_options(parser: argparse.ArgumentParser, configs: dict[str, type]) -> dict[str, set[str]]:
+    """Add the options of the config classes {stage: class} (a field in several is added once, its
+    help naming each stage's default where they differ); returns {stage: its option names}. Every
+    option defaults to "not given" (absent from the namespace)."""
+    stages = {stage: set(option_fields(cls)) for stage, cls in configs.items()}
+    seen: set[str] = set()
+    for stage, cls in configs.items():
+        group = parser.add_argument_group(f"--stage {stage}" if len(configs) > 1 else "options")
+        for name, f in option_fields(cls).items():
+            if name in seen:
+                continue
+            seen.add(name)
+            defaults = {s: _default(c, name) for s, c in configs.items() if name in stages[s]}
+            shown = " / ".join(f"{s}: {d!r}" for s, d in defaults.items()) if len(set(map(repr, defaults.values()))) > 1 \
+                else repr(defaults[stage])
+            others = [s for s in configs if name in stages[s] and s != stage]
+            where = f" [also --stage {', '.join(others)}]" if others and len(configs) > 1 else ""
+            meta, kind = f.metadata, _kind(f)
+            switch = kind == "bool" and meta["flag"]  # (its name would read as the opposite: --progress)
+            names = [meta["flag"] or "--" + name.replace("_", "-")]
+            names += [n for n in ((() if switch else ("--" + name,)) + tuple("--" + a for a in meta["aliases"]))
+                      if n not in names]
+            said = "default" in meta["help"]  # a help text that explains its default itself
+            kw = dict(dest=name, default=argparse.SUPPRESS,
+                      help=f"{meta['help']}{'' if said else f' (default {shown})'}{where}")
+            if switch:
+                kw.update(action="store_const", const=not defaults[stage], help=f"{meta['help']}{where}")
+            elif kind == "bool":
+                kw.update(type=_on_off, metavar="on|off")
+            elif kind == "list":
+                kw.update(action="append")
+            elif kind == "dict":
+                kw.update(type=_json_object, metavar="JSON")
+            else:
+                kw.update(type={"int": int, "float": float}.get(kind, str), choices=meta["choices"])
+            group.add_argument(*names, **kw)
+    return stages
+
+
+def _default(cls, name: str):
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def file_arguments(path: Path, configs: dict[str, type], hints: dict[str, str] | None = None) -> list[str]:
+    """A YAML or JSON config file as command-line arguments (so the file's values get the same
+    checks as flags). Keys: option names in either spelling, or their aliases; `hints` says what to
+    use instead of a known foreign name."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ValueError(f"--config {path}: {e.strerror}") from None
+    try:
+        if Path(path).suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as e:  # yaml and json errors: one line
+        raise ValueError(f"--config {path}: not valid {'YAML' if Path(path).suffix in ('.yaml', '.yml') else 'JSON'} "
+                         f"({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of option names to values")
+    fields: dict[str, dataclasses.Field] = {}
+    for cls in configs.values():
+        for name, f in option_fields(cls).items():
+            for key in (name, *f.metadata["aliases"]):
+                fields.setdefault(key, f)
+    argv = []
+    for key, value in values.items():
+        f = fields.get(str(key).replace("-", "_"))
+        if f is None:
+            hint = (hints or {}).get(str(key).replace("-", "_"))
+            raise ValueError(f"--config {path}: unknown option {key!r}" + (f"; {hint}" if hint else ""))
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        kind = _kind(f)
+        if value is None:
+            continue
+        if kind == "bool" and f.metadata["flag"]:
+            if not isinstance(value, bool):
+                raise ValueError(f"--config {path}: {key} must be true or false")
+            argv += [flag] if value != f.default else []  # the switch sets the opposite of the default
+        elif kind == "list":
+            for item in value if isinstance(value, list) else [value]:
+                argv += [flag, str(item)]
+        elif kind == "dict":
+            argv += [flag, json.dumps(value)]
+        elif kind == "bool":
+            argv += [flag, "on" if value is True else "off" if value is False else str(value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def given_options(parser: argparse.ArgumentParser, argv: list[str], configs: dict[str, type],
+                  hints: dict[str, str] | None = None):
+    """(namespace, {option: value} given on the command line or in its --config file; the command
+    line wins). Raises ValueError for a bad file."""
+    ns = parser.parse_args(argv)
+    names = set().union(*(option_fields(c) for c in configs.values()))
+    given = {k: v for k, v in vars(ns).items() if k in names}
+    if getattr(ns, "config", None) is not None:
+        from_file = parser.parse_args(file_arguments(ns.config, configs, hints))
+        given = {**{k: v for k, v in vars(from_file).items() if k in names}, **given}
+    return ns, given

@@ -94,6 +94,15 @@ def all_reduce_max(values: list[float], d: Dist) -> list[float]:
     return _all_reduce(values, d, dist.ReduceOp.MAX)
 
 
+def gather_to_main(obj, d: Dist) -> list | None:
+    """Every rank's `obj` (picklable) as a list in rank order on the main rank, None elsewhere."""
+    if d.world == 1:
+        return [obj]
+    out = [None] * d.world if d.main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def barrier(d: Dist) -> None:
     if d.world > 1:
         dist.barrier()

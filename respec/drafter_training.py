@@ -30,10 +30,31 @@ import torch
 from tqdm import tqdm
 
 from models.eagle import EagleConfig, EagleHead, cast_head, save_eagle
+from respec.cli import option
 from respec.engine import RolloutEngine, SamplingParams
 from respec.kd_loss import accepted_mass, weighted_kl
 from respec.paged_attention import masked_attention
-from respec.tasks import chat_prompt
+from respec.tasks import DataConfig, chat_prompt
+
+
+@dataclass
+class DrafterConfig(DataConfig):
+    """`train.py --stage drafter`: pretraining an EAGLE-style head (`pretrain`)."""
+    out: str = option("", "new directory for the head (required)", aliases=("output_dir",))
+    prompts: int = option(192, "training prompts (the target's rollouts of them are the data)")
+    held_out: int = option(16, "prompts held out for the acceptance measurement")
+    new_tokens: int = option(96, "rollout length (tokens)")
+    temperature: float = option(1.0, "rollout sampling temperature (the one RL samples at)")
+    draft_vocab: int = option(8192, "draft vocabulary size (the most frequent tokens of the rollouts)")
+    epochs: int = option(4, "passes over the rollouts", aliases=("num_train_epochs",))
+    batch: int = option(8, "sequences per optimizer step")
+    unroll: int = option(3, "training-time-test steps")
+    lr: float = option(1e-3, "peak AdamW learning rate (warm-up, then cosine)", aliases=("learning_rate",))
+    step_decay: float = option(1.0, "loss weight of training-time-test step s is this^s")
+    tv_weight: float = option(0.0, "weight of the TV(p, q) term (1 - acceptance) beside the KL")
+    max_batch: int = option(64, "most sequences decoding at once")
+    dtype: str = option("auto", "the target's dtype (auto: bf16 where native)", choices=("auto", "bf16", "fp32"))
+    seed: int = option(0, "seed of the rollouts and the head's initialisation")
 
 
 @dataclass

@@ -1,14 +1,16 @@
 """Tasks: where problems come from, how they become chat prompts, and how answers are checked.
 
-Two sources, one interface (`problems(start, n)`: the problems at data positions start..start+n-1,
+Three sources, one interface (`problems(start, n)`: the problems at data positions start..start+n-1,
 the same every time, so a resumed run sees exactly the data it would have seen):
 
 * `ReasoningGymTask`: a reasoning-gym dataset by name with its own options. reasoning-gym
   generates problem i from (seed, i) offline and scores answers itself.
-* `JsonlTask`: a GSM8K-format file, one JSON object per line with `question` and `answer`, the
-  answer ending in `#### <number>`; cycled in a seeded order, one shuffle per pass.
+* `respec.data.RowsTask`: rows of a JSONL file or a Hugging Face dataset (GSM8K, prompt/answer and
+  chat formats), cycled in a seeded order, one shuffle per pass.
+* `LettersTask`: a toy task for the random `tiny` model.
 
-respec adds the prompt wording (a system prompt asking for an `Answer:` line) and a lenient answer
+respec adds the prompt wording (a system prompt asking for an `Answer:` line, `--system-prompt`
+replaces it) and a lenient answer
 extraction. The lenient part matters for a small model: SmolLM2-135M rarely writes a strict
 `Answer: x` line but often ends with the right number, and an RL run needs some reward signal from
 its first step. The format itself is rewarded separately (`respec/rewards.py`).
@@ -16,13 +18,12 @@ its first step. The format itself is rewarded separately (`respec/rewards.py`).
 
 from __future__ import annotations
 
-import functools
-import json
-import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+from respec.cli import option
 
 # The default task: easy enough that SmolLM2-135M-Instruct gets some answers right.
 DEFAULT_TASK = "basic_arithmetic"
@@ -43,12 +44,23 @@ _DATASET_SIZE = 10**7  # reasoning-gym generates item i on demand: the size only
 
 @dataclass
 class Problem:
-    question: str
+    question: str  # the user's message (empty when `turns` holds the conversation)
     answer: str  # the reference answer
     scorer: Callable[[str], float] = field(repr=False)  # extracted answer -> score in [0, 1]
+    system: str | None = None  # the system prompt; None = SYSTEM_PROMPT, "" = none
+    turns: list[dict] | None = None  # a conversation given as chat turns (the data's), ending with the user's
+    row: dict = field(default_factory=dict, repr=False)  # the data row's other columns (for reward functions)
+
+    @property
+    def conversational(self) -> bool:
+        return self.turns is not None
 
     def messages(self) -> list[dict]:
-        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": self.question}]
+        turns = self.turns if self.turns is not None else [{"role": "user", "content": self.question}]
+        system = SYSTEM_PROMPT if self.system is None else self.system
+        if not system or turns[0]["role"] == "system":  # a conversation's own system turn wins
+            return list(turns)
+        return [{"role": "system", "content": system}, *turns]
 
     def score(self, completion: str) -> float:
         """The task's score of the answer extracted from `completion` (0 if there is none)."""
@@ -71,10 +83,10 @@ class ReasoningGymTask:
     """reasoning-gym's dataset `name` with respec's default options for it (if any), overridden by
     `config`."""
 
-    def __init__(self, name: str, config: dict | None = None, seed: int = 0):
+    def __init__(self, name: str, config: dict | None = None, seed: int = 0, system_prompt: str | None = None):
         import reasoning_gym
 
-        self.name = name
+        self.name, self.system = name, system_prompt
         self.config = {**DEFAULT_TASK_CONFIG.get(name, {}), **(config or {})}
         try:
             self.dataset = reasoning_gym.create_dataset(name, size=_DATASET_SIZE, seed=seed, **self.config)
@@ -86,7 +98,8 @@ class ReasoningGymTask:
         for i in range(start, start + n):
             entry = self.dataset[i % _DATASET_SIZE]
             out.append(Problem(entry["question"], str(entry["answer"]),
-                               lambda a, e=entry: self.dataset.score_answer(a, e)))
+                               lambda a, e=entry: self.dataset.score_answer(a, e), system=self.system,
+                               row={"answer": str(entry["answer"])}))
         return out
 
 
@@ -95,6 +108,11 @@ def _number(text: str) -> float | None:
         return float(text.replace(",", "").strip().rstrip("."))
     except ValueError:
         return None
+
+
+def is_number(text: str) -> bool:
+    """Whether a reference answer is a number `numeric_scorer` can compare (commas allowed)."""
+    return _NUMBER.fullmatch(text.strip().rstrip(".")) is not None
 
 
 def numeric_scorer(reference: str) -> Callable[[str], float]:
@@ -109,52 +127,13 @@ def numeric_scorer(reference: str) -> Callable[[str], float]:
     return score
 
 
-class JsonlTask:
-    """GSM8K-format problems from a file: `{"question": ..., "answer": "... #### 42"}` per line."""
-
-    def __init__(self, path: str | Path, seed: int = 0):
-        path = Path(path)
-        self.name, self.seed = str(path), seed
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read data file {path}: {e.strerror if isinstance(e, OSError) else e}") from e
-        self.items: list[tuple[str, str]] = []
-        self.linenos: list[int] = []  # the file line of each item
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                question, answer = row["question"], str(row["answer"])
-                if not isinstance(question, str) or "####" not in answer:
-                    raise ValueError
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with 'question' and an 'answer' "
-                                 "ending in '#### <number>'") from None
-            self.items.append((question, answer.rsplit("####", 1)[1].strip()))
-            self.linenos.append(lineno)
-        if not self.items:
-            raise ValueError(f"data file {path} has no problems")
-
-    @functools.lru_cache(maxsize=2)
-    def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.items)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
-
-    def located_problems(self) -> list[tuple[str, Problem]]:
-        """Every problem with where it comes from ("file:line"), so all can be checked up front."""
-        return [(f"{self.name}:{lineno}", Problem(q, a, numeric_scorer(a)))
-                for lineno, (q, a) in zip(self.linenos, self.items)]
-
-    def problems(self, start: int, n: int) -> list[Problem]:
-        out = []
-        for i in range(start, start + n):
-            epoch, j = divmod(i, len(self.items))
-            question, answer = self.items[self._order(epoch)[j]]
-            out.append(Problem(question, answer, numeric_scorer(answer)))
-        return out
+def scorer_for(reference: str) -> Callable[[str], float]:
+    """The numeric comparison for a number; else an exact match after trimming, case and a final
+    period ignored (what the `accuracy` metric counts when a user's reward does the scoring)."""
+    if is_number(reference):
+        return numeric_scorer(reference)
+    norm = lambda t: t.strip().rstrip(".").strip().lower()  # noqa: E731
+    return lambda answer: float(norm(answer) == norm(reference))
 
 
 class LettersTask:
@@ -173,6 +152,8 @@ class LettersTask:
 class LettersProblem:
     index: int
     answer: str = ""
+    row: dict = field(default_factory=dict, repr=False)
+    conversational = False
 
     def messages(self) -> list[dict]:
         return [{"role": "user", "content": f"Write some letters ({self.index})."}]
@@ -181,14 +162,43 @@ class LettersProblem:
         return sum(c.isascii() and c.isalpha() for c in completion) / max(len(completion), 1)
 
 
+@dataclass
+class DataConfig:
+    """The model and the data: the options train.py's stages share (respec/cli.py `option`)."""
+    model: str = option("smollm2-135m", "preset (smollm2-135m, tiny, random-*), .gguf file, Hugging Face checkpoint "
+                        "directory or Hub id (owner/name, from the local cache)", aliases=("model_name_or_path",))
+    task: str = option(DEFAULT_TASK, "reasoning-gym dataset name (or toy-letters for the tiny model)")
+    task_config: dict = option({}, "reasoning-gym options as JSON, e.g. '{\"min_terms\": 2}'")
+    data: str | None = option(None, "JSONL file or Hugging Face dataset (file, directory or id) instead of --task: "
+                              "GSM8K, prompt/answer or chat rows (respec/data.py)", aliases=("dataset_name",))
+    data_split: str = option("train", "split of a Hugging Face dataset", aliases=("dataset_train_split",))
+    prompt_column: str | None = option(None, "the data's prompt column (default: the first of prompt, question, "
+                                       "messages)")
+    answer_column: str = option("answer", "the data's reference-answer column")
+    system_prompt: str | None = option(None, "system prompt ('' for none; default: respec's, which asks for an "
+                                       "'Answer:' line)")
+
+    def make_task(self, *, seed: int = 0, numeric_answers: bool = True):
+        """The task these options name (`make_task`)."""
+        return make_task(task=self.task, config=self.task_config, data=self.data, seed=seed,
+                         system_prompt=self.system_prompt, data_split=self.data_split,
+                         prompt_column=self.prompt_column, answer_column=self.answer_column,
+                         numeric_answers=numeric_answers)
+
+
 def make_task(*, task: str | None = None, config: dict | None = None, data: str | Path | None = None,
-              seed: int = 0):
-    """`--data FILE` (GSM8K JSONL) if given, else `toy-letters` or the reasoning-gym task `task`."""
+              seed: int = 0, system_prompt: str | None = None, data_split: str = "train",
+              prompt_column: str | None = None, answer_column: str = "answer", numeric_answers: bool = True):
+    """`--data` (a file or a Hugging Face dataset, respec/data.py) if given, else `toy-letters` or the
+    reasoning-gym task `task`. `system_prompt`: None = respec's (SYSTEM_PROMPT), "" = none."""
     if data is not None:
-        return JsonlTask(data, seed=seed)
+        from respec.data import RowsTask
+
+        return RowsTask(str(data), split=data_split, prompt_column=prompt_column, answer_column=answer_column,
+                        system_prompt=system_prompt, numeric_answers=numeric_answers, seed=seed)
     if task == LettersTask.name:
         return LettersTask()
-    return ReasoningGymTask(task or DEFAULT_TASK, config, seed=seed)
+    return ReasoningGymTask(task or DEFAULT_TASK, config, seed=seed, system_prompt=system_prompt)
 
 
 def make_problems(task: str, n: int, seed: int = 0, **config) -> list[Problem]:

@@ -32,13 +32,14 @@ Departures from the paper and from common GRPO trainers, on purpose:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,74 +55,94 @@ from respec.kd_loss import sequence_weights
 from respec.kv_cache import default_pool_bytes
 from respec.online_learner import KDConfig, OnlineLearner
 from respec.solver import AdaptiveK, FixedK, cost_key, load_or_profile
-from respec.tasks import DEFAULT_TASK, chat_prompt, make_task
+from respec.cli import option
+from respec.tasks import DataConfig, chat_prompt, extract_answer
 
 
 @dataclass
-class TrainConfig:
-    # --- model and data ---
-    model: str = "smollm2-135m"  # preset, .gguf file or Hugging Face checkpoint directory
-    task: str = DEFAULT_TASK  # reasoning-gym dataset name (ignored with `data`)
-    task_config: dict = field(default_factory=dict)  # reasoning-gym options, override respec's defaults
-    data: str | None = None  # GSM8K-format JSONL file instead of a reasoning-gym task
-    format_weight: float = 0.1  # reward for a strict `Answer:` line, added to the correctness score
+class TrainConfig(DataConfig):
+    """A GRPO run's settings. train.py's options are generated from these fields (respec/cli.py):
+    `--max-new-tokens` (also `--max_new_tokens`, and TRL's `--max_completion_length`) for
+    `max_new_tokens`, with the help text, choices and default below; a `--config FILE` holds the
+    same names."""
+    # --- rewards ---
+    rewards: list = option([], "reward function, repeatable: correctness, format, module:function or file.py:function, "
+                           "each with an optional :weight (default: correctness + format at --format-weight)",
+                           flag="--reward", aliases=("reward_funcs",))
+    format_weight: float = option(0.1, "weight of the format reward (a strict 'Answer:' line) in the default rewards")
     # --- GRPO ---
     # (The defaults are the README's default run, sized to finish in ~15 min on 2 CPU cores.)
-    steps: int = 20  # RL steps (one rollout + its updates each)
-    prompts: int = 4  # P, prompts per step (global, over all ranks)
-    group: int = 4  # G, samples per prompt
-    max_new_tokens: int = 64  # completion length limit
-    temperature: float = 1.0  # rollout sampling temperature (the training log-probs use the same)
-    top_p: float = 1.0
-    lr: float = 3e-5  # peak AdamW learning rate
-    warmup_steps: int = 2  # optimizer steps of linear warm-up, then cosine to lr * min_lr_ratio
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # max global gradient norm
-    clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high]
-    clip_high: float = 0.2
-    kl_coef: float = 0.0  # k3 KL to the frozen initial model; 0 skips the reference model
-    scale_adv_by_std: bool = True  # divide advantages by the group's std (False: Dr. GRPO)
-    epochs: int = 1  # passes over each rollout
-    minibatches: int = 1  # optimizer steps per pass
+    steps: int = option(20, "RL steps (one rollout and its updates each)", aliases=("max_steps",))
+    prompts: int = option(4, "prompts per step over all ranks (P; when not given, 4 rounded up to a multiple of the "
+                          "ranks)")
+    group: int = option(4, "samples per prompt (G >= 2)", aliases=("num_generations",))
+    max_new_tokens: int = option(64, "completion length limit (tokens)", aliases=("max_completion_length",))
+    temperature: float = option(1.0, "rollout sampling temperature (the training log-probs use the same)")
+    top_p: float = option(1.0, "nucleus sampling mass")
+    lr: float = option(3e-5, "peak AdamW learning rate", aliases=("learning_rate",))
+    warmup_steps: int = option(2, "optimizer steps of linear LR warm-up, then cosine to lr x --min-lr-ratio")
+    min_lr_ratio: float = option(0.1, "cosine floor, as a fraction of --lr")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    grad_clip: float = option(1.0, "max global gradient norm", aliases=("max_grad_norm",))
+    clip_low: float = option(0.2, "ratio clipped below at 1 - this", aliases=("epsilon",))
+    clip_high: float = option(0.2, "ratio clipped above at 1 + this", aliases=("epsilon_high",))
+    kl_coef: float = option(0.0, "k3 KL to the initial model (0: no reference model)", aliases=("beta",))
+    scale_adv_by_std: bool = option(True, "advantages centred only, not divided by the group's std (Dr. GRPO)",
+                                    flag="--no-std-scaling")
+    epochs: int = option(1, "passes over each rollout", aliases=("num_iterations",))
+    minibatches: int = option(1, "optimizer steps per pass")
     # padded tokens per forward/backward; 0 = per device (MICRO_TOKENS): length-sorted microbatches keep
     # padding small (measured on 2 CPU cores, 32 sequences of ~120 tokens: 512 -> 26.8 s per update, one
     # microbatch of all -> 39.4 s); a GPU wants large ones to fill its cores
-    micro_tokens: int = 0
+    micro_tokens: int = option(0, "padded tokens per forward/backward (0: 512 on CPU, 8192 on a GPU)")
     # --- speculative decoding ---
-    sd: str = "adaptive"  # off | on (always k) | adaptive (the solver picks k per step)
-    # EAGLE head directory | auto (cached default head, pretrained if missing) | random | history | none,
-    # or a head + "+history" (per row: the history drafter where its suffix match is long, the head elsewhere)
-    drafter: str = "auto"
-    k: int = 3  # largest draft length
+    sd: str = option("adaptive", "speculative decoding: off, on (always --k) or adaptive (the solver picks k per "
+                     "decoding step)", choices=("off", "on", "adaptive"))
+    drafter: str = option("auto", "EAGLE head dir, auto (cached default head, pretrained once), random (untrained: "
+                          "cold start), history (model-free suffix matches), first:N (the actor's first N layers), "
+                          "none, or a head + '+history' (history where its match is long, the head elsewhere)")
+    k: int = option(3, "largest draft length")
     # --- the drafter's online distillation (respec/online_learner.py) ---
-    drafter_update: str = "rkd"  # frozen | kd (uniform weights) | rkd (reward-weighted) | akd (positive advantages)
-    drafter_async: bool = True  # update in a background thread overlapped with the next rollout: on 2 CPU
-    # cores the default run's step took 6.3 s against 7.3 s synchronous (docs/benchmarks.md)
-    drafter_lr: float = 1e-3  # the head's AdamW learning rate (after a linear warm-up)
-    drafter_warmup: int = 10  # drafter optimizer steps of LR warm-up (0: none)
-    drafter_batch: int = 8  # sequences per drafter optimizer step, over all ranks
-    drafter_epochs: int = 1  # passes over the replay buffer per drafter update
-    drafter_update_interval: int = 1  # RL steps between drafter updates
-    drafter_idle_interval: int = 4  # RL steps between distillations while rollouts do not speculate
+    drafter_update: str = option("rkd", "frozen, kd (uniform weights), rkd (reward-weighted) or akd (positive "
+                                 "advantages only)", choices=("frozen", "kd", "rkd", "akd"))
+    # update in a background thread overlapped with the next rollout: on 2 CPU cores the default run's
+    # step took 6.3 s against 7.3 s synchronous (docs/benchmarks.md)
+    drafter_async: bool = option(True, "drafter update in a background thread, overlapped with the next rollout")
+    drafter_lr: float = option(1e-3, "the head's AdamW learning rate (after a linear warm-up)")
+    drafter_warmup: int = option(10, "drafter optimizer steps of linear LR warm-up (0: none)")
+    drafter_batch: int = option(8, "sequences per drafter optimizer step, over all ranks")
+    drafter_epochs: int = option(1, "passes over the replay buffer per drafter update")
+    drafter_update_interval: int = option(1, "RL steps between drafter updates (the buffer holds that many steps)")
+    drafter_idle_interval: int = option(4, "RL steps between distillations while the rollouts do not speculate")
     # --- system ---
-    dtype: str = "auto"  # rollout dtype: auto = bf16 where native (CUDA, AVX-512-BF16/AMX), else fp32
-    train_dtype: str = "auto"  # autocast dtype of the training forward (same rule); weights stay fp32
+    dtype: str = option("auto", "rollout dtype (auto: bf16 where native: CUDA, AVX-512-BF16/AMX; else fp32)",
+                        choices=("auto", "bf16", "fp32", "fp16"))
+    train_dtype: str = option("auto", "autocast dtype of the training forward (weights stay fp32)",
+                              choices=("auto", "bf16", "fp32", "fp16"))
     # torch.compile of the rollout engine: auto = on CUDA only. On a 2-core CPU a cold compile of the
     # 20 step shapes a rollout meets (5 batch buckets x k = 0..3) measured 40-55 s per shape, longer
     # than a whole default run; with a warm cache (`--compile on` after one compiled run) decoding is
     # 1.2-1.4x faster than eager.
-    compile: str = "auto"  # auto | on | off
-    compile_mode: str | None = None  # with compile on: compile/policy.py COMPILE_MODES (default per device)
-    kv_cache_mb: int = 0  # KV block pool per rank; 0 = per device (respec/kv_cache.py: default_pool_bytes)
-    max_batch: int = 64  # most sequences decoding at once per rank
+    compile: str = option("auto", "torch.compile the rollout engine (auto: on CUDA only; a cold CPU compile takes "
+                          "minutes)", choices=("auto", "on", "off"))
+    compile_mode: str | None = option(None, "how a compiled engine compiles its steps (compile/policy.py; default: "
+                                      "whole on CUDA, regional on CPU)", choices=COMPILE_MODES)
+    kv_cache_mb: int = option(0, "KV block pool per rank in MiB (0: 1024 on CPU, 40%% of the free memory on a GPU)")
+    max_batch: int = option(64, "most sequences decoding at once per rank")
     # --- run ---
-    out: str = ""  # run directory
-    seed: int = 0
-    checkpoint_every: int = 10  # steps between checkpoints (and one at the end)
-    keep_checkpoints: int = 2
-    export_hf: str | None = None  # also write the final actor here as a Hugging Face checkpoint
-    progress: bool = True  # tqdm bars
+    out: str = option("", "new run directory (default runs/grpo-<time>; never overwritten)", aliases=("output_dir",))
+    seed: int = option(0, "seed of the data order, sampling and initialisation")
+    checkpoint_every: int = option(10, "steps between checkpoints (and one at the end)", aliases=("save_steps",))
+    keep_checkpoints: int = option(2, "checkpoints kept", aliases=("save_total_limit",))
+    export_hf: str | None = option(None, "also write the final actor here (Hugging Face checkpoint)")
+    progress: bool = option(True, "no progress bars", flag="--no-progress")
+    log_completions: str = option("all", "completions written to RUN_DIR/completions.jsonl each step: all, none, "
+                                  "or the first N")
+    eval_every: int = option(0, "held-out evaluation every N steps (0: none): accuracy at temperature 0",
+                             aliases=("eval_steps",))
+    eval_prompts: int = option(32, "problems in the held-out evaluation set")
+    eval_data: str | None = option(None, "held-out data (as --data; default: --task problems from another seed, or "
+                                   "the first rows of --data, not held out)")
 
     def validate(self, world: int) -> None:
         if self.group < 2:
@@ -131,15 +152,12 @@ class TrainConfig:
         if (self.prompts // world) % self.minibatches:
             raise ValueError(f"prompts per rank ({self.prompts // world}) is not divisible by --minibatches "
                              f"{self.minibatches}")
-        if self.compile not in ("auto", "on", "off"):
-            raise ValueError(f"--compile must be auto, on or off, got {self.compile!r}")
-        if self.compile_mode is not None and (self.compile_mode not in COMPILE_MODES or self.compile == "off"):
-            raise ValueError(f"--compile-mode {self.compile_mode} needs a compiled engine (--compile on or auto) and "
-                             f"one of {', '.join(COMPILE_MODES)}")
-        if self.sd not in ("off", "on", "adaptive"):
-            raise ValueError(f"--sd must be off, on or adaptive, got {self.sd!r}")
-        if self.drafter_update not in DRAFTER_UPDATES:
-            raise ValueError(f"--drafter-update must be one of {', '.join(DRAFTER_UPDATES)}, got {self.drafter_update!r}")
+        for f in dataclasses.fields(self):  # the choices the options declare (also for a config built in code)
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value is not None and value not in choices:
+                raise ValueError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}")
+        if self.compile_mode is not None and self.compile == "off":
+            raise ValueError(f"--compile-mode {self.compile_mode} needs a compiled engine (--compile on or auto)")
         if self.drafter_lr <= 0 or self.drafter_warmup < 0:
             raise ValueError(f"--drafter-lr must be positive and --drafter-warmup >= 0, got {self.drafter_lr}, "
                              f"{self.drafter_warmup}")
@@ -158,6 +176,14 @@ class TrainConfig:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.lr <= 0 or self.kl_coef < 0 or self.grad_clip <= 0:
             raise ValueError("--lr and --grad-clip must be positive and --kl-coef >= 0")
+        if self.log_completions not in ("all", "none") and not (self.log_completions.isdigit()
+                                                                 and int(self.log_completions) > 0):
+            raise ValueError(f"--log-completions must be all, none or a positive number, got {self.log_completions!r}")
+
+
+def make_run_task(cfg: TrainConfig, rewards_: "rewards.Rewards"):
+    """The task a config names; file data must have numeric answers unless a user's reward scores them."""
+    return cfg.make_task(seed=cfg.seed, numeric_answers=rewards_.scores_numbers_only)
 
 
 MICRO_TOKENS = {"cpu": 512, "cuda": 8192}  # TrainConfig.micro_tokens = 0, per device type
@@ -171,6 +197,15 @@ def default_prompts(world: int, at_least: int = 4) -> int:
 
 # --drafter-update -> the KD weighting w(r) of respec/kd_loss.py (frozen: no online learner)
 DRAFTER_UPDATES = {"frozen": None, "kd": "uniform", "rkd": "reward", "akd": "advantage"}
+
+
+def tensorboard_writer(path: Path):
+    """A TensorBoard event writer beside metrics.jsonl when `tensorboard` is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
 
 
 def request_seed(seed: int, step: int, index: int) -> int:
@@ -231,8 +266,10 @@ class Trainer:
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if d.main else None)
         device = d.device
         self.tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
-        self.task = task if task is not None else make_task(task=cfg.task, config=cfg.task_config, data=cfg.data,
-                                                            seed=cfg.seed)
+        self.rewards = rewards.Rewards(cfg.rewards, format_weight=cfg.format_weight)
+        self.task = task if task is not None else make_run_task(cfg, self.rewards)
+        self.eval_problems = self._eval_problems() if cfg.eval_every else []
+        self._check_rewards()
         self.rollout_dtype = resolve_dtype(cfg.dtype, device)
         self.train_dtype = resolve_dtype(cfg.train_dtype, device)
 
@@ -275,6 +312,8 @@ class Trainer:
             pretrain_here=self.d.node_main,
             wait=lambda: distributed.barrier(self.d), log=self.log)
         self.drafter, master = chosen.drafter, chosen.master
+        # the head's weights go into checkpoints; a model-free drafter has none, and `first:N` shares the actor's
+        self.head_module = self.drafter.module if master is not None else None
         self.drafter_prior = chosen.prior
         eos = self.actor.cfg.eos_token_id
         eos_ids = {self.tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -299,18 +338,38 @@ class Trainer:
         self.started = False  # start() ran
         self.peak_flops = 0.0  # set by start()
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.completions_path = self.run_dir / "completions.jsonl"
 
     def _check_prompts(self, limit: int) -> None:
         """A task read from a file: every prompt must fit the model's context (`limit` tokens) with
         room for one new token, checked before anything is written (a generated task's prompts
         are short)."""
         located = getattr(self.task, "located_problems", None)
-        if located is None:
-            return
-        for where, problem in located():
+        checked = list(located()) if located is not None else []
+        checked += [(f"held-out problem {i}", p) for i, p in enumerate(self.eval_problems)]
+        for where, problem in checked:
             n = len(chat_prompt(self.tok, problem.messages()))
             if n >= limit:
                 raise ValueError(f"{where}: prompt of {n} tokens does not fit the model's context of {limit}")
+
+    def _eval_problems(self) -> list:
+        """The fixed held-out set of `--eval-every`: `--eval-data`, else the task's problems under
+        another seed (reasoning-gym generates new ones), else the first rows of `--data` (not held out)."""
+        cfg = self.cfg
+        numeric = self.rewards.scores_numbers_only
+        if cfg.eval_data:
+            task = dataclasses.replace(cfg, data=cfg.eval_data).make_task(seed=cfg.seed, numeric_answers=numeric)
+        elif cfg.data is None:
+            task = cfg.make_task(seed=cfg.seed + 1, numeric_answers=numeric)
+        else:
+            task = self.task
+        return task.problems(0, cfg.eval_prompts)
+
+    def _check_rewards(self) -> None:
+        """Call every reward function once on an empty completion of the first problem: a function
+        that cannot be called or returns no numbers stops the run here, before anything is written."""
+        problem = self.task.problems(0, 1)[0]
+        self.rewards.score([problem], [""], [[]])
 
     # ------------------------------------------------------------------------------------------
     def start(self, checkpoint_dir: Path | None = None) -> dict:
@@ -367,6 +426,7 @@ class Trainer:
         history = []
         streak = guards.BadStepStreak(limit=3)
         stopped = False
+        board = tensorboard_writer(self.run_dir / "tensorboard") if d.main else None
         with self.stop:
             while self.step < cfg.steps:
                 try:
@@ -375,15 +435,23 @@ class Trainer:
                     stopped = True
                     break
                 self.step += 1
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    m.update(self.evaluate())
                 history.append(m)
                 if d.main:
                     with open(self.metrics_path, "a") as f:
                         f.write(json.dumps(m) + "\n")
+                    if board is not None:
+                        for key, value in m.items():
+                            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                                board.add_scalar(key, value, self.step)
+                        board.flush()
                     skipped = f" | {m['skipped_updates']} update(s) skipped: non-finite loss" if m["skipped_updates"] else ""
                     self.log(f"step {m['step']:>4}: reward {m['reward_mean']:.3f} acc {m['accuracy']:.3f} "
                              f"len {m['response_len_mean']:.0f} | rollout {m['rollout_s']:.1f}s "
                              f"({m['rollout_tok_s']:.0f} tok/s, SD {m['sd_fraction']:.0%}, accept {m['accept_len']:.2f}) "
-                             f"train {m['train_s']:.1f}s (MFU {m['train_mfu']:.1%}){skipped}")
+                             f"train {m['train_s']:.1f}s (MFU {m['train_mfu']:.1%}){skipped}"
+                             + (f" | held-out acc {m['eval_accuracy']:.3f}" if "eval_accuracy" in m else ""))
                 all_skipped = m["skipped_updates"] == cfg.epochs * cfg.minibatches
                 if not all_skipped and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
                     self.save()
@@ -398,6 +466,8 @@ class Trainer:
                                         f"{checkpoint.checkpoint_root(self.run_dir)}; continue with --resume {self.run_dir}")
         if self.learner is not None:  # the last step's update, if it ran in the background
             self.on_drafter_update(self.learner.collect())
+        if board is not None:
+            board.close()
         return history
 
     def save(self) -> None:
@@ -407,7 +477,7 @@ class Trainer:
         if self.learner is not None:
             extras["drafter_learner"] = self.learner.state_dict()
         checkpoint.save(self.run_dir, self.step, self.d, actor=self.actor, optimizer=self.optimizer,
-                        scheduler=self.scheduler, drafter=self.drafter and self.drafter.module,
+                        scheduler=self.scheduler, drafter=self.head_module,
                         progress={"step": self.step, "data_position": self.step * self.cfg.prompts},
                         keep=self.cfg.keep_checkpoints, extras=extras)
         self.saved_step = self.step
@@ -415,7 +485,7 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         """Step 1 of `start`."""
         progress = checkpoint.load(path, self.d, actor=self.actor, optimizer=self.optimizer,
-                                   scheduler=self.scheduler, drafter=self.drafter and self.drafter.module)
+                                   scheduler=self.scheduler, drafter=self.head_module)
         self.step = self.saved_step = int(progress["step"])
         extras = checkpoint.load_extras(path)
         self.last_alpha_est = extras.get("last_alpha_est")
@@ -426,13 +496,15 @@ class Trainer:
         self.forget_metrics_after(self.step)
 
     def forget_metrics_after(self, step: int) -> None:
-        """Drop metrics of steps after `step`: a run killed between checkpoints redoes them."""
-        if self.d.main and self.metrics_path.is_file():
-            kept = [line for line in self.metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= step]
-            tmp = self.metrics_path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.metrics_path)
+        """Drop metrics and completions of steps after `step`: a run killed between checkpoints
+        redoes them."""
+        for path in (self.metrics_path, self.completions_path):
+            if self.d.main and path.is_file():
+                kept = [line for line in path.read_text().splitlines()
+                        if line.strip() and json.loads(line)["step"] <= step]
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, path)
         distributed.barrier(self.d)
 
     def kd_weights(self, rewards: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
@@ -509,12 +581,11 @@ class Trainer:
 
         # 2. rewards
         t0 = time.perf_counter()
-        scored = []
-        for j, c in enumerate(tqdm(completions, desc="reward", disable=not (cfg.progress and d.main),
-                                   file=sys.stderr, leave=False)):
-            text = self.tok.decode(c.token_ids, skip_special_tokens=True)
-            scored.append(rewards.score(problems[mine[j // G]], text, format_weight=cfg.format_weight))
+        texts = [self.tok.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+        owners = [problems[mine[j // G]] for j in range(len(completions))]
+        scored = self.rewards.score(owners, texts, [c.token_ids for c in completions])
         reward_s = time.perf_counter() - t0
+        self.log_completions(owners, texts, completions, scored, [mine[j // G] for j in range(len(completions))])
         r = torch.tensor([s.reward for s in scored], dtype=torch.float32).view(len(mine), G)
         adv = grpo.group_advantages(r, scale_by_std=cfg.scale_adv_by_std).view(-1)  # (n,)
 
@@ -535,6 +606,9 @@ class Trainer:
             "resp_tokens": sum(len(c.token_ids) for c in completions),
             "truncated": sum(c.finish_reason == "length" for c in completions),
             "signal": sum(len(set(row)) > 1 for row in r.tolist()), "generated": stats.generated_tokens,
+            **{f"rsum/{name}": sum(v for s in scored if not math.isnan(v := s.parts[name]))
+               for name in self.rewards.names},
+            **{f"rn/{name}": sum(not math.isnan(s.parts[name]) for s in scored) for name in self.rewards.names},
             "dsteps": len(stats.chosen_k), "sd_steps": sum(1 for k in stats.chosen_k if k > 0),
             "sd_rows": stats.sd_rows, "sd_emitted": stats.sd_emitted,
             **{f"accepted_{j}": a for j, a in enumerate(per_pos(stats.sd_accepted_at))},
@@ -566,6 +640,9 @@ class Trainer:
             "groups_with_signal": round(sums["signal"] / (n / G), 4),
             "response_len_mean": round(sums["resp_tokens"] / n, 2),
             "truncated_frac": round(sums["truncated"] / n, 4),  # completions cut at --max-new-tokens
+            # each reward function's mean (unweighted) over the completions it scored
+            **{f"rewards/{name}": round(sums[f"rsum/{name}"] / max(sums[f"rn/{name}"], 1), 4)
+               for name in self.rewards.names},
             **upd,
             "lr": self.scheduler.get_last_lr()[0],
             "rollout_s": round(rollout_max, 3),
@@ -586,6 +663,49 @@ class Trainer:
             "train_mfu": round(6 * (self.n_body * upd["trained_tokens"] + self.n_head * upd["trained_completion"])
                                / max(train_max, 1e-9) / self.peak_flops, 4),
         }
+
+    def evaluate(self) -> dict:
+        """Accuracy and reward at temperature 0 on the fixed held-out set (`--eval-every`), decoded
+        without speculation (the solver's statistics are the rollouts')."""
+        cfg, d = self.cfg, self.d
+        t0 = time.perf_counter()
+        mine = [self.eval_problems[i] for i in range(d.rank, len(self.eval_problems), d.world)]
+        prompts = [chat_prompt(self.tok, p.messages()) for p in mine]
+        policy, stats = self.engine.policy, self.engine.stats
+        self.engine.policy, self.engine.stats = FixedK(0), EngineStats()
+        try:
+            outs = self.engine.generate(prompts, SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0))
+        finally:
+            self.engine.policy, self.engine.stats = policy, stats
+        texts = [self.tok.decode(o.token_ids, skip_special_tokens=True) for o in outs]
+        scored = self.rewards.score(mine, texts, [o.token_ids for o in outs]) if mine else []
+        sums = distributed.all_reduce_named({"n": len(scored), "correct": sum(s.correct >= 1.0 for s in scored),
+                                             "reward": sum(s.reward for s in scored)}, d)
+        n = max(sums["n"], 1)
+        return {"eval_accuracy": round(sums["correct"] / n, 4), "eval_reward_mean": round(sums["reward"] / n, 4),
+                "eval_s": round(time.perf_counter() - t0, 3)}
+
+    def log_completions(self, problems, texts, completions, scored, prompt_index) -> None:
+        """This step's completions with their rewards, appended to RUN_DIR/completions.jsonl
+        (`--log-completions`: all, none, or the first N of the step in global order)."""
+        keep = self.cfg.log_completions
+        if keep == "none":
+            return
+        G = self.cfg.group
+        rows = [{"step": self.step + 1, "prompt_index": i, "sample": j % G,
+                 "prompt": p.messages(), "completion": t, "answer": p.answer,
+                 "extracted": extract_answer(t), "reward": round(s.reward, 4),
+                 "rewards": {k: None if math.isnan(v) else round(v, 4) for k, v in s.parts.items()},
+                 "finish_reason": c.finish_reason, "tokens": len(c.token_ids)}
+                for j, (i, p, t, c, s) in enumerate(zip(prompt_index, problems, texts, completions, scored))]
+        gathered = distributed.gather_to_main(rows, self.d)
+        if gathered is None:
+            return
+        rows = sorted((r for part in gathered for r in part), key=lambda r: (r["prompt_index"], r["sample"]))
+        if keep != "all":
+            rows = rows[:int(keep)]
+        with open(self.completions_path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
 
     def update(self, seqs: list[list[int]], plens: list[int], adv: torch.Tensor) -> dict:
         """`epochs` x `minibatches` optimizer steps on this rank's sequences (prompt + completion)."""

@@ -1,14 +1,14 @@
-"""Tasks and rewards: reasoning-gym by name with options, GSM8K JSONL files, answer extraction,
-the format reward."""
+"""Tasks and rewards: reasoning-gym by name with options, answer extraction, the built-in rewards
+and a user's reward function called as TRL calls it (data files: tests/test_data.py)."""
 
 from __future__ import annotations
 
-import json
+import math
 
 import pytest
 
-from respec.rewards import is_formatted, score
-from respec.tasks import JsonlTask, LettersTask, ReasoningGymTask, extract_answer, make_task
+from respec.rewards import Rewards, is_formatted
+from respec.tasks import LettersTask, ReasoningGymTask, extract_answer, make_task
 
 
 def test_reasoning_gym_task_with_options_is_deterministic():
@@ -44,44 +44,75 @@ def test_format_reward():
     assert not is_formatted("Answer:")
     task = ReasoningGymTask("basic_arithmetic", seed=0)
     p = task.problems(0, 1)[0]
-    s = score(p, f"Answer: {p.answer}", format_weight=0.1)
+    s, t = Rewards(format_weight=0.1).score([p, p], [f"Answer: {p.answer}", f"it is {p.answer}"], [[], []])
     assert (s.reward, s.correct, s.formatted) == (pytest.approx(1.1), 1.0, True)
-    s = score(p, f"it is {p.answer}", format_weight=0.1)
-    assert (s.reward, s.formatted) == (1.0, False)
-
-
-def test_jsonl_task(tmp_path):
-    path = tmp_path / "gsm.jsonl"
-    rows = [{"question": f"What is {i} + 1000?", "answer": f"{i} + 1000 = {i + 1000}\n#### {i + 1000:,}"}
-            for i in range(5)]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    task = make_task(data=path, seed=1)
-    first = task.problems(0, 5)
-    assert sorted(p.question for p in first) == sorted(r["question"] for r in rows)  # one pass = each once
-    assert [p.question for p in task.problems(0, 5)] == [p.question for p in first]
-    p = first[0]
-    n = int(p.question.split()[2]) + 1000
-    assert p.score(f"The sum is {n:,}.") == 1.0 and p.score(f"Answer: {n}") == 1.0
-    assert p.score(f"Answer: {n + 1}") == 0.0
-    assert len(task.problems(3, 10)) == 10  # cycles past the end
-
-
-def test_jsonl_errors_name_the_line(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q2", "answer": "no marker"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a JSON object"):
-        JsonlTask(bad)
-    broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"question": "q", "answer": "#### 1"}\n\n{"question": \n')
-    with pytest.raises(ValueError, match=r"broken.jsonl:3:"):
-        JsonlTask(broken)
-    with pytest.raises(ValueError, match="cannot read data file"):
-        JsonlTask(tmp_path / "missing.jsonl")
-    (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(ValueError, match="has no problems"):
-        JsonlTask(tmp_path / "empty.jsonl")
+    assert (t.reward, t.formatted) == (1.0, False)
+    assert s.parts == {"correctness": 1.0, "format": 1.0}
 
 
 def test_letters_toy_task():
     p = LettersTask().problems(0, 1)[0]
     assert p.score("abcd") == 1.0 and p.score("ab12") == 0.5 and p.score("") == 0.0
+
+
+USER_REWARDS = """
+def length_penalty(completions, **kwargs):
+    return [-len(c) / 100 for c in completions]
+
+
+def exact(prompts, completions, completion_ids, answer, **kwargs):
+    # TRL's way: a list per column, one value per completion; None = not scored
+    return [None if a == "skip" else float(c.strip() == a) for c, a in zip(completions, answer)]
+
+
+def chatty(completions, **kwargs):
+    return [float(c[0]["role"] == "assistant") for c in completions]
+
+
+def broken(completions, **kwargs):
+    return 1.0
+
+
+def crash(completions, **kwargs):
+    raise KeyError("solution")
+"""
+
+
+@pytest.fixture
+def user_rewards(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(USER_REWARDS)
+    monkeypatch.chdir(tmp_path)  # importable as a module from the working directory, as with python -m
+    return tmp_path / "my_rewards.py"
+
+
+def test_user_reward_functions_are_called_as_trl_calls_them(user_rewards):
+    from respec.tasks import Problem, scorer_for
+
+    plain = [Problem("q", a, scorer_for(a), row={"answer": a}) for a in ("x y", "skip")]
+    chat = Problem("", "x", scorer_for("x"), turns=[{"role": "user", "content": "q"}], row={"answer": "x"})
+    rewards = Rewards(["my_rewards:exact", f"{user_rewards}:length_penalty:0.5", "format:0.1"])
+    s = rewards.score(plain, ["x y", "Answer: x y"], [[1], [2]])
+    assert s[0].parts == {"exact": 1.0, "length_penalty": -0.03, "format": 0.0}
+    assert s[0].reward == pytest.approx(1.0 - 0.015)
+    assert math.isnan(s[1].parts["exact"])  # None: not scored, adds nothing
+    assert s[1].reward == pytest.approx(0.5 * -0.11 + 0.1)
+    # the accuracy metric is the task's own check: an answer in words counts on an `Answer:` line
+    judged = Rewards(["my_rewards:length_penalty"]).score(plain[:1] * 2, ["x y", "Answer: x y"], [[1], [2]])
+    assert [j.correct for j in judged] == [0.0, 1.0] and s[0].correct == 0.0
+    assert Rewards(["my_rewards:chatty"]).score([chat], ["x"], [[1]])[0].reward == 1.0  # conversational
+    assert not rewards.scores_numbers_only and Rewards().scores_numbers_only
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("nope", "expected a built-in"),
+    ("my_rewards:missing", "has no function 'missing'"),
+    ("no_such_module:fn", "cannot import no_such_module"),
+    ("missing.py:fn", "no file missing.py"),
+    ("my_rewards:broken", "must return a list of numbers"),
+    ("my_rewards:crash", "reward function crash raised KeyError: 'solution'"),
+])
+def test_bad_reward_specs_are_one_line_errors(user_rewards, spec, needle):
+    from respec.tasks import Problem, scorer_for
+
+    with pytest.raises(ValueError, match=needle):
+        Rewards([spec]).score([Problem("q", "1", scorer_for("1"))], ["1"], [[1]])

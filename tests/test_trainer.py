@@ -52,15 +52,38 @@ def exact(rows: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 def test_reward_rises_and_export_equals_actor(tmp_path, tokenizer):
     cfg = TrainConfig(model="tiny", task="toy-letters", steps=12, prompts=4, group=8, max_new_tokens=8,
-                      temperature=0.05, lr=1e-3, warmup_steps=0, sd="off", compile="off", progress=False)
+                      temperature=0.05, lr=1e-3, warmup_steps=0, sd="off", compile="off", progress=False,
+                      log_completions="5", eval_every=4, eval_prompts=6)
     d = distributed.Dist()
-    trainer = Trainer(cfg, d=d, run_dir=tmp_path / "run", tokenizer=tokenizer, log=lambda m: None)
-    (tmp_path / "run").mkdir()
+    run = tmp_path / "run"
+    trainer = Trainer(cfg, d=d, run_dir=run, tokenizer=tokenizer, log=lambda m: None)
+    run.mkdir()
     trainer.start()
+    before = trainer.evaluate()  # the held-out set, greedy, before any update
     history = trainer.run()
     rewards = [m["reward_mean"] for m in history]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.3, rewards
+
+    # What the run wrote besides metrics.jsonl: the first 5 completions of every step with their
+    # rewards (the same as the step's), the held-out evaluation every 4 steps, TensorBoard events.
+    logged = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [s for s in range(1, 13) for _ in range(5)]
+    assert [(r["prompt_index"], r["sample"]) for r in logged[:5]] == [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4)]
+    for r in logged:
+        assert r["reward"] == pytest.approx(r["rewards"]["correctness"] + 0.1 * r["rewards"]["format"], abs=2e-4)
+        assert r["tokens"] <= 8 and r["prompt"][-1]["role"] == "user" and isinstance(r["completion"], str)
+    assert [m["step"] for m in history if "eval_accuracy" in m] == [4, 8, 12]
+    evals = [m for m in history if "eval_accuracy" in m]
+    assert all(0 <= m["eval_accuracy"] <= 1 for m in evals)
+    assert evals[-1]["eval_reward_mean"] > before["eval_reward_mean"] + 0.1, (before, evals)  # greedy letters too
+    assert all("rewards/correctness" in m and "rewards/format" in m for m in history)
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run / "tensorboard"))
+    board.Reload()
+    assert [e.value for e in board.Scalars("reward_mean")] == pytest.approx(rewards)
     # completions cut at the 8-token limit: each has 8 tokens, so they bound the mean length from below
     for m in history:
         assert 0 <= m["truncated_frac"] <= 1 and 8 * m["truncated_frac"] <= m["response_len_mean"] + 1e-6, m
@@ -154,11 +177,11 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path):
     not_a_run.mkdir()
     cases = {
         "unknown task": (["--task", "no_such_task"], "cannot create reasoning-gym task"),
-        "unreadable data": (["--data", str(tmp_path / "missing.jsonl")], "cannot read data file"),
+        "unreadable data": (["--data", str(tmp_path / "missing.jsonl")], "data not found"),
         "malformed line": (["--data", str(malformed)], "malformed.jsonl:2:"),
         "prompt too long": (["--data", str(long)], "long.jsonl:2: prompt of"),
         "G < 2": (["--group", "1"], "--group must be >= 2"),
-        "bad task config": (["--task-config", "{not json"], "--task-config is not valid JSON"),
+        "bad task config": (["--task-config", "{not json"], "--task-config/--task_config: not valid JSON"),
         "existing out": (["--out", str(existing)], "refusing to overwrite"),
         "not a run": (["--resume", str(not_a_run)], "not a training run directory"),
         "minibatches": (["--prompts", "3", "--minibatches", "2"], "not divisible by --minibatches"),
@@ -236,19 +259,19 @@ def test_online_kd_two_ranks_equal_one_process(tmp_path):
     (["--lr", "-1"], "--lr and --grad-clip must be positive"),
     (["--kl-coef", "-0.1"], "--kl-coef >= 0"),
     (["--k", "0"], "must be positive, got 0"),
-    (["--steps", "ten"], "not an integer"),
+    (["--steps", "ten"], "invalid int value"),
     (["--prompts", "-4"], "must be positive"),
     (["--sd", "sometimes"], "invalid choice"),
     (["--compile", "maybe"], "invalid choice"),
     (["--dtype", "fp16"], "fp16 on CPU"),
     (["--drafter-update", "bogus"], "invalid choice"),
-    (["--drafter-async", "yes"], "invalid choice"),
+    (["--drafter-async", "maybe"], "expected on or off"),
     (["--drafter-lr", "0"], "--drafter-lr must be positive"),
     (["--drafter-batch", "0"], "must be positive"),
     (["--sd", "on", "--drafter", "no/such/drafter"], "drafter not found"),
     (["--model", "no/such/model"], "model path not found"),
     (["--model", "model.gguf"], "GGUF file not found"),
-    (["--data", "EMPTY"], "has no problems"),
+    (["--data", "EMPTY"], "has no rows"),
     (["--compile", "off", "--compile-mode", "regional-dynamic"], "needs a compiled engine"),
     (["--compile-mode", "tensorrt", "--compile", "on"], "CUDA GPUs only"),
 ])
@@ -286,17 +309,17 @@ def test_model_directory_with_a_missing_shard(tmp_path, tokenizer):
 
 
 def test_history_and_hybrid_drafters_in_grpo(tmp_path):
-    """`--drafter history` (model-free, nothing to distil) and `--drafter random+history` (per row
-    beside a head distilled online) run GRPO with speculative rollouts; toy-letters repeats itself,
-    so the history drafts get accepted."""
-    for spec in ("history", "random+history"):
-        run = tmp_path / spec
+    """`--drafter history` (model-free, nothing to distil), `--drafter random+history` (per row
+    beside a head distilled online) and `--drafter first:2` (the actor's own first layers) run GRPO
+    with speculative rollouts; toy-letters repeats itself, so the history drafts get accepted."""
+    for spec in ("history", "random+history", "first:2"):
+        run = tmp_path / spec.replace(":", "-")
         train(*[a for a in TOY if a not in ("--sd", "off")], "--sd", "on", "--k", "2", "--drafter", spec,
               "--steps", "2", "--out", str(run))
         rows = metrics(run)
         assert len(rows) == 2 and all(r["sd_fraction"] > 0 for r in rows)
-        assert any(r["accept_len"] > 1 for r in rows)
-        assert ("drafter_version" in rows[-1]) and (run / "drafter").is_dir() == (spec != "history")
+        assert spec == "first:2" or any(r["accept_len"] > 1 for r in rows)  # (the actor's first layers: no claim)
+        assert ("drafter_version" in rows[-1]) and (run / "drafter").is_dir() == (spec == "random+history")
 
 
 def test_default_sizes_fit_any_number_of_ranks():
@@ -317,7 +340,73 @@ def test_drafter_pretraining_refuses_several_ranks(tmp_path):
     """`--stage drafter` is one process: under torchrun every rank would pretrain into one --out."""
     import train as train_py
 
-    args = train_py.parse_args(["--stage", "drafter", "--model", "tiny", "--out", str(tmp_path / "head")])
+    _, given = train_py.parse_args(["--stage", "drafter", "--model", "tiny", "--out", str(tmp_path / "head")])
     with pytest.raises(ValueError, match="runs in one process, not 2 ranks"):
-        train_py.run_drafter(args, distributed.Dist(rank=0, world=2))
+        train_py.run_drafter(train_py.DrafterConfig(**given), distributed.Dist(rank=0, world=2))
     assert not (tmp_path / "head").exists()
+
+
+def test_options_from_a_config_file_flags_and_trl_names(tmp_path, capsys):
+    """`--config FILE` (YAML or JSON) with TRL's option names; flags override the file; an option of
+    the other stage, or an unknown one, is one line."""
+    import train as train_py
+
+    conf = tmp_path / "run.yaml"
+    conf.write_text("model: tiny\nnum_generations: 8\nlearning_rate: 1e-4\nmax_completion_length: 32\n"
+                    "reward_funcs: [correctness]\nprogress: false\ntask_config: {min_terms: 2}\ndrafter_async: off\n")
+    _, given = train_py.parse_args(["--config", str(conf), "--max_new_tokens", "16", "--beta", "0.01"])
+    cfg = train_py.new_config(given)
+    assert (cfg.model, cfg.group, cfg.lr, cfg.max_new_tokens, cfg.kl_coef) == ("tiny", 8, 1e-4, 16, 0.01)
+    assert cfg.rewards == ["correctness"] and cfg.progress is False and cfg.task_config == {"min_terms": 2}
+    assert cfg.drafter_async is False and cfg.steps == TrainConfig.steps  # not given: the default
+    (tmp_path / "run.json").write_text(json.dumps({"max_steps": 7, "save_steps": 3}))
+    _, given = train_py.parse_args(["--config", str(tmp_path / "run.json"), "--save_steps", "5"])
+    assert given == {"steps": 7, "checkpoint_every": 5}
+
+    (tmp_path / "unknown.yaml").write_text("per_device_batch: 3\n")
+    for argv, needle in [
+        (["--stage", "drafter", "--kl-coef", "0.1"], "--kl-coef does not apply to --stage drafter"),
+        (["--draft-vocab", "100"], "--draft-vocab does not apply to --stage grpo"),
+        (["--config", str(tmp_path / "unknown.yaml")], "unknown option 'per_device_batch'"),
+        (["--config", str(tmp_path / "missing.yaml")], "--config"),
+        (["--stage", "drafter", "--resume", str(tmp_path)], "--resume continues a GRPO run"),
+        (["--per_device_train_batch_size", "8"], "no such option here; respec counts prompts"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            train_py.parse_args(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and needle in err[0], (argv, err)
+
+
+def test_resume_takes_only_the_options_a_run_can_change(tmp_path):
+    import dataclasses
+
+    import train as train_py
+
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = TrainConfig(model="tiny", lr=1e-3, out=str(run))
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(saved)))
+    cfg = train_py.resumed_config(run, {"steps": 40, "lr": 1e-3, "progress": False, "out": str(run)})
+    assert (cfg.steps, cfg.lr, cfg.progress) == (40, 1e-3, False)  # the same lr given again is fine
+    with pytest.raises(ValueError, match=r"--lr cannot change in a resumed run \(0.001 there, 0.01 given\)"):
+        train_py.resumed_config(run, {"lr": 1e-2})
+    with pytest.raises(ValueError, match="--group cannot change"):
+        train_py.resumed_config(run, {"group": 16})
+
+
+def test_answers_that_are_no_numbers_need_a_reward_that_scores_them(tmp_path, tokenizer):
+    """The built-in correctness compares numbers: data whose answers are not is refused before
+    anything is written, and accepted once the user's own reward function does the scoring."""
+    data = tmp_path / "frac.jsonl"
+    data.write_text(json.dumps({"prompt": "5/6 as a fraction?", "answer": "\\frac{5}{6}"}) + "\n")
+    (tmp_path / "judge.py").write_text("def judge(completions, answer, **kw):\n"
+                                       "    return [float(a in c) for c, a in zip(completions, answer)]\n")
+    cfg = dict(model="tiny", data=str(data), sd="off", compile="off", progress=False)
+    with pytest.raises(ValueError, match=r"frac.jsonl:1: answer '\\\\frac\{5\}\{6\}' is not a number"):
+        Trainer(TrainConfig(**cfg), d=distributed.Dist(), run_dir=tmp_path / "run", tokenizer=tokenizer)
+    trainer = Trainer(TrainConfig(**cfg, rewards=[f"{tmp_path / 'judge.py'}:judge"]), d=distributed.Dist(),
+                      run_dir=tmp_path / "run", tokenizer=tokenizer)
+    problem = trainer.task.problems(0, 1)[0]
+    assert [s.reward for s in trainer.rewards.score([problem] * 2, ["it is \\frac{5}{6}", "5/6"], [[], []])] == [1, 0]
+    assert not (tmp_path / "run").exists()

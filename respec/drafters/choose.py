@@ -2,7 +2,7 @@
 
 Specs: an EAGLE head directory; `auto` (the default head for this model and task, pretrained once
 and cached); `random` (an untrained head, for a cold start that only online distillation
-improves); `history` (model-free); `first:N` (the target's first N layers, generate.py); and any
+improves); `history` (model-free); `first:N` (the target's first N layers); and any
 head spec + `+history` (per row: the history drafter where its suffix match is long, the head
 elsewhere). `none` is no drafter.
 """
@@ -117,6 +117,15 @@ def choose_drafter(spec: str, *, target, k: int, model: str, task_name: str, tas
     if spec == "history":
         return Chosen(HistoryDrafter())
     head_spec = spec.removesuffix("+history")
+    kind, _, layers = head_spec.partition(":")
+    if kind == "first":  # the rollout model's first N layers: shares its weights, so it never goes stale
+        from models.drafter import truncated_drafter
+        from respec.drafters import as_drafter
+
+        if not layers.isdigit():
+            raise ValueError(f"--drafter {spec}: first:N needs a number of layers")
+        drafter = as_drafter(truncated_drafter(target, int(layers)))
+        return Chosen(HybridDrafter(drafter) if spec.endswith("+history") else drafter)
     device = next(target.parameters()).device
     prior, directory = None, None
     if head_spec == "random":  # cold start: an untrained head that only online distillation improves

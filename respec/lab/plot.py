@@ -60,6 +60,10 @@ def plot_run(run_dir: Path) -> list[Path]:
     ax.plot(steps, col("reward_mean"), marker="o", label="reward (mean)")
     ax.plot(steps, col("accuracy"), marker="s", label="accuracy")
     ax.plot(steps, col("format_rate"), marker="^", alpha=0.6, label="'Answer:' line written")
+    evaluated = [r for r in rows if "eval_accuracy" in r]  # --eval-every: held-out, temperature 0
+    if evaluated:
+        ax.plot([r["step"] for r in evaluated], [r["eval_accuracy"] for r in evaluated], marker="D", color="black",
+                label="held-out accuracy (T = 0)")
     finish(fig, ax, "reward.png", "per completion")
 
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -1,0 +1,169 @@
+"""Training data from files and Hugging Face datasets: rows of a prompt and a reference answer.
+
+    --data FILE.jsonl          one JSON object per line (read here, so errors name file:line)
+    --data FILE.csv|.parquet|.json, or a directory, or owner/name
+                               a Hugging Face dataset (`datasets`): a directory written by
+                               `save_to_disk`, data files, or a dataset id from the local Hugging Face
+                               cache (downloaded where the machine can reach the Hub); `--data-split`
+
+Row formats, told apart by their columns:
+
+    GSM8K      {"question": "...", "answer": "... #### 42"}
+    prompt     {"prompt": "...", "answer": "42"}
+    chat       {"prompt": [{"role": "user", "content": "..."}], "answer": "42"}   (TRL's conversational)
+    messages   {"messages": [{"role": "user", "content": "..."}, ...], "answer": "42"}
+
+The prompt is `--prompt-column` if given, else the first of `prompt`, `question`, `messages` that the
+data has; the answer is `--answer-column` (`answer`). A chat prompt's final assistant turn (a
+reference solution) is left out. An answer with `####` keeps what follows it (GSM8K). The system
+prompt (`--system-prompt`) is put first unless the row's conversation brings its own. The other
+columns travel with each problem to the reward functions (`Problem.row`, respec/rewards.py).
+
+Every row is parsed when the data is read, before a run writes anything: a malformed row is named
+with its file and line (or its dataset row) in one line. Answers must be numbers (what the built-in
+correctness reward compares) unless the caller says that another reward scores them
+(`numeric_answers=False`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+from pathlib import Path
+
+from respec.tasks import Problem, is_number, scorer_for
+
+PROMPT_COLUMNS = ("prompt", "question", "messages")
+
+
+class DataError(ValueError):
+    """Data that cannot be trained on; the message names where, on one line."""
+
+
+def read_rows(spec: str, split: str = "train") -> tuple[str, list[tuple[str, dict]]]:
+    """(name, [(where, row)]) of a JSONL file or a Hugging Face dataset (module docstring)."""
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".jsonl":
+        return str(path), _jsonl_rows(path)
+    looks_like_file = path.suffix in (".jsonl", ".json", ".csv", ".parquet") or spec.startswith((".", "/", "~"))
+    if path.exists() or "/" in spec and not looks_like_file:
+        split = "train" if path.is_file() else split  # a data file is one split
+        return f"{spec}[{split}]", _dataset_rows(spec, path, split)
+    raise DataError(f"data not found: {spec} (a .jsonl file, a dataset file or directory, or a Hugging Face dataset id)")
+
+
+def _jsonl_rows(path: Path) -> list[tuple[str, dict]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read data file {path}: {e.strerror if isinstance(e, OSError) else e}") from e
+    rows = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append((f"{path}:{lineno}", row))
+    return rows
+
+
+def _dataset_rows(spec: str, path: Path, split: str) -> list[tuple[str, dict]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("reading a Hugging Face dataset needs the `datasets` package: pip install datasets") from None
+    datasets.disable_progress_bars()
+    try:
+        if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+            data = datasets.load_from_disk(str(path))  # written by save_to_disk
+            if isinstance(data, datasets.DatasetDict):
+                if split not in data:
+                    raise DataError(f"{spec} has no split {split!r} (it has {', '.join(data)}): choose --data-split")
+                data = data[split]
+        elif path.is_file():
+            kind = {".csv": "csv", ".parquet": "parquet", ".json": "json", ".txt": "text"}.get(path.suffix)
+            if kind is None:
+                raise DataError(f"{spec}: unknown data file type {path.suffix!r} (.jsonl, .json, .csv or .parquet)")
+            data = datasets.load_dataset(kind, data_files=str(path), split=split)
+        else:
+            data = datasets.load_dataset(spec, split=split)
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many kinds (missing split, offline, bad files): one line
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"cannot load dataset {spec} (split {split!r}): {reason[:200]}") from e
+    return [(f"{spec}[{split}] row {i}", dict(row)) for i, row in enumerate(data)]
+
+
+def _prompt(where: str, value, column: str) -> tuple[list[dict] | None, str | None]:
+    """(conversation, None) for a chat prompt, (None, text) for a plain one."""
+    if isinstance(value, str) and value.strip():
+        return None, value
+    if isinstance(value, list) and value and all(
+            isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str) for t in value):
+        turns = [{"role": t["role"], "content": t["content"]} for t in value]
+        if turns[-1]["role"] == "assistant":  # a reference solution, not part of the prompt
+            turns = turns[:-1]
+        if turns and turns[-1]["role"] == "user":
+            return turns, None
+    raise DataError(f"{where}: column {column!r} must be a non-empty string or a list of chat turns "
+                    "({'role': ..., 'content': ...}) ending with the user's")
+
+
+class RowsTask:
+    """A task made of data rows (module docstring); `problems(start, n)` cycles through them in a
+    seeded order, one shuffle per pass, so a resumed run sees the data it would have seen."""
+
+    def __init__(self, spec: str, *, split: str = "train", prompt_column: str | None = None,
+                 answer_column: str = "answer", system_prompt: str | None = None, numeric_answers: bool = True,
+                 seed: int = 0):
+        self.name, rows = read_rows(spec, split)
+        self.seed = seed
+        if not rows:
+            raise DataError(f"data {self.name} has no rows")
+        columns = rows[0][1].keys()
+        column = prompt_column or next((c for c in PROMPT_COLUMNS if c in columns), None)
+        if column is None:
+            raise DataError(f"{rows[0][0]}: no prompt column (expected one of {', '.join(PROMPT_COLUMNS)}, or name it "
+                            f"with --prompt-column; the columns are {', '.join(columns)})")
+        self.located: list[tuple[str, Problem]] = []
+        for where, row in rows:
+            if column not in row or answer_column not in row:
+                missing = column if column not in row else answer_column
+                raise DataError(f"{where}: no {missing!r} column (--prompt-column / --answer-column name the columns)")
+            turns, text = _prompt(where, row[column], column)
+            answer = row[answer_column]
+            if not isinstance(answer, (str, int, float)) or isinstance(answer, bool) or not str(answer).strip():
+                raise DataError(f"{where}: column {answer_column!r} must be a non-empty string or a number")
+            answer = str(answer)
+            if "####" in answer:  # GSM8K: the solution, then "#### <answer>"
+                answer = answer.rsplit("####", 1)[1]
+            answer = answer.strip()
+            if numeric_answers and not is_number(answer):
+                raise DataError(f"{where}: answer {answer[:40]!r} is not a number, which the built-in correctness "
+                                "reward compares: give a --reward module:function that scores such answers")
+            extra = {k: v for k, v in row.items() if k != column}
+            self.located.append((where, Problem(text or "", answer, scorer_for(answer), system=system_prompt,
+                                                turns=turns, row=extra)))
+
+    def located_problems(self) -> list[tuple[str, Problem]]:
+        """Every problem with where it comes from, so that all can be checked up front."""
+        return self.located
+
+    @functools.lru_cache(maxsize=2)
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.located)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def problems(self, start: int, n: int) -> list[Problem]:
+        out = []
+        for i in range(start, start + n):
+            epoch, j = divmod(i, len(self.located))
+            out.append(self.located[self._order(epoch)[j]][1])
+        return out
