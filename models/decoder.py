@@ -265,8 +265,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv: LayerKV | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv)
+    def forward(self, x, cos, sin, kv: LayerKV | None, *, attend=None) -> torch.Tensor:
+        """`attend`: see `Attention.forward` (a caller that chooses the keys itself)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, attend=attend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -33,7 +33,7 @@ from models.eagle import EagleConfig, EagleHead, cast_head, save_eagle
 from respec.cli import option
 from respec.engine import RolloutEngine, SamplingParams
 from respec.kd_loss import accepted_mass, weighted_kl
-from respec.paged_attention import masked_attention
+from respec.paged_attention import causal_attention, masked_attention
 from respec.tasks import DataConfig, chat_prompt
 
 
@@ -86,30 +86,109 @@ def distilled(prompt_len: int, n: int) -> slice:
 
 @torch.no_grad()
 def target_features(target, seqs: Sequences, feature_layers, batch: int = 8, *, temperature: float | None = None):
-    """Per sequence: (taps (T, 3d), final normed hidden (T, d)) from one causal target forward; with
+    """Per sequence: (taps (T, 3d), final normed hidden (T, d)) from the target's causal forward; with
     a `temperature`, also the log-partition (T,) of the target's full-vocabulary logits / temperature
-    at the positions `collate` masks in (what the acceptance estimate needs, `head_loss`; 0 elsewhere)."""
-    feats = []
-    for i in range(0, len(seqs.tokens), batch):
-        group = seqs.tokens[i:i + batch]
-        T = max(map(len, group))
-        ids = torch.zeros(len(group), T, dtype=torch.int64)
-        for j, t in enumerate(group):
-            ids[j, :len(t)] = torch.tensor(t)
-        hidden, taps = target(ids.to(target.embed_tokens.weight.device), hidden_layers=feature_layers)
-        taps = torch.cat(taps, dim=-1)
-        lse = None
-        if temperature is not None:  # only where a completion token is predicted (the rest stays 0)
-            lens, plens = [len(t) for t in group], seqs.prompt_lens[i:i + batch]
-            where = torch.zeros(len(group), T, dtype=torch.bool, device=hidden.device)
-            for j, (n, p) in enumerate(zip(lens, plens)):
-                where[j, distilled(p, n)] = True
-            lse = torch.zeros(len(group), T, device=hidden.device)
-            lse[where] = (target.logits(hidden[where]) / temperature).logsumexp(-1)  # (rows,) fp32
-        for j, t in enumerate(group):  # right padding never affects earlier positions (causal)
-            item = (taps[j, :len(t)].float().cpu(), hidden[j, :len(t)].float().cpu())
-            feats.append(item + (lse[j, :len(t)].cpu(),) if lse is not None else item)
+    at the positions `collate` masks in (what the acceptance estimate needs, `head_loss`; 0 elsewhere).
+
+    Sequences that share their prompt (a GRPO group's G samples) share its forward: the prompt runs
+    once and each completion attends to its keys and values (`_prompt_once`); the same features as a
+    forward of each whole sequence, up to rounding."""
+    feats: list = [None] * len(seqs.tokens)
+    groups: dict[tuple, list[int]] = {}
+    for i, (t, p) in enumerate(zip(seqs.tokens, seqs.prompt_lens)):
+        groups.setdefault(tuple(t[:p]), []).append(i)
+    shared = max(map(len, groups.values())) > 1
+    chunk: list[list[int]] = []
+    for members in [*groups.values(), None]:  # chunks of whole groups of about `batch` sequences
+        if chunk and (members is None or sum(map(len, chunk)) + len(members) > batch):
+            rows = [i for g in chunk for i in g]
+            if shared:
+                _prompt_once(target, seqs, chunk, feature_layers, temperature, feats)
+            else:
+                _whole(target, seqs, rows, feature_layers, temperature, feats)
+            chunk = []
+        if members is not None:
+            chunk.append(members)
     return feats
+
+
+def _padded(rows: list[list[int]], device) -> torch.Tensor:
+    ids = torch.zeros(len(rows), max(1, max(map(len, rows))), dtype=torch.int64)
+    for j, t in enumerate(rows):
+        ids[j, :len(t)] = torch.tensor(t, dtype=torch.int64)
+    return ids.to(device)
+
+
+def _store(target, seqs: Sequences, out: list[tuple[int, torch.Tensor, torch.Tensor]], temperature,
+           feats: list) -> None:
+    """feats[i] = (taps, hidden[, log-partition]) for each (i, taps, hidden) of `out`; the
+    log-partition only where a completion token is predicted (the rest stays 0), in one product."""
+    lse = None
+    if temperature is not None:
+        spans = [distilled(seqs.prompt_lens[i], len(h)) for i, _, h in out]
+        picked = torch.cat([h[span] for (_, _, h), span in zip(out, spans)])
+        lse = (target.logits(picked) / temperature).logsumexp(-1).cpu()  # (rows,) fp32
+        lse = lse.split([span.stop - span.start for span in spans])
+    for r, (i, taps, hidden) in enumerate(out):
+        item = (taps.float().cpu(), hidden.float().cpu())
+        if lse is not None:
+            full = torch.zeros(len(hidden))
+            full[distilled(seqs.prompt_lens[i], len(hidden))] = lse[r]
+            item += (full,)
+        feats[i] = item
+
+
+def _whole(target, seqs: Sequences, rows: list[int], feature_layers, temperature, feats: list) -> None:
+    """One forward of the whole sequences `rows` (right padding never affects earlier positions)."""
+    device = target.embed_tokens.weight.device
+    hidden, taps = target(_padded([seqs.tokens[i] for i in rows], device), hidden_layers=feature_layers)
+    taps = torch.cat(taps, dim=-1)
+    lens = [len(seqs.tokens[i]) for i in rows]
+    _store(target, seqs, [(i, taps[j, :n], hidden[j, :n]) for j, (i, n) in enumerate(zip(rows, lens))],
+           temperature, feats)
+
+
+def _prompt_once(target, seqs: Sequences, groups: list[list[int]], feature_layers, temperature, feats: list) -> None:
+    """Each group's prompt in one forward, keeping every layer's keys and values; then all the
+    completions in one forward, each attending to its prompt's keys (padding masked) and causally
+    to its own."""
+    device = target.embed_tokens.weight.device
+    plens = [seqs.prompt_lens[g[0]] for g in groups]
+    prompts = [seqs.tokens[g[0]][:p] for g, p in zip(groups, plens)]
+    kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep(block, x, cos, sin, kv):
+        def attend(q, k, v):
+            kept[block.layer] = (k, v)
+            return causal_attention(q, k, v)
+        return block(x, cos, sin, None, attend=attend)
+
+    p_hidden, p_taps = target(_padded(prompts, device), hidden_layers=feature_layers, run_block=keep)
+    p_taps = torch.cat(p_taps, dim=-1)
+    rows = [(g, i) for g, members in enumerate(groups) for i in members]
+    owner = torch.tensor([g for g, _ in rows], device=device)
+    tails = [seqs.tokens[i][plens[g]:] for g, i in rows]
+    P, C = p_hidden.shape[1], max(1, max(map(len, tails)))
+    prompt_ok = torch.arange(P, device=device) < torch.tensor(plens, device=device)[owner].unsqueeze(1)  # (R, P)
+    causal = torch.ones(C, C, dtype=torch.bool, device=device).tril()
+    mask = torch.cat([prompt_ok.unsqueeze(1).expand(-1, C, -1), causal.expand(len(rows), -1, -1)], dim=-1)
+
+    def extend(block, x, cos, sin, kv):
+        def attend(q, k, v):
+            pk, pv = kept[block.layer]
+            return masked_attention(q, torch.cat([pk[owner], k], 1), torch.cat([pv[owner], v], 1), mask.unsqueeze(1))
+        return block(x, cos, sin, None, attend=attend)
+
+    positions = torch.tensor(plens, device=device)[owner].unsqueeze(1) + torch.arange(C, device=device)
+    positions = positions.clamp_max(target.cfg.max_position_embeddings - 1)  # (only padding reaches past it)
+    c_hidden, c_taps = target(_padded(tails, device), positions=positions, hidden_layers=feature_layers,
+                              run_block=extend)
+    c_taps = torch.cat(c_taps, dim=-1)
+    out = []
+    for r, (g, i) in enumerate(rows):
+        p, c = plens[g], len(tails[r])
+        out.append((i, torch.cat([p_taps[g, :p], c_taps[r, :c]]), torch.cat([p_hidden[g, :p], c_hidden[r, :c]])))
+    _store(target, seqs, out, temperature, feats)
 
 
 def unroll_mask(T: int, s: int, device=None) -> torch.Tensor:

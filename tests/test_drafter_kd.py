@@ -268,3 +268,24 @@ def test_untrained_head_lives_on_the_targets_device(tiny, rollouts):
     meta = untrained_head(copy.deepcopy(tiny).to("meta"), seqs, seed=0, draft_vocab=512)
     assert {p.device.type for p in meta.parameters()} | {b.device.type for b in meta.buffers()} == {"meta"}
     assert [n for n, _ in meta.named_parameters()] == [n for n, _ in cpu.named_parameters()]
+
+
+def test_teacher_features_with_each_prompt_once_equal_whole_sequence_forwards(tiny):
+    """A GRPO group's samples share their prompt's forward (`target_features`): the same features,
+    final states and log-partitions as a forward of each whole sequence, for prompts of different
+    lengths in one chunk (padding masked) and completions of every length (one empty)."""
+    from respec.drafter_training import Sequences, target_features
+
+    g = torch.Generator().manual_seed(5)
+    rand = lambda n: torch.randint(5, tiny.cfg.vocab_size, (n,), generator=g).tolist()  # noqa: E731
+    seqs, plens = [], []
+    for prompt in (rand(9), rand(14), rand(6)):
+        for n in (0, 3, 11, 7):
+            seqs.append(prompt + rand(n))
+            plens.append(len(prompt))
+    layers = (0, 2, 3)
+    shared = target_features(tiny, Sequences(seqs, plens), layers, batch=8, temperature=0.7)
+    for s, p, got in zip(seqs, plens, shared):
+        (want,) = target_features(tiny, Sequences([s], [p]), layers, temperature=0.7)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
