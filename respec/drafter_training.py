@@ -46,7 +46,7 @@ class DrafterConfig(DataConfig):
     new_tokens: int = option(96, "rollout length (tokens)")
     temperature: float = option(1.0, "rollout sampling temperature (the one RL samples at)")
     draft_vocab: int = option(8192, "draft vocabulary size (the most frequent tokens of the rollouts)")
-    epochs: int = option(4, "passes over the rollouts", aliases=("num_train_epochs",))
+    epochs: int = option(4, "passes over the rollouts")
     batch: int = option(8, "sequences per optimizer step")
     unroll: int = option(3, "training-time-test steps")
     lr: float = option(1e-3, "peak AdamW learning rate (warm-up, then cosine)", aliases=("learning_rate",))

@@ -4,7 +4,7 @@ The actor changes every RL step, so a drafter fitted once goes stale. Each step,
 update, `submit` hands the learner the step's completions and their weights w(r):
 
   1. teacher signal: one no-grad forward of the *updated* actor (the rollout copy) over the
-     sequences gives what the head needs, the outputs of its three feature layers and the final
+     sequences (each prompt once for its G samples) gives what the head needs, the outputs of its three feature layers and the final
      hidden state, plus the log-partition of the full-vocabulary logits (for the acceptance
      estimate); stored with each sequence's weight in a replay buffer;
   2. every `interval` steps one drafter update: `epochs` passes over the buffer in minibatches of

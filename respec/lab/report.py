@@ -60,13 +60,14 @@ def speculated(rows: list[dict]) -> list[dict]:
 
 
 def per_step(seeds: dict[int, list[dict]], key: str, *, sd_only: bool = False) -> list[float]:
-    """The seed mean of `key` at every step all seeds reached; with `sd_only`, over the seeds whose
-    rollout speculated at that step (NaN where none did: a gap in a curve)."""
+    """The seed mean of `key` at every step all seeds reached, over the seeds that have it (NaN
+    where none has: a gap in a curve, e.g. the acceptance estimate before the first distillation);
+    with `sd_only`, over the seeds whose rollout speculated at that step."""
     n = min(len(rows) for rows in seeds.values())
     out = []
     for i in range(n):
         rows = [rs[i] for rs in seeds.values()]
-        vals = [r.get(key) or 0.0 for r in (speculated(rows) if sd_only else rows)]
+        vals = [r[key] for r in (speculated(rows) if sd_only else rows) if r.get(key) is not None]
         out.append(mean(vals) if vals else float("nan"))
     return out
 
