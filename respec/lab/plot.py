@@ -49,7 +49,8 @@ def plot_run(run_dir: Path) -> list[Path]:
         ax.set_xlabel("RL step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # (a run that never speculated has no acceptance curve)
+            ax.legend()
         fig.tight_layout()
         path = out / name
         fig.savefig(path, dpi=110)
