@@ -63,7 +63,7 @@ def build_parser() -> tuple[OneLineParser, dict[str, set[str]]]:
     p.add_argument("--config", type=Path, help="YAML or JSON file of options (option names as keys, TRL's names "
                    "too); flags on the command line override it")
     p.add_argument("--resume", type=Path, help="continue this run directory from its last checkpoint (with its own "
-                   f"settings; only {', '.join('--' + n.replace('_', '-') for n in RESUMABLE)} may change)")
+                   f"settings; only {', '.join(map(flag_name, RESUMABLE))} may change)")
     p.add_argument("--eager", dest="compile", action="store_const", const="off", default=argparse.SUPPRESS,
                    help="the same as --compile off")
     return p, add_options(p, CONFIGS)
