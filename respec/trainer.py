@@ -59,6 +59,10 @@ from respec.cli import option
 from respec.tasks import DataConfig, chat_prompt, extract_answer
 
 
+# --drafter-update -> the KD weighting w(r) of respec/kd_loss.py (frozen: no online learner)
+DRAFTER_UPDATES = {"frozen": None, "kd": "uniform", "rkd": "reward", "akd": "advantage"}
+
+
 @dataclass
 class TrainConfig(DataConfig):
     """A GRPO run's settings. train.py's options are generated from these fields (respec/cli.py):
@@ -104,7 +108,7 @@ class TrainConfig(DataConfig):
     k: int = option(3, "largest draft length")
     # --- the drafter's online distillation (respec/online_learner.py) ---
     drafter_update: str = option("rkd", "frozen, kd (uniform weights), rkd (reward-weighted) or akd (positive "
-                                 "advantages only)", choices=("frozen", "kd", "rkd", "akd"))
+                                 "advantages only)", choices=tuple(DRAFTER_UPDATES))
     # update in a background thread overlapped with the next rollout: on 2 CPU cores the default run's
     # step took 6.3 s against 7.3 s synchronous (docs/benchmarks.md)
     drafter_async: bool = option(True, "drafter update in a background thread, overlapped with the next rollout")
@@ -181,11 +185,6 @@ class TrainConfig(DataConfig):
             raise ValueError(f"--log-completions must be all, none or a positive number, got {self.log_completions!r}")
 
 
-def make_run_task(cfg: TrainConfig, rewards_: "rewards.Rewards"):
-    """The task a config names; file data must have numeric answers unless a user's reward scores them."""
-    return cfg.make_task(seed=cfg.seed, numeric_answers=rewards_.scores_numbers_only)
-
-
 MICRO_TOKENS = {"cpu": 512, "cuda": 8192}  # TrainConfig.micro_tokens = 0, per device type
 
 
@@ -193,10 +192,6 @@ def default_prompts(world: int, at_least: int = 4) -> int:
     """Prompts per step when none are given: the smallest multiple of the world size >= `at_least`
     (each rank gets whole prompts, so 4 would not do on 3, 5, 6 or 7 GPUs)."""
     return world * -(-at_least // world)
-
-
-# --drafter-update -> the KD weighting w(r) of respec/kd_loss.py (frozen: no online learner)
-DRAFTER_UPDATES = {"frozen": None, "kd": "uniform", "rkd": "reward", "akd": "advantage"}
 
 
 def tensorboard_writer(path: Path):
@@ -267,7 +262,9 @@ class Trainer:
         device = d.device
         self.tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
         self.rewards = rewards.Rewards(cfg.rewards, format_weight=cfg.format_weight)
-        self.task = task if task is not None else make_run_task(cfg, self.rewards)
+        # file data must have numeric answers unless a user's reward scores them
+        self.task = task if task is not None else cfg.make_task(seed=cfg.seed,
+                                                                numeric_answers=self.rewards.scores_numbers_only)
         self.eval_problems = self._eval_problems() if cfg.eval_every else []
         self._check_rewards()
         self.rollout_dtype = resolve_dtype(cfg.dtype, device)
