@@ -36,9 +36,11 @@ from models.decoder import PRESETS, Decoder, ModelConfig
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_PRESETS = ("tiny", "smollm2-135m", "random-smollm2-135m", "random-qwen2.5-0.5b", "random-qwen2.5-1.5b")
-# The tokenizer of the random-weight presets (tiny, random-*): SmolLM2's, from its GGUF, or from the
-# directory this variable names (a machine without the GGUF package, e.g. the GPU check's).
+# The tokenizer of the random-weight presets (tiny, random-*): SmolLM2's, whose files travel with the
+# repository (models/tokenizers/smollm2, saved from the GGUF's and tested equal to it), so that a
+# machine without the GGUF package (the GPU check's) has it; this variable names another directory.
 TOKENIZER_ENV = "RESPEC_TOKENIZER"
+PRESET_TOKENIZER = Path(__file__).resolve().parent / "tokenizers" / "smollm2"
 
 
 # owner/name, as the Hub spells model ids; checked only after no file or directory of that name exists
@@ -317,7 +319,7 @@ def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
     if spec in PRESETS:
-        ckpt = Path(os.environ[TOKENIZER_ENV]) if os.environ.get(TOKENIZER_ENV) else resolve_checkpoint("smollm2-135m")
+        ckpt = Path(os.environ[TOKENIZER_ENV]) if os.environ.get(TOKENIZER_ENV) else PRESET_TOKENIZER
     else:
         ckpt = resolve_checkpoint(spec)
     try:

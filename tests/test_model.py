@@ -104,3 +104,22 @@ def test_model_by_hub_id_from_a_fake_local_cache(tiny_pair, tmp_path, monkeypatc
         assert n1 == n2 and torch.equal(p1, p2), n1
     with pytest.raises(ModelLoadError, match="no Hugging Face model of that id in the local cache"):
         load_model("acme/not-there")
+
+
+def test_preset_tokenizer_in_the_repository_equals_the_ggufs(tokenizer, monkeypatch):
+    """The random-weight presets' tokenizer travels with the repository (models/tokenizers/smollm2,
+    for machines without the GGUF package): the same ids, special tokens and chat template as the
+    tokenizer transformers reads from SmolLM2's GGUF."""
+    from models.loading import TOKENIZER_ENV, load_tokenizer
+
+    monkeypatch.delenv(TOKENIZER_ENV, raising=False)
+    ours = load_tokenizer("random-smollm2-135m")
+    texts = ["Calculate 5 - 3.", "  Ünïcödé, tabs\tand\nnewlines; 12345 + 678 = ?", "<|im_start|>user\nhi<|im_end|>"]
+    for text in texts:
+        assert ours(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert len(ours) == len(tokenizer) == 49152
+    assert (ours.eos_token_id, ours.pad_token_id, ours.bos_token_id) == (
+        tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id)
+    chat = [{"role": "user", "content": "What is 7 + 5?"}]
+    assert ours.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == \
+        tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
