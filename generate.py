@@ -259,9 +259,12 @@ def run_bench(args, model, tokenizer, dtype) -> dict:
                                   eos_token_ids=eos)
         sd_engine.time_phases = True  # where an SD step's time goes (a device sync per phase on GPUs)
     use_filter = sampled and (args.top_p < 1 or args.top_k > 0)
-    compile_s = engine.warmup(args.batch_sizes, use_filter=use_filter)
-    if sd_engine is not None:  # the draft and verify shapes of every bucket (rows finish at different steps)
-        compile_s += sd_engine.warmup(args.batch_sizes, use_filter=use_filter)
+    # every shape the timed runs meet: each batch bucket (rows finish at different steps), the draft
+    # and verify steps, and (with per-shape CUDA graphs) every block-table width up to the longest row
+    longest = max(len(p) for prompts in prompts_for.values() for p in prompts) + args.new_tokens
+    compile_s = engine.warmup(args.batch_sizes, use_filter=use_filter, max_context=longest)
+    if sd_engine is not None:
+        compile_s += sd_engine.warmup(args.batch_sizes, use_filter=use_filter, max_context=longest)
     hf = None
     if not sampled:
         with tempfile.TemporaryDirectory() as tmp:
@@ -270,14 +273,15 @@ def run_bench(args, model, tokenizer, dtype) -> dict:
     for b in args.batch_sizes:
         prompts = prompts_for[b]
         engine.stats = type(engine.stats)()
-        t0 = time.perf_counter()
-        ours = engine.generate(prompts, params(b))
-        respec_s = time.perf_counter() - t0
+        with engine.steps.timed() as unwarmed:
+            t0 = time.perf_counter()
+            ours = engine.generate(prompts, params(b))
+            respec_s = time.perf_counter() - t0
         plain_tokens = sum(len(o.token_ids) for o in ours)
         step_ms = engine.stats.decode_s / max(engine.stats.decode_steps, 1) * 1e3
         row = {"batch": b, "respec_tok_s": round(plain_tokens / respec_s, 2),
                "tokens_per_row": round(plain_tokens / b, 1), "step_ms": round(step_ms, 2),
-               "roofline_ms": round(roofline_ms, 2)}
+               "roofline_ms": round(roofline_ms, 2), "unwarmed_shapes": list(unwarmed)}
         if hf is not None:
             with torch.no_grad():
                 hf_generate(hf, tokenizer, prompts, 2)  # warm-up
@@ -288,9 +292,11 @@ def run_bench(args, model, tokenizer, dtype) -> dict:
             for r in range(args.past_rollouts):  # earlier rollouts of these prompts (the history drafter keeps them)
                 sd_engine.generate(prompts, params(b, rollout=r + 1))
             sd_engine.stats = type(sd_engine.stats)()
-            t0 = time.perf_counter()
-            spec = sd_engine.generate(prompts, params(b))
-            sd_s = time.perf_counter() - t0
+            with sd_engine.steps.timed() as unwarmed:
+                t0 = time.perf_counter()
+                spec = sd_engine.generate(prompts, params(b))
+                sd_s = time.perf_counter() - t0
+            row["unwarmed_shapes"] += unwarmed
             st = sd_engine.stats
             sd_tokens = sum(len(x.token_ids) for x in spec)
             per_step = lambda t: round(t / max(st.sd_steps, 1) * 1e3, 2)  # noqa: E731  ms per SD step
@@ -313,6 +319,10 @@ def run_bench(args, model, tokenizer, dtype) -> dict:
 
 def print_table(report: dict) -> None:
     sampled = report.get("temperature", 0) > 0
+    unwarmed = sum(len(r.get("unwarmed_shapes", [])) for r in report["results"])
+    if unwarmed:  # a CUDA graph recorded (or a TensorRT engine built) inside a timed run
+        print(f"\nwarning: {unwarmed} timed step call(s) met a shape the warm-up had not called twice: the times "
+              f"below include graph recording (see unwarmed_shapes in the JSON)")
     print(f"\n{report['model']} {report['dtype']}, {report['new_tokens']} new tokens"
           + (f" at most, T={report['temperature']}, EOS stops" if sampled else "") + f", compile {report['compile_s']} s")
     if not sampled:

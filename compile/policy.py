@@ -41,9 +41,11 @@ Policy, and why:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import os
+from collections import Counter
 from functools import partial
 
 import torch
@@ -135,6 +137,15 @@ class CompiledSteps:
         if self.mode == "tensorrt":
             require_tensorrt(self.device)
         self._cache: dict = {}
+        # the whole-step backend (aot_eager in the CPU tests of the CUDA path, tests/test_cuda_path.py)
+        self.backend = "tensorrt" if self.mode == "tensorrt" else "inductor"
+        # Per-shape graphs (CUDA-graph trees, TensorRT engines) are built on a shape's first calls:
+        # cudagraph trees run a shape once to warm it up and record it on the second call. `seen`
+        # counts the calls per (step, input shapes); a call inside `timed()` of a shape seen fewer
+        # than `WARM_CALLS` times before is listed in `unwarmed` (see warm_calls).
+        self.seen: Counter = Counter()
+        self.timing = False
+        self.unwarmed: list[str] = []
         if self.mode != "eager":
             use_persistent_cache()
             configure_dynamo()
@@ -183,6 +194,31 @@ class CompiledSteps:
             for t in tensors:
                 torch._dynamo.mark_static_address(t)
 
+    @property
+    def warm_calls(self) -> int:
+        """Calls of each shape a warm-up must make before that shape is timed: two where a graph is
+        recorded per shape (whole-step: CUDA graphs are recorded on the second call), else one (the
+        first call may compile)."""
+        return 2 if self.mode in ("whole", "tensorrt") else 1
+
+    @contextlib.contextmanager
+    def timed(self):
+        """A timed region: any step it calls whose shape was not warmed (`warm_calls` earlier calls)
+        is recorded in `unwarmed` (per-shape graphs only), so a benchmark can refuse its figures."""
+        self.unwarmed.clear()
+        self.timing = True
+        try:
+            yield self.unwarmed
+        finally:
+            self.timing = False
+
+    def _count_call(self, name: str, inputs: dict) -> None:
+        shapes = tuple((k, tuple(v.shape)) for k, v in inputs.items() if isinstance(v, torch.Tensor))
+        key = (name, shapes)
+        if self.timing and self.seen[key] < self.warm_calls:
+            self.unwarmed.append(f"{name} {dict(shapes)} (called {self.seen[key]}x before)")
+        self.seen[key] += 1
+
     def eager_fn(self, fn, **static_kwargs):
         """`fn` with `static_kwargs` bound, never compiled (prefill)."""
         return partial(fn, **static_kwargs)
@@ -203,13 +239,14 @@ class CompiledSteps:
             else:
                 cuda_graphs = self.mode == "whole" and self.device.type == "cuda"
                 graph = torch.compile(partial(fn, **static_kwargs), fullgraph=True, dynamic=False,
-                                      backend="tensorrt" if self.mode == "tensorrt" else "inductor",
-                                      mode="reduce-overhead" if cuda_graphs else None)
+                                      backend=self.backend, mode="reduce-overhead" if cuda_graphs else None)
 
                 signature = inspect.signature(fn)
+                name = f"{fn.__name__}({', '.join(f'{k}={v}' for k, v in sorted(static_kwargs.items()))})"
 
-                def step(*args, _graph=graph, **kwargs):
+                def step(*args, _graph=graph, _name=name, **kwargs):
                     inputs = signature.bind_partial(*args, **kwargs).arguments
+                    self._count_call(_name, inputs)
                     _mark_rows_dynamic(*inputs.values())  # (the pools come as lists, the weights as modules)
                     _mark_width_dynamic(inputs["block_tables"])
                     if not cuda_graphs:

@@ -420,9 +420,12 @@ class RolloutEngine:
         """Seconds of one real decode step (k = 0) or SD step with k drafts (greedy rows), for
         `batch` synthetic sequences with `context` tokens each (the cache's contents do not change
         the time). The first call of a shape warms up (it may compile) and is not timed. Used by
-        the cost profile (respec/solver.py); statistics and the policy are left untouched."""
-        times = self._synthetic_steps(batch, k, context, reps + 1)
-        return sum(times[1:]) / max(reps, 1)
+        the cost profile (respec/solver.py); statistics and the policy are left untouched. The
+        first calls of a shape warm it up (they may compile, or record a CUDA graph) and are not
+        timed."""
+        warm = self.steps.warm_calls
+        times = self._synthetic_steps(batch, k, context, reps + warm)
+        return sum(times[warm:]) / max(reps, 1)
 
     def _synthetic_steps(self, batch: int, k: int, context: int, calls: int, *, use_filter: bool = False) -> list[float]:
         if k > self.k or (k and self.drafter is None):
@@ -466,10 +469,14 @@ class RolloutEngine:
         return times
 
     def warmup(self, batch_sizes: list[int] | None = None, *, ks: list[int] | None = None, use_filter: bool = False,
-               progress: bool = True) -> float:
+               max_context: int | None = None, progress: bool = True) -> float:
         """Compile the steps ahead of time for every batch bucket up to the largest of `batch_sizes`
         (a rollout's batch shrinks through all of them) and every draft length in `ks` (default: 0,
-        plus the engine's k with a fixed policy, or 0..k with any other policy); returns seconds."""
+        plus the engine's k with a fixed policy, or 0..k with any other policy); returns seconds.
+
+        Where graphs are per shape (whole-step: CUDA graphs) every shape a run will meet is called
+        `steps.warm_calls` times: each block-table width up to `max_context` tokens (the longest
+        prompt plus its new tokens), so that no graph is recorded inside a timed region."""
         if self.steps.eager:
             return 0.0
         from tqdm import tqdm
@@ -480,7 +487,18 @@ class RolloutEngine:
         if ks is None:
             fixed = isinstance(self.policy, FixedK)
             ks = [0] if self.drafter is None else sorted({0, self.policy.k}) if fixed else list(range(self.k + 1))
-        context = 4 * self.blocks.block_size
-        for b, k in tqdm([(b, k) for b in buckets for k in ks], desc="compiling step shapes", disable=not progress):
-            self._synthetic_steps(b, k, context, 1, use_filter=use_filter)
+        shapes = [(b, k, context) for b in buckets for k in ks for context in self._warm_contexts(k, max_context)]
+        for b, k, context in tqdm(shapes, desc="compiling step shapes", disable=not progress):
+            self._synthetic_steps(b, k, context, self.steps.warm_calls, use_filter=use_filter)
         return time.perf_counter() - t0
+
+    def _warm_contexts(self, k: int, max_context: int | None) -> list[int]:
+        """Contexts whose SD step with k drafts meets each block-table width up to `max_context`
+        tokens (one context where the width is a dynamic dimension of one graph)."""
+        bs = self.blocks.block_size
+        if self.steps.warm_calls == 1 or max_context is None:
+            return [4 * bs]
+        widest = self.steps.table_width(self.blocks.blocks_for(min(max_context, self.max_len) + k + 1))
+        widths = sorted({self.steps.table_width(n) for n in range(1, widest + 1)})
+        # a synthetic step's sequences hold context + k tokens once its k + 1 slots are reserved
+        return [max(w * bs - k, 2) for w in widths if w * bs - k <= self.max_len]
