@@ -131,6 +131,8 @@ class TrainConfig(DataConfig):
                           "minutes)", choices=("auto", "on", "off"))
     compile_mode: str | None = option(None, "how a compiled engine compiles its steps (compile/policy.py; default: "
                                       "whole on CUDA, regional on CPU)", choices=COMPILE_MODES)
+    fsdp: str = option("auto", "shard the actor with FSDP2 (auto: with several ranks; on: also in one torchrun "
+                       "process, to exercise the sharded path on one GPU)", choices=("auto", "on"))
     kv_cache_mb: int = option(0, "KV block pool per rank in MiB (0: 1024 on CPU, 40%% of the free memory on a GPU)")
     max_batch: int = option(64, "most sequences decoding at once per rank")
     # --- run ---
@@ -160,6 +162,8 @@ class TrainConfig(DataConfig):
             value, choices = getattr(self, f.name), f.metadata.get("choices")
             if choices and value is not None and value not in choices:
                 raise ValueError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}")
+        if self.fsdp == "on" and not torch.distributed.is_initialized():
+            raise ValueError("--fsdp on needs a process group: start train.py with torchrun")
         if self.compile_mode is not None and self.compile == "off":
             raise ValueError(f"--compile-mode {self.compile_mode} needs a compiled engine (--compile on or auto)")
         if self.drafter_lr <= 0 or self.drafter_warmup < 0:
@@ -282,9 +286,10 @@ class Trainer:
         self.n_head = self.actor.lm_head.weight.numel()
         self.n_body = self.n_params - self.actor.embed_tokens.weight.numel() - (
             0 if self.actor.cfg.tie_word_embeddings else self.n_head)
-        if d.world > 1:
+        sharded = d.world > 1 or cfg.fsdp == "on"
+        if sharded:
             distributed.apply_fsdp(self.actor, param_dtype=self.train_dtype)
-        self.rollout = distributed.RolloutCopy(self.actor, dtype=self.rollout_dtype, sharded=d.world > 1)
+        self.rollout = distributed.RolloutCopy(self.actor, dtype=self.rollout_dtype, sharded=sharded)
         self.reference = None
         if cfg.kl_coef > 0:
             self.reference = load_model(cfg.model, dtype=torch.float32, device=device, seed=cfg.seed)

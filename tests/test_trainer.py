@@ -162,6 +162,25 @@ def test_two_ranks_equal_one_process(tmp_path):
     assert worst < 1e-5, worst
 
 
+def test_fsdp_in_one_torchrun_process_equals_the_unsharded_run(tmp_path):
+    """`--fsdp on` shards the actor in a one-rank process group (how the GPU check exercises
+    FSDP2 on one GPU): the same run as without sharding, a resume included."""
+    plain, sharded = tmp_path / "plain", tmp_path / "sharded"
+    args = [*TOY, "--dtype", "fp32", "--train-dtype", "fp32"]
+    train(*args, "--steps", "3", "--checkpoint-every", "2", "--out", str(plain))
+    train(*args, "--steps", "2", "--checkpoint-every", "2", "--fsdp", "on", "--out", str(sharded), torchrun=1)
+    train("--resume", str(sharded), "--steps", "3", "--no-progress", torchrun=1)
+    assert json.loads((sharded / "config.json").read_text())["fsdp"] == "on"
+    for ra, rb in zip(metrics(plain), metrics(sharded), strict=True):
+        for k in ("reward_mean", "accuracy", "response_len_mean", "trained_tokens"):
+            assert ra[k] == rb[k], (k, ra, rb)
+        for k in ("loss", "entropy", "grad_norm"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), (k, ra, rb)
+    out = train(*TOY, "--fsdp", "on", "--out", str(tmp_path / "no"), check=False)  # no process group
+    assert out.returncode == 2 and "--fsdp on needs a process group" in out.stderr
+    assert not (tmp_path / "no").exists()
+
+
 def test_bad_input_is_one_line_and_touches_nothing(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text('{"question": "1+1?", "answer": "#### 2"}\n')
