@@ -23,6 +23,7 @@ import json
 import math
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,10 +73,9 @@ def sample_rollouts(engine, prompts: list[list[int]], new_tokens: int, temperatu
 def draft_vocabulary(seqs: Sequences, size: int, vocab_size: int) -> torch.Tensor:
     """The `size` most frequent token ids of the sequences (completions and prompts), most frequent
     first; ties and unseen tokens filled by id order."""
-    counts = torch.zeros(vocab_size, dtype=torch.int64)
-    for t in seqs.tokens:
-        counts += torch.bincount(torch.tensor(t), minlength=vocab_size)
-    return counts.argsort(descending=True, stable=True)[:size]
+    counts = Counter(tok for t in seqs.tokens for tok in t)
+    order = sorted(range(vocab_size), key=lambda i: -counts[i])  # a stable sort: ties stay in id order
+    return torch.tensor(order[:size], dtype=torch.int64)
 
 
 def distilled(prompt_len: int, n: int) -> slice:

@@ -1,8 +1,10 @@
 """The CUDA path: the key checks of the CPU suite again on a GPU (skipped without one).
 
 Random weights throughout (a GPU machine may have no model hub and no GGUF package), SmolLM2's
-tokenizer where one is needed (`RESPEC_TOKENIZER`, see models/loading.py). `python -m
-respec.lab.gpu_check` runs this file first; on a CPU-only machine every test here is skipped.
+tokenizer where one is needed (it travels with the repository, models/tokenizers/smollm2).
+`python -m respec.lab.gpu_check --part a` runs this file first (the trainer's tests are its part b's
+GRPO stage); on a CPU-only machine every test here is skipped, and tests/test_cuda_path.py checks
+the same path on the CPU.
 """
 
 from __future__ import annotations
@@ -83,21 +85,27 @@ def test_cuda_graphs_are_used_and_equal_eager(tiny):
 @pytest.mark.parametrize("kind", ["eagle", "history"])
 def test_compiled_speculative_decoding_equals_eager(tiny, kind):
     """SD under CUDA graphs: the drafter's kept features survive the next replay (they are copied
-    out of the graph's memory), so the tokens equal the eager engine's."""
+    out of the graph's memory), so the tokens equal the eager engine's. The history drafter runs
+    greedy on repeating prompts, where it proposes (so the compiled point-mass verify is checked)."""
     from respec.drafters.history import HistoryDrafter
     from respec.engine import RolloutEngine, SamplingParams
+    from tests.test_cuda_path import REPEATING
     from tests.test_eagle import head_for
 
     model = on_cuda(tiny)
-    params = [SamplingParams(max_new_tokens=30, seed=s, temperature=0.8, stop_on_eos=False) for s in range(3)]
+    prompts = PROMPTS[:3] if kind == "eagle" else REPEATING
+    params = [SamplingParams(max_new_tokens=30, seed=s, temperature=0.8 if kind == "eagle" else 0.0,
+                             stop_on_eos=False) for s in range(3)]
 
     def sd(eager):
         drafter = head_for(model, 300).to(CUDA) if kind == "eagle" else HistoryDrafter(min_match=1)
         engine = RolloutEngine(model, kv_cache_bytes=64 << 20, eager=eager, max_batch=8, drafter=drafter,
                                num_draft_tokens=3)
-        return engine.generate(PROMPTS[:3], params)
+        return [c.token_ids for c in engine.generate(prompts, params)], engine.stats.sd_steps
 
-    assert [g.token_ids for g in sd(False)] == [w.token_ids for w in sd(True)]
+    (got, sd_steps), (want, _) = sd(False), sd(True)
+    assert sd_steps > 0, "the drafter proposed nothing: the compiled verify was not checked"
+    assert got == want
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])

@@ -1,0 +1,129 @@
+"""Fake CUDA on a CPU-only machine: tensors that say `device="cuda"` and hold no data.
+
+Under `fake_cuda()` every tensor is a FakeTensor (torch._subclasses): shapes, dtypes and devices
+propagate as on a GPU, and an op that mixes a CUDA tensor with a CPU one (other than a 0-dim
+scalar, as CUDA allows) raises FakeTensorDeviceMismatchError, as it would on a GPU. So the
+engine, the drafters and the trainer can be run with `device="cuda"` here, and a CPU tensor created
+inside a CUDA path fails a CPU test.
+
+Two things FakeTensorMode alone does not do on a CPU-only build of torch, done here by a
+TorchFunctionMode: moving a CPU tensor to CUDA (`.to("cuda")`, `.cuda()`: torch refuses before any
+fake dispatch, as it is not built with CUDA) becomes an empty CUDA tensor of the same shape, and the
+host reads of values a fake tensor does not have (`.tolist()`, `.item()`) return zeros, and indexing
+(`t[i]`, `t[i] = v`: its Python binding takes a CUDA device guard, which a CPU-only build lacks)
+goes through the aten ops it stands for (select, slice, unsqueeze, index, index_put_), as does
+`copy_` into a CUDA tensor. The values
+are meaningless, so tests under fake CUDA check devices and shapes, never tokens. And `Module.to`
+swaps a fake parameter for its converted copy (torch.utils.swap_tensors), which refuses while the
+fake mode's memo holds a weak reference to it: the memo is emptied first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
+
+
+def _zeros_like_list(t: torch.Tensor):
+    zero = False if t.dtype == torch.bool else 0 if not t.is_floating_point() else 0.0
+    if t.dim() == 0:
+        return zero
+    return [_zeros_like_list(t[0]) for _ in range(t.shape[0])] if t.dim() > 1 else [zero] * t.shape[0]
+
+
+def _basic_indexing(t: torch.Tensor, key) -> tuple[torch.Tensor, list]:
+    """`t` with the ints, slices, None and Ellipsis of `key` applied (as torch's own indexing does,
+    before any tensor index), and the tensor indices left for aten.index, one per remaining dim."""
+    key = list(key) if isinstance(key, tuple) else [key]
+    key = [torch.tensor(k) if isinstance(k, list) else k for k in key]
+    used = sum(1 for k in key if k is not None and k is not Ellipsis and not (isinstance(k, torch.Tensor) and k.dtype == torch.bool))
+    used += sum(k.dim() for k in key if isinstance(k, torch.Tensor) and k.dtype == torch.bool)
+    if Ellipsis in [k for k in key if not isinstance(k, torch.Tensor)]:
+        at = next(i for i, k in enumerate(key) if k is Ellipsis and not isinstance(k, torch.Tensor))
+        key[at: at + 1] = [slice(None)] * (t.dim() - used)
+    dim, tensors = 0, []
+    for k in key:
+        if k is None:
+            t = t.unsqueeze(dim)
+            tensors.append(None)
+            dim += 1
+        elif isinstance(k, bool) or isinstance(k, torch.Tensor):
+            tensors.append(k if isinstance(k, torch.Tensor) else torch.tensor(k))
+            dim += 1
+        elif isinstance(k, int):
+            t = torch.ops.aten.select.int(t, dim, k)
+        elif isinstance(k, slice):
+            step = 1 if k.step is None else k.step
+            t = torch.ops.aten.slice.Tensor(t, dim, k.start, k.stop, step)
+            tensors.append(None)
+            dim += 1
+        else:
+            raise TypeError(f"fake_cuda: cannot index with {type(k).__name__}")
+    return t, tensors
+
+
+def _getitem(t: torch.Tensor, key) -> torch.Tensor:
+    t, tensors = _basic_indexing(t, key)
+    return torch.ops.aten.index.Tensor(t, tensors) if any(x is not None for x in tensors) else t
+
+
+def _setitem(t: torch.Tensor, key, value) -> None:
+    t, tensors = _basic_indexing(t, key)
+    value = value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=t.dtype, device=t.device)
+    if any(x is not None for x in tensors):
+        torch.ops.aten.index_put_(t, tensors, value)
+    else:
+        t.copy_(value)
+
+
+class _HostMoves(TorchFunctionMode):
+    """CPU -> CUDA moves and host reads of fake tensors (see the module docstring)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.to, torch.Tensor.cuda):
+            t = args[0]
+            if func is torch.Tensor.cuda:
+                device, dtype = torch.device("cuda", 0), t.dtype
+            elif args[1:] and isinstance(args[1], torch.Tensor):
+                device, dtype = args[1].device, args[1].dtype
+            else:
+                device, dtype, *_ = torch._C._nn._parse_to(*args[1:], **kwargs)
+                dtype = dtype or t.dtype
+            if device is not None and torch.device(device).type == "cuda":  # torch refuses even cuda -> cuda
+                if t.device.type == "cuda":
+                    return t if dtype == t.dtype else func(t, dtype)
+                return torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=device,
+                                           requires_grad=t.requires_grad)
+        if func is torch.Tensor.__getitem__ and args[0].device.type == "cuda":
+            return _getitem(*args)
+        if func is torch.Tensor.__setitem__ and args[0].device.type == "cuda":
+            return _setitem(*args)
+        if func is torch.Tensor.copy_ and args[0].device.type == "cuda":
+            return torch.ops.aten.copy_.default(*args, **kwargs)
+        if func is torch.Tensor.tolist:
+            return _zeros_like_list(args[0])
+        if func is torch.Tensor.item:
+            return _zeros_like_list(args[0].reshape(()))
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def fake_cuda():
+    """Run the block with fake tensors in which `device="cuda"` works on any machine."""
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    swap = torch.utils.swap_tensors
+
+    def swap_unmemoised(t1, t2):
+        mode.fake_tensor_converter.meta_converter.tensor_memo.clear()
+        return swap(t1, t2)
+
+    torch.utils.swap_tensors = swap_unmemoised
+    try:
+        with mode, _HostMoves():
+            yield
+    finally:
+        torch.utils.swap_tensors = swap
