@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -155,24 +156,65 @@ def test_sweep_needs_a_drafter(capsys):
 
 
 def test_gpu_check_quick_runs_every_stage(tmp_path, monkeypatch):
-    """The prepared GPU check, on the tiny model and this machine's device: every stage runs and
-    the folder holds its summary, logs, bench report and GRPO metrics (on a GPU the same stages
-    run at real shapes: `python -m respec.lab.gpu_check --out DIR`)."""
+    """The prepared GPU check, both parts, on the tiny model and this machine's CPU: every stage runs
+    and the folder (empty but existing, as the device tool's $OUT; given relative) holds its summary,
+    logs, bench report and GRPO metrics, at most 8 files (on a GPU the same stages run at real
+    shapes: `python -m respec.lab.gpu_check --part a|b --out DIR`)."""
     import json
 
-    from models.loading import resolve_checkpoint
     from respec.lab import gpu_check
 
-    monkeypatch.setenv("RESPEC_TOKENIZER", str(resolve_checkpoint("smollm2-135m")))
     monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "check"
-    assert gpu_check.main(["--out", str(out), "--quick", "--device", "cpu", "--budget-s", "400"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert [s["status"] for s in summary["stages"].values()] == ["ok"] * 5, summary["stages"]
-    assert summary["bench"]["tiny"]["rows"][0]["same_tokens_as_hf"] == "1/1"
-    assert [r["step"] for r in summary["grpo"]] == [1, 2, 3]  # two steps, then one more after the resume
-    assert summary["costs"]["rel_error"] < 0.5 and summary["cudagraph_skips"] == 0
-    names = {p.name for p in out.iterdir()}
-    assert {"check.log", "summary.json", "summary.md", "bench-tiny.json", "grpo-metrics.jsonl"} <= names
-    assert len(names) <= 8  # what comes back from the GPU machine
-    assert gpu_check.main(["--out", str(out), "--quick", "--device", "cpu"]) == 2  # never overwritten
+    monkeypatch.delenv("RESPEC_TOKENIZER", raising=False)  # the tokenizer travels with the repository
+    monkeypatch.chdir(tmp_path)
+    for part in ("a", "b"):
+        (tmp_path / part).mkdir()
+        assert gpu_check.main(["--part", part, "--out", part, "--quick", "--device", "cpu"]) == 0
+        summary = json.loads((tmp_path / part / "summary.json").read_text())
+        assert {n: s["status"] for n, s in summary["stages"].items() if s["status"] != "ok"} == {}
+        names = {p.name for p in (tmp_path / part).iterdir()}
+        assert {"check.log", "summary.json", "summary.md"} <= names and len(names) <= 8  # what comes back
+        assert all((tmp_path / part / n).stat().st_size < 16 << 20 for n in names)
+        assert summary["cudagraph_skips"] == 0
+    a = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert list(a["stages"]) == ["cuda tests", "bench smollm2-135m"]
+    assert a["bench"]["tiny"]["rows"][0]["same_tokens_as_hf"] == "1/1"
+    assert all(r["unwarmed_shapes"] == [] for r in a["bench"]["tiny"]["rows"])
+    b = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert [r["step"] for r in b["grpo"]] == [1, 2, 3]  # two steps, then one more after the resume, equal to straight
+    assert any(r["sd_fraction"] for r in b["grpo"])  # it speculated
+    assert b["costs"]["rel_error"] < 0.5
+    assert (tmp_path / "b" / "grpo-metrics.jsonl").is_file()
+    assert gpu_check.main(["--part", "a", "--out", "a", "--quick", "--device", "cpu"]) == 2  # never overwritten
+
+
+def test_gpu_check_refuses_in_its_first_seconds(tmp_path, monkeypatch, capsys):
+    """Without what it needs (here: the tokenizer) the check says so in one line, writing nothing."""
+    from respec.lab import gpu_check
+
+    monkeypatch.setenv("RESPEC_TOKENIZER", str(tmp_path / "nothing"))
+    t0 = time.monotonic()
+    assert gpu_check.main(["--part", "a", "--out", str(tmp_path / "out"), "--quick", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gpu_check: no tokenizer at") and "\n" not in err
+    assert not (tmp_path / "out").exists() and time.monotonic() - t0 < 30
+
+
+def test_gpu_check_cap_kills_the_whole_process_group(tmp_path):
+    """A stage past its cap is killed with its children (torchrun's train.py would otherwise keep
+    holding GPU memory), and leaves a line saying so."""
+    import json
+
+    from respec.lab import gpu_check
+
+    (tmp_path / "out").mkdir()
+    check = gpu_check.Check(tmp_path / "out", "a", 100, True, "cpu")
+    child = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
+              f"open({str(child)!r}, 'w').write(str(p.pid)); time.sleep(300)")
+    assert check.run("sleepy", [sys.executable, "-c", script], limit_s=3) is None
+    status = json.loads((tmp_path / "out" / "summary.json").read_text())["stages"]["sleepy"]["status"]
+    assert status.startswith("killed by its cap")
+    pid = int(child.read_text())
+    time.sleep(0.5)
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()

@@ -1,33 +1,40 @@
-"""The prepared GPU check: one command that runs and measures respec's CUDA path.
+"""The prepared GPU check: two commands that run and measure respec's CUDA path on a lent GPU.
 
-    python -m respec.lab.gpu_check --out gpu-check            # on a CUDA machine, ~5 minutes
-    python -m respec.lab.gpu_check --out /tmp/c --quick       # the same stages on the tiny model (any machine)
+    python -m respec.lab.gpu_check --part a --out DIR     # CUDA tests + the bench against transformers
+    python -m respec.lab.gpu_check --part b --out DIR     # cost profile + GRPO with FSDP2 and a resume (+ larger shapes)
+    python -m respec.lab.gpu_check --part a --out DIR --quick --device cpu     # the same stages on the tiny model
 
-It writes everything into `--out` (at most 8 files):
-  check.log           every stage's command and output
-  summary.json / .md  what was measured, and each goal met or not
-  bench-*.json        the `generate.py --bench` reports
-  grpo-metrics.jsonl  the GRPO run's per-step metrics
-  inductor-cache.tgz  the compile cache, if small: unpack it into $RESPEC_CACHE to rerun warm
+Made for the machine it is lent on: a bare GPU box with torch and transformers but no model hub,
+no GGUF package and no reasoning-gym, 10 minutes a command, 15 minutes in all, at most 8 files of
+16 MiB coming back. So:
+  * Everything it needs travels with the repository: random weights at real shapes (the models/
+    presets), SmolLM2's tokenizer from models/tokenizers/smollm2, prompts from the built-in
+    toy-letters task. A missing piece is named in one line in the first seconds (`preflight`).
+  * Each part has its own wall-clock budget (`--budget-s`, default: PART_BUDGET_S) and each stage a
+    cap sized for a cold start (nothing compiled yet); a stage gets min(its cap, what is left) and is
+    skipped, with a line saying so, when less than it needs is left. Stages run as subprocesses in
+    their own process group: a cap kills the group (torchrun's children too).
+  * Results are written as they come: summary.json and summary.md after every stage (a stage that
+    is running, or was killed by its cap, says so), check.log with each stage's command and output
+    (the tail of it where a stage printed much). At most 8 files, each under 16 MiB (the inductor
+    cache is packed only if it fits).
+  * `--out` may exist if it is empty (the device tool's $OUT); relative paths are resolved first.
 
-The stages, in order (each a subprocess with its own time limit; a failed or skipped stage is
-recorded and the next one runs):
-  1. tests/test_cuda.py (logits and generation against transformers, CUDA graphs against eager,
-     SD losslessness, the trainer's resume; two ranks where two GPUs exist);
-  2. `generate.py --bench`, plain against transformers' `generate` (greedy, the same weights) and
-     SD with the history drafter: SmolLM2-135M-shaped at batch 1, 8, 64, Qwen2.5-0.5B-shaped at
-     batch 1, 8, and Qwen2.5-1.5B-shaped at batch 1 against the weight-read roofline;
-  3. the solver's cost profile on this GPU, and the batch size where SD stops paying;
-  4. GRPO under `torchrun --nproc_per_node=1` in ReSpec mode (adaptive SD, online distillation in
-     the background), a checkpoint, and a resume;
-  5. the logs searched for "skipping cudagraphs" (every stage runs with TORCH_LOGS=perf_hints).
+Part a, in order: tests/test_cuda.py (logits and generation against transformers, CUDA graphs
+against eager and recorded without skips, SD under CUDA graphs, SD losslessness); then
+`generate.py --bench` on the SmolLM2-135M shape, plain against transformers' `generate` (greedy, the
+same weights) and SD with the history drafter, at batch 1, 8 and 32. Every timed shape is warmed up
+(called twice, for each block-table width) before timing; the bench lists any timed call of a
+shape that was not (`unwarmed_shapes`), and the stage fails if there is one.
 
-Random weights at real shapes throughout: the machine this is made for has no model hub, and
-SmolLM2's GGUF (98 MB) is too large to send along. Their tokenizer is SmolLM2's: set
-RESPEC_TOKENIZER to a directory holding its tokenizer files where the GGUF package is not installed.
-Prompts come from the built-in toy-letters task (no reasoning-gym needed). With random weights the
-history drafter sees greedy text that loops, so its acceptance is an upper bound on what a real
-model's text gives: the SD rows measure the mechanics (draft, verify, roll back), not a drafter.
+Part b, in order: the solver's cost profile on this GPU (and the batch size where SD stops paying);
+GRPO under torchrun in one process with FSDP2 forced on (`--fsdp on`), SD on with the history
+drafter, three steps straight against two steps + a resume (the same tokens, losses within
+tolerance); then, if time remains, the bench at the Qwen2.5-0.5B and 1.5B shapes.
+
+With random weights the history drafter sees greedy text that loops, so its acceptance is an upper
+bound on what a real model's text gives: the SD rows measure the mechanics (draft, verify, roll
+back), not a drafter.
 """
 
 from __future__ import annotations
@@ -36,64 +43,127 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CUDAGRAPH_SKIP = "skipping cudagraphs"
+PART_BUDGET_S = {"a": 320, "b": 230}  # with a machine start, a + b + a rerun of b fit the 15 minutes
+MAX_FILE_BYTES = 15 << 20  # what comes back from the GPU machine: files up to 16 MiB
+LOG_TAIL_BYTES = 256 << 10  # of each stage's output, kept in check.log
 
 
-def bench_runs(quick: bool) -> list[dict]:
-    """(name, generate.py arguments, what its figures are compared with)."""
+@dataclass
+class Stage:
+    name: str
+    run: str  # the Check method that runs it
+    cap_s: float  # the longest it may take, cold
+    need_s: float  # not started with less than this left
+    args: dict = field(default_factory=dict)
+
+
+def bench_args(shape: str, quick: bool) -> list[str]:
     if quick:
-        return [{"name": "tiny", "args": ["--model", "tiny", "--batch-sizes", "1,2", "--new-tokens", "8",
-                                          "--drafter", "history", "--k", "3"]}]
-    return [
-        {"name": "smollm2-135m", "args": ["--model", "random-smollm2-135m", "--batch-sizes", "1,8,64",
-                                          "--new-tokens", "128", "--drafter", "history", "--k", "3"], "goal_x_hf": 3.0},
-        {"name": "qwen2.5-0.5b", "args": ["--model", "random-qwen2.5-0.5b", "--batch-sizes", "1,8",
-                                          "--new-tokens", "128"], "goal_x_hf": 3.0},
-        {"name": "qwen2.5-1.5b", "args": ["--model", "random-qwen2.5-1.5b", "--batch-sizes", "1",
-                                          "--new-tokens", "64"], "goal_x_roofline": 3.0},
-    ]
+        return ["--model", "tiny", "--batch-sizes", "1,2", "--new-tokens", "8", "--drafter", "history", "--k", "3"]
+    return {"smollm2-135m": ["--model", "random-smollm2-135m", "--batch-sizes", "1,8,32", "--new-tokens", "128",
+                             "--drafter", "history", "--k", "3"],
+            "qwen2.5-0.5b": ["--model", "random-qwen2.5-0.5b", "--batch-sizes", "1,8", "--new-tokens", "128"],
+            "qwen2.5-1.5b": ["--model", "random-qwen2.5-1.5b", "--batch-sizes", "1", "--new-tokens", "64"]}[shape]
+
+
+# Caps and needs are cold-start estimates (docs/benchmarks.md, "GPU": how they were estimated).
+PARTS = {
+    "a": [Stage("cuda tests", "tests", cap_s=140, need_s=60),
+          Stage("bench smollm2-135m", "bench", cap_s=170, need_s=90,
+                args={"shape": "smollm2-135m", "goal_x_hf": 3.0})],
+    "b": [Stage("cost profile", "costs", cap_s=75, need_s=40),
+          Stage("grpo fsdp2 + resume", "grpo", cap_s=120, need_s=70),
+          Stage("bench qwen2.5-0.5b", "bench", cap_s=60, need_s=45, args={"shape": "qwen2.5-0.5b", "goal_x_hf": 3.0}),
+          Stage("bench qwen2.5-1.5b", "bench", cap_s=50, need_s=40,
+                args={"shape": "qwen2.5-1.5b", "goal_x_roofline": 3.0})],
+}
+QUICK_SHAPES = {"smollm2-135m": "tiny"}  # --quick: the one bench, on the tiny model
+
+
+def preflight(device: str) -> str | None:
+    """The one-line reason the check cannot run here, or None."""
+    if sys.version_info < (3, 10):
+        return f"Python {platform.python_version()}: respec needs 3.10 or newer"
+    for module in ("torch", "transformers", "safetensors", "tqdm", "pytest"):
+        try:
+            __import__(module)
+        except ImportError:
+            return f"{module} is not installed (pip install {module})"
+    import torch
+
+    from models.loading import PRESET_TOKENIZER, TOKENIZER_ENV
+
+    tokenizer = Path(os.environ.get(TOKENIZER_ENV) or PRESET_TOKENIZER)
+    if not (tokenizer / "tokenizer.json").is_file():
+        return f"no tokenizer at {tokenizer} (it travels with the repository: models/tokenizers/smollm2)"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "no CUDA GPU is available (--quick --device cpu for a smoke run)"
+    return None
 
 
 class Check:
-    def __init__(self, out: Path, budget_s: float, quick: bool, device: str):
-        self.out, self.quick, self.device = out, quick, device
+    def __init__(self, out: Path, part: str, budget_s: float, quick: bool, device: str):
+        self.out, self.part, self.quick, self.device = out, part, quick, device
         self.deadline = time.monotonic() + budget_s
         self.log = open(out / "check.log", "a", buffering=1)
-        self.summary: dict = {"stages": {}}
-        self.env = {**os.environ, "TORCH_LOGS": "perf_hints", "PYTHONUNBUFFERED": "1"}
+        self.summary: dict = {"part": part, "budget_s": budget_s, "quick": quick, "stages": {}}
+        # the compile cache inside the run's own folder: a warm rerun on the same machine reuses it
+        self.env = {**os.environ, "TORCH_LOGS": "perf_hints", "PYTHONUNBUFFERED": "1",
+                    "RESPEC_CACHE": os.environ.get("RESPEC_CACHE", str(ROOT / ".respec-cache"))}
+        self.t0 = time.monotonic()
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
+    def record(self, stage: str, **fields) -> None:
+        self.summary["stages"].setdefault(stage, {}).update(fields)
+        self.write()
+
+    def write(self) -> None:
+        """summary.json and summary.md as they stand now (a killed check leaves what it had)."""
+        self.summary["seconds"] = round(time.monotonic() - self.t0, 1)
+        for name, text in (("summary.json", json.dumps(self.summary, indent=1) + "\n"),
+                           ("summary.md", render(self.summary))):
+            tmp = self.out / f".{name}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, self.out / name)
+
     def run(self, stage: str, cmd: list[str], limit_s: float) -> subprocess.CompletedProcess | None:
-        """Run `cmd` with at most `limit_s` (and what is left of the budget); its output goes to the log."""
-        limit = min(limit_s, self.left())
-        if limit < 20:
-            self.summary["stages"][stage] = {"status": "not run: out of time"}
-            return None
-        self.log.write(f"\n===== {stage}: {' '.join(cmd)} (limit {limit:.0f} s)\n")
+        """Run `cmd` in its own process group for at most `limit_s`; its output (the tail of it) goes
+        to the log. None if it was killed by the limit (recorded)."""
+        self.log.write(f"\n===== {stage}: {' '.join(cmd)} (limit {limit_s:.0f} s)\n")
         t0 = time.monotonic()
-        try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=limit)
-        except subprocess.TimeoutExpired as e:
-            self.log.write((e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or ""))
-            self.log.write((e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or ""))
-            self.summary["stages"][stage] = {"status": f"timed out after {limit:.0f} s"}
-            return None
-        self.log.write(proc.stdout + proc.stderr)
+        with tempfile.TemporaryFile("w+") as output:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=output, stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True)
+            try:
+                proc.wait(timeout=limit_s)
+                killed = False
+            except subprocess.TimeoutExpired:
+                killed = True
+                kill_group(proc)
+            output.seek(0)
+            text = output.read()
+        self.log.write(text[-LOG_TAIL_BYTES:] if len(text) > LOG_TAIL_BYTES else text)
         seconds = round(time.monotonic() - t0, 1)
-        skips = (proc.stdout + proc.stderr).count(CUDAGRAPH_SKIP)
-        self.summary["stages"][stage] = {"status": "ok" if proc.returncode == 0 else f"failed ({proc.returncode})",
-                                         "seconds": seconds, "cudagraph_skips": skips}
-        return proc
+        skips = text.count(CUDAGRAPH_SKIP)
+        if killed:
+            self.record(stage, status=f"killed by its cap after {seconds:.0f} s", seconds=seconds, cudagraph_skips=skips)
+            return None
+        self.record(stage, status="ok" if proc.returncode == 0 else f"failed ({proc.returncode})", seconds=seconds,
+                    cudagraph_skips=skips)
+        return subprocess.CompletedProcess(cmd, proc.returncode, text, "")
 
     # ------------------------------------------------------------------------------------------
     def environment(self) -> None:
@@ -108,109 +178,172 @@ class Check:
                     "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda,
                     "gpus": torch.cuda.device_count()}
         self.summary["environment"] = env
+        self.write()
 
-    def tests(self) -> None:
-        proc = self.run("cuda tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                       "tests/test_cuda.py"], 150)
+    def tests(self, stage: str, limit: float) -> None:
+        # the trainer's CUDA tests are part b's GRPO stage (and two ranks need two GPUs)
+        proc = self.run(stage, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py",
+                                "-k", "not trainer and not two_ranks"], limit)
         if proc is not None:
-            tail = (proc.stdout.strip().splitlines() or [""])[-1]
-            self.summary["stages"]["cuda tests"]["result"] = tail
+            lines = proc.stdout.strip().splitlines()
+            self.record(stage, result=lines[-1] if lines else "")
 
-    def bench(self) -> None:
-        self.summary["bench"] = {}
-        for run in bench_runs(self.quick):
-            path = self.out / f"bench-{run['name']}.json"
-            cmd = [sys.executable, "generate.py", "--bench", "--task", "toy-letters", "--device", self.device,
-                   *run["args"], "--json", str(path)]
-            if self.quick:
-                cmd.append("--eager")
-            self.run(f"bench {run['name']}", cmd, 150)
-            if path.is_file():
-                report = json.loads(path.read_text())
-                self.summary["bench"][run["name"]] = {"goal_x_hf": run.get("goal_x_hf"),
-                                                      "goal_x_roofline": run.get("goal_x_roofline"),
-                                                      "compile_s": report["compile_s"], "rows": report["results"]}
+    def bench(self, stage: str, limit: float, shape: str, goal_x_hf: float | None = None,
+              goal_x_roofline: float | None = None) -> None:
+        name = QUICK_SHAPES.get(shape, shape) if self.quick else shape
+        path = self.out / f"bench-{name}.json"
+        cmd = [sys.executable, "generate.py", "--bench", "--task", "toy-letters", "--device", self.device,
+               *bench_args(shape, self.quick), "--json", str(path)]
+        if self.quick:
+            cmd.append("--eager")
+        proc = self.run(stage, cmd, limit)
+        if proc is not None and proc.returncode == 0 and path.is_file():
+            report = json.loads(path.read_text())
+            unwarmed = sum(len(r.get("unwarmed_shapes", [])) for r in report["results"])
+            self.summary.setdefault("bench", {})[name] = {"goal_x_hf": goal_x_hf, "goal_x_roofline": goal_x_roofline,
+                                                          "compile_s": report["compile_s"], "rows": report["results"]}
+            if unwarmed:  # figures that include a graph recording are not figures
+                self.record(stage, status=f"failed: {unwarmed} timed call(s) of shapes not warmed up")
+            self.write()
 
-    def costs(self) -> None:
-        proc = self.run("cost profile", [sys.executable, "-m", "respec.lab.gpu_check", "--costs-only", "--device",
-                                         self.device] + (["--quick"] if self.quick else []), 120)
+    def costs(self, stage: str, limit: float) -> None:
+        cmd = [sys.executable, "-m", "respec.lab.gpu_check", "--costs-only", "--device", self.device]
+        proc = self.run(stage, cmd + (["--quick"] if self.quick else []), limit)
         if proc is not None and proc.returncode == 0:
             self.summary["costs"] = json.loads(proc.stdout.strip().splitlines()[-1])
+            self.write()
 
-    def grpo(self) -> None:
-        run_dir = Path(tempfile.mkdtemp(prefix="grpo-")) / "run"
+    def grpo(self, stage: str, limit: float) -> None:
+        """Three GRPO steps straight, and two steps + a checkpoint + a resume to three: the resumed run
+        must give the same tokens (losses within float tolerance: GPU reductions need not be
+        bit-reproducible across processes). torchrun in one process, FSDP2 forced on, SD on with the
+        history drafter at T = 0.05 (a group's siblings write nearly the same text, so it drafts from
+        the first step; a random head would start at acceptance 0), the engine compiled (CUDA's default)."""
+        scratch = Path(tempfile.mkdtemp(prefix="grpo-"))
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--standalone", "train.py"]
-        args = ["--model", "tiny", "--task", "toy-letters", "--prompts", "2", "--group", "4", "--max-new-tokens", "32",
-                "--sd", "adaptive", "--drafter", "random", "--k", "2", "--drafter-batch", "8", "--no-progress"]
-        first = self.run("grpo", [*torchrun, *args, "--steps", "2", "--checkpoint-every", "2", "--out", str(run_dir)],
-                         150)
-        if first is None or first.returncode != 0:
-            return
-        self.run("grpo resume", [*torchrun, "--resume", str(run_dir), "--steps", "3", "--no-progress"], 90)
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.is_file():
-            (self.out / "grpo-metrics.jsonl").write_text(metrics.read_text())
-            rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-            keys = ("step", "rollout_s", "train_s", "drafter_s", "rollout_tok_s", "sd_fraction", "accept_len",
-                    "reward_mean")
-            self.summary["grpo"] = [{k: r.get(k) for k in keys} for r in rows]
+        args = ["--model", "tiny", "--task", "toy-letters", "--prompts", "2", "--group", "4", "--max-new-tokens", "24",
+                "--temperature", "0.05", "--sd", "on", "--drafter", "history", "--k", "3", "--fsdp", "on",
+                "--no-progress"]
+        if self.quick:
+            args += ["--compile", "off"]
+        deadline = time.monotonic() + limit
+        runs = [("straight", [*args, "--steps", "3", "--checkpoint-every", "3", "--out", str(scratch / "straight")]),
+                ("split", [*args, "--steps", "2", "--checkpoint-every", "2", "--out", str(scratch / "split")]),
+                ("resume", ["--resume", str(scratch / "split"), "--steps", "3", "--no-progress"])]
+        for name, run_args in runs:
+            proc = self.run(f"{stage}: {name}", [*torchrun, *run_args], max(deadline - time.monotonic(), 1))
+            if proc is None or proc.returncode != 0:
+                self.record(stage, status=f"failed at the {name} run")
+                return
+        straight = [json.loads(line) for line in (scratch / "straight" / "metrics.jsonl").read_text().splitlines()]
+        resumed = [json.loads(line) for line in (scratch / "split" / "metrics.jsonl").read_text().splitlines()]
+        (self.out / "grpo-metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in resumed))
+        keys = ("step", "rollout_s", "train_s", "drafter_s", "rollout_tok_s", "sd_fraction", "accept_len", "reward_mean")
+        self.summary["grpo"] = [{k: r.get(k) for k in keys} for r in resumed]
+        problems = resume_differences(straight, resumed)
+        self.record(stage, status="ok" if not problems else f"failed: resume differs ({problems[0]})",
+                    seconds=round(limit - (deadline - time.monotonic()), 1),
+                    sd_steps_fraction=[r.get("sd_fraction") for r in resumed])
 
-    def pack_cache(self, limit_bytes: int = 48 << 20) -> None:
-        """The inductor cache of this run, for a warm rerun (if it fits what comes back from a call)."""
-        from models.loading import cache_dir
-
-        cache = cache_dir() / "inductor"
+    def pack_cache(self) -> None:
+        """The inductor cache of this run, for a warm rerun, if it fits what comes back."""
+        cache = Path(self.env["RESPEC_CACHE"]) / "inductor"
         if not cache.is_dir():
             return
         path = self.out / "inductor-cache.tgz"
         with tarfile.open(path, "w:gz") as tar:
             tar.add(cache, arcname="inductor")
-        if path.stat().st_size > limit_bytes:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
             path.unlink()
-            self.summary["inductor_cache"] = "too large to keep"
+            self.summary["inductor_cache"] = f"not kept: {size >> 20} MiB is more than comes back"
         else:
-            self.summary["inductor_cache"] = f"{path.name} ({path.stat().st_size >> 20} MiB)"
+            self.summary["inductor_cache"] = f"{path.name} ({size >> 20} MiB)"
 
-    # ------------------------------------------------------------------------------------------
+    def stages(self) -> None:
+        for stage in PARTS[self.part]:
+            if self.quick and stage.run == "bench" and stage.args["shape"] not in QUICK_SHAPES:
+                continue
+            left = self.left()
+            if left < stage.need_s:
+                self.record(stage.name, status=f"not run: out of time ({left:.0f} s left, needs ~{stage.need_s:.0f})")
+                continue
+            self.record(stage.name, status="running")
+            try:
+                getattr(self, stage.run)(stage.name, min(stage.cap_s, left), **stage.args)
+            except Exception as e:  # noqa: BLE001 - recorded, and the next stage runs
+                self.record(stage.name, status=f"error: {type(e).__name__}: {e}")
+
     def finish(self) -> None:
-        skips = sum(s.get("cudagraph_skips", 0) for s in self.summary["stages"].values())
-        self.summary["cudagraph_skips"] = skips
-        (self.out / "summary.json").write_text(json.dumps(self.summary, indent=1) + "\n")
-        (self.out / "summary.md").write_text(render(self.summary))
+        self.pack_cache()
+        self.summary["cudagraph_skips"] = sum(s.get("cudagraph_skips", 0) for s in self.summary["stages"].values())
+        self.write()
         self.log.close()
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process group, SIGKILL to whatever is left after 10 s."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def resume_differences(straight: list[dict], resumed: list[dict]) -> list[str]:
+    """How a resumed run's metrics differ from the straight run's (empty: the same run)."""
+    if [r["step"] for r in straight] != [r["step"] for r in resumed]:
+        return [f"steps {[r['step'] for r in straight]} vs {[r['step'] for r in resumed]}"]
+    problems = []
+    for a, b in zip(straight, resumed):
+        for k in ("reward_mean", "accuracy", "response_len_mean", "trained_tokens"):
+            if a.get(k) != b.get(k):
+                problems.append(f"step {a['step']} {k}: {a.get(k)} vs {b.get(k)}")
+        for k in ("loss", "entropy", "grad_norm"):
+            x, y = a.get(k), b.get(k)
+            if x is not None and y is not None and abs(x - y) > 1e-3 * abs(x) + 1e-5:
+                problems.append(f"step {a['step']} {k}: {x} vs {y}")
+    return problems
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
 
 
 def render(summary: dict) -> str:
     """summary.json as a short Markdown report, goals included."""
     env = summary.get("environment", {})
-    lines = [f"# GPU check: {env.get('gpu', env.get('device'))}, torch {env.get('torch')}, "
-             f"transformers {env.get('transformers')}, Python {env.get('python')}", "", "## Stages", "",
+    lines = [f"# GPU check, part {summary.get('part')}: {env.get('gpu', env.get('device'))}, torch {env.get('torch')}, "
+             f"transformers {env.get('transformers')}, Python {env.get('python')}", "",
+             f"{summary.get('seconds', 0):.0f} s of a {summary.get('budget_s', 0):.0f} s budget", "", "## Stages", "",
              "| stage | status | seconds | 'skipping cudagraphs' lines |", "|---|---|---:|---:|"]
     for name, s in summary["stages"].items():
-        lines.append(f"| {name} | {s['status']}{' - ' + s['result'] if s.get('result') else ''} | "
+        lines.append(f"| {name} | {s.get('status')}{' - ' + s['result'] if s.get('result') else ''} | "
                      f"{s.get('seconds', '-')} | {s.get('cudagraph_skips', '-')} |")
     for name, b in summary.get("bench", {}).items():
         lines += ["", f"## generate.py --bench, {name} (random weights), compile {b['compile_s']} s", "",
                   "| batch | respec tok/s | transformers tok/s | x transformers | step ms | roofline ms | x roofline "
-                  "| same tokens | SD tok/s | SD x plain | accept len |", "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+                  "| same tokens | SD tok/s | SD x plain | accept len | unwarmed |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
         for r in b["rows"]:
-            x_hf = r["respec_tok_s"] / r["hf_tok_s"] if r.get("hf_tok_s") else None
-            x_roof = r["step_ms"] / r["roofline_ms"]
-            sd = r.get("sd_tok_s")
-            sd_x = f"{sd / r['respec_tok_s']:.2f}x" if sd else "-"
+            roof = r.get("roofline_ms") or 0
             lines.append(f"| {r['batch']} | {r['respec_tok_s']:.0f} | {r.get('hf_tok_s', '-')} | "
-                         f"{'-' if x_hf is None else f'{x_hf:.2f}x'} | {r['step_ms']:.2f} | {r['roofline_ms']:.3f} | "
-                         f"{x_roof:.1f}x | {r.get('same_tokens_as_hf', '-')} | {sd if sd else '-'} | "
-                         f"{sd_x} | {r.get('accept_len', '-')} |")
+                         f"{_ratio(r['respec_tok_s'], r.get('hf_tok_s'))} | {r['step_ms']:.2f} | {roof:.3f} | "
+                         f"{_ratio(r['step_ms'], roof)} | {r.get('same_tokens_as_hf', '-')} | {r.get('sd_tok_s', '-')} | "
+                         f"{_ratio(r.get('sd_tok_s'), r['respec_tok_s'])} | {r.get('accept_len', '-')} | "
+                         f"{len(r.get('unwarmed_shapes', []))} |")
         goal = b.get("goal_x_hf")
-        if goal:
-            worst = min((r["respec_tok_s"] / r["hf_tok_s"] for r in b["rows"] if r["batch"] in (1, 8) and r.get("hf_tok_s")),
-                        default=None)
-            if worst is not None:
-                lines.append(f"\nGoal >= {goal}x transformers at batch 1 and 8: {'met' if worst >= goal else 'NOT met'} "
-                             f"(worst {worst:.2f}x)")
+        ratios = [r["respec_tok_s"] / r["hf_tok_s"] for r in b["rows"] if r["batch"] in (1, 8) and r.get("hf_tok_s")]
+        if goal and ratios:
+            lines.append(f"\nGoal >= {goal}x transformers at batch 1 and 8: {'met' if min(ratios) >= goal else 'NOT met'} "
+                         f"(worst {min(ratios):.2f}x)")
         goal = b.get("goal_x_roofline")
-        if goal:
+        if goal and b["rows"] and b["rows"][0].get("roofline_ms"):
             r = b["rows"][0]
             x = r["step_ms"] / r["roofline_ms"]
             lines.append(f"\nGoal: decode step within {goal}x of the roofline at batch {r['batch']}: "
@@ -221,8 +354,9 @@ def render(summary: dict) -> str:
                   f"{c['rel_error']:.1%}", "", "| acceptance per draft | largest batch where SD pays (k) |", "|---:|---|"]
         lines += [f"| {a} | {c['sd_pays_up_to'][a]} |" for a in c["sd_pays_up_to"]]
     if "grpo" in summary:
-        lines += ["", "## GRPO (tiny model, ReSpec mode, torchrun --nproc_per_node=1)", "",
-                  "| step | rollout s | train s | drafter s | rollout tok/s | SD steps | accept len |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", "## GRPO (tiny model, torchrun, FSDP2 on, SD with the history drafter), after the resume", "",
+                  "| step | rollout s | train s | drafter s | rollout tok/s | SD steps | accept len |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
         for r in summary["grpo"]:
             lines.append(f"| {r['step']} | {r['rollout_s']} | {r['train_s']} | {r['drafter_s']} | {r['rollout_tok_s']} | "
                          f"{r['sd_fraction']} | {r['accept_len']} |")
@@ -243,11 +377,11 @@ def profile_costs_here(device: str, quick: bool) -> dict:
     model = load_model(spec, device=device)
     engine = RolloutEngine(model, kv_cache_bytes=1 << 30, max_batch=64, drafter=HistoryDrafter(), num_draft_tokens=3,
                            eager=quick)
-    batches, ks = ((1, 2), (0, 1, 3)) if quick else ((1, 8, 64), (0, 1, 3))
-    engine.warmup(list(batches), ks=list(ks), progress=False)
+    batches, ks, contexts = ((1, 2), (0, 1, 3), (64, 192)) if quick else ((1, 8, 64), (0, 1, 3), (64, 192))
+    engine.warmup(list(batches), ks=list(ks), max_context=max(contexts), progress=False)
     key = cost_key(spec, engine.drafter.describe(), engine)
     costs, _ = load_or_profile(engine, key, cache_dir() / "costs" / f"{key}.json", batch_sizes=batches, ks=ks,
-                               contexts=(64, 192), progress=False)
+                               contexts=contexts, progress=False)
     pays = {}
     for a in (0.3, 0.5, 0.7, 0.9):
         policy = AdaptiveK(costs, 3, [a] * 3)
@@ -258,12 +392,16 @@ def profile_costs_here(device: str, quick: bool) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m respec.lab.gpu_check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, help="folder for everything the check writes (must not exist)")
-    p.add_argument("--budget-s", type=float, default=290, help="wall-clock budget of the whole check")
+    p = argparse.ArgumentParser(prog="python -m respec.lab.gpu_check", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--part", choices=sorted(PARTS), default="a", help="a: tests + SmolLM2-shape bench; b: cost "
+                   "profile, GRPO with FSDP2 and a resume, larger shapes")
+    p.add_argument("--out", type=Path, help="folder for everything the check writes (new, or empty)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help=f"wall-clock budget of the part in seconds (default: {PART_BUDGET_S})")
     p.add_argument("--quick", action="store_true", help="the tiny model everywhere, eager (a smoke run on any machine)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--costs-only", action="store_true", help=argparse.SUPPRESS)  # stage 3, run in a subprocess
+    p.add_argument("--costs-only", action="store_true", help=argparse.SUPPRESS)  # part b's first stage, in a subprocess
     args = p.parse_args(argv)
     import torch
 
@@ -273,26 +411,21 @@ def main(argv=None) -> int:
         return 0
     if args.out is None:
         p.error("--out is required")
-    if args.out.exists():
-        print(f"{args.out} exists; refusing to overwrite it", file=sys.stderr)
+    out = args.out.expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"gpu_check: {out} exists and is not an empty folder; refusing to write into it", file=sys.stderr)
         return 2
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print("no CUDA GPU is available (run with --quick --device cpu for a smoke run)", file=sys.stderr)
+    problem = preflight(device)
+    if problem:
+        print(f"gpu_check: {problem}", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True)
-    check = Check(args.out, args.budget_s, args.quick, device)
-    t0 = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    check = Check(out, args.part, args.budget_s or PART_BUDGET_S[args.part], args.quick, device)
     check.environment()
-    for stage in (check.tests, check.bench, check.costs, check.grpo):
-        try:
-            stage()
-        except Exception as e:  # noqa: BLE001 - recorded, and the next stage runs
-            check.summary["stages"][stage.__name__] = {"status": f"error: {type(e).__name__}: {e}"}
-    check.pack_cache()
-    check.summary["seconds"] = round(time.monotonic() - t0, 1)
+    check.stages()
     check.finish()
-    print((args.out / "summary.md").read_text())
-    failed = [n for n, s in check.summary["stages"].items() if s["status"] != "ok"]
+    print((out / "summary.md").read_text())
+    failed = [n for n, s in check.summary["stages"].items() if s.get("status") != "ok"]
     return 1 if failed else 0
 
 
