@@ -56,23 +56,26 @@ def accept_drafts(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor,
     accept = torch.where(greedy, drafts == p_k.argmax(-1), u.log() < p_d - q_d) & drafted
     n = accept.long().cumprod(dim=1).sum(dim=1)  # (B,) accepted drafts
 
-    # Where a row stops: the residual max(0, p - q) after a rejection, p itself where the row
-    # proposed nothing, and p after k acceptances (the bonus position).
+    # Where a row stops (position n): the residual max(0, p - q) after a rejection (n < its
+    # drafts), p itself where it proposed nothing there, and p after k acceptances (the bonus
+    # position). Only that one position's distribution is needed, so it is built for (B, V), not
+    # for every draft position.
+    V = p.shape[-1]
+    p_n = p.gather(1, n.view(B, 1, 1).expand(B, 1, V)).squeeze(1)  # (B, V) the target at the stop
+    rejected = (n < lengths).view(B, 1)  # (B, 1) stopped at a draft it rejected
+    at = n.clamp(max=k - 1).view(B, 1)  # (B, 1) that draft's index (clamped where there is none)
     if q is None or point is not None:  # p - point mass on d, clamped: p with d removed
-        without_d = p_k.scatter(-1, drafts.unsqueeze(-1), float("-inf"))
-        without_d = torch.where(without_d.amax(-1, keepdim=True) > float("-inf"), without_d, p_k)
+        without_d = p_n.scatter(-1, drafts.gather(1, at), float("-inf"))
+        without_d = torch.where(without_d.amax(-1, keepdim=True) > float("-inf"), without_d, p_n)
     if q is None:
         residual = without_d
     else:
-        residual = (p_k.exp() - q.exp()).clamp_min(0)  # (B, k, V), unnormalised: the sampler is scale-free
-        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual.log(), p_k)
+        q_n = q.gather(1, at.view(B, 1, 1).expand(B, 1, V)).squeeze(1)  # (B, V)
+        residual = (p_n.exp() - q_n.exp()).clamp_min(0)  # unnormalised: the sampler is scale-free
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual.log(), p_n)
         if point is not None:
-            residual = torch.where(point.view(B, 1, 1), without_d, residual)
-    residual = torch.where(drafted.unsqueeze(-1), residual, p_k)
-    stop_dist = torch.cat([residual, p[:, k:]], dim=1)  # (B, k+1, V)
-    V = p.shape[-1]
-    at_n = n.view(B, 1, 1).expand(B, 1, V)
-    chosen = torch.where(greedy, p.gather(1, at_n).squeeze(1), stop_dist.gather(1, at_n).squeeze(1))  # (B, V)
+            residual = torch.where(point.view(B, 1), without_d, residual)
+    chosen = torch.where(greedy | ~rejected, p_n, residual)  # (B, V)
     correction, _ = sample(chosen, temperature, seeds, positions + 1 + n)
 
     tokens = torch.cat([drafts, drafts.new_zeros(B, 1)], dim=1).scatter(1, n.view(B, 1), correction.view(B, 1))
