@@ -218,3 +218,20 @@ def test_gpu_check_cap_kills_the_whole_process_group(tmp_path):
     pid = int(child.read_text())
     time.sleep(0.5)
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+
+def test_profile_step_parts_add_up(tmp_path):
+    """respec/lab/profile_step.py on the tiny model: every shape profiled, the parts sum to the
+    step (the rest is what is left over, never negative beyond timer noise), the report written."""
+    import json
+
+    from respec.lab import profile_step
+
+    out = tmp_path / "prof.json"
+    assert profile_step.main(["--model", "tiny", "--batch-sizes", "1,2", "--reps", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["step"], r["batch"]) for r in rows] == [("decode", 1), ("verify k=3", 1), ("decode", 2), ("verify k=3", 2)]
+    for r in rows:
+        parts = r["blocks"] + r["head"] + r["sampling"] + r["rest"]
+        assert parts == pytest.approx(r["total"], abs=0.05) and r["rest"] > -0.5 and r["blocks"] > 0
+        assert r["blocks: matmul"] + r["blocks: attention"] + r["blocks: other"] == pytest.approx(r["blocks"], abs=0.05)
+    assert profile_step.main(["--model", "tiny", "--json", str(out)]) == 2  # never overwritten
