@@ -281,7 +281,7 @@ def run_bench(args, model, tokenizer, dtype) -> dict:
         step_ms = engine.stats.decode_s / max(engine.stats.decode_steps, 1) * 1e3
         row = {"batch": b, "respec_tok_s": round(plain_tokens / respec_s, 2),
                "tokens_per_row": round(plain_tokens / b, 1), "step_ms": round(step_ms, 2),
-               "roofline_ms": round(roofline_ms, 2), "unwarmed_shapes": list(unwarmed)}
+               "roofline_ms": round(roofline_ms, 4), "unwarmed_shapes": list(unwarmed)}
         if hf is not None:
             with torch.no_grad():
                 hf_generate(hf, tokenizer, prompts, 2)  # warm-up
@@ -332,7 +332,8 @@ def print_table(report: dict) -> None:
         print("-" * len(head))
         for r in report["results"]:
             print(f"{r['batch']:>5} {r['respec_tok_s']:>13.1f} {r['hf_tok_s']:>10.1f} {r['respec_tok_s'] / r['hf_tok_s']:>8.2f}x"
-                  f" {r['step_ms']:>8.1f} {r['roofline_ms']:>12.1f} {r['step_ms'] / r['roofline_ms']:>10.2f}x {r['same_tokens_as_hf']:>11}")
+                  f" {r['step_ms']:>8.1f} {r['roofline_ms']:>12.2f} {r['step_ms'] / max(r['roofline_ms'], 1e-9):>10.2f}x"
+                  f" {r['same_tokens_as_hf']:>11}")
     sd_rows = [r for r in report["results"] if "sd_tok_s" in r]
     if sd_rows:
         past = f", {report['past_rollouts']} past rollouts of the prompts" if report.get("past_rollouts") else ""
