@@ -11,8 +11,8 @@ TorchFunctionMode: moving a CPU tensor to CUDA (`.to("cuda")`, `.cuda()`: torch 
 fake dispatch, as it is not built with CUDA) becomes an empty CUDA tensor of the same shape, and the
 host reads of values a fake tensor does not have (`.tolist()`, `.item()`) return zeros, and indexing
 (`t[i]`, `t[i] = v`: its Python binding takes a CUDA device guard, which a CPU-only build lacks)
-goes through the aten ops it stands for (select, slice, unsqueeze, index, index_put_), as does
-`copy_` into a CUDA tensor. The values
+goes through the aten ops it stands for (select, slice, unsqueeze, index, index_put_), as do
+`copy_` into a CUDA tensor and `~t`. The values
 are meaningless, so tests under fake CUDA check devices and shapes, never tokens. And `Module.to`
 swaps a fake parameter for its converted copy (torch.utils.swap_tensors), which refuses while the
 fake mode's memo holds a weak reference to it: the memo is emptied first.
@@ -104,6 +104,8 @@ class _HostMoves(TorchFunctionMode):
             return _setitem(*args)
         if func is torch.Tensor.copy_ and args[0].device.type == "cuda":
             return torch.ops.aten.copy_.default(*args, **kwargs)
+        if func is torch.Tensor.__invert__ and args[0].device.type == "cuda":
+            return torch.ops.aten.bitwise_not.default(args[0])
         if func is torch.Tensor.tolist:
             return _zeros_like_list(args[0])
         if func is torch.Tensor.item:
