@@ -142,7 +142,7 @@ class CompiledSteps:
         # Per-shape graphs (CUDA-graph trees, TensorRT engines) are built on a shape's first calls:
         # cudagraph trees run a shape once to warm it up and record it on the second call. `seen`
         # counts the calls per (step, input shapes); a call inside `timed()` of a shape seen fewer
-        # than `WARM_CALLS` times before is listed in `unwarmed` (see warm_calls).
+        # than `warm_calls` times before is listed in `unwarmed`.
         self.seen: Counter = Counter()
         self.timing = False
         self.unwarmed: list[str] = []

@@ -419,10 +419,9 @@ class RolloutEngine:
     def time_step(self, batch: int, k: int, context: int, *, reps: int = 2) -> float:
         """Seconds of one real decode step (k = 0) or SD step with k drafts (greedy rows), for
         `batch` synthetic sequences with `context` tokens each (the cache's contents do not change
-        the time). The first call of a shape warms up (it may compile) and is not timed. Used by
-        the cost profile (respec/solver.py); statistics and the policy are left untouched. The
-        first calls of a shape warm it up (they may compile, or record a CUDA graph) and are not
-        timed."""
+        the time). The first `steps.warm_calls` calls of a shape warm it up (they may compile, or
+        record a CUDA graph) and are not timed. Used by the cost profile (respec/solver.py);
+        statistics and the policy are left untouched."""
         warm = self.steps.warm_calls
         times = self._synthetic_steps(batch, k, context, reps + warm)
         return sum(times[warm:]) / max(reps, 1)
