@@ -108,9 +108,13 @@ def _mark_rows_dynamic(*tensors) -> None:
 
 
 def _mark_width_dynamic(block_tables: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-    torch._dynamo.mark_dynamic(block_tables, 1, min=MIN_TABLE_WIDTH, max=1 << 20)
+    """The block-table width (and the mask's key length) dynamic. `maybe_mark_dynamic`, not
+    `mark_dynamic`: a kernel may still bound the width (inductor's CPU reductions pick their split by
+    size, and a graph loaded from the on-disk cache brings those bounds as guards); with a hard
+    constraint that is an error, here it is a recompile for widths past the bound."""
+    torch._dynamo.maybe_mark_dynamic(block_tables, 1)
     if mask is not None:
-        torch._dynamo.mark_dynamic(mask, 3, min=2, max=1 << 30)
+        torch._dynamo.maybe_mark_dynamic(mask, 3)
 
 
 def require_tensorrt(device: torch.device) -> None:
