@@ -29,6 +29,7 @@ from compile.cpu_linear import packed_view, packing_available, repack
 from compile.policy import CompiledSteps, buckets_up_to
 from respec.drafters import DraftBatch, Drafter, EngineView, as_drafter
 from respec.kv_cache import PagedKVCache
+from respec.sampling import vocab_hashes
 from respec.solver import FixedK
 from respec.speculative import verify_step
 from respec.steps import decode_step, prefill_step, right_padded
@@ -158,6 +159,7 @@ class RolloutEngine:
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
         self.steps = CompiledSteps(eager=eager, device=self.device, mode=compile_mode)
+        vocab_hashes(cfg.vocab_size, self.device)  # the sampler's per-vocabulary hash, once, outside any graph
         self.steps.static_inputs(self.cache.pools + self.cache.draft_pools)
         self.stats = EngineStats()
         self.time_phases = False  # see _phase
