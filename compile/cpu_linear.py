@@ -14,6 +14,12 @@ constants of the graph: useless for RL, where the actor changes every step. Here
 is an ordinary tensor passed to an opaque custom op, so the compiled graph takes it as an input and
 `repack()` after an optimizer step refreshes it with no recompilation.
 
+One exception, compiled only: a linear over a single row (a batch-1 decode step) runs as `gemv`, a
+product and a sum that inductor turns into one vectorised loop over the weight rows, fused with its
+neighbours. It streams the weights faster than oneDNN's call does at one row, in bf16 and fp32
+(docs/benchmarks.md); from two rows on it loses (the loop re-reads each weight row per input row
+without sharing the loads), so it is used for exactly one.
+
 `packed_view(model)` returns a copy of the module tree that shares every parameter with `model`
 but runs its `nn.Linear`s through packed weights (a second copy of the weights in memory: the cost
 of the speed-up). On CUDA, and for bf16 on CPUs without native bf16, it is not used.
@@ -25,6 +31,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 
 # Defined with the low-level `torch.library.Library` API rather than `torch.library.custom_op`:
@@ -61,6 +68,18 @@ def fast_cpu_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
+GEMV_ROWS = 1  # linears over at most this many rows run as `gemv` inside compiled graphs (see above)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T + b for a few rows, written as a product and a sum so that inductor compiles it into
+    one vectorised loop over W's rows: W (N, K) is read once, each row against every x row, with an
+    fp32 accumulator."""
+    y = (weight.unsqueeze(-2).float() * x.reshape(1, -1, x.shape[-1]).float()).sum(-1)  # (N, rows)
+    y = y.t().reshape(*x.shape[:-1], weight.shape[0])
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
 class PackedLinear(nn.Module):
     """Runs like `linear` (same weight and bias objects) through a packed copy of its weight."""
 
@@ -81,6 +100,9 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), hint)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[:-1].numel()
+        if torch.compiler.is_compiling() and statically_known_true(rows <= GEMV_ROWS):  # static shapes only
+            return gemv(x, self.linear.weight, self.linear.bias)
         return torch.ops.respec.packed_linear(x, self.packed, self.linear.bias, self.out_features)
 
 

@@ -2,6 +2,7 @@
 used on CUDA), across batch buckets, a growing block table and filtered sampling."""
 
 import pytest
+import torch
 
 from respec.engine import RolloutEngine, SamplingParams
 
@@ -23,6 +24,36 @@ def test_regional_compile_equals_eager(tiny, kw):
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
     for g, w in zip(got, want):
         assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+
+
+def test_single_row_decode_compiles_to_gemv_and_equals_eager(tiny):
+    """A batch of one: compiled, each linear is a product-and-sum over the weight rows
+    (compile/cpu_linear.py `gemv`), not a oneDNN call; the tokens are eager's."""
+    want, _ = run(tiny, True, batch=1, temperature=0.0)
+    got, _ = run(tiny, False, "regional", batch=1, temperature=0.0)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_path_is_taken_for_one_row_only(dtype):
+    from torch._inductor.utils import run_and_get_code
+
+    from compile.cpu_linear import PackedLinear, packing_available
+
+    if not packing_available("cpu", dtype):
+        pytest.skip(f"no packed {dtype} linears on this CPU")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96, bias=True).to(dtype)
+    packed = PackedLinear(linear)
+    for rows, gemv in ((1, True), (4, False)):
+        x = torch.randn(rows, 1, 64, dtype=dtype)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            out, code = run_and_get_code(torch.compile(packed, fullgraph=True, dynamic=False), x)
+            ref = linear(x)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(out, ref, **tol)
+        assert ("packed_linear" in " ".join(code)) != gemv
 
 
 def test_whole_step_compile_equals_eager(tiny):
