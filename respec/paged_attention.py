@@ -17,6 +17,12 @@ measured 3-10x slower for the same copy. Chosen over flex_attention with a paged
 because gather + SDPA is one code path that runs eager, compiled, on CPU and on CUDA, and at the
 context lengths of RL rollouts the gather is a small fraction of a decoding step (the weights
 dominate; see `generate.py --bench`).
+
+One exception: a compiled *decode* step on CPU (one query token per row) runs `pool_attention`,
+the same attention written as two products-and-sums that index the pool through the block table.
+Inductor fuses them into the decoder block's kernel, with no gather copy and no call out to SDPA,
+whose CPU kernel costs more than the arithmetic at a handful of query rows (docs/benchmarks.md).
+With several query tokens per row (the verify) SDPA stayed faster, so it stays.
 """
 
 from __future__ import annotations
@@ -105,10 +111,28 @@ def _unfold_gqa(o: torch.Tensor, T: int) -> torch.Tensor:
 def paged_attention(q: torch.Tensor, kv: LayerKV) -> torch.Tensor:
     """q (B, T, H, D) attends to its sequence's cached keys/values; returns (B, T, H, D)."""
     T = q.shape[1]
+    if T == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():  # see the module docstring
+        return pool_attention(q, kv)
     k = gather_kv(kv.pool[0], kv.block_tables)  # (B, Hkv, S, D)
     v = gather_kv(kv.pool[1], kv.block_tables)
     o = F.scaled_dot_product_attention(_fold_gqa(q, k.shape[1]), k, v, attn_mask=kv.mask)
     return _unfold_gqa(o, T)
+
+
+def pool_attention(q: torch.Tensor, kv: LayerKV) -> torch.Tensor:
+    """The same attention written as two products-and-sums that read keys and values straight from
+    the pool through the block table (no gather copy). Compiled, inductor fuses each into one loop
+    nest with an fp32 accumulator; eager it would materialise (B, Hkv, R, S, D) products."""
+    B, T, H, D = q.shape
+    _, n, bs, hkv, _ = kv.pool.shape
+    W = kv.block_tables.shape[1]
+    k = kv.pool[0][kv.block_tables].view(B, W * bs, hkv, D).permute(0, 2, 1, 3)  # (B, Hkv, S, D) indirect loads
+    v = kv.pool[1][kv.block_tables].view(B, W * bs, hkv, D).permute(0, 2, 1, 3)
+    qf = _fold_gqa(q, hkv).float() * D ** -0.5  # (B, Hkv, R, D), R = n_rep * T
+    scores = (qf.unsqueeze(3) * k.unsqueeze(2).float()).sum(-1)  # (B, Hkv, R, S)
+    probs = scores.masked_fill(~kv.mask, float("-inf")).softmax(-1)
+    o = (probs.unsqueeze(-1) * v.unsqueeze(2).float()).sum(3)  # (B, Hkv, R, D)
+    return _unfold_gqa(o.to(q.dtype), T)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

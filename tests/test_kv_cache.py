@@ -112,6 +112,35 @@ def test_decode_query_sees_only_its_own_length():
         torch.testing.assert_close(out[b], ref.transpose(0, 1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pool_attention_equals_gather_and_sdpa(dtype):
+    """The compiled CPU decode path (`pool_attention`: keys and values read through the block table,
+    no gather copy, products and sums) against gather + SDPA, eager and compiled, with GQA, tables all
+    over the pool and garbage past every sequence's length."""
+    from respec.paged_attention import pool_attention
+
+    torch.manual_seed(2)
+    hkv, n_rep, d, bs = 2, 3, 16, 4
+    lengths = [7, 2, 13]
+    cache = PagedKVCache(num_layers=1, num_kv_heads=hkv, head_dim=d, capacity_bytes=1 << 20, block_size=bs, dtype=dtype)
+    random.seed(1)
+    random.shuffle(cache.blocks.free_blocks)
+    cache.pools[0].normal_()
+    k, v = torch.randn(3, 13, hkv, d, dtype=dtype), torch.randn(3, 13, hkv, d, dtype=dtype)
+    tables = _scatter_into_pages(cache, k, v, [0, 1, 2], lengths)
+    positions = torch.tensor([[n - 1] for n in lengths])
+    layer = PagedKV.build(cache.pools, tables, positions, n_rep=n_rep).layer(0)
+    q = torch.randn(3, 1, hkv * n_rep, d, dtype=dtype)
+    ref = paged_attention(q, layer)  # eager: gather + SDPA
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(pool_attention(q, layer), ref, **tol)
+    compiled = torch.compile(paged_attention, fullgraph=True, dynamic=False)(q, layer)  # takes the pool path
+    torch.testing.assert_close(compiled, ref, **tol)
+    # power: a query that sees one key fewer gives another answer
+    short = PagedKV.build(cache.pools, tables, positions - 1, n_rep=n_rep).layer(0)
+    assert not torch.allclose(pool_attention(q, short).float(), ref.float(), **tol)
+
+
 def test_cache_capacity_in_bytes():
     cache = PagedKVCache(num_layers=2, num_kv_heads=2, head_dim=8, capacity_bytes=10 * 2 * 2 * 2 * 4 * 8 * 4,
                          block_size=4, dtype=torch.float32)
