@@ -67,3 +67,24 @@ def test_vocabulary_hash_table_gives_the_same_noise():
     table_compiled = torch.compile(uniform_noise, fullgraph=True, dynamic=False)(seed, pos, V, STREAM_SAMPLE)
     assert torch.equal(inline_compiled, eager) and torch.equal(table_compiled, eager)
     assert torch.equal(sampling.vocab_hashes(V, "cpu"), sampling._mix32(torch.arange(V)))
+
+
+def test_both_32_bit_products_agree():
+    """`_mul32`'s eager uint32 product and its compiled 16-bit split give the same hashes (the
+    noise, hence every sampled token, must not depend on whether a step was compiled)."""
+    import respec.sampling as sampling
+
+    x = torch.randint(0, 2**32, (4, 4099), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+    x[0, :3] = torch.tensor([0, 2**32 - 1, 2**31])
+    eager = sampling._mix32(x)
+    compiled = torch.compile(sampling._mix32, fullgraph=True, dynamic=False)(x)
+    reference = x.clone()  # the hash in Python integers
+    for i, v in enumerate(x.flatten().tolist()[:64]):
+        v ^= v >> 16
+        v = (v * 0x7FEB352D) % 2**32
+        v ^= v >> 15
+        v = (v * 0x846CA68B) % 2**32
+        v ^= v >> 16
+        reference.view(-1)[i] = v
+    assert torch.equal(eager, compiled)
+    assert eager.flatten()[:64].tolist() == reference.flatten()[:64].tolist()
