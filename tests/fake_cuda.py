@@ -26,6 +26,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
 
+from respec import sampling
+
 
 def _zeros_like_list(t: torch.Tensor):
     zero = False if t.dtype == torch.bool else 0 if not t.is_floating_point() else 0.0
@@ -129,3 +131,4 @@ def fake_cuda():
             yield
     finally:
         torch.utils.swap_tensors = swap
+        sampling._VOCAB_HASHES.clear()  # fake tables must not outlive their mode (the next one refuses them)
