@@ -124,9 +124,9 @@ class TrainConfig(DataConfig):
     train_dtype: str = option("auto", "autocast dtype of the training forward (weights stay fp32)",
                               choices=("auto", "bf16", "fp32", "fp16"))
     # torch.compile of the rollout engine: auto = on CUDA only. On a 2-core CPU a cold compile of the
-    # 20 step shapes a rollout meets (5 batch buckets x k = 0..3) measured 40-55 s per shape, longer
-    # than a whole default run; with a warm cache (`--compile on` after one compiled run) decoding is
-    # 1.2-1.4x faster than eager.
+    # 20 step shapes a rollout meets (5 batch buckets x k = 0..3) costs more than the default run's
+    # rollouts would save (docs/benchmarks.md); with a warm cache (`--compile on` after one compiled
+    # run) decoding is faster than eager.
     compile: str = option("auto", "torch.compile the rollout engine (auto: on CUDA only; a cold CPU compile takes "
                           "minutes)", choices=("auto", "on", "off"))
     compile_mode: str | None = option(None, "how a compiled engine compiles its steps (compile/policy.py; default: "
