@@ -31,6 +31,7 @@ from models.drafter import truncated_drafter
 from models.eagle import check_eagle_fits, load_eagle
 from respec.cli import OneLineParser, positive_float, positive_int, positive_int_list
 from respec.engine import RolloutEngine, SamplingParams
+from respec.speculative import VERIFY_RULES
 from respec.tasks import DEFAULT_TASK, chat_prompt, make_problems
 
 
@@ -57,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      "target's first N layers), or any of those but history + '+history' (per row: "
                                      "history where its suffix match is long, the model elsewhere)")
     p.add_argument("--k", type=int, default=4, help="tokens drafted per speculative step (with --drafter)")
+    p.add_argument("--verify", default="match", choices=VERIFY_RULES,
+                   help="how drafts are verified: match (SD emits plain decoding's tokens) or rejection (speculative "
+                        "sampling: the same distribution, other tokens)")
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", help="text to complete; default: a problem of --task")
     g.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template")
@@ -163,7 +167,7 @@ def run_generate(args, model, tokenizer) -> None:
     params = sampling_params(args)
     engine = RolloutEngine(model, kv_cache_bytes=int(args.kv_cache_gb * 2**30), eos_token_ids=eos_ids(tokenizer, model),
                            eager=args.eager, compile_mode=args.compile_mode, drafter=drafter,
-                           num_draft_tokens=args.k if drafter else 0)
+                           num_draft_tokens=args.k if drafter else 0, verify=args.verify)
     engine.check_request(prompt, params)
     engine.warmup([1], use_filter=args.temperature > 0 and (args.top_p < 1 or args.top_k > 0))
     t0 = time.perf_counter()
@@ -191,6 +195,22 @@ def read_bandwidth_gbs(device: torch.device, nbytes: int = 512 * 2**20, repeats:
         x.sum().item()
         best = min(best, time.perf_counter() - t0)
     return nbytes / best / 1e9
+
+
+def flip_rate(got: list[list[int]], want: list[list[int]]) -> float:
+    """Per-token rate at which two decodings that should agree token for token part: rows that part,
+    over the tokens compared up to and including each row's first difference (after it, the texts
+    differ and nothing more is comparable). In floating point a wider forward can round a logit
+    differently and tip a near-tie (respec/speculative.py)."""
+    parted, compared = 0, 0
+    for a, b in zip(got, want):
+        common = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if common is None and len(a) == len(b):
+            compared += len(a)
+        else:
+            parted += 1
+            compared += (min(len(a), len(b)) if common is None else common) + 1
+    return parted / max(compared, 1)
 
 
 def bench_prompts(tokenizer, n: int, seed: int, task: str = DEFAULT_TASK) -> list[list[int]]:
@@ -255,7 +275,7 @@ def run_bench(args, model, tokenizer, dtype) -> dict:
     if drafter is not None:
         sd_engine = RolloutEngine(model, kv_cache_bytes=int(args.kv_cache_gb * 2**30), eager=args.eager,
                                   compile_mode=args.compile_mode, max_batch=max(args.batch_sizes), drafter=drafter,
-                                  num_draft_tokens=args.k,
+                                  num_draft_tokens=args.k, verify=args.verify,
                                   eos_token_ids=eos)
         sd_engine.time_phases = True  # where an SD step's time goes (a device sync per phase on GPUs)
     use_filter = sampled and (args.top_p < 1 or args.top_k > 0)
@@ -305,8 +325,10 @@ def run_bench(args, model, tokenizer, dtype) -> dict:
             row |= {"sd_tok_s": round(sd_tokens / sd_s, 2), "sd_tokens_per_row": round(sd_tokens / b, 1),
                     "accept_len": round(st.accept_len, 3), "sd_step_fraction": round(st.sd_steps / max(len(st.chosen_k), 1), 3),
                     "accept_per_pos": [round(a, 3) for a in st.accept_per_pos]}
-            if not sampled:
+            if not sampled or args.verify == "match":  # SD's tokens should then be plain decoding's
                 row["sd_same_as_plain"] = f"{sum(x.token_ids == o.token_ids for x, o in zip(spec, ours))}/{b}"
+                row["sd_flips_per_1k_tokens"] = round(1000 * flip_rate([x.token_ids for x in spec],
+                                                                       [o.token_ids for o in ours]), 2)
         results.append(row)
         print(f"  batch {b}: done", flush=True)
     report = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "compile_s": round(compile_s, 1),

@@ -33,8 +33,9 @@ from tqdm import tqdm
 from models.eagle import EagleConfig, EagleHead, cast_head, save_eagle
 from respec.cli import option
 from respec.engine import RolloutEngine, SamplingParams
-from respec.kd_loss import accepted_mass, weighted_kl
+from respec.kd_loss import accepted_mass, coupled_agreement, weighted_kl
 from respec.paged_attention import causal_attention, masked_attention
+from respec.sampling import STREAM_ACCEPT, STREAM_SAMPLE, uniform_noise
 from respec.tasks import DataConfig, chat_prompt
 
 
@@ -233,7 +234,7 @@ def ttt_layer(head: EagleHead, features: torch.Tensor, tokens: torch.Tensor, emb
 
 def head_loss(head: EagleHead, target, batch, unroll: int, *, weights: torch.Tensor | None = None,
               denom: float | None = None, temperature: float = 1.0, lse: torch.Tensor | None = None,
-              decay: float = 1.0, tv_weight: float = 0.0):
+              decay: float = 1.0, tv_weight: float = 0.0, verify: str = "match"):
     """The TTT distillation loss: sum over unroll steps s of decay^s * (the weighted KL(p || q_s) of
     respec/kd_loss.py + tv_weight * the weighted mean of TV(p_full, q_s)). p is the target's
     next-token distribution renormalised on the draft vocabulary, p_full its slice of the target's
@@ -249,9 +250,10 @@ def head_loss(head: EagleHead, target, batch, unroll: int, *, weights: torch.Ten
     mask (B, T) (positions whose next token is distilled); `weights` (B,) per sequence (default 1)
     and `denom` the weighted token count of the whole batch over microbatches and ranks (default:
     this batch's). `lse` (B, T) is the log-partition of the target's *full-vocabulary* sampling
-    logits: the TV term needs it, and with it every step also reports sum_t (1 - TV(p_full, q_s)),
-    the acceptance estimate. Returns (loss, [per step: {"kl", "agree", and with lse "accepted",
-    "count"}])."""
+    logits: the TV term needs it, and with it every step also reports the acceptance estimate summed
+    over positions for the engine's `verify` rule (respec/kd_loss.py): sum_t (1 - TV(p_full, q_s))
+    under rejection, a Monte Carlo count of coupled agreements under match. Returns (loss, [per step:
+    {"kl", "agree", and with lse "accepted", "count"}])."""
     tokens, taps, final, mask = batch
     B, T = tokens.shape
     if tv_weight and lse is None:
@@ -287,10 +289,27 @@ def head_loss(head: EagleHead, target, batch, unroll: int, *, weights: torch.Ten
             n = valid.sum().clamp_min(1)
             stat = {"kl": loss_s.item(), "agree": ((logq.argmax(-1) == logp.argmax(-1)) & valid).sum().item() / n.item()}
             if accepted is not None:
-                stat["accepted"] = (accepted * valid).sum().item()
+                estimate = accepted if verify == "rejection" else coupled_agreement(
+                    p_full, logq, *_estimate_noise(tokens, mask, s, head.d2t, target.cfg.vocab_size))
+                stat["accepted"] = (estimate * valid).sum().item()
                 stat["count"] = int(valid.sum())
         steps.append(stat)
     return total, steps
+
+
+def _estimate_noise(tokens: torch.Tensor, mask: torch.Tensor, step: int, d2t: torch.Tensor, vocab: int):
+    """Uniforms for `coupled_agreement` at the masked positions of `tokens` (B, T): the sampler's hash
+    at (a seed made from the sequence's tokens, the position) over the draft vocabulary's ids, and one
+    more per row for the tokens outside it. Any noise independent of p and q makes the draw
+    unbiased; the sampler's own keeps it the noise the engine draws with, and seeding from the text
+    (not from a row's place in a minibatch) gives every rank split the same draws."""
+    B, T = tokens.shape
+    weights = (torch.arange(1, T + 1, device=tokens.device) * 0x9E3779B1) & 0x7FFFFFFF  # (T,)
+    seed = ((tokens * weights).sum(-1) + step) & 0xFFFFFFFF  # (B,)
+    seeds = seed.view(B, 1).expand(B, T)[mask]  # (R,)
+    positions = torch.arange(T, device=tokens.device).expand(B, T)[mask]
+    return (uniform_noise(seeds, positions, vocab, STREAM_SAMPLE, ids=d2t),
+            uniform_noise(seeds, positions, 1, STREAM_ACCEPT).squeeze(-1))
 
 
 def collate(seqs: Sequences, feats, idx: list[int]):

@@ -31,7 +31,7 @@ from respec.drafters import DraftBatch, Drafter, EngineView, as_drafter
 from respec.kv_cache import PagedKVCache
 from respec.sampling import vocab_hashes
 from respec.solver import FixedK
-from respec.speculative import verify_step
+from respec.speculative import VERIFY_RULES, verify_step
 from respec.steps import decode_step, prefill_step, right_padded
 
 
@@ -137,6 +137,7 @@ class RolloutEngine:
         drafter=None,  # speculative decoding: a respec.drafters.Drafter, or a model `as_drafter` wraps in one
         num_draft_tokens: int = 0,  # k (the largest k with a policy), tokens drafted per SD step (>= 1)
         policy=None,  # chooses k per step (respec/solver.py: FixedK, AdaptiveK); default FixedK(k)
+        verify: str = "match",  # how drafts are verified: match (plain decoding's tokens) or rejection (respec/speculative.py)
     ):
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -146,6 +147,9 @@ class RolloutEngine:
         self.max_len = cfg.max_position_embeddings
         self.drafter: Drafter | None = as_drafter(drafter)
         self.k = num_draft_tokens
+        if verify not in VERIFY_RULES:
+            raise ValueError(f"unknown verification rule {verify!r} (choose {', '.join(VERIFY_RULES)})")
+        self.verify = verify
         self.policy = policy if policy is not None else FixedK(num_draft_tokens)
         if self.drafter is not None:
             if num_draft_tokens < 1:
@@ -357,6 +361,7 @@ class RolloutEngine:
         (seeds, temp, top_k, top_p), use_filter = self._row_params(seqs, rows)
         batch = DraftBatch(
             seqs=seqs, k=k, seeds=seeds, temperature=temp, top_k=top_k, top_p=top_p, use_filter=use_filter,
+            coupled=self.verify == "match",
             tokens=torch.tensor([s.tokens[-1] for s in seqs] + pad, dtype=torch.int64, device=dev),
             positions=torch.tensor([len(s.tokens) - 1 for s in seqs] + pad, dtype=torch.int64, device=dev),
             block_tables=self._tables(seqs, rows),
@@ -367,7 +372,7 @@ class RolloutEngine:
                 self.blocks.truncate(s.id, cap)
             return self._decode(seqs)
         t1 = self._phase("draft", t0)
-        verify = self.steps.get(verify_step, use_filter=use_filter, hidden_layers=self.feature_layers)
+        verify = self.steps.get(verify_step, use_filter=use_filter, rule=self.verify, hidden_layers=self.feature_layers)
         tokens_d, logprobs_d, n_d, taps = verify(self.runner, self.cache.pools, batch.tokens, drafts.tokens,
                                                  drafts.lengths, drafts.q, drafts.point, batch.positions,
                                                  batch.block_tables, seeds, temp, top_k, top_p)

@@ -24,11 +24,19 @@ Choices the paper leaves open, made here:
   the full p is infinite; the KL is taken to p renormalised on the draft vocabulary, the usual
   EAGLE-3 practice (its gradient is that of the cross-entropy to p restricted there).
 
-`accepted_mass` is the other use of the same two distributions: for exact speculative sampling the
-probability that a draft x ~ q is accepted, E_q[min(1, p(x)/q(x))], equals sum_x min(p(x), q(x)) =
-1 - TV(p, q). Averaged over the tokens of real rollouts at draft position j it estimates the
-solver's alpha_j (respec/solver.py) without speculating at all. Here p must be the target's full
-sampling distribution (its mass outside the draft vocabulary is what a drafter can never accept).
+The other use of the same two distributions is the acceptance estimate the solver starts from
+(its alpha_j, respec/solver.py), averaged over the tokens of real rollouts at draft position j,
+without speculating at all; it depends on how drafts are verified (respec/speculative.py):
+
+* rejection: a draft x ~ q is accepted with probability E_q[min(1, p(x)/q(x))] = sum_x min(p(x),
+  q(x)) = 1 - TV(p, q) (`accepted_mass`);
+* match: the head drafts with the target's own noise and is accepted iff its draft is the target's
+  own sample. That agreement, sum_i 1 / sum_j max(p_j/p_i, q_j/q_i), has no cheap closed form over
+  a 49k vocabulary and lies below 1 - TV, so `coupled_agreement` draws it: one Monte Carlo sample per
+  position, with the sampler's own hash for the noise.
+
+Here p must be the target's full sampling distribution (its mass outside the draft vocabulary is
+what a drafter can never match).
 """
 
 from __future__ import annotations
@@ -79,3 +87,20 @@ def accepted_mass(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     probabilities over the same ids (p may be a slice of a larger distribution: its mass elsewhere
     is simply never accepted)."""
     return torch.minimum(p, q).sum(-1)
+
+
+def coupled_agreement(p: torch.Tensor, logq: torch.Tensor, noise: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
+    """Whether a head drafting with the target's own noise proposes the target's own sample, one
+    Monte Carlo draw per row (0/1 floats, (R,)): an unbiased estimate of the match rule's acceptance.
+
+    p (R, N): the draft vocabulary's slice of the target's full sampling distribution; logq (R, N)
+    the head's sampling log-probs; noise (R, N) the uniforms of those N token ids and outside (R,) one
+    more uniform per row. Both draw by the Gumbel-max trick. The target's perturbed maximum over the
+    tokens outside the draft vocabulary (which the head can never propose) needs no logits of its
+    own: the maximum of log p_v + Gumbel over a set is log(its mass) + one Gumbel."""
+    gumbel = -torch.log(-torch.log(noise))  # (R, N)
+    inside = (p.clamp_min(1e-30).log() + gumbel).max(-1)
+    mass_out = (1.0 - p.sum(-1)).clamp_min(0.0)  # (R,)
+    outside_max = mass_out.log() - torch.log(-torch.log(outside))  # -inf where nothing lies outside
+    target_inside = inside.values > outside_max
+    return ((inside.indices == (logq + gumbel).argmax(-1)) & target_inside).float()

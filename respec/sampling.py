@@ -70,12 +70,18 @@ def vocab_hashes(vocab: int, device: torch.device | str) -> torch.Tensor:
     return table
 
 
-def uniform_noise(seed: torch.Tensor, position: torch.Tensor, vocab: int, stream: int) -> torch.Tensor:
+def uniform_noise(seed: torch.Tensor, position: torch.Tensor, vocab: int, stream: int,
+                  ids: torch.Tensor | None = None) -> torch.Tensor:
     """Uniforms in (0, 1), shape (*seed.shape, vocab), from counters (seed, position, stream, v).
 
-    seed, position: int64 tensors of the same shape (one value per row)."""
+    seed, position: int64 tensors of the same shape (one value per row). With `ids` (N,), the
+    uniforms of those ids of a `vocab`-sized vocabulary only, shape (*seed.shape, N): what a drafter
+    over a reduced vocabulary uses to draw with the target's own noise."""
     row = _mix32((_mix32((seed & _M32) ^ (stream * 0x9E3779B9 & _M32)) + position) & _M32)  # (...,)
-    h = _mix32((row.unsqueeze(-1) ^ vocab_hashes(vocab, seed.device)) & _M32)  # (..., V)
+    table = vocab_hashes(vocab, seed.device)
+    if ids is not None:
+        table = table[ids]
+    h = _mix32((row.unsqueeze(-1) ^ table) & _M32)  # (..., V or N)
     return unit_interval(h)
 
 
@@ -103,7 +109,10 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     sorted_logits = sorted_logits.masked_fill(rank >= k, float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # (B, V) mass of strictly more likely tokens
-    keep_sorted = (mass_before < top_p.unsqueeze(-1)) & (rank < k)
+    # top_p = 1 keeps everything: in float32 the running sum reaches 1 before the last few thousand
+    # tokens of a 49k vocabulary, and `mass_before < 1` would drop them from an unfiltered row
+    nucleus = (mass_before < top_p.unsqueeze(-1)) | (top_p >= 1).unsqueeze(-1)
+    keep_sorted = nucleus & (rank < k)
     keep_sorted[:, 0] = True
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     return logits.masked_fill(~keep, float("-inf"))
@@ -125,10 +134,13 @@ def sampling_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_k: to
 
 
 def sample(logprobs: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor, position: torch.Tensor,
-           stream: int = STREAM_SAMPLE) -> tuple[torch.Tensor, torch.Tensor]:
+           stream: int = STREAM_SAMPLE, *, ids: torch.Tensor | None = None,
+           vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row from `logprobs` (B, V) by the exponential trick; argmax where temperature
-    is 0. Returns (tokens (B,) int64, their log-probs (B,) fp32)."""
-    u = uniform_noise(seed, position, logprobs.shape[-1], stream)  # (B, V)
+    is 0. Returns (tokens (B,) int64, their log-probs (B,) fp32). With `ids` (V,), column i stands
+    for token ids[i] of a `vocab`-sized vocabulary and draws that token's noise (a drafter's reduced
+    vocabulary sampling with the target's noise); the returned tokens are still column indices."""
+    u = uniform_noise(seed, position, logprobs.shape[-1] if ids is None else vocab, stream, ids)  # (B, V)
     # p / E with E = -log(u) ~ Exp(1); in log space: logp - log(-log u).
     score = logprobs - torch.log(-torch.log(u))
     greedy = (temperature <= 0).unsqueeze(-1)

@@ -1,25 +1,42 @@
 """Exact batched speculative decoding: draft k tokens per row, verify k+1 positions in one target
-forward, accept each row's own prefix by rejection sampling.
+forward, accept each row's own prefix.
 
-For each row, with p_i the target's and q_i the drafter's sampling distributions at draft position
-i (temperature, top-k and top-p applied to both, exactly as plain sampling applies them):
+Two verification rules (`VERIFY_RULES`; the engine's `verify`):
+
+**match** (the default): the target draws its own token at every verified position exactly as
+plain decoding would there, with the row's plain-decoding noise (`respec/sampling.py`: the noise is
+a function of the row's seed and the position); a draft is accepted iff it equals that token; the
+row stops at the first mismatch and emits the target's token there (after k accepted drafts, the
+bonus token). Every emitted token is therefore plain decoding's token, whatever the drafter
+proposed: SD on or off, any k, any drafter, the same rollout (drafter-invariant speculative
+decoding, Daliri, Musco & Suresh, arXiv 2408.07978). A deterministic draft d is accepted with
+probability p(d), as under the point-mass rejection rule; a model drafter should then draw its
+proposals with the *same* noise (`coupled`: Gumbel coupling, argmax of its log-probs plus the
+target's noise), which makes it agree with the target with probability
+sum_i 1 / sum_j max(p_j / p_i, q_j / q_i), at least (1 - TV) / (1 + TV). Exact in exact arithmetic;
+in floating point a verify's wider forward can round a logit differently from plain decoding's
+one-token forward, and a near-tie then draws another token (docs/benchmarks.md counts them).
+
+**rejection** (speculative sampling, Leviathan et al. 2023; Chen et al. 2023), with p_i and q_i the
+target's and the drafter's sampling distributions at draft position i (temperature, top-k and top-p
+applied to both, exactly as plain sampling applies them):
   * draft token d_i ~ q_i is accepted with probability min(1, p_i(d_i) / q_i(d_i));
   * at the first rejection i, the row emits a token from normalize(max(0, p_i - q_i)) and stops;
   * if all k are accepted it emits a bonus token from p_{k+1}.
-The emitted tokens are then distributed exactly as plain sampling from p would produce them
-(Leviathan et al. 2023; Chen et al. 2023). Greedy rows (temperature 0) accept while the draft equals
-the target's argmax and emit the argmax at the first mismatch.
+The emitted tokens are distributed exactly as plain sampling would produce them, but they are not
+plain decoding's tokens for the same seed: the draws depend on the drafter. Greedy rows (temperature
+0) accept while the draft equals the target's argmax and emit the argmax at the first mismatch.
 
 Rows may propose fewer than k tokens (`lengths`): a position a row did not draft is never
-accepted, and the row emits a token sampled from p there, exactly as plain decoding would. A
-deterministic drafter (q a point mass on d) is the special case q(d) = 1: d is accepted with
-probability p(d), and a rejection resamples from p with d removed.
+accepted, and the row emits the target's token there, exactly as plain decoding would. Under
+rejection a deterministic drafter (q a point mass on d) is the special case q(d) = 1: d is accepted
+with probability p(d), and a rejection resamples from p with d removed.
 
 Everything is batched tensors: the accepted length of every row is `cumprod` over its accept mask,
-and the correction token is gathered at that length; no `.item()`, no `.nonzero()`. Randomness is
-counter-based (`respec/sampling.py`): the drafter's samples, the acceptance uniforms and the
-correction samples come from three streams of the same hash, keyed by (seed, position), so no
-decision reuses noise that shaped an earlier output.
+and the emitted tokens are gathered at that length; no `.item()`, no `.nonzero()`. Randomness is
+counter-based (`respec/sampling.py`): under rejection the drafter's samples, the acceptance uniforms
+and the correction samples come from three streams of the same hash, keyed by (seed, position), so
+no decision reuses noise that shaped an earlier output; under match every draw is the target's own.
 """
 
 from __future__ import annotations
@@ -27,13 +44,32 @@ from __future__ import annotations
 import torch
 
 from respec.paged_attention import PagedKV
-from respec.sampling import STREAM_ACCEPT, STREAM_DRAFT, sample, sampling_logprobs, uniform_noise
+from respec.sampling import STREAM_ACCEPT, STREAM_DRAFT, STREAM_SAMPLE, sample, sampling_logprobs, uniform_noise
+
+VERIFY_RULES = ("match", "rejection")  # see the module docstring
+
+
+def match_drafts(p: torch.Tensor, drafts: torch.Tensor, lengths: torch.Tensor, temperature: torch.Tensor,
+                 seeds: torch.Tensor, positions: torch.Tensor):
+    """The match rule, for a batch. p: (B, k+1, V) the target's sampling log-probs at the k draft
+    positions and the bonus position; drafts (B, k) of which row i proposed lengths[i]; positions
+    (B,) of each row's last accepted token (drafts sit at positions+1..+k). Returns tokens (B, k+1),
+    their log-probs (B, k+1) and n (B,) as `accept_drafts`: the row emits tokens[:, :n+1]."""
+    B, k = drafts.shape
+    k1 = k + 1
+    at = positions.view(B, 1) + torch.arange(1, k1 + 1, device=positions.device)  # (B, k+1) where each lands
+    per_position = lambda t: t.view(B, 1).expand(B, k1).reshape(-1)  # noqa: E731
+    own, logprobs = sample(p.flatten(0, 1), per_position(temperature), per_position(seeds), at.reshape(-1))
+    own, logprobs = own.view(B, k1), logprobs.view(B, k1)  # plain decoding's token at every position
+    drafted = torch.arange(k, device=drafts.device).view(1, k) < lengths.view(B, 1)  # (B, k)
+    n = ((drafts == own[:, :k]) & drafted).long().cumprod(dim=1).sum(dim=1)  # (B,) accepted drafts
+    return own, logprobs, n  # where a draft was accepted it *is* the target's token
 
 
 def accept_drafts(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor, lengths: torch.Tensor,
                   temperature: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
                   point: torch.Tensor | None = None):
-    """The rejection-sampling rule, for a batch.
+    """The rejection rule, for a batch.
 
     p: (B, k+1, V) target sampling log-probs at the k draft positions and the bonus position;
     q: (B, k, V) drafter sampling log-probs, or None for point masses on the drafts; point: (B,) bool,
@@ -83,28 +119,39 @@ def accept_drafts(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor,
     return tokens, logprobs, n
 
 
-def draft_next(drafter, hidden, seeds, temperature, top_k, top_p, next_pos, *, use_filter: bool):
+def draft_stream(coupled: bool) -> int:
+    """The noise a drafter draws its proposals with: the target's own under the match rule (Gumbel
+    coupling), an independent stream under rejection sampling (which needs drafts independent of
+    its acceptance test)."""
+    return STREAM_SAMPLE if coupled else STREAM_DRAFT
+
+
+def draft_next(drafter, hidden, seeds, temperature, top_k, top_p, next_pos, *, use_filter: bool, coupled: bool):
     """A drafter's output head and sampler: hidden (B, d) -> (draft tokens (B,), the drafter's
     sampling log-probs over the target vocabulary (B, V)). A compiled region (compile/policy.py)."""
     q = sampling_logprobs(drafter.target_logits(hidden), temperature, top_k, top_p, use_filter=use_filter)
-    tokens, _ = sample(q, temperature, seeds, next_pos, stream=STREAM_DRAFT)
+    tokens, _ = sample(q, temperature, seeds, next_pos, stream=draft_stream(coupled))
     return tokens, q
 
 
 def verify_tail(target, hidden, drafts, lengths, q, point, seeds, temperature, top_k, top_p, positions, *,
-                use_filter: bool):
+                use_filter: bool, rule: str = "match"):
     """The target's output head over the k+1 verified positions, hidden (B, k+1, d), and the
-    acceptance test (`accept_drafts`). A compiled region (compile/policy.py)."""
+    verification rule (`match_drafts` or `accept_drafts`). A compiled region (compile/policy.py)."""
     B, k1 = drafts.shape[0], drafts.shape[1] + 1
     rep = lambda t: t.repeat_interleave(k1)  # noqa: E731  per-row parameters for every position
     p = sampling_logprobs(target.logits(hidden).flatten(0, 1), rep(temperature), rep(top_k), rep(top_p),
                           use_filter=use_filter).view(B, k1, -1)
+    if rule == "match":
+        return match_drafts(p, drafts, lengths, temperature, seeds, positions)
     return accept_drafts(p, q, drafts, lengths, temperature, seeds, positions, point)
 
 
 def verify_step(target, pools, tokens, drafts, lengths, q, point, positions, block_tables, seeds, temperature, top_k,
-                top_p, *, use_filter: bool, hidden_layers=(), run_block=None, verify_fn=verify_tail):
-    """Verify every row's drafts in one target forward over k+1 positions, and accept exactly.
+                top_p, *, use_filter: bool, rule: str = "match", hidden_layers=(), run_block=None,
+                verify_fn=verify_tail):
+    """Verify every row's drafts in one target forward over k+1 positions, by `rule` (see the module
+    docstring).
 
     tokens (B,): each row's newest token, at `positions` (B,), not yet in the cache; drafts (B, k)
     of which row i proposed lengths[i]; q (B, k, V) or None, and point (B,) or None, as `accept_drafts`. Slots past a row's
@@ -120,5 +167,5 @@ def verify_step(target, pools, tokens, drafts, lengths, q, point, positions, blo
     out = target(v_tokens, v_pos, kv, run_block=run_block, hidden_layers=hidden_layers)
     hidden, taps = out if hidden_layers else (out, None)  # (B, k+1, d)
     tokens_out, logprobs, n = verify_fn(target, hidden, drafts, lengths, q, point, seeds, temperature, top_k, top_p,
-                                        positions, use_filter=use_filter)
+                                        positions, use_filter=use_filter, rule=rule)
     return tokens_out, logprobs, n, (torch.cat(taps, dim=-1) if hidden_layers else None)

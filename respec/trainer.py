@@ -55,6 +55,7 @@ from respec.kd_loss import sequence_weights
 from respec.kv_cache import default_pool_bytes
 from respec.online_learner import KDConfig, OnlineLearner
 from respec.solver import AdaptiveK, FixedK, cost_key, load_or_profile
+from respec.speculative import VERIFY_RULES
 from respec.cli import option
 from respec.tasks import DataConfig, chat_prompt, extract_answer
 
@@ -106,6 +107,9 @@ class TrainConfig(DataConfig):
                           "cold start), history (model-free suffix matches), first:N (the actor's first N layers), "
                           "none, or a head + '+history' (history where its match is long, the head elsewhere)")
     k: int = option(3, "largest draft length")
+    verify: str = option("match", "how drafts are verified: match (a draft is kept iff it is the token the actor itself "
+                         "samples there: the rollout is plain decoding's, whatever the drafter) or rejection "
+                         "(speculative sampling: the same distribution, other tokens)", choices=VERIFY_RULES)
     # --- the drafter's online distillation (respec/online_learner.py) ---
     drafter_update: str = option("rkd", "frozen, kd (uniform weights), rkd (reward-weighted) or akd (positive "
                                  "advantages only)", choices=tuple(DRAFTER_UPDATES))
@@ -324,7 +328,8 @@ class Trainer:
         self.engine = RolloutEngine(self.rollout.model, kv_cache_bytes=pool, max_batch=cfg.max_batch,
                                     eos_token_ids=sorted(e for e in eos_ids if e is not None), eager=not self.compiled,
                                     compile_mode=cfg.compile_mode,
-                                    drafter=self.drafter, num_draft_tokens=cfg.k if self.drafter is not None else 0)
+                                    drafter=self.drafter, num_draft_tokens=cfg.k if self.drafter is not None else 0,
+                                    verify=cfg.verify)
         self.learner = None
         if master is not None and DRAFTER_UPDATES[cfg.drafter_update] is not None:
             self.learner = OnlineLearner(master, self.engine, KDConfig(
@@ -332,7 +337,7 @@ class Trainer:
                 batch=cfg.drafter_batch,
                 epochs=cfg.drafter_epochs, interval=cfg.drafter_update_interval,
                 idle_interval=cfg.drafter_idle_interval, unroll=cfg.k,
-                temperature=cfg.temperature, async_update=cfg.drafter_async), world=d.world, k=cfg.k)
+                temperature=cfg.temperature, verify=cfg.verify, async_update=cfg.drafter_async), world=d.world, k=cfg.k)
         self.last_alpha_est = None
         self.stop = guards.StopRequest()  # entered by run(): Ctrl-C asks the run to stop
         self.saved_step: int | None = None  # the step of the newest checkpoint written or resumed

@@ -229,7 +229,7 @@ def test_unroll_mask_by_hand():
 
 
 def test_head_loss_tv_term_is_one_minus_acceptance(tiny, rollouts):
-    """The acceptance estimate of step 0 against sum_x min(p, q) computed from the target's and the
+    """The rejection rule's acceptance estimate of step 0 against sum_x min(p, q) computed from the target's and the
     head's full-vocabulary distributions directly, and the TV term of the loss by hand: the loss
     with tv_weight c is the KL loss plus c * sum_s decay^s * (1 - mean acceptance of step s)."""
     from respec.drafter_training import Sequences, collate, head_loss, target_features
@@ -241,9 +241,9 @@ def test_head_loss_tv_term_is_one_minus_acceptance(tiny, rollouts):
     tokens, taps, final, mask, lse = collate(Sequences(seqs, plens), feats, list(range(4)))
     with torch.no_grad():
         kl_only, steps = head_loss(head, tiny, (tokens, taps, final, mask), 2, temperature=T_sample, lse=lse,
-                                   decay=0.5)
+                                   decay=0.5, verify="rejection")
         with_tv, _ = head_loss(head, tiny, (tokens, taps, final, mask), 2, temperature=T_sample, lse=lse,
-                               decay=0.5, tv_weight=3.0)
+                               decay=0.5, tv_weight=3.0, verify="rejection")
         # reference for step 0: a plain causal head forward, both distributions over all 49k tokens
         feature = head.project(torch.cat([taps.new_zeros(4, 1, taps.shape[-1]), taps[:, :-1]], dim=1))
         pos = torch.arange(tokens.shape[1]).expand_as(tokens)
@@ -289,3 +289,24 @@ def test_teacher_features_with_each_prompt_once_equal_whole_sequence_forwards(ti
         (want,) = target_features(tiny, Sequences([s], [p]), layers, temperature=0.7)
         for a, b in zip(got, want):
             assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_coupled_agreement_is_the_match_rules_acceptance():
+    """`coupled_agreement` (one draw per row, the tokens outside the draft vocabulary folded into one
+    Gumbel) against the exact agreement of Gumbel coupling when 3 of the target's 8 tokens lie
+    outside the head's vocabulary, sum_i 1 / (sum_j in D max(p_j/p_i, q_j/q_i) + sum_j not in D p_j/p_i),
+    and against drawing all 8 tokens' noise; 1 - TV (the rejection rule's acceptance) is larger."""
+    from respec.kd_loss import coupled_agreement
+
+    g = torch.Generator().manual_seed(3)
+    V, D, N = 8, 5, 40_000
+    p = (torch.randn(V, generator=g) * 1.5).softmax(-1)
+    q = (torch.randn(D, generator=g) * 1.5).softmax(-1)
+    exact = sum(1 / (torch.maximum(p[:D] / p[i], q / q[i]).sum() + (p[D:] / p[i]).sum()) for i in range(D)).item()
+    u = torch.rand(N, V, generator=g).clamp(1e-7, 1 - 1e-7)
+    folded = coupled_agreement(p[:D].expand(N, D), q.log().expand(N, D), u[:, :D], u[:, D]).mean().item()
+    gumbel = -torch.log(-torch.log(u))
+    full = ((p.log() + gumbel).argmax(-1) == (q.log() + gumbel[:, :D]).argmax(-1)).float().mean().item()
+    se = 4 * math.sqrt(exact * (1 - exact) / N)
+    assert abs(folded - exact) < se and abs(full - exact) < se
+    assert accepted_mass(p[:D], q).item() > exact + se  # the rejection estimate would overstate the match rule

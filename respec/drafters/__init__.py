@@ -13,9 +13,13 @@ state behind them (a new kind is one new file in this folder):
   commit(seqs, n, ...)    after the verify: row i kept its first n[i] drafts and one target token
   forget(seq)             the sequence finished, was preempted or abandoned: drop its state
 
-The draft's distribution matters for exactness: `Drafts.q` is the distribution each proposal was
-sampled from (the acceptance rule needs it), or None for a deterministic drafter (point masses:
-a draft d is accepted with probability p(d), and a rejection resamples from p with d removed).
+How the drafts are verified is the engine's choice (respec/speculative.py). Under the match rule
+(the default) a draft is accepted iff it equals the token the target itself draws there, so the
+rollout is plain decoding's whatever a drafter proposes; a drafter that samples should then draw
+with the target's own noise (`DraftBatch.coupled`), which is what makes its drafts agree often.
+Under the rejection rule the draft's distribution matters for exactness: `Drafts.q` is the
+distribution each proposal was sampled from, or None for a deterministic drafter (point masses: a
+draft d is accepted with probability p(d), and a rejection resamples from p with d removed).
 Anything that decides how many tokens a row proposes must be known before the draft is sampled,
 never depend on the sampled tokens themselves, or q stops being the drafts' distribution.
 
@@ -61,6 +65,7 @@ class DraftBatch:
     top_k: torch.Tensor
     top_p: torch.Tensor
     use_filter: bool  # whether any row filters (top-k / top-p): a static flag of the compiled steps
+    coupled: bool  # draw proposals with the target's own noise (the match rule, respec/speculative.py)
     max_drafts: torch.Tensor  # (rows,) int64 most tokens each row may propose (room left; <= k)
     max_drafts_list: list[int]  # the same for the real rows, on the host
 

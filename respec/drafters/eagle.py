@@ -18,32 +18,36 @@ import torch
 from models.eagle import EagleHead, call_head, check_eagle_fits
 from respec.drafters import DraftBatch, Drafter, Drafts
 from respec.paged_attention import PagedKV
-from respec.sampling import STREAM_DRAFT, sample, sampling_logprobs
+from respec.sampling import sample, sampling_logprobs
+from respec.speculative import draft_stream
 
 
-def head_draft_next(head, hidden, seeds, temperature, top_k, top_p, next_pos, *, use_filter: bool):
+def head_draft_next(head, hidden, seeds, temperature, top_k, top_p, next_pos, *, use_filter: bool, coupled: bool):
     """The head's output layer and sampler: hidden (B, d) -> (draft tokens (B,) as target ids, the
     sampling log-probs they were drawn from, over the target vocabulary (B, V)).
 
-    Sampled over the draft vocabulary only (its noise, top-k and top-p too): q may be any
-    distribution as long as it is the one the draft came from, and the target-vocabulary view is
-    -inf outside the draft vocabulary. A compiled region (compile/policy.py)."""
+    Sampled over the draft vocabulary only (top-k and top-p too): q may be any distribution as long
+    as it is the one the draft came from, and the target-vocabulary view is -inf outside the draft
+    vocabulary. Each draft-vocabulary entry draws the noise of the target token it stands for, so
+    `coupled` (the match rule) is Gumbel coupling with the target. A compiled region (compile/policy.py)."""
     q_small = sampling_logprobs(head.draft_logits(hidden), temperature, top_k, top_p, use_filter=use_filter)  # (B, N)
-    index, _ = sample(q_small, temperature, seeds, next_pos, stream=STREAM_DRAFT)
+    index, _ = sample(q_small, temperature, seeds, next_pos, stream=draft_stream(coupled), ids=head.d2t,
+                      vocab=head.cfg.target.vocab_size)
     q = q_small.new_full((q_small.shape[0], head.cfg.target.vocab_size), float("-inf")).index_copy(-1, head.d2t, q_small)
     return head.d2t[index], q
 
 
 def eagle_draft(head, target, head_pools, pend_taps, pend_tokens, pend_pos, pend_valid, positions, block_tables,
-                lengths, seeds, temperature, top_k, top_p, *, k: int, use_filter: bool, run_head=call_head,
-                draft_fn=head_draft_next):
+                lengths, seeds, temperature, top_k, top_p, *, k: int, use_filter: bool, coupled: bool,
+                run_head=call_head, draft_fn=head_draft_next):
     """k draft tokens per row from an EAGLE head.
 
     pend_taps (B, k+1, 3d), pend_tokens / pend_pos / pend_valid (B, k+1): the pending pairs,
     right-padded; each row's last valid pair holds its newest token, at `positions` (B,). The head
     first consumes them (rewriting the slots it filled with its own features while drafting last
     time), then drafts k tokens feeding its own output features back. Its cache slots past a row's
-    `lengths` (B,) are not written. Returns (drafts (B, k), q (B, k, V))."""
+    `lengths` (B,) are not written. `coupled`: draw with the target's own noise (the match rule,
+    respec/speculative.py). Returns (drafts (B, k), q (B, k, V))."""
     B = positions.shape[0]
     embed = target.embed_tokens
     kv = PagedKV.build(head_pools, block_tables, pend_pos, head.n_rep, valid=pend_valid)
@@ -52,7 +56,8 @@ def eagle_draft(head, target, head_pools, pend_taps, pend_tokens, pend_pos, pend
     g = out.gather(1, last.view(B, 1, 1).expand(B, 1, out.shape[-1]))  # (B, 1, d)
     drafts, q = [], []
     for i in range(k):
-        d_i, q_i = draft_fn(head, g[:, 0], seeds, temperature, top_k, top_p, positions + 1 + i, use_filter=use_filter)
+        d_i, q_i = draft_fn(head, g[:, 0], seeds, temperature, top_k, top_p, positions + 1 + i, use_filter=use_filter,
+                            coupled=coupled)
         drafts.append(d_i)
         q.append(q_i)
         if i < k - 1:  # the head's own feature for draft i, at its position (kept only where it is needed)
@@ -133,7 +138,7 @@ class EagleDrafter(Drafter):
         k, pad = batch.k, batch.tokens.shape[0] - len(batch.seqs)
         pend = [self._padded(s, k + 1) for s in batch.seqs] + [self._padded(None, k + 1)] * pad
         pend_taps, pend_tokens, pend_pos, pend_valid = (torch.stack(t) for t in zip(*pend))
-        step = self.view.steps.get(eagle_draft, k=k, use_filter=batch.use_filter)
+        step = self.view.steps.get(eagle_draft, k=k, use_filter=batch.use_filter, coupled=batch.coupled)
         drafts, q = step(self.runner, self.view.target, self.view.draft_pools, pend_taps, pend_tokens, pend_pos,
                          pend_valid, batch.positions, batch.block_tables, batch.max_drafts, batch.seeds,
                          batch.temperature, batch.top_k, batch.top_p)

@@ -22,12 +22,13 @@ from respec.steps import right_padded
 
 
 def layer_draft(drafter, draft_pools, prev_tokens, tokens, positions, block_tables, lengths, seeds, temperature,
-                top_k, top_p, *, k: int, use_filter: bool, run_block=None, draft_fn=draft_next):
+                top_k, top_p, *, k: int, use_filter: bool, coupled: bool, run_block=None, draft_fn=draft_next):
     """k draft tokens per row from a causal LM with its own paged cache.
 
     tokens (B,): each row's newest token at `positions` (B,); prev_tokens (B,): the token before it.
     The first forward covers (previous, newest), the rest one token each; cache slots past a row's
-    `lengths` (B,) are not written. Returns (drafts (B, k), q (B, k, V))."""
+    `lengths` (B,) are not written. `coupled`: draw with the target's own noise (the match rule,
+    respec/speculative.py). Returns (drafts (B, k), q (B, k, V))."""
     B = tokens.shape[0]
     n_rep = drafter.cfg.n_rep
     inp = torch.stack([prev_tokens, tokens], dim=1)
@@ -37,7 +38,8 @@ def layer_draft(drafter, draft_pools, prev_tokens, tokens, positions, block_tabl
     for i in range(k):
         kv = PagedKV.build(draft_pools, block_tables, pos, n_rep, valid=valid)
         hidden = drafter(inp, pos, kv, run_block=run_block)[:, -1]  # (B, d)
-        d_i, q_i = draft_fn(drafter, hidden, seeds, temperature, top_k, top_p, positions + 1 + i, use_filter=use_filter)
+        d_i, q_i = draft_fn(drafter, hidden, seeds, temperature, top_k, top_p, positions + 1 + i, use_filter=use_filter,
+                            coupled=coupled)
         drafts.append(d_i)
         q.append(q_i)
         valid = (i + 1 < lengths).view(B, 1)  # draft i's slot is needed only to draft i+1
@@ -80,7 +82,7 @@ class LayerDrafter(Drafter):
     def draft(self, batch: DraftBatch) -> Drafts:
         pad = [0] * (batch.tokens.shape[0] - len(batch.seqs))
         prev = torch.tensor([s.tokens[-2] for s in batch.seqs] + pad, dtype=torch.int64, device=self.view.device)
-        step = self.view.steps.get(layer_draft, k=batch.k, use_filter=batch.use_filter)
+        step = self.view.steps.get(layer_draft, k=batch.k, use_filter=batch.use_filter, coupled=batch.coupled)
         drafts, q = step(self.runner, self.view.draft_pools, prev, batch.tokens, batch.positions, batch.block_tables,
                          batch.max_drafts, batch.seeds, batch.temperature, batch.top_k, batch.top_p)
         return Drafts(drafts, batch.max_drafts, q)

@@ -60,7 +60,7 @@ def timed_regions(engine, timer: PartTimer) -> None:
     """Make the engine's steps run with their regions timed (blocks, head, sampler/acceptance)."""
     from models.decoder import call_block
     from respec.sampling import sample, sampling_logprobs
-    from respec.speculative import accept_drafts
+    from respec.speculative import accept_drafts, match_drafts
 
     def sample_next(model, hidden, seeds, temperature, top_k, top_p, next_pos, *, use_filter):  # steps.sample_next, split
         logits = timer.wrap("head", model.logits)(hidden)
@@ -69,7 +69,7 @@ def timed_regions(engine, timer: PartTimer) -> None:
                                                      temperature, seeds, next_pos))()
 
     def verify_tail(target, hidden, drafts, lengths, q, point, seeds, temperature, top_k, top_p, positions, *,
-                    use_filter):  # speculative.verify_tail, split
+                    use_filter, rule):  # speculative.verify_tail, split
         B, k1 = drafts.shape[0], drafts.shape[1] + 1
         logits = timer.wrap("head", target.logits)(hidden)
 
@@ -77,6 +77,8 @@ def timed_regions(engine, timer: PartTimer) -> None:
             rep = lambda t: t.repeat_interleave(k1)  # noqa: E731
             p = sampling_logprobs(logits.flatten(0, 1), rep(temperature), rep(top_k), rep(top_p),
                                   use_filter=use_filter).view(B, k1, -1)
+            if rule == "match":
+                return match_drafts(p, drafts, lengths, temperature, seeds, positions)
             return accept_drafts(p, q, drafts, lengths, temperature, seeds, positions, point)
         return timer.wrap("sampling", tail)()
 
