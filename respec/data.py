@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import functools
 import json
-import random
 from pathlib import Path
 
-from respec.tasks import Problem, is_number, scorer_for
+from respec.tasks import Problem, epoch_order, is_number, scorer_for
 
 PROMPT_COLUMNS = ("prompt", "question", "messages")
 
@@ -149,7 +148,8 @@ class RowsTask:
                                 "reward compares: give a --reward module:function that scores such answers")
             extra = {k: v for k, v in row.items() if k != column}
             self.located.append((where, Problem(text or "", answer, scorer_for(answer), system=system_prompt,
-                                                turns=turns, row=extra)))
+                                                turns=turns, row=extra, key=len(self.located))))
+        self.size = len(self.located)
 
     def located_problems(self) -> list[tuple[str, Problem]]:
         """Every problem with where it comes from, so that all can be checked up front."""
@@ -157,9 +157,7 @@ class RowsTask:
 
     @functools.lru_cache(maxsize=2)
     def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.located)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
+        return epoch_order(len(self.located), self.seed, epoch)
 
     def problems(self, start: int, n: int) -> list[Problem]:
         out = []

@@ -103,6 +103,15 @@ def gather_to_main(obj, d: Dist) -> list | None:
     return out
 
 
+def all_gather(obj, d: Dist) -> list:
+    """Every rank's `obj` (picklable) as a list in rank order, on every rank."""
+    if d.world == 1:
+        return [obj]
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(d: Dist) -> None:
     if d.world > 1:
         dist.barrier()

@@ -74,6 +74,7 @@ class _Sequence:
     out: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    replay: list[int] | None = None  # an earlier completion of the same request, for a replay drafter
 
     @property
     def tokens(self) -> list[int]:
@@ -95,6 +96,9 @@ class EngineStats:
     sd_accepted_at: list[int] = field(default_factory=list)  # rows whose draft i was accepted, per i
     sd_reached_at: list[int] = field(default_factory=list)  # rows that proposed a draft i with drafts < i accepted
     chosen_k: list[int] = field(default_factory=list)  # draft length of every decode step (0 = plain)
+    # per drafter kind (a hybrid's rows: "model", "history", "replay"): rows verified, drafts they
+    # proposed, drafts accepted, tokens emitted
+    sd_kinds: dict = field(default_factory=dict)
     # where SD steps' time goes: "draft" (catch-up and drafting), "verify" (the target's forward over
     # k+1 positions and the acceptance test, to the host sync) and "host" (emitting, rollback, commit)
     sd_phase_s: dict = field(default_factory=lambda: {"draft": 0.0, "verify": 0.0, "host": 0.0})
@@ -113,6 +117,13 @@ class EngineStats:
     def accept_per_pos(self) -> list[float]:
         """Fraction of rows whose i-th draft token was accepted."""
         return [a / max(self.sd_rows, 1) for a in self.sd_accepted_at]
+
+    def count_kind(self, kind: str, proposed: int, accepted: int, emitted: int) -> None:
+        c = self.sd_kinds.setdefault(kind, {"rows": 0, "proposed": 0, "accepted": 0, "emitted": 0})
+        c["rows"] += 1
+        c["proposed"] += proposed
+        c["accepted"] += accepted
+        c["emitted"] += emitted
 
     @property
     def alpha(self) -> list[float]:
@@ -138,6 +149,7 @@ class RolloutEngine:
         num_draft_tokens: int = 0,  # k (the largest k with a policy), tokens drafted per SD step (>= 1)
         policy=None,  # chooses k per step (respec/solver.py: FixedK, AdaptiveK); default FixedK(k)
         verify: str = "match",  # how drafts are verified: match (plain decoding's tokens) or rejection (respec/speculative.py)
+        replay_k: int = 0,  # most drafts a long deterministic proposal (a replay) may make per verify; 0: k
     ):
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -150,6 +162,9 @@ class RolloutEngine:
         if verify not in VERIFY_RULES:
             raise ValueError(f"unknown verification rule {verify!r} (choose {', '.join(VERIFY_RULES)})")
         self.verify = verify
+        if replay_k < 0:
+            raise ValueError(f"replay_k must be >= 0, got {replay_k}")
+        self.replay_k = replay_k
         self.policy = policy if policy is not None else FixedK(num_draft_tokens)
         if self.drafter is not None:
             if num_draft_tokens < 1:
@@ -193,7 +208,7 @@ class RolloutEngine:
             raise ValueError("empty prompt")
         if len(prompt) >= self.max_len:
             raise ValueError(f"prompt of {len(prompt)} tokens does not fit the model's context of {self.max_len}")
-        longest = min(len(prompt) + params.max_new_tokens + self.k, self.max_len)
+        longest = min(len(prompt) + params.max_new_tokens + max(self.k, self.replay_k), self.max_len)
         if self.blocks.blocks_for(longest) > self.blocks.num_blocks - 1:
             raise ValueError(
                 f"a sequence of {longest} tokens needs {self.blocks.blocks_for(longest)} KV blocks but the cache has "
@@ -201,14 +216,17 @@ class RolloutEngine:
             )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], *,
-                 on_finish=None, should_stop=None) -> list[Completion]:
-        """Complete every prompt; results in input order. `on_finish(n)` (e.g. a tqdm bar's update)
-        is told whenever n sequences finish. If `should_stop()` turns true (checked before every
-        step), the rollout is abandoned: its blocks are freed and `Stopped` is raised."""
+                 replays: list[list[int] | None] | None = None, on_finish=None, should_stop=None) -> list[Completion]:
+        """Complete every prompt; results in input order. `replays`: an earlier completion of each
+        request (or None), which a replay drafter proposes from (respec/drafters/replay.py; the tokens
+        do not depend on it). `on_finish(n)` (e.g. a tqdm bar's update) is told whenever n sequences
+        finish. If `should_stop()` turns true (checked before every step), the rollout is abandoned:
+        its blocks are freed and `Stopped` is raised."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError("one SamplingParams per prompt, or a single one for all")
-        seqs = [_Sequence(i, list(map(int, p)), sp) for i, (p, sp) in enumerate(zip(prompts, plist))]
+        if len(plist) != len(prompts) or (replays is not None and len(replays) != len(prompts)):
+            raise ValueError("one SamplingParams per prompt (or a single one for all), and one replay per prompt")
+        seqs = [_Sequence(i, list(map(int, p)), sp, replay=None if replays is None else replays[i])
+                for i, (p, sp) in enumerate(zip(prompts, plist))]
         for s in seqs:
             self.check_request(s.prompt, s.params)
         waiting: deque[_Sequence] = deque(seqs)
@@ -224,13 +242,7 @@ class RolloutEngine:
                     self._prefill(admitted)
                     running += admitted
                 else:
-                    k = self._choose_k(running)
-                    caps = self._draft_caps(running, k)
-                    self._reserve_slots(waiting, running, caps)
-                    if running and any(caps[: len(running)]):  # (preemption may have emptied the batch)
-                        self._speculate(running, k, caps[: len(running)])
-                    elif running:
-                        self._decode(running)
+                    self._step(waiting, running)
                 finished = [s for s in running if s.finish_reason]
                 for s in finished:
                     self._release(s)
@@ -244,6 +256,41 @@ class RolloutEngine:
         self.blocks.free(s.id)
         if self.drafter is not None:
             self.drafter.forget(s)
+
+    def _step(self, waiting: deque, running: list[_Sequence]) -> None:
+        """One decoding step of every running sequence. Rows with a long deterministic proposal
+        (a replay, `Drafter.long_drafts`) verify apart, with up to `replay_k` drafts, so the other
+        rows do not pay their width; the others decode plainly or speculate with the policy's k.
+        Slots for every row's drafts are reserved first (which may preempt rows from the back)."""
+        k = self._choose_k(running)
+        long = self._long_caps(running)
+        caps = [lc or c for lc, c in zip(long, self._draft_caps(running, k))]
+        self._reserve_slots(waiting, running, caps)
+        n = len(running)  # preemption pops rows from the back
+        groups = [[i for i in range(n) if long[i]], [i for i in range(n) if not long[i]]]
+        for rows, width in zip(groups, (max((long[i] for i in groups[0]), default=0), k)):
+            if not rows:
+                continue
+            seqs, row_caps = [running[i] for i in rows], [caps[i] for i in rows]
+            if any(row_caps):
+                self._speculate(seqs, width, row_caps)
+            else:
+                self._decode(seqs)
+
+    def _long_caps(self, running: list[_Sequence]) -> list[int]:
+        """Drafts each row proposes in the long group this step (0: it joins the other rows): its
+        long proposal, capped by `replay_k`, the row's room, and the policy's choice for the group."""
+        offer = getattr(self.drafter, "long_drafts", None)
+        if offer is None or self.replay_k == 0:
+            return [0] * len(running)
+        ready = offer(running)
+        n = sum(1 for r in ready if r)
+        if n == 0:
+            return [0] * len(running)
+        context = sum(len(s.tokens) for s in running) / len(running)
+        width = self.policy.choose_long(n, context, self.replay_k)
+        room = self._draft_caps(running, width)
+        return [min(r, c) for r, c in zip(ready, room)]
 
     def _choose_k(self, running: list[_Sequence]) -> int:
         """This step's draft length: the policy's choice for the active batch, capped at the engine's k."""
@@ -378,15 +425,19 @@ class RolloutEngine:
                                                  batch.block_tables, seeds, temp, top_k, top_p)
         tokens, logprobs, n = tokens_d.tolist(), logprobs_d.tolist(), n_d.tolist()  # the host sync of this step
         lengths = drafts.lengths_list if drafts.lengths_list is not None else caps
+        kinds = drafts.kinds or [self.drafter.kind] * len(seqs)
         t2 = self._phase("verify", t1)
         for i, s in enumerate(seqs):
+            emitted = 0
             for tok, lp in zip(tokens[i][: n[i] + 1], logprobs[i][: n[i] + 1]):
                 self._emit(s, tok, lp)
-                self.stats.sd_emitted += 1
+                emitted += 1
                 if s.finish_reason:
                     break
             else:  # roll back the slots of the rejected drafts (the drafter's pools share the tables)
                 self.blocks.truncate(s.id, caps[i] - n[i])
+            self.stats.sd_emitted += emitted
+            self.stats.count_kind(kinds[i], lengths[i], min(n[i], emitted), emitted)
             self._count_acceptance(n[i], lengths[i])
         running = [i for i, s in enumerate(seqs) if not s.finish_reason]
         if running:
@@ -398,7 +449,12 @@ class RolloutEngine:
         self.stats.decode_s += time.perf_counter() - t0
         self.stats.batch_sizes.append(len(seqs))
         self.stats.chosen_k.append(k)
-        self.policy.observe(n[: len(seqs)], k, lengths[: len(seqs)])
+        replayed = [i for i, kind in enumerate(kinds) if kind == "replay"]  # the long group's own estimate
+        others = [i for i, kind in enumerate(kinds) if kind != "replay"]
+        if others:
+            self.policy.observe([n[i] for i in others], k, [lengths[i] for i in others])
+        if replayed:
+            self.policy.observe_long([n[i] for i in replayed], [lengths[i] for i in replayed])
 
     def _phase(self, name: str, since: float) -> float:
         """Add the time since `since` to an SD phase; returns now. On a GPU the phases are only
@@ -434,8 +490,9 @@ class RolloutEngine:
         return sum(times[warm:]) / max(reps, 1)
 
     def _synthetic_steps(self, batch: int, k: int, context: int, calls: int, *, use_filter: bool = False) -> list[float]:
-        if k > self.k or (k and self.drafter is None):
-            raise ValueError(f"cannot time k={k}: the engine drafts at most {self.k if self.drafter else 0}")
+        widest = max(self.k, self.replay_k) if self.drafter is not None else 0
+        if k > widest:
+            raise ValueError(f"cannot time k={k}: the engine drafts at most {widest}")
         if self.blocks.blocks_for(context + k + 1) * batch > self.blocks.num_free:
             raise ValueError(f"{batch} sequences of {context} tokens do not fit the KV cache")
         gen = torch.Generator().manual_seed(context)
@@ -446,8 +503,11 @@ class RolloutEngine:
             # A repeating text, so that a drafter which drafts from the text itself (respec/drafters/
             # history.py) proposes all k tokens, as a model drafter always does.
             period = torch.randint(self.model.cfg.vocab_size, (8,), generator=gen).tolist()
-            ids = (period * (context // 8 + 1))[:context]
-            seqs.append(_Sequence(-1 - i, ids[:-1], params, out=ids[-1:]))
+            text = period * ((context + k) // 8 + 2)
+            ids = text[:context]
+            # past the model's k (a replay group's verify) a replay that continues it (respec/drafters/replay.py)
+            replay = text[context - 1: context + k] if k > self.k else None
+            seqs.append(_Sequence(-1 - i, ids[:-1], params, out=ids[-1:], replay=replay))
             self.blocks.allocate(seqs[-1].id, context - 1)
         stats, policy = self.stats, self.policy
         self.stats, self.policy = EngineStats(), FixedK(k)

@@ -25,6 +25,15 @@ six coefficients by least squares on relative error, with none negative.
 alpha is tracked online (`observe`, an exponential moving average per draft position) and can be
 set from outside (`set_alpha`): when SD is off there are no SD steps to learn from, and the drafter's
 distillation can report `1 - TV(p_target, q_draft)` so that an improving drafter turns SD back on.
+
+Rows with a replay (last epoch's completion, respec/drafters/replay.py) verify apart from the
+others, with a longer draft (respec/engine.py). Their acceptance is tracked on its own
+(`observe_long`: one conditional acceptance `beta` for every position, an EMA) and their draft
+length L chosen for their group alone (`choose_long`):
+
+    L* = argmax_L  B_r * E[tokens | L, beta] / t_step(B_r, L, context),  L in {0, 2, 4, 8, ...} up to the cap
+
+The drafts cost no forward, so t_step here is the verify alone.
 """
 
 from __future__ import annotations
@@ -115,16 +124,33 @@ class FixedK:
     def observe(self, accepted: list[int], k: int, proposed: list[int] | None = None) -> None:
         pass
 
+    def choose_long(self, batch: int, context: float, limit: int) -> int:
+        """Draft length of the replay rows' verify: the whole cap whenever this policy speculates."""
+        return limit if self.k > 0 else 0
+
+    def observe_long(self, accepted: list[int], proposed: list[int]) -> None:
+        pass
+
+
+def long_lengths(limit: int) -> list[int]:
+    """The replay group's candidate draft lengths: 0, powers of two below `limit`, and `limit`."""
+    out, L = [0], 2
+    while L < limit:
+        out.append(L)
+        L *= 2
+    return out + [limit] if limit > 0 else out
+
 
 class AdaptiveK:
     """Chooses k per step from the fitted costs and the acceptance estimate (see module doc)."""
 
     def __init__(self, costs: CostModel, max_k: int, alpha: list[float] | None = None, *, ema: float = 0.05,
-                 prior: float = 0.5):
+                 prior: float = 0.5, beta: float = 0.9):
         if max_k < 1:
             raise ValueError(f"max_k must be >= 1, got {max_k}")
         self.costs, self.max_k, self.ema = costs, max_k, ema
         self.alpha = [prior] * max_k
+        self.beta = beta  # conditional acceptance of a replay row's drafts (any position)
         if alpha is not None:
             self.set_alpha(alpha)
 
@@ -154,6 +180,19 @@ class AdaptiveK:
                 break
             passed = sum(1 for n in accepted if n >= j)
             self.alpha[j - 1] += self.ema * (passed / reached - self.alpha[j - 1])
+
+    def choose_long(self, batch: int, context: float, limit: int) -> int:
+        def rate(L: int) -> float:
+            return batch * expected_tokens([self.beta] * L, L) / self.costs.verify_s(batch, L + 1, context)
+
+        return max(long_lengths(limit), key=lambda L: (rate(L), -L))
+
+    def observe_long(self, accepted: list[int], proposed: list[int]) -> None:
+        """Replay rows of one verify: beta, the chance a draft is accepted given the ones before it
+        were, over every position the rows reached."""
+        reached = sum(min(n + 1, m) for n, m in zip(accepted, proposed))
+        if reached:
+            self.beta += self.ema * (sum(accepted) / reached - self.beta)
 
 
 def conditional_alpha(accept_per_pos: list[float]) -> list[float]:

@@ -1,10 +1,13 @@
 """Tasks: where problems come from, how they become chat prompts, and how answers are checked.
 
 Three sources, one interface (`problems(start, n)`: the problems at data positions start..start+n-1,
-the same every time, so a resumed run sees exactly the data it would have seen):
+the same every time, so a resumed run sees exactly the data it would have seen; each `Problem.key`
+is its row in the training set, the same in every epoch, and `size` is the number of rows, None for
+an endless stream):
 
 * `ReasoningGymTask`: a reasoning-gym dataset by name with its own options. reasoning-gym
-  generates problem i from (seed, i) offline and scores answers itself.
+  generates problem i from (seed, i) offline and scores answers itself. Endless by default; with
+  `train_size` N a fixed set (problems 0..N-1), visited in epochs, one seeded shuffle per epoch.
 * `respec.data.RowsTask`: rows of a JSONL file or a Hugging Face dataset (GSM8K, prompt/answer and
   chat formats), cycled in a seeded order, one shuffle per pass.
 * `LettersTask`: a toy task for the random `tiny` model.
@@ -18,6 +21,8 @@ its first step. The format itself is rewarded separately (`respec/rewards.py`).
 
 from __future__ import annotations
 
+import functools
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +55,7 @@ class Problem:
     system: str | None = None  # the system prompt; None = SYSTEM_PROMPT, "" = none
     turns: list[dict] | None = None  # a conversation given as chat turns (the data's), ending with the user's
     row: dict = field(default_factory=dict, repr=False)  # the data row's other columns (for reward functions)
+    key: int = -1  # its row in the training set: the same problem has the same key in every epoch
 
     @property
     def conversational(self) -> bool:
@@ -79,27 +85,49 @@ def extract_answer(text: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
+def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
+    """The rows of a finite training set in the order epoch `epoch` visits them: one seeded shuffle
+    per epoch, the same on every rank and after a resume."""
+    order = list(range(size))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
 class ReasoningGymTask:
     """reasoning-gym's dataset `name` with respec's default options for it (if any), overridden by
-    `config`."""
+    `config`; `train_size` N > 0: the fixed set of its first N problems, shuffled per epoch."""
 
-    def __init__(self, name: str, config: dict | None = None, seed: int = 0, system_prompt: str | None = None):
+    def __init__(self, name: str, config: dict | None = None, seed: int = 0, system_prompt: str | None = None,
+                 train_size: int = 0):
         import reasoning_gym
 
-        self.name, self.system = name, system_prompt
+        self.name, self.system, self.seed = name, system_prompt, seed
+        self.size = train_size or None
         self.config = {**DEFAULT_TASK_CONFIG.get(name, {}), **(config or {})}
         try:
             self.dataset = reasoning_gym.create_dataset(name, size=_DATASET_SIZE, seed=seed, **self.config)
         except Exception as e:  # unknown names and bad options surface as several exception types
             raise ValueError(f"cannot create reasoning-gym task {name!r}: {str(e).splitlines()[0]}") from e
 
+    def row_at(self, position: int) -> int:
+        """The problem (dataset index) at a data position."""
+        if self.size is None:
+            return position % _DATASET_SIZE
+        epoch, j = divmod(position, self.size)
+        return self._order(epoch)[j]
+
+    @functools.lru_cache(maxsize=2)
+    def _order(self, epoch: int) -> list[int]:
+        return epoch_order(self.size, self.seed, epoch)
+
     def problems(self, start: int, n: int) -> list[Problem]:
         out = []
         for i in range(start, start + n):
-            entry = self.dataset[i % _DATASET_SIZE]
+            key = self.row_at(i)
+            entry = self.dataset[key]
             out.append(Problem(entry["question"], str(entry["answer"]),
                                lambda a, e=entry: self.dataset.score_answer(a, e), system=self.system,
-                               row={"answer": str(entry["answer"])}))
+                               row={"answer": str(entry["answer"])}, key=key))
         return out
 
 
@@ -144,8 +172,14 @@ class LettersTask:
 
     name = "toy-letters"
 
+    def __init__(self, train_size: int = 0, seed: int = 0):
+        self.size, self.seed = train_size or None, seed
+
     def problems(self, start: int, n: int) -> list["LettersProblem"]:
-        return [LettersProblem(i) for i in range(start, start + n)]
+        if self.size is None:
+            return [LettersProblem(i) for i in range(start, start + n)]
+        return [LettersProblem(epoch_order(self.size, self.seed, i // self.size)[i % self.size])
+                for i in range(start, start + n)]
 
 
 @dataclass
@@ -154,6 +188,10 @@ class LettersProblem:
     answer: str = ""
     row: dict = field(default_factory=dict, repr=False)
     conversational = False
+
+    @property
+    def key(self) -> int:
+        return self.index
 
     def messages(self) -> list[dict]:
         return [{"role": "user", "content": f"Write some letters ({self.index})."}]
@@ -169,6 +207,8 @@ class DataConfig:
                         "directory or Hub id (owner/name, from the local cache)", aliases=("model_name_or_path",))
     task: str = option(DEFAULT_TASK, "reasoning-gym dataset name (or toy-letters for the tiny model)")
     task_config: dict = option({}, "reasoning-gym options as JSON, e.g. '{\"min_terms\": 2}'")
+    train_size: int = option(0, "a fixed training set of the task's first N problems, visited in epochs (shuffled per "
+                             "epoch); 0: a new problem at every data position")
     data: str | None = option(None, "JSONL file or Hugging Face dataset (file, directory or id) instead of --task: "
                               "GSM8K, prompt/answer or chat rows (respec/data.py)", aliases=("dataset_name",))
     data_split: str = option("train", "split of a Hugging Face dataset", aliases=("dataset_train_split",))
@@ -181,24 +221,31 @@ class DataConfig:
     def make_task(self, *, seed: int = 0, numeric_answers: bool = True):
         """The task these options name (`make_task`)."""
         return make_task(task=self.task, config=self.task_config, data=self.data, seed=seed,
-                         system_prompt=self.system_prompt, data_split=self.data_split,
+                         system_prompt=self.system_prompt, train_size=self.train_size, data_split=self.data_split,
                          prompt_column=self.prompt_column, answer_column=self.answer_column,
                          numeric_answers=numeric_answers)
 
 
 def make_task(*, task: str | None = None, config: dict | None = None, data: str | Path | None = None,
               seed: int = 0, system_prompt: str | None = None, data_split: str = "train",
-              prompt_column: str | None = None, answer_column: str = "answer", numeric_answers: bool = True):
+              prompt_column: str | None = None, answer_column: str = "answer", numeric_answers: bool = True,
+              train_size: int = 0):
     """`--data` (a file or a Hugging Face dataset, respec/data.py) if given, else `toy-letters` or the
-    reasoning-gym task `task`. `system_prompt`: None = respec's (SYSTEM_PROMPT), "" = none."""
+    reasoning-gym task `task` (a fixed set of `train_size` problems if > 0). `system_prompt`: None =
+    respec's (SYSTEM_PROMPT), "" = none."""
+    if train_size < 0:
+        raise ValueError(f"--train-size must be >= 0, got {train_size}")
+    if train_size and data is not None:
+        raise ValueError("--train-size picks a fixed set of a --task's problems; a --data set is already one")
     if data is not None:
         from respec.data import RowsTask
 
         return RowsTask(str(data), split=data_split, prompt_column=prompt_column, answer_column=answer_column,
                         system_prompt=system_prompt, numeric_answers=numeric_answers, seed=seed)
     if task == LettersTask.name:
-        return LettersTask()
-    return ReasoningGymTask(task or DEFAULT_TASK, config, seed=seed, system_prompt=system_prompt)
+        return LettersTask(train_size, seed)
+    return ReasoningGymTask(task or DEFAULT_TASK, config, seed=seed, system_prompt=system_prompt,
+                            train_size=train_size)
 
 
 def make_problems(task: str, n: int, seed: int = 0, **config) -> list[Problem]:

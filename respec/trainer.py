@@ -33,7 +33,6 @@ Departures from the paper and from common GRPO trainers, on purpose:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -49,11 +48,13 @@ from compile.policy import COMPILE_MODES
 from models.eagle import save_eagle
 from models.loading import cache_dir, load_model, load_tokenizer, resolve_dtype
 from respec import checkpoint, distributed, grpo, guards, rewards
-from respec.drafters.choose import Chosen, choose_drafter
+from respec.drafters.choose import Chosen, choose_drafter, split_spec
+from respec.drafters.replay import ReplayStore
 from respec.engine import EngineStats, RolloutEngine, SamplingParams, Stopped
 from respec.kd_loss import sequence_weights
 from respec.kv_cache import default_pool_bytes
 from respec.online_learner import KDConfig, OnlineLearner
+from respec.rollout_seeds import SEED_MODES, RolloutSeeds
 from respec.solver import AdaptiveK, FixedK, cost_key, load_or_profile
 from respec.speculative import VERIFY_RULES
 from respec.cli import option
@@ -105,11 +106,20 @@ class TrainConfig(DataConfig):
                      "decoding step)", choices=("off", "on", "adaptive"))
     drafter: str = option("auto", "EAGLE head dir, auto (cached default head, pretrained once), random (untrained: "
                           "cold start), history (model-free suffix matches), first:N (the actor's first N layers), "
-                          "none, or a head + '+history' (history where its match is long, the head elsewhere)")
+                          "none, replay (last epoch's completion of the same prompt and sample), or a model spec "
+                          "joined by '+' with replay and/or history, tried per row in that order (auto+replay+history)")
     k: int = option(3, "largest draft length")
+    replay_k: int = option(16, "most drafts a replay (last epoch's completion, --drafter ...+replay) proposes per "
+                           "verify; its rows verify apart from the others")
     verify: str = option("match", "how drafts are verified: match (a draft is kept iff it is the token the actor itself "
                          "samples there: the rollout is plain decoding's, whatever the drafter) or rejection "
                          "(speculative sampling: the same distribution, other tokens)", choices=VERIFY_RULES)
+    # --- sampling noise across epochs (respec/rollout_seeds.py) ---
+    rollout_seeds: str = option("per-step", "sampling seeds: per-step (fresh noise every rollout) or per-prompt (a "
+                                "training-set row's sample g reuses its noise in later epochs, so last epoch's "
+                                "completion drafts well; a sampling choice with a learning cost)", choices=SEED_MODES)
+    reseed_every: int = option(0, "with per-prompt seeds: new noise for each sample every R epochs, staggered by "
+                               "sample (0: never; groups without signal are always reseeded)")
     # --- the drafter's online distillation (respec/online_learner.py) ---
     drafter_update: str = option("rkd", "frozen, kd (uniform weights), rkd (reward-weighted) or akd (positive "
                                  "advantages only)", choices=tuple(DRAFTER_UPDATES))
@@ -173,6 +183,11 @@ class TrainConfig(DataConfig):
         if self.drafter_lr <= 0 or self.drafter_warmup < 0:
             raise ValueError(f"--drafter-lr must be positive and --drafter-warmup >= 0, got {self.drafter_lr}, "
                              f"{self.drafter_warmup}")
+        if self.reseed_every < 0 or self.replay_k < 0:
+            raise ValueError(f"--reseed-every and --replay-k must be >= 0, got {self.reseed_every}, {self.replay_k}")
+        if self.reseed_every and self.rollout_seeds != "per-prompt":
+            raise ValueError("--reseed-every applies to --rollout-seeds per-prompt")
+        split_spec(self.drafter)  # a malformed combination: one line before anything is built
         for name in ("steps", "prompts", "max_new_tokens", "epochs", "minibatches", "k", "max_batch",
                      "checkpoint_every", "drafter_batch", "drafter_epochs", "drafter_update_interval",
                      "drafter_idle_interval"):
@@ -209,13 +224,6 @@ def tensorboard_writer(path: Path):
     except ImportError:
         return None
     return SummaryWriter(str(path))
-
-
-def request_seed(seed: int, step: int, index: int) -> int:
-    """The sampling seed of completion `index` (global prompt * G + sample) of `step`: the same on
-    any number of ranks and after a resume."""
-    digest = hashlib.sha256(f"{seed}:{step}:{index}".encode()).digest()
-    return int.from_bytes(digest[:7], "little")
 
 
 def balanced_chunks(lengths: list[int], n: int) -> list[list[int]]:
@@ -329,7 +337,10 @@ class Trainer:
                                     eos_token_ids=sorted(e for e in eos_ids if e is not None), eager=not self.compiled,
                                     compile_mode=cfg.compile_mode,
                                     drafter=self.drafter, num_draft_tokens=cfg.k if self.drafter is not None else 0,
-                                    verify=cfg.verify)
+                                    verify=cfg.verify, replay_k=cfg.replay_k)
+        self.seeds = RolloutSeeds(cfg.rollout_seeds, seed=cfg.seed, group=cfg.group, reseed_every=cfg.reseed_every)
+        # last epoch's completion of every (row, sample), where a replay drafter proposes from them
+        self.replays = ReplayStore() if self.drafter is not None and "replay" in split_spec(cfg.drafter)[1] else None
         self.learner = None
         if master is not None and DRAFTER_UPDATES[cfg.drafter_update] is not None:
             self.learner = OnlineLearner(master, self.engine, KDConfig(
@@ -368,6 +379,10 @@ class Trainer:
             task = dataclasses.replace(cfg, data=cfg.eval_data).make_task(seed=cfg.seed, numeric_answers=numeric)
         elif cfg.data is None:
             task = cfg.make_task(seed=cfg.seed + 1, numeric_answers=numeric)
+            if getattr(self.task, "size", None):  # a fixed training set: hold out only problems outside it
+                seen = {str(p.messages()) for p in self.task.problems(0, self.task.size)}
+                fresh = [p for p in task.problems(0, 50 * cfg.eval_prompts) if str(p.messages()) not in seen]
+                return fresh[:cfg.eval_prompts]
         else:
             task = self.task
         return task.problems(0, cfg.eval_prompts)
@@ -416,13 +431,21 @@ class Trainer:
             t0 = time.perf_counter()
             batches = sorted({1, min(4, local_batch), min(16, local_batch), min(local_batch, cfg.max_batch)})
             costs, cached = load_or_profile(self.engine, key, cache_dir() / "costs" / f"{key}.json",
-                                            batch_sizes=batches, ks=sorted({0, 1, max(1, cfg.k // 2), cfg.k}),
+                                            batch_sizes=batches, ks=self._profiled_ks(),
                                             contexts=(64, 64 + cfg.max_new_tokens), progress=cfg.progress and self.d.main)
             out["profile_s"] = round(time.perf_counter() - t0, 1)
             self.engine.policy = AdaptiveK(costs, cfg.k, self.drafter_prior)
             self.log(f"SD adaptive: cost model {'cached' if cached else 'profiled'} (fit error {costs.rel_error:.1%}), "
                      f"initial acceptance {[round(a, 2) for a in self.engine.policy.alpha]}")
         return out
+
+    def _profiled_ks(self) -> list[int]:
+        """Draft lengths the cost profile times: the model's, and a replay group's widest verify."""
+        cfg = self.cfg
+        ks = {0, 1, max(1, cfg.k // 2), cfg.k}
+        if self.replays is not None and cfg.replay_k > cfg.k:
+            ks.add(cfg.replay_k)
+        return sorted(ks)
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> list[dict]:
@@ -483,6 +506,9 @@ class Trainer:
             extras["solver_alpha"] = list(self.engine.policy.alpha)
         if self.learner is not None:
             extras["drafter_learner"] = self.learner.state_dict()
+        extras["rollout_seeds"] = self.seeds.state_dict()
+        if self.replays is not None:
+            extras["replays"] = self.replays.state_dict()
         checkpoint.save(self.run_dir, self.step, self.d, actor=self.actor, optimizer=self.optimizer,
                         scheduler=self.scheduler, drafter=self.head_module,
                         progress={"step": self.step, "data_position": self.step * self.cfg.prompts},
@@ -499,6 +525,9 @@ class Trainer:
         self.drafter_prior = extras.get("solver_alpha", self.drafter_prior)  # step 3 builds the solver with it
         if self.learner is not None and "drafter_learner" in extras:
             self.learner.load_state_dict(extras["drafter_learner"])
+        self.seeds.load_state_dict(extras.get("rollout_seeds", {}))
+        if self.replays is not None:
+            self.replays.load_state_dict(extras.get("replays", {}))
         self.after_update()
         self.forget_metrics_after(self.step)
 
@@ -563,11 +592,17 @@ class Trainer:
         P, G, W = cfg.prompts, cfg.group, d.world
         t_step = time.perf_counter()
         problems = self.task.problems(self.step * P, P)
+        # each problem's row in the training set (a task that does not say: its data position)
+        keys = [k if (k := getattr(p, "key", -1)) >= 0 else self.step * P + i for i, p in enumerate(problems)]
+        size = getattr(self.task, "size", None)
+        epochs = [(self.step * P + i) // size if size else 0 for i in range(P)]
+        seeds = self.seeds.step_seeds(self.step, keys, epochs)  # global order: prompt-major
         mine = list(range(d.rank, P, W))  # global prompt indices of this rank
         prompts = [chat_prompt(self.tok, problems[i].messages()) for i in mine]
         requests = [prompts[j] for j in range(len(mine)) for _ in range(G)]
         params = [SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                 seed=request_seed(cfg.seed, self.step, i * G + g)) for i in mine for g in range(G)]
+                                 seed=seeds[i * G + g]) for i in mine for g in range(G)]
+        replays = None if self.replays is None else [self.replays.get(keys[i], g) for i in mine for g in range(G)]
 
         # 1. rollout
         self.engine.stats = EngineStats()
@@ -577,7 +612,8 @@ class Trainer:
                   file=sys.stderr, leave=False) as bar:
             # one process abandons the rollout on Ctrl-C; ranks finish theirs and agree after the step
             stop = (lambda: self.stop.requested) if d.world == 1 else None  # noqa: E731
-            completions = self.engine.generate(requests, params, on_finish=bar.update, should_stop=stop)
+            completions = self.engine.generate(requests, params, replays=replays, on_finish=bar.update,
+                                               should_stop=stop)
         rollout_s = time.perf_counter() - t0
         stats = self.engine.stats
         drafter_s, kd = 0.0, None
@@ -595,6 +631,7 @@ class Trainer:
         self.log_completions(owners, texts, completions, scored, [mine[j // G] for j in range(len(completions))])
         r = torch.tensor([s.reward for s in scored], dtype=torch.float32).view(len(mine), G)
         adv = grpo.group_advantages(r, scale_by_std=cfg.scale_adv_by_std).view(-1)  # (n,)
+        self._remember(keys, mine, completions, [len(set(row)) > 1 for row in r.tolist()])
 
         # 3. policy update
         t0 = time.perf_counter()
@@ -616,6 +653,9 @@ class Trainer:
             **{f"rsum/{name}": sum(v for s in scored if not math.isnan(v := s.parts[name]))
                for name in self.rewards.names},
             **{f"rn/{name}": sum(not math.isnan(s.parts[name]) for s in scored) for name in self.rewards.names},
+            "replay_rows": sum(x is not None for x in replays) if replays is not None else 0,
+            **{f"kind/{kind}/{f}": stats.sd_kinds.get(kind, {}).get(f, 0) for kind in ("model", "history", "replay")
+               for f in ("rows", "emitted", "accepted")},  # the same names on every rank
             "dsteps": len(stats.chosen_k), "sd_steps": sum(1 for k in stats.chosen_k if k > 0),
             "sd_rows": stats.sd_rows, "sd_emitted": stats.sd_emitted,
             **{f"accepted_{j}": a for j, a in enumerate(per_pos(stats.sd_accepted_at))},
@@ -666,10 +706,44 @@ class Trainer:
             # conditional acceptance per draft position, measured in this rollout (empty without SD)
             "alpha_measured": [round(a, 4) for a in alpha],
             "drafter_version": drafter_version,
+            "epoch": epochs[0],  # the data epoch the step's first prompt belongs to (0 on an endless task)
+            **self._replay_metrics(sums),
             **(kd or {}),
             "train_mfu": round(6 * (self.n_body * upd["trained_tokens"] + self.n_head * upd["trained_completion"])
                                / max(train_max, 1e-9) / self.peak_flops, 4),
         }
+
+    def _remember(self, keys: list[int], mine: list[int], completions, signal: list[bool]) -> None:
+        """After the rollout: every rank learns every group's signal (the seeds reseed groups without
+        one) and, with a replay drafter, every completion (the next epoch may roll a prompt out on
+        another rank)."""
+        G = self.cfg.group
+        keep = self.replays is not None
+        local = [(keys[i], signal[j], [c.token_ids for c in completions[j * G:(j + 1) * G]] if keep else None)
+                 for j, i in enumerate(mine)]
+        for part in distributed.all_gather(local, self.d):
+            for key, has_signal, outs in part:
+                self.seeds.observe([key], [has_signal])
+                for g, ids in enumerate(outs or []):
+                    self.replays.put(key, g, ids)
+
+    def _replay_metrics(self, sums: dict) -> dict:
+        """Rows per drafter kind and what replay drafts brought (empty without a hybrid or replay)."""
+        kinds = sorted({name.split("/")[1] for name in sums if name.startswith("kind/")})
+        out = {}
+        for kind in kinds:
+            rows, emitted = sums[f"kind/{kind}/rows"], sums[f"kind/{kind}/emitted"]
+            if not rows and not (kind == "replay" and self.replays is not None):
+                continue
+            out[f"sd_rows_{kind}"] = int(rows)
+            out[f"accept_len_{kind}"] = round(emitted / rows, 4) if rows else 0.0
+        if self.replays is not None:
+            replay = "kind/replay/accepted"
+            out["replay_rows"] = int(sums["replay_rows"])  # rows that had a replay to draft from
+            out["replay_token_frac"] = round(sums.get(replay, 0) / max(sums["generated"], 1), 4)
+            out["replay_tokens_per_verify"] = out.get("accept_len_replay", 0.0)
+            out["replay_store_mb"] = round(self.replays.nbytes() / 2**20, 3)
+        return out
 
     def evaluate(self) -> dict:
         """Accuracy and reward at temperature 0 on the fixed held-out set (`--eval-every`), decoded

@@ -235,3 +235,31 @@ def test_profile_step_parts_add_up(tmp_path):
         assert parts == pytest.approx(r["total"], abs=0.05) and r["rest"] > -0.5 and r["blocks"] > 0
         assert r["blocks: matmul"] + r["blocks: attention"] + r["blocks: other"] == pytest.approx(r["blocks"], abs=0.05)
     assert profile_step.main(["--model", "tiny", "--json", str(out)]) == 2  # never overwritten
+
+
+def test_replay_bench_and_flips_smoke(tmp_path):
+    """respec/lab/replay_bench.py and flips.py on the tiny model: the rollouts with and without
+    replay drafts are the same tokens (fp32), the forecast and the fields scripts read are there,
+    and an existing --json is never overwritten."""
+    import json
+
+    from respec.lab import flips, replay_bench
+
+    out = tmp_path / "replay.json"
+    assert replay_bench.main(["--model", "tiny", "--task", "toy-letters", "--train-size", "2", "--group", "2",
+                              "--prompts", "2", "--steps-between", "1", "--batch-sizes", "1,2", "--requests", "2",
+                              "--max-new-tokens", "12", "--reps", "1", "--dtype", "fp32", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["batch"] for r in report["results"]] == [1, 2]
+    for r in report["results"]:
+        assert r["same_as_plain"] and r["plain_tok_s"] > 0 and r["sd_tok_s"] > 0 and r["accept_len"] >= 1
+        assert r["forecast_decode_speedup"] > 0
+    assert replay_bench.main(["--model", "tiny", "--json", str(out)]) == 2
+    assert replay_bench.main(["--model", "tiny", "--drafter", "history"]) == 2  # no replay: one line
+
+    fl = tmp_path / "flips.json"
+    assert flips.main(["--model", "tiny", "--dtype", "fp32", "--requests", "4", "--batch", "4",
+                       "--max-new-tokens", "24", "--json", str(fl)]) == 0
+    paths = json.loads(fl.read_text())["paths"]
+    assert set(paths) == {"batch 1", "verify 17 wide", "recompute"} and paths["recompute"]["preemptions"] > 0
+    assert all(p["tokens_compared"] > 0 for p in paths.values())

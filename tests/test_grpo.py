@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from respec.grpo import group_advantages, policy_loss, token_logprobs, warmup_cosine
-from respec.trainer import balanced_chunks, request_seed, right_pad
+from respec.rollout_seeds import request_seed
+from respec.trainer import balanced_chunks, right_pad
 
 
 def test_advantages_by_hand():

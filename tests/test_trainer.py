@@ -429,3 +429,33 @@ def test_answers_that_are_no_numbers_need_a_reward_that_scores_them(tmp_path, to
     problem = trainer.task.problems(0, 1)[0]
     assert [s.reward for s in trainer.rewards.score([problem] * 2, ["it is \\frac{5}{6}", "5/6"], [[], []])] == [1, 0]
     assert not (tmp_path / "run").exists()
+
+
+def test_replay_with_per_prompt_seeds_in_grpo(tmp_path):
+    """A fixed set of 4 prompts (one epoch per step) with per-prompt seeds: from the second epoch on
+    every row drafts from last epoch's completion and most of the rollout comes from replays. The
+    rollout is the one SD off gives (every step's metrics equal), a resumed run drafts from the
+    checkpointed replays as the uninterrupted one does, and two ranks equal one process."""
+    args = [*[a for a in TOY if a not in ("--sd", "off")], "--k", "2", "--dtype", "fp32", "--train-dtype", "fp32",
+            "--train-size", "4", "--rollout-seeds", "per-prompt", "--checkpoint-every", "2",
+            "--lr", "1e-5"]  # (a policy that moves little, as a real run's does per epoch)
+    on, off, split = tmp_path / "on", tmp_path / "off", tmp_path / "split"
+    train(*args, "--sd", "on", "--drafter", "replay+history", "--steps", "4", "--out", str(on))
+    rows = metrics(on)
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    assert rows[0]["replay_rows"] == 0 and all(r["replay_rows"] == 32 for r in rows[1:])
+    assert rows[0]["replay_token_frac"] == 0 and all(r["replay_token_frac"] > 0.3 for r in rows[1:])
+    assert all(r["sd_rows_replay"] > 0 and r["replay_tokens_per_verify"] > 2 for r in rows[1:])
+    train(*args, "--sd", "off", "--steps", "4", "--out", str(off))
+    same = [k for k in EXACT if k != "decode_steps"]
+    assert [{k: r[k] for k in same} for r in metrics(off)] == [{k: r[k] for k in same} for r in rows]
+
+    train(*args, "--sd", "on", "--drafter", "replay+history", "--steps", "2", "--out", str(split))
+    train("--resume", str(split), "--steps", "4", "--no-progress")
+    replayed = ["replay_rows", "replay_token_frac", "sd_rows_replay"]
+    assert [{k: r[k] for k in replayed} for r in metrics(split)] == [{k: r[k] for k in replayed} for r in rows]
+
+    two = tmp_path / "two"
+    train(*args, "--sd", "on", "--drafter", "replay+history", "--steps", "3", "--out", str(two), torchrun=2)
+    tokens = ["reward_mean", "accuracy", "response_len_mean", "trained_tokens"] + replayed  # (the loss: to rounding)
+    assert [{k: r[k] for k in tokens} for r in metrics(two)] == [{k: r[k] for k in tokens} for r in rows[:3]]

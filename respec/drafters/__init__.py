@@ -11,6 +11,7 @@ state behind them (a new kind is one new file in this folder):
   catch_up(seqs, k)       before an SD step: consume whatever was emitted while SD was off
   draft(batch)            propose up to `batch.max_drafts[i]` tokens per row -> `Drafts`
   commit(seqs, n, ...)    after the verify: row i kept its first n[i] drafts and one target token
+                          (also for rows it did not draft this step: a hybrid's proposer rows)
   forget(seq)             the sequence finished, was preempted or abandoned: drop its state
 
 How the drafts are verified is the engine's choice (respec/speculative.py). Under the match rule
@@ -23,10 +24,15 @@ draft d is accepted with probability p(d), and a rejection resamples from p with
 Anything that decides how many tokens a row proposes must be known before the draft is sampled,
 never depend on the sampled tokens themselves, or q stops being the drafts' distribution.
 
+A drafter that can offer some rows a long deterministic continuation, known before drafting (replay),
+also has `long_drafts(seqs)`: each row's offer length (0: none); the engine verifies those rows
+apart, with a longer draft than k.
+
 Kinds: `eagle.py` (an EAGLE-3-style head on the target's features), `layers.py` (a small causal LM
 over the target's vocabulary, e.g. the target's own first layers), `history.py` (model-free: the
 continuation of the longest suffix match in the row's prompt, its own text, its group siblings' and
-earlier rollouts of the same prompt).
+earlier rollouts of the same prompt), `replay.py` (model-free: last epoch's completion of the same
+prompt and sample), and `hybrid.py` (model-free proposers first, a model drafter for the other rows).
 """
 
 from __future__ import annotations
@@ -78,11 +84,13 @@ class Drafts:
     point: torch.Tensor | None = None  # (rows,) bool: these rows' proposals are point masses whatever q says
     lengths_list: list[int] | None = None  # the real rows' lengths on the host; None: each proposed its
     # max_drafts. All zero (a history drafter that matched nothing) -> the engine decodes plainly instead
+    kinds: list[str] | None = None  # the real rows' drafter kinds (a hybrid's); None: all the drafter's `kind`
 
 
 class Drafter:
     """Base class: every hook a no-op except `draft`. See the module docstring for the protocol."""
 
+    kind: str = "model"  # what per-kind acceptance statistics call its rows
     feature_layers: tuple[int, ...] = ()  # target blocks whose outputs (concatenated) the drafter reads
     pool_shape: tuple[int, int, int] | None = None  # (layers, kv heads, head dim) of its own KV pools
     module: torch.nn.Module | None = None  # its weights, if any (online distillation swaps them in)

@@ -2,9 +2,11 @@
 
 Specs: an EAGLE head directory; `auto` (the default head for this model and task, pretrained once
 and cached); `random` (an untrained head, for a cold start that only online distillation
-improves); `history` (model-free); `first:N` (the target's first N layers); and any
-head spec + `+history` (per row: the history drafter where its suffix match is long, the head
-elsewhere). `none` is no drafter.
+improves); `first:N` (the target's first N layers); the model-free `replay` (last epoch's
+completion of the same prompt and sample) and `history` (suffix matches); and combinations joined
+by `+`: a model spec first (or none), then model-free ones in the order they are tried per row
+(`auto+replay+history`: replay where the row still follows its last completion, else history where
+its suffix match is long, else the head; respec/drafters/hybrid.py). `none` is no drafter.
 """
 
 from __future__ import annotations
@@ -100,6 +102,23 @@ def default_head(model: str, task_name: str, task, tokenizer, *, task_config: di
     return directory
 
 
+MODEL_FREE = ("replay", "history")
+
+
+def split_spec(spec: str) -> tuple[str | None, list[str]]:
+    """A `--drafter` spec's model part (None: none) and its model-free parts, in order."""
+    parts = spec.split("+")
+    free = []
+    while parts and parts[-1] in MODEL_FREE:
+        free.insert(0, parts.pop())
+    if len(set(free)) < len(free):
+        raise ValueError(f"--drafter {spec}: a model-free drafter named twice")
+    head = "+".join(parts) or None
+    if head in ("none", ""):
+        raise ValueError(f"--drafter {spec}: 'none' cannot be combined")
+    return head, free
+
+
 def choose_drafter(spec: str, *, target, k: int, model: str, task_name: str, task, tokenizer, rollout_dtype,
                    task_config: dict | None = None, max_new_tokens: int = 64, seed: int = 0, dtype: str = "auto",
                    temperature: float = 1.0, pretrain_here: bool = True, wait=lambda: None, log=print) -> Chosen:
@@ -109,14 +128,20 @@ def choose_drafter(spec: str, *, target, k: int, model: str, task_name: str, tas
     from respec.drafters.eagle import EagleDrafter
     from respec.drafters.history import HistoryDrafter
     from respec.drafters.hybrid import HybridDrafter
+    from respec.drafters.replay import ReplayDrafter
     from respec.solver import drafter_alpha
     from respec.tasks import chat_prompt
 
     if spec == "none":
         return Chosen(None)
-    if spec == "history":
-        return Chosen(HistoryDrafter())
-    head_spec = spec.removesuffix("+history")
+    head_spec, proposers = split_spec(spec)
+
+    def combined(model: Drafter | None) -> Drafter:
+        made = [ReplayDrafter() if p == "replay" else HistoryDrafter() for p in proposers]
+        return HybridDrafter(model, *made) if model is not None or len(made) > 1 else made[0] if made else model
+
+    if head_spec is None:
+        return Chosen(combined(None))
     kind, _, layers = head_spec.partition(":")
     if kind == "first":  # the rollout model's first N layers: shares its weights, so it never goes stale
         from models.drafter import truncated_drafter
@@ -124,8 +149,7 @@ def choose_drafter(spec: str, *, target, k: int, model: str, task_name: str, tas
 
         if not layers.isdigit():
             raise ValueError(f"--drafter {spec}: first:N needs a number of layers")
-        drafter = as_drafter(truncated_drafter(target, int(layers)))
-        return Chosen(HybridDrafter(drafter) if spec.endswith("+history") else drafter)
+        return Chosen(combined(as_drafter(truncated_drafter(target, int(layers)))))
     device = next(target.parameters()).device
     prior, directory = None, None
     if head_spec == "random":  # cold start: an untrained head that only online distillation improves
@@ -140,7 +164,5 @@ def choose_drafter(spec: str, *, target, k: int, model: str, task_name: str, tas
             temperature=temperature)
         prior = drafter_alpha(directory, k)
         master = load_eagle(directory, dtype=torch.float32, device=device)
-    drafter: Drafter = EagleDrafter(cast_head(master, rollout_dtype))  # the engine's copy, in the rollout dtype
-    if spec.endswith("+history"):
-        drafter = HybridDrafter(drafter)
+    drafter = combined(EagleDrafter(cast_head(master, rollout_dtype)))  # the engine's copy, in the rollout dtype
     return Chosen(drafter, master, prior, directory)

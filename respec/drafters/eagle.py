@@ -76,6 +76,7 @@ class EagleDrafter(Drafter):
         self.pool_shape = (1, t.num_kv_heads, t.head_dim)
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # seq id -> (features (m, 3d), tokens (m,))
         self.pending_start: dict[int, int] = {}  # seq id -> position of the first pending token
+        self.consumed: set[int] = set()  # seq ids whose pending pairs the last draft consumed
 
     def check(self, target) -> None:
         check_eagle_fits(target, self.module)
@@ -142,13 +143,21 @@ class EagleDrafter(Drafter):
         drafts, q = step(self.runner, self.view.target, self.view.draft_pools, pend_taps, pend_tokens, pend_pos,
                          pend_valid, batch.positions, batch.block_tables, batch.max_drafts, batch.seeds,
                          batch.temperature, batch.top_k, batch.top_p)
+        self.consumed = {s.id for s in batch.seqs}
         return Drafts(drafts, batch.max_drafts, q)
 
     def commit(self, seqs, n, tokens, taps) -> None:
-        """The verified pairs the head has not seen: up to the newest token."""
+        """The verified pairs the head has not seen: up to the newest token (after the pairs still
+        pending where it did not draft this step)."""
         for i, s in enumerate(seqs):
-            self.pending[s.id] = (taps[i, : n[i] + 1], tokens[i, : n[i] + 1])
-            self.pending_start[s.id] = len(s.tokens) - 1 - n[i]
+            new = (taps[i, : n[i] + 1], tokens[i, : n[i] + 1])
+            if s.id in self.consumed:
+                self.pending[s.id] = new
+                self.pending_start[s.id] = len(s.tokens) - 1 - n[i]
+            else:
+                t, tok = self.pending[s.id]
+                self.pending[s.id] = (torch.cat([t, new[0]]), torch.cat([tok, new[1]]))
+        self.consumed = set()
 
     def forget(self, seq) -> None:
         self.pending.pop(seq.id, None)

@@ -82,6 +82,8 @@ class SuffixIndex:
 
 
 class HistoryDrafter(Drafter):
+    kind = "history"
+
     def __init__(self, *, max_match: int = 8, min_match: int = 2, window: int = 32, max_prompts: int = 4096):
         self.max_match = max_match  # longest suffix looked up (tokens)
         self.min_match = min_match  # shortest suffix worth proposing from

@@ -1,15 +1,19 @@
-"""A model drafter and the history drafter side by side, chosen per row.
+"""Drafters side by side, chosen per row: model-free proposers first, a model drafter for the rest.
 
-Each SD step, a row drafts from history where its suffix match is long (at least `min_match`
-tokens, and the continuation fills the row's draft length): repeated text, where a deterministic
-proposal is accepted with the target's own high probability. Every other row takes the model's
-(stochastic) drafts. The choice depends only on what is known before anything is sampled (the
-rows' text, its siblings' and earlier rollouts'), never on the model's sampled drafts, so each
-row's q is still the distribution its drafts came from: the model's, or a point mass (`Drafts.point`
-marks those rows; the acceptance test needs no dense q for them).
+A *proposer* is a deterministic, model-free drafter with `offers(batch)`: the tokens it stands
+behind for each row, or none (replay: the row's last-epoch completion while the text still follows
+it, respec/drafters/replay.py; history: a suffix match of at least `min_match` tokens whose
+continuation fills the row's draft length, respec/drafters/history.py). Each SD step a row drafts
+from the first proposer, in the order given, that offers it something; every other row takes the
+model's (stochastic) drafts, if there is a model. The choice depends only on what is known before
+anything is sampled, never on the model's drafts, so each row's q is still the distribution its
+drafts came from: the model's, or a point mass (`Drafts.point` marks those rows).
 
-The model drafter keeps its own state as if it drafted every row (it does: its drafts for history
-rows are computed and discarded), so switching a row between the two costs nothing.
+The model drafter drafts the whole batch whenever some row needs it (its drafts for proposer rows
+are computed and discarded, so it keeps its state as if it drafted every row); in a batch where
+every row has an offer it does not run, and takes the verified tokens at `commit` as it takes a
+plain decode step's. `long_drafts` passes on the proposers' (replay's) long proposals, which the
+engine verifies apart from the model's rows (respec/engine.py).
 """
 
 from __future__ import annotations
@@ -21,59 +25,110 @@ from respec.drafters.history import HistoryDrafter
 
 
 class HybridDrafter(Drafter):
-    def __init__(self, model: Drafter, history: HistoryDrafter | None = None, *, min_match: int = 4):
-        self.model, self.history = model, history if history is not None else HistoryDrafter()
-        self.min_match = min_match  # shortest suffix match whose continuation replaces the model's drafts
-        self.feature_layers, self.pool_shape, self.module = model.feature_layers, model.pool_shape, model.module
-        self.history_rows = 0  # rows that drafted from history (statistics)
+    kind = "hybrid"
+
+    def __init__(self, model: Drafter | None, *proposers: Drafter, min_match: int = 4):
+        self.model = model
+        self.proposers = proposers or (HistoryDrafter(),)
+        self.min_match = min_match  # shortest history match whose continuation replaces the model's drafts
+        self.parts = ([model] if model is not None else []) + list(self.proposers)
+        if model is not None:
+            self.feature_layers, self.pool_shape, self.module = model.feature_layers, model.pool_shape, model.module
+        self.rows_by_kind: dict[str, int] = {}  # rows each proposer drafted (statistics)
+        # timed synthetic steps (`assume_cached`) run the model even where history offers every row,
+        # so that the cost profile times a step whose rows need the model (a real rollout's)
+        self.timing = False
+
+    @property
+    def history_rows(self) -> int:
+        return self.rows_by_kind.get("history", 0)
 
     def check(self, target) -> None:
-        self.model.check(target)
+        for part in self.parts:
+            part.check(target)
 
     def describe(self) -> str:
-        return f"hybrid({self.model.describe()}, history)"
+        kinds = [self.model.describe()] if self.model is not None else []
+        return f"hybrid({', '.join(kinds + [p.kind for p in self.proposers])})"
 
     def attach(self, view: EngineView) -> None:
         self.view = view  # the model drafter keeps the (packed) weights it runs
-        self.model.attach(view)
-        self.history.attach(view)
+        for part in self.parts:
+            part.attach(view)
 
     def sync(self) -> None:
-        self.model.sync()
+        if self.model is not None:
+            self.model.sync()
 
     def on_prefill(self, *args) -> None:
-        self.model.on_prefill(*args)
+        self.timing = False
+        for part in self.parts:
+            part.on_prefill(*args)
 
     def on_decode(self, *args) -> None:
-        self.model.on_decode(*args)
+        for part in self.parts:
+            part.on_decode(*args)
 
     def catch_up(self, seqs, k: int) -> None:
-        self.model.catch_up(seqs, k)
-        self.history.catch_up(seqs, k)
+        for part in self.parts:
+            part.catch_up(seqs, k)
+
+    def long_drafts(self, seqs) -> list[int]:
+        longest = [0] * len(seqs)
+        for p in self.proposers:
+            if hasattr(p, "long_drafts"):
+                longest = [max(a, b) for a, b in zip(longest, p.long_drafts(seqs))]
+        return longest
+
+    def _offers(self, p: Drafter, batch: DraftBatch) -> list[list[int]]:
+        if isinstance(p, HistoryDrafter):
+            return [prop if match >= self.min_match and len(prop) == cap else []
+                    for (prop, match), cap in zip(p.proposals(batch), batch.max_drafts_list)]
+        return p.offers(batch)
 
     def draft(self, batch: DraftBatch) -> Drafts:
-        rows, k = batch.tokens.shape[0], batch.k
-        use = torch.zeros(rows, dtype=torch.bool)
-        hist = torch.zeros(rows, k, dtype=torch.int64)
-        for i, ((prop, match), cap) in enumerate(zip(self.history.proposals(batch), batch.max_drafts_list)):
-            if match >= self.min_match and len(prop) == cap:
-                use[i] = True
-                hist[i, :cap] = torch.tensor(prop, dtype=torch.int64)
-        drafts = self.model.draft(batch)
-        if not use.any():
-            return drafts
-        self.history_rows += int(use.sum())
+        rows, k, n = batch.tokens.shape[0], batch.k, len(batch.seqs)
+        chosen: list[list[int] | None] = [None] * n
+        kinds = ["model" if self.model is not None else "none"] * n
+        for p in self.proposers:
+            if all(c is not None for c in chosen):
+                break
+            for i, prop in enumerate(self._offers(p, batch)):
+                if chosen[i] is None and prop:
+                    chosen[i], kinds[i] = prop, p.kind
+        for kind in kinds:
+            if kind not in ("model", "none"):
+                self.rows_by_kind[kind] = self.rows_by_kind.get(kind, 0) + 1
+        point = torch.tensor([c is not None for c in chosen] + [False] * (rows - n))
+        fixed = torch.zeros(rows, k, dtype=torch.int64)
+        lengths = [0] * n
+        for i, prop in enumerate(chosen):
+            if prop is not None:
+                fixed[i, :len(prop)] = torch.tensor(prop, dtype=torch.int64)
+                lengths[i] = len(prop)
         dev = batch.tokens.device
-        use, hist = use.to(dev), hist.to(dev)
-        return Drafts(torch.where(use.view(-1, 1), hist, drafts.tokens), drafts.lengths, drafts.q, point=use)
+        skip = bool(point[:n].all()) and (not self.timing or all(kind == "replay" for kind in kinds))
+        if self.model is None or skip:  # no row needs the model
+            return Drafts(fixed.to(dev), torch.tensor(lengths + [0] * (rows - n), device=dev), None,
+                          lengths_list=lengths, kinds=kinds)
+        drafts = self.model.draft(batch)
+        point = point.to(dev)
+        if not point.any():
+            return Drafts(drafts.tokens, drafts.lengths, drafts.q, kinds=kinds)
+        lengths_t = torch.where(point, torch.tensor(lengths + [0] * (rows - n), device=dev), drafts.lengths)
+        lengths = [m if c is not None else cap for c, m, cap in zip(chosen, lengths, batch.max_drafts_list)]
+        return Drafts(torch.where(point.view(-1, 1), fixed.to(dev), drafts.tokens), lengths_t, drafts.q, point=point,
+                      lengths_list=lengths, kinds=kinds)
 
     def commit(self, seqs, n, tokens, taps) -> None:
-        self.model.commit(seqs, n, tokens, taps)
+        for part in self.parts:
+            part.commit(seqs, n, tokens, taps)
 
     def forget(self, seq) -> None:
-        self.model.forget(seq)
-        self.history.forget(seq)
+        for part in self.parts:
+            part.forget(seq)
 
     def assume_cached(self, seq) -> None:
-        self.model.assume_cached(seq)
-        self.history.assume_cached(seq)
+        self.timing = True
+        for part in self.parts:
+            part.assume_cached(seq)

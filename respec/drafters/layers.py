@@ -52,6 +52,7 @@ class LayerDrafter(Drafter):
         self.module = model
         self.pool_shape = (model.cfg.num_layers, model.cfg.num_kv_heads, model.cfg.head_dim)
         self.drafted: dict[int, int] = {}  # seq id -> leading tokens in the drafter's cache
+        self.ran: set[int] = set()  # seq ids the last draft ran on
 
     def check(self, target) -> None:
         check_compatible(target, self.module)
@@ -85,11 +86,14 @@ class LayerDrafter(Drafter):
         step = self.view.steps.get(layer_draft, k=batch.k, use_filter=batch.use_filter, coupled=batch.coupled)
         drafts, q = step(self.runner, self.view.draft_pools, prev, batch.tokens, batch.positions, batch.block_tables,
                          batch.max_drafts, batch.seeds, batch.temperature, batch.top_k, batch.top_p)
+        self.ran = {s.id for s in batch.seqs}
         return Drafts(drafts, batch.max_drafts, q)
 
     def commit(self, seqs, n, tokens, taps) -> None:
-        for s in seqs:
-            self.drafted[s.id] = len(s.tokens) - 2
+        for s in seqs:  # where it did not draft, `catch_up` caches the new text later
+            if s.id in self.ran:
+                self.drafted[s.id] = len(s.tokens) - 2
+        self.ran = set()
 
     def forget(self, seq) -> None:
         self.drafted.pop(seq.id, None)

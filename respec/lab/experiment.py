@@ -17,6 +17,14 @@ speculation differs (train.py flags):
     rkd+adaptive+async+history   as rkd+adaptive+async with --drafter auto+history (per row: history
                                  where its suffix match is long, the head elsewhere)
 
+With a fixed training set (`-- --train-size N`), the seeding of the rollouts (respec/rollout_seeds.py):
+
+    per-prompt          --sd off --rollout-seeds per-prompt               a prompt's noise reused every epoch
+    per-prompt+reseed2  ... --reseed-every 2                              each sample new every 2 epochs
+    per-prompt+reseed4  ... --reseed-every 4
+    respec+replay       --sd adaptive --drafter auto+replay+history --rollout-seeds per-prompt (rkd, async)
+                        ReSpec with last epoch's completions as drafts: the same tokens as per-prompt
+
 (`rkd`, `rkd+adaptive`, `rkd+adaptive+async` are the paper's ablation ladder, its Figure 14.) The
 report calls `rkd+adaptive+async` "respec" (train.py's default; `--respec-async off` names
 `rkd+adaptive` instead, for machines where the overlap does not pay).
@@ -54,10 +62,17 @@ VARIANTS: dict[str, list[str]] = {
     "history+adaptive": ["--sd", "adaptive", "--drafter", "history"],
     "rkd+adaptive+async+history": ["--sd", "adaptive", "--drafter", "auto+history", "--drafter-update", "rkd",
                                    "--drafter-async", "on"],
+    "per-prompt": ["--sd", "off", "--rollout-seeds", "per-prompt"],
+    "per-prompt+reseed2": ["--sd", "off", "--rollout-seeds", "per-prompt", "--reseed-every", "2"],
+    "per-prompt+reseed4": ["--sd", "off", "--rollout-seeds", "per-prompt", "--reseed-every", "4"],
+    "respec+replay": ["--sd", "adaptive", "--drafter", "auto+replay+history", "--rollout-seeds", "per-prompt",
+                      "--drafter-update", "rkd", "--drafter-async", "on"],
 }
+SEEDING = ("per-prompt", "per-prompt+reseed2", "per-prompt+reseed4", "respec+replay")  # for a fixed training set
+DEFAULT_VARIANTS = [v for v in VARIANTS if v not in SEEDING]
 # flags the experiment sets itself: not allowed among the pass-through train.py arguments
 OWN_FLAGS = ("--out", "--seed", "--steps", "--resume", "--sd", "--drafter-update", "--drafter-async", "--stage",
-             "--keep-checkpoints")
+             "--keep-checkpoints", "--rollout-seeds", "--reseed-every")
 
 
 def parse_args(argv=None):
@@ -70,7 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=positive_int, default=30, help="RL steps of every run")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; every variant runs with each (three: "
                    "the reward comparison's interval is taken over seeds)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated subset of {', '.join(VARIANTS)} (default: all but the seeding ones)")
     p.add_argument("--respec-async", choices=["on", "off"], default="on",
                    help="which ladder run the report calls 'respec' (on, as train.py's default: the one with the "
                         "update overlapped with the next rollout)")

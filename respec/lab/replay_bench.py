@@ -1,0 +1,236 @@
+"""Replay drafts after real policy drift: rollout speed with and without them, and the forecast.
+
+    python -m respec.lab.replay_bench --steps-between 4 --batch-sizes 1,4,16 --json replay.json
+    python -m respec.lab.replay_bench --model tiny --task toy-letters --steps-between 1 --batch-sizes 1,2  # smoke
+
+1. A fixed training set (`--train-size` problems, `--group` samples each) is rolled out once by the
+   starting policy with per-prompt seeds (respec/rollout_seeds.py): the replays.
+2. `--steps-between` GRPO steps on that set (SD off; `--prompts` per step, so 4 steps of 4 prompts
+   are one epoch of 16): the policy drifts as a run's does between two visits of a prompt.
+3. For each batch size B: the moved policy rolls out the same requests with the same seeds
+   (`--requests` of them, at most B decoding at once), plainly and with speculative decoding whose
+   drafter has the replays (`--drafter`, default `replay`), alternating `--reps` times, the
+   fastest of each kept (this machine's load varies). Under the match rule both give the very same
+   tokens (checked: `same_as_plain`), so their times compare directly.
+
+Before the SD rollouts it prints a forecast per batch size: the plain and the replay rollout's
+decoding time simulated step by step from each row's common prefix with its replay and the fitted
+cost model (respec/solver.py), beside the measured figures afterwards. `plain_tok_s` and
+`sd_tok_s` count the whole rollout (prefill included); `accept_len` is tokens per row per verify.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from respec.cli import OneLineParser, positive_int, positive_int_list
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def forecast(rows: list[tuple[int, int, int]], batch: int, costs, replay_k: int, context: float) -> tuple[float, float]:
+    """Decoding seconds of plain decoding and of replay SD for rows (completion length, common prefix
+    with its replay, replay length), `batch` decoding at once, from the cost model. The prefill
+    samples each row's first token in both. A replay row verifies min(replay_k, replay left) drafts
+    of which those inside the common prefix are accepted, plus the target's token; the other rows
+    decode plainly in a step of their own."""
+    def run(speculate: bool) -> float:
+        waiting = [[n, p, r, 1] for n, p, r in rows]  # the last entry: tokens emitted
+        active, seconds = [], 0.0
+        while waiting or active:
+            while waiting and len(active) < batch:
+                active.append(waiting.pop(0))
+            replay = [row for row in active if speculate and row[3] <= row[1] and row[3] < row[2]]
+            plain = [row for row in active if row not in replay]
+            if replay:
+                width = min(replay_k, max(r - e for _, _, r, e in replay))
+                seconds += costs.verify_s(len(replay), width + 1, context)
+                for row in replay:
+                    n, p, r, e = row
+                    drafts = min(replay_k, r - e)
+                    row[3] = min(n, e + min(drafts, p - e) + 1)
+            if plain:
+                seconds += costs.step_s(len(plain), 0, context)
+                for row in plain:
+                    row[3] += 1
+            active = [row for row in active if row[3] < row[0]]
+        return seconds
+
+    return run(False), run(True)
+
+
+def fail(p, message: str) -> int:
+    print(f"{p.prog}: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
+    p = OneLineParser(prog="python -m respec.lab.replay_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m", help="model preset, file or directory (default %(default)s)")
+    p.add_argument("--task", default=None, help="reasoning-gym task (default: train.py's)")
+    p.add_argument("--train-size", type=positive_int, default=16, help="problems in the fixed set (default %(default)s)")
+    p.add_argument("--prompts", type=positive_int, default=4, help="prompts per GRPO step (default %(default)s)")
+    p.add_argument("--group", type=positive_int, default=4, help="samples per prompt (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="completion limit (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default %(default)s)")
+    p.add_argument("--steps-between", type=int, default=4, help="GRPO steps between the two rollouts (default "
+                   "%(default)s: one epoch of the default set)")
+    p.add_argument("--batch-sizes", type=positive_int_list, default=[1, 4, 16], help="comma-separated (default 1,4,16)")
+    p.add_argument("--requests", type=positive_int, default=16, help="requests rolled out per batch size (at least "
+                   "the batch size; default %(default)s)")
+    p.add_argument("--drafter", default="replay", help="drafter spec as train.py's, with replay (default %(default)s)")
+    p.add_argument("--k", type=positive_int, default=3, help="the model drafter's largest k (default %(default)s)")
+    p.add_argument("--replay-k", type=positive_int, default=16, help="most replay drafts per verify (default "
+                   "%(default)s)")
+    p.add_argument("--reps", type=positive_int, default=2, help="timed rollouts of each kind per batch size, the "
+                   "fastest kept (default %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="rollout dtype (default auto)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write the results here (never overwritten)")
+    args = p.parse_args(argv)
+    if args.json is not None and args.json.exists():
+        return fail(p, f"{args.json} exists; refusing to overwrite it")
+    if "replay" not in args.drafter.split("+"):
+        return fail(p, f"--drafter {args.drafter} has no replay part (e.g. replay, auto+replay+history)")
+    if args.steps_between < 0:
+        return fail(p, f"--steps-between must be >= 0, got {args.steps_between}")
+    try:
+        report = run(args)
+    except ValueError as e:
+        return fail(p, f"{e}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+def run(args) -> dict:
+    from compile.policy import use_persistent_cache
+    from models.loading import cache_dir
+    from respec import distributed
+    from respec.drafters.choose import choose_drafter
+    from respec.engine import RolloutEngine, SamplingParams
+    from respec.rollout_seeds import RolloutSeeds
+    from respec.solver import AdaptiveK, cost_key, load_or_profile
+    from respec.tasks import chat_prompt
+    from respec.trainer import TrainConfig, Trainer
+
+    use_persistent_cache()
+    task = {"task": args.task} if args.task else {}
+    cfg = TrainConfig(model=args.model, **task, train_size=args.train_size, prompts=args.prompts, group=args.group,
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, steps=max(args.steps_between, 1),
+                      rollout_seeds="per-prompt", sd="off", progress=False, log_completions="none", seed=args.seed,
+                      dtype=args.dtype)
+    cfg.validate(1)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, d=distributed.Dist(), run_dir=Path(tmp), log=log)
+        trainer.start()
+        problems = trainer.task.problems(0, args.train_size)
+        keys = [pr.key for pr in problems]
+        seeds = RolloutSeeds("per-prompt", seed=args.seed, group=args.group).step_seeds(0, keys, [0] * len(keys))
+        prompts = [chat_prompt(trainer.tok, pr.messages()) for pr in problems for _ in range(args.group)]
+        params = [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=s)
+                  for s in seeds]
+        old = [c.token_ids for c in trainer.engine.generate(prompts, params)]
+        t0 = time.perf_counter()
+        for _ in range(args.steps_between):
+            m = trainer.train_step()
+            trainer.step += 1
+            log(f"GRPO step {trainer.step}: reward {m['reward_mean']:.3f}, {m['step_s']:.1f} s")
+        drift_s = time.perf_counter() - t0
+        model = trainer.rollout.model
+        eos = sorted(trainer.engine.eos)
+        chosen = choose_drafter(args.drafter, target=model, k=args.k, model=args.model, task_name=cfg.task,
+                                task=trainer.task, tokenizer=trainer.tok, rollout_dtype=trainer.rollout_dtype,
+                                max_new_tokens=args.max_new_tokens, seed=args.seed, temperature=args.temperature,
+                                log=log)
+        biggest = max(args.batch_sizes)
+        plain = RolloutEngine(model, kv_cache_bytes=512 << 20, eos_token_ids=eos, eager=True, max_batch=biggest)
+        sd = RolloutEngine(model, kv_cache_bytes=512 << 20, eos_token_ids=eos, eager=True, max_batch=biggest,
+                           drafter=chosen.drafter, num_draft_tokens=args.k, replay_k=args.replay_k)
+        key = cost_key(args.model, sd.drafter.describe(), sd)
+        costs, _ = load_or_profile(sd, key, cache_dir() / "costs" / f"{key}.json",
+                                   batch_sizes=sorted({1, *args.batch_sizes}),
+                                   ks=sorted({0, 1, args.k, args.replay_k}),
+                                   contexts=(64, 64 + args.max_new_tokens), progress=False)
+        new = [c.token_ids for c in plain.generate(prompts, params)]  # the moved policy, for the forecast
+        prefix = [common_prefix(a, b) for a, b in zip(old, new)]
+        context = sum(map(len, prompts)) / len(prompts) + args.max_new_tokens / 2
+        results = []
+        for batch in args.batch_sizes:
+            n = min(len(prompts), max(batch, args.requests))
+            rows = [(len(new[i]), prefix[i], len(old[i])) for i in range(n)]
+            plain_f, sd_f = forecast(rows, batch, costs, args.replay_k, context)
+            log(f"B={batch}: forecast decode speedup {plain_f / sd_f:.2f}x")
+            plain.max_batch = sd.max_batch = batch
+            best = {"plain": None, "sd": None}
+            for _ in range(args.reps):
+                for name, engine in (("plain", plain), ("sd", sd)):
+                    if name == "sd":
+                        engine.policy = AdaptiveK(costs, args.k, chosen.prior)
+                    engine.stats = type(engine.stats)()
+                    t0 = time.perf_counter()
+                    out = engine.generate(prompts[:n], params[:n], replays=old[:n] if name == "sd" else None)
+                    seconds = time.perf_counter() - t0
+                    if best[name] is None or seconds < best[name][0]:
+                        best[name] = (seconds, engine.stats, [o.token_ids for o in out])
+            (ps, pst, ptok), (ss, sst, stok) = best["plain"], best["sd"]
+            tokens = sum(map(len, ptok))
+            kinds = sst.sd_kinds.get("replay", {})
+            results.append({
+                "batch": batch, "requests": n,
+                "plain_tok_s": round(tokens / ps, 2), "sd_tok_s": round(sum(map(len, stok)) / ss, 2),
+                "speedup": round(ps / ss, 3),
+                "plain_decode_tok_s": round(pst.decode_tok_s, 2), "sd_decode_tok_s": round(sst.decode_tok_s, 2),
+                "decode_speedup": round(sst.decode_tok_s / max(pst.decode_tok_s, 1e-9), 3),
+                "forecast_decode_speedup": round(plain_f / sd_f, 3),
+                "accept_len": round(sst.accept_len, 3),
+                "replay_accept_len": round(kinds.get("emitted", 0) / max(kinds.get("rows", 0), 1), 3),
+                "replay_token_frac": round(kinds.get("accepted", 0) / max(tokens, 1), 4),
+                "same_as_plain": stok == ptok,
+                "flipped_rows": sum(a != b for a, b in zip(stok, ptok)),
+                "sd_phase_s": {k: round(v, 3) for k, v in sst.sd_phase_s.items()},
+                "decode_s": {"plain": round(pst.decode_s, 3), "sd": round(sst.decode_s, 3)},
+            })
+            print(json.dumps(results[-1]), flush=True)
+    lengths = [len(t) for t in new]
+    report = {
+        "model": args.model, "task": cfg.task, "dtype": str(trainer.rollout_dtype).removeprefix("torch."),
+        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "train_size": args.train_size, "group": args.group,
+        "steps_between": args.steps_between, "drift_s": round(drift_s, 1), "temperature": args.temperature,
+        "drafter": args.drafter, "k": args.k, "replay_k": args.replay_k,
+        "mean_common_prefix": round(sum(prefix) / len(prefix), 2),
+        "prefix_token_share": round(sum(prefix) / max(sum(lengths), 1), 4),
+        "identical": sum(p == len(t) == len(o) for p, t, o in zip(prefix, new, old)), "completions": len(new),
+        "cost_model": list(costs.coef), "results": results,
+    }
+    print(f"\n{args.model} {report['dtype']}, T = {args.temperature}, {args.steps_between} GRPO steps of drift: "
+          f"common prefix {report['mean_common_prefix']} tokens ({report['prefix_token_share']:.0%} of all), "
+          f"{report['identical']}/{len(new)} identical")
+    print("| batch | plain tok/s | SD tok/s | speedup | decode speedup | forecast | accept len | replay tokens | same |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in results:
+        print(f"| {r['batch']} | {r['plain_tok_s']} | {r['sd_tok_s']} | {r['speedup']}x | {r['decode_speedup']}x | "
+              f"{r['forecast_decode_speedup']}x | {r['accept_len']} | {r['replay_token_frac']:.0%} | "
+              f"{r['same_as_plain']} |")
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Replay: last epoch's completion as a draft, the seeds that make it pay, the finite training sets
+that bring prompts back. SD with a replay (alone or beside a model and history) emits exactly plain
+decoding's tokens after a policy change; seeds per prompt are reused, staggered, reseeded and never
+shared by two completions of one step; the replay store is bounded and survives a checkpoint."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from models.drafter import truncated_drafter
+from respec.drafters import as_drafter
+from respec.drafters.history import HistoryDrafter
+from respec.drafters.hybrid import HybridDrafter
+from respec.drafters.replay import ReplayDrafter, ReplayStore
+from respec.engine import RolloutEngine, SamplingParams
+from respec.rollout_seeds import RolloutSeeds, request_seed
+from respec.solver import FixedK, long_lengths
+from respec.tasks import make_task
+from tests.test_eagle import head_for
+
+PROMPTS = [[1, 2, 3, 4, 5], [7] * 12, [9, 8, 7], [40, 41], [5, 5, 6], [100, 200, 300, 400]]
+
+
+def moved(model, scale: float, seed: int = 0):
+    """The model after a small policy update: its output head nudged by noise."""
+    new = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        w = new.lm_head.weight
+        w.add_(torch.randn(w.shape, generator=gen) * scale * w.std())
+    return new
+
+
+def params_for(n: int, length: int) -> list[SamplingParams]:
+    """Plain sampling, top-k, top-p and greedy rows side by side."""
+    kinds = [dict(temperature=1.0), dict(temperature=0.7, top_k=20), dict(temperature=1.0, top_p=0.8),
+             dict(temperature=0.0)]
+    return [SamplingParams(max_new_tokens=length, seed=50 + i, stop_on_eos=False, **kinds[i % 4]) for i in range(n)]
+
+
+def drafter(kind: str, target):
+    models = {"layers": lambda: as_drafter(truncated_drafter(target, 1)),
+              "eagle": lambda: as_drafter(head_for(target, 300))}
+    parts = kind.split("+")
+    model = models[parts[0]]() if parts[0] in models else None
+    free = [ReplayDrafter() if p == "replay" else HistoryDrafter(min_match=1) for p in parts if p not in models]
+    return HybridDrafter(model, *free, min_match=2) if model is not None or len(free) > 1 else free[0]
+
+
+@pytest.mark.parametrize("kind", ["replay", "replay+history", "eagle+replay+history", "layers+replay"])
+def test_replay_after_a_policy_change_is_plain_decoding(tiny, kind):
+    """Last epoch's completions (the old policy's, same seeds for most rows, another seed for some)
+    drafted for the moved policy: the tokens and log-probs are the moved policy's plain decoding;
+    replay drafts were accepted and rejected; replay rows verified with longer drafts than k."""
+    new = moved(tiny, 0.3)
+    prompts, params = PROMPTS * 2, params_for(12, 24)
+    old = RolloutEngine(tiny, kv_cache_bytes=64 << 20, block_size=4, eager=True).generate(prompts, params)
+    replays = [o.token_ids for o in old]
+    replays[1], replays[2] = replays[2], replays[1]  # two rows replay another prompt's text: fresh noise
+    want = RolloutEngine(new, kv_cache_bytes=64 << 20, block_size=4, eager=True).generate(prompts, params)
+    engine = RolloutEngine(new, kv_cache_bytes=64 << 20, block_size=4, eager=True, drafter=drafter(kind, new),
+                           num_draft_tokens=3, replay_k=8)
+    got = engine.generate(prompts, params, replays=replays)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    for g, w in zip(got, want):
+        assert g.logprobs == pytest.approx(w.logprobs, abs=1e-5)
+    replay = engine.stats.sd_kinds["replay"]
+    assert 0 < replay["accepted"] < replay["proposed"]  # accepted, and rejected where the policy moved
+    assert max(k for k in engine.stats.chosen_k) > 3  # the replay group verified wider than k
+    assert sum(len(o.token_ids) for o in got) > 0 and any(g.token_ids != r for g, r in zip(got, replays))
+
+
+def test_replay_under_preemption(tiny):
+    """A cache too small for the batch: rows with replays are preempted and recomputed, and the
+    tokens stay plain decoding's."""
+    new = moved(tiny, 0.3, seed=1)
+    prompts = [[(7 * i + j) % 500 + 3 for j in range(5 + 3 * i)] for i in range(8)]
+    params = [SamplingParams(max_new_tokens=30, temperature=1.0, seed=i, stop_on_eos=False) for i in range(8)]
+    replays = [o.token_ids for o in RolloutEngine(tiny, kv_cache_bytes=64 << 20, block_size=4, eager=True)
+               .generate(prompts, params)]
+    want = RolloutEngine(new, kv_cache_bytes=64 << 20, block_size=4, eager=True).generate(prompts, params)
+    make = lambda size: RolloutEngine(new, kv_cache_bytes=size, block_size=4, eager=True,  # noqa: E731
+                                      drafter=drafter("layers+replay", new), num_draft_tokens=3, replay_k=8)
+    small = make(26 * make(64 << 20).cache.bytes_per_block)
+    got = small.generate(prompts, params, replays=replays)
+    assert small.stats.preemptions > 0 and small.stats.sd_kinds["replay"]["accepted"] > 0
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+
+
+def test_unchanged_policy_replays_everything(tiny):
+    """The same policy and seeds: every replay draft is accepted, so each row needs about
+    length / (replay_k + 1) verifies."""
+    params = [SamplingParams(max_new_tokens=40, temperature=1.0, seed=i, stop_on_eos=False) for i in range(4)]
+    old = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True).generate(PROMPTS[:4], params)
+    engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True, drafter=ReplayDrafter(), num_draft_tokens=3,
+                           replay_k=8, policy=FixedK(3))
+    got = engine.generate(PROMPTS[:4], params, replays=[o.token_ids for o in old])
+    assert [g.token_ids for g in got] == [o.token_ids for o in old]
+    replay = engine.stats.sd_kinds["replay"]
+    assert replay["accepted"] == replay["proposed"] > 0
+    assert len(engine.stats.chosen_k) <= 6  # 39 tokens after the prefill's, 9 per verify: 5 steps
+
+
+def test_adaptive_long_width_follows_acceptance():
+    from respec.solver import AdaptiveK, CostModel
+
+    costs = CostModel((0.010, 0.001, 0.0001, 0.0, 0.002, 0.0))  # weight-bound: a wide verify costs little
+    policy = AdaptiveK(costs, 3, beta=0.95)
+    assert policy.choose_long(1, 64, 16) == 16
+    policy.beta = 0.0  # nothing is accepted: no replay verify
+    assert policy.choose_long(1, 64, 16) == 0
+    assert long_lengths(16) == [0, 2, 4, 8, 16] and long_lengths(5) == [0, 2, 4, 5]
+    policy.beta = 0.5
+    policy.observe_long([3, 0], [4, 4])  # 3 of 5 reached drafts accepted
+    assert policy.beta == pytest.approx(0.5 + 0.05 * (3 / 5 - 0.5))
+
+
+# --- seeds ----------------------------------------------------------------------------------------
+def test_per_step_seeds_are_todays():
+    seeds = RolloutSeeds("per-step", seed=7, group=2)
+    assert seeds.step_seeds(3, [10, 11], [0, 0]) == [request_seed(7, 3, i) for i in range(4)]
+
+
+def test_per_prompt_seeds_reuse_stagger_and_reseed():
+    G = 4
+    never = RolloutSeeds("per-prompt", seed=1, group=G)
+    assert never.step_seeds(0, [5], [0]) == never.step_seeds(9, [5], [3])  # the same noise every epoch
+    assert len(set(never.step_seeds(0, [5], [0]))) == G
+    assert never.step_seeds(0, [5], [0]) != never.step_seeds(0, [6], [0])
+    every2 = RolloutSeeds("per-prompt", seed=1, group=G, reseed_every=2)
+    by_epoch = [every2.step_seeds(0, [5], [e]) for e in range(5)]
+    for e in range(4):  # staggered: every epoch half the group is new, half reused
+        fresh = sum(a != b for a, b in zip(by_epoch[e], by_epoch[e + 1]))
+        assert fresh == G // 2, (e, fresh)
+    for g in range(G):  # each sample is new every 2 epochs
+        assert by_epoch[0][g] != by_epoch[2][g] and by_epoch[0][g] != by_epoch[4][g]
+    # a group without signal gets new noise for its next visit; one with signal keeps its own
+    before = never.step_seeds(0, [5, 6], [0, 0])
+    never.observe([5, 6], [False, True])
+    after = never.step_seeds(4, [5, 6], [1, 1])
+    assert all(a != b for a, b in zip(before[:G], after[:G])) and before[G:] == after[G:]
+    again = RolloutSeeds("per-prompt", seed=1, group=G)
+    again.load_state_dict(never.state_dict())
+    assert again.step_seeds(4, [5, 6], [1, 1]) == after
+
+
+def test_one_step_never_repeats_a_prompt_and_sample_seed():
+    """A step straddling an epoch boundary visits a row twice: its two groups get different noise."""
+    task = make_task(task="toy-letters", train_size=5, seed=0)
+    keys = [p.key for p in task.problems(3, 4)]  # positions 3..6: the end of epoch 0, the start of 1
+    seeds = RolloutSeeds("per-prompt", group=4).step_seeds(0, keys, [0, 0, 1, 1])
+    assert len(seeds) == len(set(seeds)) == 16
+    forced = RolloutSeeds("per-prompt", group=4).step_seeds(0, [2, 2], [0, 1])
+    assert len(set(forced)) == 8
+
+
+# --- finite training sets, the store --------------------------------------------------------------
+def test_train_size_visits_a_fixed_set_in_shuffled_epochs():
+    task = make_task(task="basic_arithmetic", train_size=6, seed=3)
+    epochs = [task.problems(6 * e, 6) for e in range(3)]
+    keys = [[p.key for p in ep] for ep in epochs]
+    assert all(sorted(k) == list(range(6)) for k in keys) and keys[0] != keys[1]  # each epoch a permutation
+    by_key = {p.key: p.question for ep in epochs for p in ep}
+    assert all(p.question == by_key[p.key] for ep in epochs for p in ep)  # a key is one problem
+    assert [p.key for p in task.problems(13, 2)] == keys[2][1:3]  # the same every time
+    endless = make_task(task="basic_arithmetic", seed=3)
+    assert endless.size is None and [p.key for p in endless.problems(10, 3)] == [10, 11, 12]
+    with pytest.raises(ValueError, match="--train-size"):
+        make_task(data="rows.jsonl", train_size=4)
+
+
+def test_replay_store_is_bounded_and_checkpointed():
+    store = ReplayStore(max_tokens=10)
+    store.put(1, 0, [1, 2, 3, 4])
+    store.put(1, 1, [5, 6, 7])
+    store.put(1, 0, [9, 9])  # replaces: 5 tokens held
+    assert store.get(1, 0) == [9, 9] and store.tokens == 5 and store.nbytes() == 20
+    store.put(2, 0, list(range(7)))  # 12 > 10: the least recently written goes
+    assert store.get(1, 1) is None and store.get(2, 0) == list(range(7)) and store.tokens == 9
+    again = ReplayStore()
+    again.load_state_dict(store.state_dict())
+    assert again.items == store.items and again.get(3, 0) is None
