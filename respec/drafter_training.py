@@ -35,7 +35,6 @@ from respec.cli import option
 from respec.engine import RolloutEngine, SamplingParams
 from respec.kd_loss import accepted_mass, coupled_agreement, weighted_kl
 from respec.paged_attention import causal_attention, masked_attention
-from respec.sampling import STREAM_ACCEPT, STREAM_SAMPLE, uniform_noise
 from respec.tasks import DataConfig, chat_prompt
 
 
@@ -269,6 +268,10 @@ def head_loss(head: EagleHead, target, batch, unroll: int, *, weights: torch.Ten
         logp = z.log_softmax(-1)
         # the draft vocabulary's slice of the full p (R, N): its mass outside is never accepted
         p_full = (z - lse[mask].unsqueeze(-1)).exp() if lse is not None else None
+        if lse is not None and verify == "match":  # the match rule's estimate draws from the full p
+            est_rows = torch.arange(0, z.shape[0], max(1, -(-z.shape[0] // ESTIMATE_ROWS)), device=z.device)
+            logp_all = ((final[mask][est_rows].float() @ target.lm_head.weight.float().T) / temperature).log_softmax(-1)
+            est_seeds, est_pos = (c[est_rows] for c in _estimate_counters(tokens, mask, 0))
     shifted = torch.cat([taps.new_zeros(B, 1, taps.shape[-1]), taps[:, :-1]], dim=1)
     feature = head.project(shifted)  # pair j: (feature of position j-1, token j)
     total, steps = 0.0, []
@@ -288,28 +291,33 @@ def head_loss(head: EagleHead, target, batch, unroll: int, *, weights: torch.Ten
         with torch.no_grad():
             n = valid.sum().clamp_min(1)
             stat = {"kl": loss_s.item(), "agree": ((logq.argmax(-1) == logp.argmax(-1)) & valid).sum().item() / n.item()}
-            if accepted is not None:
-                estimate = accepted if verify == "rejection" else coupled_agreement(
-                    p_full, logq, *_estimate_noise(tokens, mask, s, head.d2t, target.cfg.vocab_size))
-                stat["accepted"] = (estimate * valid).sum().item()
+            if accepted is not None and verify == "rejection":
+                stat["accepted"] = (accepted * valid).sum().item()
                 stat["count"] = int(valid.sum())
+            elif accepted is not None:  # one coupled draw per sampled row, with the head's q over the full vocabulary
+                logq_all = logp_all.new_full(logp_all.shape, float("-inf")).index_copy(-1, head.d2t, logq[est_rows])
+                estimate = coupled_agreement(logp_all, logq_all, est_seeds + s, est_pos)
+                stat["accepted"] = (estimate * valid[est_rows]).sum().item()
+                stat["count"] = int(valid[est_rows].sum())
         steps.append(stat)
     return total, steps
 
 
-def _estimate_noise(tokens: torch.Tensor, mask: torch.Tensor, step: int, d2t: torch.Tensor, vocab: int):
-    """Uniforms for `coupled_agreement` at the masked positions of `tokens` (B, T): the sampler's hash
-    at (a seed made from the sequence's tokens, the position) over the draft vocabulary's ids, and one
-    more per row for the tokens outside it. Any noise independent of p and q makes the draw
-    unbiased; the sampler's own keeps it the noise the engine draws with, and seeding from the text
-    (not from a row's place in a minibatch) gives every rank split the same draws."""
+def _estimate_counters(tokens: torch.Tensor, mask: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counters (seeds, positions) (R,) for `coupled_agreement` at the masked positions of `tokens`
+    (B, T): a seed made from the sequence's tokens, and the position. Any noise independent of p and
+    q makes the draw unbiased; the sampler's own keeps it the noise the engine draws with, and
+    seeding from the text (not from a row's place in a minibatch) gives every rank split the same
+    draws."""
     B, T = tokens.shape
     weights = (torch.arange(1, T + 1, device=tokens.device) * 0x9E3779B1) & 0x7FFFFFFF  # (T,)
     seed = ((tokens * weights).sum(-1) + step) & 0xFFFFFFFF  # (B,)
     seeds = seed.view(B, 1).expand(B, T)[mask]  # (R,)
     positions = torch.arange(T, device=tokens.device).expand(B, T)[mask]
-    return (uniform_noise(seeds, positions, vocab, STREAM_SAMPLE, ids=d2t),
-            uniform_noise(seeds, positions, 1, STREAM_ACCEPT).squeeze(-1))
+    return seeds, positions
+
+
+ESTIMATE_ROWS = 256  # positions per batch the match rule's acceptance estimate draws (every R/256-th)
 
 
 def collate(seqs: Sequences, feats, idx: list[int]):

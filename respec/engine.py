@@ -288,7 +288,7 @@ class RolloutEngine:
         if n == 0:
             return [0] * len(running)
         context = sum(len(s.tokens) for s in running) / len(running)
-        width = self.policy.choose_long(n, context, self.replay_k)
+        width = self.policy.choose_long(n, context, self.replay_k, others=len(running) - n)
         room = self._draft_caps(running, width)
         return [min(r, c) for r, c in zip(ready, room)]
 

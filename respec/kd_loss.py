@@ -32,8 +32,8 @@ without speculating at all; it depends on how drafts are verified (respec/specul
   q(x)) = 1 - TV(p, q) (`accepted_mass`);
 * match: the head drafts with the target's own noise and is accepted iff its draft is the target's
   own sample. That agreement, sum_i 1 / sum_j max(p_j/p_i, q_j/q_i), has no cheap closed form over
-  a 49k vocabulary and lies below 1 - TV, so `coupled_agreement` draws it: one Monte Carlo sample per
-  position, with the sampler's own hash for the noise.
+  a 49k vocabulary (nor under the sampler's two-level draw) and lies below 1 - TV, so
+  `coupled_agreement` draws it: one Monte Carlo sample per position, with the engine's own sampler.
 
 Here p must be the target's full sampling distribution (its mass outside the draft vocabulary is
 what a drafter can never match).
@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from respec.sampling import sample
 
 WEIGHTINGS = ("uniform", "reward", "advantage")
 
@@ -89,18 +91,15 @@ def accepted_mass(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.minimum(p, q).sum(-1)
 
 
-def coupled_agreement(p: torch.Tensor, logq: torch.Tensor, noise: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
+def coupled_agreement(logp: torch.Tensor, logq: torch.Tensor, seeds: torch.Tensor,
+                      positions: torch.Tensor) -> torch.Tensor:
     """Whether a head drafting with the target's own noise proposes the target's own sample, one
     Monte Carlo draw per row (0/1 floats, (R,)): an unbiased estimate of the match rule's acceptance.
 
-    p (R, N): the draft vocabulary's slice of the target's full sampling distribution; logq (R, N)
-    the head's sampling log-probs; noise (R, N) the uniforms of those N token ids and outside (R,) one
-    more uniform per row. Both draw by the Gumbel-max trick. The target's perturbed maximum over the
-    tokens outside the draft vocabulary (which the head can never propose) needs no logits of its
-    own: the maximum of log p_v + Gumbel over a set is log(its mass) + one Gumbel."""
-    gumbel = -torch.log(-torch.log(noise))  # (R, N)
-    inside = (p.clamp_min(1e-30).log() + gumbel).max(-1)
-    mass_out = (1.0 - p.sum(-1)).clamp_min(0.0)  # (R,)
-    outside_max = mass_out.log() - torch.log(-torch.log(outside))  # -inf where nothing lies outside
-    target_inside = inside.values > outside_max
-    return ((inside.indices == (logq + gumbel).argmax(-1)) & target_inside).float()
+    logp (R, V) the target's full sampling log-probs, logq (R, V) the head's (-inf outside its draft
+    vocabulary, which it can never propose); both drawn by the engine's own sampler (respec/
+    sampling.py, two-level) with the counters (seeds, positions) (R,)."""
+    one = torch.ones(logp.shape[0], device=logp.device)
+    target, _ = sample(logp, one, seeds, positions)
+    draft, _ = sample(logq, one, seeds, positions)
+    return (target == draft).float()

@@ -29,11 +29,13 @@ distillation can report `1 - TV(p_target, q_draft)` so that an improving drafter
 Rows with a replay (last epoch's completion, respec/drafters/replay.py) verify apart from the
 others, with a longer draft (respec/engine.py). Their acceptance is tracked on its own
 (`observe_long`: one conditional acceptance `beta` for every position, an EMA) and their draft
-length L chosen for their group alone (`choose_long`):
+length L chosen per step (`choose_long`), for B_r replay rows beside B_o others:
 
-    L* = argmax_L  B_r * E[tokens | L, beta] / t_step(B_r, L, context),  L in {0, 2, 4, 8, ...} up to the cap
+    L* = argmax_L  (B_r * E[tokens | L, beta] + B_o) / (t_verify(B_r, L+1, c) + t_step(B_o, 0, c)),
+    L in {2, 4, 8, ...} up to the cap, against L = 0: (B_r + B_o) / t_step(B_r + B_o, 0, c)
 
-The drafts cost no forward, so t_step here is the verify alone.
+(the replay rows verified apart, or merged into the others' step). The drafts cost no forward; the
+others are counted as decoding plainly (their own k is chosen as before).
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ from pathlib import Path
 
 import torch
 
+# Bumped when the engine's step costs change for the same model and machine (2: the two-level
+# sampler), so that a cached profile of the old engine is measured again.
+COST_VERSION = 2
 FEATURES = ("step", "sd_step", "target_token", "context_token", "draft_step", "draft_row")
 
 
@@ -124,7 +129,7 @@ class FixedK:
     def observe(self, accepted: list[int], k: int, proposed: list[int] | None = None) -> None:
         pass
 
-    def choose_long(self, batch: int, context: float, limit: int) -> int:
+    def choose_long(self, batch: int, context: float, limit: int, others: int = 0) -> int:
         """Draft length of the replay rows' verify: the whole cap whenever this policy speculates."""
         return limit if self.k > 0 else 0
 
@@ -181,9 +186,13 @@ class AdaptiveK:
             passed = sum(1 for n in accepted if n >= j)
             self.alpha[j - 1] += self.ema * (passed / reached - self.alpha[j - 1])
 
-    def choose_long(self, batch: int, context: float, limit: int) -> int:
+    def choose_long(self, batch: int, context: float, limit: int, others: int = 0) -> int:
         def rate(L: int) -> float:
-            return batch * expected_tokens([self.beta] * L, L) / self.costs.verify_s(batch, L + 1, context)
+            if L == 0:  # the replay rows join the others' step
+                return (batch + others) / self.costs.step_s(batch + others, 0, context)
+            rest = self.costs.step_s(others, 0, context) if others else 0.0
+            return ((batch * expected_tokens([self.beta] * L, L) + others)
+                    / (self.costs.verify_s(batch, L + 1, context) + rest))
 
         return max(long_lengths(limit), key=lambda L: (rate(L), -L))
 
@@ -234,7 +243,7 @@ def machine_key(device: torch.device | str = "cpu") -> str:
 
 def cost_key(model_desc: str, drafter_desc: str, engine) -> str:
     text = "|".join([model_desc, drafter_desc, str(engine.dtype), engine.steps.mode, machine_key(engine.device),
-                     torch.__version__])
+                     torch.__version__, f"v{COST_VERSION}"])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

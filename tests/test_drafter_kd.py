@@ -292,21 +292,33 @@ def test_teacher_features_with_each_prompt_once_equal_whole_sequence_forwards(ti
 
 
 def test_coupled_agreement_is_the_match_rules_acceptance():
-    """`coupled_agreement` (one draw per row, the tokens outside the draft vocabulary folded into one
-    Gumbel) against the exact agreement of Gumbel coupling when 3 of the target's 8 tokens lie
-    outside the head's vocabulary, sum_i 1 / (sum_j in D max(p_j/p_i, q_j/q_i) + sum_j not in D p_j/p_i),
-    and against drawing all 8 tokens' noise; 1 - TV (the rejection rule's acceptance) is larger."""
+    """`coupled_agreement` (one draw per row with the engine's two-level sampler) against the exact
+    agreement of two-level Gumbel coupling, over a vocabulary of 3 blocks where 4 of the target's
+    likely tokens lie outside the head's vocabulary: blocks agree with probability
+    1 / sum_c max(P_c/P_b, Q_c/Q_b), then tokens within the block with sum_i 1 / sum_j max(p_j/p_i,
+    q_j/q_i) over the block's conditionals. 1 - TV (the rejection rule's acceptance) is larger."""
     from respec.kd_loss import coupled_agreement
+    from respec.sampling import BLOCK
 
     g = torch.Generator().manual_seed(3)
-    V, D, N = 8, 5, 40_000
-    p = (torch.randn(V, generator=g) * 1.5).softmax(-1)
-    q = (torch.randn(D, generator=g) * 1.5).softmax(-1)
-    exact = sum(1 / (torch.maximum(p[:D] / p[i], q / q[i]).sum() + (p[D:] / p[i]).sum()) for i in range(D)).item()
-    u = torch.rand(N, V, generator=g).clamp(1e-7, 1 - 1e-7)
-    folded = coupled_agreement(p[:D].expand(N, D), q.log().expand(N, D), u[:, :D], u[:, D]).mean().item()
-    gumbel = -torch.log(-torch.log(u))
-    full = ((p.log() + gumbel).argmax(-1) == (q.log() + gumbel[:, :D]).argmax(-1)).float().mean().item()
+    V, N = 3 * BLOCK, 40_000
+    likely = torch.tensor([3, 9, 40, 200, 260, 300, 301, 520, 600, 700])  # spread over the 3 blocks
+    logits = torch.full((V,), -12.0)
+    logits[likely] = torch.randn(len(likely), generator=g) * 1.5
+    p = logits.softmax(-1)
+    outside = likely[[1, 4, 7, 8]]  # never proposed by the head
+    q_logits = logits + torch.randn(V, generator=g)
+    q_logits[outside] = float("-inf")
+    q = q_logits.softmax(-1)
+
+    def coupling(a, b):  # sum_i 1 / sum_j max(a_j/a_i, b_j/b_i) over i with b_i > 0
+        return sum(1 / torch.maximum(a / a[i], b / b[i]).sum() for i in range(len(a)) if b[i] > 0).item()
+
+    P, Q = p.view(3, BLOCK).sum(-1), q.view(3, BLOCK).sum(-1)
+    exact = sum((1 / torch.maximum(P / P[c], Q / Q[c]).sum()).item()
+                * coupling(p.view(3, BLOCK)[c] / P[c], q.view(3, BLOCK)[c] / Q[c]) for c in range(3))
+    seeds, pos = torch.arange(N) * 7919, torch.randint(0, 4096, (N,), generator=g)
+    got = coupled_agreement(p.log().expand(N, V), q.log().expand(N, V), seeds, pos).mean().item()
     se = 4 * math.sqrt(exact * (1 - exact) / N)
-    assert abs(folded - exact) < se and abs(full - exact) < se
-    assert accepted_mass(p[:D], q).item() > exact + se  # the rejection estimate would overstate the match rule
+    assert abs(got - exact) < se, (got, exact)
+    assert accepted_mass(p, q).item() > exact + se  # the rejection estimate would overstate the match rule

@@ -113,6 +113,9 @@ def test_adaptive_long_width_follows_acceptance():
     policy.beta = 0.0  # nothing is accepted: no replay verify
     assert policy.choose_long(1, 64, 16) == 0
     assert long_lengths(16) == [0, 2, 4, 8, 16] and long_lengths(5) == [0, 2, 4, 5]
+    policy.beta = 0.95  # compute-bound: a wide verify beside many plain rows costs more than it brings
+    dense = AdaptiveK(CostModel((0.010, 0.001, 0.004, 0.0, 0.002, 0.0)), 3, beta=0.95)
+    assert dense.choose_long(1, 64, 16) > 0 and dense.choose_long(2, 64, 16, others=30) == 0
     policy.beta = 0.5
     policy.observe_long([3, 0], [4, 4])  # 3 of 5 reached drafts accepted
     assert policy.beta == pytest.approx(0.5 + 0.05 * (3 / 5 - 0.5))

@@ -88,3 +88,38 @@ def test_both_32_bit_products_agree():
         reference.view(-1)[i] = v
     assert torch.equal(eager, compiled)
     assert eager.flatten()[:64].tolist() == reference.flatten()[:64].tolist()
+
+
+def test_two_level_draw_is_exact_across_blocks():
+    """A vocabulary of 3 blocks and a ragged fourth (padded): the two-level draw's token frequencies
+    over 60,000 counters follow p (chi-square; the tail pooled into one cell), and moving 2% of the
+    mass from one likely token to another is detected (the test has power)."""
+    from respec.sampling import BLOCK
+    from tests.test_speculative import chi2_quantile_999, chi_square
+
+    g = torch.Generator().manual_seed(5)
+    V, N = 3 * BLOCK + 100, 60_000
+    likely = torch.tensor([0, 7, 255, 256, 300, 511, 512, 700, 767, 768, 800, 867])  # every block, both edges
+    logits = torch.full((V,), -8.0)
+    logits[likely] = torch.randn(len(likely), generator=g)
+    p = logits.softmax(-1)
+    one = torch.ones(N)
+    tokens, logp = sample(p.log().expand(N, V), one, torch.arange(N) * 104729, torch.randint(0, 4096, (N,), generator=g))
+    assert torch.allclose(logp, p.log()[tokens])
+
+    def cells(probs):
+        out = {int(t): probs[t].item() for t in likely}
+        out["tail"] = 1 - sum(out.values())
+        return out
+
+    named = set(likely.tolist())
+    counts: dict = {}
+    for t in tokens.tolist():
+        key = t if t in named else "tail"
+        counts[key] = counts.get(key, 0) + 1
+    chi2, dof = chi_square(counts, cells(p), N)
+    assert chi2 < chi2_quantile_999(dof), chi2
+    biased = p.clone()
+    biased[likely[0]] += 0.02
+    biased[likely[3]] -= 0.02
+    assert chi_square(counts, cells(biased), N)[0] > chi2_quantile_999(dof)

@@ -26,15 +26,15 @@ def head_draft_next(head, hidden, seeds, temperature, top_k, top_p, next_pos, *,
     """The head's output layer and sampler: hidden (B, d) -> (draft tokens (B,) as target ids, the
     sampling log-probs they were drawn from, over the target vocabulary (B, V)).
 
-    Sampled over the draft vocabulary only (top-k and top-p too): q may be any distribution as long
-    as it is the one the draft came from, and the target-vocabulary view is -inf outside the draft
-    vocabulary. Each draft-vocabulary entry draws the noise of the target token it stands for, so
-    `coupled` (the match rule) is Gumbel coupling with the target. A compiled region (compile/policy.py)."""
+    Top-k and top-p apply over the draft vocabulary: q may be any distribution as long as it is the
+    one the draft came from. Drawn over the target's vocabulary (-inf outside the draft vocabulary),
+    so each token draws the noise the target's own sample draws for it, block and token (respec/
+    sampling.py), and `coupled` (the match rule) is Gumbel coupling with the target. A compiled
+    region (compile/policy.py)."""
     q_small = sampling_logprobs(head.draft_logits(hidden), temperature, top_k, top_p, use_filter=use_filter)  # (B, N)
-    index, _ = sample(q_small, temperature, seeds, next_pos, stream=draft_stream(coupled), ids=head.d2t,
-                      vocab=head.cfg.target.vocab_size)
     q = q_small.new_full((q_small.shape[0], head.cfg.target.vocab_size), float("-inf")).index_copy(-1, head.d2t, q_small)
-    return head.d2t[index], q
+    tokens, _ = sample(q, temperature, seeds, next_pos, stream=draft_stream(coupled))
+    return tokens, q
 
 
 def eagle_draft(head, target, head_pools, pend_taps, pend_tokens, pend_pos, pend_valid, positions, block_tables,
