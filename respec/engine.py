@@ -14,7 +14,10 @@ distribution it was sampled from (RL needs these). The loop, each iteration:
 
 There is one host sync per step (the sampled tokens come back to decide who finished). Sampling
 noise is counter-based (`respec/sampling.py`), so a request's tokens depend on its seed and text,
-not on batch composition or preemption.
+not on batch composition or preemption, as far as the logits do not: in fp32 exactly (the tests);
+in bf16 a forward of another shape (batch bucket, verify width, recompute) rounds the logits
+differently and a near-tie under the noise flips (measured in docs/benchmarks.md:
+`python -m respec.lab.flips`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from compile.cpu_linear import packed_view, packing_available, repack
 from compile.policy import CompiledSteps, buckets_up_to
 from respec.drafters import DraftBatch, Drafter, EngineView, as_drafter
 from respec.kv_cache import PagedKVCache
-from respec.sampling import vocab_hashes
+from respec.sampling import prepare_sampler
 from respec.solver import FixedK
 from respec.speculative import VERIFY_RULES, verify_step
 from respec.steps import decode_step, prefill_step, right_padded
@@ -178,7 +181,7 @@ class RolloutEngine:
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
         self.steps = CompiledSteps(eager=eager, device=self.device, mode=compile_mode)
-        vocab_hashes(cfg.vocab_size, self.device)  # the sampler's per-vocabulary hash, once, outside any graph
+        prepare_sampler(cfg.vocab_size, self.device)  # the sampler's hash tables, once, outside any graph
         self.steps.static_inputs(self.cache.pools + self.cache.draft_pools)
         self.stats = EngineStats()
         self.time_phases = False  # see _phase
@@ -280,10 +283,9 @@ class RolloutEngine:
     def _long_caps(self, running: list[_Sequence]) -> list[int]:
         """Drafts each row proposes in the long group this step (0: it joins the other rows): its
         long proposal, capped by `replay_k`, the row's room, and the policy's choice for the group."""
-        offer = getattr(self.drafter, "long_drafts", None)
-        if offer is None or self.replay_k == 0:
+        ready = self.drafter.long_drafts(running) if self.drafter is not None and self.replay_k else None
+        if ready is None:
             return [0] * len(running)
-        ready = offer(running)
         n = sum(1 for r in ready if r)
         if n == 0:
             return [0] * len(running)

@@ -83,6 +83,15 @@ def vocab_hashes(vocab: int, device: torch.device | str) -> torch.Tensor:
     return table
 
 
+def prepare_sampler(vocab: int, device: torch.device | str) -> None:
+    """The hash tables `sample` reads for a `vocab`-sized vocabulary (its tokens, padded to whole
+    blocks, and its blocks), made once eagerly: a compiled step then reads them (one made while
+    compiling would be made again at every call, and a memo entry appearing later recompiles)."""
+    blocks = -(-vocab // BLOCK)
+    vocab_hashes(blocks * BLOCK, device)
+    vocab_hashes(blocks, device)
+
+
 def uniform_noise(seed: torch.Tensor, position: torch.Tensor, vocab: int, stream: int,
                   ids: torch.Tensor | None = None) -> torch.Tensor:
     """Uniforms in (0, 1), shape (*seed.shape, vocab), from counters (seed, position, stream, v).

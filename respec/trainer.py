@@ -4,7 +4,9 @@ FSDP2-sharded actor, checkpoints, metrics.
 One step, as data flows (../DESIGN, "One GRPO step"):
 
   1. data: the step's P prompts (data positions step*P .. step*P+P-1, so a resumed run sees the same
-     data); rank r takes prompts r, r+W, r+2W, ... and rolls each out G times;
+     data); rank r takes prompts r, r+W, r+2W, ... and rolls each out G times, each completion with
+     its seed (respec/rollout_seeds.py: fresh per step, or a prompt's own across epochs) and, with a
+     replay drafter, last epoch's completion of the same (prompt, sample);
   2. rollout: the engine generates all of this rank's P/W*G completions over one paged KV cache,
      with the SD policy (off / a fixed k / the adaptive solver) choosing k at every decoding step;
   3. rewards: the task's score of each completion (+ the optional format reward);

@@ -62,7 +62,8 @@ def test_reward_rises_and_export_equals_actor(tmp_path, tokenizer):
     before = trainer.evaluate()  # the held-out set, greedy, before any update
     history = trainer.run()
     rewards = [m["reward_mean"] for m in history]
-    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    # the untrained policy's first rollout against the last three (the rise may come within 2 steps)
+    first, last = rewards[0], sum(rewards[-3:]) / 3
     assert last > first + 0.3, rewards
 
     # What the run wrote besides metrics.jsonl: the first 5 completions of every step with their

@@ -132,6 +132,11 @@ class Drafter:
     def draft(self, batch: DraftBatch) -> Drafts:
         raise NotImplementedError
 
+    def long_drafts(self, seqs) -> list[int] | None:
+        """Tokens each row could propose now, known before drafting, for a longer verify than k
+        (a replay's remaining continuation); None: this drafter has no such proposals."""
+        return None
+
     def commit(self, seqs, n: list[int], tokens: torch.Tensor, taps: torch.Tensor | None) -> None:
         """Rows still running after the verify: row i kept n[i] drafts and tokens[i, n[i]];
         tokens (rows, k+1) and taps (rows, k+1, F) are the verify's, for the k+1 verified positions."""

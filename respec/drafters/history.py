@@ -127,6 +127,12 @@ class HistoryDrafter(Drafter):
         return [self.index[tuple(s.prompt)].propose(self.doc[s.id][1], self.min_match, cap) if cap else ([], 0)
                 for s, cap in zip(batch.seqs, batch.max_drafts_list)]
 
+    def offers(self, batch: DraftBatch, min_match: int) -> list[list[int]]:
+        """Each real row's proposal where its suffix match is at least `min_match` tokens long and its
+        continuation fills the row's draft length (what a hybrid drafter takes over a model's), else []."""
+        return [prop if match >= min_match and len(prop) == cap else []
+                for (prop, match), cap in zip(self.proposals(batch), batch.max_drafts_list)]
+
     def draft(self, batch: DraftBatch) -> Drafts:
         rows, k = batch.tokens.shape[0], batch.k
         tokens = torch.zeros(rows, k, dtype=torch.int64)

@@ -73,18 +73,9 @@ class HybridDrafter(Drafter):
         for part in self.parts:
             part.catch_up(seqs, k)
 
-    def long_drafts(self, seqs) -> list[int]:
-        longest = [0] * len(seqs)
-        for p in self.proposers:
-            if hasattr(p, "long_drafts"):
-                longest = [max(a, b) for a, b in zip(longest, p.long_drafts(seqs))]
-        return longest
-
-    def _offers(self, p: Drafter, batch: DraftBatch) -> list[list[int]]:
-        if isinstance(p, HistoryDrafter):
-            return [prop if match >= self.min_match and len(prop) == cap else []
-                    for (prop, match), cap in zip(p.proposals(batch), batch.max_drafts_list)]
-        return p.offers(batch)
+    def long_drafts(self, seqs) -> list[int] | None:
+        offers = [o for p in self.proposers if (o := p.long_drafts(seqs)) is not None]
+        return [max(row) for row in zip(*offers)] if offers else None
 
     def draft(self, batch: DraftBatch) -> Drafts:
         rows, k, n = batch.tokens.shape[0], batch.k, len(batch.seqs)
@@ -93,7 +84,7 @@ class HybridDrafter(Drafter):
         for p in self.proposers:
             if all(c is not None for c in chosen):
                 break
-            for i, prop in enumerate(self._offers(p, batch)):
+            for i, prop in enumerate(p.offers(batch, self.min_match)):
                 if chosen[i] is None and prop:
                     chosen[i], kinds[i] = prop, p.kind
         for kind in kinds:

@@ -56,8 +56,9 @@ class ReplayDrafter(Drafter):
         """Tokens each row could propose now (known before drafting): its replay's remaining length."""
         return [len(self._remaining(s)) for s in seqs]
 
-    def offers(self, batch: DraftBatch) -> list[list[int]]:
-        """Each real row's proposal: its replay's next tokens, at most its `max_drafts`."""
+    def offers(self, batch: DraftBatch, min_match: int = 0) -> list[list[int]]:
+        """Each real row's proposal: its replay's next tokens, at most its `max_drafts` (`min_match`,
+        a history drafter's threshold, does not apply: a replay is the row's own continuation)."""
         return [self._remaining(s)[:cap] if cap else [] for s, cap in zip(batch.seqs, batch.max_drafts_list)]
 
     def draft(self, batch: DraftBatch) -> Drafts:

@@ -6,7 +6,8 @@
 1. A fixed training set (`--train-size` problems, `--group` samples each) is rolled out once by the
    starting policy with per-prompt seeds (respec/rollout_seeds.py): the replays.
 2. `--steps-between` GRPO steps on that set (SD off; `--prompts` per step, so 4 steps of 4 prompts
-   are one epoch of 16): the policy drifts as a run's does between two visits of a prompt.
+   are one epoch of 16): the policy drifts as a run's does between two visits of a prompt
+   (`--steps-before` trains first, for a later epoch of a run, where the policy has settled more).
 3. For each batch size B: the moved policy rolls out the same requests with the same seeds
    (`--requests` of them, at most B decoding at once), plainly and with speculative decoding whose
    drafter has the replays (`--drafter`, default `replay`), alternating `--reps` times, the
@@ -89,6 +90,8 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default %(default)s)")
     p.add_argument("--steps-between", type=int, default=4, help="GRPO steps between the two rollouts (default "
                    "%(default)s: one epoch of the default set)")
+    p.add_argument("--steps-before", type=int, default=0, help="GRPO steps before the first rollout (a later "
+                   "epoch of a run; default %(default)s)")
     p.add_argument("--batch-sizes", type=positive_int_list, default=[1, 4, 16], help="comma-separated (default 1,4,16)")
     p.add_argument("--requests", type=positive_int, default=16, help="requests rolled out per batch size (at least "
                    "the batch size; default %(default)s)")
@@ -106,8 +109,9 @@ def main(argv=None) -> int:
         return fail(p, f"{args.json} exists; refusing to overwrite it")
     if "replay" not in args.drafter.split("+"):
         return fail(p, f"--drafter {args.drafter} has no replay part (e.g. replay, auto+replay+history)")
-    if args.steps_between < 0:
-        return fail(p, f"--steps-between must be >= 0, got {args.steps_between}")
+    if args.steps_between < 0 or args.steps_before < 0:
+        return fail(p, f"--steps-between and --steps-before must be >= 0, got {args.steps_between}, "
+                       f"{args.steps_before}")
     try:
         report = run(args)
     except ValueError as e:
@@ -132,7 +136,8 @@ def run(args) -> dict:
     use_persistent_cache()
     task = {"task": args.task} if args.task else {}
     cfg = TrainConfig(model=args.model, **task, train_size=args.train_size, prompts=args.prompts, group=args.group,
-                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, steps=max(args.steps_between, 1),
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      steps=max(args.steps_before + args.steps_between, 1),
                       rollout_seeds="per-prompt", sd="off", progress=False, log_completions="none", seed=args.seed,
                       dtype=args.dtype)
     cfg.validate(1)
@@ -146,12 +151,16 @@ def run(args) -> dict:
         prompts = [chat_prompt(trainer.tok, pr.messages()) for pr in problems for _ in range(args.group)]
         params = [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=s)
                   for s in seeds]
+        def train(steps: int) -> None:
+            for _ in range(steps):
+                m = trainer.train_step()
+                trainer.step += 1
+                log(f"GRPO step {trainer.step}: reward {m['reward_mean']:.3f}, {m['step_s']:.1f} s")
+
+        train(args.steps_before)
         old = [c.token_ids for c in trainer.engine.generate(prompts, params)]
         t0 = time.perf_counter()
-        for _ in range(args.steps_between):
-            m = trainer.train_step()
-            trainer.step += 1
-            log(f"GRPO step {trainer.step}: reward {m['reward_mean']:.3f}, {m['step_s']:.1f} s")
+        train(args.steps_between)
         drift_s = time.perf_counter() - t0
         model = trainer.rollout.model
         eos = sorted(trainer.engine.eos)
@@ -213,7 +222,7 @@ def run(args) -> dict:
         "model": args.model, "task": cfg.task, "dtype": str(trainer.rollout_dtype).removeprefix("torch."),
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "train_size": args.train_size, "group": args.group,
-        "steps_between": args.steps_between, "drift_s": round(drift_s, 1), "temperature": args.temperature,
+        "steps_before": args.steps_before, "steps_between": args.steps_between, "drift_s": round(drift_s, 1), "temperature": args.temperature,
         "drafter": args.drafter, "k": args.k, "replay_k": args.replay_k,
         "mean_common_prefix": round(sum(prefix) / len(prefix), 2),
         "prefix_token_share": round(sum(prefix) / max(sum(lengths), 1), 4),
