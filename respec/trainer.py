@@ -379,8 +379,8 @@ class Trainer:
         numeric = self.rewards.scores_numbers_only
         if cfg.eval_data:
             task = dataclasses.replace(cfg, data=cfg.eval_data).make_task(seed=cfg.seed, numeric_answers=numeric)
-        elif cfg.data is None:
-            task = cfg.make_task(seed=cfg.seed + 1, numeric_answers=numeric)
+        elif cfg.data is None:  # the endless stream of another seed (not a fixed set of its own)
+            task = dataclasses.replace(cfg, train_size=0).make_task(seed=cfg.seed + 1, numeric_answers=numeric)
             if getattr(self.task, "size", None):  # a fixed training set: hold out only problems outside it
                 seen = {str(p.messages()) for p in self.task.problems(0, self.task.size)}
                 fresh = [p for p in task.problems(0, 50 * cfg.eval_prompts) if str(p.messages()) not in seen]
