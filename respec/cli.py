@@ -16,6 +16,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 
@@ -24,6 +25,11 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def fail(self, message: str) -> int:
+        """Bad input found after parsing: one line on stderr; returns the exit code 2 for main()."""
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        return 2
 
 
 def positive_int(text: str) -> int:

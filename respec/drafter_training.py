@@ -37,6 +37,8 @@ from respec.kd_loss import accepted_mass, coupled_agreement, weighted_kl
 from respec.paged_attention import causal_attention, masked_attention
 from respec.tasks import DataConfig, chat_prompt
 
+ESTIMATE_ROWS = 256  # positions per batch the match rule's acceptance estimate draws (every R/256-th)
+
 
 @dataclass
 class DrafterConfig(DataConfig):
@@ -315,9 +317,6 @@ def _estimate_counters(tokens: torch.Tensor, mask: torch.Tensor, step: int) -> t
     seeds = seed.view(B, 1).expand(B, T)[mask]  # (R,)
     positions = torch.arange(T, device=tokens.device).expand(B, T)[mask]
     return seeds, positions
-
-
-ESTIMATE_ROWS = 256  # positions per batch the match rule's acceptance estimate draws (every R/256-th)
 
 
 def collate(seqs: Sequences, feats, idx: list[int]):

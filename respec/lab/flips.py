@@ -48,10 +48,6 @@ def compare(reference: list[list[int]], other: list[list[int]]) -> dict:
     return {"rows_differ": flips, "tokens_compared": tokens, "flips_per_1k_tokens": round(1000 * flips / max(tokens, 1), 3)}
 
 
-def fail(p, message: str) -> int:
-    print(f"{p.prog}: {message}", file=sys.stderr)
-    return 2
-
 
 def main(argv=None) -> int:
     p = OneLineParser(prog="python -m respec.lab.flips", description=__doc__.split("\n\n")[0])
@@ -65,7 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, help="write the results here (never overwritten)")
     args = p.parse_args(argv)
     if args.json is not None and args.json.exists():
-        return fail(p, f"{args.json} exists; refusing to overwrite it")
+        return p.fail(f"{args.json} exists; refusing to overwrite it")
 
     from models.loading import load_model, load_tokenizer, resolve_dtype
     from respec.drafters.replay import ReplayDrafter

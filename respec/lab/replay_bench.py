@@ -74,10 +74,6 @@ def forecast(rows: list[tuple[int, int, int]], batch: int, costs, replay_k: int,
     return run(False), run(True)
 
 
-def fail(p, message: str) -> int:
-    print(f"{p.prog}: {message}", file=sys.stderr)
-    return 2
-
 
 def main(argv=None) -> int:
     p = OneLineParser(prog="python -m respec.lab.replay_bench", description=__doc__.split("\n\n")[0])
@@ -106,16 +102,16 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, help="write the results here (never overwritten)")
     args = p.parse_args(argv)
     if args.json is not None and args.json.exists():
-        return fail(p, f"{args.json} exists; refusing to overwrite it")
+        return p.fail(f"{args.json} exists; refusing to overwrite it")
     if "replay" not in args.drafter.split("+"):
-        return fail(p, f"--drafter {args.drafter} has no replay part (e.g. replay, auto+replay+history)")
+        return p.fail(f"--drafter {args.drafter} has no replay part (e.g. replay, auto+replay+history)")
     if args.steps_between < 0 or args.steps_before < 0:
-        return fail(p, f"--steps-between and --steps-before must be >= 0, got {args.steps_between}, "
+        return p.fail(f"--steps-between and --steps-before must be >= 0, got {args.steps_between}, "
                        f"{args.steps_before}")
     try:
         report = run(args)
     except ValueError as e:
-        return fail(p, f"{e}")
+        return p.fail(f"{e}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1) + "\n")
