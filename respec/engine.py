@@ -65,8 +65,12 @@ class SamplingParams:
 @dataclass
 class Completion:
     token_ids: list[int]  # generated tokens (EOS included when it ended the sequence)
-    logprobs: list[float]  # log-prob of each under the sampling distribution
+    # log-prob of each under the distribution it was sampled from (temperature, top-k and top-p
+    # applied): the target's at its position, whether a plain decoding step or an SD verify emitted
+    # it (an accepted draft, a correction or a bonus token alike: exact SD samples each from it)
+    logprobs: list[float]
     finish_reason: str  # "stop" (EOS) or "length"
+    verified: list[bool] = field(default_factory=list)  # per token: emitted by an SD verify (else plain decoding)
 
 
 @dataclass
@@ -76,6 +80,7 @@ class _Sequence:
     params: SamplingParams
     out: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    verified: list[bool] = field(default_factory=list)
     finish_reason: str | None = None
     replay: list[int] | None = None  # an earlier completion of the same request, for a replay drafter
 
@@ -252,7 +257,7 @@ class RolloutEngine:
                     running.remove(s)
                 if finished and on_finish is not None:
                     on_finish(len(finished))
-        return [Completion(s.out, s.logprobs, s.finish_reason) for s in seqs]
+        return [Completion(s.out, s.logprobs, s.finish_reason, s.verified) for s in seqs]
 
     def _release(self, s: _Sequence) -> None:
         """A sequence leaves the batch (finished, preempted or abandoned): its blocks and drafter state go."""
@@ -350,9 +355,10 @@ class RolloutEngine:
         use_filter = any(s.params.top_k > 0 or s.params.top_p < 1 for s in seqs if s.params.temperature > 0)
         return [t.to(self.device) for t in (seeds, temp, top_k, top_p)], use_filter
 
-    def _emit(self, s: _Sequence, tok: int, lp: float) -> None:
+    def _emit(self, s: _Sequence, tok: int, lp: float, verified: bool = False) -> None:
         s.out.append(tok)
         s.logprobs.append(lp)
+        s.verified.append(verified)
         self.stats.generated_tokens += 1
         if s.params.stop_on_eos and tok in self.eos:
             s.finish_reason = "stop"
@@ -432,7 +438,7 @@ class RolloutEngine:
         for i, s in enumerate(seqs):
             emitted = 0
             for tok, lp in zip(tokens[i][: n[i] + 1], logprobs[i][: n[i] + 1]):
-                self._emit(s, tok, lp)
+                self._emit(s, tok, lp, verified=True)
                 emitted += 1
                 if s.finish_reason:
                     break
@@ -526,7 +532,7 @@ class RolloutEngine:
                     times.append(time.perf_counter() - t0)
                     for s in seqs:  # back to the same state
                         self.blocks.truncate(s.id, self.blocks.lengths[s.id] - (context - 1))
-                        del s.out[1:], s.logprobs[:]
+                        del s.out[1:], s.logprobs[:], s.verified[:]
                         s.finish_reason = None
                         if self.drafter is not None:
                             self.drafter.forget(s)

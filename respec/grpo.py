@@ -7,18 +7,26 @@ centring, as Dr. GRPO argues: dividing by a small std up-weights groups that are
 nearly failed). A group whose rewards are all equal has advantage 0 for every sample: it carries no
 signal, and with the `eps` in the denominator it never produces NaN.
 
-Departures from the GRPO paper (DeepSeekMath), on purpose:
+What the loss is made of, each in one function below, with TRL's names where TRL has the option:
 
-* Token-level mean: the loss is the sum of per-token terms over every completion token in the
-  (mini)batch divided by the number of those tokens. The paper averages over each sequence's
-  tokens first and then over sequences, which gives every token of a short completion more weight
-  than a token of a long one (a length bias: short wrong answers are punished harder per token,
-  long ones less). The sequence-mean alternative is a one-line change in `policy_loss`.
-* Asymmetric clipping is available (`clip_low`, `clip_high`; DAPO's "clip-higher"), symmetric by
-  default.
-* The KL penalty to a frozen reference model is optional and off by default (`kl_coef=0` skips
-  the reference model entirely); when on, it is the k3 estimator per token,
-  `exp(ref - logp) - (ref - logp) - 1`, which is unbiased for KL(pi || ref) and always >= 0.
+* The ratio r = pi / pi_old per token, or per sequence (`level="sequence"`, GSPO, TRL's
+  `importance_sampling_level`): exp of the sequence's mean log-ratio, shared by its tokens.
+* The clipped surrogate -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A); asymmetric clipping is
+  DAPO's "clip-higher" (symmetric by default).
+* The behaviour correction (`behaviour_weights`, TRL's `vllm_importance_sampling_*`): the rollout
+  sampled from pi_rollout (the engine's numerics: bf16 weights, paged attention, the verify
+  forward), not from pi_old (the trainer's); w = pi_old / pi_rollout, per token or per sequence,
+  truncated at a cap or masked above it, multiplies the surrogate. Off by default.
+* The KL penalty to a frozen reference model, optional and off by default (`kl_coef=0` skips the
+  reference model entirely); when on, the k3 estimator per token, `exp(ref - logp) - (ref - logp) - 1`,
+  unbiased for KL(pi || ref) and always >= 0.
+* The aggregation over tokens (`aggregate`, TRL's `loss_type`): `dapo` (the default, as TRL's) is
+  the token mean over the whole global minibatch; `grpo` the GRPO paper's mean over sequences of
+  each sequence's token mean (every token of a short completion weighs more than one of a long
+  completion: a length bias); `bnpo` the token mean over this rank's batch; `dr_grpo` the token sum
+  over a constant (sequences x the completion length limit, Dr. GRPO). Masking truncated
+  completions (TRL's `mask_truncated_completions`) takes them out of the loss, not out of their
+  group's advantages.
 """
 
 from __future__ import annotations
@@ -39,6 +47,21 @@ def group_advantages(rewards: torch.Tensor, *, scale_by_std: bool = True, eps: f
     return centred / (std + eps)
 
 
+LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")  # TRL's loss_type names and meanings (module docstring)
+IS_LEVELS = ("token", "sequence")  # the ratio pi / pi_old per token, or per sequence (GSPO)
+IS_CORRECTIONS = ("off", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+@dataclass
+class LossTotals:
+    """What the loss types divide by, counted over one global minibatch (every rank's share)."""
+    tokens: int  # loss tokens of the global minibatch (completion tokens, less masked completions)
+    local_tokens: int | None = None  # this rank's loss tokens (bnpo); None: the same as `tokens`
+    sequences: int = 0  # sequences of the global minibatch (grpo, dr_grpo)
+    max_len: int = 0  # the completion length limit (dr_grpo)
+    world: int = 1  # ranks: FSDP averages their gradients, so each rank's loss is scaled by W
+
+
 @dataclass
 class LossTerms:
     loss: torch.Tensor  # scalar: what backward() is called on
@@ -48,32 +71,92 @@ class LossTerms:
     ratio_max: float
 
 
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, totals: LossTotals) -> torch.Tensor:
+    """This rank's microbatch's share of the minibatch loss, l_it the per-token loss, o_i a
+    sequence's loss tokens, N the global minibatch's sequences, T its loss tokens, L the length limit:
+
+        dapo      sum_it l_it / T                 token mean over the global minibatch
+        grpo      sum_i (sum_t l_it / |o_i|) / N  each sequence's token mean, then the mean over sequences
+        bnpo      sum_it l_it / T_rank            token mean over this rank's minibatch
+        dr_grpo   sum_it l_it / (N L)             token sum over a constant
+
+    Summed over microbatches, and averaged over ranks by FSDP (hence the factor W where the
+    denominator is global), each is the formula on its left."""
+    m = mask.to(per_token.dtype)
+    summed = per_token * m
+    if loss_type == "dapo":
+        return summed.sum() / max(totals.tokens, 1) * totals.world
+    if loss_type == "grpo":
+        per_sequence = summed.sum(-1) / m.sum(-1).clamp(min=1)  # (N,) 0 for a masked sequence
+        return per_sequence.sum() / max(totals.sequences, 1) * totals.world
+    if loss_type == "bnpo":
+        return summed.sum() / max(totals.tokens if totals.local_tokens is None else totals.local_tokens, 1)
+    if loss_type == "dr_grpo":
+        return summed.sum() / max(totals.sequences * totals.max_len, 1) * totals.world
+    raise ValueError(f"unknown loss type {loss_type!r} (choose from {', '.join(LOSS_TYPES)})")
+
+
+def behaviour_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, mode: str,
+                      cap: float) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+    """The truncated or masked importance weight of the rollout's behaviour policy (TRL's
+    `vllm_importance_sampling_mode`, verl's rollout correction), and where the raw weight exceeded
+    the cap: two (N, T) tensors per token, (N, 1) per sequence; (None, None) when `mode` is off.
+
+        token_*      w_it = pi_old(o_it) / pi_rollout(o_it)
+        sequence_*   w_i  = prod_t pi_old(o_it) / pi_rollout(o_it)     (exp of the summed log-ratios)
+        *_truncate   w <- min(w, cap)
+        *_mask       w <- 0 where w > cap
+
+    pi_old is the trainer's forward before the update (the ratio's denominator); pi_rollout what
+    the engine sampled each token from. The weight multiplies the clipped surrogate and carries no
+    gradient."""
+    if mode == "off":
+        return None, None
+    if mode not in IS_CORRECTIONS:
+        raise ValueError(f"unknown importance-sampling correction {mode!r} (choose from {', '.join(IS_CORRECTIONS)})")
+    with torch.no_grad():
+        log_w = (old_logp - rollout_logp) * mask
+        if mode.startswith("sequence"):
+            log_w = log_w.sum(-1, keepdim=True)
+        w = log_w.exp()
+        over = w > cap
+        return (w.clamp(max=cap) if mode.endswith("truncate") else w.masked_fill(over, 0.0)), over
+
+
 def policy_loss(
     logp: torch.Tensor,  # (N, T) log-prob of each sampled token under the policy being trained
-    old_logp: torch.Tensor,  # (N, T) the same under the policy that generated the rollout
+    old_logp: torch.Tensor,  # (N, T) the same under the policy before this rollout's updates
     advantages: torch.Tensor,  # (N,) one per sequence
-    mask: torch.Tensor,  # (N, T) bool, True on completion tokens (not prompt, not padding)
+    mask: torch.Tensor,  # (N, T) bool, True on loss tokens (completion, not prompt, padding or a masked completion)
     *,
-    num_tokens: float,  # completion tokens in the whole (mini)batch (/ ranks under FSDP): the denominator
+    totals: LossTotals,  # the minibatch's counts the aggregation divides by
+    loss_type: str = "dapo",
+    level: str = "token",  # the ratio per token or per sequence (GSPO)
+    is_weight: torch.Tensor | None = None,  # (N, T) or (N, 1) behaviour_weights, None: no correction
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     ref_logp: torch.Tensor | None = None,  # (N, T) under the frozen reference (None: no KL term)
     kl_coef: float = 0.0,
 ) -> LossTerms:
-    """The clipped-ratio surrogate, as named steps. Returns this batch's share of the token mean."""
+    """The clipped-ratio surrogate, as named steps. Returns this microbatch's share of the minibatch loss."""
     adv = advantages[:, None]  # (N, 1): every token of a sequence shares its advantage
-    ratio = torch.exp(logp - old_logp)  # (N, T) pi / pi_old
+    m = mask.to(logp.dtype)
+    log_ratio = logp - old_logp  # (N, T)
+    if level == "sequence":  # GSPO: the length-normalised sequence ratio, on every token of the sequence
+        log_ratio = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)  # (N, 1)
+    elif level != "token":
+        raise ValueError(f"unknown importance-sampling level {level!r} (choose from {', '.join(IS_LEVELS)})")
+    ratio = torch.exp(log_ratio).expand_as(logp)  # (N, T) pi / pi_old
     surr1 = ratio * adv
     surr2 = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
     pg = -torch.minimum(surr1, surr2)  # (N, T) pessimistic bound, to be minimised
-    per_token = pg
+    per_token = pg if is_weight is None else pg * is_weight
     kl = torch.zeros_like(pg)
     if ref_logp is not None and kl_coef > 0:
         log_r = ref_logp - logp
         kl = torch.exp(log_r) - log_r - 1.0  # (N, T) k3 estimator of KL(pi || ref)
-        per_token = pg + kl_coef * kl
-    m = mask.to(per_token.dtype)
-    loss = (per_token * m).sum() / num_tokens  # token-level mean (see the module docstring)
+        per_token = per_token + kl_coef * kl
+    loss = aggregate(per_token, mask, loss_type, totals)
     with torch.no_grad():
         clipped = int(((surr2 < surr1) & mask).sum())
         ratio_max = float(ratio[mask].max()) if mask.any() else 1.0

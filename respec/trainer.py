@@ -11,21 +11,28 @@ One step, as data flows (../DESIGN, "One GRPO step"):
      with the SD policy (off / a fixed k / the adaptive solver) choosing k at every decoding step;
   3. rewards: the task's score of each completion (+ the optional format reward);
   4. advantages per group (a group lives on one rank), then `epochs` passes of `minibatches`
-     optimizer steps each, the loss a token-level mean over the global minibatch;
+     optimizer steps each, the loss aggregated as `--loss-type` says (respec/grpo.py; by default
+     a token-level mean over the global minibatch), with the rollout's own log-probs for the
+     mismatch metrics and the optional correction;
   5. the rollout copy of the weights is refreshed from the updated actor;
   6. metrics to RUN_DIR/metrics.jsonl, a checkpoint every `checkpoint_every` steps.
 
 Ctrl-C, a non-finite loss and a checkpoint that cannot be written stop the run as
 respec/guards.py describes: with one line, and a checkpoint `--resume` can continue from.
 
-Departures from the paper and from common GRPO trainers, on purpose:
+Choices a reader should know:
 
-* The old log-probs of the ratio are recomputed by the training forward, not taken from the
-  rollout: the engine's log-probs come from a different computation (paged attention, packed
-  weights, a batch of a different shape, the verify forward under SD) and differ from the training
-  forward's by numerical noise, which would make the ratio != 1 before any update and be clipped
-  silently. With one update per rollout (`epochs=1, minibatches=1`, the default) the old log-probs
-  *are* the current ones, so the same forward gives both (ratio exactly 1, no extra pass).
+* Two log-probs per completion token, kept apart. The ratio's pi_old is the training forward's
+  before the update (with one pass, `epochs=1, minibatches=1`, the default, the same forward's,
+  detached: the ratio is exactly 1 on the one update, with no extra pass). pi_rollout, what the
+  engine sampled each token from (its own numerics: bf16 weights, paged attention, other batch
+  shapes, the (k+1)-wide verify under SD), travels with each completion: its gap to pi_old is
+  measured every step (respec/mismatch.py, the `mismatch_*` metrics, split by plain-decoding and
+  SD-verify tokens: ReSpec's R1 shown, not assumed away), and `--is-correction` weights the
+  surrogate by pi_old / pi_rollout, truncated or masked, as TRL and verl do (respec/grpo.py). With
+  several passes the ratio keeps the first pass's pi_old and the correction the rollout's
+  pi_rollout. With top-k or top-p the rollout's distribution is the filtered one and the
+  trainer's is not: the gap then includes the filter's renormalisation.
 * Minibatches are fixed, not shuffled: global minibatch m is the prompts m*P/M .. (m+1)*P/M-1 on
   any number of ranks, so one process and N ranks take the same optimizer steps on the same data.
 * Each rank does the same number of forward/backward passes (microbatches are balanced across
@@ -49,7 +56,7 @@ from tqdm import tqdm
 from compile.policy import COMPILE_MODES
 from models.eagle import save_eagle
 from models.loading import cache_dir, load_model, load_tokenizer, resolve_dtype
-from respec import checkpoint, distributed, grpo, guards, rewards
+from respec import checkpoint, distributed, grpo, guards, mismatch, rewards
 from respec.drafters.choose import Chosen, choose_drafter, split_spec
 from respec.drafters.replay import ReplayStore
 from respec.engine import EngineStats, RolloutEngine, SamplingParams, Stopped
@@ -99,6 +106,21 @@ class TrainConfig(DataConfig):
                                     flag="--no-std-scaling")
     epochs: int = option(1, "passes over each rollout", aliases=("num_iterations",))
     minibatches: int = option(1, "optimizer steps per pass")
+    loss_type: str = option("dapo", "how per-token losses are averaged (TRL's loss_type): dapo (token mean over the "
+                            "global batch), grpo (each sequence's token mean, then the mean over sequences), bnpo "
+                            "(token mean over each rank's batch), dr_grpo (token sum / (sequences x max tokens))",
+                            choices=grpo.LOSS_TYPES)
+    importance_sampling_level: str = option("token", "the ratio pi / pi_old per token, or per sequence (GSPO: the "
+                                            "geometric mean of its tokens' ratios)", choices=grpo.IS_LEVELS)
+    mask_truncated_completions: bool = option(False, "leave completions cut at --max-new-tokens out of the loss "
+                                              "(they still count in their group's advantages)",
+                                              flag="--mask-truncated-completions")
+    # the rollout's own log-probs against the trainer's (respec/mismatch.py measures the gap every step)
+    is_correction: str = option("off", "importance-sampling correction of the rollout/training mismatch: off, "
+                                "token_truncate, token_mask, sequence_truncate or sequence_mask (weights pi_old / "
+                                "pi_rollout, truncated at --is-cap or masked above it)", choices=grpo.IS_CORRECTIONS,
+                                aliases=("vllm_importance_sampling_mode",))
+    is_cap: float = option(3.0, "cap of --is-correction", aliases=("vllm_importance_sampling_cap",))
     # padded tokens per forward/backward; 0 = per device (MICRO_TOKENS): length-sorted microbatches keep
     # padding small (measured on 2 CPU cores, 32 sequences of ~120 tokens: 512 -> 26.8 s per update, one
     # microbatch of all -> 39.4 s); a GPU wants large ones to fill its cores
@@ -203,6 +225,8 @@ class TrainConfig(DataConfig):
             raise ValueError(f"--temperature must be > 0 for GRPO sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not self.is_cap > 0:
+            raise ValueError(f"--is-cap must be positive, got {self.is_cap}")
         if self.lr <= 0 or self.kl_coef < 0 or self.grad_clip <= 0:
             raise ValueError("--lr and --grad-clip must be positive and --kl-coef >= 0")
         if self.log_completions not in ("all", "none") and not (self.log_completions.isdigit()
@@ -252,6 +276,15 @@ def right_pad(seqs: list[list[int]], prompt_lens: list[int], device) -> tuple[to
         tokens[i, :len(s)] = torch.tensor(s)
         mask[i, p:len(s)] = True
     return tokens.to(device), mask.to(device), sum(map(len, seqs))
+
+
+def completion_values(values: list[list], prompt_lens: list[int], like: torch.Tensor, dtype) -> torch.Tensor:
+    """Per-completion-token values (a completion's log-probs, its `verified` flags) placed as
+    `right_pad` places the completions: (N, T) like `like`, 0 elsewhere."""
+    out = torch.zeros(like.shape, dtype=dtype)
+    for i, (v, p) in enumerate(zip(values, prompt_lens)):
+        out[i, p:p + len(v)] = torch.tensor(v, dtype=dtype)
+    return out.to(like.device)
 
 
 def gemm_peak(dtype: torch.dtype, device: torch.device, *, m: int = 2048, reps: int = 5) -> float:
@@ -639,7 +672,7 @@ class Trainer:
         t0 = time.perf_counter()
         seqs = [p + c.token_ids for p, c in zip(requests, completions)]
         plens = [len(p) for p in requests]
-        upd = self.update(seqs, plens, adv)
+        upd = self.update(seqs, plens, adv, completions)
         self.after_update()
         train_s = time.perf_counter() - t0
 
@@ -790,14 +823,18 @@ class Trainer:
         with open(self.completions_path, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
-    def update(self, seqs: list[list[int]], plens: list[int], adv: torch.Tensor) -> dict:
-        """`epochs` x `minibatches` optimizer steps on this rank's sequences (prompt + completion)."""
+    def update(self, seqs: list[list[int]], plens: list[int], adv: torch.Tensor, completions) -> dict:
+        """`epochs` x `minibatches` optimizer steps on this rank's sequences (prompt + completion),
+        with the rollout's own log-probs (`completions`) for the mismatch metrics and the correction."""
         cfg, d, device = self.cfg, self.d, self.d.device
         G = cfg.group
         n_prompts = len(seqs) // G
         per_mb = n_prompts // cfg.minibatches
         minibatches = [list(range(m * per_mb * G, (m + 1) * per_mb * G)) for m in range(cfg.minibatches)]
         lengths = [len(s) for s in seqs]
+        # a sequence's tokens in the loss (0 for a truncated completion under --mask-truncated-completions)
+        in_loss = [not (cfg.mask_truncated_completions and c.finish_reason == "length") for c in completions]
+        loss_len = [(n - p) * keep for n, p, keep in zip(lengths, plens, in_loss)]
 
         def micro_split(indices: list[int]) -> list[list[int]]:
             """This minibatch's microbatches; the same count on every rank (FSDP collectives)."""
@@ -811,7 +848,8 @@ class Trainer:
         single_pass = cfg.epochs == 1 and cfg.minibatches == 1
         autocast = torch.autocast(device.type, dtype=self.train_dtype, enabled=self.train_dtype != torch.float32)
 
-        # Old (and reference) log-probs, per microbatch, before any update: see the module docstring.
+        # Old (and reference) log-probs, per microbatch, before any update: with one pass the
+        # training forward's own (detached) log-probs are the old ones, no extra forward needed.
         old, ref = {}, {}
         if not single_pass or self.reference is not None:
             with torch.no_grad(), autocast:
@@ -826,31 +864,38 @@ class Trainer:
                             ref[tuple(micro)] = grpo.token_logprobs(self.reference, tokens, mask,
                                                                     temperature=cfg.temperature)[0]
 
-        sums = dict(pg=0.0, kl=0.0, clipped=0, tokens=0, entropy=0.0, trained=0, trained_completion=0, loss=0.0)
+        sums = dict(pg=0.0, kl=0.0, clipped=0, tokens=0, entropy=0.0, trained=0, trained_completion=0, loss=0.0,
+                    is_weight=0.0, is_capped=0, is_n=0)
+        gap = mismatch.MismatchSums()
         grad_norms, skipped = [], 0
         bar = tqdm(total=cfg.epochs * sum(len(p) for p in plan), desc="train",
                    disable=not (cfg.progress and d.main), file=sys.stderr, leave=False)
         self.actor.train()
         for epoch in range(cfg.epochs):
             for mb, micros in zip(minibatches, plan):
-                local_tokens = sum(lengths[i] - plens[i] for i in mb)
+                local_tokens = sum(loss_len[i] for i in mb)
                 (global_tokens,) = distributed.all_reduce_sum([local_tokens], d)
-                # FSDP2 averages gradients over ranks: each rank's loss is its token sum over the
-                # global count divided by W, so the average is the global token mean.
-                denom = max(global_tokens, 1) / d.world
+                totals = grpo.LossTotals(tokens=int(global_tokens), local_tokens=local_tokens,
+                                         sequences=len(mb) * d.world, max_len=cfg.max_new_tokens, world=d.world)
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro in micros:
                     empty = not micro  # a rank with fewer sequences than microbatches still takes part
                     idx = micro or [mb[0]]
                     tokens, mask, real = right_pad([seqs[i] for i in idx], [plens[i] for i in idx], device)
+                    rollout_logp = completion_values([completions[i].logprobs for i in idx], [plens[i] for i in idx],
+                                                     mask, torch.float32)
+                    loss_mask = mask & torch.tensor([in_loss[i] for i in idx], device=device).view(-1, 1)
                     with autocast:
                         logp, entropy = grpo.token_logprobs(self.actor, tokens, mask, temperature=cfg.temperature,
                                                             with_entropy=epoch == 0)
                     key = tuple(micro)
+                    old_logp = old[key] if key in old and not empty else logp.detach()  # pi_old: before any update
+                    is_weight, over = grpo.behaviour_weights(old_logp, rollout_logp, mask, cfg.is_correction,
+                                                             cfg.is_cap)
                     terms = grpo.policy_loss(
-                        logp, old[key] if key in old and not empty else logp.detach(), adv[idx].to(device), mask,
-                        num_tokens=denom, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                        ref_logp=None if empty else ref.get(key), kl_coef=cfg.kl_coef)
+                        logp, old_logp, adv[idx].to(device), loss_mask, totals=totals, loss_type=cfg.loss_type,
+                        level=cfg.importance_sampling_level, is_weight=is_weight, clip_low=cfg.clip_low,
+                        clip_high=cfg.clip_high, ref_logp=None if empty else ref.get(key), kl_coef=cfg.kl_coef)
                     (terms.loss * (0.0 if empty else 1.0)).backward()
                     bar.update()
                     if empty:
@@ -864,6 +909,13 @@ class Trainer:
                         sums["clipped"] += terms.clipped
                         sums["tokens"] += int(mask.sum())
                         sums["entropy"] += float(entropy[mask].sum())
+                        verified = completion_values([completions[i].verified for i in idx], [plens[i] for i in idx],
+                                                     mask, torch.bool)
+                        gap.add(old_logp, rollout_logp, mask, verified, tokens)
+                        if is_weight is not None:
+                            sums["is_weight"] += float(is_weight.expand_as(mask)[loss_mask].sum())
+                            sums["is_capped"] += int(over.expand_as(mask)[loss_mask].sum())
+                            sums["is_n"] += int(loss_mask.sum())
                 norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(self.actor.parameters(),
                                                                                      cfg.grad_clip)))
                 if not math.isfinite(norm):  # a non-finite loss or gradient (the same on every rank: the norm
@@ -875,9 +927,21 @@ class Trainer:
                 self.scheduler.step()
         bar.close()
         self.actor.eval()
-        keys = ["pg", "kl", "clipped", "tokens", "entropy", "trained", "trained_completion", "loss"]
+        keys = ["pg", "kl", "clipped", "tokens", "entropy", "trained", "trained_completion", "loss", "is_weight",
+                "is_capped", "is_n"]
         g = dict(zip(keys, distributed.all_reduce_sum([sums[k] for k in keys], d)))
+        gap_sums = distributed.all_reduce_named(gap.sums, d)
+        gap_max = dict(zip(gap.maxima, distributed.all_reduce_max(list(gap.maxima.values()), d)))
+        worst = max((w for w in distributed.all_gather(gap.worst, d) if w is not None), default=None)
+        correction = {} if cfg.is_correction == "off" else {
+            "is_weight_mean": round(g["is_weight"] / max(g["is_n"], 1), 6),  # over loss tokens
+            "is_capped_frac": round(g["is_capped"] / max(g["is_n"], 1), 6)}  # of those, truncated or masked
         return {
+            **mismatch.metrics(gap_sums, gap_max),
+            **({} if worst is None else {"mismatch_worst": {
+                "token": self.tok.decode([worst[1]]), "logp_rollout": round(worst[2], 4),
+                "logp_train": round(worst[3], 4), "verified": worst[4]}}),
+            **correction,
             "loss": round(g["loss"] / d.world / (cfg.epochs * cfg.minibatches), 6),
             "kl": round(g["kl"] / max(g["tokens"], 1), 6),
             "entropy": round(g["entropy"] / max(g["tokens"], 1), 4),

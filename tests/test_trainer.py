@@ -152,12 +152,16 @@ def max_abs_diff(file_a: Path, file_b: Path) -> float:
 
 
 def test_two_ranks_equal_one_process(tmp_path):
-    one, two = one_and_two_ranks(tmp_path, [*TOY, "--steps", "3", "--checkpoint-every", "3"])
+    """Also with the behaviour correction on and the per-sequence loss (whose denominators count the
+    sequences of every rank)."""
+    one, two = one_and_two_ranks(tmp_path, [*TOY, "--steps", "3", "--checkpoint-every", "3",
+                                            "--is-correction", "token_truncate", "--loss-type", "grpo"])
     a, b = metrics(one), metrics(two)
     for ra, rb in zip(a, b):
         for k in ("reward_mean", "accuracy", "response_len_mean", "trained_tokens"):  # (decode steps are per rank)
             assert ra[k] == rb[k], (k, ra, rb)
-        for k in ("loss", "entropy", "grad_norm", "clip_frac"):
+        assert ra["is_weight_mean"] == pytest.approx(1.0, abs=1e-4)  # fp32 rollouts: the weights are ~1
+        for k in ("loss", "entropy", "grad_norm", "clip_frac", "is_weight_mean", "mismatch_logratio_mean"):
             assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), (k, ra, rb)
     worst = max_abs_diff(one / "hf" / "model.safetensors", two / "hf" / "model.safetensors")
     assert worst < 1e-5, worst
@@ -460,3 +464,15 @@ def test_replay_with_per_prompt_seeds_in_grpo(tmp_path):
     train(*args, "--sd", "on", "--drafter", "replay+history", "--steps", "3", "--out", str(two), torchrun=2)
     tokens = ["reward_mean", "accuracy", "response_len_mean", "trained_tokens"] + replayed  # (the loss: to rounding)
     assert [{k: r[k] for k in tokens} for r in metrics(two)] == [{k: r[k] for k in tokens} for r in rows[:3]]
+
+
+def test_masked_truncated_completions_leave_the_loss(tmp_path):
+    """TRL's mask_truncated_completions: with every completion cut at --max-new-tokens (the tiny
+    random model never says EOS in 8 tokens) nothing is left to train on; without it, all is."""
+    masked, kept = tmp_path / "masked", tmp_path / "kept"
+    train(*TOY, "--steps", "1", "--mask-truncated-completions", "--out", str(masked))
+    train(*TOY, "--steps", "1", "--out", str(kept))
+    (m,), (k,) = metrics(masked), metrics(kept)
+    assert m["truncated_frac"] == k["truncated_frac"] == 1.0
+    assert m["loss"] == 0.0 and m["grad_norm"] == 0.0
+    assert k["grad_norm"] > 0

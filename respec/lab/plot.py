@@ -3,9 +3,10 @@
     python -m respec.lab.plot RUN_DIR                                  # writes RUN_DIR/plots/*.png
     python -m respec.lab.plot --compare RUN_A RUN_B ... --out cmp.png  # several runs side by side
 
-Four figures per run: reward and accuracy per step; the step's phase times (rollout, reward, train,
+Five figures per run: reward and accuracy per step; the step's phase times (rollout, reward, train,
 drafter); rollout tokens/s with the fraction of decoding steps that speculated; acceptance length,
-measured and estimated (1 - TV, from the drafter's online distillation). The comparison: measured
+measured and estimated (1 - TV, from the drafter's online distillation); the rollout/training
+mismatch (`mismatch_kl`, plain-decoding and SD-verify tokens apart). The comparison: measured
 accept_len, its estimate, and reward over RL steps, one colour per run (the run directory's name).
 """
 
@@ -92,6 +93,15 @@ def plot_run(run_dir: Path) -> list[Path]:
     if est:
         ax.plot(*zip(*est), marker="x", label="estimated (1 - TV, at the largest k)")
     finish(fig, ax, "acceptance.png", "tokens per verify step")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))  # the rollout/training mismatch (respec/mismatch.py)
+    for suffix, label in (("", "all tokens"), ("_decode", "plain decoding"), ("_verify", "SD verify")):
+        points = [(r["step"], r[f"mismatch_kl{suffix}"]) for r in rows if r.get(f"mismatch_kl{suffix}", 0) > 0]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=f"KL(rollout || train), {label}")
+    if ax.get_legend_handles_labels()[0]:
+        ax.set_yscale("log")
+    finish(fig, ax, "mismatch.png", "k3 estimate per token (nats)")
     return written
 
 
