@@ -41,10 +41,10 @@ Choices a reader should know:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -56,9 +56,10 @@ from tqdm import tqdm
 from compile.policy import COMPILE_MODES
 from models.eagle import save_eagle
 from models.loading import cache_dir, load_model, load_tokenizer, resolve_dtype
-from respec import checkpoint, distributed, grpo, guards, mismatch, rewards
+from respec import checkpoint, distributed, grpo, guards, metrics, rewards
 from respec.drafters.choose import Chosen, choose_drafter, split_spec
 from respec.drafters.replay import ReplayStore
+from respec.episode import Episode, set_advantages
 from respec.engine import EngineStats, RolloutEngine, SamplingParams, Stopped
 from respec.kd_loss import sequence_weights
 from respec.kv_cache import default_pool_bytes
@@ -68,6 +69,7 @@ from respec.solver import AdaptiveK, FixedK, cost_key, load_or_profile
 from respec.speculative import VERIFY_RULES
 from respec.cli import option
 from respec.tasks import DataConfig, chat_prompt, extract_answer
+from respec.update import MICRO_TOKENS, policy_update
 
 
 # --drafter-update -> the KD weighting w(r) of respec/kd_loss.py (frozen: no online learner)
@@ -234,57 +236,10 @@ class TrainConfig(DataConfig):
             raise ValueError(f"--log-completions must be all, none or a positive number, got {self.log_completions!r}")
 
 
-MICRO_TOKENS = {"cpu": 512, "cuda": 8192}  # TrainConfig.micro_tokens = 0, per device type
-
-
 def default_prompts(world: int, at_least: int = 4) -> int:
     """Prompts per step when none are given: the smallest multiple of the world size >= `at_least`
     (each rank gets whole prompts, so 4 would not do on 3, 5, 6 or 7 GPUs)."""
     return world * -(-at_least // world)
-
-
-def tensorboard_writer(path: Path):
-    """A TensorBoard event writer beside metrics.jsonl when `tensorboard` is installed, else None."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(path))
-
-
-def balanced_chunks(lengths: list[int], n: int) -> list[list[int]]:
-    """Split indices sorted by length into `n` contiguous chunks of about equal total length (some
-    may be empty when there are fewer items than chunks). Sorting keeps padding small."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    total, chunks, current, acc = sum(lengths), [], [], 0
-    for i in order:
-        current.append(i)
-        acc += lengths[i]
-        if len(chunks) < n - 1 and acc >= total * (len(chunks) + 1) / n:
-            chunks.append(current)
-            current = []
-    chunks.append(current)
-    return chunks + [[] for _ in range(n - len(chunks))]
-
-
-def right_pad(seqs: list[list[int]], prompt_lens: list[int], device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(tokens (N, T), completion mask (N, T), real tokens) for sequences prompt + completion."""
-    T = max(map(len, seqs))
-    tokens = torch.zeros(len(seqs), T, dtype=torch.int64)
-    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-    for i, (s, p) in enumerate(zip(seqs, prompt_lens)):
-        tokens[i, :len(s)] = torch.tensor(s)
-        mask[i, p:len(s)] = True
-    return tokens.to(device), mask.to(device), sum(map(len, seqs))
-
-
-def completion_values(values: list[list], prompt_lens: list[int], like: torch.Tensor, dtype) -> torch.Tensor:
-    """Per-completion-token values (a completion's log-probs, its `verified` flags) placed as
-    `right_pad` places the completions: (N, T) like `like`, 0 elsewhere."""
-    out = torch.zeros(like.shape, dtype=dtype)
-    for i, (v, p) in enumerate(zip(values, prompt_lens)):
-        out[i, p:p + len(v)] = torch.tensor(v, dtype=dtype)
-    return out.to(like.device)
 
 
 def gemm_peak(dtype: torch.dtype, device: torch.device, *, m: int = 2048, reps: int = 5) -> float:
@@ -491,7 +446,7 @@ class Trainer:
         history = []
         streak = guards.BadStepStreak(limit=3)
         stopped = False
-        board = tensorboard_writer(self.run_dir / "tensorboard") if d.main else None
+        log = metrics.MetricsLog(self.run_dir, main=d.main)
         with self.stop:
             while self.step < cfg.steps:
                 try:
@@ -503,20 +458,9 @@ class Trainer:
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
                     m.update(self.evaluate())
                 history.append(m)
+                log.write(m)
                 if d.main:
-                    with open(self.metrics_path, "a") as f:
-                        f.write(json.dumps(m) + "\n")
-                    if board is not None:
-                        for key, value in m.items():
-                            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                                board.add_scalar(key, value, self.step)
-                        board.flush()
-                    skipped = f" | {m['skipped_updates']} update(s) skipped: non-finite loss" if m["skipped_updates"] else ""
-                    self.log(f"step {m['step']:>4}: reward {m['reward_mean']:.3f} acc {m['accuracy']:.3f} "
-                             f"len {m['response_len_mean']:.0f} | rollout {m['rollout_s']:.1f}s "
-                             f"({m['rollout_tok_s']:.0f} tok/s, SD {m['sd_fraction']:.0%}, accept {m['accept_len']:.2f}) "
-                             f"train {m['train_s']:.1f}s (MFU {m['train_mfu']:.1%}){skipped}"
-                             + (f" | held-out acc {m['eval_accuracy']:.3f}" if "eval_accuracy" in m else ""))
+                    self.log(metrics.log_line(m))
                 all_skipped = m["skipped_updates"] == cfg.epochs * cfg.minibatches
                 if not all_skipped and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
                     self.save()
@@ -531,8 +475,7 @@ class Trainer:
                                         f"{checkpoint.checkpoint_root(self.run_dir)}; continue with --resume {self.run_dir}")
         if self.learner is not None:  # the last step's update, if it ran in the background
             self.on_drafter_update(self.learner.collect())
-        if board is not None:
-            board.close()
+        log.close()
         return history
 
     def save(self) -> None:
@@ -569,13 +512,8 @@ class Trainer:
     def forget_metrics_after(self, step: int) -> None:
         """Drop metrics and completions of steps after `step`: a run killed between checkpoints
         redoes them."""
-        for path in (self.metrics_path, self.completions_path):
-            if self.d.main and path.is_file():
-                kept = [line for line in path.read_text().splitlines()
-                        if line.strip() and json.loads(line)["step"] <= step]
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text("".join(line + "\n" for line in kept))
-                os.replace(tmp, path)
+        if self.d.main:
+            metrics.forget_after([self.metrics_path, self.completions_path], step)
         distributed.barrier(self.d)
 
     def kd_weights(self, rewards: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
@@ -623,162 +561,113 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def train_step(self) -> dict:
+        """One GRPO step, numbered as the module docstring numbers it."""
         cfg, d = self.cfg, self.d
-        P, G, W = cfg.prompts, cfg.group, d.world
         t_step = time.perf_counter()
+        timings = {"drafter_s": 0.0}
+        episodes, epoch = self.make_episodes()  # 1. data
+        drafter_version = self.learner.live_version if self.learner is not None else 0  # drafter updates in it
+        with timed(timings, "rollout_s"):
+            stats, replay_rows = self.generate(episodes)  # 2. rollout
+        kd = self.swap_drafter(timings) if cfg.drafter_async else None  # a background update, between rollouts
+        with timed(timings, "reward_s"):
+            self.score(episodes)  # 3. rewards
+        self.log_completions(episodes)
+        signal = set_advantages(episodes, cfg.group, scale_by_std=cfg.scale_adv_by_std)  # 4. advantages
+        self.remember(episodes, signal)
+        with timed(timings, "train_s"):
+            upd = policy_update(self.actor, self.optimizer, self.scheduler, episodes, cfg, d,  # 4. update
+                                reference=self.reference, micro_tokens=self.micro_tokens,
+                                train_dtype=self.train_dtype, progress=cfg.progress)
+            self.after_update()  # 5. the rollout copy reads the new weights
+        if "mismatch_worst" in upd:
+            upd["mismatch_worst"]["token"] = self.tok.decode([upd["mismatch_worst"]["token_id"]])
+        inputs = metrics.StepInputs(
+            step=self.step + 1, group=cfg.group, k=cfg.k, reward_names=self.rewards.names, timings=timings,
+            update=upd, lr=0.0, epoch=epoch, drafter_version=drafter_version, replay_rows=replay_rows,
+            replay_store_bytes=self.replays.nbytes() if self.replays is not None else 0,
+            flops_per_token=(self.n_body, self.n_head), peak_flops=self.peak_flops)
+        sums = distributed.all_reduce_named(metrics.rank_sums(episodes, stats, inputs), d)  # 6. metrics
+        kd = self.distil(episodes, sums["sd_steps"] > 0, timings) or kd  # the drafter's online distillation
+        inputs.kd, inputs.lr = kd, self.scheduler.get_last_lr()[0]
+        timings["step_s"] = time.perf_counter() - t_step
+        return metrics.step_metrics(sums, stats, inputs, d)
+
+    def make_episodes(self) -> tuple[list[Episode], int]:
+        """Step 1: this rank's episodes (its prompts r, r+W, ..., G samples each with its seed), and
+        the data epoch of the step's first prompt."""
+        cfg, d = self.cfg, self.d
+        P, G = cfg.prompts, cfg.group
         problems = self.task.problems(self.step * P, P)
         # each problem's row in the training set (a task that does not say: its data position)
         keys = [k if (k := getattr(p, "key", -1)) >= 0 else self.step * P + i for i, p in enumerate(problems)]
         size = getattr(self.task, "size", None)
         epochs = [(self.step * P + i) // size if size else 0 for i in range(P)]
         seeds = self.seeds.step_seeds(self.step, keys, epochs)  # global order: prompt-major
-        mine = list(range(d.rank, P, W))  # global prompt indices of this rank
-        prompts = [chat_prompt(self.tok, problems[i].messages()) for i in mine]
-        requests = [prompts[j] for j in range(len(mine)) for _ in range(G)]
-        params = [SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                 seed=seeds[i * G + g]) for i in mine for g in range(G)]
-        replays = None if self.replays is None else [self.replays.get(keys[i], g) for i in mine for g in range(G)]
+        episodes = []
+        for i in range(d.rank, P, d.world):
+            prompt = chat_prompt(self.tok, problems[i].messages())
+            episodes += [Episode(problems[i], i, keys[i], g, seeds[i * G + g], prompt) for g in range(G)]
+        return episodes, epochs[0]
 
-        # 1. rollout
+    def generate(self, episodes: list[Episode]) -> tuple[EngineStats, int | None]:
+        """Step 2: every episode's completion; the engine's statistics and the rows that had a replay."""
+        cfg, d = self.cfg, self.d
+        params = [SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                 seed=e.seed) for e in episodes]
+        replays = None if self.replays is None else [self.replays.get(e.key, e.sample) for e in episodes]
         self.engine.stats = EngineStats()
-        drafter_version = self.learner.live_version if self.learner is not None else 0  # drafter updates in it
-        t0 = time.perf_counter()
-        with tqdm(total=len(requests), desc=f"step {self.step + 1} rollout", disable=not (cfg.progress and d.main),
+        with tqdm(total=len(episodes), desc=f"step {self.step + 1} rollout", disable=not (cfg.progress and d.main),
                   file=sys.stderr, leave=False) as bar:
             # one process abandons the rollout on Ctrl-C; ranks finish theirs and agree after the step
             stop = (lambda: self.stop.requested) if d.world == 1 else None  # noqa: E731
-            completions = self.engine.generate(requests, params, replays=replays, on_finish=bar.update,
-                                               should_stop=stop)
-        rollout_s = time.perf_counter() - t0
-        stats = self.engine.stats
-        drafter_s, kd = 0.0, None
-        if self.learner is not None and self.cfg.drafter_async:  # between rollouts: swap in the last update
-            t0 = time.perf_counter()
-            kd = self.on_drafter_update(self.learner.collect())
-            drafter_s += time.perf_counter() - t0
+            completions = self.engine.generate([e.prompt_ids for e in episodes], params, replays=replays,
+                                               on_finish=bar.update, should_stop=stop)
+        for e, c in zip(episodes, completions):
+            e.completion = c
+        return self.engine.stats, None if replays is None else sum(r is not None for r in replays)
 
-        # 2. rewards
-        t0 = time.perf_counter()
-        texts = [self.tok.decode(c.token_ids, skip_special_tokens=True) for c in completions]
-        owners = [problems[mine[j // G]] for j in range(len(completions))]
-        scored = self.rewards.score(owners, texts, [c.token_ids for c in completions])
-        reward_s = time.perf_counter() - t0
-        self.log_completions(owners, texts, completions, scored, [mine[j // G] for j in range(len(completions))])
-        r = torch.tensor([s.reward for s in scored], dtype=torch.float32).view(len(mine), G)
-        adv = grpo.group_advantages(r, scale_by_std=cfg.scale_adv_by_std).view(-1)  # (n,)
-        self._remember(keys, mine, completions, [len(set(row)) > 1 for row in r.tolist()])
+    def score(self, episodes: list[Episode]) -> None:
+        """Step 3: each completion's text and rewards."""
+        for e in episodes:
+            e.text = self.tok.decode(e.completion.token_ids, skip_special_tokens=True)
+        scored = self.rewards.score([e.problem for e in episodes], [e.text for e in episodes],
+                                    [e.completion.token_ids for e in episodes])
+        for e, s in zip(episodes, scored):
+            e.score = s
 
-        # 3. policy update
-        t0 = time.perf_counter()
-        seqs = [p + c.token_ids for p, c in zip(requests, completions)]
-        plens = [len(p) for p in requests]
-        upd = self.update(seqs, plens, adv, completions)
-        self.after_update()
-        train_s = time.perf_counter() - t0
+    def swap_drafter(self, timings: dict) -> dict | None:
+        """Between rollouts: a finished background drafter update is swapped in."""
+        if self.learner is None:
+            return None
+        with timed(timings, "drafter_s", add=True):
+            return self.on_drafter_update(self.learner.collect())
 
-        # 4. this step's rollout and rewards, summed over ranks (the distillation schedule reads them)
-        n = len(scored)
-        per_pos = lambda counts: (counts + [0] * cfg.k)[:cfg.k]  # noqa: E731  one entry per draft position
-        sums = distributed.all_reduce_named({
-            "n": n, "r_sum": sum(s.reward for s in scored), "r_sq": sum(s.reward ** 2 for s in scored),
-            "correct": sum(s.correct >= 1.0 for s in scored), "formatted": sum(s.formatted for s in scored),
-            "resp_tokens": sum(len(c.token_ids) for c in completions),
-            "truncated": sum(c.finish_reason == "length" for c in completions),
-            "signal": sum(len(set(row)) > 1 for row in r.tolist()), "generated": stats.generated_tokens,
-            **{f"rsum/{name}": sum(v for s in scored if not math.isnan(v := s.parts[name]))
-               for name in self.rewards.names},
-            **{f"rn/{name}": sum(not math.isnan(s.parts[name]) for s in scored) for name in self.rewards.names},
-            "replay_rows": sum(x is not None for x in replays) if replays is not None else 0,
-            **{f"kind/{kind}/{f}": stats.sd_kinds.get(kind, {}).get(f, 0) for kind in ("model", "history", "replay")
-               for f in ("rows", "emitted", "accepted")},  # the same names on every rank
-            "dsteps": len(stats.chosen_k), "sd_steps": sum(1 for k in stats.chosen_k if k > 0),
-            "sd_rows": stats.sd_rows, "sd_emitted": stats.sd_emitted,
-            **{f"accepted_{j}": a for j, a in enumerate(per_pos(stats.sd_accepted_at))},
-            **{f"reached_{j}": a for j, a in enumerate(per_pos(stats.sd_reached_at))},
-        }, d)
+    def distil(self, episodes: list[Episode], speculated: bool, timings: dict) -> dict | None:
+        """The drafter's online distillation from the updated actor on this step's episodes (in a
+        background thread when async; then its figures come with a later step)."""
+        if self.learner is None or not self.learner.due(self.step, speculated):
+            return None
+        with timed(timings, "drafter_s", add=True):
+            rewards = torch.tensor([e.score.reward for e in episodes], dtype=torch.float32)
+            advantages = torch.tensor([e.advantage for e in episodes], dtype=torch.float32)
+            self.learner.submit(self.rollout.model, [e.tokens for e in episodes], [len(e.prompt_ids) for e in episodes],
+                                self.kd_weights(rewards, advantages), self.step)
+            return None if self.cfg.drafter_async else self.on_drafter_update(self.learner.collect())
 
-        # 5. the drafter's online distillation from the updated actor (background thread if async)
-        if self.learner is not None and self.learner.due(self.step, sums["sd_steps"] > 0):
-            t0 = time.perf_counter()
-            self.learner.submit(self.rollout.model, seqs, plens, self.kd_weights(r.view(-1), adv), self.step)
-            if not self.cfg.drafter_async:
-                kd = self.on_drafter_update(self.learner.collect())
-            drafter_s += time.perf_counter() - t0
-
-        # 6. metrics
-        n, r_sum, r_sq, sd_rows = sums["n"], sums["r_sum"], sums["r_sq"], sums["sd_rows"]
-        # conditional acceptance per draft position: of the rows that proposed it with every earlier
-        # draft accepted, the fraction that accepted it
-        alpha = [sums[f"accepted_{j}"] / sums[f"reached_{j}"] for j in range(cfg.k) if sums[f"reached_{j}"]]
-        rollout_max, train_max = distributed.all_reduce_max([rollout_s, train_s], d)  # the slowest rank sets the pace
-        mean = r_sum / n
-        step_s = time.perf_counter() - t_step
-        return {
-            "step": self.step + 1,
-            "reward_mean": round(mean, 4),
-            "reward_std": round(math.sqrt(max(r_sq / n - mean ** 2, 0.0)), 4),
-            "accuracy": round(sums["correct"] / n, 4),
-            "format_rate": round(sums["formatted"] / n, 4),
-            "groups_with_signal": round(sums["signal"] / (n / G), 4),
-            "response_len_mean": round(sums["resp_tokens"] / n, 2),
-            "truncated_frac": round(sums["truncated"] / n, 4),  # completions cut at --max-new-tokens
-            # each reward function's mean (unweighted) over the completions it scored
-            **{f"rewards/{name}": round(sums[f"rsum/{name}"] / max(sums[f"rn/{name}"], 1), 4)
-               for name in self.rewards.names},
-            **upd,
-            "lr": self.scheduler.get_last_lr()[0],
-            "rollout_s": round(rollout_max, 3),
-            "reward_s": round(reward_s, 3),
-            "train_s": round(train_max, 3),
-            "drafter_s": round(drafter_s, 3),
-            "step_s": round(step_s, 3),
-            "rollout_tok_s": round(sums["generated"] / max(rollout_max, 1e-9), 2),
-            "sd_fraction": round(sums["sd_steps"] / max(sums["dsteps"], 1), 4),
-            "accept_len": round(sums["sd_emitted"] / sd_rows, 4) if sd_rows else 0.0,
-            "decode_steps": int(sums["dsteps"]),
-            # (active batch, chosen k) of every decoding step of this rank's rollout: the long tail
-            "k_trace": [[b, k] for b, k in zip(stats.batch_sizes, stats.chosen_k)],
-            # conditional acceptance per draft position, measured in this rollout (empty without SD)
-            "alpha_measured": [round(a, 4) for a in alpha],
-            "drafter_version": drafter_version,
-            "epoch": epochs[0],  # the data epoch the step's first prompt belongs to (0 on an endless task)
-            **self._replay_metrics(sums),
-            **(kd or {}),
-            "train_mfu": round(6 * (self.n_body * upd["trained_tokens"] + self.n_head * upd["trained_completion"])
-                               / max(train_max, 1e-9) / self.peak_flops, 4),
-        }
-
-    def _remember(self, keys: list[int], mine: list[int], completions, signal: list[bool]) -> None:
-        """After the rollout: every rank learns every group's signal (the seeds reseed groups without
+    def remember(self, episodes: list[Episode], signal: list[bool]) -> None:
+        """After the rewards: every rank learns every group's signal (the seeds reseed groups without
         one) and, with a replay drafter, every completion (the next epoch may roll a prompt out on
         another rank)."""
-        G = self.cfg.group
-        keep = self.replays is not None
-        local = [(keys[i], signal[j], [c.token_ids for c in completions[j * G:(j + 1) * G]] if keep else None)
-                 for j, i in enumerate(mine)]
+        G, keep = self.cfg.group, self.replays is not None
+        local = [(episodes[j * G].key, has_signal,
+                  [e.completion.token_ids for e in episodes[j * G:(j + 1) * G]] if keep else None)
+                 for j, has_signal in enumerate(signal)]
         for part in distributed.all_gather(local, self.d):
             for key, has_signal, outs in part:
                 self.seeds.observe([key], [has_signal])
                 for g, ids in enumerate(outs or []):
                     self.replays.put(key, g, ids)
-
-    def _replay_metrics(self, sums: dict) -> dict:
-        """Rows per drafter kind and what replay drafts brought (empty without a hybrid or replay)."""
-        kinds = sorted({name.split("/")[1] for name in sums if name.startswith("kind/")})
-        out = {}
-        for kind in kinds:
-            rows, emitted = sums[f"kind/{kind}/rows"], sums[f"kind/{kind}/emitted"]
-            if not rows and not (kind == "replay" and self.replays is not None):
-                continue
-            out[f"sd_rows_{kind}"] = int(rows)
-            out[f"accept_len_{kind}"] = round(emitted / rows, 4) if rows else 0.0
-        if self.replays is not None:
-            replay = "kind/replay/accepted"
-            out["replay_rows"] = int(sums["replay_rows"])  # rows that had a replay to draft from
-            out["replay_token_frac"] = round(sums.get(replay, 0) / max(sums["generated"], 1), 4)
-            out["replay_tokens_per_verify"] = out.get("accept_len_replay", 0.0)
-            out["replay_store_mb"] = round(self.replays.nbytes() / 2**20, 3)
-        return out
 
     def evaluate(self) -> dict:
         """Accuracy and reward at temperature 0 on the fixed held-out set (`--eval-every`), decoded
@@ -801,19 +690,18 @@ class Trainer:
         return {"eval_accuracy": round(sums["correct"] / n, 4), "eval_reward_mean": round(sums["reward"] / n, 4),
                 "eval_s": round(time.perf_counter() - t0, 3)}
 
-    def log_completions(self, problems, texts, completions, scored, prompt_index) -> None:
+    def log_completions(self, episodes: list[Episode]) -> None:
         """This step's completions with their rewards, appended to RUN_DIR/completions.jsonl
         (`--log-completions`: all, none, or the first N of the step in global order)."""
         keep = self.cfg.log_completions
         if keep == "none":
             return
-        G = self.cfg.group
-        rows = [{"step": self.step + 1, "prompt_index": i, "sample": j % G,
-                 "prompt": p.messages(), "completion": t, "answer": p.answer,
-                 "extracted": extract_answer(t), "reward": round(s.reward, 4),
-                 "rewards": {k: None if math.isnan(v) else round(v, 4) for k, v in s.parts.items()},
-                 "finish_reason": c.finish_reason, "tokens": len(c.token_ids)}
-                for j, (i, p, t, c, s) in enumerate(zip(prompt_index, problems, texts, completions, scored))]
+        rows = [{"step": self.step + 1, "prompt_index": e.prompt_index, "sample": e.sample,
+                 "prompt": e.problem.messages(), "completion": e.text, "answer": e.problem.answer,
+                 "extracted": extract_answer(e.text), "reward": round(e.score.reward, 4),
+                 "rewards": {k: None if math.isnan(v) else round(v, 4) for k, v in e.score.parts.items()},
+                 "finish_reason": e.completion.finish_reason, "tokens": len(e.completion.token_ids)}
+                for e in episodes]
         gathered = distributed.gather_to_main(rows, self.d)
         if gathered is None:
             return
@@ -823,131 +711,12 @@ class Trainer:
         with open(self.completions_path, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
-    def update(self, seqs: list[list[int]], plens: list[int], adv: torch.Tensor, completions) -> dict:
-        """`epochs` x `minibatches` optimizer steps on this rank's sequences (prompt + completion),
-        with the rollout's own log-probs (`completions`) for the mismatch metrics and the correction."""
-        cfg, d, device = self.cfg, self.d, self.d.device
-        G = cfg.group
-        n_prompts = len(seqs) // G
-        per_mb = n_prompts // cfg.minibatches
-        minibatches = [list(range(m * per_mb * G, (m + 1) * per_mb * G)) for m in range(cfg.minibatches)]
-        lengths = [len(s) for s in seqs]
-        # a sequence's tokens in the loss (0 for a truncated completion under --mask-truncated-completions)
-        in_loss = [not (cfg.mask_truncated_completions and c.finish_reason == "length") for c in completions]
-        loss_len = [(n - p) * keep for n, p, keep in zip(lengths, plens, in_loss)]
 
-        def micro_split(indices: list[int]) -> list[list[int]]:
-            """This minibatch's microbatches; the same count on every rank (FSDP collectives)."""
-            padded = sum(lengths[i] for i in indices)
-            want = max(1, math.ceil(padded * 1.1 / self.micro_tokens))
-            (most,) = distributed.all_reduce_max([want], d)
-            chunks = balanced_chunks([lengths[i] for i in indices], int(most))
-            return [[indices[j] for j in chunk] for chunk in chunks]
-
-        plan = [micro_split(mb) for mb in minibatches]
-        single_pass = cfg.epochs == 1 and cfg.minibatches == 1
-        autocast = torch.autocast(device.type, dtype=self.train_dtype, enabled=self.train_dtype != torch.float32)
-
-        # Old (and reference) log-probs, per microbatch, before any update: with one pass the
-        # training forward's own (detached) log-probs are the old ones, no extra forward needed.
-        old, ref = {}, {}
-        if not single_pass or self.reference is not None:
-            with torch.no_grad(), autocast:
-                for mb, micros in zip(minibatches, plan):
-                    for micro in micros:
-                        idx = micro or [mb[0]]  # an empty microbatch still runs (FSDP), its result unused
-                        tokens, mask, _ = right_pad([seqs[i] for i in idx], [plens[i] for i in idx], device)
-                        if not single_pass:
-                            old[tuple(micro)] = grpo.token_logprobs(self.actor, tokens, mask,
-                                                                    temperature=cfg.temperature)[0]
-                        if self.reference is not None:
-                            ref[tuple(micro)] = grpo.token_logprobs(self.reference, tokens, mask,
-                                                                    temperature=cfg.temperature)[0]
-
-        sums = dict(pg=0.0, kl=0.0, clipped=0, tokens=0, entropy=0.0, trained=0, trained_completion=0, loss=0.0,
-                    is_weight=0.0, is_capped=0, is_n=0)
-        gap = mismatch.MismatchSums()
-        grad_norms, skipped = [], 0
-        bar = tqdm(total=cfg.epochs * sum(len(p) for p in plan), desc="train",
-                   disable=not (cfg.progress and d.main), file=sys.stderr, leave=False)
-        self.actor.train()
-        for epoch in range(cfg.epochs):
-            for mb, micros in zip(minibatches, plan):
-                local_tokens = sum(loss_len[i] for i in mb)
-                (global_tokens,) = distributed.all_reduce_sum([local_tokens], d)
-                totals = grpo.LossTotals(tokens=int(global_tokens), local_tokens=local_tokens,
-                                         sequences=len(mb) * d.world, max_len=cfg.max_new_tokens, world=d.world)
-                self.optimizer.zero_grad(set_to_none=True)
-                for micro in micros:
-                    empty = not micro  # a rank with fewer sequences than microbatches still takes part
-                    idx = micro or [mb[0]]
-                    tokens, mask, real = right_pad([seqs[i] for i in idx], [plens[i] for i in idx], device)
-                    rollout_logp = completion_values([completions[i].logprobs for i in idx], [plens[i] for i in idx],
-                                                     mask, torch.float32)
-                    loss_mask = mask & torch.tensor([in_loss[i] for i in idx], device=device).view(-1, 1)
-                    with autocast:
-                        logp, entropy = grpo.token_logprobs(self.actor, tokens, mask, temperature=cfg.temperature,
-                                                            with_entropy=epoch == 0)
-                    key = tuple(micro)
-                    old_logp = old[key] if key in old and not empty else logp.detach()  # pi_old: before any update
-                    is_weight, over = grpo.behaviour_weights(old_logp, rollout_logp, mask, cfg.is_correction,
-                                                             cfg.is_cap)
-                    terms = grpo.policy_loss(
-                        logp, old_logp, adv[idx].to(device), loss_mask, totals=totals, loss_type=cfg.loss_type,
-                        level=cfg.importance_sampling_level, is_weight=is_weight, clip_low=cfg.clip_low,
-                        clip_high=cfg.clip_high, ref_logp=None if empty else ref.get(key), kl_coef=cfg.kl_coef)
-                    (terms.loss * (0.0 if empty else 1.0)).backward()
-                    bar.update()
-                    if empty:
-                        continue
-                    sums["trained"] += real
-                    sums["trained_completion"] += int(mask.sum())
-                    sums["loss"] += float(terms.loss.detach())
-                    if epoch == 0:
-                        sums["pg"] += terms.pg_sum
-                        sums["kl"] += terms.kl_sum
-                        sums["clipped"] += terms.clipped
-                        sums["tokens"] += int(mask.sum())
-                        sums["entropy"] += float(entropy[mask].sum())
-                        verified = completion_values([completions[i].verified for i in idx], [plens[i] for i in idx],
-                                                     mask, torch.bool)
-                        gap.add(old_logp, rollout_logp, mask, verified, tokens)
-                        if is_weight is not None:
-                            sums["is_weight"] += float(is_weight.expand_as(mask)[loss_mask].sum())
-                            sums["is_capped"] += int(over.expand_as(mask)[loss_mask].sum())
-                            sums["is_n"] += int(loss_mask.sum())
-                norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(self.actor.parameters(),
-                                                                                     cfg.grad_clip)))
-                if not math.isfinite(norm):  # a non-finite loss or gradient (the same on every rank: the norm
-                    self.optimizer.zero_grad(set_to_none=True)  # is global): skip this update
-                    skipped += 1
-                    continue
-                grad_norms.append(norm)
-                self.optimizer.step()
-                self.scheduler.step()
-        bar.close()
-        self.actor.eval()
-        keys = ["pg", "kl", "clipped", "tokens", "entropy", "trained", "trained_completion", "loss", "is_weight",
-                "is_capped", "is_n"]
-        g = dict(zip(keys, distributed.all_reduce_sum([sums[k] for k in keys], d)))
-        gap_sums = distributed.all_reduce_named(gap.sums, d)
-        gap_max = dict(zip(gap.maxima, distributed.all_reduce_max(list(gap.maxima.values()), d)))
-        worst = max((w for w in distributed.all_gather(gap.worst, d) if w is not None), default=None)
-        correction = {} if cfg.is_correction == "off" else {
-            "is_weight_mean": round(g["is_weight"] / max(g["is_n"], 1), 6),  # over loss tokens
-            "is_capped_frac": round(g["is_capped"] / max(g["is_n"], 1), 6)}  # of those, truncated or masked
-        return {
-            **mismatch.metrics(gap_sums, gap_max),
-            **({} if worst is None else {"mismatch_worst": {
-                "token": self.tok.decode([worst[1]]), "logp_rollout": round(worst[2], 4),
-                "logp_train": round(worst[3], 4), "verified": worst[4]}}),
-            **correction,
-            "loss": round(g["loss"] / d.world / (cfg.epochs * cfg.minibatches), 6),
-            "kl": round(g["kl"] / max(g["tokens"], 1), 6),
-            "entropy": round(g["entropy"] / max(g["tokens"], 1), 4),
-            "clip_frac": round(g["clipped"] / max(g["tokens"], 1), 4),
-            "grad_norm": round(sum(grad_norms) / len(grad_norms), 4) if grad_norms else None,
-            "skipped_updates": skipped,
-            "trained_tokens": int(g["trained"]),
-            "trained_completion": int(g["trained_completion"]),
-        }
+@contextlib.contextmanager
+def timed(timings: dict, name: str, *, add: bool = False):
+    """Seconds spent in the block, into timings[name] (added to it with `add`)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = (timings.get(name, 0.0) if add else 0.0) + time.perf_counter() - t0

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from respec.grpo import (LOSS_TYPES, LossTotals, aggregate, behaviour_weights, group_advantages, policy_loss,
                          token_logprobs, warmup_cosine)
 from respec.rollout_seeds import request_seed
-from respec.trainer import balanced_chunks, right_pad
+from respec.update import balanced_chunks, right_pad
 
 
 def test_advantages_by_hand():

@@ -13,7 +13,7 @@ from models.drafter import truncated_drafter
 from respec import mismatch
 from respec.engine import RolloutEngine, SamplingParams
 from respec.grpo import token_logprobs
-from respec.trainer import completion_values, right_pad
+from respec.update import completion_values, right_pad
 
 PROMPTS = [[(7 * i + j) % 500 + 3 for j in range(5 + 3 * i)] for i in range(6)]
 T = 0.8

@@ -1,0 +1,183 @@
+"""A GRPO step's metrics in one place: this rank's sums over its episodes and its rollout's engine
+statistics, summed over ranks, the figures derived from them, the log line, and the writers
+(RUN_DIR/metrics.jsonl, one JSON object per step, and TensorBoard events beside it).
+
+The trainer hands over the step's episodes, the engine's statistics, the update's metrics and the
+phase timings; every name that scripts rely on (metrics.jsonl's fields) is made here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from respec import distributed
+from respec.engine import EngineStats
+
+KINDS = ("model", "history", "replay")  # a hybrid drafter's rows, by the proposer that drafted them
+
+
+@dataclass
+class StepInputs:
+    """What a step's metrics are made of, besides its episodes and the engine's statistics."""
+    step: int  # 1-based, the step just finished
+    group: int  # G
+    k: int  # the largest draft length (one acceptance entry per position)
+    reward_names: list[str]
+    timings: dict  # rollout_s, reward_s, train_s, drafter_s (this rank's), step_s
+    update: dict  # respec/update.py's metrics
+    lr: float
+    epoch: int  # the data epoch of the step's first prompt (0 on an endless task)
+    drafter_version: int  # the drafter weights the rollout drafted with
+    replay_rows: int | None  # rows that had a replay to draft from (None: no replay drafter)
+    replay_store_bytes: int = 0
+    kd: dict | None = None  # a finished drafter update's figures
+    flops_per_token: tuple[float, float] = (0.0, 0.0)  # (body, output head) model FLOPs per trained token
+    peak_flops: float = 1.0  # the measured GEMM peak over ranks (the MFU's denominator)
+
+
+def rank_sums(episodes, stats: EngineStats, inputs: StepInputs) -> dict:
+    """This rank's share of the step's counts, summed over ranks by name (every rank has the same names)."""
+    per_pos = lambda counts: (counts + [0] * inputs.k)[:inputs.k]  # noqa: E731  one entry per draft position
+    G = inputs.group
+    rewards = [e.score.reward for e in episodes]
+    groups = [rewards[i:i + G] for i in range(0, len(rewards), G)]
+    return {
+        "n": len(episodes), "r_sum": sum(rewards), "r_sq": sum(r * r for r in rewards),
+        "correct": sum(e.score.correct >= 1.0 for e in episodes), "formatted": sum(e.score.formatted for e in episodes),
+        "resp_tokens": sum(len(e.completion.token_ids) for e in episodes),
+        "truncated": sum(e.truncated for e in episodes),
+        "signal": sum(len(set(g)) > 1 for g in groups), "generated": stats.generated_tokens,
+        **{f"rsum/{name}": sum(v for e in episodes if not math.isnan(v := e.score.parts[name]))
+           for name in inputs.reward_names},
+        **{f"rn/{name}": sum(not math.isnan(e.score.parts[name]) for e in episodes) for name in inputs.reward_names},
+        "replay_rows": inputs.replay_rows or 0,
+        **{f"kind/{kind}/{f}": stats.sd_kinds.get(kind, {}).get(f, 0) for kind in KINDS
+           for f in ("rows", "emitted", "accepted")},
+        "dsteps": len(stats.chosen_k), "sd_steps": sum(1 for k in stats.chosen_k if k > 0),
+        "sd_rows": stats.sd_rows, "sd_emitted": stats.sd_emitted,
+        **{f"accepted_{j}": a for j, a in enumerate(per_pos(stats.sd_accepted_at))},
+        **{f"reached_{j}": a for j, a in enumerate(per_pos(stats.sd_reached_at))},
+    }
+
+
+def step_metrics(sums: dict, stats: EngineStats, inputs: StepInputs, d: distributed.Dist) -> dict:
+    """metrics.jsonl's line for the step, from the summed `sums` and this rank's engine trace."""
+    t = inputs.timings
+    n, r_sum, r_sq, sd_rows = sums["n"], sums["r_sum"], sums["r_sq"], sums["sd_rows"]
+    # conditional acceptance per draft position: of the rows that proposed it with every earlier
+    # draft accepted, the fraction that accepted it
+    alpha = [sums[f"accepted_{j}"] / sums[f"reached_{j}"] for j in range(inputs.k) if sums[f"reached_{j}"]]
+    rollout_max, train_max = distributed.all_reduce_max([t["rollout_s"], t["train_s"]], d)  # the slowest rank
+    mean = r_sum / n
+    upd = inputs.update
+    body, head = inputs.flops_per_token
+    return {
+        "step": inputs.step,
+        "reward_mean": round(mean, 4),
+        "reward_std": round(math.sqrt(max(r_sq / n - mean ** 2, 0.0)), 4),
+        "accuracy": round(sums["correct"] / n, 4),
+        "format_rate": round(sums["formatted"] / n, 4),
+        "groups_with_signal": round(sums["signal"] / (n / inputs.group), 4),
+        "response_len_mean": round(sums["resp_tokens"] / n, 2),
+        "truncated_frac": round(sums["truncated"] / n, 4),  # completions cut at --max-new-tokens
+        # each reward function's mean (unweighted) over the completions it scored
+        **{f"rewards/{name}": round(sums[f"rsum/{name}"] / max(sums[f"rn/{name}"], 1), 4)
+           for name in inputs.reward_names},
+        **upd,
+        "lr": inputs.lr,
+        "rollout_s": round(rollout_max, 3),
+        "reward_s": round(t["reward_s"], 3),
+        "train_s": round(train_max, 3),
+        "drafter_s": round(t["drafter_s"], 3),
+        "step_s": round(t["step_s"], 3),
+        "rollout_tok_s": round(sums["generated"] / max(rollout_max, 1e-9), 2),
+        "sd_fraction": round(sums["sd_steps"] / max(sums["dsteps"], 1), 4),
+        "accept_len": round(sums["sd_emitted"] / sd_rows, 4) if sd_rows else 0.0,
+        "decode_steps": int(sums["dsteps"]),
+        # (active batch, chosen k) of every decoding step of this rank's rollout: the long tail
+        "k_trace": [[b, k] for b, k in zip(stats.batch_sizes, stats.chosen_k)],
+        # conditional acceptance per draft position, measured in this rollout (empty without SD)
+        "alpha_measured": [round(a, 4) for a in alpha],
+        "drafter_version": inputs.drafter_version,
+        "epoch": inputs.epoch,
+        **replay_metrics(sums, inputs),
+        **(inputs.kd or {}),
+        "train_mfu": round(6 * (body * upd["trained_tokens"] + head * upd["trained_completion"])
+                           / max(train_max, 1e-9) / inputs.peak_flops, 4),
+    }
+
+
+def replay_metrics(sums: dict, inputs: StepInputs) -> dict:
+    """Rows per drafter kind and what replay drafts brought (empty without a hybrid or replay)."""
+    has_replay = inputs.replay_rows is not None
+    out = {}
+    for kind in KINDS:
+        rows, emitted = sums[f"kind/{kind}/rows"], sums[f"kind/{kind}/emitted"]
+        if not rows and not (kind == "replay" and has_replay):
+            continue
+        out[f"sd_rows_{kind}"] = int(rows)
+        out[f"accept_len_{kind}"] = round(emitted / rows, 4) if rows else 0.0
+    if has_replay:
+        out["replay_rows"] = int(sums["replay_rows"])  # rows that had a replay to draft from
+        out["replay_token_frac"] = round(sums["kind/replay/accepted"] / max(sums["generated"], 1), 4)
+        out["replay_tokens_per_verify"] = out.get("accept_len_replay", 0.0)
+        out["replay_store_mb"] = round(inputs.replay_store_bytes / 2**20, 3)
+    return out
+
+
+def log_line(m: dict) -> str:
+    """The step's one line on stderr."""
+    skipped = f" | {m['skipped_updates']} update(s) skipped: non-finite loss" if m["skipped_updates"] else ""
+    return (f"step {m['step']:>4}: reward {m['reward_mean']:.3f} acc {m['accuracy']:.3f} "
+            f"len {m['response_len_mean']:.0f} | rollout {m['rollout_s']:.1f}s "
+            f"({m['rollout_tok_s']:.0f} tok/s, SD {m['sd_fraction']:.0%}, accept {m['accept_len']:.2f}) "
+            f"train {m['train_s']:.1f}s (MFU {m['train_mfu']:.1%}){skipped}"
+            + (f" | held-out acc {m['eval_accuracy']:.3f}" if "eval_accuracy" in m else ""))
+
+
+class MetricsLog:
+    """RUN_DIR/metrics.jsonl and TensorBoard events (RUN_DIR/tensorboard, when `tensorboard` is
+    installed; numbers only), written by the main rank."""
+
+    def __init__(self, run_dir: Path, *, main: bool):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.main = main
+        self.board = None
+        if main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                pass
+            else:
+                self.board = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def write(self, m: dict) -> None:
+        if not self.main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        if self.board is not None:
+            for key, value in m.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.board.add_scalar(key, value, m["step"])
+            self.board.flush()
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+            self.board = None
+
+
+def forget_after(paths: list[Path], step: int) -> None:
+    """Drop the lines of steps after `step` from JSON-lines files (metrics, completions): a run
+    killed between checkpoints redoes those steps. Each file is rewritten aside and swapped in."""
+    for path in paths:
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
