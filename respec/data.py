@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from respec.tasks import Problem, epoch_order, is_number, scorer_for
+from respec.cli import option
+from respec.tasks import DEFAULT_TASK, Problem, epoch_order, is_number, make_task, scorer_for
 
 PROMPT_COLUMNS = ("prompt", "question", "messages")
 
@@ -165,3 +167,36 @@ class RowsTask:
             epoch, j = divmod(i, len(self.located))
             out.append(self.located[self._order(epoch)[j]][1])
         return out
+
+
+@dataclass
+class DataConfig:
+    """The model and the data: the options train.py's stages share (respec/cli.py `option`)."""
+    model: str = option("smollm2-135m", "preset (smollm2-135m, tiny, random-*), .gguf file, Hugging Face checkpoint "
+                        "directory or Hub id (owner/name, from the local cache)", aliases=("model_name_or_path",))
+    task: str = option(DEFAULT_TASK, "reasoning-gym dataset name (or toy-letters for the tiny model)")
+    task_config: dict = option({}, "reasoning-gym options as JSON, e.g. '{\"min_terms\": 2}'")
+    train_size: int = option(0, "a fixed training set of the task's first N problems, visited in epochs (shuffled per "
+                             "epoch); 0: a new problem at every data position")
+    data: str | None = option(None, "JSONL file or Hugging Face dataset (file, directory or id) instead of --task: "
+                              "GSM8K, prompt/answer or chat rows (respec/data.py)", aliases=("dataset_name",))
+    data_split: str = option("train", "split of a Hugging Face dataset", aliases=("dataset_train_split",))
+    prompt_column: str | None = option(None, "the data's prompt column (default: the first of prompt, question, "
+                                       "messages)")
+    answer_column: str = option("answer", "the data's reference-answer column")
+    system_prompt: str | None = option(None, "system prompt ('' for none; default: respec's, which asks for an "
+                                       "'Answer:' line)")
+
+    
+
+    def make_task(self, *, seed: int = 0, numeric_answers: bool = True):
+        """The training problems these options name: `--data` (a file or a Hugging Face dataset) if
+        given, else the generated `--task` (respec/tasks.py)."""
+        if self.data is None:
+            return make_task(task=self.task, config=self.task_config, seed=seed, system_prompt=self.system_prompt,
+                             train_size=self.train_size)
+        if self.train_size:
+            raise ValueError("--train-size picks a fixed set of a --task's problems; a --data set is already one")
+        return RowsTask(str(self.data), split=self.data_split, prompt_column=self.prompt_column,
+                        answer_column=self.answer_column, system_prompt=self.system_prompt,
+                        numeric_answers=numeric_answers, seed=seed)

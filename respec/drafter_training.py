@@ -35,7 +35,8 @@ from respec.cli import option
 from respec.engine import RolloutEngine, SamplingParams
 from respec.kd_loss import accepted_mass, coupled_agreement, weighted_kl
 from respec.paged_attention import causal_attention, masked_attention
-from respec.tasks import DataConfig, chat_prompt
+from respec.data import DataConfig
+from respec.tasks import chat_prompt
 
 ESTIMATE_ROWS = 256  # positions per batch the match rule's acceptance estimate draws (every R/256-th)
 

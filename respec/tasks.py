@@ -25,10 +25,8 @@ import functools
 import random
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
-from respec.cli import option
 
 # The default task: easy enough that SmolLM2-135M-Instruct gets some answers right.
 DEFAULT_TASK = "basic_arithmetic"
@@ -200,48 +198,12 @@ class LettersProblem:
         return sum(c.isascii() and c.isalpha() for c in completion) / max(len(completion), 1)
 
 
-@dataclass
-class DataConfig:
-    """The model and the data: the options train.py's stages share (respec/cli.py `option`)."""
-    model: str = option("smollm2-135m", "preset (smollm2-135m, tiny, random-*), .gguf file, Hugging Face checkpoint "
-                        "directory or Hub id (owner/name, from the local cache)", aliases=("model_name_or_path",))
-    task: str = option(DEFAULT_TASK, "reasoning-gym dataset name (or toy-letters for the tiny model)")
-    task_config: dict = option({}, "reasoning-gym options as JSON, e.g. '{\"min_terms\": 2}'")
-    train_size: int = option(0, "a fixed training set of the task's first N problems, visited in epochs (shuffled per "
-                             "epoch); 0: a new problem at every data position")
-    data: str | None = option(None, "JSONL file or Hugging Face dataset (file, directory or id) instead of --task: "
-                              "GSM8K, prompt/answer or chat rows (respec/data.py)", aliases=("dataset_name",))
-    data_split: str = option("train", "split of a Hugging Face dataset", aliases=("dataset_train_split",))
-    prompt_column: str | None = option(None, "the data's prompt column (default: the first of prompt, question, "
-                                       "messages)")
-    answer_column: str = option("answer", "the data's reference-answer column")
-    system_prompt: str | None = option(None, "system prompt ('' for none; default: respec's, which asks for an "
-                                       "'Answer:' line)")
-
-    def make_task(self, *, seed: int = 0, numeric_answers: bool = True):
-        """The task these options name (`make_task`)."""
-        return make_task(task=self.task, config=self.task_config, data=self.data, seed=seed,
-                         system_prompt=self.system_prompt, train_size=self.train_size, data_split=self.data_split,
-                         prompt_column=self.prompt_column, answer_column=self.answer_column,
-                         numeric_answers=numeric_answers)
-
-
-def make_task(*, task: str | None = None, config: dict | None = None, data: str | Path | None = None,
-              seed: int = 0, system_prompt: str | None = None, data_split: str = "train",
-              prompt_column: str | None = None, answer_column: str = "answer", numeric_answers: bool = True,
+def make_task(*, task: str | None = None, config: dict | None = None, seed: int = 0, system_prompt: str | None = None,
               train_size: int = 0):
-    """`--data` (a file or a Hugging Face dataset, respec/data.py) if given, else `toy-letters` or the
-    reasoning-gym task `task` (a fixed set of `train_size` problems if > 0). `system_prompt`: None =
-    respec's (SYSTEM_PROMPT), "" = none."""
+    """`toy-letters` or the reasoning-gym task `task` (a fixed set of `train_size` problems if > 0).
+    `system_prompt`: None = respec's (SYSTEM_PROMPT), "" = none. (Data from files: respec/data.py.)"""
     if train_size < 0:
         raise ValueError(f"--train-size must be >= 0, got {train_size}")
-    if train_size and data is not None:
-        raise ValueError("--train-size picks a fixed set of a --task's problems; a --data set is already one")
-    if data is not None:
-        from respec.data import RowsTask
-
-        return RowsTask(str(data), split=data_split, prompt_column=prompt_column, answer_column=answer_column,
-                        system_prompt=system_prompt, numeric_answers=numeric_answers, seed=seed)
     if task == LettersTask.name:
         return LettersTask(train_size, seed)
     return ReasoningGymTask(task or DEFAULT_TASK, config, seed=seed, system_prompt=system_prompt,

@@ -68,7 +68,8 @@ from respec.rollout_seeds import SEED_MODES, RolloutSeeds
 from respec.solver import AdaptiveK, FixedK, cost_key, load_or_profile
 from respec.speculative import VERIFY_RULES
 from respec.cli import option
-from respec.tasks import DataConfig, chat_prompt, extract_answer
+from respec.data import DataConfig
+from respec.tasks import chat_prompt, extract_answer
 from respec.update import MICRO_TOKENS, policy_update
 
 

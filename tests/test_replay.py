@@ -18,6 +18,7 @@ from respec.drafters.replay import ReplayDrafter, ReplayStore
 from respec.engine import RolloutEngine, SamplingParams
 from respec.rollout_seeds import RolloutSeeds, request_seed
 from respec.solver import FixedK, long_lengths
+from respec.data import DataConfig
 from respec.tasks import make_task
 from tests.test_eagle import head_for
 
@@ -172,7 +173,7 @@ def test_train_size_visits_a_fixed_set_in_shuffled_epochs():
     endless = make_task(task="basic_arithmetic", seed=3)
     assert endless.size is None and [p.key for p in endless.problems(10, 3)] == [10, 11, 12]
     with pytest.raises(ValueError, match="--train-size"):
-        make_task(data="rows.jsonl", train_size=4)
+        DataConfig(data="rows.jsonl", train_size=4).make_task()
 
 
 def test_replay_store_is_bounded_and_checkpointed():
