@@ -27,12 +27,11 @@ import torch
 
 from compile.policy import COMPILE_MODES, require_tensorrt, use_persistent_cache
 from models.loading import ModelLoadError, load_model, load_tokenizer, resolve_checkpoint, resolve_dtype, save_hf_checkpoint
-from models.drafter import truncated_drafter
-from models.eagle import check_eagle_fits, load_eagle
 from respec.cli import OneLineParser, positive_float, positive_int, positive_int_list
 from respec.engine import RolloutEngine, SamplingParams
 from respec.speculative import VERIFY_RULES
-from respec.tasks import DEFAULT_TASK, chat_prompt, make_problems
+from respec.drafters.choose import choose_drafter
+from respec.tasks import DEFAULT_TASK, chat_prompt, make_problems, make_task
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,11 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="size of the paged KV cache in MiB (default 1024; the same option as train.py's)")
     size.add_argument("--kv-cache-gb", type=positive_float, default=None, help="the same in GiB")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--drafter", help="speculative decoding with this drafter: a directory from train.py --stage "
-                                     "drafter, auto (the default head train.py uses for --task, pretrained once if "
-                                     "missing), history (model-free: suffix matches in the text), first:N (the "
-                                     "target's first N layers), or any of those but history + '+history' (per row: "
-                                     "history where its suffix match is long, the model elsewhere)")
+    p.add_argument("--drafter", help="speculative decoding with this drafter, as train.py's --drafter: a directory "
+                                     "from train.py --stage drafter, auto (the default head train.py uses for --task, "
+                                     "pretrained once if missing), random, history (model-free: suffix matches in the "
+                                     "text), first:N (the target's first N layers), or a model spec + '+history' (per "
+                                     "row: history where its suffix match is long, the model elsewhere)")
     p.add_argument("--k", type=int, default=4, help="tokens drafted per speculative step (with --drafter)")
     p.add_argument("--verify", default="match", choices=VERIFY_RULES,
                    help="how drafts are verified: match (SD emits plain decoding's tokens) or rejection (speculative "
@@ -104,39 +103,21 @@ def parse_device(spec: str) -> torch.device:
     return device
 
 
-def make_drafter(spec: str | None, model, k: int, args=None, tokenizer=None):
-    """The drafter a --drafter spec names (None without one)."""
+def make_drafter(spec: str | None, model, k: int, args, tokenizer):
+    """The drafter a --drafter spec names (None without one), chosen as train.py chooses it
+    (respec/drafters/choose.py): `auto` is the default head train.py's default run uses for --task."""
     if spec is None:
         return None
     if k < 1:
         raise ValueError(f"--k must be >= 1, got {k}")
-    if spec.endswith("+history") and spec != "+history":  # per row: history where it matches long, the model elsewhere
-        from respec.drafters import as_drafter
-        from respec.drafters.hybrid import HybridDrafter
+    from respec.trainer import TrainConfig
 
-        return HybridDrafter(as_drafter(make_drafter(spec.removesuffix("+history"), model, k, args, tokenizer)))
-    kind, _, arg = spec.partition(":")
-    if kind == "first" and arg.isdigit():
-        return truncated_drafter(model, int(arg))
-    if spec == "history":
-        from respec.drafters.history import HistoryDrafter
-
-        return HistoryDrafter()
-    if spec == "auto":  # the head train.py's default run pretrains and caches for this model and task
-        from respec.drafters.choose import default_head
-        from respec.tasks import make_task
-        from respec.trainer import TrainConfig
-
-        spec = str(default_head(args.model, args.task, make_task(task=args.task), tokenizer,
-                                max_new_tokens=TrainConfig.max_new_tokens, k=k,
-                                log=lambda m: print(m, file=sys.stderr)))
-    if Path(spec).is_dir():
-        param = next(model.parameters())
-        head = load_eagle(spec, dtype=param.dtype, device=param.device)
-        check_eagle_fits(model, head)
-        return head
-    raise ValueError(f"drafter not found: {spec!r} (expected a drafter directory from train.py --stage drafter, "
-                     f"auto, history, first:N for the target's first N layers, or X+history)")
+    chosen = choose_drafter(spec, target=model, k=k, model=args.model, task_name=args.task,
+                            task=make_task(task=args.task), tokenizer=tokenizer,
+                            rollout_dtype=next(model.parameters()).dtype, max_new_tokens=TrainConfig.max_new_tokens,
+                            seed=args.seed, dtype=args.dtype, temperature=TrainConfig.temperature,
+                            log=lambda m: print(m, file=sys.stderr))
+    return chosen.drafter
 
 
 def eos_ids(tokenizer, model) -> list[int]:

@@ -150,6 +150,10 @@ def choose_drafter(spec: str, *, target, k: int, model: str, task_name: str, tas
         if not layers.isdigit():
             raise ValueError(f"--drafter {spec}: first:N needs a number of layers")
         return Chosen(combined(as_drafter(truncated_drafter(target, int(layers)))))
+    if head_spec not in ("auto", "random") and not (Path(head_spec) / "config.json").is_file():
+        raise ValueError(f"drafter not found: {head_spec!r} (expected a drafter directory from train.py --stage "
+                         "drafter, auto, random, first:N, history, replay, or a model spec joined by '+' with replay "
+                         "and/or history)")
     device = next(target.parameters()).device
     prior, directory = None, None
     if head_spec == "random":  # cold start: an untrained head that only online distillation improves
