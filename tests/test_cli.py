@@ -258,8 +258,11 @@ def test_replay_bench_and_flips_smoke(tmp_path):
     assert replay_bench.main(["--model", "tiny", "--drafter", "history"]) == 2  # no replay: one line
 
     fl = tmp_path / "flips.json"
-    assert flips.main(["--model", "tiny", "--dtype", "fp32", "--requests", "4", "--batch", "4",
-                       "--max-new-tokens", "24", "--json", str(fl)]) == 0
+    assert flips.main(["--model", "tiny", "--dtype", "fp32", "--train-dtype", "fp32", "--requests", "4", "--batch",
+                       "4", "--max-new-tokens", "24", "--json", str(fl)]) == 0
     paths = json.loads(fl.read_text())["paths"]
-    assert set(paths) == {"batch 1", "verify 17 wide", "recompute"} and paths["recompute"]["preemptions"] > 0
-    assert all(p["tokens_compared"] > 0 for p in paths.values())
+    assert set(paths) == {"plain, batch 4", "batch 1", "verify 17 wide", "recompute"}
+    assert paths["recompute"]["preemptions"] > 0
+    compared = [p for name, p in paths.items() if name != "plain, batch 4"]
+    assert all(p["tokens_compared"] > 0 and p["logprob_gap_max"] < 1e-4 for p in compared)  # fp32: every path is
+    assert all(p["mismatch_logratio_max"] < 1e-4 for p in paths.values())  # plain decoding's and the trainer's

@@ -16,7 +16,11 @@ is compared with plain decoding at batch `--batch` (one token wide):
   by a prefill forward (many tokens wide) before they decode on.
 
 Per path: rows whose tokens differ, and flips per 1,000 tokens (the first differing token of each
-row, over the tokens compared up to it: after a flip a row's text is another text).
+row, over the tokens compared up to it: after a flip a row's text is another text). And the
+probabilities themselves (ReSpec's R1, at a fixed policy): the mean and largest |log-prob|
+difference to plain decoding on the tokens both emitted (before a row's flip), and each path's
+mismatch to the trainer's forward over its own completions (respec/mismatch.py: `mismatch_kl`,
+`mismatch_logratio_mean`, ...; the fp32 master weights under the trainer's autocast, `--train-dtype`).
 """
 
 from __future__ import annotations
@@ -38,14 +42,39 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def compare(reference: list[list[int]], other: list[list[int]]) -> dict:
-    """Rows that differ, and flips per 1,000 tokens compared (up to each row's first difference)."""
-    flips, tokens = 0, 0
+def compare(reference: list, other: list) -> dict:
+    """Rows that differ, flips per 1,000 tokens compared (up to each row's first difference), and
+    the log-prob gap to the reference on the tokens both emitted (before the first difference).
+    `reference`, `other`: the engine's Completions of the same requests."""
+    flips, tokens, gaps = 0, 0, []
     for a, b in zip(reference, other):
-        at = first_difference(a, b)
+        at = first_difference(a.token_ids, b.token_ids)
         flips += at is not None
-        tokens += len(a) if at is None else at + 1
-    return {"rows_differ": flips, "tokens_compared": tokens, "flips_per_1k_tokens": round(1000 * flips / max(tokens, 1), 3)}
+        tokens += len(a.token_ids) if at is None else at + 1
+        same = len(a.token_ids) if at is None else at
+        gaps += [abs(x - y) for x, y in zip(a.logprobs[:same], b.logprobs[:same])]
+    return {"rows_differ": flips, "tokens_compared": tokens, "flips_per_1k_tokens": round(1000 * flips / max(tokens, 1), 3),
+            "logprob_gap_mean": round(sum(gaps) / max(len(gaps), 1), 6), "logprob_gap_max": round(max(gaps, default=0.0), 6)}
+
+
+def to_trainer(master, train_dtype, prompts: list[list[int]], completions, temperature: float) -> dict:
+    """The mismatch metrics of `completions` against the trainer's forward of the same tokens."""
+    from respec import mismatch
+    from respec.grpo import token_logprobs
+    from respec.update import completion_values, right_pad
+
+    gap = mismatch.MismatchSums()
+    autocast = torch.autocast("cpu", dtype=train_dtype, enabled=train_dtype != torch.float32)
+    for i in range(0, len(prompts), 8):
+        rows, outs = prompts[i:i + 8], completions[i:i + 8]
+        plens = [len(p) for p in rows]
+        tokens, mask, _ = right_pad([p + c.token_ids for p, c in zip(rows, outs)], plens, "cpu")
+        with torch.no_grad(), autocast:
+            train, _ = token_logprobs(master, tokens, mask, temperature=temperature)
+        gap.add(train, completion_values([c.logprobs for c in outs], plens, mask, torch.float32), mask,
+                completion_values([c.verified for c in outs], plens, mask, torch.bool), tokens)
+    m = mismatch.metrics(gap.sums, gap.maxima)
+    return {k: m[k] for k in ("mismatch_kl", "mismatch_logratio_mean", "mismatch_logratio_max", "mismatch_ratio_out_frac")}
 
 
 
@@ -58,6 +87,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="(default %(default)s)")
     p.add_argument("--temperature", type=float, default=1.0, help="(default %(default)s)")
     p.add_argument("--replay-k", type=positive_int, default=16, help="(default %(default)s)")
+    p.add_argument("--train-dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="the trainer's autocast, for the mismatch to its forward (default auto)")
     p.add_argument("--json", type=Path, help="write the results here (never overwritten)")
     args = p.parse_args(argv)
     if args.json is not None and args.json.exists():
@@ -81,23 +112,32 @@ def main(argv=None) -> int:
     def engine(**kw) -> RolloutEngine:
         return RolloutEngine(model, kv_cache_bytes=kw.pop("kv", 512 << 20), eos_token_ids=eos, eager=True, **kw)
 
-    def tokens(e, **kw) -> list[list[int]]:
-        return [c.token_ids for c in e.generate(prompts, params, **kw)]
+    master = load_model(args.model, dtype=torch.float32)  # the trainer's weights
+    train_dtype = resolve_dtype(args.train_dtype, torch.device("cpu"))
+
+    def tokens(e, **kw) -> list:
+        return e.generate(prompts, params, **kw)
+
+    def path(out: list, reference: list) -> dict:
+        return {**compare(reference, out), **to_trainer(master, train_dtype, prompts, out, args.temperature)}
 
     reference = tokens(engine(max_batch=args.batch))
-    rows = {"batch 1": compare(reference, tokens(engine(max_batch=1)))}
+    rows = {f"plain, batch {args.batch}": to_trainer(master, train_dtype, prompts, reference, args.temperature),
+            "batch 1": path(tokens(engine(max_batch=1)), reference)}
     sd = engine(max_batch=args.batch, drafter=ReplayDrafter(), num_draft_tokens=1, replay_k=args.replay_k,
                 policy=FixedK(1))
-    rows[f"verify {args.replay_k + 1} wide"] = {**compare(reference, tokens(sd, replays=reference)),
-                                                "accept_len": round(sd.stats.accept_len, 2)}
+    rows[f"verify {args.replay_k + 1} wide"] = {
+        **path(tokens(sd, replays=[c.token_ids for c in reference]), reference),
+        "accept_len": round(sd.stats.accept_len, 2)}
     probe = engine(max_batch=args.batch)  # a pool that admits a batch's prompts, not their completions
     blocks = sum(probe.blocks.blocks_for(len(p) + 2) for p in prompts[:args.batch]) + 2
     longest = probe.blocks.blocks_for(max(len(p) for p in prompts) + args.max_new_tokens + 1) + 1
     small = engine(max_batch=args.batch, kv=max(blocks, longest) * probe.cache.bytes_per_block)
-    rows["recompute"] = {**compare(reference, tokens(small)), "preemptions": small.stats.preemptions}
+    rows["recompute"] = {**path(tokens(small), reference), "preemptions": small.stats.preemptions}
     report = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "temperature": args.temperature,
-              "requests": args.requests, "reference_batch": args.batch, "cpu": platform.processor() or platform.machine(),
-              "torch": torch.__version__, "tokens": sum(map(len, reference)), "paths": rows}
+              "train_dtype": str(train_dtype).removeprefix("torch."), "requests": args.requests,
+              "reference_batch": args.batch, "cpu": platform.processor() or platform.machine(),
+              "torch": torch.__version__, "tokens": sum(len(c.token_ids) for c in reference), "paths": rows}
     print(json.dumps(report, indent=1))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
