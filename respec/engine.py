@@ -2,15 +2,20 @@
 
 `RolloutEngine.generate(requests)` takes prompts (token ids) with their sampling parameters and
 returns, per request, the completion's token ids and the log-probability of each token under the
-distribution it was sampled from (RL needs these). The loop, each iteration:
+distribution it was sampled from (RL needs these), with the call's statistics. Which sequences run
+and the KV slots they hold is the scheduler's (respec/scheduler.py); the engine computes. The loop,
+each iteration:
 
   1. admit waiting sequences while the batch has room and the pool has blocks: one batched,
      right-padded prefill caches their tokens and samples their first new token;
-  2. otherwise run one decode step for every running sequence (padded to a batch bucket);
-     before it, every sequence gets a slot for its newest token, and if the pool runs dry the most
-     recently admitted sequence is *preempted*: its blocks are freed and it goes back to the front
-     of the queue with everything it generated so far, to be recomputed by a later prefill;
+  2. otherwise run one decode step for every running sequence (padded to a batch bucket), or an
+     SD step (the policy's k; rows with a long replay verify apart); before it, every sequence
+     gets slots for its newest token and its drafts, and if the pool runs dry the most recently
+     admitted sequence is *preempted*: its blocks are freed and it goes back to the front of the
+     queue with everything it generated so far, to be recomputed by a later prefill;
   3. sequences that sampled EOS or reached their token limit leave at once and free their blocks.
+
+Without a drafter the engine holds a `NoDrafter` and k = 0: the same calls, nothing drafted.
 
 There is one host sync per step (the sampled tokens come back to decide who finished). Sampling
 noise is counter-based (`respec/sampling.py`), so a request's tokens depend on its seed and text,
@@ -30,9 +35,10 @@ import torch
 
 from compile.cpu_linear import packed_view, packing_available, repack
 from compile.policy import CompiledSteps, buckets_up_to
-from respec.drafters import DraftBatch, Drafter, EngineView, as_drafter
+from respec.drafters import DraftBatch, Drafter, EngineView, NoDrafter, as_drafter
 from respec.kv_cache import PagedKVCache
 from respec.sampling import prepare_sampler
+from respec.scheduler import Row, Scheduler
 from respec.solver import FixedK
 from respec.speculative import VERIFY_RULES, verify_step
 from respec.steps import decode_step, prefill_step, right_padded
@@ -71,6 +77,14 @@ class Completion:
     logprobs: list[float]
     finish_reason: str  # "stop" (EOS) or "length"
     verified: list[bool] = field(default_factory=list)  # per token: emitted by an SD verify (else plain decoding)
+
+
+class Completions(list):
+    """`generate`'s completions, in input order, with the call's statistics (`.stats`)."""
+
+    def __init__(self, completions: list[Completion], stats: "EngineStats"):
+        super().__init__(completions)
+        self.stats = stats
 
 
 @dataclass
@@ -165,37 +179,36 @@ class RolloutEngine:
         self.runner = packed_view(model) if pack_weights and packing_available(self.device, self.dtype) else model
         cfg = model.cfg
         self.max_len = cfg.max_position_embeddings
-        self.drafter: Drafter | None = as_drafter(drafter)
-        self.k = num_draft_tokens
+        self.drafter: Drafter = as_drafter(drafter) if drafter is not None else NoDrafter()
+        self.k = num_draft_tokens if drafter is not None else 0  # 0: never speculates
         if verify not in VERIFY_RULES:
             raise ValueError(f"unknown verification rule {verify!r} (choose {', '.join(VERIFY_RULES)})")
         self.verify = verify
         if replay_k < 0:
             raise ValueError(f"replay_k must be >= 0, got {replay_k}")
         self.replay_k = replay_k
-        self.policy = policy if policy is not None else FixedK(num_draft_tokens)
-        if self.drafter is not None:
-            if num_draft_tokens < 1:
-                raise ValueError(f"speculative decoding needs k >= 1 draft tokens, got {num_draft_tokens}")
-            self.drafter.check(model)
+        self.policy = policy if policy is not None else FixedK(self.k)
+        if drafter is not None and num_draft_tokens < 1:
+            raise ValueError(f"speculative decoding needs k >= 1 draft tokens, got {num_draft_tokens}")
+        self.drafter.check(model)
         self.cache = PagedKVCache(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                                   capacity_bytes=kv_cache_bytes, block_size=block_size, dtype=self.dtype,
-                                  device=self.device, draft_shape=self.drafter and self.drafter.pool_shape)
+                                  device=self.device, draft_shape=self.drafter.pool_shape)
         self.blocks = self.cache.blocks
         self.eos = set(int(e) for e in eos_token_ids)
         self.max_batch = max_batch
-        self.max_prefill_tokens = max_prefill_tokens
+        self.scheduler = Scheduler(self.blocks, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens,
+                                   forget=self.drafter.forget, stats=lambda: self.stats)
         self.steps = CompiledSteps(eager=eager, device=self.device, mode=compile_mode)
         prepare_sampler(cfg.vocab_size, self.device)  # the sampler's hash tables, once, outside any graph
         self.steps.static_inputs(self.cache.pools + self.cache.draft_pools)
         self.stats = EngineStats()
         self.time_phases = False  # see _phase
         # the target's features the drafter reads, returned by prefill, decode and verify steps
-        self.feature_layers = self.drafter.feature_layers if self.drafter is not None else ()
-        if self.drafter is not None:
-            self.drafter.attach(EngineView(target=self.runner, draft_pools=self.cache.draft_pools, steps=self.steps,
-                                           tables=self._tables, device=self.device, dtype=self.dtype,
-                                           pack_weights=pack_weights))
+        self.feature_layers = self.drafter.feature_layers
+        self.drafter.attach(EngineView(target=self.runner, draft_pools=self.cache.draft_pools, steps=self.steps,
+                                       tables=self._tables, device=self.device, dtype=self.dtype,
+                                       pack_weights=pack_weights))
 
     def sync_weights(self) -> None:
         """Call after the model's weights changed (an optimizer step): refresh packed copies."""
@@ -204,9 +217,17 @@ class RolloutEngine:
         self.sync_drafter()
 
     def sync_drafter(self) -> None:
-        """Call after the drafter's weights changed (an online distillation update)."""
-        if self.drafter is not None:
-            self.drafter.sync()
+        """Call after the drafter's weights changed in place: refresh its packed copy."""
+        self.drafter.sync()
+
+    @torch.no_grad()
+    def load_drafter_weights(self, source: torch.nn.Module) -> None:
+        """New drafter weights (an online distillation update of its master copy, `source`): copied
+        into the drafter the engine runs (in the rollout dtype), its packed copy refreshed."""
+        live = dict(self.drafter.module.named_parameters())
+        for name, p in source.named_parameters():
+            live[name].copy_(p)
+        self.sync_drafter()
 
     # ------------------------------------------------------------------------------------------
     def check_request(self, prompt: list[int], params: SamplingParams) -> None:
@@ -224,12 +245,15 @@ class RolloutEngine:
             )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], *,
-                 replays: list[list[int] | None] | None = None, on_finish=None, should_stop=None) -> list[Completion]:
-        """Complete every prompt; results in input order. `replays`: an earlier completion of each
-        request (or None), which a replay drafter proposes from (respec/drafters/replay.py; the tokens
-        do not depend on it). `on_finish(n)` (e.g. a tqdm bar's update) is told whenever n sequences
-        finish. If `should_stop()` turns true (checked before every step), the rollout is abandoned:
-        its blocks are freed and `Stopped` is raised."""
+                 replays: list[list[int] | None] | None = None, policy=None, on_finish=None,
+                 should_stop=None) -> Completions:
+        """Complete every prompt; results in input order, with this call's statistics (`.stats`,
+        also `self.stats` until the next call). `replays`: an earlier completion of each request (or
+        None), which a replay drafter proposes from (respec/drafters/replay.py; the tokens do not
+        depend on it). `policy`: the SD policy of this call only (e.g. FixedK(0) for an evaluation
+        without speculation; default the engine's). `on_finish(n)` (e.g. a tqdm bar's update) is
+        told whenever n sequences finish. If `should_stop()` turns true (checked before every step),
+        the rollout is abandoned: its blocks are freed and `Stopped` is raised."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts) or (replays is not None and len(replays) != len(prompts)):
             raise ValueError("one SamplingParams per prompt (or a single one for all), and one replay per prompt")
@@ -237,33 +261,33 @@ class RolloutEngine:
                 for i, (p, sp) in enumerate(zip(prompts, plist))]
         for s in seqs:
             self.check_request(s.prompt, s.params)
+        self.stats = EngineStats()
+        engine_policy, self.policy = self.policy, policy if policy is not None else self.policy
         waiting: deque[_Sequence] = deque(seqs)
         running: list[_Sequence] = []
-        with torch.no_grad():
-            while waiting or running:
-                if should_stop is not None and should_stop():
-                    for s in running:
-                        self._release(s)
-                    raise Stopped(f"rollout abandoned with {len(running) + len(waiting)} of {len(seqs)} sequences unfinished")
-                admitted = self._admit(waiting, running)
-                if admitted:
-                    self._prefill(admitted)
-                    running += admitted
-                else:
-                    self._step(waiting, running)
-                finished = [s for s in running if s.finish_reason]
-                for s in finished:
-                    self._release(s)
-                    running.remove(s)
-                if finished and on_finish is not None:
-                    on_finish(len(finished))
-        return [Completion(s.out, s.logprobs, s.finish_reason, s.verified) for s in seqs]
-
-    def _release(self, s: _Sequence) -> None:
-        """A sequence leaves the batch (finished, preempted or abandoned): its blocks and drafter state go."""
-        self.blocks.free(s.id)
-        if self.drafter is not None:
-            self.drafter.forget(s)
+        try:
+            with torch.no_grad():
+                while waiting or running:
+                    if should_stop is not None and should_stop():
+                        for s in running:
+                            self.scheduler.release(s)
+                        raise Stopped(f"rollout abandoned with {len(running) + len(waiting)} of {len(seqs)} "
+                                      "sequences unfinished")
+                    admitted = self.scheduler.admit(waiting, running)
+                    if admitted:
+                        self._prefill(admitted)
+                        running += admitted
+                    else:
+                        self._step(waiting, running)
+                    finished = [s for s in running if s.finish_reason]
+                    for s in finished:
+                        self.scheduler.release(s)
+                        running.remove(s)
+                    if finished and on_finish is not None:
+                        on_finish(len(finished))
+        finally:
+            self.policy = engine_policy
+        return Completions([Completion(s.out, s.logprobs, s.finish_reason, s.verified) for s in seqs], self.stats)
 
     def _step(self, waiting: deque, running: list[_Sequence]) -> None:
         """One decoding step of every running sequence. Rows with a long deterministic proposal
@@ -272,23 +296,22 @@ class RolloutEngine:
         Slots for every row's drafts are reserved first (which may preempt rows from the back)."""
         k = self._choose_k(running)
         long = self._long_caps(running)
-        caps = [lc or c for lc, c in zip(long, self._draft_caps(running, k))]
-        self._reserve_slots(waiting, running, caps)
-        n = len(running)  # preemption pops rows from the back
-        groups = [[i for i in range(n) if long[i]], [i for i in range(n) if not long[i]]]
-        for rows, width in zip(groups, (max((long[i] for i in groups[0]), default=0), k)):
-            if not rows:
+        rows = [Row(s, lc or c, long=lc > 0) for s, lc, c in zip(running, long, self._draft_caps(running, k))]
+        rows = self.scheduler.reserve(waiting, running, rows)  # the rows that still run (newest ones preempted)
+        long_rows = [r for r in rows if r.long]
+        for group, width in ((long_rows, max((r.cap for r in long_rows), default=0)), ([r for r in rows if not r.long], k)):
+            if not group:
                 continue
-            seqs, row_caps = [running[i] for i in rows], [caps[i] for i in rows]
-            if any(row_caps):
-                self._speculate(seqs, width, row_caps)
+            seqs, caps = [r.seq for r in group], [r.cap for r in group]
+            if any(caps):
+                self._speculate(seqs, width, caps)
             else:
                 self._decode(seqs)
 
     def _long_caps(self, running: list[_Sequence]) -> list[int]:
         """Drafts each row proposes in the long group this step (0: it joins the other rows): its
         long proposal, capped by `replay_k`, the row's room, and the policy's choice for the group."""
-        ready = self.drafter.long_drafts(running) if self.drafter is not None and self.replay_k else None
+        ready = self.drafter.long_drafts(running) if self.replay_k else None
         if ready is None:
             return [0] * len(running)
         n = sum(1 for r in ready if r)
@@ -301,7 +324,7 @@ class RolloutEngine:
 
     def _choose_k(self, running: list[_Sequence]) -> int:
         """This step's draft length: the policy's choice for the active batch, capped at the engine's k."""
-        if self.drafter is None:
+        if not self.k:
             return 0
         context = sum(len(s.tokens) for s in running) / len(running)
         return min(self.policy.choose(len(running), context), self.k)
@@ -314,32 +337,6 @@ class RolloutEngine:
                 for s in running]
 
     # ------------------------------------------------------------------------------------------
-    def _admit(self, waiting: deque, running: list) -> list[_Sequence]:
-        admitted = []
-        while waiting and len(running) + len(admitted) < self.max_batch:
-            s = waiting[0]
-            n = len(s.tokens)
-            longest = max([n] + [len(a.tokens) for a in admitted])
-            if admitted and longest * (len(admitted) + 1) > self.max_prefill_tokens:
-                break
-            # Room for the prompt plus its first decoded token, so admission cannot preempt at once.
-            if self.blocks.blocks_for(n + 1) > self.blocks.num_free:
-                break
-            self.blocks.allocate(s.id, n)
-            admitted.append(waiting.popleft())
-        return admitted
-
-    def _reserve_slots(self, waiting: deque, running: list, caps: list[int]) -> None:
-        """Slots for every running sequence's newest token and its `caps` drafts, preempting from
-        the back (the most recently admitted) if the pool runs dry."""
-        while sum(self.blocks.extra_blocks(s.id, c + 1) for s, c in zip(running, caps)) > self.blocks.num_free:
-            victim = running.pop()
-            self._release(victim)  # drafter state is rebuilt by the prefill that readmits it
-            waiting.appendleft(victim)
-            self.stats.preemptions += 1
-        for s, c in zip(running, caps):
-            self.blocks.append(s.id, c + 1)
-
     def _tables(self, seqs: list[_Sequence], rows: int | None = None) -> torch.Tensor:
         """The sequences' block tables, as wide as the longest needs, padded to `rows` rows."""
         width = self.steps.table_width(max(len(self.blocks.tables[s.id]) for s in seqs))
@@ -381,8 +378,8 @@ class RolloutEngine:
         tokens, positions, valid = tokens.to(dev), positions.to(dev), valid.to(dev)
         out = step(self.runner, self.cache.pools, tokens, positions, valid, tables, last.to(dev), seeds, temp, top_k, top_p)
         first, logprobs, taps = out if self.feature_layers else (*out, None)
-        if self.drafter is not None:  # the drafter sees the same tokens (before the first new one is recorded)
-            self.drafter.on_prefill(seqs, tokens, positions, valid, tables, taps, first)
+        # the drafter sees the same tokens (before the first new one is recorded)
+        self.drafter.on_prefill(seqs, tokens, positions, valid, tables, taps, first)
         self._record(seqs, first, logprobs)
         self.stats.prefill_tokens += len(seqs)
         self.stats.prefill_s += time.perf_counter() - t0
@@ -398,8 +395,7 @@ class RolloutEngine:
         step = self.steps.get(decode_step, use_filter=use_filter, hidden_layers=self.feature_layers)
         next_tokens, logprobs, *taps = step(self.runner, self.cache.pools, tokens.to(self.device),
                                             positions.to(self.device), tables, seeds, temp, top_k, top_p)
-        if self.drafter is not None:
-            self.drafter.on_decode(seqs, taps[0] if taps else None, next_tokens)
+        self.drafter.on_decode(seqs, taps[0] if taps else None, next_tokens)
         self._record(seqs, next_tokens[: len(seqs)], logprobs[: len(seqs)])
         self.stats.decode_s += time.perf_counter() - t0
         self.stats.decode_steps += 1
@@ -498,7 +494,7 @@ class RolloutEngine:
         return sum(times[warm:]) / max(reps, 1)
 
     def _synthetic_steps(self, batch: int, k: int, context: int, calls: int, *, use_filter: bool = False) -> list[float]:
-        widest = max(self.k, self.replay_k) if self.drafter is not None else 0
+        widest = max(self.k, self.replay_k) if self.k else 0
         if k > widest:
             raise ValueError(f"cannot time k={k}: the engine drafts at most {widest}")
         if self.blocks.blocks_for(context + k + 1) * batch > self.blocks.num_free:
@@ -525,8 +521,7 @@ class RolloutEngine:
                 for _ in range(calls):
                     for s in seqs:
                         self.blocks.append(s.id, k + 1)
-                        if self.drafter is not None:
-                            self.drafter.assume_cached(s)
+                        self.drafter.assume_cached(s)
                     t0 = time.perf_counter()
                     self._speculate(seqs, k, [k] * batch) if k else self._decode(seqs)
                     times.append(time.perf_counter() - t0)
@@ -534,8 +529,7 @@ class RolloutEngine:
                         self.blocks.truncate(s.id, self.blocks.lengths[s.id] - (context - 1))
                         del s.out[1:], s.logprobs[:], s.verified[:]
                         s.finish_reason = None
-                        if self.drafter is not None:
-                            self.drafter.forget(s)
+                        self.drafter.forget(s)
         finally:
             for s in seqs:
                 self.blocks.free(s.id)
@@ -560,7 +554,7 @@ class RolloutEngine:
         buckets = sorted({self.steps.batch_bucket(b, self.max_batch) for b in buckets_up_to(largest)})
         if ks is None:
             fixed = isinstance(self.policy, FixedK)
-            ks = [0] if self.drafter is None else sorted({0, self.policy.k}) if fixed else list(range(self.k + 1))
+            ks = [0] if not self.k else sorted({0, self.policy.k}) if fixed else list(range(self.k + 1))
         shapes = [(b, k, context) for b in buckets for k in ks for context in self._warm_contexts(k, max_context)]
         for b, k, context in tqdm(shapes, desc="compiling step shapes", disable=not progress):
             self._synthetic_steps(b, k, context, self.steps.warm_calls, use_filter=use_filter)

@@ -258,12 +258,8 @@ class OnlineLearner:
             "accept_est": round(expected_tokens(alpha, self.k), 4),
         }
 
-    @torch.no_grad()
     def _swap(self) -> None:
-        live = dict(self.engine.drafter.module.named_parameters())
-        for name, p in self.head.named_parameters():
-            live[name].copy_(p)
-        self.engine.sync_drafter()
+        self.engine.load_drafter_weights(self.head)  # published through the engine's interface
         self.live_version = self.updates
 
     # ------------------------------------------------------------------------------------------

@@ -617,7 +617,6 @@ class Trainer:
         params = [SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                  seed=e.seed) for e in episodes]
         replays = None if self.replays is None else [self.replays.get(e.key, e.sample) for e in episodes]
-        self.engine.stats = EngineStats()
         with tqdm(total=len(episodes), desc=f"step {self.step + 1} rollout", disable=not (cfg.progress and d.main),
                   file=sys.stderr, leave=False) as bar:
             # one process abandons the rollout on Ctrl-C; ranks finish theirs and agree after the step
@@ -626,7 +625,7 @@ class Trainer:
                                                on_finish=bar.update, should_stop=stop)
         for e, c in zip(episodes, completions):
             e.completion = c
-        return self.engine.stats, None if replays is None else sum(r is not None for r in replays)
+        return completions.stats, None if replays is None else sum(r is not None for r in replays)
 
     def score(self, episodes: list[Episode]) -> None:
         """Step 3: each completion's text and rewards."""
@@ -677,12 +676,8 @@ class Trainer:
         t0 = time.perf_counter()
         mine = [self.eval_problems[i] for i in range(d.rank, len(self.eval_problems), d.world)]
         prompts = [chat_prompt(self.tok, p.messages()) for p in mine]
-        policy, stats = self.engine.policy, self.engine.stats
-        self.engine.policy, self.engine.stats = FixedK(0), EngineStats()
-        try:
-            outs = self.engine.generate(prompts, SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0))
-        finally:
-            self.engine.policy, self.engine.stats = policy, stats
+        outs = self.engine.generate(prompts, SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0),
+                                    policy=FixedK(0))
         texts = [self.tok.decode(o.token_ids, skip_special_tokens=True) for o in outs]
         scored = self.rewards.score(mine, texts, [o.token_ids for o in outs]) if mine else []
         sums = distributed.all_reduce_named({"n": len(scored), "correct": sum(s.correct >= 1.0 for s in scored),

@@ -149,6 +149,16 @@ class Drafter:
         synthetic sequence's tokens but the newest (the cache contents are garbage)."""
 
 
+class NoDrafter(Drafter):
+    """What an engine without speculative decoding holds: every hook a no-op, and nothing to draft
+    (its engine has k = 0, so it never asks)."""
+
+    kind = "none"
+
+    def draft(self, batch: DraftBatch) -> Drafts:
+        raise RuntimeError("this engine has no drafter: it never speculates")
+
+
 def as_drafter(obj) -> Drafter | None:
     """A `Drafter` from what users pass the engine: a Drafter, an EAGLE head, or a causal LM over the
     target's vocabulary (`models/drafter.py`)."""

@@ -188,12 +188,11 @@ def run(args) -> dict:
                 for name, engine in (("plain", plain), ("sd", sd)):
                     if name == "sd":
                         engine.policy = AdaptiveK(costs, args.k, chosen.prior)
-                    engine.stats = type(engine.stats)()
                     t0 = time.perf_counter()
                     out = engine.generate(prompts[:n], params[:n], replays=old[:n] if name == "sd" else None)
                     seconds = time.perf_counter() - t0
                     if best[name] is None or seconds < best[name][0]:
-                        best[name] = (seconds, engine.stats, [o.token_ids for o in out])
+                        best[name] = (seconds, out.stats, [o.token_ids for o in out])
             (ps, pst, ptok), (ss, sst, stok) = best["plain"], best["sd"]
             tokens = sum(map(len, ptok))
             kinds = sst.sd_kinds.get("replay", {})

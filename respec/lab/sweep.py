@@ -43,7 +43,6 @@ def best_of(reps: int, engine, prompts, params) -> tuple[float, float, EngineSta
     fastest is the least disturbed): (decode-phase tok/s, rollout seconds, that run's stats)."""
     best = None
     for _ in range(reps):
-        engine.stats = type(engine.stats)()
         seconds, _ = timed_rollout(engine, prompts, params)
         if best is None or engine.stats.decode_tok_s > best[0]:
             best = (engine.stats.decode_tok_s, seconds, engine.stats)
@@ -139,7 +138,6 @@ def run_sweep(args, model, tokenizer, drafter, eos_token_ids) -> dict:
         engine.policy = pol
         seconds, out = 0.0, []
         for rep in range(args.sweep_reps):
-            engine.stats = type(engine.stats)()
             s, o = timed_rollout(engine, long_prompts, natural(rep))
             seconds, out = seconds + s, out + o
         outputs[name] = [o.token_ids for o in out]
