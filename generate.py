@@ -30,7 +30,7 @@ from models.loading import ModelLoadError, load_model, load_tokenizer, resolve_c
 from respec.cli import OneLineParser, positive_float, positive_int, positive_int_list
 from respec.engine import RolloutEngine, SamplingParams
 from respec.speculative import VERIFY_RULES
-from respec.drafters.choose import choose_drafter
+from respec.drafter_choice import choose_drafter
 from respec.tasks import DEFAULT_TASK, chat_prompt, make_problems, make_task
 
 
@@ -105,7 +105,7 @@ def parse_device(spec: str) -> torch.device:
 
 def make_drafter(spec: str | None, model, k: int, args, tokenizer):
     """The drafter a --drafter spec names (None without one), chosen as train.py chooses it
-    (respec/drafters/choose.py): `auto` is the default head train.py's default run uses for --task."""
+    (respec/drafter_choice.py): `auto` is the default head train.py's default run uses for --task."""
     if spec is None:
         return None
     if k < 1:

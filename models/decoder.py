@@ -225,7 +225,7 @@ class Attention(nn.Module):
         """Attention of the tokens x (B, T, in) over the cache `kv` (or causally over themselves when
         it is None). `attend(q, k, v) -> (B, T, H, D)`, given q (B, T, H, D) and these tokens' own k, v
         (B, T, Hkv, D) after RoPE, replaces both: for a caller that decides itself which keys each query
-        sees (the EAGLE head's training-time-test unroll, respec/drafter_training.py)."""
+        sees (the EAGLE head's training-time-test unroll, respec/distill.py)."""
         B, T, _ = x.shape
         cfg = self.cfg
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)

@@ -35,7 +35,8 @@ import torch
 
 from compile.cpu_linear import packed_view, packing_available, repack
 from compile.policy import CompiledSteps, buckets_up_to
-from respec.drafters import DraftBatch, Drafter, EngineView, NoDrafter, as_drafter
+from respec.drafters import DraftBatch, Drafter, EngineView, NoDrafter
+from respec.drafters.wrap import as_drafter
 from respec.kv_cache import PagedKVCache
 from respec.sampling import prepare_sampler
 from respec.scheduler import Row, Scheduler

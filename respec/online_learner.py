@@ -9,7 +9,7 @@ update, `submit` hands the learner the step's completions and their weights w(r)
      estimate); stored with each sequence's weight in a replay buffer;
   2. every `interval` steps one drafter update: `epochs` passes over the buffer in minibatches of
      `batch` sequences (over all ranks), each one AdamW step on the training-time-test loss of
-     respec/drafter_training.py weighted as respec/kd_loss.py says, its forward under autocast to the
+     respec/distill.py weighted as respec/kd_loss.py says, its forward under autocast to the
      rollout dtype (bf16 where native; fp32 master weights and optimizer); the buffer is then emptied;
   3. from the same forwards (first pass only: data the head has not been trained on yet), the
      acceptance estimate alpha_j = mean over tokens of 1 - TV(p_actor, q_draft) at draft position j,
@@ -59,7 +59,7 @@ import torch
 import torch.distributed as dist
 
 from models.eagle import EagleHead
-from respec.drafter_training import Sequences, collate, head_loss, target_features
+from respec.distill import Sequences, collate, head_loss, target_features
 from respec.kd_loss import WEIGHTINGS
 from respec.solver import expected_tokens
 

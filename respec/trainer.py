@@ -57,7 +57,7 @@ from compile.policy import COMPILE_MODES
 from models.eagle import save_eagle
 from models.loading import cache_dir, load_model, load_tokenizer, resolve_dtype
 from respec import checkpoint, distributed, grpo, guards, metrics, rewards
-from respec.drafters.choose import Chosen, choose_drafter, split_spec
+from respec.drafter_choice import Chosen, choose_drafter, split_spec
 from respec.drafters.replay import ReplayStore
 from respec.episode import Episode, set_advantages
 from respec.engine import EngineStats, RolloutEngine, SamplingParams, Stopped

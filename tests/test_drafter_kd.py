@@ -218,7 +218,7 @@ def test_distillation_schedule(tiny, rollouts):
 def test_unroll_mask_by_hand():
     """Step 0 is causal; at step 2 the query at position j sees true-feature keys up to j - 2, the
     step-1 key at j - 1 and its own step-2 key at j."""
-    from respec.drafter_training import unroll_mask
+    from respec.distill import unroll_mask
 
     assert torch.equal(unroll_mask(3, 0), torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool))
     got = unroll_mask(4, 2).int().tolist()  # (4, 3 * 4): [K_0 | K_1 | K_2]
@@ -232,7 +232,7 @@ def test_head_loss_tv_term_is_one_minus_acceptance(tiny, rollouts):
     """The rejection rule's acceptance estimate of step 0 against sum_x min(p, q) computed from the target's and the
     head's full-vocabulary distributions directly, and the TV term of the loss by hand: the loss
     with tv_weight c is the KL loss plus c * sum_s decay^s * (1 - mean acceptance of step s)."""
-    from respec.drafter_training import Sequences, collate, head_loss, target_features
+    from respec.distill import Sequences, collate, head_loss, target_features
 
     seqs, plens = rollouts
     head = untrained_head(tiny, seqs, seed=0, draft_vocab=512)
@@ -274,7 +274,7 @@ def test_teacher_features_with_each_prompt_once_equal_whole_sequence_forwards(ti
     """A GRPO group's samples share their prompt's forward (`target_features`): the same features,
     final states and log-partitions as a forward of each whole sequence, for prompts of different
     lengths in one chunk (padding masked) and completions of every length (one empty)."""
-    from respec.drafter_training import Sequences, target_features
+    from respec.distill import Sequences, target_features
 
     g = torch.Generator().manual_seed(5)
     rand = lambda n: torch.randint(5, tiny.cfg.vocab_size, (n,), generator=g).tolist()  # noqa: E731

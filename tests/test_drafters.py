@@ -12,7 +12,7 @@ import torch
 from models.decoder import PRESETS
 from models.drafter import truncated_drafter
 from models.loading import random_model
-from respec.drafters import as_drafter
+from respec.drafters.wrap import as_drafter
 from respec.drafters.history import HistoryDrafter, SuffixIndex
 from respec.drafters.hybrid import HybridDrafter
 from respec.drafters.layers import LayerDrafter
@@ -234,7 +234,7 @@ def test_as_drafter_wraps_each_kind(tiny):
 
 def test_default_head_key_covers_task_options_and_length():
     """Settings with other task options or completion lengths get heads pretrained on their own text."""
-    from respec.drafters.choose import default_head_dir, pretrain_tokens
+    from respec.drafter_choice import default_head_dir, pretrain_tokens
 
     base = default_head_dir("tiny", "basic_arithmetic")
     assert base == default_head_dir("tiny", "basic_arithmetic", {}, 64)

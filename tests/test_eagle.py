@@ -96,7 +96,7 @@ def test_training_time_test_unroll_matches_drafting(tiny):
     """Unroll step s of training computes, at every position, exactly what the s-th draft step
     computes at inference over the paged cache (true-feature keys before the drafting point, the
     head's own keys after it)."""
-    from respec.drafter_training import ttt_layer
+    from respec.distill import ttt_layer
     from respec.kv_cache import PagedKVCache
     from respec.paged_attention import PagedKV
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models.drafter import truncated_drafter
-from respec.drafters import as_drafter
+from respec.drafters.wrap import as_drafter
 from respec.drafters.history import HistoryDrafter
 from respec.drafters.hybrid import HybridDrafter
 from respec.drafters.replay import ReplayDrafter, ReplayStore

@@ -162,7 +162,7 @@ def _small_target():
 
 
 def _drafter(kind, target):
-    from respec.drafters import as_drafter
+    from respec.drafters.wrap import as_drafter
     from respec.drafters.history import HistoryDrafter
     from respec.drafters.hybrid import HybridDrafter
     from tests.test_eagle import head_for

@@ -157,19 +157,3 @@ class NoDrafter(Drafter):
 
     def draft(self, batch: DraftBatch) -> Drafts:
         raise RuntimeError("this engine has no drafter: it never speculates")
-
-
-def as_drafter(obj) -> Drafter | None:
-    """A `Drafter` from what users pass the engine: a Drafter, an EAGLE head, or a causal LM over the
-    target's vocabulary (`models/drafter.py`)."""
-    from models.eagle import EagleHead
-
-    if obj is None or isinstance(obj, Drafter):
-        return obj
-    if isinstance(obj, EagleHead):
-        from respec.drafters.eagle import EagleDrafter
-
-        return EagleDrafter(obj)
-    from respec.drafters.layers import LayerDrafter
-
-    return LayerDrafter(obj)

@@ -122,7 +122,7 @@ def run(args) -> dict:
     from compile.policy import use_persistent_cache
     from models.loading import cache_dir
     from respec import distributed
-    from respec.drafters.choose import choose_drafter
+    from respec.drafter_choice import choose_drafter
     from respec.engine import RolloutEngine, SamplingParams
     from respec.rollout_seeds import RolloutSeeds
     from respec.solver import AdaptiveK, cost_key, load_or_profile

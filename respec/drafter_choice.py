@@ -145,7 +145,7 @@ def choose_drafter(spec: str, *, target, k: int, model: str, task_name: str, tas
     kind, _, layers = head_spec.partition(":")
     if kind == "first":  # the rollout model's first N layers: shares its weights, so it never goes stale
         from models.drafter import truncated_drafter
-        from respec.drafters import as_drafter
+        from respec.drafters.wrap import as_drafter
 
         if not layers.isdigit():
             raise ValueError(f"--drafter {spec}: first:N needs a number of layers")
