@@ -219,7 +219,8 @@ def run_grpo(ns, given: dict, d: distributed.Dist) -> int:
         fresh.rename(run_dir / "hf")
     if cfg.export_hf:
         checkpoint.export_hf(trainer.actor, Path(cfg.export_hf), d, tokenizer=trainer.tok)
-    trainer.export_drafter(run_dir / "drafter")
+    if trainer.learner is not None:
+        trainer.learner.export(run_dir / "drafter")
     if d.main:
         plot_run(run_dir)
         if history:

@@ -1,7 +1,16 @@
 """The drafter's online learner: distils the EAGLE head from the actor while GRPO trains it.
 
-The actor changes every RL step, so a drafter fitted once goes stale. Each step, after the actor's
-update, `submit` hands the learner the step's completions and their weights w(r):
+The actor changes every RL step, so a drafter fitted once goes stale. The learner owns the head's
+schedule, weights, swap and export; the trainer calls three hooks and its checkpoints hold
+`state_dict()`:
+
+  before_rollout()                          a finished background update is swapped in, its
+                                            acceptance estimate handed to the solver
+  after_update(model, episodes, ...)        the step's episodes, weighted by w(r), distilled from
+                                            the updated actor when `due` (below)
+  export(dir)                               the head as trained so far, with its estimate as a prior
+
+Inside, `submit` hands the work the step's completions and their weights w(r):
 
   1. teacher signal: one no-grad forward of the *updated* actor (the rollout copy) over the
      sequences (each prompt once for its G samples) gives what the head needs, the outputs of its three feature layers and the final
@@ -51,17 +60,21 @@ only, no older rollouts.
 
 from __future__ import annotations
 
+import json
+import math
+import shutil
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from models.eagle import EagleHead
+from models.eagle import EagleHead, save_eagle
 from respec.distill import Sequences, collate, head_loss, target_features
-from respec.kd_loss import WEIGHTINGS
-from respec.solver import expected_tokens
+from respec.kd_loss import WEIGHTINGS, sequence_weights
+from respec.solver import AdaptiveK, expected_tokens
 
 
 @dataclass
@@ -103,9 +116,11 @@ class OnlineLearner:
     """See the module docstring. `head` is the trainable fp32 master copy; `engine.drafter` the head
     the engine drafts with (the same weights in the rollout dtype)."""
 
-    def __init__(self, head: EagleHead, engine, cfg: KDConfig, *, world: int = 1, k: int = 3):
+    def __init__(self, head: EagleHead, engine, cfg: KDConfig, *, world: int = 1, k: int = 3, main: bool = True):
         cfg.validate()
-        self.cfg, self.engine, self.k, self.world = cfg, engine, k, world
+        self.cfg, self.engine, self.k, self.world, self.main = cfg, engine, k, world, main
+        # the latest finite acceptance estimate: the solver's, and the exported head's prior
+        self.last_alpha_est: list[float] | None = None
         self.head = head.float().train().requires_grad_(True)
         self.opt = torch.optim.AdamW(self.head.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0,
                                      fused=True)
@@ -119,6 +134,52 @@ class OnlineLearner:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._result: dict | None = None  # stats of the last finished work, not yet collected
+
+    # --- what the GRPO trainer calls ---------------------------------------------------------
+    def before_rollout(self) -> dict | None:
+        """Between rollouts: a finished background update is swapped into the engine and its
+        acceptance estimate goes to the solver; returns its figures (None: nothing finished)."""
+        return self._publish(self.collect()) if self.cfg.async_update else None
+
+    def after_update(self, model, episodes, speculated: bool, step: int) -> dict | None:
+        """After the actor's update (`model` holds its new weights): distil this step's episodes if
+        it is due, each weighted by w(r) (rewards normalised over every rank's batch); synchronous
+        updates are swapped in at once and their figures returned."""
+        if not self.due(step, speculated):
+            return None
+        rewards = torch.tensor([e.score.reward for e in episodes], dtype=torch.float32)
+        advantages = torch.tensor([e.advantage for e in episodes], dtype=torch.float32)
+        n, total, sq = self._all_reduce([rewards.numel(), float(rewards.sum()), float((rewards ** 2).sum())])
+        mean = total / n
+        weights = sequence_weights(self.cfg.weighting, rewards, advantages, mean=mean,
+                                   std=math.sqrt(max(sq / n - mean ** 2, 0.0)))
+        self.submit(model, [e.tokens for e in episodes], [len(e.prompt_ids) for e in episodes], weights, step)
+        return None if self.cfg.async_update else self._publish(self.collect())
+
+    def export(self, out_dir: Path) -> None:
+        """The head as trained so far (`--drafter DIR` loads it), with its last acceptance estimate
+        as the solver's prior; written aside and swapped in (main rank only)."""
+        if not self.main:
+            return
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_eagle(self.head, tmp)
+        if self.last_alpha_est:
+            (tmp / "train_report.json").write_text(json.dumps({"alpha_estimate": self.last_alpha_est}) + "\n")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+
+    def _publish(self, kd: dict | None) -> dict | None:
+        """A finished update's acceptance estimate to the solver (an adaptive policy's alpha)."""
+        if not kd or "alpha_est" not in kd:
+            return kd
+        if not all(math.isfinite(a) for a in kd["alpha_est"]):
+            # a non-finite teacher (the actor diverged): the estimate says nothing, keep the solver's
+            return {k: v for k, v in kd.items() if k not in ("alpha_est", "accept_est")}
+        self.last_alpha_est = kd["alpha_est"]
+        if isinstance(self.engine.policy, AdaptiveK):
+            self.engine.policy.set_alpha(kd["alpha_est"])
+        return kd
 
     # ------------------------------------------------------------------------------------------
     def due(self, step: int, speculated: bool) -> bool:
@@ -268,7 +329,7 @@ class OnlineLearner:
         self.wait()
         return {"head": self.head.state_dict(), "optimizer": self.opt.state_dict(), "updates": self.updates,
                 "opt_steps": self.opt_steps, "live_version": self.live_version, "buffer": self.buffer,
-                "result": self._result, "last_submit": self.last_submit}
+                "result": self._result, "last_submit": self.last_submit, "last_alpha_est": self.last_alpha_est}
 
     def load_state_dict(self, state: dict) -> None:
         self.head.load_state_dict(state["head"])
@@ -276,6 +337,7 @@ class OnlineLearner:
         self.updates, self.live_version, self.opt_steps = state["updates"], state["live_version"], state["opt_steps"]
         self.buffer, self._result = state["buffer"], state["result"]
         self.last_submit = state.get("last_submit")
+        self.last_alpha_est = state.get("last_alpha_est")
 
 
 # ----------------------------------------------------------------------------------------------

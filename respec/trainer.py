@@ -54,14 +54,12 @@ import torch
 from tqdm import tqdm
 
 from compile.policy import COMPILE_MODES
-from models.eagle import save_eagle
 from models.loading import cache_dir, load_model, load_tokenizer, resolve_dtype
 from respec import checkpoint, distributed, grpo, guards, metrics, rewards
 from respec.drafter_choice import Chosen, choose_drafter, split_spec
 from respec.drafters.replay import ReplayStore
 from respec.episode import Episode, set_advantages
 from respec.engine import EngineStats, RolloutEngine, SamplingParams, Stopped
-from respec.kd_loss import sequence_weights
 from respec.kv_cache import default_pool_bytes
 from respec.online_learner import KDConfig, OnlineLearner
 from respec.rollout_seeds import SEED_MODES, RolloutSeeds
@@ -339,8 +337,8 @@ class Trainer:
                 batch=cfg.drafter_batch,
                 epochs=cfg.drafter_epochs, interval=cfg.drafter_update_interval,
                 idle_interval=cfg.drafter_idle_interval, unroll=cfg.k,
-                temperature=cfg.temperature, verify=cfg.verify, async_update=cfg.drafter_async), world=d.world, k=cfg.k)
-        self.last_alpha_est = None
+                temperature=cfg.temperature, verify=cfg.verify, async_update=cfg.drafter_async), world=d.world, k=cfg.k,
+                main=d.main)
         self.stop = guards.StopRequest()  # entered by run(): Ctrl-C asks the run to stop
         self.saved_step: int | None = None  # the step of the newest checkpoint written or resumed
         self.step = 0
@@ -475,12 +473,12 @@ class Trainer:
             raise guards.RunInterrupted(f"interrupted: the checkpoint of step {self.step} is in "
                                         f"{checkpoint.checkpoint_root(self.run_dir)}; continue with --resume {self.run_dir}")
         if self.learner is not None:  # the last step's update, if it ran in the background
-            self.on_drafter_update(self.learner.collect())
+            self.learner.before_rollout()
         log.close()
         return history
 
     def save(self) -> None:
-        extras = {"last_alpha_est": self.last_alpha_est}
+        extras = {}
         if isinstance(self.engine.policy, AdaptiveK):  # the solver's acceptance (online EMA) at this point
             extras["solver_alpha"] = list(self.engine.policy.alpha)
         if self.learner is not None:
@@ -500,7 +498,6 @@ class Trainer:
                                    scheduler=self.scheduler, drafter=self.head_module)
         self.step = self.saved_step = int(progress["step"])
         extras = checkpoint.load_extras(path)
-        self.last_alpha_est = extras.get("last_alpha_est")
         self.drafter_prior = extras.get("solver_alpha", self.drafter_prior)  # step 3 builds the solver with it
         if self.learner is not None and "drafter_learner" in extras:
             self.learner.load_state_dict(extras["drafter_learner"])
@@ -516,41 +513,6 @@ class Trainer:
         if self.d.main:
             metrics.forget_after([self.metrics_path, self.completions_path], step)
         distributed.barrier(self.d)
-
-    def kd_weights(self, rewards: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
-        """w(r) of this rank's completions; rewards normalised with the global batch's statistics."""
-        n, total, sq = distributed.all_reduce_sum([rewards.numel(), float(rewards.sum()), float((rewards ** 2).sum())],
-                                                  self.d)
-        mean = total / n
-        std = math.sqrt(max(sq / n - mean ** 2, 0.0))
-        return sequence_weights(self.learner.cfg.weighting, rewards, advantages, mean=mean, std=std)
-
-    def on_drafter_update(self, kd: dict | None) -> dict | None:
-        """A finished drafter update: its acceptance estimate goes to the solver."""
-        if not kd or "alpha_est" not in kd:
-            return kd
-        if not all(math.isfinite(a) for a in kd["alpha_est"]):
-            # a non-finite teacher (the actor diverged): the estimate says nothing, keep the solver's
-            return {k: v for k, v in kd.items() if k not in ("alpha_est", "accept_est")}
-        self.last_alpha_est = kd["alpha_est"]
-        if isinstance(self.engine.policy, AdaptiveK):
-            self.engine.policy.set_alpha(kd["alpha_est"])
-        return kd
-
-    def export_drafter(self, out_dir: Path) -> None:
-        """The drafter as trained so far (`--drafter DIR` loads it), with its last acceptance
-        estimate as the solver's prior; written aside and swapped in."""
-        if self.learner is None or not self.d.main:
-            return
-        import shutil
-
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_eagle(self.learner.head, tmp)
-        if self.last_alpha_est:
-            (tmp / "train_report.json").write_text(json.dumps({"alpha_estimate": self.last_alpha_est}) + "\n")
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
 
     def after_update(self) -> None:
         """The rollout engine reads the new weights (all-gather into the copy; repack). A background
@@ -570,7 +532,7 @@ class Trainer:
         drafter_version = self.learner.live_version if self.learner is not None else 0  # drafter updates in it
         with timed(timings, "rollout_s"):
             stats, replay_rows = self.generate(episodes)  # 2. rollout
-        kd = self.swap_drafter(timings) if cfg.drafter_async else None  # a background update, between rollouts
+        kd = self.drafter_hook("before_rollout", timings)  # a background drafter update swapped in
         with timed(timings, "reward_s"):
             self.score(episodes)  # 3. rewards
         self.log_completions(episodes)
@@ -589,7 +551,8 @@ class Trainer:
             replay_store_bytes=self.replays.nbytes() if self.replays is not None else 0,
             flops_per_token=(self.n_body, self.n_head), peak_flops=self.peak_flops)
         sums = distributed.all_reduce_named(metrics.rank_sums(episodes, stats, inputs), d)  # 6. metrics
-        kd = self.distil(episodes, sums["sd_steps"] > 0, timings) or kd  # the drafter's online distillation
+        kd = self.drafter_hook("after_update", timings, self.rollout.model, episodes, sums["sd_steps"] > 0,
+                               self.step) or kd  # the drafter's online distillation from the updated actor
         inputs.kd, inputs.lr = kd, self.scheduler.get_last_lr()[0]
         timings["step_s"] = time.perf_counter() - t_step
         return metrics.step_metrics(sums, stats, inputs, d)
@@ -636,24 +599,13 @@ class Trainer:
         for e, s in zip(episodes, scored):
             e.score = s
 
-    def swap_drafter(self, timings: dict) -> dict | None:
-        """Between rollouts: a finished background drafter update is swapped in."""
+    def drafter_hook(self, name: str, timings: dict, *args) -> dict | None:
+        """The online learner's hook `name` (respec/online_learner.py owns the drafter's schedule,
+        weights, swap and export), timed as the step's drafter phase; None without a learner."""
         if self.learner is None:
             return None
         with timed(timings, "drafter_s", add=True):
-            return self.on_drafter_update(self.learner.collect())
-
-    def distil(self, episodes: list[Episode], speculated: bool, timings: dict) -> dict | None:
-        """The drafter's online distillation from the updated actor on this step's episodes (in a
-        background thread when async; then its figures come with a later step)."""
-        if self.learner is None or not self.learner.due(self.step, speculated):
-            return None
-        with timed(timings, "drafter_s", add=True):
-            rewards = torch.tensor([e.score.reward for e in episodes], dtype=torch.float32)
-            advantages = torch.tensor([e.advantage for e in episodes], dtype=torch.float32)
-            self.learner.submit(self.rollout.model, [e.tokens for e in episodes], [len(e.prompt_ids) for e in episodes],
-                                self.kd_weights(rewards, advantages), self.step)
-            return None if self.cfg.drafter_async else self.on_drafter_update(self.learner.collect())
+            return getattr(self.learner, name)(*args)
 
     def remember(self, episodes: list[Episode], signal: list[bool]) -> None:
         """After the rewards: every rank learns every group's signal (the seeds reseed groups without
