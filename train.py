@@ -151,7 +151,7 @@ def resumed_config(run: Path, given: dict) -> TrainConfig:
     return cfg
 
 
-def summary(history: list[dict], run_dir: Path, wall_s: float, prep: dict) -> str:
+def summary(history: list[dict], run_dir: Path, wall_s: float, prep: dict, verify: str = "match") -> str:
     first, last = history[:5], history[-5:]
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
     rollout = sum(r["rollout_s"] for r in history)
@@ -168,8 +168,9 @@ def summary(history: list[dict], run_dir: Path, wall_s: float, prep: dict) -> st
     ]
     est = [r["accept_est"] for r in history if "accept_est" in r]
     if est:
+        rule = "a draw under the match rule" if verify == "match" else "1 - TV"
         lines.append(f"drafter distillation {mean(history, 'drafter_s'):.1f} s per step on the critical path; estimated "
-                     f"accept_len (1 - TV) {est[0]:.2f} -> {est[-1]:.2f}")
+                     f"accept_len ({rule}) {est[0]:.2f} -> {est[-1]:.2f}")
     lines += [
         f"metrics {run_dir / 'metrics.jsonl'}, plots {run_dir / 'plots'}, final actor {run_dir / 'hf'}"
         + (f", final drafter {run_dir / 'drafter'}" if (run_dir / "drafter").is_dir() else ""),
@@ -224,7 +225,7 @@ def run_grpo(ns, given: dict, d: distributed.Dist) -> int:
     if d.main:
         plot_run(run_dir)
         if history:
-            print(summary(history, run_dir, time.perf_counter() - wall, prep), flush=True)
+            print(summary(history, run_dir, time.perf_counter() - wall, prep, cfg.verify), flush=True)
     return 0
 
 

@@ -5,7 +5,8 @@
 
 Five figures per run: reward and accuracy per step; the step's phase times (rollout, reward, train,
 drafter); rollout tokens/s with the fraction of decoding steps that speculated; acceptance length,
-measured and estimated (1 - TV, from the drafter's online distillation); the rollout/training
+measured and estimated (from the drafter's online distillation: 1 - TV, or a draw under the match
+rule); the rollout/training
 mismatch (`mismatch_kl`, plain-decoding and SD-verify tokens apart). The comparison: measured
 accept_len, its estimate, and reward over RL steps, one colour per run (the run directory's name).
 """
@@ -91,7 +92,7 @@ def plot_run(run_dir: Path) -> list[Path]:
         ax.plot(*zip(*measured), marker="o", linestyle="", label="measured accept_len (steps that speculated)")
     est = [(r["step"], r["accept_est"]) for r in rows if "accept_est" in r]
     if est:
-        ax.plot(*zip(*est), marker="x", label="estimated (1 - TV, at the largest k)")
+        ax.plot(*zip(*est), marker="x", label="estimated (online distillation, at the largest k)")
     finish(fig, ax, "acceptance.png", "tokens per verify step")
 
     fig, ax = plt.subplots(figsize=(6, 3.5))  # the rollout/training mismatch (respec/mismatch.py)
@@ -173,7 +174,7 @@ def plot_compare(run_dirs: list[Path], out: Path) -> Path:
             acc.plot(*zip(*measured), color=color, marker="o", ms=3, label=f"{Path(run).name}")
         est = [(r["step"], r["accept_est"]) for r in rows if "accept_est" in r]
         if est:
-            acc.plot(*zip(*est), color=color, ls="--", label=f"{Path(run).name} (1 - TV estimate)")
+            acc.plot(*zip(*est), color=color, ls="--", label=f"{Path(run).name} (estimate)")
         rew.plot([r["step"] for r in rows], [r["reward_mean"] for r in rows], color=color, marker="o", ms=3,
                  label=Path(run).name)
     for ax, ylabel in ((acc, "accept_len (tokens per verify step)"), (rew, "mean reward")):
