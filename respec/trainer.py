@@ -14,7 +14,9 @@ One step, as data flows (../DESIGN, "One GRPO step"):
      optimizer steps each, the loss aggregated as `--loss-type` says (respec/grpo.py; by default
      a token-level mean over the global minibatch), with the rollout's own log-probs for the
      mismatch metrics and the optional correction;
-  5. the rollout copy of the weights is refreshed from the updated actor;
+  5. the rollout copy of the weights is refreshed from the updated actor, and the drafter is
+     distilled from it (respec/online_learner.py: in the background, swapped in before the next
+     rollout, by default);
   6. metrics to RUN_DIR/metrics.jsonl, a checkpoint every `checkpoint_every` steps.
 
 Ctrl-C, a non-finite loss and a checkpoint that cannot be written stop the run as
@@ -543,19 +545,25 @@ class Trainer:
                                 reference=self.reference, micro_tokens=self.micro_tokens,
                                 train_dtype=self.train_dtype, progress=cfg.progress)
             self.after_update()  # 5. the rollout copy reads the new weights
+        # the drafter's online distillation from the updated actor (the same decision on every rank)
+        speculated = distributed.all_reduce_max([float(stats.sd_steps)], d)[0] > 0
+        kd = self.drafter_hook("after_update", timings, self.rollout.model, episodes, speculated, self.step) or kd
+        timings["step_s"] = time.perf_counter() - t_step
+        return self.step_metrics(episodes, stats, upd, timings, kd=kd, epoch=epoch,  # 6. metrics
+                                 drafter_version=drafter_version, replay_rows=replay_rows)
+
+    def step_metrics(self, episodes: list[Episode], stats: EngineStats, upd: dict, timings: dict, **step) -> dict:
+        """Step 6: the step's line of metrics.jsonl (respec/metrics.py), over all ranks."""
+        cfg = self.cfg
         if "mismatch_worst" in upd:
             upd["mismatch_worst"]["token"] = self.tok.decode([upd["mismatch_worst"]["token_id"]])
         inputs = metrics.StepInputs(
             step=self.step + 1, group=cfg.group, k=cfg.k, reward_names=self.rewards.names, timings=timings,
-            update=upd, lr=0.0, epoch=epoch, drafter_version=drafter_version, replay_rows=replay_rows,
+            update=upd, lr=self.scheduler.get_last_lr()[0],
             replay_store_bytes=self.replays.nbytes() if self.replays is not None else 0,
-            flops_per_token=(self.n_body, self.n_head), peak_flops=self.peak_flops)
-        sums = distributed.all_reduce_named(metrics.rank_sums(episodes, stats, inputs), d)  # 6. metrics
-        kd = self.drafter_hook("after_update", timings, self.rollout.model, episodes, sums["sd_steps"] > 0,
-                               self.step) or kd  # the drafter's online distillation from the updated actor
-        inputs.kd, inputs.lr = kd, self.scheduler.get_last_lr()[0]
-        timings["step_s"] = time.perf_counter() - t_step
-        return metrics.step_metrics(sums, stats, inputs, d)
+            flops_per_token=(self.n_body, self.n_head), peak_flops=self.peak_flops, **step)
+        sums = distributed.all_reduce_named(metrics.rank_sums(episodes, stats, inputs), self.d)
+        return metrics.step_metrics(sums, stats, inputs, self.d)
 
     def make_episodes(self) -> tuple[list[Episode], int]:
         """Step 1: this rank's episodes (its prompts r, r+W, ..., G samples each with its seed), and
