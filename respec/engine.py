@@ -199,7 +199,7 @@ class RolloutEngine:
         self.eos = set(int(e) for e in eos_token_ids)
         self.max_batch = max_batch
         self.scheduler = Scheduler(self.blocks, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens,
-                                   forget=self.drafter.forget, stats=lambda: self.stats)
+                                   forget=self.drafter.forget)
         self.steps = CompiledSteps(eager=eager, device=self.device, mode=compile_mode)
         prepare_sampler(cfg.vocab_size, self.device)  # the sampler's hash tables, once, outside any graph
         self.steps.static_inputs(self.cache.pools + self.cache.draft_pools)
@@ -297,8 +297,9 @@ class RolloutEngine:
         Slots for every row's drafts are reserved first (which may preempt rows from the back)."""
         k = self._choose_k(running)
         long = self._long_caps(running)
-        rows = [Row(s, lc or c, long=lc > 0) for s, lc, c in zip(running, long, self._draft_caps(running, k))]
-        rows = self.scheduler.reserve(waiting, running, rows)  # the rows that still run (newest ones preempted)
+        wanted = [Row(s, lc or c, long=lc > 0) for s, lc, c in zip(running, long, self._draft_caps(running, k))]
+        rows = self.scheduler.reserve(waiting, running, wanted)  # the rows that still run (newest ones preempted)
+        self.stats.preemptions += len(wanted) - len(rows)
         long_rows = [r for r in rows if r.long]
         for group, width in ((long_rows, max((r.cap for r in long_rows), default=0)), ([r for r in rows if not r.long], k)):
             if not group:

@@ -28,12 +28,11 @@ class Row:
 
 
 class Scheduler:
-    def __init__(self, blocks, *, max_batch: int, max_prefill_tokens: int, forget, stats):
+    def __init__(self, blocks, *, max_batch: int, max_prefill_tokens: int, forget):
         self.blocks = blocks  # respec/kv_cache.py BlockManager
         self.max_batch = max_batch  # most sequences running at once
         self.max_prefill_tokens = max_prefill_tokens  # padded prompt tokens per prefill batch
         self.forget = forget  # the drafter's hook for a sequence that leaves
-        self.stats = stats  # () -> the engine's current EngineStats (preemptions are counted there)
 
     def admit(self, waiting: deque, running: list) -> list:
         """Waiting sequences, from the front, while the batch, the prefill budget and the pool have
@@ -61,7 +60,6 @@ class Scheduler:
             victim = running.pop()
             self.release(victim)  # its drafter state is rebuilt by the prefill that readmits it
             waiting.appendleft(victim)
-            self.stats().preemptions += 1
         for r in rows:
             self.blocks.append(r.seq.id, r.cap + 1)
         return rows
