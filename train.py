@@ -31,13 +31,16 @@ from models.loading import ModelLoadError, load_model, load_tokenizer
 from respec import checkpoint, distributed, guards
 from respec.cli import OneLineParser, add_options, given_options, option_fields
 from respec.drafter_training import DrafterConfig
-from respec.trainer import TrainConfig, Trainer, default_prompts
+from respec.config import TrainConfig, default_prompts
+from respec.lab.plot import read_evaluations
+from respec.trainer import Trainer
 
 
 CONFIGS = {"grpo": TrainConfig, "drafter": DrafterConfig}
 # what a resumed run may change: how long it runs and what it writes, never what or how it learns
-RESUMABLE = ("steps", "checkpoint_every", "keep_checkpoints", "export_hf", "progress", "log_completions",
-             "eval_every", "eval_prompts", "eval_data")
+RESUMABLE = ("steps", "checkpoint_every", "keep_checkpoints", "export_hf", "progress", "report_to", "log_completions",
+             "eval_every", "eval_at_start", "eval_prompts", "eval_data", "eval_temperature", "eval_generations",
+             "eval_max_new_tokens")
 
 
 # TRL options with no direct counterpart here, and what to use instead
@@ -48,9 +51,18 @@ NOT_HERE = {
                                    "--minibatches sets optimizer steps per rollout",
     "num_train_epochs": "give --steps (RL steps)",
     "use_vllm": "the rollout is respec's own engine (--sd for speculative decoding)",
-    "scale_rewards": "--no-std-scaling centres advantages without dividing by the group's std",
-    "report_to": "TensorBoard events go to RUN_DIR/tensorboard when tensorboard is installed",
+    "scale_rewards": "advantages are scaled by their group's std (TRL's 'group'); --no-std-scaling centres them "
+                     "only (TRL's 'none'); a batch-wide std ('batch') is not offered",
     "logging_steps": "every step is logged to RUN_DIR/metrics.jsonl",
+    "bf16": "--train-dtype sets the training forward's autocast dtype and --dtype the rollout's; both are bf16 "
+            "where the hardware has it (auto)",
+    "fp16": "fp16 training would need loss scaling, which respec does not do: --train-dtype bf16 or fp32",
+    "reward_weights": "give each reward function its weight: --reward correctness:1.0 --reward mymod:fn:0.5",
+    "peft_config": "LoRA is set by --lora-r, --lora-alpha, --lora-dropout and --lora-target-modules",
+    "use_peft": "give --lora-r R (TRL's lora_r default is 16) to train LoRA adapters instead of the whole actor",
+    "save_strategy": "a checkpoint every --checkpoint-every RL steps, and one at the end",
+    "eval_strategy": "--eval-every N RL steps (and --eval-at-start)",
+    "per_device_eval_batch_size": "the evaluation decodes all of a rank's --eval-prompts together",
 }
 
 
@@ -78,7 +90,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
         if name in NOT_HERE:
             parser.error(f"{arg.split('=')[0]}: no such option here; {NOT_HERE[name]}")
     try:
-        ns, given = given_options(parser, argv, CONFIGS, NOT_HERE)
+        ns, given = given_options(parser, argv, CONFIGS, NOT_HERE, switches={"eager": "--eager"})
     except ValueError as e:
         parser.error(str(e))
     foreign = [n for n in given if n not in stages[ns.stage]]
@@ -111,7 +123,7 @@ def run_drafter(cfg: DrafterConfig, d: distributed.Dist) -> int:
     out = Path(cfg.out)
     if out.exists():
         raise ValueError(f"{out} exists; refusing to overwrite it (choose a new --out)")
-    task = cfg.make_task(seed=cfg.seed, numeric_answers=False)  # the answers are not scored here
+    task = cfg.make_task(seed=cfg.seed, numeric_answers=False, answers_required=False)  # the answers are not scored here
     target = load_model(cfg.model, dtype=cfg.dtype, device=d.device)
     tok = load_tokenizer(cfg.model)
     out.mkdir(parents=True)
@@ -171,6 +183,12 @@ def summary(history: list[dict], run_dir: Path, wall_s: float, prep: dict, verif
         rule = "a draw under the match rule" if verify == "match" else "1 - TV"
         lines.append(f"drafter distillation {mean(history, 'drafter_s'):.1f} s per step on the critical path; estimated "
                      f"accept_len ({rule}) {est[0]:.2f} -> {est[-1]:.2f}")
+    evals = read_evaluations(run_dir)
+    if evals:
+        passes = lambda r: "".join(f", {k.removeprefix('eval_').replace('_at_', '@')} {v:.3f}"  # noqa: E731
+                                   for k, v in r.items() if k.startswith("eval_pass_at_"))
+        lines.append("held-out pass@1 " + "  ->  ".join(f"{r['eval_accuracy']:.3f} (step {r['step']}{passes(r)})"
+                                                         for r in (evals[0], evals[-1])[:len(evals)]))
     lines += [
         f"metrics {run_dir / 'metrics.jsonl'}, plots {run_dir / 'plots'}, final actor {run_dir / 'hf'}"
         + (f", final drafter {run_dir / 'drafter'}" if (run_dir / "drafter").is_dir() else ""),

@@ -277,6 +277,13 @@ def call_block(block: Block, x, cos, sin, kv: LayerKV | None) -> torch.Tensor:
     return block(x, cos, sin, kv)
 
 
+def checkpointed_block(block: Block, x, cos, sin, kv: LayerKV | None) -> torch.Tensor:
+    """A block whose activations are not kept for the backward pass but recomputed in it (activation
+    checkpointing, `--gradient-checkpointing`): memory per block drops to its input, for one more
+    forward of the block. Training only (no KV cache)."""
+    return torch.utils.checkpoint.checkpoint(block, x, cos, sin, kv, use_reentrant=False)
+
+
 class Decoder(nn.Module):
     """A Llama/Qwen2/Qwen3-family causal LM. Build on the meta device and load with `assign=True`."""
 

@@ -115,11 +115,6 @@ def call_head(head: EagleHead, feature, tokens, positions, embed: nn.Embedding, 
     return head(feature, tokens, positions, embed, kv)
 
 
-def target_taps(taps: list[torch.Tensor]) -> torch.Tensor:
-    """The outputs of the feature layers, concatenated on the last dim."""
-    return torch.cat(taps, dim=-1)
-
-
 def cast_head(head: EagleHead, dtype: torch.dtype) -> EagleHead:
     """A frozen copy of `head` in `dtype` (the rollout engine's), rope tables kept in fp32."""
     import copy

@@ -328,6 +328,14 @@ def load_tokenizer(spec: str):
         raise ModelLoadError(f"cannot load a tokenizer from {ckpt}: {type(e).__name__}") from e
 
 
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """The tokens that end a completion: the tokenizer's EOS and the model config's (one id or a list)."""
+    ids = {tokenizer.eos_token_id}
+    cfg_eos = model.cfg.eos_token_id
+    ids |= set(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos])
+    return sorted(int(e) for e in ids if e is not None)
+
+
 def load_model(spec: str, *, dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu",
                seed: int = 0) -> Decoder:
     """The model a `--model` spec names, on `device` in `dtype` (a torch dtype or a name that

@@ -172,11 +172,16 @@ def full_actor_state(actor) -> dict[str, torch.Tensor]:
 
 def export_hf(actor, out_dir: Path, d: Dist, *, tokenizer=None) -> None:
     """Write the actor as a Hugging Face checkpoint (config.json, safetensors, tokenizer) that
-    transformers' AutoModelForCausalLM loads. Every rank takes part in the gather; rank 0 writes."""
+    transformers' AutoModelForCausalLM loads; with LoRA, the merged weights. Every rank takes part
+    in the gather; rank 0 writes."""
     from models.decoder import Decoder
     from models.loading import save_hf_checkpoint
 
+    from respec import lora
+
     state = full_actor_state(actor)
+    if lora.has_lora(actor):  # the merged weights: a plain checkpoint any loader reads
+        state = lora.merged(state, lora.scalings(actor))
     if d.main:
         with torch.device("meta"):
             model = Decoder(actor.cfg)

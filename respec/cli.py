@@ -32,6 +32,19 @@ class OneLineParser(argparse.ArgumentParser):
         return 2
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """--help that shows every option's default (an option whose default is none or off says nothing
+    more: its help says what leaving it out does)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default == argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: {show_default(default).replace('%%', '%')})".replace("%", "%%") \
+            if text else f"(default: {show_default(default)})"
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -60,11 +73,13 @@ def positive_int_list(text: str) -> list[int]:
 # Options declared once, on the config dataclass
 # ----------------------------------------------------------------------------------------------
 
-def option(default, help: str, *, choices=None, aliases: tuple[str, ...] = (), flag: str | None = None):
+def option(default, help: str, *, choices=None, aliases: tuple[str, ...] = (), flag: str | None = None,
+           shown: str | None = None):
     """A config field that is also a command-line option. `flag` renames it (`--reward` for
     `rewards`; for a bool, a switch that sets the opposite of the default, e.g. `--no-progress`);
-    `aliases` are other names in underscore form (TRL's), accepted on the command line and in files."""
-    meta = {"help": help, "choices": choices, "aliases": aliases, "flag": flag}
+    `aliases` are other names in underscore form (TRL's), accepted on the command line and in files;
+    `shown` is what --help says the default is, where the value itself (None, empty) would not say."""
+    meta = {"help": help, "choices": choices, "aliases": aliases, "flag": flag, "shown": shown}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -108,8 +123,9 @@ def add_options(parser: argparse.ArgumentParser, configs: dict[str, type]) -> di
                 continue
             seen.add(name)
             defaults = {s: _default(c, name) for s, c in configs.items() if name in stages[s]}
-            shown = " / ".join(f"{s}: {d!r}" for s, d in defaults.items()) if len(set(map(repr, defaults.values()))) > 1 \
-                else repr(defaults[stage])
+            shown = " / ".join(f"{s}: {show_default(d)}" for s, d in defaults.items()) \
+                if len(set(map(repr, defaults.values()))) > 1 else show_default(defaults[stage])
+            shown = f.metadata.get("shown") or shown
             others = [s for s in configs if name in stages[s] and s != stage]
             where = f" [also --stage {', '.join(others)}]" if others and len(configs) > 1 else ""
             meta, kind = f.metadata, _kind(f)
@@ -117,11 +133,9 @@ def add_options(parser: argparse.ArgumentParser, configs: dict[str, type]) -> di
             names = [meta["flag"] or "--" + name.replace("_", "-")]
             names += [n for n in ((() if switch else ("--" + name,)) + tuple("--" + a for a in meta["aliases"]))
                       if n not in names]
-            said = "default" in meta["help"]  # a help text that explains its default itself
-            kw = dict(dest=name, default=argparse.SUPPRESS,
-                      help=f"{meta['help']}{'' if said else f' (default {shown})'}{where}")
-            if switch:
-                kw.update(action="store_const", const=not defaults[stage], help=f"{meta['help']}{where}")
+            kw = dict(dest=name, default=argparse.SUPPRESS, help=f"{meta['help']} (default: {shown}){where}")
+            if switch:  # shown as the switch's own state: off unless given
+                kw.update(action="store_const", const=not defaults[stage], help=f"{meta['help']} (default: off){where}")
             elif kind == "bool":
                 kw.update(type=_on_off, metavar="on|off")
             elif kind == "list":
@@ -134,15 +148,29 @@ def add_options(parser: argparse.ArgumentParser, configs: dict[str, type]) -> di
     return stages
 
 
+def show_default(value) -> str:
+    """A default as a user would type it: on/off for booleans, none, plain strings and numbers."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None or value == [] or value == {}:
+        return "none"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return ("%s" % value).replace("%", "%%")  # argparse formats help texts with %
+
+
 def _default(cls, name: str):
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-def file_arguments(path: Path, configs: dict[str, type], hints: dict[str, str] | None = None) -> list[str]:
+def file_arguments(path: Path, configs: dict[str, type], hints: dict[str, str] | None = None,
+                   switches: dict[str, str] | None = None) -> list[str]:
     """A YAML or JSON config file as command-line arguments (so the file's values get the same
-    checks as flags). Keys: option names in either spelling, or their aliases; `hints` says what to
-    use instead of a known foreign name."""
+    checks as flags). Keys: field names or flag names (`rewards` or `reward`, `progress: false` or
+    `no_progress: true`), in either spelling, or their aliases; `switches` are the parser's own
+    switches a file may set (`eager: true`); `hints` says what to use instead of a known foreign
+    name."""
     try:
         text = Path(path).read_text()
     except OSError as e:
@@ -164,9 +192,23 @@ def file_arguments(path: Path, configs: dict[str, type], hints: dict[str, str] |
         for name, f in option_fields(cls).items():
             for key in (name, *f.metadata["aliases"]):
                 fields.setdefault(key, f)
+    by_flag = {f.metadata["flag"][2:].replace("-", "_"): f for f in fields.values() if f.metadata["flag"]}
     argv = []
     for key, value in values.items():
-        f = fields.get(str(key).replace("-", "_"))
+        key = str(key).replace("-", "_")
+        if key in (switches or {}):
+            if not isinstance(value, bool):
+                raise ValueError(f"--config {path}: {key} must be true or false")
+            argv += [switches[key]] if value else []
+            continue
+        f = fields.get(key)
+        if f is None and key in by_flag:  # the flag's name: a switch's value says whether it is given
+            f = by_flag[key]
+            if _kind(f) == "bool":
+                if not isinstance(value, bool):
+                    raise ValueError(f"--config {path}: {key} must be true or false")
+                argv += [f.metadata["flag"]] if value else []
+                continue
         if f is None:
             hint = (hints or {}).get(str(key).replace("-", "_"))
             raise ValueError(f"--config {path}: unknown option {key!r}" + (f"; {hint}" if hint else ""))
@@ -191,13 +233,13 @@ def file_arguments(path: Path, configs: dict[str, type], hints: dict[str, str] |
 
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str], configs: dict[str, type],
-                  hints: dict[str, str] | None = None):
+                  hints: dict[str, str] | None = None, switches: dict[str, str] | None = None):
     """(namespace, {option: value} given on the command line or in its --config file; the command
     line wins). Raises ValueError for a bad file."""
     ns = parser.parse_args(argv)
     names = set().union(*(option_fields(c) for c in configs.values()))
     given = {k: v for k, v in vars(ns).items() if k in names}
     if getattr(ns, "config", None) is not None:
-        from_file = parser.parse_args(file_arguments(ns.config, configs, hints))
+        from_file = parser.parse_args(file_arguments(ns.config, configs, hints, switches))
         given = {**{k: v for k, v in vars(from_file).items() if k in names}, **given}
     return ns, given

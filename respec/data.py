@@ -42,15 +42,22 @@ class DataError(ValueError):
     """Data that cannot be trained on; the message names where, on one line."""
 
 
-def read_rows(spec: str, split: str = "train") -> tuple[str, list[tuple[str, dict]]]:
-    """(name, [(where, row)]) of a JSONL file or a Hugging Face dataset (module docstring)."""
+def read_rows(spec: str, split: str = "train", config: str | None = None) -> tuple[str, list[tuple[str, dict]]]:
+    """(name, [(where, row)]) of a JSONL file or a Hugging Face dataset (module docstring). A data
+    file is one split: another `split` is refused, not ignored; `config` names a configuration of a
+    dataset id (openai/gsm8k's `main`)."""
     path = Path(spec).expanduser()
+    if path.is_file() and split != "train":
+        raise DataError(f"--data-split {split}: {spec} is a data file, which has one split (give no --data-split)")
+    if config is not None and path.is_file():
+        raise DataError(f"--data-config {config}: {spec} is a data file; --data-config names a configuration of a "
+                        "Hugging Face dataset (an id, or a dataset repository's directory)")
     if path.is_file() and path.suffix == ".jsonl":
         return str(path), _jsonl_rows(path)
     looks_like_file = path.suffix in (".jsonl", ".json", ".csv", ".parquet") or spec.startswith((".", "/", "~"))
     if path.exists() or "/" in spec and not looks_like_file:
-        split = "train" if path.is_file() else split  # a data file is one split
-        return f"{spec}[{split}]", _dataset_rows(spec, path, split)
+        name = f"{spec}{f' ({config})' if config else ''}[{split}]"
+        return name, _dataset_rows(spec, path, split, config)
     raise DataError(f"data not found: {spec} (a .jsonl file, a dataset file or directory, or a Hugging Face dataset id)")
 
 
@@ -73,7 +80,7 @@ def _jsonl_rows(path: Path) -> list[tuple[str, dict]]:
     return rows
 
 
-def _dataset_rows(spec: str, path: Path, split: str) -> list[tuple[str, dict]]:
+def _dataset_rows(spec: str, path: Path, split: str, config: str | None = None) -> list[tuple[str, dict]]:
     try:
         import datasets
     except ImportError:
@@ -81,6 +88,9 @@ def _dataset_rows(spec: str, path: Path, split: str) -> list[tuple[str, dict]]:
     datasets.disable_progress_bars()
     try:
         if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+            if config is not None:
+                raise DataError(f"--data-config {config}: {spec} was written by save_to_disk, which keeps one "
+                                "configuration")
             data = datasets.load_from_disk(str(path))  # written by save_to_disk
             if isinstance(data, datasets.DatasetDict):
                 if split not in data:
@@ -92,12 +102,13 @@ def _dataset_rows(spec: str, path: Path, split: str) -> list[tuple[str, dict]]:
                 raise DataError(f"{spec}: unknown data file type {path.suffix!r} (.jsonl, .json, .csv or .parquet)")
             data = datasets.load_dataset(kind, data_files=str(path), split=split)
         else:
-            data = datasets.load_dataset(spec, split=split)
+            data = datasets.load_dataset(spec, config, split=split)
     except DataError:
         raise
     except Exception as e:  # datasets raises many kinds (missing split, offline, bad files): one line
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"cannot load dataset {spec} (split {split!r}): {reason[:200]}") from e
+        hint = "; name one with --data-config" if "config" in reason.lower() and config is None else ""
+        raise DataError(f"cannot load dataset {spec} (split {split!r}): {reason[:200]}{hint}") from e
     return [(f"{spec}[{split}] row {i}", dict(row)) for i, row in enumerate(data)]
 
 
@@ -120,10 +131,10 @@ class RowsTask:
     """A task made of data rows (module docstring); `problems(start, n)` cycles through them in a
     seeded order, one shuffle per pass, so a resumed run sees the data it would have seen."""
 
-    def __init__(self, spec: str, *, split: str = "train", prompt_column: str | None = None,
+    def __init__(self, spec: str, *, split: str = "train", config: str | None = None, prompt_column: str | None = None,
                  answer_column: str = "answer", system_prompt: str | None = None, numeric_answers: bool = True,
-                 seed: int = 0):
-        self.name, rows = read_rows(spec, split)
+                 answers_required: bool = True, seed: int = 0):
+        self.name, rows = read_rows(spec, split, config)
         self.seed = seed
         if not rows:
             raise DataError(f"data {self.name} has no rows")
@@ -134,10 +145,18 @@ class RowsTask:
                             f"with --prompt-column; the columns are {', '.join(columns)})")
         self.located: list[tuple[str, Problem]] = []
         for where, row in rows:
-            if column not in row or answer_column not in row:
-                missing = column if column not in row else answer_column
-                raise DataError(f"{where}: no {missing!r} column (--prompt-column / --answer-column name the columns)")
+            if column not in row:
+                raise DataError(f"{where}: no {column!r} column (--prompt-column names the prompt's column)")
+            if answer_column not in row and answers_required:
+                raise DataError(f"{where}: no {answer_column!r} column, which the built-in correctness reward needs "
+                                "(--answer-column names it; prompt-only data needs a --reward of your own that scores "
+                                "without one)")
             turns, text = _prompt(where, row[column], column)
+            if answer_column not in row:  # prompt-only data: the user's reward functions judge
+                extra = {k: v for k, v in row.items() if k != column}
+                self.located.append((where, Problem(text or "", "", scorer_for(""), system=system_prompt, turns=turns,
+                                                    row=extra, key=len(self.located))))
+                continue
             answer = row[answer_column]
             if not isinstance(answer, (str, int, float)) or isinstance(answer, bool) or not str(answer).strip():
                 raise DataError(f"{where}: column {answer_column!r} must be a non-empty string or a number")
@@ -181,22 +200,30 @@ class DataConfig:
     data: str | None = option(None, "JSONL file or Hugging Face dataset (file, directory or id) instead of --task: "
                               "GSM8K, prompt/answer or chat rows (respec/data.py)", aliases=("dataset_name",))
     data_split: str = option("train", "split of a Hugging Face dataset", aliases=("dataset_train_split",))
-    prompt_column: str | None = option(None, "the data's prompt column (default: the first of prompt, question, "
-                                       "messages)")
+    data_config: str | None = option(None, "configuration of a Hugging Face dataset id (e.g. main for openai/gsm8k)",
+                                     aliases=("dataset_config",))
+    prompt_column: str | None = option(None, "the data's prompt column", shown="the first of prompt, question, "
+                                       "messages")
     answer_column: str = option("answer", "the data's reference-answer column")
-    system_prompt: str | None = option(None, "system prompt ('' for none; default: respec's, which asks for an "
-                                       "'Answer:' line)")
+    system_prompt: str | None = option(None, "system prompt ('' for none)",
+                                       shown="respec's, which asks for an 'Answer:' line")
 
     
 
-    def make_task(self, *, seed: int = 0, numeric_answers: bool = True):
+    def make_task(self, *, seed: int = 0, numeric_answers: bool = True, answers_required: bool = True):
         """The training problems these options name: `--data` (a file or a Hugging Face dataset) if
-        given, else the generated `--task` (respec/tasks.py)."""
+        given, else the generated `--task` (respec/tasks.py). `answers_required`: rows must have an
+        answer (the built-in correctness reward compares it)."""
         if self.data is None:
+            for name in ("data_split", "data_config", "prompt_column", "answer_column"):
+                if getattr(self, name) != getattr(DataConfig, name):
+                    raise ValueError(f"--{name.replace('_', '-')} applies to --data, not to a generated --task")
             return make_task(task=self.task, config=self.task_config, seed=seed, system_prompt=self.system_prompt,
                              train_size=self.train_size)
         if self.train_size:
             raise ValueError("--train-size picks a fixed set of a --task's problems; a --data set is already one")
-        return RowsTask(str(self.data), split=self.data_split, prompt_column=self.prompt_column,
+        if self.task_config:
+            raise ValueError("--task-config applies to a generated --task, not to --data")
+        return RowsTask(str(self.data), split=self.data_split, config=self.data_config, prompt_column=self.prompt_column,
                         answer_column=self.answer_column, system_prompt=self.system_prompt,
-                        numeric_answers=numeric_answers, seed=seed)
+                        numeric_answers=numeric_answers, answers_required=answers_required, seed=seed)

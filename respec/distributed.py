@@ -139,11 +139,15 @@ class RolloutCopy:
 
     `model` is the actor itself when nothing is sharded and the rollout dtype is the training
     dtype; otherwise a separate unsharded Decoder in the rollout dtype, refreshed by `sync` from
-    the actor's (sharded) parameters after every optimizer step."""
+    the actor's (sharded) parameters after every optimizer step. An actor with LoRA adapters
+    (respec/lora.py) always has a copy: the rollout reads the merged weights."""
 
     def __init__(self, actor, *, dtype: torch.dtype, sharded: bool):
+        from respec import lora
+
         self.actor = actor
-        self.shared = not sharded and next(actor.parameters()).dtype == dtype
+        self.lora_scale = lora.scalings(actor) if lora.has_lora(actor) else None
+        self.shared = not sharded and next(actor.parameters()).dtype == dtype and self.lora_scale is None
         if self.shared:
             self.model = actor
             return
@@ -163,5 +167,12 @@ class RolloutCopy:
         if self.shared:
             return
         mine = dict(self.model.named_parameters())
+        if self.lora_scale is not None:  # W + (alpha / r) B A, from the gathered base and adapters
+            from respec import lora
+
+            state = {name: full_tensor(p.detach()) for name, p in self.actor.named_parameters()}
+            for name, t in lora.merged(state, self.lora_scale).items():
+                mine[name].copy_(t)
+            return
         for name, p in self.actor.named_parameters():  # every rank takes part in each all-gather
             mine[name].copy_(full_tensor(p.detach()))

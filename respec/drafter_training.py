@@ -21,7 +21,6 @@ features are respec/distill.py's, shared with the online learner).
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections import Counter
@@ -36,6 +35,7 @@ from respec.cli import option
 from respec.data import DataConfig
 from respec.distill import Sequences, head_loss, make_batches, target_features
 from respec.engine import RolloutEngine, SamplingParams
+from respec.grpo import warmup_cosine
 from respec.tasks import chat_prompt
 
 @dataclass
@@ -96,12 +96,6 @@ def untrained_head(target, prompts: list[list[int]], *, seed: int, draft_vocab: 
     return new_head(target, vocab, seed)
 
 
-def cosine_lr(step: int, total: int, base: float, warmup: int = 20) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
-
-
 def timed(fn, *args, **kwargs):
     t0 = time.perf_counter()
     out = fn(*args, **kwargs)
@@ -125,7 +119,7 @@ def train_head(head: EagleHead, target, seqs: Sequences, feats, *, epochs: int, 
     for epoch in range(epochs):
         for tokens, taps, final, mask, lse in make_batches(seqs, feats, batch, gen):
             for group in opt.param_groups:
-                group["lr"] = cosine_lr(step, total, lr, warmup=min(20, total // 10))
+                group["lr"] = lr * warmup_cosine(step, total=total, warmup=min(20, total // 10), min_ratio=0.0)
             device = head.fc.weight.device
             with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
                 loss, per_step = head_loss(head, target, (tokens, taps, final, mask), unroll, temperature=temperature,

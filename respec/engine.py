@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from compile.cpu_linear import packed_view, packing_available, repack
-from compile.policy import CompiledSteps, buckets_up_to
+from compile.policy import CompiledSteps
 from respec.drafters import DraftBatch, Drafter, EngineView, NoDrafter
 from respec.drafters.wrap import as_drafter
 from respec.kv_cache import PagedKVCache
@@ -55,6 +55,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0  # nucleus mass kept; 1 = off
     top_k: int = 0  # most likely tokens kept; 0 = off
+    min_p: float = 0.0  # tokens kept if at least min_p x the most likely one's probability; 0 = off
     seed: int = 0  # fixes the sampling noise of this request
     stop_on_eos: bool = True  # end the completion at an EOS token (which is kept in the output)
 
@@ -67,6 +68,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
 
 
 @dataclass
@@ -107,8 +110,8 @@ class _Sequence:
 @dataclass
 class EngineStats:
     prefill_s: float = 0.0
-    decode_s: float = 0.0
-    decode_steps: int = 0
+    decode_s: float = 0.0  # the time of every decoding step, plain and SD
+    decode_steps: int = 0  # plain decoding steps (the SD steps are sd_steps; len(chosen_k) is all of them)
     generated_tokens: int = 0
     prefill_tokens: int = 0  # of those, sampled by prefills (one per admitted sequence)
     preemptions: int = 0
@@ -180,8 +183,10 @@ class RolloutEngine:
         self.runner = packed_view(model) if pack_weights and packing_available(self.device, self.dtype) else model
         cfg = model.cfg
         self.max_len = cfg.max_position_embeddings
-        self.drafter: Drafter = as_drafter(drafter) if drafter is not None else NoDrafter()
-        self.k = num_draft_tokens if drafter is not None else 0  # 0: never speculates
+        self.drafter: Drafter = NoDrafter() if drafter is None else as_drafter(drafter)
+        if drafter is not None and num_draft_tokens < 1:
+            raise ValueError(f"speculative decoding needs k >= 1 draft tokens, got {num_draft_tokens}")
+        self.k = 0 if isinstance(self.drafter, NoDrafter) else num_draft_tokens  # 0: never speculates
         if verify not in VERIFY_RULES:
             raise ValueError(f"unknown verification rule {verify!r} (choose {', '.join(VERIFY_RULES)})")
         self.verify = verify
@@ -189,8 +194,6 @@ class RolloutEngine:
             raise ValueError(f"replay_k must be >= 0, got {replay_k}")
         self.replay_k = replay_k
         self.policy = policy if policy is not None else FixedK(self.k)
-        if drafter is not None and num_draft_tokens < 1:
-            raise ValueError(f"speculative decoding needs k >= 1 draft tokens, got {num_draft_tokens}")
         self.drafter.check(model)
         self.cache = PagedKVCache(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                                   capacity_bytes=kv_cache_bytes, block_size=block_size, dtype=self.dtype,
@@ -305,10 +308,7 @@ class RolloutEngine:
             if not group:
                 continue
             seqs, caps = [r.seq for r in group], [r.cap for r in group]
-            if any(caps):
-                self._speculate(seqs, width, caps)
-            else:
-                self._decode(seqs)
+            self._speculate(seqs, width, caps)
 
     def _long_caps(self, running: list[_Sequence]) -> list[int]:
         """Drafts each row proposes in the long group this step (0: it joins the other rows): its
@@ -351,8 +351,10 @@ class RolloutEngine:
         temp = torch.tensor([s.params.temperature for s in seqs] + [0.0] * pad, dtype=torch.float32)
         top_k = torch.tensor([s.params.top_k for s in seqs] + [0] * pad, dtype=torch.int64)
         top_p = torch.tensor([s.params.top_p for s in seqs] + [1.0] * pad, dtype=torch.float32)
-        use_filter = any(s.params.top_k > 0 or s.params.top_p < 1 for s in seqs if s.params.temperature > 0)
-        return [t.to(self.device) for t in (seeds, temp, top_k, top_p)], use_filter
+        min_p = torch.tensor([s.params.min_p for s in seqs] + [0.0] * pad, dtype=torch.float32)
+        use_filter = any(s.params.top_k > 0 or s.params.top_p < 1 or s.params.min_p > 0
+                         for s in seqs if s.params.temperature > 0)
+        return [t.to(self.device) for t in (seeds, temp, top_k, top_p, min_p)], use_filter
 
     def _emit(self, s: _Sequence, tok: int, lp: float, verified: bool = False) -> None:
         s.out.append(tok)
@@ -374,11 +376,12 @@ class RolloutEngine:
         tokens, positions, valid = right_padded([(s.tokens, 0) for s in seqs])
         last = torch.tensor([len(s.tokens) - 1 for s in seqs], dtype=torch.int64)
         tables = self._tables(seqs)
-        (seeds, temp, top_k, top_p), use_filter = self._row_params(seqs, B)
+        (seeds, temp, top_k, top_p, min_p), use_filter = self._row_params(seqs, B)
         step = self.steps.eager_fn(prefill_step, use_filter=use_filter, hidden_layers=self.feature_layers)
         dev = self.device
         tokens, positions, valid = tokens.to(dev), positions.to(dev), valid.to(dev)
-        out = step(self.runner, self.cache.pools, tokens, positions, valid, tables, last.to(dev), seeds, temp, top_k, top_p)
+        out = step(self.runner, self.cache.pools, tokens, positions, valid, tables, last.to(dev), seeds, temp, top_k, top_p,
+                   min_p)
         first, logprobs, taps = out if self.feature_layers else (*out, None)
         # the drafter sees the same tokens (before the first new one is recorded)
         self.drafter.on_prefill(seqs, tokens, positions, valid, tables, taps, first)
@@ -393,10 +396,10 @@ class RolloutEngine:
         tokens = torch.tensor([s.out[-1] for s in seqs] + [0] * pad, dtype=torch.int64)
         positions = torch.tensor([len(s.tokens) - 1 for s in seqs] + [0] * pad, dtype=torch.int64)
         tables = self._tables(seqs, rows)
-        (seeds, temp, top_k, top_p), use_filter = self._row_params(seqs, rows)
+        (seeds, temp, top_k, top_p, min_p), use_filter = self._row_params(seqs, rows)
         step = self.steps.get(decode_step, use_filter=use_filter, hidden_layers=self.feature_layers)
         next_tokens, logprobs, *taps = step(self.runner, self.cache.pools, tokens.to(self.device),
-                                            positions.to(self.device), tables, seeds, temp, top_k, top_p)
+                                            positions.to(self.device), tables, seeds, temp, top_k, top_p, min_p)
         self.drafter.on_decode(seqs, taps[0] if taps else None, next_tokens)
         self._record(seqs, next_tokens[: len(seqs)], logprobs[: len(seqs)])
         self.stats.decode_s += time.perf_counter() - t0
@@ -405,15 +408,28 @@ class RolloutEngine:
         self.stats.chosen_k.append(0)
 
     def _speculate(self, seqs: list[_Sequence], k: int, caps: list[int]) -> None:
-        """One SD step: catch up -> draft -> verify -> accept -> roll back -> commit."""
+        """One decoding step of `seqs` with up to `caps[i]` drafts per row: draft, then verify; a plain
+        decoding step where no row may draft or the drafter proposed nothing (a model-free drafter
+        with no match), its reserved slots handed back."""
+        t0 = time.perf_counter()
+        proposal = self._draft(seqs, k, caps) if any(caps) else None
+        if proposal is None:
+            for s, cap in zip(seqs, caps):
+                self.blocks.truncate(s.id, cap)
+            return self._decode(seqs)
+        self._verify(*proposal, t0=t0)
+
+    def _draft(self, seqs: list[_Sequence], k: int, caps: list[int]) -> tuple | None:
+        """The drafter's proposal for this step (catch up -> draft), or None if it has none."""
         t0 = time.perf_counter()
         dev = self.device
         self.drafter.catch_up(seqs, k)
         rows = self.steps.batch_bucket(len(seqs), self.max_batch)
         pad = [0] * (rows - len(seqs))
-        (seeds, temp, top_k, top_p), use_filter = self._row_params(seqs, rows)
+        (seeds, temp, top_k, top_p, min_p), use_filter = self._row_params(seqs, rows)
         batch = DraftBatch(
-            seqs=seqs, k=k, seeds=seeds, temperature=temp, top_k=top_k, top_p=top_p, use_filter=use_filter,
+            seqs=seqs, k=k, seeds=seeds, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+            use_filter=use_filter,
             coupled=self.verify == "match",
             tokens=torch.tensor([s.tokens[-1] for s in seqs] + pad, dtype=torch.int64, device=dev),
             positions=torch.tensor([len(s.tokens) - 1 for s in seqs] + pad, dtype=torch.int64, device=dev),
@@ -421,14 +437,20 @@ class RolloutEngine:
             max_drafts=torch.tensor(caps + pad, dtype=torch.int64, device=dev), max_drafts_list=caps)
         drafts = self.drafter.draft(batch)
         if drafts.lengths_list is not None and not any(drafts.lengths_list):  # nothing to verify
-            for s, cap in zip(seqs, caps):
-                self.blocks.truncate(s.id, cap)
-            return self._decode(seqs)
-        t1 = self._phase("draft", t0)
-        verify = self.steps.get(verify_step, use_filter=use_filter, rule=self.verify, hidden_layers=self.feature_layers)
+            return None
+        self._phase("draft", t0)
+        return batch, drafts, caps
+
+    def _verify(self, batch: DraftBatch, drafts, caps: list[int], *, t0: float) -> None:
+        """Verify the drafts in one (k+1)-wide forward -> accept -> roll back -> commit."""
+        t1 = time.perf_counter()
+        seqs, k = batch.seqs, batch.k
+        verify = self.steps.get(verify_step, use_filter=batch.use_filter, rule=self.verify,
+                                hidden_layers=self.feature_layers)
         tokens_d, logprobs_d, n_d, taps = verify(self.runner, self.cache.pools, batch.tokens, drafts.tokens,
                                                  drafts.lengths, drafts.q, drafts.point, batch.positions,
-                                                 batch.block_tables, seeds, temp, top_k, top_p)
+                                                 batch.block_tables, batch.seeds, batch.temperature, batch.top_k,
+                                                 batch.top_p, batch.min_p)
         tokens, logprobs, n = tokens_d.tolist(), logprobs_d.tolist(), n_d.tolist()  # the host sync of this step
         lengths = drafts.lengths_list if drafts.lengths_list is not None else caps
         kinds = drafts.kinds or [self.drafter.kind] * len(seqs)
@@ -483,92 +505,3 @@ class RolloutEngine:
             st.sd_reached_at[j] += 1
         for j in range(n):
             st.sd_accepted_at[j] += 1
-
-    # ------------------------------------------------------------------------------------------
-    def time_step(self, batch: int, k: int, context: int, *, reps: int = 2) -> float:
-        """Seconds of one real decode step (k = 0) or SD step with k drafts (greedy rows), for
-        `batch` synthetic sequences with `context` tokens each (the cache's contents do not change
-        the time). The first `steps.warm_calls` calls of a shape warm it up (they may compile, or
-        record a CUDA graph) and are not timed. Used by the cost profile (respec/solver.py);
-        statistics and the policy are left untouched."""
-        warm = self.steps.warm_calls
-        times = self._synthetic_steps(batch, k, context, reps + warm)
-        return sum(times[warm:]) / max(reps, 1)
-
-    def _synthetic_steps(self, batch: int, k: int, context: int, calls: int, *, use_filter: bool = False) -> list[float]:
-        widest = max(self.k, self.replay_k) if self.k else 0
-        if k > widest:
-            raise ValueError(f"cannot time k={k}: the engine drafts at most {widest}")
-        if self.blocks.blocks_for(context + k + 1) * batch > self.blocks.num_free:
-            raise ValueError(f"{batch} sequences of {context} tokens do not fit the KV cache")
-        gen = torch.Generator().manual_seed(context)
-        params = SamplingParams(max_new_tokens=1 << 30, temperature=1.0 if use_filter else 0.0,
-                                top_p=0.9 if use_filter else 1.0, stop_on_eos=False)
-        seqs = []
-        for i in range(batch):
-            # A repeating text, so that a drafter which drafts from the text itself (respec/drafters/
-            # history.py) proposes all k tokens, as a model drafter always does.
-            period = torch.randint(self.model.cfg.vocab_size, (8,), generator=gen).tolist()
-            text = period * ((context + k) // 8 + 2)
-            ids = text[:context]
-            # past the model's k (a replay group's verify) a replay that continues it (respec/drafters/replay.py)
-            replay = text[context - 1: context + k] if k > self.k else None
-            seqs.append(_Sequence(-1 - i, ids[:-1], params, out=ids[-1:], replay=replay))
-            self.blocks.allocate(seqs[-1].id, context - 1)
-        stats, policy = self.stats, self.policy
-        self.stats, self.policy = EngineStats(), FixedK(k)
-        times = []
-        try:
-            with torch.no_grad():
-                for _ in range(calls):
-                    for s in seqs:
-                        self.blocks.append(s.id, k + 1)
-                        self.drafter.assume_cached(s)
-                    t0 = time.perf_counter()
-                    self._speculate(seqs, k, [k] * batch) if k else self._decode(seqs)
-                    times.append(time.perf_counter() - t0)
-                    for s in seqs:  # back to the same state
-                        self.blocks.truncate(s.id, self.blocks.lengths[s.id] - (context - 1))
-                        del s.out[1:], s.logprobs[:], s.verified[:]
-                        s.finish_reason = None
-                        self.drafter.forget(s)
-        finally:
-            for s in seqs:
-                self.blocks.free(s.id)
-            self.stats, self.policy = stats, policy
-        return times
-
-    def warmup(self, batch_sizes: list[int] | None = None, *, ks: list[int] | None = None, use_filter: bool = False,
-               max_context: int | None = None, progress: bool = True) -> float:
-        """Compile the steps ahead of time for every batch bucket up to the largest of `batch_sizes`
-        (a rollout's batch shrinks through all of them) and every draft length in `ks` (default: 0,
-        plus the engine's k with a fixed policy, or 0..k with any other policy); returns seconds.
-
-        Where graphs are per shape (whole-step: CUDA graphs) every shape a run will meet is called
-        `steps.warm_calls` times: each block-table width up to `max_context` tokens (the longest
-        prompt plus its new tokens), so that no graph is recorded inside a timed region."""
-        if self.steps.eager:
-            return 0.0
-        from tqdm import tqdm
-
-        t0 = time.perf_counter()
-        largest = max(batch_sizes) if batch_sizes else self.max_batch
-        buckets = sorted({self.steps.batch_bucket(b, self.max_batch) for b in buckets_up_to(largest)})
-        if ks is None:
-            fixed = isinstance(self.policy, FixedK)
-            ks = [0] if not self.k else sorted({0, self.policy.k}) if fixed else list(range(self.k + 1))
-        shapes = [(b, k, context) for b in buckets for k in ks for context in self._warm_contexts(k, max_context)]
-        for b, k, context in tqdm(shapes, desc="compiling step shapes", disable=not progress):
-            self._synthetic_steps(b, k, context, self.steps.warm_calls, use_filter=use_filter)
-        return time.perf_counter() - t0
-
-    def _warm_contexts(self, k: int, max_context: int | None) -> list[int]:
-        """Contexts whose SD step with k drafts meets each block-table width up to `max_context`
-        tokens (one context where the width is a dynamic dimension of one graph)."""
-        bs = self.blocks.block_size
-        if self.steps.warm_calls == 1 or max_context is None:
-            return [4 * bs]
-        widest = self.steps.table_width(self.blocks.blocks_for(min(max_context, self.max_len) + k + 1))
-        widths = sorted({self.steps.table_width(n) for n in range(1, widest + 1)})
-        # a synthetic step's sequences hold context + k tokens once its k + 1 slots are reserved
-        return [max(w * bs - k, 2) for w in widths if w * bs - k <= self.max_len]

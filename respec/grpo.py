@@ -68,7 +68,6 @@ class LossTerms:
     pg_sum: float  # sum over tokens of the policy-gradient term (for logging)
     kl_sum: float  # sum over tokens of the k3 KL estimate (0 without a reference)
     clipped: int  # tokens where the clip was active
-    ratio_max: float
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, totals: LossTotals) -> torch.Tensor:
@@ -159,19 +158,20 @@ def policy_loss(
     loss = aggregate(per_token, mask, loss_type, totals)
     with torch.no_grad():
         clipped = int(((surr2 < surr1) & mask).sum())
-        ratio_max = float(ratio[mask].max()) if mask.any() else 1.0
-        return LossTerms(loss, float((pg * m).sum()), float((kl * m).sum()), clipped, ratio_max)
+        return LossTerms(loss, float((pg * m).sum()), float((kl * m).sum()), clipped)
 
 
 def token_logprobs(model, tokens: torch.Tensor, mask: torch.Tensor, *, temperature: float = 1.0,
-                   with_entropy: bool = False):
+                   with_entropy: bool = False, run_block=None):
     """Per-token log-probs of `tokens` under `model`, where `mask` is True.
 
     tokens (N, T) right-padded prompt + completion; mask (N, T) True on completion tokens.
     Returns logp (N, T) (0 where mask is False) and, if asked, the policy's entropy at each masked
     position (N, T). The 49k-wide output head runs only on the masked positions: prompt and
-    padding positions need no logits, and the head is a fifth of the model's FLOPs per token."""
-    hidden = model(tokens[:, :-1])  # (N, T-1, d): position t predicts token t+1
+    padding positions need no logits, and the head is a fifth of the model's FLOPs per token.
+    `run_block`: how each decoder block runs (models/decoder.py `checkpointed_block` recomputes
+    its activations in the backward pass)."""
+    hidden = model(tokens[:, :-1], run_block=run_block)  # (N, T-1, d): position t predicts token t+1
     sel = mask[:, 1:]  # (N, T-1) which predictions are of completion tokens
     logits = model.logits(hidden[sel])  # (M, V) fp32, M = completion tokens
     if temperature > 0 and temperature != 1.0:
@@ -191,7 +191,9 @@ def token_logprobs(model, tokens: torch.Tensor, mask: torch.Tensor, *, temperatu
 
 
 def warmup_cosine(step: int, *, total: int, warmup: int, min_ratio: float = 0.1) -> float:
-    """LR multiplier: linear warm-up over `warmup` optimizer steps, then cosine down to `min_ratio`."""
+    """LR multiplier: linear warm-up over `warmup` optimizer steps, then cosine down to `min_ratio`
+    at step `total` (min_ratio 1: constant after the warm-up). The actor's schedule, the drafter's
+    pretraining (to 0) and its online distillation (constant)."""
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(total - warmup, 1))

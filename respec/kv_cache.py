@@ -51,11 +51,6 @@ class BlockManager:
     def num_free(self) -> int:
         return len(self.free_blocks)
 
-    @property
-    def capacity_tokens(self) -> int:
-        """Token slots a single sequence could ever use (every block but the null one)."""
-        return (self.num_blocks - 1) * self.block_size
-
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

@@ -11,11 +11,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from respec import distributed
 from respec.engine import EngineStats
+from respec.tasks import extract_answer
 
 KINDS = ("model", "history", "replay")  # a hybrid drafter's rows, by the proposer that drafted them
 
@@ -139,37 +143,116 @@ def log_line(m: dict) -> str:
             + (f" | held-out acc {m['eval_accuracy']:.3f}" if "eval_accuracy" in m else ""))
 
 
-class MetricsLog:
-    """RUN_DIR/metrics.jsonl and TensorBoard events (RUN_DIR/tensorboard, when `tensorboard` is
-    installed; numbers only), written by the main rank."""
+TRACKERS = ("tensorboard", "wandb", "trackio")  # --report-to (TRL's report_to), besides metrics.jsonl
 
-    def __init__(self, run_dir: Path, *, main: bool):
+
+def trackers(report_to: list[str]) -> list[str]:
+    """The trackers `--report-to` names ("all": tensorboard and whichever of wandb and trackio are
+    installed; "none": none); raises ValueError for an unknown one or a package that is missing."""
+    import importlib.util
+
+    names = [n.strip().lower() for item in report_to for n in str(item).split(",") if n.strip()]
+    unknown = [n for n in names if n not in (*TRACKERS, "all", "none")]
+    if unknown:
+        raise ValueError(f"--report-to {unknown[0]}: choose from {', '.join(TRACKERS)}, all or none")
+    installed = {n: importlib.util.find_spec(n) is not None for n in TRACKERS}
+    if "all" in names:
+        return [n for n in TRACKERS if installed[n]]
+    chosen = list(dict.fromkeys(n for n in names if n != "none"))
+    for n in chosen:
+        if not installed[n]:
+            raise ValueError(f"--report-to {n} needs the {n} package (pip install {n}"
+                             + ("; WANDB_MODE=offline logs without an account)" if n == "wandb" else ")"))
+    return chosen
+
+
+class MetricsLog:
+    """RUN_DIR/metrics.jsonl, written by the main rank, and the trackers of `--report-to`: TensorBoard
+    events (RUN_DIR/tensorboard), a Weights & Biases run (its files under RUN_DIR/wandb; online or, with
+    WANDB_MODE=offline, local) or a trackio run (a local project), numbers at the RL step, and the
+    completions as a table where the tracker has tables."""
+
+    def __init__(self, run_dir: Path, *, main: bool, report_to: list[str] = ("tensorboard",),
+                 config: dict | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.main = main
         self.board = None
-        if main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                pass
-            else:
-                self.board = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.runs = []  # (the tracker's module, for its Table; its run: log(dict, step=), finish())
+        if not main:
+            return
+        chosen = trackers(list(report_to))
+        if "tensorboard" in chosen:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        name = Path(run_dir).name
+        if "wandb" in chosen:
+            import wandb
+
+            self.runs.append((wandb, wandb.init(project="respec", name=name, id=name, dir=str(run_dir), config=config,
+                                                resume="allow")))
+        if "trackio" in chosen:
+            import trackio
+
+            trackio.init(project="respec", name=name, config=config, resume="allow")
+            self.runs.append((trackio, trackio))
 
     def write(self, m: dict) -> None:
         if not self.main:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(m) + "\n")
+        numbers = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
         if self.board is not None:
-            for key, value in m.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.board.add_scalar(key, value, m["step"])
+            for key, value in numbers.items():
+                self.board.add_scalar(key, value, m["step"])
             self.board.flush()
+        for _, run in self.runs:
+            run.log(numbers, step=m["step"])
+
+    def table(self, name: str, rows: list[dict], step: int) -> None:
+        """Rows (dicts with the same keys) as a table, where the tracker has tables (W&B, trackio);
+        values that are not numbers or strings are written as JSON."""
+        if not rows or not self.runs:
+            return
+        columns = list(rows[0])
+        data = [[v if isinstance(v, (int, float, str)) or v is None else json.dumps(v) for v in (r[c] for c in columns)]
+                for r in rows]
+        for module, run in self.runs:
+            run.log({name: module.Table(columns=columns, data=data)}, step=step)
 
     def close(self) -> None:
         if self.board is not None:
             self.board.close()
             self.board = None
+        for _, run in self.runs:
+            run.finish()
+        self.runs = []
+
+
+def write_completions(path: Path, episodes, step: int, keep: str, d: distributed.Dist,
+                      log: MetricsLog | None = None) -> None:
+    """The step's completions with their rewards, appended to RUN_DIR/completions.jsonl by the main
+    rank (`--log-completions`: all, none, or the first N of the step in global order), and as a
+    table to the trackers of `log` that have tables."""
+    if keep == "none":
+        return
+    rows = [{"step": step, "prompt_index": e.prompt_index, "sample": e.sample,
+             "prompt": e.problem.messages(), "completion": e.text, "answer": e.problem.answer,
+             "extracted": extract_answer(e.text), "reward": round(e.score.reward, 4),
+             "rewards": {k: None if math.isnan(v) else round(v, 4) for k, v in e.score.parts.items()},
+             "finish_reason": e.completion.finish_reason, "tokens": len(e.completion.token_ids)}
+            for e in episodes]
+    gathered = distributed.gather_to_main(rows, d)
+    if gathered is None:
+        return
+    rows = sorted((r for part in gathered for r in part), key=lambda r: (r["prompt_index"], r["sample"]))
+    if keep != "all":
+        rows = rows[:int(keep)]
+    with open(path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    if log is not None:
+        log.table("completions", rows, step)
 
 
 def forget_after(paths: list[Path], step: int) -> None:
@@ -181,3 +264,21 @@ def forget_after(paths: list[Path], step: int) -> None:
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, path)
+
+
+def gemm_peak(dtype: torch.dtype, device: torch.device, *, m: int = 2048, reps: int = 5) -> float:
+    """Measured matrix-multiply FLOP/s of this process in `dtype` (a (m x 576) @ (576 x 1536)
+    product, SmolLM2's MLP shape); the denominator of the train phase's MFU."""
+    a = torch.randn(m, 576, dtype=dtype, device=device)
+    b = torch.randn(576, 1536, dtype=dtype, device=device)
+    a @ b
+    best = math.inf
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * m * 576 * 1536 / best

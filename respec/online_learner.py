@@ -73,6 +73,7 @@ import torch.distributed as dist
 
 from models.eagle import EagleHead, save_eagle
 from respec.distill import Sequences, collate, head_loss, target_features
+from respec.grpo import warmup_cosine
 from respec.kd_loss import WEIGHTINGS, sequence_weights
 from respec.solver import AdaptiveK, expected_tokens
 
@@ -298,7 +299,7 @@ class OnlineLearner:
                     self._all_reduce_grads()
                 torch.nn.utils.clip_grad_norm_(self.head.parameters(), cfg.grad_clip)
                 for group in self.opt.param_groups:
-                    group["lr"] = cfg.lr * min(1.0, (self.opt_steps + 1) / max(cfg.warmup, 1))
+                    group["lr"] = cfg.lr * warmup_cosine(self.opt_steps, total=0, warmup=cfg.warmup, min_ratio=1.0)
                 self.opt.step()
                 self.opt_steps += 1
                 opt_steps += 1
@@ -338,48 +339,3 @@ class OnlineLearner:
         self.buffer, self._result = state["buffer"], state["result"]
         self.last_submit = state.get("last_submit")
         self.last_alpha_est = state.get("last_alpha_est")
-
-
-# ----------------------------------------------------------------------------------------------
-def demo(steps: int = 6) -> None:
-    """`python -m respec.online_learner`: reward-weighted KD on a toy batch (the tiny random model,
-    under a minute on a CPU). Eight completions, four of them "rewarded"; an untrained head is
-    distilled with uniform and with reward weights, and its KL to the target is then measured on
-    the rewarded and the unrewarded completions separately."""
-    from models.eagle import cast_head
-    from models.loading import load_model
-    from respec.drafter_training import untrained_head
-    from respec.engine import RolloutEngine, SamplingParams
-    from respec.kd_loss import sequence_weights
-
-    target = load_model("tiny", dtype=torch.float32)
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(5, target.cfg.vocab_size, (10,), generator=g).tolist() for _ in range(8)]
-    outs = RolloutEngine(target, kv_cache_bytes=8 << 20, eager=True).generate(
-        prompts, SamplingParams(max_new_tokens=16, temperature=1.0, seed=1))
-    seqs, plens = [p + o.token_ids for p, o in zip(prompts, outs)], [len(p) for p in prompts]
-    rewards = torch.tensor([1.0, 0.0] * 4)  # completions 0, 2, 4, 6 "solved the task"
-    print(f"8 completions of 16 tokens from the tiny model, rewards {rewards.tolist()}")
-    for kind in ("uniform", "reward"):
-        weights = sequence_weights(kind, rewards)
-        head = untrained_head(target, seqs, seed=0, draft_vocab=512)  # the completions' tokens first
-        engine = RolloutEngine(target, kv_cache_bytes=8 << 20, eager=True, drafter=cast_head(head, torch.float32),
-                               num_draft_tokens=3)
-        # T = 0.1: the random model's T = 1 distribution is nearly uniform over 49k tokens
-        learner = OnlineLearner(head, engine, KDConfig(weighting=kind, lr=3e-3, batch=8, temperature=0.1), k=3)
-        print(f"\n{kind} weights w(r) = {[round(w, 2) for w in weights.tolist()]}")
-        for step in range(steps):
-            learner.submit(target, seqs, plens, weights, step)
-            stats = learner.collect()
-            print(f"  update {step + 1}: weighted KL {stats['kd_loss']:.3f}, estimated alpha_1 {stats['alpha_est'][0]:.3f}")
-        for name, idx in (("rewarded", [0, 2, 4, 6]), ("unrewarded", [1, 3, 5, 7])):  # KL per subset, unweighted
-            feats = target_features(target, Sequences([seqs[i] for i in idx], [plens[i] for i in idx]),
-                                    learner.head.cfg.feature_layers)
-            batch = collate(Sequences([seqs[i] for i in idx], [plens[i] for i in idx]), feats, list(range(4)))[:4]
-            with torch.no_grad():
-                _, per_step = head_loss(learner.head, target, batch, 1, temperature=0.1)
-            print(f"  KL(p || q) on the {name} completions after training: {per_step[0]['kl']:.3f}")
-
-
-if __name__ == "__main__":
-    demo()

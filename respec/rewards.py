@@ -75,10 +75,11 @@ def parse_reward(spec: str) -> RewardFunction:
     weight = 1.0
     if len(parts) > 1:
         try:
-            weight = float(parts[-1])
-            parts = parts[:-1]
+            value = float(parts[-1])
         except ValueError:
-            pass
+            value = math.nan
+        if math.isfinite(value):  # a weight; `nan` or `inf` is a function's name (mymod:nan), not one
+            weight, parts = value, parts[:-1]
     if len(parts) == 1:
         if parts[0] not in BUILTIN:
             raise ValueError(f"--reward {spec}: expected a built-in ({', '.join(BUILTIN)}) or module:function[:weight]")
@@ -122,6 +123,12 @@ class Rewards:
     @property
     def names(self) -> list[str]:
         return [f.name for f in self.functions]
+
+    @property
+    def needs_answers(self) -> bool:
+        """Whether the data must carry reference answers: the built-in correctness compares them (a
+        user's functions may judge prompt-only data)."""
+        return any(f.name == "correctness" for f in self.functions)
 
     @property
     def scores_numbers_only(self) -> bool:

@@ -118,12 +118,15 @@ def unit_interval(h: torch.Tensor) -> torch.Tensor:
     return ((h >> 9).to(torch.float32) + 0.5) * (1.0 / 2**23)
 
 
-def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Mask (to -inf) what top-k, then top-p, remove; per row. logits (B, V) fp32 already divided by
-    the temperature; top_k (B,) int64 (0 = off); top_p (B,) fp32 (1 = off).
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  min_p: torch.Tensor | None = None) -> torch.Tensor:
+    """Mask (to -inf) what top-k, then top-p, then min-p remove; per row. logits (B, V) fp32 already
+    divided by the temperature; top_k (B,) int64 (0 = off); top_p (B,) fp32 (1 = off); min_p (B,)
+    fp32 (0 = off).
 
     Same order and meaning as Hugging Face's warpers: top-k first, then the smallest set of the
-    remaining tokens whose renormalised mass reaches top_p (the most likely token always stays)."""
+    remaining tokens whose renormalised mass reaches top_p, then the tokens whose probability is at
+    least min_p times the most likely one's (the most likely token always stays)."""
     V = logits.shape[-1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
     rank = torch.arange(V, device=logits.device)
@@ -135,13 +138,15 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     # tokens of a 49k vocabulary, and `mass_before < 1` would drop them from an unfiltered row
     nucleus = (mass_before < top_p.unsqueeze(-1)) | (top_p >= 1).unsqueeze(-1)
     keep_sorted = nucleus & (rank < k)
+    if min_p is not None:  # p_i >= min_p * p_max, i.e. logit_i >= logit_max + log(min_p) (min_p = 0: all)
+        keep_sorted &= sorted_logits >= sorted_logits[:, :1] + torch.log(min_p).unsqueeze(-1)
     keep_sorted[:, 0] = True
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     return logits.masked_fill(~keep, float("-inf"))
 
 
 def sampling_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                      top_p: torch.Tensor, *, use_filter: bool) -> torch.Tensor:
+                      top_p: torch.Tensor, *, use_filter: bool, min_p: torch.Tensor | None = None) -> torch.Tensor:
     """Log-probabilities (B, V) of the distribution each row samples from.
 
     Rows with temperature 0 (greedy) get the model's own log-softmax: their sample is the argmax,
@@ -150,7 +155,7 @@ def sampling_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_k: to
     t = torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(-1)  # (B, 1)
     scaled = logits.float() / t
     if use_filter:
-        filtered = filter_logits(scaled, top_k, top_p)
+        filtered = filter_logits(scaled, top_k, top_p, min_p)
         scaled = torch.where(greedy.unsqueeze(-1), scaled, filtered)
     return scaled.log_softmax(dim=-1)
 

@@ -51,6 +51,8 @@ from pathlib import Path
 
 import torch
 
+from models.loading import cache_dir
+
 # Bumped when the engine's step costs change for the same model and machine (2: the two-level
 # sampler), so that a cached profile of the old engine is measured again.
 COST_VERSION = 2
@@ -74,9 +76,6 @@ class CostModel:
     def verify_s(self, B: int, width: int, context: float) -> float:
         x = self.coef
         return x[0] + x[1] * (width > 1) + x[2] * B * width + x[3] * B * context
-
-    def draft_s(self, B: int) -> float:
-        return self.coef[4] + self.coef[5] * B
 
     def to_json(self) -> dict:
         return {"features": list(FEATURES), **asdict(self)}
@@ -247,28 +246,30 @@ def cost_key(model_desc: str, drafter_desc: str, engine) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def profile_costs(engine, *, batch_sizes=(1, 4, 16, 64), ks=None, contexts=(64, 448), reps: int = 2,
+def profile_costs(timer, *, batch_sizes=(1, 4, 16, 64), ks=None, contexts=(64, 448), reps: int = 2,
                   progress: bool = True) -> list[dict]:
-    """Time the engine's real decode (k = 0) and SD steps (k >= 1) on synthetic sequences of
-    `context` cached tokens (their KV contents do not change the time). The first call of each
-    shape is a warm-up (it may compile) and is not timed."""
+    """Time an engine's real decode (k = 0) and SD steps (k >= 1) on synthetic sequences of
+    `context` cached tokens (their KV contents do not change the time): `timer` has the engine's
+    largest draft length `k` and `time_step(batch, k, context, reps=)` (respec/profiling.py
+    StepTimer, which leaves each shape's warm-up calls untimed)."""
     from tqdm import tqdm
 
-    max_k = engine.k
+    max_k = timer.k
     ks = ks if ks is not None else sorted({0, 1, max(1, max_k // 2), max_k})
     grid = [(c, B, k) for c in contexts for B in batch_sizes for k in ks]
     samples = []
     for c, B, k in tqdm(grid, desc="profiling step costs", disable=not progress):
-        samples.append({"batch": B, "k": k, "context": c, "seconds": engine.time_step(B, k, c, reps=reps)})
+        samples.append({"batch": B, "k": k, "context": c, "seconds": timer.time_step(B, k, c, reps=reps)})
     return samples
 
 
-def load_or_profile(engine, key: str, path, *, max_error: float = 0.15, **profile_kwargs) -> tuple[CostModel, bool]:
+def load_or_profile(timer, key: str, path: Path | None = None, *, max_error: float = 0.15, **profile_kwargs) -> tuple[CostModel, bool]:
     """The cost model cached at `path` if it was fitted for `key`, else profile, fit and cache it.
     A fit whose median error exceeds `max_error` (the machine was busy: seen here, a profile taken
     while another job ran fitted with 57% error and predicted SD steps as cheap as plain ones) is
     measured once more with twice the repetitions, and the better of the two kept.
-    Returns (model, loaded_from_cache)."""
+    `path` defaults to the project cache's costs/<key>.json. Returns (model, loaded_from_cache)."""
+    path = Path(path) if path is not None else cache_dir() / "costs" / f"{key}.json"
     if path.exists():
         try:
             model = CostModel.from_json(json.loads(path.read_text()))
@@ -277,11 +278,11 @@ def load_or_profile(engine, key: str, path, *, max_error: float = 0.15, **profil
         except (ValueError, KeyError, json.JSONDecodeError):
             pass  # stale or damaged: measure again
     t0 = time.perf_counter()
-    samples = profile_costs(engine, **profile_kwargs)
+    samples = profile_costs(timer, **profile_kwargs)
     model = fit_costs(samples, key)
     if model.rel_error > max_error:
         kwargs = {**profile_kwargs, "reps": 2 * profile_kwargs.get("reps", 2)}
-        again = profile_costs(engine, **kwargs)
+        again = profile_costs(timer, **kwargs)
         if (second := fit_costs(again, key)).rel_error < model.rel_error:
             samples, model = again, second
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -126,29 +126,29 @@ def draft_stream(coupled: bool) -> int:
     return STREAM_SAMPLE if coupled else STREAM_DRAFT
 
 
-def draft_next(drafter, hidden, seeds, temperature, top_k, top_p, next_pos, *, use_filter: bool, coupled: bool):
+def draft_next(drafter, hidden, seeds, temperature, top_k, top_p, min_p, next_pos, *, use_filter: bool, coupled: bool):
     """A drafter's output head and sampler: hidden (B, d) -> (draft tokens (B,), the drafter's
     sampling log-probs over the target vocabulary (B, V)). A compiled region (compile/policy.py)."""
-    q = sampling_logprobs(drafter.target_logits(hidden), temperature, top_k, top_p, use_filter=use_filter)
+    q = sampling_logprobs(drafter.target_logits(hidden), temperature, top_k, top_p, use_filter=use_filter, min_p=min_p)
     tokens, _ = sample(q, temperature, seeds, next_pos, stream=draft_stream(coupled))
     return tokens, q
 
 
-def verify_tail(target, hidden, drafts, lengths, q, point, seeds, temperature, top_k, top_p, positions, *,
+def verify_tail(target, hidden, drafts, lengths, q, point, seeds, temperature, top_k, top_p, min_p, positions, *,
                 use_filter: bool, rule: str = "match"):
     """The target's output head over the k+1 verified positions, hidden (B, k+1, d), and the
     verification rule (`match_drafts` or `accept_drafts`). A compiled region (compile/policy.py)."""
     B, k1 = drafts.shape[0], drafts.shape[1] + 1
     rep = lambda t: t.repeat_interleave(k1)  # noqa: E731  per-row parameters for every position
     p = sampling_logprobs(target.logits(hidden).flatten(0, 1), rep(temperature), rep(top_k), rep(top_p),
-                          use_filter=use_filter).view(B, k1, -1)
+                          use_filter=use_filter, min_p=rep(min_p)).view(B, k1, -1)
     if rule == "match":
         return match_drafts(p, drafts, lengths, temperature, seeds, positions)
     return accept_drafts(p, q, drafts, lengths, temperature, seeds, positions, point)
 
 
 def verify_step(target, pools, tokens, drafts, lengths, q, point, positions, block_tables, seeds, temperature, top_k,
-                top_p, *, use_filter: bool, rule: str = "match", hidden_layers=(), run_block=None,
+                top_p, min_p, *, use_filter: bool, rule: str = "match", hidden_layers=(), run_block=None,
                 verify_fn=verify_tail):
     """Verify every row's drafts in one target forward over k+1 positions, by `rule` (see the module
     docstring).
@@ -167,5 +167,5 @@ def verify_step(target, pools, tokens, drafts, lengths, q, point, positions, blo
     out = target(v_tokens, v_pos, kv, run_block=run_block, hidden_layers=hidden_layers)
     hidden, taps = out if hidden_layers else (out, None)  # (B, k+1, d)
     tokens_out, logprobs, n = verify_fn(target, hidden, drafts, lengths, q, point, seeds, temperature, top_k, top_p,
-                                        positions, use_filter=use_filter, rule=rule)
+                                        min_p, positions, use_filter=use_filter, rule=rule)
     return tokens_out, logprobs, n, (torch.cat(taps, dim=-1) if hidden_layers else None)

@@ -37,36 +37,37 @@ def right_padded(spans: list[tuple[list[int], int]]):
     return tokens, positions, valid
 
 
-def sample_next(model, hidden, seeds, temperature, top_k, top_p, next_pos, *, use_filter: bool):
+def sample_next(model, hidden, seeds, temperature, top_k, top_p, min_p, next_pos, *, use_filter: bool):
     """Output head and sampler: hidden (B, d) of each row's last token -> (tokens (B,), log-probs (B,)).
     `next_pos` (B,) is the position the sampled token will take (it keys the sampling noise)."""
-    logprobs = sampling_logprobs(model.logits(hidden), temperature, top_k, top_p, use_filter=use_filter)
+    logprobs = sampling_logprobs(model.logits(hidden), temperature, top_k, top_p, use_filter=use_filter, min_p=min_p)
     return sample(logprobs, temperature, seeds, next_pos)
 
 
 def prefill_step(model, pools, tokens, positions, valid, block_tables, last_index, seeds, temperature,
-                 top_k, top_p, *, use_filter: bool, run_block=None, sample_fn=sample_next, hidden_layers=()):
+                 top_k, top_p, min_p, *, use_filter: bool, run_block=None, sample_fn=sample_next, hidden_layers=()):
     """Cache the prompts and sample each row's first new token.
 
     tokens, positions, valid: (B, T) right-padded prompts; last_index: (B,) index of each row's
-    last real token; block_tables: (B, W); seeds, temperature, top_k, top_p: (B,). With
+    last real token; block_tables: (B, W); seeds, temperature, top_k, top_p, min_p: (B,). With
     `hidden_layers`, also returns those blocks' outputs concatenated (B, T, len * d)."""
     kv = PagedKV.build(pools, block_tables, positions, model.cfg.n_rep, valid=valid)
     out = model(tokens, positions, kv, run_block=run_block, hidden_layers=hidden_layers)
     hidden, taps = out if hidden_layers else (out, None)  # (B, T, d)
     last = hidden.gather(1, last_index.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])).squeeze(1)  # (B, d)
     next_pos = positions.gather(1, last_index.view(-1, 1)).squeeze(1) + 1  # (B,) where the new token sits
-    sampled = sample_fn(model, last, seeds, temperature, top_k, top_p, next_pos, use_filter=use_filter)
+    sampled = sample_fn(model, last, seeds, temperature, top_k, top_p, min_p, next_pos, use_filter=use_filter)
     return (*sampled, torch.cat(taps, dim=-1)) if hidden_layers else sampled
 
 
-def decode_step(model, pools, tokens, positions, block_tables, seeds, temperature, top_k, top_p, *,
+def decode_step(model, pools, tokens, positions, block_tables, seeds, temperature, top_k, top_p, min_p, *,
                 use_filter: bool, run_block=None, sample_fn=sample_next, hidden_layers=()):
-    """One token for every row. tokens, positions, seeds, temperature, top_k, top_p: (B,);
+    """One token for every row. tokens, positions, seeds, temperature, top_k, top_p, min_p: (B,);
     block_tables: (B, W). The input token's keys/values are written at `positions`. With
     `hidden_layers`, also returns those blocks' outputs for the input token, concatenated (B, len * d)."""
     kv = PagedKV.build(pools, block_tables, positions.unsqueeze(1), model.cfg.n_rep)
     out = model(tokens.unsqueeze(1), positions.unsqueeze(1), kv, run_block=run_block, hidden_layers=hidden_layers)
     hidden, taps = out if hidden_layers else (out, None)  # (B, 1, d)
-    sampled = sample_fn(model, hidden[:, 0], seeds, temperature, top_k, top_p, positions + 1, use_filter=use_filter)
+    sampled = sample_fn(model, hidden[:, 0], seeds, temperature, top_k, top_p, min_p, positions + 1,
+                        use_filter=use_filter)
     return (*sampled, torch.cat(taps, dim=-1)[:, 0]) if hidden_layers else sampled

@@ -215,7 +215,30 @@ def make_problems(task: str, n: int, seed: int = 0, **config) -> list[Problem]:
     return make_task(task=task, config=config, seed=seed).problems(0, n)
 
 
-def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of `messages` in the model's chat template, ready for the assistant's turn."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def chat_prompt(tokenizer, messages: list[dict], **template_kwargs) -> list[int]:
+    """Token ids of `messages` in the model's chat template, ready for the assistant's turn;
+    `template_kwargs` go to the template (Qwen3's `enable_thinking`, ...)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a problem becomes the prompt's token ids: its messages in the chat template (with the
+    system prompt, and `template_kwargs` for the template), or, `raw`, its text as it is, tokenized as
+    the tokenizer does by default: no template, no system turn (TRL's way with plain-text prompts)."""
+    raw: bool = False
+    template_kwargs: tuple = ()  # (name, value) pairs, so that the format is hashable
+
+    @classmethod
+    def make(cls, raw: bool = False, template_kwargs: dict | None = None) -> "PromptFormat":
+        if raw and template_kwargs:
+            raise ValueError("--chat-template-kwargs apply to the chat template, which --raw-prompts leaves out")
+        return cls(raw, tuple(sorted((template_kwargs or {}).items())))
+
+    def ids(self, tokenizer, problem: "Problem") -> list[int]:
+        if not self.raw:
+            return chat_prompt(tokenizer, problem.messages(), **dict(self.template_kwargs))
+        if problem.conversational:
+            raise ValueError("--raw-prompts needs plain-text prompts; this data's prompts are chat turns")
+        return tokenizer.encode(problem.question)

@@ -1,7 +1,7 @@
 """The GRPO trainer: rollout through the (speculative) engine, rewards, the clipped GRPO update on an
 FSDP2-sharded actor, checkpoints, metrics.
 
-One step, as data flows (../DESIGN, "One GRPO step"):
+One step, as data flows (docs/walkthrough.md follows it through the files):
 
   1. data: the step's P prompts (data positions step*P .. step*P+P-1, so a resumed run sees the same
      data); rank r takes prompts r, r+W, r+2W, ... and rolls each out G times, each completion with
@@ -33,7 +33,7 @@ Choices a reader should know:
   SD-verify tokens: ReSpec's R1 shown, not assumed away), and `--is-correction` weights the
   surrogate by pi_old / pi_rollout, truncated or masked, as TRL and verl do (respec/grpo.py). With
   several passes the ratio keeps the first pass's pi_old and the correction the rollout's
-  pi_rollout. With top-k or top-p the rollout's distribution is the filtered one and the
+  pi_rollout. With top-k, top-p or min-p the rollout's distribution is the filtered one and the
   trainer's is not: the gap then includes the filter's renormalisation.
 * Minibatches are fixed, not shuffled: global minibatch m is the prompts m*P/M .. (m+1)*P/M-1 on
   any number of ranks, so one process and N ranks take the same optimizer steps on the same data.
@@ -45,220 +45,29 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from compile.policy import COMPILE_MODES
-from models.loading import cache_dir, load_model, load_tokenizer, resolve_dtype
+from models.loading import eos_token_ids, load_model, load_tokenizer, resolve_dtype
 from respec import checkpoint, distributed, grpo, guards, metrics, rewards
+from respec.config import DRAFTER_UPDATES, TrainConfig
 from respec.drafter_choice import Chosen, choose_drafter, split_spec
 from respec.drafters.replay import ReplayStore
-from respec.episode import Episode, set_advantages
 from respec.engine import EngineStats, RolloutEngine, SamplingParams, Stopped
+from respec.episode import Episode, set_advantages
+from respec.evaluation import Evaluation, held_out_problems
 from respec.kv_cache import default_pool_bytes
+from respec.lora import apply_lora
 from respec.online_learner import KDConfig, OnlineLearner
-from respec.rollout_seeds import SEED_MODES, RolloutSeeds
+from respec.profiling import StepTimer, warmup
+from respec.rollout_seeds import RolloutSeeds
 from respec.solver import AdaptiveK, FixedK, cost_key, load_or_profile
-from respec.speculative import VERIFY_RULES
-from respec.cli import option
-from respec.data import DataConfig
-from respec.tasks import chat_prompt, extract_answer
+from respec.tasks import PromptFormat
 from respec.update import MICRO_TOKENS, policy_update
-
-
-# --drafter-update -> the KD weighting w(r) of respec/kd_loss.py (frozen: no online learner)
-DRAFTER_UPDATES = {"frozen": None, "kd": "uniform", "rkd": "reward", "akd": "advantage"}
-
-
-@dataclass
-class TrainConfig(DataConfig):
-    """A GRPO run's settings. train.py's options are generated from these fields (respec/cli.py):
-    `--max-new-tokens` (also `--max_new_tokens`, and TRL's `--max_completion_length`) for
-    `max_new_tokens`, with the help text, choices and default below; a `--config FILE` holds the
-    same names."""
-    # --- rewards ---
-    rewards: list = option([], "reward function, repeatable: correctness, format, module:function or file.py:function, "
-                           "each with an optional :weight (default: correctness + format at --format-weight)",
-                           flag="--reward", aliases=("reward_funcs",))
-    format_weight: float = option(0.1, "weight of the format reward (a strict 'Answer:' line) in the default rewards")
-    # --- GRPO ---
-    # (The defaults are the README's default run, sized to finish in ~15 min on 2 CPU cores.)
-    steps: int = option(20, "RL steps (one rollout and its updates each)", aliases=("max_steps",))
-    prompts: int = option(4, "prompts per step over all ranks (P; when not given, 4 rounded up to a multiple of the "
-                          "ranks)")
-    group: int = option(4, "samples per prompt (G >= 2)", aliases=("num_generations",))
-    max_new_tokens: int = option(64, "completion length limit (tokens)", aliases=("max_completion_length",))
-    temperature: float = option(1.0, "rollout sampling temperature (the training log-probs use the same)")
-    top_p: float = option(1.0, "nucleus sampling mass")
-    lr: float = option(3e-5, "peak AdamW learning rate", aliases=("learning_rate",))
-    warmup_steps: int = option(2, "optimizer steps of linear LR warm-up, then cosine to lr x --min-lr-ratio")
-    min_lr_ratio: float = option(0.1, "cosine floor, as a fraction of --lr")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    grad_clip: float = option(1.0, "max global gradient norm", aliases=("max_grad_norm",))
-    clip_low: float = option(0.2, "ratio clipped below at 1 - this", aliases=("epsilon",))
-    clip_high: float = option(0.2, "ratio clipped above at 1 + this", aliases=("epsilon_high",))
-    kl_coef: float = option(0.0, "k3 KL to the initial model (0: no reference model)", aliases=("beta",))
-    scale_adv_by_std: bool = option(True, "advantages centred only, not divided by the group's std (Dr. GRPO)",
-                                    flag="--no-std-scaling")
-    epochs: int = option(1, "passes over each rollout", aliases=("num_iterations",))
-    minibatches: int = option(1, "optimizer steps per pass")
-    loss_type: str = option("dapo", "how per-token losses are averaged (TRL's loss_type): dapo (token mean over the "
-                            "global batch), grpo (each sequence's token mean, then the mean over sequences), bnpo "
-                            "(token mean over each rank's batch), dr_grpo (token sum / (sequences x max tokens))",
-                            choices=grpo.LOSS_TYPES)
-    importance_sampling_level: str = option("token", "the ratio pi / pi_old per token, or per sequence (GSPO: the "
-                                            "geometric mean of its tokens' ratios)", choices=grpo.IS_LEVELS)
-    mask_truncated_completions: bool = option(False, "leave completions cut at --max-new-tokens out of the loss "
-                                              "(they still count in their group's advantages)",
-                                              flag="--mask-truncated-completions")
-    # the rollout's own log-probs against the trainer's (respec/mismatch.py measures the gap every step)
-    is_correction: str = option("off", "importance-sampling correction of the rollout/training mismatch: off, "
-                                "token_truncate, token_mask, sequence_truncate or sequence_mask (weights pi_old / "
-                                "pi_rollout, truncated at --is-cap or masked above it)", choices=grpo.IS_CORRECTIONS,
-                                aliases=("vllm_importance_sampling_mode",))
-    is_cap: float = option(3.0, "cap of --is-correction", aliases=("vllm_importance_sampling_cap",))
-    # padded tokens per forward/backward; 0 = per device (MICRO_TOKENS): length-sorted microbatches keep
-    # padding small (measured on 2 CPU cores, 32 sequences of ~120 tokens: 512 -> 26.8 s per update, one
-    # microbatch of all -> 39.4 s); a GPU wants large ones to fill its cores
-    micro_tokens: int = option(0, "padded tokens per forward/backward (0: 512 on CPU, 8192 on a GPU)")
-    # --- speculative decoding ---
-    sd: str = option("adaptive", "speculative decoding: off, on (always --k) or adaptive (the solver picks k per "
-                     "decoding step)", choices=("off", "on", "adaptive"))
-    drafter: str = option("auto", "EAGLE head dir, auto (cached default head, pretrained once), random (untrained: "
-                          "cold start), history (model-free suffix matches), first:N (the actor's first N layers), "
-                          "none, replay (last epoch's completion of the same prompt and sample), or a model spec "
-                          "joined by '+' with replay and/or history, tried per row in that order (auto+replay+history)")
-    k: int = option(3, "largest draft length")
-    replay_k: int = option(16, "most drafts a replay (last epoch's completion, --drafter ...+replay) proposes per "
-                           "verify; its rows verify apart from the others")
-    verify: str = option("match", "how drafts are verified: match (a draft is kept iff it is the token the actor itself "
-                         "samples there: the rollout is plain decoding's, whatever the drafter) or rejection "
-                         "(speculative sampling: the same distribution, other tokens)", choices=VERIFY_RULES)
-    # --- sampling noise across epochs (respec/rollout_seeds.py) ---
-    rollout_seeds: str = option("per-step", "sampling seeds: per-step (fresh noise every rollout) or per-prompt (a "
-                                "training-set row's sample g reuses its noise in later epochs, so last epoch's "
-                                "completion drafts well; a sampling choice with a learning cost)", choices=SEED_MODES)
-    reseed_every: int = option(0, "with per-prompt seeds: new noise for each sample every R epochs, staggered by "
-                               "sample (0: never; groups without signal are always reseeded)")
-    # --- the drafter's online distillation (respec/online_learner.py) ---
-    drafter_update: str = option("rkd", "frozen, kd (uniform weights), rkd (reward-weighted) or akd (positive "
-                                 "advantages only)", choices=tuple(DRAFTER_UPDATES))
-    # update in a background thread overlapped with the next rollout: on 2 CPU cores the default run's
-    # step took 6.3 s against 7.3 s synchronous (docs/benchmarks.md)
-    drafter_async: bool = option(True, "drafter update in a background thread, overlapped with the next rollout")
-    drafter_lr: float = option(1e-3, "the head's AdamW learning rate (after a linear warm-up)")
-    drafter_warmup: int = option(10, "drafter optimizer steps of linear LR warm-up (0: none)")
-    drafter_batch: int = option(8, "sequences per drafter optimizer step, over all ranks")
-    drafter_epochs: int = option(1, "passes over the replay buffer per drafter update")
-    drafter_update_interval: int = option(1, "RL steps between drafter updates (the buffer holds that many steps)")
-    drafter_idle_interval: int = option(4, "RL steps between distillations while the rollouts do not speculate")
-    # --- system ---
-    dtype: str = option("auto", "rollout dtype (auto: bf16 where native: CUDA, AVX-512-BF16/AMX; else fp32)",
-                        choices=("auto", "bf16", "fp32", "fp16"))
-    train_dtype: str = option("auto", "autocast dtype of the training forward (weights stay fp32)",
-                              choices=("auto", "bf16", "fp32", "fp16"))
-    # torch.compile of the rollout engine: auto = on CUDA only. On a 2-core CPU a cold compile of the
-    # 20 step shapes a rollout meets (5 batch buckets x k = 0..3) costs more than the default run's
-    # rollouts would save (docs/benchmarks.md); with a warm cache (`--compile on` after one compiled
-    # run) decoding is faster than eager.
-    compile: str = option("auto", "torch.compile the rollout engine (auto: on CUDA only; a cold CPU compile takes "
-                          "minutes)", choices=("auto", "on", "off"))
-    compile_mode: str | None = option(None, "how a compiled engine compiles its steps (compile/policy.py; default: "
-                                      "whole on CUDA, regional on CPU)", choices=COMPILE_MODES)
-    fsdp: str = option("auto", "shard the actor with FSDP2 (auto: with several ranks; on: also in one torchrun "
-                       "process, to exercise the sharded path on one GPU)", choices=("auto", "on"))
-    kv_cache_mb: int = option(0, "KV block pool per rank in MiB (0: 1024 on CPU, 40%% of the free memory on a GPU)")
-    max_batch: int = option(64, "most sequences decoding at once per rank")
-    # --- run ---
-    out: str = option("", "new run directory (default runs/grpo-<time>; never overwritten)", aliases=("output_dir",))
-    seed: int = option(0, "seed of the data order, sampling and initialisation")
-    checkpoint_every: int = option(10, "steps between checkpoints (and one at the end)", aliases=("save_steps",))
-    keep_checkpoints: int = option(2, "checkpoints kept", aliases=("save_total_limit",))
-    export_hf: str | None = option(None, "also write the final actor here (Hugging Face checkpoint)")
-    progress: bool = option(True, "no progress bars", flag="--no-progress")
-    log_completions: str = option("all", "completions written to RUN_DIR/completions.jsonl each step: all, none, "
-                                  "or the first N")
-    eval_every: int = option(0, "held-out evaluation every N steps (0: none): accuracy at temperature 0",
-                             aliases=("eval_steps",))
-    eval_prompts: int = option(32, "problems in the held-out evaluation set")
-    eval_data: str | None = option(None, "held-out data (as --data; default: --task problems from another seed, or "
-                                   "the first rows of --data, not held out)")
-
-    def validate(self, world: int) -> None:
-        if self.group < 2:
-            raise ValueError(f"--group must be >= 2 (GRPO compares samples of one prompt), got {self.group}")
-        if self.prompts % world:
-            raise ValueError(f"--prompts {self.prompts} is not divisible by the world size {world}")
-        if (self.prompts // world) % self.minibatches:
-            raise ValueError(f"prompts per rank ({self.prompts // world}) is not divisible by --minibatches "
-                             f"{self.minibatches}")
-        for f in dataclasses.fields(self):  # the choices the options declare (also for a config built in code)
-            value, choices = getattr(self, f.name), f.metadata.get("choices")
-            if choices and value is not None and value not in choices:
-                raise ValueError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}")
-        if self.fsdp == "on" and not torch.distributed.is_initialized():
-            raise ValueError("--fsdp on needs a process group: start train.py with torchrun")
-        if self.compile_mode is not None and self.compile == "off":
-            raise ValueError(f"--compile-mode {self.compile_mode} needs a compiled engine (--compile on or auto)")
-        if self.drafter_lr <= 0 or self.drafter_warmup < 0:
-            raise ValueError(f"--drafter-lr must be positive and --drafter-warmup >= 0, got {self.drafter_lr}, "
-                             f"{self.drafter_warmup}")
-        if self.reseed_every < 0 or self.replay_k < 0:
-            raise ValueError(f"--reseed-every and --replay-k must be >= 0, got {self.reseed_every}, {self.replay_k}")
-        if self.reseed_every and self.rollout_seeds != "per-prompt":
-            raise ValueError("--reseed-every applies to --rollout-seeds per-prompt")
-        split_spec(self.drafter)  # a malformed combination: one line before anything is built
-        for name in ("steps", "prompts", "max_new_tokens", "epochs", "minibatches", "k", "max_batch",
-                     "checkpoint_every", "drafter_batch", "drafter_epochs", "drafter_update_interval",
-                     "drafter_idle_interval"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("micro_tokens", "kv_cache_mb"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: sized for the device), got "
-                                 f"{getattr(self, name)}")
-        if self.temperature <= 0:
-            raise ValueError(f"--temperature must be > 0 for GRPO sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if not self.is_cap > 0:
-            raise ValueError(f"--is-cap must be positive, got {self.is_cap}")
-        if self.lr <= 0 or self.kl_coef < 0 or self.grad_clip <= 0:
-            raise ValueError("--lr and --grad-clip must be positive and --kl-coef >= 0")
-        if self.log_completions not in ("all", "none") and not (self.log_completions.isdigit()
-                                                                 and int(self.log_completions) > 0):
-            raise ValueError(f"--log-completions must be all, none or a positive number, got {self.log_completions!r}")
-
-
-def default_prompts(world: int, at_least: int = 4) -> int:
-    """Prompts per step when none are given: the smallest multiple of the world size >= `at_least`
-    (each rank gets whole prompts, so 4 would not do on 3, 5, 6 or 7 GPUs)."""
-    return world * -(-at_least // world)
-
-
-def gemm_peak(dtype: torch.dtype, device: torch.device, *, m: int = 2048, reps: int = 5) -> float:
-    """Measured matrix-multiply FLOP/s of this process in `dtype` (a (m x 576) @ (576 x 1536)
-    product, SmolLM2's MLP shape); the denominator of the train phase's MFU."""
-    a = torch.randn(m, 576, dtype=dtype, device=device)
-    b = torch.randn(576, 1536, dtype=dtype, device=device)
-    a @ b
-    best = math.inf
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * m * 576 * 1536 / best
 
 
 class Trainer:
@@ -270,9 +79,15 @@ class Trainer:
         self.tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
         self.rewards = rewards.Rewards(cfg.rewards, format_weight=cfg.format_weight)
         # file data must have numeric answers unless a user's reward scores them
-        self.task = task if task is not None else cfg.make_task(seed=cfg.seed,
-                                                                numeric_answers=self.rewards.scores_numbers_only)
-        self.eval_problems = self._eval_problems() if cfg.eval_every else []
+        self.task = task if task is not None else cfg.make_task(
+            seed=cfg.seed, numeric_answers=self.rewards.scores_numbers_only, answers_required=self.rewards.needs_answers)
+        self.prompt = PromptFormat.make(cfg.raw_prompts, cfg.chat_template_kwargs)
+        self.evaluation = Evaluation(
+            held_out_problems(cfg, self.task, numeric_answers=self.rewards.scores_numbers_only,
+                              answers_required=self.rewards.needs_answers)
+            if cfg.eval_every or cfg.eval_at_start else [], temperature=cfg.eval_temperature,
+            generations=cfg.eval_generations, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
+            top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p)
         self._check_rewards()
         self.rollout_dtype = resolve_dtype(cfg.dtype, device)
         self.train_dtype = resolve_dtype(cfg.train_dtype, device)
@@ -281,6 +96,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.actor = load_model(cfg.model, dtype=torch.float32, device=device, seed=cfg.seed)
         self.actor.requires_grad_(True)
+        if cfg.lora_r:  # only the adapters train; the rollout reads the merged weights (respec/lora.py)
+            apply_lora(self.actor, cfg.lora())
         self._check_prompts(self.actor.cfg.max_position_embeddings)  # before any pretraining or writing
         # Model FLOPs per trained token (forward + backward = 6 per weight): every weight but the
         # embedding's for every token, the output head's only for completion tokens (the only
@@ -300,7 +117,7 @@ class Trainer:
 
         # fused: one kernel over all parameters (on 2 CPU cores 0.09 s per step for SmolLM2's 135M fp32
         # parameters, against 0.44 s for the default per-tensor loop and 0.48 s for foreach)
-        self.optimizer = torch.optim.AdamW(self.actor.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
+        self.optimizer = torch.optim.AdamW([p for p in self.actor.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.99),
                                            weight_decay=cfg.weight_decay, eps=1e-8, fused=True)
         total_updates = cfg.steps * cfg.epochs * cfg.minibatches
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -320,12 +137,10 @@ class Trainer:
         # the head's weights go into checkpoints; a model-free drafter has none, and `first:N` shares the actor's
         self.head_module = self.drafter.module if master is not None else None
         self.drafter_prior = chosen.prior
-        eos = self.actor.cfg.eos_token_id
-        eos_ids = {self.tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.micro_tokens = cfg.micro_tokens or MICRO_TOKENS.get(device.type, MICRO_TOKENS["cpu"])
         pool = cfg.kv_cache_mb << 20 if cfg.kv_cache_mb else default_pool_bytes(device)  # after the models, on a GPU
         self.engine = RolloutEngine(self.rollout.model, kv_cache_bytes=pool, max_batch=cfg.max_batch,
-                                    eos_token_ids=sorted(e for e in eos_ids if e is not None), eager=not self.compiled,
+                                    eos_token_ids=eos_token_ids(self.tok, self.actor), eager=not self.compiled,
                                     compile_mode=cfg.compile_mode,
                                     drafter=self.drafter, num_draft_tokens=cfg.k if self.drafter is not None else 0,
                                     verify=cfg.verify, replay_k=cfg.replay_k)
@@ -347,6 +162,7 @@ class Trainer:
         self.started = False  # start() ran
         self.peak_flops = 0.0  # set by start()
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_log: metrics.MetricsLog | None = None  # run() opens it
         self.completions_path = self.run_dir / "completions.jsonl"
 
     def _check_prompts(self, limit: int) -> None:
@@ -355,34 +171,18 @@ class Trainer:
         are short)."""
         located = getattr(self.task, "located_problems", None)
         checked = list(located()) if located is not None else []
-        checked += [(f"held-out problem {i}", p) for i, p in enumerate(self.eval_problems)]
+        checked += [(f"held-out problem {i}", p) for i, p in enumerate(self.evaluation.problems)]
         for where, problem in checked:
-            n = len(chat_prompt(self.tok, problem.messages()))
+            n = len(self.prompt.ids(self.tok, problem))
             if n >= limit:
                 raise ValueError(f"{where}: prompt of {n} tokens does not fit the model's context of {limit}")
 
-    def _eval_problems(self) -> list:
-        """The fixed held-out set of `--eval-every`: `--eval-data`, else the task's problems under
-        another seed (reasoning-gym generates new ones), else the first rows of `--data` (not held out)."""
-        cfg = self.cfg
-        numeric = self.rewards.scores_numbers_only
-        if cfg.eval_data:
-            task = dataclasses.replace(cfg, data=cfg.eval_data).make_task(seed=cfg.seed, numeric_answers=numeric)
-        elif cfg.data is None:  # the endless stream of another seed (not a fixed set of its own)
-            task = dataclasses.replace(cfg, train_size=0).make_task(seed=cfg.seed + 1, numeric_answers=numeric)
-            if getattr(self.task, "size", None):  # a fixed training set: hold out only problems outside it
-                seen = {str(p.messages()) for p in self.task.problems(0, self.task.size)}
-                fresh = [p for p in task.problems(0, 50 * cfg.eval_prompts) if str(p.messages()) not in seen]
-                return fresh[:cfg.eval_prompts]
-        else:
-            task = self.task
-        return task.problems(0, cfg.eval_prompts)
-
     def _check_rewards(self) -> None:
-        """Call every reward function once on an empty completion of the first problem: a function
-        that cannot be called or returns no numbers stops the run here, before anything is written."""
-        problem = self.task.problems(0, 1)[0]
-        self.rewards.score([problem], [""], [[]])
+        """Call every reward function once on empty completions of the first two problems: a function
+        that cannot be called, returns no numbers or a wrong number of them (one value whatever it is
+        given) stops the run here, before anything is written."""
+        problems = self.task.problems(0, 2)
+        self.rewards.score(problems, ["", ""], [[], []])
 
     # ------------------------------------------------------------------------------------------
     def start(self, checkpoint_dir: Path | None = None) -> dict:
@@ -398,9 +198,9 @@ class Trainer:
         if checkpoint_dir is not None:
             self._restore(checkpoint_dir)
         out = self._compile_and_plan()
-        peak = gemm_peak(self.train_dtype, self.d.device)
+        peak = metrics.gemm_peak(self.train_dtype, self.d.device)
         (self.peak_flops,) = distributed.all_reduce_sum([peak], self.d)
-        bf16_peak = gemm_peak(torch.bfloat16, self.d.device, m=128, reps=1) if self.train_dtype != torch.bfloat16 else peak
+        bf16_peak = metrics.gemm_peak(torch.bfloat16, self.d.device, m=128, reps=1) if self.train_dtype != torch.bfloat16 else peak
         self.log(f"GEMM peak: {peak / 1e9:.0f} GFLOP/s in {self.train_dtype} per process "
                  f"(bf16: {bf16_peak / 1e9:.1f} GFLOP/s)")
         self.started = True
@@ -411,7 +211,7 @@ class Trainer:
         cfg, out = self.cfg, {}
         local_batch = cfg.prompts // self.d.world * cfg.group
         ks = [0] if self.drafter is None else ([0, cfg.k] if cfg.sd == "on" else list(range(cfg.k + 1)))
-        out["compile_s"] = self.engine.warmup([min(local_batch, cfg.max_batch)], ks=ks, progress=cfg.progress and self.d.main)
+        out["compile_s"] = warmup(self.engine, [min(local_batch, cfg.max_batch)], ks=ks, progress=cfg.progress and self.d.main)
         if self.drafter is None:
             self.log(f"speculative decoding off: {self.sd_reason}")
         elif cfg.sd == "on":
@@ -421,7 +221,7 @@ class Trainer:
             key = cost_key(cfg.model, self.engine.drafter.describe(), self.engine)
             t0 = time.perf_counter()
             batches = sorted({1, min(4, local_batch), min(16, local_batch), min(local_batch, cfg.max_batch)})
-            costs, cached = load_or_profile(self.engine, key, cache_dir() / "costs" / f"{key}.json",
+            costs, cached = load_or_profile(StepTimer(self.engine), key,
                                             batch_sizes=batches, ks=self._profiled_ks(),
                                             contexts=(64, 64 + cfg.max_new_tokens), progress=cfg.progress and self.d.main)
             out["profile_s"] = round(time.perf_counter() - t0, 1)
@@ -447,7 +247,12 @@ class Trainer:
         history = []
         streak = guards.BadStepStreak(limit=3)
         stopped = False
-        log = metrics.MetricsLog(self.run_dir, main=d.main)
+        log = self.metrics_log = metrics.MetricsLog(self.run_dir, main=d.main, report_to=cfg.report_to,
+                                                    config=dataclasses.asdict(cfg))
+        if cfg.eval_at_start and self.step == 0:  # the policy before any update: metrics.jsonl's step 0
+            before = {"step": 0, **self.evaluate()}
+            log.write(before)
+            self.log(f"step 0 | held-out acc {before['eval_accuracy']:.3f}")
         with self.stop:
             while self.step < cfg.steps:
                 try:
@@ -537,7 +342,8 @@ class Trainer:
         kd = self.drafter_hook("before_rollout", timings)  # a background drafter update swapped in
         with timed(timings, "reward_s"):
             self.score(episodes)  # 3. rewards
-        self.log_completions(episodes)
+        metrics.write_completions(self.completions_path, episodes, self.step + 1, cfg.log_completions, d,
+                                  self.metrics_log)
         signal = set_advantages(episodes, cfg.group, scale_by_std=cfg.scale_adv_by_std)  # 4. advantages
         self.remember(episodes, signal)
         with timed(timings, "train_s"):
@@ -578,7 +384,7 @@ class Trainer:
         seeds = self.seeds.step_seeds(self.step, keys, epochs)  # global order: prompt-major
         episodes = []
         for i in range(d.rank, P, d.world):
-            prompt = chat_prompt(self.tok, problems[i].messages())
+            prompt = self.prompt.ids(self.tok, problems[i])
             episodes += [Episode(problems[i], i, keys[i], g, seeds[i * G + g], prompt) for g in range(G)]
         return episodes, epochs[0]
 
@@ -586,7 +392,7 @@ class Trainer:
         """Step 2: every episode's completion; the engine's statistics and the rows that had a replay."""
         cfg, d = self.cfg, self.d
         params = [SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                 seed=e.seed) for e in episodes]
+                                 top_k=cfg.top_k, min_p=cfg.min_p, seed=e.seed) for e in episodes]
         replays = None if self.replays is None else [self.replays.get(e.key, e.sample) for e in episodes]
         with tqdm(total=len(episodes), desc=f"step {self.step + 1} rollout", disable=not (cfg.progress and d.main),
                   file=sys.stderr, leave=False) as bar:
@@ -630,42 +436,8 @@ class Trainer:
                     self.replays.put(key, g, ids)
 
     def evaluate(self) -> dict:
-        """Accuracy and reward at temperature 0 on the fixed held-out set (`--eval-every`), decoded
-        without speculation (the solver's statistics are the rollouts')."""
-        cfg, d = self.cfg, self.d
-        t0 = time.perf_counter()
-        mine = [self.eval_problems[i] for i in range(d.rank, len(self.eval_problems), d.world)]
-        prompts = [chat_prompt(self.tok, p.messages()) for p in mine]
-        outs = self.engine.generate(prompts, SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0),
-                                    policy=FixedK(0))
-        texts = [self.tok.decode(o.token_ids, skip_special_tokens=True) for o in outs]
-        scored = self.rewards.score(mine, texts, [o.token_ids for o in outs]) if mine else []
-        sums = distributed.all_reduce_named({"n": len(scored), "correct": sum(s.correct >= 1.0 for s in scored),
-                                             "reward": sum(s.reward for s in scored)}, d)
-        n = max(sums["n"], 1)
-        return {"eval_accuracy": round(sums["correct"] / n, 4), "eval_reward_mean": round(sums["reward"] / n, 4),
-                "eval_s": round(time.perf_counter() - t0, 3)}
-
-    def log_completions(self, episodes: list[Episode]) -> None:
-        """This step's completions with their rewards, appended to RUN_DIR/completions.jsonl
-        (`--log-completions`: all, none, or the first N of the step in global order)."""
-        keep = self.cfg.log_completions
-        if keep == "none":
-            return
-        rows = [{"step": self.step + 1, "prompt_index": e.prompt_index, "sample": e.sample,
-                 "prompt": e.problem.messages(), "completion": e.text, "answer": e.problem.answer,
-                 "extracted": extract_answer(e.text), "reward": round(e.score.reward, 4),
-                 "rewards": {k: None if math.isnan(v) else round(v, 4) for k, v in e.score.parts.items()},
-                 "finish_reason": e.completion.finish_reason, "tokens": len(e.completion.token_ids)}
-                for e in episodes]
-        gathered = distributed.gather_to_main(rows, self.d)
-        if gathered is None:
-            return
-        rows = sorted((r for part in gathered for r in part), key=lambda r: (r["prompt_index"], r["sample"]))
-        if keep != "all":
-            rows = rows[:int(keep)]
-        with open(self.completions_path, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        """The held-out evaluation (respec/evaluation.py) of the current weights."""
+        return self.evaluation.run(self.engine, self.tok, self.rewards, self.d, prompt=self.prompt)
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ import sys
 import torch
 from tqdm import tqdm
 
+from models.decoder import checkpointed_block
 from respec import distributed, grpo, mismatch
 
 # padded tokens per forward/backward when `--micro-tokens 0`: length-sorted microbatches keep padding
@@ -110,6 +111,7 @@ def policy_update(actor, optimizer, scheduler, episodes, cfg, d, *, reference=No
     batch = lambda micro, mb: Microbatch(episodes, micro or [mb[0]], empty=not micro,  # noqa: E731
                                          mask_truncated=mask_truncated, device=device)
     single_pass = cfg.epochs == 1 and cfg.minibatches == 1
+    run_block = checkpointed_block if cfg.gradient_checkpointing else None  # only the forward that backpropagates
     autocast = torch.autocast(device.type, dtype=train_dtype, enabled=train_dtype != torch.float32)
     logprobs = lambda model, b: grpo.token_logprobs(model, b.tokens, b.mask, temperature=cfg.temperature)[0]  # noqa: E731
 
@@ -142,7 +144,7 @@ def policy_update(actor, optimizer, scheduler, episodes, cfg, d, *, reference=No
                 b = batch(micro, mb)
                 with autocast:
                     logp, entropy = grpo.token_logprobs(actor, b.tokens, b.mask, temperature=cfg.temperature,
-                                                        with_entropy=epoch == 0)
+                                                        with_entropy=epoch == 0, run_block=run_block)
                 key = tuple(micro)
                 old_logp = old[key] if key in old and not b.empty else logp.detach()  # pi_old: before any update
                 is_weight, over = grpo.behaviour_weights(old_logp, b.rollout_logp, b.mask, cfg.is_correction,

@@ -29,6 +29,7 @@ from compile.policy import CompiledSteps
 from models.loading import load_model
 from respec.drafters.history import HistoryDrafter
 from respec.engine import RolloutEngine, SamplingParams
+from respec.profiling import warmup
 from tests.fake_cuda import fake_cuda
 from tests.test_eagle import head_for
 
@@ -124,7 +125,7 @@ def test_warmup_leaves_no_shape_to_record_in_a_timed_region(tiny, kind):
     assert unwarmed
 
     warm = whole_step_engine(tiny, kind, GraphInspector())
-    warm.warmup([len(prompts)], max_context=longest, progress=False)
+    warmup(warm, [len(prompts)], max_context=longest, progress=False)
     with warm.steps.timed() as unwarmed:
         rollout(warm, kind)
     assert warm.stats.decode_steps > 0 and unwarmed == []
@@ -154,8 +155,8 @@ def test_engine_on_fake_cuda(kind):
 def test_a_cpu_tensor_in_a_cuda_step_fails_on_fake_cuda(monkeypatch):
     """The fake-CUDA tests have power: a step that gets its sampling tensors on the CPU fails."""
     def row_params_on_the_cpu(self, seqs, rows):
-        (seeds, temp, top_k, top_p), use_filter = original(self, seqs, rows)
-        return [t.cpu() for t in (seeds, temp, top_k, top_p)], use_filter
+        params, use_filter = original(self, seqs, rows)
+        return [t.cpu() for t in params], use_filter
 
     original = RolloutEngine._row_params
     monkeypatch.setattr(RolloutEngine, "_row_params", row_params_on_the_cpu)
@@ -169,7 +170,8 @@ def test_trainer_builds_and_rolls_out_on_fake_cuda(tokenizer, sd):
     rollout of its engine. (The update cannot run here: autograd takes a CUDA device guard, which a
     CPU-only build of torch lacks; tests/test_cuda.py runs it on a GPU.)"""
     from respec import distributed
-    from respec.trainer import TrainConfig, Trainer
+    from respec.config import TrainConfig
+    from respec.trainer import Trainer
 
     cfg = TrainConfig(model="tiny", task="toy-letters", steps=1, prompts=2, group=2, max_new_tokens=6, compile="off",
                       progress=False, kv_cache_mb=16, sd="off" if sd == "off" else "on",

@@ -322,3 +322,16 @@ def test_coupled_agreement_is_the_match_rules_acceptance():
     se = 4 * math.sqrt(exact * (1 - exact) / N)
     assert abs(got - exact) < se, (got, exact)
     assert accepted_mass(p, q).item() > exact + se  # the rejection estimate would overstate the match rule
+
+
+def test_kd_demo_reward_weights_fit_the_rewarded_completions_better():
+    """`python -m respec.lab.kd_demo`: with w(r) the rewarded completions are the ones distilled, so
+    the head ends closer to the target on them than on the others; with uniform weights the gap
+    is much smaller (the statistic can tell the two weightings apart)."""
+    from respec.lab.kd_demo import demo
+
+    kl = demo(steps=6)
+    reward_gap = kl["reward", "unrewarded"] - kl["reward", "rewarded"]
+    uniform_gap = abs(kl["uniform", "unrewarded"] - kl["uniform", "rewarded"])
+    assert reward_gap > 0
+    assert reward_gap > 2 * uniform_gap

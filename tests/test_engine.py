@@ -95,15 +95,20 @@ def test_sampler_follows_the_distribution():
 
 
 def test_top_k_top_p_match_transformers_warpers():
-    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+    from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     torch.manual_seed(0)
     logits = torch.randn(6, 50) * 3
-    for top_k, top_p in [(0, 0.8), (5, 1.0), (10, 0.5), (3, 0.95)]:
-        ours = filter_logits(logits, torch.full((6,), top_k), torch.full((6,), top_p))
+    for top_k, top_p, min_p in [(0, 0.8, 0.0), (5, 1.0, 0.0), (10, 0.5, 0.0), (3, 0.95, 0.0), (0, 1.0, 0.05),
+                                (0, 1.0, 0.3), (10, 0.9, 0.1)]:
+        ours = filter_logits(logits, torch.full((6,), top_k), torch.full((6,), top_p), torch.full((6,), min_p))
         ref = logits.clone()
         if top_k:
             ref = TopKLogitsWarper(top_k)(None, ref)
         if top_p < 1:
             ref = TopPLogitsWarper(top_p)(None, ref)
-        assert torch.equal(torch.isinf(ours), torch.isinf(ref)), (top_k, top_p)
+        if min_p:
+            ref = MinPLogitsWarper(min_p)(None, ref)
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref)), (top_k, top_p, min_p)
+        assert min_p == 0 or torch.isinf(ours).sum() > torch.isinf(filter_logits(
+            logits, torch.full((6,), top_k), torch.full((6,), top_p))).sum()  # min-p removed tokens of its own

@@ -206,3 +206,30 @@ def test_helpers():
     assert lrs[0] == 0.5 and lrs[1] == 1.0 and lrs[2] == pytest.approx(1.0)
     assert lrs[10] == pytest.approx(0.1) and lrs[11] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_less():
+    """`--gradient-checkpointing`: the log-probs and every gradient equal the plain backward's, and
+    the forward keeps far fewer tensors for the backward (it really recomputes the blocks; counted,
+    not summed: the output head's logits, which both keep, would dominate a sum)."""
+    from models.decoder import checkpointed_block
+    from models.loading import load_model
+
+    model = load_model("tiny", dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.cfg.vocab_size, (3, 12), generator=g)
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[:, 5:] = True
+    results = []
+    for run_block in (None, checkpointed_block):
+        model.zero_grad(set_to_none=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(1) or t, lambda t: t):
+            logp, _ = token_logprobs(model, tokens, mask, temperature=0.7, run_block=run_block)
+        (logp.sum() * -1).backward()
+        results.append((logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, sum(saved)))
+    (lp0, g0, kept0), (lp1, g1, kept1) = results
+    torch.testing.assert_close(lp1, lp0, rtol=0, atol=0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-6, atol=1e-7)
+    assert kept1 < 0.5 * kept0

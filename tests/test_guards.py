@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from respec import checkpoint, distributed, grpo, guards
-from respec.trainer import TrainConfig, Trainer
+from respec.config import TrainConfig
+from respec.trainer import Trainer
 from test_trainer import ROOT, TOY, exact, metrics, train
 
 

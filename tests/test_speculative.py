@@ -57,7 +57,7 @@ SMALL = dataclasses.replace(PRESETS["tiny"], vocab_size=4, num_layers=2, max_pos
 N_SAMPLES, LENGTH, PROMPT, SHARPEN = 30_000, 3, [0, 1], 2.0
 
 
-def exact_sequence_probs(model, temperature, top_p, *, prompt=PROMPT, length=LENGTH):
+def exact_sequence_probs(model, temperature, top_p, *, prompt=PROMPT, length=LENGTH, min_p=0.0):
     """Probability of every `length`-token completion under plain sampling (enumerated)."""
     seqs = list(itertools.product(range(SMALL.vocab_size), repeat=length))
     ids = torch.tensor([prompt + list(s) for s in seqs])
@@ -65,7 +65,8 @@ def exact_sequence_probs(model, temperature, top_p, *, prompt=PROMPT, length=LEN
     with torch.no_grad():
         logits = model.logits(model(ids))[:, len(prompt) - 1:-1]  # (S, length, V)
         lp = sampling_logprobs(logits.reshape(n, -1), torch.full((n,), temperature), torch.zeros(n, dtype=torch.long),
-                               torch.full((n,), top_p), use_filter=top_p < 1).view(len(seqs), length, -1)
+                               torch.full((n,), top_p), use_filter=top_p < 1 or min_p > 0,
+                               min_p=torch.full((n,), min_p)).view(len(seqs), length, -1)
     tok = torch.tensor(seqs).unsqueeze(-1)
     return {s: p for s, p in zip(seqs, lp.gather(-1, tok).squeeze(-1).sum(-1).exp().tolist())}
 
@@ -78,9 +79,9 @@ def chi_square(counts: dict, probs: dict, n: int) -> tuple[float, int]:
     return sum((o - e) ** 2 / e for o, e in zip(obs, exp) if e > 0), len(cells) - (0 if rare else 1)
 
 
-def sample_sequences(engine, temperature, top_p):
-    params = [SamplingParams(max_new_tokens=LENGTH, temperature=temperature, top_p=top_p, seed=i, stop_on_eos=False)
-              for i in range(N_SAMPLES)]
+def sample_sequences(engine, temperature, top_p, min_p=0.0):
+    params = [SamplingParams(max_new_tokens=LENGTH, temperature=temperature, top_p=top_p, min_p=min_p, seed=i,
+                             stop_on_eos=False) for i in range(N_SAMPLES)]
     out = engine.generate([PROMPT] * N_SAMPLES, params)
     counts: dict = {}
     for o in out:
@@ -95,19 +96,21 @@ def chi2_quantile_999(dof: int) -> float:
 
 
 @pytest.mark.parametrize("verify", ["match", "rejection"])
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
-def test_sd_sampling_is_lossless(temperature, top_p, verify):
+@pytest.mark.parametrize("temperature,top_p,min_p", [(1.0, 1.0, 0.0), (0.7, 0.9, 0.0), (1.0, 1.0, 0.3)])
+def test_sd_sampling_is_lossless(temperature, top_p, min_p, verify):
     target = random_model(SMALL, seed=3)
     with torch.no_grad():  # sharpen it so the distributions are far from uniform
         target.lm_head.weight.mul_(SHARPEN)
     drafter = random_model(dataclasses.replace(SMALL, num_layers=1), seed=4)  # an independent, poor drafter
-    probs = exact_sequence_probs(target, temperature, top_p)
+    probs = exact_sequence_probs(target, temperature, top_p, min_p=min_p)
+    if min_p:  # the filter has work to do: some completions are impossible under it
+        assert sum(p == 0 for p in probs.values()) > 0
     engine = RolloutEngine(target, kv_cache_bytes=256 << 20, block_size=4, max_batch=512, eager=True,
                            drafter=drafter, num_draft_tokens=2, verify=verify)
-    counts = sample_sequences(engine, temperature, top_p)
+    counts = sample_sequences(engine, temperature, top_p, min_p)
     assert 0.2 < engine.stats.accept_per_pos[0] < 0.95  # the drafter is really being rejected sometimes
     chi2, dof = chi_square(counts, probs, N_SAMPLES)  # dof: cells + pooled rare cell - 1
-    print(f"T={temperature} top_p={top_p}: chi2 {chi2:.1f} on {dof} dof, accept/pos {engine.stats.accept_per_pos}")
+    print(f"T={temperature} top_p={top_p} min_p={min_p}: chi2 {chi2:.1f} on {dof} dof, accept/pos {engine.stats.accept_per_pos}")
     assert chi2 < chi2_quantile_999(dof)
 
     # Power: the same test rejects a sampler with a 2% bias (2% of the mass moved to one sequence).
@@ -174,10 +177,10 @@ def _drafter(kind, target):
 
 
 def _mixed_params(n: int, length: int) -> list[SamplingParams]:
-    """Plain sampling, top-k, top-p and greedy rows side by side in one batch."""
+    """Plain sampling, top-k, top-p, min-p and greedy rows side by side in one batch."""
     kinds = [dict(temperature=1.0), dict(temperature=0.7, top_k=2), dict(temperature=1.3, top_p=0.8),
-             dict(temperature=0.0)]
-    return [SamplingParams(max_new_tokens=length, seed=100 + i, stop_on_eos=False, **kinds[i % 4]) for i in range(n)]
+             dict(temperature=0.0), dict(temperature=1.0, min_p=0.3)]
+    return [SamplingParams(max_new_tokens=length, seed=100 + i, stop_on_eos=False, **kinds[i % 5]) for i in range(n)]
 
 
 MATCH_PROMPTS = [[0, 1], [2, 3, 2, 3, 2, 3], [1, 1, 1], [3, 0, 2, 1, 3]] * 6

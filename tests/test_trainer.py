@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from respec import checkpoint, distributed
-from respec.trainer import TrainConfig, Trainer
+from respec.config import TrainConfig
+from respec.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 # The toy run every test here uses: tiny random model, toy-letters task, sharp sampling so that GRPO
@@ -349,7 +350,7 @@ def test_history_and_hybrid_drafters_in_grpo(tmp_path):
 def test_default_sizes_fit_any_number_of_ranks():
     """The default prompt count divides among 1..8 ranks; micro-batch and KV pool sizes of 0 mean
     'sized for the device'."""
-    from respec.trainer import default_prompts
+    from respec.config import default_prompts
 
     for world in range(1, 9):
         n = default_prompts(world)

@@ -70,7 +70,8 @@ class DraftBatch:
     temperature: torch.Tensor
     top_k: torch.Tensor
     top_p: torch.Tensor
-    use_filter: bool  # whether any row filters (top-k / top-p): a static flag of the compiled steps
+    min_p: torch.Tensor
+    use_filter: bool  # whether any row filters (top-k / top-p / min-p): a static flag of the compiled steps
     coupled: bool  # draw proposals with the target's own noise (the match rule, respec/speculative.py)
     max_drafts: torch.Tensor  # (rows,) int64 most tokens each row may propose (room left; <= k)
     max_drafts_list: list[int]  # the same for the real rows, on the host

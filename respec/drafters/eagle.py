@@ -22,23 +22,25 @@ from respec.sampling import sample, sampling_logprobs
 from respec.speculative import draft_stream
 
 
-def head_draft_next(head, hidden, seeds, temperature, top_k, top_p, next_pos, *, use_filter: bool, coupled: bool):
+def head_draft_next(head, hidden, seeds, temperature, top_k, top_p, min_p, next_pos, *, use_filter: bool,
+                    coupled: bool):
     """The head's output layer and sampler: hidden (B, d) -> (draft tokens (B,) as target ids, the
     sampling log-probs they were drawn from, over the target vocabulary (B, V)).
 
-    Top-k and top-p apply over the draft vocabulary: q may be any distribution as long as it is the
+    Top-k, top-p and min-p apply over the draft vocabulary: q may be any distribution as long as it is the
     one the draft came from. Drawn over the target's vocabulary (-inf outside the draft vocabulary),
     so each token draws the noise the target's own sample draws for it, block and token (respec/
     sampling.py), and `coupled` (the match rule) is Gumbel coupling with the target. A compiled
     region (compile/policy.py)."""
-    q_small = sampling_logprobs(head.draft_logits(hidden), temperature, top_k, top_p, use_filter=use_filter)  # (B, N)
+    q_small = sampling_logprobs(head.draft_logits(hidden), temperature, top_k, top_p, use_filter=use_filter,
+                                min_p=min_p)  # (B, N)
     q = q_small.new_full((q_small.shape[0], head.cfg.target.vocab_size), float("-inf")).index_copy(-1, head.d2t, q_small)
     tokens, _ = sample(q, temperature, seeds, next_pos, stream=draft_stream(coupled))
     return tokens, q
 
 
 def eagle_draft(head, target, head_pools, pend_taps, pend_tokens, pend_pos, pend_valid, positions, block_tables,
-                lengths, seeds, temperature, top_k, top_p, *, k: int, use_filter: bool, coupled: bool,
+                lengths, seeds, temperature, top_k, top_p, min_p, *, k: int, use_filter: bool, coupled: bool,
                 run_head=call_head, draft_fn=head_draft_next):
     """k draft tokens per row from an EAGLE head.
 
@@ -56,7 +58,8 @@ def eagle_draft(head, target, head_pools, pend_taps, pend_tokens, pend_pos, pend
     g = out.gather(1, last.view(B, 1, 1).expand(B, 1, out.shape[-1]))  # (B, 1, d)
     drafts, q = [], []
     for i in range(k):
-        d_i, q_i = draft_fn(head, g[:, 0], seeds, temperature, top_k, top_p, positions + 1 + i, use_filter=use_filter,
+        d_i, q_i = draft_fn(head, g[:, 0], seeds, temperature, top_k, top_p, min_p, positions + 1 + i,
+                            use_filter=use_filter,
                             coupled=coupled)
         drafts.append(d_i)
         q.append(q_i)
@@ -142,7 +145,7 @@ class EagleDrafter(Drafter):
         step = self.view.steps.get(eagle_draft, k=k, use_filter=batch.use_filter, coupled=batch.coupled)
         drafts, q = step(self.runner, self.view.target, self.view.draft_pools, pend_taps, pend_tokens, pend_pos,
                          pend_valid, batch.positions, batch.block_tables, batch.max_drafts, batch.seeds,
-                         batch.temperature, batch.top_k, batch.top_p)
+                         batch.temperature, batch.top_k, batch.top_p, batch.min_p)
         self.consumed = {s.id for s in batch.seqs}
         return Drafts(drafts, batch.max_drafts, q)
 

@@ -22,7 +22,7 @@ from respec.steps import right_padded
 
 
 def layer_draft(drafter, draft_pools, prev_tokens, tokens, positions, block_tables, lengths, seeds, temperature,
-                top_k, top_p, *, k: int, use_filter: bool, coupled: bool, run_block=None, draft_fn=draft_next):
+                top_k, top_p, min_p, *, k: int, use_filter: bool, coupled: bool, run_block=None, draft_fn=draft_next):
     """k draft tokens per row from a causal LM with its own paged cache.
 
     tokens (B,): each row's newest token at `positions` (B,); prev_tokens (B,): the token before it.
@@ -38,7 +38,8 @@ def layer_draft(drafter, draft_pools, prev_tokens, tokens, positions, block_tabl
     for i in range(k):
         kv = PagedKV.build(draft_pools, block_tables, pos, n_rep, valid=valid)
         hidden = drafter(inp, pos, kv, run_block=run_block)[:, -1]  # (B, d)
-        d_i, q_i = draft_fn(drafter, hidden, seeds, temperature, top_k, top_p, positions + 1 + i, use_filter=use_filter,
+        d_i, q_i = draft_fn(drafter, hidden, seeds, temperature, top_k, top_p, min_p, positions + 1 + i,
+                            use_filter=use_filter,
                             coupled=coupled)
         drafts.append(d_i)
         q.append(q_i)
@@ -85,7 +86,7 @@ class LayerDrafter(Drafter):
         prev = torch.tensor([s.tokens[-2] for s in batch.seqs] + pad, dtype=torch.int64, device=self.view.device)
         step = self.view.steps.get(layer_draft, k=batch.k, use_filter=batch.use_filter, coupled=batch.coupled)
         drafts, q = step(self.runner, self.view.draft_pools, prev, batch.tokens, batch.positions, batch.block_tables,
-                         batch.max_drafts, batch.seeds, batch.temperature, batch.top_k, batch.top_p)
+                         batch.max_drafts, batch.seeds, batch.temperature, batch.top_k, batch.top_p, batch.min_p)
         self.ran = {s.id for s in batch.seqs}
         return Drafts(drafts, batch.max_drafts, q)
 

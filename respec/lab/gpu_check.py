@@ -368,9 +368,10 @@ def render(summary: dict) -> str:
 def profile_costs_here(device: str, quick: bool) -> dict:
     """The solver's cost model for the SmolLM2-shaped target with the history drafter on `device`,
     and for a few acceptance rates the largest batch size at which the policy still speculates."""
-    from models.loading import cache_dir, load_model
+    from models.loading import load_model
     from respec.drafters.history import HistoryDrafter
     from respec.engine import RolloutEngine
+    from respec.profiling import StepTimer, warmup
     from respec.solver import AdaptiveK, cost_key, load_or_profile
 
     spec = "tiny" if quick else "random-smollm2-135m"
@@ -378,9 +379,9 @@ def profile_costs_here(device: str, quick: bool) -> dict:
     engine = RolloutEngine(model, kv_cache_bytes=1 << 30, max_batch=64, drafter=HistoryDrafter(), num_draft_tokens=3,
                            eager=quick)
     batches, ks, contexts = ((1, 2), (0, 1, 3), (64, 192)) if quick else ((1, 8, 64), (0, 1, 3), (64, 192))
-    engine.warmup(list(batches), ks=list(ks), max_context=max(contexts), progress=False)
+    warmup(engine, list(batches), ks=list(ks), max_context=max(contexts), progress=False)
     key = cost_key(spec, engine.drafter.describe(), engine)
-    costs, _ = load_or_profile(engine, key, cache_dir() / "costs" / f"{key}.json", batch_sizes=batches, ks=ks,
+    costs, _ = load_or_profile(StepTimer(engine), key, batch_sizes=batches, ks=ks,
                                contexts=contexts, progress=False)
     pays = {}
     for a in (0.3, 0.5, 0.7, 0.9):

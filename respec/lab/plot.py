@@ -19,6 +19,16 @@ from pathlib import Path
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The RL steps' rows of metrics.jsonl (without the evaluation before the first step, `--eval-at-start`)."""
+    return [r for r in read_lines(run_dir) if r["step"] > 0]
+
+
+def read_evaluations(run_dir: Path) -> list[dict]:
+    """The held-out evaluations of a run (step 0: before the first update)."""
+    return [r for r in read_lines(run_dir) if "eval_accuracy" in r]
+
+
+def read_lines(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{run_dir} has no metrics.jsonl (not a training run directory)")
@@ -63,10 +73,14 @@ def plot_run(run_dir: Path) -> list[Path]:
     ax.plot(steps, col("reward_mean"), marker="o", label="reward (mean)")
     ax.plot(steps, col("accuracy"), marker="s", label="accuracy")
     ax.plot(steps, col("format_rate"), marker="^", alpha=0.6, label="'Answer:' line written")
-    evaluated = [r for r in rows if "eval_accuracy" in r]  # --eval-every: held-out, temperature 0
+    evaluated = read_evaluations(run_dir)  # --eval-every / --eval-at-start: the held-out set
     if evaluated:
         ax.plot([r["step"] for r in evaluated], [r["eval_accuracy"] for r in evaluated], marker="D", color="black",
-                label="held-out accuracy (T = 0)")
+                label="held-out pass@1")
+        passes = [(r["step"], v, key) for r in evaluated for key, v in r.items() if key.startswith("eval_pass_at_")]
+        if passes:
+            ax.plot([p[0] for p in passes], [p[1] for p in passes], marker="D", color="grey",
+                    label=f"held-out pass@{passes[0][2].rsplit('_', 1)[1]}")
     finish(fig, ax, "reward.png", "per completion")
 
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -3,7 +3,7 @@
     python -m respec.lab.profile_step                                  # SmolLM2, bf16, B = 1, 8, 16, k = 3
     python -m respec.lab.profile_step --model tiny --batch-sizes 1,2 --reps 2   # a smoke run
 
-The engine's own steps on synthetic sequences (`RolloutEngine._synthetic_steps`: a repeating text,
+The engine's own steps on synthetic sequences (`respec/profiling.py` synthetic_steps: a repeating text,
 so the history drafter proposes all k tokens and the verify is k + 1 wide), each timed per part by
 wrapping the regions the step functions already take as arguments (`run_block`, `sample_fn`,
 `verify_fn`): the decoder blocks, the output head, the sampler (or the acceptance test), and the
@@ -30,6 +30,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
+
+from respec.profiling import synthetic_steps
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "respec::packed_linear",
               "mkldnn::_linear_pointwise"}
@@ -62,13 +64,13 @@ def timed_regions(engine, timer: PartTimer) -> None:
     from respec.sampling import sample, sampling_logprobs
     from respec.speculative import accept_drafts, match_drafts
 
-    def sample_next(model, hidden, seeds, temperature, top_k, top_p, next_pos, *, use_filter):  # steps.sample_next, split
+    def sample_next(model, hidden, seeds, temperature, top_k, top_p, min_p, next_pos, *, use_filter):  # steps.sample_next
         logits = timer.wrap("head", model.logits)(hidden)
         return timer.wrap("sampling", lambda: sample(sampling_logprobs(logits, temperature, top_k, top_p,
-                                                                       use_filter=use_filter),
+                                                                       use_filter=use_filter, min_p=min_p),
                                                      temperature, seeds, next_pos))()
 
-    def verify_tail(target, hidden, drafts, lengths, q, point, seeds, temperature, top_k, top_p, positions, *,
+    def verify_tail(target, hidden, drafts, lengths, q, point, seeds, temperature, top_k, top_p, min_p, positions, *,
                     use_filter, rule):  # speculative.verify_tail, split
         B, k1 = drafts.shape[0], drafts.shape[1] + 1
         logits = timer.wrap("head", target.logits)(hidden)
@@ -76,7 +78,7 @@ def timed_regions(engine, timer: PartTimer) -> None:
         def tail():
             rep = lambda t: t.repeat_interleave(k1)  # noqa: E731
             p = sampling_logprobs(logits.flatten(0, 1), rep(temperature), rep(top_k), rep(top_p),
-                                  use_filter=use_filter).view(B, k1, -1)
+                                  use_filter=use_filter, min_p=rep(min_p)).view(B, k1, -1)
             if rule == "match":
                 return match_drafts(p, drafts, lengths, temperature, seeds, positions)
             return accept_drafts(p, q, drafts, lengths, temperature, seeds, positions, point)
@@ -106,9 +108,9 @@ def profile(engine, batch: int, k: int, context: int, reps: int, split_ops: bool
     """Per-step milliseconds of each part, for `reps` steps after a warm-up."""
     timer = PartTimer()
     timed_regions(engine, timer)
-    engine._synthetic_steps(batch, k, context, engine.steps.warm_calls)  # warm (and compiled)
+    synthetic_steps(engine, batch, k, context, engine.steps.warm_calls)  # warm (and compiled)
     timer.on = True
-    times = engine._synthetic_steps(batch, k, context, reps)
+    times = synthetic_steps(engine, batch, k, context, reps)
     timer.on = False
     total = sum(times)
     row = {"total": total / reps * 1e3}
@@ -118,11 +120,11 @@ def profile(engine, batch: int, k: int, context: int, reps: int, split_ops: bool
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
         with torch_profile(activities=[ProfilerActivity.CPU]):  # the profiler's own first-use cost
-            engine._synthetic_steps(batch, k, context, 1)
+            synthetic_steps(engine, batch, k, context, 1)
         timer.seconds.clear()
         timer.on = True
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            engine._synthetic_steps(batch, k, context, reps)
+            synthetic_steps(engine, batch, k, context, reps)
         timer.on = False
         ops = defaultdict(float)
         for e in prof.key_averages():
@@ -142,7 +144,7 @@ def profile(engine, batch: int, k: int, context: int, reps: int, split_ops: bool
 
 def main(argv=None) -> int:
     from compile.policy import use_persistent_cache
-    from generate import read_bandwidth_gbs
+    from respec.lab.bench import read_bandwidth_gbs
     from models.loading import ModelLoadError, load_model, resolve_dtype
     from respec.drafters.history import HistoryDrafter
     from respec.engine import RolloutEngine

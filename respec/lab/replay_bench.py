@@ -120,14 +120,15 @@ def main(argv=None) -> int:
 
 def run(args) -> dict:
     from compile.policy import use_persistent_cache
-    from models.loading import cache_dir
     from respec import distributed
     from respec.drafter_choice import choose_drafter
     from respec.engine import RolloutEngine, SamplingParams
     from respec.rollout_seeds import RolloutSeeds
+    from respec.profiling import StepTimer
     from respec.solver import AdaptiveK, cost_key, load_or_profile
     from respec.tasks import chat_prompt
-    from respec.trainer import TrainConfig, Trainer
+    from respec.config import TrainConfig
+    from respec.trainer import Trainer
 
     use_persistent_cache()
     task = {"task": args.task} if args.task else {}
@@ -169,7 +170,7 @@ def run(args) -> dict:
         sd = RolloutEngine(model, kv_cache_bytes=512 << 20, eos_token_ids=eos, eager=True, max_batch=biggest,
                            drafter=chosen.drafter, num_draft_tokens=args.k, replay_k=args.replay_k)
         key = cost_key(args.model, sd.drafter.describe(), sd)
-        costs, _ = load_or_profile(sd, key, cache_dir() / "costs" / f"{key}.json",
+        costs, _ = load_or_profile(StepTimer(sd), key,
                                    batch_sizes=sorted({1, *args.batch_sizes}),
                                    ks=sorted({0, 1, args.k, args.replay_k}),
                                    contexts=(64, 64 + args.max_new_tokens), progress=False)

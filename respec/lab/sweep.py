@@ -26,8 +26,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from models.loading import cache_dir
 from respec.engine import EngineStats, RolloutEngine, SamplingParams
+from respec.profiling import StepTimer, warmup
 from respec.solver import AdaptiveK, FixedK, cost_key, drafter_alpha, load_or_profile
 from respec.tasks import chat_prompt, make_problems
 
@@ -67,12 +67,12 @@ def run_sweep(args, model, tokenizer, drafter, eos_token_ids) -> dict:
         raise ValueError(f"batch {max(batches)} needs {need} KV blocks, the cache has {engine.blocks.num_blocks - 1}: "
                          f"raise --kv-cache-gb")
 
-    engine.warmup(batches + [args.longtail_samples], ks=list(range(K + 1)))  # every (bucket, k) a rollout can meet
+    warmup(engine, batches + [args.longtail_samples], ks=list(range(K + 1)))  # every (bucket, k) a rollout can meet
     key = cost_key(args.model, args.drafter, engine)
     mean_prompt = sum(len(p) for p in prompts_all) / len(prompts_all)
     profile_batches = sorted({batches[0], batches[-1], *batches[1:-1:2]})
     t0 = time.perf_counter()
-    costs, cached = load_or_profile(engine, key, cache_dir() / "costs" / f"{key}.json", batch_sizes=profile_batches,
+    costs, cached = load_or_profile(StepTimer(engine), key, batch_sizes=profile_batches,
                                     ks=sorted({0, 1, max(1, K // 2), K}),
                                     contexts=(round(mean_prompt), round(mean_prompt + args.new_tokens)))
     profile_s = time.perf_counter() - t0

@@ -1,0 +1,239 @@
+"""A GRPO run's settings: `TrainConfig`, from which train.py's options are generated
+(respec/cli.py), and what they imply before anything is built."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from compile.policy import COMPILE_MODES
+from respec import grpo, metrics
+from respec.cli import option
+from respec.data import DataConfig
+from respec.drafter_choice import split_spec
+from respec.lora import LoraSettings
+from respec.rollout_seeds import SEED_MODES
+from respec.speculative import VERIFY_RULES
+from respec.tasks import PromptFormat
+
+
+# --drafter-update -> the KD weighting w(r) of respec/kd_loss.py (frozen: no online learner)
+DRAFTER_UPDATES = {"frozen": None, "kd": "uniform", "rkd": "reward", "akd": "advantage"}
+
+
+@dataclass
+class TrainConfig(DataConfig):
+    """A GRPO run's settings. train.py's options are generated from these fields (respec/cli.py):
+    `--max-new-tokens` (also `--max_new_tokens`, and TRL's `--max_completion_length`) for
+    `max_new_tokens`, with the help text, choices and default below; a `--config FILE` holds the
+    same names."""
+    # --- prompts ---
+    raw_prompts: bool = option(False, "tokenize each prompt as it is: no chat template and no system turn (TRL's way "
+                               "with plain-text prompts)", flag="--raw-prompts")
+    chat_template_kwargs: dict = option({}, "extra arguments of the chat template as JSON, e.g. "
+                                        "'{\"enable_thinking\": false}' for Qwen3")
+    # --- rewards ---
+    rewards: list = option([], "reward function, repeatable: correctness, format, module:function or file.py:function, "
+                           "each with an optional :weight", flag="--reward", aliases=("reward_funcs",),
+                           shown="correctness + format at --format-weight")
+    format_weight: float = option(0.1, "weight of the format reward (a strict 'Answer:' line) in the default rewards")
+    # --- GRPO ---
+    # (The defaults are the README's default run, sized to finish in ~15 min on 2 CPU cores.)
+    steps: int = option(20, "RL steps (one rollout and its updates each)", aliases=("max_steps",))
+    prompts: int = option(4, "prompts per step over all ranks (P; when not given, 4 rounded up to a multiple of the "
+                          "ranks)")
+    group: int = option(4, "samples per prompt (G >= 2)", aliases=("num_generations",))
+    max_new_tokens: int = option(64, "completion length limit (tokens)", aliases=("max_completion_length",))
+    temperature: float = option(1.0, "rollout sampling temperature (the training log-probs use the same)")
+    top_p: float = option(1.0, "nucleus sampling mass (the rollout samples from the filtered distribution; the "
+                          "training log-probs are the unfiltered ones)")
+    top_k: int = option(0, "sample among the k most likely tokens only (0: all)")
+    min_p: float = option(0.0, "sample only tokens at least this fraction as likely as the most likely one (0: all)")
+    lr: float = option(3e-5, "peak AdamW learning rate", aliases=("learning_rate",))
+    warmup_steps: int = option(2, "optimizer steps of linear LR warm-up, then cosine to lr x --min-lr-ratio")
+    min_lr_ratio: float = option(0.1, "cosine floor, as a fraction of --lr")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    grad_clip: float = option(1.0, "max global gradient norm", aliases=("max_grad_norm",))
+    clip_low: float = option(0.2, "ratio clipped below at 1 - this", aliases=("epsilon",))
+    clip_high: float = option(0.2, "ratio clipped above at 1 + this", aliases=("epsilon_high",))
+    kl_coef: float = option(0.0, "k3 KL to the initial model (0: no reference model)", aliases=("beta",))
+    scale_adv_by_std: bool = option(True, "advantages centred only, not divided by the group's std (Dr. GRPO)",
+                                    flag="--no-std-scaling")
+    epochs: int = option(1, "passes over each rollout", aliases=("num_iterations",))
+    minibatches: int = option(1, "optimizer steps per pass")
+    loss_type: str = option("dapo", "how per-token losses are averaged (TRL's loss_type): dapo (token mean over the "
+                            "global batch), grpo (each sequence's token mean, then the mean over sequences), bnpo "
+                            "(token mean over each rank's batch), dr_grpo (token sum / (sequences x max tokens))",
+                            choices=grpo.LOSS_TYPES)
+    importance_sampling_level: str = option("token", "the ratio pi / pi_old per token, or per sequence (GSPO: the "
+                                            "geometric mean of its tokens' ratios)", choices=grpo.IS_LEVELS)
+    mask_truncated_completions: bool = option(False, "leave completions cut at --max-new-tokens out of the loss "
+                                              "(they still count in their group's advantages)",
+                                              flag="--mask-truncated-completions")
+    # the rollout's own log-probs against the trainer's (respec/mismatch.py measures the gap every step)
+    is_correction: str = option("off", "importance-sampling correction of the rollout/training mismatch: off, "
+                                "token_truncate, token_mask, sequence_truncate or sequence_mask (weights pi_old / "
+                                "pi_rollout, truncated at --is-cap or masked above it)", choices=grpo.IS_CORRECTIONS,
+                                aliases=("vllm_importance_sampling_mode",))
+    is_cap: float = option(3.0, "cap of --is-correction", aliases=("vllm_importance_sampling_cap",))
+    # padded tokens per forward/backward; 0 = per device (MICRO_TOKENS): length-sorted microbatches keep
+    # padding small (measured on 2 CPU cores, 32 sequences of ~120 tokens: 512 -> 26.8 s per update, one
+    # microbatch of all -> 39.4 s); a GPU wants large ones to fill its cores
+    micro_tokens: int = option(0, "padded tokens per forward/backward (0: 512 on CPU, 8192 on a GPU)")
+    # --- speculative decoding ---
+    sd: str = option("adaptive", "speculative decoding: off, on (always --k) or adaptive (the solver picks k per "
+                     "decoding step)", choices=("off", "on", "adaptive"))
+    drafter: str = option("auto", "EAGLE head dir, auto (cached default head, pretrained once), random (untrained: "
+                          "cold start), history (model-free suffix matches), first:N (the actor's first N layers), "
+                          "none, replay (last epoch's completion of the same prompt and sample), or a model spec "
+                          "joined by '+' with replay and/or history, tried per row in that order (auto+replay+history)")
+    k: int = option(3, "largest draft length")
+    replay_k: int = option(16, "most drafts a replay (last epoch's completion, --drafter ...+replay) proposes per "
+                           "verify; its rows verify apart from the others")
+    verify: str = option("match", "how drafts are verified: match (a draft is kept iff it is the token the actor itself "
+                         "samples there: the rollout is plain decoding's, whatever the drafter) or rejection "
+                         "(speculative sampling: the same distribution, other tokens)", choices=VERIFY_RULES)
+    # --- sampling noise across epochs (respec/rollout_seeds.py) ---
+    rollout_seeds: str = option("per-step", "sampling seeds: per-step (fresh noise every rollout) or per-prompt (a "
+                                "training-set row's sample g reuses its noise in later epochs, so last epoch's "
+                                "completion drafts well; a sampling choice with a learning cost)", choices=SEED_MODES)
+    reseed_every: int = option(0, "with per-prompt seeds: new noise for each sample every R epochs, staggered by "
+                               "sample (0: never; groups without signal are always reseeded)")
+    # --- the drafter's online distillation (respec/online_learner.py) ---
+    drafter_update: str = option("rkd", "frozen, kd (uniform weights), rkd (reward-weighted) or akd (positive "
+                                 "advantages only)", choices=tuple(DRAFTER_UPDATES))
+    # update in a background thread overlapped with the next rollout: on 2 CPU cores the default run's
+    # step took 6.3 s against 7.3 s synchronous (docs/benchmarks.md)
+    drafter_async: bool = option(True, "drafter update in a background thread, overlapped with the next rollout")
+    drafter_lr: float = option(1e-3, "the head's AdamW learning rate (after a linear warm-up)")
+    drafter_warmup: int = option(10, "drafter optimizer steps of linear LR warm-up (0: none)")
+    drafter_batch: int = option(8, "sequences per drafter optimizer step, over all ranks")
+    drafter_epochs: int = option(1, "passes over the replay buffer per drafter update")
+    drafter_update_interval: int = option(1, "RL steps between drafter updates (the buffer holds that many steps)")
+    drafter_idle_interval: int = option(4, "RL steps between distillations while the rollouts do not speculate")
+    # --- system ---
+    dtype: str = option("auto", "rollout dtype (auto: bf16 where native: CUDA, AVX-512-BF16/AMX; else fp32)",
+                        choices=("auto", "bf16", "fp32", "fp16"))
+    # --- LoRA (respec/lora.py; peft's LoRA layers, TRL's names) ---
+    lora_r: int = option(0, "train LoRA adapters of this rank instead of the whole actor (0: the whole actor)")
+    lora_alpha: float = option(32.0, "LoRA scale numerator: the update is (alpha / r) B A")
+    lora_dropout: float = option(0.05, "dropout on the LoRA adapters' input, in training")
+    lora_target_modules: list = option(["q_proj", "v_proj"], "layers to adapt, repeatable or comma-separated: "
+                                       "q_proj, k_proj, v_proj (respec fuses them: one adapter over the three), "
+                                       "o_proj, gate_proj, up_proj (fused too), down_proj, or all-linear")
+    gradient_checkpointing: bool = option(False, "recompute each decoder block's activations in the backward pass "
+                                          "(less memory, ~1/3 more training compute)", flag="--gradient-checkpointing")
+    train_dtype: str = option("auto", "autocast dtype of the training forward (weights stay fp32; fp16 is refused: "
+                              "it would need loss scaling)",
+                              choices=("auto", "bf16", "fp32", "fp16"))
+    # torch.compile of the rollout engine: auto = on CUDA only. On a 2-core CPU a cold compile of the
+    # 20 step shapes a rollout meets (5 batch buckets x k = 0..3) costs more than the default run's
+    # rollouts would save (docs/benchmarks.md); with a warm cache (`--compile on` after one compiled
+    # run) decoding is faster than eager.
+    compile: str = option("auto", "torch.compile the rollout engine (auto: on CUDA only; a cold CPU compile takes "
+                          "minutes)", choices=("auto", "on", "off"))
+    compile_mode: str | None = option(None, "how a compiled engine compiles its steps (compile/policy.py)",
+                                      choices=COMPILE_MODES, shown="whole on CUDA, regional on CPU")
+    fsdp: str = option("auto", "shard the actor with FSDP2 (auto: with several ranks; on: also in one torchrun "
+                       "process, to exercise the sharded path on one GPU)", choices=("auto", "on"))
+    kv_cache_mb: int = option(0, "KV block pool per rank in MiB (0: 1024 on CPU, 40%% of the free memory on a GPU)")
+    max_batch: int = option(64, "most sequences decoding at once per rank")
+    # --- run ---
+    out: str = option("", "new run directory (never overwritten)", aliases=("output_dir",), shown="runs/grpo-<time>")
+    seed: int = option(0, "seed of the data order, sampling and initialisation")
+    checkpoint_every: int = option(10, "steps between checkpoints (and one at the end)", aliases=("save_steps",))
+    keep_checkpoints: int = option(2, "checkpoints kept", aliases=("save_total_limit",))
+    export_hf: str | None = option(None, "also write the final actor here (Hugging Face checkpoint)")
+    progress: bool = option(True, "no progress bars", flag="--no-progress")
+    report_to: list = option(["tensorboard"], "where metrics go besides RUN_DIR/metrics.jsonl, repeatable or "
+                             "comma-separated: tensorboard, wandb, trackio, all (those installed) or none")
+    log_completions: str = option("all", "completions written to RUN_DIR/completions.jsonl each step: all, none, "
+                                  "or the first N")
+    # --- held-out evaluation (respec/evaluation.py) ---
+    eval_every: int = option(0, "held-out evaluation every N RL steps (0: none), without speculation",
+                             aliases=("eval_steps",))
+    eval_at_start: bool = option(False, "also evaluate before the first step (step 0)", flag="--eval-at-start")
+    eval_prompts: int = option(32, "problems in the held-out evaluation set")
+    eval_temperature: float = option(0.0, "sampling temperature of the evaluation (0: greedy)")
+    eval_generations: int = option(1, "completions per held-out problem: pass@1 is their mean, pass@N reported "
+                                   "beside it when N > 1 (sampled: needs --eval-temperature > 0)")
+    eval_max_new_tokens: int = option(0, "completion length limit of the evaluation (0: --max-new-tokens)")
+    eval_data: str | None = option(None, "held-out data (as --data)", shown="--task problems from another seed, or "
+                                   "the first rows of --data (not held out)")
+
+    def lora(self) -> LoraSettings:
+        targets = tuple(t.strip() for item in self.lora_target_modules for t in str(item).split(",") if t.strip())
+        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, targets)
+
+    def validate(self, world: int) -> None:
+        if self.group < 2:
+            raise ValueError(f"--group must be >= 2 (GRPO compares samples of one prompt), got {self.group}")
+        if self.prompts % world:
+            raise ValueError(f"--prompts {self.prompts} is not divisible by the world size {world}")
+        if (self.prompts // world) % self.minibatches:
+            raise ValueError(f"prompts per rank ({self.prompts // world}) is not divisible by --minibatches "
+                             f"{self.minibatches}")
+        for f in dataclasses.fields(self):  # the choices the options declare (also for a config built in code)
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value is not None and value not in choices:
+                raise ValueError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}")
+        if self.fsdp == "on" and not torch.distributed.is_initialized():
+            raise ValueError("--fsdp on needs a process group: start train.py with torchrun")
+        if self.compile_mode is not None and self.compile == "off":
+            raise ValueError(f"--compile-mode {self.compile_mode} needs a compiled engine (--compile on or auto)")
+        if self.drafter_lr <= 0 or self.drafter_warmup < 0:
+            raise ValueError(f"--drafter-lr must be positive and --drafter-warmup >= 0, got {self.drafter_lr}, "
+                             f"{self.drafter_warmup}")
+        if self.reseed_every < 0 or self.replay_k < 0:
+            raise ValueError(f"--reseed-every and --replay-k must be >= 0, got {self.reseed_every}, {self.replay_k}")
+        if self.reseed_every and self.rollout_seeds != "per-prompt":
+            raise ValueError("--reseed-every applies to --rollout-seeds per-prompt")
+        split_spec(self.drafter)  # a malformed combination: one line before anything is built
+        PromptFormat.make(self.raw_prompts, self.chat_template_kwargs)
+        self.lora().check()
+        if self.raw_prompts and self.system_prompt:
+            raise ValueError("--system-prompt goes into the chat template, which --raw-prompts leaves out")
+        for name in ("steps", "prompts", "max_new_tokens", "epochs", "minibatches", "k", "max_batch",
+                     "checkpoint_every", "drafter_batch", "drafter_epochs", "drafter_update_interval",
+                     "drafter_idle_interval"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("micro_tokens", "kv_cache_mb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: sized for the device), got "
+                                 f"{getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0 for GRPO sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not self.is_cap > 0:
+            raise ValueError(f"--is-cap must be positive, got {self.is_cap}")
+        if self.lr <= 0 or self.kl_coef < 0 or self.grad_clip <= 0:
+            raise ValueError("--lr and --grad-clip must be positive and --kl-coef >= 0")
+        if self.eval_prompts <= 0 or self.eval_generations <= 0 or self.eval_max_new_tokens < 0:
+            raise ValueError("--eval-prompts and --eval-generations must be positive, --eval-max-new-tokens >= 0")
+        if self.eval_temperature < 0:
+            raise ValueError(f"--eval-temperature must be >= 0, got {self.eval_temperature}")
+        if self.eval_generations > 1 and self.eval_temperature == 0:
+            raise ValueError(f"--eval-generations {self.eval_generations} at --eval-temperature 0 would repeat one "
+                             "greedy completion: give a temperature")
+        metrics.trackers(self.report_to)  # an unknown tracker or a missing package: one line, before anything
+        if self.top_k < 0:
+            raise ValueError(f"--top-k must be >= 0 (0: off), got {self.top_k}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"--min-p must be in [0, 1) (0: off), got {self.min_p}")
+        if self.train_dtype == "fp16":
+            raise ValueError("--train-dtype fp16 would need loss scaling, which respec does not do: use bf16 or fp32")
+        if str(self.log_completions).lower() in ("true", "false"):  # TRL's log_completions is a switch
+            self.log_completions = "all" if str(self.log_completions).lower() == "true" else "none"
+        if self.log_completions not in ("all", "none") and not (self.log_completions.isdigit()
+                                                                 and int(self.log_completions) > 0):
+            raise ValueError(f"--log-completions must be all, none or a positive number, got {self.log_completions!r}")
+
+
+def default_prompts(world: int, at_least: int = 4) -> int:
+    """Prompts per step when none are given: the smallest multiple of the world size >= `at_least`
+    (each rank gets whole prompts, so 4 would not do on 3, 5, 6 or 7 GPUs)."""
+    return world * -(-at_least // world)

@@ -1,0 +1,118 @@
+"""The engine's steps run on synthetic sequences, outside any rollout: to time them (the solver's
+cost profile, respec/solver.py) and to compile them ahead of a run (`warmup`).
+
+A synthetic step is one real decode step (k = 0) or SD step with k drafts of the engine, on `batch`
+sequences of `context` cached tokens; the KV contents do not change the time, so the sequences are
+a repeating random text the cache never really held. The engine's statistics and policy are left as
+they were, and every block is freed afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm import tqdm
+
+from compile.policy import buckets_up_to
+from respec.engine import EngineStats, RolloutEngine, SamplingParams, _Sequence
+from respec.solver import FixedK
+
+
+def synthetic_steps(engine: RolloutEngine, batch: int, k: int, context: int, calls: int, *,
+                    use_filter: bool = False) -> list[float]:
+    """Seconds of each of `calls` identical steps (greedy rows, or sampled with a top-p filter)."""
+    widest = max(engine.k, engine.replay_k) if engine.k else 0
+    if k > widest:
+        raise ValueError(f"cannot time k={k}: the engine drafts at most {widest}")
+    blocks = engine.blocks
+    if blocks.blocks_for(context + k + 1) * batch > blocks.num_free:
+        raise ValueError(f"{batch} sequences of {context} tokens do not fit the KV cache")
+    gen = torch.Generator().manual_seed(context)
+    params = SamplingParams(max_new_tokens=1 << 30, temperature=1.0 if use_filter else 0.0,
+                            top_p=0.9 if use_filter else 1.0, stop_on_eos=False)
+    seqs = []
+    for i in range(batch):
+        # A repeating text, so that a drafter which drafts from the text itself (respec/drafters/
+        # history.py) proposes all k tokens, as a model drafter always does.
+        period = torch.randint(engine.model.cfg.vocab_size, (8,), generator=gen).tolist()
+        text = period * ((context + k) // 8 + 2)
+        ids = text[:context]
+        # past the model's k (a replay group's verify) a replay that continues it (respec/drafters/replay.py)
+        replay = text[context - 1: context + k] if k > engine.k else None
+        seqs.append(_Sequence(-1 - i, ids[:-1], params, out=ids[-1:], replay=replay))
+        blocks.allocate(seqs[-1].id, context - 1)
+    stats, policy = engine.stats, engine.policy
+    engine.stats, engine.policy = EngineStats(), FixedK(k)
+    times = []
+    try:
+        with torch.no_grad():
+            for _ in range(calls):
+                for s in seqs:
+                    blocks.append(s.id, k + 1)
+                    engine.drafter.assume_cached(s)
+                t0 = time.perf_counter()
+                engine._speculate(seqs, k, [k] * batch) if k else engine._decode(seqs)
+                times.append(time.perf_counter() - t0)
+                for s in seqs:  # back to the same state
+                    blocks.truncate(s.id, blocks.lengths[s.id] - (context - 1))
+                    del s.out[1:], s.logprobs[:], s.verified[:]
+                    s.finish_reason = None
+                    engine.drafter.forget(s)
+    finally:
+        for s in seqs:
+            blocks.free(s.id)
+        engine.stats, engine.policy = stats, policy
+    return times
+
+
+class StepTimer:
+    """What the solver's cost profile times (respec/solver.py `profile_costs`): an engine's steps.
+    The first `steps.warm_calls` calls of a shape warm it up (they may compile, or record a CUDA
+    graph) and are not timed."""
+
+    def __init__(self, engine: RolloutEngine):
+        self.engine = engine
+        self.k = engine.k
+
+    def time_step(self, batch: int, k: int, context: int, *, reps: int = 2) -> float:
+        """Mean seconds of one step with k drafts (0: a decode step) over `reps` timed calls."""
+        warm = self.engine.steps.warm_calls
+        times = synthetic_steps(self.engine, batch, k, context, reps + warm)
+        return sum(times[warm:]) / max(reps, 1)
+
+
+def warmup(engine: RolloutEngine, batch_sizes: list[int] | None = None, *, ks: list[int] | None = None,
+           use_filter: bool = False, max_context: int | None = None, progress: bool = True) -> float:
+    """Compile the engine's steps ahead of time for every batch bucket up to the largest of
+    `batch_sizes` (a rollout's batch shrinks through all of them) and every draft length in `ks`
+    (default: 0, plus the engine's k with a fixed policy, or 0..k with any other policy); returns
+    seconds (0 for an eager engine).
+
+    Where graphs are per shape (whole-step: CUDA graphs) every shape a run will meet is called
+    `steps.warm_calls` times: each block-table width up to `max_context` tokens (the longest prompt
+    plus its new tokens), so that no graph is recorded inside a timed region."""
+    if engine.steps.eager:
+        return 0.0
+    t0 = time.perf_counter()
+    largest = max(batch_sizes) if batch_sizes else engine.max_batch
+    buckets = sorted({engine.steps.batch_bucket(b, engine.max_batch) for b in buckets_up_to(largest)})
+    if ks is None:
+        fixed = isinstance(engine.policy, FixedK)
+        ks = [0] if not engine.k else sorted({0, engine.policy.k}) if fixed else list(range(engine.k + 1))
+    shapes = [(b, k, context) for b in buckets for k in ks for context in warm_contexts(engine, k, max_context)]
+    for b, k, context in tqdm(shapes, desc="compiling step shapes", disable=not progress):
+        synthetic_steps(engine, b, k, context, engine.steps.warm_calls, use_filter=use_filter)
+    return time.perf_counter() - t0
+
+
+def warm_contexts(engine: RolloutEngine, k: int, max_context: int | None) -> list[int]:
+    """Contexts whose SD step with k drafts meets each block-table width up to `max_context` tokens
+    (one context where the width is a dynamic dimension of one graph)."""
+    bs, steps = engine.blocks.block_size, engine.steps
+    if steps.warm_calls == 1 or max_context is None:
+        return [4 * bs]
+    widest = steps.table_width(engine.blocks.blocks_for(min(max_context, engine.max_len) + k + 1))
+    widths = sorted({steps.table_width(n) for n in range(1, widest + 1)})
+    # a synthetic step's sequences hold context + k tokens once its k + 1 slots are reserved
+    return [max(w * bs - k, 2) for w in widths if w * bs - k <= engine.max_len]
