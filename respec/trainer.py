@@ -78,8 +78,7 @@ class Trainer:
         device = d.device
         self.tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
         self.rewards = rewards.Rewards(cfg.rewards, format_weight=cfg.format_weight)
-        # file data must have numeric answers unless a user's reward scores them
-        self.task = task if task is not None else cfg.make_task(
+        self.task = task if task is not None else cfg.make_task(  # answers: numbers and required as the rewards need
             seed=cfg.seed, numeric_answers=self.rewards.scores_numbers_only, answers_required=self.rewards.needs_answers)
         self.prompt = PromptFormat.make(cfg.raw_prompts, cfg.chat_template_kwargs)
         self.evaluation = Evaluation(
@@ -111,9 +110,11 @@ class Trainer:
             distributed.apply_fsdp(self.actor, param_dtype=self.train_dtype)
         self.rollout = distributed.RolloutCopy(self.actor, dtype=self.rollout_dtype, sharded=sharded)
         self.reference = None
-        if cfg.kl_coef > 0:
+        if cfg.kl_coef > 0:  # the frozen initial model, sharded like the actor (each rank keeps 1/W of it)
             self.reference = load_model(cfg.model, dtype=torch.float32, device=device, seed=cfg.seed)
             self.reference.requires_grad_(False)
+            if sharded:
+                distributed.apply_fsdp(self.reference, param_dtype=self.train_dtype)
 
         # fused: one kernel over all parameters (on 2 CPU cores 0.09 s per step for SmolLM2's 135M fp32
         # parameters, against 0.44 s for the default per-tensor loop and 0.48 s for foreach)
@@ -141,9 +142,9 @@ class Trainer:
         pool = cfg.kv_cache_mb << 20 if cfg.kv_cache_mb else default_pool_bytes(device)  # after the models, on a GPU
         self.engine = RolloutEngine(self.rollout.model, kv_cache_bytes=pool, max_batch=cfg.max_batch,
                                     eos_token_ids=eos_token_ids(self.tok, self.actor), eager=not self.compiled,
-                                    compile_mode=cfg.compile_mode,
-                                    drafter=self.drafter, num_draft_tokens=cfg.k if self.drafter is not None else 0,
-                                    verify=cfg.verify, replay_k=cfg.replay_k)
+                                    compile_mode=cfg.compile_mode, drafter=self.drafter,
+                                    num_draft_tokens=cfg.k if self.drafter is not None else 0, verify=cfg.verify,
+                                    replay_k=cfg.replay_k)
         self.seeds = RolloutSeeds(cfg.rollout_seeds, seed=cfg.seed, group=cfg.group, reseed_every=cfg.reseed_every)
         # last epoch's completion of every (row, sample), where a replay drafter proposes from them
         self.replays = ReplayStore() if self.drafter is not None and "replay" in split_spec(cfg.drafter)[1] else None
@@ -151,8 +152,7 @@ class Trainer:
         if master is not None and DRAFTER_UPDATES[cfg.drafter_update] is not None:
             self.learner = OnlineLearner(master, self.engine, KDConfig(
                 weighting=DRAFTER_UPDATES[cfg.drafter_update], lr=cfg.drafter_lr, warmup=cfg.drafter_warmup,
-                batch=cfg.drafter_batch,
-                epochs=cfg.drafter_epochs, interval=cfg.drafter_update_interval,
+                batch=cfg.drafter_batch, epochs=cfg.drafter_epochs, interval=cfg.drafter_update_interval,
                 idle_interval=cfg.drafter_idle_interval, unroll=cfg.k,
                 temperature=cfg.temperature, verify=cfg.verify, async_update=cfg.drafter_async), world=d.world, k=cfg.k,
                 main=d.main)

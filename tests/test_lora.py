@@ -104,9 +104,10 @@ def test_lora_run_resumes_exactly_and_exports_the_merged_actor(tmp_path, tokeniz
 
 def test_lora_two_ranks_equal_one_process(tmp_path):
     """FSDP2 shards the adapters with the frozen base: two ranks take the same steps as one process
-    (the merged rollout copy gathered from the shards)."""
+    (the merged rollout copy gathered from the shards), also with the KL to a reference model that is
+    sharded too."""
     one, two = tmp_path / "one", tmp_path / "two"
-    args = [*TOY, "--steps", "2", "--train-dtype", "fp32"]  # (bf16 gradients would differ by their rounding)
+    args = [*TOY, "--steps", "2", "--train-dtype", "fp32", "--kl-coef", "0.05"]  # (bf16 gradients differ by rounding)
     train(*args, "--out", str(one))
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                           str(ROOT / "train.py"), *args, "--out", str(two)], capture_output=True,
@@ -116,6 +117,8 @@ def test_lora_two_ranks_equal_one_process(tmp_path):
     for a, b in zip(rows(one), rows(two)):
         assert (a["step"], a["reward_mean"], a["response_len_mean"]) == (b["step"], b["reward_mean"], b["response_len_mean"])
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["kl"] == pytest.approx(b["kl"], rel=1e-4, abs=1e-9)
+    assert rows(one)[-1]["kl"] > 0  # the actor moved away from the reference
 
 
 def test_train_memory_tool_smoke():
