@@ -148,7 +148,8 @@ class TrainConfig(DataConfig):
     export_hf: str | None = option(None, "also write the final actor here (Hugging Face checkpoint)")
     progress: bool = option(True, "no progress bars", flag="--no-progress")
     report_to: list = option(["tensorboard"], "where metrics go besides RUN_DIR/metrics.jsonl, repeatable or "
-                             "comma-separated: tensorboard, wandb, trackio, all (those installed) or none")
+                             "comma-separated: tensorboard, wandb (offline unless WANDB_MODE=online), trackio (a "
+                             "local project), all (those installed) or none")
     log_completions: str = option("all", "completions written to RUN_DIR/completions.jsonl each step: all, none, "
                                   "or the first N")
     # --- held-out evaluation (respec/evaluation.py) ---

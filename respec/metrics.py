@@ -162,15 +162,15 @@ def trackers(report_to: list[str]) -> list[str]:
     for n in chosen:
         if not installed[n]:
             raise ValueError(f"--report-to {n} needs the {n} package (pip install {n}"
-                             + ("; WANDB_MODE=offline logs without an account)" if n == "wandb" else ")"))
+                             + ("; respec logs offline, without an account)" if n == "wandb" else ")"))
     return chosen
 
 
 class MetricsLog:
     """RUN_DIR/metrics.jsonl, written by the main rank, and the trackers of `--report-to`: TensorBoard
-    events (RUN_DIR/tensorboard), a Weights & Biases run (its files under RUN_DIR/wandb; online or, with
-    WANDB_MODE=offline, local) or a trackio run (a local project), numbers at the RL step, and the
-    completions as a table where the tracker has tables."""
+    events (RUN_DIR/tensorboard), a Weights & Biases run (offline, its files under RUN_DIR/wandb, for
+    `wandb sync`; WANDB_MODE=online logs to the service) or a trackio run (a local project), numbers
+    at the RL step, and the completions as a table where the tracker has tables."""
 
     def __init__(self, run_dir: Path, *, main: bool, report_to: list[str] = ("tensorboard",),
                  config: dict | None = None):
@@ -189,8 +189,9 @@ class MetricsLog:
         if "wandb" in chosen:
             import wandb
 
+            mode = os.environ.get("WANDB_MODE", "offline")  # local files unless the user asks for the service
             self.runs.append((wandb, wandb.init(project="respec", name=name, id=name, dir=str(run_dir), config=config,
-                                                resume="allow")))
+                                                resume="allow", mode=mode)))
         if "trackio" in chosen:
             import trackio
 

@@ -113,7 +113,7 @@ def test_a_missing_tracker_package_is_one_line(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ValueError, match=r"--report-to wandb needs the wandb package \(pip install wandb; "
-                                         r"WANDB_MODE=offline"):
+                                         r"respec logs offline"):
         TrainConfig(report_to=["tensorboard,wandb"]).validate(1)
 
 
@@ -263,7 +263,7 @@ def test_trackers_get_every_step(tmp_path, monkeypatch):
         mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
         run = types.SimpleNamespace(log=lambda m, step: calls.append((name, "log", step, m)),
                                     finish=lambda: calls.append((name, "finish")))
-        mod.init = lambda **kw: calls.append((name, "init", kw["project"], kw["name"])) or run
+        mod.init = lambda **kw: calls.append((name, "init", kw["project"], kw["name"], kw.get("mode"))) or run
         mod.log = run.log
         mod.finish = run.finish
         mod.Table = lambda columns, data: ("table", tuple(columns), [tuple(r) for r in data])
@@ -271,13 +271,15 @@ def test_trackers_get_every_step(tmp_path, monkeypatch):
 
     fake("wandb")
     fake("trackio")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     log = MetricsLog(tmp_path, main=True, report_to=["wandb,trackio"], config={"lr": 1e-3})
     log.write({"step": 1, "reward_mean": 0.5, "mismatch_worst": {"token": "x"}, "flag": True})
     log.table("completions", [{"step": 1, "completion": "Answer: 2", "rewards": {"c": 1.0}}], step=1)
     log.close()
     table = ("table", ("step", "completion", "rewards"), [(1, "Answer: 2", '{"c": 1.0}')])
     assert ("wandb", "log", 1, {"completions": table}) in calls and ("trackio", "log", 1, {"completions": table}) in calls
-    assert ("wandb", "init", "respec", tmp_path.name) in calls and ("trackio", "init", "respec", tmp_path.name) in calls
+    assert ("wandb", "init", "respec", tmp_path.name, "offline") in calls  # offline unless asked otherwise
+    assert ("trackio", "init", "respec", tmp_path.name, None) in calls
     assert ("wandb", "log", 1, {"reward_mean": 0.5}) in calls and ("trackio", "log", 1, {"reward_mean": 0.5}) in calls
     assert ("wandb", "finish") in calls and ("trackio", "finish") in calls
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["flag"] is True
