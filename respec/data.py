@@ -5,6 +5,7 @@
                                a Hugging Face dataset (`datasets`): a directory written by
                                `save_to_disk`, data files, or a dataset id from the local Hugging Face
                                cache (downloaded where the machine can reach the Hub); `--data-split`
+                               picks a split, `--data-config` a configuration (openai/gsm8k: main)
 
 Row formats, told apart by their columns:
 
@@ -14,7 +15,8 @@ Row formats, told apart by their columns:
     messages   {"messages": [{"role": "user", "content": "..."}, ...], "answer": "42"}
 
 The prompt is `--prompt-column` if given, else the first of `prompt`, `question`, `messages` that the
-data has; the answer is `--answer-column` (`answer`). A chat prompt's final assistant turn (a
+data has; the answer is `--answer-column` (`answer`), which prompt-only data may lack when no
+built-in `correctness` reward needs it (the user's reward functions judge). A chat prompt's final assistant turn (a
 reference solution) is left out. An answer with `####` keeps what follows it (GSM8K). The system
 prompt (`--system-prompt`) is put first unless the row's conversation brings its own. The other
 columns travel with each problem to the reward functions (`Problem.row`, respec/rewards.py).

@@ -129,6 +129,40 @@ def apply_fsdp(model, *, param_dtype: torch.dtype, reduce_dtype: torch.dtype = t
     fully_shard(model, mp_policy=mp, reshard_after_forward=False)
 
 
+def load_sharded(load, d: Dist, *, param_dtype: torch.dtype, shard: bool, prepare=None):
+    """`load()` (a Decoder, from any format), `prepare(model)`d (LoRA's adapters) and, with `shard`,
+    sharded with FSDP2 (`apply_fsdp`). With several ranks only the main rank ever holds the model
+    whole: it loads it, every other rank builds it on the meta device from the main rank's config,
+    all shard it, and the main rank's weights (the adapters' initial values too) go to every rank's
+    shards (`set_model_state_dict`, broadcast from rank 0)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from models.decoder import Decoder
+
+    full = load() if d.main else None
+    if full is not None and prepare is not None:
+        prepare(full)
+    if d.world == 1:
+        if shard:
+            apply_fsdp(full, param_dtype=param_dtype)
+        return full
+    cfg, requires_grad = all_gather((full.cfg, {n: p.requires_grad for n, p in full.named_parameters()})
+                                    if d.main else None, d)[0]
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    if prepare is not None:
+        prepare(model)
+    apply_fsdp(model, param_dtype=param_dtype)
+    model.to_empty(device=d.device)
+    model.tie_weights()
+    model.init_buffers(d.device)
+    state = full.state_dict() if full is not None else {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, p in model.named_parameters():
+        p.requires_grad_(requires_grad[name])
+    return model.eval()
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A sharded DTensor parameter gathered whole; plain tensors pass through."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t

@@ -91,12 +91,14 @@ class Trainer:
         self.rollout_dtype = resolve_dtype(cfg.dtype, device)
         self.train_dtype = resolve_dtype(cfg.train_dtype, device)
 
-        # The actor: fp32 master weights, sharded under torchrun.
+        # The actor: fp32 master weights, sharded under torchrun (only rank 0 ever holds it whole). With
+        # LoRA only the adapters train; the rollout reads the merged weights (respec/lora.py).
         torch.manual_seed(cfg.seed)
-        self.actor = load_model(cfg.model, dtype=torch.float32, device=device, seed=cfg.seed)
-        self.actor.requires_grad_(True)
-        if cfg.lora_r:  # only the adapters train; the rollout reads the merged weights (respec/lora.py)
-            apply_lora(self.actor, cfg.lora())
+        load = lambda: load_model(cfg.model, dtype=torch.float32, device=device, seed=cfg.seed)  # noqa: E731
+        sharded = d.world > 1 or cfg.fsdp == "on"
+        self.actor = distributed.load_sharded(lambda: load().requires_grad_(True), d, param_dtype=self.train_dtype,
+                                              shard=sharded, prepare=(lambda m: apply_lora(m, cfg.lora())) if cfg.lora_r
+                                              else None)
         self._check_prompts(self.actor.cfg.max_position_embeddings)  # before any pretraining or writing
         # Model FLOPs per trained token (forward + backward = 6 per weight): every weight but the
         # embedding's for every token, the output head's only for completion tokens (the only
@@ -105,21 +107,16 @@ class Trainer:
         self.n_head = self.actor.lm_head.weight.numel()
         self.n_body = self.n_params - self.actor.embed_tokens.weight.numel() - (
             0 if self.actor.cfg.tie_word_embeddings else self.n_head)
-        sharded = d.world > 1 or cfg.fsdp == "on"
-        if sharded:
-            distributed.apply_fsdp(self.actor, param_dtype=self.train_dtype)
         self.rollout = distributed.RolloutCopy(self.actor, dtype=self.rollout_dtype, sharded=sharded)
         self.reference = None
         if cfg.kl_coef > 0:  # the frozen initial model, sharded like the actor (each rank keeps 1/W of it)
-            self.reference = load_model(cfg.model, dtype=torch.float32, device=device, seed=cfg.seed)
-            self.reference.requires_grad_(False)
-            if sharded:
-                distributed.apply_fsdp(self.reference, param_dtype=self.train_dtype)
+            self.reference = distributed.load_sharded(lambda: load().requires_grad_(False), d,
+                                                      param_dtype=self.train_dtype, shard=d.world > 1)
 
         # fused: one kernel over all parameters (on 2 CPU cores 0.09 s per step for SmolLM2's 135M fp32
         # parameters, against 0.44 s for the default per-tensor loop and 0.48 s for foreach)
-        self.optimizer = torch.optim.AdamW([p for p in self.actor.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.99),
-                                           weight_decay=cfg.weight_decay, eps=1e-8, fused=True)
+        self.optimizer = torch.optim.AdamW([p for p in self.actor.parameters() if p.requires_grad], lr=cfg.lr,
+                                           betas=(0.9, 0.99), weight_decay=cfg.weight_decay, eps=1e-8, fused=True)
         total_updates = cfg.steps * cfg.epochs * cfg.minibatches
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: grpo.warmup_cosine(s, total=total_updates, warmup=cfg.warmup_steps,

@@ -132,3 +132,45 @@ def test_train_memory_tool_smoke():
     assert set(res) == {"full", "full+ckpt", "lora16", "lora16+ckpt"}
     assert res["lora16"]["trained_params"] < 0.05 * res["full"]["trained_params"]
     assert all(r["step_s"] > 0 and r["rss_peak_mb"] >= r["rss_before_mb"] for r in res.values())
+
+
+LOAD_SHARDED = """
+import json, os, sys, torch
+from models.loading import load_model
+from respec import distributed
+from respec.lora import LoraSettings, apply_lora
+
+d = distributed.init()
+out = sys.argv[1]
+def load():
+    open(os.path.join(out, f"loaded-{d.rank}"), "w").close()
+    torch.manual_seed(d.rank)  # the adapters' random init differs per rank: rank 0's must win
+    return load_model("tiny", dtype=torch.float32).requires_grad_(True)
+model = distributed.load_sharded(load, d, param_dtype=torch.float32, shard=True,
+                                 prepare=lambda m: apply_lora(m, LoraSettings(4, targets=("all-linear",))))
+full = {n: distributed.full_tensor(p.detach()) for n, p in model.named_parameters()}
+trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+if d.rank == 0:
+    torch.save({"full": full, "trainable": trainable}, os.path.join(out, "rank0.pt"))
+distributed.shutdown()
+"""
+
+
+def test_only_the_main_rank_loads_the_whole_model(tmp_path):
+    """`distributed.load_sharded` on two ranks: only rank 0 calls the loader; the sharded model
+    gathers back to rank 0's weights (the base and the adapters' initial values), and only the
+    adapters require gradients."""
+    script = tmp_path / "load_sharded.py"
+    script.write_text(LOAD_SHARDED)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                          str(script), str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("loaded-*")) == ["loaded-0"]
+    got = torch.load(tmp_path / "rank0.pt")
+    torch.manual_seed(0)
+    want = load_model("tiny", dtype=torch.float32)
+    apply_lora(want, LoraSettings(4, targets=("all-linear",)))
+    for name, p in want.named_parameters():
+        torch.testing.assert_close(got["full"][name], p.detach(), rtol=0, atol=0)
+    assert got["trainable"] and all(".lora_" in n for n in got["trainable"])
