@@ -23,10 +23,9 @@ import time
 
 from respec import distributed
 from respec.engine import SamplingParams
+from respec.rollout_seeds import eval_seed
 from respec.solver import FixedK
 from respec.tasks import PromptFormat
-
-EVAL_SEED = 1 << 40  # eval seeds live far from the rollouts' (respec/rollout_seeds.py)
 
 
 def held_out_problems(cfg, task, *, numeric_answers: bool, answers_required: bool = True) -> list:
@@ -34,8 +33,9 @@ def held_out_problems(cfg, task, *, numeric_answers: bool, answers_required: boo
     (reasoning-gym generates new ones; with a fixed training set, only problems outside it), else the
     first rows of `--data` (not held out: said in --eval-data's help)."""
     if cfg.eval_data:
-        return dataclasses.replace(cfg, data=cfg.eval_data).make_task(
-            seed=cfg.seed, numeric_answers=numeric_answers, answers_required=answers_required).problems(0, cfg.eval_prompts)
+        task = dataclasses.replace(cfg, data=cfg.eval_data).make_task(
+            seed=cfg.seed, numeric_answers=numeric_answers, answers_required=answers_required)
+        return task.problems(0, cfg.eval_prompts)
     if cfg.data is not None:
         return task.problems(0, cfg.eval_prompts)
     other = dataclasses.replace(cfg, train_size=0).make_task(seed=cfg.seed + 1, numeric_answers=numeric_answers)
@@ -55,6 +55,7 @@ class Evaluation:
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
+    seed: int = 0  # the run's: the evaluation's noise is fixed per (problem, sample) (rollout_seeds.eval_seed)
 
     def run(self, engine, tokenizer, rewards, d: distributed.Dist, *, prompt: PromptFormat = PromptFormat()) -> dict:
         """Evaluate the engine's current weights; every rank takes problems r, r+W, ... and the
@@ -64,7 +65,8 @@ class Evaluation:
         mine = list(range(d.rank, len(self.problems), d.world))
         requests = [(i, g) for i in mine for g in range(n)]
         params = [SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                                 top_k=self.top_k, min_p=self.min_p, seed=EVAL_SEED + i * n + g) for i, g in requests]
+                                 top_k=self.top_k, min_p=self.min_p, seed=eval_seed(self.seed, i, g))
+                  for i, g in requests]
         ids = {i: prompt.ids(tokenizer, self.problems[i]) for i in mine}
         outs = engine.generate([ids[i] for i, _ in requests], params, policy=FixedK(0)) if requests else []
         texts = [tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]

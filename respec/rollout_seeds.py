@@ -40,6 +40,12 @@ def _seed(*parts) -> int:
     return int.from_bytes(digest[:7], "little")
 
 
+def eval_seed(seed: int, problem: int, sample: int) -> int:
+    """The seed of sample `sample` of held-out problem `problem` (respec/evaluation.py): the same at
+    every evaluation of a run, apart from every rollout's."""
+    return _seed("eval", seed, problem, sample)
+
+
 def request_seed(seed: int, step: int, index: int) -> int:
     """The per-step seed of completion `index` (global prompt * G + sample) of `step`: the same on
     any number of ranks and after a resume."""

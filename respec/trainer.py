@@ -86,7 +86,7 @@ class Trainer:
                               answers_required=self.rewards.needs_answers)
             if cfg.eval_every or cfg.eval_at_start else [], temperature=cfg.eval_temperature,
             generations=cfg.eval_generations, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
-            top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p)
+            top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p, seed=cfg.seed)
         self._check_rewards()
         self.rollout_dtype = resolve_dtype(cfg.dtype, device)
         self.train_dtype = resolve_dtype(cfg.train_dtype, device)
