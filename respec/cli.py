@@ -41,8 +41,7 @@ class DefaultsFormatter(argparse.HelpFormatter):
         default = action.default
         if default is None or default is False or default == argparse.SUPPRESS or not action.option_strings:
             return text
-        return f"{text} (default: {show_default(default).replace('%%', '%')})".replace("%", "%%") \
-            if text else f"(default: {show_default(default)})"
+        return f"{text} (default: {show_default(default)})".strip()  # (show_default escapes argparse's %)
 
 
 def positive_int(text: str) -> int:
