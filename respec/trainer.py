@@ -126,7 +126,7 @@ class Trainer:
         self.sd_reason = "--sd off" if cfg.sd == "off" else "no drafter (--drafter none)" if cfg.drafter == "none" else ""
         chosen = Chosen(None) if cfg.sd == "off" else choose_drafter(
             cfg.drafter, target=self.rollout.model, k=cfg.k, model=cfg.model,
-            task_name=cfg.task if cfg.data is None else str(cfg.data), task=self.task, tokenizer=self.tok,
+            task_name=cfg.task if cfg.data is None else str(cfg.data), task=self.pretraining_task(), tokenizer=self.tok,
             task_config=cfg.task_config, max_new_tokens=cfg.max_new_tokens, rollout_dtype=self.rollout_dtype,
             seed=cfg.seed, dtype=cfg.dtype, temperature=cfg.temperature,
             pretrain_here=self.d.node_main,
@@ -161,6 +161,15 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.metrics_log: metrics.MetricsLog | None = None  # run() opens it
         self.completions_path = self.run_dir / "completions.jsonl"
+
+    def pretraining_task(self):
+        """The problems a missing default head is pretrained on: the task's own, not a fixed training
+        set's (the cached head is shared by every run of these task options, whatever its --train-size)."""
+        if not self.cfg.train_size:
+            return self.task
+        return dataclasses.replace(self.cfg, train_size=0).make_task(
+            seed=self.cfg.seed, numeric_answers=self.rewards.scores_numbers_only,
+            answers_required=self.rewards.needs_answers)
 
     def _check_prompts(self, limit: int) -> None:
         """A task read from a file: every prompt must fit the model's context (`limit` tokens) with

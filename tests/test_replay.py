@@ -202,3 +202,7 @@ def test_held_out_problems_lie_outside_a_fixed_training_set(tokenizer):
     train = {str(p.messages()) for p in trainer.task.problems(0, 6)}
     held = [str(p.messages()) for p in trainer.evaluation.problems]
     assert len(held) == len(set(held)) == 10 and not train & set(held)
+    # a missing default head is pretrained on the task's own problems, not the fixed set cycled
+    # (the cached head serves every run of these task options)
+    pretraining = {str(p.messages()) for p in trainer.pretraining_task().problems(10**6, 64)}
+    assert len(pretraining) > 6 and not train >= pretraining
