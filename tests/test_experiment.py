@@ -134,3 +134,77 @@ def test_acceptance_plot_leaves_out_steps_that_did_not_speculate(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     written = plot_run(tmp_path)
     assert (tmp_path / "plots" / "acceptance.png") in written
+
+
+def fake_experiment(out, seeds: list[int], runs: dict) -> None:
+    """An experiment directory as respec.lab.experiment leaves it: runs[variant][seed] = (metrics rows,
+    completion rows)."""
+    import json
+
+    out.mkdir()
+    (out / "experiment.json").write_text(json.dumps({"steps": 4, "seeds": seeds, "variants": list(runs),
+                                                     "train_args": ["--train-size", "2"]}))
+    for variant, per_seed in runs.items():
+        for seed, (rows, completions) in per_seed.items():
+            run = out / variant / f"seed{seed}"
+            run.mkdir(parents=True)
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (run / "completions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in completions))
+
+
+def test_learning_cost_pools_seeds_and_pairs_them_with_fresh_noise(tmp_path):
+    from respec.lab.learning_cost import main, report
+
+    def rows(signal, entropy, held_out):  # 4 steps, 2 per data epoch, the held-out evaluation at the last
+        out = [{"step": i + 1, "epoch": i // 2, "reward_mean": 0.1 * (i + 1), "groups_with_signal": s,
+                "entropy": e} for i, (s, e) in enumerate(zip(signal, entropy))]
+        out[-1].update(eval_accuracy=held_out, eval_pass_at_4=min(1.0, 2 * held_out))
+        return out
+
+    def solved(*correct):  # one completion per problem of the set, in order
+        return [{"prompt": [{"role": "user", "content": f"problem {i}"}], "rewards": {"correctness": c}}
+                for i, c in enumerate(correct)]
+
+    fresh = {s: (rows([0.5, 0.5, 0.5, 0.5], [1.0, 1.0, 0.8, 0.8], 0.4 + 0.1 * s), solved(1.0, 0.0)) for s in (0, 1, 2)}
+    reused = {s: (rows([0.5, 0.5, 0.25, 0.25 + 0.06 * s], [1.0, 1.0, 0.5, 0.5], 0.4 + 0.1 * s), solved(1.0, 1.0))
+              for s in (0, 1, 2)}
+    fake_experiment(tmp_path / "a", [0, 1], {"baseline": {s: fresh[s] for s in (0, 1)},
+                                              "per-prompt": {s: reused[s] for s in (0, 1)}})
+    fake_experiment(tmp_path / "b", [2], {"baseline": {2: fresh[2]}, "per-prompt": {2: reused[2]}})
+    text = report([tmp_path / "a", tmp_path / "b"])
+    lines = text.splitlines()
+    head = next(line for line in lines if line.startswith("| variant | seeds |"))
+    assert head.split(" | ")[2:5] == ["held-out pass@1", "held-out pass@4", "ever solved"]
+    base = next(line for line in lines if line.startswith("| baseline | 3 |"))
+    assert "| 0.500 (0.40 / 0.50 / 0.60) |" in base and "| 0.500 (0.50 / 0.50 / 0.50) |" in base  # ever solved 1 of 2
+    paired = next(line for line in lines if line.startswith("| per-prompt |") and "(" in line and ".." in line)
+    cells = [c.strip() for c in paired.strip("|").split("|")][1:]
+    assert cells[0].startswith("+0.000 (+0.000 .. +0.000)")  # same held-out accuracy in every seed
+    assert cells[2] == "+0.500 (+0.500 .. +0.500) **resolved**"  # ever solved: 2 of 2 against 1 of 2
+    # groups with signal over the run: epoch means (0.5, 0.25 + 0.03 s) against (0.5, 0.5): -0.125 +
+    # 0.015 s, mean -0.11, interval +- 4.303 * 0.015 / sqrt(3)
+    assert cells[3] == "-0.110 (-0.147 .. -0.073) **resolved**"
+    assert cells[-1] == "-0.300 (-0.300 .. -0.300) **resolved**"  # entropy of the last epoch
+    assert lines[-2].startswith("| baseline | 0.50 | 0.50 |") and lines[-1].startswith("| per-prompt | 0.50 | 0.28 |")
+
+    fake_experiment(tmp_path / "c", [2], {"baseline": {2: fresh[2]}})
+    assert main([str(tmp_path / "a"), str(tmp_path / "c")]) == 0  # a directory with fewer variants pools
+    assert main([str(tmp_path / "b"), str(tmp_path / "c")]) == 2  # a seed in two directories: refused
+    assert main([str(tmp_path / "nothing")]) == 2
+
+
+def test_greedy_eval_of_the_final_actor_equals_the_runs_own(tmp_path):
+    """The report's greedy evaluation of RUN/hf gives what the run's own greedy evaluation gave at
+    its last step (the same held-out problems, the same weights)."""
+    from respec.lab.learning_cost import greedy_eval
+    from test_trainer import TOY as TRAIN_TOY
+    from test_trainer import metrics, train
+
+    run = tmp_path / "run"
+    train(*TRAIN_TOY, "--steps", "2", "--train-size", "4", "--eval-every", "2", "--eval-prompts", "6",
+          "--out", str(run))
+    own = metrics(run)[-1]
+    got = greedy_eval(run)
+    assert got["problems"] == 6
+    assert (got["eval_accuracy"], got["eval_reward_mean"]) == (own["eval_accuracy"], own["eval_reward_mean"])
+    assert (run / "greedy_eval.json").is_file() and greedy_eval(run) == got
