@@ -134,6 +134,16 @@ def test_acceptance_plot_leaves_out_steps_that_did_not_speculate(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     written = plot_run(tmp_path)
     assert (tmp_path / "plots" / "acceptance.png") in written
+    assert (tmp_path / "plots" / "epochs.png") in written
+
+
+def test_groups_with_signal_per_data_epoch():
+    from respec.lab.plot import epoch_means
+
+    rows = [{"step": s, "epoch": (s - 1) // 2, "groups_with_signal": g} for s, g in enumerate([1.0, 0.5, 0.5, 0.0], 1)]
+    assert epoch_means(rows, "groups_with_signal") == [(1.5, 0.75), (3.5, 0.25)]
+    endless = [{"step": s, "epoch": 0, "groups_with_signal": 0.5} for s in (1, 2, 3)]
+    assert epoch_means(endless, "groups_with_signal") == [(2.0, 0.5)]
 
 
 def fake_experiment(out, seeds: list[int], runs: dict) -> None:

@@ -3,11 +3,12 @@
     python -m respec.lab.plot RUN_DIR                                  # writes RUN_DIR/plots/*.png
     python -m respec.lab.plot --compare RUN_A RUN_B ... --out cmp.png  # several runs side by side
 
-Five figures per run: reward and accuracy per step; the step's phase times (rollout, reward, train,
+Six figures per run: reward and accuracy per step; the step's phase times (rollout, reward, train,
 drafter); rollout tokens/s with the fraction of decoding steps that speculated; acceptance length,
 measured and estimated (from the drafter's online distillation: 1 - TV, or a draw under the match
-rule); the rollout/training
-mismatch (`mismatch_kl`, plain-decoding and SD-verify tokens apart). The comparison: measured
+rule); the rollout/training mismatch (`mismatch_kl`, plain-decoding and SD-verify tokens apart);
+groups with signal per step and per data epoch (a fixed `--train-size` set), with the share of
+rollout tokens that came from replayed drafts (`replay_token_frac`). The comparison: measured
 accept_len, its estimate, and reward over RL steps, one colour per run (the run directory's name).
 """
 
@@ -117,7 +118,26 @@ def plot_run(run_dir: Path) -> list[Path]:
     if ax.get_legend_handles_labels()[0]:
         ax.set_yscale("log")
     finish(fig, ax, "mismatch.png", "k3 estimate per token (nats)")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))  # what noise reuse does to a fixed set (respec/rollout_seeds.py)
+    ax.plot(steps, col("groups_with_signal"), marker=".", alpha=0.5, label="groups with signal")
+    epochs = epoch_means(rows, "groups_with_signal")
+    if len(epochs) > 1:
+        ax.plot(*zip(*epochs), marker="s", color="black", label="groups with signal, epoch mean")
+    if any(r.get("replay_token_frac") for r in rows):
+        ax.plot(steps, col("replay_token_frac"), marker="x", color="tab:green", label="replay_token_frac")
+    ax.set_ylim(0, 1.05)
+    finish(fig, ax, "epochs.png", "share")
     return written
+
+
+def epoch_means(rows: list[dict], key: str) -> list[tuple[float, float]]:
+    """(mean step, mean of `key`) per data epoch of a fixed training set (an endless task's steps are
+    all in epoch 0: one point)."""
+    epochs: dict[int, list[dict]] = {}
+    for r in rows:
+        epochs.setdefault(r.get("epoch", 0), []).append(r)
+    return [(mean(r["step"] for r in rs), mean(r.get(key, 0.0) for r in rs)) for _, rs in sorted(epochs.items())]
 
 
 def measured_acceptance(rows: list[dict]) -> list[tuple[int, float]]:
