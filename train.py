@@ -130,7 +130,8 @@ def run_drafter(cfg: DrafterConfig, d: distributed.Dist) -> int:
     report = pretrain(target, tok, out, problems=task.problems(0, cfg.prompts + cfg.held_out), held_out=cfg.held_out,
                       new_tokens=cfg.new_tokens, temperature=cfg.temperature, draft_vocab=cfg.draft_vocab,
                       epochs=cfg.epochs, batch=cfg.batch, unroll=cfg.unroll, lr=cfg.lr, decay=cfg.step_decay,
-                      tv_weight=cfg.tv_weight, max_batch=cfg.max_batch, seed=cfg.seed, log=log)
+                      tv_weight=cfg.tv_weight, max_batch=cfg.max_batch, seed=cfg.seed, log=log,
+                      progress=cfg.progress)
     print(json.dumps({"sampled": report["held_out_sampled"], "greedy": report["held_out_greedy"]}))
     return 0
 

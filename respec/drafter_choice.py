@@ -58,7 +58,8 @@ def default_head_dir(model: str, task: str, task_config: dict | None = None, max
 
 
 def pretrain_default_head(model: str, path: Path, tokenizer, task, *, max_new_tokens: int = 64, dtype: str = "auto",
-                          device="cpu", seed: int = 0, k: int = 3, temperature: float = 1.0, log=print) -> None:
+                          device="cpu", seed: int = 0, k: int = 3, temperature: float = 1.0, log=print,
+                          progress: bool = True) -> None:
     """A short `train.py --stage drafter` run on `device`, written to a temporary directory and
     renamed into place (an interrupted pretraining leaves nothing half-written in the cache; of two
     nodes pretraining into one shared cache, the first to finish wins and both use its head)."""
@@ -75,7 +76,7 @@ def pretrain_default_head(model: str, path: Path, tokenizer, task, *, max_new_to
         pretrain(target, tokenizer, tmp, problems=problems, held_out=recipe["held_out"],
                  new_tokens=pretrain_tokens(max_new_tokens), temperature=temperature, epochs=recipe["epochs"],
                  unroll=recipe["unroll"], batch=recipe["batch"], lr=recipe["lr"], decay=recipe["step_decay"],
-                 max_batch=recipe["max_batch"], seed=seed, held_out_ks=[k], greedy=False, log=log)
+                 max_batch=recipe["max_batch"], seed=seed, held_out_ks=[k], greedy=False, log=log, progress=progress)
         log(f"drafter pretrained in {time.perf_counter() - t0:.0f} s")
         try:
             tmp.rename(path)
@@ -121,7 +122,8 @@ def split_spec(spec: str) -> tuple[str | None, list[str]]:
 
 def choose_drafter(spec: str, *, target, k: int, model: str, task_name: str, task, tokenizer, rollout_dtype,
                    task_config: dict | None = None, max_new_tokens: int = 64, seed: int = 0, dtype: str = "auto",
-                   temperature: float = 1.0, pretrain_here: bool = True, wait=lambda: None, log=print) -> Chosen:
+                   temperature: float = 1.0, pretrain_here: bool = True, wait=lambda: None, log=print,
+                   progress: bool = True) -> Chosen:
     """The drafter `spec` names, for `target` (the rollout model). With `auto`, a missing default
     head is pretrained where `pretrain_here` (one rank), and every rank then `wait()`s for it."""
     from respec.drafter_training import untrained_head
@@ -165,7 +167,7 @@ def choose_drafter(spec: str, *, target, k: int, model: str, task_name: str, tas
         directory = Path(head_spec) if head_spec != "auto" else default_head(
             model, task_name, task, tokenizer, task_config=task_config, max_new_tokens=max_new_tokens,
             pretrain_here=pretrain_here, wait=wait, log=log, dtype=dtype, device=device, seed=seed, k=k,
-            temperature=temperature)
+            temperature=temperature, progress=progress)
         prior = drafter_alpha(directory, k)
         master = load_eagle(directory, dtype=torch.float32, device=device)
     drafter = combined(EagleDrafter(cast_head(master, rollout_dtype)))  # the engine's copy, in the rollout dtype

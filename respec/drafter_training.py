@@ -56,6 +56,7 @@ class DrafterConfig(DataConfig):
     max_batch: int = option(64, "most sequences decoding at once")
     dtype: str = option("auto", "the target's dtype (auto: bf16 where native)", choices=("auto", "bf16", "fp32"))
     seed: int = option(0, "seed of the rollouts and the head's initialisation")
+    progress: bool = option(True, "no progress bar", flag="--no-progress")
 
 
 def sample_rollouts(engine, prompts: list[list[int]], new_tokens: int, temperature: float, seed: int) -> Sequences:
@@ -105,7 +106,7 @@ def timed(fn, *args, **kwargs):
 def train_head(head: EagleHead, target, seqs: Sequences, feats, *, epochs: int, batch: int, unroll: int, lr: float,
                temperature: float = 1.0, decay: float = 1.0, tv_weight: float = 0.0, seed: int = 0,
                compute_dtype: torch.dtype = torch.float32, checkpoint: Path | None = None,
-               checkpoint_every: int = 50) -> list[dict]:
+               checkpoint_every: int = 50, progress: bool = True) -> list[dict]:
     """AdamW with a warm-up and cosine decay over `epochs` passes of `head_loss`; `feats` must carry
     the log-partition (`target_features(..., temperature=...)`). The forward runs under autocast to
     `compute_dtype` (weights, optimizer and the loss's softmaxes stay fp32). Returns the history, one
@@ -114,7 +115,7 @@ def train_head(head: EagleHead, target, seqs: Sequences, feats, *, epochs: int, 
     total = -(-len(seqs.tokens) // batch) * epochs
     gen = torch.Generator().manual_seed(seed)
     history, step = [], 0
-    bar = tqdm(total=total, desc="drafter KD", file=sys.stderr)
+    bar = tqdm(total=total, desc="drafter KD", file=sys.stderr, disable=not progress)
     head.train()
     for epoch in range(epochs):
         for tokens, taps, final, mask, lse in make_batches(seqs, feats, batch, gen):
@@ -158,7 +159,7 @@ def pretrain(target, tokenizer, out_dir, *, problems: list, held_out: int, new_t
              temperature: float = 1.0, draft_vocab: int = 8192, epochs: int = 4, batch: int = 8, unroll: int = 3,
              lr: float = 1e-3, decay: float = 1.0, tv_weight: float = 0.0, max_batch: int = 64,
              checkpoint_every: int = 50, seed: int = 0, held_out_ks=range(1, 7), greedy: bool = True,
-             log=print) -> dict:
+             log=print, progress: bool = True) -> dict:
     """The whole pretraining job on `problems` (the last `held_out` of them held out): target
     rollouts, draft vocabulary, features, TTT training, held-out acceptance. Writes the head,
     train_report.json and history.jsonl into `out_dir`.
@@ -188,7 +189,7 @@ def pretrain(target, tokenizer, out_dir, *, problems: list, held_out: int, new_t
     history, t_train = timed(train_head, head, target, seqs, feats, epochs=epochs, batch=batch, unroll=unroll, lr=lr,
                              temperature=temperature, decay=decay, tv_weight=tv_weight, seed=seed,
                              compute_dtype=target.embed_tokens.weight.dtype,  # the target's: bf16 where native
-                             checkpoint=out_dir / "checkpoint", checkpoint_every=checkpoint_every)
+                             checkpoint=out_dir / "checkpoint", checkpoint_every=checkpoint_every, progress=progress)
     save_eagle(head, out_dir)
 
     # Held-out acceptance on prompts the head never saw.

@@ -130,7 +130,7 @@ class Trainer:
             task_config=cfg.task_config, max_new_tokens=cfg.max_new_tokens, rollout_dtype=self.rollout_dtype,
             seed=cfg.seed, dtype=cfg.dtype, temperature=cfg.temperature,
             pretrain_here=self.d.node_main,
-            wait=lambda: distributed.barrier(self.d), log=self.log)
+            wait=lambda: distributed.barrier(self.d), log=self.log, progress=cfg.progress)
         self.drafter, master = chosen.drafter, chosen.master
         # the head's weights go into checkpoints; a model-free drafter has none, and `first:N` shares the actor's
         self.head_module = self.drafter.module if master is not None else None

@@ -78,8 +78,8 @@ def test_bad_eagle_drafters(tiny, tmp_path, capsys):
 def test_train_drafter_stage_end_to_end(tmp_path, capsys):
     out = tmp_path / "drafter"
     code = train.main(["--stage", "drafter", "--model", "tiny", "--out", str(out), "--prompts", "8", "--held-out", "2",
-                       "--new-tokens", "12", "--epochs", "1", "--batch", "4", "--draft-vocab", "512"])
-    assert code == 0
+                       "--new-tokens", "12", "--epochs", "1", "--batch", "4", "--draft-vocab", "512", "--no-progress"])
+    assert code == 0 and "drafter KD" not in capsys.readouterr().err  # --no-progress: no bar
     report = json.loads((out / "train_report.json").read_text())
     assert set(report["held_out_greedy"]) == {str(k) for k in range(1, 7)}
     assert report["steps"] == 2
