@@ -218,3 +218,28 @@ def test_greedy_eval_of_the_final_actor_equals_the_runs_own(tmp_path):
     assert got["problems"] == 6
     assert (got["eval_accuracy"], got["eval_reward_mean"]) == (own["eval_accuracy"], own["eval_reward_mean"])
     assert (run / "greedy_eval.json").is_file() and greedy_eval(run) == got
+
+
+def test_report_from_the_second_epoch_against_the_same_seeding():
+    """Without a `baseline` run, `per-prompt` (SD off, the replay variant's seeding) is the baseline;
+    the later-epoch table compares steps of epoch >= 1 only and says how long rollouts matched."""
+    from respec.lab.report import baseline_of, later_epochs, table
+
+    def rows(rollout_s, tok_s, rewards, replay=0.0):
+        return [{"step": i + 1, "epoch": i // 2, "rollout_s": r, "rollout_tok_s": t, "step_s": r + 1.0,
+                 "reward_s": 0.0, "train_s": 1.0, "drafter_s": 0.0, "sd_fraction": 0.5 if replay else 0.0,
+                 "accept_len": 2.0, "reward_mean": w, "accuracy": w, "response_len_mean": 10.0,
+                 "replay_token_frac": replay} for i, (r, t, w) in enumerate(zip(rollout_s, tok_s, rewards))]
+
+    runs = {"per-prompt": {0: rows([2, 2, 2, 2], [10, 10, 10, 10], [0.1, 0.2, 0.3, 0.4]),
+                           1: rows([2, 2, 2, 2], [10, 10, 10, 10], [0.1, 0.2, 0.3, 0.4])},
+            "respec+replay": {0: rows([4, 4, 1, 1], [5, 5, 20, 20], [0.1, 0.2, 0.3, 0.4], replay=0.5),
+                              1: rows([4, 4, 1, 1], [5, 5, 20, 20], [0.1, 0.2, 0.9, 0.4], replay=0.5)}}
+    assert baseline_of(runs) == "per-prompt" and "| per-prompt | 2 |" in table({}, runs)
+    text = later_epochs(runs)
+    assert "steps 3 and later" in text
+    line = next(x for x in text.splitlines() if x.startswith("| respec+replay |"))
+    # steps 3-4 only: 20 tok/s against 10 (2.00x), step 2 s against 3 s (1.50x); seed 1 parts at step 3
+    assert line == "| respec+replay | 2 | 3-4 | 1.00 | 20.0 | 2.00x | 2.00 | 1.50x | 50% | 50% | 4 / 2 |", line
+    endless = {"baseline": {0: [dict(r, epoch=0) for r in runs["per-prompt"][0]]}}
+    assert later_epochs(endless) is None

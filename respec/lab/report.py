@@ -12,7 +12,12 @@ What it shows, per variant (seeds pooled; spread = min..max over seeds):
   * rollout tokens/s, the fraction of decoding steps that speculated, accept_len over the steps that
     speculated (and the drafter's 1 - TV estimate where it is distilled online);
   * the chosen k against the active batch size during one rollout of ReSpec (the long tail);
-  * reward and accuracy curves with their seed spread.
+  * reward and accuracy curves with their seed spread;
+  * with a fixed training set (`--train-size`), the same speeds from the second data epoch on, where
+    last epoch's completions exist as replay drafts, and how long each seed's rollouts stayed the
+    same tokens as the baseline's (the match rule's promise, up to bf16 flips).
+The baseline is the `baseline` variant, or without one `per-prompt` (SD off with the seeding the
+replay variant uses, so both roll out the same tokens).
 It reads only what the runs wrote (metrics.jsonl); nothing is measured here.
 """
 
@@ -44,9 +49,16 @@ def load(out: Path) -> tuple[dict, dict[str, dict[int, list[dict]]]]:
             path = Path(out) / variant / f"seed{seed}"
             if (path / "metrics.jsonl").is_file():
                 runs.setdefault(variant, {})[seed] = read_metrics(path)
-    if "baseline" not in runs:
+    if baseline_of(runs) is None:
         raise ValueError(f"{out} has no baseline run with metrics yet")
     return cfg, runs
+
+
+BASELINES = ("baseline", "per-prompt")  # SD off: fresh noise every step, or the replay variant's seeding
+
+
+def baseline_of(runs: dict) -> str | None:
+    return next((b for b in BASELINES if b in runs), None)
 
 
 def respec_variant(cfg: dict, runs: dict) -> str | None:
@@ -109,7 +121,8 @@ def machine() -> str:
 
 
 def table(cfg: dict, runs: dict) -> str:
-    base = runs["baseline"]
+    base_name = baseline_of(runs)
+    base = runs[base_name]
     respec = respec_variant(cfg, runs)
     head = ["variant", "seeds", "step s", "rollout / reward / train / drafter s", "rollout share", "response len",
             "rollout tok/s", "SD steps", "accept_len first 5 -> last 5 SD steps", "speedup avg (peak)",
@@ -123,11 +136,56 @@ def table(cfg: dict, runs: dict) -> str:
         sd = mean(r["sd_fraction"] for r in rows)
         accept = first_last({seed: speculated(rs) for seed, rs in seeds.items()}, "accept_len")
         per, total = speedups(base, seeds)
-        speed = f"{total:.2f}x ({max(per):.2f}x)" if variant != "baseline" else "1"
+        speed = f"{total:.2f}x ({max(per):.2f}x)" if variant != base_name else "1"
         name = f"**{variant}** (respec)" if variant == respec else variant
         length = mean(r["response_len_mean"] for r in rows)
         lines.append(f"| {name} | {len(seeds)} | {mean(r['step_s'] for r in rows):.2f} | {phases} | {share:.0%} | "
                      f"{length:.0f} | {tok_s:.0f} | {sd:.0%} | {accept} | {speed} | {first_last(seeds, 'reward_mean')} |")
+    return "\n".join(lines)
+
+
+def later_epochs(runs: dict) -> str | None:
+    """Speeds from the second data epoch on (a fixed `--train-size` set; None without one), each
+    variant against the baseline over the same seeds and steps: rollout tokens/s (all tokens over
+    all rollout seconds) and step time, their ratios, the share of tokens that were replay drafts, and
+    per seed the last step through which the variant's rollouts matched the baseline's (reward and
+    mean length equal at every step up to it)."""
+    base_name = baseline_of(runs)
+    base = runs[base_name]
+    firsts = [next((r["step"] for r in rs if r.get("epoch", 0) >= 1), None) for rs in base.values()]
+    if not firsts or None in firsts:
+        return None
+    first = max(firsts)
+    head = ["variant", "seeds", "steps", "rollout s", "rollout tok/s", "rollout tok/s vs baseline", "step s",
+            "step time vs baseline", "replay share of tokens", "SD steps", "same rollouts as the baseline through step"]
+    lines = [f"From the second data epoch on (steps {first} and later):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def sums(rows):
+        tokens = sum(r["rollout_tok_s"] * r["rollout_s"] for r in rows)
+        return tokens / max(sum(r["rollout_s"] for r in rows), 1e-9), sum(r["step_s"] for r in rows) / len(rows)
+
+    for variant, seeds in runs.items():
+        common = sorted(set(seeds) & set(base))
+        n = min(min(len(seeds[s]), len(base[s])) for s in common)
+        mine = [r for s in common for r in seeds[s][first - 1:n]]
+        theirs = [r for s in common for r in base[s][first - 1:n]]
+        if not mine:
+            continue
+        (tok_s, step_s), (base_tok_s, base_step_s) = sums(mine), sums(theirs)
+        same = []
+        for s in common:
+            agree = 0
+            for v, b in zip(seeds[s], base[s]):
+                if (v["reward_mean"], v["response_len_mean"]) != (b["reward_mean"], b["response_len_mean"]):
+                    break
+                agree = v["step"]
+            same.append(str(agree))
+        ratio = lambda x: "-" if variant == base_name else f"{x:.2f}x"  # noqa: E731
+        lines.append(f"| {variant} | {len(common)} | {first}-{n} | {mean(r['rollout_s'] for r in mine):.2f} | "
+                     f"{tok_s:.1f} | {ratio(tok_s / base_tok_s)} | {step_s:.2f} | {ratio(base_step_s / step_s)} | "
+                     f"{mean(r.get('replay_token_frac', 0.0) for r in mine):.0%} | "
+                     f"{mean(r['sd_fraction'] for r in mine):.0%} | {'-' if variant == base_name else ' / '.join(same)} |")
     return "\n".join(lines)
 
 
@@ -167,10 +225,10 @@ def reward_table(runs: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, seeds in runs.items():
         rewards = per_seed(seeds, "reward_mean")
-        if variant == "baseline":
+        if variant == baseline_of(runs):
             diff, differs = "-", "-"
         else:
-            d, half, n = paired_difference(seeds, runs["baseline"])
+            d, half, n = paired_difference(seeds, runs[baseline_of(runs)])
             diff = f"{d:+.3f}" + (f" [{d - half:+.3f}, {d + half:+.3f}]" if half is not None else " (one seed)")
             differs = "-" if half is None else ("yes" if d - half > 0 or d + half < 0 else "no")
         lines.append(f"| {variant} | {' / '.join(f'{mean(xs):.3f} +- {std_error(xs):.3f}' for xs in rewards)} | "
@@ -210,9 +268,9 @@ def plots(cfg: dict, runs: dict, out: Path) -> list[Path]:
     # 2. speedup over the baseline per step; 3. rollout tokens/s; 4. accept_len
     fig, (sp, tok, acc) = plt.subplots(1, 3, figsize=(15, 3.8))
     for v, seeds in runs.items():
-        per, _ = speedups(runs["baseline"], seeds)
+        per, _ = speedups(runs[baseline_of(runs)], seeds)
         steps = range(1, len(per) + 1)
-        if v != "baseline":
+        if v != baseline_of(runs):
             sp.plot(steps, per, color=colors[v], marker="o", ms=3, label=v)
         tok.plot(range(1, len(per_step(seeds, "rollout_tok_s")) + 1), per_step(seeds, "rollout_tok_s"),
                  color=colors[v], label=v)
@@ -289,6 +347,7 @@ def report(out: Path) -> Path:
         "",
         reward_table(runs),
         "",
+        *([later, ""] if (later := later_epochs(runs)) else []),
         *[f"![{p.stem}](plots/{p.name})" for p in pngs],
         "",
     ])
