@@ -91,7 +91,7 @@ def _on_off(text: str) -> bool:
     return table[text.lower()]
 
 
-def _json_object(text: str) -> dict:
+def json_object(text: str) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
@@ -140,7 +140,7 @@ def add_options(parser: argparse.ArgumentParser, configs: dict[str, type]) -> di
             elif kind == "list":
                 kw.update(action="append")
             elif kind == "dict":
-                kw.update(type=_json_object, metavar="JSON")
+                kw.update(type=json_object, metavar="JSON")
             else:
                 kw.update(type={"int": int, "float": float}.get(kind, str), choices=meta["choices"])
             group.add_argument(*names, **kw)

@@ -295,12 +295,14 @@ class RolloutEngine:
 
     def _step(self, waiting: deque, running: list[_Sequence]) -> None:
         """One decoding step of every running sequence. Rows with a long deterministic proposal
-        (a replay, `Drafter.long_drafts`) verify apart, with up to `replay_k` drafts, so the other
-        rows do not pay their width; the others decode plainly or speculate with the policy's k.
+        (a replay, `Drafter.long_drafts`) verify with up to `replay_k` drafts, apart so the other rows
+        do not pay their width (the others decode plainly or speculate with the policy's k), or, where
+        the policy finds one forward cheaper than two, with the others riding along undrafted.
         Slots for every row's drafts are reserved first (which may preempt rows from the back)."""
         k = self._choose_k(running)
-        long = self._long_caps(running)
-        wanted = [Row(s, lc or c, long=lc > 0) for s, lc, c in zip(running, long, self._draft_caps(running, k))]
+        long, together = self._long_caps(running)
+        caps = [0] * len(running) if together else self._draft_caps(running, k)
+        wanted = [Row(s, lc or c, long=lc > 0 or together) for s, lc, c in zip(running, long, caps)]
         rows = self.scheduler.reserve(waiting, running, wanted)  # the rows that still run (newest ones preempted)
         self.stats.preemptions += len(wanted) - len(rows)
         long_rows = [r for r in rows if r.long]
@@ -310,19 +312,18 @@ class RolloutEngine:
             seqs, caps = [r.seq for r in group], [r.cap for r in group]
             self._speculate(seqs, width, caps)
 
-    def _long_caps(self, running: list[_Sequence]) -> list[int]:
+    def _long_caps(self, running: list[_Sequence]) -> tuple[list[int], bool]:
         """Drafts each row proposes in the long group this step (0: it joins the other rows): its
-        long proposal, capped by `replay_k`, the row's room, and the policy's choice for the group."""
+        long proposal, capped by `replay_k`, the row's room, and the policy's choice for the group;
+        and whether the other rows ride along in the long group's verify."""
         ready = self.drafter.long_drafts(running) if self.replay_k else None
-        if ready is None:
-            return [0] * len(running)
-        n = sum(1 for r in ready if r)
+        n = sum(1 for r in ready if r) if ready is not None else 0
         if n == 0:
-            return [0] * len(running)
+            return [0] * len(running), False
         context = sum(len(s.tokens) for s in running) / len(running)
-        width = self.policy.choose_long(n, context, self.replay_k, others=len(running) - n)
+        width, together = self.policy.choose_long(n, context, self.replay_k, others=len(running) - n)
         room = self._draft_caps(running, width)
-        return [min(r, c) for r, c in zip(ready, room)]
+        return [min(r, c) for r, c in zip(ready, room)], together and width > 0
 
     def _choose_k(self, running: list[_Sequence]) -> int:
         """This step's draft length: the policy's choice for the active batch, capped at the engine's k."""
@@ -465,7 +466,8 @@ class RolloutEngine:
             else:  # roll back the slots of the rejected drafts (the drafter's pools share the tables)
                 self.blocks.truncate(s.id, caps[i] - n[i])
             self.stats.sd_emitted += emitted
-            self.stats.count_kind(kinds[i], lengths[i], min(n[i], emitted), emitted)
+            # a row that drafted nothing rode along in the forward (a plain row beside replays)
+            self.stats.count_kind(kinds[i] if lengths[i] else "plain", lengths[i], min(n[i], emitted), emitted)
             self._count_acceptance(n[i], lengths[i])
         running = [i for i, s in enumerate(seqs) if not s.finish_reason]
         if running:

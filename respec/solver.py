@@ -29,13 +29,18 @@ distillation can report `1 - TV(p_target, q_draft)` so that an improving drafter
 Rows with a replay (last epoch's completion, respec/drafters/replay.py) verify apart from the
 others, with a longer draft (respec/engine.py). Their acceptance is tracked on its own
 (`observe_long`: one conditional acceptance `beta` for every position, an EMA) and their draft
-length L chosen per step (`choose_long`), for B_r replay rows beside B_o others:
+length L chosen per step (`choose_long`), for B_r replay rows beside B_o others, with the others
+either in a step of their own or riding along in the replay rows' verify (one forward, every row as
+wide as the replays: where a forward costs its weight reads and launches, not its width, a second
+forward costs more than the padding):
 
-    L* = argmax_L  (B_r * E[tokens | L, beta] + B_o) / (t_verify(B_r, L+1, c) + t_step(B_o, 0, c)),
+    apart:     (B_r * E[tokens | L, beta] + B_o) / (t_verify(B_r, L+1, c) + t_step(B_o, 0, c))
+    together:  (B_r * E[tokens | L, beta] + B_o) / t_verify(B_r + B_o, L+1, c)
     L in {2, 4, 8, ...} up to the cap, against L = 0: (B_r + B_o) / t_step(B_r + B_o, 0, c)
 
-(the replay rows verified apart, or merged into the others' step). The drafts cost no forward; the
-others are counted as decoding plainly (their own k is chosen as before).
+(L = 0: the replay rows merged into the others' step without drafts). The drafts cost no forward;
+the others are counted as decoding plainly (apart, their own k is chosen as before; together, they
+draft nothing).
 """
 
 from __future__ import annotations
@@ -117,10 +122,11 @@ def expected_tokens(alpha: list[float], k: int) -> float:
 
 
 class FixedK:
-    """The same k at every step (0 = plain decoding)."""
+    """The same k at every step (0 = plain decoding); replay rows verify with the whole cap, apart
+    from the others or, with `together`, in one forward with them."""
 
-    def __init__(self, k: int):
-        self.k = k
+    def __init__(self, k: int, *, together: bool = False):
+        self.k, self.together = k, together
 
     def choose(self, batch: int, context: float) -> int:
         return self.k
@@ -128,9 +134,11 @@ class FixedK:
     def observe(self, accepted: list[int], k: int, proposed: list[int] | None = None) -> None:
         pass
 
-    def choose_long(self, batch: int, context: float, limit: int, others: int = 0) -> int:
-        """Draft length of the replay rows' verify: the whole cap whenever this policy speculates."""
-        return limit if self.k > 0 else 0
+    def choose_long(self, batch: int, context: float, limit: int, others: int = 0) -> tuple[int, bool]:
+        """(draft length of the replay rows' verify, whether the others ride along in it): the whole
+        cap whenever this policy speculates."""
+        L = limit if self.k > 0 else 0
+        return L, self.together and L > 0 and others > 0
 
     def observe_long(self, accepted: list[int], proposed: list[int]) -> None:
         pass
@@ -185,15 +193,20 @@ class AdaptiveK:
             passed = sum(1 for n in accepted if n >= j)
             self.alpha[j - 1] += self.ema * (passed / reached - self.alpha[j - 1])
 
-    def choose_long(self, batch: int, context: float, limit: int, others: int = 0) -> int:
-        def rate(L: int) -> float:
+    def choose_long(self, batch: int, context: float, limit: int, others: int = 0) -> tuple[int, bool]:
+        """(L, together): the replay rows' draft length and whether the others ride along in their
+        verify (see the module doc); on a tie the shorter draft, then apart."""
+        def rate(L: int, together: bool) -> float:
             if L == 0:  # the replay rows join the others' step
                 return (batch + others) / self.costs.step_s(batch + others, 0, context)
+            tokens = batch * expected_tokens([self.beta] * L, L) + others
+            if together:
+                return tokens / self.costs.verify_s(batch + others, L + 1, context)
             rest = self.costs.step_s(others, 0, context) if others else 0.0
-            return ((batch * expected_tokens([self.beta] * L, L) + others)
-                    / (self.costs.verify_s(batch, L + 1, context) + rest))
+            return tokens / (self.costs.verify_s(batch, L + 1, context) + rest)
 
-        return max(long_lengths(limit), key=lambda L: (rate(L), -L))
+        options = [(L, t) for L in long_lengths(limit) for t in ((False, True) if L and others else (False,))]
+        return max(options, key=lambda o: (rate(*o), -o[0], not o[1]))
 
     def observe_long(self, accepted: list[int], proposed: list[int]) -> None:
         """Replay rows of one verify: beta, the chance a draft is accepted given the ones before it

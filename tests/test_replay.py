@@ -51,11 +51,14 @@ def drafter(kind: str, target):
     return HybridDrafter(model, *free, min_match=2) if model is not None or len(free) > 1 else free[0]
 
 
-@pytest.mark.parametrize("kind", ["replay", "replay+history", "eagle+replay+history", "layers+replay"])
-def test_replay_after_a_policy_change_is_plain_decoding(tiny, kind):
+@pytest.mark.parametrize("kind,together", [("replay", False), ("replay+history", False),
+                                           ("eagle+replay+history", False), ("layers+replay", False),
+                                           ("replay", True), ("eagle+replay+history", True)])
+def test_replay_after_a_policy_change_is_plain_decoding(tiny, kind, together):
     """Last epoch's completions (the old policy's, same seeds for most rows, another seed for some)
     drafted for the moved policy: the tokens and log-probs are the moved policy's plain decoding;
-    replay drafts were accepted and rejected; replay rows verified with longer drafts than k."""
+    replay drafts were accepted and rejected; replay rows verified with longer drafts than k, apart
+    from the other rows or (`together`) with them riding along undrafted in the same forward."""
     new = moved(tiny, 0.3)
     prompts, params = PROMPTS * 2, params_for(12, 24)
     old = RolloutEngine(tiny, kv_cache_bytes=64 << 20, block_size=4, eager=True).generate(prompts, params)
@@ -63,7 +66,7 @@ def test_replay_after_a_policy_change_is_plain_decoding(tiny, kind):
     replays[1], replays[2] = replays[2], replays[1]  # two rows replay another prompt's text: fresh noise
     want = RolloutEngine(new, kv_cache_bytes=64 << 20, block_size=4, eager=True).generate(prompts, params)
     engine = RolloutEngine(new, kv_cache_bytes=64 << 20, block_size=4, eager=True, drafter=drafter(kind, new),
-                           num_draft_tokens=3, replay_k=8)
+                           num_draft_tokens=3, replay_k=8, policy=FixedK(3, together=together))
     got = engine.generate(prompts, params, replays=replays)
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
     for g, w in zip(got, want):
@@ -71,6 +74,10 @@ def test_replay_after_a_policy_change_is_plain_decoding(tiny, kind):
     replay = engine.stats.sd_kinds["replay"]
     assert 0 < replay["accepted"] < replay["proposed"]  # accepted, and rejected where the policy moved
     assert max(k for k in engine.stats.chosen_k) > 3  # the replay group verified wider than k
+    if kind == "replay":  # rows without a replay draft nothing: they rode along only when together
+        assert ("plain" in engine.stats.sd_kinds) == together
+    if together:
+        assert engine.stats.sd_kinds["plain"]["proposed"] == 0 < engine.stats.sd_kinds["plain"]["rows"]
     assert sum(len(o.token_ids) for o in got) > 0 and any(g.token_ids != r for g, r in zip(got, replays))
 
 
@@ -110,13 +117,22 @@ def test_adaptive_long_width_follows_acceptance():
 
     costs = CostModel((0.010, 0.001, 0.0001, 0.0, 0.002, 0.0))  # weight-bound: a wide verify costs little
     policy = AdaptiveK(costs, 3, beta=0.95)
-    assert policy.choose_long(1, 64, 16) == 16
+    assert policy.choose_long(1, 64, 16) == (16, False)
+    # beside plain rows one forward for all costs less than two: the others ride along
+    assert policy.choose_long(1, 64, 16, others=3) == (16, True)
     policy.beta = 0.0  # nothing is accepted: no replay verify
-    assert policy.choose_long(1, 64, 16) == 0
+    assert policy.choose_long(1, 64, 16) == (0, False) and policy.choose_long(1, 64, 16, others=3) == (0, False)
     assert long_lengths(16) == [0, 2, 4, 8, 16] and long_lengths(5) == [0, 2, 4, 5]
     policy.beta = 0.95  # compute-bound: a wide verify beside many plain rows costs more than it brings
     dense = AdaptiveK(CostModel((0.010, 0.001, 0.004, 0.0, 0.002, 0.0)), 3, beta=0.95)
-    assert dense.choose_long(1, 64, 16) > 0 and dense.choose_long(2, 64, 16, others=30) == 0
+    assert dense.choose_long(1, 64, 16)[0] > 0 and dense.choose_long(2, 64, 16, others=30) == (0, False)
+    # in between: worth a verify of its own, not worth making 8 plain rows 9 tokens wide
+    mid = AdaptiveK(CostModel((0.030, 0.001, 0.0005, 0.0, 0.002, 0.0)), 3, beta=0.95)
+    L, together = mid.choose_long(2, 64, 16, others=8)
+    assert L > 0 and not together
+    assert FixedK(3).choose_long(1, 64, 8, others=2) == (8, False)
+    assert FixedK(3, together=True).choose_long(1, 64, 8, others=2) == (8, True)
+    assert FixedK(3, together=True).choose_long(1, 64, 8) == (8, False) and FixedK(0).choose_long(1, 64, 8) == (0, False)
     policy.beta = 0.5
     policy.observe_long([3, 0], [4, 4])  # 3 of 5 reached drafts accepted
     assert policy.beta == pytest.approx(0.5 + 0.05 * (3 / 5 - 0.5))

@@ -13,7 +13,8 @@ The model drafter drafts the whole batch whenever some row needs it (its drafts 
 are computed and discarded, so it keeps its state as if it drafted every row); in a batch where
 every row has an offer it does not run, and takes the verified tokens at `commit` as it takes a
 plain decode step's. `long_drafts` passes on the proposers' (replay's) long proposals, which the
-engine verifies apart from the model's rows (respec/engine.py).
+engine verifies apart from the model's rows, or with the other rows riding along undrafted (their
+cap 0: the model does not run for them; respec/engine.py).
 """
 
 from __future__ import annotations
@@ -98,7 +99,10 @@ class HybridDrafter(Drafter):
                 fixed[i, :len(prop)] = torch.tensor(prop, dtype=torch.int64)
                 lengths[i] = len(prop)
         dev = batch.tokens.device
-        skip = bool(point[:n].all()) and (not self.timing or all(kind == "replay" for kind in kinds))
+        # rows the model drafts for: no proposal and room for drafts (a row riding along in a replay
+        # verify has none); a timed synthetic step runs the model beside history rows, as a rollout's
+        uncovered = any(c is None and cap > 0 for c, cap in zip(chosen, batch.max_drafts_list))
+        skip = not uncovered and (not self.timing or "history" not in kinds)
         if self.model is None or skip:  # no row needs the model
             return Drafts(fixed.to(dev), torch.tensor(lengths + [0] * (rows - n), device=dev), None,
                           lengths_list=lengths, kinds=kinds)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from respec.cli import OneLineParser, positive_int, positive_int_list
+from respec.cli import OneLineParser, json_object, positive_int, positive_int_list
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -48,7 +48,8 @@ def forecast(rows: list[tuple[int, int, int]], batch: int, costs, replay_k: int,
     with its replay, replay length), `batch` decoding at once, from the cost model. The prefill
     samples each row's first token in both. A replay row verifies min(replay_k, replay left) drafts
     of which those inside the common prefix are accepted, plus the target's token; the other rows
-    decode plainly in a step of their own."""
+    decode plainly, in a step of their own or riding along in the replay rows' verify, whichever the
+    cost model finds cheaper (the engine's choice, respec/solver.py)."""
     def run(speculate: bool) -> float:
         waiting = [[n, p, r, 1] for n, p, r in rows]  # the last entry: tokens emitted
         active, seconds = [], 0.0
@@ -59,15 +60,17 @@ def forecast(rows: list[tuple[int, int, int]], batch: int, costs, replay_k: int,
             plain = [row for row in active if row not in replay]
             if replay:
                 width = min(replay_k, max(r - e for _, _, r, e in replay))
-                seconds += costs.verify_s(len(replay), width + 1, context)
+                apart = costs.verify_s(len(replay), width + 1, context) + (
+                    costs.step_s(len(plain), 0, context) if plain else 0.0)
+                seconds += min(apart, costs.verify_s(len(active), width + 1, context))
                 for row in replay:
                     n, p, r, e = row
                     drafts = min(replay_k, r - e)
                     row[3] = min(n, e + min(drafts, p - e) + 1)
-            if plain:
+            elif plain:
                 seconds += costs.step_s(len(plain), 0, context)
-                for row in plain:
-                    row[3] += 1
+            for row in plain:
+                row[3] += 1
             active = [row for row in active if row[3] < row[0]]
         return seconds
 
@@ -79,6 +82,7 @@ def main(argv=None) -> int:
     p = OneLineParser(prog="python -m respec.lab.replay_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m", help="model preset, file or directory (default %(default)s)")
     p.add_argument("--task", default=None, help="reasoning-gym task (default: train.py's)")
+    p.add_argument("--task-config", type=json_object, default=None, help="the task's options as JSON (as train.py's)")
     p.add_argument("--train-size", type=positive_int, default=16, help="problems in the fixed set (default %(default)s)")
     p.add_argument("--prompts", type=positive_int, default=4, help="prompts per GRPO step (default %(default)s)")
     p.add_argument("--group", type=positive_int, default=4, help="samples per prompt (default %(default)s)")
@@ -132,7 +136,7 @@ def run(args) -> dict:
 
     use_persistent_cache()
     task = {"task": args.task} if args.task else {}
-    cfg = TrainConfig(model=args.model, **task, train_size=args.train_size, prompts=args.prompts, group=args.group,
+    cfg = TrainConfig(model=args.model, **task, task_config=args.task_config, train_size=args.train_size, prompts=args.prompts, group=args.group,
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       steps=max(args.steps_before + args.steps_between, 1),
                       rollout_seeds="per-prompt", sd="off", progress=False, log_completions="none", seed=args.seed,
@@ -162,7 +166,8 @@ def run(args) -> dict:
         model = trainer.rollout.model
         eos = sorted(trainer.engine.eos)
         chosen = choose_drafter(args.drafter, target=model, k=args.k, model=args.model, task_name=cfg.task,
-                                task=trainer.task, tokenizer=trainer.tok, rollout_dtype=trainer.rollout_dtype,
+                                task=trainer.pretraining_task(), tokenizer=trainer.tok,
+                                task_config=cfg.task_config, rollout_dtype=trainer.rollout_dtype,
                                 max_new_tokens=args.max_new_tokens, seed=args.seed, temperature=args.temperature,
                                 log=log)
         biggest = max(args.batch_sizes)
