@@ -31,6 +31,7 @@ from respec.engine import RolloutEngine, SamplingParams
 from respec.profiling import warmup
 from respec.speculative import VERIFY_RULES
 from respec.drafter_choice import choose_drafter
+from respec.drafters.eagle import DRAFT_TEMPERATURE
 from respec.tasks import DEFAULT_TASK, chat_prompt, make_problems, make_task
 
 
@@ -58,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      "row: history where its suffix match is long, the model elsewhere)")
     p.add_argument("--k", type=int, default=3, help="tokens drafted per speculative step (with --drafter; the largest "
                                                     "k of --sweep); train.py's --k has the same default")
+    p.add_argument("--draft-temperature", type=positive_float, default=DRAFT_TEMPERATURE,
+                   help="a head drafts at the sampling temperature times this (train.py's default)")
     p.add_argument("--verify", default="match", choices=VERIFY_RULES,
                    help="how drafts are verified: match (SD emits plain decoding's tokens) or rejection (speculative "
                         "sampling: the same distribution, other tokens)")
@@ -119,7 +122,7 @@ def make_drafter(spec: str | None, model, k: int, args, tokenizer):
                             task=make_task(task=args.task), tokenizer=tokenizer,
                             rollout_dtype=next(model.parameters()).dtype, max_new_tokens=TrainConfig.max_new_tokens,
                             seed=args.seed, dtype=args.dtype, temperature=TrainConfig.temperature,
-                            log=lambda m: print(m, file=sys.stderr))
+                            log=lambda m: print(m, file=sys.stderr), draft_temperature=args.draft_temperature)
     return chosen.drafter
 
 

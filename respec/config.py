@@ -13,6 +13,7 @@ from respec import grpo, metrics
 from respec.cli import option
 from respec.data import DataConfig
 from respec.drafter_choice import split_spec
+from respec.drafters.eagle import DRAFT_TEMPERATURE
 from respec.lora import LoraSettings
 from respec.rollout_seeds import SEED_MODES
 from respec.speculative import VERIFY_RULES
@@ -95,6 +96,9 @@ class TrainConfig(DataConfig):
     verify: str = option("match", "how drafts are verified: match (a draft is kept iff it is the token the actor itself "
                          "samples there: the rollout is plain decoding's, whatever the drafter) or rejection "
                          "(speculative sampling: the same distribution, other tokens)", choices=VERIFY_RULES)
+    draft_temperature: float = option(DRAFT_TEMPERATURE, "a head drafts from its distribution at the rollout "
+                                      "temperature times this (< 1 sharpens it; exact under either --verify rule, only "
+                                      "the acceptance moves: python -m respec.lab.draft_temperature)")
     # --- sampling noise across epochs (respec/rollout_seeds.py) ---
     rollout_seeds: str = option("per-step", "sampling seeds: per-step (fresh noise every rollout) or per-prompt (a "
                                 "training-set row's sample g reuses its noise in later epochs, so last epoch's "
@@ -187,6 +191,8 @@ class TrainConfig(DataConfig):
         if self.drafter_lr <= 0 or self.drafter_warmup < 0:
             raise ValueError(f"--drafter-lr must be positive and --drafter-warmup >= 0, got {self.drafter_lr}, "
                              f"{self.drafter_warmup}")
+        if self.draft_temperature <= 0:
+            raise ValueError(f"--draft-temperature must be > 0, got {self.draft_temperature}")
         if self.reseed_every < 0 or self.replay_k < 0:
             raise ValueError(f"--reseed-every and --replay-k must be >= 0, got {self.reseed_every}, {self.replay_k}")
         if self.reseed_every and self.rollout_seeds != "per-prompt":

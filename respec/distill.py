@@ -187,7 +187,7 @@ def ttt_layer(head: EagleHead, features: torch.Tensor, tokens: torch.Tensor, emb
 
 def head_loss(head: EagleHead, target, batch, unroll: int, *, weights: torch.Tensor | None = None,
               denom: float | None = None, temperature: float = 1.0, lse: torch.Tensor | None = None,
-              decay: float = 1.0, tv_weight: float = 0.0, verify: str = "match"):
+              decay: float = 1.0, tv_weight: float = 0.0, verify: str = "match", draft_temperature: float = 1.0):
     """The TTT distillation loss: sum over unroll steps s of decay^s * (the weighted KL(p || q_s) of
     respec/kd_loss.py + tv_weight * the weighted mean of TV(p_full, q_s)). p is the target's
     next-token distribution renormalised on the draft vocabulary, p_full its slice of the target's
@@ -205,8 +205,9 @@ def head_loss(head: EagleHead, target, batch, unroll: int, *, weights: torch.Ten
     this batch's). `lse` (B, T) is the log-partition of the target's *full-vocabulary* sampling
     logits: the TV term needs it, and with it every step also reports the acceptance estimate summed
     over positions for the engine's `verify` rule (respec/kd_loss.py): sum_t (1 - TV(p_full, q_s))
-    under rejection, a Monte Carlo count of coupled agreements under match. Returns (loss, [per step:
-    {"kl", "agree", and with lse "accepted", "count"}])."""
+    under rejection, a Monte Carlo count of coupled agreements under match, for the q the head drafts
+    from (at `temperature` * `draft_temperature`, respec/drafters/eagle.py; the loss is at
+    `temperature`). Returns (loss, [per step: {"kl", "agree", and with lse "accepted", "count"}])."""
     tokens, taps, final, mask = batch
     B, T = tokens.shape
     if tv_weight and lse is None:
@@ -245,11 +246,15 @@ def head_loss(head: EagleHead, target, batch, unroll: int, *, weights: torch.Ten
         with torch.no_grad():
             n = valid.sum().clamp_min(1)
             stat = {"kl": loss_s.item(), "agree": ((logq.argmax(-1) == logp.argmax(-1)) & valid).sum().item() / n.item()}
+            drafting = logq if draft_temperature == 1 or accepted is None else (
+                head.draft_logits(out[mask]).float() / (temperature * draft_temperature)).log_softmax(-1)
             if accepted is not None and verify == "rejection":
-                stat["accepted"] = (accepted * valid).sum().item()
+                drafted = accepted if draft_temperature == 1 else accepted_mass(p_full, drafting.exp())
+                stat["accepted"] = (drafted * valid).sum().item()
                 stat["count"] = int(valid.sum())
             elif accepted is not None:  # one coupled draw per sampled row, with the head's q over the full vocabulary
-                logq_all = logp_all.new_full(logp_all.shape, float("-inf")).index_copy(-1, head.d2t, logq[est_rows])
+                logq_all = logp_all.new_full(logp_all.shape, float("-inf")).index_copy(
+                    -1, head.d2t, drafting[est_rows].to(logp_all.dtype))
                 estimate = coupled_agreement(logp_all, logq_all, est_seeds + s, est_pos)
                 stat["accepted"] = (estimate * valid[est_rows]).sum().item()
                 stat["count"] = int(valid[est_rows].sum())

@@ -123,9 +123,10 @@ def split_spec(spec: str) -> tuple[str | None, list[str]]:
 def choose_drafter(spec: str, *, target, k: int, model: str, task_name: str, task, tokenizer, rollout_dtype,
                    task_config: dict | None = None, max_new_tokens: int = 64, seed: int = 0, dtype: str = "auto",
                    temperature: float = 1.0, pretrain_here: bool = True, wait=lambda: None, log=print,
-                   progress: bool = True) -> Chosen:
+                   progress: bool = True, draft_temperature: float = 1.0) -> Chosen:
     """The drafter `spec` names, for `target` (the rollout model). With `auto`, a missing default
-    head is pretrained where `pretrain_here` (one rank), and every rank then `wait()`s for it."""
+    head is pretrained where `pretrain_here` (one rank), and every rank then `wait()`s for it. A head
+    drafts at the rollout temperature times `draft_temperature`."""
     from respec.drafter_training import untrained_head
     from respec.drafters.eagle import EagleDrafter
     from respec.drafters.history import HistoryDrafter
@@ -170,5 +171,5 @@ def choose_drafter(spec: str, *, target, k: int, model: str, task_name: str, tas
             temperature=temperature, progress=progress)
         prior = drafter_alpha(directory, k)
         master = load_eagle(directory, dtype=torch.float32, device=device)
-    drafter = combined(EagleDrafter(cast_head(master, rollout_dtype)))  # the engine's copy, in the rollout dtype
+    drafter = combined(EagleDrafter(cast_head(master, rollout_dtype), draft_temperature))  # the engine's copy
     return Chosen(drafter, master, prior, directory)

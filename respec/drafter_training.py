@@ -34,6 +34,7 @@ from models.eagle import EagleConfig, EagleHead, cast_head, save_eagle
 from respec.cli import option
 from respec.data import DataConfig
 from respec.distill import Sequences, head_loss, make_batches, target_features
+from respec.drafters.eagle import DRAFT_TEMPERATURE, EagleDrafter
 from respec.engine import RolloutEngine, SamplingParams
 from respec.grpo import warmup_cosine
 from respec.tasks import chat_prompt
@@ -148,8 +149,9 @@ def held_out_acceptance(target, head: EagleHead, prompts: list[list[int]], *, k:
                         temperature: float, eos: list[int], seed: int = 0, max_batch: int = 64) -> dict:
     """Speculative decoding with `head` at draft length k on `prompts` (to their natural EOS or
     `new_tokens`): tokens per verify step and the fraction of rows accepting each draft position."""
+    drafter = EagleDrafter(cast_head(head, target.embed_tokens.weight.dtype), DRAFT_TEMPERATURE)  # as a run drafts
     sd = RolloutEngine(target, kv_cache_bytes=1 << 30, max_batch=max_batch, eos_token_ids=eos,
-                       drafter=cast_head(head, target.embed_tokens.weight.dtype), num_draft_tokens=k, eager=True)
+                       drafter=drafter, num_draft_tokens=k, eager=True)
     params = [SamplingParams(max_new_tokens=new_tokens, temperature=temperature, seed=seed + i) for i in range(len(prompts))]
     sd.generate(prompts, params)
     return {"accept_len": round(sd.stats.accept_len, 3), "accept_per_pos": [round(a, 3) for a in sd.stats.accept_per_pos]}

@@ -91,6 +91,7 @@ class KDConfig:
     unroll: int = 3  # training-time-test steps = draft positions the estimate covers (use >= k)
     temperature: float = 1.0  # the rollout's sampling temperature (both distributions use it)
     verify: str = "match"  # the engine's verification rule: what the acceptance estimate estimates (kd_loss.py)
+    draft_temperature: float = 1.0  # the head drafts at temperature * this (the estimate's q; respec/drafters/eagle.py)
     grad_clip: float = 1.0
     async_update: bool = False  # run the update in a background thread, overlapped with the next rollout
     # (the trainer turns it on by default, --drafter-async)
@@ -281,7 +282,8 @@ class OnlineLearner:
                 with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
                     loss, per_step = head_loss(self.head, model, (tokens, taps, final, mask), cfg.unroll,
                                                weights=w, denom=max(denom, 1e-12), temperature=cfg.temperature,
-                                               lse=lse if epoch == 0 else None, verify=cfg.verify)
+                                               lse=lse if epoch == 0 else None, verify=cfg.verify,
+                                               draft_temperature=cfg.draft_temperature)
                 if epoch == 0:
                     for s, st in enumerate(per_step):
                         accepted[s] += st["accepted"]

@@ -130,7 +130,8 @@ class Trainer:
             task_config=cfg.task_config, max_new_tokens=cfg.max_new_tokens, rollout_dtype=self.rollout_dtype,
             seed=cfg.seed, dtype=cfg.dtype, temperature=cfg.temperature,
             pretrain_here=self.d.node_main,
-            wait=lambda: distributed.barrier(self.d), log=self.log, progress=cfg.progress)
+            wait=lambda: distributed.barrier(self.d), log=self.log, progress=cfg.progress,
+            draft_temperature=cfg.draft_temperature)
         self.drafter, master = chosen.drafter, chosen.master
         # the head's weights go into checkpoints; a model-free drafter has none, and `first:N` shares the actor's
         self.head_module = self.drafter.module if master is not None else None
@@ -151,7 +152,8 @@ class Trainer:
                 weighting=DRAFTER_UPDATES[cfg.drafter_update], lr=cfg.drafter_lr, warmup=cfg.drafter_warmup,
                 batch=cfg.drafter_batch, epochs=cfg.drafter_epochs, interval=cfg.drafter_update_interval,
                 idle_interval=cfg.drafter_idle_interval, unroll=cfg.k,
-                temperature=cfg.temperature, verify=cfg.verify, async_update=cfg.drafter_async), world=d.world, k=cfg.k,
+                temperature=cfg.temperature, verify=cfg.verify, draft_temperature=cfg.draft_temperature,
+                async_update=cfg.drafter_async), world=d.world, k=cfg.k,
                 main=d.main)
         self.stop = guards.StopRequest()  # entered by run(): Ctrl-C asks the run to stop
         self.saved_step: int | None = None  # the step of the newest checkpoint written or resumed

@@ -266,3 +266,13 @@ def test_replay_bench_and_flips_smoke(tmp_path):
     compared = [p for name, p in paths.items() if name != "plain, batch 4"]
     assert all(p["tokens_compared"] > 0 and p["logprob_gap_max"] < 1e-4 for p in compared)  # fp32: every path is
     assert all(p["mismatch_logratio_max"] < 1e-4 for p in paths.values())  # plain decoding's and the trainer's
+
+
+@pytest.mark.parametrize("argv,needle", [(["--taus", "0.5,0"], "--taus must be positive"),
+                                         (["--taus", "a"], "comma-separated numbers")])
+def test_draft_temperature_bad_input(capsys, argv, needle):
+    from respec.lab import draft_temperature
+
+    assert draft_temperature.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err

@@ -250,9 +250,14 @@ def test_head_loss_tv_term_is_one_minus_acceptance(tiny, rollouts):
         out = head(feature, tokens, pos, tiny.embed_tokens)
         p = (tiny.logits(final) / T_sample).softmax(-1)[mask]  # (R, V)
         q = (head.target_logits(out) / T_sample).softmax(-1)[mask]
+        _, sharp = head_loss(head, tiny, (tokens, taps, final, mask), 1, temperature=T_sample, lse=lse,
+                             verify="rejection", draft_temperature=0.5)  # the q a head drafting at T / 2 draws from
+        q_sharp = (head.target_logits(out) / (T_sample * 0.5)).softmax(-1)[mask]
     want = torch.minimum(p, q).sum(-1)  # (R,)
     assert steps[0]["count"] == int(mask.sum())
     assert steps[0]["accepted"] == pytest.approx(want.sum().item(), rel=1e-4)
+    assert sharp[0]["accepted"] == pytest.approx(torch.minimum(p, q_sharp).sum().item(), rel=1e-4)
+    assert abs(sharp[0]["accepted"] - steps[0]["accepted"]) > 1e-3 * steps[0]["count"]
     assert 0.0 < want.mean().item() < 1.0
     tv = [1 - st["accepted"] / st["count"] for st in steps]
     assert with_tv.item() == pytest.approx(kl_only.item() + 3.0 * (tv[0] + 0.5 * tv[1]), rel=1e-5)

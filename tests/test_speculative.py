@@ -98,10 +98,23 @@ def chi2_quantile_999(dof: int) -> float:
 @pytest.mark.parametrize("verify", ["match", "rejection"])
 @pytest.mark.parametrize("temperature,top_p,min_p", [(1.0, 1.0, 0.0), (0.7, 0.9, 0.0), (1.0, 1.0, 0.3)])
 def test_sd_sampling_is_lossless(temperature, top_p, min_p, verify):
+    """Speculative decoding samples completions with plain sampling's probabilities (chi-square over
+    every completion), with an independent small model as the drafter."""
+    check_lossless(temperature, top_p, min_p, verify, "layers")
+
+
+def test_sharpened_head_under_rejection_is_lossless():
+    """A head drafting at half the rollout temperature: its q is not the rollout temperature's, and
+    rejection sampling divides by the q the draft came from, so the completions keep plain
+    sampling's probabilities."""
+    check_lossless(1.0, 1.0, 0.0, "rejection", "eagle-sharpened")
+
+
+def check_lossless(temperature, top_p, min_p, verify, drafter_kind):
     target = random_model(SMALL, seed=3)
     with torch.no_grad():  # sharpen it so the distributions are far from uniform
         target.lm_head.weight.mul_(SHARPEN)
-    drafter = random_model(dataclasses.replace(SMALL, num_layers=1), seed=4)  # an independent, poor drafter
+    drafter = _drafter(drafter_kind, target)  # an independent, poor drafter
     probs = exact_sequence_probs(target, temperature, top_p, min_p=min_p)
     if min_p:  # the filter has work to do: some completions are impossible under it
         assert sum(p == 0 for p in probs.values()) > 0
@@ -171,7 +184,10 @@ def _drafter(kind, target):
     from tests.test_eagle import head_for
 
     small = lambda: random_model(dataclasses.replace(SMALL, num_layers=1), seed=4)  # noqa: E731
+    from respec.drafters.eagle import EagleDrafter
+
     return {"layers": small, "eagle": lambda: head_for(target, SMALL.vocab_size),
+            "eagle-sharpened": lambda: EagleDrafter(head_for(target, SMALL.vocab_size), draft_temperature=0.5),
             "history": lambda: HistoryDrafter(min_match=1),
             "hybrid": lambda: HybridDrafter(as_drafter(small()), min_match=1)}[kind]()
 
@@ -186,7 +202,7 @@ def _mixed_params(n: int, length: int) -> list[SamplingParams]:
 MATCH_PROMPTS = [[0, 1], [2, 3, 2, 3, 2, 3], [1, 1, 1], [3, 0, 2, 1, 3]] * 6
 
 
-@pytest.mark.parametrize("kind", ["layers", "eagle", "history", "hybrid"])
+@pytest.mark.parametrize("kind", ["layers", "eagle", "eagle-sharpened", "history", "hybrid"])
 def test_match_rule_emits_plain_decodings_tokens(kind):
     """Every drafter, k = 3, 24 rows of mixed sampling settings: the same tokens and log-probs as plain
     decoding with the same seeds, with drafts accepted and rejected along the way. Under the

@@ -292,6 +292,7 @@ def test_online_kd_two_ranks_equal_one_process(tmp_path):
     (["--drafter-update", "bogus"], "invalid choice"),
     (["--drafter-async", "maybe"], "expected on or off"),
     (["--drafter-lr", "0"], "--drafter-lr must be positive"),
+    (["--draft-temperature", "0"], "--draft-temperature must be > 0"),
     (["--drafter-batch", "0"], "must be positive"),
     (["--sd", "on", "--drafter", "no/such/drafter"], "drafter not found"),
     (["--model", "no/such/model"], "model path not found"),

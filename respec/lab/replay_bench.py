@@ -169,7 +169,7 @@ def run(args) -> dict:
                                 task=trainer.pretraining_task(), tokenizer=trainer.tok,
                                 task_config=cfg.task_config, rollout_dtype=trainer.rollout_dtype,
                                 max_new_tokens=args.max_new_tokens, seed=args.seed, temperature=args.temperature,
-                                log=log)
+                                log=log, draft_temperature=cfg.draft_temperature)
         biggest = max(args.batch_sizes)
         plain = RolloutEngine(model, kv_cache_bytes=512 << 20, eos_token_ids=eos, eager=True, max_batch=biggest)
         sd = RolloutEngine(model, kv_cache_bytes=512 << 20, eos_token_ids=eos, eager=True, max_batch=biggest,
