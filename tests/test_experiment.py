@@ -157,7 +157,7 @@ def fake_experiment(out, seeds: list[int], runs: dict) -> None:
     for variant, per_seed in runs.items():
         for seed, (rows, completions) in per_seed.items():
             run = out / variant / f"seed{seed}"
-            run.mkdir(parents=True)
+            (run / "hf").mkdir(parents=True)  # finished
             (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             (run / "completions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in completions))
 

@@ -43,7 +43,8 @@ BASELINE = "baseline"
 
 
 def runs_of(dirs: list[Path]) -> dict[str, dict[int, Path]]:
-    """{variant: {seed: run directory}} pooled over experiment directories of the same settings."""
+    """{variant: {seed: run directory}} of the finished runs (their final actor written), pooled over
+    experiment directories of the same settings."""
     pooled: dict[str, dict[int, Path]] = defaultdict(dict)
     first = None
     for out in dirs:
@@ -54,6 +55,8 @@ def runs_of(dirs: list[Path]) -> dict[str, dict[int, Path]]:
         first = same
         for variant, seeds in runs.items():
             for seed in seeds:
+                if not (Path(out) / variant / f"seed{seed}" / "hf").is_dir():  # still running
+                    continue
                 if seed in pooled[variant]:
                     raise ValueError(f"{variant} seed {seed} is in two of the experiment directories")
                 pooled[variant][seed] = Path(out) / variant / f"seed{seed}"
