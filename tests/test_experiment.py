@@ -200,6 +200,8 @@ def test_learning_cost_pools_seeds_and_pairs_them_with_fresh_noise(tmp_path):
     fake_experiment(tmp_path / "c", [2], {"baseline": {2: fresh[2]}})
     assert main([str(tmp_path / "a"), str(tmp_path / "c")]) == 0  # a directory with fewer variants pools
     assert main([str(tmp_path / "b"), str(tmp_path / "c")]) == 2  # a seed in two directories: refused
+    fake_experiment(tmp_path / "d", [3], {"per-prompt": {3: reused[0]}})  # a series without the baseline pools
+    assert "| per-prompt | 4 |" in report([tmp_path / "a", tmp_path / "b", tmp_path / "d"])
     assert main([str(tmp_path / "nothing")]) == 2
 
 

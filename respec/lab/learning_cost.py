@@ -37,7 +37,7 @@ from pathlib import Path
 
 from respec.cli import OneLineParser
 from respec.lab.plot import mean
-from respec.lab.report import T_975, load
+from respec.lab.report import T_975
 
 BASELINE = "baseline"
 
@@ -48,14 +48,17 @@ def runs_of(dirs: list[Path]) -> dict[str, dict[int, Path]]:
     pooled: dict[str, dict[int, Path]] = defaultdict(dict)
     first = None
     for out in dirs:
-        cfg, runs = load(out)
+        manifest = Path(out) / "experiment.json"
+        if not manifest.is_file():
+            raise ValueError(f"{out} is not an experiment directory (no experiment.json)")
+        cfg = json.loads(manifest.read_text())
         same = {k: cfg[k] for k in ("steps", "train_args")}
         if first is not None and same != first:
             raise ValueError(f"{out} was run with other settings than {dirs[0]} ({same} against {first})")
         first = same
-        for variant, seeds in runs.items():
-            for seed in seeds:
-                if not (Path(out) / variant / f"seed{seed}" / "hf").is_dir():  # still running
+        for variant in cfg["variants"]:
+            for seed in cfg["seeds"]:
+                if not (Path(out) / variant / f"seed{seed}" / "hf").is_dir():  # not started, or still running
                     continue
                 if seed in pooled[variant]:
                     raise ValueError(f"{variant} seed {seed} is in two of the experiment directories")
