@@ -26,8 +26,8 @@ alpha is tracked online (`observe`, an exponential moving average per draft posi
 set from outside (`set_alpha`): when SD is off there are no SD steps to learn from, and the drafter's
 distillation can report `1 - TV(p_target, q_draft)` so that an improving drafter turns SD back on.
 
-Rows with a replay (last epoch's completion, respec/drafters/replay.py) verify apart from the
-others, with a longer draft (respec/engine.py). Their acceptance is tracked on its own
+Rows with a replay (last epoch's completion, respec/drafters/replay.py) verify with a longer draft
+than the others (respec/engine.py). Their acceptance is tracked on its own
 (`observe_long`: one conditional acceptance `beta` for every position, an EMA) and their draft
 length L chosen per step (`choose_long`), for B_r replay rows beside B_o others, with the others
 either in a step of their own or riding along in the replay rows' verify (one forward, every row as
