@@ -36,7 +36,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from respec.cli import OneLineParser
-from respec.lab.plot import mean
+from respec.lab.plot import epoch_means, mean
 from respec.lab.report import T_975
 
 BASELINE = "baseline"
@@ -115,10 +115,7 @@ def ever_solved(run: Path) -> float:
 
 def by_epoch(rows: list[dict], key: str) -> list[float]:
     """The mean of `key` over the steps of each data epoch, in order."""
-    epochs: dict[int, list[float]] = defaultdict(list)
-    for r in rows:
-        epochs[r["epoch"]].append(r[key])
-    return [mean(epochs[e]) for e in sorted(epochs)]
+    return [value for _, value in epoch_means(rows, key)]
 
 
 def measures(run: Path, greedy: bool) -> dict[str, float]:

@@ -220,15 +220,16 @@ def reward_table(runs: dict) -> str:
     def std_error(xs: list[float]) -> float:
         return statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
 
+    base = baseline_of(runs)
     head = ["variant", "reward, run mean per seed (+- standard error over steps)", "accuracy, run mean per seed",
             "reward - baseline, paired (95% interval over seeds)", "differs from baseline"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, seeds in runs.items():
         rewards = per_seed(seeds, "reward_mean")
-        if variant == baseline_of(runs):
+        if variant == base:
             diff, differs = "-", "-"
         else:
-            d, half, n = paired_difference(seeds, runs[baseline_of(runs)])
+            d, half, n = paired_difference(seeds, runs[base])
             diff = f"{d:+.3f}" + (f" [{d - half:+.3f}, {d + half:+.3f}]" if half is not None else " (one seed)")
             differs = "-" if half is None else ("yes" if d - half > 0 or d + half < 0 else "no")
         lines.append(f"| {variant} | {' / '.join(f'{mean(xs):.3f} +- {std_error(xs):.3f}' for xs in rewards)} | "
@@ -267,10 +268,11 @@ def plots(cfg: dict, runs: dict, out: Path) -> list[Path]:
 
     # 2. speedup over the baseline per step; 3. rollout tokens/s; 4. accept_len
     fig, (sp, tok, acc) = plt.subplots(1, 3, figsize=(15, 3.8))
+    base = baseline_of(runs)
     for v, seeds in runs.items():
-        per, _ = speedups(runs[baseline_of(runs)], seeds)
+        per, _ = speedups(runs[base], seeds)
         steps = range(1, len(per) + 1)
-        if v != baseline_of(runs):
+        if v != base:
             sp.plot(steps, per, color=colors[v], marker="o", ms=3, label=v)
         tok.plot(range(1, len(per_step(seeds, "rollout_tok_s")) + 1), per_step(seeds, "rollout_tok_s"),
                  color=colors[v], label=v)
