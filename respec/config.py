@@ -116,7 +116,7 @@ class TrainConfig(DataConfig):
     drafter_batch: int = option(8, "sequences per drafter optimizer step, over all ranks")
     drafter_epochs: int = option(1, "passes over the replay buffer per drafter update")
     drafter_update_interval: int = option(1, "RL steps between drafter updates (the buffer holds that many steps)")
-    drafter_idle_interval: int = option(4, "RL steps between distillations while the rollouts do not speculate")
+    drafter_idle_interval: int = option(4, "RL steps between distillations while the head drafts nothing")
     # --- system ---
     dtype: str = option("auto", "rollout dtype (auto: bf16 where native: CUDA, AVX-512-BF16/AMX; else fp32)",
                         choices=("auto", "bf16", "fp32", "fp16"))

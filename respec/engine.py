@@ -151,6 +151,10 @@ class EngineStats:
         c["accepted"] += accepted
         c["emitted"] += emitted
 
+    def proposed_by(self, kind: str) -> int:
+        """Drafts the rows of one drafter kind proposed ("model": the head's)."""
+        return self.sd_kinds.get(kind, {}).get("proposed", 0)
+
     @property
     def alpha(self) -> list[float]:
         """Conditional acceptance of draft i: of the rows that proposed it with every earlier draft

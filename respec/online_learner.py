@@ -27,8 +27,9 @@ Inside, `submit` hands the work the step's completions and their weights w(r):
   4. `collect` swaps the new weights into the head the engine drafts with (rollout dtype, packed
      copies refreshed), always between rollouts.
 
-When to distil (`due`, the schedule in one place): after every RL step whose rollout speculated,
-and every `idle_interval` steps while the rollouts do not (the solver keeps SD off). Distilling
+When to distil (`due`, the schedule in one place): after every RL step whose rollout drafted with
+the head, and every `idle_interval` steps while the rollouts do not (the solver keeps the head off;
+verifies of replayed or history drafts do not count, since they do not use the head). Distilling
 still pays then, since the head must keep up with the actor for its acceptance estimate to turn SD
 back on, but not every step: in the long-response setting SD stayed off for 98% of decoding steps
 and the distillation cost 3.4-3.8 s of work per step (docs/benchmarks.md).
@@ -143,11 +144,11 @@ class OnlineLearner:
         acceptance estimate goes to the solver; returns its figures (None: nothing finished)."""
         return self._publish(self.collect()) if self.cfg.async_update else None
 
-    def after_update(self, model, episodes, speculated: bool, step: int) -> dict | None:
+    def after_update(self, model, episodes, drafted: bool, step: int) -> dict | None:
         """After the actor's update (`model` holds its new weights): distil this step's episodes if
         it is due, each weighted by w(r) (rewards normalised over every rank's batch); synchronous
         updates are swapped in at once and their figures returned."""
-        if not self.due(step, speculated):
+        if not self.due(step, drafted):
             return None
         rewards = torch.tensor([e.score.reward for e in episodes], dtype=torch.float32)
         advantages = torch.tensor([e.advantage for e in episodes], dtype=torch.float32)
@@ -184,10 +185,11 @@ class OnlineLearner:
         return kd
 
     # ------------------------------------------------------------------------------------------
-    def due(self, step: int, speculated: bool) -> bool:
-        """Whether RL step `step` is distilled (see the module docstring): always after a rollout that
-        speculated, else once every `idle_interval` steps. Every rank must pass the same `speculated`."""
-        return speculated or self.last_submit is None or step - self.last_submit >= self.cfg.idle_interval
+    def due(self, step: int, drafted: bool) -> bool:
+        """Whether RL step `step` is distilled (see the module docstring): always after a rollout in
+        which the head drafted, else once every `idle_interval` steps. Every rank must pass the same
+        `drafted`."""
+        return drafted or self.last_submit is None or step - self.last_submit >= self.cfg.idle_interval
 
     def submit(self, model, seqs: list[list[int]], prompt_lens: list[int], weights: torch.Tensor, step: int) -> None:
         """Hand over one RL step's sequences (after the actor's update; `model` holds its new weights)."""

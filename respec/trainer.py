@@ -359,9 +359,10 @@ class Trainer:
                                 reference=self.reference, micro_tokens=self.micro_tokens,
                                 train_dtype=self.train_dtype, progress=cfg.progress)
             self.after_update()  # 5. the rollout copy reads the new weights
-        # the drafter's online distillation from the updated actor (the same decision on every rank)
-        speculated = distributed.all_reduce_max([float(stats.sd_steps)], d)[0] > 0
-        kd = self.drafter_hook("after_update", timings, self.rollout.model, episodes, speculated, self.step) or kd
+        # the drafter's online distillation from the updated actor, due when the head drafted in this
+        # rollout (replay and history verifies do not use it), the same decision on every rank
+        drafted = distributed.all_reduce_max([float(stats.proposed_by("model"))], d)[0] > 0
+        kd = self.drafter_hook("after_update", timings, self.rollout.model, episodes, drafted, self.step) or kd
         timings["step_s"] = time.perf_counter() - t_step
         return self.step_metrics(episodes, stats, upd, timings, kd=kd, epoch=epoch,  # 6. metrics
                                  drafter_version=drafter_version, replay_rows=replay_rows)

@@ -202,12 +202,12 @@ def test_update_interval_buffers_steps(tiny, rollouts):
 
 
 def test_distillation_schedule(tiny, rollouts):
-    """Every step after a rollout that speculated; every `idle_interval` steps while none did."""
+    """Every step after a rollout in which the head drafted; every `idle_interval` steps while it did not."""
     seqs, _ = rollouts
     learner, _ = make_learner(tiny, seqs, idle_interval=3)
     due = []
-    for step, speculated in enumerate([False, False, False, False, True, True, False, False, False, False]):
-        due.append(learner.due(step, speculated))
+    for step, drafted in enumerate([False, False, False, False, True, True, False, False, False, False]):
+        due.append(learner.due(step, drafted))
         if due[-1]:
             learner.last_submit = step  # what submit records
     assert due == [True, False, False, True, True, True, False, False, True, False]

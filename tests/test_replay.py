@@ -78,6 +78,8 @@ def test_replay_after_a_policy_change_is_plain_decoding(tiny, kind, together):
         assert ("plain" in engine.stats.sd_kinds) == together
     if together:
         assert engine.stats.sd_kinds["plain"]["proposed"] == 0 < engine.stats.sd_kinds["plain"]["rows"]
+    # what the head's distillation schedule reads (respec/trainer.py): the head's own drafts only
+    assert (engine.stats.proposed_by("model") > 0) == kind.startswith(("eagle", "layers"))
     assert sum(len(o.token_ids) for o in got) > 0 and any(g.token_ids != r for g, r in zip(got, replays))
 
 
@@ -109,6 +111,7 @@ def test_unchanged_policy_replays_everything(tiny):
     assert [g.token_ids for g in got] == [o.token_ids for o in old]
     replay = engine.stats.sd_kinds["replay"]
     assert replay["accepted"] == replay["proposed"] > 0
+    assert engine.stats.proposed_by("model") == 0 < engine.stats.sd_steps  # verified, but nothing from a head
     assert len(engine.stats.chosen_k) <= 6  # 39 tokens after the prefill's, 9 per verify: 5 steps
 
 
