@@ -24,6 +24,8 @@ With a fixed training set (`-- --train-size N`), the seeding of the rollouts (re
     per-prompt+reseed4  ... --reseed-every 4
     respec+replay       --sd adaptive --drafter auto+replay+history --rollout-seeds per-prompt (rkd, async)
                         ReSpec with last epoch's completions as drafts: the same tokens as per-prompt
+    respec+replay+inline  ... --drafter-async off                           the distillation in line, not
+                        beside the next rollout: the rollout's own speed, uncontended
 
 (`rkd`, `rkd+adaptive`, `rkd+adaptive+async` are the paper's ablation ladder, its Figure 14.) The
 report calls `rkd+adaptive+async` "respec" (train.py's default; `--respec-async off` names
@@ -67,8 +69,10 @@ VARIANTS: dict[str, list[str]] = {
     "per-prompt+reseed4": ["--sd", "off", "--rollout-seeds", "per-prompt", "--reseed-every", "4"],
     "respec+replay": ["--sd", "adaptive", "--drafter", "auto+replay+history", "--rollout-seeds", "per-prompt",
                       "--drafter-update", "rkd", "--drafter-async", "on"],
+    "respec+replay+inline": ["--sd", "adaptive", "--drafter", "auto+replay+history", "--rollout-seeds", "per-prompt",
+                             "--drafter-update", "rkd", "--drafter-async", "off"],
 }
-SEEDING = ("per-prompt", "per-prompt+reseed2", "per-prompt+reseed4", "respec+replay")  # for a fixed training set
+SEEDING = ("per-prompt", "per-prompt+reseed2", "per-prompt+reseed4", "respec+replay", "respec+replay+inline")  # for a fixed training set
 DEFAULT_VARIANTS = [v for v in VARIANTS if v not in SEEDING]
 # flags the experiment sets itself: not allowed among the pass-through train.py arguments
 OWN_FLAGS = ("--out", "--seed", "--steps", "--resume", "--sd", "--drafter-update", "--drafter-async", "--stage",
