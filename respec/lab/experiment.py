@@ -72,7 +72,8 @@ VARIANTS: dict[str, list[str]] = {
     "respec+replay+inline": ["--sd", "adaptive", "--drafter", "auto+replay+history", "--rollout-seeds", "per-prompt",
                              "--drafter-update", "rkd", "--drafter-async", "off"],
 }
-SEEDING = ("per-prompt", "per-prompt+reseed2", "per-prompt+reseed4", "respec+replay", "respec+replay+inline")  # for a fixed training set
+# the variants for a fixed training set
+SEEDING = ("per-prompt", "per-prompt+reseed2", "per-prompt+reseed4", "respec+replay", "respec+replay+inline")
 DEFAULT_VARIANTS = [v for v in VARIANTS if v not in SEEDING]
 # flags the experiment sets itself: not allowed among the pass-through train.py arguments
 OWN_FLAGS = ("--out", "--seed", "--steps", "--resume", "--sd", "--drafter-update", "--drafter-async", "--stage",
