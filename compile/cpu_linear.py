@@ -33,6 +33,8 @@ import torch
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from models.loading import cpu_native_bf16
+
 
 # Defined with the low-level `torch.library.Library` API rather than `torch.library.custom_op`:
 # the latter's Python wrapper measured ~50-90 us more per call, and a decoding step makes 121.
@@ -56,16 +58,9 @@ def _(x, packed_weight, bias, out_features):
 
 def packing_available(device: torch.device | str, dtype: torch.dtype) -> bool:
     """True on CPU for fp32, and for bf16 where the CPU has native bf16 (oneDNN refuses otherwise)."""
-    supported = dtype == torch.float32 or (dtype == torch.bfloat16 and fast_cpu_bf16())
+    supported = dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_native_bf16())
     return (torch.device(device).type == "cpu" and supported and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-
-
-def fast_cpu_bf16() -> bool:
-    """Does this CPU do bf16 matmuls natively? Without AVX-512-BF16 or AMX, bf16 is emulated and a
-    bf16 matmul is several times *slower* than fp32 (measured on an AVX2-only EPYC: a (8, 576) x
-    (576, 3072) product takes 1.7 ms in bf16 against 0.54 ms in fp32)."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 GEMV_ROWS = 1  # linears over at most this many rows run as `gemv` inside compiled graphs (see above)

@@ -30,6 +30,19 @@ Policy, and why:
   * The block-table width (how much context the longest sequence has) is a *dynamic* dimension:
     it changes every `block_size` tokens, and the only ops that see it are a gather, a mask and
     SDPA, which cost the same compiled either way. Bucketing it too would multiply compile time.
+  * **Dynamic dimensions are bounded** by what the engine can use: rows by its largest batch
+    bucket, the block-table width by the longest sequence its model or its KV pool can hold. On a
+    GPU, inductor indexes a kernel's tensors in 32 bits when it can, and where it cannot prove a
+    tensor's element count below 2^31 from the declared ranges it emits a guard for it; a guard that
+    narrows a `mark_dynamic` range is a hard error (`ConstraintViolationError`), which is how every
+    whole-step graph once failed on an H200 (rows declared up to 65,536 against `49152 * rows <=
+    2**31 - 1`). So the ranges are declared tight, and the engine refuses on CUDA, in one line, a
+    batch whose largest step tensor (`largest_step_tensor`: the logits of the widest verify, the
+    gathered keys, the mask) would not index in 32 bits. CPU inductor indexes in 64 bits and never
+    emits that guard; tests/test_cuda_path.py checks the bound on the traced graphs.
+  * **One compiled function per (step, static arguments) per process**, shared by every engine
+    (`_shared`): the plain and the speculative engine of a benchmark compile the decode step once.
+    Per-shape artefacts (CUDA graphs) are still made per engine, since each has its own pools.
   * **TensorRT** (`mode="tensorrt"`, CUDA only, optional: requirements-trt.txt): the whole step
     compiled by Torch-TensorRT's `torch.compile` backend instead of inductor, with the same
     static pools and power-of-two table widths (one engine per shape), no CUDA graphs of ours.
@@ -55,6 +68,7 @@ from models.eagle import call_head
 from models.loading import cache_dir
 
 COMPILE_MODES = ("regional", "regional-dynamic", "whole", "tensorrt")  # besides eager (see above)
+INT32_MAX = 2**31 - 1  # the largest element count a kernel indexed in 32 bits may address
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # Parameters of the step functions that name their sampling tails (output head + sampler, the
 # drafter's head + sampler, the verify's head + acceptance test): regional compilation compiles
@@ -100,21 +114,57 @@ def table_width(num_blocks: int) -> int:
     return max(MIN_TABLE_WIDTH, num_blocks)
 
 
-def _mark_rows_dynamic(*tensors) -> None:
-    """Dim 0 (the rows) of each tensor argument dynamic, where it has more than one row."""
+def _mark_dynamic(t: torch.Tensor, dim: int, low: int, high: int) -> None:
+    """`t.shape[dim]` dynamic within [low, high]; left static where the range holds one size."""
+    if high > low:
+        torch._dynamo.mark_dynamic(t, dim, min=low, max=high)
+
+
+def _mark_rows_dynamic(tensors, max_rows: int) -> None:
+    """Dim 0 (the rows) of each tensor argument dynamic, from 2 up to `max_rows`, where it has more
+    than one row (the compiler would specialise a dimension of size 1)."""
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] > 1:
-            torch._dynamo.mark_dynamic(t, 0, min=2, max=1 << 16)
+            _mark_dynamic(t, 0, 2, max_rows)
 
 
-def _mark_width_dynamic(block_tables: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-    """The block-table width (and the mask's key length) dynamic. `maybe_mark_dynamic`, not
-    `mark_dynamic`: a kernel may still bound the width (inductor's CPU reductions pick their split by
-    size, and a graph loaded from the on-disk cache brings those bounds as guards); with a hard
-    constraint that is an error, here it is a recompile for widths past the bound."""
+def _mark_width_dynamic(block_tables: torch.Tensor, mask: torch.Tensor | None = None, *,
+                        max_width: int | None = None) -> None:
+    """The block-table width dynamic: up to `max_width` blocks in whole-step graphs (the mask is
+    built inside them), a bound the 32-bit check can use (see the module docstring). In regional
+    graphs, which take the mask as an input, the width and the mask's key length are
+    `maybe_mark_dynamic`, not `mark_dynamic`: a kernel may still bound the width (inductor's CPU
+    reductions pick their split by size, and a graph loaded from the on-disk cache brings those
+    bounds as guards); with a hard constraint that is an error, here it is a recompile."""
+    if max_width is not None:
+        _mark_dynamic(block_tables, 1, MIN_TABLE_WIDTH, max_width)
+        return
     torch._dynamo.maybe_mark_dynamic(block_tables, 1)
     if mask is not None:
         torch._dynamo.maybe_mark_dynamic(mask, 3)
+
+
+def largest_step_tensor(cfg, *, rows: int, width: int, block_size: int, verify_width: int, vocab: int,
+                        draft_pool_shape: tuple | None = None) -> tuple[int, str]:
+    """(elements, what) of the largest tensor a compiled step makes at `rows` rows, a block table
+    `width` blocks wide and verifies `verify_width` positions wide (1: plain decoding): the logits
+    and sampling tensors over `vocab` ids (the vocabulary as the sampler pads it), each layer's
+    gathered keys (respec/paged_attention.py), the attention mask, and the same for a drafter with
+    its own pools (`draft_pool_shape`: (layers, Hkv, D)). tests/test_cuda_path.py checks that no
+    tensor of the traced graphs is larger."""
+    keys = width * block_size  # cached positions a row's attention reads
+    n_rep = cfg.num_heads // cfg.num_kv_heads
+    sizes = {f"the logits ({rows} rows x {verify_width} positions x a vocabulary of {vocab:,})":
+             rows * verify_width * vocab,
+             f"the gathered keys ({rows} rows x {keys} positions x {cfg.num_kv_heads} heads x {cfg.head_dim})":
+             rows * keys * cfg.num_kv_heads * cfg.head_dim,
+             f"the attention mask ({rows} rows x {n_rep * verify_width} queries x {keys} positions)":
+             rows * n_rep * verify_width * keys}
+    if draft_pool_shape is not None:
+        _, hkv, d = draft_pool_shape
+        sizes[f"the drafter's gathered keys ({rows} rows x {keys} positions x {hkv} heads x {d})"] = rows * keys * hkv * d
+    what = max(sizes, key=sizes.get)
+    return sizes[what], what
 
 
 def require_tensorrt(device: torch.device) -> None:
@@ -127,10 +177,52 @@ def require_tensorrt(device: torch.device) -> None:
         raise ValueError("the tensorrt compile mode needs torch-tensorrt: pip install -r requirements-trt.txt") from None
 
 
-class CompiledSteps:
-    """The engine's step functions, compiled according to the policy above (or not at all)."""
+# Compiled functions of this process, shared by every engine (see the module docstring): torch.compile
+# keeps one cache of graphs per call of torch.compile, so two engines that each compiled the same
+# step would compile it twice.
+_SHARED: dict = {}
 
-    def __init__(self, *, eager: bool, device: torch.device, mode: str | None = None):
+
+def _shared(key, make):
+    if key not in _SHARED:
+        _SHARED[key] = make()
+    return _SHARED[key]
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def cuda_graph_recordings(device: torch.device) -> int:
+    """CUDA graphs inductor's CUDA-graph trees have recorded on `device` so far (0 elsewhere): every
+    node of the device's trees is one recording, and nodes are only ever added."""
+    if device.type != "cuda":
+        return 0
+    from torch._inductor import cudagraph_trees
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    manager = cudagraph_trees.get_manager(index, create_if_none_exists=False)
+    if manager is None or manager.roots is None:
+        return 0
+    nodes, count = [n for roots in manager.roots.values() for n in roots], 0
+    while nodes:
+        node = nodes.pop()
+        count += 1
+        nodes += [c for children in node.children.values() for c in children]
+    return count
+
+
+class CompiledSteps:
+    """The engine's step functions, compiled according to the policy above (or not at all).
+
+    `max_batch` and `max_blocks` (the most blocks one sequence's table can hold) bound the dynamic
+    dimensions (see the module docstring)."""
+
+    def __init__(self, *, eager: bool, device: torch.device, mode: str | None = None, max_batch: int = 512,
+                 max_blocks: int = 1 << 12):
         self.eager = eager
         self.device = torch.device(device)
         self.mode = "eager" if eager else mode or ("whole" if self.device.type == "cuda" else "regional")
@@ -140,29 +232,51 @@ class CompiledSteps:
         self.dynamic_batch = self.mode in ("regional-dynamic", "whole", "tensorrt")
         if self.mode == "tensorrt":
             require_tensorrt(self.device)
+        # the declared ranges of the dynamic dimensions: the rows of the largest batch bucket and the
+        # widest block table
+        self.max_rows = self.batch_bucket(max_batch, max_batch)
+        self.max_width = self.table_width(max_blocks)
         self._cache: dict = {}
         # the whole-step backend (aot_eager in the CPU tests of the CUDA path, tests/test_cuda_path.py)
         self.backend = "tensorrt" if self.mode == "tensorrt" else "inductor"
         # Per-shape graphs (CUDA-graph trees, TensorRT engines) are built on a shape's first calls:
         # cudagraph trees run a shape once to warm it up and record it on the second call. `seen`
         # counts the calls per (step, input shapes); a call inside `timed()` of a shape seen fewer
-        # than `warm_calls` times before is listed in `unwarmed`.
+        # than `warm_calls` times before is listed in `unwarmed`, and so is any graph compiled or
+        # CUDA graph recorded while it runs (what the shapes predict, and what happened).
         self.seen: Counter = Counter()
         self.timing = False
         self.unwarmed: list[str] = []
         if self.mode != "eager":
             use_persistent_cache()
             configure_dynamo()
-            self._block = torch.compile(call_block, fullgraph=True, dynamic=False)
-            self._head = torch.compile(call_head, fullgraph=True, dynamic=False)
+            self._block = _shared(("block",), lambda: torch.compile(call_block, fullgraph=True, dynamic=False))
+            self._head = _shared(("head",), lambda: torch.compile(call_head, fullgraph=True, dynamic=False))
         self._tails: dict = {}  # tail function -> its compiled version (one graph per batch bucket and k)
+
+    def check_index_width(self, cfg, **sizes) -> None:
+        """Raise ValueError (one line) where a compiled CUDA step with a dynamic batch could make a
+        tensor too large to index in 32 bits at this engine's bounds (see the module docstring).
+        `sizes`: `largest_step_tensor`'s other arguments."""
+        if self.device.type != "cuda" or not self.dynamic_batch:
+            return
+        # regional graphs leave the width unbounded (`maybe_mark_dynamic`): the guards inductor puts
+        # on it recompile (in 64 bits) rather than fail, so only the rows' tensors count there
+        width = self.max_width if self.mode in ("whole", "tensorrt") else 0
+        size, what = largest_step_tensor(cfg, rows=self.max_rows, width=width, **sizes)
+        if size > INT32_MAX:
+            fits = next((b for b in reversed(BATCH_BUCKETS) if b < self.max_rows and largest_step_tensor(
+                cfg, rows=b, width=width, **sizes)[0] <= INT32_MAX), None)
+            advice = f"a batch of at most {fits} rows fits" if fits else "a smaller KV cache or context fits"
+            raise ValueError(f"a compiled step at {self.max_rows} rows would hold {what}: {size:,} elements, more "
+                             f"than a GPU kernel indexes in 32 bits (2^31 - 1); {advice}")
 
     def _tail(self, f):
         if f not in self._tails:
-            graph = torch.compile(f, fullgraph=True, dynamic=False)
+            graph = _shared(("tail", f), lambda: torch.compile(f, fullgraph=True, dynamic=False))
 
             def rows_dynamic(*args, **kwargs):
-                _mark_rows_dynamic(*args)
+                _mark_rows_dynamic(args, self.max_rows)
                 return graph(*args, **kwargs)
             self._tails[f] = rows_dynamic if self.dynamic_batch else graph
         return self._tails[f]
@@ -170,13 +284,13 @@ class CompiledSteps:
     def _run_block(self, block, x, cos, sin, kv):
         _mark_width_dynamic(kv.block_tables, kv.mask)
         if self.dynamic_batch:
-            _mark_rows_dynamic(x, cos, sin, kv.block_tables, kv.slot_mapping, kv.mask)
+            _mark_rows_dynamic((x, cos, sin, kv.block_tables, kv.slot_mapping, kv.mask), self.max_rows)
         return self._block(block, x, cos, sin, kv)
 
     def _run_head(self, head, feature, tokens, positions, embed, kv):
         _mark_width_dynamic(kv.block_tables, kv.mask)
         if self.dynamic_batch:
-            _mark_rows_dynamic(feature, tokens, positions, kv.block_tables, kv.slot_mapping, kv.mask)
+            _mark_rows_dynamic((feature, tokens, positions, kv.block_tables, kv.slot_mapping, kv.mask), self.max_rows)
         return self._head(head, feature, tokens, positions, embed, kv)
 
     def batch_bucket(self, n: int, max_batch: int) -> int:
@@ -208,13 +322,20 @@ class CompiledSteps:
     @contextlib.contextmanager
     def timed(self):
         """A timed region: any step it calls whose shape was not warmed (`warm_calls` earlier calls)
-        is recorded in `unwarmed` (per-shape graphs only), so a benchmark can refuse its figures."""
+        is recorded in `unwarmed` (per-shape graphs only), and so is every graph compiled and every
+        CUDA graph recorded inside it (in this process, by any engine), so a benchmark can refuse
+        its figures."""
         self.unwarmed.clear()
         self.timing = True
+        graphs, recordings = compiled_graphs(), cuda_graph_recordings(self.device)
         try:
             yield self.unwarmed
         finally:
             self.timing = False
+            if (n := compiled_graphs() - graphs) > 0:
+                self.unwarmed.append(f"{n} graph(s) compiled inside the timed region")
+            if (n := cuda_graph_recordings(self.device) - recordings) > 0:
+                self.unwarmed.append(f"{n} CUDA graph(s) recorded inside the timed region")
 
     def _count_call(self, name: str, inputs: dict) -> None:
         shapes = tuple((k, tuple(v.shape)) for k, v in inputs.items() if isinstance(v, torch.Tensor))
@@ -229,7 +350,7 @@ class CompiledSteps:
 
     def get(self, fn, **static_kwargs):
         """`fn` (a step function) with `static_kwargs` bound, compiled per the policy; one object
-        per distinct (fn, kwargs), so its graphs are reused."""
+        per distinct (fn, kwargs), so its graphs are reused (whole-step: by every engine of the process)."""
         key = (fn, tuple(sorted(static_kwargs.items())))
         if key not in self._cache:
             if self.mode == "eager":
@@ -241,21 +362,27 @@ class CompiledSteps:
                 regions |= {name: self._tail(params[name].default) for name in TAIL_PARAMS if name in params}
                 step = partial(fn, **regions, **static_kwargs)
             else:
-                cuda_graphs = self.mode == "whole" and self.device.type == "cuda"
-                graph = torch.compile(partial(fn, **static_kwargs), fullgraph=True, dynamic=False,
-                                      backend=self.backend, mode="reduce-overhead" if cuda_graphs else None)
-
-                signature = inspect.signature(fn)
-                name = f"{fn.__name__}({', '.join(f'{k}={v}' for k, v in sorted(static_kwargs.items()))})"
-
-                def step(*args, _graph=graph, _name=name, **kwargs):
-                    inputs = signature.bind_partial(*args, **kwargs).arguments
-                    self._count_call(_name, inputs)
-                    _mark_rows_dynamic(*inputs.values())  # (the pools come as lists, the weights as modules)
-                    _mark_width_dynamic(inputs["block_tables"])
-                    if not cuda_graphs:
-                        return _graph(*args, **kwargs)
-                    torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are done with
-                    return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in _graph(*args, **kwargs))
+                step = self._whole_step(fn, static_kwargs)
             self._cache[key] = step
         return self._cache[key]
+
+    def _whole_step(self, fn, static_kwargs: dict):
+        """The whole step compiled as one graph (shared by the process's engines), called with this
+        engine's bounds declared and, under CUDA graphs, its outputs copied out of the graph's memory."""
+        cuda_graphs = self.mode == "whole" and self.device.type == "cuda"
+        key = ("whole", fn, tuple(sorted(static_kwargs.items())), self.backend, cuda_graphs)
+        graph = _shared(key, lambda: torch.compile(partial(fn, **static_kwargs), fullgraph=True, dynamic=False,
+                                                   backend=self.backend, mode="reduce-overhead" if cuda_graphs else None))
+        signature = inspect.signature(fn)
+        name = f"{fn.__name__}({', '.join(f'{k}={v}' for k, v in sorted(static_kwargs.items()))})"
+
+        def step(*args, **kwargs):
+            inputs = signature.bind_partial(*args, **kwargs).arguments
+            self._count_call(name, inputs)
+            _mark_rows_dynamic(inputs.values(), self.max_rows)  # (the pools come as lists, the weights as modules)
+            _mark_width_dynamic(inputs["block_tables"], max_width=self.max_width)
+            if not cuda_graphs:
+                return graph(*args, **kwargs)
+            torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are done with
+            return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in graph(*args, **kwargs))
+        return step

@@ -38,7 +38,7 @@ from compile.policy import CompiledSteps
 from respec.drafters import DraftBatch, Drafter, EngineView, NoDrafter
 from respec.drafters.wrap import as_drafter
 from respec.kv_cache import PagedKVCache
-from respec.sampling import prepare_sampler
+from respec.sampling import padded_vocab, prepare_sampler
 from respec.scheduler import Row, Scheduler
 from respec.solver import FixedK
 from respec.speculative import VERIFY_RULES, verify_step
@@ -207,7 +207,12 @@ class RolloutEngine:
         self.max_batch = max_batch
         self.scheduler = Scheduler(self.blocks, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens,
                                    forget=self.drafter.forget)
-        self.steps = CompiledSteps(eager=eager, device=self.device, mode=compile_mode)
+        # the most blocks one sequence's table can hold: the model's context, or the whole pool
+        max_blocks = min(self.blocks.blocks_for(self.max_len), self.blocks.num_blocks - 1)
+        self.steps = CompiledSteps(eager=eager, device=self.device, mode=compile_mode, max_batch=max_batch,
+                                   max_blocks=max_blocks)
+        self.steps.check_index_width(cfg, verify_width=max(self.k, replay_k) + 1, block_size=block_size,
+                                     vocab=padded_vocab(cfg.vocab_size), draft_pool_shape=self.drafter.pool_shape)
         prepare_sampler(cfg.vocab_size, self.device)  # the sampler's hash tables, once, outside any graph
         self.steps.static_inputs(self.cache.pools + self.cache.draft_pools)
         self.stats = EngineStats()

@@ -83,6 +83,11 @@ def vocab_hashes(vocab: int, device: torch.device | str) -> torch.Tensor:
     return table
 
 
+def padded_vocab(vocab: int) -> int:
+    """The vocabulary as the sampler lays it out: padded to whole blocks of BLOCK ids."""
+    return -(-vocab // BLOCK) * BLOCK
+
+
 def prepare_sampler(vocab: int, device: torch.device | str) -> None:
     """The hash tables `sample` reads for a `vocab`-sized vocabulary (its tokens, padded to whole
     blocks, and its blocks), made once eagerly: a compiled step then reads them (one made while

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from respec.engine import RolloutEngine, SamplingParams
-
-PROMPTS = [[1, 2, 3, 4, 5], [7] * 30, [9, 8, 7], [11] * 3, [300, 200, 100, 50, 25]]
+from tests.prompts import PROMPTS
 
 
 def run(model, eager, mode=None, batch=3, **kw):

@@ -17,8 +17,9 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
+from tests.prompts import PROMPTS, REPEATING
+
 CUDA = torch.device("cuda")
-PROMPTS = [[1, 2, 3, 4, 5], [7] * 30, [9, 8, 7], [11] * 3, [300, 200, 100, 50, 25]]
 
 
 def on_cuda(model):
@@ -82,6 +83,28 @@ def test_cuda_graphs_are_used_and_equal_eager(tiny):
     assert cudagraph_trees_recorded() > 0
 
 
+def test_a_timed_region_lists_the_cuda_graphs_recorded_in_it(tiny):
+    """Every CUDA-graph recording inside `steps.timed()` is listed (what fails a benchmark): a cold
+    engine's timed rollout records; after `warmup` of its shapes a second engine records none."""
+    from compile.policy import cuda_graph_recordings
+    from respec.engine import RolloutEngine, SamplingParams
+    from respec.profiling import warmup
+
+    model = on_cuda(tiny)
+    params = [SamplingParams(max_new_tokens=20, seed=s, temperature=0.7, stop_on_eos=False) for s in range(3)]
+    cold = RolloutEngine(model, kv_cache_bytes=64 << 20, max_batch=4)
+    before = cuda_graph_recordings(CUDA)
+    with cold.steps.timed() as unwarmed:
+        cold.generate(PROMPTS[:3], params)
+    assert cuda_graph_recordings(CUDA) > before
+    assert any("CUDA graph(s) recorded" in u for u in unwarmed)
+    warm = RolloutEngine(model, kv_cache_bytes=64 << 20, max_batch=4)
+    warmup(warm, [3], max_context=max(map(len, PROMPTS[:3])) + 20, progress=False)
+    with warm.steps.timed() as unwarmed:
+        warm.generate(PROMPTS[:3], params)
+    assert unwarmed == []
+
+
 @pytest.mark.parametrize("kind", ["eagle", "history"])
 def test_compiled_speculative_decoding_equals_eager(tiny, kind):
     """SD under CUDA graphs: the drafter's kept features survive the next replay (they are copied
@@ -89,7 +112,6 @@ def test_compiled_speculative_decoding_equals_eager(tiny, kind):
     greedy on repeating prompts, where it proposes (so the compiled point-mass verify is checked)."""
     from respec.drafters.history import HistoryDrafter
     from respec.engine import RolloutEngine, SamplingParams
-    from tests.test_cuda_path import REPEATING
     from tests.test_eagle import head_for
 
     model = on_cuda(tiny)

@@ -1,6 +1,6 @@
 """The CUDA path, checked on the CPU (tests/test_cuda.py checks it on a GPU, where one is lent).
 
-Two halves:
+Three parts:
   * The whole-step compile path (the one CUDA graphs use) traced on the CPU with `aot_eager`
     behind a backend that reads what inductor's CUDA-graph check reads: which inputs a graph
     mutates in place and which it may treat as static addresses. Inductor records CUDA graphs only
@@ -9,9 +9,17 @@ Two halves:
     and history SD), one graph per (step function, k) across batch sizes, and a warm-up after
     which a timed region meets no shape it has not called twice (the condition for no CUDA graph
     to be recorded inside a timed run).
+  * The 32-bit index bound (compile/policy.py): on a GPU inductor indexes a kernel in 32 bits
+    where it can, and where the declared ranges of the dynamic dimensions do not prove a tensor
+    below 2^31 elements it installs a guard, which against a `mark_dynamic` range is an error. CPU
+    inductor never does, so `IndexBounds` reads every traced tensor's element count under the
+    declared ranges and installs that guard itself: too wide a range fails here as it did on an H200.
   * The model, the engine (plain, EAGLE and history SD) and the trainer built and run with
     `device="cuda"` on fake tensors (tests/fake_cuda.py): an op that mixes a CPU tensor into a
     CUDA path raises here as it would on a GPU.
+
+Private torch names are imported with a fallback, so the module imports on the torch a GPU
+machine has (tests/test_cuda.py runs there and shares its prompts, tests/prompts.py).
 """
 
 from __future__ import annotations
@@ -19,22 +27,33 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import dataclasses
+
 import pytest
 import torch
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
-from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
+from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
+from torch.utils._sympy.value_ranges import bound_sympy
 
-from compile.policy import CompiledSteps
-from models.loading import load_model
+from compile.policy import BATCH_BUCKETS, INT32_MAX, CompiledSteps, largest_step_tensor
+from models.decoder import PRESETS
+from models.loading import load_model, random_model
 from respec.drafters.history import HistoryDrafter
+from respec.drafters.hybrid import HybridDrafter
+from respec.drafters.replay import ReplayDrafter
+from respec.drafters.wrap import as_drafter
 from respec.engine import RolloutEngine, SamplingParams
-from respec.profiling import warmup
+from respec.profiling import synthetic_steps, warmup
+from respec.sampling import padded_vocab
 from tests.fake_cuda import fake_cuda
+from tests.prompts import PROMPTS, REPEATING
 from tests.test_eagle import head_for
 
-PROMPTS = [[1, 2, 3, 4, 5], [7] * 30, [9, 8, 7], [11] * 3, [300, 200, 100, 50, 25]]
-REPEATING = [[5, 6, 7, 8] * 6, [9, 10, 11] * 7, [12, 13] * 9]  # the history drafter finds matches here
+try:  # torch 2.13; older releases raise a plain RuntimeError naming the two devices
+    from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
+except ImportError:
+    FakeTensorDeviceMismatchError = RuntimeError
 
 
 class GraphInspector:
@@ -103,6 +122,17 @@ def test_whole_step_graphs_are_what_cuda_graphs_need(tiny, kind):
     assert set(engine.stats.batch_sizes) >= {1, 2, 3}
 
 
+def test_engines_share_one_compiled_step_per_function_and_k(tiny):
+    """A plain engine and an SD engine in one process (a benchmark's two) compile the decode step
+    once between them: two graphs in all, the decode step and the k = 3 verify."""
+    inspector = GraphInspector()
+    rollout(whole_step_engine(tiny, "plain", inspector), "plain")
+    sd = whole_step_engine(tiny, "history", inspector)
+    rollout(sd, "history")
+    assert sd.stats.sd_steps > 0 and sd.stats.decode_steps > 0
+    assert len(inspector.graphs) == 2
+
+
 def test_unmarked_pools_fail_the_static_check(tiny, monkeypatch):
     """The check above has power: without `static_inputs` the pools are mutated but not static
     (inductor would skip CUDA graphs for every step)."""
@@ -122,13 +152,95 @@ def test_warmup_leaves_no_shape_to_record_in_a_timed_region(tiny, kind):
     cold = whole_step_engine(tiny, kind, GraphInspector())
     with cold.steps.timed() as unwarmed:
         rollout(cold, kind)
-    assert unwarmed
+    assert any("called 0x before" in u for u in unwarmed)  # predicted from the shapes,
+    assert any("compiled inside the timed region" in u for u in unwarmed)  # and counted
 
     warm = whole_step_engine(tiny, kind, GraphInspector())
     warmup(warm, [len(prompts)], max_context=longest, progress=False)
     with warm.steps.timed() as unwarmed:
         rollout(warm, kind)
     assert warm.stats.decode_steps > 0 and unwarmed == []
+
+
+# ----------------------------------------------------------------------------------------------
+class IndexBounds:
+    """A torch.compile backend: aot_eager, reading for every tensor of each traced forward graph the
+    upper bound of its element count under the shape environment's declared ranges, and doing what
+    inductor's GPU lowering does for 32-bit indexing (`can_use_32bit_indexing`): where the bound does
+    not prove `numel <= 2^31 - 1` but the traced sizes satisfy it, it installs that guard. A guard
+    that narrows a `mark_dynamic` range makes dynamo raise ConstraintViolationError, as on a GPU."""
+
+    def __init__(self):
+        self.tensors: list[tuple[float, str, str]] = []  # (upper bound, element count, node), every graph
+
+    def __call__(self, gm, example_inputs):
+        def inspect(graph, inputs):
+            shape_env = torch._guards.TracingContext.get().fake_mode.shape_env
+            for node in graph.graph.nodes:
+                values = node.meta.get("val")
+                for v in values if isinstance(values, (list, tuple)) else [values]:
+                    if not isinstance(v, torch.Tensor) or isinstance(n := v.numel(), int):
+                        continue
+                    self.tensors.append((bound_sympy(n.node.expr, shape_env.var_to_range).upper, str(n), node.name))
+                    bool(n <= INT32_MAX)  # a guard unless the declared ranges already prove it
+            return make_boxed_func(graph.forward)
+
+        return aot_autograd(fw_compiler=inspect, keep_inference_input_mutations=True)(gm, example_inputs)
+
+    def largest(self) -> tuple[float, str, str]:
+        return max(self.tensors, key=lambda t: t[0])
+
+
+def engine_of_every_step(vocab: int, backend, *, rows: int | None = None) -> RolloutEngine:
+    """The whole-step engine at the largest batch bucket, with an EAGLE head (its draft step, a
+    k = 3 verify with its q) and a replay drafter (the replay's 17-wide verify), on a tiny model with
+    `vocab` tokens; `rows` overrides the declared row bound (the bound as once landed: 1 << 16)."""
+    model = random_model(dataclasses.replace(PRESETS["tiny"], vocab_size=vocab), seed=0)
+    drafter = HybridDrafter(as_drafter(head_for(model, 300)), ReplayDrafter())
+    engine = RolloutEngine(model, kv_cache_bytes=32 << 20, eager=False, compile_mode="whole", max_batch=BATCH_BUCKETS[-1],
+                           drafter=drafter, num_draft_tokens=3, replay_k=16)
+    engine.steps.backend = backend
+    if rows is not None:
+        engine.steps.max_rows = rows
+    return engine
+
+
+def run_every_step(engine: RolloutEngine) -> None:
+    """A decode step, a k = 3 SD step (the head's draft and the verify) and a replay's 16-draft verify."""
+    for k in (0, 3, 16):
+        synthetic_steps(engine, 3, k, 40, 1)
+
+
+@pytest.mark.parametrize("vocab", [49152, 151936])  # SmolLM2's, Qwen2.5's
+def test_compiled_steps_index_within_int32(vocab):
+    """Every tensor of every traced whole-step graph (decode, the head's draft, verify at k = 3 and
+    at the replay k = 16) is bounded below 2^31 elements by the declared ranges at the largest batch
+    bucket (512 rows), so inductor needs no 32-bit guard; and the engine's own bound
+    (`largest_step_tensor`, what it refuses by on CUDA) is at least the largest traced tensor."""
+    bounds = IndexBounds()
+    engine = engine_of_every_step(vocab, bounds)
+    run_every_step(engine)
+    called = {(name.split("(")[0], dict(shapes).get("drafts", (0, 0))[1]) for name, shapes in engine.steps.seen}
+    assert called == {("decode_step", 0), ("eagle_draft", 0), ("verify_step", 3), ("verify_step", 16)}
+    bound, numel, node = bounds.largest()
+    assert bound <= INT32_MAX, f"{node}: {numel} elements, up to {bound} in the declared ranges"
+    assert engine.steps.max_rows == 512
+    claim, _ = largest_step_tensor(engine.model.cfg, rows=engine.steps.max_rows, width=engine.steps.max_width,
+                                   block_size=engine.blocks.block_size, verify_width=17, vocab=padded_vocab(vocab),
+                                   draft_pool_shape=engine.drafter.pool_shape)
+    assert claim >= bound
+
+
+def test_the_landed_row_bound_fails_the_int32_check():
+    """The test above has power: rows declared up to 65,536 (the bound every graph died of on an
+    H200) leave the logits unbounded below 2^31, and the guard inductor would install violates the
+    declared range, as it did there."""
+    bounds = IndexBounds()
+    engine = engine_of_every_step(49152, bounds, rows=1 << 16)
+    with pytest.raises(ConstraintViolationError, match=r"2147483647"):
+        run_every_step(engine)
+    bound, numel, _ = bounds.largest()
+    assert bound > INT32_MAX
 
 
 # ----------------------------------------------------------------------------------------------

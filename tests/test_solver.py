@@ -164,7 +164,8 @@ def test_profiles_written_at_once_do_not_collide(tmp_path, monkeypatch):
 def test_machine_key_tells_devices_and_cpus_apart(monkeypatch):
     cpu = machine_key("cpu")
     assert cpu.startswith("cpu-") and torch.backends.cpu.get_cpu_capability() in cpu
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # another CPU, same arch
+    other = "AVX2" if torch.backends.cpu.get_cpu_capability() != "AVX2" else "AVX512"  # another CPU, same arch
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other)
     assert machine_key("cpu") != cpu
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     assert machine_key("cuda:0") == "cuda-NVIDIA H100 80GB HBM3"
