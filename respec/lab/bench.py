@@ -153,23 +153,21 @@ def hf_static_kw(device: torch.device, compiled: bool) -> dict:
 
 
 def time_hf(hf, tokenizer, prompts: list[list[int]], new_tokens: int, *, warm_calls: int, warm_tokens: int,
-            repeats: int = 2, **generate_kw) -> dict:
+            **generate_kw) -> dict:
     """transformers' `generate` timed whole and per decoding step, after `warm_calls` calls of
     `warm_tokens` new tokens (compilation and CUDA graph recording happen there).
 
-    T(N) is a call for all `new_tokens`, T(1) a call for one (prefill only); each the best of
-    `repeats`. A decoding step is (T(N) - T(1)) / (N - 1): the calls differ by exactly N - 1 decoding
-    steps. Returns the tokens, the whole call's seconds, the decoding step's ms (None when N = 1),
-    T(1) in ms (the prefill, with the call's fixed costs) and the warm-up's seconds."""
+    T(N) is a call for all `new_tokens`, T(1) a call for one (prefill only), one timed call each, as
+    respec's engine gets one (a best of several on one side only would favour it under noise). A
+    decoding step is (T(N) - T(1)) / (N - 1): the calls differ by exactly N - 1 decoding steps.
+    Returns the tokens, T(N) in seconds, the decoding step's ms (None when N = 1), T(1) in ms (the
+    prefill, with the call's fixed costs) and the warm-up's seconds."""
     t0 = time.perf_counter()
     for _ in range(warm_calls):
         hf_generate(hf, tokenizer, prompts, warm_tokens, **generate_kw)
     warm_s = time.perf_counter() - t0
-    tokens, whole_s = None, float("inf")
-    for _ in range(repeats):
-        got, s = hf_generate(hf, tokenizer, prompts, new_tokens, **generate_kw)
-        tokens, whole_s = got, min(whole_s, s)
-    one_s = min(hf_generate(hf, tokenizer, prompts, 1, **generate_kw)[1] for _ in range(repeats))
+    tokens, whole_s = hf_generate(hf, tokenizer, prompts, new_tokens, **generate_kw)
+    one_s = hf_generate(hf, tokenizer, prompts, 1, **generate_kw)[1]
     step_ms = max(whole_s - one_s, 0.0) / (new_tokens - 1) * 1e3 if new_tokens > 1 else None
     return {"tokens": tokens, "whole_s": whole_s, "decode_ms": step_ms, "prefill_ms": one_s * 1e3, "warm_s": warm_s}
 
@@ -247,7 +245,7 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int]) -> dict:
         ms = lambda x: None if x is None else round(x, 2)  # noqa: E731  (None: no decoding step, N = 1)
         per_s = lambda x: round(b / x * 1e3, 2) if x else None  # noqa: E731  decoding tokens/s from ms per step
         if hf is not None:
-            with torch.no_grad():  # eager: one short warm-up call, then the best of two
+            with torch.no_grad():  # eager: one short warm-up call
                 t = time_hf(hf, tokenizer, prompts, args.new_tokens, warm_calls=1, warm_tokens=2)
             row |= {"hf_tok_s": round(b * args.new_tokens / t["whole_s"], 2), "same_tokens_as_hf": same(t["tokens"]),
                     "hf_decode_ms_per_step": ms(t["decode_ms"]),
