@@ -6,11 +6,13 @@
   python generate.py --bench --temperature 1 --drafter auto --batch-sizes 1,4,16,64   # SD as RL samples
 
 The benchmark runs both engines in one process on the same weights, dtype, prompts and number of
-new tokens (greedy, EOS ignored) and reports tokens/s, respec's time per decoding step, and the
-roofline: the bytes of weights one step must read divided by this machine's streaming read
-bandwidth, measured in the same run. With --temperature > 0 it samples as RL rollouts do (each row
-its own seed, stopping at EOS), compares respec's plain decoding with speculative decoding, and
-skips transformers (its sampled tokens could not be compared).
+new tokens (greedy, EOS ignored) and reports tokens/s, the time of one decoding step on each side,
+and the roofline: the bytes of weights one step must read divided by this machine's streaming read
+bandwidth, measured in the same run. transformers runs twice: eager, and with its static KV cache
+and compiled decoding step (the fair baseline; uncompiled under --eager; see respec/lab/bench.py).
+With --temperature > 0 it samples as RL rollouts do (each row its own seed, stopping at EOS),
+compares respec's plain decoding with speculative decoding, and skips transformers (its sampled
+tokens could not be compared).
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
                    help="auto: bf16 on GPUs and CPUs with native bf16, else fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--eager", action="store_true", help="no torch.compile (same tokens, slower)")
+    p.add_argument("--eager", action="store_true",
+                   help="no torch.compile (same tokens, slower); with --bench, transformers' static-cache baseline "
+                        "runs uncompiled too")
     p.add_argument("--compile-mode", choices=COMPILE_MODES,
                    help="how the steps are compiled (compile/policy.py; not given: whole on CUDA, regional on CPU); "
                         "regional-dynamic: one graph for all batch sizes; tensorrt: the whole step by "

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import generate
 from models.loading import ModelLoadError, load_model, random_model, save_hf_checkpoint
@@ -113,10 +114,63 @@ def test_bench_tiny_writes_report(tmp_path):
     report = json.loads(out.read_text())
     assert report["model"] == "tiny" and report["dtype"] == "float32"
     assert [r["batch"] for r in report["results"]] == [1, 3]
+    assert report["launch_us_eager"] > 0 and report["launch_us_graph"] is None  # no CUDA graph on a CPU
+    # --eager: transformers' static-cache baseline runs uncompiled too, and it ran
+    assert report["hf_static_compiled"] is False and report["hf_static_error"] is None
     for r in report["results"]:
-        assert r["respec_tok_s"] > 0 and r["hf_tok_s"] > 0 and r["roofline_ms"] > 0
-        # fp32, greedy, the same weights: transformers produces the very same tokens
-        assert r["same_tokens_as_hf"] == f"{r['batch']}/{r['batch']}"
+        assert r["respec_tok_s"] > 0 and r["hf_tok_s"] > 0 and r["hf_static_tok_s"] > 0 and r["roofline_ms"] > 0
+        # fp32, greedy, the same weights: transformers produces the very same tokens, with either cache
+        assert r["same_tokens_as_hf"] == r["same_tokens_as_hf_static"] == f"{r['batch']}/{r['batch']}"
+        # a decoding step timed apart from the prefill on every side (timer noise may make transformers' 0)
+        assert r["decode_ms_per_step"] == r["step_ms"] > 0 and r["decode_tok_s"] > 0 and r["prefill_ms"] > 0
+        assert r["hf_decode_ms_per_step"] >= 0 and r["hf_static_decode_ms_per_step"] >= 0
+
+
+def test_bench_records_a_failing_static_baseline(tmp_path, monkeypatch, capsys):
+    """Where transformers' static-cache baseline cannot run (here: a cache it does not know), the
+    report says why in one line and the bench goes on, the eager baseline beside respec."""
+    import json
+
+    from respec.lab import bench
+
+    monkeypatch.setattr(bench, "hf_static_kw", lambda device, compiled: {"cache_implementation": "no-such-cache"})
+    out = tmp_path / "bench.json"
+    assert generate.main(["--model", "tiny", "--dtype", "fp32", "--eager", "--bench", "--batch-sizes", "1,2",
+                          "--new-tokens", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    error = report["hf_static_error"]
+    assert error.startswith("batch 1: ") and "\n" not in error and "no-such-cache" in error
+    assert all(r["same_tokens_as_hf"] == f"{r['batch']}/{r['batch']}" and "hf_static_tok_s" not in r
+               for r in report["results"])
+    assert f"failed at {error}" in capsys.readouterr().out
+
+
+def test_bench_static_baseline_compiled(tmp_path, tiny, tokenizer):
+    """The fair baseline as a compiled run meets it: transformers' static cache, `generate` compiling
+    the decoding forward (inductor, on this CPU when told to), after two warm-up calls; it gives
+    respec's greedy tokens, left padding included, and times a decoding step apart from the prefill."""
+    from respec.engine import RolloutEngine, SamplingParams
+    from respec.lab.bench import bench_prompts, hf_model_for, hf_static_kw, time_hf
+
+    cpu = torch.device("cpu")
+    first, second = bench_prompts(tokenizer, 2, seed=0)
+    prompts = [first, second[:-7]]  # rows of different lengths: the shorter one is left-padded
+    hf = hf_model_for("tiny", tiny, tokenizer, torch.float32, cpu, tmp_path)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        t = time_hf(hf, tokenizer, prompts, 4, warm_calls=2, warm_tokens=4, **hf_static_kw(cpu, compiled=True))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # compiled, not an eager fallback
+    engine = RolloutEngine(tiny, kv_cache_bytes=16 << 20, eager=True)
+    ours = engine.generate(prompts, [SamplingParams(max_new_tokens=4, temperature=0.0, stop_on_eos=False)] * 2)
+    assert t["tokens"] == [o.token_ids for o in ours]
+    assert t["decode_ms"] >= 0 and t["prefill_ms"] > 0 and t["warm_s"] > 0
+
+
+def test_launch_overhead_is_measured():
+    from respec.lab.bench import launch_overhead_us
+
+    us = launch_overhead_us(torch.device("cpu"), ops=200, repeats=2)
+    assert us["eager"] > 0 and us["graph"] is None
 
 
 def test_sweep_tiny_writes_report_and_plot(tmp_path, monkeypatch, capsys):

@@ -187,3 +187,11 @@ def test_two_ranks_equal_one_process_on_cuda(tmp_path):
 
     one, two = one_and_two_ranks(tmp_path, [*TOY, "--steps", "3"])
     assert_same_run(metrics(one), metrics(two))
+
+
+def test_launch_overhead_inside_a_graph():
+    """The bench's launch microbenchmark: eager launches and the same adds replayed in one CUDA graph."""
+    from respec.lab.bench import launch_overhead_us
+
+    us = launch_overhead_us(CUDA, ops=200, repeats=2)
+    assert us["eager"] > 0 and us["graph"] > 0

@@ -1,6 +1,23 @@
 """generate.py --bench: respec's engine against transformers' `generate` on the same prompts
 (greedy past EOS, so both produce the same tokens, or sampled as RL samples), with the model's
-read-bandwidth roofline and, with a drafter, speculative decoding beside plain decoding."""
+read-bandwidth roofline, the cost of a kernel launch and, with a drafter, speculative decoding
+beside plain decoding.
+
+Two transformers baselines run on the very weights respec runs:
+  * "hf eager": `generate` as most people call it (a dynamic KV cache, no compilation);
+  * "hf static": the fast path transformers documents, `cache_implementation="static"`, with which
+    `generate` compiles the decoding forward itself (`CompileConfig`: fullgraph, reduce-overhead,
+    so CUDA graphs, on CUDA; inductor's default mode on a CPU, which transformers compiles only when
+    asked). This is the fair baseline for respec's compiled engine. Under `--eager` it runs with
+    the static cache but uncompiled, like for like with respec's eager engine. Where it fails (a
+    model or a machine torch.compile cannot handle) the report says why in one line and the bench
+    goes on without it.
+
+Whole `generate` calls include the prefill; a decoding step is timed apart on both sides. respec's
+engine times its prefill and its decoding steps itself (EngineStats). transformers' cannot be asked,
+so its decoding step is derived from two calls: T(1), a call for one new token (the prefill samples
+it; no decoding step runs), and T(N), a call for N; a decoding step is (T(N) - T(1)) / (N - 1).
+"""
 
 from __future__ import annotations
 
@@ -27,6 +44,47 @@ def read_bandwidth_gbs(device: torch.device, nbytes: int = 512 * 2**20, repeats:
         x.sum().item()
         best = min(best, time.perf_counter() - t0)
     return nbytes / best / 1e9
+
+
+def launch_overhead_us(device: torch.device, ops: int = 1000, repeats: int = 5) -> dict[str, float | None]:
+    """What one kernel launch costs: `ops` in-place adds on a one-element tensor, synchronised once
+    (best of `repeats`), in microseconds per op. "eager": launched one by one from Python, the way
+    an uncompiled step launches its kernels; "graph" (CUDA only, else None): the same adds captured
+    in one CUDA graph and replayed, the way respec's compiled steps run on a GPU. A small model's
+    decoding step is a few hundred such launches: these figures say what launching alone costs it."""
+    x = torch.zeros(1, device=device)
+
+    def adds():
+        for _ in range(ops):
+            x.add_(1)
+
+    def best_us(run) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - t0)
+        return best / ops * 1e6
+
+    adds()  # the first calls pay for dispatch caches and, on CUDA, the context
+    eager = best_us(adds)
+    graph = None
+    if device.type == "cuda":
+        side = torch.cuda.Stream(device)  # capture needs a warmed side stream (torch.cuda.graphs docs)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            adds()
+        torch.cuda.current_stream(device).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            adds()
+        g.replay()
+        graph = best_us(g.replay)
+    return {"eager": eager, "graph": graph}
 
 
 def flip_rate(got: list[list[int]], want: list[list[int]]) -> float:
@@ -63,17 +121,61 @@ def hf_model_for(spec: str, model, tokenizer, dtype, device, tmp: Path):
     return AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval()
 
 
-def hf_generate(hf, tokenizer, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], float]:
+def hf_generate(hf, tokenizer, prompts: list[list[int]], new_tokens: int,
+                **generate_kw) -> tuple[list[list[int]], float]:
     """Greedy `generate` that runs past EOS (exactly `new_tokens` per row); (tokens, seconds)."""
     tokenizer.padding_side = "left"
     batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(hf.device)
+    if hf.device.type == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     out = hf.generate(**batch, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-                      pad_token_id=tokenizer.pad_token_id)
+                      pad_token_id=tokenizer.pad_token_id, **generate_kw)
     if hf.device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     return out[:, batch["input_ids"].shape[1]:].tolist(), elapsed
+
+
+def hf_static_kw(device: torch.device, compiled: bool) -> dict:
+    """`generate` options of the fair baseline: transformers' static KV cache, with which `generate`
+    compiles the decoding forward itself (the prefill stays eager). The CompileConfig defaults are
+    made for CUDA (reduce-overhead: CUDA graphs); elsewhere transformers compiles only when told to
+    (its `_compile_all_devices` flag, "useful for testing") and CUDA graphs have nothing to record.
+    `compiled=False` keeps the static cache and turns the compilation off."""
+    from transformers import CompileConfig
+
+    if not compiled:
+        return {"cache_implementation": "static", "disable_compile": True}
+    config = CompileConfig(fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else "default")
+    config._compile_all_devices = device.type != "cuda"
+    return {"cache_implementation": "static", "compile_config": config}
+
+
+def time_hf(hf, tokenizer, prompts: list[list[int]], new_tokens: int, *, warm_calls: int, warm_tokens: int,
+            **generate_kw) -> dict:
+    """transformers' `generate` timed whole and per decoding step, after `warm_calls` calls of
+    `warm_tokens` new tokens (compilation and CUDA graph recording happen there).
+
+    T(N) is a call for all `new_tokens`, T(1) a call for one (prefill only), one timed call each, as
+    respec's engine gets one (a best of several on one side only would favour it under noise). A
+    decoding step is (T(N) - T(1)) / (N - 1): the calls differ by exactly N - 1 decoding steps.
+    Returns the tokens, T(N) in seconds, the decoding step's ms (None when N = 1), T(1) in ms (the
+    prefill, with the call's fixed costs) and the warm-up's seconds."""
+    t0 = time.perf_counter()
+    for _ in range(warm_calls):
+        hf_generate(hf, tokenizer, prompts, warm_tokens, **generate_kw)
+    warm_s = time.perf_counter() - t0
+    tokens, whole_s = hf_generate(hf, tokenizer, prompts, new_tokens, **generate_kw)
+    one_s = hf_generate(hf, tokenizer, prompts, 1, **generate_kw)[1]
+    step_ms = max(whole_s - one_s, 0.0) / (new_tokens - 1) * 1e3 if new_tokens > 1 else None
+    return {"tokens": tokens, "whole_s": whole_s, "decode_ms": step_ms, "prefill_ms": one_s * 1e3, "warm_s": warm_s}
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one short line (torch.compile's messages run to pages)."""
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {first}"[:300]
 
 
 def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int]) -> dict:
@@ -83,6 +185,7 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int]) -> dict:
     bandwidth = read_bandwidth_gbs(device)
     weight_bytes = model.num_weight_bytes()
     roofline_ms = weight_bytes / (bandwidth * 1e9) * 1e3
+    launch = launch_overhead_us(device)
     sampled = args.temperature > 0
     print(f"model {args.model}  dtype {str(dtype).removeprefix('torch.')}  weights read per step "
           f"{weight_bytes / 1e6:.0f} MB  read bandwidth {bandwidth:.1f} GB/s  roofline {roofline_ms:.1f} ms/step"
@@ -121,6 +224,8 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int]) -> dict:
     if not sampled:
         with tempfile.TemporaryDirectory() as tmp:
             hf = hf_model_for(args.model, model, tokenizer, dtype, device, Path(tmp))
+    static_kw = hf_static_kw(device, compiled=not args.eager)
+    static_error = None  # why transformers' static-cache baseline could not run, once it could not
     results = []
     for b in args.batch_sizes:
         prompts = prompts_for[b]
@@ -132,13 +237,34 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int]) -> dict:
         step_ms = ours.stats.decode_s / max(len(ours.stats.chosen_k), 1) * 1e3  # per decoding step, plain or SD
         row = {"batch": b, "respec_tok_s": round(plain_tokens / respec_s, 2),
                "tokens_per_row": round(plain_tokens / b, 1), "step_ms": round(step_ms, 2),
+               # the engine's own clocks: its decoding steps alone (step_ms by its explicit name), and its prefill
+               "decode_ms_per_step": round(step_ms, 2), "decode_tok_s": round(ours.stats.decode_tok_s, 2),
+               "prefill_ms": round(ours.stats.prefill_s * 1e3, 2),
                "roofline_ms": round(roofline_ms, 4), "unwarmed_shapes": list(unwarmed)}
+        same = lambda theirs: f"{sum(o.token_ids == t for o, t in zip(ours, theirs))}/{b}"  # noqa: E731
+        ms = lambda x: None if x is None else round(x, 2)  # noqa: E731  (None: no decoding step, N = 1)
+        per_s = lambda x: round(b / x * 1e3, 2) if x else None  # noqa: E731  decoding tokens/s from ms per step
         if hf is not None:
-            with torch.no_grad():
-                hf_generate(hf, tokenizer, prompts, 2)  # warm-up
-                theirs, hf_s = hf_generate(hf, tokenizer, prompts, args.new_tokens)
-            row |= {"hf_tok_s": round(b * args.new_tokens / hf_s, 2),
-                    "same_tokens_as_hf": f"{sum(o.token_ids == t for o, t in zip(ours, theirs))}/{b}"}
+            with torch.no_grad():  # eager: one short warm-up call
+                t = time_hf(hf, tokenizer, prompts, args.new_tokens, warm_calls=1, warm_tokens=2)
+            row |= {"hf_tok_s": round(b * args.new_tokens / t["whole_s"], 2), "same_tokens_as_hf": same(t["tokens"]),
+                    "hf_decode_ms_per_step": ms(t["decode_ms"]),
+                    "hf_decode_tok_s": per_s(t["decode_ms"]), "hf_prefill_ms": round(t["prefill_ms"], 2)}
+        if hf is not None and static_error is None:
+            try:  # compiled: two full-length warm-up calls at this batch (compilation, graph recording)
+                with torch.no_grad():
+                    t = time_hf(hf, tokenizer, prompts, args.new_tokens, warm_calls=2, warm_tokens=args.new_tokens,
+                                **static_kw)
+            except Exception as e:  # noqa: BLE001  a baseline that cannot run here is a line, not a crash
+                static_error = f"batch {b}: {one_line(e)}"
+                print(f"  transformers static cache{' + compile' if not args.eager else ''} failed at {static_error}",
+                      flush=True)
+            else:
+                row |= {"hf_static_tok_s": round(b * args.new_tokens / t["whole_s"], 2),
+                        "same_tokens_as_hf_static": same(t["tokens"]),
+                        "hf_static_decode_ms_per_step": ms(t["decode_ms"]),
+                        "hf_static_decode_tok_s": per_s(t["decode_ms"]),
+                        "hf_static_prefill_ms": round(t["prefill_ms"], 2), "hf_static_warm_s": round(t["warm_s"], 1)}
         if sd_engine is not None:
             for r in range(args.past_rollouts):  # earlier rollouts of these prompts (the history drafter keeps them)
                 sd_engine.generate(prompts, params(b, rollout=r + 1))
@@ -164,7 +290,10 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int]) -> dict:
     report = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "compile_s": round(compile_s, 1),
               "drafter": args.drafter, "k": args.k if drafter is not None else 0, "temperature": args.temperature,
               "past_rollouts": args.past_rollouts, "read_bandwidth_gb_s": round(bandwidth, 1),
-              "weight_bytes": weight_bytes, "new_tokens": args.new_tokens, "results": results}
+              "weight_bytes": weight_bytes, "new_tokens": args.new_tokens,
+              "launch_us_eager": round(launch["eager"], 3),
+              "launch_us_graph": None if launch["graph"] is None else round(launch["graph"], 3),
+              "hf_static_compiled": not args.eager, "hf_static_error": static_error, "results": results}
     print_table(report)
     return report
 
@@ -177,15 +306,40 @@ def print_table(report: dict) -> None:
               f"below include graph recording (see unwarmed_shapes in the JSON)")
     print(f"\n{report['model']} {report['dtype']}, {report['new_tokens']} new tokens"
           + (f" at most, T={report['temperature']}, EOS stops" if sampled else "") + f", compile {report['compile_s']} s")
+    if report.get("launch_us_eager") is not None:
+        graph = report.get("launch_us_graph")
+        print(f"kernel launch {report['launch_us_eager']:.2f} us eager"
+              + (f", {graph:.2f} us inside a CUDA graph" if graph is not None else " (no CUDA: no graph figure)"))
     if not sampled:
-        head = (f"{'batch':>5} {'respec tok/s':>13} {'hf tok/s':>10} {'speed-up':>9} {'step ms':>8} {'roofline ms':>12} "
-                f"{'x roofline':>11} {'same as hf':>11}")
+        compiled = report.get("hf_static_compiled", True)
+        static = "hf static: static KV cache, " + ("compiled" if compiled else "eager (--eager)")
+        if report.get("hf_static_error"):
+            print(f"{static}: failed at {report['hf_static_error']}")
+        print(f"\nwhole generate calls, prefill included (hf eager: dynamic cache, uncompiled; {static})")
+        head = (f"{'batch':>5} {'respec tok/s':>13} {'hf tok/s':>10} {'speed-up':>9} {'hf static tok/s':>16} "
+                f"{'vs static':>10} {'same as hf':>11} {'same as static':>15}")
         print(head)
         print("-" * len(head))
         for r in report["results"]:
-            print(f"{r['batch']:>5} {r['respec_tok_s']:>13.1f} {r['hf_tok_s']:>10.1f} {r['respec_tok_s'] / r['hf_tok_s']:>8.2f}x"
-                  f" {r['step_ms']:>8.1f} {r['roofline_ms']:>12.2f} {r['step_ms'] / max(r['roofline_ms'], 1e-9):>10.2f}x"
-                  f" {r['same_tokens_as_hf']:>11}")
+            print(f"{r['batch']:>5} {r['respec_tok_s']:>13.1f} {_num(r.get('hf_tok_s'), 10, 1)}"
+                  f" {_ratio(r['respec_tok_s'], r.get('hf_tok_s')):>9} {_num(r.get('hf_static_tok_s'), 16, 1)}"
+                  f" {_ratio(r['respec_tok_s'], r.get('hf_static_tok_s')):>10} {r.get('same_tokens_as_hf', '-'):>11}"
+                  f" {r.get('same_tokens_as_hf_static', '-'):>15}")
+    if not sampled and report["new_tokens"] > 1:  # (with one new token no decoding step runs)
+        print(f"\ndecoding steps alone, ms per step (respec: the engine's clock; transformers: "
+              f"(T({report['new_tokens']}) - T(1)) / {report['new_tokens'] - 1})")
+        head = (f"{'batch':>5} {'respec ms':>10} {'hf ms':>8} {'speed-up':>9} {'hf static ms':>13} {'vs static':>10} "
+                f"{'decode tok/s':>13} {'roofline ms':>12} {'x roofline':>11}")
+        print(head)
+        print("-" * len(head))
+        for r in report["results"]:
+            # a speed-up is the other side's time over respec's
+            print(f"{r['batch']:>5} {r['step_ms']:>10.2f} {_num(r.get('hf_decode_ms_per_step'), 8, 2)}"
+                  f" {_ratio(r.get('hf_decode_ms_per_step'), r['step_ms']):>9}"
+                  f" {_num(r.get('hf_static_decode_ms_per_step'), 13, 2)}"
+                  f" {_ratio(r.get('hf_static_decode_ms_per_step'), r['step_ms']):>10}"
+                  f" {_num(r.get('decode_tok_s'), 13, 1)} {r['roofline_ms']:>12.2f}"
+                  f" {_ratio(r['step_ms'], r['roofline_ms']):>11}")
     sd_rows = [r for r in report["results"] if "sd_tok_s" in r]
     if sd_rows:
         past = f", {report['past_rollouts']} past rollouts of the prompts" if report.get("past_rollouts") else ""
@@ -198,3 +352,11 @@ def print_table(report: dict) -> None:
             print(f"{r['batch']:>5} {r['respec_tok_s']:>12.1f} {r['sd_tok_s']:>9.1f} {r['sd_tok_s'] / r['respec_tok_s']:>8.2f}x"
                   f" {r['accept_len']:>11.2f} {r['sd_step_fraction']:>9.0%} {r['sd_tokens_per_row']:>11}"
                   f" {r.get('sd_same_as_plain', '-'):>14} {r['step_ms']:>14.1f} {phases:>34}  {r['accept_per_pos']}")
+
+
+def _num(x, width: int, digits: int) -> str:
+    return f"{x:>{width}.{digits}f}" if x is not None else f"{'-':>{width}}"
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"

@@ -23,9 +23,11 @@ no GGUF package and no reasoning-gym, 10 minutes a command, 15 minutes in all, a
 Part a, in order: tests/test_cuda.py (logits and generation against transformers, CUDA graphs
 against eager and recorded without skips, SD under CUDA graphs, SD losslessness); then
 `generate.py --bench` on the SmolLM2-135M shape, plain against transformers' `generate` (greedy, the
-same weights) and SD with the history drafter, at batch 1, 8 and 32. Every timed shape is warmed up
-(called twice, for each block-table width) before timing; the bench lists any timed call of a
-shape that was not (`unwarmed_shapes`), and the stage fails if there is one.
+same weights; eager, and with its static cache and compiled decoding step) and SD with the history
+drafter, at batch 1, 8 and 32, beside the cost of a kernel launch (eager, and inside a CUDA graph).
+Every timed shape is warmed up (called twice, for each block-table width) before timing; the bench
+lists any timed call of a shape that was not (`unwarmed_shapes`), and the stage fails if there is
+one.
 
 Part b, in order: the solver's cost profile on this GPU (and the batch size where SD stops paying);
 GRPO under torchrun in one process with FSDP2 forced on (`--fsdp on`), SD on with the history
@@ -200,8 +202,9 @@ class Check:
         if proc is not None and proc.returncode == 0 and path.is_file():
             report = json.loads(path.read_text())
             unwarmed = sum(len(r.get("unwarmed_shapes", [])) for r in report["results"])
+            top = ("compile_s", "launch_us_eager", "launch_us_graph", "hf_static_compiled", "hf_static_error")
             self.summary.setdefault("bench", {})[name] = {"goal_x_hf": goal_x_hf, "goal_x_roofline": goal_x_roofline,
-                                                          "compile_s": report["compile_s"], "rows": report["results"]}
+                                                          **{k: report.get(k) for k in top}, "rows": report["results"]}
             if unwarmed:  # figures that include a graph recording are not figures
                 self.record(stage, status=f"failed: {unwarmed} timed call(s) of shapes not warmed up")
             self.write()
@@ -315,6 +318,10 @@ def _ratio(a, b) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
+def _or_dash(x) -> str:
+    return "-" if x is None else str(x)
+
+
 def render(summary: dict) -> str:
     """summary.json as a short Markdown report, goals included."""
     env = summary.get("environment", {})
@@ -326,15 +333,31 @@ def render(summary: dict) -> str:
         lines.append(f"| {name} | {s.get('status')}{' - ' + s['result'] if s.get('result') else ''} | "
                      f"{s.get('seconds', '-')} | {s.get('cudagraph_skips', '-')} |")
     for name, b in summary.get("bench", {}).items():
-        lines += ["", f"## generate.py --bench, {name} (random weights), compile {b['compile_s']} s", "",
-                  "| batch | respec tok/s | transformers tok/s | x transformers | step ms | roofline ms | x roofline "
-                  "| same tokens | SD tok/s | SD x plain | accept len | unwarmed |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+        # two transformers baselines: eager (dynamic cache, uncompiled) and static (static cache, compiled by
+        # generate); step ms: one decoding step alone (transformers': (T(N) - T(1)) / (N - 1))
+        lines += ["", f"## generate.py --bench, {name} (random weights), compile {b['compile_s']} s", ""]
+        if b.get("launch_us_eager") is not None:
+            graph = b.get("launch_us_graph")
+            lines += [f"Kernel launch: {b['launch_us_eager']:.2f} us eager"
+                      + (f", {graph:.2f} us inside a CUDA graph" if graph is not None else "") + ".", ""]
+        static = "compiled" if b.get("hf_static_compiled", True) else "eager"
+        if b.get("hf_static_error"):
+            lines += [f"hf static ({static}) failed at {b['hf_static_error']}", ""]
+        lines += [f"hf eager: dynamic cache, uncompiled; hf static: static cache, {static}. "
+                  "tok/s: whole generate calls; step ms: one decoding step alone.", "",
+                  "| batch | respec tok/s | hf eager tok/s | x hf eager | hf static tok/s | x hf static | step ms "
+                  "| hf eager step ms | hf static step ms | roofline ms | x roofline | same as hf eager "
+                  "| same as hf static | SD tok/s | SD x plain | accept len | unwarmed |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|"]
         for r in b["rows"]:
             roof = r.get("roofline_ms") or 0
             lines.append(f"| {r['batch']} | {r['respec_tok_s']:.0f} | {r.get('hf_tok_s', '-')} | "
-                         f"{_ratio(r['respec_tok_s'], r.get('hf_tok_s'))} | {r['step_ms']:.2f} | {roof:.3f} | "
-                         f"{_ratio(r['step_ms'], roof)} | {r.get('same_tokens_as_hf', '-')} | {r.get('sd_tok_s', '-')} | "
+                         f"{_ratio(r['respec_tok_s'], r.get('hf_tok_s'))} | {r.get('hf_static_tok_s', '-')} | "
+                         f"{_ratio(r['respec_tok_s'], r.get('hf_static_tok_s'))} | {r['step_ms']:.2f} | "
+                         f"{_or_dash(r.get('hf_decode_ms_per_step'))} | "
+                         f"{_or_dash(r.get('hf_static_decode_ms_per_step'))} | "
+                         f"{roof:.3f} | {_ratio(r['step_ms'], roof)} | {r.get('same_tokens_as_hf', '-')} | "
+                         f"{r.get('same_tokens_as_hf_static', '-')} | {r.get('sd_tok_s', '-')} | "
                          f"{_ratio(r.get('sd_tok_s'), r['respec_tok_s'])} | {r.get('accept_len', '-')} | "
                          f"{len(r.get('unwarmed_shapes', []))} |")
         goal = b.get("goal_x_hf")
@@ -342,6 +365,10 @@ def render(summary: dict) -> str:
         if goal and ratios:
             lines.append(f"\nGoal >= {goal}x transformers at batch 1 and 8: {'met' if min(ratios) >= goal else 'NOT met'} "
                          f"(worst {min(ratios):.2f}x)")
+        fair = [r["respec_tok_s"] / r["hf_static_tok_s"] for r in b["rows"] if r["batch"] in (1, 8)
+                and r.get("hf_static_tok_s")]
+        if goal and fair:  # the goal was set against eager transformers; the fair baseline's ratio beside it
+            lines.append(f"Against transformers' static cache ({static}) at batch 1 and 8: worst {min(fair):.2f}x")
         goal = b.get("goal_x_roofline")
         if goal and b["rows"] and b["rows"][0].get("roofline_ms"):
             r = b["rows"][0]
