@@ -242,17 +242,36 @@ def _read_safetensors(ckpt: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_checkpoint(ckpt: Path, *, dtype: torch.dtype, device: torch.device) -> Decoder:
-    """A Hugging Face checkpoint directory -> Decoder, built on meta and loaded with assign=True."""
+def check_fits(cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device) -> None:
+    """Raise ModelLoadError (one line) if the model's weights alone do not fit the GPU's free memory,
+    before any of them is read (else the user meets an out-of-memory traceback halfway through)."""
+    if device.type != "cuda":
+        return
+    with torch.device("meta"):
+        need = sum(p.numel() for p in Decoder(cfg).parameters()) * dtype.itemsize
+    free, total = torch.cuda.mem_get_info(device)
+    if need > free:
+        raise ModelLoadError(f"the model's weights take {need / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')}, "
+                             f"more than the {free / 2**30:.1f} GiB free on {device} ({total / 2**30:.0f} GiB in all)")
+
+
+def checkpoint_config(ckpt: Path) -> ModelConfig:
+    """The ModelConfig of a Hugging Face checkpoint directory (its config.json)."""
     config_path = ckpt / "config.json"
     if not config_path.is_file():
         raise ModelLoadError(f"{ckpt} has no config.json (not a Hugging Face checkpoint directory)")
     try:
-        cfg = ModelConfig.from_hf(json.loads(config_path.read_text()))
+        return ModelConfig.from_hf(json.loads(config_path.read_text()))
     except (KeyError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"cannot read {config_path}: {type(e).__name__}: {e}") from e
     except ValueError as e:
         raise ModelLoadError(f"{config_path}: {e}") from e
+
+
+def load_checkpoint(ckpt: Path, *, dtype: torch.dtype, device: torch.device) -> Decoder:
+    """A Hugging Face checkpoint directory -> Decoder, built on meta and loaded with assign=True."""
+    cfg = checkpoint_config(ckpt)
+    check_fits(cfg, dtype=dtype, device=device)
     state = from_hf_state_dict(_read_safetensors(ckpt), cfg)
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     if cfg.tie_word_embeddings:
@@ -356,5 +375,6 @@ def load_model(spec: str, *, dtype: torch.dtype | str = "auto", device: str | to
         dtype = resolve_dtype("fp16", device)  # raises with the message
     ckpt = resolve_checkpoint(spec)
     if ckpt is None:
+        check_fits(PRESETS[spec], dtype=dtype, device=device)
         return random_model(PRESETS[spec], dtype=dtype, device=device, seed=seed)
     return load_checkpoint(ckpt, dtype=dtype, device=device)

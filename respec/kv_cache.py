@@ -121,6 +121,11 @@ class PagedKVCache:
                 f"KV cache of {capacity_bytes / 2**30:.3g} GiB holds {num_blocks} blocks of "
                 f"{self.bytes_per_block / 2**20:.2f} MiB; it needs at least 2"
             )
+        if torch.device(device).type == "cuda":  # one line, not an out-of-memory traceback
+            free, total = torch.cuda.mem_get_info(device)
+            if num_blocks * self.bytes_per_block > free:
+                raise ValueError(f"a KV cache of {capacity_bytes / 2**30:.3g} GiB does not fit the "
+                                 f"{free / 2**30:.1f} GiB free on {device} ({total / 2**30:.0f} GiB in all)")
         self.block_size = block_size
         # Zeros, not empty: the null block and stale slots are read (then masked), so keep them finite.
         self.pools = [torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)

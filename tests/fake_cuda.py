@@ -12,7 +12,8 @@ fake dispatch, as it is not built with CUDA) becomes an empty CUDA tensor of the
 host reads of values a fake tensor does not have (`.tolist()`, `.item()`) return zeros, and indexing
 (`t[i]`, `t[i] = v`: its Python binding takes a CUDA device guard, which a CPU-only build lacks)
 goes through the aten ops it stands for (select, slice, unsqueeze, index, index_put_), as do
-`copy_` into a CUDA tensor and `~t`. The values
+`copy_` into a CUDA tensor and `~t`; `torch.cuda.mem_get_info` answers for a fake 80 GiB card
+with `FREE_BYTES` free (a test may lower it). The values
 are meaningless, so tests under fake CUDA check devices and shapes, never tokens. And `Module.to`
 swaps a fake parameter for its converted copy (torch.utils.swap_tensors), which refuses while the
 fake mode's memo holds a weak reference to it: the memo is emptied first.
@@ -115,20 +116,25 @@ class _HostMoves(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+CARD_BYTES = 80 << 30  # the fake card's memory
+
+
 @contextlib.contextmanager
-def fake_cuda():
-    """Run the block with fake tensors in which `device="cuda"` works on any machine."""
+def fake_cuda(free_bytes: int = CARD_BYTES):
+    """Run the block with fake tensors in which `device="cuda"` works on any machine, on a card with
+    `free_bytes` of its memory free."""
     mode = FakeTensorMode(allow_non_fake_inputs=False)
-    swap = torch.utils.swap_tensors
+    swap, mem_get_info = torch.utils.swap_tensors, torch.cuda.mem_get_info
 
     def swap_unmemoised(t1, t2):
         mode.fake_tensor_converter.meta_converter.tensor_memo.clear()
         return swap(t1, t2)
 
     torch.utils.swap_tensors = swap_unmemoised
+    torch.cuda.mem_get_info = lambda device=None: (free_bytes, CARD_BYTES)
     try:
         with mode, _HostMoves():
             yield
     finally:
-        torch.utils.swap_tensors = swap
+        torch.utils.swap_tensors, torch.cuda.mem_get_info = swap, mem_get_info
         sampling._VOCAB_HASHES.clear()  # fake tables must not outlive their mode (the next one refuses them)

@@ -65,6 +65,34 @@ def test_cuda_device_without_a_gpu(capsys):
     one_line_error(*run_main(capsys, "--model", "tiny", "--device", "cuda"), "no CUDA GPU is available")
 
 
+def test_a_model_too_large_for_the_card(capsys, monkeypatch, tmp_path):
+    """On a (fake) GPU with 1 MiB free: one line before any weight is read, no report written."""
+    from tests.fake_cuda import fake_cuda
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    report = tmp_path / "bench.json"
+    with fake_cuda(free_bytes=1 << 20):
+        code, err = run_main(capsys, "--model", "tiny", "--device", "cuda", "--bench", "--json", str(report))
+    one_line_error(code, err, "GiB free on cuda")
+    assert not report.exists()
+
+
+def test_a_vocabulary_that_cannot_be_indexed_in_32_bits_at_the_batch(capsys, monkeypatch, tmp_path):
+    """Qwen2.5's 151,936-token vocabulary, 4,096 rows and a 17-wide verify: logits of 10.6 billion
+    elements, which a GPU kernel cannot index in 32 bits; refused in one line, naming a batch that
+    fits, before anything compiles (compile/policy.py)."""
+    from tests.fake_cuda import fake_cuda
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    report = tmp_path / "bench.json"
+    with fake_cuda():
+        code, err = run_main(capsys, "--model", "random-qwen2.5-0.5b", "--device", "cuda", "--bench", "--batch-sizes",
+                             "4096", "--drafter", "history", "--k", "16", "--kv-cache-gb", "0.01", "--json", str(report))
+    one_line_error(code, err, "vocabulary of 152,064")
+    assert "2^31 - 1" in err and "a batch of at most 512 rows fits" in err
+    assert not report.exists()
+
+
 def test_prompt_longer_than_context(capsys):
     code, err = run_main(capsys, "--model", "tiny", "--eager", "--prompt", "hello " * 2100)
     one_line_error(code, err, "does not fit the model's context")

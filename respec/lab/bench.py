@@ -182,14 +182,7 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int]) -> dict:
     """respec's engine against transformers' generate (generate.py --bench): tokens/s per batch size,
     the read-bandwidth roofline, tokens that differ, and SD with `drafter` when given."""
     device = torch.device(args.device)
-    bandwidth = read_bandwidth_gbs(device)
-    weight_bytes = model.num_weight_bytes()
-    roofline_ms = weight_bytes / (bandwidth * 1e9) * 1e3
-    launch = launch_overhead_us(device)
     sampled = args.temperature > 0
-    print(f"model {args.model}  dtype {str(dtype).removeprefix('torch.')}  weights read per step "
-          f"{weight_bytes / 1e6:.0f} MB  read bandwidth {bandwidth:.1f} GB/s  roofline {roofline_ms:.1f} ms/step"
-          + (f"  sampling T={args.temperature}, stopping at EOS" if sampled else ""), flush=True)
 
     def params(b: int, rollout: int = 0) -> list[SamplingParams]:
         """Greedy past EOS (comparable with transformers token for token), or sampled as RL samples:
@@ -201,11 +194,6 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int]) -> dict:
 
     engine = RolloutEngine(model, kv_cache_bytes=int(args.kv_cache_gb * 2**30), eager=args.eager,
                            compile_mode=args.compile_mode, max_batch=max(args.batch_sizes), eos_token_ids=eos)
-    prompts_for = {b: bench_prompts(tokenizer, b, args.seed, args.task) for b in args.batch_sizes}
-    for b, prompts in prompts_for.items():  # all rows must fit the cache at once, or preemption enters the numbers
-        need = sum(engine.blocks.blocks_for(len(p) + args.new_tokens + args.k + 1) for p in prompts)
-        if need > engine.blocks.num_blocks - 1:
-            raise ValueError(f"batch {b} needs {need} KV blocks, the cache has {engine.blocks.num_blocks - 1}: raise --kv-cache-gb")
     sd_engine = None
     if drafter is not None:
         sd_engine = RolloutEngine(model, kv_cache_bytes=int(args.kv_cache_gb * 2**30), eager=args.eager,
@@ -213,6 +201,19 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int]) -> dict:
                                   num_draft_tokens=args.k, verify=args.verify,
                                   eos_token_ids=eos)
         sd_engine.time_phases = True  # where an SD step's time goes (a device sync per phase on GPUs)
+    prompts_for = {b: bench_prompts(tokenizer, b, args.seed, args.task) for b in args.batch_sizes}
+    for b, prompts in prompts_for.items():  # all rows must fit the cache at once, or preemption enters the numbers
+        need = sum(engine.blocks.blocks_for(len(p) + args.new_tokens + args.k + 1) for p in prompts)
+        if need > engine.blocks.num_blocks - 1:
+            raise ValueError(f"batch {b} needs {need} KV blocks, the cache has {engine.blocks.num_blocks - 1}: raise --kv-cache-gb")
+    # the machine's figures, once the engines took the arguments (bad input refused before anything runs)
+    bandwidth = read_bandwidth_gbs(device)
+    weight_bytes = model.num_weight_bytes()
+    roofline_ms = weight_bytes / (bandwidth * 1e9) * 1e3
+    launch = launch_overhead_us(device)
+    print(f"model {args.model}  dtype {str(dtype).removeprefix('torch.')}  weights read per step "
+          f"{weight_bytes / 1e6:.0f} MB  read bandwidth {bandwidth:.1f} GB/s  roofline {roofline_ms:.1f} ms/step"
+          + (f"  sampling T={args.temperature}, stopping at EOS" if sampled else ""), flush=True)
     use_filter = sampled and (args.top_p < 1 or args.top_k > 0 or args.min_p > 0)
     # every shape the timed runs meet: each batch bucket (rows finish at different steps), the draft
     # and verify steps, and (with per-shape CUDA graphs) every block-table width up to the longest row
