@@ -198,14 +198,20 @@ class Trainer:
         order it must happen; returns timings.
 
           1. restore a checkpoint, if given: the actor, optimizer, scheduler and drafter weights, the
-             learner's state, and the solver's acceptance, which step 3 starts from;
+             learner's state, the drafter's earlier rollouts, and the solver's acceptance, which step
+             3 starts from;
           2. compile the engine's step shapes (the drafter's too);
           3. the SD policy: fixed k, or the solver from the cost model (profiled once, cached) and the
              acceptance prior (the drafter's pretraining report, or what step 1 restored);
           4. the GEMM peak the MFU metric divides by, summed over ranks."""
         if checkpoint_dir is not None:
             self._restore(checkpoint_dir)
+        # the synthetic sequences that compile and time the steps leave no history behind: the
+        # drafter carries into step 1 what it had (a resumed run, exactly what it was saved with)
+        carried = self.drafter.state_dict() if self.drafter is not None else None
         out = self._compile_and_plan()
+        if carried is not None:
+            self.drafter.load_state_dict(carried)
         peak = metrics.gemm_peak(self.train_dtype, self.d.device)
         (self.peak_flops,) = distributed.all_reduce_sum([peak], self.d)
         bf16_peak = metrics.gemm_peak(torch.bfloat16, self.d.device, m=128, reps=1) if self.train_dtype != torch.bfloat16 else peak
@@ -293,34 +299,38 @@ class Trainer:
         return history
 
     def save(self) -> None:
-        extras = {}
-        if isinstance(self.engine.policy, AdaptiveK):  # the solver's acceptance (online EMA) at this point
-            extras["solver_alpha"] = list(self.engine.policy.alpha)
-        if self.learner is not None:
-            extras["drafter_learner"] = self.learner.state_dict()
-        extras["rollout_seeds"] = self.seeds.state_dict()
-        if self.replays is not None:
-            extras["replays"] = self.replays.state_dict()
         checkpoint.save(self.run_dir, self.step, self.d, actor=self.actor, optimizer=self.optimizer,
                         scheduler=self.scheduler, drafter=self.head_module,
                         progress={"step": self.step, "data_position": self.step * self.cfg.prompts},
-                        keep=self.cfg.keep_checkpoints, extras=extras)
+                        keep=self.cfg.keep_checkpoints, **self.components())
         self.saved_step = self.step
 
     def _restore(self, path: Path) -> None:
         """Step 1 of `start`."""
         progress = checkpoint.load(path, self.d, actor=self.actor, optimizer=self.optimizer,
-                                   scheduler=self.scheduler, drafter=self.head_module)
+                                   scheduler=self.scheduler, drafter=self.head_module, **self.components())
         self.step = self.saved_step = int(progress["step"])
-        extras = checkpoint.load_extras(path)
-        self.drafter_prior = extras.get("solver_alpha", self.drafter_prior)  # step 3 builds the solver with it
-        if self.learner is not None and "drafter_learner" in extras:
-            self.learner.load_state_dict(extras["drafter_learner"])
-        self.seeds.load_state_dict(extras.get("rollout_seeds", {}))
-        if self.replays is not None:
-            self.replays.load_state_dict(extras.get("replays", {}))
         self.after_update()
         self.forget_metrics_after(self.step)
+
+    def components(self) -> dict[str, dict]:
+        """What a checkpoint holds besides the actor, its optimizer and schedule and the head's weights
+        (respec/checkpoint.py): each component by name, with its own `state_dict()`. Shared: the same
+        on every rank. Per rank: the drafter, whose earlier rollouts (a history drafter's draft
+        sources) are of the rank's own prompts; a drafter that carries nothing between rollouts
+        hands over {}."""
+        shared = {"trainer": self, "rollout_seeds": self.seeds, "drafter_learner": self.learner,
+                  "replays": self.replays}
+        return {"shared": {name: c for name, c in shared.items() if c is not None},
+                "per_rank": {"drafter": self.drafter} if self.drafter is not None else {}}
+
+    def state_dict(self) -> dict:
+        """The trainer's own part of a checkpoint: the adaptive solver's acceptance (its online EMA)."""
+        return {"solver_alpha": list(self.engine.policy.alpha)} if isinstance(self.engine.policy, AdaptiveK) else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Step 3 of `start` builds the solver with the restored acceptance."""
+        self.drafter_prior = state.get("solver_alpha", self.drafter_prior)
 
     def forget_metrics_after(self, step: int) -> None:
         """Drop metrics and completions of steps after `step`: a run killed between checkpoints

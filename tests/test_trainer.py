@@ -348,6 +348,27 @@ def test_history_and_hybrid_drafters_in_grpo(tmp_path):
         assert ("drafter_version" in rows[-1]) and (run / "drafter").is_dir() == (spec == "random+history")
 
 
+def test_history_drafter_resume_is_exact(tmp_path):
+    """The history drafter keeps earlier rollouts of each prompt as draft sources; a resumed run
+    drafts from the checkpointed ones. Under the match rule the tokens never depend on the drafter,
+    but what it proposes does: 2 steps + a resume to 3 give the straight run's tokens *and* its SD
+    statistics (a resume that lost the history would accept fewer drafts in step 3). A fixed set of
+    4 prompts (one epoch per step), so every step revisits the prompts the history holds."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    args = [*[a for a in TOY if a not in ("--sd", "off")], "--sd", "on", "--drafter", "history", "--k", "3",
+            "--train-size", "4", "--max-new-tokens", "16", "--checkpoint-every", "2", "--log-completions", "all"]
+    train(*args, "--steps", "3", "--out", str(straight))
+    train(*args, "--steps", "2", "--out", str(split))
+    train("--resume", str(split), "--steps", "3", "--no-progress")
+    drafted = EXACT + ["sd_fraction", "accept_len", "alpha_measured"]
+    rows = metrics(straight)
+    assert [{k: r[k] for k in drafted} for r in metrics(split)] == [{k: r[k] for k in drafted} for r in rows]
+    assert rows[2]["accept_len"] > 1  # the history's drafts are accepted (what a lost history would change)
+    completions = lambda run: [(r["step"], r["prompt_index"], r["sample"], r["completion"])  # noqa: E731
+                               for r in map(json.loads, (run / "completions.jsonl").read_text().splitlines())]
+    assert completions(split) == completions(straight)
+
+
 def test_default_sizes_fit_any_number_of_ranks():
     """The default prompt count divides among 1..8 ranks; micro-batch and KV pool sizes of 0 mean
     'sized for the device'."""

@@ -159,3 +159,23 @@ class HistoryDrafter(Drafter):
 
     def assume_cached(self, seq) -> None:
         self.catch_up([seq], 0)
+
+    def state_dict(self) -> dict:
+        """Every prompt's documents and index as they are, least recently used prompt first. The
+        n-gram map is kept, not rebuilt from the documents on loading: which occurrence an n-gram
+        points to depends on the order the rows' text arrived in, and a rebuilt one would propose
+        differently. (After a Ctrl-C that abandons a rollout, its partial text is history too.)"""
+        return {"prompts": [(key, {doc: list(t) for doc, t in index.docs.items()}, dict(index.indexed),
+                             dict(index.latest), list(self.past[key])) for key, index in self.index.items()],
+                "crowded": sorted(self.crowded), "next_doc": self.next_doc}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.index.clear()
+        self.past.clear()
+        self.doc.clear()
+        for key, docs, indexed, latest, past in state.get("prompts", []):
+            index = self.index[tuple(key)] = SuffixIndex(self.max_match)
+            index.docs, index.indexed, index.latest = dict(docs), dict(indexed), dict(latest)
+            self.past[tuple(key)] = list(past)
+        self.crowded = {tuple(key) for key in state.get("crowded", [])}
+        self.next_doc = state.get("next_doc", 0)
