@@ -14,14 +14,20 @@ Every run directory holds config.json, metrics.jsonl, completions.jsonl (the com
 rewards), plots/, TensorBoard events (tensorboard/), checkpoints and the final actor (hf/).
 Multi-node: torchrun's usual rendezvous, e.g. `torchrun --nnodes=2 --nproc_per_node=8
 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train.py ...` on every node.
+
+A run that seems stuck: every checkpoint and every phase after the last step says on stderr when it
+starts and how long it took (`[teardown] export hf/ ... 0.4 s`), and `kill -USR1 PID` prints every
+thread's stack (faulthandler; a fatal error prints them too) while the run goes on.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import json
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -108,6 +114,15 @@ def flag_name(name: str) -> str:
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def quiet(msg: str) -> None:
+    """Every rank but the main one logs nothing."""
+
+
+def teardown(what: str, d: distributed.Dist):
+    """A phase after the last step, announced on the main rank as it starts and ends (guards.py)."""
+    return guards.announced("teardown", what, log if d.main else quiet)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,7 +231,7 @@ def run_grpo(ns, given: dict, d: distributed.Dist) -> int:
         raise ValueError(f"--export-hf {cfg.export_hf} exists; refusing to overwrite it")
 
     wall = time.perf_counter()
-    trainer = Trainer(cfg, d=d, run_dir=run_dir, log=log if d.main else (lambda m: None))  # bad data fails here
+    trainer = Trainer(cfg, d=d, run_dir=run_dir, log=log if d.main else quiet)  # bad data fails here
     if d.main and ns.resume is None:
         run_dir.mkdir(parents=True)
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
@@ -228,51 +243,63 @@ def run_grpo(ns, given: dict, d: distributed.Dist) -> int:
     prep = trainer.start(start)
     if start is not None and d.main:
         log(f"resumed {run_dir} from {start.name} (step {trainer.step})")
-    history = trainer.run()
+    history = trainer.run()  # (its last checkpoint announced as the others are)
     # The run's own copy of the final actor, replaced only once the new one is complete.
-    fresh = run_dir / ".hf.tmp"
-    if d.main:
-        shutil.rmtree(fresh, ignore_errors=True)
-    checkpoint.export_hf(trainer.actor, fresh, d, tokenizer=trainer.tok)
-    if d.main:
-        shutil.rmtree(run_dir / "hf", ignore_errors=True)
-        fresh.rename(run_dir / "hf")
+    with teardown("export hf/", d):
+        fresh = run_dir / ".hf.tmp"
+        if d.main:
+            shutil.rmtree(fresh, ignore_errors=True)
+        checkpoint.export_hf(trainer.actor, fresh, d, tokenizer=trainer.tok)
+        if d.main:
+            shutil.rmtree(run_dir / "hf", ignore_errors=True)
+            fresh.rename(run_dir / "hf")
     if cfg.export_hf:
-        checkpoint.export_hf(trainer.actor, Path(cfg.export_hf), d, tokenizer=trainer.tok)
+        with teardown(f"export --export-hf {cfg.export_hf}", d):
+            checkpoint.export_hf(trainer.actor, Path(cfg.export_hf), d, tokenizer=trainer.tok)
     if trainer.learner is not None:
-        trainer.learner.export(run_dir / "drafter")
+        with teardown("export drafter/", d):
+            trainer.learner.export(run_dir / "drafter")
     if d.main:
-        plot_run(run_dir)
+        with teardown("plots", d):
+            plot_run(run_dir)
         if history:
-            print(summary(history, run_dir, time.perf_counter() - wall, prep, cfg.verify), flush=True)
+            with teardown("summary", d):
+                print(summary(history, run_dir, time.perf_counter() - wall, prep, cfg.verify), flush=True)
     return 0
 
 
 def main(argv=None) -> int:
     ns, given = parse_args(argv)
+    faulthandler.enable()  # a fatal error (a segfault, an abort in a library) prints every thread's stack
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: every thread's stack, the run goes on
     use_persistent_cache()
     d = distributed.init()
+    code = 1  # an unexpected exception: its traceback follows the teardown
     try:
-        return run_drafter(DrafterConfig(**given), d) if ns.stage == "drafter" else run_grpo(ns, given, d)
+        code = run_drafter(DrafterConfig(**given), d) if ns.stage == "drafter" else run_grpo(ns, given, d)
     except (ModelLoadError, ValueError) as e:  # bad input: nothing was started
         if d.main:
             print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except (guards.RunFailed, checkpoint.CheckpointError) as e:  # the run stopped; its last checkpoint is kept
         if d.main:
             print(f"train.py: error: {e}", file=sys.stderr)
-        return 1
+        code = 1
     except guards.RunInterrupted as e:
         if d.main:
             print(f"train.py: {e}", file=sys.stderr)
-        return 130
+        code = 130
     except KeyboardInterrupt:  # a second Ctrl-C
         if d.main:
             print("train.py: interrupted (a second Ctrl-C: no checkpoint written for the step in progress)",
                   file=sys.stderr)
-        return 130
+        code = 130
     finally:
-        distributed.shutdown()
+        # announced where there is something to tear down, and never after bad input (one line)
+        with guards.announced("teardown", "device sync, process group", log if d.main and code != 2
+                              and distributed.has_teardown() else quiet):
+            distributed.shutdown(clean=code == 0)
+    return code
 
 
 if __name__ == "__main__":

@@ -294,15 +294,18 @@ class Trainer:
             raise guards.RunInterrupted(f"interrupted: the checkpoint of step {self.step} is in "
                                         f"{checkpoint.checkpoint_root(self.run_dir)}; continue with --resume {self.run_dir}")
         if self.learner is not None:  # the last step's update, if it ran in the background
-            self.learner.before_rollout()
-        log.close()
+            with guards.announced("teardown", "last drafter update", self.log):
+                self.learner.before_rollout()
+        with guards.announced("teardown", "close the metrics log", self.log):  # trackers flush and finish
+            log.close()
         return history
 
     def save(self) -> None:
-        checkpoint.save(self.run_dir, self.step, self.d, actor=self.actor, optimizer=self.optimizer,
-                        scheduler=self.scheduler, drafter=self.head_module,
-                        progress={"step": self.step, "data_position": self.step * self.cfg.prompts},
-                        keep=self.cfg.keep_checkpoints, **self.components())
+        with guards.announced("checkpoint", f"step {self.step}", self.log):  # a hang in it names itself
+            checkpoint.save(self.run_dir, self.step, self.d, actor=self.actor, optimizer=self.optimizer,
+                            scheduler=self.scheduler, drafter=self.head_module,
+                            progress={"step": self.step, "data_position": self.step * self.cfg.prompts},
+                            keep=self.cfg.keep_checkpoints, **self.components())
         self.saved_step = self.step
 
     def _restore(self, path: Path) -> None:
