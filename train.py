@@ -179,7 +179,8 @@ def resumed_config(run: Path, given: dict) -> TrainConfig:
     return cfg
 
 
-def summary(history: list[dict], run_dir: Path, wall_s: float, prep: dict, verify: str = "match") -> str:
+def summary(history: list[dict], run_dir: Path, wall_s: float, prep: dict, verify: str = "match",
+            peak_source: str = "") -> str:
     first, last = history[:5], history[-5:]
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
     rollout = sum(r["rollout_s"] for r in history)
@@ -192,7 +193,8 @@ def summary(history: list[dict], run_dir: Path, wall_s: float, prep: dict, verif
         f"rollout {rollout / step:.0%} of step time; {sum(r['rollout_tok_s'] * r['rollout_s'] for r in history) / rollout:.0f} "
         f"tokens/s; SD on in {mean(history, 'sd_fraction'):.0%} of decoding steps; accept_len "
         f"{mean([r for r in history if r['accept_len']] or history[:1], 'accept_len'):.2f}",
-        f"train phase MFU {mean(history, 'train_mfu'):.1%} (of the measured GEMM peak in the training dtype)",
+        f"update MFU {mean(history, 'train_mfu'):.1%} (model FLOPs over the update's time alone, of the peak in the "
+        f"training dtype: {peak_source or 'unknown'})",
     ]
     est = [r["accept_est"] for r in history if "accept_est" in r]
     if est:
@@ -264,7 +266,8 @@ def run_grpo(ns, given: dict, d: distributed.Dist) -> int:
             plot_run(run_dir)
         if history:
             with teardown("summary", d):
-                print(summary(history, run_dir, time.perf_counter() - wall, prep, cfg.verify), flush=True)
+                print(summary(history, run_dir, time.perf_counter() - wall, prep, cfg.verify, trainer.peak_source),
+                      flush=True)
     return 0
 
 

@@ -159,7 +159,8 @@ class Trainer:
         self.saved_step: int | None = None  # the step of the newest checkpoint written or resumed
         self.step = 0
         self.started = False  # start() ran
-        self.peak_flops = 0.0  # set by start()
+        self.peak_flops = 0.0  # set by start(): FLOP/s over all ranks
+        self.peak_source = ""  # where the figure came from (a datasheet, a timed GEMM)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.metrics_log: metrics.MetricsLog | None = None  # run() opens it
         self.completions_path = self.run_dir / "completions.jsonl"
@@ -203,7 +204,8 @@ class Trainer:
           2. compile the engine's step shapes (the drafter's too);
           3. the SD policy: fixed k, or the solver from the cost model (profiled once, cached) and the
              acceptance prior (the drafter's pretraining report, or what step 1 restored);
-          4. the GEMM peak the MFU metric divides by, summed over ranks."""
+          4. the peak FLOP/s the MFU metric divides by (a GPU's datasheet figure, else a timed
+             GEMM: respec/metrics.py `peak_flops`), summed over ranks."""
         if checkpoint_dir is not None:
             self._restore(checkpoint_dir)
         # the synthetic sequences that compile and time the steps leave no history behind: the
@@ -212,11 +214,10 @@ class Trainer:
         out = self._compile_and_plan()
         if carried is not None:
             self.drafter.load_state_dict(carried)
-        peak = metrics.gemm_peak(self.train_dtype, self.d.device)
+        peak, self.peak_source = metrics.peak_flops(self.train_dtype, self.d.device)
         (self.peak_flops,) = distributed.all_reduce_sum([peak], self.d)
-        bf16_peak = metrics.gemm_peak(torch.bfloat16, self.d.device, m=128, reps=1) if self.train_dtype != torch.bfloat16 else peak
-        self.log(f"GEMM peak: {peak / 1e9:.0f} GFLOP/s in {self.train_dtype} per process "
-                 f"(bf16: {bf16_peak / 1e9:.1f} GFLOP/s)")
+        self.log(f"peak {peak / 1e12:.3g} TFLOP/s per process in {self.train_dtype} ({self.peak_source}): "
+                 "the MFU's denominator")
         self.started = True
         return out
 
@@ -355,7 +356,7 @@ class Trainer:
         """One GRPO step, numbered as the module docstring numbers it."""
         cfg, d = self.cfg, self.d
         t_step = time.perf_counter()
-        timings = {"drafter_s": 0.0}
+        timings = {"drafter_s": 0.0}  # and each phase's seconds, as it ends
         episodes, epoch = self.make_episodes()  # 1. data
         drafter_version = self.learner.live_version if self.learner is not None else 0  # drafter updates in it
         with timed(timings, "rollout_s"):
@@ -367,10 +368,13 @@ class Trainer:
                                   self.metrics_log)
         signal = set_advantages(episodes, cfg.group, scale_by_std=cfg.scale_adv_by_std)  # 4. advantages
         self.remember(episodes, signal)
-        with timed(timings, "train_s"):
+        with timed(timings, "train_s"):  # the update alone: the MFU divides its FLOPs by this time
             upd = policy_update(self.actor, self.optimizer, self.scheduler, episodes, cfg, d,  # 4. update
                                 reference=self.reference, micro_tokens=self.micro_tokens,
                                 train_dtype=self.train_dtype, progress=cfg.progress)
+            if d.device.type == "cuda":  # its kernels finished, not only queued
+                torch.cuda.synchronize(d.device)
+        with timed(timings, "sync_s"):
             self.after_update()  # 5. the rollout copy reads the new weights
         # the drafter's online distillation from the updated actor, due when the head drafted in this
         # rollout (replay and history verifies do not use it), the same decision on every rank

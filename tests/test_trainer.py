@@ -369,6 +369,30 @@ def test_history_drafter_resume_is_exact(tmp_path):
     assert completions(split) == completions(straight)
 
 
+def test_peak_flops_from_the_datasheet_table_or_a_timed_gemm():
+    """The MFU's denominator: a known GPU's dense datasheet figure, found by the name torch reports
+    (the most specific pattern wins), in the training dtype; fp32 on TF32 tensor cores unless the
+    matmul precision is "highest". An unknown GPU is timed; a CPU is timed in the training dtype."""
+    from respec import metrics
+
+    bf16 = {name: metrics.datasheet_peak(name, torch.bfloat16)
+            for name in ("NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL",
+                         "NVIDIA A100-SXM4-80GB", "NVIDIA A100-PCIE-40GB", "NVIDIA GH200 480GB", "NVIDIA L40S",
+                         "NVIDIA L4", "NVIDIA GeForce RTX 4090")}
+    assert {name: round(found[0] / 1e12, 2) for name, found in bf16.items()} == {
+        "NVIDIA H200": 989.4, "NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H100 PCIe": 756.5, "NVIDIA H100 NVL": 835.5,
+        "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A100-PCIE-40GB": 312.0, "NVIDIA GH200 480GB": 989.4,
+        "NVIDIA L40S": 362.05, "NVIDIA L4": 121.0, "NVIDIA GeForce RTX 4090": 165.2}
+    assert bf16["NVIDIA H200"][1] == "NVIDIA H200, dense bf16, vendor datasheet"
+    assert metrics.datasheet_peak("NVIDIA A100-SXM4-80GB", torch.float32) == (156e12, "NVIDIA A100-SXM4-80GB, dense "
+                                                                                        "tf32, vendor datasheet")
+    assert metrics.datasheet_peak("NVIDIA A100-SXM4-80GB", torch.float32, tf32=False)[0] == 19.5e12
+    assert metrics.datasheet_peak("NVIDIA A10G", torch.bfloat16) is None  # no public datasheet: timed
+    assert metrics.datasheet_peak("Tesla T4", torch.bfloat16) is None
+    flops, source = metrics.peak_flops(torch.float32, torch.device("cpu"))
+    assert source == "timed CPU GEMM" and 1e8 < flops < 1e14
+
+
 def test_default_sizes_fit_any_number_of_ranks():
     """The default prompt count divides among 1..8 ranks; micro-batch and KV pool sizes of 0 mean
     'sized for the device'."""
