@@ -134,6 +134,21 @@ def test_resume_is_exact_including_after_sigkill(tmp_path):
     assert (killed / "hf" / "model.safetensors").is_file()
 
 
+def test_resume_is_exact_in_bf16(tmp_path):
+    """bf16 rollouts and a bf16-autocast training forward resume as exactly as fp32 (TOY's `auto` is
+    fp32 on a CPU without native bf16, so the test above may not cover it): a checkpoint holds the
+    fp32 master weights and AdamW's fp32 moments, the bf16 rollout copy is cast again from the
+    restored master (`Trainer.after_update`), and the autocast forward rounds the same inputs the
+    same way, so nothing depends on whether the process was restarted."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    args = [*TOY, "--dtype", "bf16", "--train-dtype", "bf16", "--checkpoint-every", "2"]
+    train(*args, "--steps", "3", "--out", str(straight))
+    train(*args, "--steps", "2", "--out", str(split))
+    train("--resume", str(split), "--steps", "3", "--no-progress")
+    assert exact(metrics(split)) == exact(metrics(straight))
+    assert max_abs_diff(split / "hf" / "model.safetensors", straight / "hf" / "model.safetensors") == 0
+
+
 def one_and_two_ranks(tmp_path, args: list[str]) -> tuple[Path, Path]:
     """The same run in one process and under torchrun with two ranks; fp32 throughout (bf16
     autocast, the default where bf16 is native, rounds differently for the two runs' microbatch
