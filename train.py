@@ -273,8 +273,6 @@ def run_grpo(ns, given: dict, d: distributed.Dist) -> int:
 
 def main(argv=None) -> int:
     ns, given = parse_args(argv)
-    faulthandler.enable()  # a fatal error (a segfault, an abort in a library) prints every thread's stack
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: every thread's stack, the run goes on
     use_persistent_cache()
     d = distributed.init()
     code = 1  # an unexpected exception: its traceback follows the teardown
@@ -305,5 +303,14 @@ def main(argv=None) -> int:
     return code
 
 
+def dump_stacks_on_signal() -> None:
+    """Every thread's stack on stderr at a fatal error (a segfault, an abort in a library) and on
+    `kill -USR1` (the run goes on). Set where the process starts, not in `main`, which tests call
+    with a stderr that has no file descriptor."""
+    faulthandler.enable()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
 if __name__ == "__main__":
+    dump_stacks_on_signal()
     sys.exit(main())
