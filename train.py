@@ -14,14 +14,20 @@ Every run directory holds config.json, metrics.jsonl, completions.jsonl (the com
 rewards), plots/, TensorBoard events (tensorboard/), checkpoints and the final actor (hf/).
 Multi-node: torchrun's usual rendezvous, e.g. `torchrun --nnodes=2 --nproc_per_node=8
 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train.py ...` on every node.
+
+A run that seems stuck: every checkpoint and every phase after the last step says on stderr when it
+starts and how long it took (`[teardown] export hf/ ... 0.4 s`), and `kill -USR1 PID` prints every
+thread's stack (faulthandler; a fatal error prints them too) while the run goes on.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import json
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -110,6 +116,15 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def quiet(msg: str) -> None:
+    """Every rank but the main one logs nothing."""
+
+
+def teardown(what: str, d: distributed.Dist):
+    """A phase after the last step, announced on the main rank as it starts and ends (guards.py)."""
+    return guards.announced("teardown", what, log if d.main else quiet)
+
+
 # ----------------------------------------------------------------------------------------------
 def run_drafter(cfg: DrafterConfig, d: distributed.Dist) -> int:
     """--stage drafter: pretrain an EAGLE-style head by distillation from the target, on this
@@ -164,7 +179,8 @@ def resumed_config(run: Path, given: dict) -> TrainConfig:
     return cfg
 
 
-def summary(history: list[dict], run_dir: Path, wall_s: float, prep: dict, verify: str = "match") -> str:
+def summary(history: list[dict], run_dir: Path, wall_s: float, prep: dict, verify: str = "match",
+            peak_source: str = "") -> str:
     first, last = history[:5], history[-5:]
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
     rollout = sum(r["rollout_s"] for r in history)
@@ -177,7 +193,8 @@ def summary(history: list[dict], run_dir: Path, wall_s: float, prep: dict, verif
         f"rollout {rollout / step:.0%} of step time; {sum(r['rollout_tok_s'] * r['rollout_s'] for r in history) / rollout:.0f} "
         f"tokens/s; SD on in {mean(history, 'sd_fraction'):.0%} of decoding steps; accept_len "
         f"{mean([r for r in history if r['accept_len']] or history[:1], 'accept_len'):.2f}",
-        f"train phase MFU {mean(history, 'train_mfu'):.1%} (of the measured GEMM peak in the training dtype)",
+        f"update MFU {mean(history, 'train_mfu'):.1%} (model FLOPs over the update's time alone, of the peak in the "
+        f"training dtype: {peak_source or 'unknown'})",
     ]
     est = [r["accept_est"] for r in history if "accept_est" in r]
     if est:
@@ -216,7 +233,7 @@ def run_grpo(ns, given: dict, d: distributed.Dist) -> int:
         raise ValueError(f"--export-hf {cfg.export_hf} exists; refusing to overwrite it")
 
     wall = time.perf_counter()
-    trainer = Trainer(cfg, d=d, run_dir=run_dir, log=log if d.main else (lambda m: None))  # bad data fails here
+    trainer = Trainer(cfg, d=d, run_dir=run_dir, log=log if d.main else quiet)  # bad data fails here
     if d.main and ns.resume is None:
         run_dir.mkdir(parents=True)
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
@@ -228,23 +245,29 @@ def run_grpo(ns, given: dict, d: distributed.Dist) -> int:
     prep = trainer.start(start)
     if start is not None and d.main:
         log(f"resumed {run_dir} from {start.name} (step {trainer.step})")
-    history = trainer.run()
+    history = trainer.run()  # (its last checkpoint announced as the others are)
     # The run's own copy of the final actor, replaced only once the new one is complete.
-    fresh = run_dir / ".hf.tmp"
-    if d.main:
-        shutil.rmtree(fresh, ignore_errors=True)
-    checkpoint.export_hf(trainer.actor, fresh, d, tokenizer=trainer.tok)
-    if d.main:
-        shutil.rmtree(run_dir / "hf", ignore_errors=True)
-        fresh.rename(run_dir / "hf")
+    with teardown("export hf/", d):
+        fresh = run_dir / ".hf.tmp"
+        if d.main:
+            shutil.rmtree(fresh, ignore_errors=True)
+        checkpoint.export_hf(trainer.actor, fresh, d, tokenizer=trainer.tok)
+        if d.main:
+            shutil.rmtree(run_dir / "hf", ignore_errors=True)
+            fresh.rename(run_dir / "hf")
     if cfg.export_hf:
-        checkpoint.export_hf(trainer.actor, Path(cfg.export_hf), d, tokenizer=trainer.tok)
+        with teardown(f"export --export-hf {cfg.export_hf}", d):
+            checkpoint.export_hf(trainer.actor, Path(cfg.export_hf), d, tokenizer=trainer.tok)
     if trainer.learner is not None:
-        trainer.learner.export(run_dir / "drafter")
+        with teardown("export drafter/", d):
+            trainer.learner.export(run_dir / "drafter")
     if d.main:
-        plot_run(run_dir)
+        with teardown("plots", d):
+            plot_run(run_dir)
         if history:
-            print(summary(history, run_dir, time.perf_counter() - wall, prep, cfg.verify), flush=True)
+            with teardown("summary", d):
+                print(summary(history, run_dir, time.perf_counter() - wall, prep, cfg.verify, trainer.peak_source),
+                      flush=True)
     return 0
 
 
@@ -252,28 +275,42 @@ def main(argv=None) -> int:
     ns, given = parse_args(argv)
     use_persistent_cache()
     d = distributed.init()
+    code = 1  # an unexpected exception: its traceback follows the teardown
     try:
-        return run_drafter(DrafterConfig(**given), d) if ns.stage == "drafter" else run_grpo(ns, given, d)
+        code = run_drafter(DrafterConfig(**given), d) if ns.stage == "drafter" else run_grpo(ns, given, d)
     except (ModelLoadError, ValueError) as e:  # bad input: nothing was started
         if d.main:
             print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except (guards.RunFailed, checkpoint.CheckpointError) as e:  # the run stopped; its last checkpoint is kept
         if d.main:
             print(f"train.py: error: {e}", file=sys.stderr)
-        return 1
+        code = 1
     except guards.RunInterrupted as e:
         if d.main:
             print(f"train.py: {e}", file=sys.stderr)
-        return 130
+        code = 130
     except KeyboardInterrupt:  # a second Ctrl-C
         if d.main:
             print("train.py: interrupted (a second Ctrl-C: no checkpoint written for the step in progress)",
                   file=sys.stderr)
-        return 130
+        code = 130
     finally:
-        distributed.shutdown()
+        # announced where there is something to tear down, and never after bad input (one line)
+        with guards.announced("teardown", "device sync, process group", log if d.main and code != 2
+                              and distributed.has_teardown() else quiet):
+            distributed.shutdown(clean=code == 0)
+    return code
+
+
+def dump_stacks_on_signal() -> None:
+    """Every thread's stack on stderr at a fatal error (a segfault, an abort in a library) and on
+    `kill -USR1` (the run goes on). Set where the process starts, not in `main`, which tests call
+    with a stderr that has no file descriptor."""
+    faulthandler.enable()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 if __name__ == "__main__":
+    dump_stacks_on_signal()
     sys.exit(main())

@@ -5,8 +5,10 @@ Layout of a run directory:
     RUN_DIR/config.json            every setting of the run
     RUN_DIR/metrics.jsonl          one JSON object per step
     RUN_DIR/checkpoints/step_000010/   DCP files (actor, optimizer, LR schedule, drafter, step) +
-                                       rng_rank{r}.pt (each rank's random states) + extras.pt (the
-                                       drafter's online learner: fp32 head, optimizer, replay buffer)
+                                       extras.pt (components the same on every rank: the drafter's
+                                       online learner, the rollout seeds, the replays, the solver's
+                                       acceptance) + state_rank{r}.pt (each rank's own: its drafter's
+                                       earlier rollouts) + rng_rank{r}.pt (its random states)
     RUN_DIR/checkpoints/latest     the name of the newest complete checkpoint
     RUN_DIR/hf/                    the final actor as a Hugging Face checkpoint
     RUN_DIR/drafter/               the final drafter (with online distillation), for `--drafter DIR`
@@ -15,6 +17,12 @@ A checkpoint is written into a hidden temporary directory by every rank, then (a
 renamed into place by rank 0, and only then is `latest` replaced (write + os.replace). A run killed
 at any moment leaves `latest` naming a complete checkpoint, or no `latest` at all; never a
 half-written one. Older checkpoints beyond `keep` are removed after the new one is in place.
+
+Besides the tensors DCP shards, a checkpoint holds *components*: objects with `state_dict()` and
+`load_state_dict()` (torchtitan's `Stateful`), each handing over its own state by name, so that
+the trainer never packs or unpacks another object's fields. `shared` ones are the same on every
+rank (rank 0 writes them); `per_rank` ones differ by rank (each writes its own: a rank's drafter
+has seen only its own prompts).
 
 Each rank saves only its own shards (DCP); resuming with a different number of ranks is DCP's
 resharding, but respec's data split follows the world size, so an exact continuation needs the
@@ -43,7 +51,8 @@ from torch.distributed.checkpoint.state_dict import (
 from respec.distributed import Dist, barrier
 
 LATEST = "latest"
-EXTRAS = "extras.pt"
+EXTRAS = "extras.pt"  # the shared components
+RANK_STATE = "state_rank{}.pt"  # each rank's own components
 
 
 class CheckpointError(OSError):
@@ -106,10 +115,10 @@ def _app_state(actor, optimizer, scheduler, drafter, progress: dict) -> dict:
 
 
 def save(run_dir: Path, step: int, d: Dist, *, actor, optimizer, scheduler, drafter=None, progress: dict,
-         keep: int = 2, extras: dict | None = None) -> Path:
-    """Write the checkpoint of `step` (every rank calls this) and point `latest` at it. `extras`:
-    state that is the same on every rank (the drafter's online learner, the solver's acceptance),
-    written by rank 0 with torch.save."""
+         keep: int = 2, shared: dict | None = None, per_rank: dict | None = None) -> Path:
+    """Write the checkpoint of `step` (every rank calls this) and point `latest` at it. `shared` and
+    `per_rank`: components by name (see the module docstring), their `state_dict()`s written with
+    torch.save, by rank 0 and by every rank."""
     root = checkpoint_root(run_dir)
     name = f"step_{step:06d}"
     final, tmp = root / name, root / f".{name}.tmp"
@@ -121,8 +130,10 @@ def save(run_dir: Path, step: int, d: Dist, *, actor, optimizer, scheduler, draf
         with _single_process_quiet(d):
             dcp.save(_app_state(actor, optimizer, scheduler, drafter, progress), checkpoint_id=str(tmp))
         torch.save(_rng_state(), tmp / f"rng_rank{d.rank}.pt")
-        if extras is not None and d.main:
-            torch.save(extras, tmp / EXTRAS)
+        if per_rank:
+            torch.save({name: c.state_dict() for name, c in per_rank.items()}, tmp / RANK_STATE.format(d.rank))
+        if shared and d.main:
+            torch.save({name: c.state_dict() for name, c in shared.items()}, tmp / EXTRAS)
     except (OSError, RuntimeError) as e:  # a full disk, a lost mount (DCP wraps the OSError of a writer thread)
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
@@ -143,8 +154,10 @@ def save(run_dir: Path, step: int, d: Dist, *, actor, optimizer, scheduler, draf
     return final
 
 
-def load(path: Path, d: Dist, *, actor, optimizer, scheduler, drafter=None) -> dict:
-    """Restore everything `save` wrote into the live objects; returns the saved progress dict."""
+def load(path: Path, d: Dist, *, actor, optimizer, scheduler, drafter=None, shared: dict | None = None,
+         per_rank: dict | None = None) -> dict:
+    """Restore everything `save` wrote into the live objects; returns the saved progress dict. A
+    component the checkpoint does not hold (one written before it existed) keeps its fresh state."""
     state = _app_state(actor, optimizer, scheduler, drafter, {"step": 0, "data_position": 0})
     with _single_process_quiet(d):
         dcp.load(state, checkpoint_id=str(path))
@@ -156,13 +169,12 @@ def load(path: Path, d: Dist, *, actor, optimizer, scheduler, drafter=None) -> d
     rng = path / f"rng_rank{d.rank}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))
+    for file, components in ((EXTRAS, shared), (RANK_STATE.format(d.rank), per_rank)):
+        saved = torch.load(path / file, weights_only=False) if components and (path / file).is_file() else {}
+        for name, component in (components or {}).items():
+            if name in saved:
+                component.load_state_dict(saved[name])
     return state["progress"]
-
-
-def load_extras(path: Path) -> dict:
-    """The `extras` a checkpoint was saved with ({} if none)."""
-    extras = Path(path) / EXTRAS
-    return torch.load(extras, weights_only=False) if extras.is_file() else {}
 
 
 def full_actor_state(actor) -> dict[str, torch.Tensor]:

@@ -64,9 +64,27 @@ def init(device_kind: str = "auto") -> Dist:
     return Dist(rank, world, local, device)
 
 
-def shutdown() -> None:
+def shutdown(*, clean: bool = False) -> None:
+    """The end of the process: the device's queued work finished, then the process group left.
+
+    The device is synchronised first, so that NCCL's teardown does not race kernels still queued
+    (a collective, an asynchronous copy) and an error in them is raised here rather than lost in a
+    destructor. A barrier comes before `destroy_process_group` (a collective call in some NCCL
+    versions) only when `clean`, this rank having finished its run: after an error a rank may be
+    inside a collective the others never reach, and a barrier would wait out COLLECTIVE_TIMEOUT
+    (45 minutes). A clean rank whose peer failed later is no such risk under torchrun, which ends
+    every worker when one exits with an error."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
     if dist.is_initialized():
+        if clean and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+def has_teardown() -> bool:
+    """Whether `shutdown` has anything to do (a process group, or a device with queued work)."""
+    return dist.is_initialized() or (torch.cuda.is_available() and torch.cuda.is_initialized())
 
 
 def _all_reduce(values: list[float], d: Dist, op) -> list[float]:

@@ -11,12 +11,18 @@
   such steps in a row the run ends with `RunFailed`, the last good checkpoint kept.
 * A checkpoint that cannot be written (a full disk): `respec/checkpoint.py` removes its partial
   files and raises `CheckpointError`; the previous checkpoint stays the latest.
+* A run that hangs: every checkpoint and every phase after the last step (exports, plots, the
+  process group's teardown) says on stderr when it starts and how long it took (`announced`), so
+  the last line names the phase a stuck run is in; and train.py dumps every thread's stack on
+  SIGUSR1 (faulthandler), which a supervisor sends before it kills a stage.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+import time
 
 
 class RunInterrupted(Exception):
@@ -63,3 +69,14 @@ class BadStepStreak:
             kept = f"the last checkpoint (step {last_checkpoint}) is kept" if last_checkpoint else "no checkpoint was written"
             raise RunFailed(f"the loss was not finite in {self.count} steps in a row (steps {step - self.count + 1}-{step}): "
                             f"stopped; {kept} (try a lower --lr)")
+
+
+@contextlib.contextmanager
+def announced(tag: str, what: str, log):
+    """`[tag] what ...` on `log` as the block starts, `[tag] what ... 1.2 s` as it ends (no second
+    line if it raises: the error says the rest). For phases with no progress of their own, where a
+    hang would otherwise leave nothing to read; `log` is the main rank's (a no-op elsewhere)."""
+    log(f"[{tag}] {what} ...")
+    t0 = time.perf_counter()
+    yield
+    log(f"[{tag}] {what} ... {time.perf_counter() - t0:.1f} s")

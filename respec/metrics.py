@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ class StepInputs:
     group: int  # G
     k: int  # the largest draft length (one acceptance entry per position)
     reward_names: list[str]
-    timings: dict  # rollout_s, reward_s, train_s, drafter_s (this rank's), step_s
+    timings: dict  # rollout_s, reward_s, train_s (the update alone), sync_s, drafter_s (this rank's), step_s
     update: dict  # respec/update.py's metrics
     lr: float
     epoch: int  # the data epoch of the step's first prompt (0 on an endless task)
@@ -40,7 +41,7 @@ class StepInputs:
     replay_store_bytes: int = 0
     kd: dict | None = None  # a finished drafter update's figures
     flops_per_token: tuple[float, float] = (0.0, 0.0)  # (body, output head) model FLOPs per trained token
-    peak_flops: float = 1.0  # the measured GEMM peak over ranks (the MFU's denominator)
+    peak_flops: float = 1.0  # the devices' peak FLOP/s summed over ranks (the MFU's denominator, peak_flops())
 
 
 def rank_sums(episodes, stats: EngineStats, inputs: StepInputs) -> dict:
@@ -95,7 +96,8 @@ def step_metrics(sums: dict, stats: EngineStats, inputs: StepInputs, d: distribu
         "lr": inputs.lr,
         "rollout_s": round(rollout_max, 3),
         "reward_s": round(t["reward_s"], 3),
-        "train_s": round(train_max, 3),
+        "train_s": round(train_max, 3),  # the policy update alone (what the MFU divides by)
+        "sync_s": round(t["sync_s"], 3),  # the rollout copy refreshed from the updated actor
         "drafter_s": round(t["drafter_s"], 3),
         "step_s": round(t["step_s"], 3),
         "rollout_tok_s": round(sums["generated"] / max(rollout_max, 1e-9), 2),
@@ -267,19 +269,84 @@ def forget_after(paths: list[Path], step: int) -> None:
             os.replace(tmp, path)
 
 
-def gemm_peak(dtype: torch.dtype, device: torch.device, *, m: int = 2048, reps: int = 5) -> float:
-    """Measured matrix-multiply FLOP/s of this process in `dtype` (a (m x 576) @ (576 x 1536)
-    product, SmolLM2's MLP shape); the denominator of the train phase's MFU."""
-    a = torch.randn(m, 576, dtype=dtype, device=device)
-    b = torch.randn(576, 1536, dtype=dtype, device=device)
+# ----------------------------------------------------------------------------------------------
+# The MFU's denominator: what this process's device can do at most, and where that figure came from.
+
+# Dense tensor-core peaks in TFLOP/s (vendor datasheet, dense: NVIDIA's datasheets list most figures
+# with 2:4 structured sparsity, marked with an asterisk, which are twice these): (pattern matched in
+# torch.cuda.get_device_name(), bf16, tf32, fp32 without tensor cores). Most specific pattern first:
+# "GH200" holds "H200", "L40S" holds "L4". bf16 with fp32 accumulation, as torch's matmuls use (a
+# GeForce card does twice that with fp16 accumulation). The A10G (AWS) has no public datasheet:
+# it is timed, as any GPU not listed.
+GPU_PEAKS_TFLOPS = (
+    (r"GB200", 2500.0, 1250.0, 80.0),
+    (r"B200", 2250.0, 1100.0, 75.0),
+    (r"GH200", 989.4, 494.7, 67.0),
+    (r"H200 NVL", 835.5, 417.5, 60.0),
+    (r"H200", 989.4, 494.7, 67.0),  # SXM
+    (r"H100 NVL", 835.5, 417.5, 60.0),
+    (r"H100 PCIe", 756.5, 378.0, 51.0),
+    (r"H100", 989.4, 494.7, 67.0),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    (r"A100", 312.0, 156.0, 19.5),  # SXM4 and PCIe, 40 and 80 GB
+    (r"L40S", 362.05, 183.0, 91.6),
+    (r"L40\b", 181.05, 90.5, 90.5),
+    (r"\bL4\b", 121.0, 60.0, 30.3),
+    (r"\bA40\b", 149.7, 74.8, 37.4),
+    (r"\bA10\b", 125.0, 62.5, 31.2),
+    (r"RTX 4090", 165.2, 82.6, 82.6),
+    (r"RTX 3090", 71.0, 35.6, 35.6),
+)
+
+
+def datasheet_peak(name: str, dtype: torch.dtype, *, tf32: bool = True) -> tuple[float, str] | None:
+    """(FLOP/s, source) of the GPU called `name` in `dtype` from GPU_PEAKS_TFLOPS: bf16, or fp32 on
+    TF32 tensor cores where `tf32` (torch's matmul precision "high", which respec sets on CUDA),
+    else plain fp32. None for a GPU not in the table or a dtype it does not list."""
+    for pattern, bf16, tf32_peak, fp32 in GPU_PEAKS_TFLOPS:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            if dtype == torch.bfloat16:
+                tflops, kind = bf16, "bf16"
+            elif dtype == torch.float32:
+                tflops, kind = (tf32_peak, "tf32") if tf32 else (fp32, "fp32")
+            else:
+                return None
+            return tflops * 1e12, f"{name}, dense {kind}, vendor datasheet"
+    return None
+
+
+def timed_matmul(n: int, dtype: torch.dtype, device: torch.device, *, reps: int = 3) -> float:
+    """FLOP/s of the best of `reps` (n x n) @ (n x n) products in `dtype` after one untimed one
+    (CUDA events on a GPU: the device's own clock)."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
     a @ b
     best = math.inf
     for _ in range(reps):
         if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * m * 576 * 1536 / best
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            a @ b
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            a @ b
+            seconds = time.perf_counter() - t0
+        best = min(best, seconds)
+    return 2 * n ** 3 / best
+
+
+def peak_flops(dtype: torch.dtype, device: torch.device) -> tuple[float, str]:
+    """(FLOP/s, source): the most this process's device does in `dtype`, the train phase's MFU
+    denominator. A GPU in the table: its datasheet figure (a measured matmul falls short of it, and
+    an MFU against the measurement would flatter the run by as much). Another GPU: a timed 8192^3
+    matmul, large enough to fill it. A CPU has no such figure: a timed 2048^3 GEMM (its cores are
+    shared with whatever else runs, so the figure moves between runs)."""
+    if device.type == "cuda":
+        found = datasheet_peak(torch.cuda.get_device_name(device), dtype,
+                               tf32=torch.get_float32_matmul_precision() != "highest")
+        if found is not None:
+            return found
+        return timed_matmul(8192, dtype, device), "timed 8192^3 matmul"
+    return timed_matmul(2048, dtype, device), "timed CPU GEMM"

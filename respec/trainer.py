@@ -159,7 +159,8 @@ class Trainer:
         self.saved_step: int | None = None  # the step of the newest checkpoint written or resumed
         self.step = 0
         self.started = False  # start() ran
-        self.peak_flops = 0.0  # set by start()
+        self.peak_flops = 0.0  # set by start(): FLOP/s over all ranks
+        self.peak_source = ""  # where the figure came from (a datasheet, a timed GEMM)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.metrics_log: metrics.MetricsLog | None = None  # run() opens it
         self.completions_path = self.run_dir / "completions.jsonl"
@@ -198,19 +199,25 @@ class Trainer:
         order it must happen; returns timings.
 
           1. restore a checkpoint, if given: the actor, optimizer, scheduler and drafter weights, the
-             learner's state, and the solver's acceptance, which step 3 starts from;
+             learner's state, the drafter's earlier rollouts, and the solver's acceptance, which step
+             3 starts from;
           2. compile the engine's step shapes (the drafter's too);
           3. the SD policy: fixed k, or the solver from the cost model (profiled once, cached) and the
              acceptance prior (the drafter's pretraining report, or what step 1 restored);
-          4. the GEMM peak the MFU metric divides by, summed over ranks."""
+          4. the peak FLOP/s the MFU metric divides by (a GPU's datasheet figure, else a timed
+             GEMM: respec/metrics.py `peak_flops`), summed over ranks."""
         if checkpoint_dir is not None:
             self._restore(checkpoint_dir)
+        # the synthetic sequences that compile and time the steps leave no history behind: the
+        # drafter carries into step 1 what it had (a resumed run, exactly what it was saved with)
+        carried = self.drafter.state_dict() if self.drafter is not None else None
         out = self._compile_and_plan()
-        peak = metrics.gemm_peak(self.train_dtype, self.d.device)
+        if carried is not None:
+            self.drafter.load_state_dict(carried)
+        peak, self.peak_source = metrics.peak_flops(self.train_dtype, self.d.device)
         (self.peak_flops,) = distributed.all_reduce_sum([peak], self.d)
-        bf16_peak = metrics.gemm_peak(torch.bfloat16, self.d.device, m=128, reps=1) if self.train_dtype != torch.bfloat16 else peak
-        self.log(f"GEMM peak: {peak / 1e9:.0f} GFLOP/s in {self.train_dtype} per process "
-                 f"(bf16: {bf16_peak / 1e9:.1f} GFLOP/s)")
+        self.log(f"peak {peak / 1e12:.3g} TFLOP/s per process in {self.train_dtype} ({self.peak_source}): "
+                 "the MFU's denominator")
         self.started = True
         return out
 
@@ -288,39 +295,46 @@ class Trainer:
             raise guards.RunInterrupted(f"interrupted: the checkpoint of step {self.step} is in "
                                         f"{checkpoint.checkpoint_root(self.run_dir)}; continue with --resume {self.run_dir}")
         if self.learner is not None:  # the last step's update, if it ran in the background
-            self.learner.before_rollout()
-        log.close()
+            with guards.announced("teardown", "last drafter update", self.log):
+                self.learner.before_rollout()
+        with guards.announced("teardown", "close the metrics log", self.log):  # trackers flush and finish
+            log.close()
         return history
 
     def save(self) -> None:
-        extras = {}
-        if isinstance(self.engine.policy, AdaptiveK):  # the solver's acceptance (online EMA) at this point
-            extras["solver_alpha"] = list(self.engine.policy.alpha)
-        if self.learner is not None:
-            extras["drafter_learner"] = self.learner.state_dict()
-        extras["rollout_seeds"] = self.seeds.state_dict()
-        if self.replays is not None:
-            extras["replays"] = self.replays.state_dict()
-        checkpoint.save(self.run_dir, self.step, self.d, actor=self.actor, optimizer=self.optimizer,
-                        scheduler=self.scheduler, drafter=self.head_module,
-                        progress={"step": self.step, "data_position": self.step * self.cfg.prompts},
-                        keep=self.cfg.keep_checkpoints, extras=extras)
+        with guards.announced("checkpoint", f"step {self.step}", self.log):  # a hang in it names itself
+            checkpoint.save(self.run_dir, self.step, self.d, actor=self.actor, optimizer=self.optimizer,
+                            scheduler=self.scheduler, drafter=self.head_module,
+                            progress={"step": self.step, "data_position": self.step * self.cfg.prompts},
+                            keep=self.cfg.keep_checkpoints, **self.components())
         self.saved_step = self.step
 
     def _restore(self, path: Path) -> None:
         """Step 1 of `start`."""
         progress = checkpoint.load(path, self.d, actor=self.actor, optimizer=self.optimizer,
-                                   scheduler=self.scheduler, drafter=self.head_module)
+                                   scheduler=self.scheduler, drafter=self.head_module, **self.components())
         self.step = self.saved_step = int(progress["step"])
-        extras = checkpoint.load_extras(path)
-        self.drafter_prior = extras.get("solver_alpha", self.drafter_prior)  # step 3 builds the solver with it
-        if self.learner is not None and "drafter_learner" in extras:
-            self.learner.load_state_dict(extras["drafter_learner"])
-        self.seeds.load_state_dict(extras.get("rollout_seeds", {}))
-        if self.replays is not None:
-            self.replays.load_state_dict(extras.get("replays", {}))
         self.after_update()
         self.forget_metrics_after(self.step)
+
+    def components(self) -> dict[str, dict]:
+        """What a checkpoint holds besides the actor, its optimizer and schedule and the head's weights
+        (respec/checkpoint.py): each component by name, with its own `state_dict()`. Shared: the same
+        on every rank. Per rank: the drafter, whose earlier rollouts (a history drafter's draft
+        sources) are of the rank's own prompts; a drafter that carries nothing between rollouts
+        hands over {}."""
+        shared = {"trainer": self, "rollout_seeds": self.seeds, "drafter_learner": self.learner,
+                  "replays": self.replays}
+        return {"shared": {name: c for name, c in shared.items() if c is not None},
+                "per_rank": {"drafter": self.drafter} if self.drafter is not None else {}}
+
+    def state_dict(self) -> dict:
+        """The trainer's own part of a checkpoint: the adaptive solver's acceptance (its online EMA)."""
+        return {"solver_alpha": list(self.engine.policy.alpha)} if isinstance(self.engine.policy, AdaptiveK) else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Step 3 of `start` builds the solver with the restored acceptance."""
+        self.drafter_prior = state.get("solver_alpha", self.drafter_prior)
 
     def forget_metrics_after(self, step: int) -> None:
         """Drop metrics and completions of steps after `step`: a run killed between checkpoints
@@ -342,7 +356,7 @@ class Trainer:
         """One GRPO step, numbered as the module docstring numbers it."""
         cfg, d = self.cfg, self.d
         t_step = time.perf_counter()
-        timings = {"drafter_s": 0.0}
+        timings = {"drafter_s": 0.0}  # and each phase's seconds, as it ends
         episodes, epoch = self.make_episodes()  # 1. data
         drafter_version = self.learner.live_version if self.learner is not None else 0  # drafter updates in it
         with timed(timings, "rollout_s"):
@@ -354,10 +368,13 @@ class Trainer:
                                   self.metrics_log)
         signal = set_advantages(episodes, cfg.group, scale_by_std=cfg.scale_adv_by_std)  # 4. advantages
         self.remember(episodes, signal)
-        with timed(timings, "train_s"):
+        with timed(timings, "train_s"):  # the update alone: the MFU divides its FLOPs by this time
             upd = policy_update(self.actor, self.optimizer, self.scheduler, episodes, cfg, d,  # 4. update
                                 reference=self.reference, micro_tokens=self.micro_tokens,
                                 train_dtype=self.train_dtype, progress=cfg.progress)
+            if d.device.type == "cuda":  # its kernels finished, not only queued
+                torch.cuda.synchronize(d.device)
+        with timed(timings, "sync_s"):
             self.after_update()  # 5. the rollout copy reads the new weights
         # the drafter's online distillation from the updated actor, due when the head drafted in this
         # rollout (replay and history verifies do not use it), the same decision on every rank

@@ -301,6 +301,30 @@ def test_gpu_check_cap_kills_the_whole_process_group(tmp_path):
     time.sleep(0.5)
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
 
+def test_gpu_check_cap_dumps_the_stacks_of_processes_that_can(tmp_path):
+    """Before the kill, a process below the stage that catches SIGUSR1 (train.py, faulthandler) prints
+    every thread's stack into the log, even in a session of its own (as torchrun starts its workers);
+    its parent, which would die of SIGUSR1, is sent none (it ends by the SIGTERM, as before)."""
+    import os
+    import signal
+
+    from respec.lab import gpu_check
+
+    (tmp_path / "out").mkdir()
+    check = gpu_check.Check(tmp_path / "out", "a", 100, True, "cpu")
+    worker = tmp_path / "worker.pid"
+    code = ("import faulthandler, os, signal, time; faulthandler.register(signal.SIGUSR1, all_threads=True); "
+            f"open({str(worker)!r}, 'w').write(str(os.getpid())); time.sleep(300)")
+    script = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {code!r}], start_new_session=True); time.sleep(300)"
+    try:
+        assert check.run("hung", [sys.executable, "-c", script], limit_s=5) is None
+        check.log.flush()
+        assert "most recent call first" in (tmp_path / "out" / "check.log").read_text()
+    finally:
+        if worker.is_file():  # the worker, in a session of its own, outlives the group's SIGTERM
+            os.kill(int(worker.read_text()), signal.SIGKILL)
+
+
 def test_profile_step_parts_add_up(tmp_path):
     """respec/lab/profile_step.py on the tiny model: every shape profiled, the parts sum to the
     step (the rest is what is left over, never negative beyond timer noise), the report written."""

@@ -134,6 +134,21 @@ def test_resume_is_exact_including_after_sigkill(tmp_path):
     assert (killed / "hf" / "model.safetensors").is_file()
 
 
+def test_resume_is_exact_in_bf16(tmp_path):
+    """bf16 rollouts and a bf16-autocast training forward resume as exactly as fp32 (TOY's `auto` is
+    fp32 on a CPU without native bf16, so the test above may not cover it): a checkpoint holds the
+    fp32 master weights and AdamW's fp32 moments, the bf16 rollout copy is cast again from the
+    restored master (`Trainer.after_update`), and the autocast forward rounds the same inputs the
+    same way, so nothing depends on whether the process was restarted."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    args = [*TOY, "--dtype", "bf16", "--train-dtype", "bf16", "--checkpoint-every", "2"]
+    train(*args, "--steps", "3", "--out", str(straight))
+    train(*args, "--steps", "2", "--out", str(split))
+    train("--resume", str(split), "--steps", "3", "--no-progress")
+    assert exact(metrics(split)) == exact(metrics(straight))
+    assert max_abs_diff(split / "hf" / "model.safetensors", straight / "hf" / "model.safetensors") == 0
+
+
 def one_and_two_ranks(tmp_path, args: list[str]) -> tuple[Path, Path]:
     """The same run in one process and under torchrun with two ranks; fp32 throughout (bf16
     autocast, the default where bf16 is native, rounds differently for the two runs' microbatch
@@ -346,6 +361,51 @@ def test_history_and_hybrid_drafters_in_grpo(tmp_path):
         assert len(rows) == 2 and all(r["sd_fraction"] > 0 for r in rows)
         assert spec == "first:2" or any(r["accept_len"] > 1 for r in rows)  # (the actor's first layers: no claim)
         assert ("drafter_version" in rows[-1]) and (run / "drafter").is_dir() == (spec == "random+history")
+
+
+def test_history_drafter_resume_is_exact(tmp_path):
+    """The history drafter keeps earlier rollouts of each prompt as draft sources; a resumed run
+    drafts from the checkpointed ones. Under the match rule the tokens never depend on the drafter,
+    but what it proposes does: 2 steps + a resume to 3 give the straight run's tokens *and* its SD
+    statistics (a resume that lost the history would accept fewer drafts in step 3). A fixed set of
+    4 prompts (one epoch per step), so every step revisits the prompts the history holds."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    args = [*[a for a in TOY if a not in ("--sd", "off")], "--sd", "on", "--drafter", "history", "--k", "3",
+            "--train-size", "4", "--max-new-tokens", "16", "--checkpoint-every", "2", "--log-completions", "all"]
+    train(*args, "--steps", "3", "--out", str(straight))
+    train(*args, "--steps", "2", "--out", str(split))
+    train("--resume", str(split), "--steps", "3", "--no-progress")
+    drafted = EXACT + ["sd_fraction", "accept_len", "alpha_measured"]
+    rows = metrics(straight)
+    assert [{k: r[k] for k in drafted} for r in metrics(split)] == [{k: r[k] for k in drafted} for r in rows]
+    assert rows[2]["accept_len"] > 1  # the history's drafts are accepted (what a lost history would change)
+    completions = lambda run: [(r["step"], r["prompt_index"], r["sample"], r["completion"])  # noqa: E731
+                               for r in map(json.loads, (run / "completions.jsonl").read_text().splitlines())]
+    assert completions(split) == completions(straight)
+
+
+def test_peak_flops_from_the_datasheet_table_or_a_timed_gemm():
+    """The MFU's denominator: a known GPU's dense datasheet figure, found by the name torch reports
+    (the most specific pattern wins), in the training dtype; fp32 on TF32 tensor cores unless the
+    matmul precision is "highest". An unknown GPU is timed; a CPU is timed in the training dtype."""
+    from respec import metrics
+
+    bf16 = {name: metrics.datasheet_peak(name, torch.bfloat16)
+            for name in ("NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL",
+                         "NVIDIA A100-SXM4-80GB", "NVIDIA A100-PCIE-40GB", "NVIDIA GH200 480GB", "NVIDIA L40S",
+                         "NVIDIA L4", "NVIDIA GeForce RTX 4090")}
+    assert {name: round(found[0] / 1e12, 2) for name, found in bf16.items()} == {
+        "NVIDIA H200": 989.4, "NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H100 PCIe": 756.5, "NVIDIA H100 NVL": 835.5,
+        "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A100-PCIE-40GB": 312.0, "NVIDIA GH200 480GB": 989.4,
+        "NVIDIA L40S": 362.05, "NVIDIA L4": 121.0, "NVIDIA GeForce RTX 4090": 165.2}
+    assert bf16["NVIDIA H200"][1] == "NVIDIA H200, dense bf16, vendor datasheet"
+    assert metrics.datasheet_peak("NVIDIA A100-SXM4-80GB", torch.float32) == (156e12, "NVIDIA A100-SXM4-80GB, dense "
+                                                                                        "tf32, vendor datasheet")
+    assert metrics.datasheet_peak("NVIDIA A100-SXM4-80GB", torch.float32, tf32=False)[0] == 19.5e12
+    assert metrics.datasheet_peak("NVIDIA A10G", torch.bfloat16) is None  # no public datasheet: timed
+    assert metrics.datasheet_peak("Tesla T4", torch.bfloat16) is None
+    flops, source = metrics.peak_flops(torch.float32, torch.device("cpu"))
+    assert source == "timed CPU GEMM" and 1e8 < flops < 1e14
 
 
 def test_default_sizes_fit_any_number_of_ranks():

@@ -14,6 +14,11 @@ state behind them (a new kind is one new file in this folder):
                           (also for rows it did not draft this step: a hybrid's proposer rows)
   forget(seq)             the sequence finished, was preempted or abandoned: drop its state
 
+Between rollouts a drafter may carry state from one to the next (a history drafter's earlier
+rollouts of each prompt): `state_dict()` / `load_state_dict()` hand it to checkpoints, so that a
+resumed run drafts as the uninterrupted one would. Weights are not part of it (the trainer
+checkpoints a head's weights), nor is per-sequence state (no sequence lives between rollouts).
+
 How the drafts are verified is the engine's choice (respec/speculative.py). Under the match rule
 (the default) a draft is accepted iff it equals the token the target itself draws there, so the
 rollout is plain decoding's whatever a drafter proposes; a drafter that samples should then draw
@@ -148,6 +153,14 @@ class Drafter:
     def assume_cached(self, seq) -> None:
         """Timing only (`RolloutEngine.time_step`): state as if the drafter had consumed all of a
         synthetic sequence's tokens but the newest (the cache contents are garbage)."""
+
+    def state_dict(self) -> dict:
+        """What the drafter carries from one rollout to the next, as new containers (a later rollout
+        does not change a state taken before it); {}: nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Carry `state` (a `state_dict()`, possibly of another process) into the next rollout."""
 
 
 class NoDrafter(Drafter):

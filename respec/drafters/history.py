@@ -25,6 +25,7 @@ text so far, so a row's sampled tokens (not their distribution) depend on what s
 
 from __future__ import annotations
 
+from array import array
 from collections import OrderedDict
 
 import torch
@@ -159,3 +160,35 @@ class HistoryDrafter(Drafter):
 
     def assume_cached(self, seq) -> None:
         self.catch_up([seq], 0)
+
+    def state_dict(self) -> dict:
+        """Every prompt's documents and index as they are, least recently used prompt first. The
+        n-gram map is kept, not rebuilt from the documents on loading: which occurrence an n-gram
+        points to depends on the order the rows' text arrived in, and a rebuilt one would propose
+        differently. Each entry is a span of its document, so it is written as three integers
+        (document, end, n), not as the n-gram itself. (After a Ctrl-C that abandons a rollout, its
+        partial text is history too.)"""
+        prompts = []
+        for key, index in self.index.items():
+            spans = array("i")  # (doc, end, n) per n-gram: the n-gram is docs[doc][end - n: end]
+            for gram, (doc, end) in index.latest.items():
+                spans.extend((doc, end, len(gram)))
+            prompts.append({"prompt": list(key), "docs": {doc: list(t) for doc, t in index.docs.items()},
+                            "indexed": dict(index.indexed), "spans": spans.tobytes(), "past": list(self.past[key])})
+        return {"prompts": prompts, "crowded": sorted(self.crowded), "next_doc": self.next_doc}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.index.clear()
+        self.past.clear()
+        self.doc.clear()
+        for saved in state.get("prompts", []):
+            key, index = tuple(saved["prompt"]), SuffixIndex(self.max_match)
+            index.docs, index.indexed = {doc: list(t) for doc, t in saved["docs"].items()}, dict(saved["indexed"])
+            spans = array("i")
+            spans.frombytes(saved["spans"])
+            for i in range(0, len(spans), 3):
+                doc, end, n = spans[i: i + 3]
+                index.latest[tuple(index.docs[doc][end - n: end])] = (doc, end)
+            self.index[key], self.past[key] = index, list(saved["past"])
+        self.crowded = {tuple(key) for key in state.get("crowded", [])}
+        self.next_doc = state.get("next_doc", 0)

@@ -127,3 +127,10 @@ class HybridDrafter(Drafter):
         self.timing = True
         for part in self.parts:
             part.assume_cached(seq)
+
+    def state_dict(self) -> dict:
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for part, saved in zip(self.parts, state.get("parts", [])):
+            part.load_state_dict(saved)

@@ -13,7 +13,8 @@ no GGUF package and no reasoning-gym, 10 minutes a command, 15 minutes in all, a
   * Each part has its own wall-clock budget (`--budget-s`, default: PART_BUDGET_S) and each stage a
     cap sized for a cold start (nothing compiled yet); a stage gets min(its cap, what is left) and is
     skipped, with a line saying so, when less than it needs is left. Stages run as subprocesses in
-    their own process group: a cap kills the group (torchrun's children too).
+    their own process group: a cap first has train.py print every thread's stack (SIGUSR1), then
+    kills the group (torchrun's children too).
   * Results are written as they come: summary.json and summary.md after every stage (a stage that
     is running, or was killed by its cap, says so), check.log with each stage's command and output
     (the tail of it where a stage printed much). At most 8 files, each under 16 MiB (the inductor
@@ -42,6 +43,7 @@ back), not a drafter.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -285,7 +287,19 @@ class Check:
 
 
 def kill_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the process group, SIGKILL to whatever is left after 10 s."""
+    """First every thread's stack, where a process can print it (train.py dumps them on SIGUSR1,
+    faulthandler): a stage that hung says where. Then SIGTERM to the process group, SIGKILL to
+    whatever is left after 10 s.
+
+    SIGUSR1 goes only to the processes below `proc` that catch it, never to the whole group: its
+    default action ends a process, and torchrun's agent, ended so, would leave its workers (in
+    sessions of their own, out of the group's reach) running without the SIGTERM it forwards."""
+    dumping = [pid for pid in descendants(proc.pid) if catches(pid, signal.SIGUSR1)]
+    for pid in dumping:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
+    if dumping:
+        time.sleep(2)  # faulthandler writes at once; the pipes and the log file catch up
     for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
         try:
             os.killpg(proc.pid, sig)
@@ -296,6 +310,33 @@ def kill_group(proc: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it, by parent id (whatever their session: torchrun starts its
+    workers in sessions of their own); [pid] where /proc cannot be read."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])  # (the name may hold spaces)
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler for `sig` (its SigCgt mask in /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next((line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), "0")
+    return bool(int(mask, 16) >> (sig - 1) & 1)
 
 
 def resume_differences(straight: list[dict], resumed: list[dict]) -> list[str]:

@@ -86,7 +86,8 @@ def plot_run(run_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bottom = [0.0] * len(rows)
-    for key, label in (("rollout_s", "rollout"), ("reward_s", "reward"), ("train_s", "train"), ("drafter_s", "drafter")):
+    for key, label in (("rollout_s", "rollout"), ("reward_s", "reward"), ("train_s", "train"), ("sync_s", "weight sync"),
+                       ("drafter_s", "drafter")):
         vals = col(key)
         ax.bar(steps, vals, bottom=bottom, label=label)
         bottom = [b + v for b, v in zip(bottom, vals)]
