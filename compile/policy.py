@@ -58,6 +58,7 @@ import contextlib
 import importlib
 import inspect
 import os
+import time
 from collections import Counter
 from functools import partial
 
@@ -181,6 +182,9 @@ def require_tensorrt(device: torch.device) -> None:
 # keeps one cache of graphs per call of torch.compile, so two engines that each compiled the same
 # step would compile it twice.
 _SHARED: dict = {}
+# Seconds of the first call of each whole-step function in this process: its cold compile (and, under
+# CUDA graphs, a warm-up run), what a GPU check reports per graph.
+FIRST_CALL_S: dict[str, float] = {}
 
 
 def _shared(key, make):
@@ -381,8 +385,15 @@ class CompiledSteps:
             self._count_call(name, inputs)
             _mark_rows_dynamic(inputs.values(), self.max_rows)  # (the pools come as lists, the weights as modules)
             _mark_width_dynamic(inputs["block_tables"], max_width=self.max_width)
-            if not cuda_graphs:
-                return graph(*args, **kwargs)
-            torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are done with
-            return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in graph(*args, **kwargs))
+            t0 = time.perf_counter() if name not in FIRST_CALL_S else None
+            if cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are done with
+            out = graph(*args, **kwargs)
+            if cuda_graphs:
+                out = tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in out)
+            if t0 is not None:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                FIRST_CALL_S[name] = round(time.perf_counter() - t0, 2)
+            return out
         return step

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from compile.policy import FIRST_CALL_S
 from models.loading import resolve_checkpoint, save_hf_checkpoint
 from respec.engine import RolloutEngine, SamplingParams
 from respec.profiling import warmup
@@ -294,7 +295,9 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int]) -> dict:
               "weight_bytes": weight_bytes, "new_tokens": args.new_tokens,
               "launch_us_eager": round(launch["eager"], 3),
               "launch_us_graph": None if launch["graph"] is None else round(launch["graph"], 3),
-              "hf_static_compiled": not args.eager, "hf_static_error": static_error, "results": results}
+              "hf_static_compiled": not args.eager, "hf_static_error": static_error,
+              # each compiled step's first call in this process: its cold compile (0 graphs when eager)
+              "first_call_s": dict(FIRST_CALL_S), "results": results}
     print_table(report)
     return report
 
