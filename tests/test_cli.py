@@ -259,7 +259,9 @@ def test_gpu_check_quick_runs_every_stage(tmp_path, monkeypatch):
         assert all((tmp_path / part / n).stat().st_size < 16 << 20 for n in names)
         assert summary["cudagraph_skips"] == 0
     a = json.loads((tmp_path / "a" / "summary.json").read_text())
-    assert list(a["stages"]) == ["cuda tests", "bench smollm2-135m"]
+    assert list(a["stages"]) == ["smoke", "smoke: eager", "cuda tests", "bench smollm2-135m"]
+    assert a["smoke"]["path"] == "eager" and set(a["smoke"]["replay_ms"]) == {"decode", "verify k=3"}
+    assert a["stages"]["bench smollm2-135m"]["path"] == "eager"
     assert a["bench"]["tiny"]["rows"][0]["same_tokens_as_hf"] == "1/1"
     assert all(r["unwarmed_shapes"] == [] for r in a["bench"]["tiny"]["rows"])
     b = json.loads((tmp_path / "b" / "summary.json").read_text())
@@ -268,6 +270,38 @@ def test_gpu_check_quick_runs_every_stage(tmp_path, monkeypatch):
     assert b["costs"]["rel_error"] < 0.5
     assert (tmp_path / "b" / "grpo-metrics.jsonl").is_file()
     assert gpu_check.main(["--part", "a", "--out", "a", "--quick", "--device", "cpu"]) == 2  # never overwritten
+
+
+def test_gpu_check_falls_back_to_the_first_path_that_works(tmp_path, monkeypatch):
+    """Where the whole-step path fails the smoke stage, the regional one is tried; the later stages
+    run on the first that worked (eager if none did), and each says which."""
+    import json
+
+    from respec.lab import gpu_check
+
+    def check_where(working: set[str]) -> gpu_check.Check:
+        out = tmp_path / "-".join(sorted(working) or ["none"])
+        out.mkdir()
+        check = gpu_check.Check(out, "a", 100, False, "cpu")
+
+        def run(stage, cmd, limit_s):
+            mode = cmd[cmd.index("--compile-mode") + 1]
+            figures = {"model": "m", "batch": 2, "path": mode, "first_call_s": {}, "replay_ms": {"decode": 1.0}}
+            return subprocess.CompletedProcess(cmd, 0 if mode in working else 1, json.dumps(figures), "")
+        monkeypatch.setattr(check, "run", run)
+        check.smoke("smoke", 60)
+        return check
+
+    check = check_where({"whole", "regional-dynamic"})
+    assert check.path == "whole" and check.summary["stages"]["smoke"]["status"] == "ok"
+    check = check_where({"regional-dynamic"})
+    assert check.path == "regional-dynamic" and check.compile_args() == ["--compile-mode", "regional-dynamic"]
+    assert check.summary["stages"]["smoke"]["status"] == "ok on the fallback (regional-dynamic)"
+    check = check_where(set())
+    assert check.path == "eager" and check.compile_args() == ["--eager"]
+    assert check.compile_args(train=True) == ["--compile", "off"]
+    assert check.summary["stages"]["smoke"]["status"].startswith("failed")
+    assert "| smoke | failed" in gpu_check.render(check.summary)
 
 
 def test_gpu_check_refuses_in_its_first_seconds(tmp_path, monkeypatch, capsys):

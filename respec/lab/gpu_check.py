@@ -1,7 +1,7 @@
 """The prepared GPU check: two commands that run and measure respec's CUDA path on a lent GPU.
 
-    python -m respec.lab.gpu_check --part a --out DIR     # CUDA tests + the bench against transformers
-    python -m respec.lab.gpu_check --part b --out DIR     # cost profile + GRPO with FSDP2 and a resume (+ larger shapes)
+    python -m respec.lab.gpu_check --part a --out DIR     # smoke, CUDA tests, the bench against transformers
+    python -m respec.lab.gpu_check --part b --out DIR     # smoke, GRPO with FSDP2 and a resume, cost profile, larger shapes
     python -m respec.lab.gpu_check --part a --out DIR --quick --device cpu     # the same stages on the tiny model
 
 Made for the machine it is lent on: a bare GPU box with torch and transformers but no model hub,
@@ -10,30 +10,38 @@ no GGUF package and no reasoning-gym, 10 minutes a command, 15 minutes in all, a
   * Everything it needs travels with the repository: random weights at real shapes (the models/
     presets), SmolLM2's tokenizer from models/tokenizers/smollm2, prompts from the built-in
     toy-letters task. A missing piece is named in one line in the first seconds (`preflight`).
+    (The real model travels apart, in chunks: respec/lab/offline_bundle.py.)
+  * A defect must not cost the session its figures. Each part starts with a smoke stage of well
+    under a minute that compiles one decode and one verify graph at the SmolLM2 shape, records their
+    CUDA graphs and replays them (`smoke_here`); if the whole-step path fails there, the smoke tries
+    regional compilation, and the later stages run on the first path that worked (regional, else
+    eager), which every stage's row and every bench table names.
   * Each part has its own wall-clock budget (`--budget-s`, default: PART_BUDGET_S) and each stage a
-    cap sized for a cold start (nothing compiled yet); a stage gets min(its cap, what is left) and is
-    skipped, with a line saying so, when less than it needs is left. Stages run as subprocesses in
-    their own process group: a cap first has train.py print every thread's stack (SIGUSR1), then
-    kills the group (torchrun's children too).
+    cap sized for a cold start; a stage gets min(its cap, what is left) and is skipped, with a line
+    saying so, when less than it needs is left. Stages run as subprocesses in their own process
+    group: a cap first asks every process below it that can (train.py) for every thread's stack
+    (SIGUSR1, faulthandler), then kills the group (torchrun's children too). The GRPO stage gives
+    each of its three torchrun runs a cap of its own.
   * Results are written as they come: summary.json and summary.md after every stage (a stage that
     is running, or was killed by its cap, says so), check.log with each stage's command and output
     (the tail of it where a stage printed much). At most 8 files, each under 16 MiB (the inductor
     cache is packed only if it fits).
   * `--out` may exist if it is empty (the device tool's $OUT); relative paths are resolved first.
 
-Part a, in order: tests/test_cuda.py (logits and generation against transformers, CUDA graphs
-against eager and recorded without skips, SD under CUDA graphs, SD losslessness); then
-`generate.py --bench` on the SmolLM2-135M shape, plain against transformers' `generate` (greedy, the
-same weights; eager, and with its static cache and compiled decoding step) and SD with the history
-drafter, at batch 1, 8 and 32, beside the cost of a kernel launch (eager, and inside a CUDA graph).
-Every timed shape is warmed up (called twice, for each block-table width) before timing; the bench
-lists any timed call of a shape that was not (`unwarmed_shapes`), and the stage fails if there is
-one.
+Part a, in order: the smoke stage; tests/test_cuda.py (logits and generation against transformers,
+CUDA graphs against eager and recorded without skips, no recording inside a timed region, SD under
+CUDA graphs, SD losslessness); then `generate.py --bench` on the SmolLM2-135M shape: plain against
+transformers' `generate` (greedy, the same weights; eager, and with its static cache and compiled
+decoding step, the fair baseline) and SD with the history drafter, at batch 1, 8 and 32, with each
+compiled step's cold compile time and a kernel-launch microbenchmark. Every timed shape is warmed
+up (called twice, for each block-table width) before timing; a timed region that compiles or
+records a CUDA graph lists it (`unwarmed_shapes`), and the stage fails if one does.
 
-Part b, in order: the solver's cost profile on this GPU (and the batch size where SD stops paying);
-GRPO under torchrun in one process with FSDP2 forced on (`--fsdp on`), SD on with the history
-drafter, three steps straight against two steps + a resume (the same tokens, losses within
-tolerance); then, if time remains, the bench at the Qwen2.5-0.5B and 1.5B shapes.
+Part b, in order: the smoke stage (warm if part a left its compile cache); GRPO under torchrun in one
+process with FSDP2 forced on (`--fsdp on`), SD on with the history drafter, three steps straight
+against two steps + a resume (the same tokens and SD statistics, losses within tolerance); the
+solver's cost profile on this GPU (and the batch size where SD stops paying); then, if time
+remains, the bench at the Qwen2.5-0.5B and 1.5B shapes.
 
 With random weights the history drafter sees greedy text that loops, so its acceptance is an upper
 bound on what a real model's text gives: the SD rows measure the mechanics (draft, verify, roll
@@ -58,7 +66,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CUDAGRAPH_SKIP = "skipping cudagraphs"
-PART_BUDGET_S = {"a": 320, "b": 230}  # with a machine start, a + b + a rerun of b fit the 15 minutes
+# With a machine start (~90 s), a + b take ~10 minutes, leaving room for a rerun of a failed stage
+# in the 12 minutes the two commands should take of a session's 15.
+PART_BUDGET_S = {"a": 270, "b": 300}
+SMOKE_MODES = ("whole", "regional-dynamic")  # the paths the smoke stage tries, in order; eager past them
 MAX_FILE_BYTES = 15 << 20  # what comes back from the GPU machine: files up to 16 MiB
 LOG_TAIL_BYTES = 256 << 10  # of each stage's output, kept in check.log
 
@@ -81,17 +92,22 @@ def bench_args(shape: str, quick: bool) -> list[str]:
             "qwen2.5-1.5b": ["--model", "random-qwen2.5-1.5b", "--batch-sizes", "1", "--new-tokens", "64"]}[shape]
 
 
-# Caps and needs are cold-start estimates (docs/benchmarks.md, "GPU": how they were estimated).
+# Caps and needs are cold-start estimates (docs/benchmarks.md, "GPU": what the H200 run measured).
 PARTS = {
-    "a": [Stage("cuda tests", "tests", cap_s=140, need_s=60),
+    "a": [Stage("smoke", "smoke", cap_s=60, need_s=30),
+          Stage("cuda tests", "tests", cap_s=100, need_s=50),
           Stage("bench smollm2-135m", "bench", cap_s=170, need_s=90,
                 args={"shape": "smollm2-135m", "goal_x_hf": 3.0})],
-    "b": [Stage("cost profile", "costs", cap_s=75, need_s=40),
-          Stage("grpo fsdp2 + resume", "grpo", cap_s=120, need_s=70),
+    "b": [Stage("smoke", "smoke", cap_s=45, need_s=20),
+          Stage("grpo fsdp2 + resume", "grpo", cap_s=170, need_s=90),
+          Stage("cost profile", "costs", cap_s=60, need_s=30),
           Stage("bench qwen2.5-0.5b", "bench", cap_s=60, need_s=45, args={"shape": "qwen2.5-0.5b", "goal_x_hf": 3.0}),
           Stage("bench qwen2.5-1.5b", "bench", cap_s=50, need_s=40,
                 args={"shape": "qwen2.5-1.5b", "goal_x_roofline": 3.0})],
 }
+# the GRPO stage's first two torchrun runs' shares of the stage's cap (the first compiles); the resume
+# gets what is left
+GRPO_RUN_SHARE = {"straight": 0.4, "split": 0.3}
 QUICK_SHAPES = {"smollm2-135m": "tiny"}  # --quick: the one bench, on the tiny model
 
 
@@ -126,6 +142,8 @@ class Check:
         self.env = {**os.environ, "TORCH_LOGS": "perf_hints", "PYTHONUNBUFFERED": "1",
                     "RESPEC_CACHE": os.environ.get("RESPEC_CACHE", str(ROOT / ".respec-cache"))}
         self.t0 = time.monotonic()
+        # the compile path the later stages run on: the smoke stage's first that worked
+        self.path = "eager" if quick else SMOKE_MODES[0]
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -184,6 +202,30 @@ class Check:
         self.summary["environment"] = env
         self.write()
 
+    def compile_args(self, *, train: bool = False) -> list[str]:
+        """The flags that put a generate.py (or, `train`, a train.py) run on the chosen path."""
+        if self.path == "eager":
+            return ["--compile", "off"] if train else ["--eager"]
+        return ["--compile-mode", self.path]
+
+    def smoke(self, stage: str, limit: float) -> None:
+        """One decode and one verify graph at the real shape, compiled, recorded and replayed, on the
+        whole-step path, else the next of SMOKE_MODES; the first that works is the later stages' path."""
+        deadline = time.monotonic() + limit
+        modes = ["eager"] if self.quick else list(SMOKE_MODES)
+        for i, mode in enumerate(modes):
+            share = (deadline - time.monotonic()) / (len(modes) - i) if i < len(modes) - 1 else deadline - time.monotonic()
+            cmd = [sys.executable, "-m", "respec.lab.gpu_check", "--smoke-only", "--device", self.device,
+                   "--compile-mode", mode] + (["--quick"] if self.quick else [])
+            proc = self.run(f"{stage}: {mode}", cmd, max(share, 1))
+            if proc is not None and proc.returncode == 0:
+                self.path = mode
+                self.summary["smoke"] = json.loads(proc.stdout.strip().splitlines()[-1])
+                self.record(stage, status="ok" if mode == modes[0] else f"ok on the fallback ({mode})", path=mode)
+                return
+        self.path = "eager"
+        self.record(stage, status="failed: every compiled path; the later stages run eagerly", path="eager")
+
     def tests(self, stage: str, limit: float) -> None:
         # the trainer's CUDA tests are part b's GRPO stage (and two ranks need two GPUs)
         proc = self.run(stage, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py",
@@ -197,46 +239,53 @@ class Check:
         name = QUICK_SHAPES.get(shape, shape) if self.quick else shape
         path = self.out / f"bench-{name}.json"
         cmd = [sys.executable, "generate.py", "--bench", "--task", "toy-letters", "--device", self.device,
-               *bench_args(shape, self.quick), "--json", str(path)]
-        if self.quick:
-            cmd.append("--eager")
+               *bench_args(shape, self.quick), *self.compile_args(), "--json", str(path)]
         proc = self.run(stage, cmd, limit)
+        self.record(stage, path=self.path)
         if proc is not None and proc.returncode == 0 and path.is_file():
             report = json.loads(path.read_text())
             unwarmed = sum(len(r.get("unwarmed_shapes", [])) for r in report["results"])
-            top = ("compile_s", "launch_us_eager", "launch_us_graph", "hf_static_compiled", "hf_static_error")
+            top = ("compile_s", "first_call_s", "launch_us_eager", "launch_us_graph", "hf_static_compiled",
+                   "hf_static_error")
             self.summary.setdefault("bench", {})[name] = {"goal_x_hf": goal_x_hf, "goal_x_roofline": goal_x_roofline,
-                                                          **{k: report.get(k) for k in top}, "rows": report["results"]}
+                                                          "path": self.path, **{k: report.get(k) for k in top},
+                                                          "rows": report["results"]}
             if unwarmed:  # figures that include a graph recording are not figures
                 self.record(stage, status=f"failed: {unwarmed} timed call(s) of shapes not warmed up")
             self.write()
 
     def costs(self, stage: str, limit: float) -> None:
-        cmd = [sys.executable, "-m", "respec.lab.gpu_check", "--costs-only", "--device", self.device]
+        cmd = [sys.executable, "-m", "respec.lab.gpu_check", "--costs-only", "--device", self.device,
+               "--compile-mode", self.path]
         proc = self.run(stage, cmd + (["--quick"] if self.quick else []), limit)
+        self.record(stage, path=self.path)
         if proc is not None and proc.returncode == 0:
             self.summary["costs"] = json.loads(proc.stdout.strip().splitlines()[-1])
             self.write()
 
     def grpo(self, stage: str, limit: float) -> None:
         """Three GRPO steps straight, and two steps + a checkpoint + a resume to three: the resumed run
-        must give the same tokens (losses within float tolerance: GPU reductions need not be
-        bit-reproducible across processes). torchrun in one process, FSDP2 forced on, SD on with the
-        history drafter at T = 0.05 (a group's siblings write nearly the same text, so it drafts from
-        the first step; a random head would start at acceptance 0), the engine compiled (CUDA's default)."""
+        must give the same tokens and SD statistics (the history drafter's state is checkpointed;
+        losses within float tolerance: GPU reductions need not be bit-reproducible across processes).
+        torchrun in one process, FSDP2 forced on, bf16 (the default on a GPU; the resume is exact in
+        bf16, tests/test_trainer.py), SD on with the history drafter at T = 0.05 (a group's siblings
+        write nearly the same text, so it drafts from the first step; a random head would start at
+        acceptance 0), the engine on the smoke stage's path. Each run has its own cap
+        (GRPO_RUN_SHARE), so a hang names its run, and its `[teardown]` lines name its phase."""
         scratch = Path(tempfile.mkdtemp(prefix="grpo-"))
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--standalone", "train.py"]
         args = ["--model", "tiny", "--task", "toy-letters", "--prompts", "2", "--group", "4", "--max-new-tokens", "24",
                 "--temperature", "0.05", "--sd", "on", "--drafter", "history", "--k", "3", "--fsdp", "on",
-                "--no-progress"]
-        if self.quick:
-            args += ["--compile", "off"]
+                "--no-progress", *self.compile_args(train=True)]
+        self.record(stage, path=self.path)
         deadline = time.monotonic() + limit
         runs = [("straight", [*args, "--steps", "3", "--checkpoint-every", "3", "--out", str(scratch / "straight")]),
                 ("split", [*args, "--steps", "2", "--checkpoint-every", "2", "--out", str(scratch / "split")]),
                 ("resume", ["--resume", str(scratch / "split"), "--steps", "3", "--no-progress"])]
         for name, run_args in runs:
-            proc = self.run(f"{stage}: {name}", [*torchrun, *run_args], max(deadline - time.monotonic(), 1))
+            left = deadline - time.monotonic()
+            cap = min(GRPO_RUN_SHARE[name] * limit, left) if name in GRPO_RUN_SHARE else left
+            proc = self.run(f"{stage}: {name}", [*torchrun, *run_args], max(cap, 1))
             if proc is None or proc.returncode != 0:
                 self.record(stage, status=f"failed at the {name} run")
                 return
@@ -345,7 +394,7 @@ def resume_differences(straight: list[dict], resumed: list[dict]) -> list[str]:
         return [f"steps {[r['step'] for r in straight]} vs {[r['step'] for r in resumed]}"]
     problems = []
     for a, b in zip(straight, resumed):
-        for k in ("reward_mean", "accuracy", "response_len_mean", "trained_tokens"):
+        for k in ("reward_mean", "accuracy", "response_len_mean", "trained_tokens", "sd_fraction", "accept_len"):
             if a.get(k) != b.get(k):
                 problems.append(f"step {a['step']} {k}: {a.get(k)} vs {b.get(k)}")
         for k in ("loss", "entropy", "grad_norm"):
@@ -369,14 +418,23 @@ def render(summary: dict) -> str:
     lines = [f"# GPU check, part {summary.get('part')}: {env.get('gpu', env.get('device'))}, torch {env.get('torch')}, "
              f"transformers {env.get('transformers')}, Python {env.get('python')}", "",
              f"{summary.get('seconds', 0):.0f} s of a {summary.get('budget_s', 0):.0f} s budget", "", "## Stages", "",
-             "| stage | status | seconds | 'skipping cudagraphs' lines |", "|---|---|---:|---:|"]
+             "| stage | status | compile path | seconds | 'skipping cudagraphs' lines |", "|---|---|---|---:|---:|"]
     for name, s in summary["stages"].items():
         lines.append(f"| {name} | {s.get('status')}{' - ' + s['result'] if s.get('result') else ''} | "
-                     f"{s.get('seconds', '-')} | {s.get('cudagraph_skips', '-')} |")
+                     f"{s.get('path', '-')} | {s.get('seconds', '-')} | {s.get('cudagraph_skips', '-')} |")
+    if "smoke" in summary:
+        m = summary["smoke"]
+        lines += ["", f"## Smoke: {m['model']}, batch {m['batch']}, path {m['path']}", "",
+                  "| step | first call s (cold compile) | replay ms |", "|---|---:|---:|"]
+        lines += [f"| {name} | {m['first_call_s'].get(name, '-')} | {m['replay_ms'][name]} |" for name in m["replay_ms"]]
     for name, b in summary.get("bench", {}).items():
         # two transformers baselines: eager (dynamic cache, uncompiled) and static (static cache, compiled by
         # generate); step ms: one decoding step alone (transformers': (T(N) - T(1)) / (N - 1))
-        lines += ["", f"## generate.py --bench, {name} (random weights), compile {b['compile_s']} s", ""]
+        lines += ["", f"## generate.py --bench, {name} (random weights), path {b.get('path', '-')}, "
+                  f"compile and warm-up {b['compile_s']} s", ""]
+        if b.get("first_call_s"):
+            lines += ["Cold compile per graph (first call, s): "
+                      + ", ".join(f"{g} {t}" for g, t in b["first_call_s"].items()), ""]
         if b.get("launch_us_eager") is not None:
             graph = b.get("launch_us_graph")
             lines += [f"Kernel launch: {b['launch_us_eager']:.2f} us eager"
@@ -433,9 +491,38 @@ def render(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def profile_costs_here(device: str, quick: bool) -> dict:
-    """The solver's cost model for the SmolLM2-shaped target with the history drafter on `device`,
-    and for a few acceptance rates the largest batch size at which the policy still speculates."""
+def smoke_here(device: str, quick: bool, mode: str) -> dict:
+    """The smoke stage, in a process of its own: at the SmolLM2-135M shape (random weights, bf16; the
+    tiny model with `quick`) with the history drafter at k = 3, one decode and one verify graph on
+    compile path `mode`, each called three times at batch 2 (compile, CUDA-graph recording, replay),
+    the third call timed. The engine is built as the bench builds its engines (max batch 32, a 1 GiB
+    cache), so the bench finds these graphs in the compile cache."""
+    import torch
+
+    from compile.policy import FIRST_CALL_S
+    from models.loading import load_model
+    from respec.drafters.history import HistoryDrafter
+    from respec.engine import RolloutEngine
+    from respec.profiling import synthetic_steps
+
+    spec = "tiny" if quick else "random-smollm2-135m"
+    model = load_model(spec, device=device)
+    engine = RolloutEngine(model, kv_cache_bytes=1 << 30, max_batch=32, drafter=HistoryDrafter(), num_draft_tokens=3,
+                           eager=mode == "eager", compile_mode=None if mode == "eager" else mode)
+    replay_ms = {}
+    for name, k in (("decode", 0), ("verify k=3", 3)):
+        times = synthetic_steps(engine, 2, k, 64, 3)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        replay_ms[name] = round(times[-1] * 1e3, 3)
+    return {"model": spec, "batch": 2, "path": engine.steps.mode, "first_call_s": dict(FIRST_CALL_S),
+            "replay_ms": replay_ms}
+
+
+def profile_costs_here(device: str, quick: bool, mode: str | None = None) -> dict:
+    """The solver's cost model for the SmolLM2-shaped target with the history drafter on `device`
+    (compile path `mode`: the smoke stage's), and for a few acceptance rates the largest batch size at
+    which the policy still speculates."""
     from models.loading import load_model
     from respec.drafters.history import HistoryDrafter
     from respec.engine import RolloutEngine
@@ -444,8 +531,9 @@ def profile_costs_here(device: str, quick: bool) -> dict:
 
     spec = "tiny" if quick else "random-smollm2-135m"
     model = load_model(spec, device=device)
+    eager = quick or mode == "eager"
     engine = RolloutEngine(model, kv_cache_bytes=1 << 30, max_batch=64, drafter=HistoryDrafter(), num_draft_tokens=3,
-                           eager=quick)
+                           eager=eager, compile_mode=None if eager else mode)
     batches, ks, contexts = ((1, 2), (0, 1, 3), (64, 192)) if quick else ((1, 8, 64), (0, 1, 3), (64, 192))
     warmup(engine, list(batches), ks=list(ks), max_context=max(contexts), progress=False)
     key = cost_key(spec, engine.drafter.describe(), engine)
@@ -463,20 +551,26 @@ def profile_costs_here(device: str, quick: bool) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m respec.lab.gpu_check", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--part", choices=sorted(PARTS), default="a", help="a: tests + SmolLM2-shape bench; b: cost "
-                   "profile, GRPO with FSDP2 and a resume, larger shapes")
+    p.add_argument("--part", choices=sorted(PARTS), default="a", help="a: smoke, CUDA tests, SmolLM2-shape bench; "
+                   "b: smoke, GRPO with FSDP2 and a resume, cost profile, larger shapes")
     p.add_argument("--out", type=Path, help="folder for everything the check writes (new, or empty)")
     p.add_argument("--budget-s", type=float, default=None,
                    help=f"wall-clock budget of the part in seconds (default: {PART_BUDGET_S})")
     p.add_argument("--quick", action="store_true", help="the tiny model everywhere, eager (a smoke run on any machine)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--costs-only", action="store_true", help=argparse.SUPPRESS)  # part b's first stage, in a subprocess
+    # the stages that run in a process of their own (their JSON on the last line of stdout)
+    p.add_argument("--costs-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--smoke-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--compile-mode", default=None, help=argparse.SUPPRESS)  # their compile path
     args = p.parse_args(argv)
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.costs_only:
-        print(json.dumps(profile_costs_here(device, args.quick)))
+        print(json.dumps(profile_costs_here(device, args.quick, args.compile_mode)))
+        return 0
+    if args.smoke_only:
+        print(json.dumps(smoke_here(device, args.quick, args.compile_mode or SMOKE_MODES[0])))
         return 0
     if args.out is None:
         p.error("--out is required")
