@@ -37,7 +37,9 @@ def layer_draft(drafter, draft_pools, prev_tokens, tokens, positions, block_tabl
     drafts, q = [], []
     for i in range(k):
         kv = PagedKV.build(draft_pools, block_tables, pos, n_rep, valid=valid)
-        hidden = drafter(inp, pos, kv, run_block=run_block)[:, -1]  # (B, d)
+        # (B, d), contiguous: the first forward covers two tokens, the rest one, and a tail compiled
+        # for one stride would be compiled again for the other
+        hidden = drafter(inp, pos, kv, run_block=run_block)[:, -1].contiguous()
         d_i, q_i = draft_fn(drafter, hidden, seeds, temperature, top_k, top_p, min_p, positions + 1 + i,
                             use_filter=use_filter,
                             coupled=coupled)
