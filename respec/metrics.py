@@ -341,12 +341,13 @@ def peak_flops(dtype: torch.dtype, device: torch.device) -> tuple[float, str]:
     """(FLOP/s, source): the most this process's device does in `dtype`, the train phase's MFU
     denominator. A GPU in the table: its datasheet figure (a measured matmul falls short of it, and
     an MFU against the measurement would flatter the run by as much). Another GPU: a timed 8192^3
-    matmul, large enough to fill it. A CPU has no such figure: a timed 2048^3 GEMM (its cores are
-    shared with whatever else runs, so the figure moves between runs)."""
+    matmul, large enough to fill it. A CPU has no such figure: a timed 1024^3 GEMM, which reaches the
+    same rate as a 2048^3 one on a few cores in an eighth of the time (its cores are shared with
+    whatever else runs, so the figure moves between runs)."""
     if device.type == "cuda":
         found = datasheet_peak(torch.cuda.get_device_name(device), dtype,
                                tf32=torch.get_float32_matmul_precision() != "highest")
         if found is not None:
             return found
         return timed_matmul(8192, dtype, device), "timed 8192^3 matmul"
-    return timed_matmul(2048, dtype, device), "timed CPU GEMM"
+    return timed_matmul(1024, dtype, device), "timed 1024^3 CPU GEMM"

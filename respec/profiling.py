@@ -25,6 +25,8 @@ def synthetic_steps(engine: RolloutEngine, batch: int, k: int, context: int, cal
     widest = max(engine.k, engine.replay_k) if engine.k else 0
     if k > widest:
         raise ValueError(f"cannot time k={k}: the engine drafts at most {widest}")
+    if batch > engine.max_batch:  # (past it, a compiled step's rows leave their declared range)
+        raise ValueError(f"cannot time {batch} rows: the engine runs at most {engine.max_batch}")
     blocks = engine.blocks
     if blocks.blocks_for(context + k + 1) * batch > blocks.num_free:
         raise ValueError(f"{batch} sequences of {context} tokens do not fit the KV cache")

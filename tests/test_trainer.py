@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.loading import cpu_native_bf16
 from respec import checkpoint, distributed
 from respec.config import TrainConfig
 from respec.trainer import Trainer
@@ -134,6 +135,8 @@ def test_resume_is_exact_including_after_sigkill(tmp_path):
     assert (killed / "hf" / "model.safetensors").is_file()
 
 
+@pytest.mark.skipif(not cpu_native_bf16(), reason="bf16 is emulated on this CPU (~20x slower than fp32); the "
+                    "check runs where bf16 is native, and in the GPU check's GRPO stage")
 def test_resume_is_exact_in_bf16(tmp_path):
     """bf16 rollouts and a bf16-autocast training forward resume as exactly as fp32 (TOY's `auto` is
     fp32 on a CPU without native bf16, so the test above may not cover it): a checkpoint holds the
@@ -141,10 +144,10 @@ def test_resume_is_exact_in_bf16(tmp_path):
     restored master (`Trainer.after_update`), and the autocast forward rounds the same inputs the
     same way, so nothing depends on whether the process was restarted."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    args = [*TOY, "--dtype", "bf16", "--train-dtype", "bf16", "--checkpoint-every", "2"]
-    train(*args, "--steps", "3", "--out", str(straight))
-    train(*args, "--steps", "2", "--out", str(split))
-    train("--resume", str(split), "--steps", "3", "--no-progress")
+    args = [*TOY, "--prompts", "2", "--group", "4", "--dtype", "bf16", "--train-dtype", "bf16", "--checkpoint-every", "1"]
+    train(*args, "--steps", "2", "--out", str(straight))
+    train(*args, "--steps", "1", "--out", str(split))
+    train("--resume", str(split), "--steps", "2", "--no-progress")
     assert exact(metrics(split)) == exact(metrics(straight))
     assert max_abs_diff(split / "hf" / "model.safetensors", straight / "hf" / "model.safetensors") == 0
 
@@ -202,7 +205,7 @@ def test_fsdp_in_one_torchrun_process_equals_the_unsharded_run(tmp_path):
     assert not (tmp_path / "no").exists()
 
 
-def test_bad_input_is_one_line_and_touches_nothing(tmp_path):
+def test_bad_input_is_one_line_and_touches_nothing(tmp_path, capsys):
     good = tmp_path / "good.jsonl"
     good.write_text('{"question": "1+1?", "answer": "#### 2"}\n')
     malformed = tmp_path / "malformed.jsonl"
@@ -226,12 +229,17 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path):
         "not a run": (["--resume", str(not_a_run)], "not a training run directory"),
         "minibatches": (["--prompts", "3", "--minibatches", "2"], "not divisible by --minibatches"),
     }
+    import train as train_py  # in this process: each case ends before anything starts (test_bad_flags_are_one_line)
+
     for name, (args, message) in cases.items():
         run_dir = tmp_path / f"run-{name.replace(' ', '_')}"
         extra = [] if "--out" in args or "--resume" in args else ["--out", str(run_dir)]
-        out = train("--model", "tiny", "--sd", "off", *args, *extra, check=False)
-        lines = out.stderr.strip().splitlines()
-        assert out.returncode == 2, (name, out.stderr[-2000:])
+        try:
+            code = train_py.main(["--model", "tiny", "--sd", "off", "--no-progress", *args, *extra])
+        except SystemExit as e:  # argparse
+            code = e.code
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, (name, lines[-20:])
         assert len(lines) == 1 and message in lines[0], (name, lines)
         assert not run_dir.exists(), name
     assert (existing / "keep.txt").read_text() == "precious" and sorted(os.listdir(existing)) == ["keep.txt"]
@@ -405,7 +413,7 @@ def test_peak_flops_from_the_datasheet_table_or_a_timed_gemm():
     assert metrics.datasheet_peak("NVIDIA A10G", torch.bfloat16) is None  # no public datasheet: timed
     assert metrics.datasheet_peak("Tesla T4", torch.bfloat16) is None
     flops, source = metrics.peak_flops(torch.float32, torch.device("cpu"))
-    assert source == "timed CPU GEMM" and 1e8 < flops < 1e14
+    assert source == "timed 1024^3 CPU GEMM" and 1e8 < flops < 1e14
 
 
 def test_default_sizes_fit_any_number_of_ranks():
