@@ -21,15 +21,31 @@ import torch
 from respec.paged_attention import NULL_BLOCK
 
 
-def default_pool_bytes(device, *, gpu_fraction: float = 0.4, cpu_bytes: int = 1 << 30) -> int:
+def default_pool_bytes(device, *, gpu_fraction: float = 0.4, cpu_bytes: int = 1 << 30,
+                       most: int | None = None) -> int:
     """The KV pool's size when none is given: on a GPU a fraction of the memory free now (call it
     once the models are loaded; the rest is left to the optimizer's state and the activations of
-    training), elsewhere a fixed 1 GiB (enough for 64 rows of 700 tokens of SmolLM2-135M)."""
+    training), elsewhere a fixed 1 GiB (enough for 64 rows of 700 tokens of SmolLM2-135M); either
+    way no more than `most`, what the run can ever fill (`pool_bytes_for`): a pool is zeroed when it
+    is made, and memory nobody uses is time and room lost."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free * gpu_fraction)
-    return cpu_bytes
+        size = int(free * gpu_fraction)
+    else:
+        size = cpu_bytes
+    return size if most is None else min(size, most)
+
+
+def pool_bytes_for(*, rows: int, tokens: int, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                   block_size: int = 16, draft_shape: tuple[int, int, int] | None = None) -> int:
+    """Bytes of a pool (`PagedKVCache`'s layout) that holds `rows` sequences of `tokens` tokens each,
+    and its null block."""
+    per_token = num_layers * num_kv_heads * head_dim
+    if draft_shape is not None:
+        per_token += draft_shape[0] * draft_shape[1] * draft_shape[2]
+    blocks = rows * -(-tokens // block_size) + 1
+    return 2 * blocks * block_size * per_token * dtype.itemsize
 
 
 class OutOfBlocks(RuntimeError):

@@ -60,7 +60,7 @@ from respec.drafters.replay import ReplayStore
 from respec.engine import EngineStats, RolloutEngine, SamplingParams, Stopped
 from respec.episode import Episode, set_advantages
 from respec.evaluation import Evaluation, held_out_problems
-from respec.kv_cache import default_pool_bytes
+from respec.kv_cache import default_pool_bytes, pool_bytes_for
 from respec.lora import apply_lora
 from respec.online_learner import KDConfig, OnlineLearner
 from respec.profiling import StepTimer, warmup
@@ -137,7 +137,13 @@ class Trainer:
         self.head_module = self.drafter.module if master is not None else None
         self.drafter_prior = chosen.prior
         self.micro_tokens = cfg.micro_tokens or MICRO_TOKENS.get(device.type, MICRO_TOKENS["cpu"])
-        pool = cfg.kv_cache_mb << 20 if cfg.kv_cache_mb else default_pool_bytes(device)  # after the models, on a GPU
+        # the KV pool: --kv-cache-mb, or the default (after the models, on a GPU), at most what the
+        # engine can fill: its every row at the model's whole context
+        model_cfg = self.actor.cfg
+        most = pool_bytes_for(rows=cfg.max_batch, tokens=model_cfg.max_position_embeddings, num_layers=model_cfg.num_layers,
+                              num_kv_heads=model_cfg.num_kv_heads, head_dim=model_cfg.head_dim, dtype=self.rollout_dtype,
+                              draft_shape=self.drafter.pool_shape if self.drafter is not None else None)
+        pool = cfg.kv_cache_mb << 20 if cfg.kv_cache_mb else default_pool_bytes(device, most=most)
         self.engine = RolloutEngine(self.rollout.model, kv_cache_bytes=pool, max_batch=cfg.max_batch,
                                     eos_token_ids=eos_token_ids(self.tok, self.actor), eager=not self.compiled,
                                     compile_mode=cfg.compile_mode, drafter=self.drafter,

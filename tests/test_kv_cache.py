@@ -155,3 +155,19 @@ def test_default_pool_is_sized_for_the_device(monkeypatch):
     assert default_pool_bytes("cpu") == 1 << 30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 << 30, 80 << 30))  # free, total
     assert default_pool_bytes("cuda:0") == int(0.4 * (60 << 30))
+    assert default_pool_bytes("cpu", most=5 << 20) == default_pool_bytes("cuda:0", most=5 << 20) == 5 << 20
+
+
+def test_a_pool_sized_for_its_rows_holds_them_and_no_more():
+    """`pool_bytes_for`: the bytes of exactly `rows` sequences of `tokens` tokens (whole blocks) and
+    the null block, in the cache's own layout, a drafter's pools included."""
+    from respec.kv_cache import pool_bytes_for
+
+    shape = dict(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.float32)
+    for draft in (None, (1, 2, 4)):
+        size = pool_bytes_for(rows=3, tokens=10, draft_shape=draft, **shape)
+        cache = PagedKVCache(capacity_bytes=size, draft_shape=draft, **shape)
+        assert cache.blocks.num_blocks == 3 * 3 + 1
+        for s in range(3):
+            cache.blocks.allocate(s, 10)
+        assert cache.blocks.num_free == 0
