@@ -48,7 +48,8 @@ Policy, and why:
     static pools and power-of-two table widths (one engine per shape), no CUDA graphs of ours.
   * Prefill runs eagerly: its prompt lengths vary without bound, and it is a few large matrix
     products per sequence that compilation would not speed up.
-  * The inductor cache lives under respec's cache directory, so a second run skips codegen.
+  * The inductor cache lives under respec's cache directory, one directory per CPU vector ISA, so a
+    second run skips codegen and never reads kernels written for another ISA.
   * `eager=True` returns the plain functions: the debugging path, tested to give the same tokens.
 """
 
@@ -78,13 +79,28 @@ TAIL_PARAMS = ("sample_fn", "draft_fn", "verify_fn")
 MIN_TABLE_WIDTH = 4  # block-table widths below this are padded up (keeps the dynamic dim > 1)
 
 
+def cpu_isa_key() -> str:
+    """The vector ISA CPU kernels are generated for: ATen's CPU capability (which
+    ATEN_CPU_CAPABILITY can lower), with AMX named apart ("avx512-amx", "avx512", "avx2", ...)."""
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    if capability == "avx512" and torch.cpu._is_amx_tile_supported():
+        capability += "-amx"
+    return capability
+
+
 def use_persistent_cache() -> None:
-    """Point inductor's on-disk cache into respec's cache directory (unless the user set one).
+    """Point inductor's on-disk cache into respec's cache directory (unless the user set one), one
+    directory per CPU vector ISA (`cpu_isa_key`).
+
+    Per ISA because inductor's graph cache does not key its entries by the ISA their C++ kernels
+    were written for: a directory filled on an AVX-512 CPU and read under AVX2 (another machine
+    sharing the home directory, or ATEN_CPU_CAPABILITY=avx2) serves 16-lane kernels compiled as
+    8-lane code: wrong tokens, or memory overwritten and the process aborted.
 
     Must run before anything touches inductor: the first use of inductor's cache (a CPU ISA probe
     is enough) writes its default, /tmp/torchinductor_<user>, into the same environment variable.
-    The entry points (train.py, generate.py) call this first."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    The entry points (train.py, generate.py) and the tests' conftest call this first."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor" / cpu_isa_key()))
 
 
 def configure_dynamo() -> None:

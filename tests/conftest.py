@@ -11,8 +11,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from compile.policy import use_persistent_cache  # noqa: E402
 from models.decoder import PRESETS  # noqa: E402
 from models.loading import load_model, load_tokenizer, random_model, resolve_checkpoint, save_hf_checkpoint  # noqa: E402
+
+# Every compile of the suite (transformers' included) in respec's cache, one directory per CPU ISA,
+# before anything touches inductor's default /tmp/torchinductor_<user> (see use_persistent_cache).
+use_persistent_cache()
 
 TINY_LLAMA = dataclasses.replace(PRESETS["tiny"], qkv_bias=False, tie_word_embeddings=False, vocab_size=512,
                                  rope_theta=50000.0)

@@ -1,11 +1,19 @@
 """Compiled steps give the same tokens as eager ones (regional on CPU, and the whole-step policy
 used on CUDA), across batch buckets, a growing block table and filtered sampling."""
 
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from respec.engine import RolloutEngine, SamplingParams
 from tests.prompts import PROMPTS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(model, eager, mode=None, batch=3, **kw):
@@ -107,3 +115,22 @@ def test_compiled_speculative_step_equals_eager(tiny, kind):
     want = sd(True)
     got = sd(False, "regional")
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="ISA names of x86 CPUs")
+def test_the_inductor_cache_is_one_directory_per_cpu_isa(tmp_path):
+    """inductor's graph cache does not key entries by the ISA their C++ kernels were written for
+    (an AVX-512 entry read under AVX2 gave wrong tokens here, and aborted a CI run): respec's cache
+    keeps one directory per ISA, and a directory the user names is kept as named."""
+    def cache_dir_of(**env):
+        run_env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+        run_env.update(RESPEC_CACHE=str(tmp_path), **env)
+        code = ("import os; from compile.policy import use_persistent_cache; use_persistent_cache(); "
+                "print(os.environ['TORCHINDUCTOR_CACHE_DIR'])")
+        out = subprocess.run([sys.executable, "-c", code], env=run_env, cwd=ROOT, capture_output=True,
+                             text=True, check=True)
+        return out.stdout.strip()
+
+    avx2, default = cache_dir_of(ATEN_CPU_CAPABILITY="avx2"), cache_dir_of(ATEN_CPU_CAPABILITY="default")
+    assert avx2 == str(tmp_path / "inductor" / "avx2") and default == str(tmp_path / "inductor" / "default")
+    assert cache_dir_of(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "mine")) == str(tmp_path / "mine")
