@@ -29,11 +29,10 @@ import torch
 from compile.policy import COMPILE_MODES, require_tensorrt, use_persistent_cache
 from models.loading import ModelLoadError, eos_token_ids, load_model, load_tokenizer, resolve_dtype
 from respec.cli import DefaultsFormatter, OneLineParser, positive_float, positive_int, positive_int_list
+from respec.drafter_choice import choose_drafter, ensure_head
 from respec.engine import RolloutEngine, SamplingParams
 from respec.profiling import warmup
-from respec.speculative import VERIFY_RULES
-from respec.drafter_choice import choose_drafter
-from respec.drafters.eagle import DRAFT_TEMPERATURE
+from respec.speculative import DRAFT_TEMPERATURE, VERIFY_RULES
 from respec.tasks import DEFAULT_TASK, chat_prompt, make_problems, make_task
 
 
@@ -122,11 +121,13 @@ def make_drafter(spec: str | None, model, k: int, args, tokenizer):
         raise ValueError(f"--k must be >= 1, got {k}")
     from respec.config import TrainConfig
 
-    chosen = choose_drafter(spec, target=model, k=k, model=args.model, task_name=args.task,
-                            task=make_task(task=args.task), tokenizer=tokenizer,
-                            rollout_dtype=next(model.parameters()).dtype, max_new_tokens=TrainConfig.max_new_tokens,
-                            seed=args.seed, dtype=args.dtype, temperature=TrainConfig.temperature,
-                            log=lambda m: print(m, file=sys.stderr), draft_temperature=args.draft_temperature)
+    task = make_task(task=args.task)
+    common = dict(model=args.model, task_name=args.task, task=task, tokenizer=tokenizer,
+                  max_new_tokens=TrainConfig.max_new_tokens, seed=args.seed)
+    ensure_head(spec, **common, dtype=args.dtype, device=next(model.parameters()).device, k=k,
+                temperature=TrainConfig.temperature, log=lambda m: print(m, file=sys.stderr))
+    chosen = choose_drafter(spec, target=model, k=k, rollout_dtype=next(model.parameters()).dtype,
+                            draft_temperature=args.draft_temperature, **common)
     return chosen.drafter
 
 

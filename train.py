@@ -34,12 +34,13 @@ from pathlib import Path
 
 from compile.policy import use_persistent_cache
 from models.loading import ModelLoadError, load_model, load_tokenizer
-from respec import checkpoint, distributed, guards
+from respec import checkpoint, distributed, guards, metrics
 from respec.cli import OneLineParser, add_options, given_options, option_fields
-from respec.drafter_training import DrafterConfig
 from respec.config import TrainConfig, default_prompts
-from respec.lab.plot import read_evaluations
-from respec.trainer import Trainer
+from respec.drafter_choice import ensure_head, split_spec
+from respec.drafter_training import DrafterConfig
+from respec.run_plots import plot_run, read_evaluations
+from respec.trainer import Trainer, run_data
 
 
 CONFIGS = {"grpo": TrainConfig, "drafter": DrafterConfig}
@@ -152,6 +153,14 @@ def run_drafter(cfg: DrafterConfig, d: distributed.Dist) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+def check_parts(cfg: TrainConfig) -> None:
+    """The checks of options that need the parts they name (TrainConfig.validate checks the rest
+    and knows none of them): the drafter spec's form, the trackers and their packages. One line
+    each (ValueError), before anything is built."""
+    split_spec(cfg.drafter)
+    metrics.trackers(cfg.report_to)
+
+
 def new_config(given: dict, world: int = 1) -> TrainConfig:
     """A new run's config: the options given, TrainConfig's defaults for the rest."""
     cfg = TrainConfig(**given)
@@ -215,8 +224,6 @@ def summary(history: list[dict], run_dir: Path, wall_s: float, prep: dict, verif
 
 
 def run_grpo(ns, given: dict, d: distributed.Dist) -> int:
-    from respec.lab.plot import plot_run
-
     if ns.resume is not None:
         cfg = resumed_config(ns.resume, given)
         run_dir = ns.resume
@@ -229,11 +236,20 @@ def run_grpo(ns, given: dict, d: distributed.Dist) -> int:
         start = None
     cfg.out = str(run_dir)
     cfg.validate(d.world)
+    check_parts(cfg)
     if cfg.export_hf and Path(cfg.export_hf).exists():
         raise ValueError(f"--export-hf {cfg.export_hf} exists; refusing to overwrite it")
 
     wall = time.perf_counter()
-    trainer = Trainer(cfg, d=d, run_dir=run_dir, log=log if d.main else quiet)  # bad data fails here
+    tok = load_tokenizer(cfg.model)
+    data = run_data(cfg, tok)  # bad data fails here, before a default head is pretrained
+    if cfg.sd != "off":  # the default head, pretrained once where the cache lacks it (the first rank of each node)
+        ensure_head(cfg.drafter, model=cfg.model, task_name=cfg.task if cfg.data is None else str(cfg.data),
+                    task=cfg.pretraining_task(), tokenizer=tok, task_config=cfg.task_config,
+                    max_new_tokens=cfg.max_new_tokens, pretrain_here=d.node_main, wait=lambda: distributed.barrier(d),
+                    log=log if d.main else quiet, dtype=cfg.dtype, device=d.device, seed=cfg.seed, k=cfg.k,
+                    temperature=cfg.temperature, progress=cfg.progress)
+    trainer = Trainer(cfg, d=d, run_dir=run_dir, data=data, tokenizer=tok, log=log if d.main else quiet)
     if d.main and ns.resume is None:
         run_dir.mkdir(parents=True)
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")

@@ -268,6 +268,12 @@ def checkpoint_config(ckpt: Path) -> ModelConfig:
         raise ModelLoadError(f"{config_path}: {e}") from e
 
 
+def model_config(spec: str) -> ModelConfig:
+    """The configuration of the model a `--model` spec names, without reading its weights."""
+    ckpt = resolve_checkpoint(spec)
+    return PRESETS[spec] if ckpt is None else checkpoint_config(ckpt)
+
+
 def load_checkpoint(ckpt: Path, *, dtype: torch.dtype, device: torch.device) -> Decoder:
     """A Hugging Face checkpoint directory -> Decoder, built on meta and loaded with assign=True."""
     cfg = checkpoint_config(ckpt)

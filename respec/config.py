@@ -1,5 +1,11 @@
 """A GRPO run's settings: `TrainConfig`, from which train.py's options are generated
-(respec/cli.py), and what they imply before anything is built."""
+(respec/cli.py), and the narrow configs each part reads, derived from it: `kd()` for the
+drafter's online distillation (`KDConfig`), `update()` for the policy update (`UpdateConfig`),
+`sampling(seed)` and `eval_sampling()` for the rollouts and the evaluation, `lora()` for LoRA.
+
+A leaf of the package as far as it can be: it imports the vocabularies the options choose from,
+never the engine, the drafters, the solver or the metrics. The checks that need them (a drafter
+spec, a tracker) run where the run is set up (train.py `check_parts`)."""
 
 from __future__ import annotations
 
@@ -9,19 +15,71 @@ from dataclasses import dataclass
 import torch
 
 from compile.policy import COMPILE_MODES
-from respec import grpo, metrics
+from respec import grpo
 from respec.cli import option
 from respec.data import DataConfig
-from respec.drafter_choice import split_spec
-from respec.drafters.eagle import DRAFT_TEMPERATURE
+from respec.kd_loss import WEIGHTINGS
 from respec.lora import LoraSettings
 from respec.rollout_seeds import SEED_MODES
-from respec.speculative import VERIFY_RULES
+from respec.sampling import SamplingParams
+from respec.speculative import DRAFT_TEMPERATURE, VERIFY_RULES
 from respec.tasks import PromptFormat
 
 
-# --drafter-update -> the KD weighting w(r) of respec/kd_loss.py (frozen: no online learner)
-DRAFTER_UPDATES = {"frozen": None, "kd": "uniform", "rkd": "reward", "akd": "advantage"}
+@dataclass
+class KDConfig:
+    """The drafter's online distillation (respec/online_learner.py): its own settings, and the
+    run's that it must agree with. The defaults here are the options' (`--drafter-*`)."""
+
+    weighting: str = "rkd"  # w(r): kd (uniform) | rkd (reward-weighted) | akd (advantage), respec/kd_loss.py
+    lr: float = 1e-3  # AdamW learning rate of the head (constant after the warm-up)
+    # drafter optimizer steps of linear LR warm-up: Adam's first steps move every weight by ~lr,
+    # which knocked a pretrained head's acceptance down before it (docs/benchmarks.md)
+    warmup: int = 10
+    batch: int = 8  # sequences per drafter optimizer step, over all ranks
+    epochs: int = 1  # passes over the buffer per update
+    interval: int = 1  # RL steps between drafter updates (the buffer holds that many steps)
+    idle_interval: int = 4  # RL steps between distillations while the rollouts do not speculate (`due`)
+    unroll: int = 3  # training-time-test steps = draft positions the estimate covers (the run's k)
+    temperature: float = 1.0  # the rollout's sampling temperature (both distributions use it)
+    verify: str = "match"  # the engine's verification rule: what the acceptance estimate estimates (kd_loss.py)
+    draft_temperature: float = DRAFT_TEMPERATURE  # the head drafts at temperature * this (the estimate's q)
+    grad_clip: float = 1.0
+    async_update: bool = True  # the update in a background thread, overlapped with the next rollout
+
+    def validate(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown KD weighting {self.weighting!r} (choose {', '.join(WEIGHTINGS)})")
+        for name, flag in (("batch", "--drafter-batch"), ("epochs", "--drafter-epochs"),
+                           ("interval", "--drafter-update-interval"), ("idle_interval", "--drafter-idle-interval"),
+                           ("unroll", "--k")):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{flag} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0 or self.warmup < 0:
+            raise ValueError(f"--drafter-lr must be positive and --drafter-warmup >= 0, got {self.lr}, {self.warmup}")
+        if self.draft_temperature <= 0:
+            raise ValueError(f"--draft-temperature must be > 0, got {self.draft_temperature}")
+
+
+@dataclass
+class UpdateConfig:
+    """The policy update's settings (respec/update.py `policy_update`), as the options set them."""
+
+    group: int  # G: samples per prompt (a minibatch holds whole groups)
+    epochs: int  # passes over each rollout
+    minibatches: int  # optimizer steps per pass
+    temperature: float  # the rollout's sampling temperature (the training log-probs use the same)
+    max_new_tokens: int  # completion length limit (Dr. GRPO's normaliser)
+    loss_type: str  # how per-token losses are averaged (respec/grpo.py)
+    importance_sampling_level: str  # the ratio per token, or per sequence (GSPO)
+    clip_low: float  # ratio clipped below at 1 - this
+    clip_high: float  # ratio clipped above at 1 + this
+    kl_coef: float  # k3 KL to the reference model
+    is_correction: str  # the rollout/training mismatch's correction (respec/grpo.py)
+    is_cap: float  # its cap
+    mask_truncated_completions: bool  # completions cut at max_new_tokens leave the loss
+    gradient_checkpointing: bool  # recompute each block's activations in the backward pass
+    grad_clip: float  # max global gradient norm
 
 
 @dataclass
@@ -79,9 +137,9 @@ class TrainConfig(DataConfig):
                                 "pi_rollout, truncated at --is-cap or masked above it)", choices=grpo.IS_CORRECTIONS,
                                 aliases=("vllm_importance_sampling_mode",))
     is_cap: float = option(3.0, "cap of --is-correction", aliases=("vllm_importance_sampling_cap",))
-    # padded tokens per forward/backward; 0 = per device (MICRO_TOKENS): length-sorted microbatches keep
-    # padding small (measured on 2 CPU cores, 32 sequences of ~120 tokens: 512 -> 26.8 s per update, one
-    # microbatch of all -> 39.4 s); a GPU wants large ones to fill its cores
+    # padded tokens per forward/backward; 0 = per device (MICRO_TOKENS): on a CPU small length-sorted
+    # microbatches keep padding small and ran faster than one of everything (docs/benchmarks.md); a GPU
+    # wants large ones to fill its cores
     micro_tokens: int = option(0, "padded tokens per forward/backward (0: 512 on CPU, 8192 on a GPU)")
     # --- speculative decoding ---
     sd: str = option("adaptive", "speculative decoding: off, on (always --k) or adaptive (the solver picks k per "
@@ -106,17 +164,18 @@ class TrainConfig(DataConfig):
     reseed_every: int = option(0, "with per-prompt seeds: new noise for each sample every R epochs, staggered by "
                                "sample (0: never; groups without signal are always reseeded)")
     # --- the drafter's online distillation (respec/online_learner.py) ---
-    drafter_update: str = option("rkd", "frozen, kd (uniform weights), rkd (reward-weighted) or akd (positive "
-                                 "advantages only)", choices=tuple(DRAFTER_UPDATES))
-    # update in a background thread overlapped with the next rollout: on 2 CPU cores the default run's
-    # step took 6.3 s against 7.3 s synchronous (docs/benchmarks.md)
-    drafter_async: bool = option(True, "drafter update in a background thread, overlapped with the next rollout")
-    drafter_lr: float = option(1e-3, "the head's AdamW learning rate (after a linear warm-up)")
-    drafter_warmup: int = option(10, "drafter optimizer steps of linear LR warm-up (0: none)")
-    drafter_batch: int = option(8, "sequences per drafter optimizer step, over all ranks")
-    drafter_epochs: int = option(1, "passes over the replay buffer per drafter update")
-    drafter_update_interval: int = option(1, "RL steps between drafter updates (the buffer holds that many steps)")
-    drafter_idle_interval: int = option(4, "RL steps between distillations while the head drafts nothing")
+    drafter_update: str = option(KDConfig.weighting, "frozen, kd (uniform weights), rkd (reward-weighted) or akd "
+                                 "(positive advantages only)", choices=("frozen", *WEIGHTINGS))
+    drafter_async: bool = option(KDConfig.async_update, "drafter update in a background thread, overlapped with the "
+                                 "next rollout")
+    drafter_lr: float = option(KDConfig.lr, "the head's AdamW learning rate (after a linear warm-up)")
+    drafter_warmup: int = option(KDConfig.warmup, "drafter optimizer steps of linear LR warm-up (0: none)")
+    drafter_batch: int = option(KDConfig.batch, "sequences per drafter optimizer step, over all ranks")
+    drafter_epochs: int = option(KDConfig.epochs, "passes over the replay buffer per drafter update")
+    drafter_update_interval: int = option(KDConfig.interval, "RL steps between drafter updates (the buffer holds "
+                                          "that many steps)")
+    drafter_idle_interval: int = option(KDConfig.idle_interval, "RL steps between distillations while the head "
+                                        "drafts nothing")
     # --- system ---
     dtype: str = option("auto", "rollout dtype (auto: bf16 where native: CUDA, AVX-512-BF16/AMX; else fp32)",
                         choices=("auto", "bf16", "fp32", "fp16"))
@@ -132,10 +191,10 @@ class TrainConfig(DataConfig):
     train_dtype: str = option("auto", "autocast dtype of the training forward (weights stay fp32; fp16 is refused: "
                               "it would need loss scaling)",
                               choices=("auto", "bf16", "fp32", "fp16"))
-    # torch.compile of the rollout engine: auto = on CUDA only. On a 2-core CPU a cold compile of the
-    # 20 step shapes a rollout meets (5 batch buckets x k = 0..3) costs more than the default run's
-    # rollouts would save (docs/benchmarks.md); with a warm cache (`--compile on` after one compiled
-    # run) decoding is faster than eager.
+    # torch.compile of the rollout engine: auto = on CUDA only. On a few CPU cores a cold compile of
+    # the step shapes a rollout meets costs more than the default run's rollouts would save
+    # (docs/benchmarks.md); with a warm cache (`--compile on` after one compiled run) decoding is
+    # faster than eager.
     compile: str = option("auto", "torch.compile the rollout engine (auto: on CUDA only; a cold CPU compile takes "
                           "minutes)", choices=("auto", "on", "off"))
     compile_mode: str | None = option(None, "how a compiled engine compiles its steps (compile/policy.py)",
@@ -172,6 +231,38 @@ class TrainConfig(DataConfig):
         targets = tuple(t.strip() for item in self.lora_target_modules for t in str(item).split(",") if t.strip())
         return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, targets)
 
+    def kd(self) -> KDConfig | None:
+        """The drafter's online distillation (None: `--drafter-update frozen`)."""
+        return None if self.drafter_update == "frozen" else self._kd(self.drafter_update)
+
+    def _kd(self, weighting: str) -> KDConfig:
+        return KDConfig(weighting=weighting, lr=self.drafter_lr, warmup=self.drafter_warmup,
+                        batch=self.drafter_batch, epochs=self.drafter_epochs, interval=self.drafter_update_interval,
+                        idle_interval=self.drafter_idle_interval, unroll=self.k, temperature=self.temperature,
+                        verify=self.verify, draft_temperature=self.draft_temperature, async_update=self.drafter_async)
+
+    def update(self) -> UpdateConfig:
+        """The policy update's settings."""
+        return UpdateConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(UpdateConfig)})
+
+    def sampling(self, seed: int) -> SamplingParams:
+        """A rollout's sampling, for the request of sampling seed `seed`."""
+        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, min_p=self.min_p, seed=seed)
+
+    def eval_sampling(self) -> SamplingParams:
+        """The held-out evaluation's sampling (each request's seed set by the evaluation)."""
+        return SamplingParams(max_new_tokens=self.eval_max_new_tokens or self.max_new_tokens,
+                              temperature=self.eval_temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                              seed=self.seed)
+
+    def pretraining_task(self):
+        """The problems a missing default head is pretrained on: the task's own, not a fixed
+        training set's (the cached head serves every run of these task options, whatever its
+        --train-size), with any answers (they are not scored)."""
+        return dataclasses.replace(self, train_size=0).make_task(seed=self.seed, numeric_answers=False,
+                                                                   answers_required=False)
+
     def validate(self, world: int) -> None:
         if self.group < 2:
             raise ValueError(f"--group must be >= 2 (GRPO compares samples of one prompt), got {self.group}")
@@ -188,33 +279,25 @@ class TrainConfig(DataConfig):
             raise ValueError("--fsdp on needs a process group: start train.py with torchrun")
         if self.compile_mode is not None and self.compile == "off":
             raise ValueError(f"--compile-mode {self.compile_mode} needs a compiled engine (--compile on or auto)")
-        if self.drafter_lr <= 0 or self.drafter_warmup < 0:
-            raise ValueError(f"--drafter-lr must be positive and --drafter-warmup >= 0, got {self.drafter_lr}, "
-                             f"{self.drafter_warmup}")
-        if self.draft_temperature <= 0:
-            raise ValueError(f"--draft-temperature must be > 0, got {self.draft_temperature}")
+        self._kd("kd").validate()  # the --drafter-* ranges, checked even when frozen
         if self.reseed_every < 0 or self.replay_k < 0:
             raise ValueError(f"--reseed-every and --replay-k must be >= 0, got {self.reseed_every}, {self.replay_k}")
         if self.reseed_every and self.rollout_seeds != "per-prompt":
             raise ValueError("--reseed-every applies to --rollout-seeds per-prompt")
-        split_spec(self.drafter)  # a malformed combination: one line before anything is built
         PromptFormat.make(self.raw_prompts, self.chat_template_kwargs)
         self.lora().check()
         if self.raw_prompts and self.system_prompt:
             raise ValueError("--system-prompt goes into the chat template, which --raw-prompts leaves out")
-        for name in ("steps", "prompts", "max_new_tokens", "epochs", "minibatches", "k", "max_batch",
-                     "checkpoint_every", "drafter_batch", "drafter_epochs", "drafter_update_interval",
-                     "drafter_idle_interval"):
+        for name in ("steps", "prompts", "epochs", "minibatches", "k", "max_batch", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         for name in ("micro_tokens", "kv_cache_mb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: sized for the device), got "
                                  f"{getattr(self, name)}")
+        self.sampling(0).validate(flags=True)
         if self.temperature <= 0:
             raise ValueError(f"--temperature must be > 0 for GRPO sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if not self.is_cap > 0:
             raise ValueError(f"--is-cap must be positive, got {self.is_cap}")
         if self.lr <= 0 or self.kl_coef < 0 or self.grad_clip <= 0:
@@ -226,11 +309,6 @@ class TrainConfig(DataConfig):
         if self.eval_generations > 1 and self.eval_temperature == 0:
             raise ValueError(f"--eval-generations {self.eval_generations} at --eval-temperature 0 would repeat one "
                              "greedy completion: give a temperature")
-        metrics.trackers(self.report_to)  # an unknown tracker or a missing package: one line, before anything
-        if self.top_k < 0:
-            raise ValueError(f"--top-k must be >= 0 (0: off), got {self.top_k}")
-        if not 0 <= self.min_p < 1:
-            raise ValueError(f"--min-p must be in [0, 1) (0: off), got {self.min_p}")
         if self.train_dtype == "fp16":
             raise ValueError("--train-dtype fp16 would need loss scaling, which respec does not do: use bf16 or fp32")
         if str(self.log_completions).lower() in ("true", "false"):  # TRL's log_completions is a switch

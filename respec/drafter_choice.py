@@ -1,5 +1,9 @@
 """From a `--drafter` spec to the drafter the engine runs, in one place for train.py and generate.py.
 
+Two steps, so that building a trainer trains nothing: `ensure_head` makes the default head where a
+spec asks for it and the cache lacks it (train.py and generate.py call it first), and
+`choose_drafter` only loads.
+
 Specs: an EAGLE head directory; `auto` (the default head for this model and task, pretrained once
 and cached); `random` (an untrained head, for a cold start that only online distillation
 improves); `first:N` (the target's first N layers); the model-free `replay` (last epoch's
@@ -103,6 +107,17 @@ def default_head(model: str, task_name: str, task, tokenizer, *, task_config: di
     return directory
 
 
+def ensure_head(spec: str, *, model: str, task_name: str, task, tokenizer, task_config: dict | None = None,
+                max_new_tokens: int = 64, **pretrain_kw) -> Path | None:
+    """Where `spec` asks for the default head (`auto`, alone or with model-free parts): its directory,
+    pretrained first if the cache lacks it (`default_head`'s other arguments: `pretrain_kw`); None for
+    any other spec, which `choose_drafter` loads as it is."""
+    if spec == "none" or split_spec(spec)[0] != "auto":
+        return None
+    return default_head(model, task_name, task, tokenizer, task_config=task_config, max_new_tokens=max_new_tokens,
+                        **pretrain_kw)
+
+
 MODEL_FREE = ("replay", "history")
 
 
@@ -121,12 +136,11 @@ def split_spec(spec: str) -> tuple[str | None, list[str]]:
 
 
 def choose_drafter(spec: str, *, target, k: int, model: str, task_name: str, task, tokenizer, rollout_dtype,
-                   task_config: dict | None = None, max_new_tokens: int = 64, seed: int = 0, dtype: str = "auto",
-                   temperature: float = 1.0, pretrain_here: bool = True, wait=lambda: None, log=print,
-                   progress: bool = True, draft_temperature: float = 1.0) -> Chosen:
-    """The drafter `spec` names, for `target` (the rollout model). With `auto`, a missing default
-    head is pretrained where `pretrain_here` (one rank), and every rank then `wait()`s for it. A head
-    drafts at the rollout temperature times `draft_temperature`."""
+                   task_config: dict | None = None, max_new_tokens: int = 64, seed: int = 0,
+                   draft_temperature: float = 1.0) -> Chosen:
+    """The drafter `spec` names, for `target` (the rollout model), loaded: with `auto` the default
+    head `ensure_head` made (a missing one is an error). A head drafts at the rollout temperature
+    times `draft_temperature`; `random` draws its untrained head's vocabulary from `task`'s prompts."""
     from respec.drafter_training import untrained_head
     from respec.drafters.eagle import EagleDrafter
     from respec.drafters.history import HistoryDrafter
@@ -165,10 +179,10 @@ def choose_drafter(spec: str, *, target, k: int, model: str, task_name: str, tas
         master = untrained_head(target, prompts, seed=seed)
         prior = [0.0] * k  # known to accept nothing until the estimate says otherwise
     else:
-        directory = Path(head_spec) if head_spec != "auto" else default_head(
-            model, task_name, task, tokenizer, task_config=task_config, max_new_tokens=max_new_tokens,
-            pretrain_here=pretrain_here, wait=wait, log=log, dtype=dtype, device=device, seed=seed, k=k,
-            temperature=temperature, progress=progress)
+        directory = Path(head_spec) if head_spec != "auto" else default_head_dir(model, task_name, task_config,
+                                                                                 max_new_tokens)
+        if not (directory / "config.json").is_file():
+            raise ValueError(f"--drafter {spec}: no default head in {directory} (ensure_head makes it first)")
         prior = drafter_alpha(directory, k)
         master = load_eagle(directory, dtype=torch.float32, device=device)
     drafter = combined(EagleDrafter(cast_head(master, rollout_dtype), draft_temperature))  # the engine's copy

@@ -34,9 +34,10 @@ from models.eagle import EagleConfig, EagleHead, cast_head, save_eagle
 from respec.cli import option
 from respec.data import DataConfig
 from respec.distill import Sequences, head_loss, make_batches, target_features
-from respec.drafters.eagle import DRAFT_TEMPERATURE, EagleDrafter
+from respec.drafters.eagle import EagleDrafter
 from respec.engine import RolloutEngine, SamplingParams
 from respec.grpo import warmup_cosine
+from respec.speculative import DRAFT_TEMPERATURE
 from respec.tasks import chat_prompt
 
 @dataclass

@@ -8,9 +8,10 @@ each iteration:
 
   1. admit waiting sequences while the batch has room and the pool has blocks: one batched,
      right-padded prefill caches their tokens and samples their first new token;
-  2. otherwise run one decode step for every running sequence (padded to a batch bucket), or an
-     SD step (the policy's k; rows with a long replay verify apart); before it, every sequence
-     gets slots for its newest token and its drafts, and if the pool runs dry the most recently
+  2. otherwise one decoding step for every running sequence, as the SD policy plans it
+     (respec/solver.py `Policy.plan`: groups of rows, each verified in one forward with its draft
+     length, 0 = a plain decode step; padded to a batch bucket); before it, every sequence gets
+     slots for its newest token and its drafts, and if the pool runs dry the most recently
      admitted sequence is *preempted*: its blocks are freed and it goes back to the front of the
      queue with everything it generated so far, to be recomputed by a later prefill;
   3. sequences that sampled EOS or reached their token limit leave at once and free their blocks.
@@ -38,38 +39,15 @@ from compile.policy import CompiledSteps
 from respec.drafters import DraftBatch, Drafter, EngineView, NoDrafter
 from respec.drafters.wrap import as_drafter
 from respec.kv_cache import PagedKVCache
-from respec.sampling import padded_vocab, prepare_sampler
+from respec.sampling import RowSampling, SamplingParams, padded_vocab, prepare_sampler
 from respec.scheduler import Row, Scheduler
-from respec.solver import FixedK
+from respec.solver import FixedK, Group, Policy, acceptance_counts
 from respec.speculative import VERIFY_RULES, verify_step
 from respec.steps import decode_step, prefill_step, right_padded
 
 
 class Stopped(Exception):
     """`generate` was asked to stop (`should_stop`) before every sequence finished."""
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 128  # completion length limit (tokens)
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0  # nucleus mass kept; 1 = off
-    top_k: int = 0  # most likely tokens kept; 0 = off
-    min_p: float = 0.0  # tokens kept if at least min_p x the most likely one's probability; 0 = off
-    seed: int = 0  # fixes the sampling noise of this request
-    stop_on_eos: bool = True  # end the completion at an EOS token (which is kept in the output)
-
-    def validate(self) -> None:
-        if self.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 <= self.min_p < 1:
-            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
 
 
 @dataclass
@@ -92,7 +70,9 @@ class Completions(list):
 
 
 @dataclass
-class _Sequence:
+class Sequence:
+    """A request as the engine runs it: its text so far, and what it emitted."""
+
     id: int
     prompt: list[int]
     params: SamplingParams
@@ -155,11 +135,16 @@ class EngineStats:
         """Drafts the rows of one drafter kind proposed ("model": the head's)."""
         return self.sd_kinds.get(kind, {}).get("proposed", 0)
 
-    @property
-    def alpha(self) -> list[float]:
-        """Conditional acceptance of draft i: of the rows that proposed it with every earlier draft
-        accepted, the fraction that accepted it (rows with shorter proposals do not count)."""
-        return [a / r if r else 0.0 for a, r in zip(self.sd_accepted_at, self.sd_reached_at)]
+    def count_acceptance(self, accepted: list[int], proposed: list[int]) -> None:
+        """One verify's rows into the per-position counts (respec/solver.py `acceptance_counts`)."""
+        accepted_at, reached_at = acceptance_counts(accepted, proposed)
+        grow = len(reached_at) - len(self.sd_reached_at)
+        if grow > 0:
+            self.sd_accepted_at += [0] * grow
+            self.sd_reached_at += [0] * grow
+        for j, (a, r) in enumerate(zip(accepted_at, reached_at)):
+            self.sd_accepted_at[j] += a
+            self.sd_reached_at[j] += r
 
 
 class RolloutEngine:
@@ -177,7 +162,7 @@ class RolloutEngine:
         compile_mode: str | None = None,  # regional / whole (default per device, see compile/policy.py)
         drafter=None,  # speculative decoding: a respec.drafters.Drafter, or a model `as_drafter` wraps in one
         num_draft_tokens: int = 0,  # k (the largest k with a policy), tokens drafted per SD step (>= 1)
-        policy=None,  # chooses k per step (respec/solver.py: FixedK, AdaptiveK); default FixedK(k)
+        policy: Policy | None = None,  # plans each step (respec/solver.py: FixedK, AdaptiveK); default FixedK(k)
         verify: str = "match",  # how drafts are verified: match (plain decoding's tokens) or rejection (respec/speculative.py)
         replay_k: int = 0,  # most drafts a long deterministic proposal (a replay) may make per verify; 0: k
     ):
@@ -270,92 +255,104 @@ class RolloutEngine:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts) or (replays is not None and len(replays) != len(prompts)):
             raise ValueError("one SamplingParams per prompt (or a single one for all), and one replay per prompt")
-        seqs = [_Sequence(i, list(map(int, p)), sp, replay=None if replays is None else replays[i])
+        seqs = [Sequence(i, list(map(int, p)), sp, replay=None if replays is None else replays[i])
                 for i, (p, sp) in enumerate(zip(prompts, plist))]
         for s in seqs:
             self.check_request(s.prompt, s.params)
         self.stats = EngineStats()
-        engine_policy, self.policy = self.policy, policy if policy is not None else self.policy
-        waiting: deque[_Sequence] = deque(seqs)
-        running: list[_Sequence] = []
-        try:
-            with torch.no_grad():
-                while waiting or running:
-                    if should_stop is not None and should_stop():
-                        for s in running:
-                            self.scheduler.release(s)
-                        raise Stopped(f"rollout abandoned with {len(running) + len(waiting)} of {len(seqs)} "
-                                      "sequences unfinished")
-                    admitted = self.scheduler.admit(waiting, running)
-                    if admitted:
-                        self._prefill(admitted)
-                        running += admitted
-                    else:
-                        self._step(waiting, running)
-                    finished = [s for s in running if s.finish_reason]
-                    for s in finished:
+        policy = policy if policy is not None else self.policy
+        waiting: deque[Sequence] = deque(seqs)
+        running: list[Sequence] = []
+        with torch.no_grad():
+            while waiting or running:
+                if should_stop is not None and should_stop():
+                    for s in running:
                         self.scheduler.release(s)
-                        running.remove(s)
-                    if finished and on_finish is not None:
-                        on_finish(len(finished))
-        finally:
-            self.policy = engine_policy
+                    raise Stopped(f"rollout abandoned with {len(running) + len(waiting)} of {len(seqs)} "
+                                  "sequences unfinished")
+                admitted = self.scheduler.admit(waiting, running)
+                if admitted:
+                    self._prefill(admitted)
+                    running += admitted
+                else:
+                    self._step(waiting, running, policy)
+                finished = [s for s in running if s.finish_reason]
+                for s in finished:
+                    self.scheduler.release(s)
+                    running.remove(s)
+                if finished and on_finish is not None:
+                    on_finish(len(finished))
         return Completions([Completion(s.out, s.logprobs, s.finish_reason, s.verified) for s in seqs], self.stats)
 
-    def _step(self, waiting: deque, running: list[_Sequence]) -> None:
-        """One decoding step of every running sequence. Rows with a long deterministic proposal
-        (a replay, `Drafter.long_drafts`) verify with up to `replay_k` drafts, apart so the other rows
-        do not pay their width (the others decode plainly or speculate with the policy's k), or, where
-        the policy finds one forward cheaper than two, with the others riding along undrafted.
-        Slots for every row's drafts are reserved first (which may preempt rows from the back)."""
-        k = self._choose_k(running)
-        long, together = self._long_caps(running)
-        caps = [0] * len(running) if together else self._draft_caps(running, k)
-        wanted = [Row(s, lc or c, long=lc > 0 or together) for s, lc, c in zip(running, long, caps)]
-        rows = self.scheduler.reserve(waiting, running, wanted)  # the rows that still run (newest ones preempted)
-        self.stats.preemptions += len(wanted) - len(rows)
-        long_rows = [r for r in rows if r.long]
-        for group, width in ((long_rows, max((r.cap for r in long_rows), default=0)), ([r for r in rows if not r.long], k)):
-            if not group:
+    def _step(self, waiting: deque, running: list[Sequence], policy: Policy) -> None:
+        """One decoding step of every running sequence, as `policy` plans it: groups of rows, each
+        verified in one forward with its draft length (0: a plain decode step). Slots for every
+        row's drafts are reserved first (which may preempt rows from the back); each group's outcome
+        goes back to the policy."""
+        context = sum(len(s.tokens) for s in running) / len(running)
+        offers = self.drafter.long_drafts(running) if self.replay_k else None
+        groups = policy.plan(self._room(running), offers, context, max_k=self.k, max_long=self.replay_k)
+        caps = [0] * len(running)
+        for g in groups:
+            for row, cap in zip(g.rows, g.caps):
+                caps[row] = cap
+        rows = self.scheduler.reserve(waiting, running, [Row(s, c) for s, c in zip(running, caps)])
+        self.stats.preemptions += len(caps) - len(rows)
+        for g in groups:
+            if (g := g.first(len(rows))) is None:  # (the preempted are the last rows)
                 continue
-            seqs, caps = [r.seq for r in group], [r.cap for r in group]
-            self._speculate(seqs, width, caps)
+            outcome = self._speculate([running[i] for i in g.rows], g.width, g.caps)
+            if outcome is not None:
+                policy.observe_group(g, *outcome)
 
-    def _long_caps(self, running: list[_Sequence]) -> tuple[list[int], bool]:
-        """Drafts each row proposes in the long group this step (0: it joins the other rows): its
-        long proposal, capped by `replay_k`, the row's room, and the policy's choice for the group;
-        and whether the other rows ride along in the long group's verify."""
-        ready = self.drafter.long_drafts(running) if self.replay_k else None
-        n = sum(1 for r in ready if r) if ready is not None else 0
-        if n == 0:
-            return [0] * len(running), False
-        context = sum(len(s.tokens) for s in running) / len(running)
-        width, together = self.policy.choose_long(n, context, self.replay_k, others=len(running) - n)
-        room = self._draft_caps(running, width)
-        return [min(r, c) for r, c in zip(ready, room)], together and width > 0
-
-    def _choose_k(self, running: list[_Sequence]) -> int:
-        """This step's draft length: the policy's choice for the active batch, capped at the engine's k."""
-        if not self.k:
-            return 0
-        context = sum(len(s.tokens) for s in running) / len(running)
-        return min(self.policy.choose(len(running), context), self.k)
-
-    def _draft_caps(self, running: list[_Sequence], k: int) -> list[int]:
-        """Most drafts each row may propose this step: k, less where the row's context or token limit
-        is near (a row emits at most drafts + 1 tokens). Per row, so one long sequence does not turn
-        SD off for the batch."""
-        return [max(0, min(k, self.max_len - len(s.tokens) - 1, s.params.max_new_tokens - len(s.out) - 1))
+    def _room(self, running: list[Sequence]) -> list[int]:
+        """Most drafts each row may propose: up to its context or token limit (a row emits at most
+        drafts + 1 tokens). Per row, so one long sequence does not turn SD off for the batch."""
+        return [max(0, min(self.max_len - len(s.tokens) - 1, s.params.max_new_tokens - len(s.out) - 1))
                 for s in running]
 
+    def time_step(self, seqs: list[Sequence], k: int) -> float:
+        """Seconds of one decoding step (k = 0) or SD step with up to k drafts per row of `seqs`, new
+        sequences (ids no running one has) whose text is cached first by an untimed prefill and
+        whose blocks are freed after: what the solver's cost profile times and the warm-up runs to
+        compile every shape (respec/profiling.py). The prefill's sample is replaced by the text's own
+        next token (nothing of it is cached yet), so that a drafter matching the text proposes; a
+        row with a `replay` past the drafter's k verifies that many. The statistics of rollouts are
+        left as they were."""
+        stats, self.stats = self.stats, EngineStats()
+        try:
+            with torch.no_grad():
+                newest = [s.out.pop() for s in seqs]  # the step's input tokens, cached by none
+                for s in seqs:
+                    self.blocks.allocate(s.id, len(s.tokens))
+                self._prefill(seqs)
+                for s, token in zip(seqs, newest):
+                    s.out[-1], s.finish_reason = token, None
+                caps = [min(k, room) for room in self._room(seqs)]
+                for s, cap in zip(seqs, caps):  # slots for the newest token and the drafts
+                    self.blocks.append(s.id, cap + 1)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                t0 = time.perf_counter()
+                self._speculate(seqs, k, caps)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                return time.perf_counter() - t0
+        finally:
+            for s in seqs:
+                if s.id in self.blocks.tables:
+                    self.scheduler.release(s)
+            self.stats = stats
+
     # ------------------------------------------------------------------------------------------
-    def _tables(self, seqs: list[_Sequence], rows: int | None = None) -> torch.Tensor:
+    def _tables(self, seqs: list[Sequence], rows: int | None = None) -> torch.Tensor:
         """The sequences' block tables, as wide as the longest needs, padded to `rows` rows."""
         width = self.steps.table_width(max(len(self.blocks.tables[s.id]) for s in seqs))
         return self.cache.block_tables([s.id for s in seqs], width, rows)
 
-    def _row_params(self, seqs: list[_Sequence], rows: int):
-        """Per-row sampling tensors, padded to `rows` (padding rows: greedy, seed 0)."""
+    def _row_params(self, seqs: list[Sequence], rows: int) -> tuple[RowSampling, bool]:
+        """Per-row sampling tensors, padded to `rows` (padding rows: greedy, seed 0), and whether any
+        row filters (top-k / top-p / min-p: a static flag of the compiled steps)."""
         pad = rows - len(seqs)
         seeds = torch.tensor([s.params.seed for s in seqs] + [0] * pad, dtype=torch.int64)
         temp = torch.tensor([s.params.temperature for s in seqs] + [0.0] * pad, dtype=torch.float32)
@@ -364,9 +361,9 @@ class RolloutEngine:
         min_p = torch.tensor([s.params.min_p for s in seqs] + [0.0] * pad, dtype=torch.float32)
         use_filter = any(s.params.top_k > 0 or s.params.top_p < 1 or s.params.min_p > 0
                          for s in seqs if s.params.temperature > 0)
-        return [t.to(self.device) for t in (seeds, temp, top_k, top_p, min_p)], use_filter
+        return RowSampling(*(t.to(self.device) for t in (seeds, temp, top_k, top_p, min_p))), use_filter
 
-    def _emit(self, s: _Sequence, tok: int, lp: float, verified: bool = False) -> None:
+    def _emit(self, s: Sequence, tok: int, lp: float, verified: bool = False) -> None:
         s.out.append(tok)
         s.logprobs.append(lp)
         s.verified.append(verified)
@@ -376,22 +373,21 @@ class RolloutEngine:
         elif len(s.out) >= s.params.max_new_tokens or len(s.tokens) >= self.max_len:
             s.finish_reason = "length"
 
-    def _record(self, seqs: list[_Sequence], tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
+    def _record(self, seqs: list[Sequence], tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
         for s, tok, lp in zip(seqs, tokens.tolist(), logprobs.tolist()):  # the one host sync per step
             self._emit(s, tok, lp)
 
-    def _prefill(self, seqs: list[_Sequence]) -> None:
+    def _prefill(self, seqs: list[Sequence]) -> None:
         t0 = time.perf_counter()
         B = len(seqs)
         tokens, positions, valid = right_padded([(s.tokens, 0) for s in seqs])
         last = torch.tensor([len(s.tokens) - 1 for s in seqs], dtype=torch.int64)
         tables = self._tables(seqs)
-        (seeds, temp, top_k, top_p, min_p), use_filter = self._row_params(seqs, B)
+        sampling, use_filter = self._row_params(seqs, B)
         step = self.steps.eager_fn(prefill_step, use_filter=use_filter, hidden_layers=self.feature_layers)
         dev = self.device
         tokens, positions, valid = tokens.to(dev), positions.to(dev), valid.to(dev)
-        out = step(self.runner, self.cache.pools, tokens, positions, valid, tables, last.to(dev), seeds, temp, top_k, top_p,
-                   min_p)
+        out = step(self.runner, self.cache.pools, tokens, positions, valid, tables, last.to(dev), *sampling)
         first, logprobs, taps = out if self.feature_layers else (*out, None)
         # the drafter sees the same tokens (before the first new one is recorded)
         self.drafter.on_prefill(seqs, tokens, positions, valid, tables, taps, first)
@@ -399,17 +395,17 @@ class RolloutEngine:
         self.stats.prefill_tokens += len(seqs)
         self.stats.prefill_s += time.perf_counter() - t0
 
-    def _decode(self, seqs: list[_Sequence]) -> None:
+    def _decode(self, seqs: list[Sequence]) -> None:
         t0 = time.perf_counter()
         rows = self.steps.batch_bucket(len(seqs), self.max_batch)
         pad = rows - len(seqs)
         tokens = torch.tensor([s.out[-1] for s in seqs] + [0] * pad, dtype=torch.int64)
         positions = torch.tensor([len(s.tokens) - 1 for s in seqs] + [0] * pad, dtype=torch.int64)
         tables = self._tables(seqs, rows)
-        (seeds, temp, top_k, top_p, min_p), use_filter = self._row_params(seqs, rows)
+        sampling, use_filter = self._row_params(seqs, rows)
         step = self.steps.get(decode_step, use_filter=use_filter, hidden_layers=self.feature_layers)
         next_tokens, logprobs, *taps = step(self.runner, self.cache.pools, tokens.to(self.device),
-                                            positions.to(self.device), tables, seeds, temp, top_k, top_p, min_p)
+                                            positions.to(self.device), tables, *sampling)
         self.drafter.on_decode(seqs, taps[0] if taps else None, next_tokens)
         self._record(seqs, next_tokens[: len(seqs)], logprobs[: len(seqs)])
         self.stats.decode_s += time.perf_counter() - t0
@@ -417,30 +413,30 @@ class RolloutEngine:
         self.stats.batch_sizes.append(len(seqs))
         self.stats.chosen_k.append(0)
 
-    def _speculate(self, seqs: list[_Sequence], k: int, caps: list[int]) -> None:
+    def _speculate(self, seqs: list[Sequence], k: int, caps: list[int]) -> tuple[list[int], list[int]] | None:
         """One decoding step of `seqs` with up to `caps[i]` drafts per row: draft, then verify; a plain
         decoding step where no row may draft or the drafter proposed nothing (a model-free drafter
-        with no match), its reserved slots handed back."""
+        with no match), its reserved slots handed back. Returns each row's accepted and proposed
+        drafts (None: it decoded plainly)."""
         t0 = time.perf_counter()
         proposal = self._draft(seqs, k, caps) if any(caps) else None
         if proposal is None:
             for s, cap in zip(seqs, caps):
                 self.blocks.truncate(s.id, cap)
-            return self._decode(seqs)
-        self._verify(*proposal, t0=t0)
+            self._decode(seqs)
+            return None
+        return self._verify(*proposal, t0=t0)
 
-    def _draft(self, seqs: list[_Sequence], k: int, caps: list[int]) -> tuple | None:
+    def _draft(self, seqs: list[Sequence], k: int, caps: list[int]) -> tuple | None:
         """The drafter's proposal for this step (catch up -> draft), or None if it has none."""
         t0 = time.perf_counter()
         dev = self.device
         self.drafter.catch_up(seqs, k)
         rows = self.steps.batch_bucket(len(seqs), self.max_batch)
         pad = [0] * (rows - len(seqs))
-        (seeds, temp, top_k, top_p, min_p), use_filter = self._row_params(seqs, rows)
+        sampling, use_filter = self._row_params(seqs, rows)
         batch = DraftBatch(
-            seqs=seqs, k=k, seeds=seeds, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-            use_filter=use_filter,
-            coupled=self.verify == "match",
+            seqs=seqs, k=k, sampling=sampling, use_filter=use_filter, coupled=self.verify == "match",
             tokens=torch.tensor([s.tokens[-1] for s in seqs] + pad, dtype=torch.int64, device=dev),
             positions=torch.tensor([len(s.tokens) - 1 for s in seqs] + pad, dtype=torch.int64, device=dev),
             block_tables=self._tables(seqs, rows),
@@ -451,16 +447,16 @@ class RolloutEngine:
         self._phase("draft", t0)
         return batch, drafts, caps
 
-    def _verify(self, batch: DraftBatch, drafts, caps: list[int], *, t0: float) -> None:
-        """Verify the drafts in one (k+1)-wide forward -> accept -> roll back -> commit."""
+    def _verify(self, batch: DraftBatch, drafts, caps: list[int], *, t0: float) -> tuple[list[int], list[int]]:
+        """Verify the drafts in one (k+1)-wide forward -> accept -> roll back -> commit. Returns each
+        row's accepted and proposed drafts."""
         t1 = time.perf_counter()
         seqs, k = batch.seqs, batch.k
         verify = self.steps.get(verify_step, use_filter=batch.use_filter, rule=self.verify,
                                 hidden_layers=self.feature_layers)
         tokens_d, logprobs_d, n_d, taps = verify(self.runner, self.cache.pools, batch.tokens, drafts.tokens,
                                                  drafts.lengths, drafts.q, drafts.point, batch.positions,
-                                                 batch.block_tables, batch.seeds, batch.temperature, batch.top_k,
-                                                 batch.top_p, batch.min_p)
+                                                 batch.block_tables, *batch.sampling)
         tokens, logprobs, n = tokens_d.tolist(), logprobs_d.tolist(), n_d.tolist()  # the host sync of this step
         lengths = drafts.lengths_list if drafts.lengths_list is not None else caps
         kinds = drafts.kinds or [self.drafter.kind] * len(seqs)
@@ -477,7 +473,7 @@ class RolloutEngine:
             self.stats.sd_emitted += emitted
             # a row that drafted nothing rode along in the forward (a plain row beside replays)
             self.stats.count_kind(kinds[i] if lengths[i] else "plain", lengths[i], min(n[i], emitted), emitted)
-            self._count_acceptance(n[i], lengths[i])
+        self.stats.count_acceptance(n[: len(seqs)], lengths)
         running = [i for i, s in enumerate(seqs) if not s.finish_reason]
         if running:
             self.drafter.commit([seqs[i] for i in running], [n[i] for i in running], tokens_d[running],
@@ -488,12 +484,7 @@ class RolloutEngine:
         self.stats.decode_s += time.perf_counter() - t0
         self.stats.batch_sizes.append(len(seqs))
         self.stats.chosen_k.append(k)
-        replayed = [i for i, kind in enumerate(kinds) if kind == "replay"]  # the long group's own estimate
-        others = [i for i, kind in enumerate(kinds) if kind != "replay"]
-        if others:
-            self.policy.observe([n[i] for i in others], k, [lengths[i] for i in others])
-        if replayed:
-            self.policy.observe_long([n[i] for i in replayed], [lengths[i] for i in replayed])
+        return n[: len(seqs)], list(lengths)
 
     def _phase(self, name: str, since: float) -> float:
         """Add the time since `since` to an SD phase; returns now. On a GPU the phases are only
@@ -503,16 +494,3 @@ class RolloutEngine:
         now = time.perf_counter()
         self.stats.sd_phase_s[name] += now - since
         return now
-
-    def _count_acceptance(self, n: int, proposed: int) -> None:
-        """Per draft position: rows that accepted it, and rows that reached it (proposed it, with
-        every earlier draft accepted)."""
-        st = self.stats
-        grow = proposed - len(st.sd_accepted_at)
-        if grow > 0:
-            st.sd_accepted_at += [0] * grow
-            st.sd_reached_at += [0] * grow
-        for j in range(min(n + 1, proposed)):
-            st.sd_reached_at[j] += 1
-        for j in range(n):
-            st.sd_accepted_at[j] += 1

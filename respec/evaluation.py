@@ -22,8 +22,8 @@ import dataclasses
 import time
 
 from respec import distributed
-from respec.engine import SamplingParams
 from respec.rollout_seeds import eval_seed
+from respec.sampling import SamplingParams
 from respec.solver import FixedK
 from respec.tasks import PromptFormat
 
@@ -49,13 +49,11 @@ def held_out_problems(cfg, task, *, numeric_answers: bool, answers_required: boo
 @dataclasses.dataclass
 class Evaluation:
     problems: list
-    temperature: float = 0.0
+    # how each completion samples (respec/config.py `TrainConfig.eval_sampling`); its seed is the run's,
+    # from which each (problem, sample) has its own fixed noise (rollout_seeds.eval_seed)
+    sampling: SamplingParams = dataclasses.field(default_factory=lambda: SamplingParams(max_new_tokens=64,
+                                                                                         temperature=0.0))
     generations: int = 1  # completions per problem
-    max_new_tokens: int = 64
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int = 0  # the run's: the evaluation's noise is fixed per (problem, sample) (rollout_seeds.eval_seed)
 
     def run(self, engine, tokenizer, rewards, d: distributed.Dist, *, prompt: PromptFormat = PromptFormat()) -> dict:
         """Evaluate the engine's current weights; every rank takes problems r, r+W, ... and the
@@ -64,9 +62,7 @@ class Evaluation:
         n = self.generations
         mine = list(range(d.rank, len(self.problems), d.world))
         requests = [(i, g) for i in mine for g in range(n)]
-        params = [SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                                 top_k=self.top_k, min_p=self.min_p, seed=eval_seed(self.seed, i, g))
-                  for i, g in requests]
+        params = [dataclasses.replace(self.sampling, seed=eval_seed(self.sampling.seed, i, g)) for i, g in requests]
         ids = {i: prompt.ids(tokenizer, self.problems[i]) for i in mine}
         outs = engine.generate([ids[i] for i, _ in requests], params, policy=FixedK(0)) if requests else []
         texts = [tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]

@@ -6,13 +6,14 @@ over the completions i of a batch and their tokens t (T_i of them): a *weighted 
 forward KL from the actor (teacher) to the drafter (student). The weight of a completion comes from
 its reward (`sequence_weights`):
 
-    uniform    w = 1                                          plain KD ("kd")
-    reward     w = clip(1 + (r - mean r) / std r, 0, w_max)    the paper's "reward normalised and clipped" ("rkd")
-    advantage  w = max(A, 0)                                  only completions better than their group ("akd")
+    kd    w = 1                                          plain KD, uniform weights
+    rkd   w = clip(1 + (r - mean r) / std r, 0, w_max)   reward-weighted: the paper's "reward normalised and clipped"
+    akd   w = max(A, 0)                                  advantage-weighted: only completions better than their group
 
-so the drafter follows the trajectories the policy is moving toward rather than the ones it is
-leaving. `reward` keeps the mean weight near 1 (the step size of uniform KD) and gives a completion
-one reward-std below the batch mean weight 0; when every reward is equal it is uniform KD.
+(the names `--drafter-update` takes), so the drafter follows the trajectories the policy is moving
+toward rather than the ones it is leaving. `rkd` keeps the mean weight near 1 (the step size of
+uniform KD) and gives a completion one reward-std below the batch mean weight 0; when every reward
+is equal it is plain KD.
 
 Choices the paper leaves open, made here:
 
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 
 from respec.sampling import sample
 
-WEIGHTINGS = ("uniform", "reward", "advantage")
+WEIGHTINGS = ("kd", "rkd", "akd")  # w(r): uniform, reward-weighted, advantage-weighted (above)
 
 
 def sequence_weights(kind: str, rewards: torch.Tensor, advantages: torch.Tensor | None = None, *,
@@ -55,17 +56,17 @@ def sequence_weights(kind: str, rewards: torch.Tensor, advantages: torch.Tensor 
     """w(r) for each completion, (N,) -> (N,). `mean` / `std` are the reward statistics to normalise
     with (default: of `rewards` itself; the trainer passes those of the global batch over ranks)."""
     rewards = rewards.float()
-    if kind == "uniform":
+    if kind == "kd":
         return torch.ones_like(rewards)
-    if kind == "reward":
+    if kind == "rkd":
         mean = rewards.mean().item() if mean is None else mean
         std = rewards.std(unbiased=False).item() if std is None else std
         if std < eps:  # every reward equal: nothing to prefer
             return torch.ones_like(rewards)
         return (1.0 + (rewards - mean) / std).clamp(0.0, w_max)
-    if kind == "advantage":
+    if kind == "akd":
         if advantages is None:
-            raise ValueError("advantage weighting needs the advantages")
+            raise ValueError("advantage weighting (akd) needs the advantages")
         return advantages.float().clamp_min(0.0)
     raise ValueError(f"unknown KD weighting {kind!r} (choose {', '.join(WEIGHTINGS)})")
 

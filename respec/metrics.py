@@ -20,6 +20,7 @@ import torch
 
 from respec import distributed
 from respec.engine import EngineStats
+from respec.solver import conditional_acceptance
 from respec.tasks import extract_answer
 
 KINDS = ("model", "history", "replay")  # a hybrid drafter's rows, by the proposer that drafted them
@@ -73,9 +74,9 @@ def step_metrics(sums: dict, stats: EngineStats, inputs: StepInputs, d: distribu
     """metrics.jsonl's line for the step, from the summed `sums` and this rank's engine trace."""
     t = inputs.timings
     n, r_sum, r_sq, sd_rows = sums["n"], sums["r_sum"], sums["r_sq"], sums["sd_rows"]
-    # conditional acceptance per draft position: of the rows that proposed it with every earlier
-    # draft accepted, the fraction that accepted it
-    alpha = [sums[f"accepted_{j}"] / sums[f"reached_{j}"] for j in range(inputs.k) if sums[f"reached_{j}"]]
+    # conditional acceptance per draft position, from the engine's counts summed over ranks
+    alpha = conditional_acceptance([sums[f"accepted_{j}"] for j in range(inputs.k)],
+                                   [sums[f"reached_{j}"] for j in range(inputs.k)])
     rollout_max, train_max = distributed.all_reduce_max([t["rollout_s"], t["train_s"]], d)  # the slowest rank
     mean = r_sum / n
     upd = inputs.update
@@ -120,10 +121,11 @@ def step_metrics(sums: dict, stats: EngineStats, inputs: StepInputs, d: distribu
 def replay_metrics(sums: dict, inputs: StepInputs) -> dict:
     """Rows per drafter kind and what replay drafts brought (empty without a hybrid or replay)."""
     has_replay = inputs.replay_rows is not None
+    always = {"replay"} if has_replay else set()  # reported even when none of its rows verified
     out = {}
     for kind in KINDS:
         rows, emitted = sums[f"kind/{kind}/rows"], sums[f"kind/{kind}/emitted"]
-        if not rows and not (kind == "replay" and has_replay):
+        if not rows and kind not in always:
             continue
         out[f"sd_rows_{kind}"] = int(rows)
         out[f"accept_len_{kind}"] = round(emitted / rows, 4) if rows else 0.0

@@ -1,13 +1,15 @@
 """The drafter's online learner: distils the EAGLE head from the actor while GRPO trains it.
 
 The actor changes every RL step, so a drafter fitted once goes stale. The learner owns the head's
-schedule, weights, swap and export; the trainer calls three hooks and its checkpoints hold
-`state_dict()`:
+master weights, its schedule and its export; it holds no engine. The drafter flows one way: each
+hook returns what changed (`DrafterUpdate`: new weights and their version, the acceptance estimate,
+the figures), and the trainer applies it (the weights into the head the engine drafts with, the
+estimate to the solver). The trainer calls three hooks, and its checkpoints hold `state_dict()`:
 
-  before_rollout()                          a finished background update is swapped in, its
-                                            acceptance estimate handed to the solver
+  before_rollout()                          a finished background update, to apply before the rollout
   after_update(model, episodes, ...)        the step's episodes, weighted by w(r), distilled from
-                                            the updated actor when `due` (below)
+                                            the updated actor when `due` (below); a synchronous
+                                            update is returned at once
   export(dir)                               the head as trained so far, with its estimate as a prior
 
 Inside, `submit` hands the work the step's completions and their weights w(r):
@@ -24,22 +26,22 @@ Inside, `submit` hands the work the step's completions and their weights w(r):
      acceptance estimate alpha_j = mean over tokens of 1 - TV(p_actor, q_draft) at draft position j,
      which goes to the solver (`AdaptiveK.set_alpha`): a drafter that starts weak is trained while
      SD stays off, and SD turns itself on once the estimate says it pays;
-  4. `collect` swaps the new weights into the head the engine drafts with (rollout dtype, packed
-     copies refreshed), always between rollouts.
+  4. `collect` hands the new weights out (the trainer copies them into the head the engine drafts
+     with, in the rollout dtype), always between rollouts.
 
 When to distil (`due`, the schedule in one place): after every RL step whose rollout drafted with
 the head, and every `idle_interval` steps while the rollouts do not (the solver keeps the head off;
 verifies of replayed or history drafts do not count, since they do not use the head). Distilling
 still pays then, since the head must keep up with the actor for its acceptance estimate to turn SD
-back on, but not every step: in the long-response setting SD stayed off for 98% of decoding steps
-and the distillation cost 3.4-3.8 s of work per step (docs/benchmarks.md).
+back on, but not every step: where SD stays off for most decoding steps a distillation per step
+costs more than it can buy (docs/benchmarks.md measures it).
 
 In line or in the background: with `async_update` (the trainer's default, `--drafter-async on`),
 steps 1-3 run in a background thread (on CUDA on a stream of their own) while the next rollout runs,
-drafting with the previous weights; `collect` after that rollout waits for it and swaps. Everything
-the thread reads (the rollout copy of the actor) stays unchanged until the next actor update, which
-comes after `collect`. On two CPU cores the two share the cores and the overlap still shortened the
-default run's step by 13% (docs/benchmarks.md).
+drafting with the previous weights; `collect` after that rollout waits for it and hands the new
+weights out. Everything the thread reads (the rollout copy of the actor) stays unchanged until the
+next actor update, which comes after `collect`. On few CPU cores the two share the cores
+(docs/benchmarks.md measures what the overlap gains and costs).
 
 Data parallelism: the head (10M parameters for SmolLM2) is replicated on every rank and its
 gradients all-reduced (summed; each rank's loss is divided by the *global* weighted token count).
@@ -73,38 +75,22 @@ import torch
 import torch.distributed as dist
 
 from models.eagle import EagleHead, save_eagle
+from respec.config import KDConfig
 from respec.distill import Sequences, collate, head_loss, target_features
 from respec.grpo import warmup_cosine
-from respec.kd_loss import WEIGHTINGS, sequence_weights
-from respec.solver import AdaptiveK, expected_tokens
+from respec.kd_loss import sequence_weights
+from respec.solver import expected_tokens
 
 
 @dataclass
-class KDConfig:
-    weighting: str = "reward"  # w(r): uniform (kd) | reward (rkd) | advantage (akd), respec/kd_loss.py
-    lr: float = 1e-3  # AdamW learning rate of the head (constant after the warm-up)
-    warmup: int = 10  # drafter optimizer steps of linear LR warm-up. Without it the first update of a
-    # pretrained head (Adam's first steps move every weight by ~lr) cut accept_len by 15% (1.50 -> 1.28)
-    batch: int = 8  # sequences per drafter optimizer step, over all ranks
-    epochs: int = 1  # passes over the buffer per update
-    interval: int = 1  # RL steps between drafter updates (the buffer holds that many steps)
-    idle_interval: int = 4  # RL steps between distillations while the rollouts do not speculate (`due`)
-    unroll: int = 3  # training-time-test steps = draft positions the estimate covers (use >= k)
-    temperature: float = 1.0  # the rollout's sampling temperature (both distributions use it)
-    verify: str = "match"  # the engine's verification rule: what the acceptance estimate estimates (kd_loss.py)
-    draft_temperature: float = 1.0  # the head drafts at temperature * this (the estimate's q; respec/drafters/eagle.py)
-    grad_clip: float = 1.0
-    async_update: bool = False  # run the update in a background thread, overlapped with the next rollout
-    # (the trainer turns it on by default, --drafter-async)
+class DrafterUpdate:
+    """A finished distillation, for the trainer to apply before the next rollout."""
 
-    def validate(self) -> None:
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown KD weighting {self.weighting!r}")
-        for name in ("batch", "epochs", "interval", "idle_interval", "unroll"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"drafter {name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"--drafter-lr must be positive, got {self.lr}")
+    stats: dict  # its figures for the step's metrics (kd_*, and alpha_est / accept_est when finite)
+    head: EagleHead | None = None  # the learner's master weights, to copy into the head the engine drafts
+    # with; None: unchanged since the last update handed out
+    version: int = 0  # the learner's update count those weights are
+    alpha_est: list[float] | None = None  # the head's acceptance estimate for the solver (None: none usable)
 
 
 @dataclass
@@ -116,12 +102,12 @@ class _Item:
 
 
 class OnlineLearner:
-    """See the module docstring. `head` is the trainable fp32 master copy; `engine.drafter` the head
-    the engine drafts with (the same weights in the rollout dtype)."""
+    """See the module docstring. `head` is the trainable fp32 master copy (the engine drafts with a
+    copy of its weights in the rollout dtype, which the trainer refreshes from `DrafterUpdate`s)."""
 
-    def __init__(self, head: EagleHead, engine, cfg: KDConfig, *, world: int = 1, k: int = 3, main: bool = True):
+    def __init__(self, head: EagleHead, cfg: KDConfig, *, world: int = 1, k: int = 3, main: bool = True):
         cfg.validate()
-        self.cfg, self.engine, self.k, self.world, self.main = cfg, engine, k, world, main
+        self.cfg, self.k, self.world, self.main = cfg, k, world, main
         # the latest finite acceptance estimate: the solver's, and the exported head's prior
         self.last_alpha_est: list[float] | None = None
         self.head = head.float().train().requires_grad_(True)
@@ -130,24 +116,23 @@ class OnlineLearner:
         self.buffer: list[_Item] = []
         self.updates = 0  # drafter updates done (the learner's version)
         self.opt_steps = 0  # drafter optimizer steps taken (the LR warm-up counts them)
-        self.live_version = 0  # the version the engine drafts with
+        self.live_version = 0  # the version last handed out (what the engine drafts with)
         self.last_submit: int | None = None  # the RL step last handed over
         self.group = dist.new_group(backend="gloo") if world > 1 else None  # the head's own (module docstring)
-        self.stream = torch.cuda.Stream() if engine.device.type == "cuda" else None
+        self.stream = torch.cuda.Stream() if next(head.parameters()).device.type == "cuda" else None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._result: dict | None = None  # stats of the last finished work, not yet collected
 
     # --- what the GRPO trainer calls ---------------------------------------------------------
-    def before_rollout(self) -> dict | None:
-        """Between rollouts: a finished background update is swapped into the engine and its
-        acceptance estimate goes to the solver; returns its figures (None: nothing finished)."""
-        return self._publish(self.collect()) if self.cfg.async_update else None
+    def before_rollout(self) -> DrafterUpdate | None:
+        """Between rollouts: a finished background update (None: nothing finished)."""
+        return self.collect() if self.cfg.async_update else None
 
-    def after_update(self, model, episodes, drafted: bool, step: int) -> dict | None:
+    def after_update(self, model, episodes, drafted: bool, step: int) -> DrafterUpdate | None:
         """After the actor's update (`model` holds its new weights): distil this step's episodes if
-        it is due, each weighted by w(r) (rewards normalised over every rank's batch); synchronous
-        updates are swapped in at once and their figures returned."""
+        it is due, each weighted by w(r) (rewards normalised over every rank's batch); a synchronous
+        update is returned at once."""
         if not self.due(step, drafted):
             return None
         rewards = torch.tensor([e.score.reward for e in episodes], dtype=torch.float32)
@@ -157,7 +142,7 @@ class OnlineLearner:
         weights = sequence_weights(self.cfg.weighting, rewards, advantages, mean=mean,
                                    std=math.sqrt(max(sq / n - mean ** 2, 0.0)))
         self.submit(model, [e.tokens for e in episodes], [len(e.prompt_ids) for e in episodes], weights, step)
-        return None if self.cfg.async_update else self._publish(self.collect())
+        return None if self.cfg.async_update else self.collect()
 
     def export(self, out_dir: Path) -> None:
         """The head as trained so far (`--drafter DIR` loads it), with its last acceptance estimate
@@ -171,18 +156,6 @@ class OnlineLearner:
             (tmp / "train_report.json").write_text(json.dumps({"alpha_estimate": self.last_alpha_est}) + "\n")
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)
-
-    def _publish(self, kd: dict | None) -> dict | None:
-        """A finished update's acceptance estimate to the solver (an adaptive policy's alpha)."""
-        if not kd or "alpha_est" not in kd:
-            return kd
-        if not all(math.isfinite(a) for a in kd["alpha_est"]):
-            # a non-finite teacher (the actor diverged): the estimate says nothing, keep the solver's
-            return {k: v for k, v in kd.items() if k not in ("alpha_est", "accept_est")}
-        self.last_alpha_est = kd["alpha_est"]
-        if isinstance(self.engine.policy, AdaptiveK):
-            self.engine.policy.set_alpha(kd["alpha_est"])
-        return kd
 
     # ------------------------------------------------------------------------------------------
     def due(self, step: int, drafted: bool) -> bool:
@@ -215,14 +188,23 @@ class OnlineLearner:
             error, self._error = self._error, None
             raise RuntimeError(f"drafter update failed: {error}") from error
 
-    def collect(self) -> dict | None:
-        """Wait for the submitted work, swap a new head into the engine; returns the work's stats
-        (None if nothing finished since the last call). Call between rollouts."""
+    def collect(self) -> DrafterUpdate | None:
+        """Wait for the submitted work and hand its outcome out (None if nothing finished since the
+        last call): new weights where an update ran, and an acceptance estimate where it is finite
+        (a diverged actor as teacher says nothing; the solver keeps its own). Call between rollouts."""
         self.wait()
-        if self.live_version != self.updates:
-            self._swap()
         result, self._result = self._result, None
-        return result
+        if result is None:
+            return None
+        update = DrafterUpdate(result, version=self.updates)
+        if self.live_version != self.updates:
+            update.head, self.live_version = self.head, self.updates
+        if "alpha_est" in result:
+            if all(math.isfinite(a) for a in result["alpha_est"]):
+                update.alpha_est = self.last_alpha_est = result["alpha_est"]
+            else:
+                update.stats = {k: v for k, v in result.items() if k not in ("alpha_est", "accept_est")}
+        return update
 
     # ------------------------------------------------------------------------------------------
     def _run_guarded(self, work) -> None:
@@ -323,10 +305,6 @@ class OnlineLearner:
             "alpha_est_version": self.updates - 1,
             "accept_est": round(expected_tokens(alpha, self.k), 4),
         }
-
-    def _swap(self) -> None:
-        self.engine.load_drafter_weights(self.head)  # published through the engine's interface
-        self.live_version = self.updates
 
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -2,9 +2,10 @@
 cost profile, respec/solver.py) and to compile them ahead of a run (`warmup`).
 
 A synthetic step is one real decode step (k = 0) or SD step with k drafts of the engine, on `batch`
-sequences of `context` cached tokens; the KV contents do not change the time, so the sequences are
-a repeating random text the cache never really held. The engine's statistics and policy are left as
-they were, and every block is freed afterwards.
+new sequences of `context` tokens, cached by an untimed prefill first (`RolloutEngine.time_step`).
+Their text is random, or, where the drafter has no model of its own (model-free: history), a short
+period repeated, so that it proposes all k tokens from the text as a model drafter always does;
+a hybrid's model then drafts every row, as it does in a rollout where nothing repeats.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from compile.policy import buckets_up_to
-from respec.engine import EngineStats, RolloutEngine, SamplingParams, _Sequence
+from respec.engine import RolloutEngine, SamplingParams, Sequence
 from respec.solver import FixedK
 
 
@@ -27,44 +28,24 @@ def synthetic_steps(engine: RolloutEngine, batch: int, k: int, context: int, cal
         raise ValueError(f"cannot time k={k}: the engine drafts at most {widest}")
     if batch > engine.max_batch:  # (past it, a compiled step's rows leave their declared range)
         raise ValueError(f"cannot time {batch} rows: the engine runs at most {engine.max_batch}")
-    blocks = engine.blocks
-    if blocks.blocks_for(context + k + 1) * batch > blocks.num_free:
+    if engine.blocks.blocks_for(context + k + 1) * batch > engine.blocks.num_free:
         raise ValueError(f"{batch} sequences of {context} tokens do not fit the KV cache")
     gen = torch.Generator().manual_seed(context)
     params = SamplingParams(max_new_tokens=1 << 30, temperature=1.0 if use_filter else 0.0,
                             top_p=0.9 if use_filter else 1.0, stop_on_eos=False)
-    seqs = []
-    for i in range(batch):
-        # A repeating text, so that a drafter which drafts from the text itself (respec/drafters/
-        # history.py) proposes all k tokens, as a model drafter always does.
-        period = torch.randint(engine.model.cfg.vocab_size, (8,), generator=gen).tolist()
-        text = period * ((context + k) // 8 + 2)
-        ids = text[:context]
-        # past the model's k (a replay group's verify) a replay that continues it (respec/drafters/replay.py)
-        replay = text[context - 1: context + k] if k > engine.k else None
-        seqs.append(_Sequence(-1 - i, ids[:-1], params, out=ids[-1:], replay=replay))
-        blocks.allocate(seqs[-1].id, context - 1)
-    stats, policy = engine.stats, engine.policy
-    engine.stats, engine.policy = EngineStats(), FixedK(k)
+    repeat = engine.drafter.module is None  # model-free: the drafter proposes from the text (see above)
+    texts = []
+    for _ in range(batch):
+        n = context + k + 1
+        text = torch.randint(engine.model.cfg.vocab_size, (8 if repeat else n,), generator=gen).tolist()
+        texts.append((text * (n // len(text) + 1))[:n])
     times = []
-    try:
-        with torch.no_grad():
-            for _ in range(calls):
-                for s in seqs:
-                    blocks.append(s.id, k + 1)
-                    engine.drafter.assume_cached(s)
-                t0 = time.perf_counter()
-                engine._speculate(seqs, k, [k] * batch) if k else engine._decode(seqs)
-                times.append(time.perf_counter() - t0)
-                for s in seqs:  # back to the same state
-                    blocks.truncate(s.id, blocks.lengths[s.id] - (context - 1))
-                    del s.out[1:], s.logprobs[:], s.verified[:]
-                    s.finish_reason = None
-                    engine.drafter.forget(s)
-    finally:
-        for s in seqs:
-            blocks.free(s.id)
-        engine.stats, engine.policy = stats, policy
+    for call in range(calls):
+        # past the model's k (a replay group's verify) a replay that continues the text (respec/drafters/replay.py)
+        seqs = [Sequence(-1 - call * batch - i, text[:context - 1], params, out=[text[context - 1]],
+                         replay=text[context - 1: context + k] if k > engine.k else None)
+                for i, text in enumerate(texts)]
+        times.append(engine.time_step(seqs, k))
     return times
 
 

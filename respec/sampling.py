@@ -25,10 +25,52 @@ plain exponential trick.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 _M32 = 0xFFFFFFFF
+
+
+@dataclass
+class SamplingParams:
+    """What one request samples with (the engine's; train.py's and generate.py's options build it)."""
+
+    max_new_tokens: int = 128  # completion length limit (tokens)
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus mass kept; 1 = off
+    top_k: int = 0  # most likely tokens kept; 0 = off
+    min_p: float = 0.0  # tokens kept if at least min_p x the most likely one's probability; 0 = off
+    seed: int = 0  # fixes the sampling noise of this request
+    stop_on_eos: bool = True  # end the completion at an EOS token (which is kept in the output)
+
+    def validate(self, *, flags: bool = False) -> None:
+        """Raise ValueError (one line) for a value out of its range, each check in this one place;
+        `flags`: name the fields as a script's options (`--top-p`), not as fields (`top_p`)."""
+        name = (lambda field: "--" + field.replace("_", "-")) if flags else (lambda field: field)  # noqa: E731
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"{name('max_new_tokens')} must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"{name('temperature')} must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"{name('top_p')} must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"{name('top_k')} must be >= 0 (0: off), got {self.top_k}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"{name('min_p')} must be in [0, 1) (0: off), got {self.min_p}")
+
+
+class RowSampling(NamedTuple):
+    """Each row's sampling parameters as (rows,) tensors on the device, in the order every step
+    function takes them (`*sampling`); padding rows are greedy with seed 0."""
+
+    seeds: torch.Tensor  # int64: fixes the row's noise (with the position, see above)
+    temperature: torch.Tensor  # fp32, 0 = greedy
+    top_k: torch.Tensor  # int64, 0 = off
+    top_p: torch.Tensor  # fp32, 1 = off
+    min_p: torch.Tensor  # fp32, 0 = off
 
 # Streams: independent noise for each use at the same (seed, position).
 STREAM_SAMPLE = 0  # the target's own sample (plain decoding, bonus and residual tokens)

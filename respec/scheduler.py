@@ -20,11 +20,9 @@ from dataclasses import dataclass
 
 @dataclass
 class Row:
-    """A running sequence in this step, with the most drafts it proposes (0: a plain decode row)
-    and whether it verifies in the long group (a replay's long proposal)."""
+    """A running sequence in this step, with the most drafts it proposes (0: a plain decode row)."""
     seq: object
     cap: int
-    long: bool = False
 
 
 class Scheduler:

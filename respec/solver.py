@@ -41,6 +41,11 @@ forward costs more than the padding):
 (L = 0: the replay rows merged into the others' step without drafts). The drafts cost no forward;
 the others are counted as decoding plainly (apart, their own k is chosen as before; together, they
 draft nothing).
+
+The engine asks the policy one question per decoding step, `plan(room, offers, context)`: the
+groups of rows to verify, each in one forward, with its draft length and each row's cap; and hands
+each group's outcome back (`observe_group`). Replay's long verify is such a plan, made here: the
+engine runs groups and never learns which drafter proposed what.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -121,7 +126,110 @@ def expected_tokens(alpha: list[float], k: int) -> float:
     return total
 
 
-class FixedK:
+def acceptance_counts(accepted: list[int], proposed: list[int]) -> tuple[list[int], list[int]]:
+    """One verify's rows, per draft position j: how many accepted draft j, and how many reached it
+    (proposed it, with every draft before it accepted). Row i accepted `accepted[i]` of its
+    `proposed[i]` drafts. The one count of acceptance: the engine's statistics add these up, the
+    solver's estimate follows them."""
+    width = max(proposed, default=0)
+    accepted_at, reached_at = [0] * width, [0] * width
+    for n, m in zip(accepted, proposed):
+        for j in range(min(n + 1, m)):
+            reached_at[j] += 1
+        for j in range(n):
+            accepted_at[j] += 1
+    return accepted_at, reached_at
+
+
+def conditional_acceptance(accepted_at: list[int], reached_at: list[int]) -> list[float]:
+    """alpha_j, the chance draft j is accepted given that the drafts before it were, from counts
+    (`acceptance_counts`, summed over verifies, steps or ranks): positions nobody reached end it."""
+    alpha = []
+    for a, r in zip(accepted_at, reached_at):
+        if not r:
+            break
+        alpha.append(a / r)
+    return alpha
+
+
+@dataclass
+class Group:
+    """Rows that verify together in one target forward this step (`Policy.plan`)."""
+
+    rows: list[int]  # indices into the running batch
+    width: int  # the step's draft length (its verify is width + 1 wide); 0: a plain decode step
+    caps: list[int]  # the most drafts each row may propose (0: it rides along undrafted)
+    long: bool = False  # the long verify of rows with long proposals (replays)
+    offered: list[bool] = field(default_factory=list)  # per row: it had a long proposal (tracked apart)
+
+    def first(self, n: int) -> Group | None:
+        """The group without rows n and on (preempted); a long group as wide as its widest row left."""
+        keep = [i for i, row in enumerate(self.rows) if row < n]
+        if not keep:
+            return None
+        caps = [self.caps[i] for i in keep]
+        return Group([self.rows[i] for i in keep], max(caps) if self.long else self.width, caps, self.long,
+                     [self.offered[i] for i in keep])
+
+
+class Policy:
+    """What the engine asks of a speculation policy (FixedK, AdaptiveK): the plan of each decoding
+    step, and the outcome of each group it ran. A policy decides `choose` (k for the rows that draft
+    up to the drafter's k) and `choose_long` (the long verify of rows with long proposals)."""
+
+    def plan(self, room: list[int], offers: list[int] | None, context: float, *, max_k: int,
+             max_long: int) -> list[Group]:
+        """This step's groups for the running rows. `room`: the most drafts each row may propose
+        (its context and token limits); `offers`: each row's long proposal length, known before
+        drafting (0: none; None: the drafter makes none); `context`: the mean cached length;
+        `max_k`: the drafter's k (0: never speculate); `max_long`: the most drafts of a long
+        proposal (0: none). Rows with a long proposal verify in a group of their own, wider than k,
+        or with the others riding along undrafted (`choose_long`); the others with k = `choose`."""
+        n = len(room)
+        k = min(self.choose(n, context), max_k) if max_k else 0
+        offered = [bool(o) for o in offers] if offers is not None and max_long else [False] * n
+        long_caps, together = [0] * n, False
+        if any(offered):
+            m = sum(offered)
+            width, together = self.choose_long(m, context, max_long, others=n - m)
+            long_caps = [min(o, width, r) if o else 0 for o, r in zip(offers, room)]
+            together = together and width > 0
+        if together:
+            return [Group(list(range(n)), max(long_caps), long_caps, long=True, offered=offered)]
+        groups = []
+        rows = [i for i in range(n) if long_caps[i]]
+        if rows:
+            groups.append(Group(rows, max(long_caps[i] for i in rows), [long_caps[i] for i in rows], long=True,
+                                offered=[True] * len(rows)))
+        rows = [i for i in range(n) if not long_caps[i]]
+        if rows:
+            groups.append(Group(rows, k, [min(k, room[i]) for i in rows], offered=[offered[i] for i in rows]))
+        return groups
+
+    def observe_group(self, group: Group, accepted: list[int], proposed: list[int]) -> None:
+        """A group's verify: row i kept `accepted[i]` of its `proposed[i]` drafts. Rows whose
+        proposal was a long one update the long estimate (`observe_long`), the others `observe`."""
+        mine = [i for i, o in enumerate(group.offered) if o]
+        rest = [i for i, o in enumerate(group.offered) if not o]
+        if rest:
+            self.observe([accepted[i] for i in rest], group.width, [proposed[i] for i in rest])
+        if mine:
+            self.observe_long([accepted[i] for i in mine], [proposed[i] for i in mine])
+
+    def choose(self, batch: int, context: float) -> int:
+        raise NotImplementedError
+
+    def choose_long(self, batch: int, context: float, limit: int, others: int = 0) -> tuple[int, bool]:
+        raise NotImplementedError
+
+    def observe(self, accepted: list[int], k: int, proposed: list[int] | None = None) -> None:
+        pass
+
+    def observe_long(self, accepted: list[int], proposed: list[int]) -> None:
+        pass
+
+
+class FixedK(Policy):
     """The same k at every step (0 = plain decoding); replay rows verify with the whole cap, apart
     from the others or, with `together`, in one forward with them."""
 
@@ -153,7 +261,7 @@ def long_lengths(limit: int) -> list[int]:
     return out + [limit] if limit > 0 else out
 
 
-class AdaptiveK:
+class AdaptiveK(Policy):
     """Chooses k per step from the fitted costs and the acceptance estimate (see module doc)."""
 
     def __init__(self, costs: CostModel, max_k: int, alpha: list[float] | None = None, *, ema: float = 0.05,
@@ -186,12 +294,9 @@ class AdaptiveK:
         many it drafted (default k). Position j's conditional acceptance is (rows with >= j
         accepted) / (rows that proposed j with >= j-1 accepted)."""
         proposed = proposed if proposed is not None else [k] * len(accepted)
-        for j in range(1, k + 1):
-            reached = sum(1 for n, m in zip(accepted, proposed) if n >= j - 1 and m >= j)
-            if reached == 0:
-                break
-            passed = sum(1 for n in accepted if n >= j)
-            self.alpha[j - 1] += self.ema * (passed / reached - self.alpha[j - 1])
+        alpha = conditional_acceptance(*acceptance_counts(accepted, proposed))
+        for j, a in enumerate(alpha[:min(k, self.max_k)]):
+            self.alpha[j] += self.ema * (a - self.alpha[j])
 
     def choose_long(self, batch: int, context: float, limit: int, others: int = 0) -> tuple[int, bool]:
         """(L, together): the replay rows' draft length and whether the others ride along in their

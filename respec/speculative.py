@@ -47,6 +47,10 @@ from respec.paged_attention import PagedKV
 from respec.sampling import STREAM_ACCEPT, STREAM_DRAFT, STREAM_SAMPLE, sample, sampling_logprobs, uniform_noise
 
 VERIFY_RULES = ("match", "rejection")  # see the module docstring
+# A head drafts at the rollout temperature times this (respec/drafters/eagle.py). Distilled with
+# KL(p || q), a head spreads q wider than p; sharpened, its drafts agree with the target's own samples
+# more often (measured: `python -m respec.lab.draft_temperature`, docs/benchmarks.md).
+DRAFT_TEMPERATURE = 0.5
 
 
 def match_drafts(p: torch.Tensor, drafts: torch.Tensor, lengths: torch.Tensor, temperature: torch.Tensor,

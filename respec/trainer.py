@@ -47,59 +47,102 @@ import contextlib
 import dataclasses
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from models.loading import eos_token_ids, load_model, load_tokenizer, resolve_dtype
+from models.loading import eos_token_ids, load_model, load_tokenizer, model_config, resolve_dtype
 from respec import checkpoint, distributed, grpo, guards, metrics, rewards
-from respec.config import DRAFTER_UPDATES, TrainConfig
+from respec.config import TrainConfig
 from respec.drafter_choice import Chosen, choose_drafter, split_spec
 from respec.drafters.replay import ReplayStore
-from respec.engine import EngineStats, RolloutEngine, SamplingParams, Stopped
+from respec.engine import EngineStats, RolloutEngine, Stopped
 from respec.episode import Episode, set_advantages
 from respec.evaluation import Evaluation, held_out_problems
 from respec.kv_cache import default_pool_bytes, pool_bytes_for
 from respec.lora import apply_lora
-from respec.online_learner import KDConfig, OnlineLearner
+from respec.online_learner import DrafterUpdate, OnlineLearner
 from respec.profiling import StepTimer, warmup
 from respec.rollout_seeds import RolloutSeeds
-from respec.solver import AdaptiveK, FixedK, cost_key, load_or_profile
+from respec.solver import AdaptiveK, FixedK, Policy, cost_key, load_or_profile
 from respec.tasks import PromptFormat
 from respec.update import MICRO_TOKENS, policy_update
 
 
+@dataclass
+class RunData:
+    """What a run learns from, built and checked before anything heavy (train.py builds it before a
+    default head is pretrained, so bad data costs no minutes): the rewards, the task, the prompt
+    format and the held-out evaluation."""
+
+    rewards: rewards.Rewards
+    task: object  # respec/tasks.py: `problems(start, n)`
+    prompt: PromptFormat
+    evaluation: Evaluation
+
+
+def run_data(cfg: TrainConfig, tokenizer, task=None) -> RunData:
+    """The run's data, checked: every reward function callable on the first problems, every prompt
+    of a task read from a file (and of the held-out set) within the model's context."""
+    scorer = rewards.Rewards(cfg.rewards, format_weight=cfg.format_weight)
+    numbers, required = scorer.scores_numbers_only, scorer.needs_answers  # what the rewards need of the answers
+    task = task if task is not None else cfg.make_task(seed=cfg.seed, numeric_answers=numbers, answers_required=required)
+    held_out = held_out_problems(cfg, task, numeric_answers=numbers, answers_required=required) \
+        if cfg.eval_every or cfg.eval_at_start else []
+    data = RunData(scorer, task, PromptFormat.make(cfg.raw_prompts, cfg.chat_template_kwargs),
+                   Evaluation(held_out, cfg.eval_sampling(), generations=cfg.eval_generations))
+    data.rewards.score(task.problems(0, 2), ["", ""], [[], []])  # a function that cannot be called: one line
+    limit = model_config(cfg.model).max_position_embeddings
+    located = getattr(task, "located_problems", None)  # (a generated task's prompts are short)
+    for where, problem in [*(located() if located is not None else []),
+                           *((f"held-out problem {i}", p) for i, p in enumerate(held_out))]:
+        if (n := len(data.prompt.ids(tokenizer, problem))) >= limit:
+            raise ValueError(f"{where}: prompt of {n} tokens does not fit the model's context of {limit}")
+    return data
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, d: distributed.Dist, run_dir: Path, task=None, tokenizer=None,
-                 log=None):
+    def __init__(self, cfg: TrainConfig, *, d: distributed.Dist, run_dir: Path, data: RunData | None = None,
+                 tokenizer=None, log=None):
+        """The run's collaborators, in the order they depend on each other; nothing trains, compiles
+        or pretrains here (`start` compiles and plans; a default head is made before, by train.py)."""
         self.cfg, self.d, self.run_dir = cfg, d, Path(run_dir)
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if d.main else None)
-        device = d.device
         self.tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
-        self.rewards = rewards.Rewards(cfg.rewards, format_weight=cfg.format_weight)
-        self.task = task if task is not None else cfg.make_task(  # answers: numbers and required as the rewards need
-            seed=cfg.seed, numeric_answers=self.rewards.scores_numbers_only, answers_required=self.rewards.needs_answers)
-        self.prompt = PromptFormat.make(cfg.raw_prompts, cfg.chat_template_kwargs)
-        self.evaluation = Evaluation(
-            held_out_problems(cfg, self.task, numeric_answers=self.rewards.scores_numbers_only,
-                              answers_required=self.rewards.needs_answers)
-            if cfg.eval_every or cfg.eval_at_start else [], temperature=cfg.eval_temperature,
-            generations=cfg.eval_generations, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
-            top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p, seed=cfg.seed)
-        self._check_rewards()
-        self.rollout_dtype = resolve_dtype(cfg.dtype, device)
-        self.train_dtype = resolve_dtype(cfg.train_dtype, device)
+        data = data if data is not None else run_data(cfg, self.tok)
+        self.rewards, self.task, self.prompt, self.evaluation = data.rewards, data.task, data.prompt, data.evaluation
+        self.rollout_dtype = resolve_dtype(cfg.dtype, d.device)
+        self.train_dtype = resolve_dtype(cfg.train_dtype, d.device)
+        self._build_actor()  # the actor, its rollout copy, the reference, the optimizer and its schedule
+        self._build_drafter()  # the drafter --drafter names, loaded
+        self._build_engine()  # the KV pool and the rollout engine
+        kd = cfg.kd() if self.master is not None else None  # the head's online distillation, unless frozen
+        self.learner = OnlineLearner(self.master, kd, world=d.world, k=cfg.k, main=d.main) if kd else None
+        self.policy: Policy = FixedK(0)  # the SD policy of the rollouts: `start` makes it
+        self.seeds = RolloutSeeds(cfg.rollout_seeds, seed=cfg.seed, group=cfg.group, reseed_every=cfg.reseed_every)
+        # last epoch's completion of every (row, sample), where a replay drafter proposes from them
+        self.replays = ReplayStore() if self.drafter is not None and "replay" in split_spec(cfg.drafter)[1] else None
+        self.stop = guards.StopRequest()  # entered by run(): Ctrl-C asks the run to stop
+        self.saved_step: int | None = None  # the step of the newest checkpoint written or resumed
+        self.step = 0
+        self.started = False  # start() ran
+        self.peak_flops, self.peak_source = 0.0, ""  # set by start(): FLOP/s over all ranks, and where from
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_log: metrics.MetricsLog | None = None  # run() opens it
+        self.completions_path = self.run_dir / "completions.jsonl"
 
-        # The actor: fp32 master weights, sharded under torchrun (only rank 0 ever holds it whole). With
-        # LoRA only the adapters train; the rollout reads the merged weights (respec/lora.py).
+    def _build_actor(self) -> None:
+        """The actor: fp32 master weights, sharded under torchrun (only rank 0 ever holds it whole).
+        With LoRA only the adapters train; the rollout reads the merged weights (respec/lora.py)."""
+        cfg, d = self.cfg, self.d
         torch.manual_seed(cfg.seed)
-        load = lambda: load_model(cfg.model, dtype=torch.float32, device=device, seed=cfg.seed)  # noqa: E731
+        load = lambda: load_model(cfg.model, dtype=torch.float32, device=d.device, seed=cfg.seed)  # noqa: E731
         sharded = d.world > 1 or cfg.fsdp == "on"
         self.actor = distributed.load_sharded(lambda: load().requires_grad_(True), d, param_dtype=self.train_dtype,
                                               shard=sharded, prepare=(lambda m: apply_lora(m, cfg.lora())) if cfg.lora_r
                                               else None)
-        self._check_prompts(self.actor.cfg.max_position_embeddings)  # before any pretraining or writing
         # Model FLOPs per trained token (forward + backward = 6 per weight): every weight but the
         # embedding's for every token, the output head's only for completion tokens (the only
         # positions it runs on, grpo.token_logprobs).
@@ -112,92 +155,44 @@ class Trainer:
         if cfg.kl_coef > 0:  # the frozen initial model, sharded like the actor (each rank keeps 1/W of it)
             self.reference = distributed.load_sharded(lambda: load().requires_grad_(False), d,
                                                       param_dtype=self.train_dtype, shard=d.world > 1)
-
-        # fused: one kernel over all parameters (on 2 CPU cores 0.09 s per step for SmolLM2's 135M fp32
-        # parameters, against 0.44 s for the default per-tensor loop and 0.48 s for foreach)
+        # fused: one kernel over all parameters, the fastest of torch's AdamW implementations here
         self.optimizer = torch.optim.AdamW([p for p in self.actor.parameters() if p.requires_grad], lr=cfg.lr,
                                            betas=(0.9, 0.99), weight_decay=cfg.weight_decay, eps=1e-8, fused=True)
         total_updates = cfg.steps * cfg.epochs * cfg.minibatches
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: grpo.warmup_cosine(s, total=total_updates, warmup=cfg.warmup_steps,
                                                          min_ratio=cfg.min_lr_ratio))
+        self.update_cfg = cfg.update()
+        self.micro_tokens = cfg.micro_tokens or MICRO_TOKENS.get(d.device.type, MICRO_TOKENS["cpu"])
 
-        self.compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    def _build_drafter(self) -> None:
+        """The drafter `--drafter` names for the rollout model (None with SD off), its fp32 master
+        weights where it has a head to distil, and the solver's prior acceptance."""
+        cfg = self.cfg
         self.sd_reason = "--sd off" if cfg.sd == "off" else "no drafter (--drafter none)" if cfg.drafter == "none" else ""
         chosen = Chosen(None) if cfg.sd == "off" else choose_drafter(
             cfg.drafter, target=self.rollout.model, k=cfg.k, model=cfg.model,
-            task_name=cfg.task if cfg.data is None else str(cfg.data), task=self.pretraining_task(), tokenizer=self.tok,
+            task_name=cfg.task if cfg.data is None else str(cfg.data), task=cfg.pretraining_task(), tokenizer=self.tok,
             task_config=cfg.task_config, max_new_tokens=cfg.max_new_tokens, rollout_dtype=self.rollout_dtype,
-            seed=cfg.seed, dtype=cfg.dtype, temperature=cfg.temperature,
-            pretrain_here=self.d.node_main,
-            wait=lambda: distributed.barrier(self.d), log=self.log, progress=cfg.progress,
-            draft_temperature=cfg.draft_temperature)
-        self.drafter, master = chosen.drafter, chosen.master
+            seed=cfg.seed, draft_temperature=cfg.draft_temperature)
+        self.drafter, self.master, self.drafter_prior = chosen.drafter, chosen.master, chosen.prior
         # the head's weights go into checkpoints; a model-free drafter has none, and `first:N` shares the actor's
-        self.head_module = self.drafter.module if master is not None else None
-        self.drafter_prior = chosen.prior
-        self.micro_tokens = cfg.micro_tokens or MICRO_TOKENS.get(device.type, MICRO_TOKENS["cpu"])
-        # the KV pool: --kv-cache-mb, or the default (after the models, on a GPU), at most what the
-        # engine can fill: its every row at the model's whole context
-        model_cfg = self.actor.cfg
-        most = pool_bytes_for(rows=cfg.max_batch, tokens=model_cfg.max_position_embeddings, num_layers=model_cfg.num_layers,
-                              num_kv_heads=model_cfg.num_kv_heads, head_dim=model_cfg.head_dim, dtype=self.rollout_dtype,
+        self.head_module = self.drafter.module if self.master is not None else None
+
+    def _build_engine(self) -> None:
+        """The rollout engine over a KV pool of `--kv-cache-mb`, or the default (after the models, on a
+        GPU), at most what the engine can fill: its every row at the model's whole context."""
+        cfg, model = self.cfg, self.actor.cfg
+        most = pool_bytes_for(rows=cfg.max_batch, tokens=model.max_position_embeddings, num_layers=model.num_layers,
+                              num_kv_heads=model.num_kv_heads, head_dim=model.head_dim, dtype=self.rollout_dtype,
                               draft_shape=self.drafter.pool_shape if self.drafter is not None else None)
-        pool = cfg.kv_cache_mb << 20 if cfg.kv_cache_mb else default_pool_bytes(device, most=most)
+        pool = cfg.kv_cache_mb << 20 if cfg.kv_cache_mb else default_pool_bytes(self.d.device, most=most)
+        compiled = cfg.compile == "on" or (cfg.compile == "auto" and self.d.device.type == "cuda")
         self.engine = RolloutEngine(self.rollout.model, kv_cache_bytes=pool, max_batch=cfg.max_batch,
-                                    eos_token_ids=eos_token_ids(self.tok, self.actor), eager=not self.compiled,
+                                    eos_token_ids=eos_token_ids(self.tok, self.actor), eager=not compiled,
                                     compile_mode=cfg.compile_mode, drafter=self.drafter,
                                     num_draft_tokens=cfg.k if self.drafter is not None else 0, verify=cfg.verify,
                                     replay_k=cfg.replay_k)
-        self.seeds = RolloutSeeds(cfg.rollout_seeds, seed=cfg.seed, group=cfg.group, reseed_every=cfg.reseed_every)
-        # last epoch's completion of every (row, sample), where a replay drafter proposes from them
-        self.replays = ReplayStore() if self.drafter is not None and "replay" in split_spec(cfg.drafter)[1] else None
-        self.learner = None
-        if master is not None and DRAFTER_UPDATES[cfg.drafter_update] is not None:
-            self.learner = OnlineLearner(master, self.engine, KDConfig(
-                weighting=DRAFTER_UPDATES[cfg.drafter_update], lr=cfg.drafter_lr, warmup=cfg.drafter_warmup,
-                batch=cfg.drafter_batch, epochs=cfg.drafter_epochs, interval=cfg.drafter_update_interval,
-                idle_interval=cfg.drafter_idle_interval, unroll=cfg.k,
-                temperature=cfg.temperature, verify=cfg.verify, draft_temperature=cfg.draft_temperature,
-                async_update=cfg.drafter_async), world=d.world, k=cfg.k,
-                main=d.main)
-        self.stop = guards.StopRequest()  # entered by run(): Ctrl-C asks the run to stop
-        self.saved_step: int | None = None  # the step of the newest checkpoint written or resumed
-        self.step = 0
-        self.started = False  # start() ran
-        self.peak_flops = 0.0  # set by start(): FLOP/s over all ranks
-        self.peak_source = ""  # where the figure came from (a datasheet, a timed GEMM)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.metrics_log: metrics.MetricsLog | None = None  # run() opens it
-        self.completions_path = self.run_dir / "completions.jsonl"
-
-    def pretraining_task(self):
-        """The problems a missing default head is pretrained on: the task's own, not a fixed training
-        set's (the cached head is shared by every run of these task options, whatever its --train-size)."""
-        if not self.cfg.train_size:
-            return self.task
-        return dataclasses.replace(self.cfg, train_size=0).make_task(
-            seed=self.cfg.seed, numeric_answers=self.rewards.scores_numbers_only,
-            answers_required=self.rewards.needs_answers)
-
-    def _check_prompts(self, limit: int) -> None:
-        """A task read from a file: every prompt must fit the model's context (`limit` tokens) with
-        room for one new token, checked before anything is written (a generated task's prompts
-        are short)."""
-        located = getattr(self.task, "located_problems", None)
-        checked = list(located()) if located is not None else []
-        checked += [(f"held-out problem {i}", p) for i, p in enumerate(self.evaluation.problems)]
-        for where, problem in checked:
-            n = len(self.prompt.ids(self.tok, problem))
-            if n >= limit:
-                raise ValueError(f"{where}: prompt of {n} tokens does not fit the model's context of {limit}")
-
-    def _check_rewards(self) -> None:
-        """Call every reward function once on empty completions of the first two problems: a function
-        that cannot be called, returns no numbers or a wrong number of them (one value whatever it is
-        given) stops the run here, before anything is written."""
-        problems = self.task.problems(0, 2)
-        self.rewards.score(problems, ["", ""], [[], []])
 
     # ------------------------------------------------------------------------------------------
     def start(self, checkpoint_dir: Path | None = None) -> dict:
@@ -236,7 +231,7 @@ class Trainer:
         if self.drafter is None:
             self.log(f"speculative decoding off: {self.sd_reason}")
         elif cfg.sd == "on":
-            self.engine.policy = FixedK(cfg.k)
+            self.policy = FixedK(cfg.k)
         else:
             # step costs depend on the drafter's shape, not on its weights: one profile per architecture
             key = cost_key(cfg.model, self.engine.drafter.describe(), self.engine)
@@ -246,9 +241,9 @@ class Trainer:
                                             batch_sizes=batches, ks=self._profiled_ks(),
                                             contexts=(64, 64 + cfg.max_new_tokens), progress=cfg.progress and self.d.main)
             out["profile_s"] = round(time.perf_counter() - t0, 1)
-            self.engine.policy = AdaptiveK(costs, cfg.k, self.drafter_prior)
+            self.policy = AdaptiveK(costs, cfg.k, self.drafter_prior)
             self.log(f"SD adaptive: cost model {'cached' if cached else 'profiled'} (fit error {costs.rel_error:.1%}), "
-                     f"initial acceptance {[round(a, 2) for a in self.engine.policy.alpha]}")
+                     f"initial acceptance {[round(a, 2) for a in self.policy.alpha]}")
         return out
 
     def _profiled_ks(self) -> list[int]:
@@ -302,7 +297,7 @@ class Trainer:
                                         f"{checkpoint.checkpoint_root(self.run_dir)}; continue with --resume {self.run_dir}")
         if self.learner is not None:  # the last step's update, if it ran in the background
             with guards.announced("teardown", "last drafter update", self.log):
-                self.learner.before_rollout()
+                self.apply_drafter_update(self.learner.before_rollout())
         with guards.announced("teardown", "close the metrics log", self.log):  # trackers flush and finish
             log.close()
         return history
@@ -336,7 +331,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """The trainer's own part of a checkpoint: the adaptive solver's acceptance (its online EMA)."""
-        return {"solver_alpha": list(self.engine.policy.alpha)} if isinstance(self.engine.policy, AdaptiveK) else {}
+        return {"solver_alpha": list(self.policy.alpha)} if isinstance(self.policy, AdaptiveK) else {}
 
     def load_state_dict(self, state: dict) -> None:
         """Step 3 of `start` builds the solver with the restored acceptance."""
@@ -367,7 +362,8 @@ class Trainer:
         drafter_version = self.learner.live_version if self.learner is not None else 0  # drafter updates in it
         with timed(timings, "rollout_s"):
             stats, replay_rows = self.generate(episodes)  # 2. rollout
-        kd = self.drafter_hook("before_rollout", timings)  # a background drafter update swapped in
+        with timed(timings, "drafter_s", add=True):  # a background drafter update, for the next rollout
+            kd = self.apply_drafter_update(self.learner.before_rollout()) if self.learner is not None else None
         with timed(timings, "reward_s"):
             self.score(episodes)  # 3. rewards
         metrics.write_completions(self.completions_path, episodes, self.step + 1, cfg.log_completions, d,
@@ -375,7 +371,7 @@ class Trainer:
         signal = set_advantages(episodes, cfg.group, scale_by_std=cfg.scale_adv_by_std)  # 4. advantages
         self.remember(episodes, signal)
         with timed(timings, "train_s"):  # the update alone: the MFU divides its FLOPs by this time
-            upd = policy_update(self.actor, self.optimizer, self.scheduler, episodes, cfg, d,  # 4. update
+            upd = policy_update(self.actor, self.optimizer, self.scheduler, episodes, self.update_cfg, d,  # 4. update
                                 reference=self.reference, micro_tokens=self.micro_tokens,
                                 train_dtype=self.train_dtype, progress=cfg.progress)
             if d.device.type == "cuda":  # its kernels finished, not only queued
@@ -385,7 +381,10 @@ class Trainer:
         # the drafter's online distillation from the updated actor, due when the head drafted in this
         # rollout (replay and history verifies do not use it), the same decision on every rank
         drafted = distributed.all_reduce_max([float(stats.proposed_by("model"))], d)[0] > 0
-        kd = self.drafter_hook("after_update", timings, self.rollout.model, episodes, drafted, self.step) or kd
+        if self.learner is not None:
+            with timed(timings, "drafter_s", add=True):
+                update = self.learner.after_update(self.rollout.model, episodes, drafted, self.step)
+                kd = self.apply_drafter_update(update) or kd
         timings["step_s"] = time.perf_counter() - t_step
         return self.step_metrics(episodes, stats, upd, timings, kd=kd, epoch=epoch,  # 6. metrics
                                  drafter_version=drafter_version, replay_rows=replay_rows)
@@ -423,15 +422,14 @@ class Trainer:
     def generate(self, episodes: list[Episode]) -> tuple[EngineStats, int | None]:
         """Step 2: every episode's completion; the engine's statistics and the rows that had a replay."""
         cfg, d = self.cfg, self.d
-        params = [SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                 top_k=cfg.top_k, min_p=cfg.min_p, seed=e.seed) for e in episodes]
+        params = [cfg.sampling(e.seed) for e in episodes]
         replays = None if self.replays is None else [self.replays.get(e.key, e.sample) for e in episodes]
         with tqdm(total=len(episodes), desc=f"step {self.step + 1} rollout", disable=not (cfg.progress and d.main),
                   file=sys.stderr, leave=False) as bar:
             # one process abandons the rollout on Ctrl-C; ranks finish theirs and agree after the step
             stop = (lambda: self.stop.requested) if d.world == 1 else None  # noqa: E731
             completions = self.engine.generate([e.prompt_ids for e in episodes], params, replays=replays,
-                                               on_finish=bar.update, should_stop=stop)
+                                               policy=self.policy, on_finish=bar.update, should_stop=stop)
         for e, c in zip(episodes, completions):
             e.completion = c
         return completions.stats, None if replays is None else sum(r is not None for r in replays)
@@ -445,13 +443,17 @@ class Trainer:
         for e, s in zip(episodes, scored):
             e.score = s
 
-    def drafter_hook(self, name: str, timings: dict, *args) -> dict | None:
-        """The online learner's hook `name` (respec/online_learner.py owns the drafter's schedule,
-        weights, swap and export), timed as the step's drafter phase; None without a learner."""
-        if self.learner is None:
+    def apply_drafter_update(self, update: DrafterUpdate | None) -> dict | None:
+        """A finished drafter update into the rollout: its weights into the head the engine drafts
+        with, its acceptance estimate to the adaptive solver; returns its figures for the step's
+        metrics (None: nothing finished)."""
+        if update is None:
             return None
-        with timed(timings, "drafter_s", add=True):
-            return getattr(self.learner, name)(*args)
+        if update.head is not None:
+            self.engine.load_drafter_weights(update.head)
+        if update.alpha_est is not None and isinstance(self.policy, AdaptiveK):
+            self.policy.set_alpha(update.alpha_est)
+        return update.stats
 
     def remember(self, episodes: list[Episode], signal: list[bool]) -> None:
         """After the rewards: every rank learns every group's signal (the seeds reseed groups without

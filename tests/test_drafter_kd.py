@@ -68,15 +68,15 @@ def test_sequence_weights():
     r = torch.tensor([0.0, 0.0, 1.0, 1.1])
     mean = (1.0 + 1.1) / 4
     std = math.sqrt((1.0 + 1.21) / 4 - mean ** 2)
-    w = sequence_weights("reward", r)
+    w = sequence_weights("rkd", r)
     expected = [min(max(1 + (x - mean) / std, 0.0), 2.0) for x in r.tolist()]
     assert w.tolist() == pytest.approx(expected, abs=1e-6)
     assert w[3].item() == 2.0  # clipped at w_max
-    assert (sequence_weights("reward", r, mean=0.5, std=0.5) == torch.tensor([0.0, 0.0, 2.0, 2.0])).all()
-    assert (sequence_weights("reward", torch.full((4,), 0.3)) == 1).all()  # all equal: uniform KD
-    assert (sequence_weights("uniform", r) == 1).all()
+    assert (sequence_weights("rkd", r, mean=0.5, std=0.5) == torch.tensor([0.0, 0.0, 2.0, 2.0])).all()
+    assert (sequence_weights("rkd", torch.full((4,), 0.3)) == 1).all()  # all equal: uniform KD
+    assert (sequence_weights("kd", r) == 1).all()
     adv = torch.tensor([-1.2, 0.0, 0.5, 1.5])
-    assert sequence_weights("advantage", r, adv).tolist() == [0.0, 0.0, 0.5, 1.5]
+    assert sequence_weights("akd", r, adv).tolist() == [0.0, 0.0, 0.5, 1.5]
     with pytest.raises(ValueError, match="unknown KD weighting"):
         sequence_weights("nope", r)
 
@@ -114,8 +114,19 @@ def make_learner(tiny, seqs, **kw):
                            num_draft_tokens=3)
     # T = 0.1: the random tiny model's full distribution is nearly uniform over 49k tokens (no drafter
     # could be accepted), its sharpened one is not
-    cfg = KDConfig(**{"weighting": "reward", "lr": 3e-3, "batch": 4, "temperature": 0.1, **kw})
-    return OnlineLearner(head, engine, cfg, k=3), engine
+    cfg = KDConfig(**{"weighting": "rkd", "lr": 3e-3, "batch": 4, "temperature": 0.1, "async_update": False, **kw})
+    return OnlineLearner(head, cfg, k=3), engine
+
+
+def collect(learner, engine):
+    """What the trainer does between rollouts: the learner's finished update into the engine's head;
+    its figures (None: nothing finished)."""
+    update = learner.collect()
+    if update is None:
+        return None
+    if update.head is not None:
+        engine.load_drafter_weights(update.head)
+    return update.stats
 
 
 def test_learner_learns_and_swaps_between_rollouts(tiny, rollouts):
@@ -126,7 +137,7 @@ def test_learner_learns_and_swaps_between_rollouts(tiny, rollouts):
     history = []
     for step in range(6):
         learner.submit(tiny, seqs, plens, weights, step)
-        history.append(learner.collect())
+        history.append(collect(learner, engine))
         # the engine drafts with exactly the learner's weights after every collect
         for (name, live), (_, master) in zip(engine.drafter.module.named_parameters(), learner.head.named_parameters()):
             assert torch.equal(live, master.to(live.dtype)), name
@@ -135,7 +146,7 @@ def test_learner_learns_and_swaps_between_rollouts(tiny, rollouts):
     assert history[-1]["alpha_est"][0] > history[0]["alpha_est"][0] + 0.05, [h["alpha_est"] for h in history]
     assert all(0.0 <= a <= 1.0 for h in history for a in h["alpha_est"]) and len(history[0]["alpha_est"]) == 3
     assert [h["kd_updates"] for h in history] == list(range(1, 7))
-    assert learner.collect() is None  # nothing new since
+    assert collect(learner, engine) is None  # nothing new since
 
     # The trained head drafts losslessly: greedy SD gives exactly plain greedy tokens.
     prompts = [s[:n] for s, n in zip(seqs, plens)]
@@ -152,7 +163,8 @@ def test_learner_forward_runs_in_the_rollout_dtype_and_keeps_an_fp32_master(tiny
     learner, engine = make_learner(teacher, seqs)
     seen = []
     handle = learner.head.fc.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    history = [learner.submit(teacher, seqs, plens, torch.ones(len(seqs)), s) or learner.collect() for s in range(6)]
+    history = [learner.submit(teacher, seqs, plens, torch.ones(len(seqs)), s) or collect(learner, engine)
+               for s in range(6)]
     handle.remove()
     assert set(seen) == {torch.bfloat16}, seen
     assert all(p.dtype == torch.float32 for p in learner.head.parameters())
@@ -161,18 +173,18 @@ def test_learner_forward_runs_in_the_rollout_dtype_and_keeps_an_fp32_master(tiny
 
 def test_background_update_equals_synchronous_and_waits_for_the_swap(tiny, rollouts):
     seqs, plens = rollouts
-    weights = sequence_weights("reward", torch.tensor([0.0, 1.0, 0.0, 1.1, 0.1, 1.0, 0.0, 0.0]))
-    sync, _ = make_learner(tiny, seqs)
+    weights = sequence_weights("rkd", torch.tensor([0.0, 1.0, 0.0, 1.1, 0.1, 1.0, 0.0, 0.0]))
+    sync, sync_engine = make_learner(tiny, seqs)
     background, engine = make_learner(tiny, seqs, async_update=True)
     for step in range(3):
         sync.submit(tiny, seqs, plens, weights, step)
-        a = sync.collect()
+        a = collect(sync, sync_engine)
         live = engine.drafter.module.fc.weight.clone()
         background.submit(tiny, seqs, plens, weights, step)
         # the engine's head does not change until collect(): a rollout now would use the old weights
         background._thread.join()
         assert torch.equal(engine.drafter.module.fc.weight, live)
-        b = background.collect()
+        b = collect(background, engine)
         assert b["alpha_est"] == pytest.approx(a["alpha_est"], abs=1e-4)
         assert b["kd_loss"] == pytest.approx(a["kd_loss"], rel=1e-4)
     for (name, x), (_, y) in zip(sync.head.named_parameters(), background.head.named_parameters()):
@@ -181,10 +193,10 @@ def test_background_update_equals_synchronous_and_waits_for_the_swap(tiny, rollo
 
 def test_all_zero_weights_leave_the_head_unchanged(tiny, rollouts):
     seqs, plens = rollouts
-    learner, engine = make_learner(tiny, seqs, weighting="advantage")
+    learner, engine = make_learner(tiny, seqs, weighting="akd")
     before = {k: v.clone() for k, v in learner.head.state_dict().items()}
     learner.submit(tiny, seqs, plens, torch.zeros(len(seqs)), 0)
-    stats = learner.collect()
+    stats = collect(learner, engine)
     assert stats["kd_opt_steps"] == 0 and stats["kd_updates"] == 1
     assert all(torch.equal(before[k], v) for k, v in learner.head.state_dict().items())
     assert len(stats["alpha_est"]) == 3  # the estimate is still measured
@@ -192,12 +204,12 @@ def test_all_zero_weights_leave_the_head_unchanged(tiny, rollouts):
 
 def test_update_interval_buffers_steps(tiny, rollouts):
     seqs, plens = rollouts
-    learner, _ = make_learner(tiny, seqs, interval=2)
+    learner, engine = make_learner(tiny, seqs, interval=2)
     learner.submit(tiny, seqs, plens, torch.ones(len(seqs)), 0)
-    first = learner.collect()
+    first = collect(learner, engine)
     assert "kd_updates" not in first and len(learner.buffer) == len(seqs)  # teacher signal kept, no update
     learner.submit(tiny, seqs, plens, torch.ones(len(seqs)), 1)
-    second = learner.collect()
+    second = collect(learner, engine)
     assert second["kd_updates"] == 1 and second["kd_opt_steps"] == 2 * len(seqs) // 4 and learner.buffer == []
 
 
@@ -336,7 +348,7 @@ def test_kd_demo_reward_weights_fit_the_rewarded_completions_better():
     from respec.lab.kd_demo import demo
 
     kl = demo(steps=6)
-    reward_gap = kl["reward", "unrewarded"] - kl["reward", "rewarded"]
-    uniform_gap = abs(kl["uniform", "unrewarded"] - kl["uniform", "rewarded"])
+    reward_gap = kl["rkd", "unrewarded"] - kl["rkd", "rewarded"]
+    uniform_gap = abs(kl["kd", "unrewarded"] - kl["kd", "rewarded"])
     assert reward_gap > 0
     assert reward_gap > 2 * uniform_gap

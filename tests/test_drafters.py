@@ -17,9 +17,14 @@ from respec.drafters.history import HistoryDrafter, SuffixIndex
 from respec.drafters.hybrid import HybridDrafter
 from respec.drafters.layers import LayerDrafter
 from respec.engine import RolloutEngine, SamplingParams
-from respec.solver import AdaptiveK, CostModel
+from respec.solver import AdaptiveK, CostModel, Policy, conditional_acceptance
 from tests.test_eagle import head_for
 from tests.test_speculative import SHARPEN, SMALL, chi2_quantile_999, chi_square, exact_sequence_probs
+
+
+def measured_alpha(stats) -> list[float]:
+    """The engine's per-position conditional acceptance (respec/solver.py)."""
+    return conditional_acceptance(stats.sd_accepted_at, stats.sd_reached_at)
 
 
 def greedy(n, **kw):
@@ -75,7 +80,7 @@ def test_history_greedy_sd_equals_plain(tiny, k):
     engine.stats = type(engine.stats)()
     again = engine.generate(prompts, greedy(30))
     assert [g.token_ids for g in again] == [w.token_ids for w in want]
-    assert engine.stats.alpha == [1.0] * k  # the past rollout is the text itself
+    assert measured_alpha(engine.stats) == [1.0] * k  # the past rollout is the text itself
     assert engine.stats.accept_len > 0.8 * (k + 1)
 
 
@@ -114,9 +119,9 @@ def test_sd_sampling_is_lossless_with_mixed_rows(kind):
               for i in range(N_MIXED) for t, p in [MIXED[i % 2]]]
     out = engine.generate([prompt] * N_MIXED, params)
     assert engine.stats.sd_steps > 0 and len(lengths_seen - {0}) >= 2  # several draft lengths were proposed
-    assert 0.2 < engine.stats.alpha[0] < 0.95  # drafts are really rejected sometimes
+    assert 0.2 < measured_alpha(engine.stats)[0] < 0.95  # drafts are really rejected sometimes
     if kind == "hybrid":  # both kinds of rows really occurred
-        assert 0 < drafter.history_rows < engine.stats.sd_rows
+        assert 0 < engine.stats.sd_kinds.get("history", {}).get("rows", 0) < engine.stats.sd_rows
     for j, (t, p) in enumerate(MIXED):
         probs = exact_sequence_probs(target, t, p, prompt=prompt, length=length)
         counts: dict = {}
@@ -124,7 +129,7 @@ def test_sd_sampling_is_lossless_with_mixed_rows(kind):
             counts[tuple(o.token_ids[:length])] = counts.get(tuple(o.token_ids[:length]), 0) + 1
         n = N_MIXED // 2
         chi2, dof = chi_square(counts, probs, n)
-        print(f"{kind}, T={t} top_p={p}: chi2 {chi2:.1f} on {dof} dof, alpha {engine.stats.alpha}")
+        print(f"{kind}, T={t} top_p={p}: chi2 {chi2:.1f} on {dof} dof, alpha {measured_alpha(engine.stats)}")
         assert chi2 < chi2_quantile_999(dof)
         # power: a 2% bias (2% of the mass moved to one sequence) is rejected
         keys = list(probs)
@@ -138,7 +143,7 @@ def test_sd_sampling_is_lossless_with_mixed_rows(kind):
 
 
 # --- the engine's per-row bookkeeping ------------------------------------------------------------
-class Schedule:
+class Schedule(Policy):
     """A policy replaying a fixed list of k (then the last one forever)."""
 
     def __init__(self, ks):
@@ -193,7 +198,7 @@ def test_acceptance_counts_with_mixed_draft_lengths(tiny):
     engine.generate(PROMPTS, greedy(40))
     st = engine.stats
     assert set(st.chosen_k) - {0} == {1, 3}  # (0: the last steps, where no row has room to draft)
-    assert st.alpha == [1.0, 1.0, 1.0]
+    assert measured_alpha(st) == [1.0, 1.0, 1.0]
     assert st.sd_reached_at[0] > st.sd_reached_at[1] > 0
     assert all(a > 0.99 for a in policy.alpha)
 
@@ -217,12 +222,13 @@ def test_hybrid_greedy_sd_equals_plain(tiny):
     want = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True).generate(prompts, greedy(24))
     drafter = HybridDrafter(as_drafter(head_for(tiny, 3000)))
     engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True, drafter=drafter, num_draft_tokens=3)
-    sd_rows = 0
+    sd_rows = history_rows = 0
     for _ in range(2):
         got = engine.generate(prompts, greedy(24))
         assert [g.token_ids for g in got] == [w.token_ids for w in want]
         sd_rows += got.stats.sd_rows  # each call's own statistics
-    assert 0 < drafter.history_rows < sd_rows
+        history_rows += got.stats.sd_kinds.get("history", {}).get("rows", 0)
+    assert 0 < history_rows < sd_rows
 
 
 def test_as_drafter_wraps_each_kind(tiny):

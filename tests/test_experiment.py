@@ -125,7 +125,7 @@ def test_accept_len_counts_only_steps_that_speculated():
 def test_acceptance_plot_leaves_out_steps_that_did_not_speculate(tmp_path):
     import json
 
-    from respec.lab.plot import measured_acceptance, plot_run
+    from respec.run_plots import measured_acceptance, plot_run
 
     rows = [{"step": i + 1, "accept_len": a, "sd_fraction": f, "reward_mean": 0.1, "accuracy": 0.1, "format_rate": 1.0,
              "rollout_s": 1.0, "reward_s": 0.0, "train_s": 1.0, "drafter_s": 0.0, "rollout_tok_s": 10.0}
@@ -138,7 +138,7 @@ def test_acceptance_plot_leaves_out_steps_that_did_not_speculate(tmp_path):
 
 
 def test_groups_with_signal_per_data_epoch():
-    from respec.lab.plot import epoch_means
+    from respec.run_plots import epoch_means
 
     rows = [{"step": s, "epoch": (s - 1) // 2, "groups_with_signal": g} for s, g in enumerate([1.0, 0.5, 0.5, 0.0], 1)]
     assert epoch_means(rows, "groups_with_signal") == [(1.5, 0.75), (3.5, 0.25)]

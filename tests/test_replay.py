@@ -223,5 +223,5 @@ def test_held_out_problems_lie_outside_a_fixed_training_set(tokenizer):
     assert len(held) == len(set(held)) == 10 and not train & set(held)
     # a missing default head is pretrained on the task's own problems, not the fixed set cycled
     # (the cached head serves every run of these task options)
-    pretraining = {str(p.messages()) for p in trainer.pretraining_task().problems(10**6, 64)}
+    pretraining = {str(p.messages()) for p in cfg.pretraining_task().problems(10**6, 64)}
     assert len(pretraining) > 6 and not train >= pretraining

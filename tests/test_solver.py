@@ -10,7 +10,7 @@ import torch
 from models.drafter import truncated_drafter
 from respec.engine import RolloutEngine, SamplingParams
 from respec.profiling import StepTimer
-from respec.solver import (AdaptiveK, CostModel, FixedK, conditional_alpha, expected_tokens, fit_costs,
+from respec.solver import (AdaptiveK, CostModel, FixedK, Policy, conditional_alpha, expected_tokens, fit_costs,
                            load_or_profile, machine_key, step_features)
 
 # A memory-bound-then-compute-bound machine in miniature: 10 ms per step, 0.5 ms per token the
@@ -171,7 +171,7 @@ def test_machine_key_tells_devices_and_cpus_apart(monkeypatch):
     assert machine_key("cuda:0") == "cuda-NVIDIA H100 80GB HBM3"
 
 
-class Schedule:
+class Schedule(Policy):
     """A policy that switches SD on and off by step number."""
 
     def __init__(self, ks):

@@ -13,6 +13,7 @@ from models.drafter import truncated_drafter
 from models.loading import random_model
 from respec.engine import RolloutEngine, SamplingParams
 from respec.sampling import sampling_logprobs
+from respec.solver import conditional_acceptance
 
 PROMPTS = [[1, 2, 3, 4, 5], [7] * 30, [9, 8, 7], [40, 41]]
 
@@ -49,7 +50,8 @@ def test_identical_drafter_accepts_everything(tiny, k):
                            num_draft_tokens=k)
     engine.generate(PROMPTS, SamplingParams(max_new_tokens=30, temperature=1.0, top_p=0.9, stop_on_eos=False))
     assert engine.stats.accept_len == pytest.approx(k + 1, abs=0.25)  # only the final, capped steps are short
-    assert engine.stats.alpha == [1.0] * k  # every draft a row proposed was accepted
+    st = engine.stats
+    assert conditional_acceptance(st.sd_accepted_at, st.sd_reached_at) == [1.0] * k  # every draft proposed was accepted
 
 
 # --- losslessness at temperature > 0 -----------------------------------------------------------

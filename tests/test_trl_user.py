@@ -18,6 +18,7 @@ from respec.config import TrainConfig
 from respec.engine import Completion
 from respec.evaluation import Evaluation
 from respec.rewards import Rewards, parse_reward
+from respec.sampling import SamplingParams
 from respec.tasks import Problem, PromptFormat, scorer_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,11 +111,13 @@ def test_bad_inputs_of_the_newer_surfaces_are_one_line(tmp_path, capsys, args, n
 def test_a_missing_tracker_package_is_one_line(monkeypatch):
     import importlib.util
 
+    from train import check_parts
+
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ValueError, match=r"--report-to wandb needs the wandb package \(pip install wandb; "
                                          r"respec logs offline"):
-        TrainConfig(report_to=["tensorboard,wandb"]).validate(1)
+        check_parts(TrainConfig(report_to=["tensorboard,wandb"]))
 
 
 def test_reward_weights_must_be_finite_and_nan_is_a_name(tmp_path):
@@ -242,7 +245,7 @@ def test_evaluation_pass_at_1_and_pass_at_n_by_hand():
     prompt = types.SimpleNamespace(ids=lambda tok, p: [int(p.question[1:])])
     # problem 0: 3 of 4 samples right; problem 1: 1 of 4; problems 2, 3: none
     engine = _Engine({(0, 0), (0, 1), (0, 2), (1, 3)})
-    ev = Evaluation(problems, temperature=1.0, generations=4, max_new_tokens=8)
+    ev = Evaluation(problems, SamplingParams(max_new_tokens=8, temperature=1.0), generations=4)
     out = ev.run(engine, _Tok(), Rewards(["correctness"]), distributed.Dist(), prompt=prompt)
     assert out["eval_accuracy"] == pytest.approx(4 / 16) and out["eval_pass_at_4"] == pytest.approx(2 / 4)
     again = ev.run(engine, _Tok(), Rewards(["correctness"]), distributed.Dist(), prompt=prompt)

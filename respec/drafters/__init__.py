@@ -47,6 +47,8 @@ from typing import Callable
 
 import torch
 
+from respec.sampling import RowSampling
+
 
 @dataclass
 class EngineView:
@@ -71,11 +73,7 @@ class DraftBatch:
     tokens: torch.Tensor  # (rows,) each row's newest token, at `positions`, not yet in any cache
     positions: torch.Tensor  # (rows,)
     block_tables: torch.Tensor  # (rows, W) the target's; a drafter's own pools use the same blocks
-    seeds: torch.Tensor  # (rows,) per-row sampling parameters (respec/sampling.py)
-    temperature: torch.Tensor
-    top_k: torch.Tensor
-    top_p: torch.Tensor
-    min_p: torch.Tensor
+    sampling: RowSampling  # (rows,) each per-row sampling parameters (respec/sampling.py)
     use_filter: bool  # whether any row filters (top-k / top-p / min-p): a static flag of the compiled steps
     coupled: bool  # draw proposals with the target's own noise (the match rule, respec/speculative.py)
     max_drafts: torch.Tensor  # (rows,) int64 most tokens each row may propose (room left; <= k)
@@ -91,6 +89,17 @@ class Drafts:
     lengths_list: list[int] | None = None  # the real rows' lengths on the host; None: each proposed its
     # max_drafts. All zero (a history drafter that matched nothing) -> the engine decodes plainly instead
     kinds: list[str] | None = None  # the real rows' drafter kinds (a hybrid's); None: all the drafter's `kind`
+
+    @staticmethod
+    def proposed(proposals: list[list[int]], rows: int, k: int, device, kinds: list[str] | None = None) -> "Drafts":
+        """A model-free drafter's drafts: each real row's proposal (a list of token ids, possibly
+        empty), padded to (rows, k) as the verify takes them; point masses (q None)."""
+        tokens = torch.zeros(rows, k, dtype=torch.int64)
+        lengths = [len(prop) for prop in proposals]
+        for i, prop in enumerate(proposals):
+            tokens[i, :len(prop)] = torch.tensor(prop, dtype=torch.int64)
+        return Drafts(tokens.to(device), torch.tensor(lengths + [0] * (rows - len(lengths)), device=device), None,
+                      lengths_list=lengths, kinds=kinds)
 
 
 class Drafter:
@@ -149,10 +158,6 @@ class Drafter:
 
     def forget(self, seq) -> None:
         pass
-
-    def assume_cached(self, seq) -> None:
-        """Timing only (`RolloutEngine.time_step`): state as if the drafter had consumed all of a
-        synthetic sequence's tokens but the newest (the cache contents are garbage)."""
 
     def state_dict(self) -> dict:
         """What the drafter carries from one rollout to the next, as new containers (a later rollout

@@ -71,13 +71,6 @@ def eagle_draft(head, target, head_pools, pend_taps, pend_tokens, pend_pos, pend
     return torch.stack(drafts, dim=1), torch.stack(q, dim=1)
 
 
-# The head drafts at the rollout temperature times this. The default head, distilled with KL(p || q),
-# spreads q wider than p; at half the temperature its drafts agree with the target's own samples more
-# often (on SmolLM2-135M at T = 1, k = 3: 1.37 tokens per verify against 1.29, the first draft accepted
-# 0.27 of the time against 0.23; `python -m respec.lab.draft_temperature`, docs/benchmarks.md).
-DRAFT_TEMPERATURE = 0.5
-
-
 class EagleDrafter(Drafter):
     """The EAGLE-style head as a drafter. `draft_temperature` tau: the head drafts from its
     distribution at the row's temperature times tau (tau < 1 sharpens it; greedy rows stay greedy).
@@ -158,10 +151,11 @@ class EagleDrafter(Drafter):
         pend = [self._padded(s, k + 1) for s in batch.seqs] + [self._padded(None, k + 1)] * pad
         pend_taps, pend_tokens, pend_pos, pend_valid = (torch.stack(t) for t in zip(*pend))
         step = self.view.steps.get(eagle_draft, k=k, use_filter=batch.use_filter, coupled=batch.coupled)
-        temperature = batch.temperature * self.draft_temperature if self.draft_temperature != 1 else batch.temperature
+        sampling = batch.sampling  # the head drafts at the rollout temperature times its own factor
+        if self.draft_temperature != 1:
+            sampling = sampling._replace(temperature=sampling.temperature * self.draft_temperature)
         drafts, q = step(self.runner, self.view.target, self.view.draft_pools, pend_taps, pend_tokens, pend_pos,
-                         pend_valid, batch.positions, batch.block_tables, batch.max_drafts, batch.seeds,
-                         temperature, batch.top_k, batch.top_p, batch.min_p)
+                         pend_valid, batch.positions, batch.block_tables, batch.max_drafts, *sampling)
         self.consumed = {s.id for s in batch.seqs}
         return Drafts(drafts, batch.max_drafts, q)
 
@@ -181,9 +175,3 @@ class EagleDrafter(Drafter):
     def forget(self, seq) -> None:
         self.pending.pop(seq.id, None)
         self.pending_start.pop(seq.id, None)
-
-    def assume_cached(self, seq) -> None:
-        dev = self.view.device
-        self.pending[seq.id] = (torch.zeros(1, self.module.fc.in_features, dtype=self.view.dtype, device=dev),
-                                torch.tensor(seq.tokens[-1:], device=dev))
-        self.pending_start[seq.id] = len(seq.tokens) - 1

@@ -28,8 +28,6 @@ from __future__ import annotations
 from array import array
 from collections import OrderedDict
 
-import torch
-
 from respec.drafters import DraftBatch, Drafter, Drafts
 
 
@@ -135,14 +133,8 @@ class HistoryDrafter(Drafter):
                 for (prop, match), cap in zip(self.proposals(batch), batch.max_drafts_list)]
 
     def draft(self, batch: DraftBatch) -> Drafts:
-        rows, k = batch.tokens.shape[0], batch.k
-        tokens = torch.zeros(rows, k, dtype=torch.int64)
-        lengths = [0] * rows
-        for i, (prop, _) in enumerate(self.proposals(batch)):
-            tokens[i, :len(prop)] = torch.tensor(prop, dtype=torch.int64)
-            lengths[i] = len(prop)
-        dev = batch.tokens.device
-        return Drafts(tokens.to(dev), torch.tensor(lengths, device=dev), None, lengths_list=lengths[: len(batch.seqs)])
+        return Drafts.proposed([prop for prop, _ in self.proposals(batch)], batch.tokens.shape[0], batch.k,
+                               batch.tokens.device)
 
     def forget(self, seq) -> None:
         """The sequence's text stays as an earlier rollout of its prompt, whether it finished or was
@@ -157,9 +149,6 @@ class HistoryDrafter(Drafter):
             self.past[key].append(doc)
             if len(self.past[key]) >= 2 * self.window:
                 self.crowded.add(key)
-
-    def assume_cached(self, seq) -> None:
-        self.catch_up([seq], 0)
 
     def state_dict(self) -> dict:
         """Every prompt's documents and index as they are, least recently used prompt first. The

@@ -35,14 +35,6 @@ class HybridDrafter(Drafter):
         self.parts = ([model] if model is not None else []) + list(self.proposers)
         if model is not None:
             self.feature_layers, self.pool_shape, self.module = model.feature_layers, model.pool_shape, model.module
-        self.rows_by_kind: dict[str, int] = {}  # rows each proposer drafted (statistics)
-        # timed synthetic steps (`assume_cached`) run the model even where history offers every row,
-        # so that the cost profile times a step whose rows need the model (a real rollout's)
-        self.timing = False
-
-    @property
-    def history_rows(self) -> int:
-        return self.rows_by_kind.get("history", 0)
 
     def check(self, target) -> None:
         for part in self.parts:
@@ -62,7 +54,6 @@ class HybridDrafter(Drafter):
             self.model.sync()
 
     def on_prefill(self, *args) -> None:
-        self.timing = False
         for part in self.parts:
             part.on_prefill(*args)
 
@@ -79,7 +70,7 @@ class HybridDrafter(Drafter):
         return [max(row) for row in zip(*offers)] if offers else None
 
     def draft(self, batch: DraftBatch) -> Drafts:
-        rows, k, n = batch.tokens.shape[0], batch.k, len(batch.seqs)
+        rows, n = batch.tokens.shape[0], len(batch.seqs)
         chosen: list[list[int] | None] = [None] * n
         kinds = ["model" if self.model is not None else "none"] * n
         for p in self.proposers:
@@ -88,32 +79,19 @@ class HybridDrafter(Drafter):
             for i, prop in enumerate(p.offers(batch, self.min_match)):
                 if chosen[i] is None and prop:
                     chosen[i], kinds[i] = prop, p.kind
-        for kind in kinds:
-            if kind not in ("model", "none"):
-                self.rows_by_kind[kind] = self.rows_by_kind.get(kind, 0) + 1
-        point = torch.tensor([c is not None for c in chosen] + [False] * (rows - n))
-        fixed = torch.zeros(rows, k, dtype=torch.int64)
-        lengths = [0] * n
-        for i, prop in enumerate(chosen):
-            if prop is not None:
-                fixed[i, :len(prop)] = torch.tensor(prop, dtype=torch.int64)
-                lengths[i] = len(prop)
-        dev = batch.tokens.device
+        fixed = Drafts.proposed([c or [] for c in chosen], rows, batch.k, batch.tokens.device, kinds)
         # rows the model drafts for: no proposal and room for drafts (a row riding along in a replay
-        # verify has none); a timed synthetic step runs the model beside history rows, as a rollout's
-        uncovered = any(c is None and cap > 0 for c, cap in zip(chosen, batch.max_drafts_list))
-        skip = not uncovered and (not self.timing or "history" not in kinds)
-        if self.model is None or skip:  # no row needs the model
-            return Drafts(fixed.to(dev), torch.tensor(lengths + [0] * (rows - n), device=dev), None,
-                          lengths_list=lengths, kinds=kinds)
+        # verify has none); where no row needs it, the model does not run
+        if self.model is None or not any(c is None and cap > 0 for c, cap in zip(chosen, batch.max_drafts_list)):
+            return fixed
         drafts = self.model.draft(batch)
-        point = point.to(dev)
+        point = torch.tensor([c is not None for c in chosen] + [False] * (rows - n), device=batch.tokens.device)
         if not point.any():
             return Drafts(drafts.tokens, drafts.lengths, drafts.q, kinds=kinds)
-        lengths_t = torch.where(point, torch.tensor(lengths + [0] * (rows - n), device=dev), drafts.lengths)
-        lengths = [m if c is not None else cap for c, m, cap in zip(chosen, lengths, batch.max_drafts_list)]
-        return Drafts(torch.where(point.view(-1, 1), fixed.to(dev), drafts.tokens), lengths_t, drafts.q, point=point,
-                      lengths_list=lengths, kinds=kinds)
+        lengths = [m if c is not None else cap for c, m, cap in zip(chosen, fixed.lengths_list, batch.max_drafts_list)]
+        return Drafts(torch.where(point.view(-1, 1), fixed.tokens, drafts.tokens),
+                      torch.where(point, fixed.lengths, drafts.lengths), drafts.q, point=point, lengths_list=lengths,
+                      kinds=kinds)
 
     def commit(self, seqs, n, tokens, taps) -> None:
         for part in self.parts:
@@ -122,11 +100,6 @@ class HybridDrafter(Drafter):
     def forget(self, seq) -> None:
         for part in self.parts:
             part.forget(seq)
-
-    def assume_cached(self, seq) -> None:
-        self.timing = True
-        for part in self.parts:
-            part.assume_cached(seq)
 
     def state_dict(self) -> dict:
         return {"parts": [part.state_dict() for part in self.parts]}

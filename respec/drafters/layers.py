@@ -88,7 +88,7 @@ class LayerDrafter(Drafter):
         prev = torch.tensor([s.tokens[-2] for s in batch.seqs] + pad, dtype=torch.int64, device=self.view.device)
         step = self.view.steps.get(layer_draft, k=batch.k, use_filter=batch.use_filter, coupled=batch.coupled)
         drafts, q = step(self.runner, self.view.draft_pools, prev, batch.tokens, batch.positions, batch.block_tables,
-                         batch.max_drafts, batch.seeds, batch.temperature, batch.top_k, batch.top_p, batch.min_p)
+                         batch.max_drafts, *batch.sampling)
         self.ran = {s.id for s in batch.seqs}
         return Drafts(drafts, batch.max_drafts, q)
 
@@ -100,6 +100,3 @@ class LayerDrafter(Drafter):
 
     def forget(self, seq) -> None:
         self.drafted.pop(seq.id, None)
-
-    def assume_cached(self, seq) -> None:
-        self.drafted[seq.id] = len(seq.tokens) - 2

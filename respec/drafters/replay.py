@@ -27,8 +27,6 @@ from __future__ import annotations
 from array import array
 from collections import OrderedDict
 
-import torch
-
 from respec.drafters import DraftBatch, Drafter, Drafts
 
 
@@ -62,15 +60,7 @@ class ReplayDrafter(Drafter):
         return [self._remaining(s)[:cap] if cap else [] for s, cap in zip(batch.seqs, batch.max_drafts_list)]
 
     def draft(self, batch: DraftBatch) -> Drafts:
-        rows, k = batch.tokens.shape[0], batch.k
-        tokens = torch.zeros(rows, k, dtype=torch.int64)
-        lengths = [0] * len(batch.seqs)
-        for i, prop in enumerate(self.offers(batch)):
-            tokens[i, :len(prop)] = torch.tensor(prop, dtype=torch.int64)
-            lengths[i] = len(prop)
-        dev = batch.tokens.device
-        return Drafts(tokens.to(dev), torch.tensor(lengths + [0] * (rows - len(lengths)), device=dev), None,
-                      lengths_list=lengths)
+        return Drafts.proposed(self.offers(batch), batch.tokens.shape[0], batch.k, batch.tokens.device)
 
     def forget(self, seq) -> None:
         self.matched.pop(seq.id, None)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from respec.distill import Sequences, collate, head_loss, target_features
-from respec.online_learner import KDConfig, OnlineLearner
+from respec.config import KDConfig
+from respec.online_learner import OnlineLearner
 
 
 def demo(steps: int = 6) -> dict:
@@ -14,7 +15,6 @@ def demo(steps: int = 6) -> dict:
     under a minute on a CPU). Eight completions, four of them "rewarded"; an untrained head is
     distilled with uniform and with reward weights, and its KL to the target is then measured on
     the rewarded and the unrewarded completions separately. Returns those KLs per weighting."""
-    from models.eagle import cast_head
     from models.loading import load_model
     from respec.drafter_training import untrained_head
     from respec.engine import RolloutEngine, SamplingParams
@@ -29,17 +29,15 @@ def demo(steps: int = 6) -> dict:
     rewards = torch.tensor([1.0, 0.0] * 4)  # completions 0, 2, 4, 6 "solved the task"
     kls = {}
     print(f"8 completions of 16 tokens from the tiny model, rewards {rewards.tolist()}")
-    for kind in ("uniform", "reward"):
+    for kind in ("kd", "rkd"):
         weights = sequence_weights(kind, rewards)
         head = untrained_head(target, seqs, seed=0, draft_vocab=512)  # the completions' tokens first
-        engine = RolloutEngine(target, kv_cache_bytes=8 << 20, eager=True, drafter=cast_head(head, torch.float32),
-                               num_draft_tokens=3)
         # T = 0.1: the random model's T = 1 distribution is nearly uniform over 49k tokens
-        learner = OnlineLearner(head, engine, KDConfig(weighting=kind, lr=3e-3, batch=8, temperature=0.1), k=3)
+        learner = OnlineLearner(head, KDConfig(weighting=kind, lr=3e-3, batch=8, temperature=0.1, async_update=False), k=3)
         print(f"\n{kind} weights w(r) = {[round(w, 2) for w in weights.tolist()]}")
         for step in range(steps):
             learner.submit(target, seqs, plens, weights, step)
-            stats = learner.collect()
+            stats = learner.collect().stats
             print(f"  update {step + 1}: weighted KL {stats['kd_loss']:.3f}, estimated alpha_1 {stats['alpha_est'][0]:.3f}")
         for name, idx in (("rewarded", [0, 2, 4, 6]), ("unrewarded", [1, 3, 5, 7])):  # KL per subset, unweighted
             feats = target_features(target, Sequences([seqs[i] for i in idx], [plens[i] for i in idx]),

@@ -28,6 +28,7 @@ t-interval over seeds. A difference is resolved when the interval leaves out 0.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -36,7 +37,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from respec.cli import OneLineParser
-from respec.lab.plot import epoch_means, mean
+from respec.run_plots import epoch_means, mean
 from respec.lab.report import T_975
 
 BASELINE = "baseline"
@@ -91,8 +92,7 @@ def greedy_eval(run: Path) -> dict:
     model = load_model(str(run / "hf"), dtype=resolve_dtype(cfg.dtype, "cpu"), device="cpu")
     engine = RolloutEngine(model, kv_cache_bytes=default_pool_bytes("cpu"), max_batch=cfg.max_batch,
                            eos_token_ids=eos_token_ids(tok, model), eager=True)
-    evaluation = Evaluation(problems, temperature=0.0, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
-                            seed=cfg.seed)
+    evaluation = Evaluation(problems, dataclasses.replace(cfg.eval_sampling(), temperature=0.0))
     out = evaluation.run(engine, tok, scoring, distributed.Dist(),
                          prompt=PromptFormat.make(cfg.raw_prompts, cfg.chat_template_kwargs))
     out["problems"] = len(problems)

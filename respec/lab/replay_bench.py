@@ -125,7 +125,7 @@ def main(argv=None) -> int:
 def run(args) -> dict:
     from compile.policy import use_persistent_cache
     from respec import distributed
-    from respec.drafter_choice import choose_drafter
+    from respec.drafter_choice import choose_drafter, ensure_head
     from respec.engine import RolloutEngine, SamplingParams
     from respec.rollout_seeds import RolloutSeeds
     from respec.profiling import StepTimer
@@ -165,11 +165,11 @@ def run(args) -> dict:
         drift_s = time.perf_counter() - t0
         model = trainer.rollout.model
         eos = sorted(trainer.engine.eos)
-        chosen = choose_drafter(args.drafter, target=model, k=args.k, model=args.model, task_name=cfg.task,
-                                task=trainer.pretraining_task(), tokenizer=trainer.tok,
-                                task_config=cfg.task_config, rollout_dtype=trainer.rollout_dtype,
-                                max_new_tokens=args.max_new_tokens, seed=args.seed, temperature=args.temperature,
-                                log=log, draft_temperature=cfg.draft_temperature)
+        common = dict(model=args.model, task_name=cfg.task, task=cfg.pretraining_task(), tokenizer=trainer.tok,
+                      task_config=cfg.task_config, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        ensure_head(args.drafter, **common, temperature=args.temperature, log=log, dtype=cfg.dtype)
+        chosen = choose_drafter(args.drafter, target=model, k=args.k, rollout_dtype=trainer.rollout_dtype,
+                                draft_temperature=cfg.draft_temperature, **common)
         biggest = max(args.batch_sizes)
         plain = RolloutEngine(model, kv_cache_bytes=512 << 20, eos_token_ids=eos, eager=True, max_batch=biggest)
         sd = RolloutEngine(model, kv_cache_bytes=512 << 20, eos_token_ids=eos, eager=True, max_batch=biggest,
@@ -192,10 +192,10 @@ def run(args) -> dict:
             best = {"plain": None, "sd": None}
             for _ in range(args.reps):
                 for name, engine in (("plain", plain), ("sd", sd)):
-                    if name == "sd":
-                        engine.policy = AdaptiveK(costs, args.k, chosen.prior)
+                    policy = AdaptiveK(costs, args.k, chosen.prior) if name == "sd" else None
                     t0 = time.perf_counter()
-                    out = engine.generate(prompts[:n], params[:n], replays=old[:n] if name == "sd" else None)
+                    out = engine.generate(prompts[:n], params[:n], replays=old[:n] if name == "sd" else None,
+                                          policy=policy)
                     seconds = time.perf_counter() - t0
                     if best[name] is None or seconds < best[name][0]:
                         best[name] = (seconds, out.stats, [o.token_ids for o in out])

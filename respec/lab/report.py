@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from respec.lab.plot import mean, read_metrics
+from respec.run_plots import mean, read_metrics
 
 PHASES = (("rollout_s", "rollout"), ("reward_s", "reward"), ("train_s", "train"), ("drafter_s", "drafter"))
 

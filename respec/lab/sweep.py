@@ -28,22 +28,22 @@ from pathlib import Path
 
 from respec.engine import EngineStats, RolloutEngine, SamplingParams
 from respec.profiling import StepTimer, warmup
-from respec.solver import AdaptiveK, FixedK, cost_key, drafter_alpha, load_or_profile
+from respec.solver import AdaptiveK, FixedK, conditional_acceptance, cost_key, drafter_alpha, load_or_profile
 from respec.tasks import chat_prompt, make_problems
 
 
-def timed_rollout(engine, prompts, params) -> tuple[float, list]:
+def timed_rollout(engine, prompts, params, policy) -> tuple[float, list]:
     t0 = time.perf_counter()
-    out = engine.generate(prompts, params)
+    out = engine.generate(prompts, params, policy=policy)
     return time.perf_counter() - t0, out
 
 
-def best_of(reps: int, engine, prompts, params) -> tuple[float, float, EngineStats]:
+def best_of(reps: int, engine, prompts, params, policy) -> tuple[float, float, EngineStats]:
     """The fastest of `reps` identical rollouts (this machine's load varies between runs; the
     fastest is the least disturbed): (decode-phase tok/s, rollout seconds, that run's stats)."""
     best = None
     for _ in range(reps):
-        seconds, _ = timed_rollout(engine, prompts, params)
+        seconds, _ = timed_rollout(engine, prompts, params, policy)
         if best is None or engine.stats.decode_tok_s > best[0]:
             best = (engine.stats.decode_tok_s, seconds, engine.stats)
     return best
@@ -81,17 +81,15 @@ def run_sweep(args, model, tokenizer, drafter, eos_token_ids) -> dict:
     policy = AdaptiveK(costs, K, drafter_alpha(args.drafter, K))
     print(f"initial acceptance estimate: {[round(a, 3) for a in policy.alpha]}", flush=True)
 
-    # Acceptance so far, pooled over every SD run of the sweep: reached[j] rows had drafts 1..j
-    # accepted (reached[0]: all rows) in runs that drafted at least j+1 tokens, passed[j] of them
-    # also accepted draft j+1.
-    reached, passed = [0] * K, [0] * K
+    # Acceptance so far, pooled over every SD run of the sweep: per draft position, the rows that
+    # reached it and those that accepted it (the engine's counts)
+    accepted_at, reached_at = [0] * K, [0] * K
 
-    def learn(stats, k):
-        rows = [stats.sd_rows] + stats.sd_accepted_at
-        for j in range(k):
-            reached[j] += rows[j]
-            passed[j] += rows[j + 1]
-        policy.set_alpha([passed[j] / reached[j] for j in range(K) if reached[j]])
+    def learn(stats):
+        for j, (a, r) in enumerate(zip(stats.sd_accepted_at[:K], stats.sd_reached_at[:K])):
+            accepted_at[j] += a
+            reached_at[j] += r
+        policy.set_alpha(conditional_acceptance(accepted_at, reached_at))
 
     greedy = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, stop_on_eos=False)
     context = mean_prompt + args.new_tokens / 2
@@ -100,18 +98,16 @@ def run_sweep(args, model, tokenizer, drafter, eos_token_ids) -> dict:
         prompts = prompts_all[:b]
         for k in range(K + 1):
             predicted = policy.throughput(b, k, context)
-            engine.policy = FixedK(k)
-            tok_s, seconds, stats = best_of(args.sweep_reps, engine, prompts, greedy)
+            tok_s, seconds, stats = best_of(args.sweep_reps, engine, prompts, greedy, FixedK(k))
             if k:  # what this run taught about acceptance
-                learn(stats, k)
+                learn(stats)
             grid.append({"batch": b, "k": k, "predicted_tok_s": round(predicted, 2),
                          "measured_tok_s": round(tok_s, 2),
                          "rollout_tok_s": round(b * args.new_tokens / seconds, 2),
                          "accept_len": round(stats.accept_len, 3) if k else None})
             print(f"  batch {b:>3} k={k}: measured {grid[-1]['measured_tok_s']:8.1f} tok/s, predicted "
                   f"{predicted:8.1f}", flush=True)
-        engine.policy = policy
-        tok_s, seconds, stats = best_of(args.sweep_reps, engine, prompts, greedy)
+        tok_s, seconds, stats = best_of(args.sweep_reps, engine, prompts, greedy, policy)
         chosen = Counter(stats.chosen_k).most_common(1)[0][0]
         adaptive.append({"batch": b, "k_chosen": chosen, "measured_tok_s": round(tok_s, 2),
                          "rollout_tok_s": round(b * args.new_tokens / seconds, 2),
@@ -135,10 +131,9 @@ def run_sweep(args, model, tokenizer, drafter, eos_token_ids) -> dict:
                 "always_sd_k": best_k}
     outputs = {}
     for name, pol in (("never_sd", FixedK(0)), ("always_sd", FixedK(best_k)), ("adaptive", policy)):
-        engine.policy = pol
         seconds, out = 0.0, []
         for rep in range(args.sweep_reps):
-            s, o = timed_rollout(engine, long_prompts, natural(rep))
+            s, o = timed_rollout(engine, long_prompts, natural(rep), pol)
             seconds, out = seconds + s, out + o
         outputs[name] = [o.token_ids for o in out]
         tokens = sum(len(o.token_ids) for o in out)
