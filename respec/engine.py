@@ -81,10 +81,19 @@ class Sequence:
     verified: list[bool] = field(default_factory=list)
     finish_reason: str | None = None
     replay: list[int] | None = None  # an earlier completion of the same request, for a replay drafter
+    # prompt + out, grown in step with `out` (a step reads a row's text without copying it): read only
+    tokens: list[int] = field(init=False, repr=False)
 
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.out
+    def __post_init__(self):
+        self.tokens = self.prompt + self.out
+
+    def append(self, token: int) -> None:
+        self.out.append(token)
+        self.tokens.append(token)
+
+    def pop(self) -> int:
+        self.tokens.pop()
+        return self.out.pop()
 
 
 @dataclass
@@ -147,6 +156,31 @@ class EngineStats:
             self.sd_reached_at[j] += r
 
 
+def read_back(*tensors: torch.Tensor) -> list[list]:
+    """A step's outputs as (nested) lists, read by the host in one copy: on a GPU each read is a
+    wait for the device, so the tensors travel as one (`packed_read`); a CPU tensor is read in place."""
+    if tensors[0].device.type == "cpu":
+        return [t.tolist() for t in tensors]
+    return packed_read(*tensors)
+
+
+def packed_read(*tensors: torch.Tensor) -> list[list]:
+    """The tensors (1-d or 2-d) as lists from one float64 copy, ints for integer tensors: float64
+    holds token ids, counts and float32 log-probabilities exactly."""
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).tolist()
+    out, at = [], 0
+    for t in tensors:
+        values = flat[at: at + t.numel()]
+        at += t.numel()
+        if not t.is_floating_point():
+            values = [int(v) for v in values]
+        if t.dim() == 2:
+            width = t.shape[1]
+            values = [values[i: i + width] for i in range(0, len(values), width)]
+        out.append(values)
+    return out
+
+
 class RolloutEngine:
     def __init__(
         self,
@@ -201,6 +235,7 @@ class RolloutEngine:
         prepare_sampler(cfg.vocab_size, self.device)  # the sampler's hash tables, once, outside any graph
         self.steps.static_inputs(self.cache.pools + self.cache.draft_pools)
         self.stats = EngineStats()
+        self._sampling = None  # the running rows' sampling tensors (see _row_params)
         self.time_phases = False  # see _phase
         # the target's features the drafter reads, returned by prefill, decode and verify steps
         self.feature_layers = self.drafter.feature_layers
@@ -260,6 +295,7 @@ class RolloutEngine:
         for s in seqs:
             self.check_request(s.prompt, s.params)
         self.stats = EngineStats()
+        self._sampling = None
         policy = policy if policy is not None else self.policy
         waiting: deque[Sequence] = deque(seqs)
         running: list[Sequence] = []
@@ -320,14 +356,17 @@ class RolloutEngine:
         row with a `replay` past the drafter's k verifies that many. The statistics of rollouts are
         left as they were."""
         stats, self.stats = self.stats, EngineStats()
+        self._sampling = None
         try:
             with torch.no_grad():
-                newest = [s.out.pop() for s in seqs]  # the step's input tokens, cached by none
+                newest = [s.pop() for s in seqs]  # the step's input tokens, cached by none
                 for s in seqs:
                     self.blocks.allocate(s.id, len(s.tokens))
                 self._prefill(seqs)
                 for s, token in zip(seqs, newest):
-                    s.out[-1], s.finish_reason = token, None
+                    s.pop()
+                    s.append(token)
+                    s.finish_reason = None
                 caps = [min(k, room) for room in self._room(seqs)]
                 for s, cap in zip(seqs, caps):  # slots for the newest token and the drafts
                     self.blocks.append(s.id, cap + 1)
@@ -352,7 +391,14 @@ class RolloutEngine:
 
     def _row_params(self, seqs: list[Sequence], rows: int) -> tuple[RowSampling, bool]:
         """Per-row sampling tensors, padded to `rows` (padding rows: greedy, seed 0), and whether any
-        row filters (top-k / top-p / min-p: a static flag of the compiled steps)."""
+        row filters (top-k / top-p / min-p: a static flag of the compiled steps). Built when the
+        running rows change, not every step (`_sampling` holds the last, reset by every call)."""
+        key = (rows, *(s.id for s in seqs))
+        if self._sampling is None or self._sampling[0] != key:
+            self._sampling = (key, self._build_row_params(seqs, rows))
+        return self._sampling[1]
+
+    def _build_row_params(self, seqs: list[Sequence], rows: int) -> tuple[RowSampling, bool]:
         pad = rows - len(seqs)
         seeds = torch.tensor([s.params.seed for s in seqs] + [0] * pad, dtype=torch.int64)
         temp = torch.tensor([s.params.temperature for s in seqs] + [0.0] * pad, dtype=torch.float32)
@@ -364,7 +410,7 @@ class RolloutEngine:
         return RowSampling(*(t.to(self.device) for t in (seeds, temp, top_k, top_p, min_p))), use_filter
 
     def _emit(self, s: Sequence, tok: int, lp: float, verified: bool = False) -> None:
-        s.out.append(tok)
+        s.append(tok)
         s.logprobs.append(lp)
         s.verified.append(verified)
         self.stats.generated_tokens += 1
@@ -374,7 +420,7 @@ class RolloutEngine:
             s.finish_reason = "length"
 
     def _record(self, seqs: list[Sequence], tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
-        for s, tok, lp in zip(seqs, tokens.tolist(), logprobs.tolist()):  # the one host sync per step
+        for s, tok, lp in zip(seqs, *read_back(tokens, logprobs)):  # the step's one host read
             self._emit(s, tok, lp)
 
     def _prefill(self, seqs: list[Sequence]) -> None:
@@ -422,7 +468,8 @@ class RolloutEngine:
         proposal = self._draft(seqs, k, caps) if any(caps) else None
         if proposal is None:
             for s, cap in zip(seqs, caps):
-                self.blocks.truncate(s.id, cap)
+                if cap:
+                    self.blocks.truncate(s.id, cap)
             self._decode(seqs)
             return None
         return self._verify(*proposal, t0=t0)
@@ -457,7 +504,7 @@ class RolloutEngine:
         tokens_d, logprobs_d, n_d, taps = verify(self.runner, self.cache.pools, batch.tokens, drafts.tokens,
                                                  drafts.lengths, drafts.q, drafts.point, batch.positions,
                                                  batch.block_tables, *batch.sampling)
-        tokens, logprobs, n = tokens_d.tolist(), logprobs_d.tolist(), n_d.tolist()  # the host sync of this step
+        tokens, logprobs, n = read_back(tokens_d, logprobs_d, n_d)  # the step's one host read
         lengths = drafts.lengths_list if drafts.lengths_list is not None else caps
         kinds = drafts.kinds or [self.drafter.kind] * len(seqs)
         t2 = self._phase("verify", t1)

@@ -154,8 +154,7 @@ class PagedKVCache:
     def block_tables(self, seqs: list[int], width: int, rows: int | None = None) -> torch.Tensor:
         """(rows, width) int64 block tables of `seqs`, padded with the null block (host -> device)."""
         rows = len(seqs) if rows is None else rows
-        table = torch.full((rows, width), NULL_BLOCK, dtype=torch.int64)
-        for i, s in enumerate(seqs):
-            t = self.blocks.tables[s]
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
-        return table.to(self.pools[0].device, non_blocking=True)
+        tables = self.blocks.tables
+        padded = [tables[s] + [NULL_BLOCK] * (width - len(tables[s])) for s in seqs]
+        padded += [[NULL_BLOCK] * width] * (rows - len(seqs))
+        return torch.tensor(padded, dtype=torch.int64).to(self.pools[0].device, non_blocking=True)

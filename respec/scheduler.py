@@ -53,7 +53,10 @@ class Scheduler:
         recently admitted) while the pool runs dry; returns the rows that still run (`running` is
         shortened in place, the preempted go back to the front of `waiting`)."""
         rows = list(rows)  # one per running sequence, in the same order
-        while sum(self.blocks.extra_blocks(r.seq.id, r.cap + 1) for r in rows) > self.blocks.num_free:
+        # (n new slots take at most blocks_for(n + block_size - 1) new blocks: when those fit, nothing to count)
+        bound = sum(self.blocks.blocks_for(r.cap + self.blocks.block_size) for r in rows)
+        while bound > self.blocks.num_free and \
+                sum(self.blocks.extra_blocks(r.seq.id, r.cap + 1) for r in rows) > self.blocks.num_free:
             rows.pop()
             victim = running.pop()
             self.release(victim)  # its drafter state is rebuilt by the prefill that readmits it

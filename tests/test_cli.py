@@ -67,7 +67,7 @@ def test_cuda_device_without_a_gpu(capsys):
 
 def test_a_model_too_large_for_the_card(capsys, monkeypatch, tmp_path):
     """On a (fake) GPU with 1 MiB free: one line before any weight is read, no report written."""
-    from tests.fake_cuda import fake_cuda
+    from respec.lab.fake_cuda import fake_cuda
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     report = tmp_path / "bench.json"
@@ -81,7 +81,7 @@ def test_a_vocabulary_that_cannot_be_indexed_in_32_bits_at_the_batch(capsys, mon
     """Qwen2.5's 151,936-token vocabulary, 4,096 rows and a 17-wide verify: logits of 10.6 billion
     elements, which a GPU kernel cannot index in 32 bits; refused in one line, naming a batch that
     fits, before anything compiles (compile/policy.py)."""
-    from tests.fake_cuda import fake_cuda
+    from respec.lab.fake_cuda import fake_cuda
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     report = tmp_path / "bench.json"

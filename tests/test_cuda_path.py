@@ -15,7 +15,7 @@ Three parts:
     inductor never does, so `IndexBounds` reads every traced tensor's element count under the
     declared ranges and installs that guard itself: too wide a range fails here as it did on an H200.
   * The model, the engine (plain, EAGLE and history SD) and the trainer built and run with
-    `device="cuda"` on fake tensors (tests/fake_cuda.py): an op that mixes a CPU tensor into a
+    `device="cuda"` on fake tensors (respec/lab/fake_cuda.py): an op that mixes a CPU tensor into a
     CUDA path raises here as it would on a GPU.
 
 Private torch names are imported with a fallback, so the module imports on the torch a GPU
@@ -46,7 +46,7 @@ from respec.drafters.wrap import as_drafter
 from respec.engine import RolloutEngine, SamplingParams
 from respec.profiling import synthetic_steps, warmup
 from respec.sampling import padded_vocab
-from tests.fake_cuda import fake_cuda
+from respec.lab.fake_cuda import fake_cuda
 from tests.prompts import PROMPTS, REPEATING
 from tests.test_eagle import head_for
 
@@ -296,3 +296,36 @@ def test_trainer_builds_and_rolls_out_on_fake_cuda(tokenizer, sd):
         out = trainer.engine.generate(REPEATING[:2], SamplingParams(max_new_tokens=6, stop_on_eos=False))
     assert [len(o.token_ids) for o in out] == [6, 6]
     assert (trainer.engine.stats.sd_steps > 0) == (sd != "off")
+
+
+@pytest.mark.parametrize("sd", [False, True])
+def test_a_decoding_step_reads_the_device_once(sd):
+    """On a GPU every host read of a device tensor waits for the device: a plain step and an SD step
+    (history drafter, k = 3) each read their outputs back in one copy, counted on fake CUDA over
+    rollouts of two lengths (the prefill's reads cancel), at 1 and 4 rows."""
+    from respec.lab.host_overhead import syncs_per_step
+
+    assert [syncs_per_step(rows, sd) for rows in (1, 4)] == [1.0, 1.0]
+
+
+def test_the_host_read_count_has_power():
+    """A step that reads its tokens and log-probabilities apart is counted as two reads."""
+    with fake_cuda() as counts:
+        t = torch.zeros(4, dtype=torch.int64, device="cuda")
+        t.tolist(), t.float().tolist(), t[0].item(), t.cpu()
+    assert counts.host_reads == 4
+
+
+def test_a_packed_read_gives_what_separate_reads_give():
+    """The one-copy read of a GPU step (tokens, log-probabilities, accepted counts as one float64
+    tensor) gives every value exactly, integers as ints, rows as rows."""
+    from respec.engine import packed_read
+
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 2**31 - 1, (5, 4), generator=gen)
+    logprobs = -torch.rand(5, 4, generator=gen) * 30
+    logprobs[0, 0] = float("-inf")
+    n = torch.randint(0, 4, (5,), generator=gen)
+    got = packed_read(tokens, logprobs, n)
+    assert got == [tokens.tolist(), logprobs.tolist(), n.tolist()]
+    assert all(type(v) is int for row in got[0] for v in row) and all(type(v) is int for v in got[2])

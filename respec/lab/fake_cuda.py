@@ -17,6 +17,10 @@ with `FREE_BYTES` free (a test may lower it). The values
 are meaningless, so tests under fake CUDA check devices and shapes, never tokens. And `Module.to`
 swaps a fake parameter for its converted copy (torch.utils.swap_tensors), which refuses while the
 fake mode's memo holds a weak reference to it: the memo is emptied first.
+
+Every host read of a CUDA tensor (`.tolist()`, `.item()`, `.cpu()`, `.to("cpu")`) is counted
+(`FakeCuda.host_reads`): on a GPU each is a device-to-host copy the host waits for, so a count per
+step is the number of times a step stalls the host (respec.lab.host_overhead, tests/test_cuda_path.py).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.overrides import TorchFunctionMode
 
 from respec import sampling
@@ -82,8 +86,19 @@ def _setitem(t: torch.Tensor, key, value) -> None:
         t.copy_(value)
 
 
+class FakeCuda:
+    """What a `fake_cuda()` block counted: `host_reads`, the reads of CUDA tensors by the host."""
+
+    def __init__(self):
+        self.host_reads = 0
+
+
 class _HostMoves(TorchFunctionMode):
     """CPU -> CUDA moves and host reads of fake tensors (see the module docstring)."""
+
+    def __init__(self, counts: FakeCuda):
+        super().__init__()
+        self.counts = counts
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -101,6 +116,10 @@ class _HostMoves(TorchFunctionMode):
                     return t if dtype == t.dtype else func(t, dtype)
                 return torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=device,
                                            requires_grad=t.requires_grad)
+            if device is not None and torch.device(device).type == "cpu" and t.device.type == "cuda":
+                self.counts.host_reads += 1
+        if func is torch.Tensor.cpu and args[0].device.type == "cuda":
+            self.counts.host_reads += 1
         if func is torch.Tensor.__getitem__ and args[0].device.type == "cuda":
             return _getitem(*args)
         if func is torch.Tensor.__setitem__ and args[0].device.type == "cuda":
@@ -109,20 +128,20 @@ class _HostMoves(TorchFunctionMode):
             return torch.ops.aten.copy_.default(*args, **kwargs)
         if func is torch.Tensor.__invert__ and args[0].device.type == "cuda":
             return torch.ops.aten.bitwise_not.default(args[0])
-        if func is torch.Tensor.tolist:
-            return _zeros_like_list(args[0])
         if func is torch.Tensor.item:
+            self.counts.host_reads += args[0].device.type == "cuda"
             return _zeros_like_list(args[0].reshape(()))
         return func(*args, **kwargs)
 
 
 CARD_BYTES = 80 << 30  # the fake card's memory
+fake_tolist = FakeTensor.tolist
 
 
 @contextlib.contextmanager
 def fake_cuda(free_bytes: int = CARD_BYTES):
     """Run the block with fake tensors in which `device="cuda"` works on any machine, on a card with
-    `free_bytes` of its memory free."""
+    `free_bytes` of its memory free; yields the block's `FakeCuda` counts."""
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     swap, mem_get_info = torch.utils.swap_tensors, torch.cuda.mem_get_info
 
@@ -132,9 +151,17 @@ def fake_cuda(free_bytes: int = CARD_BYTES):
 
     torch.utils.swap_tensors = swap_unmemoised
     torch.cuda.mem_get_info = lambda device=None: (free_bytes, CARD_BYTES)
+    counts = FakeCuda()
+
+    def tolist(t):  # FakeTensor's own reads element by element: one read, as on a GPU
+        counts.host_reads += t.device.type == "cuda"
+        return _zeros_like_list(t)
+
+    FakeTensor.tolist = tolist
     try:
-        with mode, _HostMoves():
-            yield
+        with mode, _HostMoves(counts):
+            yield counts
     finally:
+        FakeTensor.tolist = fake_tolist
         torch.utils.swap_tensors, torch.cuda.mem_get_info = swap, mem_get_info
         sampling._VOCAB_HASHES.clear()  # fake tables must not outlive their mode (the next one refuses them)

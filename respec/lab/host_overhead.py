@@ -1,0 +1,167 @@
+"""The engine's host work per decoding step, and how often a step makes the host wait for the device.
+
+    python -m respec.lab.host_overhead --json host.json
+    python -m respec.lab.host_overhead --rows 1,4 --tokens 16 --runs 1   # quick
+
+On a GPU a decode step of a small model is microseconds of device work; whatever the engine does
+on the host between two steps (planning, reserving slots, building the step's inputs, reading its
+tokens back, recording them) either overlaps that work or adds to every step. This measures it
+where no GPU is needed, with the tiny model on the CPU:
+
+* `plain_us` / `sd_us`: per decoding step of a rollout of R rows (`--rows`, default 1, 16, 64;
+  `--tokens` new tokens each, greedy, no EOS stop), the engine's wall time outside the step
+  functions it runs: the rollout's wall time, less its prefills, less the time spent inside every
+  function `engine.steps` hands out (the compiled decode and verify steps, the drafter's), over the
+  rollout's decoding steps. Plain rollouts decode without a drafter; SD rollouts run the history
+  drafter with k = 3 on prompts that repeat, so most steps draft and verify. The figure is the
+  median of `--runs` rollouts, after every shape is compiled (`respec.profiling.warmup`) and one
+  untimed rollout.
+* `syncs_per_step`: the host reads of device tensors per decoding step (each one a device-to-host
+  copy the host waits for on a GPU), counted on fake CUDA (respec/lab/fake_cuda.py) over the same
+  rollouts at two lengths, so that the prefill's reads cancel: the larger of plain and SD.
+
+Prints a table; `--json F` writes {"results": [{"rows", "plain_us", "sd_us", "syncs_per_step", ...}]}.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from respec.cli import OneLineParser, positive_int, positive_int_list
+
+K = 3  # drafts per SD step
+PERIODS = (4, 5, 6, 7)  # the prompts' repeating periods (the history drafter matches them)
+
+
+def prompts_for(rows: int, vocab: int, length: int = 40) -> list[list[int]]:
+    """`rows` prompts, each a short random period repeated: text the history drafter can continue."""
+    gen = torch.Generator().manual_seed(rows)
+    out = []
+    for i in range(rows):
+        period = torch.randint(3, vocab, (PERIODS[i % len(PERIODS)],), generator=gen).tolist()
+        out.append((period * (length // len(period) + 1))[:length])
+    return out
+
+
+def build_engine(model, rows: int, sd: bool, *, eager: bool):
+    from respec.drafters.history import HistoryDrafter
+    from respec.engine import RolloutEngine
+
+    return RolloutEngine(model, kv_cache_bytes=64 << 20, max_batch=max(rows, 1), eager=eager,
+                         drafter=HistoryDrafter(min_match=1) if sd else None, num_draft_tokens=K if sd else 0)
+
+
+class InsideSteps:
+    """Seconds spent inside the decoding steps an engine's `steps.get` hands out (its compiled decode
+    and verify steps, a model drafter's; the prefill runs `steps.eager_fn`, counted in `prefill_s`)."""
+
+    def __init__(self, engine):
+        self.seconds = 0.0
+        engine.steps.get = self._timing(engine.steps.get)
+
+    def _timing(self, factory):
+        def make(*args, **kwargs):
+            fn = factory(*args, **kwargs)
+
+            def timed(*a, **kw):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    self.seconds += time.perf_counter() - t0
+            return timed
+        return make
+
+
+def rollout(engine, prompts: list[list[int]], tokens: int):
+    from respec.engine import SamplingParams
+
+    params = SamplingParams(max_new_tokens=tokens, temperature=0.0, stop_on_eos=False)
+    return engine.generate(prompts, params)
+
+
+def host_us(model, rows: int, sd: bool, tokens: int, runs: int) -> dict:
+    """Median host microseconds per decoding step of `runs` rollouts (after a compiling one)."""
+    engine = build_engine(model, rows, sd, eager=False)
+    prompts = prompts_for(rows, model.cfg.vocab_size)
+    from respec.profiling import warmup
+
+    # every batch bucket a shrinking batch meets, plain and with k drafts; then a rollout untimed
+    warmup(engine, [rows], ks=[0, K] if sd else [0], progress=False)
+    rollout(engine, prompts, tokens)
+    inside = InsideSteps(engine)
+    per_step, sd_share = [], []
+    for _ in range(runs):
+        inside.seconds = 0.0
+        t0 = time.perf_counter()
+        out = rollout(engine, prompts, tokens)
+        wall = time.perf_counter() - t0
+        s = out.stats
+        steps = s.decode_steps + s.sd_steps
+        per_step.append((wall - s.prefill_s - inside.seconds) / steps * 1e6)
+        sd_share.append(s.sd_steps / steps)
+    return {"us": statistics.median(per_step), "sd_share": statistics.median(sd_share)}
+
+
+def syncs_per_step(rows: int, sd: bool, short: int = 4, long: int = 8) -> float:
+    """Host reads of device tensors per decoding step, on fake CUDA (the tiny model, eager)."""
+    from models.loading import load_model
+    from respec.lab.fake_cuda import fake_cuda
+
+    reads = {}
+    with fake_cuda() as counts:
+        model = load_model("tiny", device="cuda", dtype=torch.bfloat16)
+        for tokens in (short, long):
+            engine = build_engine(model, rows, sd, eager=True)
+            before = counts.host_reads
+            out = rollout(engine, prompts_for(rows, model.cfg.vocab_size), tokens)
+            reads[tokens] = (counts.host_reads - before, out.stats.decode_steps + out.stats.sd_steps)
+    return (reads[long][0] - reads[short][0]) / (reads[long][1] - reads[short][1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = OneLineParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=positive_int_list, default=[1, 16, 64], help="rows decoding at once")
+    ap.add_argument("--tokens", type=positive_int, default=48, help="new tokens per row")
+    ap.add_argument("--runs", type=positive_int, default=3, help="timed rollouts per figure (median)")
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    if args.json is not None and args.json.exists():
+        ap.error(f"{args.json} exists: name a new file")
+
+    from compile.policy import use_persistent_cache
+
+    use_persistent_cache()
+    from models.loading import load_model
+
+    torch.manual_seed(0)
+    model = load_model("tiny", dtype=torch.float32)
+    results = []
+    print(f"{'rows':>5} {'plain us/step':>14} {'sd us/step':>11} {'sd steps':>9} {'syncs/step':>11}")
+    for rows in args.rows:
+        plain, sd = host_us(model, rows, False, args.tokens, args.runs), host_us(model, rows, True, args.tokens, args.runs)
+        plain_syncs, sd_syncs = syncs_per_step(rows, False), syncs_per_step(rows, True)
+        r = {"rows": rows, "plain_us": round(plain["us"], 1), "sd_us": round(sd["us"], 1),
+             "syncs_per_step": max(plain_syncs, sd_syncs), "plain_syncs_per_step": plain_syncs,
+             "sd_syncs_per_step": sd_syncs, "sd_step_share": round(sd["sd_share"], 3)}
+        results.append(r)
+        print(f"{rows:>5} {r['plain_us']:>14.1f} {r['sd_us']:>11.1f} {r['sd_step_share']:>9.0%} "
+              f"{r['syncs_per_step']:>11.2f}")
+    if args.json is not None:
+        report = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+                  "tokens": args.tokens, "runs": args.runs, "k": K, "model": "tiny", "dtype": "fp32",
+                  "results": results}
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
