@@ -143,6 +143,9 @@ def test_bench_tiny_writes_report(tmp_path):
     assert report["model"] == "tiny" and report["dtype"] == "float32"
     assert [r["batch"] for r in report["results"]] == [1, 3]
     assert report["launch_us_eager"] > 0 and report["launch_us_graph"] is None  # no CUDA graph on a CPU
+    # the kernels of a plain step at the first batch, from a profiler trace (eager: every operator)
+    assert report["kernels_batch"] == 1 and report["kernels_counted"] == "leaf operators"
+    assert report["kernels_per_step"] > 8 * 4 and report["kernels_per_layer"] == round(report["kernels_per_step"] / 4, 1)
     # --eager: transformers' static-cache baseline runs uncompiled too, and it ran
     assert report["hf_static_compiled"] is False and report["hf_static_error"] is None
     for r in report["results"]:
@@ -264,6 +267,7 @@ def test_gpu_check_quick_runs_every_stage(tmp_path, monkeypatch):
     assert a["stages"]["bench smollm2-135m"]["path"] == "eager"
     assert a["bench"]["tiny"]["rows"][0]["same_tokens_as_hf"] == "1/1"
     assert all(r["unwarmed_shapes"] == [] for r in a["bench"]["tiny"]["rows"])
+    assert a["bench"]["tiny"]["kernels_per_step"] > 0 and "Kernels per plain step" in (tmp_path / "a" / "summary.md").read_text()
     b = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert [r["step"] for r in b["grpo"]] == [1, 2, 3]  # two steps, then one more after the resume, equal to straight
     assert any(r["sd_fraction"] for r in b["grpo"])  # it speculated

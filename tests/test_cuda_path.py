@@ -329,3 +329,22 @@ def test_a_packed_read_gives_what_separate_reads_give():
     got = packed_read(tokens, logprobs, n)
     assert got == [tokens.tolist(), logprobs.tolist(), n.tolist()]
     assert all(type(v) is int for row in got[0] for v in row) and all(type(v) is int for v in got[2])
+
+
+def test_the_kernel_count_grows_by_a_layers_kernels_per_layer():
+    """The kernel count from a profiler trace (respec/lab/kernel_count.py) counts the step, not its
+    prefill, and each layer's launches: an eager 4-layer model's plain step makes two layers' worth
+    more than a 2-layer one's (a layer is at least its norms, projections, attention and MLP), about
+    as many at 4 rows as at 1; a compiled step shows fewer (its fused kernels do not show on a CPU)."""
+    from respec.lab.kernel_count import kernels_per_step
+
+    def count(layers: int, eager: bool = True, batch: int = 1) -> int:
+        model = random_model(dataclasses.replace(PRESETS["tiny"], num_layers=layers))
+        engine = RolloutEngine(model, kv_cache_bytes=16 << 20, eager=eager, max_batch=4)
+        return kernels_per_step(engine, batch)["kernels_per_step"]
+
+    four, two = count(4), count(2)
+    per_layer = (four - two) / 2
+    assert per_layer >= 8 and four - 4 * per_layer > 0  # the head and sampler besides the layers
+    assert abs(count(4, batch=4) - four) < per_layer  # launches do not grow with rows
+    assert count(4, eager=False) < four

@@ -1,7 +1,7 @@
 """generate.py --bench: respec's engine against transformers' `generate` on the same prompts
 (greedy past EOS, so both produce the same tokens, or sampled as RL samples), with the model's
-read-bandwidth roofline, the cost of a kernel launch and, with a drafter, speculative decoding
-beside plain decoding.
+read-bandwidth roofline, the cost of a kernel launch, the kernels a step launches (from a profiler
+trace) and, with a drafter, speculative decoding beside plain decoding.
 
 Two transformers baselines run on the very weights respec runs:
   * "hf eager": `generate` as most people call it (a dynamic KV cache, no compilation);
@@ -179,6 +179,25 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}"[:300]
 
 
+def count_kernels(engine, sd_engine, batch: int, k: int) -> dict:
+    """Kernels a plain step (and an SD step with k drafts) launches at `batch` rows, from a profiler
+    trace (respec/lab/kernel_count.py); a count that fails is a line in the report, not a crash."""
+    from respec.lab.kernel_count import kernels_per_step
+
+    try:
+        plain = kernels_per_step(engine, batch)
+        out = {"kernels_batch": batch, "kernels_per_step": plain["kernels_per_step"],
+               "kernels_per_layer": plain["kernels_per_layer"], "kernels_counted": plain["counted"]}
+        if sd_engine is not None:
+            out["sd_kernels_per_step"] = kernels_per_step(sd_engine, batch, k=k)["kernels_per_step"]
+    except Exception as e:  # noqa: BLE001
+        return {"kernels_error": one_line(e)}
+    print(f"kernels per plain step at batch {batch}: {out['kernels_per_step']} ({out['kernels_per_layer']} per layer, "
+          f"{out['kernels_counted']})" + (f"; per SD step (k = {k}): {out['sd_kernels_per_step']}"
+                                          if sd_engine is not None else ""), flush=True)
+    return out
+
+
 def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int]) -> dict:
     """respec's engine against transformers' generate (generate.py --bench): tokens/s per batch size,
     the read-bandwidth roofline, tokens that differ, and SD with `drafter` when given."""
@@ -222,6 +241,7 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int]) -> dict:
     compile_s = warmup(engine, args.batch_sizes, use_filter=use_filter, max_context=longest)
     if sd_engine is not None:
         compile_s += warmup(sd_engine, args.batch_sizes, use_filter=use_filter, max_context=longest)
+    kernels = count_kernels(engine, sd_engine, args.batch_sizes[0], args.k)
     hf = None
     if not sampled:
         with tempfile.TemporaryDirectory() as tmp:
@@ -297,7 +317,7 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int]) -> dict:
               "launch_us_graph": None if launch["graph"] is None else round(launch["graph"], 3),
               "hf_static_compiled": not args.eager, "hf_static_error": static_error,
               # each compiled step's first call in this process: its cold compile (0 graphs when eager)
-              "first_call_s": dict(FIRST_CALL_S), "results": results}
+              "first_call_s": dict(FIRST_CALL_S), **kernels, "results": results}
     print_table(report)
     return report
 

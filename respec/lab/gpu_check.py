@@ -246,7 +246,8 @@ class Check:
             report = json.loads(path.read_text())
             unwarmed = sum(len(r.get("unwarmed_shapes", [])) for r in report["results"])
             top = ("compile_s", "first_call_s", "launch_us_eager", "launch_us_graph", "hf_static_compiled",
-                   "hf_static_error")
+                   "hf_static_error", "kernels_batch", "kernels_per_step", "kernels_per_layer", "kernels_counted",
+                   "sd_kernels_per_step", "kernels_error")
             self.summary.setdefault("bench", {})[name] = {"goal_x_hf": goal_x_hf, "goal_x_roofline": goal_x_roofline,
                                                           "path": self.path, **{k: report.get(k) for k in top},
                                                           "rows": report["results"]}
@@ -439,6 +440,13 @@ def render(summary: dict) -> str:
             graph = b.get("launch_us_graph")
             lines += [f"Kernel launch: {b['launch_us_eager']:.2f} us eager"
                       + (f", {graph:.2f} us inside a CUDA graph" if graph is not None else "") + ".", ""]
+        if b.get("kernels_per_step") is not None:
+            sd = b.get("sd_kernels_per_step")
+            lines += [f"Kernels per plain step at batch {b['kernels_batch']} ({b['kernels_counted']}, profiler trace): "
+                      f"{b['kernels_per_step']}, {b['kernels_per_layer']} per layer"
+                      + (f"; per SD step: {sd}" if sd is not None else "") + ".", ""]
+        elif b.get("kernels_error"):
+            lines += [f"Kernel count failed: {b['kernels_error']}", ""]
         static = "compiled" if b.get("hf_static_compiled", True) else "eager"
         if b.get("hf_static_error"):
             lines += [f"hf static ({static}) failed at {b['hf_static_error']}", ""]
