@@ -37,27 +37,33 @@ class ReplayDrafter(Drafter):
         self.matched: dict[int, int] = {}  # seq id -> leading tokens of its text known to equal its replay
         self.diverged: set[int] = set()  # seq ids whose text left their replay
 
-    def _remaining(self, s) -> list[int]:
-        """The replay's tokens after the row's text, or [] if there is none or the text left it."""
+    def _position(self, s) -> int | None:
+        """Where the row's text is in its replay (its output's length), or None if it has no replay
+        or its text left it. Only the tokens emitted since the last call are compared, and nothing
+        of the replay is copied: a step costs what it emitted, not what is left."""
         replay = getattr(s, "replay", None)
         if replay is None or s.id in self.diverged:
-            return []
+            return None
         out, start = s.out, self.matched.get(s.id, 0)
         n = len(out)
-        if n > len(replay) or list(replay[start:n]) != out[start:]:
+        if n > len(replay) or any(replay[i] != out[i] for i in range(start, n)):
             self.diverged.add(s.id)
-            return []
+            return None
         self.matched[s.id] = n
-        return list(replay[n:])
+        return n
 
     def long_drafts(self, seqs) -> list[int]:
         """Tokens each row could propose now (known before drafting): its replay's remaining length."""
-        return [len(self._remaining(s)) for s in seqs]
+        return [0 if (n := self._position(s)) is None else len(s.replay) - n for s in seqs]
 
     def offers(self, batch: DraftBatch, min_match: int = 0) -> list[list[int]]:
         """Each real row's proposal: its replay's next tokens, at most its `max_drafts` (`min_match`,
         a history drafter's threshold, does not apply: a replay is the row's own continuation)."""
-        return [self._remaining(s)[:cap] if cap else [] for s, cap in zip(batch.seqs, batch.max_drafts_list)]
+        out = []
+        for s, cap in zip(batch.seqs, batch.max_drafts_list):
+            n = self._position(s) if cap else None
+            out.append([] if n is None else list(s.replay[n: n + cap]))
+        return out
 
     def draft(self, batch: DraftBatch) -> Drafts:
         return Drafts.proposed(self.offers(batch), batch.tokens.shape[0], batch.k, batch.tokens.device)
