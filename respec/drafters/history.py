@@ -64,8 +64,9 @@ class SuffixIndex:
         into the end of its document (a loop in the row's own text, say) is extended by matching
         again on the text plus the proposal so far."""
         text, out, first = self.docs[doc], [], 0
+        tail = text[-self.max_n:]  # all a lookup reads (suffixes of at most max_n): no copy of the text
         while len(out) < limit:
-            more, n = self._continuation(text + out if out else text, min_n, limit - len(out))
+            more, n = self._continuation(tail + out if out else text, min_n, limit - len(out))
             if not more:
                 break
             out, first = out + more, first or n
