@@ -241,7 +241,6 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int]) -> dict:
     compile_s = warmup(engine, args.batch_sizes, use_filter=use_filter, max_context=longest)
     if sd_engine is not None:
         compile_s += warmup(sd_engine, args.batch_sizes, use_filter=use_filter, max_context=longest)
-    kernels = count_kernels(engine, sd_engine, args.batch_sizes[0], args.k)
     hf = None
     if not sampled:
         with tempfile.TemporaryDirectory() as tmp:
@@ -309,6 +308,8 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int]) -> dict:
                                                                        [o.token_ids for o in ours]), 2)
         results.append(row)
         print(f"  batch {b}: done", flush=True)
+    # after every timed run: a profiler session (CUPTI on a GPU) must not sit under the timings
+    kernels = count_kernels(engine, sd_engine, args.batch_sizes[0], args.k)
     report = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "compile_s": round(compile_s, 1),
               "drafter": args.drafter, "k": args.k if drafter is not None else 0, "temperature": args.temperature,
               "past_rollouts": args.past_rollouts, "read_bandwidth_gb_s": round(bandwidth, 1),

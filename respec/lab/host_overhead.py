@@ -89,10 +89,10 @@ def rollout(engine, prompts: list[list[int]], tokens: int):
 
 def host_us(model, rows: int, sd: bool, tokens: int, runs: int) -> dict:
     """Median host microseconds per decoding step of `runs` rollouts (after a compiling one)."""
-    engine = build_engine(model, rows, sd, eager=False)
-    prompts = prompts_for(rows, model.cfg.vocab_size)
     from respec.profiling import warmup
 
+    engine = build_engine(model, rows, sd, eager=False)
+    prompts = prompts_for(rows, model.cfg.vocab_size)
     # every batch bucket a shrinking batch meets, plain and with k drafts; then a rollout untimed
     warmup(engine, [rows], ks=[0, K] if sd else [0], progress=False)
     rollout(engine, prompts, tokens)
