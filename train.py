@@ -34,7 +34,7 @@ from pathlib import Path
 
 from compile.policy import use_persistent_cache
 from models.loading import ModelLoadError, load_model, load_tokenizer
-from respec import checkpoint, distributed, guards, metrics
+from respec import checkpoint, distributed, guards, metrics, storage
 from respec.cli import OneLineParser, add_options, given_options, option_fields
 from respec.config import TrainConfig, default_prompts
 from respec.drafter_choice import ensure_head, split_spec
@@ -227,7 +227,7 @@ def run_grpo(ns, given: dict, d: distributed.Dist) -> int:
     if ns.resume is not None:
         cfg = resumed_config(ns.resume, given)
         run_dir = ns.resume
-        start = checkpoint.latest_checkpoint(run_dir)
+        start = checkpoint.resume_point(run_dir, d, log if d.main else quiet)  # (a damaged one: the one before)
     else:
         cfg = new_config(given, d.world)
         run_dir = Path(cfg.out) if cfg.out else Path("runs") / time.strftime("grpo-%Y%m%d-%H%M%S")
@@ -251,8 +251,9 @@ def run_grpo(ns, given: dict, d: distributed.Dist) -> int:
                     temperature=cfg.temperature, progress=cfg.progress)
     trainer = Trainer(cfg, d=d, run_dir=run_dir, data=data, tokenizer=tok, log=log if d.main else quiet)
     if d.main and ns.resume is None:
-        run_dir.mkdir(parents=True)
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        with storage.writing(run_dir):
+            run_dir.mkdir(parents=True)
+            storage.write_text(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     distributed.barrier(d)
     if start is None and ns.resume is not None:
         trainer.forget_metrics_after(0)
@@ -298,7 +299,7 @@ def main(argv=None) -> int:
         if d.main:
             print(f"train.py: error: {e}", file=sys.stderr)
         code = 2
-    except (guards.RunFailed, checkpoint.CheckpointError) as e:  # the run stopped; its last checkpoint is kept
+    except (guards.RunFailed, storage.WriteError) as e:  # the run stopped; what it saved before is kept
         if d.main:
             print(f"train.py: error: {e}", file=sys.stderr)
         code = 1

@@ -26,8 +26,6 @@ import io
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -152,10 +150,10 @@ def save_hf_checkpoint(model: Decoder, out_dir: str | Path, tokenizer=None) -> N
     save never leaves a half-written checkpoint where a good one was expected."""
     from safetensors.torch import save_file
 
+    from respec.storage import staging
+
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
-    try:
+    with staging(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(), indent=2))
         save_file({k: v.detach().cpu() for k, v in to_hf_state_dict(model).items()}, tmp / "model.safetensors",
                   metadata={"format": "pt"})
@@ -164,8 +162,6 @@ def save_hf_checkpoint(model: Decoder, out_dir: str | Path, tokenizer=None) -> N
         if out_dir.exists():
             raise ModelLoadError(f"refusing to overwrite existing {out_dir}")
         tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,9 +199,9 @@ def gguf_to_checkpoint(gguf: Path) -> Path:
             hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # transformers raises many kinds here; the user needs one line
         raise ModelLoadError(f"cannot read GGUF file {gguf}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
-    try:
+    from respec.storage import staging
+
+    with staging(out) as tmp:  # (removes what a killed conversion left)
         sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
         if hf.config.tie_word_embeddings:
             sd.pop("lm_head.weight", None)
@@ -214,8 +210,6 @@ def gguf_to_checkpoint(gguf: Path) -> Path:
         tok.save_pretrained(tmp)
         if not out.exists():
             tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

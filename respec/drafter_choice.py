@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch
 
 from models.eagle import EagleHead, cast_head, load_eagle
 from models.loading import cache_dir, load_model, resolve_checkpoint
+from respec import storage
 from respec.drafters import Drafter
 
 # The default head's pretraining (respec/drafter_training.py: pretrain); part of its cache key.
@@ -65,14 +64,13 @@ def pretrain_default_head(model: str, path: Path, tokenizer, task, *, max_new_to
                           device="cpu", seed: int = 0, k: int = 3, temperature: float = 1.0, log=print,
                           progress: bool = True) -> None:
     """A short `train.py --stage drafter` run on `device`, written to a temporary directory and
-    renamed into place (an interrupted pretraining leaves nothing half-written in the cache; of two
-    nodes pretraining into one shared cache, the first to finish wins and both use its head)."""
+    renamed into place (an interrupted pretraining leaves nothing half-written in the cache, and the
+    next one removes its debris: respec/storage.py `staging`; of two nodes pretraining into one
+    shared cache, the first to finish wins and both use its head)."""
     from respec.drafter_training import pretrain
 
     target = load_model(model, dtype=dtype, device=device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp", dir=path.parent))
-    try:
+    with storage.staging(path) as tmp:  # (removes what a killed pretraining left)
         recipe = DEFAULT_HEAD_RECIPE
         t0 = time.perf_counter()
         # Problems from far beyond any data position a run reaches: the head never sees the RL prompts.
@@ -87,8 +85,6 @@ def pretrain_default_head(model: str, path: Path, tokenizer, task, *, max_new_to
         except OSError:
             if not (path / "config.json").is_file():
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def default_head(model: str, task_name: str, task, tokenizer, *, task_config: dict | None = None,

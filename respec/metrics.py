@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from respec import distributed
+from respec import distributed, storage
 from respec.engine import EngineStats
 from respec.solver import conditional_acceptance
 from respec.tasks import extract_answer
@@ -205,13 +205,13 @@ class MetricsLog:
     def write(self, m: dict) -> None:
         if not self.main:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(m) + "\n")
+        storage.append_lines(self.path, [json.dumps(m)])
         numbers = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
         if self.board is not None:
-            for key, value in numbers.items():
-                self.board.add_scalar(key, value, m["step"])
-            self.board.flush()
+            with storage.writing(Path(self.board.log_dir)):
+                for key, value in numbers.items():
+                    self.board.add_scalar(key, value, m["step"])
+                self.board.flush()
         for _, run in self.runs:
             run.log(numbers, step=m["step"])
 
@@ -254,21 +254,26 @@ def write_completions(path: Path, episodes, step: int, keep: str, d: distributed
     rows = sorted((r for part in gathered for r in part), key=lambda r: (r["prompt_index"], r["sample"]))
     if keep != "all":
         rows = rows[:int(keep)]
-    with open(path, "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    storage.append_lines(path, [json.dumps(r) for r in rows])
     if log is not None:
         log.table("completions", rows, step)
 
 
 def forget_after(paths: list[Path], step: int) -> None:
     """Drop the lines of steps after `step` from JSON-lines files (metrics, completions): a run
-    killed between checkpoints redoes those steps. Each file is rewritten aside and swapped in."""
+    killed between checkpoints redoes those steps; a line cut short by the kill goes too. Each file
+    is rewritten aside and swapped in."""
     for path in paths:
         if path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            kept = [line for line in path.read_text().splitlines() if (n := _step_of(line)) is not None and n <= step]
+            storage.write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------

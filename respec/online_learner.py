@@ -75,6 +75,7 @@ import torch
 import torch.distributed as dist
 
 from models.eagle import EagleHead, save_eagle
+from respec import storage
 from respec.config import KDConfig
 from respec.distill import Sequences, collate, head_loss, target_features
 from respec.grpo import warmup_cosine
@@ -149,13 +150,12 @@ class OnlineLearner:
         as the solver's prior; written aside and swapped in (main rank only)."""
         if not self.main:
             return
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_eagle(self.head, tmp)
-        if self.last_alpha_est:
-            (tmp / "train_report.json").write_text(json.dumps({"alpha_estimate": self.last_alpha_est}) + "\n")
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
+        with storage.staging(out_dir) as tmp:
+            save_eagle(self.head, tmp)
+            if self.last_alpha_est:
+                (tmp / "train_report.json").write_text(json.dumps({"alpha_estimate": self.last_alpha_est}) + "\n")
+            shutil.rmtree(out_dir, ignore_errors=True)
+            tmp.rename(out_dir)
 
     # ------------------------------------------------------------------------------------------
     def due(self, step: int, drafted: bool) -> bool:

@@ -172,7 +172,8 @@ def trl_arguments(problems: list, texts: list[str], completion_ids: list[list[in
 
 
 def checked(name: str, out, n: int) -> list[float]:
-    """A reward function's output as n floats (None -> NaN: not scored), or one clear error."""
+    """A reward function's output as n floats (None -> NaN: not scored), or one clear error (a NaN or
+    infinite reward would turn the group's advantages, and so the update, into NaN)."""
     try:
         values = [math.nan if v is None else float(v) for v in out]
     except (TypeError, ValueError):
@@ -180,4 +181,8 @@ def checked(name: str, out, n: int) -> list[float]:
                          f"{type(out).__name__}") from None
     if len(values) != n:
         raise ValueError(f"reward function {name} returned {len(values)} values for {n} completions")
+    bad = next((i for i, (v, raw) in enumerate(zip(values, out)) if raw is not None and not math.isfinite(v)), None)
+    if bad is not None:  # NaN here means "not scored", which a function says with None
+        raise ValueError(f"reward function {name} returned {values[bad]} for completion {bad} (of {n}): a reward "
+                         "must be a finite number, or None where the function does not score a completion")
     return values

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from respec import storage
+
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The RL steps' rows of metrics.jsonl (without the evaluation before the first step, `--eval-at-start`)."""
@@ -52,7 +54,8 @@ def plot_run(run_dir: Path) -> list[Path]:
 
     rows = read_metrics(run_dir)
     out = Path(run_dir) / "plots"
-    out.mkdir(exist_ok=True)
+    with storage.writing(out):
+        out.mkdir(exist_ok=True)
     steps = [r["step"] for r in rows]
     col = lambda key: [r.get(key, 0.0) for r in rows]  # noqa: E731
     written = []
@@ -65,8 +68,11 @@ def plot_run(run_dir: Path) -> list[Path]:
             ax.legend()
         fig.tight_layout()
         path = out / name
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        try:
+            with storage.writing(path):  # (a full disk: one line, not matplotlib's traceback)
+                fig.savefig(path, dpi=110)
+        finally:
+            plt.close(fig)
         written.append(path)
 
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -54,7 +54,6 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,6 +61,7 @@ from pathlib import Path
 import torch
 
 from models.loading import cache_dir
+from respec import storage
 
 # Bumped when the engine's step costs change for the same model and machine (2: the two-level
 # sampler), so that a cached profile of the old engine is measured again.
@@ -403,11 +403,10 @@ def load_or_profile(timer, key: str, path: Path | None = None, *, max_error: flo
         again = profile_costs(timer, **kwargs)
         if (second := fit_costs(again, key)).rel_error < model.rel_error:
             samples, model = again, second
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {**model.to_json(), "samples": samples, "profile_s": round(time.perf_counter() - t0, 1)}
     # A temporary file of this writer's own, renamed into place: ranks profiling at once never
     # write into each other's file, and a reader sees a whole profile or none.
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
-        f.write(json.dumps(data, indent=1) + "\n")
-    os.replace(f.name, path)
+    with storage.staging(path, directory=False) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, path)
     return model, False

@@ -438,8 +438,12 @@ class Trainer:
         """Step 3: each completion's text and rewards."""
         for e in episodes:
             e.text = self.tok.decode(e.completion.token_ids, skip_special_tokens=True)
-        scored = self.rewards.score([e.problem for e in episodes], [e.text for e in episodes],
-                                    [e.completion.token_ids for e in episodes])
+        try:
+            scored = self.rewards.score([e.problem for e in episodes], [e.text for e in episodes],
+                                        [e.completion.token_ids for e in episodes])
+        except ValueError as e:  # checked on two problems before the run; this one appeared in a step
+            kept = f"the last checkpoint (step {self.saved_step}) is kept" if self.saved_step else "no checkpoint was written"
+            raise guards.RunFailed(f"step {self.step + 1}: {e}; stopped, {kept}") from e
         for e, s in zip(episodes, scored):
             e.score = s
 
