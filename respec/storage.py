@@ -163,11 +163,7 @@ def remove_stale(final: Path) -> list[Path]:
                 continue
         finally:
             os.close(fd)
-        if sibling.is_dir():
-            shutil.rmtree(sibling, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                sibling.unlink()
+        _remove(sibling)
         removed.append(sibling)
     return removed
 
@@ -192,9 +188,13 @@ def staging(final: Path, *, directory: bool = True):
         with writing(final):
             yield tmp
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        _remove(tmp)  # (gone already where it was renamed into place)
         os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
