@@ -17,86 +17,116 @@ tokens could not be compared).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from compile.policy import COMPILE_MODES, require_tensorrt, use_persistent_cache
+from compile.policy import require_tensorrt, use_persistent_cache
 from models.loading import ModelLoadError, eos_token_ids, load_model, load_tokenizer, resolve_dtype
-from respec.cli import DefaultsFormatter, OneLineParser, positive_float, positive_int, positive_int_list
+from respec import storage
+from respec.cli import (DefaultsFormatter, Needs, OneLineParser, add_options, given_options, option, positive_float,
+                        positive_int, positive_int_list, refuse_inert, shared)
+from respec.config import TrainConfig
+from respec.drafter_training import DrafterConfig
 from respec.drafter_choice import choose_drafter, ensure_head
 from respec.engine import RolloutEngine, SamplingParams
 from respec.profiling import warmup
-from respec.speculative import DRAFT_TEMPERATURE, VERIFY_RULES
-from respec.tasks import DEFAULT_TASK, chat_prompt, make_problems, make_task
+from respec.tasks import chat_prompt, make_problems, make_task
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+# what makes an option inert (respec/cli.py `refuse_inert`)
+NEEDS_DRAFTER = Needs("drafter", lambda drafter: drafter != "none", "without a --drafter nothing is drafted")
+NEEDS_RUN = Needs(("bench", "sweep"), lambda bench, sweep: bench or sweep, "neither --bench nor --sweep is given")
+NEEDS_SWEEP = Needs("sweep", lambda sweep: sweep, "no --sweep is given")
+NEEDS_NO_RUN = Needs(("bench", "sweep"), lambda bench, sweep: not (bench or sweep), "--bench and --sweep make their "
+                     "own prompts of --task and generate --new-tokens for each")
+NOT_SWEEP = Needs("sweep", lambda sweep: not sweep, "--sweep decodes greedily (its long tail samples at "
+                  "--longtail-temperature)")
+SAMPLED = Needs("temperature", lambda t: t > 0, "--temperature 0 decodes greedily")
+
+
+@dataclass
+class GenerateConfig:
+    """generate.py's options, declared as train.py's are (respec/cli.py); an option both scripts take
+    is TrainConfig's field (`shared`): one help text, this script's default."""
+    model: str = shared(TrainConfig, "model")
+    device: str | None = option(None, "cpu, cuda or cuda:N", shown="cuda if there is a GPU, else cpu")
+    dtype: str = shared(TrainConfig, "dtype")
+    eager: bool = option(False, "no torch.compile (same tokens, slower); with --bench, transformers' static-cache "
+                         "baseline runs uncompiled too", flag="--eager")
+    compile_mode: str | None = shared(TrainConfig, "compile_mode",
+                                      needs=Needs("eager", lambda eager: not eager, "--eager compiles nothing"))
+    kv_cache_mb: int = shared(TrainConfig, "kv_cache_mb", 1024, parse=positive_int)
+    kv_cache_gb: float | None = option(None, "the KV block pool in GiB instead (not with --kv-cache-mb)",
+                                       parse=positive_float, shown="--kv-cache-mb's")
+    seed: int = shared(TrainConfig, "seed")
+    # --- what is generated ---
+    prompt: str | None = option(None, "text to complete", shown="a problem of --task, in the chat template",
+                                needs=NEEDS_NO_RUN)
+    chat: bool = option(False, "wrap --prompt in the model's chat template", flag="--chat",
+                        needs=Needs("prompt", lambda prompt: prompt is not None, "without --prompt the problem of "
+                                    "--task is put in the chat template anyway"))
+    task: str = shared(TrainConfig, "task")
+    max_new_tokens: int = shared(TrainConfig, "max_new_tokens", 256, parse=positive_int, needs=NEEDS_NO_RUN)
+    temperature: float = shared(TrainConfig, "temperature", 0.0, needs=NOT_SWEEP)
+    top_p: float = shared(TrainConfig, "top_p", needs=(NOT_SWEEP, SAMPLED))
+    top_k: int = shared(TrainConfig, "top_k", needs=(NOT_SWEEP, SAMPLED))
+    min_p: float = shared(TrainConfig, "min_p", needs=(NOT_SWEEP, SAMPLED))
+    # --- speculative decoding ---
+    drafter: str = shared(TrainConfig, "drafter", "none")
+    k: int = shared(TrainConfig, "k", needs=NEEDS_DRAFTER)
+    draft_temperature: float = shared(TrainConfig, "draft_temperature", parse=positive_float, needs=NEEDS_DRAFTER)
+    verify: str = shared(TrainConfig, "verify", needs=(NEEDS_DRAFTER, Needs("sweep", lambda sweep: not sweep,
+                                                                            "--sweep verifies by the match rule")))
+    # --- the benchmark (respec/lab/bench.py) ---
+    bench: bool = option(False, "benchmark respec against transformers' generate", flag="--bench")
+    batch_sizes: list[int] = option([1, 8, 32], "comma-separated batch sizes of --bench and --sweep",
+                                    parse=positive_int_list, needs=NEEDS_RUN)
+    new_tokens: int = shared(DrafterConfig, "new_tokens", 128, parse=positive_int, needs=NEEDS_RUN)
+    json: Path | None = option(None, "write the --bench or --sweep results here (an existing file is never "
+                               "overwritten)", parse=Path, needs=NEEDS_RUN)
+    past_rollouts: int = option(0, "rollouts of the same prompts (other seeds) generated before the timed SD one, "
+                                "as RL sees its prompts again each epoch; what the history drafter can draw on",
+                                needs=(NEEDS_DRAFTER, Needs("bench", lambda bench: bench, "only --bench times a "
+                                                            "rollout after earlier ones")))
+    # --- the adaptive SD sweep (respec/lab/sweep.py) ---
+    sweep: bool = option(False, "measure tokens/s for every k = 0..--k and the adaptive policy at each of "
+                         "--batch-sizes, against the fitted cost model, plus a long-tail rollout", flag="--sweep")
+    longtail_samples: int = option(32, "rollouts in the long-tail run", parse=positive_int, needs=NEEDS_SWEEP)
+    longtail_group: int = option(8, "siblings per prompt in the long-tail run (G)", parse=positive_int,
+                                 needs=NEEDS_SWEEP)
+    longtail_temperature: float = option(1.0, "sampling temperature of the long-tail run, natural EOS (0: greedy, "
+                                         "the same tokens checked)", needs=NEEDS_SWEEP)
+    longtail_tokens: int = option(256, "token limit of a long-tail rollout", parse=positive_int, needs=NEEDS_SWEEP)
+    sweep_reps: int = option(2, "runs per grid point (the fastest counts)", parse=positive_int, needs=NEEDS_SWEEP)
+    plot: Path | None = option(None, "PNG of measured and predicted throughput", parse=Path, shown="next to --json",
+                               needs=NEEDS_SWEEP)
+
+
+def build_parser() -> OneLineParser:
     p = OneLineParser(prog="generate.py", description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
-    p.add_argument("--model", default="smollm2-135m",
-                   help="preset (smollm2-135m, tiny, random-*), .gguf file, HF checkpoint dir or Hub id (owner/name)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
-                   help="auto: bf16 on GPUs and CPUs with native bf16, else fp32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--eager", action="store_true",
-                   help="no torch.compile (same tokens, slower); with --bench, transformers' static-cache baseline "
-                        "runs uncompiled too")
-    p.add_argument("--compile-mode", choices=COMPILE_MODES,
-                   help="how the steps are compiled (compile/policy.py; not given: whole on CUDA, regional on CPU); "
-                        "regional-dynamic: one graph for all batch sizes; tensorrt: the whole step by "
-                        "Torch-TensorRT (CUDA, requirements-trt.txt)")
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--kv-cache-mb", type=positive_int, default=None,
-                      help="size of the paged KV cache in MiB (not given: 1024; the same option as train.py's)")
-    size.add_argument("--kv-cache-gb", type=positive_float, default=None, help="the same in GiB")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise and of --task's problem")
-    p.add_argument("--drafter", help="speculative decoding with this drafter, as train.py's --drafter: a directory "
-                                     "from train.py --stage drafter, auto (the default head train.py uses for --task, "
-                                     "pretrained once if missing), random, history (model-free: suffix matches in the "
-                                     "text), first:N (the target's first N layers), or a model spec + '+history' (per "
-                                     "row: history where its suffix match is long, the model elsewhere)")
-    p.add_argument("--k", type=int, default=3, help="tokens drafted per speculative step (with --drafter; the largest "
-                                                    "k of --sweep); train.py's --k has the same default")
-    p.add_argument("--draft-temperature", type=positive_float, default=DRAFT_TEMPERATURE,
-                   help="a head drafts at the sampling temperature times this (train.py's default)")
-    p.add_argument("--verify", default="match", choices=VERIFY_RULES,
-                   help="how drafts are verified: match (SD emits plain decoding's tokens) or rejection (speculative "
-                        "sampling: the same distribution, other tokens)")
-    g = p.add_argument_group("generation")
-    g.add_argument("--prompt", help="text to complete; default: a problem of --task")
-    g.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template")
-    g.add_argument("--task", default=DEFAULT_TASK, help="reasoning-gym task used when no --prompt is given")
-    g.add_argument("--max-new-tokens", type=positive_int, default=256, help="completion length limit (tokens)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens only (0: off)")
-    g.add_argument("--min-p", type=float, default=0.0,
-                   help="sample only tokens at least this fraction as likely as the most likely one (0: off)")
-    b = p.add_argument_group("benchmark")
-    b.add_argument("--bench", action="store_true", help="benchmark respec against transformers' generate")
-    b.add_argument("--batch-sizes", type=positive_int_list, default=[1, 8, 32], help="comma-separated batch sizes")
-    b.add_argument("--new-tokens", type=positive_int, default=128, help="tokens generated per sequence")
-    b.add_argument("--json", type=Path, help="write the benchmark results here (an existing file is never overwritten)")
-    b.add_argument("--past-rollouts", type=int, default=0,
-                   help="SD only: rollouts of the same prompts (other seeds) generated before the timed one, as RL "
-                        "sees its prompts again each epoch; what the history drafter can draw on")
-    w = p.add_argument_group("adaptive SD sweep")
-    w.add_argument("--sweep", action="store_true", help="measure tokens/s for every k = 0..--k and the adaptive "
-                   "policy at each of --batch-sizes, against the fitted cost model, plus a long-tail rollout")
-    w.add_argument("--longtail-samples", type=positive_int, default=32, help="rollouts in the long-tail run")
-    w.add_argument("--longtail-group", type=positive_int, default=8, help="siblings per prompt in the long-tail run (G)")
-    w.add_argument("--longtail-temperature", type=float, default=1.0,
-                   help="sampling temperature of the long-tail run, natural EOS (0: greedy, the same tokens checked)")
-    w.add_argument("--longtail-tokens", type=positive_int, default=256, help="token limit of a long-tail rollout")
-    w.add_argument("--sweep-reps", type=positive_int, default=2, help="runs per grid point (the fastest counts)")
-    w.add_argument("--plot", type=Path, help="PNG of measured and predicted throughput (default: next to --json)")
-    args = p.parse_args(argv)
-    args.kv_cache_gb = args.kv_cache_mb / 1024 if args.kv_cache_mb else args.kv_cache_gb or 1.0
+    add_options(p, {"generate": GenerateConfig})
+    return p
+
+
+def parse_args(argv=None) -> GenerateConfig:
+    """The options, each given one checked against the others (one that does nothing is refused):
+    bad input exits with one line."""
+    p = build_parser()
+    _, given = given_options(p, sys.argv[1:] if argv is None else list(argv), {"generate": GenerateConfig})
+    if "kv_cache_mb" in given and "kv_cache_gb" in given:
+        p.error("argument --kv-cache-gb: not allowed with argument --kv-cache-mb")
+    args = GenerateConfig(**given)
+    try:
+        refuse_inert(args, given)
+    except ValueError as e:
+        p.error(str(e))
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.kv_cache_gb = args.kv_cache_gb or args.kv_cache_mb / 1024
     return args
 
 
@@ -112,15 +142,13 @@ def parse_device(spec: str) -> torch.device:
     return device
 
 
-def make_drafter(spec: str | None, model, k: int, args, tokenizer):
-    """The drafter a --drafter spec names (None without one), chosen as train.py chooses it
+def make_drafter(spec: str, model, k: int, args, tokenizer):
+    """The drafter a --drafter spec names (None for none), chosen as train.py chooses it
     (respec/drafter_choice.py): `auto` is the default head train.py's default run uses for --task."""
-    if spec is None:
+    if spec == "none":
         return None
     if k < 1:
         raise ValueError(f"--k must be >= 1, got {k}")
-    from respec.config import TrainConfig
-
     task = make_task(task=args.task)
     common = dict(model=args.model, task_name=args.task, task=task, tokenizer=tokenizer,
                   max_new_tokens=TrainConfig.max_new_tokens, seed=args.seed)
@@ -170,9 +198,7 @@ def run_generate(args, model, tokenizer) -> None:
 
 # ---------------------------------------------------------------------------------------------
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    storage.write_text(path, json.dumps(data, indent=2) + "\n")  # (a full disk: one line, the old file kept)
 
 
 def main(argv=None) -> int:
@@ -216,6 +242,9 @@ def main(argv=None) -> int:
     except (ModelLoadError, ValueError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 2
+    except storage.WriteError as e:  # (the drafter cache, --json, the plot: a full disk)
+        print(f"generate.py: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

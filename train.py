@@ -35,7 +35,7 @@ from pathlib import Path
 from compile.policy import use_persistent_cache
 from models.loading import ModelLoadError, load_model, load_tokenizer
 from respec import checkpoint, distributed, guards, metrics, storage
-from respec.cli import OneLineParser, add_options, given_options, option_fields
+from respec.cli import OneLineParser, add_options, given_options, option_fields, refuse_inert
 from respec.config import TrainConfig, default_prompts
 from respec.drafter_choice import ensure_head, split_spec
 from respec.drafter_training import DrafterConfig
@@ -89,7 +89,8 @@ def build_parser() -> tuple[OneLineParser, dict[str, set[str]]]:
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
-    """(namespace, the options given, checked against the stage): bad input exits with one line."""
+    """(namespace, the options given, checked against the stage and, for a new run, against each other:
+    an option the others make inert is refused): bad input exits with one line."""
     parser, stages = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     for arg in argv:
@@ -105,6 +106,11 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
         parser.error(f"{flag_name(foreign[0])} does not apply to --stage {ns.stage}")
     if ns.resume is not None and ns.stage != "grpo":
         parser.error("--resume continues a GRPO run; --stage drafter starts a new head")
+    if ns.resume is None:  # (a resumed run's options are checked against its own, by resumed_config)
+        try:
+            refuse_inert(CONFIGS[ns.stage](**given), given)
+        except ValueError as e:
+            parser.error(str(e))
     return ns, given
 
 
@@ -171,7 +177,7 @@ def new_config(given: dict, world: int = 1) -> TrainConfig:
 
 def resumed_config(run: Path, given: dict) -> TrainConfig:
     """The config a run was started with (config.json), with the RESUMABLE options given now; any
-    other option given with a different value is refused."""
+    other option given with a different value is refused, and so is one the run's options make inert."""
     path = run / "config.json"
     if not path.is_file():
         raise ValueError(f"--resume {run}: not a training run directory (no config.json)")
@@ -185,6 +191,7 @@ def resumed_config(run: Path, given: dict) -> TrainConfig:
         elif value != getattr(cfg, name) and not (name == "out" and Path(value) == run):
             raise ValueError(f"--resume {run}: {flag_name(name)} cannot change in a resumed run ({getattr(cfg, name)!r} "
                              f"there, {value!r} given); start a new run for that")
+    refuse_inert(cfg, given)
     return cfg
 
 

@@ -8,6 +8,11 @@ choices and types, and `given_options` returns only what the user set, on the co
 `--config FILE` (YAML or JSON, the same names; flags override the file). Knowing what was *given*,
 not just the values, is what lets train.py refuse an option that does not apply to the chosen
 stage, or one a resumed run cannot change.
+
+An option that does nothing under another option's value declares it (`needs=Needs(...)`), and
+`refuse_inert` refuses it when given, in both scripts by the same rule: a user who typed it expects
+it to matter. `shared` declares one script's option from the other's field, so that both show one
+help text.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -72,16 +78,64 @@ def positive_int_list(text: str) -> list[int]:
 # Options declared once, on the config dataclass
 # ----------------------------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class Needs:
+    """When an option does anything: `test` of the values of the options `on` (a name, or a tuple of
+    names) is true. `reason` says what makes it inert otherwise, naming that option."""
+
+    on: str | tuple[str, ...]
+    test: Callable[..., bool]
+    reason: str
+
+    def names(self) -> tuple[str, ...]:
+        return (self.on,) if isinstance(self.on, str) else tuple(self.on)
+
+    def holds(self, cfg) -> bool:
+        if not all(hasattr(cfg, n) for n in self.names()):  # a stage without that option: nothing to depend on
+            return True
+        return bool(self.test(*(getattr(cfg, n) for n in self.names())))
+
+
 def option(default, help: str, *, choices=None, aliases: tuple[str, ...] = (), flag: str | None = None,
-           shown: str | None = None):
+           shown: str | None = None, needs: Needs | tuple[Needs, ...] = (), parse: Callable | None = None):
     """A config field that is also a command-line option. `flag` renames it (`--reward` for
     `rewards`; for a bool, a switch that sets the opposite of the default, e.g. `--no-progress`);
     `aliases` are other names in underscore form (TRL's), accepted on the command line and in files;
-    `shown` is what --help says the default is, where the value itself (None, empty) would not say."""
-    meta = {"help": help, "choices": choices, "aliases": aliases, "flag": flag, "shown": shown}
+    `shown` is what --help says the default is, where the value itself (None, empty) would not say;
+    `needs` what the option is inert without (`refuse_inert`); `parse` turns the text into the value
+    where the field's type would check too little (`positive_int`)."""
+    meta = {"help": help, "choices": choices, "aliases": aliases, "flag": flag, "shown": shown,
+            "needs": (needs,) if isinstance(needs, Needs) else tuple(needs), "parse": parse}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def shared(cls, name: str, default=dataclasses.MISSING, **changes):
+    """The option `name` of the config class `cls` for another script: the same help text and choices
+    (one declaration, so the two cannot drift), its own default; `changes` replace other settings of
+    `option`. Its aliases and needs stay behind: they speak of the other script's options."""
+    f = option_fields(cls)[name]
+    meta = {**f.metadata, "aliases": (), "needs": (), **changes}
+    if default is dataclasses.MISSING:
+        default = _default(cls, name)
+    return option(default, **meta)
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The name an option is shown by: its flag, else its field name as a flag."""
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
+def refuse_inert(cfg, given) -> None:
+    """Raise ValueError for the first option in `given` (in the order the config declares them) that
+    does nothing under the values of `cfg`, in one line naming the option and what makes it inert.
+    A value equal to the default counts as given too."""
+    for name, f in option_fields(type(cfg)).items():
+        if name in given:
+            for need in f.metadata.get("needs", ()):
+                if not need.holds(cfg):
+                    raise ValueError(f"{flag_of(f)} does not apply: {need.reason}")
 
 
 def _on_off(text: str) -> bool:
@@ -116,7 +170,7 @@ def add_options(parser: argparse.ArgumentParser, configs: dict[str, type]) -> di
     stages = {stage: set(option_fields(cls)) for stage, cls in configs.items()}
     seen: set[str] = set()
     for stage, cls in configs.items():
-        group = parser.add_argument_group(f"--stage {stage}" if len(configs) > 1 else "options")
+        group = parser.add_argument_group(f"--stage {stage}") if len(configs) > 1 else parser
         for name, f in option_fields(cls).items():
             if name in seen:
                 continue
@@ -129,12 +183,14 @@ def add_options(parser: argparse.ArgumentParser, configs: dict[str, type]) -> di
             where = f" [also --stage {', '.join(others)}]" if others and len(configs) > 1 else ""
             meta, kind = f.metadata, _kind(f)
             switch = kind == "bool" and meta["flag"]  # (its name would read as the opposite: --progress)
-            names = [meta["flag"] or "--" + name.replace("_", "-")]
+            names = [flag_of(f)]
             names += [n for n in ((() if switch else ("--" + name,)) + tuple("--" + a for a in meta["aliases"]))
                       if n not in names]
             kw = dict(dest=name, default=argparse.SUPPRESS, help=f"{meta['help']} (default: {shown}){where}")
             if switch:  # shown as the switch's own state: off unless given
                 kw.update(action="store_const", const=not defaults[stage], help=f"{meta['help']} (default: off){where}")
+            elif meta.get("parse"):
+                kw.update(type=meta["parse"], choices=meta["choices"])
             elif kind == "bool":
                 kw.update(type=_on_off, metavar="on|off")
             elif kind == "list":
@@ -211,7 +267,7 @@ def file_arguments(path: Path, configs: dict[str, type], hints: dict[str, str] |
         if f is None:
             hint = (hints or {}).get(str(key).replace("-", "_"))
             raise ValueError(f"--config {path}: unknown option {key!r}" + (f"; {hint}" if hint else ""))
-        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        flag = flag_of(f)
         kind = _kind(f)
         if value is None:
             continue

@@ -16,7 +16,7 @@ import torch
 
 from compile.policy import COMPILE_MODES
 from respec import grpo
-from respec.cli import option
+from respec.cli import Needs, option
 from respec.data import DataConfig
 from respec.kd_loss import WEIGHTINGS
 from respec.lora import LoraSettings
@@ -82,22 +82,32 @@ class UpdateConfig:
     grad_clip: float  # max global gradient norm
 
 
+# what makes options inert (respec/cli.py `refuse_inert`)
+NEEDS_LORA = Needs("lora_r", lambda r: r > 0, "--lora-r 0 trains the whole actor")
+NEEDS_EVAL = Needs(("eval_every", "eval_at_start"), lambda every, at_start: every > 0 or at_start,
+                   "there is no held-out evaluation without --eval-every N or --eval-at-start")
+NEEDS_TEMPLATE = Needs("raw_prompts", lambda raw: not raw, "--raw-prompts leaves out the chat template")
+
+
 @dataclass
 class TrainConfig(DataConfig):
     """A GRPO run's settings. train.py's options are generated from these fields (respec/cli.py):
     `--max-new-tokens` (also `--max_new_tokens`, and TRL's `--max_completion_length`) for
     `max_new_tokens`, with the help text, choices and default below; a `--config FILE` holds the
-    same names."""
+    same names. An option that another's value makes inert says so (`needs`): given, it is refused
+    (respec/cli.py `refuse_inert`). generate.py declares the options it shares from these fields."""
     # --- prompts ---
     raw_prompts: bool = option(False, "tokenize each prompt as it is: no chat template and no system turn (TRL's way "
                                "with plain-text prompts)", flag="--raw-prompts")
     chat_template_kwargs: dict = option({}, "extra arguments of the chat template as JSON, e.g. "
-                                        "'{\"enable_thinking\": false}' for Qwen3")
+                                        "'{\"enable_thinking\": false}' for Qwen3", needs=NEEDS_TEMPLATE)
     # --- rewards ---
     rewards: list = option([], "reward function, repeatable: correctness, format, module:function or file.py:function, "
                            "each with an optional :weight", flag="--reward", aliases=("reward_funcs",),
                            shown="correctness + format at --format-weight")
-    format_weight: float = option(0.1, "weight of the format reward (a strict 'Answer:' line) in the default rewards")
+    format_weight: float = option(0.1, "weight of the format reward (a strict 'Answer:' line) in the default rewards",
+                                  needs=Needs("rewards", lambda rewards: not rewards, "--reward replaces the default "
+                                              "rewards"))
     # --- GRPO ---
     # (The defaults are the README's default run, sized to finish in ~15 min on 2 CPU cores.)
     steps: int = option(20, "RL steps (one rollout and its updates each)", aliases=("max_steps",))
@@ -105,9 +115,10 @@ class TrainConfig(DataConfig):
                           "ranks)")
     group: int = option(4, "samples per prompt (G >= 2)", aliases=("num_generations",))
     max_new_tokens: int = option(64, "completion length limit (tokens)", aliases=("max_completion_length",))
-    temperature: float = option(1.0, "rollout sampling temperature (the training log-probs use the same)")
-    top_p: float = option(1.0, "nucleus sampling mass (the rollout samples from the filtered distribution; the "
-                          "training log-probs are the unfiltered ones)")
+    temperature: float = option(1.0, "sampling temperature (train.py: > 0, the rollout's, which the training log-probs "
+                                "use too; generate.py: 0 is greedy)")
+    top_p: float = option(1.0, "nucleus sampling mass (1: all; train.py's rollout samples from the filtered "
+                          "distribution, its training log-probs are the unfiltered ones)")
     top_k: int = option(0, "sample among the k most likely tokens only (0: all)")
     min_p: float = option(0.0, "sample only tokens at least this fraction as likely as the most likely one (0: all)")
     lr: float = option(3e-5, "peak AdamW learning rate", aliases=("learning_rate",))
@@ -136,7 +147,8 @@ class TrainConfig(DataConfig):
                                 "token_truncate, token_mask, sequence_truncate or sequence_mask (weights pi_old / "
                                 "pi_rollout, truncated at --is-cap or masked above it)", choices=grpo.IS_CORRECTIONS,
                                 aliases=("vllm_importance_sampling_mode",))
-    is_cap: float = option(3.0, "cap of --is-correction", aliases=("vllm_importance_sampling_cap",))
+    is_cap: float = option(3.0, "cap of --is-correction", aliases=("vllm_importance_sampling_cap",),
+                           needs=Needs("is_correction", lambda c: c != "off", "--is-correction off corrects nothing"))
     # padded tokens per forward/backward; 0 = per device (MICRO_TOKENS): on a CPU small length-sorted
     # microbatches keep padding small and ran faster than one of everything (docs/benchmarks.md); a GPU
     # wants large ones to fill its cores
@@ -144,17 +156,20 @@ class TrainConfig(DataConfig):
     # --- speculative decoding ---
     sd: str = option("adaptive", "speculative decoding: off, on (always --k) or adaptive (the solver picks k per "
                      "decoding step)", choices=("off", "on", "adaptive"))
-    drafter: str = option("auto", "EAGLE head dir, auto (cached default head, pretrained once), random (untrained: "
-                          "cold start), history (model-free suffix matches), first:N (the actor's first N layers), "
-                          "none, replay (last epoch's completion of the same prompt and sample), or a model spec "
-                          "joined by '+' with replay and/or history, tried per row in that order (auto+replay+history)")
-    k: int = option(3, "largest draft length")
+    drafter: str = option("auto", "an EAGLE head directory (train.py --stage drafter), auto (the cached default head "
+                          "of --task, pretrained once), random (untrained: a cold start), history (model-free suffix "
+                          "matches), first:N (the model's first N layers), none (no speculation), replay (last epoch's "
+                          "completion of the same prompt and sample: train.py only, it needs earlier epochs), or a "
+                          "model spec joined by '+' with replay and/or history, tried per row in that order "
+                          "(auto+replay+history)")
+    k: int = option(3, "largest draft length: tokens drafted per speculative step (--sd adaptive and generate.py "
+                    "--sweep try 0 up to it)")
     replay_k: int = option(16, "most drafts a replay (last epoch's completion, --drafter ...+replay) proposes per "
                            "verify; its rows verify apart from the others")
-    verify: str = option("match", "how drafts are verified: match (a draft is kept iff it is the token the actor itself "
-                         "samples there: the rollout is plain decoding's, whatever the drafter) or rejection "
+    verify: str = option("match", "how drafts are verified: match (a draft is kept iff it is the token the model itself "
+                         "samples there: the output is plain decoding's, whatever the drafter) or rejection "
                          "(speculative sampling: the same distribution, other tokens)", choices=VERIFY_RULES)
-    draft_temperature: float = option(DRAFT_TEMPERATURE, "a head drafts from its distribution at the rollout "
+    draft_temperature: float = option(DRAFT_TEMPERATURE, "a head drafts from its distribution at the sampling "
                                       "temperature times this (< 1 sharpens it; exact under either --verify rule, only "
                                       "the acceptance moves: python -m respec.lab.draft_temperature)")
     # --- sampling noise across epochs (respec/rollout_seeds.py) ---
@@ -162,7 +177,9 @@ class TrainConfig(DataConfig):
                                 "training-set row's sample g reuses its noise in later epochs, so last epoch's "
                                 "completion drafts well; a sampling choice with a learning cost)", choices=SEED_MODES)
     reseed_every: int = option(0, "with per-prompt seeds: new noise for each sample every R epochs, staggered by "
-                               "sample (0: never; groups without signal are always reseeded)")
+                               "sample (0: never; groups without signal are always reseeded)",
+                               needs=Needs("rollout_seeds", lambda seeds: seeds == "per-prompt",
+                                           "--rollout-seeds per-step draws fresh noise for every rollout"))
     # --- the drafter's online distillation (respec/online_learner.py) ---
     drafter_update: str = option(KDConfig.weighting, "frozen, kd (uniform weights), rkd (reward-weighted) or akd "
                                  "(positive advantages only)", choices=("frozen", *WEIGHTINGS))
@@ -177,15 +194,17 @@ class TrainConfig(DataConfig):
     drafter_idle_interval: int = option(KDConfig.idle_interval, "RL steps between distillations while the head "
                                         "drafts nothing")
     # --- system ---
-    dtype: str = option("auto", "rollout dtype (auto: bf16 where native: CUDA, AVX-512-BF16/AMX; else fp32)",
+    dtype: str = option("auto", "dtype the model decodes in (the rollout's; auto: bf16 where native: CUDA, "
+                        "AVX-512-BF16/AMX; else fp32)",
                         choices=("auto", "bf16", "fp32", "fp16"))
     # --- LoRA (respec/lora.py; peft's LoRA layers, TRL's names) ---
     lora_r: int = option(0, "train LoRA adapters of this rank instead of the whole actor (0: the whole actor)")
-    lora_alpha: float = option(32.0, "LoRA scale numerator: the update is (alpha / r) B A")
-    lora_dropout: float = option(0.05, "dropout on the LoRA adapters' input, in training")
+    lora_alpha: float = option(32.0, "LoRA scale numerator: the update is (alpha / r) B A", needs=NEEDS_LORA)
+    lora_dropout: float = option(0.05, "dropout on the LoRA adapters' input, in training", needs=NEEDS_LORA)
     lora_target_modules: list = option(["q_proj", "v_proj"], "layers to adapt, repeatable or comma-separated: "
                                        "q_proj, k_proj, v_proj (respec fuses them: one adapter over the three), "
-                                       "o_proj, gate_proj, up_proj (fused too), down_proj, or all-linear")
+                                       "o_proj, gate_proj, up_proj (fused too), down_proj, or all-linear",
+                                       needs=NEEDS_LORA)
     gradient_checkpointing: bool = option(False, "recompute each decoder block's activations in the backward pass "
                                           "(less memory, ~1/3 more training compute)", flag="--gradient-checkpointing")
     train_dtype: str = option("auto", "autocast dtype of the training forward (weights stay fp32; fp16 is refused: "
@@ -197,15 +216,20 @@ class TrainConfig(DataConfig):
     # faster than eager.
     compile: str = option("auto", "torch.compile the rollout engine (auto: on CUDA only; a cold CPU compile takes "
                           "minutes)", choices=("auto", "on", "off"))
-    compile_mode: str | None = option(None, "how a compiled engine compiles its steps (compile/policy.py)",
-                                      choices=COMPILE_MODES, shown="whole on CUDA, regional on CPU")
+    compile_mode: str | None = option(None, "how a compiled engine compiles its steps (compile/policy.py): regional, "
+                                      "regional-dynamic (one graph for all batch sizes), whole, or tensorrt (the "
+                                      "whole step by Torch-TensorRT: CUDA, requirements-trt.txt)",
+                                      choices=COMPILE_MODES, shown="whole on CUDA, regional on CPU",
+                                      needs=Needs("compile", lambda c: c != "off", "--compile off (--eager) compiles "
+                                                  "nothing"))
     fsdp: str = option("auto", "shard the actor with FSDP2 (auto: with several ranks; on: also in one torchrun "
                        "process, to exercise the sharded path on one GPU)", choices=("auto", "on"))
-    kv_cache_mb: int = option(0, "KV block pool per rank in MiB (0: 1024 on CPU, 40%% of the free memory on a GPU)")
+    kv_cache_mb: int = option(0, "KV block pool per rank in MiB (0, train.py's default: 1024 on CPU, 40%% of the free "
+                              "memory on a GPU)")
     max_batch: int = option(64, "most sequences decoding at once per rank")
     # --- run ---
     out: str = option("", "new run directory (never overwritten)", aliases=("output_dir",), shown="runs/grpo-<time>")
-    seed: int = option(0, "seed of the data order, sampling and initialisation")
+    seed: int = option(0, "seed of the sampling, the data (a --task's problems, their order) and the initialisation")
     checkpoint_every: int = option(10, "steps between checkpoints (and one at the end)", aliases=("save_steps",))
     keep_checkpoints: int = option(2, "checkpoints kept", aliases=("save_total_limit",))
     export_hf: str | None = option(None, "also write the final actor here (Hugging Face checkpoint)")
@@ -219,13 +243,14 @@ class TrainConfig(DataConfig):
     eval_every: int = option(0, "held-out evaluation every N RL steps (0: none), without speculation",
                              aliases=("eval_steps",))
     eval_at_start: bool = option(False, "also evaluate before the first step (step 0)", flag="--eval-at-start")
-    eval_prompts: int = option(32, "problems in the held-out evaluation set")
-    eval_temperature: float = option(0.0, "sampling temperature of the evaluation (0: greedy)")
+    eval_prompts: int = option(32, "problems in the held-out evaluation set", needs=NEEDS_EVAL)
+    eval_temperature: float = option(0.0, "sampling temperature of the evaluation (0: greedy)", needs=NEEDS_EVAL)
     eval_generations: int = option(1, "completions per held-out problem: pass@1 is their mean, pass@N reported "
-                                   "beside it when N > 1 (sampled: needs --eval-temperature > 0)")
-    eval_max_new_tokens: int = option(0, "completion length limit of the evaluation (0: --max-new-tokens)")
+                                   "beside it when N > 1 (sampled: needs --eval-temperature > 0)", needs=NEEDS_EVAL)
+    eval_max_new_tokens: int = option(0, "completion length limit of the evaluation (0: --max-new-tokens)",
+                                      needs=NEEDS_EVAL)
     eval_data: str | None = option(None, "held-out data (as --data)", shown="--task problems from another seed, or "
-                                   "the first rows of --data (not held out)")
+                                   "the first rows of --data (not held out)", needs=NEEDS_EVAL)
 
     def lora(self) -> LoraSettings:
         targets = tuple(t.strip() for item in self.lora_target_modules for t in str(item).split(",") if t.strip())
@@ -277,17 +302,11 @@ class TrainConfig(DataConfig):
                 raise ValueError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}")
         if self.fsdp == "on" and not torch.distributed.is_initialized():
             raise ValueError("--fsdp on needs a process group: start train.py with torchrun")
-        if self.compile_mode is not None and self.compile == "off":
-            raise ValueError(f"--compile-mode {self.compile_mode} needs a compiled engine (--compile on or auto)")
         self._kd("kd").validate()  # the --drafter-* ranges, checked even when frozen
         if self.reseed_every < 0 or self.replay_k < 0:
             raise ValueError(f"--reseed-every and --replay-k must be >= 0, got {self.reseed_every}, {self.replay_k}")
-        if self.reseed_every and self.rollout_seeds != "per-prompt":
-            raise ValueError("--reseed-every applies to --rollout-seeds per-prompt")
         PromptFormat.make(self.raw_prompts, self.chat_template_kwargs)
         self.lora().check()
-        if self.raw_prompts and self.system_prompt:
-            raise ValueError("--system-prompt goes into the chat template, which --raw-prompts leaves out")
         for name in ("steps", "prompts", "epochs", "minibatches", "k", "max_batch", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

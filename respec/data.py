@@ -34,7 +34,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from respec.cli import option
+from respec.cli import Needs, option
 from respec.tasks import DEFAULT_TASK, Problem, epoch_order, is_number, make_task, scorer_for
 
 PROMPT_COLUMNS = ("prompt", "question", "messages")
@@ -190,42 +190,47 @@ class RowsTask:
         return out
 
 
+# what makes the data options inert (respec/cli.py `refuse_inert`)
+NEEDS_DATA = Needs("data", lambda data: data is not None, "without --data the problems are a generated --task")
+NEEDS_TASK = Needs("data", lambda data: data is None, "--data replaces the generated --task")
+
+
 @dataclass
 class DataConfig:
     """The model and the data: the options train.py's stages share (respec/cli.py `option`)."""
     model: str = option("smollm2-135m", "preset (smollm2-135m, tiny, random-*), .gguf file, Hugging Face checkpoint "
                         "directory or Hub id (owner/name, from the local cache)", aliases=("model_name_or_path",))
-    task: str = option(DEFAULT_TASK, "reasoning-gym dataset name (or toy-letters for the tiny model)")
-    task_config: dict = option({}, "reasoning-gym options as JSON, e.g. '{\"min_terms\": 2}'")
+    task: str = option(DEFAULT_TASK, "reasoning-gym dataset the problems come from (or toy-letters for the tiny "
+                       "model)", needs=NEEDS_TASK)
+    task_config: dict = option({}, "reasoning-gym options as JSON, e.g. '{\"min_terms\": 2}'", needs=NEEDS_TASK)
     train_size: int = option(0, "a fixed training set of the task's first N problems, visited in epochs (shuffled per "
-                             "epoch); 0: a new problem at every data position")
+                             "epoch); 0: a new problem at every data position",
+                             needs=Needs("data", lambda data: data is None, "a --data set is already a fixed "
+                                         "training set (--train-size picks one of a --task's problems)"))
     data: str | None = option(None, "JSONL file or Hugging Face dataset (file, directory or id) instead of --task: "
                               "GSM8K, prompt/answer or chat rows (respec/data.py)", aliases=("dataset_name",))
-    data_split: str = option("train", "split of a Hugging Face dataset", aliases=("dataset_train_split",))
+    data_split: str = option("train", "split of a Hugging Face dataset", aliases=("dataset_train_split",),
+                             needs=NEEDS_DATA)
     data_config: str | None = option(None, "configuration of a Hugging Face dataset id (e.g. main for openai/gsm8k)",
-                                     aliases=("dataset_config",))
+                                     aliases=("dataset_config",), needs=NEEDS_DATA)
     prompt_column: str | None = option(None, "the data's prompt column", shown="the first of prompt, question, "
-                                       "messages")
-    answer_column: str = option("answer", "the data's reference-answer column")
+                                       "messages", needs=NEEDS_DATA)
+    answer_column: str = option("answer", "the data's reference-answer column", needs=NEEDS_DATA)
     system_prompt: str | None = option(None, "system prompt ('' for none)",
-                                       shown="respec's, which asks for an 'Answer:' line")
-
-    
+                                       shown="respec's, which asks for an 'Answer:' line",
+                                       needs=Needs("raw_prompts", lambda raw: not raw, "--raw-prompts leaves out the "
+                                                   "chat template, where the system prompt goes"))
 
     def make_task(self, *, seed: int = 0, numeric_answers: bool = True, answers_required: bool = True):
         """The training problems these options name: `--data` (a file or a Hugging Face dataset) if
         given, else the generated `--task` (respec/tasks.py). `answers_required`: rows must have an
-        answer (the built-in correctness reward compares it)."""
+        answer (the built-in correctness reward compares it). The options that do not apply to the
+        one chosen are refused where they are given (`refuse_inert`)."""
         if self.data is None:
-            for name in ("data_split", "data_config", "prompt_column", "answer_column"):
-                if getattr(self, name) != getattr(DataConfig, name):
-                    raise ValueError(f"--{name.replace('_', '-')} applies to --data, not to a generated --task")
             return make_task(task=self.task, config=self.task_config, seed=seed, system_prompt=self.system_prompt,
                              train_size=self.train_size)
-        if self.train_size:
+        if self.train_size:  # (a config built in code: a given --train-size is refused before, by refuse_inert)
             raise ValueError("--train-size picks a fixed set of a --task's problems; a --data set is already one")
-        if self.task_config:
-            raise ValueError("--task-config applies to a generated --task, not to --data")
         return RowsTask(str(self.data), split=self.data_split, config=self.data_config, prompt_column=self.prompt_column,
                         answer_column=self.answer_column, system_prompt=self.system_prompt,
                         numeric_answers=numeric_answers, answers_required=answers_required, seed=seed)

@@ -33,7 +33,7 @@ def held_out_problems(cfg, task, *, numeric_answers: bool, answers_required: boo
     (reasoning-gym generates new ones; with a fixed training set, only problems outside it), else the
     first rows of `--data` (not held out: said in --eval-data's help)."""
     if cfg.eval_data:
-        task = dataclasses.replace(cfg, data=cfg.eval_data).make_task(
+        task = dataclasses.replace(cfg, data=cfg.eval_data, train_size=0, task_config={}).make_task(  # (--task's options)
             seed=cfg.seed, numeric_answers=numeric_answers, answers_required=answers_required)
         return task.problems(0, cfg.eval_prompts)
     if cfg.data is not None:

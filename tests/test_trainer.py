@@ -321,7 +321,7 @@ def test_online_kd_two_ranks_equal_one_process(tmp_path):
     (["--model", "no/such/model"], "model path not found"),
     (["--model", "model.gguf"], "GGUF file not found"),
     (["--data", "EMPTY"], "has no rows"),
-    (["--compile", "off", "--compile-mode", "regional-dynamic"], "needs a compiled engine"),
+    (["--compile", "off", "--compile-mode", "regional-dynamic"], "--compile-mode does not apply: --compile off"),
     (["--compile-mode", "tensorrt", "--compile", "on"], "CUDA GPUs only"),
 ])
 def test_bad_flags_are_one_line(tmp_path, capsys, args, needle):

@@ -50,7 +50,7 @@ def test_config_file_takes_flag_names_field_names_and_trl_values(tmp_path, capsy
     conf = tmp_path / "run.yaml"
     conf.write_text("model: tiny\nreward: [correctness]\nno_progress: true\neager: true\nno_std_scaling: true\n"
                     "log_completions: true\ngradient_checkpointing: true\ntop_k: 5\nreport_to: none\n"
-                    "dataset_config: main\n")
+                    "dataset_name: openai/gsm8k\ndataset_config: main\n")
     _, given = train_py.parse_args(["--config", str(conf)])
     cfg = train_py.new_config(given)
     cfg.validate(1)
@@ -77,11 +77,12 @@ def test_config_file_takes_flag_names_field_names_and_trl_values(tmp_path, capsy
 @pytest.mark.parametrize("args, needle", [
     (["--data", "ROWS", "--data-split", "nosuchsplit"], "is a data file, which has one split"),
     (["--data", "ROWS", "--data-config", "main"], "is a data file; --data-config names a configuration"),
-    (["--data-split", "test"], "--data-split applies to --data"),
+    (["--data-split", "test"], "--data-split does not apply: without --data the problems are a generated --task"),
     (["--train-dtype", "fp16"], "would need loss scaling"),
     (["--reward", "ONE_VALUE"], "returned 1 values for 2 completions"),
     (["--eval-every", "1", "--eval-generations", "4"], "would repeat one greedy completion"),
-    (["--raw-prompts", "--chat-template-kwargs", '{"enable_thinking": false}'], "which --raw-prompts leaves out"),
+    (["--raw-prompts", "--chat-template-kwargs", '{"enable_thinking": false}'],
+     "--chat-template-kwargs does not apply: --raw-prompts leaves out the chat template"),
     (["--raw-prompts", "--data", "CHAT"], "--raw-prompts needs plain-text prompts"),
     (["--report-to", "mlflow"], "--report-to mlflow: choose from tensorboard, wandb, trackio"),
     (["--top-k", "-1"], "--top-k must be >= 0"),
@@ -106,6 +107,163 @@ def test_bad_inputs_of_the_newer_surfaces_are_one_line(tmp_path, capsys, args, n
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and needle in err[0], (code, err)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--lora-r", "0", "--lora-alpha", "16"], "--lora-alpha does not apply: --lora-r 0 trains the whole actor"),
+    (["--lora-dropout", "0.1"], "--lora-dropout does not apply: --lora-r 0"),
+    (["--lora-target-modules", "all-linear"], "--lora-target-modules does not apply: --lora-r 0"),
+    (["--reseed-every", "2"], "--reseed-every does not apply: --rollout-seeds per-step"),
+    (["--rollout-seeds", "per-step", "--reseed-every", "0"], "--reseed-every does not apply"),  # the default, typed
+    (["--data-split", "train"], "--data-split does not apply: without --data"),
+    (["--data-config", "main"], "--data-config does not apply: without --data"),
+    (["--prompt-column", "question"], "--prompt-column does not apply: without --data"),
+    (["--answer-column", "answer"], "--answer-column does not apply: without --data"),
+    (["--data", "ROWS", "--train-size", "4"], "--train-size does not apply: a --data set is already a fixed training"),
+    (["--data", "ROWS", "--task-config", '{"min_terms": 2}'], "--task-config does not apply: --data replaces"),
+    (["--data", "ROWS", "--task", "toy-letters"], "--task does not apply: --data replaces the generated --task"),
+    (["--eval-temperature", "0.5"], "--eval-temperature does not apply: there is no held-out evaluation without"),
+    (["--eval-every", "0", "--eval-prompts", "8"], "--eval-prompts does not apply: there is no held-out evaluation"),
+    (["--eval-generations", "2"], "--eval-generations does not apply"),
+    (["--eval-max-new-tokens", "8"], "--eval-max-new-tokens does not apply"),
+    (["--eval-data", "ROWS"], "--eval-data does not apply"),
+    (["--eager", "--compile-mode", "regional"], "--compile-mode does not apply: --compile off (--eager) compiles"),
+    (["--raw-prompts", "--system-prompt", "Be brief."], "--system-prompt does not apply: --raw-prompts leaves out"),
+    (["--reward", "correctness", "--format-weight", "0.2"], "--format-weight does not apply: --reward replaces"),
+    (["--is-cap", "2"], "--is-cap does not apply: --is-correction off corrects nothing"),
+    (["--stage", "drafter", "--data-split", "test"], "--data-split does not apply: without --data"),
+])
+def test_an_option_that_does_not_apply_is_refused(tmp_path, capsys, args, needle):
+    """An option that another option's value makes inert: one line naming both, exit code 2,
+    nothing written (a value equal to the default too: a user who typed it expects it to matter)."""
+    import train as train_py
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"question": "1+1?", "answer": "2"}\n')
+    out = tmp_path / "run"
+    try:
+        code = train_py.main(["--model", "tiny", *([] if "--stage" in args else ["--sd", "off"]),
+                              *[str(rows) if a == "ROWS" else a for a in args], "--out", str(out), "--no-progress"])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("train.py: error: ") and needle in err[0], (code, err)
+    assert not out.exists()
+
+
+def test_the_same_options_apply_once_what_they_need_is_given():
+    """The inert cases above with the option that makes each apply: accepted (the refusal is the
+    condition's, not the option's)."""
+    import train as train_py
+
+    for args in (["--lora-r", "4", "--lora-alpha", "16", "--lora-dropout", "0.1"],
+                 ["--rollout-seeds", "per-prompt", "--reseed-every", "2"],
+                 ["--data", "rows.jsonl", "--data-split", "test", "--prompt-column", "q", "--answer-column", "a"],
+                 ["--eval-at-start", "--eval-temperature", "0.5"], ["--eval-every", "2", "--eval-data", "x.jsonl"],
+                 ["--compile", "on", "--compile-mode", "regional"], ["--is-correction", "token_mask", "--is-cap", "2"],
+                 ["--train-size", "4", "--task-config", '{"min_terms": 2}'], ["--format-weight", "0.2"]):
+        _, given = train_py.parse_args(args)
+        assert len(given) == len([a for a in args if a.startswith("--")]), (args, given)
+
+
+def test_an_option_of_a_config_file_that_does_not_apply_is_refused(tmp_path, capsys):
+    import train as train_py
+
+    conf = tmp_path / "run.yaml"
+    conf.write_text("model: tiny\nlora_alpha: 16\n")
+    out = tmp_path / "run"
+    try:
+        code = train_py.main(["--config", str(conf), "--sd", "off", "--out", str(out), "--no-progress"])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--lora-alpha does not apply: --lora-r 0" in err[0], err
+    assert not out.exists()
+    _, given = train_py.parse_args(["--config", str(conf), "--lora-r", "8"])  # a flag may make the file's apply
+    assert given == {"model": "tiny", "lora_alpha": 16.0, "lora_r": 8}
+
+
+def test_a_resumed_run_refuses_what_its_own_options_make_inert(tmp_path):
+    import dataclasses
+
+    import train as train_py
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(TrainConfig(model="tiny", out=str(run)))))
+    with pytest.raises(ValueError, match="--eval-temperature does not apply: there is no held-out evaluation"):
+        train_py.resumed_config(run, {"eval_temperature": 0.5})
+    cfg = train_py.resumed_config(run, {"eval_every": 5, "eval_temperature": 0.5})
+    assert (cfg.eval_every, cfg.eval_temperature) == (5, 0.5)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--k", "-1"], "--k does not apply: without a --drafter nothing is drafted"),
+    (["--drafter", "none", "--k", "3"], "--k does not apply: without a --drafter"),
+    (["--draft-temperature", "0.7"], "--draft-temperature does not apply: without a --drafter"),
+    (["--verify", "rejection"], "--verify does not apply: without a --drafter"),
+    (["--past-rollouts", "2"], "--past-rollouts does not apply: without a --drafter"),
+    (["--drafter", "history", "--past-rollouts", "2"], "--past-rollouts does not apply: only --bench"),
+    (["--new-tokens", "8"], "--new-tokens does not apply: neither --bench nor --sweep is given"),
+    (["--batch-sizes", "1,2"], "--batch-sizes does not apply: neither --bench nor --sweep"),
+    (["--json", "OUT"], "--json does not apply: neither --bench nor --sweep"),
+    (["--bench", "--sweep-reps", "1"], "--sweep-reps does not apply: no --sweep is given"),
+    (["--plot", "OUT"], "--plot does not apply: no --sweep"),
+    (["--longtail-tokens", "8"], "--longtail-tokens does not apply: no --sweep"),
+    (["--chat"], "--chat does not apply: without --prompt"),
+    (["--bench", "--prompt", "hi"], "--prompt does not apply: --bench and --sweep make their own prompts"),
+    (["--bench", "--max-new-tokens", "8"], "--max-new-tokens does not apply: --bench and --sweep"),
+    (["--top-p", "0.9"], "--top-p does not apply: --temperature 0 decodes greedily"),
+    (["--sweep", "--drafter", "history", "--temperature", "1"], "--temperature does not apply: --sweep decodes"),
+    (["--eager", "--compile-mode", "whole"], "--compile-mode does not apply: --eager compiles nothing"),
+    (["--drafter", "history", "--k", "-1"], "--k must be >= 1, got -1"),  # applies: the value check speaks
+])
+def test_an_option_generate_does_not_use_is_refused(tmp_path, capsys, args, needle):
+    import generate
+
+    out = tmp_path / "out.json"
+    try:
+        code = generate.main(["--model", "tiny", *[str(out) if a == "OUT" else a for a in args]])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("generate.py: error: ") and needle in err[0], (code, err)
+    assert not out.exists()
+
+
+def test_an_option_both_scripts_take_has_one_help_text():
+    """generate.py declares the options it shares with train.py from train.py's fields: the same
+    help text in both parsers (the defaults may differ), right for both."""
+    import generate
+    import train as train_py
+
+    def helps(parser):
+        return {a.dest: a.help.split(" (default: ")[0] for a in parser._actions
+                if a.option_strings and a.dest != "help"}
+
+    train_helps, generate_helps = helps(train_py.build_parser()[0]), helps(generate.build_parser())
+    both = set(train_helps) & set(generate_helps)
+    assert {"model", "task", "dtype", "seed", "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "drafter",
+            "k", "draft_temperature", "verify", "compile_mode", "kv_cache_mb", "new_tokens"} <= both, both
+    assert len(both) >= 10  # (the comparison has something to compare)
+    assert {name: train_helps[name] for name in both} == {name: generate_helps[name] for name in both}
+    assert "(0: all)" in generate_helps["top_k"]
+    assert "none (no speculation)" in generate_helps["drafter"] and "replay (" in generate_helps["drafter"]
+
+
+def test_every_condition_names_options_of_its_script():
+    """A `needs` names options the script has (a misspelt one would never refuse anything)."""
+    import generate
+    from respec.cli import option_fields
+
+    checked = 0
+    for cls in (TrainConfig, generate.GenerateConfig):
+        fields = option_fields(cls)
+        for f in fields.values():
+            for need in f.metadata["needs"]:
+                assert set(need.names()) <= set(fields), (cls.__name__, f.name, need.names())
+                checked += 1
+    assert checked >= 30, checked
 
 
 def test_a_missing_tracker_package_is_one_line(monkeypatch):
@@ -308,6 +466,23 @@ def test_evaluation_at_start_sampled_with_pass_at_n_in_a_run(tmp_path):
     assert (run / "plots" / "reward.png").is_file()
 
 
+def test_held_out_data_beside_a_task_with_a_fixed_training_set(tmp_path, tokenizer):
+    """--eval-data with --task's own options (--train-size, --task-config): those are the training
+    task's, not the held-out file's."""
+    from respec.config import TrainConfig
+    from respec.evaluation import held_out_problems
+
+    rows = tmp_path / "held_out.jsonl"
+    rows.write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": "2+2?", "answer": "#### 4"}\n')
+    cfg = TrainConfig(model="tiny", task="basic_arithmetic", task_config={"min_terms": 2, "max_terms": 2}, train_size=8,
+                      eval_every=1, eval_data=str(rows), eval_prompts=2)
+    problems = held_out_problems(cfg, cfg.make_task(seed=0), numeric_answers=True)
+    assert [p.answer for p in problems] == ["2", "4"]
+
+
+ENABLING = {"data": "rows.jsonl", "is_correction": "token_mask"}  # values that make an aliased option apply
+
+
 def test_every_trl_alias_in_a_config_file_maps_to_its_option(tmp_path):
     """Each TRL name an option declares, written in a config file, sets that option (with the value
     given); the same name on the command line does too."""
@@ -320,14 +495,18 @@ def test_every_trl_alias_in_a_config_file_maps_to_its_option(tmp_path):
             kind, choices = str(f.type).split("|")[0].strip(), f.metadata["choices"]
             value = {"int": 7, "float": 0.5, "bool": False, "list": ["correctness"], "dict": {"a": 1}}.get(
                 kind, choices[-1] if choices else "x")
+            # with what the option needs to apply (given alone, it would be refused as inert)
+            enable = {n: ENABLING[n] for need in f.metadata["needs"] if f.metadata["aliases"] and not need.holds(cls())
+                      for n in need.names()}
+            flags = [t for n, v in enable.items() for t in (f"--{n.replace('_', '-')}", v)]
             for alias in f.metadata["aliases"]:
                 conf = tmp_path / f"{alias}.json"
-                conf.write_text(json.dumps({alias: value}))
+                conf.write_text(json.dumps({alias: value, **enable}))
                 _, given = train_py.parse_args(["--stage", stage, "--config", str(conf)])
-                assert given == {name: value}, (alias, given)
+                assert given == {name: value, **enable}, (alias, given)
                 if kind not in ("list", "dict", "bool"):
-                    _, given = train_py.parse_args(["--stage", stage, f"--{alias}", str(value)])
-                    assert given == {name: value}, (alias, given)
+                    _, given = train_py.parse_args(["--stage", stage, f"--{alias}", str(value), *flags])
+                    assert given == {name: value, **enable}, (alias, given)
                 checked += 1
     assert checked >= 20, checked  # (the aliases exist: the loop is not empty)
 

@@ -26,6 +26,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from respec import storage
 from respec.engine import EngineStats, RolloutEngine, SamplingParams
 from respec.profiling import StepTimer, warmup
 from respec.solver import AdaptiveK, FixedK, conditional_acceptance, cost_key, drafter_alpha, load_or_profile
@@ -198,5 +199,8 @@ def plot_sweep(report: dict, path: Path) -> None:
     ax.set_title(f"{report['model']} {report['dtype']}: measured (solid) vs predicted (dashed)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with storage.writing(path):
+            fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
