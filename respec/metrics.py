@@ -20,7 +20,7 @@ import torch
 
 from respec import distributed, storage
 from respec.engine import EngineStats
-from respec.solver import conditional_acceptance
+from respec.solver import Tally, conditional_acceptance
 from respec.tasks import extract_answer
 
 KINDS = ("model", "history", "replay")  # a hybrid drafter's rows, by the proposer that drafted them
@@ -43,6 +43,7 @@ class StepInputs:
     kd: dict | None = None  # a finished drafter update's figures
     flops_per_token: tuple[float, float] = (0.0, 0.0)  # (body, output head) model FLOPs per trained token
     peak_flops: float = 1.0  # the devices' peak FLOP/s summed over ranks (the MFU's denominator, peak_flops())
+    solver: Tally | None = None  # the adaptive solver's prediction against the rollout's verifies (None: no solver)
 
 
 def rank_sums(episodes, stats: EngineStats, inputs: StepInputs) -> dict:
@@ -67,6 +68,8 @@ def rank_sums(episodes, stats: EngineStats, inputs: StepInputs) -> dict:
         "sd_rows": stats.sd_rows, "sd_emitted": stats.sd_emitted,
         **{f"accepted_{j}": a for j, a in enumerate(per_pos(stats.sd_accepted_at))},
         **{f"reached_{j}": a for j, a in enumerate(per_pos(stats.sd_reached_at))},
+        **({"est_predicted": inputs.solver.predicted, "est_emitted": inputs.solver.emitted,
+            "est_rows": inputs.solver.rows} if inputs.solver is not None else {}),
     }
 
 
@@ -109,6 +112,9 @@ def step_metrics(sums: dict, stats: EngineStats, inputs: StepInputs, d: distribu
         "k_trace": [[b, k] for b, k in zip(stats.batch_sizes, stats.chosen_k)],
         # conditional acceptance per draft position, measured in this rollout (empty without SD)
         "alpha_measured": [round(a, 4) for a in alpha],
+        # what the solver expected of the rows it verified minus what they emitted, tokens per verify
+        **({"accept_est_error": round((sums["est_predicted"] - sums["est_emitted"]) / sums["est_rows"], 4)}
+           if sums.get("est_rows") else {}),
         "drafter_version": inputs.drafter_version,
         "epoch": inputs.epoch,
         **replay_metrics(sums, inputs),

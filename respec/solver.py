@@ -261,46 +261,97 @@ def long_lengths(limit: int) -> list[int]:
     return out + [limit] if limit > 0 else out
 
 
+@dataclass
+class Tally:
+    """The solver's prediction against the outcome, over the rows it verified since it was last
+    taken: the tokens its acceptance estimate expected (E[tokens | proposed]) and the tokens they
+    emitted (accepted drafts + the target's own). (predicted - emitted) / rows is the estimate's error
+    in tokens per verify (`accept_est_error` in the metrics)."""
+
+    predicted: float = 0.0
+    emitted: float = 0.0
+    rows: int = 0
+
+    def add(self, predicted: float, emitted: float, rows: int) -> None:
+        self.predicted += predicted
+        self.emitted += emitted
+        self.rows += rows
+
+
 class AdaptiveK(Policy):
-    """Chooses k per step from the fitted costs and the acceptance estimate (see module doc)."""
+    """Chooses k per step from the fitted costs and the acceptance estimate (see module doc).
+
+    The estimate is calibrated against what verifies measure. An external estimate (`set_alpha`:
+    the distillation's, of a head one update old, under a rule that approximates the engine's) is
+    scaled per draft position by `scale`, the ratio of measured to estimated acceptance, refitted
+    after each rollout (`end_rollout`) from that rollout's counts; without one, the estimate itself
+    is refitted. And SD must beat plain decoding by `margin`: the cost model's fit error plus the
+    acceptance estimate's measured optimism, so that an estimate off by its usual error does not turn
+    SD on where it costs time."""
+
+    MIN_REACHED = 16  # verifies of a position before its measured rate refits its scale
+    SCALE_RANGE = (0.05, 1.5)
+    SCALE_PRIOR = 32  # verifies of a position that weigh as much as the scale so far
 
     def __init__(self, costs: CostModel, max_k: int, alpha: list[float] | None = None, *, ema: float = 0.05,
-                 prior: float = 0.5, beta: float = 0.9):
+                 prior: float = 0.5, beta: float = 0.9, margin: float | None = None):
         if max_k < 1:
             raise ValueError(f"max_k must be >= 1, got {max_k}")
         self.costs, self.max_k, self.ema = costs, max_k, ema
         self.alpha = [prior] * max_k
         self.beta = beta  # conditional acceptance of a replay row's drafts (any position)
+        self.base_margin = (costs.rel_error or 0.0) if margin is None else margin
+        self.accept_error = 0.0  # the estimate's measured optimism, (predicted - emitted)+ / emitted, smoothed
+        self.external: list[float] | None = None  # the last external estimate, as given
+        self.scale = [1.0] * max_k  # measured / external, per position
+        self.counts = ([0] * max_k, [0] * max_k)  # accepted, reached per position since the last end_rollout
+        self.tally = Tally()
         if alpha is not None:
             self.set_alpha(alpha)
 
+    @property
+    def margin(self) -> float:
+        """How much faster SD must be predicted to be than plain decoding before it is chosen."""
+        return self.base_margin + self.accept_error
+
     def set_alpha(self, alpha: list[float]) -> None:
         """An external estimate of the per-position conditional acceptance (missing positions keep
-        the last known value of the one before)."""
+        the last known value of the one before), calibrated by `scale`."""
         vals = [min(max(float(a), 0.0), 1.0) for a in alpha[: self.max_k]]
         if not vals:
             return
-        self.alpha = vals + [vals[-1]] * (self.max_k - len(vals))
+        self.external = vals + [vals[-1]] * (self.max_k - len(vals))
+        self.alpha = [min(max(a * c, 0.0), 1.0) for a, c in zip(self.external, self.scale)]
 
     def throughput(self, batch: int, k: int, context: float) -> float:
         """Predicted tokens per second of one step."""
         return batch * expected_tokens(self.alpha, k) / self.costs.step_s(batch, k, context)
 
     def choose(self, batch: int, context: float) -> int:
-        return max(range(self.max_k + 1), key=lambda k: (self.throughput(batch, k, context), -k))
+        best = max(range(self.max_k + 1), key=lambda k: (self.throughput(batch, k, context), -k))
+        if best and self.throughput(batch, best, context) < (1 + self.margin) * self.throughput(batch, 0, context):
+            return 0  # a gain within the model's error is no gain
+        return best
 
     def observe(self, accepted: list[int], k: int, proposed: list[int] | None = None) -> None:
         """One SD step: `accepted` holds each row's number of accepted drafts (0..k), `proposed` how
         many it drafted (default k). Position j's conditional acceptance is (rows with >= j
         accepted) / (rows that proposed j with >= j-1 accepted)."""
         proposed = proposed if proposed is not None else [k] * len(accepted)
-        alpha = conditional_acceptance(*acceptance_counts(accepted, proposed))
+        self.tally.add(sum(expected_tokens(self.alpha, m) for m in proposed), sum(accepted) + len(accepted),
+                       len(accepted))
+        accepted_at, reached_at = acceptance_counts(accepted, proposed)
+        for j in range(min(len(reached_at), self.max_k)):
+            self.counts[0][j] += accepted_at[j]
+            self.counts[1][j] += reached_at[j]
+        alpha = conditional_acceptance(accepted_at, reached_at)
         for j, a in enumerate(alpha[:min(k, self.max_k)]):
             self.alpha[j] += self.ema * (a - self.alpha[j])
 
     def choose_long(self, batch: int, context: float, limit: int, others: int = 0) -> tuple[int, bool]:
         """(L, together): the replay rows' draft length and whether the others ride along in their
-        verify (see the module doc); on a tie the shorter draft, then apart."""
+        verify (see the module doc); on a tie the shorter draft, then apart; a long verify only where
+        it beats L = 0 by the margin."""
         def rate(L: int, together: bool) -> float:
             if L == 0:  # the replay rows join the others' step
                 return (batch + others) / self.costs.step_s(batch + others, 0, context)
@@ -311,14 +362,56 @@ class AdaptiveK(Policy):
             return tokens / (self.costs.verify_s(batch, L + 1, context) + rest)
 
         options = [(L, t) for L in long_lengths(limit) for t in ((False, True) if L and others else (False,))]
-        return max(options, key=lambda o: (rate(*o), -o[0], not o[1]))
+        best = max(options, key=lambda o: (rate(*o), -o[0], not o[1]))
+        if best[0] and rate(*best) < (1 + self.margin) * rate(0, False):
+            return 0, False
+        return best
 
     def observe_long(self, accepted: list[int], proposed: list[int]) -> None:
         """Replay rows of one verify: beta, the chance a draft is accepted given the ones before it
         were, over every position the rows reached."""
+        self.tally.add(sum(expected_tokens([self.beta] * m, m) for m in proposed), sum(accepted) + len(accepted),
+                       len(accepted))
         reached = sum(min(n + 1, m) for n, m in zip(accepted, proposed))
         if reached:
             self.beta += self.ema * (sum(accepted) / reached - self.beta)
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to choose as this one would (the counts are empty between rollouts)."""
+        return {"alpha": list(self.alpha), "beta": self.beta, "external": self.external, "scale": list(self.scale),
+                "accept_error": self.accept_error}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.alpha, self.beta = list(state["alpha"]), state["beta"]
+        self.external, self.scale = state["external"], list(state["scale"])
+        self.accept_error = state["accept_error"]
+
+    def end_rollout(self) -> Tally:
+        """After a rollout: the tally of its verifies (taken: the next starts at zero); the estimate
+        refitted to the rates each draft position measured (where it was reached often enough):
+        the scale of an external estimate, else the estimate itself, each moved by weight
+        reached / (reached + SCALE_PRIOR); and the margin's acceptance part, the estimate's optimism
+        (predicted above emitted, relative), which halves in a rollout that verified nothing."""
+        tally, self.tally = self.tally, Tally()
+        if tally.rows:
+            optimism = max(tally.predicted - tally.emitted, 0.0) / max(tally.emitted, 1e-9)
+            self.accept_error += 0.5 * (optimism - self.accept_error)
+        else:
+            self.accept_error *= 0.5  # (an error measured long ago must not keep SD off for good)
+        lo, hi = self.SCALE_RANGE
+        for j, (a, r) in enumerate(zip(*self.counts)):
+            if r < self.MIN_REACHED:
+                continue
+            weight = r / (r + self.SCALE_PRIOR)  # a rollout's rate counts by its verifies
+            if self.external is None:
+                self.alpha[j] += weight * (a / r - self.alpha[j])
+            elif self.external[j] > 0.02:
+                ratio = (a / r) / self.external[j]
+                self.scale[j] = min(max(self.scale[j] + weight * (ratio - self.scale[j]), lo), hi)
+        if self.external is not None:
+            self.alpha = [min(max(a * c, 0.0), 1.0) for a, c in zip(self.external, self.scale)]
+        self.counts = ([0] * self.max_k, [0] * self.max_k)
+        return tally
 
 
 def conditional_alpha(accept_per_pos: list[float]) -> list[float]:

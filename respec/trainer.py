@@ -126,6 +126,7 @@ class Trainer:
         self.replays = ReplayStore() if self.drafter is not None and "replay" in split_spec(cfg.drafter)[1] else None
         self.stop = guards.StopRequest()  # entered by run(): Ctrl-C asks the run to stop
         self.saved_step: int | None = None  # the step of the newest checkpoint written or resumed
+        self.solver_state: dict | None = None  # the adaptive solver's state from a checkpoint (load_state_dict)
         self.step = 0
         self.started = False  # start() ran
         self.peak_flops, self.peak_source = 0.0, ""  # set by start(): FLOP/s over all ranks, and where from
@@ -242,6 +243,8 @@ class Trainer:
                                             contexts=(64, 64 + cfg.max_new_tokens), progress=cfg.progress and self.d.main)
             out["profile_s"] = round(time.perf_counter() - t0, 1)
             self.policy = AdaptiveK(costs, cfg.k, self.drafter_prior)
+            if self.solver_state:  # a resumed run's, as it was saved
+                self.policy.load_state_dict(self.solver_state)
             self.log(f"SD adaptive: cost model {'cached' if cached else 'profiled'} (fit error {costs.rel_error:.1%}), "
                      f"initial acceptance {[round(a, 2) for a in self.policy.alpha]}")
         return out
@@ -331,11 +334,13 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """The trainer's own part of a checkpoint: the adaptive solver's acceptance (its online EMA)."""
-        return {"solver_alpha": list(self.policy.alpha)} if isinstance(self.policy, AdaptiveK) else {}
+        return {"solver_alpha": list(self.policy.alpha), "solver": self.policy.state_dict()} \
+            if isinstance(self.policy, AdaptiveK) else {}
 
     def load_state_dict(self, state: dict) -> None:
         """Step 3 of `start` builds the solver with the restored acceptance."""
         self.drafter_prior = state.get("solver_alpha", self.drafter_prior)
+        self.solver_state = state.get("solver")  # (a checkpoint written before the calibration has none)
 
     def forget_metrics_after(self, step: int) -> None:
         """Drop metrics and completions of steps after `step`: a run killed between checkpoints
@@ -362,6 +367,8 @@ class Trainer:
         drafter_version = self.learner.live_version if self.learner is not None else 0  # drafter updates in it
         with timed(timings, "rollout_s"):
             stats, replay_rows = self.generate(episodes)  # 2. rollout
+        # the adaptive solver's prediction against this rollout's verifies; its calibration refitted
+        solver = self.policy.end_rollout() if isinstance(self.policy, AdaptiveK) else None
         with timed(timings, "drafter_s", add=True):  # a background drafter update, for the next rollout
             kd = self.apply_drafter_update(self.learner.before_rollout()) if self.learner is not None else None
         with timed(timings, "reward_s"):
@@ -387,7 +394,7 @@ class Trainer:
                 kd = self.apply_drafter_update(update) or kd
         timings["step_s"] = time.perf_counter() - t_step
         return self.step_metrics(episodes, stats, upd, timings, kd=kd, epoch=epoch,  # 6. metrics
-                                 drafter_version=drafter_version, replay_rows=replay_rows)
+                                 drafter_version=drafter_version, replay_rows=replay_rows, solver=solver)
 
     def step_metrics(self, episodes: list[Episode], stats: EngineStats, upd: dict, timings: dict, **step) -> dict:
         """Step 6: the step's line of metrics.jsonl (respec/metrics.py), over all ranks."""

@@ -230,3 +230,74 @@ def test_fixed_policy_is_the_default(tiny):
         assert StepTimer(engine).time_step(2, 2, 16, reps=1) > 0
     with pytest.raises(ValueError, match="at most 2"):
         StepTimer(engine).time_step(2, 3, 16)
+
+
+def simulated_rollout(policy: AdaptiveK, rates: list[float], verifies: int, rng: random.Random, batch: int = 4):
+    """`verifies` SD steps of `batch` rows at k = 3, each draft j accepted with probability rates[j]
+    given the ones before it were; returns the rollout's tally."""
+    for _ in range(verifies):
+        accepted = []
+        for _ in range(batch):
+            n = 0
+            while n < 3 and rng.random() < rates[n]:
+                n += 1
+            accepted.append(n)
+        policy.observe(accepted, 3)
+    return policy.end_rollout()
+
+
+def test_an_optimistic_estimate_is_calibrated_by_what_the_next_rollout_measures():
+    """The distillation's estimate says 0.9 per position, the drafts are accepted at 0.5/0.4/0.3:
+    the first rollout's prediction is far off (the error the statistic must see), the scale refitted
+    from it, and the next rollouts, with the same optimistic estimate set again (a new drafter
+    update), are predicted within 0.15 tokens per verify."""
+    rng = random.Random(0)
+    rates = [0.5, 0.4, 0.3]
+    policy = AdaptiveK(COSTS, max_k=3, alpha=[0.9] * 3, ema=0.0)  # (no online EMA: the calibration alone)
+    first = simulated_rollout(policy, rates, 100, rng)
+    assert (first.predicted - first.emitted) / first.rows > 1.5  # 3.44 expected against 1.68
+    errors = []
+    for _ in range(3):
+        policy.set_alpha([0.9] * 3)  # the same optimistic estimate again
+        tally = simulated_rollout(policy, rates, 100, rng)
+        errors.append((tally.predicted - tally.emitted) / tally.rows)
+    assert all(abs(e) < 0.15 for e in errors), errors
+    assert policy.scale == pytest.approx([r / 0.9 for r in rates], abs=0.12)
+    assert policy.accept_error < 0.1  # the optimism measured once, halving as calibrated rollouts come in
+
+
+def test_without_an_external_estimate_the_estimate_itself_follows_the_measured_rates():
+    """The history drafter's solver starts from the 0.5 prior: a rollout accepting ~0.95 moves the
+    estimate there (not by the online EMA's 5% a step alone), and an under-estimate does not widen
+    the margin (it costs speculation, never time)."""
+    rng = random.Random(2)
+    policy = AdaptiveK(COSTS, max_k=3, ema=0.0)
+    first = simulated_rollout(policy, [0.95] * 3, 100, rng)
+    assert (first.predicted - first.emitted) / first.rows < -1.0 and policy.accept_error == 0.0
+    assert all(a > 0.85 for a in policy.alpha), policy.alpha
+    simulated_rollout(policy, [0.95] * 3, 100, rng)
+    tally = simulated_rollout(policy, [0.95] * 3, 100, rng)
+    assert abs(tally.predicted - tally.emitted) / tally.rows < 0.15
+
+
+def test_sd_needs_a_gain_beyond_the_margin():
+    """Where the predicted gain of SD is smaller than the model's error (the cost fit's and the
+    acceptance estimate's), the solver decodes plainly; with no margin it would speculate."""
+    alpha = [0.45] * 2  # k = 1 at batch 8: 1.45 tokens in 19 ms against 1 in 14 ms, 6.8% more
+    bare = AdaptiveK(COSTS, max_k=2, alpha=alpha, margin=0.0)
+    gain = max(bare.throughput(8, k, 100) for k in (1, 2)) / bare.throughput(8, 0, 100) - 1
+    assert bare.choose(8, 100) > 0 and 0 < gain < 0.2, gain  # a small predicted gain: the case at hand
+    careful = AdaptiveK(COSTS, max_k=2, alpha=alpha, margin=gain + 0.01)
+    assert careful.choose(8, 100) == 0
+    fitted = AdaptiveK(CostModel(COSTS.coef, rel_error=gain + 0.01), max_k=2, alpha=alpha)
+    assert fitted.margin == pytest.approx(gain + 0.01) and fitted.choose(8, 100) == 0  # the fit's error by default
+
+
+def test_the_solver_state_round_trips():
+    rng = random.Random(1)
+    policy = AdaptiveK(COSTS, max_k=3, alpha=[0.9] * 3)
+    simulated_rollout(policy, [0.5, 0.5, 0.5], 50, rng)
+    again = AdaptiveK(COSTS, max_k=3, alpha=[0.2] * 3)
+    again.load_state_dict(json.loads(json.dumps(policy.state_dict())))
+    assert again.state_dict() == policy.state_dict()
+    assert [again.choose(b, 100) for b in (1, 4, 16)] == [policy.choose(b, 100) for b in (1, 4, 16)]

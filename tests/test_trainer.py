@@ -392,6 +392,25 @@ def test_history_drafter_resume_is_exact(tmp_path):
     assert completions(split) == completions(straight)
 
 
+def test_adaptive_solver_reports_its_error_and_resumes_exactly(tmp_path):
+    """`--sd adaptive`: each step that speculated reports `accept_est_error` (what the solver expected
+    of its verifies minus what they emitted, tokens per verify), and a resumed run's solver chooses
+    as the straight one's (its calibration and margin travel in the checkpoint): the same decoding
+    steps, SD share and acceptance."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    args = [*[a for a in TOY if a not in ("--sd", "off")], "--sd", "adaptive", "--drafter", "history", "--k", "3",
+            "--train-size", "4", "--max-new-tokens", "16", "--checkpoint-every", "2"]
+    train(*args, "--steps", "4", "--out", str(straight))
+    train(*args, "--steps", "2", "--out", str(split))
+    train("--resume", str(split), "--steps", "4", "--no-progress")
+    rows = metrics(straight)
+    spec = [r for r in rows if r["sd_fraction"] > 0]
+    assert spec and all(abs(r["accept_est_error"]) < 16 for r in spec), rows  # (a finite figure on each)
+    assert all(("accept_est_error" in r) == (r["sd_fraction"] > 0) for r in rows)
+    chosen = EXACT + ["sd_fraction", "accept_len", "alpha_measured", "accept_est_error"]
+    assert [{k: r.get(k) for k in chosen} for r in metrics(split)] == [{k: r.get(k) for k in chosen} for r in rows]
+
+
 def test_peak_flops_from_the_datasheet_table_or_a_timed_gemm():
     """The MFU's denominator: a known GPU's dense datasheet figure, found by the name torch reports
     (the most specific pattern wins), in the training dtype; fp32 on TF32 tensor cores unless the
