@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import faulthandler
 import json
+import resource
 import shutil
 import signal
 import sys
@@ -195,8 +196,14 @@ def resumed_config(run: Path, given: dict) -> TrainConfig:
     return cfg
 
 
+def peak_memory_gb() -> float:
+    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
 def summary(history: list[dict], run_dir: Path, wall_s: float, prep: dict, verify: str = "match",
-            peak_source: str = "") -> str:
+            peak_source: str = "", kd_async: bool = True) -> str:
     first, last = history[:5], history[-5:]
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
     rollout = sum(r["rollout_s"] for r in history)
@@ -212,11 +219,20 @@ def summary(history: list[dict], run_dir: Path, wall_s: float, prep: dict, verif
         f"update MFU {mean(history, 'train_mfu'):.1%} (model FLOPs over the update's time alone, of the peak in the "
         f"training dtype: {peak_source or 'unknown'})",
     ]
+    if any("sd_saved_s" in r for r in history):  # the adaptive solver's own account
+        errors = [r["accept_est_error"] for r in history if "accept_est_error" in r]
+        saved = sum(r.get("sd_saved_s", 0.0) for r in history)
+        lines.append(f"SD {'saved' if saved >= 0 else 'cost'} an estimated {abs(saved):.1f} s of decoding (the cost "
+                     "model at the measured acceptance)" + (f"; the solver's acceptance estimate off by "
+                     f"{sum(errors) / len(errors):+.2f} tokens per verify on average over the {len(errors)} steps "
+                     "that speculated (accept_est_error)" if errors else "; it never speculated"))
     est = [r["accept_est"] for r in history if "accept_est" in r]
     if est:
         rule = "a draw under the match rule" if verify == "match" else "1 - TV"
-        lines.append(f"drafter distillation {mean(history, 'drafter_s'):.1f} s per step on the critical path; estimated "
-                     f"accept_len ({rule}) {est[0]:.2f} -> {est[-1]:.2f}")
+        background = sum(r.get("kd_s", 0.0) for r in history) if kd_async else 0.0
+        lines.append(f"drafter distillation {mean(history, 'drafter_s'):.1f} s per step on the critical path"
+                     + (f", {background:.0f} s in all in the background (beside the rollouts and updates, on their "
+                        "cores)" if kd_async else "") + f"; estimated accept_len ({rule}) {est[0]:.2f} -> {est[-1]:.2f}")
     evals = read_evaluations(run_dir)
     if evals:
         passes = lambda r: "".join(f", {k.removeprefix('eval_').replace('_at_', '@')} {v:.3f}"  # noqa: E731
@@ -224,6 +240,7 @@ def summary(history: list[dict], run_dir: Path, wall_s: float, prep: dict, verif
         lines.append("held-out pass@1 " + "  ->  ".join(f"{r['eval_accuracy']:.3f} (step {r['step']}{passes(r)})"
                                                          for r in (evals[0], evals[-1])[:len(evals)]))
     lines += [
+        f"peak resident memory {peak_memory_gb():.2f} GB (this process)",
         f"metrics {run_dir / 'metrics.jsonl'}, plots {run_dir / 'plots'}, final actor {run_dir / 'hf'}"
         + (f", final drafter {run_dir / 'drafter'}" if (run_dir / "drafter").is_dir() else ""),
     ]
@@ -290,7 +307,8 @@ def run_grpo(ns, given: dict, d: distributed.Dist) -> int:
             plot_run(run_dir)
         if history:
             with teardown("summary", d):
-                print(summary(history, run_dir, time.perf_counter() - wall, prep, cfg.verify, trainer.peak_source),
+                print(summary(history, run_dir, time.perf_counter() - wall, prep, cfg.verify, trainer.peak_source,
+                              kd_async=cfg.drafter_async),
                       flush=True)
     return 0
 

@@ -69,7 +69,7 @@ def rank_sums(episodes, stats: EngineStats, inputs: StepInputs) -> dict:
         **{f"accepted_{j}": a for j, a in enumerate(per_pos(stats.sd_accepted_at))},
         **{f"reached_{j}": a for j, a in enumerate(per_pos(stats.sd_reached_at))},
         **({"est_predicted": inputs.solver.predicted, "est_emitted": inputs.solver.emitted,
-            "est_rows": inputs.solver.rows} if inputs.solver is not None else {}),
+            "est_rows": inputs.solver.rows, "est_saved_s": inputs.solver.saved_s} if inputs.solver is not None else {}),
     }
 
 
@@ -115,6 +115,9 @@ def step_metrics(sums: dict, stats: EngineStats, inputs: StepInputs, d: distribu
         # what the solver expected of the rows it verified minus what they emitted, tokens per verify
         **({"accept_est_error": round((sums["est_predicted"] - sums["est_emitted"]) / sums["est_rows"], 4)}
            if sums.get("est_rows") else {}),
+        # decoding time SD saved in the rollout (negative: cost), per rank, from the cost model and
+        # the tokens each verify emitted (respec/solver.py Tally)
+        **({"sd_saved_s": round(sums["est_saved_s"] / d.world, 3)} if "est_saved_s" in sums else {}),
         "drafter_version": inputs.drafter_version,
         "epoch": inputs.epoch,
         **replay_metrics(sums, inputs),

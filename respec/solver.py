@@ -271,11 +271,15 @@ class Tally:
     predicted: float = 0.0
     emitted: float = 0.0
     rows: int = 0
+    # decoding time SD saved, estimated: each verify's tokens at plain decoding's cost per token minus
+    # the verify's cost, both from the cost model (negative: SD cost time)
+    saved_s: float = 0.0
 
-    def add(self, predicted: float, emitted: float, rows: int) -> None:
+    def add(self, predicted: float, emitted: float, rows: int, saved_s: float = 0.0) -> None:
         self.predicted += predicted
         self.emitted += emitted
         self.rows += rows
+        self.saved_s += saved_s
 
 
 class AdaptiveK(Policy):
@@ -306,6 +310,7 @@ class AdaptiveK(Policy):
         self.scale = [1.0] * max_k  # measured / external, per position
         self.counts = ([0] * max_k, [0] * max_k)  # accepted, reached per position since the last end_rollout
         self.tally = Tally()
+        self.context = 0.0  # the mean cached length of the step being verified (`plan`)
         if alpha is not None:
             self.set_alpha(alpha)
 
@@ -323,6 +328,16 @@ class AdaptiveK(Policy):
         self.external = vals + [vals[-1]] * (self.max_k - len(vals))
         self.alpha = [min(max(a * c, 0.0), 1.0) for a, c in zip(self.external, self.scale)]
 
+    def plan(self, room: list[int], offers: list[int] | None, context: float, *, max_k: int,
+             max_long: int) -> list[Group]:
+        self.context = context  # (what the groups' outcomes are costed at, `observe`)
+        return super().plan(room, offers, context, max_k=max_k, max_long=max_long)
+
+    def saved_s(self, rows: int, emitted: int, verify_s: float) -> float:
+        """A verify of `rows` rows that emitted `emitted` tokens in `verify_s` (modelled) against
+        plain decoding's time for as many tokens."""
+        return emitted / rows * self.costs.step_s(rows, 0, self.context) - verify_s
+
     def throughput(self, batch: int, k: int, context: float) -> float:
         """Predicted tokens per second of one step."""
         return batch * expected_tokens(self.alpha, k) / self.costs.step_s(batch, k, context)
@@ -338,8 +353,10 @@ class AdaptiveK(Policy):
         many it drafted (default k). Position j's conditional acceptance is (rows with >= j
         accepted) / (rows that proposed j with >= j-1 accepted)."""
         proposed = proposed if proposed is not None else [k] * len(accepted)
-        self.tally.add(sum(expected_tokens(self.alpha, m) for m in proposed), sum(accepted) + len(accepted),
-                       len(accepted))
+        n, emitted = len(accepted), sum(accepted) + len(accepted)
+        if n and max(proposed) > 0:  # (rows riding undrafted in a long verify: no drafts, no verify of their own)
+            self.tally.add(sum(expected_tokens(self.alpha, m) for m in proposed), emitted, n,
+                           self.saved_s(n, emitted, self.costs.step_s(n, k, self.context)))
         accepted_at, reached_at = acceptance_counts(accepted, proposed)
         for j in range(min(len(reached_at), self.max_k)):
             self.counts[0][j] += accepted_at[j]
@@ -370,8 +387,9 @@ class AdaptiveK(Policy):
     def observe_long(self, accepted: list[int], proposed: list[int]) -> None:
         """Replay rows of one verify: beta, the chance a draft is accepted given the ones before it
         were, over every position the rows reached."""
-        self.tally.add(sum(expected_tokens([self.beta] * m, m) for m in proposed), sum(accepted) + len(accepted),
-                       len(accepted))
+        n, emitted = len(accepted), sum(accepted) + len(accepted)
+        self.tally.add(sum(expected_tokens([self.beta] * m, m) for m in proposed), emitted, n,
+                       self.saved_s(n, emitted, self.costs.verify_s(n, max(proposed) + 1, self.context)) if n else 0.0)
         reached = sum(min(n + 1, m) for n, m in zip(accepted, proposed))
         if reached:
             self.beta += self.ema * (sum(accepted) / reached - self.beta)
