@@ -46,6 +46,7 @@ class KDConfig:
     draft_temperature: float = DRAFT_TEMPERATURE  # the head drafts at temperature * this (the estimate's q)
     grad_clip: float = 1.0
     async_update: bool = True  # the update in a background thread, overlapped with the next rollout
+    budget: float = 1.0  # the distillation's time at most this share of the run's (1: no bound), `due`
 
     def validate(self) -> None:
         if self.weighting not in WEIGHTINGS:
@@ -59,6 +60,8 @@ class KDConfig:
             raise ValueError(f"--drafter-lr must be positive and --drafter-warmup >= 0, got {self.lr}, {self.warmup}")
         if self.draft_temperature <= 0:
             raise ValueError(f"--draft-temperature must be > 0, got {self.draft_temperature}")
+        if not 0 < self.budget <= 1:
+            raise ValueError(f"--drafter-budget must be in (0, 1], got {self.budget}")
 
 
 @dataclass
@@ -193,6 +196,9 @@ class TrainConfig(DataConfig):
                                           "that many steps)")
     drafter_idle_interval: int = option(KDConfig.idle_interval, "RL steps between distillations while the head "
                                         "drafts nothing")
+    drafter_budget: float | None = option(None, "the distillation's time (in line or in the background) at most this "
+                                          "share of the run's, in (0, 1] (1: no bound)",
+                                          shown="0.1 on a CPU, whose cores it shares with the rollout; 1 on a GPU")
     # --- system ---
     dtype: str = option("auto", "dtype the model decodes in (the rollout's; auto: bf16 where native: CUDA, "
                         "AVX-512-BF16/AMX; else fp32)",
@@ -256,15 +262,17 @@ class TrainConfig(DataConfig):
         targets = tuple(t.strip() for item in self.lora_target_modules for t in str(item).split(",") if t.strip())
         return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, targets)
 
-    def kd(self) -> KDConfig | None:
-        """The drafter's online distillation (None: `--drafter-update frozen`)."""
-        return None if self.drafter_update == "frozen" else self._kd(self.drafter_update)
+    def kd(self, device_type: str = "cpu") -> KDConfig | None:
+        """The drafter's online distillation on a device of this type (None: `--drafter-update frozen`)."""
+        return None if self.drafter_update == "frozen" else self._kd(self.drafter_update, device_type)
 
-    def _kd(self, weighting: str) -> KDConfig:
+    def _kd(self, weighting: str, device_type: str = "cpu") -> KDConfig:
+        budget = self.drafter_budget if self.drafter_budget is not None else 1.0 if device_type == "cuda" else 0.1
         return KDConfig(weighting=weighting, lr=self.drafter_lr, warmup=self.drafter_warmup,
                         batch=self.drafter_batch, epochs=self.drafter_epochs, interval=self.drafter_update_interval,
                         idle_interval=self.drafter_idle_interval, unroll=self.k, temperature=self.temperature,
-                        verify=self.verify, draft_temperature=self.draft_temperature, async_update=self.drafter_async)
+                        verify=self.verify, draft_temperature=self.draft_temperature, async_update=self.drafter_async,
+                        budget=budget)
 
     def update(self) -> UpdateConfig:
         """The policy update's settings."""

@@ -118,7 +118,7 @@ class Trainer:
         self._build_actor()  # the actor, its rollout copy, the reference, the optimizer and its schedule
         self._build_drafter()  # the drafter --drafter names, loaded
         self._build_engine()  # the KV pool and the rollout engine
-        kd = cfg.kd() if self.master is not None else None  # the head's online distillation, unless frozen
+        kd = cfg.kd(d.device.type) if self.master is not None else None  # the head's online distillation, unless frozen
         self.learner = OnlineLearner(self.master, kd, world=d.world, k=cfg.k, main=d.main) if kd else None
         self.policy: Policy = FixedK(0)  # the SD policy of the rollouts: `start` makes it
         self.seeds = RolloutSeeds(cfg.rollout_seeds, seed=cfg.seed, group=cfg.group, reseed_every=cfg.reseed_every)
@@ -393,6 +393,8 @@ class Trainer:
                 update = self.learner.after_update(self.rollout.model, episodes, drafted, self.step)
                 kd = self.apply_drafter_update(update) or kd
         timings["step_s"] = time.perf_counter() - t_step
+        if self.learner is not None:
+            self.learner.account(timings["step_s"])
         return self.step_metrics(episodes, stats, upd, timings, kd=kd, epoch=epoch,  # 6. metrics
                                  drafter_version=drafter_version, replay_rows=replay_rows, solver=solver)
 

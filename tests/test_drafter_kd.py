@@ -352,3 +352,25 @@ def test_kd_demo_reward_weights_fit_the_rewarded_completions_better():
     uniform_gap = abs(kl["kd", "unrewarded"] - kl["kd", "rewarded"])
     assert reward_gap > 0
     assert reward_gap > 2 * uniform_gap
+
+
+def test_the_distillation_keeps_within_its_share_of_the_run(tiny, rollouts):
+    """`budget`: after the first distillation (always), one is due only while the distillation's
+    seconds so far are at most that share of the run's steps'; with no bound (1), whenever the
+    schedule says."""
+    seqs, plens = rollouts
+    learner, _ = make_learner(tiny, seqs, budget=0.1, idle_interval=1)
+    assert learner.due(0, drafted=False)  # the first: nothing spent yet
+    learner.submit(tiny, seqs, plens, torch.ones(len(seqs)), 0)
+    learner.collect()
+    spent = learner.spent_s
+    assert spent > 0
+    learner.account(5 * spent)  # the distillation took 20% of the run so far
+    assert not learner.due(1, drafted=True)
+    learner.account(5 * spent)  # 10%
+    assert learner.due(2, drafted=True)
+    unbounded, _ = make_learner(tiny, seqs, budget=1.0, idle_interval=1)
+    unbounded.last_submit, unbounded.spent_s, unbounded.run_s = 0, 100.0, 1.0
+    assert unbounded.due(1, drafted=True)
+    state = learner.state_dict()
+    assert (state["spent_s"], state["run_s"]) == (spent, 10 * spent)  # a resume keeps its account

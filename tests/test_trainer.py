@@ -265,8 +265,9 @@ def test_several_updates_per_rollout_with_kl(tmp_path, tokenizer):
 
 
 # The toy run with speculative rollouts and the drafter distilled online from an untrained head.
+# (no time budget: a budget's decisions follow the clock, and these compare runs step for step)
 KD_TOY = [a for a in TOY if a not in ("--sd", "off")] + ["--sd", "on", "--k", "2", "--drafter", "random",
-                                                          "--drafter-update", "rkd"]
+                                                          "--drafter-update", "rkd", "--drafter-budget", "1"]
 KD_EXACT = EXACT + ["accept_len", "alpha_measured", "drafter_version", "kd_step", "kd_loss", "alpha_est"]
 
 
