@@ -141,14 +141,22 @@ def test_an_option_that_does_not_apply_is_refused(tmp_path, capsys, args, needle
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"question": "1+1?", "answer": "2"}\n')
     out = tmp_path / "run"
+    line = refused(train_py.main, ["--model", "tiny", *([] if "--stage" in args else ["--sd", "off"]),
+                                   *[str(rows) if a == "ROWS" else a for a in args], "--out", str(out), "--no-progress"],
+                   capsys, "train.py")
+    assert needle in line, line
+    assert not out.exists()
+
+
+def refused(main, argv: list[str], capsys, prog: str) -> str:
+    """The one line `main(argv)` refused with (exit code 2)."""
     try:
-        code = train_py.main(["--model", "tiny", *([] if "--stage" in args else ["--sd", "off"]),
-                              *[str(rows) if a == "ROWS" else a for a in args], "--out", str(out), "--no-progress"])
+        code = main(argv)
     except SystemExit as e:
         code = e.code
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("train.py: error: ") and needle in err[0], (code, err)
-    assert not out.exists()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"{prog}: error: "), (code, err)
+    return err[0]
 
 
 def test_the_same_options_apply_once_what_they_need_is_given():
@@ -222,12 +230,9 @@ def test_an_option_generate_does_not_use_is_refused(tmp_path, capsys, args, need
     import generate
 
     out = tmp_path / "out.json"
-    try:
-        code = generate.main(["--model", "tiny", *[str(out) if a == "OUT" else a for a in args]])
-    except SystemExit as e:
-        code = e.code
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("generate.py: error: ") and needle in err[0], (code, err)
+    line = refused(generate.main, ["--model", "tiny", *[str(out) if a == "OUT" else a for a in args]], capsys,
+                   "generate.py")
+    assert needle in line, line
     assert not out.exists()
 
 

@@ -85,7 +85,10 @@ class EagleDrafter(Drafter):
         self.feature_layers = tuple(head.cfg.feature_layers)
         t = head.cfg.target
         self.pool_shape = (1, t.num_kv_heads, t.head_dim)
-        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # seq id -> (features (m, 3d), tokens (m,))
+        # seq id -> its pending pairs, in chunks of (features (m, 3d), tokens (m,)): a plain step appends
+        # one, and they are joined only when read (`_pairs`), so a row that stays off SD for hundreds
+        # of steps costs a step one append, not a copy of everything pending
+        self.pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.pending_start: dict[int, int] = {}  # seq id -> position of the first pending token
         self.consumed: set[int] = set()  # seq ids whose pending pairs the last draft consumed
 
@@ -104,13 +107,23 @@ class EagleDrafter(Drafter):
         head(head.project(shifted), tokens, positions, self.view.target.embed_tokens, kv.layer(0))
         for i, s in enumerate(seqs):
             L = len(s.tokens)
-            self.pending[s.id], self.pending_start[s.id] = (taps[i, L - 1: L], first_tokens[i: i + 1]), L
+            self.pending[s.id], self.pending_start[s.id] = [(taps[i, L - 1: L], first_tokens[i: i + 1])], L
 
     def on_decode(self, seqs, taps, next_tokens) -> None:
         """The head will need (feature of the input token, the token sampled after it)."""
+        taps, next_tokens = taps[: len(seqs)].clone(), next_tokens[: len(seqs)].clone()  # (the step's outputs are reused)
         for i, s in enumerate(seqs):
-            t, tok = self.pending[s.id]
-            self.pending[s.id] = (torch.cat([t, taps[i: i + 1]]), torch.cat([tok, next_tokens[i: i + 1]]))
+            self.pending[s.id].append((taps[i: i + 1], next_tokens[i: i + 1]))
+
+    def _pairs(self, sid: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A row's pending pairs as one (features, tokens): its chunks joined once, where read."""
+        chunks = self.pending[sid]
+        if len(chunks) > 1:
+            chunks[:] = [(torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]))]
+        return chunks[0]
+
+    def _count(self, sid: int) -> int:
+        return sum(c[0].shape[0] for c in self.pending[sid])
 
     def _padded(self, s, width: int) -> tuple:
         """A sequence's pending pairs as (features, tokens, positions, valid), right-padded to `width`
@@ -121,7 +134,7 @@ class EagleDrafter(Drafter):
             taps = torch.zeros(1, self.module.fc.in_features, dtype=self.view.dtype, device=dev)
             tokens, start = torch.zeros(1, dtype=torch.int64, device=dev), 0
         else:
-            (taps, tokens), start = self.pending[s.id], self.pending_start[s.id]
+            (taps, tokens), start = self._pairs(s.id), self.pending_start[s.id]
         m = taps.shape[0]
         taps = torch.cat([taps, taps.new_zeros(width - m, taps.shape[-1])])
         tokens = torch.cat([tokens, tokens.new_zeros(width - m)])
@@ -132,16 +145,17 @@ class EagleDrafter(Drafter):
     def catch_up(self, seqs, k: int) -> None:
         """Consume all but the newest pending pair (the SD step consumes that) of the rows with more
         than k+1 pending (SD was off for a while): one eager, right-padded forward."""
-        behind = [s for s in seqs if self.pending[s.id][0].shape[0] > k + 1]
+        behind = [s for s in seqs if self._count(s.id) > k + 1]
         if not behind:
             return
-        width = max(self.pending[s.id][0].shape[0] for s in behind) - 1
+        width = max(self._count(s.id) for s in behind) - 1
         rows = []
         for s in behind:  # the row's pairs but its newest
-            (t, tok), m = self.pending[s.id], self.pending[s.id][0].shape[0]
-            self.pending[s.id] = (t[:m - 1], tok[:m - 1])
+            t, tok = self._pairs(s.id)
+            m = t.shape[0]
+            self.pending[s.id] = [(t[:m - 1], tok[:m - 1])]
             rows.append(self._padded(s, width))
-            self.pending[s.id], self.pending_start[s.id] = (t[m - 1:], tok[m - 1:]), self.pending_start[s.id] + m - 1
+            self.pending[s.id], self.pending_start[s.id] = [(t[m - 1:], tok[m - 1:])], self.pending_start[s.id] + m - 1
         taps, tokens, positions, valid = (torch.stack(x) for x in zip(*rows))
         kv = PagedKV.build(self.view.draft_pools, self.view.tables(behind), positions, self.runner.n_rep, valid=valid)
         self.runner(self.runner.project(taps), tokens, positions, self.view.target.embed_tokens, kv.layer(0))
@@ -165,11 +179,10 @@ class EagleDrafter(Drafter):
         for i, s in enumerate(seqs):
             new = (taps[i, : n[i] + 1], tokens[i, : n[i] + 1])
             if s.id in self.consumed:
-                self.pending[s.id] = new
+                self.pending[s.id] = [new]
                 self.pending_start[s.id] = len(s.tokens) - 1 - n[i]
             else:
-                t, tok = self.pending[s.id]
-                self.pending[s.id] = (torch.cat([t, new[0]]), torch.cat([tok, new[1]]))
+                self.pending[s.id].append((new[0].clone(), new[1].clone()))
         self.consumed = set()
 
     def forget(self, seq) -> None:
