@@ -197,7 +197,7 @@ def resumed_config(run: Path, given: dict) -> TrainConfig:
 
 
 def peak_memory_gb() -> float:
-    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    """This process's peak resident memory in GiB (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
@@ -240,7 +240,7 @@ def summary(history: list[dict], run_dir: Path, wall_s: float, prep: dict, verif
         lines.append("held-out pass@1 " + "  ->  ".join(f"{r['eval_accuracy']:.3f} (step {r['step']}{passes(r)})"
                                                          for r in (evals[0], evals[-1])[:len(evals)]))
     lines += [
-        f"peak resident memory {peak_memory_gb():.2f} GB (this process)",
+        f"peak resident memory {peak_memory_gb():.2f} GiB (this process)",
         f"metrics {run_dir / 'metrics.jsonl'}, plots {run_dir / 'plots'}, final actor {run_dir / 'hf'}"
         + (f", final drafter {run_dir / 'drafter'}" if (run_dir / "drafter").is_dir() else ""),
     ]
