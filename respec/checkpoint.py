@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import re
 import shutil
@@ -171,9 +170,7 @@ def resume_point(run_dir: Path, d: Dist, log=print) -> Path | None:
 
 
 def _point_latest_at(root: Path, name: str) -> None:
-    pointer_tmp = root / f".{LATEST}.tmp"
-    pointer_tmp.write_text(name + "\n")
-    os.replace(pointer_tmp, root / LATEST)
+    storage.write_text(root / LATEST, name + "\n")  # (written aside and renamed: never half a name)
 
 
 @contextlib.contextmanager

@@ -55,6 +55,7 @@ import json
 import os
 import platform
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -326,6 +327,10 @@ class AdaptiveK(Policy):
         if not vals:
             return
         self.external = vals + [vals[-1]] * (self.max_k - len(vals))
+        self._calibrate()
+
+    def _calibrate(self) -> None:
+        """The estimate the solver decides with: the external one times each position's scale."""
         self.alpha = [min(max(a * c, 0.0), 1.0) for a, c in zip(self.external, self.scale)]
 
     def plan(self, room: list[int], offers: list[int] | None, context: float, *, max_k: int,
@@ -355,7 +360,8 @@ class AdaptiveK(Policy):
         proposed = proposed if proposed is not None else [k] * len(accepted)
         n, emitted = len(accepted), sum(accepted) + len(accepted)
         if n and max(proposed) > 0:  # (rows riding undrafted in a long verify: no drafts, no verify of their own)
-            self.tally.add(sum(expected_tokens(self.alpha, m) for m in proposed), emitted, n,
+            expected = sum(c * expected_tokens(self.alpha, m) for m, c in Counter(proposed).items())
+            self.tally.add(expected, emitted, n,
                            self.saved_s(n, emitted, self.costs.step_s(n, k, self.context)))
         accepted_at, reached_at = acceptance_counts(accepted, proposed)
         for j in range(min(len(reached_at), self.max_k)):
@@ -388,7 +394,8 @@ class AdaptiveK(Policy):
         """Replay rows of one verify: beta, the chance a draft is accepted given the ones before it
         were, over every position the rows reached."""
         n, emitted = len(accepted), sum(accepted) + len(accepted)
-        self.tally.add(sum(expected_tokens([self.beta] * m, m) for m in proposed), emitted, n,
+        expected = sum(c * expected_tokens([self.beta] * m, m) for m, c in Counter(proposed).items())
+        self.tally.add(expected, emitted, n,
                        self.saved_s(n, emitted, self.costs.verify_s(n, max(proposed) + 1, self.context)) if n else 0.0)
         reached = sum(min(n + 1, m) for n, m in zip(accepted, proposed))
         if reached:
@@ -427,7 +434,7 @@ class AdaptiveK(Policy):
                 ratio = (a / r) / self.external[j]
                 self.scale[j] = min(max(self.scale[j] + weight * (ratio - self.scale[j]), lo), hi)
         if self.external is not None:
-            self.alpha = [min(max(a * c, 0.0), 1.0) for a, c in zip(self.external, self.scale)]
+            self._calibrate()
         self.counts = ([0] * self.max_k, [0] * self.max_k)
         return tally
 
