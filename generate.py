@@ -28,8 +28,8 @@ import torch
 from compile.policy import require_tensorrt, use_persistent_cache
 from models.loading import ModelLoadError, eos_token_ids, load_model, load_tokenizer, resolve_dtype
 from respec import storage
-from respec.cli import (DefaultsFormatter, Needs, OneLineParser, add_options, given_options, option, positive_float,
-                        positive_int, positive_int_list, refuse_inert, shared)
+from respec.cli import (DefaultsFormatter, Needs, OneLineParser, add_options, given_options, non_negative_int, option,
+                        positive_float, positive_int, positive_int_list, refuse_inert, shared)
 from respec.config import TrainConfig
 from respec.drafter_training import DrafterConfig
 from respec.drafter_choice import choose_drafter, ensure_head
@@ -61,6 +61,7 @@ class GenerateConfig:
     compile_mode: str | None = shared(TrainConfig, "compile_mode",
                                       needs=Needs("eager", lambda eager: not eager, "--eager compiles nothing"))
     kv_cache_mb: int = shared(TrainConfig, "kv_cache_mb", 1024, parse=positive_int)
+    run_ahead: int = shared(TrainConfig, "run_ahead", parse=non_negative_int)
     kv_cache_gb: float | None = option(None, "the KV block pool in GiB instead (not with --kv-cache-mb)",
                                        parse=positive_float, shown="--kv-cache-mb's")
     seed: int = shared(TrainConfig, "seed")
@@ -180,7 +181,7 @@ def run_generate(args, model, tokenizer) -> None:
     params = sampling_params(args)
     engine = RolloutEngine(model, kv_cache_bytes=int(args.kv_cache_gb * 2**30), eos_token_ids=eos_token_ids(tokenizer, model),
                            eager=args.eager, compile_mode=args.compile_mode, drafter=drafter,
-                           num_draft_tokens=args.k if drafter else 0, verify=args.verify)
+                           num_draft_tokens=args.k if drafter else 0, verify=args.verify, run_ahead=args.run_ahead)
     engine.check_request(prompt, params)
     warmup(engine, [1], use_filter=args.temperature > 0 and (args.top_p < 1 or args.top_k > 0 or args.min_p > 0))
     t0 = time.perf_counter()

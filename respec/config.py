@@ -233,6 +233,9 @@ class TrainConfig(DataConfig):
     kv_cache_mb: int = option(0, "KV block pool per rank in MiB (0, train.py's default: 1024 on CPU, 40%% of the free "
                               "memory on a GPU)")
     max_batch: int = option(64, "most sequences decoding at once per rank")
+    run_ahead: int = option(32, "most plain decoding steps the engine runs with the host a step behind the device "
+                            "(the rows' state on the device, their tokens read when the run ends: "
+                            "respec/run_ahead.py); 0: the step-by-step loop (one host read per step)")
     # --- run ---
     out: str = option("", "new run directory (never overwritten)", aliases=("output_dir",), shown="runs/grpo-<time>")
     seed: int = option(0, "seed of the sampling, the data (a --task's problems, their order) and the initialisation")
@@ -311,8 +314,9 @@ class TrainConfig(DataConfig):
         if self.fsdp == "on" and not torch.distributed.is_initialized():
             raise ValueError("--fsdp on needs a process group: start train.py with torchrun")
         self._kd("kd").validate()  # the --drafter-* ranges, checked even when frozen
-        if self.reseed_every < 0 or self.replay_k < 0:
-            raise ValueError(f"--reseed-every and --replay-k must be >= 0, got {self.reseed_every}, {self.replay_k}")
+        if self.reseed_every < 0 or self.replay_k < 0 or self.run_ahead < 0:
+            raise ValueError(f"--reseed-every, --replay-k and --run-ahead must be >= 0, got {self.reseed_every}, "
+                             f"{self.replay_k}, {self.run_ahead}")
         PromptFormat.make(self.raw_prompts, self.chat_template_kwargs)
         self.lora().check()
         for name in ("steps", "prompts", "epochs", "minibatches", "k", "max_batch", "checkpoint_every"):

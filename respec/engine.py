@@ -18,7 +18,10 @@ each iteration:
 
 Without a drafter the engine holds a `NoDrafter` and k = 0: the same calls, nothing drafted.
 
-There is one host sync per step (the sampled tokens come back to decide who finished). Sampling
+Where every row decodes plainly (no drafter, or the policy turned SD off), steps run ahead of the
+host until the batch can change (respec/run_ahead.py: the rows' state on the device, a flag per step
+read a step behind, the tokens read once per run); otherwise there is one host sync per step (the
+sampled tokens come back to decide who finished and what to draft). Sampling
 noise is counter-based (`respec/sampling.py`), so a request's tokens depend on its seed and text,
 not on batch composition or preemption, as far as the logits do not: in fp32 exactly (the tests);
 in bf16 a forward of another shape (batch bucket, verify width, recompute) rounds the logits
@@ -39,6 +42,7 @@ from compile.policy import CompiledSteps
 from respec.drafters import DraftBatch, Drafter, EngineView, NoDrafter
 from respec.drafters.wrap import as_drafter
 from respec.kv_cache import PagedKVCache
+import respec.run_ahead as ahead
 from respec.sampling import RowSampling, SamplingParams, padded_vocab, prepare_sampler
 from respec.scheduler import Row, Scheduler
 from respec.solver import FixedK, Group, Policy, acceptance_counts
@@ -94,6 +98,13 @@ class Sequence:
     def pop(self) -> int:
         self.tokens.pop()
         return self.out.pop()
+
+    def extend(self, tokens: list[int], logprobs: list[float]) -> None:
+        """Tokens of plain decoding steps, recorded at once (respec/run_ahead.py)."""
+        self.out += tokens
+        self.tokens += tokens
+        self.logprobs += logprobs
+        self.verified += [False] * len(tokens)
 
 
 @dataclass
@@ -199,6 +210,7 @@ class RolloutEngine:
         policy: Policy | None = None,  # plans each step (respec/solver.py: FixedK, AdaptiveK); default FixedK(k)
         verify: str = "match",  # how drafts are verified: match (plain decoding's tokens) or rejection (respec/speculative.py)
         replay_k: int = 0,  # most drafts a long deterministic proposal (a replay) may make per verify; 0: k
+        run_ahead: int = 32,  # most plain steps run with the host reading their tokens a step behind (respec/run_ahead.py); 0: step by step
     ):
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -216,6 +228,9 @@ class RolloutEngine:
         if replay_k < 0:
             raise ValueError(f"replay_k must be >= 0, got {replay_k}")
         self.replay_k = replay_k
+        if run_ahead < 0:
+            raise ValueError(f"run_ahead must be >= 0, got {run_ahead}")
+        self.run_ahead = run_ahead
         self.policy = policy if policy is not None else FixedK(self.k)
         self.drafter.check(model)
         self.cache = PagedKVCache(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
@@ -223,6 +238,8 @@ class RolloutEngine:
                                   device=self.device, draft_shape=self.drafter.pool_shape)
         self.blocks = self.cache.blocks
         self.eos = set(int(e) for e in eos_token_ids)
+        # the decode step's EOS check (respec/steps.py sample_watch): (1, E), -1 where there is none
+        self.eos_ids = torch.tensor([sorted(self.eos) or [-1]], dtype=torch.int64, device=self.device)
         self.max_batch = max_batch
         self.scheduler = Scheduler(self.blocks, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens,
                                    forget=self.drafter.forget)
@@ -236,6 +253,7 @@ class RolloutEngine:
         self.steps.static_inputs(self.cache.pools + self.cache.draft_pools)
         self.stats = EngineStats()
         self._sampling = None  # the running rows' sampling tensors (see _row_params)
+        self._watch = None  # the running rows' EOS watch (see _watching)
         self.time_phases = False  # see _phase
         # the target's features the drafter reads, returned by prefill, decode and verify steps
         self.feature_layers = self.drafter.feature_layers
@@ -311,7 +329,7 @@ class RolloutEngine:
                     self._prefill(admitted)
                     running += admitted
                 else:
-                    self._step(waiting, running, policy)
+                    self._step(waiting, running, policy, should_stop)
                 finished = [s for s in running if s.finish_reason]
                 for s in finished:
                     self.scheduler.release(s)
@@ -320,14 +338,20 @@ class RolloutEngine:
                     on_finish(len(finished))
         return Completions([Completion(s.out, s.logprobs, s.finish_reason, s.verified) for s in seqs], self.stats)
 
-    def _step(self, waiting: deque, running: list[Sequence], policy: Policy) -> None:
+    def _step(self, waiting: deque, running: list[Sequence], policy: Policy, should_stop=None) -> None:
         """One decoding step of every running sequence, as `policy` plans it: groups of rows, each
         verified in one forward with its draft length (0: a plain decode step). Slots for every
         row's drafts are reserved first (which may preempt rows from the back); each group's outcome
-        goes back to the policy."""
+        goes back to the policy. Where every row decodes plainly, up to `run_ahead` steps run with
+        the host a step behind (respec/run_ahead.py), until the batch can change."""
         context = sum(len(s.tokens) for s in running) / len(running)
         offers = self.drafter.long_drafts(running) if self.replay_k else None
         groups = policy.plan(self._room(running), offers, context, max_k=self.k, max_long=self.replay_k)
+        if self.run_ahead > 1 and not any(c for g in groups for c in g.caps):
+            steps = ahead.steps_ahead(self, running, min(self.run_ahead, policy.plain_run() or self.run_ahead))
+            if steps > 1:
+                ahead.run_ahead(self, running, steps, should_stop)
+                return
         caps = [0] * len(running)
         for g in groups:
             for row, cap in zip(g.rows, g.caps):
@@ -398,6 +422,15 @@ class RolloutEngine:
             self._sampling = (key, self._build_row_params(seqs, rows))
         return self._sampling[1]
 
+    def _watching(self, seqs: list[Sequence], rows: int) -> torch.Tensor:
+        """(rows,) bool on the device: the rows whose EOS ends them (padding rows: False); built when
+        the running rows change."""
+        key = (rows, *(s.id for s in seqs))
+        if self._watch is None or self._watch[0] != key:
+            watch = [s.params.stop_on_eos and bool(self.eos) for s in seqs] + [False] * (rows - len(seqs))
+            self._watch = (key, torch.tensor(watch).to(self.device, non_blocking=True))
+        return self._watch[1]
+
     def _build_row_params(self, seqs: list[Sequence], rows: int) -> tuple[RowSampling, bool]:
         pad = rows - len(seqs)
         seeds = torch.tensor([s.params.seed for s in seqs] + [0] * pad, dtype=torch.int64)
@@ -450,8 +483,9 @@ class RolloutEngine:
         tables = self._tables(seqs, rows)
         sampling, use_filter = self._row_params(seqs, rows)
         step = self.steps.get(decode_step, use_filter=use_filter, hidden_layers=self.feature_layers)
-        next_tokens, logprobs, *taps = step(self.runner, self.cache.pools, tokens.to(self.device),
-                                            positions.to(self.device), tables, *sampling)
+        next_tokens, logprobs, _, _, *taps = step(self.runner, self.cache.pools, tokens.to(self.device),
+                                                  positions.to(self.device), tables, self.eos_ids,
+                                                  self._watching(seqs, rows), *sampling)
         self.drafter.on_decode(seqs, taps[0] if taps else None, next_tokens)
         self._record(seqs, next_tokens[: len(seqs)], logprobs[: len(seqs)])
         self.stats.decode_s += time.perf_counter() - t0

@@ -207,6 +207,12 @@ class Policy:
             groups.append(Group(rows, k, [min(k, room[i]) for i in rows], offered=[offered[i] for i in rows]))
         return groups
 
+    def plain_run(self) -> int | None:
+        """Where a plan is plain decoding for every row, the most steps the engine may run before it
+        plans again (respec/run_ahead.py); None: no bound of this policy's (its choice depends on the
+        batch, which a run never changes, and on the context, which a run moves by a few tokens)."""
+        return None
+
     def observe_group(self, group: Group, accepted: list[int], proposed: list[int]) -> None:
         """A group's verify: row i kept `accepted[i]` of its `proposed[i]` drafts. Rows whose
         proposal was a long one update the long estimate (`observe_long`), the others `observe`."""

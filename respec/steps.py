@@ -60,14 +60,29 @@ def prefill_step(model, pools, tokens, positions, valid, block_tables, last_inde
     return (*sampled, torch.cat(taps, dim=-1)) if hidden_layers else sampled
 
 
-def decode_step(model, pools, tokens, positions, block_tables, seeds, temperature, top_k, top_p, min_p, *,
-                use_filter: bool, run_block=None, sample_fn=sample_next, hidden_layers=()):
-    """One token for every row. tokens, positions, seeds, temperature, top_k, top_p, min_p: (B,);
-    block_tables: (B, W). The input token's keys/values are written at `positions`. With
-    `hidden_layers`, also returns those blocks' outputs for the input token, concatenated (B, len * d)."""
+def sample_watch(model, hidden, seeds, temperature, top_k, top_p, min_p, next_pos, eos_ids, watching, *,
+                 use_filter: bool):
+    """The decode step's tail: `sample_next`, and whether a row it watches sampled EOS (a 0-d bool,
+    the one value a run ahead reads each step: respec/run_ahead.py), and the positions of the next
+    step's input tokens. eos_ids (1, E): the EOS ids (-1 where there are none); watching (B,) bool:
+    the rows that stop at EOS (not the padding rows)."""
+    tokens, logprobs = sample_next(model, hidden, seeds, temperature, top_k, top_p, min_p, next_pos,
+                                   use_filter=use_filter)
+    ended = ((tokens.unsqueeze(1) == eos_ids).any(1) & watching).any()  # (B, E) -> ()
+    return tokens, logprobs, ended, next_pos
+
+
+def decode_step(model, pools, tokens, positions, block_tables, eos_ids, watching, seeds, temperature, top_k, top_p,
+                min_p, *, use_filter: bool, run_block=None, sample_fn=sample_watch, hidden_layers=()):
+    """One token for every row. tokens, positions, watching, seeds, temperature, top_k, top_p, min_p:
+    (B,); block_tables: (B, W); eos_ids (1, E). The input token's keys/values are written at
+    `positions`. Returns the sampled tokens (B,), their log-probs (B,), whether a watched row sampled
+    EOS (), the positions after (B,) and, with `hidden_layers`, those blocks' outputs for the input
+    token, concatenated (B, len * d): what a run of steps needs to go on without the host
+    (respec/run_ahead.py)."""
     kv = PagedKV.build(pools, block_tables, positions.unsqueeze(1), model.cfg.n_rep)
     out = model(tokens.unsqueeze(1), positions.unsqueeze(1), kv, run_block=run_block, hidden_layers=hidden_layers)
     hidden, taps = out if hidden_layers else (out, None)  # (B, 1, d)
-    sampled = sample_fn(model, hidden[:, 0], seeds, temperature, top_k, top_p, min_p, positions + 1,
-                        use_filter=use_filter)
+    sampled = sample_fn(model, hidden[:, 0], seeds, temperature, top_k, top_p, min_p, positions + 1, eos_ids,
+                        watching, use_filter=use_filter)
     return (*sampled, torch.cat(taps, dim=-1)[:, 0]) if hidden_layers else sampled

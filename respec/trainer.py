@@ -193,7 +193,7 @@ class Trainer:
                                     eos_token_ids=eos_token_ids(self.tok, self.actor), eager=not compiled,
                                     compile_mode=cfg.compile_mode, drafter=self.drafter,
                                     num_draft_tokens=cfg.k if self.drafter is not None else 0, verify=cfg.verify,
-                                    replay_k=cfg.replay_k)
+                                    replay_k=cfg.replay_k, run_ahead=cfg.run_ahead)
 
     # ------------------------------------------------------------------------------------------
     def start(self, checkpoint_dir: Path | None = None) -> dict:

@@ -300,20 +300,32 @@ def test_trainer_builds_and_rolls_out_on_fake_cuda(tokenizer, sd):
 
 @pytest.mark.parametrize("sd", [False, True])
 def test_a_decoding_step_reads_the_device_once(sd):
-    """On a GPU every host read of a device tensor waits for the device: a plain step and an SD step
-    (history drafter, k = 3) each read their outputs back in one copy, counted on fake CUDA over
-    rollouts of two lengths (the prefill's reads cancel), at 1 and 4 rows."""
+    """On a GPU every host read of a device tensor waits for the device. Counted on fake CUDA over
+    rollouts of two lengths (the prefill's reads cancel), at 1 and 4 rows: an SD step (history
+    drafter, k = 3) reads its outputs back in one copy; plain steps run ahead of the host
+    (respec/run_ahead.py) read one flag per step without blocking, and wait for the device once per
+    run of up to 32 steps."""
     from respec.lab.host_overhead import syncs_per_step
 
-    assert [syncs_per_step(rows, sd) for rows in (1, 4)] == [1.0, 1.0]
+    counted = [syncs_per_step(rows, sd) for rows in (1, 4)]
+    assert [c["syncs"] for c in counted] == [1.0, 1.0]
+    if sd:
+        assert [c["blocking"] for c in counted] == [1.0, 1.0]
+    else:
+        assert all(0 < c["blocking"] <= 1 / 16 for c in counted)
 
 
 def test_the_host_read_count_has_power():
-    """A step that reads its tokens and log-probabilities apart is counted as two reads."""
+    """A step that reads its tokens and log-probabilities apart is counted as two reads; a
+    non-blocking copy into a host buffer is counted apart, a blocking one as a read."""
     with fake_cuda() as counts:
         t = torch.zeros(4, dtype=torch.int64, device="cuda")
         t.tolist(), t.float().tolist(), t[0].item(), t.cpu()
-    assert counts.host_reads == 4
+        host = torch.empty(4, dtype=torch.int64)
+        host.copy_(t, non_blocking=True)
+        assert (counts.host_reads, counts.async_reads) == (4, 1)
+        host.copy_(t)
+    assert (counts.host_reads, counts.async_reads) == (5, 1)
 
 
 def test_a_packed_read_gives_what_separate_reads_give():

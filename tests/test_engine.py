@@ -112,3 +112,65 @@ def test_top_k_top_p_match_transformers_warpers():
         assert torch.equal(torch.isinf(ours), torch.isinf(ref)), (top_k, top_p, min_p)
         assert min_p == 0 or torch.isinf(ours).sum() > torch.isinf(filter_logits(
             logits, torch.full((6,), top_k), torch.full((6,), top_p))).sum()  # min-p removed tokens of its own
+
+
+def _rows_ending_mid_run(tiny, prompts, n):
+    """EOS ids that end some rows partway through a run of steps (greedy): each row's first token
+    that is new at its 5th new token or later and that no row samples among its first four, with
+    the row and where it appears."""
+    free = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True, run_ahead=0).generate(prompts, greedy(n))
+    early = {t for o in free for t in o.token_ids[:4]}
+    picks = []
+    for row, o in enumerate(free):
+        at = next((j for j, t in enumerate(o.token_ids) if j >= 4 and t not in early and t not in o.token_ids[:j]), None)
+        if at is not None:
+            picks.append((o.token_ids[at], row, at))
+    assert len(picks) >= 2
+    return picks
+
+
+@pytest.mark.parametrize("eager, late", [(True, False), (True, True), (False, False)])
+def test_run_ahead_gives_the_step_by_step_tokens(tiny, monkeypatch, eager, late):
+    """Plain steps run ahead of the host (respec/run_ahead.py: rows' state on the device, their tokens
+    read when the run ends, a flag per step saying a row sampled EOS, read at once or, as on a GPU,
+    a step late with the extra step's tokens dropped) give the step-by-step loop's tokens,
+    log-probabilities and finish reasons: greedy and sampled, rows ending at EOS mid-run and at their
+    token limits, a row that ignores EOS, and a pool small enough that runs shorten and rows are
+    preempted. Power: runs happened, rows ended by EOS inside them, and the late reads ran a step past it."""
+    import respec.run_ahead as ahead
+
+    monkeypatch.setattr(ahead, "READ_LATE", late)
+    runs = []
+    real = ahead.run_ahead
+    monkeypatch.setattr(ahead, "run_ahead", lambda e, seqs, steps, stop=None: (runs.append(steps), real(e, seqs, steps, stop)))
+    prompts = [[(7 * i + j) % 500 + 3 for j in range(5 + 3 * i)] for i in range(6)]
+    picks = _rows_ending_mid_run(tiny, prompts, 40)
+    eos = [t for t, _, _ in picks]
+    for temperature in (0.0, 1.0):
+        params = [SamplingParams(max_new_tokens=14 + 6 * i, temperature=temperature, top_p=0.9, seed=i,
+                                 stop_on_eos=i != 0) for i in range(6)]
+        outs = {}
+        for ra in (0, 32):
+            for pool in (64 << 20, 20):
+                engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, block_size=4, eos_token_ids=eos, eager=eager,
+                                       run_ahead=ra)
+                if pool == 20:  # blocks for fewer rows than run at once
+                    engine = RolloutEngine(tiny, kv_cache_bytes=20 * engine.cache.bytes_per_block, block_size=4,
+                                           eos_token_ids=eos, eager=eager, run_ahead=ra)
+                outs[ra, pool] = engine.generate(prompts, params)
+                assert engine.blocks.num_free == engine.blocks.num_blocks - 1
+                if pool == 20:
+                    assert engine.stats.preemptions > 0
+        want = outs[0, 64 << 20]
+        for (ra, pool), got in outs.items():
+            assert [o.token_ids for o in got] == [o.token_ids for o in want], (ra, pool)
+            assert [o.finish_reason for o in got] == [o.finish_reason for o in want], (ra, pool)
+            # log-probs against the same pool (a preempted row's recompute rounds them apart), up to
+            # the rounding of a wider block table (a run reserves its slots up front)
+            for g, w in zip(got, outs[0, pool]):
+                assert g.logprobs == pytest.approx(w.logprobs, abs=1e-5), (ra, pool)
+        if temperature == 0.0:  # rows end at EOS partway, while others run on
+            ended = [(row, at) for _, row, at in picks if row and at + 1 < params[row].max_new_tokens]
+            assert len(ended) >= 2
+            assert all(want[row].finish_reason == "stop" and len(want[row].token_ids) == at + 1 for row, at in ended)
+    assert runs and max(runs) > 8

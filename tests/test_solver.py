@@ -181,6 +181,9 @@ class Schedule(Policy):
         self.step += 1
         return self.ks[(self.step - 1) % len(self.ks)]
 
+    def plain_run(self):
+        return 1  # (a k per step: asked at every step)
+
     def observe(self, accepted, k, proposed=None):
         pass
 

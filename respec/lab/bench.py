@@ -213,13 +213,14 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int]) -> dict:
                                top_k=args.top_k, min_p=args.min_p, seed=args.seed * 1_000_003 + rollout * 10_007 + i) for i in range(b)]
 
     engine = RolloutEngine(model, kv_cache_bytes=int(args.kv_cache_gb * 2**30), eager=args.eager,
-                           compile_mode=args.compile_mode, max_batch=max(args.batch_sizes), eos_token_ids=eos)
+                           compile_mode=args.compile_mode, max_batch=max(args.batch_sizes), eos_token_ids=eos,
+                           run_ahead=args.run_ahead)
     sd_engine = None
     if drafter is not None:
         sd_engine = RolloutEngine(model, kv_cache_bytes=int(args.kv_cache_gb * 2**30), eager=args.eager,
                                   compile_mode=args.compile_mode, max_batch=max(args.batch_sizes), drafter=drafter,
                                   num_draft_tokens=args.k, verify=args.verify,
-                                  eos_token_ids=eos)
+                                  eos_token_ids=eos, run_ahead=args.run_ahead)
         sd_engine.time_phases = True  # where an SD step's time goes (a device sync per phase on GPUs)
     prompts_for = {b: bench_prompts(tokenizer, b, args.seed, args.task) for b in args.batch_sizes}
     for b, prompts in prompts_for.items():  # all rows must fit the cache at once, or preemption enters the numbers
@@ -263,6 +264,22 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int]) -> dict:
                "prefill_ms": round(ours.stats.prefill_s * 1e3, 2),
                "roofline_ms": round(roofline_ms, 4), "unwarmed_shapes": list(unwarmed)}
         same = lambda theirs: f"{sum(o.token_ids == t for o, t in zip(ours, theirs))}/{b}"  # noqa: E731
+        if engine.run_ahead:  # the step-by-step loop beside the run ahead (respec/run_ahead.py), until a GPU says
+            engine.run_ahead, ahead = 0, engine.run_ahead
+            try:
+                with engine.steps.timed() as unwarmed:
+                    t0 = time.perf_counter()
+                    steps = engine.generate(prompts, params(b))
+                    steps_s = time.perf_counter() - t0
+            finally:
+                engine.run_ahead = ahead
+            row["unwarmed_shapes"] += unwarmed
+            step_by_step_ms = steps.stats.decode_s / max(len(steps.stats.chosen_k), 1) * 1e3
+            row |= {"step_by_step_ms": round(step_by_step_ms, 2),
+                    "step_by_step_tok_s": round(sum(len(o.token_ids) for o in steps) / steps_s, 2),
+                    "same_tokens_as_step_by_step": same([o.token_ids for o in steps])}
+            print(f"  batch {b}: a decoding step {step_ms:.2f} ms run ahead, {step_by_step_ms:.2f} ms step by step "
+                  f"(tokens the same: {row['same_tokens_as_step_by_step']})", flush=True)
         ms = lambda x: None if x is None else round(x, 2)  # noqa: E731  (None: no decoding step, N = 1)
         per_s = lambda x: round(b / x * 1e3, 2) if x else None  # noqa: E731  decoding tokens/s from ms per step
         if hf is not None:

@@ -18,8 +18,9 @@ are meaningless, so tests under fake CUDA check devices and shapes, never tokens
 swaps a fake parameter for its converted copy (torch.utils.swap_tensors), which refuses while the
 fake mode's memo holds a weak reference to it: the memo is emptied first.
 
-Every host read of a CUDA tensor (`.tolist()`, `.item()`, `.cpu()`, `.to("cpu")`) is counted
-(`FakeCuda.host_reads`): on a GPU each is a device-to-host copy the host waits for, so a count per
+Every host read of a CUDA tensor (`.tolist()`, `.item()`, `.cpu()`, `.to("cpu")`, a blocking
+`copy_` into a host tensor) is counted (`FakeCuda.host_reads`; a `copy_(..., non_blocking=True)`
+into a host buffer apart, `FakeCuda.async_reads`): on a GPU each is a device-to-host copy the host waits for, so a count per
 step is the number of times a step stalls the host (respec.lab.host_overhead, tests/test_cuda_path.py).
 """
 
@@ -83,14 +84,17 @@ def _setitem(t: torch.Tensor, key, value) -> None:
     if any(x is not None for x in tensors):
         torch.ops.aten.index_put_(t, tensors, value)
     else:
-        t.copy_(value)
+        torch.ops.aten.copy_.default(t, value)
 
 
 class FakeCuda:
-    """What a `fake_cuda()` block counted: `host_reads`, the reads of CUDA tensors by the host."""
+    """What a `fake_cuda()` block counted: `host_reads`, the reads of CUDA tensors the host waits
+    for, and `async_reads`, the non-blocking copies into host buffers (a host read that waits only
+    if the device has not got that far: respec/run_ahead.py `Behind`)."""
 
     def __init__(self):
         self.host_reads = 0
+        self.async_reads = 0
 
 
 class _HostMoves(TorchFunctionMode):
@@ -126,6 +130,11 @@ class _HostMoves(TorchFunctionMode):
             return _setitem(*args)
         if func is torch.Tensor.copy_ and args[0].device.type == "cuda":
             return torch.ops.aten.copy_.default(*args, **kwargs)
+        if func is torch.Tensor.copy_ and args[1].device.type == "cuda":  # a read into a host buffer
+            if kwargs.get("non_blocking", args[2] if len(args) > 2 else False):
+                self.counts.async_reads += 1
+            else:
+                self.counts.host_reads += 1
         if func is torch.Tensor.__invert__ and args[0].device.type == "cuda":
             return torch.ops.aten.bitwise_not.default(args[0])
         if func is torch.Tensor.item:

@@ -16,11 +16,14 @@ where no GPU is needed, with the tiny model on the CPU:
   drafter with k = 3 on prompts that repeat, so most steps draft and verify. The figure is the
   median of `--runs` rollouts, after every shape is compiled (`respec.profiling.warmup`) and one
   untimed rollout.
-* `syncs_per_step`: the host reads of device tensors per decoding step (each one a device-to-host
-  copy the host waits for on a GPU), counted on fake CUDA (respec/lab/fake_cuda.py) over the same
-  rollouts at two lengths, so that the prefill's reads cancel: the larger of plain and SD.
+* `syncs_per_step`: the host reads of device tensors per decoding step, counted on fake CUDA
+  (respec/lab/fake_cuda.py) over the same rollouts at two lengths, so that the prefill's reads
+  cancel: the larger of plain and SD; `blocking_syncs_per_step`, those the host waits for (a
+  device-to-host copy of what the step just computed; the others are non-blocking copies into
+  pinned memory read a step later, respec/run_ahead.py).
 
-Prints a table; `--json F` writes {"results": [{"rows", "plain_us", "sd_us", "syncs_per_step", ...}]}.
+Prints a table; `--json F` writes {"results": [{"rows", "plain_us", "sd_us", "syncs_per_step",
+"blocking_syncs_per_step", ...}]}. The rows stop at EOS (a token no prompt holds), as a rollout's do.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from respec.cli import OneLineParser, positive_int, positive_int_list
 
 K = 3  # drafts per SD step
 PERIODS = (4, 5, 6, 7)  # the prompts' repeating periods (the history drafter matches them)
+EOS = 2  # the rows stop at EOS (checked every step, as in a rollout); no prompt holds it
 
 
 def prompts_for(rows: int, vocab: int, length: int = 40) -> list[list[int]]:
@@ -54,7 +58,7 @@ def build_engine(model, rows: int, sd: bool, *, eager: bool):
     from respec.drafters.history import HistoryDrafter
     from respec.engine import RolloutEngine
 
-    return RolloutEngine(model, kv_cache_bytes=64 << 20, max_batch=max(rows, 1), eager=eager,
+    return RolloutEngine(model, kv_cache_bytes=64 << 20, max_batch=max(rows, 1), eager=eager, eos_token_ids=[EOS],
                          drafter=HistoryDrafter(min_match=1) if sd else None, num_draft_tokens=K if sd else 0)
 
 
@@ -83,7 +87,7 @@ class InsideSteps:
 def rollout(engine, prompts: list[list[int]], tokens: int):
     from respec.engine import SamplingParams
 
-    params = SamplingParams(max_new_tokens=tokens, temperature=0.0, stop_on_eos=False)
+    params = SamplingParams(max_new_tokens=tokens, temperature=0.0)
     return engine.generate(prompts, params)
 
 
@@ -110,8 +114,10 @@ def host_us(model, rows: int, sd: bool, tokens: int, runs: int) -> dict:
     return {"us": statistics.median(per_step), "sd_share": statistics.median(sd_share)}
 
 
-def syncs_per_step(rows: int, sd: bool, short: int = 4, long: int = 8) -> float:
-    """Host reads of device tensors per decoding step, on fake CUDA (the tiny model, eager)."""
+def syncs_per_step(rows: int, sd: bool, short: int = 8, long: int = 40) -> dict:
+    """Host reads of device tensors per decoding step, on fake CUDA (the tiny model, eager): all of
+    them ("syncs") and those the host waits for ("blocking"; the others are non-blocking copies into
+    host buffers, read a step later: respec/run_ahead.py)."""
     from models.loading import load_model
     from respec.lab.fake_cuda import fake_cuda
 
@@ -120,10 +126,13 @@ def syncs_per_step(rows: int, sd: bool, short: int = 4, long: int = 8) -> float:
         model = load_model("tiny", device="cuda", dtype=torch.bfloat16)
         for tokens in (short, long):
             engine = build_engine(model, rows, sd, eager=True)
-            before = counts.host_reads
+            before = counts.host_reads, counts.async_reads
             out = rollout(engine, prompts_for(rows, model.cfg.vocab_size), tokens)
-            reads[tokens] = (counts.host_reads - before, out.stats.decode_steps + out.stats.sd_steps)
-    return (reads[long][0] - reads[short][0]) / (reads[long][1] - reads[short][1])
+            reads[tokens] = (counts.host_reads - before[0], counts.async_reads - before[1],
+                             out.stats.decode_steps + out.stats.sd_steps)
+    steps = reads[long][2] - reads[short][2]
+    blocking = (reads[long][0] - reads[short][0]) / steps
+    return {"syncs": blocking + (reads[long][1] - reads[short][1]) / steps, "blocking": blocking}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,16 +153,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = load_model("tiny", dtype=torch.float32)
     results = []
-    print(f"{'rows':>5} {'plain us/step':>14} {'sd us/step':>11} {'sd steps':>9} {'syncs/step':>11}")
+    print(f"{'rows':>5} {'plain us/step':>14} {'sd us/step':>11} {'sd steps':>9} "
+          f"{'syncs/step: plain':>18} {'(blocking)':>10} {'SD':>6}")
     for rows in args.rows:
         plain, sd = host_us(model, rows, False, args.tokens, args.runs), host_us(model, rows, True, args.tokens, args.runs)
         plain_syncs, sd_syncs = syncs_per_step(rows, False), syncs_per_step(rows, True)
         r = {"rows": rows, "plain_us": round(plain["us"], 1), "sd_us": round(sd["us"], 1),
-             "syncs_per_step": max(plain_syncs, sd_syncs), "plain_syncs_per_step": plain_syncs,
-             "sd_syncs_per_step": sd_syncs, "sd_step_share": round(sd["sd_share"], 3)}
+             "syncs_per_step": round(max(plain_syncs["syncs"], sd_syncs["syncs"]), 3),
+             "blocking_syncs_per_step": round(max(plain_syncs["blocking"], sd_syncs["blocking"]), 3),
+             "plain_syncs_per_step": round(plain_syncs["syncs"], 3),
+             "plain_blocking_per_step": round(plain_syncs["blocking"], 3),
+             "sd_syncs_per_step": round(sd_syncs["syncs"], 3), "sd_step_share": round(sd["sd_share"], 3)}
         results.append(r)
         print(f"{rows:>5} {r['plain_us']:>14.1f} {r['sd_us']:>11.1f} {r['sd_step_share']:>9.0%} "
-              f"{r['syncs_per_step']:>11.2f}")
+              f"{r['plain_syncs_per_step']:>18.2f} {r['plain_blocking_per_step']:>10.2f} {r['sd_syncs_per_step']:>6.2f}")
     if args.json is not None:
         report = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                   "tokens": args.tokens, "runs": args.runs, "k": K, "model": "tiny", "dtype": "fp32",

@@ -64,11 +64,15 @@ def timed_regions(engine, timer: PartTimer) -> None:
     from respec.sampling import sample, sampling_logprobs
     from respec.speculative import accept_drafts, match_drafts
 
-    def sample_next(model, hidden, seeds, temperature, top_k, top_p, min_p, next_pos, *, use_filter):  # steps.sample_next
+    def sample_watch(model, hidden, seeds, temperature, top_k, top_p, min_p, next_pos, eos_ids, watching, *,
+                     use_filter):  # steps.sample_watch, split
         logits = timer.wrap("head", model.logits)(hidden)
-        return timer.wrap("sampling", lambda: sample(sampling_logprobs(logits, temperature, top_k, top_p,
-                                                                       use_filter=use_filter, min_p=min_p),
-                                                     temperature, seeds, next_pos))()
+
+        def sampler():
+            tokens, logprobs = sample(sampling_logprobs(logits, temperature, top_k, top_p, use_filter=use_filter,
+                                                        min_p=min_p), temperature, seeds, next_pos)
+            return tokens, logprobs, ((tokens.unsqueeze(1) == eos_ids).any(1) & watching).any(), next_pos
+        return timer.wrap("sampling", sampler)()
 
     def verify_tail(target, hidden, drafts, lengths, q, point, seeds, temperature, top_k, top_p, min_p, positions, *,
                     use_filter, rule):  # speculative.verify_tail, split
@@ -90,7 +94,7 @@ def timed_regions(engine, timer: PartTimer) -> None:
         step = get(fn, **static)
         if engine.steps.mode == "eager":  # the split regions, run eagerly
             extra = {"run_block": timer.wrap("blocks", call_block)}
-            extra |= {"sample_fn": sample_next} if fn.__name__ == "decode_step" else {}
+            extra |= {"sample_fn": sample_watch} if fn.__name__ == "decode_step" else {}
             extra |= {"verify_fn": verify_tail} if fn.__name__ == "verify_step" else {}
             return partial(step, **extra)
         if not isinstance(step, partial):  # whole-step graphs have no regions to time
