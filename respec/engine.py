@@ -99,12 +99,12 @@ class Sequence:
         self.tokens.pop()
         return self.out.pop()
 
-    def extend(self, tokens: list[int], logprobs: list[float]) -> None:
-        """Tokens of plain decoding steps, recorded at once (respec/run_ahead.py)."""
+    def extend(self, tokens: list[int], logprobs: list[float], verified: bool = False) -> None:
+        """Several tokens of one row recorded at once (a run of plain steps, a verify's)."""
         self.out += tokens
         self.tokens += tokens
         self.logprobs += logprobs
-        self.verified += [False] * len(tokens)
+        self.verified += [verified] * len(tokens)
 
 
 @dataclass
@@ -112,6 +112,7 @@ class EngineStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0  # the time of every decoding step, plain and SD
     decode_steps: int = 0  # plain decoding steps (the SD steps are sd_steps; len(chosen_k) is all of them)
+    ahead_steps: int = 0  # of those, steps run ahead of the host (respec/run_ahead.py)
     generated_tokens: int = 0
     prefill_tokens: int = 0  # of those, sampled by prefills (one per admitted sequence)
     preemptions: int = 0
@@ -452,6 +453,20 @@ class RolloutEngine:
         elif len(s.out) >= s.params.max_new_tokens or len(s.tokens) >= self.max_len:
             s.finish_reason = "length"
 
+    def _emit_run(self, s: Sequence, tokens: list[int], logprobs: list[float]) -> int:
+        """A verify's tokens for one row, up to and with the first that ends it (EOS, its token or
+        context limit), recorded at once; returns how many."""
+        cut = min(len(tokens), s.params.max_new_tokens - len(s.out), self.max_len - len(s.tokens))
+        if s.params.stop_on_eos and self.eos:
+            cut = next((j + 1 for j, t in enumerate(tokens[:cut]) if t in self.eos), cut)
+        s.extend(tokens[:cut], logprobs[:cut], verified=True)
+        self.stats.generated_tokens += cut
+        if cut and s.params.stop_on_eos and s.out[-1] in self.eos:
+            s.finish_reason = "stop"
+        elif len(s.out) >= s.params.max_new_tokens or len(s.tokens) >= self.max_len:
+            s.finish_reason = "length"
+        return cut
+
     def _record(self, seqs: list[Sequence], tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
         for s, tok, lp in zip(seqs, *read_back(tokens, logprobs)):  # the step's one host read
             self._emit(s, tok, lp)
@@ -543,13 +558,8 @@ class RolloutEngine:
         kinds = drafts.kinds or [self.drafter.kind] * len(seqs)
         t2 = self._phase("verify", t1)
         for i, s in enumerate(seqs):
-            emitted = 0
-            for tok, lp in zip(tokens[i][: n[i] + 1], logprobs[i][: n[i] + 1]):
-                self._emit(s, tok, lp, verified=True)
-                emitted += 1
-                if s.finish_reason:
-                    break
-            else:  # roll back the slots of the rejected drafts (the drafter's pools share the tables)
+            emitted = self._emit_run(s, tokens[i][: n[i] + 1], logprobs[i][: n[i] + 1])
+            if not s.finish_reason:  # roll back the slots of the rejected drafts (the drafter's pools share the tables)
                 self.blocks.truncate(s.id, caps[i] - n[i])
             self.stats.sd_emitted += emitted
             # a row that drafted nothing rode along in the forward (a plain row beside replays)

@@ -129,6 +129,7 @@ def run_ahead(engine, seqs, steps: int, should_stop=None) -> None:
     stats = engine.stats
     stats.decode_s += time.perf_counter() - t0
     stats.decode_steps += ran
+    stats.ahead_steps += ran
     stats.batch_sizes += [n] * ran
     stats.chosen_k += [0] * ran
 

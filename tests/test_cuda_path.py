@@ -110,6 +110,8 @@ def test_whole_step_graphs_are_what_cuda_graphs_need(tiny, kind):
     assert engine.steps.mode == "whole"
     if kind != "plain":
         assert engine.stats.sd_steps > 0
+    else:  # plain steps run ahead of the host (respec/run_ahead.py) through the same graph
+        assert engine.stats.ahead_steps > engine.stats.decode_steps / 2
     pool_shape = tuple(engine.cache.pools[0].shape)
     draft_shapes = {tuple(p.shape) for p in engine.cache.draft_pools}
     for g in inspector.graphs:
@@ -254,6 +256,7 @@ def fake_cuda_rollout(kind: str) -> int:
     out = engine.generate(REPEATING, [SamplingParams(max_new_tokens=6 + i, temperature=0.8, seed=i, stop_on_eos=False)
                                       for i in range(len(REPEATING))])
     assert [len(o.token_ids) for o in out] == [6, 7, 8]
+    assert engine.stats.ahead_steps > 0 or kind != "plain"
     return engine.stats.sd_steps
 
 

@@ -94,10 +94,9 @@ class Drafts:
     def proposed(proposals: list[list[int]], rows: int, k: int, device, kinds: list[str] | None = None) -> "Drafts":
         """A model-free drafter's drafts: each real row's proposal (a list of token ids, possibly
         empty), padded to (rows, k) as the verify takes them; point masses (q None)."""
-        tokens = torch.zeros(rows, k, dtype=torch.int64)
         lengths = [len(prop) for prop in proposals]
-        for i, prop in enumerate(proposals):
-            tokens[i, :len(prop)] = torch.tensor(prop, dtype=torch.int64)
+        padded = [prop + [0] * (k - len(prop)) for prop in proposals] + [[0] * k] * (rows - len(proposals))
+        tokens = torch.tensor(padded, dtype=torch.int64).view(rows, k)  # (one call, not one per row)
         return Drafts(tokens.to(device), torch.tensor(lengths + [0] * (rows - len(lengths)), device=device), None,
                       lengths_list=lengths, kinds=kinds)
 

@@ -44,10 +44,11 @@ class SuffixIndex:
     def extend(self, doc: int, tokens: list[int]) -> None:
         """Document `doc` is now `tokens` (a prefix of it was given before)."""
         self.docs[doc] = tokens
-        start = self.indexed.get(doc, 1)
+        start, latest = self.indexed.get(doc, 1), self.latest
         for end in range(start, len(tokens)):  # tokens[end] continues every n-gram ending at end - 1
-            for n in range(1, min(self.max_n, end) + 1):
-                self.latest[tuple(tokens[end - n: end])] = (doc, end)
+            last, at = tuple(tokens[max(0, end - self.max_n): end]), (doc, end)  # (its n-grams: suffixes of it)
+            for n in range(1, len(last) + 1):
+                latest[last[-n:]] = at
         self.indexed[doc] = max(start, len(tokens))
 
     def keep_only(self, docs: list[int]) -> None:
