@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from respec.cli import OneLineParser, positive_int, positive_int_list
+from respec.cli import OneLineParser, non_negative_int, positive_int, positive_int_list
 
 K = 3  # drafts per SD step
 PERIODS = (4, 5, 6, 7)  # the prompts' repeating periods (the history drafter matches them)
@@ -54,12 +54,13 @@ def prompts_for(rows: int, vocab: int, length: int = 40) -> list[list[int]]:
     return out
 
 
-def build_engine(model, rows: int, sd: bool, *, eager: bool):
+def build_engine(model, rows: int, sd: bool, *, eager: bool, run_ahead: int = 32):
     from respec.drafters.history import HistoryDrafter
     from respec.engine import RolloutEngine
 
     return RolloutEngine(model, kv_cache_bytes=64 << 20, max_batch=max(rows, 1), eager=eager, eos_token_ids=[EOS],
-                         drafter=HistoryDrafter(min_match=1) if sd else None, num_draft_tokens=K if sd else 0)
+                         drafter=HistoryDrafter(min_match=1) if sd else None, num_draft_tokens=K if sd else 0,
+                         run_ahead=run_ahead)
 
 
 class InsideSteps:
@@ -91,11 +92,11 @@ def rollout(engine, prompts: list[list[int]], tokens: int):
     return engine.generate(prompts, params)
 
 
-def host_us(model, rows: int, sd: bool, tokens: int, runs: int) -> dict:
+def host_us(model, rows: int, sd: bool, tokens: int, runs: int, run_ahead: int) -> dict:
     """Median host microseconds per decoding step of `runs` rollouts (after a compiling one)."""
     from respec.profiling import warmup
 
-    engine = build_engine(model, rows, sd, eager=False)
+    engine = build_engine(model, rows, sd, eager=False, run_ahead=run_ahead)
     prompts = prompts_for(rows, model.cfg.vocab_size)
     # every batch bucket a shrinking batch meets, plain and with k drafts; then a rollout untimed
     warmup(engine, [rows], ks=[0, K] if sd else [0], progress=False)
@@ -114,7 +115,7 @@ def host_us(model, rows: int, sd: bool, tokens: int, runs: int) -> dict:
     return {"us": statistics.median(per_step), "sd_share": statistics.median(sd_share)}
 
 
-def syncs_per_step(rows: int, sd: bool, short: int = 8, long: int = 40) -> dict:
+def syncs_per_step(rows: int, sd: bool, short: int = 8, long: int = 40, run_ahead: int = 32) -> dict:
     """Host reads of device tensors per decoding step, on fake CUDA (the tiny model, eager): all of
     them ("syncs") and those the host waits for ("blocking"; the others are non-blocking copies into
     host buffers, read a step later: respec/run_ahead.py)."""
@@ -125,7 +126,7 @@ def syncs_per_step(rows: int, sd: bool, short: int = 8, long: int = 40) -> dict:
     with fake_cuda() as counts:
         model = load_model("tiny", device="cuda", dtype=torch.bfloat16)
         for tokens in (short, long):
-            engine = build_engine(model, rows, sd, eager=True)
+            engine = build_engine(model, rows, sd, eager=True, run_ahead=run_ahead)
             before = counts.host_reads, counts.async_reads
             out = rollout(engine, prompts_for(rows, model.cfg.vocab_size), tokens)
             reads[tokens] = (counts.host_reads - before[0], counts.async_reads - before[1],
@@ -140,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=positive_int_list, default=[1, 16, 64], help="rows decoding at once")
     ap.add_argument("--tokens", type=positive_int, default=48, help="new tokens per row")
     ap.add_argument("--runs", type=positive_int, default=3, help="timed rollouts per figure (median)")
+    ap.add_argument("--run-ahead", type=non_negative_int, default=32,
+                    help="the engine's --run-ahead (0: plain steps one by one, the loop before respec/run_ahead.py)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args(argv)
     if args.json is not None and args.json.exists():
@@ -156,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'rows':>5} {'plain us/step':>14} {'sd us/step':>11} {'sd steps':>9} "
           f"{'syncs/step: plain':>18} {'(blocking)':>10} {'SD':>6}")
     for rows in args.rows:
-        plain, sd = host_us(model, rows, False, args.tokens, args.runs), host_us(model, rows, True, args.tokens, args.runs)
-        plain_syncs, sd_syncs = syncs_per_step(rows, False), syncs_per_step(rows, True)
+        plain, sd = (host_us(model, rows, s, args.tokens, args.runs, args.run_ahead) for s in (False, True))
+        plain_syncs, sd_syncs = (syncs_per_step(rows, s, run_ahead=args.run_ahead) for s in (False, True))
         r = {"rows": rows, "plain_us": round(plain["us"], 1), "sd_us": round(sd["us"], 1),
              "syncs_per_step": round(max(plain_syncs["syncs"], sd_syncs["syncs"]), 3),
              "blocking_syncs_per_step": round(max(plain_syncs["blocking"], sd_syncs["blocking"]), 3),
@@ -169,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['plain_syncs_per_step']:>18.2f} {r['plain_blocking_per_step']:>10.2f} {r['sd_syncs_per_step']:>6.2f}")
     if args.json is not None:
         report = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-                  "tokens": args.tokens, "runs": args.runs, "k": K, "model": "tiny", "dtype": "fp32",
+                  "tokens": args.tokens, "runs": args.runs, "k": K, "run_ahead": args.run_ahead, "model": "tiny",
+                  "dtype": "fp32",
                   "results": results}
         args.json.write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.json}")
