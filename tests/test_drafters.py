@@ -175,6 +175,48 @@ def test_sd_turns_on_after_late_admissions(tiny, kind):
     assert engine.stats.sd_steps > 0
 
 
+class RunsThenSpeculates(Schedule):
+    """The schedule's plain plans let plain steps run ahead of the host (respec/run_ahead.py)."""
+
+    def plain_run(self):
+        return None
+
+
+def recording_drafts(engine) -> list:
+    """Every draft the engine's drafter proposes, as lists of its rows' tokens, in order."""
+    drafts, draft = [], engine.drafter.draft
+
+    def recorded(batch):
+        out = draft(batch)
+        drafts.append(out.tokens[: len(batch.seqs)].tolist())
+        return out
+    engine.drafter.draft = recorded
+    return drafts
+
+
+@pytest.mark.parametrize("kind", ["eagle", "layers"])
+def test_sd_turns_on_after_plain_steps_run_ahead(tiny, kind):
+    """Plain steps run ahead of the host (the drafter fed each step's features and tokens from the
+    device), then SD: the greedy tokens equal plain decoding's, and the drafter proposes exactly
+    what it proposes after as many plain steps run one by one (its state is the same; the tokens
+    are plain decoding's whatever it drafts, so they alone would not show it)."""
+    want = RolloutEngine(tiny, kv_cache_bytes=64 << 20, block_size=4, eager=True).generate(PROMPTS, greedy(30))
+    drafter = head_for(tiny, 3000) if kind == "eagle" else truncated_drafter(tiny, 1)
+    engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, block_size=4, eager=True, drafter=drafter,
+                           num_draft_tokens=3, policy=RunsThenSpeculates([0, 3]), run_ahead=12)
+    drafts = recording_drafts(engine)
+    got = engine.generate(PROMPTS, greedy(30))
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert engine.stats.ahead_steps == 12 and engine.stats.sd_steps > 0
+    steps = RolloutEngine(tiny, kv_cache_bytes=64 << 20, block_size=4, eager=True, drafter=drafter,
+                          num_draft_tokens=3, policy=Schedule([0] * 12 + [3]), run_ahead=0)
+    drafts_steps = recording_drafts(steps)
+    steps.generate(PROMPTS, greedy(30))
+    assert steps.stats.ahead_steps == 0 and len(drafts) == len(drafts_steps) >= 3
+    assert drafts == drafts_steps
+    assert len({t for d in drafts for row in d for t in row}) >= 3  # (drafts that say something)
+
+
 def test_a_row_near_its_context_end_does_not_turn_sd_off_for_the_batch():
     cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=512, max_position_embeddings=48)
     model = random_model(cfg, seed=2)

@@ -30,7 +30,8 @@ no GGUF package and no reasoning-gym, 10 minutes a command, 15 minutes in all, a
 
 Part a, in order: the smoke stage; tests/test_cuda.py (logits and generation against transformers,
 CUDA graphs against eager and recorded without skips, no recording inside a timed region, SD under
-CUDA graphs, SD losslessness); then `generate.py --bench` on the SmolLM2-135M shape: plain against
+CUDA graphs, SD losslessness); then `generate.py --bench` on the SmolLM2-135M shape: plain (steps run
+ahead of the host, and the step-by-step loop beside them) against
 transformers' `generate` (greedy, the same weights; eager, and with its static cache and compiled
 decoding step, the fair baseline) and SD with the history drafter, at batch 1, 8 and 32, with each
 compiled step's cold compile time and a kernel-launch microbenchmark. Every timed shape is warmed
@@ -467,6 +468,10 @@ def render(summary: dict) -> str:
                          f"{r.get('same_tokens_as_hf_static', '-')} | {r.get('sd_tok_s', '-')} | "
                          f"{_ratio(r.get('sd_tok_s'), r['respec_tok_s'])} | {r.get('accept_len', '-')} | "
                          f"{len(r.get('unwarmed_shapes', []))} |")
+        if any("step_by_step_ms" in r for r in b["rows"]):  # the run ahead against the step-by-step loop
+            lines += ["", "| batch | step ms, run ahead | step ms, step by step | same tokens |", "|---:|---:|---:|---|"]
+            lines += [f"| {r['batch']} | {r['step_ms']:.3f} | {_or_dash(r.get('step_by_step_ms'))} | "
+                      f"{r.get('same_tokens_as_step_by_step', '-')} |" for r in b["rows"]]
         goal = b.get("goal_x_hf")
         ratios = [r["respec_tok_s"] / r["hf_tok_s"] for r in b["rows"] if r["batch"] in (1, 8) and r.get("hf_tok_s")]
         if goal and ratios:
