@@ -17,8 +17,8 @@ cannot change, none of that is needed between two steps:
   ended is therefore noticed a step late: the run stops there and the row's tokens after its EOS
   are dropped (its extra slot goes with its blocks). On a CPU, where host and device are the same
   cores, the flag is read at once (a step late would be a wasted step);
-* the host reads the buffer once, when the run ends, and records every row's tokens with list
-  extends, not a Python call per token.
+* the host reads the run's tokens and log-probabilities once, when it ends (the first EOS of each
+  row found on the device), and records every row's with list extends, not a Python call per token.
 
 A run lasts at most `max_steps` steps and never past the step at which a row reaches its token or
 context limit (known on the host in advance), so the batch changes only at its end: the engine's
