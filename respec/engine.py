@@ -240,7 +240,7 @@ class RolloutEngine:
         self.blocks = self.cache.blocks
         self.eos = set(int(e) for e in eos_token_ids)
         # the decode step's EOS check (respec/steps.py sample_watch): (1, E), -1 where there is none
-        self.eos_ids = torch.tensor([sorted(self.eos) or [-1]], dtype=torch.int64, device=self.device)
+        self.eos_ids = torch.tensor([sorted(self.eos) or [-1]], dtype=torch.int64).to(self.device)
         self.max_batch = max_batch
         self.scheduler = Scheduler(self.blocks, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens,
                                    forget=self.drafter.forget)
