@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from compile.policy import require_tensorrt, use_persistent_cache
+from respec.flex_paged import require_cuda_compiled
 from models.loading import ModelLoadError, eos_token_ids, load_model, load_tokenizer, resolve_dtype
 from respec import storage
 from respec.cli import (DefaultsFormatter, Needs, OneLineParser, add_options, given_options, non_negative_int, option,
@@ -62,6 +63,7 @@ class GenerateConfig:
                                       needs=Needs("eager", lambda eager: not eager, "--eager compiles nothing"))
     kv_cache_mb: int = shared(TrainConfig, "kv_cache_mb", 1024, parse=positive_int)
     run_ahead: int = shared(TrainConfig, "run_ahead", parse=non_negative_int)
+    attention: str = shared(TrainConfig, "attention")
     kv_cache_gb: float | None = option(None, "the KV block pool in GiB instead (not with --kv-cache-mb)",
                                        parse=positive_float, shown="--kv-cache-mb's")
     seed: int = shared(TrainConfig, "seed")
@@ -181,7 +183,8 @@ def run_generate(args, model, tokenizer) -> None:
     params = sampling_params(args)
     engine = RolloutEngine(model, kv_cache_bytes=int(args.kv_cache_gb * 2**30), eos_token_ids=eos_token_ids(tokenizer, model),
                            eager=args.eager, compile_mode=args.compile_mode, drafter=drafter,
-                           num_draft_tokens=args.k if drafter else 0, verify=args.verify, run_ahead=args.run_ahead)
+                           num_draft_tokens=args.k if drafter else 0, verify=args.verify, run_ahead=args.run_ahead,
+                           attention=args.attention)
     engine.check_request(prompt, params)
     warmup(engine, [1], use_filter=args.temperature > 0 and (args.top_p < 1 or args.top_k > 0 or args.min_p > 0))
     t0 = time.perf_counter()
@@ -219,6 +222,8 @@ def main(argv=None) -> int:
         device = parse_device(args.device)
         if args.compile_mode == "tensorrt":
             require_tensorrt(device)
+        if args.attention == "flex":
+            require_cuda_compiled(device, not args.eager)
         dtype = resolve_dtype(args.dtype, device)
         model = load_model(args.model, dtype=dtype, device=device, seed=args.seed)
         tokenizer = load_tokenizer(args.model)

@@ -66,6 +66,7 @@ from functools import partial
 import torch
 
 from models.decoder import call_block
+from respec.flex_paged import check_runs_on
 from models.eagle import call_head
 from models.loading import cache_dir
 
@@ -373,6 +374,8 @@ class CompiledSteps:
         per distinct (fn, kwargs), so its graphs are reused (whole-step: by every engine of the process)."""
         key = (fn, tuple(sorted(static_kwargs.items())))
         if key not in self._cache:
+            if static_kwargs.get("attention") == "flex":
+                check_runs_on(self.device, None if self.mode == "eager" else self.backend)
             if self.mode == "eager":
                 step = partial(fn, **static_kwargs)
             elif self.mode in ("regional", "regional-dynamic"):

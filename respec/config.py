@@ -20,6 +20,7 @@ from respec.cli import Needs, option
 from respec.data import DataConfig
 from respec.kd_loss import WEIGHTINGS
 from respec.lora import LoraSettings
+from respec.paged_attention import ATTENTION_KINDS
 from respec.rollout_seeds import SEED_MODES
 from respec.sampling import SamplingParams
 from respec.speculative import DRAFT_TEMPERATURE, VERIFY_RULES
@@ -236,6 +237,10 @@ class TrainConfig(DataConfig):
     run_ahead: int = option(32, "most plain decoding steps the engine runs with the host a step behind the device "
                             "(the rows' state on the device, their tokens read when the run ends: "
                             "respec/run_ahead.py); 0: the step-by-step loop (one host read per step)")
+    attention: str = option("gather", "how the decode and verify steps read the paged KV cache: gather (each "
+                            "row's blocks copied out, then SDPA) or flex (the pool read in place by flex_attention "
+                            "with a paged block mask; compiled on CUDA only: respec/flex_paged.py)",
+                            choices=ATTENTION_KINDS)
     # --- run ---
     out: str = option("", "new run directory (never overwritten)", aliases=("output_dir",), shown="runs/grpo-<time>")
     seed: int = option(0, "seed of the sampling, the data (a --task's problems, their order) and the initialisation")

@@ -42,6 +42,7 @@ from compile.policy import CompiledSteps
 from respec.drafters import DraftBatch, Drafter, EngineView, NoDrafter
 from respec.drafters.wrap import as_drafter
 from respec.kv_cache import PagedKVCache
+from respec.paged_attention import ATTENTION_KINDS
 import respec.run_ahead as ahead
 from respec.sampling import RowSampling, SamplingParams, padded_vocab, prepare_sampler
 from respec.scheduler import Row, Scheduler
@@ -212,6 +213,7 @@ class RolloutEngine:
         verify: str = "match",  # how drafts are verified: match (plain decoding's tokens) or rejection (respec/speculative.py)
         replay_k: int = 0,  # most drafts a long deterministic proposal (a replay) may make per verify; 0: k
         run_ahead: int = 32,  # most plain steps run with the host reading their tokens a step behind (respec/run_ahead.py); 0: step by step
+        attention: str = "gather",  # the decode and verify steps' paged attention: gather (+ SDPA) or flex (the pool read in place, respec/flex_paged.py; the prefill gathers)
     ):
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -232,6 +234,9 @@ class RolloutEngine:
         if run_ahead < 0:
             raise ValueError(f"run_ahead must be >= 0, got {run_ahead}")
         self.run_ahead = run_ahead
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"unknown attention {attention!r} (choose {', '.join(ATTENTION_KINDS)})")
+        self.attention = attention
         self.policy = policy if policy is not None else FixedK(self.k)
         self.drafter.check(model)
         self.cache = PagedKVCache(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
@@ -497,7 +502,8 @@ class RolloutEngine:
         positions = torch.tensor([len(s.tokens) - 1 for s in seqs] + [0] * pad, dtype=torch.int64)
         tables = self._tables(seqs, rows)
         sampling, use_filter = self._row_params(seqs, rows)
-        step = self.steps.get(decode_step, use_filter=use_filter, hidden_layers=self.feature_layers)
+        step = self.steps.get(decode_step, use_filter=use_filter, hidden_layers=self.feature_layers,
+                              attention=self.attention)
         next_tokens, logprobs, _, _, *taps = step(self.runner, self.cache.pools, tokens.to(self.device),
                                                   positions.to(self.device), tables, self.eos_ids,
                                                   self._watching(seqs, rows), *sampling)
@@ -549,7 +555,7 @@ class RolloutEngine:
         t1 = time.perf_counter()
         seqs, k = batch.seqs, batch.k
         verify = self.steps.get(verify_step, use_filter=batch.use_filter, rule=self.verify,
-                                hidden_layers=self.feature_layers)
+                                hidden_layers=self.feature_layers, attention=self.attention)
         tokens_d, logprobs_d, n_d, taps = verify(self.runner, self.cache.pools, batch.tokens, drafts.tokens,
                                                  drafts.lengths, drafts.q, drafts.point, batch.positions,
                                                  batch.block_tables, *batch.sampling)

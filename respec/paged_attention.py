@@ -23,6 +23,9 @@ the same attention written as two products-and-sums that index the pool through 
 Inductor fuses them into the decoder block's kernel, with no gather copy and no call out to SDPA,
 whose CPU kernel costs more than the arithmetic at a handful of query rows (docs/benchmarks.md).
 With several query tokens per row (the verify) SDPA stayed faster, so it stays.
+
+`attention="flex"` (respec/flex_paged.py) reads the pool in place instead, through flex_attention
+and a paged block mask: for CUDA, where the gather's copies and the mask are kernels of their own.
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from respec.flex_paged import flex_paged_attention, paged_block_mask
+
 NULL_BLOCK = 0  # block id reserved for padding writes and unused table entries
+ATTENTION_KINDS = ("gather", "flex")  # PagedKV.build's `attention`: the landed gather + SDPA, or flex_paged
 
 
 @dataclass
@@ -42,7 +48,8 @@ class LayerKV:
     pool: torch.Tensor  # (2, num_blocks, block_size, Hkv, D) this layer's keys (0) and values (1)
     block_tables: torch.Tensor  # (B, W) int64 block ids, position p lives in block_tables[b, p // bs]
     slot_mapping: torch.Tensor  # (B*T,) int64 flat slot (block * bs + offset) for each new token
-    mask: torch.Tensor  # (B, 1, n_rep*T, W*bs) bool, True where the query may attend
+    mask: torch.Tensor | None  # (B, 1, n_rep*T, W*bs) bool, True where the query may attend (gather)
+    block_mask: object = None  # flex_attention's BlockMask in its place (attention="flex")
 
 
 @dataclass
@@ -52,18 +59,20 @@ class PagedKV:
     pools: list[torch.Tensor]  # one (2, num_blocks, block_size, Hkv, D) pool per layer
     block_tables: torch.Tensor  # (B, W)
     slot_mapping: torch.Tensor  # (B*T,)
-    mask: torch.Tensor  # (B, 1, n_rep*T, W*bs)
+    mask: torch.Tensor | None  # (B, 1, n_rep*T, W*bs)
+    block_mask: object = None  # flex_attention's BlockMask (attention="flex")
 
     def layer(self, i: int) -> LayerKV:
-        return LayerKV(self.pools[i], self.block_tables, self.slot_mapping, self.mask)
+        return LayerKV(self.pools[i], self.block_tables, self.slot_mapping, self.mask, self.block_mask)
 
     @staticmethod
-    def build(pools, block_tables, positions, n_rep: int, valid=None) -> "PagedKV":
+    def build(pools, block_tables, positions, n_rep: int, valid=None, attention: str = "gather") -> "PagedKV":
         """Slots and causal mask from the block tables and the new tokens' positions (B, T).
 
         A query at position p sees keys at positions 0..p, so the mask also hides everything past a
         sequence's real length (stale slots after a rollback, the null block's garbage). Tokens with
-        `valid` False (padding) write to the null block instead of their position's slot."""
+        `valid` False (padding) write to the null block instead of their position's slot. With
+        `attention="flex"` the mask is a paged block mask instead (respec/flex_paged.py)."""
         bs = pools[0].shape[2]
         B, T = positions.shape
         block = block_tables.gather(1, positions // bs)  # (B, T)
@@ -71,6 +80,9 @@ class PagedKV:
         if valid is not None:
             slots = torch.where(valid, slots, NULL_BLOCK * bs)
         slot_mapping = slots.reshape(-1)  # (B*T,)
+        if attention == "flex":
+            return PagedKV(list(pools), block_tables, slot_mapping, None,
+                           paged_block_mask(block_tables, positions, pools[0].shape[1], bs))
         key_pos = torch.arange(block_tables.shape[1] * bs, device=positions.device)  # (S,)
         mask = key_pos.view(1, 1, -1) <= positions.unsqueeze(-1)  # (B, T, S)
         mask = mask.unsqueeze(1).expand(B, n_rep, T, -1).reshape(B, 1, n_rep * T, -1)
@@ -111,6 +123,8 @@ def _unfold_gqa(o: torch.Tensor, T: int) -> torch.Tensor:
 def paged_attention(q: torch.Tensor, kv: LayerKV) -> torch.Tensor:
     """q (B, T, H, D) attends to its sequence's cached keys/values; returns (B, T, H, D)."""
     T = q.shape[1]
+    if kv.block_mask is not None:
+        return flex_paged_attention(q, kv.pool, kv.block_mask)
     if T == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():  # see the module docstring
         return pool_attention(q, kv)
     k = gather_kv(kv.pool[0], kv.block_tables)  # (B, Hkv, S, D)

@@ -103,7 +103,8 @@ def run_ahead(engine, seqs, steps: int, should_stop=None) -> None:
     sampling, use_filter = engine._row_params(seqs, rows)
     watching = engine._watching(seqs, rows)
     watch = any(s.params.stop_on_eos for s in seqs) and bool(engine.eos)  # (else no flag to read)
-    step = engine.steps.get(decode_step, use_filter=use_filter, hidden_layers=engine.feature_layers)
+    step = engine.steps.get(decode_step, use_filter=use_filter, hidden_layers=engine.feature_layers,
+                            attention=engine.attention)
     flag = Behind(dev)
     late = flag.cuda if READ_LATE is None else READ_LATE
     out_tokens, out_logprobs = [], []  # per step (rows,), stacked when the run ends

@@ -153,7 +153,7 @@ def verify_tail(target, hidden, drafts, lengths, q, point, seeds, temperature, t
 
 def verify_step(target, pools, tokens, drafts, lengths, q, point, positions, block_tables, seeds, temperature, top_k,
                 top_p, min_p, *, use_filter: bool, rule: str = "match", hidden_layers=(), run_block=None,
-                verify_fn=verify_tail):
+                verify_fn=verify_tail, attention: str = "gather"):
     """Verify every row's drafts in one target forward over k+1 positions, by `rule` (see the module
     docstring).
 
@@ -167,7 +167,7 @@ def verify_step(target, pools, tokens, drafts, lengths, q, point, positions, blo
     valid = j.view(1, -1) <= lengths.view(B, 1)  # (B, k+1) the newest token and each row's drafts
     v_tokens = torch.cat([tokens.view(B, 1), drafts], dim=1)  # (B, k+1)
     v_pos = torch.where(valid, positions.view(B, 1) + j, positions.view(B, 1))
-    kv = PagedKV.build(pools, block_tables, v_pos, target.cfg.n_rep, valid=valid)
+    kv = PagedKV.build(pools, block_tables, v_pos, target.cfg.n_rep, valid=valid, attention=attention)
     out = target(v_tokens, v_pos, kv, run_block=run_block, hidden_layers=hidden_layers)
     hidden, taps = out if hidden_layers else (out, None)  # (B, k+1, d)
     tokens_out, logprobs, n = verify_fn(target, hidden, drafts, lengths, q, point, seeds, temperature, top_k, top_p,

@@ -73,14 +73,15 @@ def sample_watch(model, hidden, seeds, temperature, top_k, top_p, min_p, next_po
 
 
 def decode_step(model, pools, tokens, positions, block_tables, eos_ids, watching, seeds, temperature, top_k, top_p,
-                min_p, *, use_filter: bool, run_block=None, sample_fn=sample_watch, hidden_layers=()):
+                min_p, *, use_filter: bool, run_block=None, sample_fn=sample_watch, hidden_layers=(),
+                attention: str = "gather"):
     """One token for every row. tokens, positions, watching, seeds, temperature, top_k, top_p, min_p:
     (B,); block_tables: (B, W); eos_ids (1, E). The input token's keys/values are written at
     `positions`. Returns the sampled tokens (B,), their log-probs (B,), whether a watched row sampled
     EOS (), the positions after (B,) and, with `hidden_layers`, those blocks' outputs for the input
     token, concatenated (B, len * d): what a run of steps needs to go on without the host
-    (respec/run_ahead.py)."""
-    kv = PagedKV.build(pools, block_tables, positions.unsqueeze(1), model.cfg.n_rep)
+    (respec/run_ahead.py). `attention`: how the cache is read (respec/paged_attention.py)."""
+    kv = PagedKV.build(pools, block_tables, positions.unsqueeze(1), model.cfg.n_rep, attention=attention)
     out = model(tokens.unsqueeze(1), positions.unsqueeze(1), kv, run_block=run_block, hidden_layers=hidden_layers)
     hidden, taps = out if hidden_layers else (out, None)  # (B, 1, d)
     sampled = sample_fn(model, hidden[:, 0], seeds, temperature, top_k, top_p, min_p, positions + 1, eos_ids,

@@ -59,6 +59,7 @@ from respec.config import TrainConfig
 from respec.drafter_choice import Chosen, choose_drafter, split_spec
 from respec.drafters.replay import ReplayStore
 from respec.engine import EngineStats, RolloutEngine, Stopped
+from respec.flex_paged import require_cuda_compiled
 from respec.episode import Episode, set_advantages
 from respec.evaluation import Evaluation, held_out_problems
 from respec.kv_cache import default_pool_bytes, pool_bytes_for
@@ -189,11 +190,13 @@ class Trainer:
                               draft_shape=self.drafter.pool_shape if self.drafter is not None else None)
         pool = cfg.kv_cache_mb << 20 if cfg.kv_cache_mb else default_pool_bytes(self.d.device, most=most)
         compiled = cfg.compile == "on" or (cfg.compile == "auto" and self.d.device.type == "cuda")
+        if cfg.attention == "flex":
+            require_cuda_compiled(self.d.device, compiled)
         self.engine = RolloutEngine(self.rollout.model, kv_cache_bytes=pool, max_batch=cfg.max_batch,
                                     eos_token_ids=eos_token_ids(self.tok, self.actor), eager=not compiled,
                                     compile_mode=cfg.compile_mode, drafter=self.drafter,
                                     num_draft_tokens=cfg.k if self.drafter is not None else 0, verify=cfg.verify,
-                                    replay_k=cfg.replay_k, run_ahead=cfg.run_ahead)
+                                    replay_k=cfg.replay_k, run_ahead=cfg.run_ahead, attention=cfg.attention)
 
     # ------------------------------------------------------------------------------------------
     def start(self, checkpoint_dir: Path | None = None) -> dict:

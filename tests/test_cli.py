@@ -55,6 +55,8 @@ def one_line_error(code, err, needle):
     (["--model", "tiny", "--bench", "--sweep"], "separate runs"),
     (["--model", "tiny", "--device", "cpu", "--compile-mode", "tensorrt"], "CUDA GPUs only"),
     (["--model", "tiny", "--compile-mode", "fast"], "invalid choice"),
+    (["--model", "tiny", "--device", "cpu", "--attention", "flex"], "compiled for CUDA; this run is compiled on cpu"),
+    (["--model", "tiny", "--attention", "paged"], "invalid choice"),
 ])
 def test_bad_arguments(capsys, argv, needle):
     one_line_error(*run_main(capsys, *argv), needle)
@@ -256,13 +258,15 @@ def test_gpu_check_quick_runs_every_stage(tmp_path, monkeypatch):
         (tmp_path / part).mkdir()
         assert gpu_check.main(["--part", part, "--out", part, "--quick", "--device", "cpu"]) == 0
         summary = json.loads((tmp_path / part / "summary.json").read_text())
-        assert {n: s["status"] for n, s in summary["stages"].items() if s["status"] != "ok"} == {}
+        not_ok = {n: s["status"] for n, s in summary["stages"].items() if s["status"] != "ok"}
+        assert not_ok == ({"bench smollm2-135m flex": "skipped: --attention flex runs compiled on CUDA only"}
+                          if part == "a" else {})
         names = {p.name for p in (tmp_path / part).iterdir()}
         assert {"check.log", "summary.json", "summary.md"} <= names and len(names) <= 8  # what comes back
         assert all((tmp_path / part / n).stat().st_size < 16 << 20 for n in names)
         assert summary["cudagraph_skips"] == 0
     a = json.loads((tmp_path / "a" / "summary.json").read_text())
-    assert list(a["stages"]) == ["smoke", "smoke: eager", "cuda tests", "bench smollm2-135m"]
+    assert list(a["stages"]) == ["smoke", "smoke: eager", "cuda tests", "bench smollm2-135m", "bench smollm2-135m flex"]
     assert a["smoke"]["path"] == "eager" and set(a["smoke"]["replay_ms"]) == {"decode", "verify k=3"}
     assert a["stages"]["bench smollm2-135m"]["path"] == "eager"
     assert a["bench"]["tiny"]["rows"][0]["same_tokens_as_hf"] == "1/1"

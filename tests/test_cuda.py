@@ -130,6 +130,31 @@ def test_compiled_speculative_decoding_equals_eager(tiny, kind):
     assert got == want
 
 
+def test_flex_attention_under_cuda_graphs_equals_the_gather_path(tiny):
+    """--attention flex (respec/flex_paged.py) compiled for CUDA with CUDA graphs: the decode step and
+    the k = 3 verify (history drafter, greedy on repeating prompts) give the gather path's tokens,
+    recorded without a skip."""
+    from torch._dynamo.utils import counters
+
+    from respec.drafters.history import HistoryDrafter
+    from respec.engine import RolloutEngine, SamplingParams
+
+    model = on_cuda(tiny)
+    params = [SamplingParams(max_new_tokens=30, seed=s, temperature=0.0, stop_on_eos=False) for s in range(3)]
+
+    def run(attention):
+        engine = RolloutEngine(model, kv_cache_bytes=64 << 20, max_batch=8, drafter=HistoryDrafter(min_match=1),
+                               num_draft_tokens=3, attention=attention)
+        return [c.token_ids for c in engine.generate(REPEATING, params)], engine
+
+    want, _ = run("gather")
+    skips = counters["inductor"]["cudagraph_skips"]
+    got, engine = run("flex")
+    assert engine.steps.mode == "whole" and engine.stats.sd_steps > 0 and engine.stats.decode_steps > 0
+    assert got == want
+    assert counters["inductor"]["cudagraph_skips"] == skips, "inductor skipped CUDA graphs"
+
+
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
 def test_sd_sampling_is_lossless(temperature, top_p):
     """The chi-square test of tests/test_speculative.py with the engine on the GPU."""

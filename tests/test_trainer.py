@@ -324,6 +324,7 @@ def test_online_kd_two_ranks_equal_one_process(tmp_path):
     (["--data", "EMPTY"], "has no rows"),
     (["--compile", "off", "--compile-mode", "regional-dynamic"], "--compile-mode does not apply: --compile off"),
     (["--compile-mode", "tensorrt", "--compile", "on"], "CUDA GPUs only"),
+    (["--attention", "flex"], "--attention flex reads the KV pool in place through flex_attention compiled for CUDA"),
 ])
 def test_bad_flags_are_one_line(tmp_path, capsys, args, needle):
     """Every flag with a wrong value: one line on stderr, exit code 2, no run directory."""

@@ -214,13 +214,13 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int]) -> dict:
 
     engine = RolloutEngine(model, kv_cache_bytes=int(args.kv_cache_gb * 2**30), eager=args.eager,
                            compile_mode=args.compile_mode, max_batch=max(args.batch_sizes), eos_token_ids=eos,
-                           run_ahead=args.run_ahead)
+                           run_ahead=args.run_ahead, attention=args.attention)
     sd_engine = None
     if drafter is not None:
         sd_engine = RolloutEngine(model, kv_cache_bytes=int(args.kv_cache_gb * 2**30), eager=args.eager,
                                   compile_mode=args.compile_mode, max_batch=max(args.batch_sizes), drafter=drafter,
                                   num_draft_tokens=args.k, verify=args.verify,
-                                  eos_token_ids=eos, run_ahead=args.run_ahead)
+                                  eos_token_ids=eos, run_ahead=args.run_ahead, attention=args.attention)
         sd_engine.time_phases = True  # where an SD step's time goes (a device sync per phase on GPUs)
     prompts_for = {b: bench_prompts(tokenizer, b, args.seed, args.task) for b in args.batch_sizes}
     for b, prompts in prompts_for.items():  # all rows must fit the cache at once, or preemption enters the numbers
@@ -330,7 +330,7 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int]) -> dict:
     report = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "compile_s": round(compile_s, 1),
               "drafter": args.drafter, "k": args.k if drafter is not None else 0, "temperature": args.temperature,
               "past_rollouts": args.past_rollouts, "read_bandwidth_gb_s": round(bandwidth, 1),
-              "weight_bytes": weight_bytes, "new_tokens": args.new_tokens,
+              "weight_bytes": weight_bytes, "new_tokens": args.new_tokens, "attention": args.attention,
               "launch_us_eager": round(launch["eager"], 3),
               "launch_us_graph": None if launch["graph"] is None else round(launch["graph"], 3),
               "hf_static_compiled": not args.eager, "hf_static_error": static_error,

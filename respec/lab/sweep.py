@@ -61,7 +61,7 @@ def run_sweep(args, model, tokenizer, drafter, eos_token_ids) -> dict:
     engine = RolloutEngine(model, kv_cache_bytes=int(args.kv_cache_gb * 2**30), eager=args.eager,
                            compile_mode=args.compile_mode,
                            max_batch=max(batches + [args.longtail_samples]), drafter=drafter, num_draft_tokens=K,
-                           eos_token_ids=eos_token_ids, run_ahead=args.run_ahead)
+                           eos_token_ids=eos_token_ids, run_ahead=args.run_ahead, attention=args.attention)
     prompts_all = [chat_prompt(tokenizer, p.messages()) for p in make_problems(args.task, max(batches), seed=args.seed)]
     need = sum(engine.blocks.blocks_for(len(p) + args.new_tokens + K + 1) for p in prompts_all)
     if need > engine.blocks.num_blocks - 1:

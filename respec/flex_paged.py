@@ -1,0 +1,83 @@
+"""Paged attention that reads the block pool in place: `flex_attention` with a paged block mask.
+
+The landed path (respec/paged_attention.py) gathers each row's blocks into a contiguous copy and
+hands SDPA a dense (B, 1, n_rep*T, W*bs) mask: on a GPU that is two gather kernels with layout
+copies and a mask tensor per layer. Here the pool itself is the key/value sequence of one batch
+entry, `(1, Hkv, num_blocks * bs, D)`, that every row broadcasts against, and a block mask tells
+flex_attention which of its blocks a row reads and in which positions:
+  * its kv blocks are the row's block table (the pool's blocks are the mask's blocks: the mask's
+    kv block size is the cache's block size), and only as many entries as its newest query needs;
+  * `mask_mod(b, h, q, kv)` turns the physical slot `kv` into the row's logical position through
+    `logical` (B, num_blocks): which entry of the row's table holds each block, -1 where none. A
+    query sees a key at logical position <= its own, never the null block (a padding row sees
+    nothing and gets zeros, finite as the gather path's garbage).
+Compiled for CUDA, flex_attention becomes one Triton kernel per layer (flex_decoding's for the few
+query tokens of a decode or verify step) that loads the row's blocks through the table: no copy,
+no mask tensor. The block mask is built once per forward and shared by every layer.
+
+Where it runs: eager anywhere (torch's unfused reference, used to test it against the gather path
+on a CPU) and compiled for CUDA. Compiled for a CPU, torch 2.13's flex_attention generated C++ that
+failed to compile or gave wrong values for these masks, so an engine on a CPU runs this path eager
+only (`check_runs_on`). The landed path stays the default until a GPU shows this one faster.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+NULL_BLOCK = 0  # respec/paged_attention.py's null block (that module imports this one)
+Q_BLOCK = 128  # the mask's query block: one block holds any decode, verify or prompt chunk up to 128 tokens
+
+
+def check_runs_on(device: torch.device, backend: str | None) -> None:
+    """Refuse where this path is known not to work: compiled by inductor for a CPU (module
+    docstring). backend: the torch.compile backend, None for eager."""
+    if torch.device(device).type == "cpu" and backend == "inductor":
+        raise ValueError("--attention flex runs compiled on CUDA only (torch's compiled CPU flex_attention fails "
+                         "for paged masks); on a CPU use it with --eager, or --attention gather")
+
+
+def require_cuda_compiled(device: torch.device, compiled: bool) -> None:
+    """The option's rule for a run (train.py, generate.py): compiled for CUDA. Eager, flex_attention
+    scores every query against the whole pool (torch's unfused reference), fine for a test's small
+    pool, not for a run's."""
+    if torch.device(device).type != "cuda" or not compiled:
+        raise ValueError(f"--attention flex reads the KV pool in place through flex_attention compiled for CUDA; "
+                         f"this run is {'compiled' if compiled else 'eager'} on {torch.device(device).type}: "
+                         f"use --attention gather")
+
+
+def paged_block_mask(block_tables: torch.Tensor, positions: torch.Tensor, num_blocks: int,
+                     block_size: int) -> BlockMask:
+    """The block mask of one forward: block_tables (B, W) int64, positions (B, T) of the new tokens
+    (already written to the pool), a pool of `num_blocks` blocks of `block_size` slots."""
+    B, W = block_tables.shape
+    T = positions.shape[1]
+    dev = block_tables.device
+    entry = torch.arange(W, dtype=torch.int32, device=dev).expand(B, W)
+    logical = torch.full((B, num_blocks), -1, dtype=torch.int32, device=dev)
+    logical.scatter_(1, block_tables, entry)  # the null block's entry is arbitrary: mask_mod never reads it
+    newest = positions.amax(1)  # (B,) a row reads its table up to its newest query's block
+    used = (newest // block_size + 1).clamp(max=W).to(torch.int32)
+    kv_num_blocks = used.view(B, 1, 1)
+    kv_indices = torch.zeros(B, 1, 1, num_blocks, dtype=torch.int32, device=dev)  # flex wants one slot per block
+    kv_indices[:, 0, 0, :W] = block_tables.to(torch.int32)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        block = kv_idx // block_size
+        entry_of = logical[b, block]
+        query_pos = positions[b, q_idx.clamp(max=T - 1)]  # (a kernel may evaluate the padding of its query block)
+        return (block != NULL_BLOCK) & (entry_of >= 0) & (entry_of * block_size + kv_idx % block_size <= query_pos)
+
+    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=(Q_BLOCK, block_size), mask_mod=mask_mod,
+                                    seq_lengths=(T, num_blocks * block_size), compute_q_blocks=False)
+
+
+def flex_paged_attention(q: torch.Tensor, pool: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
+    """q (B, T, H, D) against one layer's pool (2, num_blocks, bs, Hkv, D) -> (B, T, H, D)."""
+    _, n, bs, hkv, d = pool.shape
+    k = pool[0].view(1, n * bs, hkv, d).transpose(1, 2)  # (1, Hkv, n*bs, D): a view, no copy
+    v = pool[1].view(1, n * bs, hkv, d).transpose(1, 2)
+    o = flex_attention(q.transpose(1, 2), k, v, block_mask=block_mask, enable_gqa=q.shape[2] != hkv)
+    return o.transpose(1, 2)

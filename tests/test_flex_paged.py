@@ -1,0 +1,85 @@
+"""Paged attention read in place through flex_attention (respec/flex_paged.py) against the landed
+gather + SDPA path: the same outputs for decode, verify and prompt shapes with GQA, stale slots past
+a row's length, unused table entries and a padding row; the same tokens from an engine run eager
+and traced whole-step as CUDA graphs need it. Compiled by inductor for a CPU it is refused. (Fake
+CUDA cannot run it: flex_attention's fake implementation calls into CUDA, which a CPU build lacks.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from respec.engine import RolloutEngine, SamplingParams
+from respec.paged_attention import PagedKV, paged_attention
+
+from tests.test_cuda_path import GraphInspector, REPEATING, drafter_of, rollout, whole_step_engine
+
+
+def paged_case(T: int, h: int = 6, hkv: int = 2, seed: int = 0):
+    """Four rows over a shared pool of 16-slot blocks: lengths 5, 37, 80 and a padding row; the
+    pool's every slot random, so a key the mask should hide (past a row's newest position, in an
+    unused block, in the null block) would change the output."""
+    g = torch.Generator().manual_seed(seed)
+    n, bs, d = 24, 16, 32
+    pool = torch.randn(2, n, bs, hkv, d, generator=g)
+    lengths = [5, 37, 80]
+    W = 7
+    tables = torch.zeros(4, W, dtype=torch.int64)
+    free = (torch.randperm(n - 1, generator=g) + 1).tolist()
+    for b, length in enumerate(lengths):
+        used = -(-(length + T) // bs)
+        tables[b, :used] = torch.tensor(free[:used])
+        del free[:used]
+    positions = torch.zeros(4, T, dtype=torch.int64)
+    positions[:3] = torch.tensor(lengths).view(-1, 1) + torch.arange(T)
+    q = torch.randn(4, T, h, d, generator=g)
+    return q, pool, tables, positions
+
+
+@pytest.mark.parametrize("T", [1, 4, 20])  # decode, a k = 3 verify, a prompt chunk
+def test_flex_reads_what_the_gather_reads(T):
+    q, pool, tables, positions = paged_case(T)
+    gather = PagedKV.build([pool], tables, positions, q.shape[2] // pool.shape[3]).layer(0)
+    flex = PagedKV.build([pool], tables, positions, q.shape[2] // pool.shape[3], attention="flex").layer(0)
+    assert flex.mask is None and flex.block_mask is not None
+    want, got = paged_attention(q, gather), paged_attention(q, flex)
+    torch.testing.assert_close(got[:3], want[:3], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(got[3]).all()  # the padding row: finite
+
+
+def test_flex_hides_what_the_mask_hides():
+    """Power: a key past a row's newest query, or in the null block, changes nothing; a key it
+    sees changes its output."""
+    q, pool, tables, positions = paged_case(4)
+    kv = lambda p: PagedKV.build([p], tables, positions, 3, attention="flex").layer(0)
+    base = paged_attention(q, kv(pool))
+    hidden = pool.clone()
+    row1_last = int(positions[1, -1])  # row 1's newest query position; the slot after it is stale
+    block, slot = tables[1, (row1_last + 1) // 16], (row1_last + 1) % 16
+    hidden[:, block, slot] += 100.0
+    hidden[:, 0] += 100.0  # the null block
+    torch.testing.assert_close(paged_attention(q, kv(hidden))[:3], base[:3])
+    seen = pool.clone()
+    seen[:, tables[1, 0], 0] += 100.0  # row 1's first key
+    assert not torch.allclose(paged_attention(q, kv(seen))[1], base[1])
+
+
+def test_flex_engine_tokens_equal_the_gather_engine(tiny):
+    """Plain decoding steps and k = 3 verifies (the history drafter's engine runs both) with flex
+    attention, eager and traced whole-step (the KV pools still the only mutated inputs, all static,
+    one graph per step function across batch sizes), give the gather path's tokens."""
+    want = rollout(whole_step_engine(tiny, "history"), "history")
+    assert rollout(whole_step_engine(tiny, "history", attention="flex"), "history") == want
+    inspector = GraphInspector()
+    engine = whole_step_engine(tiny, "history", inspector, attention="flex")
+    assert rollout(engine, "history") == want
+    assert engine.stats.sd_steps > 0 and engine.stats.decode_steps > 0
+    for g in inspector.graphs:
+        assert g["mutated"] and set(g["mutated"]) <= g["static"]
+    assert len(inspector.graphs) == 2  # the decode step and the k = 3 verify
+
+
+def test_flex_compiled_by_inductor_on_a_cpu_is_refused(tiny):
+    engine = RolloutEngine(tiny, kv_cache_bytes=16 << 20, attention="flex", compile_mode="whole")
+    with pytest.raises(ValueError, match="--attention flex runs compiled on CUDA only"):
+        engine.generate(REPEATING[:1], [SamplingParams(max_new_tokens=2)])
