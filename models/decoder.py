@@ -160,6 +160,10 @@ PRESETS: dict[str, ModelConfig] = {
     "random-qwen2.5-1.5b": ModelConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
                                        num_heads=12, num_kv_heads=2, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6,
                                        max_position_embeddings=32768, qkv_bias=True, eos_token_id=2),
+    "random-qwen2.5-7b": ModelConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                                     num_heads=28, num_kv_heads=4, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6,
+                                     max_position_embeddings=32768, qkv_bias=True, tie_word_embeddings=False,
+                                     eos_token_id=2),
 }
 
 

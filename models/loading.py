@@ -33,7 +33,8 @@ import torch
 from models.decoder import PRESETS, Decoder, ModelConfig
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_PRESETS = ("tiny", "smollm2-135m", "random-smollm2-135m", "random-qwen2.5-0.5b", "random-qwen2.5-1.5b")
+MODEL_PRESETS = ("tiny", "smollm2-135m", "random-smollm2-135m", "random-qwen2.5-0.5b", "random-qwen2.5-1.5b",
+                 "random-qwen2.5-7b")
 # The tokenizer of the random-weight presets (tiny, random-*): SmolLM2's, whose files travel with the
 # repository (models/tokenizers/smollm2, saved from the GGUF's and tested equal to it), so that a
 # machine without the GGUF package (the GPU check's) has it; this variable names another directory.

@@ -273,6 +273,7 @@ def test_gpu_check_quick_runs_every_stage(tmp_path, monkeypatch):
     assert all(r["unwarmed_shapes"] == [] for r in a["bench"]["tiny"]["rows"])
     assert a["bench"]["tiny"]["kernels_per_step"] > 0 and "Kernels per plain step" in (tmp_path / "a" / "summary.md").read_text()
     b = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert {r["accept"] for r in b["oracle"]} == {0.5, 0.9} and all(r["same_tokens"] for r in b["oracle"])
     assert [r["step"] for r in b["grpo"]] == [1, 2, 3]  # two steps, then one more after the resume, equal to straight
     assert any(r["sd_fraction"] for r in b["grpo"])  # it speculated
     assert b["costs"]["rel_error"] < 0.5

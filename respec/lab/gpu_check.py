@@ -45,7 +45,8 @@ Part b, in order: the smoke stage (warm if part a left its compile cache); GRPO 
 process with FSDP2 forced on (`--fsdp on`), SD on with the history drafter, three steps straight
 against two steps + a resume (the same tokens and SD statistics, losses within tolerance); the
 solver's cost profile on this GPU (and the batch size where SD stops paying); then, if time
-remains, the bench at the Qwen2.5-0.5B and 1.5B shapes.
+remains, the bench at the Qwen2.5-0.5B and 1.5B shapes and the oracle sweep (SD's speed at a
+controlled acceptance, respec/lab/oracle_sweep.py, at the 135M shape).
 
 With random weights the history drafter sees greedy text that loops, so its acceptance is an upper
 bound on what a real model's text gives: the SD rows measure the mechanics (draft, verify, roll
@@ -111,7 +112,8 @@ PARTS = {
           Stage("cost profile", "costs", cap_s=60, need_s=30),
           Stage("bench qwen2.5-0.5b", "bench", cap_s=60, need_s=45, args={"shape": "qwen2.5-0.5b", "goal_x_hf": 3.0}),
           Stage("bench qwen2.5-1.5b", "bench", cap_s=50, need_s=40,
-                args={"shape": "qwen2.5-1.5b", "goal_x_roofline": 3.0})],
+                args={"shape": "qwen2.5-1.5b", "goal_x_roofline": 3.0}),
+          Stage("oracle sweep", "oracle", cap_s=150, need_s=60)],
 }
 # the GRPO stage's first two torchrun runs' shares of the stage's cap (the first compiles); the resume
 # gets what is left
@@ -267,6 +269,20 @@ class Check:
                                                           "rows": report["results"]}
             if unwarmed:  # figures that include a graph recording are not figures
                 self.record(stage, status=f"failed: {unwarmed} timed call(s) of shapes not warmed up")
+            self.write()
+
+    def oracle(self, stage: str, limit: float) -> None:
+        """SD's speed at a controlled acceptance (respec/lab/oracle_sweep.py): the 135M shape at batch
+        1-128, a = 0.5, 0.7, 0.9, plain against k = 1 and 3 and the solver (the larger shapes are
+        the sweep's own run: `python -m respec.lab.oracle_sweep`, minutes a shape)."""
+        path = self.out / "oracle-sweep.json"
+        cmd = [sys.executable, "-m", "respec.lab.oracle_sweep", "--device", self.device, "--json", str(path)]
+        cmd += ["--quick"] if self.quick else ["--shapes", "smollm2-135m", "--ks", "1,3", "--reps", "1",
+                                               *(["--eager"] if self.path == "eager" else ["--compile-mode", self.path])]
+        proc = self.run(stage, cmd, limit)
+        self.record(stage, path=self.path)
+        if proc is not None and path.is_file():
+            self.summary["oracle"] = json.loads(path.read_text())["results"]
             self.write()
 
     def costs(self, stage: str, limit: float) -> None:
@@ -506,6 +522,13 @@ def render(summary: dict) -> str:
         lines += ["", "## Cost model fitted on this device", "", f"coefficients (s): {c['coef']}, median fit error "
                   f"{c['rel_error']:.1%}", "", "| acceptance per draft | largest batch where SD pays (k) |", "|---:|---|"]
         lines += [f"| {a} | {c['sd_pays_up_to'][a]} |" for a in c["sd_pays_up_to"]]
+    if "oracle" in summary:
+        lines += ["", "## SD at a controlled acceptance (oracle drafter, random weights; decode tok/s)", "",
+                  "| shape | batch | a | plain | best k | best SD x plain | solver x best | solver's k (steps) | same tokens |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+        for r in summary["oracle"]:
+            lines.append(f"| {r['shape']} | {r['batch']} | {r['accept']} | {r['plain_tok_s']} | {r['best_k']} | "
+                         f"{r['sd_x_plain']} | {r['solver_x_best']} | {r['solver_k']} | {r['same_tokens']} |")
     if "grpo" in summary:
         lines += ["", "## GRPO (tiny model, torchrun, FSDP2 on, SD with the history drafter), after the resume", "",
                   "| step | rollout s | train s | drafter s | rollout tok/s | SD steps | accept len |",
