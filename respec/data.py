@@ -201,7 +201,7 @@ class DataConfig:
     model: str = option("smollm2-135m", "preset (smollm2-135m, tiny, random-*), .gguf file, Hugging Face checkpoint "
                         "directory or Hub id (owner/name, from the local cache)", aliases=("model_name_or_path",))
     task: str = option(DEFAULT_TASK, "reasoning-gym dataset the problems come from (or toy-letters for the tiny "
-                       "model)", needs=NEEDS_TASK)
+                       "model, or arithmetic: basic_arithmetic without reasoning-gym)", needs=NEEDS_TASK)
     task_config: dict = option({}, "reasoning-gym options as JSON, e.g. '{\"min_terms\": 2}'", needs=NEEDS_TASK)
     train_size: int = option(0, "a fixed training set of the task's first N problems, visited in epochs (shuffled per "
                              "epoch); 0: a new problem at every data position",

@@ -11,6 +11,8 @@ an endless stream):
 * `respec.data.RowsTask`: rows of a JSONL file or a Hugging Face dataset (GSM8K, prompt/answer and
   chat formats), cycled in a seeded order, one shuffle per pass.
 * `LettersTask`: a toy task for the random `tiny` model.
+* `respec.arithmetic_task.ArithmeticTask` (`--task arithmetic`): reasoning-gym's `basic_arithmetic`
+  (its no-parentheses configurations) without reasoning-gym, for a machine that cannot install it.
 
 respec adds the prompt wording (a system prompt asking for an `Answer:` line, `--system-prompt`
 replaces it) and a lenient answer
@@ -206,6 +208,10 @@ def make_task(*, task: str | None = None, config: dict | None = None, seed: int 
         raise ValueError(f"--train-size must be >= 0, got {train_size}")
     if task == LettersTask.name:
         return LettersTask(train_size, seed)
+    if task == "arithmetic":  # basic_arithmetic without reasoning-gym (respec/arithmetic_task.py)
+        from respec.arithmetic_task import ArithmeticTask
+
+        return ArithmeticTask(config, seed=seed, system_prompt=system_prompt, train_size=train_size)
     return ReasoningGymTask(task or DEFAULT_TASK, config, seed=seed, system_prompt=system_prompt,
                             train_size=train_size)
 

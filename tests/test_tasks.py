@@ -30,6 +30,33 @@ def test_unknown_task_and_bad_options_are_one_line_errors():
         make_task(task="basic_arithmetic", config={"min_terms": 5, "max_terms": 2})
 
 
+@pytest.mark.parametrize("config", [{}, {"min_terms": 3, "max_terms": 3}, {"operators": ["+", "-", "*"], "max_digits": 3,
+                                                                          "min_terms": 2, "max_terms": 5}])
+def test_builtin_arithmetic_equals_reasoning_gyms_basic_arithmetic(config):
+    """--task arithmetic (respec/arithmetic_task.py) against reasoning-gym itself: the same
+    questions, answers and keys for 300 data positions of a fixed training set and of the endless
+    stream, and the same score for every kind of answer a completion yields."""
+    for train_size in (0, 40):
+        ours = make_task(task="arithmetic", config=config, seed=5, train_size=train_size).problems(0, 300)
+        theirs = make_task(task="basic_arithmetic", config=config, seed=5, train_size=train_size).problems(0, 300)
+        assert [(p.question, p.answer, p.key) for p in ours] == [(p.question, p.answer, p.key) for p in theirs]
+    assert len({p.question for p in ours}) > 20  # (not one problem over and over)
+    for mine, rg in zip(ours[:60], theirs[:60]):
+        right = mine.answer
+        for completion in (f"Answer: {right}", f"so it is {right}.", f"Answer: {right}0", f"Answer: x{right}y",
+                           f"Answer: {int(right) + 1}", "Answer: ", "nothing", f"Answer: {right} apples"):
+            assert mine.score(completion) == rg.score(completion), completion
+
+
+def test_builtin_arithmetic_refuses_what_it_does_not_generate():
+    with pytest.raises(ValueError, match="generates no parentheses"):
+        make_task(task="arithmetic", config={"allow_parentheses": True})
+    with pytest.raises(ValueError, match="operators among"):
+        make_task(task="arithmetic", config={"operators": ["/"]})
+    with pytest.raises(ValueError, match="has no option 'format_style'"):
+        make_task(task="arithmetic", config={"format_style": "natural"})
+
+
 def test_extract_answer():
     assert extract_answer("2 + 3 = 5.\nAnswer: 5") == "5"
     assert extract_answer("answer: 1,234.") == "1,234"
