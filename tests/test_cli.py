@@ -281,6 +281,30 @@ def test_gpu_check_quick_runs_every_stage(tmp_path, monkeypatch):
     assert gpu_check.main(["--part", "a", "--out", "a", "--quick", "--device", "cpu"]) == 2  # never overwritten
 
 
+def test_gpu_check_part_c_quick_runs_both_arms(tmp_path, monkeypatch):
+    """Part c on the tiny model and this CPU: GRPO with SD off and with ReSpec (adaptive, a head with
+    replay and history) in both settings, the same seed, each run summarised from its metrics and
+    the two compared; TRL's arm skipped with a line where trl is not installed."""
+    import json
+
+    from respec.lab import gpu_check
+
+    monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("RESPEC_TOKENIZER", raising=False)
+    (tmp_path / "c").mkdir()
+    assert gpu_check.main(["--part", "c", "--out", str(tmp_path / "c"), "--quick", "--device", "cpu"]) == 0
+    c = json.loads((tmp_path / "c" / "summary.json").read_text())
+    for setting in ("long", "default"):
+        runs = c["arms"][setting]
+        assert [(r["arm"], r["seed"], r["finished"], r["steps"]) for r in runs] == [("sd off", 0, True, 2),
+                                                                                  ("respec", 0, True, 2)]
+        assert all(r["rollout_tok_s"] > 0 and r["step_s"] > 0 for r in runs)
+        assert set(c["stages"][f"grpo {setting}"]["ratios"]["0"]) == {"rollout_tok_s_x", "step_x"}
+    trl_line = c["stages"]["trl grpo"]["status"]
+    assert trl_line.startswith("skipped: trl is not installed") or trl_line.startswith("skipped: TRL")
+    assert "SD off against ReSpec" in (tmp_path / "c" / "summary.md").read_text()
+
+
 def test_gpu_check_falls_back_to_the_first_path_that_works(tmp_path, monkeypatch):
     """Where the whole-step path fails the smoke stage, the regional one is tried; the later stages
     run on the first that worked (eager if none did), and each says which."""

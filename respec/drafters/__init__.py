@@ -37,7 +37,8 @@ Kinds: `eagle.py` (an EAGLE-3-style head on the target's features), `layers.py` 
 over the target's vocabulary, e.g. the target's own first layers), `history.py` (model-free: the
 continuation of the longest suffix match in the row's prompt, its own text, its group siblings' and
 earlier rollouts of the same prompt), `replay.py` (model-free: last epoch's completion of the same
-prompt and sample), and `hybrid.py` (model-free proposers first, a model drafter for the other rows).
+prompt and sample), `hybrid.py` (model-free proposers first, a model drafter for the other rows),
+and, for the lab, `oracle.py` (the target's own continuation, each token kept with probability a).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
     python -m respec.lab.gpu_check --part a --out DIR     # smoke, CUDA tests, the bench against transformers
     python -m respec.lab.gpu_check --part b --out DIR     # smoke, GRPO with FSDP2 and a resume, cost profile, larger shapes
+    python -m respec.lab.gpu_check --part c --out DIR     # GRPO on the real model: SD off against ReSpec
     python -m respec.lab.gpu_check --part a --out DIR --quick --device cpu     # the same stages on the tiny model
 
 Made for the machine it is lent on: a bare GPU box with torch and transformers but no model hub,
@@ -48,6 +49,16 @@ solver's cost profile on this GPU (and the batch size where SD stops paying); th
 remains, the bench at the Qwen2.5-0.5B and 1.5B shapes and the oracle sweep (SD's speed at a
 controlled acceptance, respec/lab/oracle_sweep.py, at the 135M shape).
 
+Part c, on the real model (SmolLM2-135M-Instruct, carried in chunks by respec/lab/offline_bundle.py
+and unpacked first; a session of its own: its budget is 9 minutes): GRPO with `--task arithmetic`
+(reasoning-gym's basic_arithmetic without reasoning-gym, which the machine lacks), SD off against
+ReSpec (`--sd adaptive --drafter auto+replay+history`: the default head pretrained there, then
+distilled in the background), the same seeds, one after the other: the rollout-dominated setting
+(one problem x 16 samples, <= 512 tokens, 3-term problems; seeds 0 and 1) and the default one
+(seed 0), 4 steps each; per run the step time and rollout tokens/s over the steps after the first,
+the reward, SD's share of the steps and the acceptance per drafter, and ReSpec's ratios to SD off.
+TRL's GRPOTrainer arm is not built: the stage says so (and that trl is not installed there).
+
 With random weights the history drafter sees greedy text that loops, so its acceptance is an upper
 bound on what a real model's text gives: the SD rows measure the mechanics (draft, verify, roll
 back), not a drafter.
@@ -73,7 +84,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CUDAGRAPH_SKIP = "skipping cudagraphs"
 # With a machine start (~90 s), a + b take ~10 minutes, leaving room for a rerun of a failed stage
 # in the 12 minutes the two commands should take of a session's 15.
-PART_BUDGET_S = {"a": 360, "b": 300}
+PART_BUDGET_S = {"a": 360, "b": 300, "c": 540}
 SMOKE_MODES = ("whole", "regional-dynamic")  # the paths the smoke stage tries, in order; eager past them
 MAX_FILE_BYTES = 15 << 20  # what comes back from the GPU machine: files up to 16 MiB
 LOG_TAIL_BYTES = 256 << 10  # of each stage's output, kept in check.log
@@ -114,7 +125,27 @@ PARTS = {
           Stage("bench qwen2.5-1.5b", "bench", cap_s=50, need_s=40,
                 args={"shape": "qwen2.5-1.5b", "goal_x_roofline": 3.0}),
           Stage("oracle sweep", "oracle", cap_s=150, need_s=60)],
+    "c": [Stage("smoke", "smoke", cap_s=45, need_s=20),
+          Stage("grpo long", "arms", cap_s=330, need_s=120, args={"setting": "long"}),
+          Stage("grpo default", "arms", cap_s=150, need_s=60, args={"setting": "default"}),
+          Stage("trl grpo", "trl", cap_s=60, need_s=30)],
 }
+# Part c: GRPO on the real model, SD off against ReSpec, per setting: the train.py options (quick:
+# the tiny model's), the seeds, and the run's steps. Long: the rollout-dominated setting of
+# docs/benchmarks.md (one problem x 16 samples, <= 512 tokens, 3-term arithmetic).
+ARM_SETTINGS = {
+    "long": (["--prompts", "1", "--group", "16", "--max-new-tokens", "512", "--train-size", "4",
+              "--task-config", '{"min_terms":3,"max_terms":3}'], (0, 1), 4),
+    "default": ([], (0,), 4),
+}
+QUICK_ARM_SETTINGS = {
+    "long": (["--prompts", "1", "--group", "4", "--max-new-tokens", "48", "--train-size", "4",
+              "--task-config", '{"min_terms":3,"max_terms":3}'], (0,), 2),
+    "default": (["--prompts", "2", "--group", "4", "--max-new-tokens", "24"], (0,), 2),
+}
+ARMS = {"sd off": ["--sd", "off"],
+        "respec": ["--sd", "adaptive", "--drafter", "auto+replay+history"]}  # the head distilled in the background
+QUICK_RESPEC = ["--sd", "adaptive", "--drafter", "random+replay+history"]  # (no default head for tiny to pretrain)
 # the GRPO stage's first two torchrun runs' shares of the stage's cap (the first compiles); the resume
 # gets what is left
 GRPO_RUN_SHARE = {"straight": 0.4, "split": 0.3}
@@ -285,6 +316,52 @@ class Check:
             self.summary["oracle"] = json.loads(path.read_text())["results"]
             self.write()
 
+    def arms(self, stage: str, limit: float, setting: str) -> None:
+        """GRPO on the real model (carried by respec/lab/offline_bundle.py), SD off against ReSpec,
+        the same seeds, `--task arithmetic` (basic_arithmetic without reasoning-gym), one seed's two
+        runs after the other; each run's metrics summarised as it ends."""
+        if not self.quick:
+            try:
+                from models.loading import smollm2_gguf_path
+
+                smollm2_gguf_path()
+                __import__("gguf")
+            except Exception as e:  # noqa: BLE001 - one line
+                self.record(stage, status=f"failed: the real model is not here ({str(e).splitlines()[0]}): carry and "
+                                          "unpack the bundle (python -m respec.lab.offline_bundle)")
+                return
+        options, seeds, steps = (QUICK_ARM_SETTINGS if self.quick else ARM_SETTINGS)[setting]
+        model = "tiny" if self.quick else "smollm2-135m"
+        deadline = time.monotonic() + limit
+        runs = [(seed, arm) for seed in seeds for arm in ARMS]
+        results = self.summary.setdefault("arms", {}).setdefault(setting, [])
+        scratch = Path(tempfile.mkdtemp(prefix=f"arms-{setting}-"))
+        for i, (seed, arm) in enumerate(runs):
+            out = scratch / f"{arm.replace(' ', '-')}-{seed}"
+            arm_args = QUICK_RESPEC if self.quick and arm == "respec" else ARMS[arm]
+            cmd = [sys.executable, "train.py", "--model", model, "--task", "arithmetic", *options, "--steps", str(steps),
+                   "--seed", str(seed), *arm_args, "--checkpoint-every", "1000", "--no-progress", "--out", str(out),
+                   *self.compile_args(train=True)]
+            share = (deadline - time.monotonic()) / (len(runs) - i)
+            proc = self.run(f"{stage}: {arm}, seed {seed}", cmd, max(share, 1))
+            metrics = out / "metrics.jsonl"
+            rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+            results.append({"arm": arm, "seed": seed, "finished": proc is not None and proc.returncode == 0,
+                            **arm_summary(rows)})
+            self.write()
+        done = all(r["finished"] for r in results)
+        self.record(stage, path=self.path, status="ok" if done else "failed: a run did not finish (see its row)",
+                    ratios=arm_ratios(results))
+
+    def trl(self, stage: str, limit: float) -> None:
+        try:
+            __import__("trl")
+        except ImportError:
+            self.record(stage, status="skipped: trl is not installed here (TRL's arm needs its wheels carried; "
+                                      "not built yet)")
+            return
+        self.record(stage, status="skipped: TRL's GRPOTrainer arm is not built yet")
+
     def costs(self, stage: str, limit: float) -> None:
         cmd = [sys.executable, "-m", "respec.lab.gpu_check", "--costs-only", "--device", self.device,
                "--compile-mode", self.path]
@@ -364,6 +441,35 @@ class Check:
         self.summary["cudagraph_skips"] = sum(s.get("cudagraph_skips", 0) for s in self.summary["stages"].values())
         self.write()
         self.log.close()
+
+
+def arm_summary(rows: list[dict]) -> dict:
+    """One GRPO run's metrics.jsonl rows -> its means (the step time and throughput over the steps
+    after the first, which compiles), reward first and last, SD's share, acceptance per drafter."""
+    def mean(key, rs):
+        vals = [r[key] for r in rs if r.get(key) is not None]
+        return round(sum(vals) / len(vals), 4) if vals else None
+
+    later = rows[1:] or rows
+    kinds = sorted({k for r in rows for k in r if k.startswith("accept_len_")})
+    return {"steps": len(rows), "step_s": mean("step_s", later), "rollout_s": mean("rollout_s", later),
+            "rollout_tok_s": mean("rollout_tok_s", later), "sd_fraction": mean("sd_fraction", rows),
+            "accept_len": mean("accept_len", rows), "reward_first": rows[0]["reward_mean"] if rows else None,
+            "reward_last": rows[-1]["reward_mean"] if rows else None, "reward_mean": mean("reward_mean", rows),
+            **{k: mean(k, rows) for k in kinds}}
+
+
+def arm_ratios(results: list[dict]) -> dict:
+    """ReSpec against SD off, per seed with both runs: rollout tokens/s (ReSpec / off) and step
+    time (off / ReSpec): > 1 where ReSpec is faster."""
+    out = {}
+    for seed in sorted({r["seed"] for r in results}):
+        by = {r["arm"]: r for r in results if r["seed"] == seed}
+        off, on = by.get("sd off"), by.get("respec")
+        if off and on and off.get("rollout_tok_s") and on.get("rollout_tok_s") and off.get("step_s") and on.get("step_s"):
+            out[str(seed)] = {"rollout_tok_s_x": round(on["rollout_tok_s"] / off["rollout_tok_s"], 3),
+                              "step_x": round(off["step_s"] / on["step_s"], 3)}
+    return out
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -529,6 +635,19 @@ def render(summary: dict) -> str:
         for r in summary["oracle"]:
             lines.append(f"| {r['shape']} | {r['batch']} | {r['accept']} | {r['plain_tok_s']} | {r['best_k']} | "
                          f"{r['sd_x_plain']} | {r['solver_x_best']} | {r['solver_k']} | {r['same_tokens']} |")
+    for setting, runs in summary.get("arms", {}).items():
+        ratios = summary["stages"].get(f"grpo {setting}", {}).get("ratios", {})
+        lines += ["", f"## GRPO, {setting} setting: SD off against ReSpec (means over the steps after the first)", "",
+                  "| arm | seed | steps | step s | rollout s | rollout tok/s | reward first -> last | SD share "
+                  "| accept len | per drafter |", "|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
+        for r in runs:
+            kinds = ", ".join(f"{k.removeprefix('accept_len_')} {v}" for k, v in r.items()
+                              if k.startswith("accept_len_") and v is not None)
+            lines.append(f"| {r['arm']} | {r['seed']} | {r['steps']} | {r['step_s']} | {r['rollout_s']} | "
+                         f"{r['rollout_tok_s']} | {r['reward_first']} -> {r['reward_last']} | {r['sd_fraction']} | "
+                         f"{r['accept_len']} | {kinds or '-'} |")
+        lines += [f"\nReSpec against SD off, seed {seed}: rollout tok/s {x['rollout_tok_s_x']}x, step time "
+                  f"{x['step_x']}x" for seed, x in ratios.items()]
     if "grpo" in summary:
         lines += ["", "## GRPO (tiny model, torchrun, FSDP2 on, SD with the history drafter), after the resume", "",
                   "| step | rollout s | train s | drafter s | rollout tok/s | SD steps | accept len |",
@@ -602,7 +721,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m respec.lab.gpu_check", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--part", choices=sorted(PARTS), default="a", help="a: smoke, CUDA tests, SmolLM2-shape bench; "
-                   "b: smoke, GRPO with FSDP2 and a resume, cost profile, larger shapes")
+                   "b: smoke, GRPO with FSDP2 and a resume, cost profile, larger shapes; c: GRPO on the real model, "
+                   "SD off against ReSpec (the model carried by respec/lab/offline_bundle.py)")
     p.add_argument("--out", type=Path, help="folder for everything the check writes (new, or empty)")
     p.add_argument("--budget-s", type=float, default=None,
                    help=f"wall-clock budget of the part in seconds (default: {PART_BUDGET_S})")
