@@ -93,3 +93,24 @@ def test_an_existing_out_that_is_not_empty_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not an empty folder" in err[0]
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_trl_carries_what_the_machine_lacks(monkeypatch):
+    """--with-trl: trl and its requirements, recursively, pinned to the versions here, leaving out
+    what the GPU machine has (numpy, and what comes with torch, transformers and accelerate)."""
+    from importlib import metadata
+
+    from respec.lab import offline_bundle
+
+    graph = {"trl": ["datasets>=4", "transformers>=4.56", "numpy", "pandas; extra == 'x'", "pandas"],
+             "datasets": ["pyarrow>=21", "dill<0.4.2", "fsspec", "huggingface-hub"], "pandas": ["numpy", "tzdata"],
+             "pyarrow": [], "dill": [], "tzdata": []}
+    def version(name):
+        if name not in graph:
+            raise metadata.PackageNotFoundError(name)
+        return "1.0"
+
+    monkeypatch.setattr(metadata, "version", version)
+    monkeypatch.setattr(metadata, "requires", lambda name: graph.get(name, []))
+    assert sorted(offline_bundle.trl_wheels()) == ["datasets==1.0", "dill==1.0", "pandas==1.0", "pyarrow==1.0",
+                                                  "trl==1.0", "tzdata==1.0"]

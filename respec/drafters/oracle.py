@@ -5,8 +5,10 @@ For the lab, where random weights make any real drafter's acceptance meaningless
 each request its continuation; the SD pass hands it to the engine as the request's replay
 (`RolloutEngine.generate(..., replays=)`), with the same seeds. Under the match rule the SD pass
 then emits exactly that continuation (a draft is accepted iff it is plain decoding's token, and
-plain decoding's tokens are the continuation), so the row's text never leaves it and the oracle
-proposes the continuation's next tokens from the row's output length.
+plain decoding's tokens are the continuation), and the oracle proposes the continuation's next
+tokens from the row's output length. Where a row's text leaves it anyway (in bf16 a wider forward
+can round a near tie the other way: docs/benchmarks.md, "Flips in bf16") the oracle proposes
+nothing more for that row, as a replay does; the sweep reports whether the tokens stayed equal.
 
 Each position of a row's continuation is drawn once, when the row is first seen: kept with
 probability `a`, else replaced by a token drawn uniformly from the vocabulary (which equals the
@@ -32,6 +34,8 @@ class OracleDrafter(Drafter):
         self.accept, self.seed = accept, seed
         self.vocab = 0
         self.drawn: dict[int, list[int]] = {}  # seq id -> its continuation with the replaced tokens
+        self.matched: dict[int, int] = {}  # seq id -> leading tokens of its output known to equal the continuation
+        self.diverged: set[int] = set()  # rows whose text left their continuation
 
     def describe(self) -> str:
         return f"OracleDrafter(accept={self.accept})"
@@ -52,12 +56,24 @@ class OracleDrafter(Drafter):
             self.drawn[s.id] = torch.where(kept, truth, noise).tolist()
         return self.drawn[s.id]
 
+    def _position(self, s) -> int | None:
+        """The row's output length while its text is its continuation (only the tokens emitted since
+        the last call compared); None once it left it (a token the plain pass drew otherwise: in
+        bf16 a verify's wider forward can round a near tie the other way) or without one."""
+        if s.id in self.diverged or getattr(s, "replay", None) is None:
+            return None
+        out, start = s.out, self.matched.get(s.id, 0)
+        if len(out) > len(s.replay) or any(s.replay[i] != out[i] for i in range(start, len(out))):
+            self.diverged.add(s.id)
+            return None
+        self.matched[s.id] = len(out)
+        return len(out)
+
     def offers(self, batch: DraftBatch) -> list[list[int]]:
         out = []
         for s, cap in zip(batch.seqs, batch.max_drafts_list):
-            drawn = self._drawn(s) if cap else None
-            n = len(s.out)
-            out.append([] if drawn is None else drawn[n: n + cap])
+            n = self._position(s) if cap else None
+            out.append([] if n is None else self._drawn(s)[n: n + cap])
         return out
 
     def draft(self, batch: DraftBatch) -> Drafts:
@@ -65,3 +81,5 @@ class OracleDrafter(Drafter):
 
     def forget(self, seq) -> None:
         self.drawn.pop(seq.id, None)
+        self.matched.pop(seq.id, None)
+        self.diverged.discard(seq.id)

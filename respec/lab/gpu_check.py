@@ -57,7 +57,9 @@ distilled in the background), the same seeds, one after the other: the rollout-d
 (one problem x 16 samples, <= 512 tokens, 3-term problems; seeds 0 and 1) and the default one
 (seed 0), 4 steps each; per run the step time and rollout tokens/s over the steps after the first,
 the reward, SD's share of the steps and the acceptance per drafter, and ReSpec's ratios to SD off.
-TRL's GRPOTrainer arm is not built: the stage says so (and that trl is not installed there).
+Last, TRL's GRPOTrainer in the long setting (seed 0; respec/lab/trl_grpo.py: the same model,
+prompts, group size, lengths and hyperparameters) and respec's step time against it; skipped with a
+line where trl is not installed (the bundle carries it with `--with-trl`).
 
 With random weights the history drafter sees greedy text that loops, so its acceptance is an upper
 bound on what a real model's text gives: the SD rows measure the mechanics (draft, verify, roll
@@ -354,13 +356,28 @@ class Check:
                     ratios=arm_ratios(results))
 
     def trl(self, stage: str, limit: float) -> None:
+        """TRL's GRPOTrainer in the long setting, seed 0 (respec/lab/trl_grpo.py), beside respec's
+        runs of it; skipped with a line where trl is not installed (carry it: offline_bundle
+        --with-trl)."""
         try:
             __import__("trl")
         except ImportError:
-            self.record(stage, status="skipped: trl is not installed here (TRL's arm needs its wheels carried; "
-                                      "not built yet)")
+            self.record(stage, status="skipped: trl is not installed here (carry it: python -m "
+                                      "respec.lab.offline_bundle --with-trl)")
             return
-        self.record(stage, status="skipped: TRL's GRPOTrainer arm is not built yet")
+        options, _, steps = (QUICK_ARM_SETTINGS if self.quick else ARM_SETTINGS)["long"]
+        path = self.out / "trl-grpo.json"
+        cmd = [sys.executable, "-m", "respec.lab.trl_grpo", "--model", "tiny" if self.quick else "smollm2-135m",
+               "--task", "arithmetic", *options, "--steps", str(steps), "--seed", "0", "--device", self.device,
+               "--json", str(path)]
+        proc = self.run(stage, cmd, limit)
+        if proc is None or proc.returncode != 0 or not path.is_file():
+            return
+        report = json.loads(path.read_text())
+        ours = {r["arm"]: r["step_s"] for r in self.summary.get("arms", {}).get("long", []) if r["seed"] == 0}
+        report["respec_x_trl"] = {arm: round(report["step_s_mean"] / s, 2) for arm, s in ours.items() if s}
+        self.summary["trl"] = report
+        self.write()
 
     def costs(self, stage: str, limit: float) -> None:
         cmd = [sys.executable, "-m", "respec.lab.gpu_check", "--costs-only", "--device", self.device,
@@ -648,6 +665,11 @@ def render(summary: dict) -> str:
                          f"{r['accept_len']} | {kinds or '-'} |")
         lines += [f"\nReSpec against SD off, seed {seed}: rollout tok/s {x['rollout_tok_s_x']}x, step time "
                   f"{x['step_x']}x" for seed, x in ratios.items()]
+    if "trl" in summary:
+        t = summary["trl"]
+        lines += ["", f"## TRL {t['trl']} GRPOTrainer, long setting, seed 0: {t['steps']} steps, {t['step_s_mean']} s a step "
+                  f"after the first (steps {t['step_s']}); respec's step against it: "
+                  + (", ".join(f"{arm} {x}x" for arm, x in t.get("respec_x_trl", {}).items()) or "-")]
     if "grpo" in summary:
         lines += ["", "## GRPO (tiny model, torchrun, FSDP2 on, SD with the history drafter), after the resume", "",
                   "| step | rollout s | train s | drafter s | rollout tok/s | SD steps | accept len |",

