@@ -10,7 +10,7 @@ probability a. For every shape and batch size: one plain rollout (`--new-tokens`
 EOS ignored so the batch stays full) gives the rows' continuations and the plain throughput; then,
 for each a, SD with every fixed k of `--ks` and with the solver (respec/solver.py AdaptiveK, told
 the true acceptance a per position, deciding from the cost model fitted on this machine over the
-grid a training run profiles: batch 1-64, k 0, 1, K/2 and K). Each SD rollout should give the plain
+grid a training run profiles: batch 1, 4, 16, 64 up to the sweep's largest, k 0, 1, K/2 and K). Each SD rollout should give the plain
 one's tokens (the match rule; `same_tokens`: in bf16 a wider forward may round a near tie the other
 way, and the oracle then stops drafting for that row). Throughput is the
 decoding steps' (what k changes), the best of `--reps` rollouts.
@@ -75,8 +75,10 @@ def sweep_shape(spec: str, args, device: torch.device) -> list[dict]:
     t0 = time.perf_counter()
     warmup(plain, args.batch_sizes, max_context=context, progress=False)
     warmup(sd, args.batch_sizes, ks=[0, *args.ks], max_context=context, progress=False)
-    # the solver as a run has it: the trainer's profile grid (batch 1-64, k 0, 1, K/2, K), at this length
-    costs, cached = load_or_profile(StepTimer(sd), cost_key(spec, oracle.describe(), sd),
+    # the solver as a run has it: the trainer's profile grid (batch 1, 4, 16, 64, k 0, 1, K/2, K), up to
+    # the sweep's largest batch, at this length
+    grid = sorted({b for b in (1, 4, 16, 64) if b <= biggest} | {biggest})
+    costs, cached = load_or_profile(StepTimer(sd), cost_key(spec, oracle.describe(), sd), batch_sizes=grid,
                                     contexts=(args.prompt_len, context), progress=False)
     print(f"{spec}: compiled, warmed and {'loaded' if cached else 'profiled'} the cost model in "
           f"{time.perf_counter() - t0:.0f} s (median fit error {costs.rel_error:.1%})", flush=True)
