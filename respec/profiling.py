@@ -3,9 +3,10 @@ cost profile, respec/solver.py) and to compile them ahead of a run (`warmup`).
 
 A synthetic step is one real decode step (k = 0) or SD step with k drafts of the engine, on `batch`
 new sequences of `context` tokens, cached by an untimed prefill first (`RolloutEngine.time_step`).
-Their text is random, or, where the drafter has no model of its own (model-free: history), a short
-period repeated, so that it proposes all k tokens from the text as a model drafter always does;
-a hybrid's model then drafts every row, as it does in a rollout where nothing repeats.
+Their text is random, or, where the drafter has no model of its own (model-free: history, replay,
+the lab's oracle), a short period repeated and given as each row's continuation too (its `replay`),
+so that it proposes all k tokens (from the text, or from the continuation) as a model drafter
+always does; a hybrid's model then drafts every row, as it does in a rollout where nothing repeats.
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ def synthetic_steps(engine: RolloutEngine, batch: int, k: int, context: int, cal
         texts.append((text * (n // len(text) + 1))[:n])
     times = []
     for call in range(calls):
-        # past the model's k (a replay group's verify) a replay that continues the text (respec/drafters/replay.py)
+        # a replay that continues the text: past the model's k (a replay group's verify,
+        # respec/drafters/replay.py), and for a model-free drafter that drafts from it (replay, oracle)
         seqs = [Sequence(-1 - call * batch - i, text[:context - 1], params, out=[text[context - 1]],
-                         replay=text[context - 1: context + k] if k > engine.k else None)
+                         replay=text[context - 1: context + k] if k > engine.k or repeat else None)
                 for i, text in enumerate(texts)]
         times.append(engine.time_step(seqs, k))
     return times

@@ -65,8 +65,10 @@ from models.loading import cache_dir
 from respec import storage
 
 # Bumped when the engine's step costs change for the same model and machine (2: the two-level
-# sampler), so that a cached profile of the old engine is measured again.
-COST_VERSION = 2
+# sampler; 3: a model-free drafter that drafts from a request's continuation, replay alone, was
+# profiled proposing nothing, its SD steps timed as plain ones), so that a cached profile of the
+# old engine is measured again.
+COST_VERSION = 3
 FEATURES = ("step", "sd_step", "target_token", "context_token", "draft_step", "draft_row")
 
 

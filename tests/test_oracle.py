@@ -70,3 +70,25 @@ def test_the_oracle_sweep_quick(tmp_path, monkeypatch):
     for low, high in (rows[0:2], rows[2:4]):
         assert high["accept_len"]["3"] > low["accept_len"]["3"] + 0.5  # sum a^i: 1.875 against 3.44 at k = 3
     assert oracle_sweep.main(["--quick", "--json", str(path)]) == 2  # never overwritten
+
+
+@pytest.mark.parametrize("kind", ["oracle", "replay"])
+def test_the_cost_profile_times_a_continuation_drafters_proposals(tiny, kind):
+    """The solver's profile (respec/profiling.py) gives a model-free drafter that drafts from the
+    request's continuation one, so an SD step it times verifies k drafts (it once timed plain steps:
+    no row proposed)."""
+    from respec.drafters.replay import ReplayDrafter
+    from respec.profiling import synthetic_steps
+
+    drafter = OracleDrafter(0.5) if kind == "oracle" else ReplayDrafter()
+    engine = RolloutEngine(tiny, kv_cache_bytes=32 << 20, eager=True, max_batch=4, drafter=drafter, num_draft_tokens=3)
+    proposed, draft = [], drafter.draft
+
+    def recording(batch):
+        drafts = draft(batch)
+        proposed.append(drafts.lengths_list)
+        return drafts
+
+    drafter.draft = recording
+    synthetic_steps(engine, 2, 3, 32, 1)
+    assert proposed == [[3, 3]]
