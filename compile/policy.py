@@ -66,9 +66,9 @@ from functools import partial
 import torch
 
 from models.decoder import call_block
-from respec.flex_paged import check_runs_on
 from models.eagle import call_head
 from models.loading import cache_dir
+from respec.flex_paged import check_runs_on
 
 COMPILE_MODES = ("regional", "regional-dynamic", "whole", "tensorrt")  # besides eager (see above)
 INT32_MAX = 2**31 - 1  # the largest element count a kernel indexed in 32 bits may address

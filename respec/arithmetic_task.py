@@ -17,13 +17,12 @@ from __future__ import annotations
 import functools
 import random
 
-from respec.tasks import DEFAULT_TASK, DEFAULT_TASK_CONFIG, Problem, epoch_order
+from respec.tasks import DEFAULT_TASK, DEFAULT_TASK_CONFIG, IndexedTask, Problem
 
 NAME = "arithmetic"
 OPERATORS = ("+", "-", "*")
 _APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 _KNOWN = {"min_terms", "max_terms", "min_digits", "max_digits", "operators", "allow_parentheses", "allow_negation"}
-_INFINITE = 10**7  # as the reasoning-gym task: the index space of an endless stream
 
 
 def score(answer: str, reference: str) -> float:
@@ -35,7 +34,7 @@ def score(answer: str, reference: str) -> float:
     return len(reference) / len(answer) if reference in answer else 0.0
 
 
-class ArithmeticTask:
+class ArithmeticTask(IndexedTask):
     """Problems as `basic_arithmetic` with respec's default options, overridden by `config`;
     `train_size` N > 0: the fixed set of its first N problems, shuffled per epoch (as
     respec/tasks.py ReasoningGymTask)."""
@@ -71,21 +70,7 @@ class ArithmeticTask:
             text += [op, str(x)]
         return f"Calculate {' '.join(text)}.", str(value)
 
-    def row_at(self, position: int) -> int:
-        if self.size is None:
-            return position % _INFINITE
-        epoch, j = divmod(position, self.size)
-        return self._order(epoch)[j]
-
-    @functools.lru_cache(maxsize=2)
-    def _order(self, epoch: int) -> list[int]:
-        return epoch_order(self.size, self.seed, epoch)
-
-    def problems(self, start: int, n: int) -> list[Problem]:
-        out = []
-        for i in range(start, start + n):
-            key = self.row_at(i)
-            question, answer = self.item(key)
-            out.append(Problem(question, answer, functools.partial(score, reference=answer), system=self.system,
-                               row={"answer": answer}, key=key))
-        return out
+    def problem(self, key: int) -> Problem:
+        question, answer = self.item(key)
+        return Problem(question, answer, functools.partial(score, reference=answer), system=self.system,
+                       row={"answer": answer}, key=key)

@@ -93,7 +93,32 @@ def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-class ReasoningGymTask:
+class IndexedTask:
+    """A task whose problem i is generated from (seed, i): data position -> problem index (endless,
+    or a fixed set of `size` problems visited in epochs, one seeded shuffle each) -> `problem(i)`."""
+
+    seed: int
+    size: int | None
+
+    def row_at(self, position: int) -> int:
+        """The problem (dataset index) at a data position."""
+        if self.size is None:
+            return position % _DATASET_SIZE
+        epoch, j = divmod(position, self.size)
+        return self._order(epoch)[j]
+
+    @functools.lru_cache(maxsize=2)
+    def _order(self, epoch: int) -> list[int]:
+        return epoch_order(self.size, self.seed, epoch)
+
+    def problems(self, start: int, n: int) -> list[Problem]:
+        return [self.problem(self.row_at(i)) for i in range(start, start + n)]
+
+    def problem(self, key: int) -> Problem:
+        raise NotImplementedError
+
+
+class ReasoningGymTask(IndexedTask):
     """reasoning-gym's dataset `name` with respec's default options for it (if any), overridden by
     `config`; `train_size` N > 0: the fixed set of its first N problems, shuffled per epoch."""
 
@@ -109,26 +134,10 @@ class ReasoningGymTask:
         except Exception as e:  # unknown names and bad options surface as several exception types
             raise ValueError(f"cannot create reasoning-gym task {name!r}: {str(e).splitlines()[0]}") from e
 
-    def row_at(self, position: int) -> int:
-        """The problem (dataset index) at a data position."""
-        if self.size is None:
-            return position % _DATASET_SIZE
-        epoch, j = divmod(position, self.size)
-        return self._order(epoch)[j]
-
-    @functools.lru_cache(maxsize=2)
-    def _order(self, epoch: int) -> list[int]:
-        return epoch_order(self.size, self.seed, epoch)
-
-    def problems(self, start: int, n: int) -> list[Problem]:
-        out = []
-        for i in range(start, start + n):
-            key = self.row_at(i)
-            entry = self.dataset[key]
-            out.append(Problem(entry["question"], str(entry["answer"]),
-                               lambda a, e=entry: self.dataset.score_answer(a, e), system=self.system,
-                               row={"answer": str(entry["answer"])}, key=key))
-        return out
+    def problem(self, key: int) -> Problem:
+        entry = self.dataset[key]
+        return Problem(entry["question"], str(entry["answer"]), lambda a, e=entry: self.dataset.score_answer(a, e),
+                       system=self.system, row={"answer": str(entry["answer"])}, key=key)
 
 
 def _number(text: str) -> float | None:
