@@ -35,7 +35,7 @@ def check_runs_on(device: torch.device, backend: str | None) -> None:
     docstring). backend: the torch.compile backend, None for eager."""
     if torch.device(device).type == "cpu" and backend == "inductor":
         raise ValueError("--attention flex runs compiled on CUDA only (torch's compiled CPU flex_attention fails "
-                         "for paged masks); on a CPU use it with --eager, or --attention gather")
+                         "for paged masks); on a CPU run it eager (as the tests do), or use attention gather")
 
 
 def require_cuda_compiled(device: torch.device, compiled: bool) -> None:
@@ -51,7 +51,11 @@ def require_cuda_compiled(device: torch.device, compiled: bool) -> None:
 def paged_block_mask(block_tables: torch.Tensor, positions: torch.Tensor, num_blocks: int,
                      block_size: int) -> BlockMask:
     """The block mask of one forward: block_tables (B, W) int64, positions (B, T) of the new tokens
-    (already written to the pool), a pool of `num_blocks` blocks of `block_size` slots."""
+    (already written to the pool), a pool of `num_blocks` blocks of `block_size` slots.
+
+    Two (B, num_blocks) int32 tensors are written per forward (`logical`, and `kv_indices`, which
+    flex_attention sizes by the kv blocks of the whole key sequence): at a GPU's pool of ~10^5
+    blocks and 64 rows, ~50 MB a step; a cost the GPU check's flex bench includes."""
     B, W = block_tables.shape
     T = positions.shape[1]
     dev = block_tables.device
