@@ -310,6 +310,18 @@ def test_gpu_check_part_c_quick_runs_both_arms(tmp_path, monkeypatch):
     assert "SD off against ReSpec" in (tmp_path / "c" / "summary.md").read_text()
 
 
+def test_trls_arm_without_trl_is_one_line(monkeypatch, capsys):
+    """respec/lab/trl_grpo.py where trl is not installed (CI's case): one line, exit 3."""
+    import sys
+
+    from respec.lab import trl_grpo
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # an import of it raises ImportError
+    assert trl_grpo.main(["--model", "tiny", "--steps", "1"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trl is not installed" in err[0]
+
+
 def test_gpu_check_falls_back_to_the_first_path_that_works(tmp_path, monkeypatch):
     """Where the whole-step path fails the smoke stage, the regional one is tried; the later stages
     run on the first that worked (eager if none did), and each says which."""

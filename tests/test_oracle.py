@@ -92,3 +92,4 @@ def test_the_cost_profile_times_a_continuation_drafters_proposals(tiny, kind):
     drafter.draft = recording
     synthetic_steps(engine, 2, 3, 32, 1)
     assert proposed == [[3, 3]]
+
