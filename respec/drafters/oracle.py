@@ -22,20 +22,24 @@ from __future__ import annotations
 
 import torch
 
-from respec.drafters import DraftBatch, Drafter, Drafts
+from respec.drafters import DraftBatch, Drafter
+from respec.drafters.replay import ReplayDrafter
 
 
-class OracleDrafter(Drafter):
+class OracleDrafter(ReplayDrafter):
+    """A replay drafter (where the row's text is in its continuation, `_position`) that drafts the
+    continuation with replaced tokens, at the engine's k (no long verify of its own)."""
+
     kind = "oracle"
+    long_drafts = Drafter.long_drafts  # None: verified at the engine's k, as a model drafter's would be
 
     def __init__(self, accept: float, seed: int = 0):
+        super().__init__()
         if not 0.0 <= accept <= 1.0:
             raise ValueError(f"the oracle's acceptance must be in [0, 1], got {accept}")
         self.accept, self.seed = accept, seed
         self.vocab = 0
         self.drawn: dict[int, list[int]] = {}  # seq id -> its continuation with the replaced tokens
-        self.matched: dict[int, int] = {}  # seq id -> leading tokens of its output known to equal the continuation
-        self.diverged: set[int] = set()  # rows whose text left their continuation
 
     def describe(self) -> str:
         return f"OracleDrafter(accept={self.accept})"
@@ -56,30 +60,13 @@ class OracleDrafter(Drafter):
             self.drawn[s.id] = torch.where(kept, truth, noise).tolist()
         return self.drawn[s.id]
 
-    def _position(self, s) -> int | None:
-        """The row's output length while its text is its continuation (only the tokens emitted since
-        the last call compared); None once it left it (a token the plain pass drew otherwise: in
-        bf16 a verify's wider forward can round a near tie the other way) or without one."""
-        if s.id in self.diverged or getattr(s, "replay", None) is None:
-            return None
-        out, start = s.out, self.matched.get(s.id, 0)
-        if len(out) > len(s.replay) or any(s.replay[i] != out[i] for i in range(start, len(out))):
-            self.diverged.add(s.id)
-            return None
-        self.matched[s.id] = len(out)
-        return len(out)
-
-    def offers(self, batch: DraftBatch) -> list[list[int]]:
+    def offers(self, batch: DraftBatch, min_match: int = 0) -> list[list[int]]:
         out = []
         for s, cap in zip(batch.seqs, batch.max_drafts_list):
             n = self._position(s) if cap else None
             out.append([] if n is None else self._drawn(s)[n: n + cap])
         return out
 
-    def draft(self, batch: DraftBatch) -> Drafts:
-        return Drafts.proposed(self.offers(batch), batch.tokens.shape[0], batch.k, batch.tokens.device)
-
     def forget(self, seq) -> None:
+        super().forget(seq)
         self.drawn.pop(seq.id, None)
-        self.matched.pop(seq.id, None)
-        self.diverged.discard(seq.id)
