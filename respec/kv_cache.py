@@ -16,6 +16,9 @@ dropping one. Block 0 is never handed out (the null block, see `respec/paged_att
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 from respec.paged_attention import NULL_BLOCK
@@ -26,8 +29,9 @@ def default_pool_bytes(device, *, gpu_fraction: float = 0.4, cpu_bytes: int = 1 
     """The KV pool's size when none is given: on a GPU a fraction of the memory free now (call it
     once the models are loaded; the rest is left to the optimizer's state and the activations of
     training), elsewhere a fixed 1 GiB (enough for 64 rows of 700 tokens of SmolLM2-135M); either
-    way no more than `most`, what the run can ever fill (`pool_bytes_for`): a pool is zeroed when it
-    is made, and memory nobody uses is time and room lost."""
+    way no more than `most`, what the run can ever fill (`pool_bytes_for`): a GPU's pool is zeroed
+    when it is made, and memory nobody uses is time and room lost (a CPU pool takes memory only as
+    its blocks are first written: `zeroed`)."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -116,6 +120,21 @@ class BlockManager:
             assert len(table) == self.blocks_for(self.lengths[seq]), f"table of {seq} does not fit its length"
 
 
+def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """A zero tensor that, on the CPU, takes memory only where it is written: an anonymous mapping,
+    whose pages the OS hands out zero-filled on first touch. A pool sized for the longest rows the
+    engine could hold then costs what the rollouts write into it (the block manager hands out the
+    lowest and the most recently freed blocks first), not its capacity: 1 GiB zeroed up front was
+    1 GiB of resident memory however short the run's sequences. Elsewhere: `torch.zeros`."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    count = math.prod(shape)
+    if count == 0:
+        return torch.zeros(shape, dtype=dtype)
+    buffer = mmap.mmap(-1, count * dtype.itemsize)  # the tensor keeps the mapping alive
+    return torch.frombuffer(buffer, dtype=dtype, count=count).view(shape)
+
+
 class PagedKVCache:
     """The block pools, one `(2, num_blocks, block_size, Hkv, D)` tensor per layer, plus the block
     manager that hands their blocks out (a block id names the same slots in every layer)."""
@@ -144,11 +163,10 @@ class PagedKVCache:
                                  f"{free / 2**30:.1f} GiB free on {device} ({total / 2**30:.0f} GiB in all)")
         self.block_size = block_size
         # Zeros, not empty: the null block and stale slots are read (then masked), so keep them finite.
-        self.pools = [torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.pools = [zeroed((2, num_blocks, block_size, num_kv_heads, head_dim), dtype, device)
                       for _ in range(num_layers)]
         dl, dh, dd = draft_shape or (0, 0, 0)
-        self.draft_pools = [torch.zeros(2, num_blocks, block_size, dh, dd, dtype=dtype, device=device)
-                            for _ in range(dl)]
+        self.draft_pools = [zeroed((2, num_blocks, block_size, dh, dd), dtype, device) for _ in range(dl)]
         self.blocks = BlockManager(num_blocks, block_size)
 
     def block_tables(self, seqs: list[int], width: int, rows: int | None = None) -> torch.Tensor:

@@ -171,3 +171,30 @@ def test_a_pool_sized_for_its_rows_holds_them_and_no_more():
         for s in range(3):
             cache.blocks.allocate(s, 10)
         assert cache.blocks.num_free == 0
+
+
+def test_a_cpu_pool_takes_memory_only_where_it_is_written():
+    """A CPU pool's pages are resident once written, not when the pool is made (`zeroed`): a 512 MiB
+    pool costs about nothing until blocks are used; it reads as zeros, and what is written stays.
+    The check has power: the same tensor made by torch.zeros is resident at once."""
+    from respec.host_memory import release_free_memory, rss_bytes
+    from respec.kv_cache import zeroed
+
+    shape = (2, 4096, 16, 4, 64)  # K and V x 4096 blocks x 16 slots x 4 heads x 64 dims in fp32: 128 MiB a layer
+    release_free_memory()
+    before = rss_bytes()
+    cache = PagedKVCache(num_layers=4, num_kv_heads=4, head_dim=64, capacity_bytes=512 << 20, block_size=16,
+                         dtype=torch.float32)
+    assert tuple(cache.pools[0].shape) == shape
+    assert rss_bytes() - before < 32 << 20  # 512 MiB made
+    for pool in cache.pools:
+        pool[:, 1:9] = 1.5  # 8 blocks a layer written
+    assert rss_bytes() - before < 64 << 20
+    assert float(cache.pools[2][:, 1:9].mean()) == 1.5 and not cache.pools[2][:, 9:].any()
+    del cache
+    release_free_memory()
+    base = rss_bytes()
+    eager = torch.zeros(shape)
+    assert rss_bytes() - base > 100 << 20  # the power of the check: torch.zeros writes every page
+    del eager
+    assert not zeroed((0, 3), torch.bfloat16, "cpu").numel() and zeroed((2, 3), torch.bfloat16, "cpu").dtype == torch.bfloat16
