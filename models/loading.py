@@ -274,7 +274,10 @@ def load_checkpoint(ckpt: Path, *, dtype: torch.dtype, device: torch.device) -> 
     cfg = checkpoint_config(ckpt)
     check_fits(cfg, dtype=dtype, device=device)
     state = from_hf_state_dict(_read_safetensors(ckpt), cfg)
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    # copies, also where device and dtype match: the safetensors file is memory-mapped, and a weight
+    # that kept pointing into it would keep the whole mapping, with every page the fusing above
+    # read (q/k/v, gate/up: 0.29 GiB of SmolLM2-135M's fp32 file), resident beside the fused copies
+    state = {k: v.to(device=device, dtype=dtype, copy=True) for k, v in state.items()}
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     with torch.device("meta"):
