@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import faulthandler
 import json
-import resource
 import shutil
 import signal
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 
 from compile.policy import use_persistent_cache
 from models.loading import ModelLoadError, load_model, load_tokenizer
-from respec import checkpoint, distributed, guards, metrics, storage
+from respec import checkpoint, distributed, guards, host_memory, metrics, storage
 from respec.cli import OneLineParser, add_options, given_options, option_fields, refuse_inert
 from respec.config import TrainConfig, default_prompts
 from respec.drafter_choice import ensure_head, split_spec
@@ -197,9 +196,8 @@ def resumed_config(run: Path, given: dict) -> TrainConfig:
 
 
 def peak_memory_gb() -> float:
-    """This process's peak resident memory in GiB (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (2**30 if sys.platform == "darwin" else 2**20)
+    """This process's peak resident memory in GiB."""
+    return host_memory.peak_rss_bytes() / 2**30
 
 
 def summary(history: list[dict], run_dir: Path, wall_s: float, prep: dict, verify: str = "match",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 
 from models.eagle import EagleHead, cast_head, load_eagle
 from models.loading import cache_dir, load_model, resolve_checkpoint
-from respec import storage
+from respec import host_memory, storage
 from respec.drafters import Drafter
 
 # The default head's pretraining (respec/drafter_training.py: pretrain); part of its cache key.
@@ -44,6 +45,11 @@ class Chosen:
     master: EagleHead | None = None  # fp32 weights online distillation trains (a head only)
     prior: list[float] | None = None  # the solver's initial acceptance per draft position (None: its default)
     directory: Path | None = None  # where the head came from
+
+
+def _stderr(msg: str) -> None:
+    """The pretraining's log where the caller's cannot travel to a child process."""
+    print(msg, file=sys.stderr, flush=True)
 
 
 def pretrain_tokens(max_new_tokens: int) -> int:
@@ -97,7 +103,10 @@ def default_head(model: str, task_name: str, task, tokenizer, *, task_config: di
     if not (directory / "config.json").is_file():
         if pretrain_here:
             log(f"no cached drafter for this model, task and length: pretraining one into {directory} (once)")
-            pretrain_default_head(model, directory, tokenizer, task, max_new_tokens=max_new_tokens, log=log,
+            # in a child process: the run that follows starts from the head on disk, not beside the
+            # memory the pretraining held (respec/host_memory.py)
+            host_memory.run_apart(pretrain_default_head, model, directory, tokenizer, task,
+                                  max_new_tokens=max_new_tokens, log=log if host_memory.picklable(log) else _stderr,
                                   **pretrain_kw)
         wait()
     return directory
