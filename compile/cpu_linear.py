@@ -117,3 +117,11 @@ def repack(view: nn.Module) -> None:
     for m in view.modules():
         if isinstance(m, PackedLinear):
             m.repack()
+
+
+def unpack(view: nn.Module) -> None:
+    """Drop every packed weight (stale once the parameters change; `repack` makes them again): the
+    memory of a second copy of the weights, free while the model trains."""
+    for m in view.modules():
+        if isinstance(m, PackedLinear):
+            m.packed = torch.empty(0)

@@ -197,7 +197,9 @@ def add_options(parser: argparse.ArgumentParser, configs: dict[str, type]) -> di
             names += [n for n in ((() if switch else ("--" + name,)) + tuple("--" + a for a in meta["aliases"]))
                       if n not in names]
             kw = dict(dest=name, default=argparse.SUPPRESS, help=f"{meta['help']} (default: {shown}){where}")
-            if switch:  # shown as the switch's own state: off unless given
+            if switch and defaults[stage] is None:  # auto unless given: alone it turns on, `off` turns it off
+                kw.update(nargs="?", const=True, type=_on_off, metavar="on|off")
+            elif switch:  # shown as the switch's own state: off unless given
                 kw.update(action="store_const", const=not defaults[stage], help=f"{meta['help']} (default: off){where}")
             elif meta.get("parse"):
                 kw.update(type=meta["parse"], choices=meta["choices"])

@@ -82,7 +82,7 @@ class UpdateConfig:
     is_correction: str  # the rollout/training mismatch's correction (respec/grpo.py)
     is_cap: float  # its cap
     mask_truncated_completions: bool  # completions cut at max_new_tokens leave the loss
-    gradient_checkpointing: bool  # recompute each block's activations in the backward pass
+    gradient_checkpointing: bool | None  # recompute each block's activations in the backward pass (None: on a CPU)
     grad_clip: float  # max global gradient norm
 
 
@@ -212,8 +212,10 @@ class TrainConfig(DataConfig):
                                        "q_proj, k_proj, v_proj (respec fuses them: one adapter over the three), "
                                        "o_proj, gate_proj, up_proj (fused too), down_proj, or all-linear",
                                        needs=NEEDS_LORA)
-    gradient_checkpointing: bool = option(False, "recompute each decoder block's activations in the backward pass "
-                                          "(less memory, ~1/3 more training compute)", flag="--gradient-checkpointing")
+    gradient_checkpointing: bool | None = option(None, "recompute each decoder block's activations in the backward "
+                                                 "pass (less memory, ~1/3 more training compute; alone: on, or on|off)",
+                                                 flag="--gradient-checkpointing",
+                                                 shown="on a CPU (the run's peak memory), off on a GPU")
     train_dtype: str = option("auto", "autocast dtype of the training forward (weights stay fp32; fp16 is refused: "
                               "it would need loss scaling)",
                               choices=("auto", "bf16", "fp32", "fp16"))

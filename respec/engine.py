@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from compile.cpu_linear import packed_view, packing_available, repack
+from compile.cpu_linear import packed_view, packing_available, repack, unpack
 from compile.policy import CompiledSteps
 from respec.drafters import DraftBatch, Drafter, EngineView, NoDrafter
 from respec.drafters.wrap import as_drafter
@@ -219,6 +219,7 @@ class RolloutEngine:
         self.device, self.dtype = param.device, param.dtype
         self.model = model
         self.runner = packed_view(model) if pack_weights and packing_available(self.device, self.dtype) else model
+        self.released = False  # release_weights() dropped the packed weights; sync_weights() makes them again
         cfg = model.cfg
         self.max_len = cfg.max_position_embeddings
         self.drafter: Drafter = NoDrafter() if drafter is None else as_drafter(drafter)
@@ -267,10 +268,19 @@ class RolloutEngine:
                                        tables=self._tables, device=self.device, dtype=self.dtype,
                                        pack_weights=pack_weights))
 
+    def release_weights(self) -> None:
+        """Call before the model's weights change (an optimizer step), when nothing will decode until
+        `sync_weights`: the packed copies, stale from then on, are dropped (on a CPU, 0.25 GiB of
+        SmolLM2-135M in bf16 free while the actor trains; `sync_weights` packs the new weights)."""
+        if self.runner is not self.model:
+            unpack(self.runner)
+            self.released = True
+
     def sync_weights(self) -> None:
         """Call after the model's weights changed (an optimizer step): refresh packed copies."""
         if self.runner is not self.model:
             repack(self.runner)
+            self.released = False
         self.sync_drafter()
 
     def sync_drafter(self) -> None:
@@ -311,6 +321,8 @@ class RolloutEngine:
         without speculation; default the engine's). `on_finish(n)` (e.g. a tqdm bar's update) is
         told whenever n sequences finish. If `should_stop()` turns true (checked before every step),
         the rollout is abandoned: its blocks are freed and `Stopped` is raised."""
+        if self.released:
+            raise RuntimeError("the engine's packed weights were released: sync_weights() before generating")
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts) or (replays is not None and len(replays) != len(prompts)):
             raise ValueError("one SamplingParams per prompt (or a single one for all), and one replay per prompt")

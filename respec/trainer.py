@@ -54,7 +54,7 @@ import torch
 from tqdm import tqdm
 
 from models.loading import eos_token_ids, load_model, load_tokenizer, model_config, resolve_dtype
-from respec import checkpoint, distributed, grpo, guards, metrics, rewards
+from respec import checkpoint, distributed, grpo, guards, host_memory, metrics, rewards
 from respec.config import TrainConfig
 from respec.drafter_choice import Chosen, choose_drafter, split_spec
 from respec.drafters.replay import ReplayStore
@@ -370,6 +370,8 @@ class Trainer:
         drafter_version = self.learner.live_version if self.learner is not None else 0  # drafter updates in it
         with timed(timings, "rollout_s"):
             stats, replay_rows = self.generate(episodes)  # 2. rollout
+        self.engine.release_weights()  # nothing decodes until step 5 syncs the new weights
+        self.release_host_memory()
         # the adaptive solver's prediction against this rollout's verifies; its calibration refitted
         solver = self.policy.end_rollout() if isinstance(self.policy, AdaptiveK) else None
         with timed(timings, "drafter_s", add=True):  # a background drafter update, for the next rollout
@@ -388,6 +390,7 @@ class Trainer:
                 torch.cuda.synchronize(d.device)
         with timed(timings, "sync_s"):
             self.after_update()  # 5. the rollout copy reads the new weights
+        self.release_host_memory()
         # the drafter's online distillation from the updated actor, due when the head drafted in this
         # rollout (replay and history verifies do not use it), the same decision on every rank
         drafted = distributed.all_reduce_max([float(stats.proposed_by("model"))], d)[0] > 0
@@ -400,6 +403,12 @@ class Trainer:
             self.learner.account(timings["step_s"])
         return self.step_metrics(episodes, stats, upd, timings, kd=kd, epoch=epoch,  # 6. metrics
                                  drafter_version=drafter_version, replay_rows=replay_rows, solver=solver)
+
+    def release_host_memory(self) -> None:
+        """On a CPU, what a phase freed goes back to the OS before the next one allocates
+        (respec/host_memory.py); a GPU's memory is the caching allocator's business."""
+        if self.d.device.type == "cpu":
+            host_memory.release_free_memory()
 
     def step_metrics(self, episodes: list[Episode], stats: EngineStats, upd: dict, timings: dict, **step) -> dict:
         """Step 6: the step's line of metrics.jsonl (respec/metrics.py), over all ranks."""

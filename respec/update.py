@@ -100,6 +100,17 @@ class Microbatch:
         self.advantages = torch.tensor([e.advantage for e in chosen], dtype=torch.float32, device=device)
 
 
+def checkpointing(cfg, device: torch.device) -> bool:
+    """Whether the update recomputes each block's activations in its backward pass: as asked, else
+    (`--gradient-checkpointing` not given) on a CPU, where the run's peak memory is the update's and
+    the machine may be a laptop (the default run's peak fell from 4.9 to 4.2 GiB, at no measured
+    cost in time there: docs/benchmarks.md), and not on a GPU, whose memory holds a small model's
+    activations and whose time the recomputation would cost."""
+    if cfg.gradient_checkpointing is not None:
+        return cfg.gradient_checkpointing
+    return device.type == "cpu"
+
+
 def policy_update(actor, optimizer, scheduler, episodes, cfg, d, *, reference=None, micro_tokens: int,
                   train_dtype, progress: bool = False) -> dict:
     """`cfg.epochs` x `cfg.minibatches` optimizer steps on this rank's `episodes` (the module
@@ -111,8 +122,12 @@ def policy_update(actor, optimizer, scheduler, episodes, cfg, d, *, reference=No
     batch = lambda micro, mb: Microbatch(episodes, micro or [mb[0]], empty=not micro,  # noqa: E731
                                          mask_truncated=mask_truncated, device=device)
     single_pass = cfg.epochs == 1 and cfg.minibatches == 1
-    run_block = checkpointed_block if cfg.gradient_checkpointing else None  # only the forward that backpropagates
-    autocast = torch.autocast(device.type, dtype=train_dtype, enabled=train_dtype != torch.float32)
+    ckpt = checkpointing(cfg, device)
+    run_block = checkpointed_block if ckpt else None  # only the forward that backpropagates
+    # Checkpointed, autocast's cache of the weights' low-precision casts (kept for the whole forward,
+    # for a backward that recomputes them anyway) would hold a second copy of every weight: off.
+    autocast = torch.autocast(device.type, dtype=train_dtype, enabled=train_dtype != torch.float32,
+                              cache_enabled=not ckpt)
     logprobs = lambda model, b: grpo.token_logprobs(model, b.tokens, b.mask, temperature=cfg.temperature)[0]  # noqa: E731
 
     old, ref = {}, {}  # 2.
@@ -180,6 +195,7 @@ def policy_update(actor, optimizer, scheduler, episodes, cfg, d, *, reference=No
             grad_norms.append(norm)
             optimizer.step()
             scheduler.step()
+            optimizer.zero_grad(set_to_none=True)  # no gradients held between updates (the rollout's memory)
     bar.close()
     actor.eval()
     return _update_metrics(sums, gap, grad_norms, skipped, cfg, d)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from models.loading import load_model
 from respec.engine import RolloutEngine, SamplingParams
 from respec.sampling import filter_logits, sample, sampling_logprobs
 
@@ -174,3 +175,31 @@ def test_run_ahead_gives_the_step_by_step_tokens(tiny, monkeypatch, eager, late)
             assert len(ended) >= 2
             assert all(want[row].finish_reason == "stop" and len(want[row].token_ids) == at + 1 for row, at in ended)
     assert runs and max(runs) > 8
+
+
+def test_released_weights_refuse_to_decode_until_synced():
+    """`release_weights` (the trainer calls it while the actor trains) drops the CPU engine's packed
+    weights; generating then is refused in one line, and after `sync_weights` the engine decodes
+    with the model's current weights: the same tokens as a fresh engine."""
+    from compile.cpu_linear import PackedLinear, packing_available
+
+    if not packing_available("cpu", torch.float32):
+        pytest.skip("no oneDNN packing on this CPU build")
+    model = load_model("tiny", dtype=torch.float32)
+    engine = RolloutEngine(model, kv_cache_bytes=8 << 20, max_batch=4, eager=True)
+    prompts = [[5, 6, 7], [9, 10]]
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    before = [c.token_ids for c in engine.generate(prompts, params)]
+    packed = [m for m in engine.runner.modules() if isinstance(m, PackedLinear)]
+    assert packed and all(m.packed.numel() > 0 for m in packed)
+    engine.release_weights()
+    assert all(m.packed.numel() == 0 for m in packed)
+    with pytest.raises(RuntimeError, match="sync_weights"):
+        engine.generate(prompts, params)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-1.0)  # new weights, as an optimizer step would write
+    engine.sync_weights()
+    after = [c.token_ids for c in engine.generate(prompts, params)]
+    fresh = RolloutEngine(model, kv_cache_bytes=8 << 20, max_batch=4, eager=True)
+    assert after == [c.token_ids for c in fresh.generate(prompts, params)] and after != before

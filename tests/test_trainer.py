@@ -574,3 +574,34 @@ def test_masked_truncated_completions_leave_the_loss(tmp_path):
     assert m["truncated_frac"] == k["truncated_frac"] == 1.0
     assert m["loss"] == 0.0 and m["grad_norm"] == 0.0
     assert k["grad_norm"] > 0
+
+
+def test_checkpointing_is_on_by_default_on_a_cpu_and_changes_no_update(tmp_path, tokenizer):
+    """`--gradient-checkpointing`: alone on, `off` off, not given auto (on a CPU, off on a GPU); the
+    recomputed backward, under bf16 autocast without the weight-cast cache, moves the actor exactly
+    as the plain one does (two runs of two steps, bf16 training forward, weights compared)."""
+    import train as train_py
+    from respec.update import checkpointing
+
+    given = lambda *a: train_py.parse_args(list(a))[1].get("gradient_checkpointing", "absent")  # noqa: E731
+    assert (given("--gradient-checkpointing"), given("--gradient-checkpointing", "off"), given()) == (True, False, "absent")
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    for value, on_cpu, on_gpu in ((None, True, False), (True, True, True), (False, False, False)):
+        cfg = TrainConfig(gradient_checkpointing=value).update()
+        assert (checkpointing(cfg, cpu), checkpointing(cfg, gpu)) == (on_cpu, on_gpu)
+    weights = []
+    for ckpt in (False, True):
+        cfg = TrainConfig(model="tiny", task="toy-letters", steps=2, prompts=2, group=4, max_new_tokens=8, lr=1e-3,
+                          warmup_steps=0, micro_tokens=64, sd="off", compile="off", progress=False,
+                          train_dtype="bf16", gradient_checkpointing=ckpt, report_to=["none"])
+        (tmp_path / str(ckpt)).mkdir()
+        trainer = Trainer(cfg, d=distributed.Dist(), run_dir=tmp_path / str(ckpt), tokenizer=tokenizer,
+                          log=lambda m: None)
+        trainer.start()
+        trainer.run()
+        weights.append({n: p.detach().clone() for n, p in trainer.actor.named_parameters()})
+    for n, w in weights[0].items():
+        torch.testing.assert_close(weights[1][n], w, rtol=0, atol=1e-6)
+    initial = Trainer(cfg, d=distributed.Dist(), run_dir=tmp_path / "x", tokenizer=tokenizer, log=lambda m: None).actor
+    moved = sum(int(not torch.equal(p, weights[0][n])) for n, p in initial.named_parameters())
+    assert moved > 0  # the updates moved weights: equality says something
