@@ -7,10 +7,10 @@ resident size climbs with every phase that allocates somewhere new, and a peak i
 plus all the freed memory held beside it. `release_free_memory` (glibc's `malloc_trim`) returns
 it: the trainer calls it between phases on the CPU (a few milliseconds).
 
-What no trim returns (oneDNN's and the autograd engine's caches, heap pages pinned by a few live
-objects) leaves with its process: `run_apart` runs a one-off job (the default head's pretraining)
-in a child process, so that a run starts from what the job wrote to disk, not from what it held
-(0.55 GiB resident after a pretraining in the same process, trimmed)."""
+What a trim does not return leaves with its process: after the default head's pretraining in the
+same process, 0.55 GiB stayed resident, trimmed, held by no Python object (caches below Python, or
+heap pages pinned by a few live allocations; not traced further). `run_apart` runs such a one-off
+job in a child process, so that a run starts from what the job wrote to disk."""
 
 from __future__ import annotations
 

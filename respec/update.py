@@ -103,7 +103,7 @@ class Microbatch:
 def checkpointing(cfg, device: torch.device) -> bool:
     """Whether the update recomputes each block's activations in its backward pass: as asked, else
     (`--gradient-checkpointing` not given) on a CPU, where the run's peak memory is the update's and
-    the machine may be a laptop (the default run's peak fell from 4.9 to 4.2 GiB, at no measured
+    the machine may be a laptop (4 steps of the default run peaked at 4.12 GiB against 4.86, at no measured
     cost in time there: docs/benchmarks.md), and not on a GPU, whose memory holds a small model's
     activations and whose time the recomputation would cost."""
     if cfg.gradient_checkpointing is not None:
