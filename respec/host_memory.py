@@ -70,9 +70,9 @@ def run_apart(fn, /, *args, **kwargs):
         job.write_bytes(pickle.dumps((fn, args, kwargs)))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         proc = subprocess.run([sys.executable, "-m", "respec.host_memory", str(job), str(out)], env=env)
-        if not out.is_file():
+        if not out.is_file():  # killed (out of memory, a signal) before it could say why
             raise RuntimeError(f"{getattr(fn, '__name__', fn)} died in its child process (exit status "
-                               f"{proc.returncode}: killed, or out of memory)")
+                               f"{proc.returncode})")
         ok, value = pickle.loads(out.read_bytes())
     if ok:
         return value
@@ -81,8 +81,8 @@ def run_apart(fn, /, *args, **kwargs):
 
 def _child(job: str, out: str) -> None:
     """`run_apart`'s other end: run the pickled job, pickle what it returned or raised."""
-    fn, args, kwargs = pickle.loads(Path(job).read_bytes())
     try:
+        fn, args, kwargs = pickle.loads(Path(job).read_bytes())
         result = (True, fn(*args, **kwargs))
     except Exception as e:  # noqa: BLE001 - handed back to the parent, which raises it
         e.add_note("(in the child process of respec.host_memory.run_apart:)\n" + traceback.format_exc().rstrip())
@@ -95,7 +95,10 @@ def _child(job: str, out: str) -> None:
 
 
 def picklable(obj) -> bool:
-    """Whether `obj` can be handed to a child process (`run_apart`)."""
+    """Whether `obj` can be handed to a child process (`run_apart`): it pickles, and it is not a
+    function of this process's main script (pickled by name, which the child cannot look up)."""
+    if getattr(obj, "__module__", None) == "__main__":
+        return False
     try:
         pickle.dumps(obj)
     except Exception:  # noqa: BLE001 - pickle raises many kinds (PicklingError, AttributeError, TypeError)

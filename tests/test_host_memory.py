@@ -3,6 +3,8 @@ memory handed back."""
 
 import math
 import os
+import sys
+import types
 
 import pytest
 
@@ -17,6 +19,23 @@ def test_a_job_apart_returns_its_result_and_raises_its_error():
     assert any("child process" in note for note in getattr(caught.value, "__notes__", []))
     with pytest.raises(RuntimeError, match="died in its child process.*status 3"):
         host_memory.run_apart(os._exit, 3)
+
+    def from_the_main_script(msg):  # as train.py's log is when train.py runs
+        return msg
+
+    assert host_memory.picklable(math.factorial) and not host_memory.picklable(lambda m: m)
+    from_the_main_script.__module__ = "__main__"
+    assert not host_memory.picklable(from_the_main_script)
+    ghost = types.ModuleType("respec_only_in_the_parent")  # pickled by name, not importable in the child
+    ghost.job = from_the_main_script
+    from_the_main_script.__module__, from_the_main_script.__qualname__ = ghost.__name__, "job"
+    sys.modules[ghost.__name__] = ghost
+    try:
+        with pytest.raises(ModuleNotFoundError, match="respec_only_in_the_parent") as caught:  # the child's error
+            host_memory.run_apart(from_the_main_script, "x")
+        assert any("child process" in note for note in getattr(caught.value, "__notes__", []))
+    finally:
+        del sys.modules[ghost.__name__]
 
 
 def test_the_default_head_is_pretrained_apart(monkeypatch, tmp_path):
