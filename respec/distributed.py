@@ -212,13 +212,30 @@ class RolloutCopy:
         copy.tie_weights()
         copy.init_buffers(device)
         self.model = copy.to(dtype).eval().requires_grad_(False)
+        self.shapes = {name: p.shape for name, p in self.model.named_parameters()}
+        self.released = False
         self.sync()
+
+    def release(self) -> None:
+        """While the actor trains, when nothing reads the copy until `sync`: on a CPU its weights are
+        dropped (their memory is the update's: 0.25 GiB of SmolLM2-135M in bf16) and `sync` makes
+        them again, in the same Parameter objects (every module that shares them sees the new ones).
+        Not on a GPU, where graphs captured over the copy read its weights at fixed addresses."""
+        if self.shared or next(self.model.parameters()).device.type != "cpu":
+            return
+        for p in self.model.parameters():
+            p.data = p.data.new_empty(0)
+        self.released = True
 
     @torch.no_grad()
     def sync(self) -> None:
         if self.shared:
             return
         mine = dict(self.model.named_parameters())
+        if self.released:
+            for name, p in mine.items():
+                p.data = p.data.new_empty(self.shapes[name])
+            self.released = False
         if self.lora_scale is not None:  # W + (alpha / r) B A, from the gathered base and adapters
             from respec import lora
 

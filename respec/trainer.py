@@ -370,12 +370,13 @@ class Trainer:
         drafter_version = self.learner.live_version if self.learner is not None else 0  # drafter updates in it
         with timed(timings, "rollout_s"):
             stats, replay_rows = self.generate(episodes)  # 2. rollout
-        self.engine.release_weights()  # nothing decodes until step 5 syncs the new weights
-        self.release_host_memory()
         # the adaptive solver's prediction against this rollout's verifies; its calibration refitted
         solver = self.policy.end_rollout() if isinstance(self.policy, AdaptiveK) else None
         with timed(timings, "drafter_s", add=True):  # a background drafter update, for the next rollout
             kd = self.apply_drafter_update(self.learner.before_rollout()) if self.learner is not None else None
+        self.engine.release_weights()  # nothing decodes until step 5 syncs the new weights
+        self.rollout.release()  # (nor reads the rollout copy: the background distillation was joined above)
+        self.release_host_memory()  # (after the background distillation, joined above, freed its memory)
         with timed(timings, "reward_s"):
             self.score(episodes)  # 3. rewards
         metrics.write_completions(self.completions_path, episodes, self.step + 1, cfg.log_completions, d,

@@ -203,3 +203,31 @@ def test_released_weights_refuse_to_decode_until_synced():
     after = [c.token_ids for c in engine.generate(prompts, params)]
     fresh = RolloutEngine(model, kv_cache_bytes=8 << 20, max_batch=4, eager=True)
     assert after == [c.token_ids for c in fresh.generate(prompts, params)] and after != before
+
+
+def test_a_released_rollout_copy_is_made_again_by_its_sync():
+    """The trainer releases the rollout copy's weights while the actor trains (on a CPU); `sync`
+    makes them again in the same Parameter objects, so the engine over the copy (its packed view
+    sharing them) decodes with the new weights: the tokens of a fresh copy and engine."""
+    from respec.distributed import RolloutCopy
+
+    actor = load_model("tiny", dtype=torch.float32)
+    copy = RolloutCopy(actor, dtype=torch.bfloat16, sharded=False)
+    params = dict(copy.model.named_parameters())
+    engine = RolloutEngine(copy.model, kv_cache_bytes=8 << 20, max_batch=4, eager=True)
+    prompts, sampling = [[5, 6, 7], [9, 10]], SamplingParams(max_new_tokens=6, temperature=0.0)
+    before = [c.token_ids for c in engine.generate(prompts, sampling)]
+    engine.release_weights()
+    copy.release()
+    assert all(p.numel() == 0 for p in copy.model.parameters())
+    with torch.no_grad():
+        for p in actor.parameters():
+            p.mul_(-1.0)  # an optimizer step
+    copy.sync()
+    engine.sync_weights()
+    assert dict(copy.model.named_parameters()) == params  # the same objects, new storage
+    assert all(tuple(p.shape) == tuple(a.shape) for p, a in zip(copy.model.parameters(), actor.parameters()))
+    after = [c.token_ids for c in engine.generate(prompts, sampling)]
+    fresh = RolloutEngine(RolloutCopy(actor, dtype=torch.bfloat16, sharded=False).model, kv_cache_bytes=8 << 20,
+                          max_batch=4, eager=True)
+    assert after == [c.token_ids for c in fresh.generate(prompts, sampling)] and after != before

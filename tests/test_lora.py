@@ -47,6 +47,7 @@ def test_only_adapters_train_and_the_rollout_copy_is_the_merged_actor():
         for p in actor.parameters():
             if p.grad is not None:
                 p -= 0.5 * p.grad
+    copy.release()  # (as the trainer does while the actor trains: the merged weights are made again)
     copy.sync()
     with torch.no_grad():
         want = actor.logits(actor(tokens))
