@@ -73,7 +73,7 @@ def test_freed_memory_goes_back_to_the_os():
 
     if host_memory._TRIM is None:
         pytest.skip("not glibc: no malloc_trim")
-    host_memory.release_free_memory()
+    host_memory.release_free_memory(full=True)
     before = host_memory.rss_bytes()
     chunks = [torch.ones(1 << 14) for _ in range(8000)]  # 500 MiB in 64 KiB pieces: heap memory, not mmap's
     pin = torch.ones(1 << 14)  # above them: the heap's top cannot shrink past it

@@ -20,29 +20,10 @@ import sys
 import threading
 import time
 
+from respec.host_memory import release_free_memory, rss_bytes
+
 VARIANTS = {"full": [], "full+ckpt": ["--ckpt"], "lora16": ["--lora-r", "16"],
             "lora16+ckpt": ["--lora-r", "16", "--ckpt"]}
-
-
-def rss_bytes() -> int:
-    """This process's resident memory (Linux: /proc/self/statm)."""
-    import os
-
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def release_free_memory() -> None:
-    """Hand memory the allocator holds but nothing uses back to the OS (glibc's malloc_trim), so that
-    the resident size before the timed steps is what is live, not what loading the model left free."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the figure includes freed memory
-        pass
 
 
 def one(args) -> dict:
@@ -78,7 +59,7 @@ def one(args) -> dict:
         return float(loss)
 
     step()  # warm-up: gradients and AdamW's state exist from here on
-    release_free_memory()
+    release_free_memory(full=True)  # before the timed steps: what is live, not what loading left free
     before = rss_bytes()
     peak = [before]
     done = threading.Event()
