@@ -20,6 +20,11 @@ Policy, and why:
     compiled once per k and sampling flag, not once per batch bucket (a cold compile of a 30-layer
     step takes tens of seconds even on a GPU host); the smallest bucket is 2 rows, since the compiler
     specialises a dimension of size 1. CUDA graphs are still recorded per bucket (a few runs each).
+  * **Manual CUDA graphs** (`mode="graphs"`, compile/cuda_graphs.py): the whole step compiled once
+    (batch and width dynamic, no CUDA-graph trees) and captured by hand, one `torch.cuda.CUDAGraph`
+    per input shape, replayed after copying the step's inputs into static buffers: no dynamo
+    guards, no tree bookkeeping per call. Until a GPU run shows it correct and faster, "whole" stays
+    the CUDA default; on a CPU the replay is simulated (the same buffering, for the tests).
   * Batch sizes go through buckets (1, 2, 4, 8, ...): the engine pads the active batch up to the
     next bucket with rows that do nothing. Every bucket is one static-shape graph, except with a
     dynamic batch dimension (`regional-dynamic` and whole-step compilation): one graph for all
@@ -65,12 +70,14 @@ from functools import partial
 
 import torch
 
+from compile import cuda_graphs
 from models.decoder import call_block
 from models.eagle import call_head
 from models.loading import cache_dir
 from respec.flex_paged import check_runs_on
 
-COMPILE_MODES = ("regional", "regional-dynamic", "whole", "tensorrt")  # besides eager (see above)
+COMPILE_MODES = ("regional", "regional-dynamic", "whole", "graphs", "tensorrt")  # besides eager (see above)
+WHOLE_STEP_MODES = ("whole", "graphs", "tensorrt")  # the step compiled as one graph
 INT32_MAX = 2**31 - 1  # the largest element count a kernel indexed in 32 bits may address
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # Parameters of the step functions that name their sampling tails (output head + sampler, the
@@ -250,7 +257,7 @@ class CompiledSteps:
         if self.mode != "eager" and self.mode not in COMPILE_MODES:
             raise ValueError(f"unknown compile mode {mode!r} (eager, {', '.join(COMPILE_MODES)})")
         # one graph for every batch size (see the module docstring), or one per batch bucket
-        self.dynamic_batch = self.mode in ("regional-dynamic", "whole", "tensorrt")
+        self.dynamic_batch = self.mode in ("regional-dynamic", *WHOLE_STEP_MODES)
         if self.mode == "tensorrt":
             require_tensorrt(self.device)
         # the declared ranges of the dynamic dimensions: the rows of the largest batch bucket and the
@@ -283,7 +290,7 @@ class CompiledSteps:
             return
         # regional graphs leave the width unbounded (`maybe_mark_dynamic`): the guards inductor puts
         # on it recompile (in 64 bits) rather than fail, so only the rows' tensors count there
-        width = self.max_width if self.mode in ("whole", "tensorrt") else 0
+        width = self.max_width if self.mode in WHOLE_STEP_MODES else 0
         size, what = largest_step_tensor(cfg, rows=self.max_rows, width=width, **sizes)
         if size > INT32_MAX:
             fits = next((b for b in reversed(BATCH_BUCKETS) if b < self.max_rows and largest_step_tensor(
@@ -324,7 +331,7 @@ class CompiledSteps:
         """Block-table width for a batch whose longest sequence has `num_blocks` blocks (whole-step
         graphs: a power of two, see the module docstring)."""
         width = table_width(num_blocks)
-        return 1 << (width - 1).bit_length() if self.mode in ("whole", "tensorrt") else width
+        return 1 << (width - 1).bit_length() if self.mode in WHOLE_STEP_MODES else width
 
     def static_inputs(self, tensors) -> None:
         """Tensors every step reads and writes in place at a fixed address (the KV pools): whole-step
@@ -334,10 +341,16 @@ class CompiledSteps:
                 torch._dynamo.mark_static_address(t)
 
     @property
+    def graph_per_shape(self) -> bool:
+        """Whether each input shape (batch bucket x table width) gets a graph of its own, made on its
+        first calls (CUDA graphs, TensorRT engines): a warm-up must then meet every shape."""
+        return self.mode in WHOLE_STEP_MODES
+
+    @property
     def warm_calls(self) -> int:
         """Calls of each shape a warm-up must make before that shape is timed: two where a graph is
-        recorded per shape (whole-step: CUDA graphs are recorded on the second call), else one (the
-        first call may compile)."""
+        recorded per shape on its second call (CUDA-graph trees, TensorRT engines), else one (the
+        first call compiles, or captures its graph and replays it)."""
         return 2 if self.mode in ("whole", "tensorrt") else 1
 
     @contextlib.contextmanager
@@ -348,14 +361,14 @@ class CompiledSteps:
         its figures."""
         self.unwarmed.clear()
         self.timing = True
-        graphs, recordings = compiled_graphs(), cuda_graph_recordings(self.device)
+        graphs, recordings = compiled_graphs(), cuda_graph_recordings(self.device) + cuda_graphs.captures()
         try:
             yield self.unwarmed
         finally:
             self.timing = False
             if (n := compiled_graphs() - graphs) > 0:
                 self.unwarmed.append(f"{n} graph(s) compiled inside the timed region")
-            if (n := cuda_graph_recordings(self.device) - recordings) > 0:
+            if (n := cuda_graph_recordings(self.device) + cuda_graphs.captures() - recordings) > 0:
                 self.unwarmed.append(f"{n} CUDA graph(s) recorded inside the timed region")
 
     def _count_call(self, name: str, inputs: dict) -> None:
@@ -384,6 +397,8 @@ class CompiledSteps:
                            if name in params}
                 regions |= {name: self._tail(params[name].default) for name in TAIL_PARAMS if name in params}
                 step = partial(fn, **regions, **static_kwargs)
+            elif self.mode == "graphs":
+                step = self._captured_step(fn, static_kwargs)
             else:
                 step = self._whole_step(fn, static_kwargs)
             self._cache[key] = step
@@ -392,10 +407,10 @@ class CompiledSteps:
     def _whole_step(self, fn, static_kwargs: dict):
         """The whole step compiled as one graph (shared by the process's engines), called with this
         engine's bounds declared and, under CUDA graphs, its outputs copied out of the graph's memory."""
-        cuda_graphs = self.mode == "whole" and self.device.type == "cuda"
-        key = ("whole", fn, tuple(sorted(static_kwargs.items())), self.backend, cuda_graphs)
+        trees = self.mode == "whole" and self.device.type == "cuda"
+        key = ("whole", fn, tuple(sorted(static_kwargs.items())), self.backend, trees)
         graph = _shared(key, lambda: torch.compile(partial(fn, **static_kwargs), fullgraph=True, dynamic=False,
-                                                   backend=self.backend, mode="reduce-overhead" if cuda_graphs else None))
+                                                   backend=self.backend, mode="reduce-overhead" if trees else None))
         signature = inspect.signature(fn)
         name = f"{fn.__name__}({', '.join(f'{k}={v}' for k, v in sorted(static_kwargs.items()))})"
 
@@ -405,10 +420,10 @@ class CompiledSteps:
             _mark_rows_dynamic(inputs.values(), self.max_rows)  # (the pools come as lists, the weights as modules)
             _mark_width_dynamic(inputs["block_tables"], max_width=self.max_width)
             t0 = time.perf_counter() if name not in FIRST_CALL_S else None
-            if cuda_graphs:
+            if trees:
                 torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are done with
             out = graph(*args, **kwargs)
-            if cuda_graphs:
+            if trees:
                 out = tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in out)
             if t0 is not None:
                 if self.device.type == "cuda":
@@ -416,3 +431,16 @@ class CompiledSteps:
                 FIRST_CALL_S[name] = round(time.perf_counter() - t0, 2)
             return out
         return step
+
+    def _captured_step(self, fn, static_kwargs: dict):
+        """The whole step compiled once (no CUDA-graph trees), captured per input shape and replayed
+        (compile/cuda_graphs.py); the compiled function, its declared bounds and the warm-up count
+        are only met while a shape is captured."""
+        compiled = self._whole_step(fn, static_kwargs)
+        name = f"{fn.__name__}({', '.join(f'{k}={v}' for k, v in sorted(static_kwargs.items()))})"
+
+        def captured(args):
+            if self.timing:
+                shapes = {i: tuple(a.shape) for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
+                self.unwarmed.append(f"{name} {shapes} (not captured before)")
+        return cuda_graphs.StepGraphs(compiled, self.device, on_capture=captured)

@@ -226,8 +226,9 @@ class TrainConfig(DataConfig):
     compile: str = option("auto", "torch.compile the rollout engine (auto: on CUDA only; a cold CPU compile takes "
                           "minutes)", choices=("auto", "on", "off"))
     compile_mode: str | None = option(None, "how a compiled engine compiles its steps (compile/policy.py): regional, "
-                                      "regional-dynamic (one graph for all batch sizes), whole, or tensorrt (the "
-                                      "whole step by Torch-TensorRT: CUDA, requirements-trt.txt)",
+                                      "regional-dynamic (one graph for all batch sizes), whole (CUDA-graph trees), graphs "
+                                      "(the whole step captured by hand, one CUDA graph per shape, no guards per "
+                                      "call), or tensorrt (the whole step by Torch-TensorRT: CUDA, requirements-trt.txt)",
                                       choices=COMPILE_MODES, shown="whole on CUDA, regional on CPU",
                                       needs=Needs("compile", lambda c: c != "off", "--compile off (--eager) compiles "
                                                   "nothing"))

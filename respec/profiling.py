@@ -95,7 +95,7 @@ def warm_contexts(engine: RolloutEngine, k: int, max_context: int | None) -> lis
     """Contexts whose SD step with k drafts meets each block-table width up to `max_context` tokens
     (one context where the width is a dynamic dimension of one graph)."""
     bs, steps = engine.blocks.block_size, engine.steps
-    if steps.warm_calls == 1 or max_context is None:
+    if not steps.graph_per_shape or max_context is None:
         return [4 * bs]
     widest = steps.table_width(engine.blocks.blocks_for(min(max_context, engine.max_len) + k + 1))
     widths = sorted({steps.table_width(n) for n in range(1, widest + 1)})

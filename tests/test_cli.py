@@ -260,14 +260,16 @@ def test_gpu_check_quick_runs_every_stage(tmp_path, monkeypatch):
         assert gpu_check.main(["--part", part, "--out", part, "--quick", "--device", "cpu"]) == 0
         summary = json.loads((tmp_path / part / "summary.json").read_text())
         not_ok = {n: s["status"] for n, s in summary["stages"].items() if s["status"] != "ok"}
-        assert not_ok == ({"bench smollm2-135m flex": "skipped: --attention flex runs compiled on CUDA only"}
+        assert not_ok == ({"bench smollm2-135m graphs": "skipped: --compile-mode graphs runs compiled on CUDA only",
+                           "bench smollm2-135m flex": "skipped: --attention flex runs compiled on CUDA only"}
                           if part == "a" else {})
         names = {p.name for p in (tmp_path / part).iterdir()}
         assert {"check.log", "summary.json", "summary.md"} <= names and len(names) <= 8  # what comes back
         assert all((tmp_path / part / n).stat().st_size < 16 << 20 for n in names)
         assert summary["cudagraph_skips"] == 0
     a = json.loads((tmp_path / "a" / "summary.json").read_text())
-    assert list(a["stages"]) == ["smoke", "smoke: eager", "cuda tests", "bench smollm2-135m", "bench smollm2-135m flex"]
+    assert list(a["stages"]) == ["smoke", "smoke: eager", "cuda tests", "bench smollm2-135m", "bench smollm2-135m graphs",
+                                 "bench smollm2-135m flex"]
     assert a["smoke"]["path"] == "eager" and set(a["smoke"]["replay_ms"]) == {"decode", "verify k=3"}
     assert a["stages"]["bench smollm2-135m"]["path"] == "eager"
     assert a["bench"]["tiny"]["rows"][0]["same_tokens_as_hf"] == "1/1"

@@ -155,6 +155,35 @@ def test_flex_attention_under_cuda_graphs_equals_the_gather_path(tiny):
     assert counters["inductor"]["cudagraph_skips"] == skips, "inductor skipped CUDA graphs"
 
 
+@pytest.mark.parametrize("kind", ["plain", "history"])
+def test_steps_captured_by_hand_equal_eager(tiny, kind):
+    """`--compile-mode graphs` (compile/cuda_graphs.py): plain decoding (run ahead of the host) and a
+    k = 3 verify captured as CUDA graphs by hand give the eager tokens across batch buckets and
+    table widths; a second rollout replays only (nothing captured, nothing compiled)."""
+    from compile import cuda_graphs
+    from compile.policy import compiled_graphs
+    from respec.drafters.history import HistoryDrafter
+    from respec.engine import RolloutEngine, SamplingParams
+
+    model = on_cuda(tiny)
+    prompts = REPEATING if kind == "history" else PROMPTS[:3]
+    params = [SamplingParams(max_new_tokens=20 + 10 * s, seed=s, temperature=0.0 if kind == "history" else 0.8,
+                             stop_on_eos=False) for s in range(3)]
+
+    def engine(eager):
+        drafter = HistoryDrafter(min_match=1) if kind == "history" else None
+        return RolloutEngine(model, kv_cache_bytes=64 << 20, max_batch=8, eager=eager, drafter=drafter,
+                             num_draft_tokens=3 if drafter else 0, compile_mode=None if eager else "graphs")
+
+    want = [c.token_ids for c in engine(True).generate(prompts, params)]
+    captured = engine(False)
+    assert [c.token_ids for c in captured.generate(prompts, params)] == want
+    assert (captured.stats.sd_steps > 0) == (kind == "history")
+    before, graphs = cuda_graphs.captures(), compiled_graphs()
+    assert [c.token_ids for c in captured.generate(prompts, params)] == want
+    assert (cuda_graphs.captures(), compiled_graphs()) == (before, graphs)
+
+
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
 def test_sd_sampling_is_lossless(temperature, top_p):
     """The chi-square test of tests/test_speculative.py with the engine on the GPU."""

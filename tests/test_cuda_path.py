@@ -24,6 +24,7 @@ machine has (tests/test_cuda.py runs there and shares its prompts, tests/prompts
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 from torch.utils._sympy.value_ranges import bound_sympy
 
+from compile import cuda_graphs
 from compile.policy import BATCH_BUCKETS, INT32_MAX, CompiledSteps, largest_step_tensor
 from models.decoder import PRESETS
 from models.loading import load_model, random_model
@@ -83,9 +85,9 @@ def drafter_of(kind, model):
             "history": lambda: HistoryDrafter(min_match=1)}[kind]()
 
 
-def whole_step_engine(model, kind, inspector=None, **kw):
+def whole_step_engine(model, kind, inspector=None, *, mode="whole", **kw):
     drafter = drafter_of(kind, model)
-    engine = RolloutEngine(model, kv_cache_bytes=64 << 20, eager=inspector is None, compile_mode="whole", max_batch=8,
+    engine = RolloutEngine(model, kv_cache_bytes=64 << 20, eager=inspector is None, compile_mode=mode, max_batch=8,
                            drafter=drafter, num_draft_tokens=3 if drafter is not None else 0, **kw)
     if inspector is not None:
         engine.steps.backend = inspector
@@ -162,6 +164,122 @@ def test_warmup_leaves_no_shape_to_record_in_a_timed_region(tiny, kind):
     with warm.steps.timed() as unwarmed:
         rollout(warm, kind)
     assert warm.stats.decode_steps > 0 and unwarmed == []
+
+
+# --- manual capture (compile/cuda_graphs.py), its buffering checked with simulated graphs ------------
+def captured_engine(model, kind):
+    """`--compile-mode graphs` traced with aot_eager: on the CPU each shape's graph is a
+    SimulatedGraph (a replay runs the step on the static buffers into the outputs' fixed tensors)."""
+    return whole_step_engine(model, kind, "aot_eager", mode="graphs")
+
+
+@pytest.mark.parametrize("kind", ["plain", "eagle", "history"])
+def test_captured_graphs_give_the_eager_tokens_and_capture_each_shape_once(tiny, kind):
+    want = rollout(whole_step_engine(tiny, kind), kind)
+    engine = captured_engine(tiny, kind)
+    before = cuda_graphs.captures()
+    assert rollout(engine, kind) == want
+    first = cuda_graphs.captures() - before
+    graphs = sum(len(step.graphs) for step in engine.steps._cache.values())
+    assert first == graphs > 0  # one capture per input shape met
+    if kind != "plain":
+        assert engine.stats.sd_steps > 0
+    assert rollout(engine, kind) == want  # replays only: nothing captured again
+    assert cuda_graphs.captures() - before == first
+
+
+def test_a_replay_that_skips_copying_its_inputs_in_gives_other_tokens(tiny, monkeypatch):
+    """The test above has power: replaying on the first call's inputs (no copy into the static
+    buffers) changes the tokens, and so does handing out the graph's outputs uncloned (a later
+    replay overwrites what the run-ahead loop still holds)."""
+    want = rollout(whole_step_engine(tiny, "plain"), "plain")
+
+    def no_copy_in(self, *args):
+        key = cuda_graphs.shape_key(args)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(args)
+        graph, _ = self.graphs[key]
+        graph.replay()
+        return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in graph.outputs)
+
+    with monkeypatch.context() as m:
+        m.setattr(cuda_graphs.StepGraphs, "__call__", no_copy_in)
+        assert rollout(captured_engine(tiny, "plain"), "plain") != want
+
+    def no_clone_out(self, *args):
+        original(self, *args)
+        return self.graphs[cuda_graphs.shape_key(args)][0].outputs
+
+    original = cuda_graphs.StepGraphs.__call__
+    monkeypatch.setattr(cuda_graphs.StepGraphs, "__call__", no_clone_out)
+    assert rollout(captured_engine(tiny, "plain"), "plain") != want
+
+
+def test_the_cuda_capture_calls_torch_as_a_capture_needs(monkeypatch):
+    """CudaGraph cannot run without a GPU; here torch.cuda's stream and graph API are stand-ins that
+    log their calls: warm runs on a side stream that waited for the current one, the current stream
+    waiting for them, one capture into the shared pool (thread-local: the background distillation
+    may use the device meanwhile), and the pool handed on to the next graph."""
+    log = []
+
+    class Stream:
+        def wait_stream(self, other):
+            log.append(("wait", self is current, other is current))
+
+    class Graph:
+        def __init__(self):
+            self.replays = 0
+
+        def pool(self):
+            return "pool"
+
+        def replay(self):
+            self.replays += 1
+
+    @contextlib.contextmanager
+    def on_stream(stream):
+        log.append(("side stream", stream is not current))
+        yield
+
+    @contextlib.contextmanager
+    def capturing(graph, pool=None, capture_error_mode="global"):
+        log.append(("capture", pool, capture_error_mode))
+        yield
+
+    current = Stream()
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: current)
+    monkeypatch.setattr(torch.cuda, "stream", on_stream)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capturing)
+    calls = []
+    step = lambda x: (calls.append(x.clone()) or x + 1,)  # noqa: E731
+    graphs = cuda_graphs.StepGraphs(step, torch.device("cuda"), warm_runs=2)
+    assert graphs.graph_type is cuda_graphs.CudaGraph
+    graphs(torch.tensor([1]))
+    graphs(torch.tensor([5]))  # replayed: copied in, not run
+    graphs(torch.tensor([1, 2]))  # a new shape: captured into the same pool
+    assert log[:5] == [("wait", False, True), ("side stream", True), ("wait", True, False),
+                       ("capture", None, "thread_local"), ("wait", False, True)]
+    assert ("capture", "pool", "thread_local") in log
+    assert len(calls) == 6  # 2 warm runs + 1 captured run per shape
+    first = graphs.graphs[cuda_graphs.shape_key((torch.tensor([1]),))]
+    assert first[0].graph.replays == 2 and first[1][0].tolist() == [5]  # the second call's input, copied in
+
+
+def test_warmup_captures_every_shape_a_timed_rollout_meets(tiny):
+    prompts = REPEATING
+    longest = max(map(len, prompts)) + 8 + 6 * (len(prompts) - 1)
+    cold = captured_engine(tiny, "history")
+    with cold.steps.timed() as unwarmed:
+        rollout(cold, "history")
+    assert any("not captured before" in u for u in unwarmed)
+    assert any("CUDA graph(s) recorded inside the timed region" in u for u in unwarmed)
+    warm = captured_engine(tiny, "history")
+    warmup(warm, [len(prompts)], max_context=longest, progress=False)
+    with warm.steps.timed() as unwarmed:
+        rollout(warm, "history")
+    assert warm.stats.sd_steps > 0 and unwarmed == []
 
 
 # ----------------------------------------------------------------------------------------------

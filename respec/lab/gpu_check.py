@@ -37,10 +37,12 @@ transformers' `generate` (greedy, the same weights; eager, and with its static c
 decoding step, the fair baseline) and SD with the history drafter, at batch 1, 8 and 32, with each
 compiled step's cold compile time and a kernel-launch microbenchmark. Every timed shape is warmed
 up (called twice, for each block-table width) before timing; a timed region that compiles or
-records a CUDA graph lists it (`unwarmed_shapes`), and the stage fails if one does. Last, the
-same bench at batch 1 and 32 with `--attention flex` (the decode and verify steps reading the KV
-pool in place, respec/flex_paged.py): its tokens against transformers' and its step time beside the
-landed gather path's (skipped, with a line, where it cannot run: not CUDA, or the eager path).
+records a CUDA graph lists it (`unwarmed_shapes`), and the stage fails if one does. Then the
+same bench at batch 1 and 32 with `--compile-mode graphs` (the step captured by hand, one CUDA graph
+per shape, replayed without dynamo's guards: compile/cuda_graphs.py), and with `--attention flex`
+(the decode and verify steps reading the KV pool in place, respec/flex_paged.py), if time is left:
+each one's tokens against transformers' and its step time beside the landed path's (skipped, with
+a line, where it cannot run: not CUDA, or the eager path).
 
 Part b, in order: the smoke stage (warm if part a left its compile cache); GRPO under torchrun in one
 process with FSDP2 forced on (`--fsdp on`), SD on with the history drafter, three steps straight
@@ -116,6 +118,10 @@ PARTS = {
           Stage("cuda tests", "tests", cap_s=100, need_s=50),
           Stage("bench smollm2-135m", "bench", cap_s=170, need_s=90,
                 args={"shape": "smollm2-135m", "goal_x_hf": 3.0}),
+          # the step captured by hand, one CUDA graph per shape (compile/cuda_graphs.py), beside the
+          # landed CUDA-graph trees above: the same tokens as transformers, and its step time
+          Stage("bench smollm2-135m graphs", "bench", cap_s=120, need_s=60,
+                args={"shape": "smollm2-135m", "mode": "graphs"}),
           # the decode and verify steps reading the pool in place (respec/flex_paged.py) beside the landed
           # gather path above: the same tokens as transformers, and its step time
           Stage("bench smollm2-135m flex", "bench", cap_s=120, need_s=60,
@@ -278,19 +284,26 @@ class Check:
             self.record(stage, result=lines[-1] if lines else "")
 
     def bench(self, stage: str, limit: float, shape: str, goal_x_hf: float | None = None,
-              goal_x_roofline: float | None = None, attention: str = "gather") -> None:
+              goal_x_roofline: float | None = None, attention: str = "gather", mode: str | None = None) -> None:
+        """`generate.py --bench` at `shape` on the smoke's path; with `attention` or `mode` (a compile
+        mode: the step captured by hand), that variant at batch 1 and 32 beside the path's figures."""
         name = QUICK_SHAPES.get(shape, shape) if self.quick else shape
-        extra = []
-        if attention != "gather":
+        extra, path_args, path_name = [], self.compile_args(), self.path
+        variant = f"--attention {attention}" if attention != "gather" else f"--compile-mode {mode}" if mode else None
+        if variant is not None:
             if self.device != "cuda" or self.path == "eager":
-                self.record(stage, status=f"skipped: --attention {attention} runs compiled on CUDA only")
+                self.record(stage, status=f"skipped: {variant} runs compiled on CUDA only")
                 return
-            name, extra = f"{name} {attention}", ["--attention", attention, "--batch-sizes", "1,32", "--new-tokens", "64"]
+            name = f"{name} {attention if attention != 'gather' else mode}"
+            extra = ["--attention", attention] if attention != "gather" else []
+            extra += ["--batch-sizes", "1,32", "--new-tokens", "64"]
+            if mode:
+                path_args, path_name = ["--compile-mode", mode], mode
         path = self.out / f"bench-{name.replace(' ', '-')}.json"
         cmd = [sys.executable, "generate.py", "--bench", "--task", "toy-letters", "--device", self.device,
-               *bench_args(shape, self.quick), *extra, *self.compile_args(), "--json", str(path)]
+               *bench_args(shape, self.quick), *extra, *path_args, "--json", str(path)]
         proc = self.run(stage, cmd, limit)
-        self.record(stage, path=self.path)
+        self.record(stage, path=path_name)
         if proc is not None and proc.returncode == 0 and path.is_file():
             report = json.loads(path.read_text())
             unwarmed = sum(len(r.get("unwarmed_shapes", [])) for r in report["results"])
@@ -298,7 +311,7 @@ class Check:
                    "hf_static_error", "kernels_batch", "kernels_per_step", "kernels_per_layer", "kernels_counted",
                    "sd_kernels_per_step", "kernels_error")
             self.summary.setdefault("bench", {})[name] = {"goal_x_hf": goal_x_hf, "goal_x_roofline": goal_x_roofline,
-                                                          "path": self.path, **{k: report.get(k) for k in top},
+                                                          "path": path_name, **{k: report.get(k) for k in top},
                                                           "rows": report["results"]}
             if unwarmed:  # figures that include a graph recording are not figures
                 self.record(stage, status=f"failed: {unwarmed} timed call(s) of shapes not warmed up")

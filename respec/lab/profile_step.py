@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=128, help="tokens already in each row's cache")
     p.add_argument("--reps", type=int, default=5, help="timed steps per shape")
     p.add_argument("--compile", action="store_true", help="the compiled engine instead of eager")
-    p.add_argument("--compile-mode", default="regional", choices=["regional", "regional-dynamic", "whole"],
+    p.add_argument("--compile-mode", default="regional", choices=["regional", "regional-dynamic", "whole", "graphs"],
                    help="with --compile (whole: one graph per step, not split into parts)")
     p.add_argument("--json", type=Path, help="write the table here (never overwritten)")
     args = p.parse_args(argv)
