@@ -47,7 +47,7 @@ class KDConfig:
     draft_temperature: float = DRAFT_TEMPERATURE  # the head drafts at temperature * this (the estimate's q)
     grad_clip: float = 1.0
     async_update: bool = True  # the update in a background thread, overlapped with the next rollout
-    budget: float = 1.0  # the distillation's time at most this share of the run's (1: no bound), `due`
+    budget: float = 1.0  # the distillation's time at most this share of the run's plus what SD saved (1: no bound), `due`
 
     def validate(self) -> None:
         if self.weighting not in WEIGHTINGS:
@@ -198,8 +198,9 @@ class TrainConfig(DataConfig):
     drafter_idle_interval: int = option(KDConfig.idle_interval, "RL steps between distillations while the head "
                                         "drafts nothing")
     drafter_budget: float | None = option(None, "the distillation's time (in line or in the background) at most this "
-                                          "share of the run's, in (0, 1] (1: no bound)",
-                                          shown="0.1 on a CPU, whose cores it shares with the rollout; 1 on a GPU")
+                                          "share of the run's plus the decoding time SD saved so far, in (0, 1] "
+                                          "(1: no bound)",
+                                          shown="0.02 on a CPU, whose cores it shares with the rollout; 1 on a GPU")
     # --- system ---
     dtype: str = option("auto", "dtype the model decodes in (the rollout's; auto: bf16 where native: CUDA, "
                         "AVX-512-BF16/AMX; else fp32)",
@@ -278,7 +279,7 @@ class TrainConfig(DataConfig):
         return None if self.drafter_update == "frozen" else self._kd(self.drafter_update, device_type)
 
     def _kd(self, weighting: str, device_type: str = "cpu") -> KDConfig:
-        budget = self.drafter_budget if self.drafter_budget is not None else 1.0 if device_type == "cuda" else 0.1
+        budget = self.drafter_budget if self.drafter_budget is not None else 1.0 if device_type == "cuda" else 0.02
         return KDConfig(weighting=weighting, lr=self.drafter_lr, warmup=self.drafter_warmup,
                         batch=self.drafter_batch, epochs=self.drafter_epochs, interval=self.drafter_update_interval,
                         idle_interval=self.drafter_idle_interval, unroll=self.k, temperature=self.temperature,

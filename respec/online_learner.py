@@ -36,9 +36,12 @@ still pays then, since the head must keep up with the actor for its acceptance e
 back on, but not every step: where SD stays off for most decoding steps a distillation per step
 costs more than it can buy (docs/benchmarks.md measures it). And within a `budget`: the
 distillation's seconds so far (in line, or in the background, where on a CPU it takes the cores of
-the rollout beside it) at most that share of the run's; on a few CPU cores a distillation after every
-step cost more time than the speculation it enabled saved (docs/benchmarks.md), on a GPU it has a
-stream of its own and no bound.
+the rollout beside it) at most that share of the run's plus the decoding time the speculation has
+saved so far (the solver's account: each verify against plain decoding's time for its tokens, from
+the cost model and what the verify emitted). The distillation is an investment the speculation
+repays: a small share to keep the head and its estimate from going stale, and as much again as SD
+earned back. On a few CPU cores a distillation after every step cost more time than the
+speculation it enabled saved (docs/benchmarks.md); on a GPU it has a stream of its own and no bound.
 
 In line or in the background: with `async_update` (the trainer's default, `--drafter-async on`),
 steps 1-3 run in a background thread (on CUDA on a stream of their own) while the next rollout runs,
@@ -125,6 +128,7 @@ class OnlineLearner:
         self.last_submit: int | None = None  # the RL step last handed over
         self.spent_s = 0.0  # seconds of distillation so far (in line or in the background)
         self.run_s = 0.0  # seconds of RL steps so far (`account`): the budget is a share of them
+        self.saved_s = 0.0  # decoding seconds SD saved so far, the solver's estimate (`account`): earned back
         self.group = dist.new_group(backend="gloo") if world > 1 else None  # the head's own (module docstring)
         self.stream = torch.cuda.Stream() if next(head.parameters()).device.type == "cuda" else None
         self._thread: threading.Thread | None = None
@@ -167,20 +171,23 @@ class OnlineLearner:
     def due(self, step: int, drafted: bool) -> bool:
         """Whether RL step `step` is distilled (see the module docstring): always after a rollout in
         which the head drafted, else once every `idle_interval` steps; and only while the
-        distillation's time so far is within its `budget` share of the run's (the first one always).
-        Every rank must pass the same `drafted`; the budget's times are summed over ranks."""
+        distillation's time so far is within its `budget` share of the run's plus what SD saved so far
+        (the first one always). Every rank must pass the same `drafted`; the budget's times are summed
+        over ranks."""
         if self.last_submit is None:
             return True
         if not (drafted or step - self.last_submit >= self.cfg.idle_interval):
             return False
         if self.cfg.budget >= 1:
             return True
-        spent, run = self._all_reduce([self.spent_s, self.run_s])
-        return spent <= self.cfg.budget * run
+        spent, run, saved = self._all_reduce([self.spent_s, self.run_s, self.saved_s])
+        return spent <= self.cfg.budget * run + max(saved, 0.0)
 
-    def account(self, step_s: float) -> None:
-        """An RL step's wall time, which the distillation's `budget` is a share of."""
+    def account(self, step_s: float, saved_s: float = 0.0) -> None:
+        """An RL step's wall time, which the distillation's `budget` is a share of, and the decoding
+        time SD saved in its rollout (negative: what it cost), which the distillation may spend too."""
         self.run_s += step_s
+        self.saved_s += saved_s
 
     def submit(self, model, seqs: list[list[int]], prompt_lens: list[int], weights: torch.Tensor, step: int) -> None:
         """Hand over one RL step's sequences (after the actor's update; `model` holds its new weights)."""
@@ -332,7 +339,7 @@ class OnlineLearner:
         return {"head": self.head.state_dict(), "optimizer": self.opt.state_dict(), "updates": self.updates,
                 "opt_steps": self.opt_steps, "live_version": self.live_version, "buffer": self.buffer,
                 "result": self._result, "last_submit": self.last_submit, "last_alpha_est": self.last_alpha_est,
-                "spent_s": self.spent_s, "run_s": self.run_s}
+                "spent_s": self.spent_s, "run_s": self.run_s, "saved_s": self.saved_s}
 
     def load_state_dict(self, state: dict) -> None:
         self.head.load_state_dict(state["head"])
@@ -341,4 +348,5 @@ class OnlineLearner:
         self.buffer, self._result = state["buffer"], state["result"]
         self.last_submit = state.get("last_submit")
         self.spent_s, self.run_s = state.get("spent_s", 0.0), state.get("run_s", 0.0)
+        self.saved_s = state.get("saved_s", 0.0)
         self.last_alpha_est = state.get("last_alpha_est")

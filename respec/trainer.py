@@ -401,7 +401,7 @@ class Trainer:
                 kd = self.apply_drafter_update(update) or kd
         timings["step_s"] = time.perf_counter() - t_step
         if self.learner is not None:
-            self.learner.account(timings["step_s"])
+            self.learner.account(timings["step_s"], solver.saved_s if solver is not None else 0.0)
         return self.step_metrics(episodes, stats, upd, timings, kd=kd, epoch=epoch,  # 6. metrics
                                  drafter_version=drafter_version, replay_rows=replay_rows, solver=solver)
 

@@ -356,7 +356,8 @@ def test_kd_demo_reward_weights_fit_the_rewarded_completions_better():
 
 def test_the_distillation_keeps_within_its_share_of_the_run(tiny, rollouts):
     """`budget`: after the first distillation (always), one is due only while the distillation's
-    seconds so far are at most that share of the run's steps'; with no bound (1), whenever the
+    seconds so far are at most that share of the run's steps' plus the decoding time SD saved so far
+    (net of what it cost; a net loss does not shrink the share); with no bound (1), whenever the
     schedule says."""
     seqs, plens = rollouts
     learner, _ = make_learner(tiny, seqs, budget=0.1, idle_interval=1)
@@ -369,8 +370,16 @@ def test_the_distillation_keeps_within_its_share_of_the_run(tiny, rollouts):
     assert not learner.due(1, drafted=True)
     learner.account(5 * spent)  # 10%
     assert learner.due(2, drafted=True)
+    learner.spent_s += spent  # 20% again: SD must have saved the difference for the next one
+    learner.account(0.0, saved_s=0.5 * spent)
+    assert not learner.due(3, drafted=True)
+    learner.account(0.0, saved_s=-0.5 * spent)  # what SD costs is not earned back
+    assert not learner.due(3, drafted=True)
+    learner.account(0.0, saved_s=1.5 * spent)  # saved 1.5 x spent in all: 2 spent <= 0.1 x 10 + 1.5
+    assert learner.due(3, drafted=True)
     unbounded, _ = make_learner(tiny, seqs, budget=1.0, idle_interval=1)
     unbounded.last_submit, unbounded.spent_s, unbounded.run_s = 0, 100.0, 1.0
     assert unbounded.due(1, drafted=True)
     state = learner.state_dict()
-    assert (state["spent_s"], state["run_s"]) == (spent, 10 * spent)  # a resume keeps its account
+    # a resume keeps its account
+    assert (state["spent_s"], state["run_s"], state["saved_s"]) == (2 * spent, 10 * spent, 1.5 * spent)
