@@ -217,6 +217,11 @@ def _shared(key, make):
     return _SHARED[key]
 
 
+def step_name(fn, static_kwargs: dict) -> str:
+    """A step function with its static arguments, as the warm-up lists and FIRST_CALL_S name it."""
+    return f"{fn.__name__}({', '.join(f'{k}={v}' for k, v in sorted(static_kwargs.items()))})"
+
+
 def compiled_graphs() -> int:
     """Graphs dynamo has compiled in this process so far."""
     from torch._dynamo.utils import counters
@@ -412,7 +417,7 @@ class CompiledSteps:
         graph = _shared(key, lambda: torch.compile(partial(fn, **static_kwargs), fullgraph=True, dynamic=False,
                                                    backend=self.backend, mode="reduce-overhead" if trees else None))
         signature = inspect.signature(fn)
-        name = f"{fn.__name__}({', '.join(f'{k}={v}' for k, v in sorted(static_kwargs.items()))})"
+        name = step_name(fn, static_kwargs)
 
         def step(*args, **kwargs):
             inputs = signature.bind_partial(*args, **kwargs).arguments
@@ -437,7 +442,7 @@ class CompiledSteps:
         (compile/cuda_graphs.py); the compiled function, its declared bounds and the warm-up count
         are only met while a shape is captured."""
         compiled = self._whole_step(fn, static_kwargs)
-        name = f"{fn.__name__}({', '.join(f'{k}={v}' for k, v in sorted(static_kwargs.items()))})"
+        name = step_name(fn, static_kwargs)
 
         def captured(args):
             if self.timing:

@@ -47,7 +47,7 @@ class KDConfig:
     draft_temperature: float = DRAFT_TEMPERATURE  # the head drafts at temperature * this (the estimate's q)
     grad_clip: float = 1.0
     async_update: bool = True  # the update in a background thread, overlapped with the next rollout
-    budget: float = 1.0  # the distillation's time at most this share of the run's plus what SD saved (1: no bound), `due`
+    budget: float = 1.0  # distillation time <= this share of the run's + what SD saved (1: no bound), `due`
 
     def validate(self) -> None:
         if self.weighting not in WEIGHTINGS:

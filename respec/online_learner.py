@@ -39,7 +39,7 @@ distillation's seconds so far (in line, or in the background, where on a CPU it 
 the rollout beside it) at most that share of the run's plus the decoding time the speculation has
 saved so far (the solver's account: each verify against plain decoding's time for its tokens, from
 the cost model and what the verify emitted). The distillation is an investment the speculation
-repays: a small share to keep the head and its estimate from going stale, and as much again as SD
+repays: a small share to keep the head and its estimate from going stale, and whatever SD
 earned back. On a few CPU cores a distillation after every step cost more time than the
 speculation it enabled saved (docs/benchmarks.md); on a GPU it has a stream of its own and no bound.
 
