@@ -197,9 +197,9 @@ class TrainConfig(DataConfig):
                                           "that many steps)")
     drafter_idle_interval: int = option(KDConfig.idle_interval, "RL steps between distillations while the head "
                                         "drafts nothing")
-    drafter_budget: float | None = option(None, "the distillation's time (in line or in the background) at most this "
-                                          "share of the run's plus the decoding time SD saved so far, in (0, 1] "
-                                          "(1: no bound)",
+    drafter_budget: float | None = option(None, "the distillation's time (in line or in the background, the next "
+                                          "one's included) at most this share of the run's plus the decoding time "
+                                          "SD saved so far, in (0, 1] (1: no bound)",
                                           shown="0.02 on a CPU, whose cores it shares with the rollout; 1 on a GPU")
     # --- system ---
     dtype: str = option("auto", "dtype the model decodes in (the rollout's; auto: bf16 where native: CUDA, "

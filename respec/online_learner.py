@@ -36,11 +36,16 @@ still pays then, since the head must keep up with the actor for its acceptance e
 back on, but not every step: where SD stays off for most decoding steps a distillation per step
 costs more than it can buy (docs/benchmarks.md measures it). And within a `budget`: the
 distillation's seconds so far (in line, or in the background, where on a CPU it takes the cores of
-the rollout beside it) at most that share of the run's plus the decoding time the speculation has
-saved so far (the solver's account: each verify against plain decoding's time for its tokens, from
-the cost model and what the verify emitted). The distillation is an investment the speculation
-repays: a small share to keep the head and its estimate from going stale, and whatever SD
-earned back. On a few CPU cores a distillation after every step cost more time than the
+the rollout beside it), with the next one's, at most that share of the run's plus the decoding time
+the speculation has saved so far (the solver's account: each verify against plain decoding's time
+for its tokens, from the cost model and what the verify emitted). The next one is expected to take
+what the last one took; before the first, what the step's actor update took (a distillation is a
+forward of the actor over the step's sequences and a training pass of the head on them: measured
+at 0.6-2.3x the update on a 2-core CPU). The distillation is an investment the speculation repays:
+a small share to keep the head and its estimate from going stale, and whatever SD earned back. A
+head that comes with an acceptance estimate of its own (an exported head's report, the default
+head's) waits for its budget like any later distillation; an untrained one is distilled at the
+first step whatever it costs, since until then the solver has no estimate that could turn SD on. On a few CPU cores a distillation after every step cost more time than the
 speculation it enabled saved (docs/benchmarks.md); on a GPU it has a stream of its own and no bound.
 
 In line or in the background: with `async_update` (the trainer's default, `--drafter-async on`),
@@ -113,9 +118,11 @@ class OnlineLearner:
     """See the module docstring. `head` is the trainable fp32 master copy (the engine drafts with a
     copy of its weights in the rollout dtype, which the trainer refreshes from `DrafterUpdate`s)."""
 
-    def __init__(self, head: EagleHead, cfg: KDConfig, *, world: int = 1, k: int = 3, main: bool = True):
+    def __init__(self, head: EagleHead, cfg: KDConfig, *, world: int = 1, k: int = 3, main: bool = True,
+                 estimated: bool = False):
         cfg.validate()
         self.cfg, self.k, self.world, self.main = cfg, k, world, main
+        self.estimated = estimated  # the head came with an acceptance estimate: its first distillation is budgeted
         # the latest finite acceptance estimate: the solver's, and the exported head's prior
         self.last_alpha_est: list[float] | None = None
         self.head = head.float().train().requires_grad_(True)
@@ -129,6 +136,8 @@ class OnlineLearner:
         self.spent_s = 0.0  # seconds of distillation so far (in line or in the background)
         self.run_s = 0.0  # seconds of RL steps so far (`account`): the budget is a share of them
         self.saved_s = 0.0  # decoding seconds SD saved so far, the solver's estimate (`account`): earned back
+        self.last_s: float | None = None  # seconds the last distillation took: what the next is expected to
+        self.update_s = 0.0  # seconds the last step's actor update took: what the first is expected to (`account`)
         self.group = dist.new_group(backend="gloo") if world > 1 else None  # the head's own (module docstring)
         self.stream = torch.cuda.Stream() if next(head.parameters()).device.type == "cuda" else None
         self._thread: threading.Thread | None = None
@@ -169,25 +178,31 @@ class OnlineLearner:
 
     # ------------------------------------------------------------------------------------------
     def due(self, step: int, drafted: bool) -> bool:
-        """Whether RL step `step` is distilled (see the module docstring): always after a rollout in
-        which the head drafted, else once every `idle_interval` steps; and only while the
-        distillation's time so far is within its `budget` share of the run's plus what SD saved so far
-        (the first one always). Every rank must pass the same `drafted`; the budget's times are summed
-        over ranks."""
-        if self.last_submit is None:
+        """Whether RL step `step` is distilled (see the module docstring): after a rollout in which
+        the head drafted, else once every `idle_interval` steps; and only while the distillation's
+        time so far plus the next one's expected time is within its `budget` share of the run's plus
+        what SD saved so far. The first one is due at once where there is no budget (1) or the head
+        has no estimate of its own.
+        Every rank must pass the same `drafted`; the budget's times are summed over ranks."""
+        if self.last_submit is None and (not self.estimated or self.cfg.budget >= 1):
             return True
-        if not (drafted or step - self.last_submit >= self.cfg.idle_interval):
+        since = step - self.last_submit if self.last_submit is not None else step + 1
+        if not (drafted or since >= self.cfg.idle_interval):
             return False
         if self.cfg.budget >= 1:
             return True
-        spent, run, saved = self._all_reduce([self.spent_s, self.run_s, self.saved_s])
-        return spent <= self.cfg.budget * run + max(saved, 0.0)
+        # (before any step is accounted, the cost is unknown: not yet)
+        expected = self.last_s if self.last_s is not None else self.update_s or math.inf
+        spent, run, saved, expected = self._all_reduce([self.spent_s, self.run_s, self.saved_s, expected])
+        return spent + expected <= self.cfg.budget * run + max(saved, 0.0)
 
-    def account(self, step_s: float, saved_s: float = 0.0) -> None:
-        """An RL step's wall time, which the distillation's `budget` is a share of, and the decoding
-        time SD saved in its rollout (negative: what it cost), which the distillation may spend too."""
+    def account(self, step_s: float, saved_s: float = 0.0, update_s: float = 0.0) -> None:
+        """An RL step's wall time, which the distillation's `budget` is a share of; the decoding time
+        SD saved in its rollout (negative: what it cost), which the distillation may spend too; and
+        its actor update's time, what a first distillation is expected to take."""
         self.run_s += step_s
         self.saved_s += saved_s
+        self.update_s = update_s
 
     def submit(self, model, seqs: list[list[int]], prompt_lens: list[int], weights: torch.Tensor, step: int) -> None:
         """Hand over one RL step's sequences (after the actor's update; `model` holds its new weights)."""
@@ -253,6 +268,7 @@ class OnlineLearner:
             stats.update(self._update(model))
         stats["kd_s"] = round(time.perf_counter() - t0, 3)
         self.spent_s += stats["kd_s"]  # (read by `due` after this thread is joined)
+        self.last_s = stats["kd_s"]
         self._result = stats
 
     def _all_reduce(self, values: list[float]) -> list[float]:
@@ -339,7 +355,8 @@ class OnlineLearner:
         return {"head": self.head.state_dict(), "optimizer": self.opt.state_dict(), "updates": self.updates,
                 "opt_steps": self.opt_steps, "live_version": self.live_version, "buffer": self.buffer,
                 "result": self._result, "last_submit": self.last_submit, "last_alpha_est": self.last_alpha_est,
-                "spent_s": self.spent_s, "run_s": self.run_s, "saved_s": self.saved_s}
+                "spent_s": self.spent_s, "run_s": self.run_s, "saved_s": self.saved_s, "last_s": self.last_s,
+                "update_s": self.update_s}
 
     def load_state_dict(self, state: dict) -> None:
         self.head.load_state_dict(state["head"])
@@ -349,4 +366,5 @@ class OnlineLearner:
         self.last_submit = state.get("last_submit")
         self.spent_s, self.run_s = state.get("spent_s", 0.0), state.get("run_s", 0.0)
         self.saved_s = state.get("saved_s", 0.0)
+        self.last_s, self.update_s = state.get("last_s"), state.get("update_s", 0.0)
         self.last_alpha_est = state.get("last_alpha_est")

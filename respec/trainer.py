@@ -120,7 +120,9 @@ class Trainer:
         self._build_drafter()  # the drafter --drafter names, loaded
         self._build_engine()  # the KV pool and the rollout engine
         kd = cfg.kd(d.device.type) if self.master is not None else None  # the head's online distillation, unless frozen
-        self.learner = OnlineLearner(self.master, kd, world=d.world, k=cfg.k, main=d.main) if kd else None
+        estimated = bool(self.drafter_prior) and any(a > 0 for a in self.drafter_prior)  # (a report's, not a cold start's)
+        self.learner = OnlineLearner(self.master, kd, world=d.world, k=cfg.k, main=d.main,
+                                     estimated=estimated) if kd else None
         self.policy: Policy = FixedK(0)  # the SD policy of the rollouts: `start` makes it
         self.seeds = RolloutSeeds(cfg.rollout_seeds, seed=cfg.seed, group=cfg.group, reseed_every=cfg.reseed_every)
         # last epoch's completion of every (row, sample), where a replay drafter proposes from them
@@ -401,7 +403,7 @@ class Trainer:
                 kd = self.apply_drafter_update(update) or kd
         timings["step_s"] = time.perf_counter() - t_step
         if self.learner is not None:
-            self.learner.account(timings["step_s"], solver.saved_s if solver is not None else 0.0)
+            self.learner.account(timings["step_s"], solver.saved_s if solver is not None else 0.0, timings["train_s"])
         return self.step_metrics(episodes, stats, upd, timings, kd=kd, epoch=epoch,  # 6. metrics
                                  drafter_version=drafter_version, replay_rows=replay_rows, solver=solver)
 

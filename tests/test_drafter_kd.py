@@ -114,8 +114,9 @@ def make_learner(tiny, seqs, **kw):
                            num_draft_tokens=3)
     # T = 0.1: the random tiny model's full distribution is nearly uniform over 49k tokens (no drafter
     # could be accepted), its sharpened one is not
+    estimated = kw.pop("estimated", False)
     cfg = KDConfig(**{"weighting": "rkd", "lr": 3e-3, "batch": 4, "temperature": 0.1, "async_update": False, **kw})
-    return OnlineLearner(head, cfg, k=3), engine
+    return OnlineLearner(head, cfg, k=3, estimated=estimated), engine
 
 
 def collect(learner, engine):
@@ -355,31 +356,60 @@ def test_kd_demo_reward_weights_fit_the_rewarded_completions_better():
 
 
 def test_the_distillation_keeps_within_its_share_of_the_run(tiny, rollouts):
-    """`budget`: after the first distillation (always), one is due only while the distillation's
-    seconds so far are at most that share of the run's steps' plus the decoding time SD saved so far
-    (net of what it cost; a net loss does not shrink the share); with no bound (1), whenever the
-    schedule says."""
+    """`budget`: after the first distillation (always, for a head without an estimate of its own), one
+    is due only while the distillation's seconds so far plus the next one's (expected: what the last
+    took) are at most that share of the run's steps' plus the decoding time SD saved so far (net of
+    what it cost; a net loss does not shrink the share); with no bound (1), whenever the schedule says."""
     seqs, plens = rollouts
     learner, _ = make_learner(tiny, seqs, budget=0.1, idle_interval=1)
     assert learner.due(0, drafted=False)  # the first: nothing spent yet
     learner.submit(tiny, seqs, plens, torch.ones(len(seqs)), 0)
     learner.collect()
     spent = learner.spent_s
-    assert spent > 0
-    learner.account(5 * spent)  # the distillation took 20% of the run so far
+    assert spent > 0 and learner.last_s == spent
+    learner.account(10 * spent)  # allowance: 1 x spent, the next would make 2
     assert not learner.due(1, drafted=True)
-    learner.account(5 * spent)  # 10%
+    learner.account(11 * spent)  # 2.1 x spent
     assert learner.due(2, drafted=True)
-    learner.spent_s += spent  # 20% again: SD must have saved the difference for the next one
+    learner.spent_s += spent  # as if it ran: 3 x spent with the next, SD must save the difference
     learner.account(0.0, saved_s=0.5 * spent)
     assert not learner.due(3, drafted=True)
     learner.account(0.0, saved_s=-0.5 * spent)  # what SD costs is not earned back
     assert not learner.due(3, drafted=True)
-    learner.account(0.0, saved_s=1.5 * spent)  # saved 1.5 x spent in all: 2 spent <= 0.1 x 10 + 1.5
+    learner.account(0.0, saved_s=1.5 * spent)  # saved 1.5 x spent in all: 3 spent <= 0.1 x 21 + 1.5
     assert learner.due(3, drafted=True)
     unbounded, _ = make_learner(tiny, seqs, budget=1.0, idle_interval=1)
     unbounded.last_submit, unbounded.spent_s, unbounded.run_s = 0, 100.0, 1.0
     assert unbounded.due(1, drafted=True)
     state = learner.state_dict()
     # a resume keeps its account
-    assert (state["spent_s"], state["run_s"], state["saved_s"]) == (2 * spent, 10 * spent, 1.5 * spent)
+    assert (state["spent_s"], state["run_s"], state["saved_s"]) == (2 * spent, 21 * spent, 1.5 * spent)
+
+
+def test_a_head_with_an_estimate_waits_for_its_budget(tiny, rollouts):
+    """A head that comes with an acceptance estimate (an exported head's report) is first distilled
+    only once the budget covers the distillation's expected time: before the first, the last step's
+    actor update (unknown before any step: not due), then what the last one took. Unbounded (1), or
+    a head without an estimate: at once, as before."""
+    seqs, plens = rollouts
+    learner, _ = make_learner(tiny, seqs, budget=0.1, idle_interval=1, estimated=True)
+    assert not learner.due(0, drafted=True)  # nothing known of the cost yet
+    learner.account(10.0, update_s=2.0)  # allowance 1 s, a distillation expected to take 2
+    assert not learner.due(1, drafted=True)
+    learner.account(9.0, update_s=2.0)  # allowance 1.9 s
+    assert not learner.due(2, drafted=True)
+    learner.account(1.0, update_s=2.0)  # allowance 2.0 s: it fits
+    assert learner.due(3, drafted=True)
+    learner.submit(tiny, seqs, plens, torch.ones(len(seqs)), 3)
+    learner.collect()
+    took = learner.last_s
+    assert took == learner.spent_s > 0
+    learner.spent_s += 2.0  # the allowance (2 s) spent: the next one must be earned back by SD
+    learner.account(0.0, update_s=1e9)  # from now on the last one's time is the expectation, not the update's
+    assert not learner.due(4, drafted=True)
+    learner.account(0.0, saved_s=3 * took, update_s=1e9)  # spent 2 + took, expected took, allowance 2 + 3 took
+    assert learner.due(4, drafted=True)
+    state = learner.state_dict()
+    assert (state["last_s"], state["update_s"]) == (took, 1e9)
+    for kw in ({"budget": 0.1}, {"budget": 1.0, "estimated": True}):
+        assert make_learner(tiny, seqs, idle_interval=1, **kw)[0].due(0, drafted=False)
