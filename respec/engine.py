@@ -311,6 +311,13 @@ class RolloutEngine:
                 f"{self.blocks.num_blocks - 1}: raise the KV cache size"
             )
 
+    def limit_batch(self, n: int) -> None:
+        """From now on at most `n` sequences decode at once (the others wait, as past `max_batch`):
+        a bench's batch size on one engine. `n` at most the `max_batch` its steps were built for."""
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"batch limit must be in [1, {self.max_batch}], got {n}")
+        self.scheduler.max_batch = n
+
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], *,
                  replays: list[list[int] | None] | None = None, policy=None, on_finish=None,
                  should_stop=None) -> Completions:

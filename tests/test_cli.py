@@ -445,6 +445,7 @@ def test_replay_bench_and_flips_smoke(tmp_path):
                               "--max-new-tokens", "12", "--reps", "1", "--dtype", "fp32", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert [r["batch"] for r in report["results"]] == [1, 2]
+    assert [r["max_active"] for r in report["results"]] == [1, 2]  # the batch size is what decoded at once
     for r in report["results"]:
         assert r["same_as_plain"] and r["plain_tok_s"] > 0 and r["sd_tok_s"] > 0 and r["accept_len"] >= 1
         assert r["forecast_decode_speedup"] > 0

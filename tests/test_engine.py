@@ -205,6 +205,24 @@ def test_released_weights_refuse_to_decode_until_synced():
     assert after == [c.token_ids for c in fresh.generate(prompts, params)] and after != before
 
 
+def test_a_batch_limit_is_what_decodes_at_once():
+    """`limit_batch(n)`: at most n rows decode at once (the rest wait and are admitted as rows
+    finish); the tokens are unchanged (greedy, fp32); a limit outside [1, max_batch] is refused."""
+    model = load_model("tiny", dtype=torch.float32)
+    engine = RolloutEngine(model, kv_cache_bytes=8 << 20, max_batch=4, eager=True)
+    prompts = [[5, 6, 7], [9, 10], [11, 12, 13, 14], [3, 4]]
+    params = SamplingParams(max_new_tokens=5, temperature=0.0, stop_on_eos=False)
+    together = engine.generate(prompts, params)
+    assert max(together.stats.batch_sizes) == 4
+    engine.limit_batch(1)
+    apart = engine.generate(prompts, params)
+    assert set(apart.stats.batch_sizes) == {1}
+    assert [c.token_ids for c in apart] == [c.token_ids for c in together]
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="batch limit"):
+            engine.limit_batch(bad)
+
+
 def test_a_released_rollout_copy_is_made_again_by_its_sync():
     """The trainer releases the rollout copy's weights while the actor trains (on a CPU); `sync`
     makes them again in the same Parameter objects, so the engine over the copy (its packed view

@@ -188,7 +188,8 @@ def run(args) -> dict:
             rows = [(len(new[i]), prefix[i], len(old[i])) for i in range(n)]
             plain_f, sd_f = forecast(rows, batch, costs, args.replay_k, context)
             log(f"B={batch}: forecast decode speedup {plain_f / sd_f:.2f}x")
-            plain.max_batch = sd.max_batch = batch
+            plain.limit_batch(batch)
+            sd.limit_batch(batch)
             best = {"plain": None, "sd": None}
             for _ in range(args.reps):
                 for name, engine in (("plain", plain), ("sd", sd)):
@@ -204,6 +205,7 @@ def run(args) -> dict:
             kinds = sst.sd_kinds.get("replay", {})
             results.append({
                 "batch": batch, "requests": n,
+                "max_active": max(pst.batch_sizes + sst.batch_sizes),  # the most rows that decoded at once
                 "plain_tok_s": round(tokens / ps, 2), "sd_tok_s": round(sum(map(len, stok)) / ss, 2),
                 "speedup": round(ps / ss, 3),
                 "plain_decode_tok_s": round(pst.decode_tok_s, 2), "sd_decode_tok_s": round(sst.decode_tok_s, 2),
