@@ -16,7 +16,10 @@ each iteration:
      queue with everything it generated so far, to be recomputed by a later prefill;
   3. sequences that sampled EOS or reached their token limit leave at once and free their blocks.
 
-Without a drafter the engine holds a `NoDrafter` and k = 0: the same calls, nothing drafted.
+Without a drafter the engine holds a `NoDrafter` and k = 0: the same calls, nothing drafted. A
+rollout whose policy cannot draft at any step (`Policy.speculates`: the solver keeps SD off at every
+batch size and context it can reach) runs with a `NoDrafter` too: feeding a drafter that will not
+draft (a head's prefill over every prompt, its per-step bookkeeping) costs time and buys nothing.
 
 Where every row decodes plainly (no drafter, or the policy turned SD off), steps run ahead of the
 host until the batch can change (respec/run_ahead.py: the rows' state on the device, a flag per step
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -114,6 +118,7 @@ class EngineStats:
     decode_s: float = 0.0  # the time of every decoding step, plain and SD
     decode_steps: int = 0  # plain decoding steps (the SD steps are sd_steps; len(chosen_k) is all of them)
     ahead_steps: int = 0  # of those, steps run ahead of the host (respec/run_ahead.py)
+    drafter_idle: bool = False  # the policy could not draft at any step: the rollout ran without its drafter
     generated_tokens: int = 0
     prefill_tokens: int = 0  # of those, sampled by prefills (one per admitted sequence)
     preemptions: int = 0
@@ -342,7 +347,7 @@ class RolloutEngine:
         policy = policy if policy is not None else self.policy
         waiting: deque[Sequence] = deque(seqs)
         running: list[Sequence] = []
-        with torch.no_grad():
+        with torch.no_grad(), self._drafter_for(seqs, policy):
             while waiting or running:
                 if should_stop is not None and should_stop():
                     for s in running:
@@ -362,6 +367,28 @@ class RolloutEngine:
                 if finished and on_finish is not None:
                     on_finish(len(finished))
         return Completions([Completion(s.out, s.logprobs, s.finish_reason, s.verified) for s in seqs], self.stats)
+
+    @contextmanager
+    def _drafter_for(self, seqs: list[Sequence], policy: Policy):
+        """The drafter a rollout of `seqs` feeds: none where `policy` cannot draft at any of its steps
+        (asked at its largest batch and longest context, `Policy.speculates`), else the engine's. The
+        rows' tokens are the same either way (a step the policy plans plain is plain); the drafter's
+        state is too (a drafter keeps nothing of rows it never drafted for)."""
+        if not self.k:
+            yield
+            return
+        rows = min(len(seqs), self.scheduler.max_batch)
+        context = max(min(len(s.prompt) + s.params.max_new_tokens, self.max_len) for s in seqs)
+        long_rows = sum(s.replay is not None for s in seqs) if self.replay_k else 0
+        if policy.speculates(rows, context, max_k=self.k, long_rows=long_rows, max_long=self.replay_k):
+            yield
+            return
+        drafter, self.drafter = self.drafter, NoDrafter()
+        self.stats.drafter_idle = True
+        try:
+            yield
+        finally:
+            self.drafter = drafter
 
     def _step(self, waiting: deque, running: list[Sequence], policy: Policy, should_stop=None) -> None:
         """One decoding step of every running sequence, as `policy` plans it: groups of rows, each

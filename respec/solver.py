@@ -209,6 +209,13 @@ class Policy:
             groups.append(Group(rows, k, [min(k, room[i]) for i in rows], offered=[offered[i] for i in rows]))
         return groups
 
+    def speculates(self, rows: int, context: float, *, max_k: int, long_rows: int = 0, max_long: int = 0) -> bool:
+        """Whether some step of a rollout could draft: at most `rows` rows decoding at once, mean
+        cached lengths up to `context`, at most `long_rows` of them with a long proposal (replays).
+        Asked once before a rollout; the engine runs one that cannot without its drafter's hooks.
+        True unless the policy knows better (FixedK, AdaptiveK)."""
+        return True
+
     def plain_run(self) -> int | None:
         """Where a plan is plain decoding for every row, the most steps the engine may run before it
         plans again (respec/run_ahead.py); None: no bound of this policy's (its choice depends on the
@@ -247,6 +254,9 @@ class FixedK(Policy):
 
     def choose(self, batch: int, context: float) -> int:
         return self.k
+
+    def speculates(self, rows: int, context: float, *, max_k: int, long_rows: int = 0, max_long: int = 0) -> bool:
+        return self.k > 0 and (max_k > 0 or (max_long > 0 and long_rows > 0))
 
     def observe(self, accepted: list[int], k: int, proposed: list[int] | None = None) -> None:
         pass
@@ -360,6 +370,17 @@ class AdaptiveK(Policy):
         if best and self.throughput(batch, best, context) < (1 + self.margin) * self.throughput(batch, 0, context):
             return 0  # a gain within the model's error is no gain
         return best
+
+    def speculates(self, rows: int, context: float, *, max_k: int, long_rows: int = 0, max_long: int = 0) -> bool:
+        """The choices at every batch size up to `rows` (and every split of them into replay rows and
+        others), at the longest context: within a rollout the estimate moves only with what verifies
+        measure, so one that starts with SD off at every batch size stays so; and under the cost model
+        SD's gain over plain decoding only grows with the context (a verify reads the cache once for
+        all its tokens), so the longest context is the one to ask at."""
+        if max_k and any(self.choose(b, context) for b in range(1, rows + 1)):
+            return True
+        return bool(max_long) and any(self.choose_long(m, context, max_long, others=n - m)[0]
+                                      for n in range(1, rows + 1) for m in range(1, min(n, long_rows) + 1))
 
     def observe(self, accepted: list[int], k: int, proposed: list[int] | None = None) -> None:
         """One SD step: `accepted` holds each row's number of accepted drafts (0..k), `proposed` how

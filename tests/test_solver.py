@@ -316,3 +316,59 @@ def test_the_time_sd_saved_is_costed_by_the_model():
     plain, sd = COSTS.step_s(4, 0, 0), COSTS.step_s(4, 3, 0)
     assert good.saved_s == pytest.approx(good.emitted / 4 * plain - 50 * sd) and good.saved_s > 0
     assert bad.saved_s == pytest.approx(50 * (plain - sd)) and bad.saved_s < 0
+
+
+def test_whether_a_rollout_can_draft_is_asked_at_its_largest_batch_and_longest_context():
+    """`speculates`: any batch size up to the rollout's (SD pays at small batches, where rows have
+    finished), any split into replay rows and others, at the longest context, which is enough: under
+    the cost model a choice to speculate at some context holds at every longer one (checked over a
+    grid, with a context term large enough to flip choices)."""
+    costs = CostModel((0.010, 0.002, 0.004, 0.0002, 0.001, 0.0))
+    off = AdaptiveK(costs, max_k=2, alpha=[0.0, 0.0])
+    assert not off.speculates(16, 200, max_k=2)
+    small = AdaptiveK(costs, max_k=2, alpha=[0.6, 0.6])
+    assert small.choose(1, 10) > 0 and small.choose(16, 10) == 0
+    assert small.speculates(16, 10, max_k=2)  # at 16 rows it would not, once rows finish it does
+    assert not FixedK(0).speculates(16, 10, max_k=2) and FixedK(2).speculates(1, 10, max_k=2)
+    # a replay's long verify may pay where the model's drafts do not: only when some row has a replay
+    off.beta = 0.95
+    assert off.choose_long(1, 200, 16)[0] > 0
+    assert not off.speculates(4, 200, max_k=2, long_rows=0, max_long=16)
+    assert off.speculates(4, 200, max_k=2, long_rows=1, max_long=16)
+    assert not FixedK(0).speculates(4, 200, max_k=2, long_rows=1, max_long=16)
+    flips = 0
+    for alpha in (0.2, 0.35, 0.5, 0.65):
+        policy = AdaptiveK(costs, max_k=3, alpha=[alpha] * 3)
+        for b in (1, 2, 4, 8, 16, 32):
+            chosen = [policy.choose(b, c) > 0 for c in range(0, 4000, 100)]
+            assert chosen == sorted(chosen)  # off, then on for good as the context grows
+            flips += chosen[0] != chosen[-1]
+    assert flips > 0  # (the grid does cross the boundary)
+
+
+def test_a_rollout_the_policy_cannot_draft_in_runs_without_its_drafter(tiny):
+    """Where the policy keeps SD off at every batch size and context the rollout can reach, the
+    engine feeds the drafter nothing (no prefill, no per-step hook): the same tokens as plain
+    decoding, `drafter_idle` set. Where it may draft (here once the batch is small), it is fed."""
+    prompts = [[(3 * i + j) % 400 + 3 for j in range(6 + 2 * i)] for i in range(6)]
+    params = [SamplingParams(max_new_tokens=4 + 4 * i, temperature=0.0) for i in range(6)]
+    want = [c.token_ids for c in RolloutEngine(tiny, kv_cache_bytes=64 << 20, block_size=4,
+                                               eager=True).generate(prompts, params)]
+    costs = CostModel((0.010, 0.0, 0.004, 0.0, 0.001, 0.0))
+    drafter = truncated_drafter(tiny, 1)
+    engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, block_size=4, eager=True, drafter=drafter,
+                           num_draft_tokens=2)
+    fed = []
+    for hook in ("on_prefill", "on_decode", "catch_up"):
+        original = getattr(engine.drafter, hook)
+        setattr(engine.drafter, hook, lambda *a, _f=original, _h=hook: (fed.append(_h), _f(*a))[1])
+    for policy, drafts in ((AdaptiveK(costs, max_k=2, alpha=[0.0, 0.0]), False), (FixedK(0), False),
+                           (AdaptiveK(costs, max_k=2, alpha=[0.6, 0.6]), True)):
+        fed.clear()
+        out = engine.generate(prompts, params, policy=policy)
+        assert [c.token_ids for c in out] == want
+        assert out.stats.drafter_idle is not drafts
+        assert bool(fed) is drafts and (out.stats.sd_steps > 0) is drafts
+        if drafts:
+            assert {"on_prefill", "on_decode", "catch_up"} <= set(fed)
+    engine.blocks.check_invariants()
