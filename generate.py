@@ -87,6 +87,9 @@ class GenerateConfig:
                                                                             "--sweep verifies by the match rule")))
     # --- the benchmark (respec/lab/bench.py) ---
     bench: bool = option(False, "benchmark respec against transformers' generate", flag="--bench")
+    # (--bench's SD rollout: adaptive profiles the cost model on the SD engine, or reads it from the cache)
+    sd: str = shared(TrainConfig, "sd", "on", needs=(NEEDS_DRAFTER, Needs("bench", lambda bench: bench,
+                                                                        "only --bench has an SD rollout to choose")))
     batch_sizes: list[int] = option([1, 8, 32], "comma-separated batch sizes of --bench and --sweep",
                                     parse=positive_int_list, needs=NEEDS_RUN)
     new_tokens: int = shared(DrafterConfig, "new_tokens", 128, parse=positive_int, needs=NEEDS_RUN)
@@ -148,6 +151,13 @@ def parse_device(spec: str) -> torch.device:
 def make_drafter(spec: str, model, k: int, args, tokenizer):
     """The drafter a --drafter spec names (None for none), chosen as train.py chooses it
     (respec/drafter_choice.py): `auto` is the default head train.py's default run uses for --task."""
+    chosen = choose(spec, model, k, args, tokenizer)
+    return None if chosen is None else chosen.drafter
+
+
+def choose(spec: str, model, k: int, args, tokenizer):
+    """`make_drafter`'s choice whole (respec/drafter_choice.py `Chosen`: the drafter, and the solver's
+    prior acceptance where the drafter has one); None for none."""
     if spec == "none":
         return None
     if k < 1:
@@ -157,9 +167,8 @@ def make_drafter(spec: str, model, k: int, args, tokenizer):
                   max_new_tokens=TrainConfig.max_new_tokens, seed=args.seed)
     ensure_head(spec, **common, dtype=args.dtype, device=next(model.parameters()).device, k=k,
                 temperature=TrainConfig.temperature, log=lambda m: print(m, file=sys.stderr))
-    chosen = choose_drafter(spec, target=model, k=k, rollout_dtype=next(model.parameters()).dtype,
-                            draft_temperature=args.draft_temperature, **common)
-    return chosen.drafter
+    return choose_drafter(spec, target=model, k=k, rollout_dtype=next(model.parameters()).dtype,
+                          draft_temperature=args.draft_temperature, **common)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,8 +248,9 @@ def main(argv=None) -> int:
         elif args.bench:
             from respec.lab.bench import run_bench
 
-            report = run_bench(args, model, tokenizer, dtype, make_drafter(args.drafter, model, args.k, args, tokenizer),
-                               eos_token_ids(tokenizer, model))
+            chosen = choose(args.drafter, model, args.k, args, tokenizer) if args.sd != "off" else None
+            report = run_bench(args, model, tokenizer, dtype, chosen and chosen.drafter, eos_token_ids(tokenizer, model),
+                               prior=chosen and chosen.prior)
             if args.json is not None:
                 write_json(args.json, report)
         else:

@@ -159,6 +159,30 @@ def test_bench_tiny_writes_report(tmp_path):
         assert r["hf_decode_ms_per_step"] >= 0 and r["hf_static_decode_ms_per_step"] >= 0
 
 
+def test_bench_sd_with_the_solver_choosing(tmp_path, monkeypatch, capsys):
+    """`--bench --temperature 1 --drafter history --sd adaptive`: the SD rollout's k chosen per step by
+    the solver over the cost model profiled on the SD engine; its tokens are plain decoding's (the
+    match rule), and the k it chose per step are in the report. `--sd` without a drafter or without
+    --bench: one line."""
+    import json
+
+    monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bench.json"
+    assert generate.main(["--model", "tiny", "--dtype", "fp32", "--eager", "--bench", "--temperature", "1",
+                          "--drafter", "history", "--k", "2", "--sd", "adaptive", "--past-rollouts", "1",
+                          "--batch-sizes", "1,3", "--new-tokens", "8", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["sd"] == "adaptive" and report["cost_profile_s"] > 0
+    assert list((tmp_path / "cache" / "costs").glob("*.json"))  # the profile, cached for the next run
+    for r in report["results"]:
+        assert r["sd_same_as_plain"] == f"{r['batch']}/{r['batch']}" and r["sd_tok_s"] > 0
+        chosen = {int(k): n for k, n in r["sd_chosen_k"].items()}
+        assert set(chosen) <= {0, 1, 2} and sum(chosen.values()) > 0
+    capsys.readouterr()
+    one_line_error(*run_main(capsys, "--model", "tiny", "--bench", "--sd", "adaptive"), "--drafter")
+    one_line_error(*run_main(capsys, "--model", "tiny", "--drafter", "history", "--sd", "adaptive"), "--bench")
+
+
 def test_bench_records_a_failing_static_baseline(tmp_path, monkeypatch, capsys):
     """Where transformers' static-cache baseline cannot run (here: a cache it does not know), the
     report says why in one line and the bench goes on, the eager baseline beside respec."""

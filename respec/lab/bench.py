@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -30,7 +31,8 @@ import torch
 from compile.policy import FIRST_CALL_S
 from models.loading import resolve_checkpoint, save_hf_checkpoint
 from respec.engine import RolloutEngine, SamplingParams
-from respec.profiling import warmup
+from respec.profiling import StepTimer, warmup
+from respec.solver import AdaptiveK, cost_key, load_or_profile
 from respec.tasks import DEFAULT_TASK, chat_prompt, make_problems
 
 
@@ -198,9 +200,11 @@ def count_kernels(engine, sd_engine, batch: int, k: int) -> dict:
     return out
 
 
-def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int]) -> dict:
+def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int], prior: list[float] | None = None) -> dict:
     """respec's engine against transformers' generate (generate.py --bench): tokens/s per batch size,
-    the read-bandwidth roofline, tokens that differ, and SD with `drafter` when given."""
+    the read-bandwidth roofline, tokens that differ, and SD with `drafter` when given: k = --k every
+    step (--sd on), or chosen per step by the solver (--sd adaptive: the cost model profiled on the
+    SD engine or read from the cache, `prior` the drafter's acceptance estimate if it has one)."""
     device = torch.device(args.device)
     sampled = args.temperature > 0
 
@@ -242,6 +246,17 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int]) -> dict:
     compile_s = warmup(engine, args.batch_sizes, use_filter=use_filter, max_context=longest)
     if sd_engine is not None:
         compile_s += warmup(sd_engine, args.batch_sizes, use_filter=use_filter, max_context=longest)
+    profile_s = None
+    if sd_engine is not None and args.sd == "adaptive":
+        t0 = time.perf_counter()
+        mean_prompt = sum(len(p) for prompts in prompts_for.values() for p in prompts) / sum(args.batch_sizes)
+        costs, _ = load_or_profile(StepTimer(sd_engine), cost_key(args.model, drafter.describe(), sd_engine),
+                                   batch_sizes=args.batch_sizes, ks=sorted({0, 1, args.k}),
+                                   contexts=(round(mean_prompt), round(mean_prompt + args.new_tokens)))
+        sd_engine.policy = AdaptiveK(costs, args.k, prior)
+        profile_s = round(time.perf_counter() - t0, 1)
+        print(f"  the solver chooses k: cost model fitted within {costs.rel_error:.1%} ({profile_s} s), "
+              f"acceptance estimate {[round(a, 3) for a in sd_engine.policy.alpha]}", flush=True)
     hf = None
     if not sampled:
         with tempfile.TemporaryDirectory() as tmp:
@@ -316,7 +331,10 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int]) -> dict:
             per_step = lambda t: round(t / max(st.sd_steps, 1) * 1e3, 2)  # noqa: E731  ms per SD step
             row |= {"sd_draft_ms": per_step(st.sd_phase_s["draft"]), "sd_verify_ms": per_step(st.sd_phase_s["verify"]),
                     "sd_host_ms": per_step(st.sd_phase_s["host"])}
+            if isinstance(sd_engine.policy, AdaptiveK):
+                sd_engine.policy.end_rollout()  # (its estimate calibrated by what the rollout measured, as in a run)
             row |= {"sd_tok_s": round(sd_tokens / sd_s, 2), "sd_tokens_per_row": round(sd_tokens / b, 1),
+                    "sd_chosen_k": {str(k): n for k, n in sorted(Counter(st.chosen_k).items())},
                     "accept_len": round(st.accept_len, 3), "sd_step_fraction": round(st.sd_steps / max(len(st.chosen_k), 1), 3),
                     "accept_per_pos": [round(a, 3) for a in st.accept_per_pos]}
             if not sampled or args.verify == "match":  # SD's tokens should then be plain decoding's
@@ -329,6 +347,7 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int]) -> dict:
     kernels = count_kernels(engine, sd_engine, args.batch_sizes[0], args.k)
     report = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "compile_s": round(compile_s, 1),
               "drafter": args.drafter, "k": args.k if drafter is not None else 0, "temperature": args.temperature,
+              "sd": args.sd if drafter is not None else None, "cost_profile_s": profile_s,
               "past_rollouts": args.past_rollouts, "read_bandwidth_gb_s": round(bandwidth, 1),
               "weight_bytes": weight_bytes, "new_tokens": args.new_tokens, "attention": args.attention,
               "launch_us_eager": round(launch["eager"], 3),
@@ -385,7 +404,8 @@ def print_table(report: dict) -> None:
     sd_rows = [r for r in report["results"] if "sd_tok_s" in r]
     if sd_rows:
         past = f", {report['past_rollouts']} past rollouts of the prompts" if report.get("past_rollouts") else ""
-        print(f"\nspeculative decoding, drafter {report['drafter']}, k={report['k']}{past}")
+        policy = ", k chosen per step by the solver" if report.get("sd") == "adaptive" else ""
+        print(f"\nspeculative decoding, drafter {report['drafter']}, k={report['k']}{policy}{past}")
         print(f"{'batch':>5} {'plain tok/s':>12} {'sd tok/s':>9} {'vs plain':>9} {'accept len':>11} {'SD steps':>9} "
               f"{'tokens/row':>11} {'same as plain':>14} {'plain step ms':>14} {'SD step ms: draft + verify + host':>34}"
               f"  accepted per position")
