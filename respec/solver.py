@@ -22,9 +22,12 @@ products), x3 the cost per cached token read (the KV gather and attention), x4 +
 `profile_costs` measures the engine's real steps over a grid of (B, k, c) and `fit_costs` fits the
 six coefficients by least squares on relative error, with none negative.
 
-alpha is tracked online (`observe`, an exponential moving average per draft position) and can be
-set from outside (`set_alpha`): when SD is off there are no SD steps to learn from, and the drafter's
-distillation can report `1 - TV(p_target, q_draft)` so that an improving drafter turns SD back on.
+alpha is tracked online (`observe`: within a rollout, the estimate it started with, weighed as
+`SCALE_PRIOR` verified drafts, blended per draft position with what the rollout's verifies measured
+so far, so that a 64-row verify counts 64 times a 1-row one and a cold estimate is corrected within
+a step or two) and can be set from outside (`set_alpha`): when SD is off there are no SD steps to
+learn from, and the drafter's distillation can report `1 - TV(p_target, q_draft)` so that an
+improving drafter turns SD back on.
 
 Rows with a replay (last epoch's completion, respec/drafters/replay.py) verify with a longer draft
 than the others (respec/engine.py). Their acceptance is tracked on its own
@@ -224,11 +227,15 @@ class Policy:
 
     def observe_group(self, group: Group, accepted: list[int], proposed: list[int]) -> None:
         """A group's verify: row i kept `accepted[i]` of its `proposed[i]` drafts. Rows whose
-        proposal was a long one update the long estimate (`observe_long`), the others `observe`."""
+        proposal was a long one update the long estimate (`observe_long`), the others `observe`,
+        counted against their caps: a row that proposed fewer drafts than it was given room for (a
+        model-free drafter without a match) was verified as wide as the others, so its missing drafts
+        count as rejected, and the estimate says what a verify of this width emits per row, which is
+        what `choose` prices."""
         mine = [i for i, o in enumerate(group.offered) if o]
         rest = [i for i, o in enumerate(group.offered) if not o]
         if rest:
-            self.observe([accepted[i] for i in rest], group.width, [proposed[i] for i in rest])
+            self.observe([accepted[i] for i in rest], group.width, [group.caps[i] for i in rest])
         if mine:
             self.observe_long([accepted[i] for i in mine], [proposed[i] for i in mine])
 
@@ -317,11 +324,13 @@ class AdaptiveK(Policy):
     SCALE_PRIOR = 32  # verifies of a position that weigh as much as the scale so far
 
     def __init__(self, costs: CostModel, max_k: int, alpha: list[float] | None = None, *, ema: float = 0.05,
-                 prior: float = 0.5, beta: float = 0.9, margin: float | None = None):
+                 prior: float = 0.5, beta: float = 0.9, margin: float | None = None, online: bool = True):
         if max_k < 1:
             raise ValueError(f"max_k must be >= 1, got {max_k}")
-        self.costs, self.max_k, self.ema = costs, max_k, ema
+        self.costs, self.max_k, self.ema = costs, max_k, ema  # ema: how far a verify moves the replay rows' beta
+        self.online = online  # the estimate follows the rollout's verifies within it (else only at its end)
         self.alpha = [prior] * max_k
+        self.start = list(self.alpha)  # the estimate the rollout started with (what `observe` blends from)
         self.beta = beta  # conditional acceptance of a replay row's drafts (any position)
         self.base_margin = (costs.rel_error or 0.0) if margin is None else margin
         self.accept_error = 0.0  # the estimate's measured optimism, (predicted - emitted)+ / emitted, smoothed
@@ -350,6 +359,7 @@ class AdaptiveK(Policy):
     def _calibrate(self) -> None:
         """The estimate the solver decides with: the external one times each position's scale."""
         self.alpha = [min(max(a * c, 0.0), 1.0) for a, c in zip(self.external, self.scale)]
+        self.start = list(self.alpha)
 
     def plan(self, room: list[int], offers: list[int] | None, context: float, *, max_k: int,
              max_long: int) -> list[Group]:
@@ -396,9 +406,10 @@ class AdaptiveK(Policy):
         for j in range(min(len(reached_at), self.max_k)):
             self.counts[0][j] += accepted_at[j]
             self.counts[1][j] += reached_at[j]
-        alpha = conditional_acceptance(accepted_at, reached_at)
-        for j, a in enumerate(alpha[:min(k, self.max_k)]):
-            self.alpha[j] += self.ema * (a - self.alpha[j])
+        if self.online:  # the start weighed as SCALE_PRIOR drafts, with every draft verified since
+            for j, (a, r) in enumerate(zip(*self.counts)):
+                if r:
+                    self.alpha[j] = (self.SCALE_PRIOR * self.start[j] + a) / (self.SCALE_PRIOR + r)
 
     def choose_long(self, batch: int, context: float, limit: int, others: int = 0) -> tuple[int, bool]:
         """(L, together): the replay rows' draft length and whether the others ride along in their
@@ -439,6 +450,7 @@ class AdaptiveK(Policy):
         self.alpha, self.beta = list(state["alpha"]), state["beta"]
         self.external, self.scale = state["external"], list(state["scale"])
         self.accept_error = state["accept_error"]
+        self.start = list(self.alpha)
 
     def end_rollout(self) -> Tally:
         """After a rollout: the tally of its verifies (taken: the next starts at zero); the estimate
@@ -457,13 +469,14 @@ class AdaptiveK(Policy):
             if r < self.MIN_REACHED:
                 continue
             weight = r / (r + self.SCALE_PRIOR)  # a rollout's rate counts by its verifies
-            if self.external is None:
-                self.alpha[j] += weight * (a / r - self.alpha[j])
+            if self.external is None:  # (what `observe` blended online, the same whether or not it did)
+                self.alpha[j] = self.start[j] + weight * (a / r - self.start[j])
             elif self.external[j] > 0.02:
                 ratio = (a / r) / self.external[j]
                 self.scale[j] = min(max(self.scale[j] + weight * (ratio - self.scale[j]), lo), hi)
         if self.external is not None:
             self._calibrate()
+        self.start = list(self.alpha)
         self.counts = ([0] * self.max_k, [0] * self.max_k)
         return tally
 

@@ -48,14 +48,35 @@ def test_decision_flips_where_the_costs_cross():
 
 
 def test_online_acceptance_moves_toward_observations():
-    policy = AdaptiveK(COSTS, max_k=3, alpha=[0.5, 0.5, 0.5], ema=0.5)
-    # 4 rows, k = 3: accepted 3, 1, 0, 3 -> position 1: 3/4, position 2: 2/3, position 3: 2/2
+    """Within a rollout the estimate is the start's, weighed as SCALE_PRIOR (32) verified drafts, with
+    every draft verified since, per position."""
+    policy = AdaptiveK(COSTS, max_k=3, alpha=[0.5, 0.5, 0.5])
+    # 4 rows, k = 3: accepted 3, 1, 0, 3 -> position 1: 3 of 4, position 2: 2 of 3, position 3: 2 of 2
     policy.observe([3, 1, 0, 3], 3)
-    assert policy.alpha == pytest.approx([0.625, 0.5 + 0.5 * (2 / 3 - 0.5), 0.75])
+    assert policy.alpha == pytest.approx([(16 + 3) / 36, (16 + 2) / 35, (16 + 2) / 34])
     for _ in range(40):
         policy.observe([0, 0, 0, 0], 3)  # nothing accepted: only position 1 is informed
-    assert policy.alpha[0] < 1e-6 and policy.alpha[1] > 0.5
+    assert policy.alpha == pytest.approx([(16 + 3) / (32 + 164), (16 + 2) / 35, (16 + 2) / 34])
     assert policy.choose(1, 100) == 0
+
+
+def test_a_verify_counts_by_its_rows():
+    """A cold estimate (0.5) where drafts are accepted at 0.15: one verify of 64 rows moves it most of
+    the way and turns SD off at 64 rows; as many 1-row verifies as it takes to verify 64 drafts too,
+    while one 1-row verify barely moves it (the old per-verify average moved it 5% a verify whatever
+    its rows)."""
+    costs = CostModel((0.010, 0.0, 0.0001, 0.0, 0.0005, 0.0))  # a weight-read-bound machine: SD pays at 0.5
+    accepted = [0] * 54 + [1] * 10  # 10 of 64 first drafts accepted (0.156)
+    wide = AdaptiveK(costs, max_k=1, alpha=[0.5])
+    assert wide.choose(64, 0) == 1
+    wide.observe(accepted, 1)
+    assert wide.alpha[0] == pytest.approx((16 + 10) / 96) and wide.choose(64, 0) == 0
+    narrow = AdaptiveK(costs, max_k=1, alpha=[0.5])
+    narrow.observe(accepted[:1], 1)
+    assert narrow.alpha[0] == pytest.approx(16 / 33) and narrow.choose(64, 0) == 1
+    for n in accepted[1:]:
+        narrow.observe([n], 1)
+    assert narrow.alpha == pytest.approx(wide.alpha)
 
 
 def test_external_estimate_turns_sd_on():
@@ -256,7 +277,7 @@ def test_an_optimistic_estimate_is_calibrated_by_what_the_next_rollout_measures(
     update), are predicted within 0.15 tokens per verify."""
     rng = random.Random(0)
     rates = [0.5, 0.4, 0.3]
-    policy = AdaptiveK(COSTS, max_k=3, alpha=[0.9] * 3, ema=0.0)  # (no online EMA: the calibration alone)
+    policy = AdaptiveK(COSTS, max_k=3, alpha=[0.9] * 3, online=False)  # (the calibration alone)
     first = simulated_rollout(policy, rates, 100, rng)
     assert (first.predicted - first.emitted) / first.rows > 1.5  # 3.44 expected against 1.68
     errors = []
@@ -271,10 +292,10 @@ def test_an_optimistic_estimate_is_calibrated_by_what_the_next_rollout_measures(
 
 def test_without_an_external_estimate_the_estimate_itself_follows_the_measured_rates():
     """The history drafter's solver starts from the 0.5 prior: a rollout accepting ~0.95 moves the
-    estimate there (not by the online EMA's 5% a step alone), and an under-estimate does not widen
+    estimate there (at the end of the rollout, without the online blend), and an under-estimate does not widen
     the margin (it costs speculation, never time)."""
     rng = random.Random(2)
-    policy = AdaptiveK(COSTS, max_k=3, ema=0.0)
+    policy = AdaptiveK(COSTS, max_k=3, online=False)
     first = simulated_rollout(policy, [0.95] * 3, 100, rng)
     assert (first.predicted - first.emitted) / first.rows < -1.0 and policy.accept_error == 0.0
     assert all(a > 0.85 for a in policy.alpha), policy.alpha
@@ -372,3 +393,17 @@ def test_a_rollout_the_policy_cannot_draft_in_runs_without_its_drafter(tiny):
         if drafts:
             assert {"on_prefill", "on_decode", "catch_up"} <= set(fed)
     engine.blocks.check_invariants()
+
+
+def test_a_row_that_proposed_less_than_its_cap_counts_its_missing_drafts_as_rejected():
+    """A model-free drafter without a match proposes nothing for a row, which is verified as wide as
+    the others all the same: the solver counts its missing drafts as rejected (what a verify of that
+    width emits per row), and its tally predicts the group's tokens from the caps."""
+    from respec.solver import Group
+
+    policy = AdaptiveK(COSTS, max_k=3, alpha=[0.5] * 3, online=False)
+    group = Group([0, 1, 2], 3, [3, 3, 2], offered=[False] * 3)
+    policy.observe_group(group, [3, 0, 1], [3, 0, 1])  # row 1 matched nothing; row 2 proposed 1 of 2
+    assert policy.counts == ([2, 1, 1], [3, 2, 1])  # position 1: rows 0 and 2 of 3; 2: row 0 of 0 and 2; 3: row 0
+    assert policy.tally.predicted == pytest.approx(2 * expected_tokens([0.5] * 3, 3) + expected_tokens([0.5] * 3, 2))
+    assert policy.tally.emitted == 4 + 1 + 2
