@@ -386,11 +386,16 @@ class AdaptiveK(Policy):
         others), at the longest context: within a rollout the estimate moves only with what verifies
         measure, so one that starts with SD off at every batch size stays so; and under the cost model
         SD's gain over plain decoding only grows with the context (a verify reads the cache once for
-        all its tokens), so the longest context is the one to ask at."""
+        all its tokens), so the longest context is the one to ask at. Of the splits of n rows into m
+        with a replay and n - m without, only m = 1, the most and the most short of n are asked: under
+        the cost model each option's rate is a ratio of two affine functions of m (for m < n), so its
+        largest is at an end of the range."""
         if max_k and any(self.choose(b, context) for b in range(1, rows + 1)):
             return True
-        return bool(max_long) and any(self.choose_long(m, context, max_long, others=n - m)[0]
-                                      for n in range(1, rows + 1) for m in range(1, min(n, long_rows) + 1))
+        if not (max_long and long_rows):
+            return False
+        return any(self.choose_long(m, context, max_long, others=n - m)[0]
+                   for n in range(1, rows + 1) for m in {1, min(long_rows, n - 1), min(long_rows, n)} - {0})
 
     def observe(self, accepted: list[int], k: int, proposed: list[int] | None = None) -> None:
         """One SD step: `accepted` holds each row's number of accepted drafts (0..k), `proposed` how

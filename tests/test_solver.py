@@ -357,6 +357,19 @@ def test_whether_a_rollout_can_draft_is_asked_at_its_largest_batch_and_longest_c
     assert not off.speculates(4, 200, max_k=2, long_rows=0, max_long=16)
     assert off.speculates(4, 200, max_k=2, long_rows=1, max_long=16)
     assert not FixedK(0).speculates(4, 200, max_k=2, long_rows=1, max_long=16)
+    # asking the ends of the replay rows' range is asking every split (random machines, estimates)
+    rng = random.Random(3)
+    asked = {True: 0, False: 0}
+    for _ in range(300):
+        machine = CostModel((rng.uniform(0.001, 0.03), rng.uniform(0, 0.005) * rng.randint(0, 1),
+                             rng.uniform(1e-5, 2e-3), rng.uniform(0, 2e-5) * rng.randint(0, 1), 0.0, 0.0))
+        policy = AdaptiveK(machine, max_k=2, alpha=[0.0, 0.0], beta=rng.uniform(0.0, 0.95), margin=rng.uniform(0, 0.1))
+        rows, long_rows, context = rng.randint(1, 12), rng.randint(1, 12), rng.uniform(10, 500)
+        every = any(policy.choose_long(m, context, 16, others=n - m)[0]
+                    for n in range(1, rows + 1) for m in range(1, min(n, long_rows) + 1))
+        assert policy.speculates(rows, context, max_k=2, long_rows=long_rows, max_long=16) == every
+        asked[every] += 1
+    assert min(asked.values()) > 20  # (both answers came up)
     flips = 0
     for alpha in (0.2, 0.35, 0.5, 0.65):
         policy = AdaptiveK(costs, max_k=3, alpha=[alpha] * 3)
