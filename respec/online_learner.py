@@ -45,8 +45,9 @@ at 0.6-2.3x the update on a 2-core CPU). The distillation is an investment the s
 a small share to keep the head and its estimate from going stale, and whatever SD earned back. A
 head that comes with an acceptance estimate of its own (an exported head's report, the default
 head's) waits for its budget like any later distillation; an untrained one is distilled at the
-first step whatever it costs, since until then the solver has no estimate that could turn SD on. On a few CPU cores a distillation after every step cost more time than the
-speculation it enabled saved (docs/benchmarks.md); on a GPU it has a stream of its own and no bound.
+first step whatever it costs, since until then the solver has no estimate that could turn SD on.
+On a few CPU cores a distillation after every step cost more time than the speculation it enabled
+saved (docs/benchmarks.md); on a GPU it has a stream of its own and no bound.
 
 In line or in the background: with `async_update` (the trainer's default, `--drafter-async on`),
 steps 1-3 run in a background thread (on CUDA on a stream of their own) while the next rollout runs,
