@@ -51,6 +51,73 @@ def test_suffix_index_proposes_the_continuation_of_the_longest_match():
     assert index.propose(3, min_n=2, limit=2) == ([6, 8], 2)
 
 
+def _brute_force_proposal(docs: dict, log: list, doc: int, min_n: int, max_n: int, limit: int):
+    """The continuation of the longest suffix of `doc` (min_n..max_n tokens) that occurred with a
+    continuation, at its latest place in arrival order (`log`: (doc, end) as indexed), one lookup."""
+    text = docs[doc]
+    for n in range(min(max_n, len(text)), min_n - 1, -1):
+        gram = text[len(text) - n:]
+        for src, end in reversed(log):
+            if end >= n and docs[src][end - n: end] == gram:
+                return docs[src][end: end + limit], n
+    return [], 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_suffix_index_finds_the_latest_longest_match_as_a_brute_force_search_does(seed):
+    """Documents over a 4-token vocabulary (every suffix recurs) grow a few tokens at a time in
+    turn; after each growth every document's proposal (one lookup: `limit` 1) equals the brute-force
+    search's whenever the index scans every earlier place of the last 3 tokens; with a short scan
+    it is the same where the longest match is at most 2 tokens, and otherwise the continuation of a
+    real earlier occurrence of a suffix of the reported length (>= min_n), never longer than the
+    longest."""
+    gen = torch.Generator().manual_seed(seed)
+    exact, short = SuffixIndex(max_n=6, scan=10 ** 9), SuffixIndex(max_n=6, scan=2)
+    docs, log, differed = {d: [] for d in range(4)}, [], 0
+    for _ in range(150):
+        d = int(torch.randint(0, 4, (1,), generator=gen))
+        before = len(docs[d])
+        docs[d] = docs[d] + torch.randint(0, 4, (int(torch.randint(1, 4, (1,), generator=gen)),), generator=gen).tolist()
+        log += [(d, end) for end in range(max(before, 1), len(docs[d]))]
+        exact.extend(d, docs[d])
+        short.extend(d, docs[d])
+        for doc in docs:
+            if not docs[doc]:
+                continue
+            for min_n in (1, 2, 4):
+                want = _brute_force_proposal(docs, log, doc, min_n, 6, 1)
+                assert exact._continuation(docs[doc][-6:], min_n, 1) == want
+                got, n = short._continuation(docs[doc][-6:], min_n, 1)
+                assert (got, n) == want if want[1] <= 2 else n <= want[1] and (n == 0 or n >= min_n)
+                if n:
+                    assert any(end >= n and docs[src][end - n: end] == docs[doc][-n:] and docs[src][end: end + 1] == got
+                               for src, end in log)
+                differed += (got, n) != want
+    assert differed > 0  # the short scan was tested where it differs
+
+
+def test_suffix_index_indexes_the_prompt_once():
+    """Every document of an index starts with its prompt: the second document indexes only from
+    where its text begins (a prompt-internal match still proposes the prompt's continuation; the
+    prompt's last tokens propose the latest document's first token), and the state round-trips."""
+    prompt = [5, 6, 7, 8, 9]
+    index = SuffixIndex(max_n=4, shared=len(prompt))
+    index.extend(0, prompt + [1, 2])
+    entries = sum(len(p) for p in index.places.values())
+    index.extend(1, prompt + [3, 4])
+    assert sum(len(p) for p in index.places.values()) == entries + 2  # "8 9 3" and "9 3 4" only
+    index.extend(2, [5, 6])  # (a document is its prompt and more: this one only reads)
+    index.docs[2] = [5, 6, 7]
+    assert index._continuation([5, 6, 7], 2, 3) == ([8, 9, 1], 3)  # the prompt, then doc 0's text
+    assert index._continuation([7, 8, 9], 2, 2) == ([3, 4], 3)  # the latest first token: doc 1's
+    drafter = HistoryDrafter(max_match=4)
+    drafter.index[tuple(prompt)], drafter.past[tuple(prompt)] = index, []
+    loaded = HistoryDrafter(max_match=4)
+    loaded.load_state_dict(drafter.state_dict())
+    again = loaded.index[tuple(prompt)]
+    assert (again.single, again.pair, again.places, again.shared) == (index.single, index.pair, index.places, 5)
+
+
 def test_history_window_is_bounded():
     """A prompt keeps its live documents and at most 2 x window finished ones."""
     drafter = HistoryDrafter(window=3)

@@ -9,10 +9,10 @@ that occurrence. What a row can see is everything RL generates for the same prom
 Serving engines have only the first; the last two are what RL has on top (SuffixDecoding, arXiv
 2411.04975; DAS, arXiv 2511.13841).
 
-Drafting costs no forward: one dictionary lookup per suffix length per row. The index maps every
-n-gram (n = 1..max_match) to the latest place it occurred with a continuation; it is updated
-incrementally as text arrives (`catch_up`), and rebuilt for a prompt only when `window` documents
-have left it.
+Drafting costs no forward: a few dictionary lookups per row (`SuffixIndex`: the latest place of
+the longest match, found from where its last three tokens occurred). The index is updated
+incrementally as text arrives (`catch_up`, three writes per token), and rebuilt for a prompt only
+when `window` documents have left it.
 
 The draft is deterministic: q is a point mass on the proposal (`Drafts.q` is None), so a draft d
 is accepted with probability p(d) and a rejection resamples from p with d removed
@@ -31,31 +31,66 @@ from collections import OrderedDict
 from respec.drafters import DraftBatch, Drafter, Drafts
 
 
-class SuffixIndex:
-    """The n-grams (n = 1..max_n) of a prompt's documents, each mapped to the latest (document,
-    position) that continued it. Documents are token lists that only grow."""
+def _place(doc: int, end: int) -> int:
+    """A place in the index, packed: document `doc`, the token after an n-gram at `end`."""
+    return doc << 32 | end
 
-    def __init__(self, max_n: int):
-        self.max_n = max_n
+
+class SuffixIndex:
+    """Where the suffixes of a prompt's documents occurred with a continuation. Documents are token
+    lists that only grow; every document starts with the same `shared` tokens (the prompt).
+
+    Written per token as the text arrives (`extend`), the keys packed into ints:
+      * `single`, `pair`: each token and each 2-gram -> the latest place after it;
+      * `places`: each 3-gram -> every place after it, oldest first.
+    A lookup (`propose`) walks the newest `scan` places of the text's last 3 tokens, newest first,
+    and extends each match backwards token by token up to max_n, keeping the longest (the newest of
+    equals); failing that, the latest place of its last 2 tokens, then of its last one. That is the
+    longest suffix seen (up to max_n) at its latest place, as long as it is at most 2 tokens or
+    among the last `scan` occurrences of its last three: three writes per token instead of one per
+    n-gram length (8), in under a third of the memory. The prompt is indexed once, with the first
+    document: a later document starts after it, where its own text begins to differ."""
+
+    def __init__(self, max_n: int, shared: int = 0, scan: int = 32):
+        if max_n < 3:
+            raise ValueError(f"max_n must be >= 3, got {max_n}")
+        self.max_n, self.shared, self.scan = max_n, shared, scan
         self.docs: dict[int, list[int]] = {}
         self.indexed: dict[int, int] = {}  # doc -> tokens whose n-grams ending before them are indexed
-        self.latest: dict[tuple[int, ...], tuple[int, int]] = {}  # n-gram -> (doc, position after it)
+        self.single: dict[int, int] = {}
+        self.pair: dict[int, int] = {}
+        self.places: dict[int, array] = {}
+        self.prompt_indexed = False  # the `shared` prefix indexed (by the first document)
 
     def extend(self, doc: int, tokens: list[int]) -> None:
         """Document `doc` is now `tokens` (a prefix of it was given before)."""
         self.docs[doc] = tokens
-        start, latest = self.indexed.get(doc, 1), self.latest
+        start = self.indexed.get(doc)
+        if start is None:  # a new document: its prompt's n-grams are there already, but for the first
+            start = max(self.shared, 1) if self.prompt_indexed else 1
+        single, pair, places, at = self.single, self.pair, self.places, _place(doc, 0)
         for end in range(start, len(tokens)):  # tokens[end] continues every n-gram ending at end - 1
-            last, at = tuple(tokens[max(0, end - self.max_n): end]), (doc, end)  # (its n-grams: suffixes of it)
-            for n in range(1, len(last) + 1):
-                latest[last[-n:]] = at
+            key = tokens[end - 1]
+            single[key] = at | end
+            if end >= 2:
+                key |= tokens[end - 2] << 32
+                pair[key] = at | end
+                if end >= 3:
+                    key |= tokens[end - 3] << 64
+                    seen = places.get(key)
+                    if seen is None:
+                        places[key] = array("q", (at | end,))
+                    else:
+                        seen.append(at | end)
         self.indexed[doc] = max(start, len(tokens))
+        self.prompt_indexed = self.prompt_indexed or len(tokens) >= self.shared
 
     def keep_only(self, docs: list[int]) -> None:
         """Drop every document not in `docs` and re-index the rest (in the given order, oldest first,
         so the latest occurrence still wins)."""
         kept = [(d, self.docs[d]) for d in docs]
-        self.docs, self.indexed, self.latest = {}, {}, {}
+        self.docs, self.indexed, self.single, self.pair, self.places = {}, {}, {}, {}, {}
+        self.prompt_indexed = False
         for d, t in kept:
             self.extend(d, t)
 
@@ -67,19 +102,74 @@ class SuffixIndex:
         text, out, first = self.docs[doc], [], 0
         tail = text[-self.max_n:]  # all a lookup reads (suffixes of at most max_n): no copy of the text
         while len(out) < limit:
-            more, n = self._continuation(tail + out if out else text, min_n, limit - len(out))
+            more, n = self._continuation(tail + out if out else tail, min_n, limit - len(out))
             if not more:
                 break
             out, first = out + more, first or n
         return out, first
 
+    def _after(self, place: int, limit: int) -> list[int]:
+        end = place & 0xFFFFFFFF
+        return self.docs[place >> 32][end: end + limit]
+
     def _continuation(self, tokens: list[int], min_n: int, limit: int) -> tuple[list[int], int]:
-        for n in range(min(self.max_n, len(tokens)), min_n - 1, -1):
-            hit = self.latest.get(tuple(tokens[len(tokens) - n:]))
-            if hit is not None:
-                src, pos = hit
-                return self.docs[src][pos: pos + limit], n
+        """What followed the longest match of a suffix of `tokens` (at most max_n of them)."""
+        L = len(tokens)
+        if L >= 3:
+            seen = self.places.get(tokens[-3] << 64 | tokens[-2] << 32 | tokens[-1])
+            if seen is not None:
+                best, best_n, most, docs = 0, 0, min(self.max_n, L), self.docs
+                for i in range(len(seen) - 1, max(len(seen) - self.scan, 0) - 1, -1):
+                    place = seen[i]
+                    text, end, n = docs[place >> 32], place & 0xFFFFFFFF, 3
+                    while n < most and n < end and text[end - 1 - n] == tokens[L - 1 - n]:
+                        n += 1
+                    if n > best_n:
+                        best, best_n = place, n
+                        if n == most:
+                            break
+                if best_n >= min_n:
+                    return self._after(best, limit), best_n
+                return [], 0  # (a 3-token match was the longest, and it is too short)
+        if L >= 2 and min_n <= 2:
+            place = self.pair.get(tokens[-2] << 32 | tokens[-1])
+            if place is not None:
+                return self._after(place, limit), 2
+        if L >= 1 and min_n <= 1:
+            place = self.single.get(tokens[-1])
+            if place is not None:
+                return self._after(place, limit), 1
         return [], 0
+
+    def spans(self) -> dict:
+        """The maps as places (packed ints, `_place`): the n-grams are read back from the documents."""
+        places = array("q")
+        for seen in self.places.values():
+            places.append(len(seen))
+            places.extend(seen)
+        return {"single": array("q", self.single.values()).tobytes(), "pair": array("q", self.pair.values()).tobytes(),
+                "places": places.tobytes(), "shared": self.shared, "prompt_indexed": self.prompt_indexed}
+
+    def load_spans(self, saved: dict) -> None:
+        self.shared, self.prompt_indexed = saved["shared"], saved["prompt_indexed"]
+        single, pair, places = (array("q") for _ in range(3))
+        single.frombytes(saved["single"])
+        pair.frombytes(saved["pair"])
+        places.frombytes(saved["places"])
+        text = lambda place: self.docs[place >> 32]  # noqa: E731
+        for place in single:
+            end = place & 0xFFFFFFFF
+            self.single[text(place)[end - 1]] = place
+        for place in pair:
+            end = place & 0xFFFFFFFF
+            t = text(place)
+            self.pair[t[end - 2] << 32 | t[end - 1]] = place
+        i = 0
+        while i < len(places):
+            n, first = places[i], places[i + 1]
+            end, t = first & 0xFFFFFFFF, text(first)
+            self.places[t[end - 3] << 64 | t[end - 2] << 32 | t[end - 1]] = places[i + 1: i + 1 + n]
+            i += 1 + n
 
 
 class HistoryDrafter(Drafter):
@@ -99,7 +189,7 @@ class HistoryDrafter(Drafter):
     def _index_of(self, s) -> SuffixIndex:
         key = tuple(s.prompt)
         if key not in self.index:
-            self.index[key] = SuffixIndex(self.max_match)
+            self.index[key] = SuffixIndex(self.max_match, len(s.prompt))
             self.past[key] = []
             if len(self.index) > self.max_prompts:
                 old, _ = self.index.popitem(last=False)
@@ -154,32 +244,29 @@ class HistoryDrafter(Drafter):
 
     def state_dict(self) -> dict:
         """Every prompt's documents and index as they are, least recently used prompt first. The
-        n-gram map is kept, not rebuilt from the documents on loading: which occurrence an n-gram
-        points to depends on the order the rows' text arrived in, and a rebuilt one would propose
-        differently. Each entry is a span of its document, so it is written as three integers
-        (document, end, n), not as the n-gram itself. (After a Ctrl-C that abandons a rollout, its
-        partial text is history too.)"""
+        maps are kept, not rebuilt from the documents on loading: which occurrence an n-gram points
+        to depends on the order the rows' text arrived in, and a rebuilt one would propose
+        differently. Each entry is a place in a document (`SuffixIndex.spans`), not the n-gram
+        itself. (After a Ctrl-C that abandons a rollout, its partial text is history too.)"""
         prompts = []
         for key, index in self.index.items():
-            spans = array("i")  # (doc, end, n) per n-gram: the n-gram is docs[doc][end - n: end]
-            for gram, (doc, end) in index.latest.items():
-                spans.extend((doc, end, len(gram)))
             prompts.append({"prompt": list(key), "docs": {doc: list(t) for doc, t in index.docs.items()},
-                            "indexed": dict(index.indexed), "spans": spans.tobytes(), "past": list(self.past[key])})
+                            "indexed": dict(index.indexed), "past": list(self.past[key]), **index.spans()})
         return {"prompts": prompts, "crowded": sorted(self.crowded), "next_doc": self.next_doc}
 
     def load_state_dict(self, state: dict) -> None:
+        """(A state saved before the index took its present form, one map per n-gram length, is
+        re-indexed from its documents, oldest first.)"""
         self.index.clear()
         self.past.clear()
         self.doc.clear()
         for saved in state.get("prompts", []):
-            key, index = tuple(saved["prompt"]), SuffixIndex(self.max_match)
+            key, index = tuple(saved["prompt"]), SuffixIndex(self.max_match, len(saved["prompt"]))
             index.docs, index.indexed = {doc: list(t) for doc, t in saved["docs"].items()}, dict(saved["indexed"])
-            spans = array("i")
-            spans.frombytes(saved["spans"])
-            for i in range(0, len(spans), 3):
-                doc, end, n = spans[i: i + 3]
-                index.latest[tuple(index.docs[doc][end - n: end])] = (doc, end)
+            if "places" in saved:
+                index.load_spans(saved)
+            else:
+                index.keep_only(sorted(index.docs))
             self.index[key], self.past[key] = index, list(saved["past"])
         self.crowded = {tuple(key) for key in state.get("crowded", [])}
         self.next_doc = state.get("next_doc", 0)
