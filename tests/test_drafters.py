@@ -115,7 +115,8 @@ def test_suffix_index_indexes_the_prompt_once():
     loaded = HistoryDrafter(max_match=4)
     loaded.load_state_dict(drafter.state_dict())
     again = loaded.index[tuple(prompt)]
-    assert (again.single, again.pair, again.places, again.shared) == (index.single, index.pair, index.places, 5)
+    assert (again.full, again.single, again.pair, again.places, again.shared) == (
+        index.full, index.single, index.pair, index.places, 5)
 
 
 def test_history_window_is_bounded():

@@ -11,7 +11,7 @@ Serving engines have only the first; the last two are what RL has on top (Suffix
 
 Drafting costs no forward: a few dictionary lookups per row (`SuffixIndex`: the latest place of
 the longest match, found from where its last three tokens occurred). The index is updated
-incrementally as text arrives (`catch_up`, three writes per token), and rebuilt for a prompt only
+incrementally as text arrives (`catch_up`, four writes per token), and rebuilt for a prompt only
 when `window` documents have left it.
 
 The draft is deterministic: q is a point mass on the proposal (`Drafts.q` is None), so a draft d
@@ -40,16 +40,18 @@ class SuffixIndex:
     """Where the suffixes of a prompt's documents occurred with a continuation. Documents are token
     lists that only grow; every document starts with the same `shared` tokens (the prompt).
 
-    Written per token as the text arrives (`extend`), the keys packed into ints:
-      * `single`, `pair`: each token and each 2-gram -> the latest place after it;
-      * `places`: each 3-gram -> every place after it, oldest first.
-    A lookup (`propose`) walks the newest `scan` places of the text's last 3 tokens, newest first,
-    and extends each match backwards token by token up to max_n, keeping the longest (the newest of
-    equals); failing that, the latest place of its last 2 tokens, then of its last one. That is the
-    longest suffix seen (up to max_n) at its latest place, as long as it is at most 2 tokens or
-    among the last `scan` occurrences of its last three: three writes per token instead of one per
-    n-gram length (8), in under a third of the memory. The prompt is indexed once, with the first
-    document: a later document starts after it, where its own text begins to differ."""
+    Written per token as the text arrives (`extend`):
+      * `full`: each max_n-gram -> the latest place after it;
+      * `single`, `pair`: each token and each 2-gram (packed into an int) -> the latest place after it;
+      * `places`: each 3-gram (packed) -> every place after it, oldest first.
+    A lookup (`propose`) asks `full` for the text's last max_n tokens; failing that, it walks the
+    newest `scan` places of its last 3 tokens, newest first, and extends each match backwards token
+    by token, keeping the longest (the newest of equals); failing that, the latest place of its last
+    2 tokens, then of its last one. That is the longest suffix seen (up to max_n) at its latest
+    place, as long as it is max_n or at most 2 tokens long, or among the last `scan` occurrences of
+    its last three: four writes per token instead of one per n-gram length (8), in about half the
+    memory. The prompt is indexed once, with the first document: a later document starts after it,
+    where its own text begins to differ."""
 
     def __init__(self, max_n: int, shared: int = 0, scan: int = 32):
         if max_n < 3:
@@ -57,6 +59,7 @@ class SuffixIndex:
         self.max_n, self.shared, self.scan = max_n, shared, scan
         self.docs: dict[int, list[int]] = {}
         self.indexed: dict[int, int] = {}  # doc -> tokens whose n-grams ending before them are indexed
+        self.full: dict[tuple[int, ...], int] = {}
         self.single: dict[int, int] = {}
         self.pair: dict[int, int] = {}
         self.places: dict[int, array] = {}
@@ -68,7 +71,7 @@ class SuffixIndex:
         start = self.indexed.get(doc)
         if start is None:  # a new document: its prompt's n-grams are there already, but for the first
             start = max(self.shared, 1) if self.prompt_indexed else 1
-        single, pair, places, at = self.single, self.pair, self.places, _place(doc, 0)
+        full, single, pair, places, at, n = self.full, self.single, self.pair, self.places, _place(doc, 0), self.max_n
         for end in range(start, len(tokens)):  # tokens[end] continues every n-gram ending at end - 1
             key = tokens[end - 1]
             single[key] = at | end
@@ -82,6 +85,8 @@ class SuffixIndex:
                         places[key] = array("q", (at | end,))
                     else:
                         seen.append(at | end)
+                    if end >= n:
+                        full[tuple(tokens[end - n: end])] = at | end
         self.indexed[doc] = max(start, len(tokens))
         self.prompt_indexed = self.prompt_indexed or len(tokens) >= self.shared
 
@@ -89,7 +94,7 @@ class SuffixIndex:
         """Drop every document not in `docs` and re-index the rest (in the given order, oldest first,
         so the latest occurrence still wins)."""
         kept = [(d, self.docs[d]) for d in docs]
-        self.docs, self.indexed, self.single, self.pair, self.places = {}, {}, {}, {}, {}
+        self.docs, self.indexed, self.full, self.single, self.pair, self.places = {}, {}, {}, {}, {}, {}
         self.prompt_indexed = False
         for d, t in kept:
             self.extend(d, t)
@@ -115,10 +120,14 @@ class SuffixIndex:
     def _continuation(self, tokens: list[int], min_n: int, limit: int) -> tuple[list[int], int]:
         """What followed the longest match of a suffix of `tokens` (at most max_n of them)."""
         L = len(tokens)
+        if L >= self.max_n:
+            place = self.full.get(tuple(tokens[L - self.max_n:]))
+            if place is not None:
+                return self._after(place, limit), self.max_n
         if L >= 3:
             seen = self.places.get(tokens[-3] << 64 | tokens[-2] << 32 | tokens[-1])
-            if seen is not None:
-                best, best_n, most, docs = 0, 0, min(self.max_n, L), self.docs
+            if seen is not None:  # (no match is max_n long now)
+                best, best_n, most, docs = 0, 0, min(self.max_n - 1, L), self.docs
                 for i in range(len(seen) - 1, max(len(seen) - self.scan, 0) - 1, -1):
                     place = seen[i]
                     text, end, n = docs[place >> 32], place & 0xFFFFFFFF, 3
@@ -147,16 +156,21 @@ class SuffixIndex:
         for seen in self.places.values():
             places.append(len(seen))
             places.extend(seen)
-        return {"single": array("q", self.single.values()).tobytes(), "pair": array("q", self.pair.values()).tobytes(),
+        return {"full": array("q", self.full.values()).tobytes(),
+                "single": array("q", self.single.values()).tobytes(), "pair": array("q", self.pair.values()).tobytes(),
                 "places": places.tobytes(), "shared": self.shared, "prompt_indexed": self.prompt_indexed}
 
     def load_spans(self, saved: dict) -> None:
         self.shared, self.prompt_indexed = saved["shared"], saved["prompt_indexed"]
-        single, pair, places = (array("q") for _ in range(3))
+        full, single, pair, places = (array("q") for _ in range(4))
+        full.frombytes(saved["full"])
         single.frombytes(saved["single"])
         pair.frombytes(saved["pair"])
         places.frombytes(saved["places"])
         text = lambda place: self.docs[place >> 32]  # noqa: E731
+        for place in full:
+            end = place & 0xFFFFFFFF
+            self.full[tuple(text(place)[end - self.max_n: end])] = place
         for place in single:
             end = place & 0xFFFFFFFF
             self.single[text(place)[end - 1]] = place
