@@ -45,6 +45,7 @@ from compile.cpu_linear import packed_view, packing_available, repack, unpack
 from compile.policy import CompiledSteps
 from respec.drafters import DraftBatch, Drafter, EngineView, NoDrafter
 from respec.drafters.wrap import as_drafter
+from respec.host_copy import to_device
 from respec.kv_cache import PagedKVCache
 from respec.paged_attention import ATTENTION_KINDS
 import respec.run_ahead as ahead
@@ -462,8 +463,12 @@ class RolloutEngine:
     # ------------------------------------------------------------------------------------------
     def _tables(self, seqs: list[Sequence], rows: int | None = None) -> torch.Tensor:
         """The sequences' block tables, as wide as the longest needs, padded to `rows` rows."""
+        return to_device(self.device, self._table_rows(seqs, rows))[0]
+
+    def _table_rows(self, seqs: list[Sequence], rows: int | None = None) -> list[list[int]]:
+        """`_tables` as host lists (for `to_device`, with a step's other inputs)."""
         width = self.steps.table_width(max(len(self.blocks.tables[s.id]) for s in seqs))
-        return self.cache.block_tables([s.id for s in seqs], width, rows)
+        return self.cache.block_table_rows([s.id for s in seqs], width, rows)
 
     def _row_params(self, seqs: list[Sequence], rows: int) -> tuple[RowSampling, bool]:
         """Per-row sampling tensors, padded to `rows` (padding rows: greedy, seed 0), and whether any
@@ -543,15 +548,13 @@ class RolloutEngine:
     def _decode(self, seqs: list[Sequence]) -> None:
         t0 = time.perf_counter()
         rows = self.steps.batch_bucket(len(seqs), self.max_batch)
-        pad = rows - len(seqs)
-        tokens = torch.tensor([s.out[-1] for s in seqs] + [0] * pad, dtype=torch.int64)
-        positions = torch.tensor([len(s.tokens) - 1 for s in seqs] + [0] * pad, dtype=torch.int64)
-        tables = self._tables(seqs, rows)
+        pad = [0] * (rows - len(seqs))
+        tokens, positions, tables = to_device(self.device, [s.out[-1] for s in seqs] + pad,
+                                              [len(s.tokens) - 1 for s in seqs] + pad, self._table_rows(seqs, rows))
         sampling, use_filter = self._row_params(seqs, rows)
         step = self.steps.get(decode_step, use_filter=use_filter, hidden_layers=self.feature_layers,
                               attention=self.attention)
-        next_tokens, logprobs, _, _, *taps = step(self.runner, self.cache.pools, tokens.to(self.device),
-                                                  positions.to(self.device), tables, self.eos_ids,
+        next_tokens, logprobs, _, _, *taps = step(self.runner, self.cache.pools, tokens, positions, tables, self.eos_ids,
                                                   self._watching(seqs, rows), *sampling)
         self.drafter.on_decode(seqs, taps[0] if taps else None, next_tokens)
         self._record(seqs, next_tokens[: len(seqs)], logprobs[: len(seqs)])
@@ -583,12 +586,12 @@ class RolloutEngine:
         rows = self.steps.batch_bucket(len(seqs), self.max_batch)
         pad = [0] * (rows - len(seqs))
         sampling, use_filter = self._row_params(seqs, rows)
-        batch = DraftBatch(
-            seqs=seqs, k=k, sampling=sampling, use_filter=use_filter, coupled=self.verify == "match",
-            tokens=torch.tensor([s.tokens[-1] for s in seqs] + pad, dtype=torch.int64, device=dev),
-            positions=torch.tensor([len(s.tokens) - 1 for s in seqs] + pad, dtype=torch.int64, device=dev),
-            block_tables=self._tables(seqs, rows),
-            max_drafts=torch.tensor(caps + pad, dtype=torch.int64, device=dev), max_drafts_list=caps)
+        tokens, positions, tables, max_drafts = to_device(
+            dev, [s.tokens[-1] for s in seqs] + pad, [len(s.tokens) - 1 for s in seqs] + pad,
+            self._table_rows(seqs, rows), caps + pad)
+        batch = DraftBatch(seqs=seqs, k=k, sampling=sampling, use_filter=use_filter, coupled=self.verify == "match",
+                           tokens=tokens, positions=positions, block_tables=tables, max_drafts=max_drafts,
+                           max_drafts_list=caps)
         drafts = self.drafter.draft(batch)
         if drafts.lengths_list is not None and not any(drafts.lengths_list):  # nothing to verify
             return None

@@ -169,10 +169,14 @@ class PagedKVCache:
         self.draft_pools = [zeroed((2, num_blocks, block_size, dh, dd), dtype, device) for _ in range(dl)]
         self.blocks = BlockManager(num_blocks, block_size)
 
-    def block_tables(self, seqs: list[int], width: int, rows: int | None = None) -> torch.Tensor:
-        """(rows, width) int64 block tables of `seqs`, padded with the null block (host -> device)."""
+    def block_table_rows(self, seqs: list[int], width: int, rows: int | None = None) -> list[list[int]]:
+        """The block tables of `seqs` as `rows` host lists of `width`, padded with the null block."""
         rows = len(seqs) if rows is None else rows
         tables = self.blocks.tables
         padded = [tables[s] + [NULL_BLOCK] * (width - len(tables[s])) for s in seqs]
-        padded += [[NULL_BLOCK] * width] * (rows - len(seqs))
+        return padded + [[NULL_BLOCK] * width] * (rows - len(seqs))
+
+    def block_tables(self, seqs: list[int], width: int, rows: int | None = None) -> torch.Tensor:
+        """(rows, width) int64 block tables of `seqs`, padded with the null block (host -> device)."""
+        padded = self.block_table_rows(seqs, width, rows)
         return torch.tensor(padded, dtype=torch.int64).to(self.pools[0].device, non_blocking=True)

@@ -436,6 +436,38 @@ def test_a_decoding_step_reads_the_device_once(sd):
         assert all(0 < c["blocking"] <= 1 / 16 for c in counted)
 
 
+def test_a_decoding_step_sends_its_inputs_in_one_copy():
+    """On a GPU each host-to-device copy from pageable memory is a copy the host issues and waits
+    for. Counted on fake CUDA (two rollout lengths, so the prefill's copies cancel): an SD step
+    (history drafter, k = 3, 4 rows) sends its inputs (tokens, positions, block tables, draft caps)
+    in one copy and the drafts in one more (respec/host_copy.py: they were six); a plain step one
+    (plain steps run ahead of the host send theirs once per run)."""
+    from respec.lab.host_overhead import syncs_per_step
+
+    assert syncs_per_step(4, True)["uploads"] == 2.0
+    assert syncs_per_step(4, False, run_ahead=0)["uploads"] == 1.0
+    assert syncs_per_step(4, False)["uploads"] < 1.0
+
+
+def test_the_upload_count_and_the_packed_copy():
+    """Fake CUDA counts every host-to-device copy (host data made a CUDA tensor, a CPU tensor moved or
+    copied in; a CUDA allocation is none); `to_device` sends its parts in one and gives each back in
+    its shape, laid out at 16-byte boundaries with the values each part had."""
+    from respec.host_copy import ALIGN, packed, to_device, views
+
+    with fake_cuda() as counts:
+        torch.tensor([1, 2], device="cuda"), torch.zeros(3, 2).to("cuda"), torch.zeros(2, device="cuda")
+        torch.zeros(2, device="cuda").copy_(torch.ones(2))
+        assert counts.uploads == 3
+        got = to_device(torch.device("cuda"), [1, 2, 3], [[4, 5], [6, 7]], [8])
+        assert counts.uploads == 4
+        assert [(t.device.type, tuple(t.shape)) for t in got] == [("cuda", (3,)), ("cuda", (2, 2)), ("cuda", (1,))]
+    parts = [[1, 2, 3], [[4, 5], [6, 7]], [8], [[9, 10, 11]]]
+    flat, spans = packed(parts)
+    out = views(torch.tensor(flat), spans)
+    assert [t.tolist() for t in out] == parts and all(t.storage_offset() % ALIGN == 0 for t in out)
+
+
 def test_the_host_read_count_has_power():
     """A step that reads its tokens and log-probabilities apart is counted as two reads; a
     non-blocking copy into a host buffer is counted apart, a blocking one as a read."""

@@ -48,6 +48,7 @@ from typing import Callable
 
 import torch
 
+from respec.host_copy import to_device
 from respec.sampling import RowSampling
 
 
@@ -97,9 +98,8 @@ class Drafts:
         empty), padded to (rows, k) as the verify takes them; point masses (q None)."""
         lengths = [len(prop) for prop in proposals]
         padded = [prop + [0] * (k - len(prop)) for prop in proposals] + [[0] * k] * (rows - len(proposals))
-        tokens = torch.tensor(padded, dtype=torch.int64).view(rows, k)  # (one call, not one per row)
-        return Drafts(tokens.to(device), torch.tensor(lengths + [0] * (rows - len(lengths)), device=device), None,
-                      lengths_list=lengths, kinds=kinds)
+        tokens, counts = to_device(torch.device(device), padded, lengths + [0] * (rows - len(lengths)))  # one copy
+        return Drafts(tokens, counts, None, lengths_list=lengths, kinds=kinds)
 
 
 class Drafter:

@@ -23,6 +23,7 @@ import torch
 
 from respec.drafters import DraftBatch, Drafter, Drafts, EngineView
 from respec.drafters.history import HistoryDrafter
+from respec.host_copy import to_device
 
 
 class HybridDrafter(Drafter):
@@ -85,9 +86,10 @@ class HybridDrafter(Drafter):
         if self.model is None or not any(c is None and cap > 0 for c, cap in zip(chosen, batch.max_drafts_list)):
             return fixed
         drafts = self.model.draft(batch)
-        point = torch.tensor([c is not None for c in chosen] + [False] * (rows - n), device=batch.tokens.device)
-        if not point.any():
+        if all(c is None for c in chosen):
             return Drafts(drafts.tokens, drafts.lengths, drafts.q, kinds=kinds)
+        # (decided on the host: asking the device tensor would make the host wait for the device)
+        point = to_device(batch.tokens.device, [int(c is not None) for c in chosen] + [0] * (rows - n))[0] != 0
         lengths = [m if c is not None else cap for c, m, cap in zip(chosen, fixed.lengths_list, batch.max_drafts_list)]
         return Drafts(torch.where(point.view(-1, 1), fixed.tokens, drafts.tokens),
                       torch.where(point, fixed.lengths, drafts.lengths), drafts.q, point=point, lengths_list=lengths,

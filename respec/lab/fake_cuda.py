@@ -22,6 +22,9 @@ Every host read of a CUDA tensor (`.tolist()`, `.item()`, `.cpu()`, `.to("cpu")`
 `copy_` into a host tensor) is counted (`FakeCuda.host_reads`; a `copy_(..., non_blocking=True)`
 into a host buffer apart, `FakeCuda.async_reads`): on a GPU each is a device-to-host copy the host waits for, so a count per
 step is the number of times a step stalls the host (respec.lab.host_overhead, tests/test_cuda_path.py).
+Every host-to-device copy is counted too (`FakeCuda.uploads`: host data made a CUDA tensor, a CPU
+tensor moved or copied to CUDA): on a GPU each is a copy the host issues, and from pageable memory
+one it waits for.
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ class FakeCuda:
     def __init__(self):
         self.host_reads = 0
         self.async_reads = 0
+        self.uploads = 0  # host-to-device copies: host data made a CUDA tensor, a CPU tensor moved or copied in
 
 
 class _HostMoves(TorchFunctionMode):
@@ -118,6 +122,7 @@ class _HostMoves(TorchFunctionMode):
             if device is not None and torch.device(device).type == "cuda":  # torch refuses even cuda -> cuda
                 if t.device.type == "cuda":
                     return t if dtype == t.dtype else func(t, dtype)
+                self.counts.uploads += 1
                 return torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=device,
                                            requires_grad=t.requires_grad)
             if device is not None and torch.device(device).type == "cpu" and t.device.type == "cuda":
@@ -129,7 +134,11 @@ class _HostMoves(TorchFunctionMode):
         if func is torch.Tensor.__setitem__ and args[0].device.type == "cuda":
             return _setitem(*args)
         if func is torch.Tensor.copy_ and args[0].device.type == "cuda":
+            self.counts.uploads += args[1].device.type != "cuda"
             return torch.ops.aten.copy_.default(*args, **kwargs)
+        if func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None \
+                and torch.device(kwargs["device"]).type == "cuda" and not isinstance(args[0], torch.Tensor):
+            self.counts.uploads += 1
         if func is torch.Tensor.copy_ and args[1].device.type == "cuda":  # a read into a host buffer
             if kwargs.get("non_blocking", args[2] if len(args) > 2 else False):
                 self.counts.async_reads += 1

@@ -13,14 +13,17 @@ where no GPU is needed, with the tiny model on the CPU:
   functions it runs: the rollout's wall time, less its prefills, less the time spent inside every
   function `engine.steps` hands out (the compiled decode and verify steps, the drafter's), over the
   rollout's decoding steps. Plain rollouts decode without a drafter; SD rollouts run the history
-  drafter with k = 3 on prompts that repeat, so most steps draft and verify. The figure is the
+  drafter with k = 3 on prompts that repeat, so most steps draft and verify (`--drafter eagle`: an
+  untrained EAGLE head, k = 3, every step drafting). The figure is the
   median of `--runs` rollouts, after every shape is compiled (`respec.profiling.warmup`) and one
   untimed rollout.
 * `syncs_per_step`: the host reads of device tensors per decoding step, counted on fake CUDA
   (respec/lab/fake_cuda.py) over the same rollouts at two lengths, so that the prefill's reads
   cancel: the larger of plain and SD; `blocking_syncs_per_step`, those the host waits for (a
   device-to-host copy of what the step just computed; the others are non-blocking copies into
-  pinned memory read a step later, respec/run_ahead.py).
+  pinned memory read a step later, respec/run_ahead.py); `plain_uploads_per_step` /
+  `sd_uploads_per_step`, the host-to-device copies per step (a step's inputs go in one,
+  respec/host_copy.py; a run of plain steps ahead of the host uploads once per run).
 
 Prints a table; `--json F` writes {"results": [{"rows", "plain_us", "sd_us", "syncs_per_step",
 "blocking_syncs_per_step", ...}]}. The rows stop at EOS (a token no prompt holds), as a rollout's do.
@@ -54,12 +57,31 @@ def prompts_for(rows: int, vocab: int, length: int = 40) -> list[list[int]]:
     return out
 
 
-def build_engine(model, rows: int, sd: bool, *, eager: bool, run_ahead: int = 32):
-    from respec.drafters.history import HistoryDrafter
+DRAFTERS = ("history", "eagle")
+
+
+def make_drafter(kind: str, model):
+    """The SD rollouts' drafter: the history drafter (k = 3 on prompts that repeat: most steps
+    draft), or an untrained EAGLE head over a 3,000-token draft vocabulary (its drafts are rarely
+    accepted, but every step drafts and verifies: what is measured is the host's part)."""
+    if kind == "history":
+        from respec.drafters.history import HistoryDrafter
+
+        return HistoryDrafter(min_match=1)
+    from models.eagle import EagleConfig, EagleHead
+
+    gen = torch.Generator().manual_seed(0)
+    head = EagleHead(EagleConfig.for_target(model.cfg, 3000)).to(next(model.parameters()).dtype).eval()
+    with torch.no_grad():
+        head.d2t.copy_(torch.randperm(model.cfg.vocab_size, generator=gen)[:3000])
+    return head.to(next(model.parameters()).device)
+
+
+def build_engine(model, rows: int, sd: bool, *, eager: bool, run_ahead: int = 32, drafter: str = "history"):
     from respec.engine import RolloutEngine
 
     return RolloutEngine(model, kv_cache_bytes=64 << 20, max_batch=max(rows, 1), eager=eager, eos_token_ids=[EOS],
-                         drafter=HistoryDrafter(min_match=1) if sd else None, num_draft_tokens=K if sd else 0,
+                         drafter=make_drafter(drafter, model) if sd else None, num_draft_tokens=K if sd else 0,
                          run_ahead=run_ahead)
 
 
@@ -92,11 +114,11 @@ def rollout(engine, prompts: list[list[int]], tokens: int):
     return engine.generate(prompts, params)
 
 
-def host_us(model, rows: int, sd: bool, tokens: int, runs: int, run_ahead: int) -> dict:
+def host_us(model, rows: int, sd: bool, tokens: int, runs: int, run_ahead: int, drafter: str = "history") -> dict:
     """Median host microseconds per decoding step of `runs` rollouts (after a compiling one)."""
     from respec.profiling import warmup
 
-    engine = build_engine(model, rows, sd, eager=False, run_ahead=run_ahead)
+    engine = build_engine(model, rows, sd, eager=False, run_ahead=run_ahead, drafter=drafter)
     prompts = prompts_for(rows, model.cfg.vocab_size)
     # every batch bucket a shrinking batch meets, plain and with k drafts; then a rollout untimed
     warmup(engine, [rows], ks=[0, K] if sd else [0], progress=False)
@@ -115,10 +137,11 @@ def host_us(model, rows: int, sd: bool, tokens: int, runs: int, run_ahead: int) 
     return {"us": statistics.median(per_step), "sd_share": statistics.median(sd_share)}
 
 
-def syncs_per_step(rows: int, sd: bool, short: int = 8, long: int = 40, run_ahead: int = 32) -> dict:
+def syncs_per_step(rows: int, sd: bool, short: int = 8, long: int = 40, run_ahead: int = 32,
+                   drafter: str = "history") -> dict:
     """Host reads of device tensors per decoding step, on fake CUDA (the tiny model, eager): all of
     them ("syncs") and those the host waits for ("blocking"; the others are non-blocking copies into
-    host buffers, read a step later: respec/run_ahead.py)."""
+    host buffers, read a step later: respec/run_ahead.py); and the host-to-device copies ("uploads")."""
     from models.loading import load_model
     from respec.lab.fake_cuda import fake_cuda
 
@@ -126,14 +149,15 @@ def syncs_per_step(rows: int, sd: bool, short: int = 8, long: int = 40, run_ahea
     with fake_cuda() as counts:
         model = load_model("tiny", device="cuda", dtype=torch.bfloat16)
         for tokens in (short, long):
-            engine = build_engine(model, rows, sd, eager=True, run_ahead=run_ahead)
-            before = counts.host_reads, counts.async_reads
+            engine = build_engine(model, rows, sd, eager=True, run_ahead=run_ahead, drafter=drafter)
+            before = counts.host_reads, counts.async_reads, counts.uploads
             out = rollout(engine, prompts_for(rows, model.cfg.vocab_size), tokens)
             reads[tokens] = (counts.host_reads - before[0], counts.async_reads - before[1],
-                             out.stats.decode_steps + out.stats.sd_steps)
+                             out.stats.decode_steps + out.stats.sd_steps, counts.uploads - before[2])
     steps = reads[long][2] - reads[short][2]
     blocking = (reads[long][0] - reads[short][0]) / steps
-    return {"syncs": blocking + (reads[long][1] - reads[short][1]) / steps, "blocking": blocking}
+    return {"syncs": blocking + (reads[long][1] - reads[short][1]) / steps, "blocking": blocking,
+            "uploads": (reads[long][3] - reads[short][3]) / steps}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=positive_int, default=3, help="timed rollouts per figure (median)")
     ap.add_argument("--run-ahead", type=non_negative_int, default=32,
                     help="the engine's --run-ahead (0: plain steps one by one, the loop before respec/run_ahead.py)")
+    ap.add_argument("--drafter", choices=DRAFTERS, default="history",
+                    help="the SD rollouts' drafter (eagle: an untrained head, for the host's part of its steps)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args(argv)
     if args.json is not None and args.json.exists():
@@ -157,22 +183,27 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model("tiny", dtype=torch.float32)
     results = []
     print(f"{'rows':>5} {'plain us/step':>14} {'sd us/step':>11} {'sd steps':>9} "
-          f"{'syncs/step: plain':>18} {'(blocking)':>10} {'SD':>6}")
+          f"{'syncs/step: plain':>18} {'(blocking)':>10} {'SD':>6} {'uploads/step: plain':>20} {'SD':>6}")
     for rows in args.rows:
-        plain, sd = (host_us(model, rows, s, args.tokens, args.runs, args.run_ahead) for s in (False, True))
-        plain_syncs, sd_syncs = (syncs_per_step(rows, s, run_ahead=args.run_ahead) for s in (False, True))
+        plain, sd = (host_us(model, rows, s, args.tokens, args.runs, args.run_ahead, args.drafter) for s in (False, True))
+        plain_syncs, sd_syncs = (syncs_per_step(rows, s, run_ahead=args.run_ahead, drafter=args.drafter)
+                                 for s in (False, True))
         r = {"rows": rows, "plain_us": round(plain["us"], 1), "sd_us": round(sd["us"], 1),
              "syncs_per_step": round(max(plain_syncs["syncs"], sd_syncs["syncs"]), 3),
              "blocking_syncs_per_step": round(max(plain_syncs["blocking"], sd_syncs["blocking"]), 3),
              "plain_syncs_per_step": round(plain_syncs["syncs"], 3),
              "plain_blocking_per_step": round(plain_syncs["blocking"], 3),
-             "sd_syncs_per_step": round(sd_syncs["syncs"], 3), "sd_step_share": round(sd["sd_share"], 3)}
+             "sd_syncs_per_step": round(sd_syncs["syncs"], 3), "sd_step_share": round(sd["sd_share"], 3),
+             "plain_uploads_per_step": round(plain_syncs["uploads"], 3),
+             "sd_uploads_per_step": round(sd_syncs["uploads"], 3)}
         results.append(r)
         print(f"{rows:>5} {r['plain_us']:>14.1f} {r['sd_us']:>11.1f} {r['sd_step_share']:>9.0%} "
-              f"{r['plain_syncs_per_step']:>18.2f} {r['plain_blocking_per_step']:>10.2f} {r['sd_syncs_per_step']:>6.2f}")
+              f"{r['plain_syncs_per_step']:>18.2f} {r['plain_blocking_per_step']:>10.2f} {r['sd_syncs_per_step']:>6.2f}"
+              f" {r['plain_uploads_per_step']:>20.2f} {r['sd_uploads_per_step']:>6.2f}")
     if args.json is not None:
         report = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                   "tokens": args.tokens, "runs": args.runs, "k": K, "run_ahead": args.run_ahead, "model": "tiny",
+                  "drafter": args.drafter,
                   "dtype": "fp32",
                   "results": results}
         args.json.write_text(json.dumps(report, indent=1) + "\n")
