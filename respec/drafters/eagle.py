@@ -17,6 +17,7 @@ import torch
 
 from models.eagle import EagleHead, call_head, check_eagle_fits
 from respec.drafters import DraftBatch, Drafter, Drafts
+from respec.host_copy import to_device
 from respec.paged_attention import PagedKV
 from respec.sampling import sample, sampling_logprobs
 from respec.speculative import draft_stream
@@ -49,7 +50,7 @@ def eagle_draft(head, target, head_pools, pend_taps, pend_tokens, pend_pos, pend
     first consumes them (rewriting the slots it filled with its own features while drafting last
     time), then drafts k tokens feeding its own output features back. Its cache slots past a row's
     `lengths` (B,) are not written. `coupled`: draw with the target's own noise (the match rule,
-    respec/speculative.py). Returns (drafts (B, k), q (B, k, V))."""
+    respec/speculative.py). Returns (drafts (B, k), q (B, k, V); None when coupled, which ignores it)."""
     B = positions.shape[0]
     embed = target.embed_tokens
     kv = PagedKV.build(head_pools, block_tables, pend_pos, head.n_rep, valid=pend_valid)
@@ -62,13 +63,14 @@ def eagle_draft(head, target, head_pools, pend_taps, pend_tokens, pend_pos, pend
                             use_filter=use_filter,
                             coupled=coupled)
         drafts.append(d_i)
-        q.append(q_i)
+        if not coupled:  # (the match rule never reads q: k full-vocabulary rows a draft not kept)
+            q.append(q_i)
         if i < k - 1:  # the head's own feature for draft i, at its position (kept only where it is needed)
             needed = (i + 1 < lengths).view(B, 1)
             pos = torch.where(needed, (positions + 1 + i).view(B, 1), positions.view(B, 1))
             kv = PagedKV.build(head_pools, block_tables, pos, head.n_rep, valid=needed)
             g = run_head(head, g, d_i.view(B, 1), pos, embed, kv.layer(0))
-    return torch.stack(drafts, dim=1), torch.stack(q, dim=1)
+    return torch.stack(drafts, dim=1), torch.stack(q, dim=1) if q else None
 
 
 class EagleDrafter(Drafter):
@@ -86,8 +88,8 @@ class EagleDrafter(Drafter):
         t = head.cfg.target
         self.pool_shape = (1, t.num_kv_heads, t.head_dim)
         # seq id -> its pending pairs, in chunks of (features (m, 3d), tokens (m,)): a plain step appends
-        # one, and they are joined only when read (`_pairs`), so a row that stays off SD for hundreds
-        # of steps costs a step one append, not a copy of everything pending
+        # one, and they are joined only when read (`_laid_out`, all rows at once), so a row that stays
+        # off SD for hundreds of steps costs a step one append, not a copy of everything pending
         self.pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.pending_start: dict[int, int] = {}  # seq id -> position of the first pending token
         self.consumed: set[int] = set()  # seq ids whose pending pairs the last draft consumed
@@ -115,32 +117,31 @@ class EagleDrafter(Drafter):
         for i, s in enumerate(seqs):
             self.pending[s.id].append((taps[i: i + 1], next_tokens[i: i + 1]))
 
-    def _pairs(self, sid: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A row's pending pairs as one (features, tokens): its chunks joined once, where read."""
-        chunks = self.pending[sid]
-        if len(chunks) > 1:
-            chunks[:] = [(torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]))]
-        return chunks[0]
-
     def _count(self, sid: int) -> int:
         return sum(c[0].shape[0] for c in self.pending[sid])
 
-    def _padded(self, s, width: int) -> tuple:
-        """A sequence's pending pairs as (features, tokens, positions, valid), right-padded to `width`
-        (None: a padding row, one zero pair at position 0). Padding sits at the row's first pending
-        position and is not written (valid False), so no lookup goes past the row's block table."""
-        dev = self.view.device
-        if s is None:
-            taps = torch.zeros(1, self.module.fc.in_features, dtype=self.view.dtype, device=dev)
-            tokens, start = torch.zeros(1, dtype=torch.int64, device=dev), 0
-        else:
-            (taps, tokens), start = self._pairs(s.id), self.pending_start[s.id]
-        m = taps.shape[0]
-        taps = torch.cat([taps, taps.new_zeros(width - m, taps.shape[-1])])
-        tokens = torch.cat([tokens, tokens.new_zeros(width - m)])
-        valid = torch.arange(width, device=dev) < m
-        positions = torch.where(valid, start + torch.arange(width, device=dev), start)
-        return taps, tokens, positions, valid
+    def _laid_out(self, rows: list[tuple[list, int]], batch: int, width: int) -> tuple:
+        """Rows' pairs as (features (batch, width, 3d), tokens, positions, valid (batch, width)),
+        right-padded to `width`; `rows`: each real row's chunks of pairs and the position of its
+        first, then `batch - len(rows)` padding rows (one zero pair at position 0). Padding sits at
+        the row's first pending position and is not written (valid False), so no lookup goes past
+        the row's block table. All rows at once: one concatenation of the chunks and one scatter
+        into place (`index_copy_`), the layout sent in one copy (on a GPU a row-by-row build was
+        a few kernels a row)."""
+        dev, at, positions, valid, chunks = self.view.device, [], [], [], []
+        for i, (pairs, start) in enumerate(rows):
+            m = sum(c[0].shape[0] for c in pairs)
+            chunks += pairs
+            at += range(i * width, i * width + m)
+            positions.append([start + j if j < m else start for j in range(width)])
+            valid.append([1] * m + [0] * (width - m))
+        positions += [[0] * width] * (batch - len(rows))
+        valid += [[1] + [0] * (width - 1)] * (batch - len(rows))
+        index, positions, valid = to_device(dev, at, positions, valid)
+        features = torch.cat([c[0] for c in chunks])
+        taps = features.new_zeros(batch * width, features.shape[-1]).index_copy_(0, index, features)
+        tokens = torch.zeros(batch * width, dtype=torch.int64, device=dev).index_copy_(0, index, torch.cat([c[1] for c in chunks]))
+        return taps.view(batch, width, -1), tokens.view(batch, width), positions, valid != 0
 
     def catch_up(self, seqs, k: int) -> None:
         """Consume all but the newest pending pair (the SD step consumes that) of the rows with more
@@ -148,22 +149,23 @@ class EagleDrafter(Drafter):
         behind = [s for s in seqs if self._count(s.id) > k + 1]
         if not behind:
             return
-        width = max(self._count(s.id) for s in behind) - 1
         rows = []
         for s in behind:  # the row's pairs but its newest
-            t, tok = self._pairs(s.id)
-            m = t.shape[0]
-            self.pending[s.id] = [(t[:m - 1], tok[:m - 1])]
-            rows.append(self._padded(s, width))
-            self.pending[s.id], self.pending_start[s.id] = [(t[m - 1:], tok[m - 1:])], self.pending_start[s.id] + m - 1
-        taps, tokens, positions, valid = (torch.stack(x) for x in zip(*rows))
+            chunks, start = self.pending[s.id], self.pending_start[s.id]
+            last_t, last_tok = chunks[-1]
+            older = chunks[:-1] + ([(last_t[:-1], last_tok[:-1])] if last_t.shape[0] > 1 else [])
+            rows.append((older, start))
+            self.pending[s.id] = [(last_t[-1:], last_tok[-1:])]
+            self.pending_start[s.id] = start + sum(c[0].shape[0] for c in older)
+        width = max(sum(c[0].shape[0] for c in pairs) for pairs, _ in rows)
+        taps, tokens, positions, valid = self._laid_out(rows, len(rows), width)
         kv = PagedKV.build(self.view.draft_pools, self.view.tables(behind), positions, self.runner.n_rep, valid=valid)
         self.runner(self.runner.project(taps), tokens, positions, self.view.target.embed_tokens, kv.layer(0))
 
     def draft(self, batch: DraftBatch) -> Drafts:
-        k, pad = batch.k, batch.tokens.shape[0] - len(batch.seqs)
-        pend = [self._padded(s, k + 1) for s in batch.seqs] + [self._padded(None, k + 1)] * pad
-        pend_taps, pend_tokens, pend_pos, pend_valid = (torch.stack(t) for t in zip(*pend))
+        k = batch.k
+        pend_taps, pend_tokens, pend_pos, pend_valid = self._laid_out(
+            [(self.pending[s.id], self.pending_start[s.id]) for s in batch.seqs], batch.tokens.shape[0], k + 1)
         step = self.view.steps.get(eagle_draft, k=k, use_filter=batch.use_filter, coupled=batch.coupled)
         sampling = batch.sampling  # the head drafts at the rollout temperature times its own factor
         if self.draft_temperature != 1:
