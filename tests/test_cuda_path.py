@@ -440,11 +440,13 @@ def test_a_decoding_step_sends_its_inputs_in_one_copy():
     """On a GPU each host-to-device copy from pageable memory is a copy the host issues and waits
     for. Counted on fake CUDA (two rollout lengths, so the prefill's copies cancel): an SD step
     (history drafter, k = 3, 4 rows) sends its inputs (tokens, positions, block tables, draft caps)
-    in one copy and the drafts in one more (respec/host_copy.py: they were six); a plain step one
-    (plain steps run ahead of the host send theirs once per run)."""
+    in one copy and the drafts in one more (respec/host_copy.py: they were six), and so does one
+    with an EAGLE head (the layout of its rows' pending pairs sent in one copy, the drafts on the device); a
+    plain step one (plain steps run ahead of the host send theirs once per run)."""
     from respec.lab.host_overhead import syncs_per_step
 
     assert syncs_per_step(4, True)["uploads"] == 2.0
+    assert syncs_per_step(4, True, drafter="eagle") == {"syncs": 1.0, "blocking": 1.0, "uploads": 2.0}
     assert syncs_per_step(4, False, run_ahead=0)["uploads"] == 1.0
     assert syncs_per_step(4, False)["uploads"] < 1.0
 
