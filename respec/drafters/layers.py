@@ -28,7 +28,7 @@ def layer_draft(drafter, draft_pools, prev_tokens, tokens, positions, block_tabl
     tokens (B,): each row's newest token at `positions` (B,); prev_tokens (B,): the token before it.
     The first forward covers (previous, newest), the rest one token each; cache slots past a row's
     `lengths` (B,) are not written. `coupled`: draw with the target's own noise (the match rule,
-    respec/speculative.py). Returns (drafts (B, k), q (B, k, V))."""
+    respec/speculative.py). Returns (drafts (B, k), q (B, k, V); None when coupled, which ignores it)."""
     B = tokens.shape[0]
     n_rep = drafter.cfg.n_rep
     inp = torch.stack([prev_tokens, tokens], dim=1)
@@ -44,10 +44,11 @@ def layer_draft(drafter, draft_pools, prev_tokens, tokens, positions, block_tabl
                             use_filter=use_filter,
                             coupled=coupled)
         drafts.append(d_i)
-        q.append(q_i)
+        if not coupled:  # (the match rule never reads q: k full-vocabulary rows a draft not kept)
+            q.append(q_i)
         valid = (i + 1 < lengths).view(B, 1)  # draft i's slot is needed only to draft i+1
         inp, pos = d_i.view(B, 1), torch.where(valid, (positions + 1 + i).view(B, 1), positions.view(B, 1))
-    return torch.stack(drafts, dim=1), torch.stack(q, dim=1)
+    return torch.stack(drafts, dim=1), torch.stack(q, dim=1) if q else None
 
 
 class LayerDrafter(Drafter):
