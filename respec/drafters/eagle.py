@@ -117,8 +117,10 @@ class EagleDrafter(Drafter):
         for i, s in enumerate(seqs):
             self.pending[s.id].append((taps[i: i + 1], next_tokens[i: i + 1]))
 
-    def _count(self, sid: int) -> int:
-        return sum(c[0].shape[0] for c in self.pending[sid])
+    @staticmethod
+    def _count(chunks: list) -> int:
+        """Pairs in a row's chunks."""
+        return sum(c[0].shape[0] for c in chunks)
 
     def _laid_out(self, rows: list[tuple[list, int]], batch: int, width: int) -> tuple:
         """Rows' pairs as (features (batch, width, 3d), tokens, positions, valid (batch, width)),
@@ -130,7 +132,7 @@ class EagleDrafter(Drafter):
         a few kernels a row)."""
         dev, at, positions, valid, chunks = self.view.device, [], [], [], []
         for i, (pairs, start) in enumerate(rows):
-            m = sum(c[0].shape[0] for c in pairs)
+            m = self._count(pairs)
             chunks += pairs
             at += range(i * width, i * width + m)
             positions.append([start + j if j < m else start for j in range(width)])
@@ -138,15 +140,15 @@ class EagleDrafter(Drafter):
         positions += [[0] * width] * (batch - len(rows))
         valid += [[1] + [0] * (width - 1)] * (batch - len(rows))
         index, positions, valid = to_device(dev, at, positions, valid)
-        features = torch.cat([c[0] for c in chunks])
+        features, tokens = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
         taps = features.new_zeros(batch * width, features.shape[-1]).index_copy_(0, index, features)
-        tokens = torch.zeros(batch * width, dtype=torch.int64, device=dev).index_copy_(0, index, torch.cat([c[1] for c in chunks]))
+        tokens = tokens.new_zeros(batch * width).index_copy_(0, index, tokens)
         return taps.view(batch, width, -1), tokens.view(batch, width), positions, valid != 0
 
     def catch_up(self, seqs, k: int) -> None:
         """Consume all but the newest pending pair (the SD step consumes that) of the rows with more
         than k+1 pending (SD was off for a while): one eager, right-padded forward."""
-        behind = [s for s in seqs if self._count(s.id) > k + 1]
+        behind = [s for s in seqs if self._count(self.pending[s.id]) > k + 1]
         if not behind:
             return
         rows = []
@@ -156,8 +158,8 @@ class EagleDrafter(Drafter):
             older = chunks[:-1] + ([(last_t[:-1], last_tok[:-1])] if last_t.shape[0] > 1 else [])
             rows.append((older, start))
             self.pending[s.id] = [(last_t[-1:], last_tok[-1:])]
-            self.pending_start[s.id] = start + sum(c[0].shape[0] for c in older)
-        width = max(sum(c[0].shape[0] for c in pairs) for pairs, _ in rows)
+            self.pending_start[s.id] = start + self._count(older)
+        width = max(self._count(pairs) for pairs, _ in rows)
         taps, tokens, positions, valid = self._laid_out(rows, len(rows), width)
         kv = PagedKV.build(self.view.draft_pools, self.view.tables(behind), positions, self.runner.n_rep, valid=valid)
         self.runner(self.runner.project(taps), tokens, positions, self.view.target.embed_tokens, kv.layer(0))

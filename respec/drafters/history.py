@@ -36,6 +36,19 @@ def _place(doc: int, end: int) -> int:
     return doc << 32 | end
 
 
+def _unplace(place: int) -> tuple[int, int]:
+    """(document, end) of a packed place."""
+    return place >> 32, place & 0xFFFFFFFF
+
+
+def _key(tokens: list[int]) -> int:
+    """A few tokens (at most 3: the 1-, 2- and 3-gram maps) packed into one int, as `extend` writes them."""
+    key = 0
+    for t in tokens:
+        key = key << 32 | t
+    return key
+
+
 class SuffixIndex:
     """Where the suffixes of a prompt's documents occurred with a continuation. Documents are token
     lists that only grow; every document starts with the same `shared` tokens (the prompt).
@@ -114,8 +127,12 @@ class SuffixIndex:
         return out, first
 
     def _after(self, place: int, limit: int) -> list[int]:
-        end = place & 0xFFFFFFFF
-        return self.docs[place >> 32][end: end + limit]
+        doc, end = _unplace(place)
+        return self.docs[doc][end: end + limit]
+
+    def _before(self, place: int, n: int) -> list[int]:
+        doc, end = _unplace(place)
+        return self.docs[doc][end - n: end]
 
     def _continuation(self, tokens: list[int], min_n: int, limit: int) -> tuple[list[int], int]:
         """What followed the longest match of a suffix of `tokens` (at most max_n of them)."""
@@ -125,12 +142,12 @@ class SuffixIndex:
             if place is not None:
                 return self._after(place, limit), self.max_n
         if L >= 3:
-            seen = self.places.get(tokens[-3] << 64 | tokens[-2] << 32 | tokens[-1])
+            seen = self.places.get(_key(tokens[-3:]))
             if seen is not None:  # (no match is max_n long now)
                 best, best_n, most, docs = 0, 0, min(self.max_n - 1, L), self.docs
                 for i in range(len(seen) - 1, max(len(seen) - self.scan, 0) - 1, -1):
                     place = seen[i]
-                    text, end, n = docs[place >> 32], place & 0xFFFFFFFF, 3
+                    text, end, n = docs[place >> 32], place & 0xFFFFFFFF, 3  # (`_unplace`, inline in the scan)
                     while n < most and n < end and text[end - 1 - n] == tokens[L - 1 - n]:
                         n += 1
                     if n > best_n:
@@ -141,7 +158,7 @@ class SuffixIndex:
                     return self._after(best, limit), best_n
                 return [], 0  # (a 3-token match was the longest, and it is too short)
         if L >= 2 and min_n <= 2:
-            place = self.pair.get(tokens[-2] << 32 | tokens[-1])
+            place = self.pair.get(_key(tokens[-2:]))
             if place is not None:
                 return self._after(place, limit), 2
         if L >= 1 and min_n <= 1:
@@ -167,22 +184,16 @@ class SuffixIndex:
         single.frombytes(saved["single"])
         pair.frombytes(saved["pair"])
         places.frombytes(saved["places"])
-        text = lambda place: self.docs[place >> 32]  # noqa: E731
         for place in full:
-            end = place & 0xFFFFFFFF
-            self.full[tuple(text(place)[end - self.max_n: end])] = place
+            self.full[tuple(self._before(place, self.max_n))] = place
         for place in single:
-            end = place & 0xFFFFFFFF
-            self.single[text(place)[end - 1]] = place
+            self.single[_key(self._before(place, 1))] = place
         for place in pair:
-            end = place & 0xFFFFFFFF
-            t = text(place)
-            self.pair[t[end - 2] << 32 | t[end - 1]] = place
+            self.pair[_key(self._before(place, 2))] = place
         i = 0
-        while i < len(places):
-            n, first = places[i], places[i + 1]
-            end, t = first & 0xFFFFFFFF, text(first)
-            self.places[t[end - 3] << 64 | t[end - 2] << 32 | t[end - 1]] = places[i + 1: i + 1 + n]
+        while i < len(places):  # each 3-gram's count, then its places
+            n = places[i]
+            self.places[_key(self._before(places[i + 1], 3))] = places[i + 1: i + 1 + n]
             i += 1 + n
 
 
