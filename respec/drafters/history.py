@@ -207,7 +207,9 @@ class HistoryDrafter(Drafter):
         self.max_prompts = max_prompts  # prompts kept (least recently used dropped first)
         self.index: OrderedDict[tuple[int, ...], SuffixIndex] = OrderedDict()  # prompt -> its documents
         self.past: dict[tuple[int, ...], list[int]] = {}  # prompt -> finished documents, oldest first
-        self.doc: dict[int, tuple[tuple[int, ...], int]] = {}  # live seq id -> (prompt, document)
+        # live seq id -> (prompt, document, the prompt's index): a step finds a row's index without
+        # building and hashing its prompt again (a tuple of a hundred tokens, twice a row a step)
+        self.doc: dict[int, tuple[tuple[int, ...], int, SuffixIndex]] = {}
         self.crowded: set[tuple[int, ...]] = set()  # prompts due for a rebuild (too many evicted documents)
         self.next_doc = 0
 
@@ -228,19 +230,25 @@ class HistoryDrafter(Drafter):
             if key in self.index:
                 past = self.past[key]
                 del past[: len(past) - self.window]
-                live = [d for p, d in self.doc.values() if p == key]
+                live = [d for p, d, _ in self.doc.values() if p == key]
                 self.index[key].keep_only(sorted(past + live))
         self.crowded.clear()
+        touched = set()  # the prompts marked as used this step (once each, not once a row)
         for s in seqs:
-            index = self._index_of(s)
-            if s.id not in self.doc:
-                self.doc[s.id] = (tuple(s.prompt), self.next_doc)
+            live = self.doc.get(s.id)
+            if live is None:
+                live = self.doc[s.id] = (tuple(s.prompt), self.next_doc, self._index_of(s))
                 self.next_doc += 1
-            index.extend(self.doc[s.id][1], s.tokens)
+            key, doc, index = live
+            if id(index) not in touched:
+                touched.add(id(index))
+                self.index.move_to_end(key)
+            index.extend(doc, s.tokens)
 
     def proposals(self, batch: DraftBatch) -> list[tuple[list[int], int]]:
         """Each real row's (proposal, length of the suffix it matched)."""
-        return [self.index[tuple(s.prompt)].propose(self.doc[s.id][1], self.min_match, cap) if cap else ([], 0)
+        doc = self.doc
+        return [doc[s.id][2].propose(doc[s.id][1], self.min_match, cap) if cap else ([], 0)
                 for s, cap in zip(batch.seqs, batch.max_drafts_list)]
 
     def offers(self, batch: DraftBatch, min_match: int) -> list[list[int]]:
@@ -261,7 +269,7 @@ class HistoryDrafter(Drafter):
         rows finishing together costs one rebuild)."""
         if seq.id not in self.doc:
             return
-        key, doc = self.doc.pop(seq.id)
+        key, doc, _ = self.doc.pop(seq.id)
         if key in self.past:
             self.past[key].append(doc)
             if len(self.past[key]) >= 2 * self.window:
