@@ -285,6 +285,50 @@ def test_sd_turns_on_after_plain_steps_run_ahead(tiny, kind):
     assert len({t for d in drafts for row in d for t in row}) >= 3  # (drafts that say something)
 
 
+@pytest.mark.parametrize("compacted", [False, True])
+def test_eagle_drafts_are_the_heads_prediction_from_the_whole_text(tiny, monkeypatch, compacted):
+    """Each SD step's first draft is what the head predicts after one causal pass over the row's
+    whole text (the pairs of the target's feature before each token and the token: `ttt_layer` with
+    one step, over a forward of the target on the text), whatever mix of prefill, plain steps (run
+    ahead and one by one) and verifies fed its pending pairs; with the pair log compacted as often
+    as it can be (`PairLog.MIN_ROWS` = 1) and never. The tokens are plain decoding's whatever the
+    drafts, so only the drafts show a pair out of place."""
+    from respec.distill import ttt_layer
+    from respec.drafters import eagle
+
+    monkeypatch.setattr(eagle.PairLog, "MIN_ROWS", 1 if compacted else 1 << 40)
+    compactions = []
+    compact = eagle.PairLog.compact
+    monkeypatch.setattr(eagle.PairLog, "compact", lambda log, spans: compactions.append(1) or compact(log, spans))
+    head = head_for(tiny, 3000)
+    engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, block_size=4, eager=True, drafter=head, num_draft_tokens=3,
+                           policy=RunsThenSpeculates([0, 3, 0, 0, 3, 3, 0, 2, 3]), run_ahead=3)
+    seen, draft = [], engine.drafter.draft
+
+    def recorded(batch):
+        out = draft(batch)
+        seen.extend((list(s.tokens), d) for s, d, cap in zip(batch.seqs, out.tokens[:, 0].tolist(),
+                                                              batch.max_drafts_list) if cap)
+        return out
+    engine.drafter.draft = recorded
+    engine.generate(PROMPTS, greedy(24))
+    assert engine.stats.ahead_steps > 0 and engine.stats.sd_steps >= 5
+    assert bool(compactions) == compacted
+    checked = 0
+    with torch.no_grad():
+        for text, got in seen:
+            ids = torch.tensor([text])
+            taps = torch.cat(tiny(ids, hidden_layers=head.cfg.feature_layers)[1], dim=-1)
+            shifted = torch.cat([taps.new_zeros(1, 1, taps.shape[-1]), taps[:, :-1]], dim=1)
+            logits = head.draft_logits(ttt_layer(head, head.project(shifted), ids, tiny.embed_tokens, 1)[0][0, -1])
+            top = logits.topk(2).values
+            if top[0] - top[1] < 1e-4:  # a near tie: the engine's rounding may pick either
+                continue
+            assert got == head.d2t[logits.argmax()].item()
+            checked += 1
+    assert len(seen) >= 20 and checked >= 0.9 * len(seen)
+
+
 def test_a_row_near_its_context_end_does_not_turn_sd_off_for_the_batch():
     cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=512, max_position_embeddings=48)
     model = random_model(cfg, seed=2)

@@ -73,6 +73,61 @@ def eagle_draft(head, target, head_pools, pend_taps, pend_tokens, pend_pos, pend
     return torch.stack(drafts, dim=1), torch.stack(q, dim=1) if q else None
 
 
+class PairLog:
+    """Every row's pending pairs in one pair of device tensors, features (N, 3d) and tokens (N,),
+    appended a step at a time: one copy a step whatever its rows, where slicing each row's pairs out
+    of the step's outputs was two tensor ops a row. A row holds spans (start, count) of it. Spans
+    no row holds any more are reclaimed by `compact` once the log has grown past several times what
+    the rows hold."""
+
+    MIN_ROWS = 4096  # no compaction below this many pairs (a few MB)
+
+    def __init__(self):
+        self.features: torch.Tensor | None = None
+        self.tokens: torch.Tensor | None = None
+        self.size = 0
+        self.check_at = self.MIN_ROWS  # the size at which to count what the rows hold
+
+    def append(self, features: torch.Tensor, tokens: torch.Tensor) -> int:
+        """features (m, 3d) and tokens (m,) at the end; returns where they start."""
+        m = features.shape[0]
+        if self.features is None or self.size + m > self.features.shape[0]:
+            grown = 2 * (self.size + m) if self.features is not None else max(2 * m, 256)
+            self._resize(grown, features, tokens)
+        self.features[self.size: self.size + m] = features
+        self.tokens[self.size: self.size + m] = tokens
+        self.size += m
+        return self.size - m
+
+    def _resize(self, rows: int, like_f: torch.Tensor, like_t: torch.Tensor) -> None:
+        features, tokens = like_f.new_empty(rows, like_f.shape[-1]), like_t.new_empty(rows)
+        if self.size:
+            features[: self.size] = self.features[: self.size]
+            tokens[: self.size] = self.tokens[: self.size]
+        self.features, self.tokens = features, tokens
+
+    def compact(self, spans: list[list[tuple[int, int]]]) -> list[list[tuple[int, int]]]:
+        """The log holding only `spans` (each row's list of (start, count)), in their order; returns
+        the spans' new places."""
+        take, moved, at = [], [], 0
+        for row in spans:
+            new = []
+            for start, count in row:
+                take += range(start, start + count)
+                new.append((at, count))
+                at += count
+            moved.append(new)
+        index = to_device(self.features.device, take)[0]
+        self.features, self.tokens = self.features.index_select(0, index), self.tokens.index_select(0, index)
+        self.size = at
+        self.check_at = max(self.MIN_ROWS, 4 * at)
+        return moved
+
+    def clear(self) -> None:
+        self.features = self.tokens = None
+        self.size, self.check_at = 0, self.MIN_ROWS
+
+
 class EagleDrafter(Drafter):
     """The EAGLE-style head as a drafter. `draft_temperature` tau: the head drafts from its
     distribution at the row's temperature times tau (tau < 1 sharpens it; greedy rows stay greedy).
@@ -87,10 +142,11 @@ class EagleDrafter(Drafter):
         self.feature_layers = tuple(head.cfg.feature_layers)
         t = head.cfg.target
         self.pool_shape = (1, t.num_kv_heads, t.head_dim)
-        # seq id -> its pending pairs, in chunks of (features (m, 3d), tokens (m,)): a plain step appends
-        # one, and they are joined only when read (`_laid_out`, all rows at once), so a row that stays
-        # off SD for hundreds of steps costs a step one append, not a copy of everything pending
-        self.pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        # seq id -> its pending pairs, as spans (start, count) of `log`: a plain step appends one,
+        # and they are gathered only when read (`_laid_out`, all rows at once), so a row that stays
+        # off SD for hundreds of steps costs a step one tuple, not a copy of everything pending
+        self.log = PairLog()
+        self.pending: dict[int, list[tuple[int, int]]] = {}
         self.pending_start: dict[int, int] = {}  # seq id -> position of the first pending token
         self.consumed: set[int] = set()  # seq ids whose pending pairs the last draft consumed
 
@@ -107,42 +163,54 @@ class EagleDrafter(Drafter):
         shifted = torch.cat([taps.new_zeros(B, 1, taps.shape[-1]), taps[:, :-1]], dim=1)
         kv = PagedKV.build(self.view.draft_pools, block_tables, positions, head.n_rep, valid=valid)
         head(head.project(shifted), tokens, positions, self.view.target.embed_tokens, kv.layer(0))
+        last = valid.long().sum(1) - 1  # (B,) each row's last prompt position
+        at = self.log.append(taps[torch.arange(B, device=taps.device), last], first_tokens[:B])
         for i, s in enumerate(seqs):
-            L = len(s.tokens)
-            self.pending[s.id], self.pending_start[s.id] = [(taps[i, L - 1: L], first_tokens[i: i + 1])], L
+            self.pending[s.id], self.pending_start[s.id] = [(at + i, 1)], len(s.tokens)
 
     def on_decode(self, seqs, taps, next_tokens) -> None:
         """The head will need (feature of the input token, the token sampled after it)."""
-        taps, next_tokens = taps[: len(seqs)].clone(), next_tokens[: len(seqs)].clone()  # (the step's outputs are reused)
+        at = self.log.append(taps[: len(seqs)], next_tokens[: len(seqs)])
         for i, s in enumerate(seqs):
-            self.pending[s.id].append((taps[i: i + 1], next_tokens[i: i + 1]))
+            self.pending[s.id].append((at + i, 1))
+        self._reclaim()
+
+    def _reclaim(self) -> None:
+        """Compact the log once it has grown past what the rows hold several times over."""
+        if self.log.size >= self.log.check_at:
+            ids = list(self.pending)
+            for i, spans in zip(ids, self.log.compact([self.pending[i] for i in ids])):
+                self.pending[i] = spans
 
     @staticmethod
-    def _count(chunks: list) -> int:
-        """Pairs in a row's chunks."""
-        return sum(c[0].shape[0] for c in chunks)
+    def _count(spans: list) -> int:
+        """Pairs in a row's spans."""
+        return sum(count for _, count in spans)
 
     def _laid_out(self, rows: list[tuple[list, int]], batch: int, width: int) -> tuple:
         """Rows' pairs as (features (batch, width, 3d), tokens, positions, valid (batch, width)),
-        right-padded to `width`; `rows`: each real row's chunks of pairs and the position of its
-        first, then `batch - len(rows)` padding rows (one zero pair at position 0). Padding sits at
-        the row's first pending position and is not written (valid False), so no lookup goes past
-        the row's block table. All rows at once: one concatenation of the chunks and one scatter
-        into place (`index_copy_`), the layout sent in one copy (on a GPU a row-by-row build was
-        a few kernels a row)."""
-        dev, at, positions, valid, chunks = self.view.device, [], [], [], []
-        for i, (pairs, start) in enumerate(rows):
-            m = self._count(pairs)
-            chunks += pairs
+        right-padded to `width`; `rows`: each real row's spans of the log and the position of its
+        first pair, then `batch - len(rows)` padding rows (one zero pair at position 0). Padding sits
+        at the row's first pending position and is not written (valid False), so no lookup goes past
+        the row's block table. All rows at once: the host lists where each pair is in the log and
+        where it goes, sent in one copy; the device gathers the pairs and scatters them into place
+        (`index_select`, `index_copy_`), a few kernels a step whatever the rows."""
+        take, at, positions, valid = [], [], [], []
+        for i, (spans, start) in enumerate(rows):
+            m = 0
+            for first, count in spans:
+                take += range(first, first + count)
+                m += count
             at += range(i * width, i * width + m)
             positions.append([start + j if j < m else start for j in range(width)])
             valid.append([1] * m + [0] * (width - m))
         positions += [[0] * width] * (batch - len(rows))
         valid += [[1] + [0] * (width - 1)] * (batch - len(rows))
-        index, positions, valid = to_device(dev, at, positions, valid)
-        features, tokens = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
-        taps = features.new_zeros(batch * width, features.shape[-1]).index_copy_(0, index, features)
-        tokens = tokens.new_zeros(batch * width).index_copy_(0, index, tokens)
+        take, at, positions, valid = to_device(self.view.device, take, at, positions, valid)
+        log = self.log
+        taps = log.features.new_zeros(batch * width, log.features.shape[-1]).index_copy_(
+            0, at, log.features.index_select(0, take))
+        tokens = log.tokens.new_zeros(batch * width).index_copy_(0, at, log.tokens.index_select(0, take))
         return taps.view(batch, width, -1), tokens.view(batch, width), positions, valid != 0
 
     def catch_up(self, seqs, k: int) -> None:
@@ -153,11 +221,11 @@ class EagleDrafter(Drafter):
             return
         rows = []
         for s in behind:  # the row's pairs but its newest
-            chunks, start = self.pending[s.id], self.pending_start[s.id]
-            last_t, last_tok = chunks[-1]
-            older = chunks[:-1] + ([(last_t[:-1], last_tok[:-1])] if last_t.shape[0] > 1 else [])
+            spans, start = self.pending[s.id], self.pending_start[s.id]
+            first, count = spans[-1]
+            older = spans[:-1] + ([(first, count - 1)] if count > 1 else [])
             rows.append((older, start))
-            self.pending[s.id] = [(last_t[-1:], last_tok[-1:])]
+            self.pending[s.id] = [(first + count - 1, 1)]
             self.pending_start[s.id] = start + self._count(older)
         width = max(self._count(pairs) for pairs, _ in rows)
         taps, tokens, positions, valid = self._laid_out(rows, len(rows), width)
@@ -180,15 +248,20 @@ class EagleDrafter(Drafter):
     def commit(self, seqs, n, tokens, taps) -> None:
         """The verified pairs the head has not seen: up to the newest token (after the pairs still
         pending where it did not draft this step)."""
+        width = tokens.shape[1]  # k + 1: row i's pairs start at i * width in the log
+        at = self.log.append(taps.reshape(-1, taps.shape[-1]), tokens.reshape(-1))
         for i, s in enumerate(seqs):
-            new = (taps[i, : n[i] + 1], tokens[i, : n[i] + 1])
+            new = (at + i * width, n[i] + 1)
             if s.id in self.consumed:
                 self.pending[s.id] = [new]
                 self.pending_start[s.id] = len(s.tokens) - 1 - n[i]
             else:
-                self.pending[s.id].append((new[0].clone(), new[1].clone()))
+                self.pending[s.id].append(new)
         self.consumed = set()
+        self._reclaim()
 
     def forget(self, seq) -> None:
         self.pending.pop(seq.id, None)
         self.pending_start.pop(seq.id, None)
+        if not self.pending:  # no row left: the log's memory goes back
+            self.log.clear()
