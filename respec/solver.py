@@ -31,7 +31,8 @@ improving drafter turns SD back on.
 
 Rows with a replay (last epoch's completion, respec/drafters/replay.py) verify with a longer draft
 than the others (respec/engine.py). Their acceptance is tracked on its own
-(`observe_long`: one conditional acceptance `beta` for every position, an EMA) and their draft
+(`observe_long`: one conditional acceptance `beta` for every position, weighed by the drafts
+verified, as the others' estimate is) and their draft
 length L chosen per step (`choose_long`), for B_r replay rows beside B_o others, with the others
 either in a step of their own or riding along in the replay rows' verify (one forward, every row as
 wide as the replays: where a forward costs its weight reads and launches, not its width, a second
@@ -324,15 +325,16 @@ class AdaptiveK(Policy):
     SCALE_RANGE = (0.05, 1.5)
     SCALE_PRIOR = 32  # verifies of a position that weigh as much as the scale so far
 
-    def __init__(self, costs: CostModel, max_k: int, alpha: list[float] | None = None, *, ema: float = 0.05,
+    def __init__(self, costs: CostModel, max_k: int, alpha: list[float] | None = None, *,
                  prior: float = 0.5, beta: float = 0.9, margin: float | None = None, online: bool = True):
         if max_k < 1:
             raise ValueError(f"max_k must be >= 1, got {max_k}")
-        self.costs, self.max_k, self.ema = costs, max_k, ema  # ema: how far a verify moves the replay rows' beta
+        self.costs, self.max_k = costs, max_k
         self.online = online  # the estimate follows the rollout's verifies within it (else only at its end)
         self.alpha = [prior] * max_k
         self.start = list(self.alpha)  # the estimate the rollout started with (what `observe` blends from)
-        self.beta = beta  # conditional acceptance of a replay row's drafts (any position)
+        self.beta = beta  # conditional acceptance of a replay row's drafts (any position), as the rollout started
+        self.long_counts = [0, 0]  # replay drafts accepted, reached since then (`long_beta`)
         self.base_margin = (costs.rel_error or 0.0) if margin is None else margin
         self.accept_error = 0.0  # the estimate's measured optimism, (predicted - emitted)+ / emitted, smoothed
         self.external: list[float] | None = None  # the last external estimate, as given
@@ -421,10 +423,12 @@ class AdaptiveK(Policy):
         """(L, together): the replay rows' draft length and whether the others ride along in their
         verify (see the module doc); on a tie the shorter draft, then apart; a long verify only where
         it beats L = 0 by the margin."""
+        beta = self.long_beta()
+
         def rate(L: int, together: bool) -> float:
             if L == 0:  # the replay rows join the others' step
                 return (batch + others) / self.costs.step_s(batch + others, 0, context)
-            tokens = batch * expected_tokens([self.beta] * L, L) + others
+            tokens = batch * expected_tokens([beta] * L, L) + others
             if together:
                 return tokens / self.costs.verify_s(batch + others, L + 1, context)
             rest = self.costs.step_s(others, 0, context) if others else 0.0
@@ -438,14 +442,24 @@ class AdaptiveK(Policy):
 
     def observe_long(self, accepted: list[int], proposed: list[int]) -> None:
         """Replay rows of one verify: beta, the chance a draft is accepted given the ones before it
-        were, over every position the rows reached."""
+        were, over every position the rows reached (`long_beta`)."""
         n, emitted = len(accepted), sum(accepted) + len(accepted)
-        expected = sum(c * expected_tokens([self.beta] * m, m) for m, c in Counter(proposed).items())
+        beta = self.long_beta()
+        expected = sum(c * expected_tokens([beta] * m, m) for m, c in Counter(proposed).items())
         self.tally.add(expected, emitted, n,
                        self.saved_s(n, emitted, self.costs.verify_s(n, max(proposed) + 1, self.context)) if n else 0.0)
-        reached = sum(min(n + 1, m) for n, m in zip(accepted, proposed))
-        if reached:
-            self.beta += self.ema * (sum(accepted) / reached - self.beta)
+        self.long_counts[0] += sum(accepted)
+        self.long_counts[1] += sum(min(a + 1, m) for a, m in zip(accepted, proposed))
+
+    def long_beta(self) -> float:
+        """The replay rows' beta now: the rollout's starting one weighed as SCALE_PRIOR drafts, with
+        every replay draft verified since (a verify counts by the drafts its rows reached, so one
+        verify of 16 replay rows moves it most of the way; without `online`, only at the rollout's end)."""
+        return self._measured_beta() if self.online else self.beta
+
+    def _measured_beta(self) -> float:
+        accepted, reached = self.long_counts
+        return (self.SCALE_PRIOR * self.beta + accepted) / (self.SCALE_PRIOR + reached)
 
     def state_dict(self) -> dict:
         """What a resumed run needs to choose as this one would (the counts are empty between rollouts)."""
@@ -462,8 +476,9 @@ class AdaptiveK(Policy):
         """After a rollout: the tally of its verifies (taken: the next starts at zero); the estimate
         refitted to the rates each draft position measured (where it was reached often enough):
         the scale of an external estimate, else the estimate itself, each moved by weight
-        reached / (reached + SCALE_PRIOR); and the margin's acceptance part, the estimate's optimism
-        (predicted above emitted, relative), which halves in a rollout that verified nothing."""
+        reached / (reached + SCALE_PRIOR), and the replay rows' beta the same way (`long_beta`); and
+        the margin's acceptance part, the estimate's optimism (predicted above emitted, relative),
+        which halves in a rollout that verified nothing."""
         tally, self.tally = self.tally, Tally()
         if tally.rows:
             optimism = max(tally.predicted - tally.emitted, 0.0) / max(tally.emitted, 1e-9)
@@ -484,6 +499,7 @@ class AdaptiveK(Policy):
             self._calibrate()
         self.start = list(self.alpha)
         self.counts = ([0] * self.max_k, [0] * self.max_k)
+        self.beta, self.long_counts = self._measured_beta(), [0, 0]
         return tally
 
 

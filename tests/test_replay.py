@@ -138,7 +138,29 @@ def test_adaptive_long_width_follows_acceptance():
     assert FixedK(3, together=True).choose_long(1, 64, 8) == (8, False) and FixedK(0).choose_long(1, 64, 8) == (0, False)
     policy.beta = 0.5
     policy.observe_long([3, 0], [4, 4])  # 3 of 5 reached drafts accepted
-    assert policy.beta == pytest.approx(0.5 + 0.05 * (3 / 5 - 0.5))
+    blended = (AdaptiveK.SCALE_PRIOR * 0.5 + 3) / (AdaptiveK.SCALE_PRIOR + 5)
+    assert policy.long_beta() == pytest.approx(blended) and policy.beta == 0.5
+    policy.end_rollout()  # the next rollout starts from the blend
+    assert policy.beta == pytest.approx(blended) and policy.long_beta() == pytest.approx(blended)
+
+
+def test_a_replay_verify_counts_by_its_rows():
+    """The replay rows' beta moves by the drafts a verify's rows reached, not 5% a verify whatever
+    its rows: one verify of 16 replay rows that accept nothing past their first draft takes an
+    optimistic prior most of the way down, and the long verify it chose for 4 rows is off at once."""
+    from respec.solver import AdaptiveK, CostModel
+
+    costs = CostModel((0.010, 0.001, 0.004, 0.0, 0.002, 0.0))  # compute-bound: a long verify must earn its width
+    policy = AdaptiveK(costs, 3, beta=0.9)
+    assert policy.choose_long(4, 64, 16)[0] > 0
+    policy.observe_long([0] * 16, [16] * 16)  # each reached its first draft (16 in all), none accepted
+    assert policy.long_beta() == pytest.approx(0.9 * 32 / 48)
+    policy.observe_long([1] * 16, [16] * 16)  # 16 of 32 accepted
+    assert policy.long_beta() == pytest.approx((0.9 * 32 + 16) / 80)
+    assert policy.choose_long(4, 64, 16)[0] == 0
+    frozen = AdaptiveK(costs, 3, beta=0.9, online=False)  # (the same verifies count at the rollout's end only)
+    frozen.observe_long([0] * 16, [16] * 16)
+    assert frozen.long_beta() == 0.9 and frozen.choose_long(4, 64, 16)[0] > 0
 
 
 # --- seeds ----------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@
    (`--requests` of them, at most B decoding at once), plainly and with speculative decoding whose
    drafter has the replays (`--drafter`, default `replay`), alternating `--reps` times, the
    fastest of each kept (this machine's load varies). Under the match rule both give the very same
-   tokens (checked: `same_as_plain`), so their times compare directly.
+   tokens (checked: `same_as_plain`), so their times compare directly. The SD rollouts share one
+   solver, its estimate calibrated after each by what it measured (`end_rollout`), as a run's is
+   from one step to the next: only the first starts from the prior.
 
 Before the SD rollouts it prints a forecast per batch size: the plain and the replay rollout's
 decoding time simulated step by step from each row's common prefix with its replay and the fitted
@@ -183,6 +185,8 @@ def run(args) -> dict:
         prefix = [common_prefix(a, b) for a, b in zip(old, new)]
         context = sum(map(len, prompts)) / len(prompts) + args.max_new_tokens / 2
         results = []
+        # one solver for every SD rollout, carried from one to the next as a run carries it
+        solver = AdaptiveK(costs, args.k, chosen.prior)
         for batch in args.batch_sizes:
             n = min(len(prompts), max(batch, args.requests))
             rows = [(len(new[i]), prefix[i], len(old[i])) for i in range(n)]
@@ -193,11 +197,12 @@ def run(args) -> dict:
             best = {"plain": None, "sd": None}
             for _ in range(args.reps):
                 for name, engine in (("plain", plain), ("sd", sd)):
-                    policy = AdaptiveK(costs, args.k, chosen.prior) if name == "sd" else None
                     t0 = time.perf_counter()
                     out = engine.generate(prompts[:n], params[:n], replays=old[:n] if name == "sd" else None,
-                                          policy=policy)
+                                          policy=solver if name == "sd" else None)
                     seconds = time.perf_counter() - t0
+                    if name == "sd":
+                        solver.end_rollout()  # (its estimate calibrated by what the rollout measured, as in a run)
                     if best[name] is None or seconds < best[name][0]:
                         best[name] = (seconds, out.stats, [o.token_ids for o in out])
             (ps, pst, ptok), (ss, sst, stok) = best["plain"], best["sd"]
