@@ -30,13 +30,12 @@ learn from, and the drafter's distillation can report `1 - TV(p_target, q_draft)
 improving drafter turns SD back on.
 
 Rows with a replay (last epoch's completion, respec/drafters/replay.py) verify with a longer draft
-than the others (respec/engine.py). Their acceptance is tracked on its own
-(`observe_long`: one conditional acceptance `beta` for every position, weighed by the drafts
-verified, as the others' estimate is) and their draft
-length L chosen per step (`choose_long`), for B_r replay rows beside B_o others, with the others
-either in a step of their own or riding along in the replay rows' verify (one forward, every row as
-wide as the replays: where a forward costs its weight reads and launches, not its width, a second
-forward costs more than the padding):
+than the others (respec/engine.py). Their acceptance is tracked on its own (`observe_long`: one
+conditional acceptance `beta` for every position, weighed by the drafts verified, as the others'
+estimate is) and their draft length L chosen per step (`choose_long`), for B_r replay rows beside
+B_o others, with the others either in a step of their own or riding along in the replay rows'
+verify (one forward, every row as wide as the replays: where a forward costs its weight reads and
+launches, not its width, a second forward costs more than the padding):
 
     apart:     (B_r * E[tokens | L, beta] + B_o) / (t_verify(B_r, L+1, c) + t_step(B_o, 0, c))
     together:  (B_r * E[tokens | L, beta] + B_o) / t_verify(B_r + B_o, L+1, c)
