@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -279,6 +280,8 @@ def test_gpu_check_quick_runs_every_stage(tmp_path, monkeypatch):
     monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("RESPEC_TOKENIZER", raising=False)  # the tokenizer travels with the repository
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the stages' runs go
     for part in ("a", "b"):
         (tmp_path / part).mkdir()
         assert gpu_check.main(["--part", part, "--out", part, "--quick", "--device", "cpu"]) == 0
@@ -306,6 +309,7 @@ def test_gpu_check_quick_runs_every_stage(tmp_path, monkeypatch):
     # a fit came back (its error is a timing on a shared machine: a benchmark's figure, not a test's)
     assert 0 <= b["costs"]["rel_error"] < float("inf") and len(b["costs"]["coef"]) == len(FEATURES)
     assert (tmp_path / "b" / "grpo-metrics.jsonl").is_file()
+    assert not list((tmp_path / "tmp").glob("grpo-*"))  # the GRPO runs' folders removed (their checkpoints)
     assert gpu_check.main(["--part", "a", "--out", "a", "--quick", "--device", "cpu"]) == 2  # never overwritten
 
 
@@ -320,7 +324,10 @@ def test_gpu_check_part_c_quick_runs_both_arms(tmp_path, monkeypatch):
     monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("RESPEC_TOKENIZER", raising=False)
     (tmp_path / "c").mkdir()
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the arms' runs go
     assert gpu_check.main(["--part", "c", "--out", str(tmp_path / "c"), "--quick", "--device", "cpu"]) == 0
+    assert not list((tmp_path / "tmp").glob("arms-*"))  # each arm's run folder removed (its checkpoints)
     c = json.loads((tmp_path / "c" / "summary.json").read_text())
     for setting in ("long", "default"):
         runs = c["arms"][setting]

@@ -75,6 +75,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -191,8 +192,23 @@ class Check:
         self.env = {**os.environ, "TORCH_LOGS": "perf_hints", "PYTHONUNBUFFERED": "1",
                     "RESPEC_CACHE": os.environ.get("RESPEC_CACHE", str(ROOT / ".respec-cache"))}
         self.t0 = time.monotonic()
+        self.scratches: list[Path] = []  # the stages' temporary folders (`scratch`), removed at the end
         # the compile path the later stages run on: the smoke stage's first that worked
         self.path = "eager" if quick else SMOKE_MODES[0]
+
+    def scratch(self, prefix: str) -> Path:
+        """A temporary folder for a stage's training runs, removed when the check ends (`finish`, or
+        an interrupted `stages`): what the check reports of them is in its summary, and their
+        checkpoints (~150 MB a run of the tiny model) would otherwise stay in the system's temporary
+        folder, run after run."""
+        path = Path(tempfile.mkdtemp(prefix=prefix))
+        self.scratches.append(path)
+        return path
+
+    def remove_scratches(self) -> None:
+        for path in self.scratches:
+            shutil.rmtree(path, ignore_errors=True)
+        self.scratches = []
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -350,7 +366,7 @@ class Check:
         deadline = time.monotonic() + limit
         runs = [(seed, arm) for seed in seeds for arm in ARMS]
         results = self.summary.setdefault("arms", {}).setdefault(setting, [])
-        scratch = Path(tempfile.mkdtemp(prefix=f"arms-{setting}-"))
+        scratch = self.scratch(f"arms-{setting}-")
         for i, (seed, arm) in enumerate(runs):
             out = scratch / f"{arm.replace(' ', '-')}-{seed}"
             arm_args = QUICK_RESPEC if self.quick and arm == "respec" else ARMS[arm]
@@ -410,7 +426,7 @@ class Check:
         write nearly the same text, so it drafts from the first step; a random head would start at
         acceptance 0), the engine on the smoke stage's path. Each run has its own cap
         (GRPO_RUN_SHARE), so a hang names its run, and its `[teardown]` lines name its phase."""
-        scratch = Path(tempfile.mkdtemp(prefix="grpo-"))
+        scratch = self.scratch("grpo-")
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--standalone", "train.py"]
         args = ["--model", "tiny", "--task", "toy-letters", "--prompts", "2", "--group", "4", "--max-new-tokens", "24",
                 "--temperature", "0.05", "--sd", "on", "--drafter", "history", "--k", "3", "--fsdp", "on",
@@ -467,6 +483,7 @@ class Check:
                 self.record(stage.name, status=f"error: {type(e).__name__}: {e}")
 
     def finish(self) -> None:
+        self.remove_scratches()
         self.pack_cache()
         self.summary["cudagraph_skips"] = sum(s.get("cudagraph_skips", 0) for s in self.summary["stages"].values())
         self.write()
@@ -790,7 +807,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     check = Check(out, args.part, args.budget_s or PART_BUDGET_S[args.part], args.quick, device)
     check.environment()
-    check.stages()
+    try:
+        check.stages()
+    finally:
+        check.remove_scratches()
     check.finish()
     print((out / "summary.md").read_text())
     failed = [n for n, s in check.summary["stages"].items() if s.get("status") != "ok"
