@@ -197,10 +197,10 @@ class Check:
         self.path = "eager" if quick else SMOKE_MODES[0]
 
     def scratch(self, prefix: str) -> Path:
-        """A temporary folder for a stage's training runs, removed when the check ends (`finish`, or
-        an interrupted `stages`): what the check reports of them is in its summary, and their
-        checkpoints (~150 MB a run of the tiny model) would otherwise stay in the system's temporary
-        folder, run after run."""
+        """A temporary folder for a stage's training runs, removed once the stages end, however they
+        end (`main`): what the check reports of them is in its summary, and their checkpoints (~150
+        MB a run of the tiny model) would otherwise stay in the system's temporary folder, run after
+        run."""
         path = Path(tempfile.mkdtemp(prefix=prefix))
         self.scratches.append(path)
         return path
@@ -483,7 +483,6 @@ class Check:
                 self.record(stage.name, status=f"error: {type(e).__name__}: {e}")
 
     def finish(self) -> None:
-        self.remove_scratches()
         self.pack_cache()
         self.summary["cudagraph_skips"] = sum(s.get("cudagraph_skips", 0) for s in self.summary["stages"].values())
         self.write()
