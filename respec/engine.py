@@ -399,7 +399,10 @@ class RolloutEngine:
         the host a step behind (respec/run_ahead.py), until the batch can change."""
         context = sum(len(s.tokens) for s in running) / len(running)
         offers = self.drafter.long_drafts(running) if self.replay_k else None
-        groups = policy.plan(self._room(running), offers, context, max_k=self.k, max_long=self.replay_k)
+        room = self._room(running)
+        groups = policy.plan(room, offers, context, max_k=self.k, max_long=self.replay_k,
+                             remaining=None if waiting or not offers or not any(offers) else
+                             self._remaining(running, offers, room))
         if self.run_ahead > 1 and not any(c for g in groups for c in g.caps):
             steps = ahead.steps_ahead(self, running, min(self.run_ahead, policy.plain_run() or self.run_ahead))
             if steps > 1:
@@ -417,6 +420,14 @@ class RolloutEngine:
             outcome = self._speculate([running[i] for i in g.rows], g.width, g.caps)
             if outcome is not None:
                 policy.observe_group(g, *outcome)
+
+    @staticmethod
+    def _remaining(running: list[Sequence], offers: list[int], room: list[int]) -> list[int]:
+        """Each row's expected tokens left, for a policy that prices by the rollout's end: a long
+        proposal's length (a replay's rest), else what is left of the row's replay, else (no replay,
+        or the row ran past it) all the row may still emit."""
+        return [o or (len(s.replay) - len(s.out) if s.replay is not None and len(s.replay) > len(s.out) else r + 1)
+                for s, o, r in zip(running, offers, room)]
 
     def _room(self, running: list[Sequence]) -> list[int]:
         """Most drafts each row may propose: up to its context or token limit (a row emits at most

@@ -43,7 +43,16 @@ launches, not its width, a second forward costs more than the padding):
 
 (L = 0: the replay rows merged into the others' step without drafts). The drafts cost no forward;
 the others are counted as decoding plainly (apart, their own k is chosen as before; together, they
-draft nothing).
+draft nothing). That prices every token at the step's average cost, right while requests wait for a
+slot. Where none waits (a GRPO rollout: every request decodes at once) the rollout lasts as long as
+its longest rows. A replay row's E - 1 extra tokens each save what the row adds to a plain step,
+m = t_step(B) - t_step(B - 1); a whole step (its fixed cost t_step(0) too) is saved only for each of
+the `lead` tokens by which the replay rows are expected to outlast every other row (the engine's
+estimate: each row's replay length; `extra_tokens`). B_r * E above becomes
+
+    B_r + (B_r * (E - 1) * m + t_step(0) * min(E - 1, lead)) / (t_step(B) / B)     (B = B_r + B_o)
+
+which is B_r * E again where only replay rows are left (their lead is all their tokens left).
 
 The engine asks the policy one question per decoding step, `plan(room, offers, context)`: the
 groups of rows to verify, each in one forward, with its draft length and each row's cap; and hands
@@ -185,20 +194,27 @@ class Policy:
     up to the drafter's k) and `choose_long` (the long verify of rows with long proposals)."""
 
     def plan(self, room: list[int], offers: list[int] | None, context: float, *, max_k: int,
-             max_long: int) -> list[Group]:
+             max_long: int, remaining: list[int] | None = None) -> list[Group]:
         """This step's groups for the running rows. `room`: the most drafts each row may propose
         (its context and token limits); `offers`: each row's long proposal length, known before
         drafting (0: none; None: the drafter makes none); `context`: the mean cached length;
         `max_k`: the drafter's k (0: never speculate); `max_long`: the most drafts of a long
-        proposal (0: none). Rows with a long proposal verify in a group of their own, wider than k,
-        or with the others riding along undrafted (`choose_long`); the others with k = `choose`."""
+        proposal (0: none); `remaining`: where no request waits for a slot (the rollout lasts as
+        long as its longest rows), each row's expected tokens left; None: requests wait (a slot a
+        row frees is taken at once). Rows with a long proposal verify in a group of their own,
+        wider than k, or with the others riding along undrafted (`choose_long`, told by how many
+        tokens the long rows are expected to outlast the others); the others with k = `choose`."""
         n = len(room)
         k = min(self.choose(n, context), max_k) if max_k else 0
         offered = [bool(o) for o in offers] if offers is not None and max_long else [False] * n
         long_caps, together = [0] * n, False
         if any(offered):
             m = sum(offered)
-            width, together = self.choose_long(m, context, max_long, others=n - m)
+            lead = None
+            if remaining is not None:
+                lead = max(0, max(r for r, o in zip(remaining, offered) if o)
+                           - max((r for r, o in zip(remaining, offered) if not o), default=0))
+            width, together = self.choose_long(m, context, max_long, others=n - m, lead=lead)
             long_caps = [min(o, width, r) if o else 0 for o, r in zip(offers, room)]
             together = together and width > 0
         if together:
@@ -243,7 +259,8 @@ class Policy:
     def choose(self, batch: int, context: float) -> int:
         raise NotImplementedError
 
-    def choose_long(self, batch: int, context: float, limit: int, others: int = 0) -> tuple[int, bool]:
+    def choose_long(self, batch: int, context: float, limit: int, others: int = 0,
+                    lead: int | None = None) -> tuple[int, bool]:
         raise NotImplementedError
 
     def observe(self, accepted: list[int], k: int, proposed: list[int] | None = None) -> None:
@@ -269,7 +286,8 @@ class FixedK(Policy):
     def observe(self, accepted: list[int], k: int, proposed: list[int] | None = None) -> None:
         pass
 
-    def choose_long(self, batch: int, context: float, limit: int, others: int = 0) -> tuple[int, bool]:
+    def choose_long(self, batch: int, context: float, limit: int, others: int = 0,
+                    lead: int | None = None) -> tuple[int, bool]:
         """(draft length of the replay rows' verify, whether the others ride along in it): the whole
         cap whenever this policy speculates."""
         L = limit if self.k > 0 else 0
@@ -364,9 +382,9 @@ class AdaptiveK(Policy):
         self.start = list(self.alpha)
 
     def plan(self, room: list[int], offers: list[int] | None, context: float, *, max_k: int,
-             max_long: int) -> list[Group]:
+             max_long: int, remaining: list[int] | None = None) -> list[Group]:
         self.context = context  # (what the groups' outcomes are costed at, `observe`)
-        return super().plan(room, offers, context, max_k=max_k, max_long=max_long)
+        return super().plan(room, offers, context, max_k=max_k, max_long=max_long, remaining=remaining)
 
     def saved_s(self, rows: int, emitted: int, verify_s: float) -> float:
         """A verify of `rows` rows that emitted `emitted` tokens in `verify_s` (modelled) against
@@ -391,12 +409,13 @@ class AdaptiveK(Policy):
         all its tokens), so the longest context is the one to ask at. Of the splits of n rows into m
         with a replay and n - m without, only m = 1, the most and the most short of n are asked: under
         the cost model each option's rate is a ratio of two affine functions of m (for m < n), so its
-        largest is at an end of the range."""
+        largest is at an end of the range. They are asked as if the replay rows outlasted the
+        others by the longest draft: a replay row's tokens are worth the most there (`choose_long`)."""
         if max_k and any(self.choose(b, context) for b in range(1, rows + 1)):
             return True
         if not (max_long and long_rows):
             return False
-        return any(self.choose_long(m, context, max_long, others=n - m)[0]
+        return any(self.choose_long(m, context, max_long, others=n - m, lead=max_long)[0]
                    for n in range(1, rows + 1) for m in {1, min(long_rows, n - 1), min(long_rows, n)} - {0})
 
     def observe(self, accepted: list[int], k: int, proposed: list[int] | None = None) -> None:
@@ -418,16 +437,21 @@ class AdaptiveK(Policy):
                 if r:
                     self.alpha[j] = (self.SCALE_PRIOR * self.start[j] + a) / (self.SCALE_PRIOR + r)
 
-    def choose_long(self, batch: int, context: float, limit: int, others: int = 0) -> tuple[int, bool]:
+    def choose_long(self, batch: int, context: float, limit: int, others: int = 0,
+                    lead: int | None = None) -> tuple[int, bool]:
         """(L, together): the replay rows' draft length and whether the others ride along in their
         verify (see the module doc); on a tie the shorter draft, then apart; a long verify only where
-        it beats L = 0 by the margin."""
+        it beats L = 0 by the margin. `lead`: None where requests wait for a slot, else by how many
+        tokens the replay rows are expected to outlast the others (0: they are not), which sets what
+        the tokens a verify emits beyond one a row are worth (`extra_tokens`)."""
         beta = self.long_beta()
+        n = batch + others
+        worth = self.extra_tokens(batch, others, context, lead)
 
         def rate(L: int, together: bool) -> float:
             if L == 0:  # the replay rows join the others' step
-                return (batch + others) / self.costs.step_s(batch + others, 0, context)
-            tokens = batch * expected_tokens([beta] * L, L) + others
+                return n / self.costs.step_s(n, 0, context)
+            tokens = n + worth(expected_tokens([beta] * L, L) - 1)
             if together:
                 return tokens / self.costs.verify_s(batch + others, L + 1, context)
             rest = self.costs.step_s(others, 0, context) if others else 0.0
@@ -438,6 +462,27 @@ class AdaptiveK(Policy):
         if best[0] and rate(*best) < (1 + self.margin) * rate(0, False):
             return 0, False
         return best
+
+    def extra_tokens(self, batch: int, others: int, context: float, lead: int | None):
+        """What `extra` more tokens for each of `batch` replay rows (beside `others` rows, in one
+        step) are worth, counted in tokens of a plain step of all of them: the rate `choose_long`
+        prices with.
+
+        Where requests wait (`lead` None), a slot a row frees is taken at once: every token is worth
+        a plain step's average cost per token, so the extra tokens count as they are. Where none
+        waits, the rollout lasts as many steps as its longest row needs. A token that takes a row
+        out of one step sooner saves what the row adds to a step (m: t_step(n) - t_step(n - 1)); the
+        step itself (its fixed cost) is saved only when the rows that set the end are the ones
+        that advance: the replay rows, by at most the `lead` they are expected to have over the
+        others. Counting every extra token at the average cost would speculate where the rows it
+        advances finish early and the steps left run with fewer rows for as long."""
+        n = batch + others
+        plain = self.costs.step_s(n, 0, context)
+        if lead is None:
+            return lambda extra: batch * extra
+        m = plain - self.costs.step_s(n - 1, 0, context)
+        fixed = plain - n * m
+        return lambda extra: (batch * extra * m + fixed * min(extra, lead)) * n / plain
 
     def observe_long(self, accepted: list[int], proposed: list[int]) -> None:
         """Replay rows of one verify: beta, the chance a draft is accepted given the ones before it

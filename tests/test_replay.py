@@ -144,6 +144,91 @@ def test_adaptive_long_width_follows_acceptance():
     assert policy.beta == pytest.approx(blended) and policy.long_beta() == pytest.approx(blended)
 
 
+def test_a_replay_verify_is_priced_by_the_rollouts_end():
+    """Where no request waits, the rollout lasts as long as its longest rows: a replay verify that
+    advances rows the others outlast saves only what those rows add to a step, and is off where the
+    step's throughput alone would turn it on; the replay rows' lead over the others buys whole steps.
+    With only replay rows left, or requests waiting, the price is the throughput's, as before."""
+    from respec.solver import AdaptiveK, CostModel
+
+    costs = CostModel((0.0535, 0.003, 0.002, 8.7e-6, 0.0, 0.0))  # fitted on a 2-core AVX2 CPU, fp32
+    policy = AdaptiveK(costs, 3, beta=0.9, margin=0.0)
+    assert policy.choose_long(4, 130, 16, others=12)[0] > 0  # requests waiting: its tokens per second win
+    assert policy.choose_long(4, 130, 16, others=12, lead=0) == (0, False)  # the others set the end
+    assert policy.choose_long(4, 130, 16, others=12, lead=16)[0] > 0  # the replay rows do
+    for lead in (8, 16, 100):  # only replay rows: their lead is their rest, every token at the average
+        assert policy.choose_long(4, 130, 16, lead=lead) == policy.choose_long(4, 130, 16)
+        assert policy.extra_tokens(4, 0, 130, lead)(5.5) == pytest.approx(4 * 5.5)
+    worth = [policy.extra_tokens(4, 12, 130, lead)(5.5) for lead in (0, 2, 5, 8)]
+    assert worth == sorted(worth) and worth[0] < 4 * 5.5 < worth[-1]
+    # the plan: told each row's expected tokens left, the lead is the replay rows' over the others
+    room, offers = [60] * 16, [20] * 4 + [0] * 12
+    longs = lambda remaining: [g.rows for g in policy.plan(room, offers, 130, max_k=3, max_long=16,
+                                                           remaining=remaining) if g.long]
+    assert longs(None) == [[0, 1, 2, 3]]
+    assert longs([20] * 4 + [40] * 12) == []
+    assert longs([20] * 4 + [2] * 12) == [[0, 1, 2, 3]]
+
+
+def test_the_forecast_of_the_solvers_plan_does_not_lose_where_verifying_every_replay_does():
+    """respec/lab/replay_bench.py's forecast on a compute-bound CPU's costs (random rows: completion
+    length, common prefix with the replay, replay length): with all 16 decoding at once, verifying
+    every replay row at every step loses to plain decoding; the solver's plan, priced by the
+    rollout's end, does not (within 2%), and gives up nothing where one row decodes at a time."""
+    import random
+
+    from respec.lab.replay_bench import forecast
+    from respec.solver import AdaptiveK, CostModel
+
+    costs = CostModel((0.0535, 0.003, 0.002, 8.7e-6, 0.0, 0.0))  # fitted on a 2-core AVX2 CPU, fp32
+    rng = random.Random(0)
+    for _ in range(5):
+        rows = []
+        for _ in range(16):
+            n, r = rng.randint(30, 64), rng.randint(30, 64)
+            rows.append((n, min(rng.choice([0, 1, 2, 5, 10, 20, 64]), n, r), r))
+        for batch in (1, 16):
+            plain, every, beta = forecast(rows, batch, costs, 16, 130)
+            assert 0.5 < beta < 1
+            judged = forecast(rows, batch, costs, 16, 130, policy=AdaptiveK(costs, 1, beta=beta, margin=0.0),
+                              max_new_tokens=64)[1]
+            if batch == 1:
+                assert judged == pytest.approx(every) and every < plain
+            else:
+                assert every > plain * 1.02 and judged < every and judged < plain * 1.02
+
+
+def test_the_engine_tells_the_policy_each_rows_tokens_left_once_none_waits(tiny):
+    """`remaining` is None while a request waits for a slot; once none does, each row's expected
+    tokens left: a replay row's offer, a row past its replay or without one all it may still emit."""
+    params = [SamplingParams(max_new_tokens=24, temperature=1.0, seed=i, stop_on_eos=False) for i in range(4)]
+    old = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True).generate(PROMPTS[:4], params)
+    seen = []
+
+    class Recording(FixedK):
+        def plan(self, room, offers, context, *, max_k, max_long, remaining=None):
+            seen.append((list(room), list(offers or []), remaining))
+            return super().plan(room, offers, context, max_k=max_k, max_long=max_long, remaining=remaining)
+
+    engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True, drafter=ReplayDrafter(), num_draft_tokens=3,
+                           replay_k=4, policy=Recording(3), max_batch=3)
+    changed = list(old[1].token_ids[:16])
+    changed[3] = (changed[3] + 1) % 50  # (the row leaves its replay at its fourth token)
+    # three decode at once, the fourth waits until the first, replayed whole, is done; then none
+    # waits: one row with its whole replay, one that left its replay, one without
+    replays = [old[0].token_ids, changed, None, old[3].token_ids]
+    got = engine.generate(PROMPTS[:4], params, replays=replays)
+    assert [g.token_ids for g in got] == [o.token_ids for o in old]
+    waited = [r for _, _, r in seen if r is None]
+    told = [(room, offers, r) for room, offers, r in seen if r is not None]
+    assert waited and told and seen.index(told[0]) > 0
+    for room, offers, remaining in told:
+        for o, r, left in zip(offers, room, remaining):
+            assert left == (o or r + 1) or (not o and 0 < left <= r)
+    # the row that left its replay: what its replay has left, until it runs past it
+    assert any(r + 1 != left and not o for room, offers, rem in told for o, r, left in zip(offers, room, rem))
+
+
 def test_a_replay_verify_counts_by_its_rows():
     """The replay rows' beta moves by the drafts a verify's rows reached, not 5% a verify whatever
     its rows: one verify of 16 replay rows that accept nothing past their first draft takes an

@@ -365,8 +365,9 @@ def test_whether_a_rollout_can_draft_is_asked_at_its_largest_batch_and_longest_c
                              rng.uniform(1e-5, 2e-3), rng.uniform(0, 2e-5) * rng.randint(0, 1), 0.0, 0.0))
         policy = AdaptiveK(machine, max_k=2, alpha=[0.0, 0.0], beta=rng.uniform(0.0, 0.95), margin=rng.uniform(0, 0.1))
         rows, long_rows, context = rng.randint(1, 12), rng.randint(1, 12), rng.uniform(10, 500)
-        every = any(policy.choose_long(m, context, 16, others=n - m)[0]
-                    for n in range(1, rows + 1) for m in range(1, min(n, long_rows) + 1))
+        every = any(policy.choose_long(m, context, 16, others=n - m, lead=lead)[0]
+                    for n in range(1, rows + 1) for m in range(1, min(n, long_rows) + 1)
+                    for lead in (None, 0, 1, 4, 16))  # (requests waiting, or none and the replays' lead)
         assert policy.speculates(rows, context, max_k=2, long_rows=long_rows, max_long=16) == every
         asked[every] += 1
     assert min(asked.values()) > 20  # (both answers came up)
