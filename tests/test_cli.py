@@ -479,7 +479,7 @@ def test_replay_bench_and_flips_smoke(tmp_path):
     assert [r["max_active"] for r in report["results"]] == [1, 2]  # the batch size is what decoded at once
     for r in report["results"]:
         assert r["same_as_plain"] and r["plain_tok_s"] > 0 and r["sd_tok_s"] > 0 and r["accept_len"] >= 1
-        assert r["forecast_decode_speedup"] > 0
+        assert r["forecast_decode_speedup"] > 0 and r["forecast_every_step_speedup"] > 0
     assert replay_bench.main(["--model", "tiny", "--json", str(out)]) == 2
     assert replay_bench.main(["--model", "tiny", "--drafter", "history"]) == 2  # no replay: one line
 

@@ -18,7 +18,9 @@
 
 Before the SD rollouts it prints a forecast per batch size: the plain and the replay rollout's
 decoding time simulated step by step from each row's common prefix with its replay and the fitted
-cost model (respec/solver.py), beside the measured figures afterwards. `plain_tok_s` and
+cost model (respec/solver.py), beside the measured figures afterwards: with each step as the solver
+plans it at the replay drafts' true acceptance (`forecast_decode_speedup`), and with every replay
+row verifying at every step (`forecast_every_step_speedup`). `plain_tok_s` and
 `sd_tok_s` count the whole rollout (prefill included); `accept_len` is tokens per row per verify.
 """
 
@@ -45,39 +47,61 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def forecast(rows: list[tuple[int, int, int]], batch: int, costs, replay_k: int, context: float) -> tuple[float, float]:
+def forecast(rows: list[tuple[int, int, int]], batch: int, costs, replay_k: int, context: float,
+             policy=None, max_new_tokens: int = 0) -> tuple[float, float, float]:
     """Decoding seconds of plain decoding and of replay SD for rows (completion length, common prefix
-    with its replay, replay length), `batch` decoding at once, from the cost model. The prefill
-    samples each row's first token in both. A replay row verifies min(replay_k, replay left) drafts
-    of which those inside the common prefix are accepted, plus the target's token; the other rows
-    decode plainly, in a step of their own or riding along in the replay rows' verify, whichever the
-    cost model finds cheaper (the engine's choice, respec/solver.py)."""
-    def run(speculate: bool) -> float:
+    with its replay, replay length), `batch` decoding at once, from the cost model; and the replay
+    drafts' conditional acceptance in that SD rollout (accepted / reached). The prefill samples each
+    row's first token in both. A replay row verifies min(cap, replay left) drafts of which those
+    inside the common prefix are accepted, plus the target's token. Without `policy`, every replay row
+    verifies at every step (cap `replay_k`) and the other rows decode plainly, in a step of their own
+    or riding along in the replay rows' verify, whichever the cost model finds cheaper. With one
+    (an AdaptiveK), each step is what its `plan` makes of the rows as the engine would ask it (the
+    replays' lengths, `max_new_tokens` for each row's room; each row's tokens left once none waits),
+    the other rows' groups as plain steps."""
+    def run(speculate: bool) -> tuple[float, float]:
         waiting = [[n, p, r, 1] for n, p, r in rows]  # the last entry: tokens emitted
-        active, seconds = [], 0.0
+        active, seconds, counts = [], 0.0, [0, 0]
         while waiting or active:
             while waiting and len(active) < batch:
                 active.append(waiting.pop(0))
-            replay = [row for row in active if speculate and row[3] <= row[1] and row[3] < row[2]]
+            offered = [row for row in active if speculate and row[3] <= row[1] and row[3] < row[2]]
+            caps = {id(row): replay_k for row in offered}
+            together = False
+            if offered and policy is not None:
+                offers = [row[2] - row[3] if row in offered else 0 for row in active]
+                room = [max_new_tokens - e - 1 for *_, e in active]
+                remaining = None if waiting else [o or (r - e if r > e else rm + 1)
+                                                  for o, (_, _, r, e), rm in zip(offers, active, room)]
+                groups = policy.plan(room, offers, context, max_k=0, max_long=replay_k, remaining=remaining)
+                long = [g for g in groups if g.long]
+                caps = {id(active[i]): c for g in long for i, c in zip(g.rows, g.caps) if c}
+                together = any(len(g.rows) == len(active) for g in long) and len(offered) < len(active)
+            replay = [row for row in offered if caps.get(id(row))]
             plain = [row for row in active if row not in replay]
             if replay:
-                width = min(replay_k, max(r - e for _, _, r, e in replay))
+                width = max(min(caps[id(row)], row[2] - row[3]) for row in replay)
                 apart = costs.verify_s(len(replay), width + 1, context) + (
                     costs.step_s(len(plain), 0, context) if plain else 0.0)
-                seconds += min(apart, costs.verify_s(len(active), width + 1, context))
+                joint = costs.verify_s(len(active), width + 1, context)
+                seconds += joint if together else (min(apart, joint) if policy is None else apart)
                 for row in replay:
                     n, p, r, e = row
-                    drafts = min(replay_k, r - e)
-                    row[3] = min(n, e + min(drafts, p - e) + 1)
+                    drafts = min(caps[id(row)], r - e)
+                    kept = max(0, min(drafts, p - e))
+                    counts[0] += kept
+                    counts[1] += min(kept + 1, drafts)
+                    row[3] = min(n, e + kept + 1)
             elif plain:
                 seconds += costs.step_s(len(plain), 0, context)
             for row in plain:
                 row[3] += 1
             active = [row for row in active if row[3] < row[0]]
-        return seconds
+        return seconds, counts[0] / max(counts[1], 1)
 
-    return run(False), run(True)
-
+    plain_s, _ = run(False)
+    sd_s, beta = run(True)
+    return plain_s, sd_s, beta
 
 
 def main(argv=None) -> int:
@@ -190,8 +214,14 @@ def run(args) -> dict:
         for batch in args.batch_sizes:
             n = min(len(prompts), max(batch, args.requests))
             rows = [(len(new[i]), prefix[i], len(old[i])) for i in range(n)]
-            plain_f, sd_f = forecast(rows, batch, costs, args.replay_k, context)
-            log(f"B={batch}: forecast decode speedup {plain_f / sd_f:.2f}x")
+            plain_f, every_f, beta = forecast(rows, batch, costs, args.replay_k, context)
+            # the solver's plan of each step at the replay drafts' true acceptance (one beta for
+            # every position, as the solver keeps it)
+            judge = AdaptiveK(costs, 1, beta=beta)
+            _, sd_f, _ = forecast(rows, batch, costs, args.replay_k, context, policy=judge,
+                                  max_new_tokens=args.max_new_tokens)
+            log(f"B={batch}: forecast decode speedup {plain_f / sd_f:.2f}x as the solver plans, "
+                f"{plain_f / every_f:.2f}x verifying every replay row at every step")
             plain.limit_batch(batch)
             sd.limit_batch(batch)
             best = {"plain": None, "sd": None}
@@ -216,6 +246,7 @@ def run(args) -> dict:
                 "plain_decode_tok_s": round(pst.decode_tok_s, 2), "sd_decode_tok_s": round(sst.decode_tok_s, 2),
                 "decode_speedup": round(sst.decode_tok_s / max(pst.decode_tok_s, 1e-9), 3),
                 "forecast_decode_speedup": round(plain_f / sd_f, 3),
+                "forecast_every_step_speedup": round(plain_f / every_f, 3),
                 "accept_len": round(sst.accept_len, 3),
                 "replay_accept_len": round(kinds.get("emitted", 0) / max(kinds.get("rows", 0), 1), 3),
                 "replay_token_frac": round(kinds.get("accepted", 0) / max(tokens, 1), 4),
@@ -240,11 +271,12 @@ def run(args) -> dict:
     print(f"\n{args.model} {report['dtype']}, T = {args.temperature}, {args.steps_between} GRPO steps of drift: "
           f"common prefix {report['mean_common_prefix']} tokens ({report['prefix_token_share']:.0%} of all), "
           f"{report['identical']}/{len(new)} identical")
-    print("| batch | plain tok/s | SD tok/s | speedup | decode speedup | forecast | accept len | replay tokens | same |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| batch | plain tok/s | SD tok/s | speedup | decode speedup | forecast | forecast, every step | accept len | "
+          "replay tokens | same |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
         print(f"| {r['batch']} | {r['plain_tok_s']} | {r['sd_tok_s']} | {r['speedup']}x | {r['decode_speedup']}x | "
-              f"{r['forecast_decode_speedup']}x | {r['accept_len']} | {r['replay_token_frac']:.0%} | "
+              f"{r['forecast_decode_speedup']}x | {r['forecast_every_step_speedup']}x | {r['accept_len']} | {r['replay_token_frac']:.0%} | "
               f"{r['same_as_plain']} |")
     return report
 
