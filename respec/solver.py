@@ -210,11 +210,7 @@ class Policy:
         long_caps, together = [0] * n, False
         if any(offered):
             m = sum(offered)
-            lead = None
-            if remaining is not None:
-                lead = max(0, max(r for r, o in zip(remaining, offered) if o)
-                           - max((r for r, o in zip(remaining, offered) if not o), default=0))
-            width, together = self.choose_long(m, context, max_long, others=n - m, lead=lead)
+            width, together = self.choose_long(m, context, max_long, others=n - m, lead=self.lead(remaining, offered))
             long_caps = [min(o, width, r) if o else 0 for o, r in zip(offers, room)]
             together = together and width > 0
         if together:
@@ -228,6 +224,15 @@ class Policy:
         if rows:
             groups.append(Group(rows, k, [min(k, room[i]) for i in rows], offered=[offered[i] for i in rows]))
         return groups
+
+    @staticmethod
+    def lead(remaining: list[int] | None, offered: list) -> int | None:
+        """By how many tokens the rows with a long proposal (`offered` true) are expected to outlast
+        the others, from each row's expected tokens left (`plan`); None where there is no estimate."""
+        if remaining is None or not any(offered):
+            return None
+        return max(0, max(r for r, o in zip(remaining, offered) if o)
+                   - max((r for r, o in zip(remaining, offered) if not o), default=0))
 
     def speculates(self, rows: int, context: float, *, max_k: int, long_rows: int = 0, max_long: int = 0) -> bool:
         """Whether some step of a rollout could draft: at most `rows` rows decoding at once, mean
@@ -254,7 +259,7 @@ class Policy:
         if rest:
             self.observe([accepted[i] for i in rest], group.width, [group.caps[i] for i in rest])
         if mine:
-            self.observe_long([accepted[i] for i in mine], [proposed[i] for i in mine])
+            self.observe_long([accepted[i] for i in mine], [proposed[i] for i in mine], forward_rows=len(group.rows))
 
     def choose(self, batch: int, context: float) -> int:
         raise NotImplementedError
@@ -266,7 +271,7 @@ class Policy:
     def observe(self, accepted: list[int], k: int, proposed: list[int] | None = None) -> None:
         pass
 
-    def observe_long(self, accepted: list[int], proposed: list[int]) -> None:
+    def observe_long(self, accepted: list[int], proposed: list[int], forward_rows: int | None = None) -> None:
         pass
 
 
@@ -293,7 +298,7 @@ class FixedK(Policy):
         L = limit if self.k > 0 else 0
         return L, self.together and L > 0 and others > 0
 
-    def observe_long(self, accepted: list[int], proposed: list[int]) -> None:
+    def observe_long(self, accepted: list[int], proposed: list[int], forward_rows: int | None = None) -> None:
         pass
 
 
@@ -317,7 +322,8 @@ class Tally:
     emitted: float = 0.0
     rows: int = 0
     # decoding time SD saved, estimated: each verify's tokens at plain decoding's cost per token minus
-    # the verify's cost, both from the cost model (negative: SD cost time)
+    # the verify's cost, both from the cost model (negative: SD cost time); a replay verify's extra
+    # tokens valued as the solver chose it (`AdaptiveK.long_saved_s`)
     saved_s: float = 0.0
 
     def add(self, predicted: float, emitted: float, rows: int, saved_s: float = 0.0) -> None:
@@ -359,6 +365,7 @@ class AdaptiveK(Policy):
         self.counts = ([0] * max_k, [0] * max_k)  # accepted, reached per position since the last end_rollout
         self.tally = Tally()
         self.context = 0.0  # the mean cached length of the step being verified (`plan`)
+        self.step_rows, self.step_lead = 0, None  # its rows, and the replay rows' lead over the others
         if alpha is not None:
             self.set_alpha(alpha)
 
@@ -384,6 +391,9 @@ class AdaptiveK(Policy):
     def plan(self, room: list[int], offers: list[int] | None, context: float, *, max_k: int,
              max_long: int, remaining: list[int] | None = None) -> list[Group]:
         self.context = context  # (what the groups' outcomes are costed at, `observe`)
+        # (what a replay verify's outcome is priced against, `observe_long`: the step's rows, the lead)
+        self.step_rows = len(room)
+        self.step_lead = self.lead(remaining, offers) if offers is not None and max_long else None
         return super().plan(room, offers, context, max_k=max_k, max_long=max_long, remaining=remaining)
 
     def saved_s(self, rows: int, emitted: int, verify_s: float) -> float:
@@ -484,16 +494,31 @@ class AdaptiveK(Policy):
         fixed = plain - n * m
         return lambda extra: (batch * extra * m + fixed * min(extra, lead)) * n / plain
 
-    def observe_long(self, accepted: list[int], proposed: list[int]) -> None:
-        """Replay rows of one verify: beta, the chance a draft is accepted given the ones before it
-        were, over every position the rows reached (`long_beta`)."""
+    def observe_long(self, accepted: list[int], proposed: list[int], forward_rows: int | None = None) -> None:
+        """Replay rows of one verify (`forward_rows`: the rows of its forward, the others riding
+        along included; default these alone): beta, the chance a draft is accepted given the ones
+        before it were, over every position the rows reached (`long_beta`); and the time it saved,
+        priced as `choose_long` prices it (`long_saved_s`)."""
         n, emitted = len(accepted), sum(accepted) + len(accepted)
         beta = self.long_beta()
         expected = sum(c * expected_tokens([beta] * m, m) for m, c in Counter(proposed).items())
         self.tally.add(expected, emitted, n,
-                       self.saved_s(n, emitted, self.costs.verify_s(n, max(proposed) + 1, self.context)) if n else 0.0)
+                       self.long_saved_s(n, emitted, max(proposed) + 1, forward_rows or n) if n else 0.0)
         self.long_counts[0] += sum(accepted)
         self.long_counts[1] += sum(min(a + 1, m) for a, m in zip(accepted, proposed))
+
+    def long_saved_s(self, n: int, emitted: int, width: int, forward_rows: int) -> float:
+        """A replay verify of n rows (in a forward of `forward_rows`, `width` wide) that emitted
+        `emitted` tokens, against the plain step of the step's rows (`plan`): its extra tokens
+        valued as `extra_tokens` values them, less the time the verify added to the step. Where the
+        step's rows and lead are not known (no `plan`), the rows alone, every token at the average."""
+        rows = max(self.step_rows, forward_rows, n)
+        lead = self.step_lead if self.step_rows else None
+        c, cost = self.context, self.costs
+        plain = cost.step_s(rows, 0, c)
+        added = cost.verify_s(forward_rows, width, c) + (cost.step_s(rows - forward_rows, 0, c) if rows > forward_rows else 0.0)
+        extra = self.extra_tokens(n, rows - n, c, lead)((emitted - n) / n)
+        return extra * plain / rows - (added - plain)
 
     def long_beta(self) -> float:
         """The replay rows' beta now: the rollout's starting one weighed as SCALE_PRIOR drafts, with

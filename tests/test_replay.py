@@ -170,6 +170,32 @@ def test_a_replay_verify_is_priced_by_the_rollouts_end():
     assert longs([20] * 4 + [2] * 12) == [[0, 1, 2, 3]]
 
 
+def test_a_replay_verifys_saving_is_priced_as_it_was_chosen():
+    """What the tally says a replay verify saved (the run's `sd_saved_s`, which the distillation's
+    budget earns from) values its extra tokens as `choose_long` does: without a plan, the rows
+    alone at the average cost per token (as before); in a step of 16 rows with none waiting, a
+    verify of replay rows the others outlast cost time, one of rows that lead saved the most."""
+    from respec.solver import AdaptiveK, CostModel
+
+    costs = CostModel((0.0535, 0.003, 0.002, 8.7e-6, 0.0, 0.0))
+    policy = AdaptiveK(costs, 3, beta=0.9, margin=0.0)
+    policy.context = 130
+    assert policy.long_saved_s(4, 24, 9, 4) == pytest.approx(24 / 4 * costs.step_s(4, 0, 130) - costs.verify_s(4, 9, 130))
+    room, offers = [60] * 16, [20] * 4 + [0] * 12
+
+    def saved(remaining):
+        policy.plan(room, offers, 130, max_k=3, max_long=16, remaining=remaining)
+        return policy.long_saved_s(4, 24, 9, 4)
+
+    waiting, behind, ahead = saved(None), saved([20] * 4 + [40] * 12), saved([20] * 4 + [2] * 12)
+    assert behind < 0 < waiting < ahead
+    # the verify's own outcome goes the same way into the tally
+    policy.tally = type(policy.tally)()
+    policy.plan(room, offers, 130, max_k=3, max_long=16, remaining=[20] * 4 + [40] * 12)
+    policy.observe_long([5] * 4, [8] * 4, forward_rows=4)
+    assert policy.tally.saved_s == pytest.approx(behind)
+
+
 def test_the_forecast_of_the_solvers_plan_does_not_lose_where_verifying_every_replay_does():
     """respec/lab/replay_bench.py's forecast on a compute-bound CPU's costs (random rows: completion
     length, common prefix with the replay, replay length): with all 16 decoding at once, verifying
