@@ -208,9 +208,11 @@ class Policy:
         k = min(self.choose(n, context), max_k) if max_k else 0
         offered = [bool(o) for o in offers] if offers is not None and max_long else [False] * n
         long_caps, together = [0] * n, False
+        # (the step in progress, for a policy that prices its outcome: `AdaptiveK.long_saved_s`)
+        self.step_rows, self.step_lead = n, self.lead(remaining, offered)
         if any(offered):
             m = sum(offered)
-            width, together = self.choose_long(m, context, max_long, others=n - m, lead=self.lead(remaining, offered))
+            width, together = self.choose_long(m, context, max_long, others=n - m, lead=self.step_lead)
             long_caps = [min(o, width, r) if o else 0 for o, r in zip(offers, room)]
             together = together and width > 0
         if together:
@@ -391,9 +393,6 @@ class AdaptiveK(Policy):
     def plan(self, room: list[int], offers: list[int] | None, context: float, *, max_k: int,
              max_long: int, remaining: list[int] | None = None) -> list[Group]:
         self.context = context  # (what the groups' outcomes are costed at, `observe`)
-        # (what a replay verify's outcome is priced against, `observe_long`: the step's rows, the lead)
-        self.step_rows = len(room)
-        self.step_lead = self.lead(remaining, offers) if offers is not None and max_long else None
         return super().plan(room, offers, context, max_k=max_k, max_long=max_long, remaining=remaining)
 
     def saved_s(self, rows: int, emitted: int, verify_s: float) -> float:

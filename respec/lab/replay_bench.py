@@ -76,7 +76,7 @@ def forecast(rows: list[tuple[int, int, int]], batch: int, costs, replay_k: int,
                 groups = policy.plan(room, offers, context, max_k=0, max_long=replay_k, remaining=remaining)
                 long = [g for g in groups if g.long]
                 caps = {id(active[i]): c for g in long for i, c in zip(g.rows, g.caps) if c}
-                together = any(len(g.rows) == len(active) for g in long) and len(offered) < len(active)
+                together = any(not all(g.offered) for g in long)  # (the others ride along)
             replay = [row for row in offered if caps.get(id(row))]
             plain = [row for row in active if row not in replay]
             if replay:
