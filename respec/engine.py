@@ -152,12 +152,23 @@ class EngineStats:
         """Fraction of rows whose i-th draft token was accepted."""
         return [a / max(self.sd_rows, 1) for a in self.sd_accepted_at]
 
-    def count_kind(self, kind: str, proposed: int, accepted: int, emitted: int) -> None:
-        c = self.sd_kinds.setdefault(kind, {"rows": 0, "proposed": 0, "accepted": 0, "emitted": 0})
-        c["rows"] += 1
-        c["proposed"] += proposed
-        c["accepted"] += accepted
-        c["emitted"] += emitted
+    def count_kinds(self, kinds: list[str], proposed: list[int], accepted: list[int], emitted: list[int]) -> None:
+        """One verify's rows by drafter kind (a row that proposed nothing counts as "plain": it rode
+        along in the forward): rows, drafts proposed, drafts accepted, tokens emitted. Summed per kind
+        first, so a verify of one kind is one update whatever its rows."""
+        if len(set(kinds)) == 1 and all(proposed):
+            per = {kinds[0]: (len(kinds), sum(proposed), sum(accepted), sum(emitted))}
+        else:
+            per = {}
+            for kind, m, a, e in zip(kinds, proposed, accepted, emitted):
+                r0, m0, a0, e0 = per.get(kind if m else "plain", (0, 0, 0, 0))
+                per[kind if m else "plain"] = (r0 + 1, m0 + m, a0 + a, e0 + e)
+        for kind, (rows, m, a, e) in per.items():
+            c = self.sd_kinds.setdefault(kind, {"rows": 0, "proposed": 0, "accepted": 0, "emitted": 0})
+            c["rows"] += rows
+            c["proposed"] += m
+            c["accepted"] += a
+            c["emitted"] += e
 
     def proposed_by(self, kind: str) -> int:
         """Drafts the rows of one drafter kind proposed ("model": the head's)."""
@@ -520,19 +531,28 @@ class RolloutEngine:
         elif len(s.out) >= s.params.max_new_tokens or len(s.tokens) >= self.max_len:
             s.finish_reason = "length"
 
-    def _emit_run(self, s: Sequence, tokens: list[int], logprobs: list[float]) -> int:
-        """A verify's tokens for one row, up to and with the first that ends it (EOS, its token or
-        context limit), recorded at once; returns how many."""
-        cut = min(len(tokens), s.params.max_new_tokens - len(s.out), self.max_len - len(s.tokens))
-        if s.params.stop_on_eos and self.eos:
-            cut = next((j + 1 for j, t in enumerate(tokens[:cut]) if t in self.eos), cut)
-        s.extend(tokens[:cut], logprobs[:cut], verified=True)
-        self.stats.generated_tokens += cut
-        if cut and s.params.stop_on_eos and s.out[-1] in self.eos:
-            s.finish_reason = "stop"
-        elif len(s.out) >= s.params.max_new_tokens or len(s.tokens) >= self.max_len:
-            s.finish_reason = "length"
-        return cut
+    def _emit_runs(self, seqs: list[Sequence], tokens: list[list[int]], logprobs: list[list[float]],
+                   accepted: list[int]) -> list[int]:
+        """A verify's tokens for each row: its accepted drafts and the token after them, up to and
+        with the first that ends the row (EOS, its token or context limit), recorded at once; returns
+        how many each row emitted."""
+        eos, max_len, emitted = self.eos, self.max_len, []
+        for s, row, lps, n in zip(seqs, tokens, logprobs, accepted):
+            p = s.params
+            cut = min(n + 1, p.max_new_tokens - len(s.out), max_len - len(s.tokens))
+            run = row[:cut]
+            stop = p.stop_on_eos and eos and not eos.isdisjoint(run)
+            if stop:
+                cut = next(j + 1 for j, t in enumerate(run) if t in eos)
+                run = run[:cut]
+            s.extend(run, lps[:cut], verified=True)
+            if stop:
+                s.finish_reason = "stop"
+            elif len(s.out) >= p.max_new_tokens or len(s.tokens) >= max_len:
+                s.finish_reason = "length"
+            emitted.append(cut)
+        self.stats.generated_tokens += sum(emitted)
+        return emitted
 
     def _record(self, seqs: list[Sequence], tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
         for s, tok, lp in zip(seqs, *read_back(tokens, logprobs)):  # the step's one host read
@@ -623,16 +643,19 @@ class RolloutEngine:
         lengths = drafts.lengths_list if drafts.lengths_list is not None else caps
         kinds = drafts.kinds or [self.drafter.kind] * len(seqs)
         t2 = self._phase("verify", t1)
-        for i, s in enumerate(seqs):
-            emitted = self._emit_run(s, tokens[i][: n[i] + 1], logprobs[i][: n[i] + 1])
-            if not s.finish_reason:  # roll back the slots of the rejected drafts (the drafter's pools share the tables)
-                self.blocks.truncate(s.id, caps[i] - n[i])
-            self.stats.sd_emitted += emitted
-            # a row that drafted nothing rode along in the forward (a plain row beside replays)
-            self.stats.count_kind(kinds[i] if lengths[i] else "plain", lengths[i], min(n[i], emitted), emitted)
-        self.stats.count_acceptance(n[: len(seqs)], lengths)
+        n = n[: len(seqs)]
+        emitted = self._emit_runs(seqs, tokens, logprobs, n)
         running = [i for i, s in enumerate(seqs) if not s.finish_reason]
-        if running:
+        truncate = self.blocks.truncate
+        for i in running:  # roll back the slots of the rejected drafts (the drafter's pools share the tables)
+            if caps[i] != n[i]:
+                truncate(seqs[i].id, caps[i] - n[i])
+        self.stats.sd_emitted += sum(emitted)
+        self.stats.count_kinds(kinds, lengths, list(map(min, n, emitted)), emitted)
+        self.stats.count_acceptance(n, lengths)
+        if len(running) == len(seqs):  # (the usual step: every row goes on, the outputs' first rows)
+            self.drafter.commit(seqs, n, tokens_d[: len(seqs)], None if taps is None else taps[: len(seqs)])
+        elif running:
             self.drafter.commit([seqs[i] for i in running], [n[i] for i in running], tokens_d[running],
                                 None if taps is None else taps[running])
         self._phase("host", t2)
@@ -641,7 +664,7 @@ class RolloutEngine:
         self.stats.decode_s += time.perf_counter() - t0
         self.stats.batch_sizes.append(len(seqs))
         self.stats.chosen_k.append(k)
-        return n[: len(seqs)], list(lengths)
+        return n, list(lengths)
 
     def _phase(self, name: str, since: float) -> float:
         """Add the time since `since` to an SD phase; returns now. On a GPU the phases are only

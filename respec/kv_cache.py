@@ -97,6 +97,16 @@ class BlockManager:
             self.tables[seq].append(self.free_blocks.pop())
         self.lengths[seq] += n
 
+    def append_each(self, seqs: list[int], counts: list[int]) -> None:
+        """`append(seq, n)` for each pair, the caller having made sure the blocks they take are free;
+        a sequence whose last block has room takes no block and costs one addition."""
+        size, lengths, tables = self.block_size, self.lengths, self.tables
+        for seq, n in zip(seqs, counts):
+            if lengths[seq] + n <= len(tables[seq]) * size:
+                lengths[seq] += n
+            else:
+                self.append(seq, n)
+
     def truncate(self, seq: int, n: int) -> None:
         if not 0 <= n <= self.lengths[seq]:
             raise ValueError(f"cannot truncate {n} tokens from a sequence of {self.lengths[seq]}")

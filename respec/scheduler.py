@@ -61,8 +61,7 @@ class Scheduler:
             victim = running.pop()
             self.release(victim)  # its drafter state is rebuilt by the prefill that readmits it
             waiting.appendleft(victim)
-        for r in rows:
-            self.blocks.append(r.seq.id, r.cap + 1)
+        self.blocks.append_each([r.seq.id for r in rows], [r.cap + 1 for r in rows])
         return rows
 
     def release(self, s) -> None:

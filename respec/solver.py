@@ -148,12 +148,17 @@ def acceptance_counts(accepted: list[int], proposed: list[int]) -> tuple[list[in
     `proposed[i]` drafts. The one count of acceptance: the engine's statistics add these up, the
     solver's estimate follows them."""
     width = max(proposed, default=0)
-    accepted_at, reached_at = [0] * width, [0] * width
+    # rows by how many drafts they accepted and how many they reached, then "more than j" as a
+    # running sum from the widest down: two additions a row, not one per draft position
+    kept, reached = [0] * (width + 1), [0] * (width + 1)
     for n, m in zip(accepted, proposed):
-        for j in range(min(n + 1, m)):
-            reached_at[j] += 1
-        for j in range(n):
-            accepted_at[j] += 1
+        kept[n] += 1
+        reached[n + 1 if n < m else m] += 1
+    accepted_at, reached_at, more_kept, more_reached = [0] * width, [0] * width, 0, 0
+    for j in range(width - 1, -1, -1):
+        more_kept += kept[j + 1]
+        more_reached += reached[j + 1]
+        accepted_at[j], reached_at[j] = more_kept, more_reached
     return accepted_at, reached_at
 
 

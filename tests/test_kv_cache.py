@@ -11,7 +11,7 @@ from respec.kv_cache import BlockManager, OutOfBlocks, PagedKVCache
 from respec.paged_attention import PagedKV, causal_attention, paged_attention, write_kv
 
 OPS = st.lists(
-    st.tuples(st.sampled_from(["allocate", "append", "truncate", "free"]), st.integers(0, 5), st.integers(0, 40)),
+    st.tuples(st.sampled_from(["allocate", "append", "append_each", "truncate", "free"]), st.integers(0, 5), st.integers(0, 40)),
     max_size=60,
 )
 
@@ -30,6 +30,9 @@ def test_block_manager_invariants(num_blocks, block_size, ops):
             elif op == "append" and seq in model:
                 bm.append(seq, n)
                 model[seq] += n
+            elif op == "append_each" and seq in model:  # (the batched form, one sequence at a time)
+                bm.append_each([seq], [n])
+                model[seq] += n
             elif op == "truncate" and seq in model:
                 n = min(n, model[seq])
                 bm.truncate(seq, n)
@@ -39,7 +42,7 @@ def test_block_manager_invariants(num_blocks, block_size, ops):
                 del model[seq]
         except OutOfBlocks:
             assert bm.num_free == free_before, "a failed allocation must not leak blocks"
-            assert op in ("allocate", "append")
+            assert op in ("allocate", "append", "append_each")
         bm.check_invariants()
         assert bm.lengths == model
     for seq in list(model):
