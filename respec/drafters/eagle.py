@@ -76,11 +76,12 @@ def eagle_draft(head, target, head_pools, pend_taps, pend_tokens, pend_pos, pend
 class PairLog:
     """Every row's pending pairs in one pair of device tensors, features (N, 3d) and tokens (N,),
     appended a step at a time: one copy a step whatever its rows, where slicing each row's pairs out
-    of the step's outputs was two tensor ops a row. A row holds spans (start, count) of it. Spans
-    no row holds any more are reclaimed by `compact` once the log has grown past several times what
-    the rows hold."""
+    of the step's outputs was two tensor ops a row. A row holds spans (start, count) of it. Entry 0
+    is a zero pair (`ZERO`: zero features, token 0), what padding reads. Spans no row holds any
+    more are reclaimed by `compact` once the log has grown past several times what the rows hold."""
 
     MIN_ROWS = 4096  # no compaction below this many pairs (a few MB)
+    ZERO = 0  # the entry of the zero pair
 
     def __init__(self):
         self.features: torch.Tensor | None = None
@@ -91,25 +92,27 @@ class PairLog:
     def append(self, features: torch.Tensor, tokens: torch.Tensor) -> int:
         """features (m, 3d) and tokens (m,) at the end; returns where they start."""
         m = features.shape[0]
-        if self.features is None or self.size + m > self.features.shape[0]:
-            grown = 2 * (self.size + m) if self.features is not None else max(2 * m, 256)
-            self._resize(grown, features, tokens)
+        if self.features is None:  # the zero pair first
+            self.features, self.tokens = features.new_zeros(max(2 * m + 1, 256), features.shape[-1]), tokens.new_zeros(
+                max(2 * m + 1, 256))
+            self.size = 1
+        elif self.size + m > self.features.shape[0]:
+            self._resize(2 * (self.size + m))
         self.features[self.size: self.size + m] = features
         self.tokens[self.size: self.size + m] = tokens
         self.size += m
         return self.size - m
 
-    def _resize(self, rows: int, like_f: torch.Tensor, like_t: torch.Tensor) -> None:
-        features, tokens = like_f.new_empty(rows, like_f.shape[-1]), like_t.new_empty(rows)
-        if self.size:
-            features[: self.size] = self.features[: self.size]
-            tokens[: self.size] = self.tokens[: self.size]
+    def _resize(self, rows: int) -> None:
+        features, tokens = self.features.new_empty(rows, self.features.shape[-1]), self.tokens.new_empty(rows)
+        features[: self.size] = self.features[: self.size]
+        tokens[: self.size] = self.tokens[: self.size]
         self.features, self.tokens = features, tokens
 
     def compact(self, spans: list[list[tuple[int, int]]]) -> list[list[tuple[int, int]]]:
-        """The log holding only `spans` (each row's list of (start, count)), in their order; returns
-        the spans' new places."""
-        take, moved, at = [], [], 0
+        """The log holding only the zero pair and `spans` (each row's list of (start, count)), in
+        their order; returns the spans' new places."""
+        take, moved, at = [self.ZERO], [], 1
         for row in spans:
             new = []
             for start, count in row:
@@ -192,25 +195,28 @@ class EagleDrafter(Drafter):
         right-padded to `width`; `rows`: each real row's spans of the log and the position of its
         first pair, then `batch - len(rows)` padding rows (one zero pair at position 0). Padding sits
         at the row's first pending position and is not written (valid False), so no lookup goes past
-        the row's block table. All rows at once: the host lists where each pair is in the log and
-        where it goes, sent in one copy; the device gathers the pairs and scatters them into place
-        (`index_select`, `index_copy_`), a few kernels a step whatever the rows."""
-        take, at, positions, valid = [], [], [], []
-        for i, (spans, start) in enumerate(rows):
-            m = 0
-            for first, count in spans:
-                take += range(first, first + count)
-                m += count
-            at += range(i * width, i * width + m)
-            positions.append([start + j if j < m else start for j in range(width)])
-            valid.append([1] * m + [0] * (width - m))
-        positions += [[0] * width] * (batch - len(rows))
-        valid += [[1] + [0] * (width - 1)] * (batch - len(rows))
-        take, at, positions, valid = to_device(self.view.device, take, at, positions, valid)
-        log = self.log
-        taps = log.features.new_zeros(batch * width, log.features.shape[-1]).index_copy_(
-            0, at, log.features.index_select(0, take))
-        tokens = log.tokens.new_zeros(batch * width).index_copy_(0, at, log.tokens.index_select(0, take))
+        the row's block table. All rows at once: the host lists which pair of the log each slot
+        takes (the zero pair where a row has fewer), sent in one copy; the device gathers them
+        (`index_select`), a few kernels a step whatever the rows."""
+        index, positions, valid = [], [], []
+        ones, zeros, pad = [1] * width, [0] * width, [PairLog.ZERO] * width
+        for spans, start in rows:
+            if len(spans) == 1:  # (a row that drafted last step: its verified pairs, one span)
+                first, m = spans[0]
+                index += range(first, first + m)
+            else:
+                m = 0
+                for first, count in spans:
+                    index += range(first, first + count)
+                    m += count
+            index += pad[m:]
+            positions.append([*range(start, start + m), *[start] * (width - m)])
+            valid.append(ones[:m] + zeros[m:])
+        index += pad * (batch - len(rows))
+        positions += [zeros] * (batch - len(rows))
+        valid += [ones[:1] + zeros[1:]] * (batch - len(rows))
+        index, positions, valid = to_device(self.view.device, index, positions, valid)
+        taps, tokens = self.log.features.index_select(0, index), self.log.tokens.index_select(0, index)
         return taps.view(batch, width, -1), tokens.view(batch, width), positions, valid != 0
 
     def catch_up(self, seqs, k: int) -> None:
@@ -250,13 +256,13 @@ class EagleDrafter(Drafter):
         pending where it did not draft this step)."""
         width = tokens.shape[1]  # k + 1: row i's pairs start at i * width in the log
         at = self.log.append(taps.reshape(-1, taps.shape[-1]), tokens.reshape(-1))
-        for i, s in enumerate(seqs):
-            new = (at + i * width, n[i] + 1)
-            if s.id in self.consumed:
-                self.pending[s.id] = [new]
-                self.pending_start[s.id] = len(s.tokens) - 1 - n[i]
+        pending, starts, consumed = self.pending, self.pending_start, self.consumed
+        for s, first, m in zip(seqs, range(at, at + width * len(seqs), width), n):
+            if s.id in consumed:
+                pending[s.id] = [(first, m + 1)]
+                starts[s.id] = len(s.tokens) - 1 - m
             else:
-                self.pending[s.id].append(new)
+                pending[s.id].append((first, m + 1))
         self.consumed = set()
         self._reclaim()
 
