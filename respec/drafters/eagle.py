@@ -93,8 +93,8 @@ class PairLog:
         """features (m, 3d) and tokens (m,) at the end; returns where they start."""
         m = features.shape[0]
         if self.features is None:  # the zero pair first
-            self.features, self.tokens = features.new_zeros(max(2 * m + 1, 256), features.shape[-1]), tokens.new_zeros(
-                max(2 * m + 1, 256))
+            rows = max(2 * m + 1, 256)
+            self.features, self.tokens = features.new_zeros(rows, features.shape[-1]), tokens.new_zeros(rows)
             self.size = 1
         elif self.size + m > self.features.shape[0]:
             self._resize(2 * (self.size + m))
