@@ -462,6 +462,45 @@ def test_profile_step_parts_add_up(tmp_path):
     assert profile_step.main(["--model", "tiny", "--json", str(out)]) == 2  # never overwritten
 
 
+def test_host_overhead_parts_are_exclusive_and_add_up(tiny, monkeypatch):
+    """`python -m respec.lab.host_overhead --parts`: each wrapped call is timed less the wrapped calls
+    inside it (a clock the test moves: an outer call of 5 s around an inner one of 3 s is 2 s and
+    3 s); on a rollout (tiny model, eager, an EAGLE head, k = 3) every part of an SD step is there,
+    none negative, the parts and the compiled steps add up to no more than the rollouts ("other" is
+    what is left, not negative), and the engine module's read-back is its own again afterwards."""
+    import respec.engine
+    from respec.lab import host_overhead
+
+    now = [0.0]
+    monkeypatch.setattr(host_overhead.time, "perf_counter", lambda: now[0])
+
+    class Work:
+        def inner(self):
+            now[0] += 3.0
+
+        def outer(self):
+            now[0] += 1.0
+            self.inner()
+            now[0] += 1.0
+    times, work = host_overhead.ExclusiveTimes(), Work()
+    times.wrap(work, "inner", "inner")
+    times.wrap(work, "outer", "outer")
+    work.outer()
+    work.inner()
+    assert times.seconds == {"outer": 2.0, "inner": 6.0}
+    monkeypatch.undo()
+
+    read_back = respec.engine.read_back
+    engine = host_overhead.build_engine(tiny, 3, True, eager=True, drafter="eagle")
+    prompts = host_overhead.prompts_for(3, tiny.cfg.vocab_size)
+    parts = host_overhead.host_parts(engine, prompts, 12, runs=1)
+    assert respec.engine.read_back is read_back
+    assert {label for label, _, _ in host_overhead.PARTS} - {"plain steps"} <= set(parts)  # (no step ran plain)
+    assert "compiled steps" not in parts and "prefill" not in parts
+    assert all(us >= 0 for us in parts.values()), parts
+    assert parts["record tokens"] > 0 and parts["drafter draft"] > 0
+
+
 def test_replay_bench_and_flips_smoke(tmp_path):
     """respec/lab/replay_bench.py and flips.py on the tiny model: the rollouts with and without
     replay drafts are the same tokens (fp32), the forecast and the fields scripts read are there,

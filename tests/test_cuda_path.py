@@ -451,6 +451,20 @@ def test_a_decoding_step_sends_its_inputs_in_one_copy():
     assert syncs_per_step(4, False)["uploads"] < 1.0
 
 
+def test_a_cpu_steps_inputs_are_the_lists_values():
+    """On a CPU `to_device` gives each part as an int64 tensor of its own, the list's values in its
+    shape (read from an array of machine ints, not converted one by one): 1-d, 2-d, empty, large."""
+    from respec.host_copy import to_device
+
+    parts = ([5, -1, 2 ** 40], [[1, 2, 3], [4, 5, 6]], [], [[]], list(range(3000)))
+    got = to_device(torch.device("cpu"), *parts)
+    for part, t in zip(parts, got):
+        want = torch.tensor(part, dtype=torch.int64)
+        assert t.dtype == torch.int64 and t.device.type == "cpu" and t.shape == want.shape
+        assert torch.equal(t, want)
+    assert len({t.data_ptr() for t in got if t.numel()}) == 3  # (no part a view of another)
+
+
 def test_the_upload_count_and_the_packed_copy():
     """Fake CUDA counts every host-to-device copy (host data made a CUDA tensor, a CPU tensor moved or
     copied in; a CUDA allocation is none); `to_device` sends its parts in one and gives each back in

@@ -25,8 +25,16 @@ where no GPU is needed, with the tiny model on the CPU:
   `sd_uploads_per_step`, the host-to-device copies per step (a step's inputs go in one,
   respec/host_copy.py; a run of plain steps ahead of the host uploads once per run).
 
+* `--parts`: where an SD rollout's host time goes, per decoding step: each part of the engine and
+  its drafter (`PARTS`: the plan, slot reservation, the draft's inputs, the drafter's catch-up,
+  draft and commit, the verify's read-back and rollback, recording the tokens, ...) timed by a
+  wrapper, exclusive of the parts and compiled steps it calls, over `--runs` more rollouts (after
+  the timed ones, so the wrappers cost them nothing); "other" is what no part holds (the loop, the
+  wrappers' own microsecond a call).
+
 Prints a table; `--json F` writes {"results": [{"rows", "plain_us", "sd_us", "syncs_per_step",
-"blocking_syncs_per_step", ...}]}. The rows stop at EOS (a token no prompt holds), as a rollout's do.
+"blocking_syncs_per_step", ..., "parts": {part: us} with --parts}]}. The rows stop at EOS (a token
+no prompt holds), as a rollout's do.
 """
 
 from __future__ import annotations
@@ -91,7 +99,11 @@ class InsideSteps:
 
     def __init__(self, engine):
         self.seconds = 0.0
+        self.engine, self.factory = engine, engine.steps.get
         engine.steps.get = self._timing(engine.steps.get)
+
+    def remove(self) -> None:
+        self.engine.steps.get = self.factory
 
     def _timing(self, factory):
         def make(*args, **kwargs):
@@ -114,8 +126,10 @@ def rollout(engine, prompts: list[list[int]], tokens: int):
     return engine.generate(prompts, params)
 
 
-def host_us(model, rows: int, sd: bool, tokens: int, runs: int, run_ahead: int, drafter: str = "history") -> dict:
-    """Median host microseconds per decoding step of `runs` rollouts (after a compiling one)."""
+def host_us(model, rows: int, sd: bool, tokens: int, runs: int, run_ahead: int, drafter: str = "history",
+            parts: bool = False) -> dict:
+    """Median host microseconds per decoding step of `runs` rollouts (after a compiling one); with
+    `parts`, then each part's (`host_parts`) over as many more."""
     from respec.profiling import warmup
 
     engine = build_engine(model, rows, sd, eager=False, run_ahead=run_ahead, drafter=drafter)
@@ -134,7 +148,90 @@ def host_us(model, rows: int, sd: bool, tokens: int, runs: int, run_ahead: int, 
         steps = s.decode_steps + s.sd_steps
         per_step.append((wall - s.prefill_s - inside.seconds) / steps * 1e6)
         sd_share.append(s.sd_steps / steps)
-    return {"us": statistics.median(per_step), "sd_share": statistics.median(sd_share)}
+    out = {"us": statistics.median(per_step), "sd_share": statistics.median(sd_share)}
+    inside.remove()
+    if parts:
+        out["parts"] = host_parts(engine, prompts, tokens, runs)
+    return out
+
+
+# (label, where, attribute): the engine's and its drafter's parts of a decoding step, for `--parts`
+PARTS = (("step loop", "engine", "_step"), ("plan", "policy", "plan"), ("reserve slots", "scheduler", "reserve"),
+         ("draft inputs", "engine", "_draft"), ("drafter catch-up", "drafter", "catch_up"),
+         ("drafter draft", "drafter", "draft"), ("read back", "engine module", "read_back"),
+         ("verify: roll back, count", "engine", "_verify"),
+         ("record tokens", "engine", "_emit_runs"), ("drafter commit", "drafter", "commit"),
+         ("observe", "policy", "observe_group"), ("plain steps", "engine", "_decode"),
+         ("release", "scheduler", "release"))
+
+
+class ExclusiveTimes:
+    """Seconds inside wrapped callables, each less the wrapped calls it makes (a stack of open
+    calls): the parts of a step add up to no more than the step."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.open: list[float] = []  # per open call, the seconds of the wrapped calls inside it
+
+    def wrap(self, obj, attr: str, label: str) -> None:
+        setattr(obj, attr, self.timed(getattr(obj, attr), label))
+
+    def timed(self, fn, label: str):
+        """`fn`, its calls timed under `label`."""
+        def timed(*a, **kw):
+            self.open.append(0.0)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent = time.perf_counter() - t0
+                inner = self.open.pop()
+                self.seconds[label] = self.seconds.get(label, 0.0) + spent - inner
+                if self.open:
+                    self.open[-1] += spent
+        return timed
+
+    def wrap_steps(self, engine) -> None:
+        """Every function `engine.steps.get` hands out from now (the step functions `sd_us` leaves
+        out), as "compiled steps"; each wrapped once (a step asks for its functions every time)."""
+        factory, wrapped = engine.steps.get, {}
+
+        def make(*args, **kwargs):
+            fn = factory(*args, **kwargs)
+            if id(fn) not in wrapped:
+                wrapped[id(fn)] = (fn, self.timed(fn, "compiled steps"))  # (fn kept: its id stays its own)
+            return wrapped[id(fn)][1]
+        engine.steps.get = make
+
+
+def host_parts(engine, prompts: list[list[int]], tokens: int, runs: int) -> dict:
+    """Microseconds per decoding step of each of `PARTS` (and "other") over `runs` rollouts of an
+    engine already warm; the engine's parts stay wrapped (the engine module's `read_back` only
+    until this returns)."""
+    import respec.engine
+
+    times = ExclusiveTimes()
+    where = {"engine": engine, "engine module": respec.engine, "policy": engine.policy, "scheduler": engine.scheduler,
+             "drafter": engine.drafter}
+    read_back = respec.engine.read_back
+    for label, obj, attr in PARTS:
+        if hasattr(where[obj], attr):
+            times.wrap(where[obj], attr, label)
+    times.wrap(engine, "_prefill", "prefill")
+    times.wrap_steps(engine)
+    steps, wall = 0, 0.0
+    try:
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            out = rollout(engine, prompts, tokens)
+            wall += time.perf_counter() - t0
+            steps += out.stats.decode_steps + out.stats.sd_steps
+    finally:
+        respec.engine.read_back = read_back
+    host = {label: s for label, s in times.seconds.items() if label not in ("prefill", "compiled steps")}
+    inside = sum(times.seconds.get(label, 0.0) for label in ("prefill", "compiled steps"))
+    host["other"] = wall - inside - sum(host.values())
+    return {label: round(s / steps * 1e6, 1) for label, s in host.items()}
 
 
 def syncs_per_step(rows: int, sd: bool, short: int = 8, long: int = 40, run_ahead: int = 32,
@@ -169,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the engine's --run-ahead (0: plain steps one by one, the loop before respec/run_ahead.py)")
     ap.add_argument("--drafter", choices=DRAFTERS, default="history",
                     help="the SD rollouts' drafter (eagle: an untrained head, for the host's part of its steps)")
+    ap.add_argument("--parts", action="store_true",
+                    help="also where an SD step's host time goes, part by part (more rollouts, wrapped)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args(argv)
     if args.json is not None and args.json.exists():
@@ -185,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'rows':>5} {'plain us/step':>14} {'sd us/step':>11} {'sd steps':>9} "
           f"{'syncs/step: plain':>18} {'(blocking)':>10} {'SD':>6} {'uploads/step: plain':>20} {'SD':>6}")
     for rows in args.rows:
-        plain, sd = (host_us(model, rows, s, args.tokens, args.runs, args.run_ahead, args.drafter) for s in (False, True))
+        plain, sd = (host_us(model, rows, s, args.tokens, args.runs, args.run_ahead, args.drafter, parts=s and args.parts)
+                     for s in (False, True))
         plain_syncs, sd_syncs = (syncs_per_step(rows, s, run_ahead=args.run_ahead, drafter=args.drafter)
                                  for s in (False, True))
         r = {"rows": rows, "plain_us": round(plain["us"], 1), "sd_us": round(sd["us"], 1),
@@ -196,10 +296,18 @@ def main(argv: list[str] | None = None) -> int:
              "sd_syncs_per_step": round(sd_syncs["syncs"], 3), "sd_step_share": round(sd["sd_share"], 3),
              "plain_uploads_per_step": round(plain_syncs["uploads"], 3),
              "sd_uploads_per_step": round(sd_syncs["uploads"], 3)}
+        if args.parts:
+            r["parts"] = sd["parts"]
         results.append(r)
         print(f"{rows:>5} {r['plain_us']:>14.1f} {r['sd_us']:>11.1f} {r['sd_step_share']:>9.0%} "
               f"{r['plain_syncs_per_step']:>18.2f} {r['plain_blocking_per_step']:>10.2f} {r['sd_syncs_per_step']:>6.2f}"
               f" {r['plain_uploads_per_step']:>20.2f} {r['sd_uploads_per_step']:>6.2f}")
+    if args.parts:
+        print(f"\nan SD rollout's host us per decoding step, by part ({args.drafter} drafter):")
+        labels = sorted({p for r in results for p in r["parts"]}, key=lambda p: -results[-1]["parts"].get(p, 0.0))
+        print(f"{'part':>38} " + " ".join(f"{r['rows']:>7} rows" for r in results))
+        for label in labels:
+            print(f"{label:>38} " + " ".join(f"{r['parts'].get(label, 0.0):>12.1f}" for r in results))
     if args.json is not None:
         report = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                   "tokens": args.tokens, "runs": args.runs, "k": K, "run_ahead": args.run_ahead, "model": "tiny",
