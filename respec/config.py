@@ -238,9 +238,10 @@ class TrainConfig(DataConfig):
     kv_cache_mb: int = option(0, "KV block pool per rank in MiB (0, train.py's default: 1024 on CPU, 40%% of the free "
                               "memory on a GPU)")
     max_batch: int = option(64, "most sequences decoding at once per rank")
-    run_ahead: int = option(32, "most plain decoding steps the engine runs with the host a step behind the device "
+    run_ahead: int = option(32, "most decoding steps the engine runs with the host a step behind the device "
                             "(the rows' state on the device, their tokens read when the run ends: "
-                            "respec/run_ahead.py); 0: the step-by-step loop (one host read per step)")
+                            "respec/run_ahead.py, and SD steps with the EAGLE head: respec/sd_ahead.py); "
+                            "0: the step-by-step loop (one host read per step)")
     attention: str = option("gather", "how the decode and verify steps read the paged KV cache: gather (each "
                             "row's blocks copied out, then SDPA) or flex (the pool read in place by flex_attention "
                             "with a paged block mask; compiled on CUDA only: respec/flex_paged.py)",

@@ -23,8 +23,9 @@ draft (a head's prefill over every prompt, its per-step bookkeeping) costs time 
 
 Where every row decodes plainly (no drafter, or the policy turned SD off), steps run ahead of the
 host until the batch can change (respec/run_ahead.py: the rows' state on the device, a flag per step
-read a step behind, the tokens read once per run); otherwise there is one host sync per step (the
-sampled tokens come back to decide who finished and what to draft). Sampling
+read a step behind, the tokens read once per run); so do SD steps where every row drafts up to the
+same k with a drafter whose state stays on the device (respec/sd_ahead.py: the EAGLE head); otherwise there is one
+host sync per step (the sampled tokens come back to decide who finished and what to draft). Sampling
 noise is counter-based (`respec/sampling.py`), so a request's tokens depend on its seed and text,
 not on batch composition or preemption, as far as the logits do not: in fp32 exactly (the tests);
 in bf16 a forward of another shape (batch bucket, verify width, recompute) rounds the logits
@@ -49,6 +50,7 @@ from respec.host_copy import to_device
 from respec.kv_cache import PagedKVCache
 from respec.paged_attention import ATTENTION_KINDS
 import respec.run_ahead as ahead
+import respec.sd_ahead as sd_ahead
 from respec.sampling import RowSampling, SamplingParams, padded_vocab, prepare_sampler
 from respec.scheduler import Row, Scheduler
 from respec.solver import FixedK, Group, Policy, acceptance_counts
@@ -119,6 +121,7 @@ class EngineStats:
     decode_s: float = 0.0  # the time of every decoding step, plain and SD
     decode_steps: int = 0  # plain decoding steps (the SD steps are sd_steps; len(chosen_k) is all of them)
     ahead_steps: int = 0  # of those, steps run ahead of the host (respec/run_ahead.py)
+    sd_ahead_steps: int = 0  # of the SD steps, those run ahead of the host (respec/sd_ahead.py)
     drafter_idle: bool = False  # the policy could not draft at any step: the rollout ran without its drafter
     generated_tokens: int = 0
     prefill_tokens: int = 0  # of those, sampled by prefills (one per admitted sequence)
@@ -407,7 +410,8 @@ class RolloutEngine:
         verified in one forward with its draft length (0: a plain decode step). Slots for every
         row's drafts are reserved first (which may preempt rows from the back); each group's outcome
         goes back to the policy. Where every row decodes plainly, up to `run_ahead` steps run with
-        the host a step behind (respec/run_ahead.py), until the batch can change."""
+        the host a step behind (respec/run_ahead.py), until the batch can change; so do SD steps
+        where every row drafts up to the same k with a drafter that `runs_ahead` (respec/sd_ahead.py)."""
         context = sum(len(s.tokens) for s in running) / len(running)
         offers = self.drafter.long_drafts(running) if self.replay_k else None
         room = self._room(running)
@@ -418,6 +422,12 @@ class RolloutEngine:
             steps = ahead.steps_ahead(self, running, min(self.run_ahead, policy.plain_run() or self.run_ahead))
             if steps > 1:
                 ahead.run_ahead(self, running, steps, should_stop)
+                return
+        k = sd_ahead.runs_ahead(self, groups, running)
+        if k:
+            steps = sd_ahead.steps_ahead(self, running, k, min(self.run_ahead, policy.plain_run() or self.run_ahead))
+            if steps > 1:
+                sd_ahead.sd_run_ahead(self, running, groups[0], steps, policy, should_stop)
                 return
         caps = [0] * len(running)
         for g in groups:

@@ -441,12 +441,16 @@ def test_a_decoding_step_sends_its_inputs_in_one_copy():
     for. Counted on fake CUDA (two rollout lengths, so the prefill's copies cancel): an SD step
     (history drafter, k = 3, 4 rows) sends its inputs (tokens, positions, block tables, draft caps)
     in one copy and the drafts in one more (respec/host_copy.py: they were six), and so does one
-    with an EAGLE head (the layout of its rows' pending pairs sent in one copy, the drafts on the device); a
-    plain step one (plain steps run ahead of the host send theirs once per run)."""
+    with an EAGLE head step by step (the layout of its rows' pending pairs sent in one copy, the
+    drafts on the device); a plain step one. Run ahead of the host, plain steps and the head's SD
+    steps (respec/run_ahead.py, respec/sd_ahead.py) send theirs once per run, and read one flag a
+    step without waiting for it: the host waits for the device once per run."""
     from respec.lab.host_overhead import syncs_per_step
 
     assert syncs_per_step(4, True)["uploads"] == 2.0
-    assert syncs_per_step(4, True, drafter="eagle") == {"syncs": 1.0, "blocking": 1.0, "uploads": 2.0}
+    assert syncs_per_step(4, True, drafter="eagle", run_ahead=0) == {"syncs": 1.0, "blocking": 1.0, "uploads": 2.0}
+    ahead = syncs_per_step(4, True, drafter="eagle")
+    assert ahead["syncs"] == 1.0 and 0 < ahead["blocking"] <= 1 / 16 and 0 < ahead["uploads"] <= 4 / 16
     assert syncs_per_step(4, False, run_ahead=0)["uploads"] == 1.0
     assert syncs_per_step(4, False)["uploads"] < 1.0
 

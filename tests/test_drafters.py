@@ -251,14 +251,16 @@ class RunsThenSpeculates(Schedule):
 
 
 def recording_drafts(engine) -> list:
-    """Every draft the engine's drafter proposes, as lists of its rows' tokens, in order."""
-    drafts, draft = [], engine.drafter.draft
+    """Every draft the engine's drafter proposes, as lists of its rows' tokens, in order (a drafter
+    whose SD steps run ahead of the host drafts through `draft_ahead`, step by step too)."""
+    drafts, name = [], "draft_ahead" if engine.drafter.runs_ahead else "draft"
+    draft = getattr(engine.drafter, name)
 
-    def recorded(batch):
-        out = draft(batch)
+    def recorded(batch, *state):
+        out = draft(batch, *state)
         drafts.append(out.tokens[: len(batch.seqs)].tolist())
         return out
-    engine.drafter.draft = recorded
+    setattr(engine.drafter, name, recorded)
     return drafts
 
 
@@ -296,7 +298,12 @@ def test_eagle_drafts_are_the_heads_prediction_from_the_whole_text(tiny, monkeyp
     from respec.distill import ttt_layer
     from respec.drafters import eagle
 
+    import respec.sd_ahead
+
     monkeypatch.setattr(eagle.PairLog, "MIN_ROWS", 1 if compacted else 1 << 40)
+    # SD steps one by one, each draft seen with its row's text as it is then (the head's drafts in SD
+    # steps run ahead of the host are those of SD steps one by one: tests/test_sd_ahead.py)
+    monkeypatch.setattr(respec.sd_ahead, "runs_ahead", lambda engine, groups, running: 0)
     compactions = []
     compact = eagle.PairLog.compact
     monkeypatch.setattr(eagle.PairLog, "compact", lambda log, spans: compactions.append(1) or compact(log, spans))
@@ -406,3 +413,4 @@ def test_default_head_key_covers_task_options_and_length():
     assert default_head_dir("tiny", "basic_arithmetic", max_new_tokens=96) != base
     assert default_head_dir("tiny", "products") != base
     assert pretrain_tokens(64) == 64 and pretrain_tokens(512) == 128  # rollouts up to the recipe's cap
+

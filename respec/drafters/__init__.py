@@ -14,6 +14,12 @@ state behind them (a new kind is one new file in this folder):
                           (also for rows it did not draft this step: a hybrid's proposer rows)
   forget(seq)             the sequence finished, was preempted or abandoned: drop its state
 
+A drafter whose state between two SD steps can live on the device (`runs_ahead`: the EAGLE head,
+whose next input is the verify's own output) lets SD steps run ahead of the host
+(respec/sd_ahead.py): after `catch_up`, `ahead_state(batch)` lays its rows' state out on the device,
+then each step `draft_ahead(batch, state)` proposes and `advance(state, ...)` moves the state past
+the verify without the host; the run ends with one `commit` of the last verify, as a step would.
+
 Between rollouts a drafter may carry state from one to the next (a history drafter's earlier
 rollouts of each prompt): `state_dict()` / `load_state_dict()` hand it to checkpoints, so that a
 resumed run drafts as the uninterrupted one would. Weights are not part of it (the trainer
@@ -109,6 +115,7 @@ class Drafter:
     feature_layers: tuple[int, ...] = ()  # target blocks whose outputs (concatenated) the drafter reads
     pool_shape: tuple[int, int, int] | None = None  # (layers, kv heads, head dim) of its own KV pools
     module: torch.nn.Module | None = None  # its weights, if any (online distillation swaps them in)
+    runs_ahead: bool = False  # its state between SD steps can stay on the device (respec/sd_ahead.py)
 
     def check(self, target) -> None:
         """Raise ValueError (one line) if this drafter cannot serve `target`."""
@@ -145,6 +152,22 @@ class Drafter:
         pass
 
     def draft(self, batch: DraftBatch) -> Drafts:
+        raise NotImplementedError
+
+    def ahead_state(self, batch: DraftBatch):
+        """With `runs_ahead`: the rows' state on the device before the first step of a run (after
+        `catch_up`), for `draft_ahead`."""
+        raise NotImplementedError
+
+    def draft_ahead(self, batch: DraftBatch, state) -> Drafts:
+        """With `runs_ahead`: `draft` from `state`, nothing read from the host; every row proposes
+        its `max_drafts`."""
+        raise NotImplementedError
+
+    def advance(self, state, positions: torch.Tensor, tokens: torch.Tensor, n: torch.Tensor,
+                taps: torch.Tensor | None):
+        """With `runs_ahead`: the state after a verify at `positions` (rows,) that kept n (rows,) drafts
+        and emitted tokens[:, :n+1] (rows, k+1), taps (rows, k+1, F) its features; device ops only."""
         raise NotImplementedError
 
     def long_drafts(self, seqs) -> list[int] | None:

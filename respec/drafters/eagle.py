@@ -137,6 +137,8 @@ class EagleDrafter(Drafter):
     Any q is exact under either rule (the match rule ignores q; rejection sampling divides by the q
     the draft came from); tau only moves the acceptance (`python -m respec.lab.draft_temperature`)."""
 
+    runs_ahead = True  # the pending pairs after a verify are the verify's own outputs (`advance`)
+
     def __init__(self, head: EagleHead, draft_temperature: float = 1.0):
         if draft_temperature <= 0:
             raise ValueError(f"draft temperature must be > 0, got {draft_temperature}")
@@ -239,17 +241,31 @@ class EagleDrafter(Drafter):
         self.runner(self.runner.project(taps), tokens, positions, self.view.target.embed_tokens, kv.layer(0))
 
     def draft(self, batch: DraftBatch) -> Drafts:
-        k = batch.k
-        pend_taps, pend_tokens, pend_pos, pend_valid = self._laid_out(
-            [(self.pending[s.id], self.pending_start[s.id]) for s in batch.seqs], batch.tokens.shape[0], k + 1)
-        step = self.view.steps.get(eagle_draft, k=k, use_filter=batch.use_filter, coupled=batch.coupled)
+        return self.draft_ahead(batch, self.ahead_state(batch))
+
+    def ahead_state(self, batch: DraftBatch) -> tuple:
+        """The rows' pending pairs laid out (`_laid_out`, k+1 wide): (features, tokens, positions, valid)."""
+        return self._laid_out([(self.pending[s.id], self.pending_start[s.id]) for s in batch.seqs],
+                              batch.tokens.shape[0], batch.k + 1)
+
+    def draft_ahead(self, batch: DraftBatch, state: tuple) -> Drafts:
+        step = self.view.steps.get(eagle_draft, k=batch.k, use_filter=batch.use_filter, coupled=batch.coupled)
         sampling = batch.sampling  # the head drafts at the rollout temperature times its own factor
         if self.draft_temperature != 1:
             sampling = sampling._replace(temperature=sampling.temperature * self.draft_temperature)
-        drafts, q = step(self.runner, self.view.target, self.view.draft_pools, pend_taps, pend_tokens, pend_pos,
-                         pend_valid, batch.positions, batch.block_tables, batch.max_drafts, *sampling)
+        drafts, q = step(self.runner, self.view.target, self.view.draft_pools, *state, batch.positions,
+                         batch.block_tables, batch.max_drafts, *sampling)
         self.consumed = {s.id for s in batch.seqs}
         return Drafts(drafts, batch.max_drafts, q)
+
+    def advance(self, state: tuple, positions, tokens, n, taps) -> tuple:
+        """The verified pairs the head has not seen, as `commit` keeps them, on the device: pair j is
+        (the target's feature at positions + j, token j emitted after it), j = 0..n; the newest is
+        the last valid one. Slots past n: not written, at the row's first pair's position."""
+        j = torch.arange(tokens.shape[1], device=tokens.device).view(1, -1)
+        valid = j <= n.view(-1, 1)
+        first = positions.view(-1, 1) + 1
+        return taps, tokens, torch.where(valid, first + j, first), valid
 
     def commit(self, seqs, n, tokens, taps) -> None:
         """The verified pairs the head has not seen: up to the newest token (after the pairs still

@@ -1,0 +1,254 @@
+"""SD steps run ahead of the host: draft -> verify -> the next step's inputs, all on the device, the
+host reading the run's tokens once.
+
+A step-by-step SD step (`RolloutEngine._speculate`) reads the verify's tokens back, records each
+row's, hands back its rejected slots, updates the statistics and the solver, gives the drafter its
+verified pairs, and only then builds the next step's inputs from the rows' text: the host and the
+device take turns, and the host's turn grows with the rows (docs/benchmarks.md measures it). Where
+the drafter's state between steps can live on the device (`Drafter.runs_ahead`: the EAGLE head, whose
+next inputs are the verify's own outputs) and the plan is one group of every row with one draft
+length k (each row capped by its room), none of that is needed between two steps while the batch cannot change:
+
+* the rows' state lives on the device: each row's newest token (the verify's token after its
+  accepted drafts, `tokens[n]`), its position (moved by what the row emitted, n + 1), the drafter's
+  state (`Drafter.advance`), the block tables (slots for (k + 1) tokens a step reserved before the
+  run starts: a rejected draft's slot is simply written again by the next step, at the same
+  position) and the sampling parameters;
+* the only thing the host must learn before the next step is whether some row emitted EOS or came
+  near its limit (below): one flag per step, read at once on a CPU and a step late on a GPU (respec/run_ahead.py `Behind`; the late
+  step's tokens of a row that ended are dropped);
+* when the run ends the host reads every step's tokens, log-probabilities and accepted counts once,
+  the emitted tokens compacted on the device row by row, records them with one list extend a row,
+  hands back each row's unused slots, and gives the statistics, the solver (`observe_group`, step by
+  step, as the step-by-step loop would have) and the drafter (`commit` of the last verify) what the
+  steps did.
+
+A run lasts at most `max_steps` steps and stops where a row's room (its token or context limit)
+falls under two tokens: each row drafts up to its room less one, at most k (the plan's cap, moved
+on the device as the row emits), so a row may reach its limit inside a run, and no step is one in
+which no row could draft (the step-by-step loop's plain step); where the flag is read a step late,
+the run stops k + 1 tokens earlier, the room the step after the flag takes. The draft length is the
+plan's at the run's start: the solver sees the run's verifies when it ends (its estimate moves by a
+few steps' worth).
+
+Tokens are the step-by-step loop's: the same step functions, the same inputs, the same counter-based
+noise (tests/test_sd_ahead.py); the block tables are as wide as the run's last step needs from its
+first, so attention sums over more (masked) keys and a log-probability may round apart in its last
+bits, as a batch bucket's would.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from respec.drafters import DraftBatch
+from respec.host_copy import to_device
+from respec.run_ahead import Behind
+from respec.speculative import verify_step
+
+
+def runs_ahead(engine, groups, running) -> int:
+    """The draft length of a plan that may run ahead (one group of every row, k > 0, not a long
+    verify, each row capped by k and its room only, a drafter whose state stays on the device); 0:
+    it may not."""
+    if engine.run_ahead < 2 or not engine.drafter.runs_ahead or len(groups) != 1:
+        return 0
+    g = groups[0]
+    if g.long or not g.width or len(g.rows) != len(running):
+        return 0
+    if any(c != min(g.width, r - 1) for c, r in zip(g.caps, (room(engine, s) for s in running))):
+        return 0
+    return g.width
+
+
+def room(engine, s) -> int:
+    """Tokens row `s` may still emit (its token and context limits)."""
+    return min(s.params.max_new_tokens - len(s.out), engine.max_len - len(s.tokens))
+
+
+def reads_late(device: torch.device) -> bool:
+    """Whether the run's flag is read a step late (a real GPU; tests set `READ_LATE`)."""
+    import respec.run_ahead as ahead
+
+    return Behind(device).cuda if ahead.READ_LATE is None else ahead.READ_LATE
+
+
+def slack(k: int, late: bool) -> int:
+    """The room every row must have left for the run to go on: 2, so that each row drafts at least
+    one token at every step (a row drafts up to its room less one, as the plan caps it; a step in
+    which no row could draft is the step-by-step loop's plain step); where the flag is read a step
+    late, one more step runs after it, which takes up to k + 1 more."""
+    return k + 3 if late else 2
+
+
+def steps_ahead(engine, seqs, k: int, max_steps: int, late: bool | None = None) -> int:
+    """How many SD steps of draft length `k` `seqs` may run before the batch can change, at most
+    `max_steps`: as many as the pool has slots for without preempting (a row needs k + 1 a step, up to
+    its room); none where a row's room is under `slack` (the run would stop at once). 0 or 1: run the
+    step-by-step loop."""
+    late = reads_late(engine.device) if late is None else late
+    blocks, rooms = engine.blocks, [room(engine, s) for s in seqs]
+    if min(rooms) < slack(k, late):
+        return 0
+    n = max_steps
+    while n > 1 and sum(blocks.extra_blocks(s.id, min(n * (k + 1), r)) for s, r in zip(seqs, rooms)) > blocks.num_free:
+        n //= 2
+    return n
+
+
+def sd_run_ahead(engine, seqs, group, steps: int, policy, should_stop=None) -> None:
+    """Up to `steps` SD steps of `seqs` with `group.width` drafts a row (see the module docstring):
+    their tokens recorded, finish reasons set, slots handed back, statistics, solver and drafter
+    told; the run stops early where a row emits EOS, a row's room falls under `slack`, or
+    `should_stop()`."""
+    t0 = time.perf_counter()
+    k, dev, drafter, n = group.width, engine.device, engine.drafter, len(seqs)
+    flag = Behind(dev)
+    late = reads_late(dev)
+    drafter.catch_up(seqs, k)
+    rooms = [room(engine, s) for s in seqs]
+    reserved = [min(steps * (k + 1), r) for r in rooms]
+    for s, r in zip(seqs, reserved):  # slots for every step's newest token and drafts
+        engine.blocks.append(s.id, r)
+    rows = engine.steps.batch_bucket(n, engine.max_batch)
+    pad = [0] * (rows - n)
+    sampling, use_filter = engine._row_params(seqs, rows)
+    tokens, positions, tables, max_drafts, left = to_device(
+        dev, [s.tokens[-1] for s in seqs] + pad, [len(s.tokens) - 1 for s in seqs] + pad,
+        engine._table_rows(seqs, rows), [k] * n + pad, rooms + [1 << 40] * (rows - n))  # (tables as wide as the last step needs)
+    batch = DraftBatch(seqs=seqs, k=k, sampling=sampling, use_filter=use_filter, coupled=engine.verify == "match",
+                       tokens=tokens, positions=positions, block_tables=tables, max_drafts=max_drafts,
+                       max_drafts_list=[min(k, r - 1) for r in rooms])
+    limit = max_drafts  # k, 0 for padding rows
+    batch.max_drafts = (left - 1).clamp(min=0).minimum(limit)  # (the plan's caps)
+    state = drafter.ahead_state(batch)
+    verify = engine.steps.get(verify_step, use_filter=use_filter, rule=engine.verify,
+                              hidden_layers=engine.feature_layers, attention=engine.attention)
+    watching = engine._watching(seqs, rows)
+    watch = any(s.params.stop_on_eos for s in seqs) and bool(engine.eos)
+    j = torch.arange(k + 1, device=dev).view(1, -1)
+    need = slack(k, late)
+    out_tokens, out_logprobs, out_n = [], [], []
+    while len(out_tokens) < steps:
+        drafts = drafter.draft_ahead(batch, state)
+        tokens_d, logprobs_d, n_d, taps = verify(engine.runner, engine.cache.pools, batch.tokens, drafts.tokens,
+                                                 drafts.lengths, drafts.q, drafts.point, batch.positions,
+                                                 batch.block_tables, *sampling)
+        out_tokens.append(tokens_d)
+        out_logprobs.append(logprobs_d)
+        out_n.append(n_d)
+        state = drafter.advance(state, batch.positions, tokens_d, n_d, taps)
+        batch.tokens = tokens_d.gather(1, n_d.view(-1, 1)).view(-1)
+        batch.positions = batch.positions + n_d + 1
+        left = left - n_d - 1
+        batch.max_drafts = (left - 1).clamp(min=0).minimum(limit)  # (a row near its limit drafts fewer)
+        if should_stop is not None and should_stop():
+            break
+        if late and flag.pending is not None and flag.receive():  # the step before ended a row or filled one
+            break
+        if len(out_tokens) < steps:
+            ended = (left < need).any()  # (padding rows: room without end)
+            if watch:
+                hit = ((tokens_d.unsqueeze(2) == engine.eos_ids).any(2) & (j <= n_d.view(-1, 1))).any(1)
+                ended = ended | (hit & watching).any()
+            flag.send(ended)
+            if not late and flag.receive():
+                break
+    _record(engine, seqs, group, policy, torch.stack(out_tokens, 1), torch.stack(out_logprobs, 1),
+            torch.stack(out_n, 1), reserved, rooms, taps)
+    stats = engine.stats
+    stats.decode_s += time.perf_counter() - t0
+    stats.sd_ahead_steps += len(out_tokens)
+
+
+def _record(engine, seqs, group, policy, tokens, logprobs, accepted, reserved: list[int], rooms: list[int],
+            taps) -> None:
+    """The run's tokens (rows, ran, k+1), log-probs and accepted counts (rows, ran) into the rows, each
+    row's up to and with its first EOS and at most its room (one host read: the emitted tokens
+    compacted row by row on the device); then the slots, the statistics, the solver and the drafter."""
+    from respec.engine import read_back
+
+    n, ran, k1 = len(seqs), tokens.shape[1], tokens.shape[2]
+    acc = accepted[:n]
+    kept = (torch.arange(k1, device=tokens.device).view(1, 1, -1) <= acc.unsqueeze(2)).view(n, -1)  # (n, ran*(k+1))
+    counts = kept.sum(1)
+    # each emitted token's place in the rows' concatenation (the rest to one spare place past it):
+    # a scatter of static size, where a boolean mask would make the host wait for its size
+    size = n * ran * k1
+    place = torch.where(kept, (counts.cumsum(0) - counts).view(n, 1) + kept.cumsum(1) - 1, size)
+    flat_tokens = tokens.new_zeros(size + 1).scatter_(0, place.view(-1), tokens[:n].reshape(-1))
+    flat_logprobs = logprobs.new_zeros(size + 1).scatter_(0, place.view(-1), logprobs[:n].reshape(-1))
+    flat_tokens, flat_logprobs, acc = read_back(flat_tokens, flat_logprobs, acc)
+    counts = [sum(a) + len(a) for a in acc]  # (the device's `counts`, from what was read)
+    eos, max_len, stats = engine.eos, engine.max_len, engine.stats
+    ended = {}  # row -> (the step of its last token, tokens it emitted in that step), where it ended
+    at = 0
+    for i, (s, c) in enumerate(zip(seqs, counts)):
+        run = flat_tokens[at: at + c]
+        p = s.params
+        # up to and with its first EOS; and never past its limit (the run stops before a row could
+        # reach it: a row cut here only where the device's flag was not read, as on fake CUDA)
+        stop = p.stop_on_eos and eos and not eos.isdisjoint(run)
+        cut = next(t + 1 for t, tok in enumerate(run) if tok in eos) if stop else c
+        cut = min(cut, rooms[i])
+        s.extend(run[:cut], flat_logprobs[at: at + cut], verified=True)
+        if cut < c:
+            ended[i] = _step_of(acc[i], cut)
+        if stop and run[cut - 1] in eos:
+            s.finish_reason = "stop"
+        elif len(s.out) >= p.max_new_tokens or len(s.tokens) >= max_len:
+            s.finish_reason = "length"
+        else:  # the slots of rejected drafts and of steps not run (a finished row frees all of its own)
+            engine.blocks.truncate(s.id, reserved[i] - c)
+        at += c
+    k, kind, every, full = k1 - 1, engine.drafter.kind, list(range(n)), [k1 - 1] * n
+    # each row's caps step by step (its room less one, at most k), where a row came near its limit
+    left = rooms if min(rooms) <= ran * k1 else None
+    for step, m in enumerate(zip(*acc)):  # what each step did, as the step-by-step loop counts it
+        caps = full
+        if left is not None:
+            caps = [max(0, min(k, r - 1)) for r in left]
+            left = [r - a - 1 for r, a in zip(left, m)]
+        rows = every
+        if ended:  # (rows that ended at an earlier step are gone, as from the step-by-step loop's batch)
+            rows = [i for i in every if i not in ended or ended[i][0] >= step]
+            m, caps = [m[i] for i in rows], [caps[i] for i in rows]
+            emitted = [ended[i][1] if i in ended and ended[i][0] == step else a + 1 for i, a in zip(rows, m)]
+        else:
+            emitted = [a + 1 for a in m]
+        stats.sd_emitted += sum(emitted)
+        stats.generated_tokens += sum(emitted)
+        stats.count_kinds([kind] * len(rows), caps, list(map(min, m, emitted)), emitted)
+        stats.count_acceptance(list(m), caps)
+        stats.sd_steps += 1
+        stats.sd_rows += len(rows)
+        stats.batch_sizes.append(len(rows))
+        stats.chosen_k.append(k)
+        policy.observe_group(group if caps is full else _rows_of(group, rows, caps), list(m), caps)
+    running = [i for i, s in enumerate(seqs) if not s.finish_reason]
+    last = [a[-1] for a in acc]
+    if len(running) == n:  # the drafter's pairs of the last verify (its earlier ones are in its state's past)
+        engine.drafter.commit(seqs, last, tokens[:n, ran - 1], None if taps is None else taps[:n])
+    elif running:
+        index = to_device(tokens.device, running)[0]
+        engine.drafter.commit([seqs[i] for i in running], [last[i] for i in running],
+                              tokens[:, ran - 1].index_select(0, index), None if taps is None else taps.index_select(0, index))
+
+
+def _step_of(accepted: list[int], cut: int) -> tuple[int, int]:
+    """The step in which a row's `cut`-th emitted token was, and how many it emitted in that step."""
+    for step, a in enumerate(accepted):
+        if cut <= a + 1:
+            return step, cut
+        cut -= a + 1
+    raise AssertionError("a row's EOS past what it emitted")
+
+
+def _rows_of(group, rows: list[int], caps: list[int]):
+    """`group` at a step of the run: only `rows` (those still running), numbered as that step's batch
+    (the step-by-step loop's batch there holds only them), with that step's `caps`."""
+    from respec.solver import Group
+
+    return Group(list(range(len(rows))), group.width, caps, group.long, [group.offered[i] for i in rows])

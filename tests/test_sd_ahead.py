@@ -1,0 +1,131 @@
+"""SD steps run ahead of the host (respec/sd_ahead.py) against the step-by-step loop: the same tokens,
+log-probabilities, finish reasons, drafts, statistics and solver observations."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from models.decoder import PRESETS
+from models.loading import random_model
+from respec.engine import RolloutEngine, SamplingParams
+from respec.solver import FixedK
+from tests.test_eagle import head_for
+
+# a vocabulary of 16: an untrained head's drafts agree with the target often enough that rows accept
+# several drafts in one verify (positions move by more than one), and EOS (token 15) ends rows early
+VOCAB, EOS = 16, 15
+PROMPTS = [[(3 * i + j) % (VOCAB - 1) for j in range(3 + 2 * i)] for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def target():
+    model = random_model(dataclasses.replace(PRESETS["tiny"], vocab_size=VOCAB, num_layers=2,
+                                             max_position_embeddings=512), seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)  # sharper: the head agrees more often
+    return model
+
+
+class Recorded(FixedK):
+    """k = 3 at every step, each verify's outcome as the solver is told it."""
+
+    def __init__(self):
+        super().__init__(3)
+        self.seen = []
+
+    def observe_group(self, group, accepted, proposed):
+        self.seen.append((list(group.rows), group.width, list(group.caps), list(accepted), list(proposed)))
+
+
+def run(target, params, *, run_ahead: int, verify: str, pool_blocks: int | None = None):
+    """A rollout of PROMPTS with an untrained EAGLE head; returns (completions, stats, the solver's
+    observations, every draft proposed, the runs' planned and run steps, and the least cap of each
+    step of a run in which a row drafted fewer than k)."""
+    import respec.sd_ahead as sd_ahead
+
+    engine = RolloutEngine(target, kv_cache_bytes=64 << 20, block_size=4, eager=True, drafter=head_for(target, VOCAB, seed=1),
+                           num_draft_tokens=3, policy=Recorded(), run_ahead=run_ahead, eos_token_ids=[EOS], verify=verify)
+    if pool_blocks is not None:  # blocks for fewer rows than run at once
+        engine = RolloutEngine(target, kv_cache_bytes=pool_blocks * engine.cache.bytes_per_block, block_size=4,
+                               eager=True, drafter=head_for(target, VOCAB, seed=1), num_draft_tokens=3,
+                               policy=Recorded(), run_ahead=run_ahead, eos_token_ids=[EOS], verify=verify)
+    drafts, draft_ahead = [], engine.drafter.draft_ahead
+
+    def recorded(batch, state):
+        out = draft_ahead(batch, state)
+        drafts.append(out.tokens[: len(batch.seqs)].tolist())
+        return out
+    engine.drafter.draft_ahead = recorded
+    runs, real, rows_of = [], sd_ahead.sd_run_ahead, sd_ahead._rows_of
+
+    def counted(e, seqs, group, steps, policy, stop=None):
+        before = e.stats.sd_ahead_steps
+        real(e, seqs, group, steps, policy, stop)
+        runs.append((steps, e.stats.sd_ahead_steps - before))
+
+    def capped(group, rows, caps):  # (a step of a run in which a row near its limit drafted fewer than k)
+        runs.append(("capped", min(caps)))
+        return rows_of(group, rows, caps)
+    sd_ahead.sd_run_ahead, sd_ahead._rows_of = counted, capped
+    try:
+        out = engine.generate(PROMPTS, params)
+    finally:
+        sd_ahead.sd_run_ahead, sd_ahead._rows_of = real, rows_of
+    assert engine.blocks.num_free == engine.blocks.num_blocks - 1  # every slot handed back
+    return out, engine.stats, engine.policy.seen, drafts, [r for r in runs if r[0] != "capped"], \
+        [c for tag, c in runs if tag == "capped"]
+
+
+@pytest.mark.parametrize("verify, late, temperatures, pools", [
+    ("match", False, (0.0, 1.0), (None, 24)), ("match", True, (1.0,), (None, 24)),
+    ("rejection", False, (1.0,), (None,)), ("rejection", True, (1.0,), (None,))])
+def test_sd_run_ahead_gives_the_step_by_step_rollout(target, monkeypatch, verify, late, temperatures, pools):
+    """SD steps of an EAGLE head run ahead of the host (rows' state on the device, the tokens read once
+    a run, the EOS flag read at once or, as on a GPU, a step late with the extra step dropped) give
+    what the step-by-step loop gives: tokens, finish reasons, log-probabilities (up to a wider block
+    table's rounding), the drafts themselves (under rejection sampling the tokens depend on them),
+    the statistics and each verify's outcome as the solver is told it; greedy and sampled (top-p),
+    rows ending at EOS inside runs and at their token limits, a row that ignores EOS, and a pool
+    small enough that runs shorten and rows are preempted. Power: most SD steps ran ahead, runs
+    stopped at an EOS, rows near their token limits drafted fewer than k inside runs, rows accepted
+    drafts (positions moved by more than one), and late reads ran a step past the EOS."""
+    import respec.run_ahead as ahead
+
+    monkeypatch.setattr(ahead, "READ_LATE", late)
+    for temperature in temperatures:
+        params = [SamplingParams(max_new_tokens=30 + 9 * i, temperature=temperature, top_p=0.9 if temperature else 1.0,
+                                 seed=i, stop_on_eos=i != 0) for i in range(len(PROMPTS))]
+        for pool in pools:
+            want, want_stats, want_seen, want_drafts, _, _ = run(target, params, run_ahead=0, verify=verify,
+                                                                 pool_blocks=pool)
+            got, stats, seen, drafts, runs, capped = run(target, params, run_ahead=32, verify=verify, pool_blocks=pool)
+            assert [o.token_ids for o in got] == [o.token_ids for o in want]
+            assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
+            for g, w in zip(got, want):
+                assert g.logprobs == pytest.approx(w.logprobs, abs=1e-5)
+                assert g.verified == w.verified
+            assert seen == want_seen
+            for field in ("sd_steps", "sd_rows", "sd_emitted", "generated_tokens", "sd_accepted_at", "sd_reached_at",
+                          "sd_kinds", "batch_sizes", "chosen_k", "preemptions"):
+                assert getattr(stats, field) == getattr(want_stats, field), field
+            assert want_stats.sd_ahead_steps == 0
+            assert stats.sd_ahead_steps > (stats.sd_steps / 2 if pool is None else 0)  # (a small pool: short runs)
+            # the drafts, step by step (a late read's step past an EOS drafts for the ended row too)
+            assert len(drafts) == len(want_drafts)
+            if late and temperature:  # (a small pool's runs of two steps end before a late read matters)
+                assert any(len(d) > len(w) for d, w in zip(drafts, want_drafts)) or pool is not None
+                same = [(d, w) for d, w in zip(drafts, want_drafts) if len(d) == len(w)]
+                assert [d for d, _ in same] == [w for _, w in same] and len(same) > len(drafts) / 2
+            else:
+                assert drafts == want_drafts
+            if pool is not None:
+                assert stats.preemptions > 0
+            elif not late:  # rows near their limits drafted fewer than k inside runs (to their last token)
+                assert capped and min(capped) < 3
+            if temperature:
+                assert stats.accept_len > 1.3  # rows kept drafts: positions moved by more than one
+                assert any(ran < steps for steps, ran in runs)  # a run ended at an EOS
+                assert sum(o.finish_reason == "stop" for o in got) >= 2 and got[0].finish_reason == "length"
