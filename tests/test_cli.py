@@ -490,15 +490,17 @@ def test_host_overhead_parts_are_exclusive_and_add_up(tiny, monkeypatch):
     assert times.seconds == {"outer": 2.0, "inner": 6.0}
     monkeypatch.undo()
 
-    read_back = respec.engine.read_back
+    import respec.sd_ahead
+
+    read_back, run, record = respec.engine.read_back, respec.sd_ahead.sd_run_ahead, respec.sd_ahead._record
     engine = host_overhead.build_engine(tiny, 3, True, eager=True, drafter="eagle")
     prompts = host_overhead.prompts_for(3, tiny.cfg.vocab_size)
-    parts = host_overhead.host_parts(engine, prompts, 12, runs=1)
-    assert respec.engine.read_back is read_back
+    parts = host_overhead.host_parts(engine, prompts, 12, runs=1)  # (SD steps run ahead, then one by one)
+    assert (respec.engine.read_back, respec.sd_ahead.sd_run_ahead, respec.sd_ahead._record) == (read_back, run, record)
     assert {label for label, _, _ in host_overhead.PARTS} - {"plain steps"} <= set(parts)  # (no step ran plain)
     assert "compiled steps" not in parts and "prefill" not in parts
     assert all(us >= 0 for us in parts.values()), parts
-    assert parts["record tokens"] > 0 and parts["drafter draft"] > 0
+    assert parts["record tokens"] > 0 and parts["drafter draft"] > 0 and parts["SD run ahead: record"] > 0
 
 
 def test_replay_bench_and_flips_smoke(tmp_path):

@@ -328,6 +328,23 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int], prior: lis
             row["unwarmed_shapes"] += unwarmed
             st = spec.stats
             sd_tokens = sum(len(x.token_ids) for x in spec)
+            if sd_engine.run_ahead and sd_engine.drafter.runs_ahead:  # SD step by step beside its run ahead
+                sd_engine.run_ahead, ahead = 0, sd_engine.run_ahead  # (respec/sd_ahead.py), until a GPU says
+                try:
+                    with sd_engine.steps.timed() as unwarmed:
+                        t0 = time.perf_counter()
+                        sd_steps = sd_engine.generate(prompts, params(b))
+                        sd_steps_s = time.perf_counter() - t0
+                finally:
+                    sd_engine.run_ahead = ahead
+                row["unwarmed_shapes"] += unwarmed
+                row |= {"sd_ahead_steps": st.sd_ahead_steps, "sd_steps": st.sd_steps,
+                        "sd_step_by_step_tok_s": round(sum(len(x.token_ids) for x in sd_steps) / sd_steps_s, 2),
+                        "sd_same_tokens_as_step_by_step":
+                            f"{sum(x.token_ids == y.token_ids for x, y in zip(spec, sd_steps))}/{b}"}
+                print(f"  batch {b}: SD {sd_tokens / sd_s:.1f} tok/s run ahead ({st.sd_ahead_steps} of {st.sd_steps} "
+                      f"SD steps), {row['sd_step_by_step_tok_s']} step by step (tokens the same: "
+                      f"{row['sd_same_tokens_as_step_by_step']})", flush=True)
             per_step = lambda t: round(t / max(st.sd_steps, 1) * 1e3, 2)  # noqa: E731  ms per SD step
             row |= {"sd_draft_ms": per_step(st.sd_phase_s["draft"]), "sd_verify_ms": per_step(st.sd_phase_s["verify"]),
                     "sd_host_ms": per_step(st.sd_phase_s["host"])}

@@ -126,7 +126,11 @@ PARTS = {
           # the decode and verify steps reading the pool in place (respec/flex_paged.py) beside the landed
           # gather path above: the same tokens as transformers, and its step time
           Stage("bench smollm2-135m flex", "bench", cap_s=120, need_s=60,
-                args={"shape": "smollm2-135m", "attention": "flex"})],
+                args={"shape": "smollm2-135m", "attention": "flex"}),
+          # SD with an (untrained) EAGLE head, k = 3 every step: its steps run ahead of the host
+          # (respec/sd_ahead.py) beside the step-by-step loop, the same tokens and both speeds
+          Stage("bench smollm2-135m head", "bench", cap_s=100, need_s=50,
+                args={"shape": "smollm2-135m", "drafter": "random"})],
     "b": [Stage("smoke", "smoke", cap_s=45, need_s=20),
           Stage("grpo fsdp2 + resume", "grpo", cap_s=170, need_s=90),
           Stage("cost profile", "costs", cap_s=60, need_s=30),
@@ -300,11 +304,17 @@ class Check:
             self.record(stage, result=lines[-1] if lines else "")
 
     def bench(self, stage: str, limit: float, shape: str, goal_x_hf: float | None = None,
-              goal_x_roofline: float | None = None, attention: str = "gather", mode: str | None = None) -> None:
+              goal_x_roofline: float | None = None, attention: str = "gather", mode: str | None = None,
+              drafter: str | None = None) -> None:
         """`generate.py --bench` at `shape` on the smoke's path; with `attention` or `mode` (a compile
-        mode: the step captured by hand), that variant at batch 1 and 32 beside the path's figures."""
+        mode: the step captured by hand), that variant at batch 1 and 32 beside the path's figures;
+        with `drafter` (a model drafter: its SD steps run ahead and step by step), SD with it there."""
         name = QUICK_SHAPES.get(shape, shape) if self.quick else shape
         extra, path_args, path_name = [], self.compile_args(), self.path
+        if drafter is not None:
+            name = f"{name} {drafter} head"
+            extra = ["--drafter", drafter, "--batch-sizes", "1,2" if self.quick else "1,32",
+                     "--new-tokens", "8" if self.quick else "64"]
         variant = f"--attention {attention}" if attention != "gather" else f"--compile-mode {mode}" if mode else None
         if variant is not None:
             if self.device != "cuda" or self.path == "eager":
@@ -654,6 +664,12 @@ def render(summary: dict) -> str:
             lines += ["", "| batch | step ms, run ahead | step ms, step by step | same tokens |", "|---:|---:|---:|---|"]
             lines += [f"| {r['batch']} | {r['step_ms']:.3f} | {_or_dash(r.get('step_by_step_ms'))} | "
                       f"{r.get('same_tokens_as_step_by_step', '-')} |" for r in b["rows"]]
+        if any("sd_step_by_step_tok_s" in r for r in b["rows"]):  # SD run ahead against SD step by step
+            lines += ["", "| batch | SD tok/s, run ahead | SD steps run ahead | SD tok/s, step by step | same tokens |",
+                      "|---:|---:|---:|---:|---|"]
+            lines += [f"| {r['batch']} | {r.get('sd_tok_s', '-')} | {r.get('sd_ahead_steps', '-')} of "
+                      f"{r.get('sd_steps', '-')} | {r.get('sd_step_by_step_tok_s', '-')} | "
+                      f"{r.get('sd_same_tokens_as_step_by_step', '-')} |" for r in b["rows"]]
         goal = b.get("goal_x_hf")
         ratios = [r["respec_tok_s"] / r["hf_tok_s"] for r in b["rows"] if r["batch"] in (1, 8) and r.get("hf_tok_s")]
         if goal and ratios:

@@ -14,7 +14,8 @@ where no GPU is needed, with the tiny model on the CPU:
   function `engine.steps` hands out (the compiled decode and verify steps, the drafter's), over the
   rollout's decoding steps. Plain rollouts decode without a drafter; SD rollouts run the history
   drafter with k = 3 on prompts that repeat, so most steps draft and verify (`--drafter eagle`: an
-  untrained EAGLE head, k = 3, every step drafting). The figure is the
+  untrained EAGLE head, k = 3, every step drafting: its steps run ahead of the host, respec/sd_ahead.py,
+  unless `--run-ahead 0`). The figure is the
   median of `--runs` rollouts, after every shape is compiled (`respec.profiling.warmup`) and one
   untimed rollout.
 * `syncs_per_step`: the host reads of device tensors per decoding step, counted on fake CUDA
@@ -23,7 +24,8 @@ where no GPU is needed, with the tiny model on the CPU:
   device-to-host copy of what the step just computed; the others are non-blocking copies into
   pinned memory read a step later, respec/run_ahead.py); `plain_uploads_per_step` /
   `sd_uploads_per_step`, the host-to-device copies per step (a step's inputs go in one,
-  respec/host_copy.py; a run of plain steps ahead of the host uploads once per run).
+  respec/host_copy.py; a run of steps ahead of the host uploads once per run: plain steps, and SD
+  steps with the head, respec/sd_ahead.py).
 
 * `--parts`: where an SD rollout's host time goes, per decoding step: each part of the engine and
   its drafter (`PARTS`: the plan, slot reservation, the draft's inputs, the drafter's catch-up,
@@ -162,7 +164,12 @@ PARTS = (("step loop", "engine", "_step"), ("plan", "policy", "plan"), ("reserve
          ("verify: roll back, count", "engine", "_verify"),
          ("record tokens", "engine", "_emit_runs"), ("drafter commit", "drafter", "commit"),
          ("observe", "policy", "observe_group"), ("plain steps", "engine", "_decode"),
-         ("release", "scheduler", "release"))
+         ("release", "scheduler", "release"),
+         # SD steps run ahead of the host (respec/sd_ahead.py): the run's loop, the drafter's device
+         # state, and the run's end (one read, the rows' tokens, the counts told step by step)
+         ("SD run ahead: loop", "sd_ahead module", "sd_run_ahead"), ("drafter layout", "drafter", "ahead_state"),
+         ("drafter draft ahead", "drafter", "draft_ahead"), ("drafter advance", "drafter", "advance"),
+         ("SD run ahead: record", "sd_ahead module", "_record"))
 
 
 class ExclusiveTimes:
@@ -206,14 +213,15 @@ class ExclusiveTimes:
 
 def host_parts(engine, prompts: list[list[int]], tokens: int, runs: int) -> dict:
     """Microseconds per decoding step of each of `PARTS` (and "other") over `runs` rollouts of an
-    engine already warm; the engine's parts stay wrapped (the engine module's `read_back` only
-    until this returns)."""
+    engine already warm; the engine's parts stay wrapped (the modules' functions only until this
+    returns)."""
     import respec.engine
+    import respec.sd_ahead
 
     times = ExclusiveTimes()
     where = {"engine": engine, "engine module": respec.engine, "policy": engine.policy, "scheduler": engine.scheduler,
-             "drafter": engine.drafter}
-    read_back = respec.engine.read_back
+             "drafter": engine.drafter, "sd_ahead module": respec.sd_ahead}
+    modules = [(where[obj], attr, getattr(where[obj], attr)) for _, obj, attr in PARTS if obj.endswith("module")]
     for label, obj, attr in PARTS:
         if hasattr(where[obj], attr):
             times.wrap(where[obj], attr, label)
@@ -227,7 +235,8 @@ def host_parts(engine, prompts: list[list[int]], tokens: int, runs: int) -> dict
             wall += time.perf_counter() - t0
             steps += out.stats.decode_steps + out.stats.sd_steps
     finally:
-        respec.engine.read_back = read_back
+        for module, attr, fn in modules:
+            setattr(module, attr, fn)
     host = {label: s for label, s in times.seconds.items() if label not in ("prefill", "compiled steps")}
     inside = sum(times.seconds.get(label, 0.0) for label in ("prefill", "compiled steps"))
     host["other"] = wall - inside - sum(host.values())
@@ -263,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=positive_int, default=48, help="new tokens per row")
     ap.add_argument("--runs", type=positive_int, default=3, help="timed rollouts per figure (median)")
     ap.add_argument("--run-ahead", type=non_negative_int, default=32,
-                    help="the engine's --run-ahead (0: plain steps one by one, the loop before respec/run_ahead.py)")
+                    help="the engine's --run-ahead (0: every step one by one, the loop before respec/run_ahead.py "
+                         "and respec/sd_ahead.py)")
     ap.add_argument("--drafter", choices=DRAFTERS, default="history",
                     help="the SD rollouts' drafter (eagle: an untrained head, for the host's part of its steps)")
     ap.add_argument("--parts", action="store_true",
