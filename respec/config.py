@@ -160,12 +160,13 @@ class TrainConfig(DataConfig):
     # --- speculative decoding ---
     sd: str = option("adaptive", "speculative decoding: off, on (always --k) or adaptive (the solver picks k per "
                      "decoding step)", choices=("off", "on", "adaptive"))
-    drafter: str = option("auto", "an EAGLE head directory (train.py --stage drafter), auto (the cached default head "
-                          "of --task, pretrained once), random (untrained: a cold start), history (model-free suffix "
-                          "matches), first:N (the model's first N layers), none (no speculation), replay (last epoch's "
-                          "completion of the same prompt and sample: train.py only, it needs earlier epochs), or a "
-                          "model spec joined by '+' with replay and/or history, tried per row in that order "
-                          "(auto+replay+history)")
+    drafter: str = option("auto+history", "an EAGLE head directory (train.py --stage drafter), auto (the cached "
+                          "default head of --task, pretrained once), random (untrained: a cold start), history "
+                          "(model-free suffix matches), first:N (the model's first N layers), none (no speculation), "
+                          "replay (last epoch's completion of the same prompt and sample: train.py only, it needs "
+                          "earlier epochs), or a model spec joined by '+' with replay and/or history, tried per row "
+                          "in that order (auto+replay+history; the default: the head, and history where its match "
+                          "is long)")
     k: int = option(3, "largest draft length: tokens drafted per speculative step (--sd adaptive and generate.py "
                     "--sweep try 0 up to it)")
     replay_k: int = option(16, "most drafts a replay (last epoch's completion, --drafter ...+replay) proposes per "

@@ -159,8 +159,12 @@ def choose_drafter(spec: str, *, target, k: int, model: str, task_name: str, tas
     head_spec, proposers = split_spec(spec)
 
     def combined(model: Drafter | None) -> Drafter:
+        """The model drafter alone, or with the named proposers per row (a hybrid given none would
+        add history of its own: `auto` is the head alone, `auto+history` the two)."""
         made = [ReplayDrafter() if p == "replay" else HistoryDrafter() for p in proposers]
-        return HybridDrafter(model, *made) if model is not None or len(made) > 1 else made[0] if made else model
+        if not made:
+            return model
+        return HybridDrafter(model, *made) if model is not None or len(made) > 1 else made[0]
 
     if head_spec is None:
         return Chosen(combined(None))

@@ -414,3 +414,28 @@ def test_default_head_key_covers_task_options_and_length():
     assert default_head_dir("tiny", "products") != base
     assert pretrain_tokens(64) == 64 and pretrain_tokens(512) == 128  # rollouts up to the recipe's cap
 
+
+def test_a_drafter_spec_is_the_drafters_it_names(tiny, tokenizer):
+    """`--drafter`: a model part alone is that drafter (an EAGLE head, whose SD steps can run ahead of
+    the host), with model-free parts a hybrid of exactly those, tried in the order named; model-free
+    parts alone are that drafter or a hybrid of them. (A hybrid made of the model alone once added
+    history proposals of its own: `random` and `auto` drafted as `random+history`.)"""
+    from respec.drafter_choice import choose_drafter
+    from respec.drafters.eagle import EagleDrafter
+    from respec.drafters.replay import ReplayDrafter
+    from respec.tasks import make_task
+
+    def chosen(spec):
+        return choose_drafter(spec, target=tiny, k=3, model="tiny", task_name="toy-letters",
+                              task=make_task(task="toy-letters"), tokenizer=tokenizer,
+                              rollout_dtype=torch.float32).drafter
+
+    head = chosen("random")
+    assert type(head) is EagleDrafter and head.runs_ahead
+    both = chosen("random+replay+history")
+    assert type(both) is HybridDrafter and not both.runs_ahead
+    assert type(both.model) is EagleDrafter and [type(p) for p in both.proposers] == [ReplayDrafter, HistoryDrafter]
+    assert [type(p) for p in chosen("random+history").proposers] == [HistoryDrafter]
+    assert type(chosen("history")) is HistoryDrafter
+    free = chosen("replay+history")
+    assert type(free) is HybridDrafter and free.model is None

@@ -36,7 +36,7 @@ def test_help_shows_every_default_of_both_scripts():
              if a.dest in fields and a.help not in (None, argparse.SUPPRESS)}
     missing = [name for name, text in helps.items() if "(default: " not in text]
     assert not missing, missing
-    assert "(default: auto)" in helps["drafter"] and "(default: 0.1)" in helps["format_weight"]
+    assert "(default: auto+history)" in helps["drafter"] and "(default: 0.1)" in helps["format_weight"]
     assert "(default: on)" in helps["drafter_async"] and "(default: off)" in helps["progress"]
     text = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--help"], capture_output=True, text=True,
                           cwd=ROOT).stdout
