@@ -296,7 +296,10 @@ def test_gpu_check_quick_runs_every_stage(tmp_path, monkeypatch):
         assert summary["cudagraph_skips"] == 0
     a = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert list(a["stages"]) == ["smoke", "smoke: eager", "cuda tests", "bench smollm2-135m", "bench smollm2-135m graphs",
-                                 "bench smollm2-135m flex"]
+                                 "bench smollm2-135m flex", "bench smollm2-135m head"]
+    head = a["bench"]["tiny random head"]["rows"]  # SD with the head run ahead of the host and step by step
+    assert all(r["sd_same_tokens_as_step_by_step"] == f"{r['batch']}/{r['batch']}" for r in head)
+    assert all(0 < r["sd_ahead_steps"] <= r["sd_steps"] for r in head) and "SD steps run ahead" in (tmp_path / "a" / "summary.md").read_text()
     assert a["smoke"]["path"] == "eager" and set(a["smoke"]["replay_ms"]) == {"decode", "verify k=3"}
     assert a["stages"]["bench smollm2-135m"]["path"] == "eager"
     assert a["bench"]["tiny"]["rows"][0]["same_tokens_as_hf"] == "1/1"
@@ -493,14 +496,18 @@ def test_host_overhead_parts_are_exclusive_and_add_up(tiny, monkeypatch):
     import respec.sd_ahead
 
     read_back, run, record = respec.engine.read_back, respec.sd_ahead.sd_run_ahead, respec.sd_ahead._record
-    engine = host_overhead.build_engine(tiny, 3, True, eager=True, drafter="eagle")
     prompts = host_overhead.prompts_for(3, tiny.cfg.vocab_size)
-    parts = host_overhead.host_parts(engine, prompts, 12, runs=1)  # (SD steps run ahead, then one by one)
-    assert (respec.engine.read_back, respec.sd_ahead.sd_run_ahead, respec.sd_ahead._record) == (read_back, run, record)
-    assert {label for label, _, _ in host_overhead.PARTS} - {"plain steps"} <= set(parts)  # (no step ran plain)
-    assert "compiled steps" not in parts and "prefill" not in parts
-    assert all(us >= 0 for us in parts.values()), parts
-    assert parts["record tokens"] > 0 and parts["drafter draft"] > 0 and parts["SD run ahead: record"] > 0
+    seen = set()
+    for run_ahead in (0, 32):  # SD steps one by one, then run ahead of the host (respec/sd_ahead.py)
+        engine = host_overhead.build_engine(tiny, 3, True, eager=True, drafter="eagle", run_ahead=run_ahead)
+        parts = host_overhead.host_parts(engine, prompts, 12, runs=1)
+        assert (respec.engine.read_back, respec.sd_ahead.sd_run_ahead, respec.sd_ahead._record) == (read_back, run, record)
+        assert "compiled steps" not in parts and "prefill" not in parts
+        assert all(us >= 0 for us in parts.values()), parts
+        assert (parts["record tokens"] > 0 and parts["drafter draft"] > 0) if not run_ahead else \
+            parts["SD run ahead: record"] > 0 and parts["drafter advance"] > 0
+        seen |= set(parts)
+    assert {label for label, _, _ in host_overhead.PARTS} - {"plain steps"} <= seen
 
 
 def test_replay_bench_and_flips_smoke(tmp_path):
