@@ -200,6 +200,21 @@ def count_kernels(engine, sd_engine, batch: int, k: int) -> dict:
     return out
 
 
+def step_by_step(engine, prompts: list[list[int]], params: list[SamplingParams]) -> tuple:
+    """A rollout with the engine's step-by-step loop (`--run-ahead 0`), kept beside the steps run
+    ahead of the host until a GPU run confirms them: (completions, seconds, the timed calls of shapes
+    not warmed up)."""
+    engine.run_ahead, ahead = 0, engine.run_ahead
+    try:
+        with engine.steps.timed() as unwarmed:
+            t0 = time.perf_counter()
+            out = engine.generate(prompts, params)
+            seconds = time.perf_counter() - t0
+    finally:
+        engine.run_ahead = ahead
+    return out, seconds, list(unwarmed)
+
+
 def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int], prior: list[float] | None = None) -> dict:
     """respec's engine against transformers' generate (generate.py --bench): tokens/s per batch size,
     the read-bandwidth roofline, tokens that differ, and SD with `drafter` when given: k = --k every
@@ -280,14 +295,7 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int], prior: lis
                "roofline_ms": round(roofline_ms, 4), "unwarmed_shapes": list(unwarmed)}
         same = lambda theirs: f"{sum(o.token_ids == t for o, t in zip(ours, theirs))}/{b}"  # noqa: E731
         if engine.run_ahead:  # the step-by-step loop beside the run ahead (respec/run_ahead.py), until a GPU says
-            engine.run_ahead, ahead = 0, engine.run_ahead
-            try:
-                with engine.steps.timed() as unwarmed:
-                    t0 = time.perf_counter()
-                    steps = engine.generate(prompts, params(b))
-                    steps_s = time.perf_counter() - t0
-            finally:
-                engine.run_ahead = ahead
+            steps, steps_s, unwarmed = step_by_step(engine, prompts, params(b))
             row["unwarmed_shapes"] += unwarmed
             step_by_step_ms = steps.stats.decode_s / max(len(steps.stats.chosen_k), 1) * 1e3
             row |= {"step_by_step_ms": round(step_by_step_ms, 2),
@@ -329,14 +337,7 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int], prior: lis
             st = spec.stats
             sd_tokens = sum(len(x.token_ids) for x in spec)
             if sd_engine.run_ahead and sd_engine.drafter.runs_ahead:  # SD step by step beside its run ahead
-                sd_engine.run_ahead, ahead = 0, sd_engine.run_ahead  # (respec/sd_ahead.py), until a GPU says
-                try:
-                    with sd_engine.steps.timed() as unwarmed:
-                        t0 = time.perf_counter()
-                        sd_steps = sd_engine.generate(prompts, params(b))
-                        sd_steps_s = time.perf_counter() - t0
-                finally:
-                    sd_engine.run_ahead = ahead
+                sd_steps, sd_steps_s, unwarmed = step_by_step(sd_engine, prompts, params(b))  # (respec/sd_ahead.py)
                 row["unwarmed_shapes"] += unwarmed
                 row |= {"sd_ahead_steps": st.sd_ahead_steps, "sd_steps": st.sd_steps,
                         "sd_step_by_step_tok_s": round(sum(len(x.token_ids) for x in sd_steps) / sd_steps_s, 2),
