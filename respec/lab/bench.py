@@ -346,9 +346,12 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int], prior: lis
                 print(f"  batch {b}: SD {sd_tokens / sd_s:.1f} tok/s run ahead ({st.sd_ahead_steps} of {st.sd_steps} "
                       f"SD steps), {row['sd_step_by_step_tok_s']} step by step (tokens the same: "
                       f"{row['sd_same_tokens_as_step_by_step']})", flush=True)
-            per_step = lambda t: round(t / max(st.sd_steps, 1) * 1e3, 2)  # noqa: E731  ms per SD step
-            row |= {"sd_draft_ms": per_step(st.sd_phase_s["draft"]), "sd_verify_ms": per_step(st.sd_phase_s["verify"]),
-                    "sd_host_ms": per_step(st.sd_phase_s["host"])}
+            # where an SD step's time goes, timed in the steps run one by one (a run ahead of the host
+            # has no phases): the step-by-step rollout's where there was one
+            phased = sd_steps.stats if "sd_step_by_step_tok_s" in row else st
+            per_step = lambda t: round(t / max(phased.sd_steps - phased.sd_ahead_steps, 1) * 1e3, 2)  # noqa: E731
+            row |= {"sd_draft_ms": per_step(phased.sd_phase_s["draft"]),
+                    "sd_verify_ms": per_step(phased.sd_phase_s["verify"]), "sd_host_ms": per_step(phased.sd_phase_s["host"])}
             if isinstance(sd_engine.policy, AdaptiveK):
                 sd_engine.policy.end_rollout()  # (its estimate calibrated by what the rollout measured, as in a run)
             row |= {"sd_tok_s": round(sd_tokens / sd_s, 2), "sd_tokens_per_row": round(sd_tokens / b, 1),
