@@ -49,16 +49,14 @@ from respec.run_ahead import Behind
 from respec.speculative import verify_step
 
 
-def runs_ahead(engine, groups, running) -> int:
+def runs_ahead(engine, groups, room: list[int]) -> int:
     """The draft length of a plan that may run ahead (one group of every row, k > 0, not a long
-    verify, each row capped by k and its room only, a drafter whose state stays on the device); 0:
-    it may not."""
+    verify, each row capped by k and its `room` of drafts only, a drafter whose state stays on the
+    device); 0: it may not."""
     if engine.run_ahead < 2 or not engine.drafter.runs_ahead or len(groups) != 1:
         return 0
     g = groups[0]
-    if g.long or not g.width or len(g.rows) != len(running):
-        return 0
-    if any(c != min(g.width, r - 1) for c, r in zip(g.caps, (room(engine, s) for s in running))):
+    if g.long or not g.width or len(g.rows) != len(room) or any(c != min(g.width, r) for c, r in zip(g.caps, room)):
         return 0
     return g.width
 
@@ -83,14 +81,13 @@ def slack(k: int, late: bool) -> int:
     return k + 3 if late else 2
 
 
-def steps_ahead(engine, seqs, k: int, max_steps: int, late: bool | None = None) -> int:
+def steps_ahead(engine, seqs, k: int, max_steps: int) -> int:
     """How many SD steps of draft length `k` `seqs` may run before the batch can change, at most
     `max_steps`: as many as the pool has slots for without preempting (a row needs k + 1 a step, up to
     its room); none where a row's room is under `slack` (the run would stop at once). 0 or 1: run the
     step-by-step loop."""
-    late = reads_late(engine.device) if late is None else late
     blocks, rooms = engine.blocks, [room(engine, s) for s in seqs]
-    if min(rooms) < slack(k, late):
+    if min(rooms) < slack(k, reads_late(engine.device)):
         return 0
     n = max_steps
     while n > 1 and sum(blocks.extra_blocks(s.id, min(n * (k + 1), r)) for s, r in zip(seqs, rooms)) > blocks.num_free:

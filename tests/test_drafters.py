@@ -303,7 +303,7 @@ def test_eagle_drafts_are_the_heads_prediction_from_the_whole_text(tiny, monkeyp
     monkeypatch.setattr(eagle.PairLog, "MIN_ROWS", 1 if compacted else 1 << 40)
     # SD steps one by one, each draft seen with its row's text as it is then (the head's drafts in SD
     # steps run ahead of the host are those of SD steps one by one: tests/test_sd_ahead.py)
-    monkeypatch.setattr(respec.sd_ahead, "runs_ahead", lambda engine, groups, running: 0)
+    monkeypatch.setattr(respec.sd_ahead, "runs_ahead", lambda engine, groups, room: 0)
     compactions = []
     compact = eagle.PairLog.compact
     monkeypatch.setattr(eagle.PairLog, "compact", lambda log, spans: compactions.append(1) or compact(log, spans))
