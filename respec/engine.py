@@ -627,12 +627,12 @@ class RolloutEngine:
         rows = self.steps.batch_bucket(len(seqs), self.max_batch)
         pad = [0] * (rows - len(seqs))
         sampling, use_filter = self._row_params(seqs, rows)
-        tokens, positions, tables, max_drafts = to_device(
+        tokens, positions, tables, max_drafts, left = to_device(
             dev, [s.tokens[-1] for s in seqs] + pad, [len(s.tokens) - 1 for s in seqs] + pad,
-            self._table_rows(seqs, rows), caps + pad)
+            self._table_rows(seqs, rows), caps + pad, [c + 1 for c in caps] + pad)
         batch = DraftBatch(seqs=seqs, k=k, sampling=sampling, use_filter=use_filter, coupled=self.verify == "match",
                            tokens=tokens, positions=positions, block_tables=tables, max_drafts=max_drafts,
-                           max_drafts_list=caps)
+                           max_drafts_list=caps, left=left)
         drafts = self.drafter.draft(batch)
         if drafts.lengths_list is not None and not any(drafts.lengths_list):  # nothing to verify
             return None
@@ -645,10 +645,13 @@ class RolloutEngine:
         t1 = time.perf_counter()
         seqs, k = batch.seqs, batch.k
         verify = self.steps.get(verify_step, use_filter=batch.use_filter, rule=self.verify,
-                                hidden_layers=self.feature_layers, attention=self.attention)
-        tokens_d, logprobs_d, n_d, taps = verify(self.runner, self.cache.pools, batch.tokens, drafts.tokens,
-                                                 drafts.lengths, drafts.q, drafts.point, batch.positions,
-                                                 batch.block_tables, *batch.sampling)
+                                late=sd_ahead.reads_late(self.device), hidden_layers=self.feature_layers,
+                                attention=self.attention)
+        # (with the inputs of a next step run ahead of the host, which a step by itself does not read)
+        tokens_d, logprobs_d, n_d, *_, taps = verify(self.runner, self.cache.pools, batch.tokens, drafts.tokens,
+                                                     drafts.lengths, drafts.q, drafts.point, batch.positions,
+                                                     batch.block_tables, *batch.sampling, batch.left,
+                                                     self.eos_ids, self._watching(seqs, len(batch.tokens)))
         tokens, logprobs, n = read_back(tokens_d, logprobs_d, n_d)  # the step's one host read
         lengths = drafts.lengths_list if drafts.lengths_list is not None else caps
         kinds = drafts.kinds or [self.drafter.kind] * len(seqs)

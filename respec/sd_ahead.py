@@ -46,7 +46,7 @@ import torch
 from respec.drafters import DraftBatch
 from respec.host_copy import to_device
 from respec.run_ahead import Behind
-from respec.speculative import verify_step
+from respec.speculative import slack, verify_step
 
 
 def runs_ahead(engine, groups, room: list[int]) -> int:
@@ -71,14 +71,6 @@ def reads_late(device: torch.device) -> bool:
     import respec.run_ahead as ahead
 
     return Behind(device).cuda if ahead.READ_LATE is None else ahead.READ_LATE
-
-
-def slack(k: int, late: bool) -> int:
-    """The room every row must have left for the run to go on: 2, so that each row drafts at least
-    one token at every step (a row drafts up to its room less one, as the plan caps it; a step in
-    which no row could draft is the step-by-step loop's plain step); where the flag is read a step
-    late, one more step runs after it, which takes up to k + 1 more."""
-    return k + 3 if late else 2
 
 
 def steps_ahead(engine, seqs, k: int, max_steps: int) -> int:
@@ -112,44 +104,35 @@ def sd_run_ahead(engine, seqs, group, steps: int, policy, should_stop=None) -> N
     rows = engine.steps.batch_bucket(n, engine.max_batch)
     pad = [0] * (rows - n)
     sampling, use_filter = engine._row_params(seqs, rows)
+    caps = [min(k, r - 1) for r in rooms]  # the plan's (every room is at least the slack)
     tokens, positions, tables, max_drafts, left = to_device(
         dev, [s.tokens[-1] for s in seqs] + pad, [len(s.tokens) - 1 for s in seqs] + pad,
-        engine._table_rows(seqs, rows), [k] * n + pad, rooms + [1 << 40] * (rows - n))  # (tables as wide as the last step needs)
+        engine._table_rows(seqs, rows), caps + pad, rooms + [1 << 40] * (rows - n))  # (tables as wide as the last step needs)
     batch = DraftBatch(seqs=seqs, k=k, sampling=sampling, use_filter=use_filter, coupled=engine.verify == "match",
                        tokens=tokens, positions=positions, block_tables=tables, max_drafts=max_drafts,
-                       max_drafts_list=[min(k, r - 1) for r in rooms])
-    limit = max_drafts  # k, 0 for padding rows
-    batch.max_drafts = (left - 1).clamp(min=0).minimum(limit)  # (the plan's caps)
+                       max_drafts_list=caps, left=left)
     state = drafter.ahead_state(batch)
-    verify = engine.steps.get(verify_step, use_filter=use_filter, rule=engine.verify,
+    verify = engine.steps.get(verify_step, use_filter=use_filter, rule=engine.verify, late=late,
                               hidden_layers=engine.feature_layers, attention=engine.attention)
     watching = engine._watching(seqs, rows)
-    watch = any(s.params.stop_on_eos for s in seqs) and bool(engine.eos)
-    j = torch.arange(k + 1, device=dev).view(1, -1)
-    need = slack(k, late)
     out_tokens, out_logprobs, out_n = [], [], []
     while len(out_tokens) < steps:
         drafts = drafter.draft_ahead(batch, state)
-        tokens_d, logprobs_d, n_d, taps = verify(engine.runner, engine.cache.pools, batch.tokens, drafts.tokens,
-                                                 drafts.lengths, drafts.q, drafts.point, batch.positions,
-                                                 batch.block_tables, *sampling)
+        # the verify, and in the same compiled step each row's next input token, position, room and
+        # cap (a row near its limit drafts fewer), the verified pairs and the stop flag
+        # (respec/speculative.py `next_inputs`; padding rows: room without end)
+        tokens_d, logprobs_d, n_d, batch.tokens, batch.positions, batch.left, batch.max_drafts, ended, *pairs, taps = \
+            verify(engine.runner, engine.cache.pools, batch.tokens, drafts.tokens, drafts.lengths, drafts.q,
+                   drafts.point, batch.positions, batch.block_tables, *sampling, batch.left, engine.eos_ids, watching)
         out_tokens.append(tokens_d)
         out_logprobs.append(logprobs_d)
         out_n.append(n_d)
-        state = drafter.advance(state, batch.positions, tokens_d, n_d, taps)
-        batch.tokens = tokens_d.gather(1, n_d.view(-1, 1)).view(-1)
-        batch.positions = batch.positions + n_d + 1
-        left = left - n_d - 1
-        batch.max_drafts = (left - 1).clamp(min=0).minimum(limit)  # (a row near its limit drafts fewer)
+        state = drafter.advance(state, tokens_d, *pairs, taps)
         if should_stop is not None and should_stop():
             break
         if late and flag.pending is not None and flag.receive():  # the step before ended a row or filled one
             break
         if len(out_tokens) < steps:
-            ended = (left < need).any()  # (padding rows: room without end)
-            if watch:
-                hit = ((tokens_d.unsqueeze(2) == engine.eos_ids).any(2) & (j <= n_d.view(-1, 1))).any(1)
-                ended = ended | (hit & watching).any()
             flag.send(ended)
             if not late and flag.receive():
                 break

@@ -138,30 +138,72 @@ def draft_next(drafter, hidden, seeds, temperature, top_k, top_p, min_p, next_po
     return tokens, q
 
 
-def verify_tail(target, hidden, drafts, lengths, q, point, seeds, temperature, top_k, top_p, min_p, positions, *,
-                use_filter: bool, rule: str = "match"):
-    """The target's output head over the k+1 verified positions, hidden (B, k+1, d), and the
-    verification rule (`match_drafts` or `accept_drafts`). A compiled region (compile/policy.py)."""
+def slack(k: int, late: bool) -> int:
+    """The room every row of a run ahead of the host (respec/sd_ahead.py) must have left for the run
+    to go on: 2, so that each row drafts at least one token at every step (a row drafts up to its
+    room less one, as the plan caps it; a step in which no row could draft is the step-by-step
+    loop's plain step); where the flag is read a step late, one more step runs after it, which takes
+    up to k + 1 more."""
+    return k + 3 if late else 2
+
+
+def next_inputs(tokens, n, positions, left, lengths, eos_ids, watching, *, late: bool):
+    """What the next SD step of a run ahead of the host needs (respec/sd_ahead.py), from a verify
+    that emitted tokens[:, :n+1] (B, k+1) after `positions` (B,):
+
+    * each row's newest token, tokens[n], and its position, positions + n + 1;
+    * its room (`left` (B,): tokens it may still emit) less what it emitted, and its draft cap at
+      the next step: that room less one, at most k (0 for a row that drafted nothing: padding);
+    * the verified pairs, as a drafter that runs ahead consumes them: pair j (the token emitted
+      after position positions + j) at position positions + 1 + j, valid for j <= n;
+    * whether the run must stop (0-d bool): a `watching` row (B,) emitted one of `eos_ids` (1, E;
+      -1 where there are none), or a row's room fell under the run's `slack` (`late`: the host reads
+      the flag a step late).
+
+    Device ops only, inside the verify's compiled tail; the step-by-step loop reads none of it."""
+    B, k1 = tokens.shape
+    j = torch.arange(k1, device=tokens.device).view(1, k1)
+    valid = j <= n.view(B, 1)  # (B, k+1)
+    first = positions.view(B, 1) + 1
+    pair_positions = torch.where(valid, first + j, first)
+    newest = tokens.gather(1, n.view(B, 1)).view(B)
+    left = left - n - 1
+    caps = (left - 1).clamp(min=0).minimum(torch.where(lengths > 0, k1 - 1, 0))
+    hit = ((tokens.unsqueeze(2) == eos_ids.view(1, 1, -1)).any(2) & valid).any(1) & watching  # (B,)
+    ended = (left < slack(k1 - 1, late)).any() | hit.any()
+    return newest, positions + n + 1, left, caps, ended, pair_positions, valid
+
+
+def verify_tail(target, hidden, drafts, lengths, q, point, seeds, temperature, top_k, top_p, min_p, positions, left,
+                eos_ids, watching, *, use_filter: bool, rule: str = "match", late: bool = False):
+    """The target's output head over the k+1 verified positions, hidden (B, k+1, d), the
+    verification rule (`match_drafts` or `accept_drafts`), and the next step's inputs
+    (`next_inputs`). A compiled region (compile/policy.py)."""
     B, k1 = drafts.shape[0], drafts.shape[1] + 1
     rep = lambda t: t.repeat_interleave(k1)  # noqa: E731  per-row parameters for every position
     p = sampling_logprobs(target.logits(hidden).flatten(0, 1), rep(temperature), rep(top_k), rep(top_p),
                           use_filter=use_filter, min_p=rep(min_p)).view(B, k1, -1)
     if rule == "match":
-        return match_drafts(p, drafts, lengths, temperature, seeds, positions)
-    return accept_drafts(p, q, drafts, lengths, temperature, seeds, positions, point)
+        tokens, logprobs, n = match_drafts(p, drafts, lengths, temperature, seeds, positions)
+    else:
+        tokens, logprobs, n = accept_drafts(p, q, drafts, lengths, temperature, seeds, positions, point)
+    return tokens, logprobs, n, *next_inputs(tokens, n, positions, left, lengths, eos_ids, watching, late=late)
 
 
 def verify_step(target, pools, tokens, drafts, lengths, q, point, positions, block_tables, seeds, temperature, top_k,
-                top_p, min_p, *, use_filter: bool, rule: str = "match", hidden_layers=(), run_block=None,
-                verify_fn=verify_tail, attention: str = "gather"):
+                top_p, min_p, left, eos_ids, watching, *, use_filter: bool, rule: str = "match", late: bool = False,
+                hidden_layers=(), run_block=None, verify_fn=verify_tail, attention: str = "gather"):
     """Verify every row's drafts in one target forward over k+1 positions, by `rule` (see the module
     docstring).
 
     tokens (B,): each row's newest token, at `positions` (B,), not yet in the cache; drafts (B, k)
     of which row i proposed lengths[i]; q (B, k, V) or None, and point (B,) or None, as `accept_drafts`. Slots past a row's
     proposals are neither written (they go to the null block) nor looked up past its table.
-    Returns (tokens (B, k+1), log-probs (B, k+1), n (B,)) as `accept_drafts`, and with
-    `hidden_layers` the target's features at the k+1 verified positions (B, k+1, F)."""
+    Returns (tokens (B, k+1), log-probs (B, k+1), n (B,)) as `accept_drafts`; the next step's inputs
+    for a run ahead of the host, from left (B,), eos_ids (1, E), watching (B,) and `late`
+    (`next_inputs`: newest tokens, positions, left, caps, the stop flag, the verified pairs'
+    positions and validity); and, with `hidden_layers`, the target's features at the k+1 verified
+    positions (B, k+1, F), else None."""
     B, k = drafts.shape
     j = torch.arange(k + 1, device=positions.device)
     valid = j.view(1, -1) <= lengths.view(B, 1)  # (B, k+1) the newest token and each row's drafts
@@ -170,6 +212,6 @@ def verify_step(target, pools, tokens, drafts, lengths, q, point, positions, blo
     kv = PagedKV.build(pools, block_tables, v_pos, target.cfg.n_rep, valid=valid, attention=attention)
     out = target(v_tokens, v_pos, kv, run_block=run_block, hidden_layers=hidden_layers)
     hidden, taps = out if hidden_layers else (out, None)  # (B, k+1, d)
-    tokens_out, logprobs, n = verify_fn(target, hidden, drafts, lengths, q, point, seeds, temperature, top_k, top_p,
-                                        min_p, positions, use_filter=use_filter, rule=rule)
-    return tokens_out, logprobs, n, (torch.cat(taps, dim=-1) if hidden_layers else None)
+    out = verify_fn(target, hidden, drafts, lengths, q, point, seeds, temperature, top_k, top_p, min_p, positions, left,
+                    eos_ids, watching, use_filter=use_filter, rule=rule, late=late)
+    return *out, (torch.cat(taps, dim=-1) if hidden_layers else None)

@@ -86,6 +86,9 @@ class DraftBatch:
     coupled: bool  # draw proposals with the target's own noise (the match rule, respec/speculative.py)
     max_drafts: torch.Tensor  # (rows,) int64 most tokens each row may propose (room left; <= k)
     max_drafts_list: list[int]  # the same for the real rows, on the host
+    # (rows,) int64 tokens each row may still emit (at least its max_drafts + 1): what the verify's
+    # next inputs for a run ahead of the host count down (respec/speculative.py `next_inputs`)
+    left: torch.Tensor | None = None
 
 
 @dataclass
@@ -164,10 +167,11 @@ class Drafter:
         its `max_drafts`."""
         raise NotImplementedError
 
-    def advance(self, state, positions: torch.Tensor, tokens: torch.Tensor, n: torch.Tensor,
+    def advance(self, state, tokens: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
                 taps: torch.Tensor | None):
-        """With `runs_ahead`: the state after a verify at `positions` (rows,) that kept n (rows,) drafts
-        and emitted tokens[:, :n+1] (rows, k+1), taps (rows, k+1, F) its features; device ops only."""
+        """With `runs_ahead`: the state after a verify, from its pairs (respec/speculative.py
+        `next_inputs`): tokens (rows, k+1) it verified, each emitted at positions (rows, k+1) where
+        `valid` (rows, k+1), taps (rows, k+1, F) the target's features there; device ops only."""
         raise NotImplementedError
 
     def long_drafts(self, seqs) -> list[int] | None:

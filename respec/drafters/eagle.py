@@ -258,14 +258,11 @@ class EagleDrafter(Drafter):
         self.consumed = {s.id for s in batch.seqs}
         return Drafts(drafts, batch.max_drafts, q)
 
-    def advance(self, state: tuple, positions, tokens, n, taps) -> tuple:
-        """The verified pairs the head has not seen, as `commit` keeps them, on the device: pair j is
-        (the target's feature at positions + j, token j emitted after it), j = 0..n; the newest is
-        the last valid one. Slots past n: not written, at the row's first pair's position."""
-        j = torch.arange(tokens.shape[1], device=tokens.device).view(1, -1)
-        valid = j <= n.view(-1, 1)
-        first = positions.view(-1, 1) + 1
-        return taps, tokens, torch.where(valid, first + j, first), valid
+    def advance(self, state: tuple, tokens, positions, valid, taps) -> tuple:
+        """The verified pairs the head has not seen, as `commit` keeps them: pair j is (the target's
+        feature at the verify's position j, token j emitted after it), valid up to the newest; the
+        slots past it are not written (they sit at the row's first pair's position)."""
+        return taps, tokens, positions, valid
 
     def commit(self, seqs, n, tokens, taps) -> None:
         """The verified pairs the head has not seen: up to the newest token (after the pairs still

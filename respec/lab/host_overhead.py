@@ -12,10 +12,11 @@ where no GPU is needed, with the tiny model on the CPU:
   `--tokens` new tokens each, greedy, no EOS stop), the engine's wall time outside the step
   functions it runs: the rollout's wall time, less its prefills, less the time spent inside every
   function `engine.steps` hands out (the compiled decode and verify steps, the drafter's), over the
-  rollout's decoding steps. Plain rollouts decode without a drafter; SD rollouts run the history
-  drafter with k = 3 on prompts that repeat, so most steps draft and verify (`--drafter eagle`: an
-  untrained EAGLE head, k = 3, every step drafting: its steps run ahead of the host, respec/sd_ahead.py,
-  unless `--run-ahead 0`). The figure is the
+  rollout's decoding steps (`plain_step_us` / `sd_step_us`: the same with the step functions'
+  time left in, the whole decoding step as the rollout ran it). Plain rollouts decode without a
+  drafter; SD rollouts run the history drafter with k = 3 on prompts that repeat, so most steps
+  draft and verify (`--drafter eagle`: an untrained EAGLE head, k = 3, every step drafting: its
+  steps run ahead of the host, respec/sd_ahead.py, unless `--run-ahead 0`). The figure is the
   median of `--runs` rollouts, after every shape is compiled (`respec.profiling.warmup`) and one
   untimed rollout.
 * `syncs_per_step`: the host reads of device tensors per decoding step, counted on fake CUDA
@@ -140,7 +141,7 @@ def host_us(model, rows: int, sd: bool, tokens: int, runs: int, run_ahead: int, 
     warmup(engine, [rows], ks=[0, K] if sd else [0], progress=False)
     rollout(engine, prompts, tokens)
     inside = InsideSteps(engine)
-    per_step, sd_share = [], []
+    per_step, whole_step, sd_share = [], [], []
     for _ in range(runs):
         inside.seconds = 0.0
         t0 = time.perf_counter()
@@ -149,8 +150,10 @@ def host_us(model, rows: int, sd: bool, tokens: int, runs: int, run_ahead: int, 
         s = out.stats
         steps = s.decode_steps + s.sd_steps
         per_step.append((wall - s.prefill_s - inside.seconds) / steps * 1e6)
+        whole_step.append((wall - s.prefill_s) / steps * 1e6)
         sd_share.append(s.sd_steps / steps)
-    out = {"us": statistics.median(per_step), "sd_share": statistics.median(sd_share)}
+    out = {"us": statistics.median(per_step), "step_us": statistics.median(whole_step),
+           "sd_share": statistics.median(sd_share)}
     inside.remove()
     if parts:
         out["parts"] = host_parts(engine, prompts, tokens, runs)
@@ -292,13 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model("tiny", dtype=torch.float32)
     results = []
     print(f"{'rows':>5} {'plain us/step':>14} {'sd us/step':>11} {'sd steps':>9} "
-          f"{'syncs/step: plain':>18} {'(blocking)':>10} {'SD':>6} {'uploads/step: plain':>20} {'SD':>6}")
+          f"{'syncs/step: plain':>18} {'(blocking)':>10} {'SD':>6} {'uploads/step: plain':>20} {'SD':>6}"
+          f" {'whole step us: plain':>21} {'SD':>7}")
     for rows in args.rows:
         plain, sd = (host_us(model, rows, s, args.tokens, args.runs, args.run_ahead, args.drafter, parts=s and args.parts)
                      for s in (False, True))
         plain_syncs, sd_syncs = (syncs_per_step(rows, s, run_ahead=args.run_ahead, drafter=args.drafter)
                                  for s in (False, True))
         r = {"rows": rows, "plain_us": round(plain["us"], 1), "sd_us": round(sd["us"], 1),
+             "plain_step_us": round(plain["step_us"], 1), "sd_step_us": round(sd["step_us"], 1),
              "syncs_per_step": round(max(plain_syncs["syncs"], sd_syncs["syncs"]), 3),
              "blocking_syncs_per_step": round(max(plain_syncs["blocking"], sd_syncs["blocking"]), 3),
              "plain_syncs_per_step": round(plain_syncs["syncs"], 3),
@@ -311,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         print(f"{rows:>5} {r['plain_us']:>14.1f} {r['sd_us']:>11.1f} {r['sd_step_share']:>9.0%} "
               f"{r['plain_syncs_per_step']:>18.2f} {r['plain_blocking_per_step']:>10.2f} {r['sd_syncs_per_step']:>6.2f}"
-              f" {r['plain_uploads_per_step']:>20.2f} {r['sd_uploads_per_step']:>6.2f}")
+              f" {r['plain_uploads_per_step']:>20.2f} {r['sd_uploads_per_step']:>6.2f}"
+              f" {r['plain_step_us']:>21.1f} {r['sd_step_us']:>7.1f}")
     if args.parts:
         print(f"\nan SD rollout's host us per decoding step, by part ({args.drafter} drafter):")
         labels = sorted({p for r in results for p in r["parts"]}, key=lambda p: -results[-1]["parts"].get(p, 0.0))

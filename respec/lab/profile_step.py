@@ -62,7 +62,7 @@ def timed_regions(engine, timer: PartTimer) -> None:
     """Make the engine's steps run with their regions timed (blocks, head, sampler/acceptance)."""
     from models.decoder import call_block
     from respec.sampling import sample, sampling_logprobs
-    from respec.speculative import accept_drafts, match_drafts
+    from respec.speculative import accept_drafts, match_drafts, next_inputs
 
     def sample_watch(model, hidden, seeds, temperature, top_k, top_p, min_p, next_pos, eos_ids, watching, *,
                      use_filter):  # steps.sample_watch, split
@@ -74,8 +74,8 @@ def timed_regions(engine, timer: PartTimer) -> None:
             return tokens, logprobs, ((tokens.unsqueeze(1) == eos_ids).any(1) & watching).any(), next_pos
         return timer.wrap("sampling", sampler)()
 
-    def verify_tail(target, hidden, drafts, lengths, q, point, seeds, temperature, top_k, top_p, min_p, positions, *,
-                    use_filter, rule):  # speculative.verify_tail, split
+    def verify_tail(target, hidden, drafts, lengths, q, point, seeds, temperature, top_k, top_p, min_p, positions,
+                    left, eos_ids, watching, *, use_filter, rule, late):  # speculative.verify_tail, split
         B, k1 = drafts.shape[0], drafts.shape[1] + 1
         logits = timer.wrap("head", target.logits)(hidden)
 
@@ -84,8 +84,10 @@ def timed_regions(engine, timer: PartTimer) -> None:
             p = sampling_logprobs(logits.flatten(0, 1), rep(temperature), rep(top_k), rep(top_p),
                                   use_filter=use_filter, min_p=rep(min_p)).view(B, k1, -1)
             if rule == "match":
-                return match_drafts(p, drafts, lengths, temperature, seeds, positions)
-            return accept_drafts(p, q, drafts, lengths, temperature, seeds, positions, point)
+                tokens, logprobs, n = match_drafts(p, drafts, lengths, temperature, seeds, positions)
+            else:
+                tokens, logprobs, n = accept_drafts(p, q, drafts, lengths, temperature, seeds, positions, point)
+            return tokens, logprobs, n, *next_inputs(tokens, n, positions, left, lengths, eos_ids, watching, late=late)
         return timer.wrap("sampling", tail)()
 
     get = engine.steps.get
