@@ -154,6 +154,7 @@ class EagleDrafter(Drafter):
         self.pending: dict[int, list[tuple[int, int]]] = {}
         self.pending_start: dict[int, int] = {}  # seq id -> position of the first pending token
         self.consumed: set[int] = set()  # seq ids whose pending pairs the last draft consumed
+        self._sampling = None  # (the rows' sampling parameters, the same at the head's temperature)
 
     def check(self, target) -> None:
         check_eagle_fits(target, self.module)
@@ -244,19 +245,26 @@ class EagleDrafter(Drafter):
         return self.draft_ahead(batch, self.ahead_state(batch))
 
     def ahead_state(self, batch: DraftBatch) -> tuple:
-        """The rows' pending pairs laid out (`_laid_out`, k+1 wide): (features, tokens, positions, valid)."""
+        """The rows' pending pairs laid out (`_laid_out`, k+1 wide): (features, tokens, positions, valid),
+        which the drafts from it consume."""
+        self.consumed = {s.id for s in batch.seqs}
         return self._laid_out([(self.pending[s.id], self.pending_start[s.id]) for s in batch.seqs],
                               batch.tokens.shape[0], batch.k + 1)
 
     def draft_ahead(self, batch: DraftBatch, state: tuple) -> Drafts:
         step = self.view.steps.get(eagle_draft, k=batch.k, use_filter=batch.use_filter, coupled=batch.coupled)
-        sampling = batch.sampling  # the head drafts at the rollout temperature times its own factor
-        if self.draft_temperature != 1:
-            sampling = sampling._replace(temperature=sampling.temperature * self.draft_temperature)
         drafts, q = step(self.runner, self.view.target, self.view.draft_pools, *state, batch.positions,
-                         batch.block_tables, batch.max_drafts, *sampling)
-        self.consumed = {s.id for s in batch.seqs}
+                         batch.block_tables, batch.max_drafts, *self._head_sampling(batch.sampling))
         return Drafts(drafts, batch.max_drafts, q)
+
+    def _head_sampling(self, sampling):
+        """The rows' sampling parameters at the rollout temperature times the head's own factor; made
+        once for the rows' parameters (the engine's object for as long as its rows stay the same)."""
+        if self.draft_temperature == 1:
+            return sampling
+        if self._sampling is None or self._sampling[0] is not sampling:
+            self._sampling = (sampling, sampling._replace(temperature=sampling.temperature * self.draft_temperature))
+        return self._sampling[1]
 
     def advance(self, state: tuple, tokens, positions, valid, taps) -> tuple:
         """The verified pairs the head has not seen, as `commit` keeps them: pair j is (the target's
