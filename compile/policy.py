@@ -51,6 +51,14 @@ Policy, and why:
   * **TensorRT** (`mode="tensorrt"`, CUDA only, optional: requirements-trt.txt): the whole step
     compiled by Torch-TensorRT's `torch.compile` backend instead of inductor, with the same
     static pools and power-of-two table widths (one engine per shape), no CUDA graphs of ours.
+  * **The sampler's graphs keep long integer chains apart** (`SAMPLER_OPTIONS`): inductor inlines a
+    pointwise producer into its consumers unless it has more than a threshold of ops, 30 on a GPU
+    and 50 on a CPU. The sampler's per-row hash (respec/sampling.py, ~48 integer ops) stays under
+    the CPU's and was inlined into the per-token hash; generating C++ for the fused kernel then took
+    ~27 s of a 33-s cold compile of `sample` alone on two cores. With the GPU's 30 for the graphs
+    that sample (the tails, and whole steps), the row hash is one small buffer: the same tokens, the
+    same step times within noise, and a tail's cold compile 4-7 s instead of 21-35 s on a CPU
+    (docs/benchmarks.md). The decoder blocks' graphs keep the CPU's own threshold.
   * Prefill runs eagerly: its prompt lengths vary without bound, and it is a few large matrix
     products per sequence that compilation would not speed up.
   * The inductor cache lives under respec's cache directory, one directory per CPU vector ISA, so a
@@ -84,6 +92,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # drafter's head + sampler, the verify's head + acceptance test): regional compilation compiles
 # each one's default, whatever function that is.
 TAIL_PARAMS = ("sample_fn", "draft_fn", "verify_fn")
+# inductor options of the graphs that sample (see the module docstring); a GPU's own default
+SAMPLER_OPTIONS = {"realize_opcount_threshold": 30}
 MIN_TABLE_WIDTH = 4  # block-table widths below this are padded up (keeps the dynamic dim > 1)
 
 
@@ -306,7 +316,8 @@ class CompiledSteps:
 
     def _tail(self, f):
         if f not in self._tails:
-            graph = _shared(("tail", f), lambda: torch.compile(f, fullgraph=True, dynamic=False))
+            graph = _shared(("tail", f), lambda: torch.compile(f, fullgraph=True, dynamic=False,
+                                                                options=SAMPLER_OPTIONS))
 
             def rows_dynamic(*args, **kwargs):
                 _mark_rows_dynamic(args, self.max_rows)
@@ -414,8 +425,11 @@ class CompiledSteps:
         engine's bounds declared and, under CUDA graphs, its outputs copied out of the graph's memory."""
         trees = self.mode == "whole" and self.device.type == "cuda"
         key = ("whole", fn, tuple(sorted(static_kwargs.items())), self.backend, trees)
+        # (CUDA-graph trees are asked for by mode, which excludes options: a GPU's threshold is 30 anyway)
+        options = SAMPLER_OPTIONS if self.backend == "inductor" and not trees else None
         graph = _shared(key, lambda: torch.compile(partial(fn, **static_kwargs), fullgraph=True, dynamic=False,
-                                                   backend=self.backend, mode="reduce-overhead" if trees else None))
+                                                   backend=self.backend, options=options,
+                                                   mode="reduce-overhead" if trees else None))
         signature = inspect.signature(fn)
         name = step_name(fn, static_kwargs)
 

@@ -77,6 +77,35 @@ def test_whole_step_compile_equals_eager(tiny):
     assert [regional.steps.table_width(n) for n in (1, 5, 17)] == [4, 5, 17]
 
 
+def test_the_graphs_that_sample_are_compiled_with_the_sampler_options(tiny, monkeypatch):
+    """What the sampler's cold compile rests on (compile/policy.py, `SAMPLER_OPTIONS`): every graph
+    that samples (a regional step's tails, a whole step) is compiled with those inductor options;
+    the decoder blocks' and the head's graphs with inductor's own. (Recorded, not compiled.)"""
+    import compile.policy as policy
+    from respec.speculative import verify_step
+    from respec.steps import decode_step
+
+    calls = {}
+    compile_ = torch.compile
+
+    def recording(fn, **kwargs):
+        calls[getattr(fn, "func", fn).__name__] = kwargs.get("options")
+        return compile_(fn, **kwargs)
+
+    monkeypatch.setattr(policy, "_SHARED", {})  # (the process's compiled functions made anew)
+    monkeypatch.setattr(torch, "compile", recording)
+    regional = RolloutEngine(tiny, kv_cache_bytes=16 << 20, eager=False, compile_mode="regional", max_batch=4)
+    for fn in (decode_step, verify_step):
+        regional.steps.get(fn, use_filter=False)
+    assert calls == {"call_block": None, "call_head": None, "sample_watch": policy.SAMPLER_OPTIONS,
+                     "verify_tail": policy.SAMPLER_OPTIONS}
+    calls.clear()
+    whole = RolloutEngine(tiny, kv_cache_bytes=16 << 20, eager=False, compile_mode="whole", max_batch=4)
+    whole.steps.get(decode_step, use_filter=False)
+    assert calls == {"decode_step": policy.SAMPLER_OPTIONS}
+    assert policy.SAMPLER_OPTIONS == {"realize_opcount_threshold": 30}
+
+
 @pytest.mark.parametrize("mode", ["whole", "regional-dynamic"])
 def test_dynamic_batch_compiles_once_for_every_batch_size(tiny, mode):
     """Rows finishing one after another take the batch through buckets 8, 4 and 2: a dynamic batch

@@ -56,15 +56,19 @@ def test_vocabulary_hash_table_gives_the_same_noise():
     """`vocab_hashes` only moves the per-vocabulary half of the hash out of the compiled steps: the
     noise is the same with the table, computed inline, eager and compiled."""
     import respec.sampling as sampling
+    from compile.policy import SAMPLER_OPTIONS
 
     seed, pos = torch.tensor([3, 72]), torch.tensor([5, 600])
     sampling._VOCAB_HASHES.clear()
-    inline_compiled = torch.compile(uniform_noise, fullgraph=True, dynamic=False)(seed, pos, V, STREAM_SAMPLE)
+    # (compiled as the engine compiles the graphs that sample)
+    inline_compiled = torch.compile(uniform_noise, fullgraph=True, dynamic=False, options=SAMPLER_OPTIONS)(
+        seed, pos, V, STREAM_SAMPLE)
     assert not sampling._VOCAB_HASHES  # a table is never stored from inside a compiled graph
     eager = uniform_noise(seed, pos, V, STREAM_SAMPLE)
     assert sampling._VOCAB_HASHES  # ... but from eager code
     torch._dynamo.reset()
-    table_compiled = torch.compile(uniform_noise, fullgraph=True, dynamic=False)(seed, pos, V, STREAM_SAMPLE)
+    table_compiled = torch.compile(uniform_noise, fullgraph=True, dynamic=False, options=SAMPLER_OPTIONS)(
+        seed, pos, V, STREAM_SAMPLE)
     assert torch.equal(inline_compiled, eager) and torch.equal(table_compiled, eager)
     assert torch.equal(sampling.vocab_hashes(V, "cpu"), sampling._mix32(torch.arange(V)))
 
