@@ -52,13 +52,13 @@ Policy, and why:
     compiled by Torch-TensorRT's `torch.compile` backend instead of inductor, with the same
     static pools and power-of-two table widths (one engine per shape), no CUDA graphs of ours.
   * **The sampler's graphs keep long integer chains apart** (`SAMPLER_OPTIONS`): inductor inlines a
-    pointwise producer into its consumers unless it has more than a threshold of ops (torch 2.13: 30 on a GPU
-    and 50 on a CPU). The sampler's per-row hash (respec/sampling.py, ~48 integer ops) stays under
-    the CPU's and was inlined into the per-token hash; generating C++ for the fused kernel then took
-    ~27 s of a 33-s cold compile of `sample` alone on two cores. With the GPU's 30 for the graphs
-    that sample (the tails, and whole steps), the row hash is one small buffer: the same tokens, the
-    same step times within noise, and a tail's cold compile 4-7 s instead of 21-35 s on a CPU
-    (docs/benchmarks.md). The decoder blocks' graphs keep the CPU's own threshold.
+    pointwise producer into its consumers unless it has more than a threshold of ops (torch 2.13:
+    30 on a GPU, 50 on a CPU). The sampler's per-row hash (respec/sampling.py, ~48 integer ops)
+    stays under the CPU's and was inlined into the per-token hash; generating C++ for the fused
+    kernel then took ~27 s of a 33-s cold compile of `sample` alone on two cores. With the GPU's 30
+    for the graphs that sample (the tails, and whole steps), the row hash is one small buffer: the
+    same tokens, the same step times within noise, and a tail's cold compile 4-7 s instead of
+    21-35 s on a CPU (docs/benchmarks.md). The decoder blocks' graphs keep the CPU's own threshold.
   * Prefill runs eagerly: its prompt lengths vary without bound, and it is a few large matrix
     products per sequence that compilation would not speed up.
   * The inductor cache lives under respec's cache directory, one directory per CPU vector ISA, so a

@@ -12,9 +12,9 @@ length k (each row capped by its room), none of that is needed between two steps
 * the rows' state lives on the device: each row's newest token (the verify's token after its
   accepted drafts, `tokens[n]`), its position (moved by what the row emitted, n + 1), its room and
   draft cap, the verified pairs (computed inside the verify's compiled step: respec/speculative.py
-  `next_inputs`), the drafter's state (`Drafter.advance`, from those pairs), the block tables (slots for (k + 1) tokens a step reserved before the
-  run starts: a rejected draft's slot is simply written again by the next step, at the same
-  position) and the sampling parameters;
+  `next_inputs`), the drafter's state (`Drafter.advance`, from those pairs), the block tables
+  (slots for (k + 1) tokens a step reserved before the run starts: a rejected draft's slot is
+  simply written again by the next step, at the same position) and the sampling parameters;
 * the only thing the host must learn before the next step is whether some row emitted EOS or came
   near its limit (below): one flag per step, computed by the verify too, read at once on a CPU and
   a step late on a GPU (respec/run_ahead.py `Behind`; the late step's tokens of a row that ended are
