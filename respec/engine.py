@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +47,7 @@ from compile.policy import CompiledSteps
 from respec.drafters import DraftBatch, Drafter, EngineView, NoDrafter
 from respec.drafters.wrap import as_drafter
 from respec.host_copy import to_device
+from respec.host_memory import heap_reused
 from respec.kv_cache import PagedKVCache
 from respec.paged_attention import ATTENTION_KINDS
 import respec.run_ahead as ahead
@@ -362,7 +363,9 @@ class RolloutEngine:
         policy = policy if policy is not None else self.policy
         waiting: deque[Sequence] = deque(seqs)
         running: list[Sequence] = []
-        with torch.no_grad(), self._drafter_for(seqs, policy):
+        # (on a CPU the steps' large blocks reused from the heap, not mapped anew: respec/host_memory.py)
+        heap = heap_reused() if self.device.type == "cpu" else nullcontext()
+        with torch.no_grad(), self._drafter_for(seqs, policy), heap:
             while waiting or running:
                 if should_stop is not None and should_stop():
                     for s in running:

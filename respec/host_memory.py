@@ -7,6 +7,12 @@ resident size climbs with every phase that allocates somewhere new, and a peak i
 plus all the freed memory held beside it. `release_free_memory` (glibc's `malloc_trim`) returns
 it: the trainer calls it between phases on the CPU (1-33 ms).
 
+Within a rollout the opposite holds: a decoding step frees and allocates the same large blocks
+every step (a 64-row verify's logits over a 49,152-token vocabulary: 50 MB). glibc maps a block
+that large anew on each allocation and unmaps it when freed, so every step faults its pages in and
+zeroes them again. `heap_reused` keeps such blocks in the heap for the length of a rollout (the
+engine generates inside it on a CPU); the trainer's trim after the rollout hands them back.
+
 What a trim does not return leaves with its process: after the default head's pretraining in the
 same process, 0.55 GiB stayed resident, trimmed, held by no Python object (caches below Python, or
 heap pages pinned by a few live allocations; not traced further). `run_apart` runs such a one-off
@@ -14,6 +20,7 @@ job in a child process, so that a run starts from what the job wrote to disk."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import os
@@ -41,14 +48,50 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def _libc_trim():
+def _glibc(name: str):
+    """glibc's function `name`, or None where the C library is another (macOS, musl)."""
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to call
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
         return None
 
 
-_TRIM = _libc_trim()
+_TRIM = _glibc("malloc_trim")
+_MALLOPT = _glibc("mallopt")
+if _MALLOPT is not None:
+    _MALLOPT.argtypes, _MALLOPT.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int  # (C ints: < 2 GiB)
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+# Inside `heap_reused`: every block up to 1 GiB from the heap, and no free below 1 GiB handed back.
+REUSE = {M_MMAP_THRESHOLD: 1 << 30, M_TRIM_THRESHOLD: 1 << 30}
+# After it: glibc's thresholds where a busy process's own end up. By default the mmap threshold
+# rises to the size of the largest mapped block freed, up to 32 MiB on a 64-bit machine, and the
+# trim threshold to twice that; setting either ends that rise for the process, so both are put
+# back at those highs.
+SETTLED = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 64 << 20}
+
+
+@contextlib.contextmanager
+def heap_reused():
+    """Blocks freed inside are kept in the heap for the next allocation rather than unmapped, and
+    large blocks come from the heap rather than from a fresh mapping (glibc's `mallopt`; elsewhere
+    nothing changes). What is kept stays resident until `release_free_memory`."""
+    global _reusing
+    if _MALLOPT is None or _reusing:  # (not glibc; or inside one already, which puts them back)
+        yield
+        return
+    for param, value in REUSE.items():
+        _MALLOPT(param, value)
+    _reusing = True
+    try:
+        yield
+    finally:
+        _reusing = False
+        for param, value in SETTLED.items():
+            _MALLOPT(param, value)
+
+
+_reusing = False
 
 
 def release_free_memory(full: bool = False) -> None:

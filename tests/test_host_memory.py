@@ -85,3 +85,55 @@ def test_freed_memory_goes_back_to_the_os():
     assert grown > 400 << 20 and held > 400 << 20 and host_memory.rss_bytes() - before < 64 << 20
     assert host_memory.peak_rss_bytes() >= before + grown - (16 << 20)  # (two counts of pages)
     del pin
+
+
+def _kept_after_a_free() -> int:
+    """Bytes still resident after a 64 MiB tensor (over any mmap threshold glibc picks by itself) is
+    made and freed."""
+    import torch
+
+    host_memory.release_free_memory()
+    before = host_memory.rss_bytes()
+    block = torch.ones(16 << 20)
+    del block
+    return host_memory.rss_bytes() - before
+
+
+def _kept_outside_inside_nested_after() -> list[int]:
+    kept = [_kept_after_a_free()]
+    with host_memory.heap_reused():
+        kept.append(_kept_after_a_free())
+        with host_memory.heap_reused():  # nested: the outer one still holds when the inner ends
+            pass
+        kept.append(_kept_after_a_free())
+    kept.append(_kept_after_a_free())
+    host_memory.release_free_memory()
+    return kept
+
+
+def test_a_rollout_keeps_its_large_blocks_in_the_heap():
+    """Inside `heap_reused` a large freed block stays in the heap for the next allocation; outside
+    it, before and after, glibc unmaps it on the free (both sides checked). In a fresh process: in
+    this one, a block that large may already sit free in the heap from an earlier test."""
+    if host_memory._MALLOPT is None:
+        pytest.skip("not glibc: no mallopt")
+    outside, inside, nested, after = host_memory.run_apart(_kept_outside_inside_nested_after)
+    assert outside < 8 << 20 and after < 8 << 20, (outside, after)
+    assert inside > 56 << 20 and nested > 56 << 20, (inside, nested)
+
+def test_the_engine_generates_in_the_reused_heap_on_a_cpu(tiny, monkeypatch):
+    import contextlib
+
+    from respec import engine as engine_module
+
+    entered = []
+
+    @contextlib.contextmanager
+    def recorded():
+        entered.append(True)
+        yield
+
+    monkeypatch.setattr(engine_module, "heap_reused", recorded)
+    engine = engine_module.RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True)
+    engine.generate([[3, 4, 5]], engine_module.SamplingParams(max_new_tokens=4, temperature=0.0))
+    assert entered == [True]
