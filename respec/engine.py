@@ -363,8 +363,9 @@ class RolloutEngine:
         policy = policy if policy is not None else self.policy
         waiting: deque[Sequence] = deque(seqs)
         running: list[Sequence] = []
-        # (on a CPU the steps' large blocks reused from the heap, not mapped anew: respec/host_memory.py)
-        heap = heap_reused() if self.device.type == "cpu" else nullcontext()
+        # (on a CPU, steps whose logits are larger than glibc keeps in its heap by its own rule reuse
+        # them from the heap rather than mapping them anew: respec/host_memory.py)
+        heap = heap_reused(self.widest_logits_bytes(len(seqs))) if self.device.type == "cpu" else nullcontext()
         with torch.no_grad(), self._drafter_for(seqs, policy), heap:
             while waiting or running:
                 if should_stop is not None and should_stop():
@@ -385,6 +386,14 @@ class RolloutEngine:
                 if finished and on_finish is not None:
                     on_finish(len(finished))
         return Completions([Completion(s.out, s.logprobs, s.finish_reason, s.verified) for s in seqs], self.stats)
+
+    def widest_logits_bytes(self, n: int) -> int:
+        """The fp32 logits of the widest step `n` sequences take in common: their rows (padded to a
+        batch bucket) x a k-draft verify (or a plain step) x the vocabulary. (A replay verify's long
+        drafts are left out: the solver gives them to a few rows at a few steps, and counting them
+        would turn the setting on for every rollout that may replay, however small its steps.)"""
+        rows = self.steps.batch_bucket(min(n, self.max_batch), self.max_batch)
+        return rows * (self.k + 1) * padded_vocab(self.model.cfg.vocab_size) * 4
 
     @contextmanager
     def _drafter_for(self, seqs: list[Sequence], policy: Policy):

@@ -64,21 +64,26 @@ if _MALLOPT is not None:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 # Inside `heap_reused`: every block up to 1 GiB from the heap, and no free below 1 GiB handed back.
 REUSE = {M_MMAP_THRESHOLD: 1 << 30, M_TRIM_THRESHOLD: 1 << 30}
-# After it: glibc's thresholds where a busy process's own end up. By default the mmap threshold
-# rises to the size of the largest mapped block freed, up to 32 MiB on a 64-bit machine, and the
-# trim threshold to twice that; setting either ends that rise for the process, so both are put
-# back at those highs.
-SETTLED = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 64 << 20}
+# After it: the mmap threshold where a busy process's own ends up (by default it rises to the size
+# of the largest mapped block freed, up to 32 MiB on a 64-bit machine; setting it ends that rise),
+# so that the update's large blocks are mapped as before. The trim threshold stays high: put back
+# low, the first free after a rollout would hand the heap's top back at once (measured: 0.24 ms a
+# step at 64 rows, the next rollout faulting it all in again), where the caller trims when it means
+# to (the trainer, after every rollout and every update: `release_free_memory`).
+GLIBC_OWN_MAX = 32 << 20
+SETTLED = {M_MMAP_THRESHOLD: GLIBC_OWN_MAX}
 
 
 @contextlib.contextmanager
-def heap_reused():
+def heap_reused(largest: int | None = None):
     """Blocks freed inside are kept in the heap for the next allocation rather than unmapped, and
     large blocks come from the heap rather than from a fresh mapping (glibc's `mallopt`; elsewhere
-    nothing changes). What is kept stays resident until `release_free_memory`."""
+    nothing changes). What is kept stays resident, after it too, until `release_free_memory`. Only
+    where the work inside can make a block larger than glibc's own rule ever keeps (`largest` bytes;
+    None: in any case): below that, the process's thresholds are left as they are."""
     global _reusing
-    if _MALLOPT is None or _reusing:  # (not glibc; or inside one already, which puts them back)
-        yield
+    if _MALLOPT is None or _reusing or (largest is not None and largest <= GLIBC_OWN_MAX):
+        yield  # (not glibc; inside one already, which puts them back; or nothing that large)
         return
     for param, value in REUSE.items():
         _MALLOPT(param, value)

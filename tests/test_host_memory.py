@@ -101,7 +101,9 @@ def _kept_after_a_free() -> int:
 
 def _kept_outside_inside_nested_after() -> list[int]:
     kept = [_kept_after_a_free()]
-    with host_memory.heap_reused():
+    with host_memory.heap_reused(largest=host_memory.GLIBC_OWN_MAX):  # nothing larger: left alone
+        kept.append(_kept_after_a_free())
+    with host_memory.heap_reused(largest=64 << 20):
         kept.append(_kept_after_a_free())
         with host_memory.heap_reused():  # nested: the outer one still holds when the inner ends
             pass
@@ -113,12 +115,13 @@ def _kept_outside_inside_nested_after() -> list[int]:
 
 def test_a_rollout_keeps_its_large_blocks_in_the_heap():
     """Inside `heap_reused` a large freed block stays in the heap for the next allocation; outside
-    it, before and after, glibc unmaps it on the free (both sides checked). In a fresh process: in
-    this one, a block that large may already sit free in the heap from an earlier test."""
+    it, before and after, and inside one told that nothing larger than glibc keeps by itself is
+    made, glibc unmaps it on the free (both sides checked). In a fresh process: in this one, a
+    block that large may already sit free in the heap from an earlier test."""
     if host_memory._MALLOPT is None:
         pytest.skip("not glibc: no mallopt")
-    outside, inside, nested, after = host_memory.run_apart(_kept_outside_inside_nested_after)
-    assert outside < 8 << 20 and after < 8 << 20, (outside, after)
+    outside, small, inside, nested, after = host_memory.run_apart(_kept_outside_inside_nested_after)
+    assert outside < 8 << 20 and small < 8 << 20 and after < 8 << 20, (outside, small, after)
     assert inside > 56 << 20 and nested > 56 << 20, (inside, nested)
 
 def test_the_engine_generates_in_the_reused_heap_on_a_cpu(tiny, monkeypatch):
@@ -129,11 +132,13 @@ def test_the_engine_generates_in_the_reused_heap_on_a_cpu(tiny, monkeypatch):
     entered = []
 
     @contextlib.contextmanager
-    def recorded():
-        entered.append(True)
+    def recorded(largest):
+        entered.append(largest)
         yield
 
     monkeypatch.setattr(engine_module, "heap_reused", recorded)
-    engine = engine_module.RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True)
-    engine.generate([[3, 4, 5]], engine_module.SamplingParams(max_new_tokens=4, temperature=0.0))
-    assert entered == [True]
+    engine = engine_module.RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True, max_batch=64)
+    params = engine_module.SamplingParams(max_new_tokens=4, temperature=0.0)
+    engine.generate([[3, 4, 5]], params)
+    engine.generate([[3, 4, 5]] * 40, params)  # (a batch of 40 steps padded to 64 rows)
+    assert entered == [1 * 49152 * 4, 64 * 49152 * 4]  # one position a row: no drafter
