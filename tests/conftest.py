@@ -23,7 +23,7 @@ use_persistent_cache()
 # Under pytest-xdist (the README runs the suite as `-n 2`) each worker gets its share of the cores,
 # and the train.py and torchrun processes a test starts inherit it: two workers each spinning
 # OpenMP threads on every core ran a part of the suite 2.1x slower than one process did, two with
-# one thread each 20% faster (2 cores).
+# one thread each 18% faster (2 cores).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     THREADS = max(1, cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
