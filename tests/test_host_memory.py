@@ -124,10 +124,15 @@ def test_a_rollout_keeps_its_large_blocks_in_the_heap():
     assert outside < 8 << 20 and small < 8 << 20 and after < 8 << 20, (outside, small, after)
     assert inside > 56 << 20 and nested > 56 << 20, (inside, nested)
 
+
 def test_the_engine_generates_in_the_reused_heap_on_a_cpu(tiny, monkeypatch):
+    """The engine's rollouts on a CPU run inside `heap_reused`, told the fp32 logits of their widest
+    k-draft step: padded rows x (k + 1) x the vocabulary (49,152 here); 64 rows of a 3-draft verify
+    (50 MB) make the setting, the others stay under glibc's own threshold."""
     import contextlib
 
     from respec import engine as engine_module
+    from respec.drafters.history import HistoryDrafter
 
     entered = []
 
@@ -137,8 +142,12 @@ def test_the_engine_generates_in_the_reused_heap_on_a_cpu(tiny, monkeypatch):
         yield
 
     monkeypatch.setattr(engine_module, "heap_reused", recorded)
-    engine = engine_module.RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True, max_batch=64)
     params = engine_module.SamplingParams(max_new_tokens=4, temperature=0.0)
-    engine.generate([[3, 4, 5]], params)
-    engine.generate([[3, 4, 5]] * 40, params)  # (a batch of 40 steps padded to 64 rows)
-    assert entered == [1 * 49152 * 4, 64 * 49152 * 4]  # one position a row: no drafter
+    plain = engine_module.RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True, max_batch=64)
+    plain.generate([[3, 4, 5]], params)
+    plain.generate([[3, 4, 5]] * 40, params)  # (a batch of 40 steps padded to 64 rows)
+    sd = engine_module.RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True, max_batch=64,
+                                     drafter=HistoryDrafter(), num_draft_tokens=3)
+    sd.generate([[3, 4, 5]] * 40, params)
+    assert entered == [1 * 49152 * 4, 64 * 49152 * 4, 64 * 4 * 49152 * 4]
+    assert entered[-1] > host_memory.GLIBC_OWN_MAX >= entered[1]
