@@ -54,7 +54,7 @@ import respec.run_ahead as ahead
 import respec.sd_ahead as sd_ahead
 from respec.sampling import RowSampling, SamplingParams, padded_vocab, prepare_sampler
 from respec.scheduler import Row, Scheduler
-from respec.solver import FixedK, Group, Policy, acceptance_counts
+from respec.solver import FixedK, Group, Policy, Verified, acceptance_counts
 from respec.speculative import VERIFY_RULES, verify_step
 from respec.steps import decode_step, prefill_step, right_padded
 
@@ -178,9 +178,31 @@ class EngineStats:
         """Drafts the rows of one drafter kind proposed ("model": the head's)."""
         return self.sd_kinds.get(kind, {}).get("proposed", 0)
 
+    def count_verified(self, kind: str, verified: Verified) -> None:
+        """Verified rows of one drafter kind, counted (respec/solver.py `Verified`), each emitting its
+        accepted drafts and one token more: into the per-kind and per-position counts, as
+        `count_kinds` and `count_acceptance` count them row by row."""
+        rows = verified.rows
+        plain = verified.by_proposed().get(0, 0)  # (rows that proposed nothing rode along: "plain")
+        if rows > plain:
+            a = verified.accepted
+            drafts = sum(m * c for (_, m), c in verified.pairs.items())
+            c = self.sd_kinds.setdefault(kind, {"rows": 0, "proposed": 0, "accepted": 0, "emitted": 0})
+            c["rows"] += rows - plain
+            c["proposed"] += drafts
+            c["accepted"] += a
+            c["emitted"] += a + rows - plain
+        if plain:
+            c = self.sd_kinds.setdefault("plain", {"rows": 0, "proposed": 0, "accepted": 0, "emitted": 0})
+            c["rows"] += plain
+            c["emitted"] += plain
+        self._count_positions(*verified.acceptance())
+
     def count_acceptance(self, accepted: list[int], proposed: list[int]) -> None:
         """One verify's rows into the per-position counts (respec/solver.py `acceptance_counts`)."""
-        accepted_at, reached_at = acceptance_counts(accepted, proposed)
+        self._count_positions(*acceptance_counts(accepted, proposed))
+
+    def _count_positions(self, accepted_at: list[int], reached_at: list[int]) -> None:
         grow = len(reached_at) - len(self.sd_reached_at)
         if grow > 0:
             self.sd_accepted_at += [0] * grow

@@ -21,9 +21,11 @@ length k (each row capped by its room), none of that is needed between two steps
   dropped);
 * when the run ends the host reads every step's tokens, log-probabilities and accepted counts once,
   the emitted tokens compacted on the device row by row, records them with one list extend a row,
-  hands back each row's unused slots, and gives the statistics, the solver (`observe_group`, step by
-  step, as the step-by-step loop would have) and the drafter (`commit` of the last verify) what the
-  steps did.
+  hands back each row's unused slots, and gives the statistics, the solver (step by step, as the
+  step-by-step loop would have) and the drafter (`commit` of the last verify) what the steps did:
+  each step's rows counted on the device by (drafts accepted, drafts the row could propose)
+  (`Verified`), so that the host's work a step does not grow with the rows (from the step in which
+  a row ended, if one did, row by row).
 
 A run lasts at most `max_steps` steps and stops where a row's room (its token or context limit)
 falls under two tokens: each row drafts up to its room less one, at most k (the plan's cap, moved
@@ -48,6 +50,7 @@ import torch
 from respec.drafters import DraftBatch
 from respec.host_copy import to_device
 from respec.run_ahead import Behind
+from respec.solver import Verified
 from respec.speculative import slack, verify_step
 
 
@@ -139,20 +142,23 @@ def sd_run_ahead(engine, seqs, group, steps: int, policy, should_stop=None) -> N
             if not late and flag.receive():
                 break
     _record(engine, seqs, group, policy, torch.stack(out_tokens, 1), torch.stack(out_logprobs, 1),
-            torch.stack(out_n, 1), reserved, rooms, taps)
+            torch.stack(out_n, 1), reserved, rooms, left, taps)
     stats = engine.stats
     stats.decode_s += time.perf_counter() - t0
     stats.sd_ahead_steps += len(out_tokens)
 
 
 def _record(engine, seqs, group, policy, tokens, logprobs, accepted, reserved: list[int], rooms: list[int],
-            taps) -> None:
+            rooms_d, taps) -> None:
     """The run's tokens (rows, ran, k+1), log-probs and accepted counts (rows, ran) into the rows, each
-    row's up to and with its first EOS and at most its room (one host read: the emitted tokens
-    compacted row by row on the device); then the slots, the statistics, the solver and the drafter."""
+    row's up to and with its first EOS and at most its room (`rooms`, and on the device `rooms_d`);
+    one host read: the emitted tokens compacted row by row on the device, and each step's rows
+    counted there by (drafts accepted, drafts the row could propose); then the slots, the
+    statistics, the solver and the drafter."""
     from respec.engine import read_back
 
     n, ran, k1 = len(seqs), tokens.shape[1], tokens.shape[2]
+    k = k1 - 1
     acc = accepted[:n]
     kept = (torch.arange(k1, device=tokens.device).view(1, 1, -1) <= acc.unsqueeze(2)).view(n, -1)  # (n, ran*(k+1))
     counts = kept.sum(1)
@@ -162,7 +168,12 @@ def _record(engine, seqs, group, policy, tokens, logprobs, accepted, reserved: l
     place = torch.where(kept, (counts.cumsum(0) - counts).view(n, 1) + kept.cumsum(1) - 1, size)
     flat_tokens = tokens.new_zeros(size + 1).scatter_(0, place.view(-1), tokens[:n].reshape(-1))
     flat_logprobs = logprobs.new_zeros(size + 1).scatter_(0, place.view(-1), logprobs[:n].reshape(-1))
-    flat_tokens, flat_logprobs, acc = read_back(flat_tokens, flat_logprobs, acc)
+    # each step's rows by (accepted, cap): a row's cap at a step is its room less what it emitted in
+    # the run's earlier steps, less one, at most k (as the verify moved it on the device)
+    emitted = acc + 1
+    caps = (rooms_d[:n].view(n, 1) - (emitted.cumsum(1) - emitted) - 1).clamp(0, k)
+    by_pair = torch.nn.functional.one_hot(caps * k1 + acc, k1 * k1).sum(0)  # (ran, (k+1)^2)
+    flat_tokens, flat_logprobs, acc, by_pair = read_back(flat_tokens, flat_logprobs, acc, by_pair)
     counts = [sum(a) + len(a) for a in acc]  # (the device's `counts`, from what was read)
     eos, max_len, stats = engine.eos, engine.max_len, engine.stats
     ended = {}  # row -> (the step of its last token, tokens it emitted in that step), where it ended
@@ -185,30 +196,37 @@ def _record(engine, seqs, group, policy, tokens, logprobs, accepted, reserved: l
         else:  # the slots of rejected drafts and of steps not run (a finished row frees all of its own)
             engine.blocks.truncate(s.id, reserved[i] - c)
         at += c
-    k, kind, every, full = k1 - 1, engine.drafter.kind, list(range(n)), [k1 - 1] * n
-    # each row's caps step by step (its room less one, at most k), where a row came near its limit
-    left = rooms if min(rooms) <= ran * k1 else None
-    for step, m in enumerate(zip(*acc)):  # what each step did, as the step-by-step loop counts it
-        caps = full
-        if left is not None:
-            caps = [max(0, min(k, r - 1)) for r in left]
-            left = [r - a - 1 for r, a in zip(left, m)]
-        rows = every
-        if ended:  # (rows that ended at an earlier step are gone, as from the step-by-step loop's batch)
-            rows = [i for i in every if i not in ended or ended[i][0] >= step]
-            m, caps = [m[i] for i in rows], [caps[i] for i in rows]
-            emitted = [ended[i][1] if i in ended and ended[i][0] == step else a + 1 for i, a in zip(rows, m)]
-        else:
-            emitted = [a + 1 for a in m]
+    # what each step did, as the step-by-step loop counts it: up to the first step in which a row
+    # ended, every row in it, from the device's counts; from there, row by row (rows that ended at
+    # an earlier step are gone, as from the step-by-step loop's batch)
+    counted = 0 if any(group.offered) else min((step for step, _ in ended.values()), default=ran)
+    kind = engine.drafter.kind
+    if counted:
+        total = Verified.from_counts([sum(c) for c in zip(*by_pair[:counted])], k1)
+        stats.count_verified(kind, total)
+        stats.sd_emitted += total.accepted + total.rows
+        stats.generated_tokens += total.accepted + total.rows
+        stats.sd_steps += counted
+        stats.sd_rows += total.rows
+        stats.batch_sizes += [n] * counted
+        stats.chosen_k += [k] * counted
+        for step in range(counted):
+            policy.observe_verified(Verified.from_counts(by_pair[step], k1), k)
+    for step in range(counted, ran):
+        m = [a[step] for a in acc]
+        caps = [max(0, min(k, r - sum(a[:step]) - step - 1)) for r, a in zip(rooms, acc)]
+        rows = [i for i in range(n) if i not in ended or ended[i][0] >= step]
+        m, caps = [m[i] for i in rows], [caps[i] for i in rows]
+        emitted = [ended[i][1] if i in ended and ended[i][0] == step else a + 1 for i, a in zip(rows, m)]
         stats.sd_emitted += sum(emitted)
         stats.generated_tokens += sum(emitted)
         stats.count_kinds([kind] * len(rows), caps, list(map(min, m, emitted)), emitted)
-        stats.count_acceptance(list(m), caps)
+        stats.count_acceptance(m, caps)
         stats.sd_steps += 1
         stats.sd_rows += len(rows)
         stats.batch_sizes.append(len(rows))
         stats.chosen_k.append(k)
-        policy.observe_group(group if caps is full else _rows_of(group, rows, caps), list(m), caps)
+        policy.observe_group(_rows_of(group, rows, caps), m, caps)
     running = [i for i, s in enumerate(seqs) if not s.finish_reason]
     last = [a[-1] for a in acc]
     if len(running) == n:  # the drafter's pairs of the last verify (its earlier ones are in its state's past)

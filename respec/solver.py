@@ -142,24 +142,70 @@ def expected_tokens(alpha: list[float], k: int) -> float:
     return total
 
 
+class Verified:
+    """Rows of a verify counted by (drafts accepted, drafts proposed): all that the engine's
+    statistics and the solver's estimate take from a verify's outcome, so that a run of verifies
+    counted on the device (respec/sd_ahead.py) is told without a pass over its rows in Python."""
+
+    def __init__(self, pairs: dict[tuple[int, int], int]):
+        self.pairs = {p: c for p, c in pairs.items() if c}  # (accepted, proposed) -> rows
+
+    @classmethod
+    def of(cls, accepted: list[int], proposed: list[int]) -> Verified:
+        """Row i accepted `accepted[i]` of its `proposed[i]` drafts."""
+        return cls(Counter(zip(accepted, proposed)))
+
+    @classmethod
+    def from_counts(cls, counts: list[int], k1: int) -> Verified:
+        """From rows counted at `proposed * k1 + accepted` (drafts up to k1 - 1): the device's count."""
+        return cls({divmod(i, k1)[::-1]: c for i, c in enumerate(counts) if c})
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Verified) and self.pairs == other.pairs
+
+    def __repr__(self) -> str:
+        return f"Verified({dict(sorted(self.pairs.items()))})"
+
+    @property
+    def rows(self) -> int:
+        return sum(self.pairs.values())
+
+    @property
+    def accepted(self) -> int:
+        """Drafts accepted, over the rows."""
+        return sum(a * c for (a, _), c in self.pairs.items())
+
+    def by_proposed(self) -> dict[int, int]:
+        """Rows by the drafts they proposed, fewest first."""
+        out = {}
+        for (_, m), c in sorted(self.pairs.items(), key=lambda pc: pc[0][1]):
+            out[m] = out.get(m, 0) + c
+        return out
+
+    def acceptance(self) -> tuple[list[int], list[int]]:
+        """Per draft position j: how many rows accepted draft j, and how many reached it (proposed it,
+        with every draft before it accepted)."""
+        width = max((m for _, m in self.pairs), default=0)
+        # rows by how many drafts they accepted and how many they reached, then "more than j" as a
+        # running sum from the widest down
+        kept, reached = [0] * (width + 1), [0] * (width + 1)
+        for (a, m), c in self.pairs.items():
+            kept[a] += c
+            reached[a + 1 if a < m else m] += c
+        accepted_at, reached_at, more_kept, more_reached = [0] * width, [0] * width, 0, 0
+        for j in range(width - 1, -1, -1):
+            more_kept += kept[j + 1]
+            more_reached += reached[j + 1]
+            accepted_at[j], reached_at[j] = more_kept, more_reached
+        return accepted_at, reached_at
+
+
 def acceptance_counts(accepted: list[int], proposed: list[int]) -> tuple[list[int], list[int]]:
     """One verify's rows, per draft position j: how many accepted draft j, and how many reached it
     (proposed it, with every draft before it accepted). Row i accepted `accepted[i]` of its
     `proposed[i]` drafts. The one count of acceptance: the engine's statistics add these up, the
-    solver's estimate follows them."""
-    width = max(proposed, default=0)
-    # rows by how many drafts they accepted and how many they reached, then "more than j" as a
-    # running sum from the widest down: two additions a row, not one per draft position
-    kept, reached = [0] * (width + 1), [0] * (width + 1)
-    for n, m in zip(accepted, proposed):
-        kept[n] += 1
-        reached[n + 1 if n < m else m] += 1
-    accepted_at, reached_at, more_kept, more_reached = [0] * width, [0] * width, 0, 0
-    for j in range(width - 1, -1, -1):
-        more_kept += kept[j + 1]
-        more_reached += reached[j + 1]
-        accepted_at[j], reached_at[j] = more_kept, more_reached
-    return accepted_at, reached_at
+    solver's estimate follows them (`Verified.acceptance`)."""
+    return Verified.of(accepted, proposed).acceptance()
 
 
 def conditional_acceptance(accepted_at: list[int], reached_at: list[int]) -> list[float]:
@@ -256,15 +302,15 @@ class Policy:
 
     def observe_group(self, group: Group, accepted: list[int], proposed: list[int]) -> None:
         """A group's verify: row i kept `accepted[i]` of its `proposed[i]` drafts. Rows whose
-        proposal was a long one update the long estimate (`observe_long`), the others `observe`,
-        counted against their caps: a row that proposed fewer drafts than it was given room for (a
-        model-free drafter without a match) was verified as wide as the others, so its missing drafts
-        count as rejected, and the estimate says what a verify of this width emits per row, which is
-        what `choose` prices."""
+        proposal was a long one update the long estimate (`observe_long`), the others
+        `observe_verified`, counted against their caps: a row that proposed fewer drafts than it was
+        given room for (a model-free drafter without a match) was verified as wide as the others, so
+        its missing drafts count as rejected, and the estimate says what a verify of this width emits
+        per row, which is what `choose` prices."""
         mine = [i for i, o in enumerate(group.offered) if o]
         rest = [i for i, o in enumerate(group.offered) if not o]
         if rest:
-            self.observe([accepted[i] for i in rest], group.width, [group.caps[i] for i in rest])
+            self.observe_verified(Verified.of([accepted[i] for i in rest], [group.caps[i] for i in rest]), group.width)
         if mine:
             self.observe_long([accepted[i] for i in mine], [proposed[i] for i in mine], forward_rows=len(group.rows))
 
@@ -276,7 +322,11 @@ class Policy:
         raise NotImplementedError
 
     def observe(self, accepted: list[int], k: int, proposed: list[int] | None = None) -> None:
-        pass
+        """One SD step of k drafts a row: row i accepted `accepted[i]` of its `proposed[i]` (default k)."""
+        self.observe_verified(Verified.of(accepted, proposed if proposed is not None else [k] * len(accepted)), k)
+
+    def observe_verified(self, verified: Verified, k: int) -> None:
+        """One SD step of k drafts a row, its rows counted (`Verified`)."""
 
     def observe_long(self, accepted: list[int], proposed: list[int], forward_rows: int | None = None) -> None:
         pass
@@ -294,9 +344,6 @@ class FixedK(Policy):
 
     def speculates(self, rows: int, context: float, *, max_k: int, long_rows: int = 0, max_long: int = 0) -> bool:
         return self.k > 0 and (max_k > 0 or (max_long > 0 and long_rows > 0))
-
-    def observe(self, accepted: list[int], k: int, proposed: list[int] | None = None) -> None:
-        pass
 
     def choose_long(self, batch: int, context: float, limit: int, others: int = 0,
                     lead: int | None = None) -> tuple[int, bool]:
@@ -432,17 +479,16 @@ class AdaptiveK(Policy):
         return any(self.choose_long(m, context, max_long, others=n - m, lead=max_long)[0]
                    for n in range(1, rows + 1) for m in {1, min(long_rows, n - 1), min(long_rows, n)} - {0})
 
-    def observe(self, accepted: list[int], k: int, proposed: list[int] | None = None) -> None:
-        """One SD step: `accepted` holds each row's number of accepted drafts (0..k), `proposed` how
-        many it drafted (default k). Position j's conditional acceptance is (rows with >= j
-        accepted) / (rows that proposed j with >= j-1 accepted)."""
-        proposed = proposed if proposed is not None else [k] * len(accepted)
-        n, emitted = len(accepted), sum(accepted) + len(accepted)
+    def observe_verified(self, verified: Verified, k: int) -> None:
+        """One SD step of k drafts a row, its rows counted: position j's conditional acceptance is
+        (rows with >= j accepted) / (rows that proposed j with >= j-1 accepted)."""
+        n, emitted = verified.rows, verified.accepted + verified.rows
+        proposed = verified.by_proposed()
         if n and max(proposed) > 0:  # (rows riding undrafted in a long verify: no drafts, no verify of their own)
-            expected = sum(c * expected_tokens(self.alpha, m) for m, c in Counter(proposed).items())
+            expected = sum(c * expected_tokens(self.alpha, m) for m, c in proposed.items())
             self.tally.add(expected, emitted, n,
                            self.saved_s(n, emitted, self.costs.step_s(n, k, self.context)))
-        accepted_at, reached_at = acceptance_counts(accepted, proposed)
+        accepted_at, reached_at = verified.acceptance()
         for j in range(min(len(reached_at), self.max_k)):
             self.counts[0][j] += accepted_at[j]
             self.counts[1][j] += reached_at[j]

@@ -36,14 +36,15 @@ class Recorded(FixedK):
         super().__init__(3)
         self.seen = []
 
-    def observe_group(self, group, accepted, proposed):
-        self.seen.append((list(group.rows), group.width, list(group.caps), list(accepted), list(proposed)))
+    def observe_verified(self, verified, k):
+        self.seen.append((k, verified))
 
 
 def run(target, params, *, run_ahead: int, verify: str, pool_blocks: int | None = None):
     """A rollout of PROMPTS with an untrained EAGLE head; returns (completions, stats, the solver's
-    observations, every draft proposed, the runs' planned and run steps, and the least cap of each
-    step of a run in which a row drafted fewer than k)."""
+    observations (each verify's rows counted, `Verified`), every draft proposed, the runs' planned
+    and run steps, the least cap of each step of a run, and how many steps of runs were counted row
+    by row (from the step in which a row ended))."""
     import respec.sd_ahead as sd_ahead
 
     engine = RolloutEngine(target, kv_cache_bytes=64 << 20, block_size=4, eager=True, drafter=head_for(target, VOCAB, seed=1),
@@ -62,21 +63,24 @@ def run(target, params, *, run_ahead: int, verify: str, pool_blocks: int | None 
     runs, real, rows_of = [], sd_ahead.sd_run_ahead, sd_ahead._rows_of
 
     def counted(e, seqs, group, steps, policy, stop=None):
-        before = e.stats.sd_ahead_steps
+        before, seen = e.stats.sd_ahead_steps, len(policy.seen)
         real(e, seqs, group, steps, policy, stop)
         runs.append((steps, e.stats.sd_ahead_steps - before))
+        # each step's least cap (a row near its limit drafted fewer than k)
+        capped.extend(min(m for _, m in v.pairs) for _, v in policy.seen[seen:])
 
-    def capped(group, rows, caps):  # (a step of a run in which a row near its limit drafted fewer than k)
-        runs.append(("capped", min(caps)))
+    def by_row(group, rows, caps):  # (a step of a run counted row by row: from the step a row ended in)
+        runs.append(("by row", len(rows)))
         return rows_of(group, rows, caps)
-    sd_ahead.sd_run_ahead, sd_ahead._rows_of = counted, capped
+    capped = []
+    sd_ahead.sd_run_ahead, sd_ahead._rows_of = counted, by_row
     try:
         out = engine.generate(PROMPTS, params)
     finally:
         sd_ahead.sd_run_ahead, sd_ahead._rows_of = real, rows_of
     assert engine.blocks.num_free == engine.blocks.num_blocks - 1  # every slot handed back
-    return out, engine.stats, engine.policy.seen, drafts, [r for r in runs if r[0] != "capped"], \
-        [c for tag, c in runs if tag == "capped"]
+    return out, engine.stats, engine.policy.seen, drafts, [r for r in runs if r[0] != "by row"], capped, \
+        sum(tag == "by row" for tag, _ in runs)
 
 
 @pytest.mark.parametrize("verify, late, temperatures, pools", [
@@ -99,9 +103,10 @@ def test_sd_run_ahead_gives_the_step_by_step_rollout(target, monkeypatch, verify
         params = [SamplingParams(max_new_tokens=30 + 9 * i, temperature=temperature, top_p=0.9 if temperature else 1.0,
                                  seed=i, stop_on_eos=i != 0) for i in range(len(PROMPTS))]
         for pool in pools:
-            want, want_stats, want_seen, want_drafts, _, _ = run(target, params, run_ahead=0, verify=verify,
+            want, want_stats, want_seen, want_drafts, _, _, _ = run(target, params, run_ahead=0, verify=verify,
+                                                                    pool_blocks=pool)
+            got, stats, seen, drafts, runs, capped, by_row = run(target, params, run_ahead=32, verify=verify,
                                                                  pool_blocks=pool)
-            got, stats, seen, drafts, runs, capped = run(target, params, run_ahead=32, verify=verify, pool_blocks=pool)
             assert [o.token_ids for o in got] == [o.token_ids for o in want]
             assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
             for g, w in zip(got, want):
@@ -128,4 +133,7 @@ def test_sd_run_ahead_gives_the_step_by_step_rollout(target, monkeypatch, verify
             if temperature:
                 assert stats.accept_len > 1.3  # rows kept drafts: positions moved by more than one
                 assert any(ran < steps for steps, ran in runs)  # a run ended at an EOS
+                # a row read as ended a step late: that run's last two steps counted row by row, the
+                # steps before on the device
+                assert by_row > 0 or not late or pool is not None  # (a small pool: as above)
                 assert sum(o.finish_reason == "stop" for o in got) >= 2 and got[0].finish_reason == "length"

@@ -421,3 +421,38 @@ def test_a_row_that_proposed_less_than_its_cap_counts_its_missing_drafts_as_reje
     assert policy.counts == ([2, 1, 1], [3, 2, 1])  # position 1: rows 0 and 2 of 3; 2: row 0 of 0 and 2; 3: row 0
     assert policy.tally.predicted == pytest.approx(2 * expected_tokens([0.5] * 3, 3) + expected_tokens([0.5] * 3, 2))
     assert policy.tally.emitted == 4 + 1 + 2
+
+
+def test_a_verify_counted_by_pairs_gives_the_row_by_row_counts():
+    """`Verified` (a verify's rows counted by (accepted, proposed), as a run of steps ahead of the host
+    counts them on the device) against counting row by row: per-position acceptance (each position
+    counted directly), the rows by drafts proposed, the engine's per-kind statistics (rows that
+    proposed nothing ride along as "plain") and the solver's estimate after the same verifies."""
+    from respec.engine import EngineStats
+    from respec.solver import Verified
+
+    rng = random.Random(0)
+    rows_stats, pairs_stats = EngineStats(), EngineStats()
+    zero_rows = 0
+    for _ in range(40):
+        n, k = rng.randint(1, 9), 3
+        proposed = [rng.choice([0, 1, 2, 3, 3]) for _ in range(n)]
+        accepted = [rng.randint(0, m) for m in proposed]
+        zero_rows += proposed.count(0)
+        # the device's count: rows at proposed * (k + 1) + accepted
+        counts = torch.nn.functional.one_hot(torch.tensor(proposed) * (k + 1) + torch.tensor(accepted),
+                                             (k + 1) ** 2).sum(0).tolist()
+        v = Verified.from_counts(counts, k + 1)
+        assert v == Verified.of(accepted, proposed) and v.rows == n and v.accepted == sum(accepted)
+        assert v.by_proposed() == {m: proposed.count(m) for m in sorted(set(proposed))}
+        assert v.acceptance() == (
+            [sum(a > j for a in accepted) for j in range(max(proposed))],
+            [sum(m > j and a >= j for a, m in zip(accepted, proposed)) for j in range(max(proposed))])
+        emitted = [a + 1 for a in accepted]
+        rows_stats.count_kinds(["model"] * n, proposed, accepted, emitted)
+        rows_stats.count_acceptance(accepted, proposed)
+        pairs_stats.count_verified("model", v)
+    assert zero_rows  # (power: rows rode along undrafted)
+    assert pairs_stats.sd_kinds == rows_stats.sd_kinds and set(rows_stats.sd_kinds) == {"model", "plain"}
+    assert (pairs_stats.sd_accepted_at, pairs_stats.sd_reached_at) == (rows_stats.sd_accepted_at,
+                                                                       rows_stats.sd_reached_at)
