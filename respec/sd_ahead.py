@@ -101,6 +101,7 @@ def sd_run_ahead(engine, seqs, group, steps: int, policy, should_stop=None) -> N
     k, dev, drafter, n = group.width, engine.device, engine.drafter, len(seqs)
     flag = Behind(dev)
     late = reads_late(dev)
+    at_once = dev.type == "cpu" and not late
     drafter.catch_up(seqs, k)
     rooms = [room(engine, s) for s in seqs]
     reserved = [min(steps * (k + 1), r) for r in rooms]
@@ -135,12 +136,14 @@ def sd_run_ahead(engine, seqs, group, steps: int, policy, should_stop=None) -> N
         state = drafter.advance(state, tokens_d, *pairs, taps)
         if should_stop is not None and should_stop():
             break
-        if late and flag.pending is not None and flag.receive():  # the step before ended a row or filled one
+        if at_once:  # (a CPU's step is done when its call returns: its flag read in place)
+            if len(out_tokens) < steps and ended.item():
+                break
+            continue
+        if flag.pending is not None and flag.receive():  # the step before ended a row or filled one
             break
         if len(out_tokens) < steps:
             flag.send(ended)
-            if not late and flag.receive():
-                break
     _record(engine, seqs, group, policy, torch.stack(out_tokens, 1), torch.stack(out_logprobs, 1),
             torch.stack(out_n, 1), reserved, rooms, left, taps)
     stats = engine.stats
@@ -161,13 +164,14 @@ def _record(engine, seqs, group, policy, tokens, logprobs, accepted, reserved: l
     k = k1 - 1
     acc = accepted[:n]
     kept = (torch.arange(k1, device=tokens.device).view(1, 1, -1) <= acc.unsqueeze(2)).view(n, -1)  # (n, ran*(k+1))
-    counts = kept.sum(1)
-    # each emitted token's place in the rows' concatenation (the rest to one spare place past it):
-    # a scatter of static size, where a boolean mask would make the host wait for its size
-    size = n * ran * k1
-    place = torch.where(kept, (counts.cumsum(0) - counts).view(n, 1) + kept.cumsum(1) - 1, size)
-    flat_tokens = tokens.new_zeros(size + 1).scatter_(0, place.view(-1), tokens[:n].reshape(-1))
-    flat_logprobs = logprobs.new_zeros(size + 1).scatter_(0, place.view(-1), logprobs[:n].reshape(-1))
+    if tokens.device.type == "cpu":  # the emitted tokens, rows one after another (a mask's size is known at once)
+        flat_tokens, flat_logprobs = tokens[:n].reshape(n, -1)[kept], logprobs[:n].reshape(n, -1)[kept]
+    else:  # each one's place in the rows' concatenation (the rest to one spare place past it): a scatter
+        # of static size, where a boolean mask would make the host wait for its size
+        counts, size = kept.sum(1), n * ran * k1
+        place = torch.where(kept, (counts.cumsum(0) - counts).view(n, 1) + kept.cumsum(1) - 1, size)
+        flat_tokens = tokens.new_zeros(size + 1).scatter_(0, place.view(-1), tokens[:n].reshape(-1))
+        flat_logprobs = logprobs.new_zeros(size + 1).scatter_(0, place.view(-1), logprobs[:n].reshape(-1))
     # each step's rows by (accepted, cap): a row's cap at a step is its room less what it emitted in
     # the run's earlier steps, less one, at most k (as the verify moved it on the device)
     emitted = acc + 1
