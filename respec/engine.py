@@ -457,7 +457,7 @@ class RolloutEngine:
             if steps > 1:
                 ahead.run_ahead(self, running, steps, should_stop)
                 return
-        k = sd_ahead.runs_ahead(self, groups, room)
+        k = sd_ahead.runs_ahead(self, groups, room, running)
         if k:
             steps = sd_ahead.steps_ahead(self, running, k, min(self.run_ahead, policy.plain_run() or self.run_ahead))
             if steps > 1:

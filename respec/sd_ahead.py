@@ -6,7 +6,8 @@ row's, hands back its rejected slots, updates the statistics and the solver, giv
 verified pairs, and only then builds the next step's inputs from the rows' text: the host and the
 device take turns, and the host's turn grows with the rows (docs/benchmarks.md measures it). Where
 the drafter's state between steps can live on the device (`Drafter.runs_ahead`: the EAGLE head, whose
-next inputs are the verify's own outputs) and the plan is one group of every row with one draft
+next inputs are the verify's own outputs; a hybrid's head where no proposer offers a row anything at
+the run's start, `Drafter.holds_back`) and the plan is one group of every row with one draft
 length k (each row capped by its room), none of that is needed between two steps while the batch cannot change:
 
 * the rows' state lives on the device: each row's newest token (the verify's token after its
@@ -54,16 +55,16 @@ from respec.solver import Verified
 from respec.speculative import slack, verify_step
 
 
-def runs_ahead(engine, groups, room: list[int]) -> int:
-    """The draft length of a plan that may run ahead (one group of every row, k > 0, not a long
-    verify, each row capped by k and its `room` of drafts only, a drafter whose state stays on the
-    device); 0: it may not."""
+def runs_ahead(engine, groups, room: list[int], seqs) -> int:
+    """The draft length of a plan that may run ahead (one group of every row of `seqs`, k > 0, not a
+    long verify, each row capped by k and its `room` of drafts only, a drafter whose state stays on
+    the device and that has no proposal now that the run would forgo); 0: it may not."""
     if engine.run_ahead < 2 or not engine.drafter.runs_ahead or len(groups) != 1:
         return 0
     g = groups[0]
     if g.long or not g.width or len(g.rows) != len(room) or any(c != min(g.width, r) for c, r in zip(g.caps, room)):
         return 0
-    return g.width
+    return 0 if engine.drafter.holds_back(seqs, g.caps) else g.width
 
 
 def room(engine, s) -> int:
@@ -204,7 +205,7 @@ def _record(engine, seqs, group, policy, tokens, logprobs, accepted, reserved: l
     # ended, every row in it, from the device's counts; from there, row by row (rows that ended at
     # an earlier step are gone, as from the step-by-step loop's batch)
     counted = 0 if any(group.offered) else min((step for step, _ in ended.values()), default=ran)
-    kind = engine.drafter.kind
+    kind = engine.drafter.ahead_kind
     if counted:
         total = Verified.from_counts([sum(c) for c in zip(*by_pair[:counted])], k1)
         stats.count_verified(kind, total)

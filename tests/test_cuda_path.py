@@ -366,8 +366,11 @@ def test_the_landed_row_bound_fails_the_int32_check():
 # ----------------------------------------------------------------------------------------------
 def fake_cuda_rollout(kind: str) -> int:
     model = load_model("tiny", device="cuda", dtype=torch.bfloat16)
-    drafter = drafter_of(kind, model)
-    drafter = drafter.to("cuda", torch.bfloat16) if isinstance(drafter, torch.nn.Module) else drafter
+    if kind == "hybrid":  # the head and history side by side, as a training run's `auto+history`
+        drafter = HybridDrafter(as_drafter(head_for(model, 300).to("cuda", torch.bfloat16)), HistoryDrafter())
+    else:
+        drafter = drafter_of(kind, model)
+        drafter = drafter.to("cuda", torch.bfloat16) if isinstance(drafter, torch.nn.Module) else drafter
     engine = RolloutEngine(model, kv_cache_bytes=16 << 20, eager=True, max_batch=8, drafter=drafter,
                            num_draft_tokens=3 if drafter is not None else 0)
     assert engine.device.type == "cuda" and all(p.device.type == "cuda" for p in engine.cache.pools)
@@ -375,10 +378,13 @@ def fake_cuda_rollout(kind: str) -> int:
                                       for i in range(len(REPEATING))])
     assert [len(o.token_ids) for o in out] == [6, 7, 8]
     assert engine.stats.ahead_steps > 0 or kind != "plain"
+    # on a GPU a hybrid's head steps run ahead of the host where history offers nothing (on a CPU
+    # they do not: respec/drafters/hybrid.py)
+    assert (engine.drafter.runs_ahead and engine.stats.sd_ahead_steps > 0) == (kind in ("eagle", "hybrid"))
     return engine.stats.sd_steps
 
 
-@pytest.mark.parametrize("kind", ["plain", "eagle", "history"])
+@pytest.mark.parametrize("kind", ["plain", "eagle", "history", "hybrid"])
 def test_engine_on_fake_cuda(kind):
     with fake_cuda():
         sd_steps = fake_cuda_rollout(kind)

@@ -172,8 +172,8 @@ def test_sd_sampling_is_lossless_with_mixed_rows(kind):
     lengths_seen = set()
     proposals = history.proposals
 
-    def recorded(batch):
-        out = proposals(batch)
+    def recorded(seqs, caps):
+        out = proposals(seqs, caps)
         lengths_seen.update(len(p) for p, _ in out)
         return out
 
@@ -303,7 +303,7 @@ def test_eagle_drafts_are_the_heads_prediction_from_the_whole_text(tiny, monkeyp
     monkeypatch.setattr(eagle.PairLog, "MIN_ROWS", 1 if compacted else 1 << 40)
     # SD steps one by one, each draft seen with its row's text as it is then (the head's drafts in SD
     # steps run ahead of the host are those of SD steps one by one: tests/test_sd_ahead.py)
-    monkeypatch.setattr(respec.sd_ahead, "runs_ahead", lambda engine, groups, room: 0)
+    monkeypatch.setattr(respec.sd_ahead, "runs_ahead", lambda engine, groups, room, seqs: 0)
     compactions = []
     compact = eagle.PairLog.compact
     monkeypatch.setattr(eagle.PairLog, "compact", lambda log, spans: compactions.append(1) or compact(log, spans))
@@ -387,6 +387,7 @@ def test_hybrid_greedy_sd_equals_plain(tiny):
     want = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True).generate(prompts, greedy(24))
     drafter = HybridDrafter(as_drafter(head_for(tiny, 3000)))
     engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True, drafter=drafter, num_draft_tokens=3)
+    assert drafter.ahead is False and not drafter.runs_ahead  # (on a CPU it asks history every step)
     sd_rows = history_rows = 0
     for _ in range(2):
         got = engine.generate(prompts, greedy(24))

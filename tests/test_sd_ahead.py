@@ -137,3 +137,55 @@ def test_sd_run_ahead_gives_the_step_by_step_rollout(target, monkeypatch, verify
                 # steps before on the device
                 assert by_row > 0 or not late or pool is not None  # (a small pool: as above)
                 assert sum(o.finish_reason == "stop" for o in got) >= 2 and got[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_a_hybrid_runs_its_heads_steps_ahead_where_history_offers_nothing(target, monkeypatch, late):
+    """The EAGLE head and the history drafter side by side with `ahead` on (a GPU's default): a step
+    in which history offers no row anything runs ahead with the head drafting every row (its rows
+    counted as the head's), a step with an offer is taken step by step with history's drafts for
+    those rows; the tokens and log-probabilities are plain decoding's (the match rule), greedy and
+    sampled, over two rollouts of the same prompts (the second matching the first's text), the flag
+    read at once and a step late. Power: steps ran ahead and steps were held back, history's rows
+    were verified and accepted drafts, the head's rows accepted drafts, and every verified row is
+    counted under one kind."""
+    import respec.run_ahead as ahead
+    from respec.drafters.history import HistoryDrafter
+    from respec.drafters.hybrid import HybridDrafter
+    from respec.drafters.wrap import as_drafter
+
+    monkeypatch.setattr(ahead, "READ_LATE", late)
+    prompts = [p for p in PROMPTS for _ in range(2)]  # (each prompt's two rows: siblings' text to match)
+    plain = RolloutEngine(target, kv_cache_bytes=64 << 20, block_size=4, eager=True, eos_token_ids=[EOS])
+    for temperature in (0.0, 1.0):
+        params = [SamplingParams(max_new_tokens=24 + 4 * i, temperature=temperature, seed=i)
+                  for i in range(len(prompts))]
+        drafter = HybridDrafter(as_drafter(head_for(target, VOCAB, seed=1)), HistoryDrafter(), min_match=2,
+                                ahead=True)
+        held, holds_back = [], drafter.holds_back
+
+        def recorded(seqs, caps):
+            held.append(holds_back(seqs, caps))
+            return held[-1]
+        drafter.holds_back = recorded
+        engine = RolloutEngine(target, kv_cache_bytes=64 << 20, block_size=4, eager=True, drafter=drafter,
+                               num_draft_tokens=3, policy=FixedK(3), eos_token_ids=[EOS], verify="match")
+        ran_ahead, kinds, sd_rows = 0, {}, 0
+        for _ in range(2):
+            want, got = plain.generate(prompts, params), engine.generate(prompts, params)
+            assert [o.token_ids for o in got] == [o.token_ids for o in want]
+            assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
+            for g, w in zip(got, want):
+                assert g.logprobs == pytest.approx(w.logprobs, abs=1e-5)
+            st = got.stats
+            ran_ahead += st.sd_ahead_steps
+            sd_rows += st.sd_rows
+            for kind, c in st.sd_kinds.items():
+                for field, v in c.items():
+                    kinds.setdefault(kind, {}).setdefault(field, 0)
+                    kinds[kind][field] += v
+        assert ran_ahead > 0 and True in held and False in held
+        assert kinds["history"]["rows"] > 0 and kinds["history"]["accepted"] > 0
+        assert kinds["model"]["accepted"] > 0
+        assert set(kinds) <= {"model", "history", "plain"}  # (a run's rows are the head's)
+        assert sum(c["rows"] for c in kinds.values()) == sd_rows

@@ -19,6 +19,9 @@ whose next input is the verify's own output) lets SD steps run ahead of the host
 (respec/sd_ahead.py): after `catch_up`, `ahead_state(batch)` lays its rows' state out on the device,
 then each step `draft_ahead(batch, state)` proposes and `advance(state, ...)` moves the state past
 the verify without the host; the run ends with one `commit` of the last verify, as a step would.
+A drafter that runs ahead only some of the time (a hybrid: its model's steps run ahead, its
+model-free proposers' need the host) says so per step: `holds_back(seqs, caps)` is true where a run
+ahead would forgo proposals the rows have now, and the engine then takes the step step by step.
 
 Between rollouts a drafter may carry state from one to the next (a history drafter's earlier
 rollouts of each prompt): `state_dict()` / `load_state_dict()` hand it to checkpoints, so that a
@@ -161,6 +164,16 @@ class Drafter:
         """With `runs_ahead`: the rows' state on the device before the first step of a run (after
         `catch_up`), for `draft_ahead`."""
         raise NotImplementedError
+
+    def holds_back(self, seqs, caps: list[int]) -> bool:
+        """With `runs_ahead`: whether the rows (each drafting up to `caps[i]`) have proposals now
+        that a run ahead would forgo; the engine then takes this step step by step."""
+        return False
+
+    @property
+    def ahead_kind(self) -> str:
+        """What the statistics call the rows of a run ahead (`kind`; a hybrid's: its model's rows)."""
+        return self.kind
 
     def draft_ahead(self, batch: DraftBatch, state) -> Drafts:
         """With `runs_ahead`: `draft` from `state`, nothing read from the host; every row proposes

@@ -245,21 +245,21 @@ class HistoryDrafter(Drafter):
                 self.index.move_to_end(key)
             index.extend(doc, s.tokens)
 
-    def proposals(self, batch: DraftBatch) -> list[tuple[list[int], int]]:
-        """Each real row's (proposal, length of the suffix it matched)."""
+    def proposals(self, seqs, caps: list[int]) -> list[tuple[list[int], int]]:
+        """Each row's (proposal of at most `caps[i]` tokens, length of the suffix it matched)."""
         doc = self.doc
         return [doc[s.id][2].propose(doc[s.id][1], self.min_match, cap) if cap else ([], 0)
-                for s, cap in zip(batch.seqs, batch.max_drafts_list)]
+                for s, cap in zip(seqs, caps)]
 
-    def offers(self, batch: DraftBatch, min_match: int) -> list[list[int]]:
-        """Each real row's proposal where its suffix match is at least `min_match` tokens long and its
+    def offers(self, seqs, caps: list[int], min_match: int) -> list[list[int]]:
+        """Each row's proposal where its suffix match is at least `min_match` tokens long and its
         continuation fills the row's draft length (what a hybrid drafter takes over a model's), else []."""
         return [prop if match >= min_match and len(prop) == cap else []
-                for (prop, match), cap in zip(self.proposals(batch), batch.max_drafts_list)]
+                for (prop, match), cap in zip(self.proposals(seqs, caps), caps)]
 
     def draft(self, batch: DraftBatch) -> Drafts:
-        return Drafts.proposed([prop for prop, _ in self.proposals(batch)], batch.tokens.shape[0], batch.k,
-                               batch.tokens.device)
+        return Drafts.proposed([prop for prop, _ in self.proposals(batch.seqs, batch.max_drafts_list)],
+                               batch.tokens.shape[0], batch.k, batch.tokens.device)
 
     def forget(self, seq) -> None:
         """The sequence's text stays as an earlier rollout of its prompt, whether it finished or was

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from respec.drafters import DraftBatch, Drafter
+from respec.drafters import Drafter
 from respec.drafters.replay import ReplayDrafter
 
 
@@ -60,9 +60,9 @@ class OracleDrafter(ReplayDrafter):
             self.drawn[s.id] = torch.where(kept, truth, noise).tolist()
         return self.drawn[s.id]
 
-    def offers(self, batch: DraftBatch, min_match: int = 0) -> list[list[int]]:
+    def offers(self, seqs, caps: list[int], min_match: int = 0) -> list[list[int]]:
         out = []
-        for s, cap in zip(batch.seqs, batch.max_drafts_list):
+        for s, cap in zip(seqs, caps):
             n = self._position(s) if cap else None
             out.append([] if n is None else self._drawn(s)[n: n + cap])
         return out

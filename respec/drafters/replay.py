@@ -56,17 +56,18 @@ class ReplayDrafter(Drafter):
         """Tokens each row could propose now (known before drafting): its replay's remaining length."""
         return [0 if (n := self._position(s)) is None else len(s.replay) - n for s in seqs]
 
-    def offers(self, batch: DraftBatch, min_match: int = 0) -> list[list[int]]:
-        """Each real row's proposal: its replay's next tokens, at most its `max_drafts` (`min_match`,
-        a history drafter's threshold, does not apply: a replay is the row's own continuation)."""
+    def offers(self, seqs, caps: list[int], min_match: int = 0) -> list[list[int]]:
+        """Each row's proposal: its replay's next tokens, at most `caps[i]` (`min_match`, a history
+        drafter's threshold, does not apply: a replay is the row's own continuation)."""
         out = []
-        for s, cap in zip(batch.seqs, batch.max_drafts_list):
+        for s, cap in zip(seqs, caps):
             n = self._position(s) if cap else None
             out.append([] if n is None else list(s.replay[n: n + cap]))
         return out
 
     def draft(self, batch: DraftBatch) -> Drafts:
-        return Drafts.proposed(self.offers(batch), batch.tokens.shape[0], batch.k, batch.tokens.device)
+        return Drafts.proposed(self.offers(batch.seqs, batch.max_drafts_list), batch.tokens.shape[0], batch.k,
+                               batch.tokens.device)
 
     def forget(self, seq) -> None:
         self.matched.pop(seq.id, None)

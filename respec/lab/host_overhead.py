@@ -16,9 +16,11 @@ where no GPU is needed, with the tiny model on the CPU:
   time left in, the whole decoding step as the rollout ran it). Plain rollouts decode without a
   drafter; SD rollouts run the history drafter with k = 3 on prompts that repeat, so most steps
   draft and verify (`--drafter eagle`: an untrained EAGLE head, k = 3, every step drafting: its
-  steps run ahead of the host, respec/sd_ahead.py, unless `--run-ahead 0`). The figure is the
+  steps run ahead of the host, respec/sd_ahead.py, unless `--run-ahead 0`; `--drafter hybrid`:
+  the two side by side as a training run drafts, the head's steps run ahead where history offers
+  no row anything, as on a GPU). The figure is the
   median of `--runs` rollouts, after every shape is compiled (`respec.profiling.warmup`) and one
-  untimed rollout.
+  untimed rollout; `sd_ahead_share`, the share of the SD steps that ran ahead of the host.
 * `syncs_per_step`: the host reads of device tensors per decoding step, counted on fake CUDA
   (respec/lab/fake_cuda.py) over the same rollouts at two lengths, so that the prefill's reads
   cancel: the larger of plain and SD; `blocking_syncs_per_step`, those the host waits for (a
@@ -68,17 +70,25 @@ def prompts_for(rows: int, vocab: int, length: int = 40) -> list[list[int]]:
     return out
 
 
-DRAFTERS = ("history", "eagle")
+DRAFTERS = ("history", "eagle", "hybrid")
 
 
 def make_drafter(kind: str, model):
     """The SD rollouts' drafter: the history drafter (k = 3 on prompts that repeat: most steps
     draft), or an untrained EAGLE head over a 3,000-token draft vocabulary (its drafts are rarely
-    accepted, but every step drafts and verifies: what is measured is the host's part)."""
+    accepted, but every step drafts and verifies: what is measured is the host's part), or the two
+    side by side as a training run drafts (`hybrid`: history's rows where its match is long, the
+    head's elsewhere), the head's steps run ahead where history offers nothing, as on a GPU."""
     if kind == "history":
         from respec.drafters.history import HistoryDrafter
 
         return HistoryDrafter(min_match=1)
+    if kind == "hybrid":
+        from respec.drafters.history import HistoryDrafter
+        from respec.drafters.hybrid import HybridDrafter
+        from respec.drafters.wrap import as_drafter
+
+        return HybridDrafter(as_drafter(make_drafter("eagle", model)), HistoryDrafter(), ahead=True)
     from models.eagle import EagleConfig, EagleHead
 
     gen = torch.Generator().manual_seed(0)
@@ -141,7 +151,7 @@ def host_us(model, rows: int, sd: bool, tokens: int, runs: int, run_ahead: int, 
     warmup(engine, [rows], ks=[0, K] if sd else [0], progress=False)
     rollout(engine, prompts, tokens)
     inside = InsideSteps(engine)
-    per_step, whole_step, sd_share = [], [], []
+    per_step, whole_step, sd_share, ahead_share = [], [], [], []
     for _ in range(runs):
         inside.seconds = 0.0
         t0 = time.perf_counter()
@@ -152,8 +162,9 @@ def host_us(model, rows: int, sd: bool, tokens: int, runs: int, run_ahead: int, 
         per_step.append((wall - s.prefill_s - inside.seconds) / steps * 1e6)
         whole_step.append((wall - s.prefill_s) / steps * 1e6)
         sd_share.append(s.sd_steps / steps)
+        ahead_share.append(s.sd_ahead_steps / max(s.sd_steps, 1))
     out = {"us": statistics.median(per_step), "step_us": statistics.median(whole_step),
-           "sd_share": statistics.median(sd_share)}
+           "sd_share": statistics.median(sd_share), "ahead_share": statistics.median(ahead_share)}
     inside.remove()
     if parts:
         out["parts"] = host_parts(engine, prompts, tokens, runs)
@@ -278,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the engine's --run-ahead (0: every step one by one, the loop before respec/run_ahead.py "
                          "and respec/sd_ahead.py)")
     ap.add_argument("--drafter", choices=DRAFTERS, default="history",
-                    help="the SD rollouts' drafter (eagle: an untrained head, for the host's part of its steps)")
+                    help="the SD rollouts' drafter (eagle: an untrained head, for the host's part of its steps; "
+                         "hybrid: the head and history side by side, the head's steps run ahead)")
     ap.add_argument("--parts", action="store_true",
                     help="also where an SD step's host time goes, part by part (more rollouts, wrapped)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -294,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = load_model("tiny", dtype=torch.float32)
     results = []
-    print(f"{'rows':>5} {'plain us/step':>14} {'sd us/step':>11} {'sd steps':>9} "
+    print(f"{'rows':>5} {'plain us/step':>14} {'sd us/step':>11} {'sd steps':>9} {'run ahead':>9} "
           f"{'syncs/step: plain':>18} {'(blocking)':>10} {'SD':>6} {'uploads/step: plain':>20} {'SD':>6}"
           f" {'whole step us: plain':>21} {'SD':>7}")
     for rows in args.rows:
@@ -309,12 +321,14 @@ def main(argv: list[str] | None = None) -> int:
              "plain_syncs_per_step": round(plain_syncs["syncs"], 3),
              "plain_blocking_per_step": round(plain_syncs["blocking"], 3),
              "sd_syncs_per_step": round(sd_syncs["syncs"], 3), "sd_step_share": round(sd["sd_share"], 3),
+             "sd_ahead_share": round(sd["ahead_share"], 3),
              "plain_uploads_per_step": round(plain_syncs["uploads"], 3),
              "sd_uploads_per_step": round(sd_syncs["uploads"], 3)}
         if args.parts:
             r["parts"] = sd["parts"]
         results.append(r)
         print(f"{rows:>5} {r['plain_us']:>14.1f} {r['sd_us']:>11.1f} {r['sd_step_share']:>9.0%} "
+              f"{r['sd_ahead_share']:>9.0%} "
               f"{r['plain_syncs_per_step']:>18.2f} {r['plain_blocking_per_step']:>10.2f} {r['sd_syncs_per_step']:>6.2f}"
               f" {r['plain_uploads_per_step']:>20.2f} {r['sd_uploads_per_step']:>6.2f}"
               f" {r['plain_step_us']:>21.1f} {r['sd_step_us']:>7.1f}")
