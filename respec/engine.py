@@ -511,6 +511,8 @@ class RolloutEngine:
                     s.append(token)
                     s.finish_reason = None
                 caps = [min(k, room) for room in self._room(seqs)]
+                if any(caps):  # (a model drafter's feed of the text: the first SD step's, not every step's)
+                    self.drafter.settle(seqs, k)
                 for s, cap in zip(seqs, caps):  # slots for the newest token and the drafts
                     self.blocks.append(s.id, cap + 1)
                 if self.device.type == "cuda":

@@ -17,6 +17,7 @@ from respec.drafters.history import HistoryDrafter, SuffixIndex
 from respec.drafters.hybrid import HybridDrafter
 from respec.drafters.layers import LayerDrafter
 from respec.engine import RolloutEngine, SamplingParams
+from respec.paged_attention import PagedKV
 from respec.solver import AdaptiveK, CostModel, Policy, conditional_acceptance
 from tests.test_eagle import head_for
 from tests.test_speculative import SHARPEN, SMALL, chi2_quantile_999, chi_square, exact_sequence_probs
@@ -440,3 +441,41 @@ def test_a_drafter_spec_is_the_drafters_it_names(tiny, tokenizer):
     assert type(chosen("history")) is HistoryDrafter
     free = chosen("replay+history")
     assert type(free) is HybridDrafter and free.model is None
+
+
+class _CachedAtOnce(LayerDrafter):
+    """The reference: the prompt cached in the prefill, in one forward, `shift` positions late."""
+
+    def __init__(self, model, shift=0):
+        super().__init__(model)
+        self.shift = shift
+
+    def on_prefill(self, seqs, tokens, positions, valid, block_tables, taps, first_tokens) -> None:
+        kv = PagedKV.build(self.view.draft_pools, block_tables, positions + self.shift, self.module.cfg.n_rep,
+                           valid=valid)
+        self.runner(tokens, positions + self.shift, kv)
+        for s in seqs:
+            self.drafted[s.id] = len(s.tokens)
+
+
+def test_a_layer_drafters_prompt_waits_for_its_first_draft(tiny):
+    """A small causal LM caches a row's prompt in the first step that drafts the row
+    (`LayerDrafter.on_prefill`): the same drafts, step for step, as one that caches it in the
+    prefill, and plain decoding's tokens; power: a prompt cached two positions late drafts
+    otherwise."""
+    from tests.test_eagle import _drafts
+
+    small = dataclasses.replace(tiny.cfg, num_layers=2)  # (one layer of random weights drafts from the token alone)
+    params = SamplingParams(max_new_tokens=20, temperature=0.0, stop_on_eos=False)
+    want = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True).generate(PROMPTS, params)
+    runs = []
+    for make in (lambda m: LayerDrafter(m), lambda m: _CachedAtOnce(m), lambda m: _CachedAtOnce(m, shift=2)):
+        engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True, drafter=make(random_model(small, seed=4)),
+                               num_draft_tokens=3)
+        runs.append(_drafts(engine, PROMPTS, params))
+    (got, tokens), (ref, ref_tokens), (late, _) = runs
+    assert tokens == ref_tokens == [w.token_ids for w in want]
+    assert len(got) == len(ref) > 3
+    for (t, n), (rt, rn) in zip(got, ref):
+        assert torch.equal(n, rn) and torch.equal(t, rt)
+    assert any(not torch.equal(t, lt) for (t, _), (lt, _) in zip(got, late))

@@ -10,6 +10,8 @@ import generate
 import train
 from models.decoder import PRESETS
 from models.eagle import EagleConfig, EagleHead, load_eagle, save_eagle
+from respec.drafters.eagle import EagleDrafter
+from respec.paged_attention import PagedKV
 from models.loading import random_model
 from respec.engine import RolloutEngine, SamplingParams
 from tests.test_speculative import (LENGTH, N_SAMPLES, PROMPT, SHARPEN, SMALL, chi2_quantile_999, chi_square,
@@ -122,3 +124,88 @@ def test_training_time_test_unroll_matches_drafting(tiny):
             g = head(g, tokens[:, P + s: P + s + 1], pos, tiny.embed_tokens,
                      PagedKV.build(cache.pools, tables, pos, head.n_rep).layer(0))
             torch.testing.assert_close(g, outs[s][:, P + s: P + s + 1], rtol=1e-4, atol=1e-5)
+
+
+class _FedAtOnce(EagleDrafter):
+    """The reference: the head consumes the prompt's pairs (feature of position j-1, token j; a zero
+    feature before the first token) in the prefill, in one forward, `shift` positions late; the
+    first sampled token's pair waits."""
+
+    def __init__(self, head, shift=0):
+        super().__init__(head)
+        self.shift = shift
+
+    def on_prefill(self, seqs, tokens, positions, valid, block_tables, taps, first_tokens) -> None:
+        head, B = self.runner, tokens.shape[0]
+        shifted = torch.cat([taps.new_zeros(B, 1, taps.shape[-1]), taps[:, :-1]], dim=1)
+        positions = positions + self.shift
+        kv = PagedKV.build(self.view.draft_pools, block_tables, positions, head.n_rep, valid=valid)
+        head(head.project(shifted), tokens, positions, self.view.target.embed_tokens, kv.layer(0))
+        last = valid.long().sum(1) - 1
+        at = self.log.append(taps[torch.arange(B), last], first_tokens[:B])
+        for i, s in enumerate(seqs):
+            self.pending[s.id], self.pending_start[s.id] = [(at + i, 1)], len(s.tokens) + self.shift
+
+
+def _drafts(engine, prompts, params) -> list:
+    """Every draft the engine's drafter proposed, a step at a time, and the completions."""
+    out, drafter = [], engine.drafter
+    for name in ("draft", "draft_ahead"):
+        def record(*args, _f=getattr(drafter, name)):
+            d = _f(*args)
+            out.append((d.tokens.clone(), d.lengths.clone()))
+            return d
+        setattr(drafter, name, record)
+    got = engine.generate(prompts, params)
+    return out, [g.token_ids for g in got]
+
+
+@pytest.mark.parametrize("run_ahead", [0, 32])
+def test_the_heads_prompt_feed_waits_for_its_first_draft(tiny, run_ahead):
+    """A row's prompt pairs wait in the head's log until the first step that drafts the row
+    (`EagleDrafter.on_prefill`), which consumes them as a feed in the prefill would: the same
+    drafts, step for step, as a head fed at once, and the same tokens as plain decoding; power: a
+    feed at once two positions late drafts otherwise. The prefill runs no forward of the head."""
+    params = SamplingParams(max_new_tokens=20, temperature=0.0, stop_on_eos=False)
+    want = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True).generate(PROMPTS, params)
+
+    def engine(drafter):
+        return RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True, drafter=drafter, num_draft_tokens=3,
+                             run_ahead=run_ahead)
+
+    lazy = engine(EagleDrafter(head_for(tiny, 3000)))
+    calls, in_prefill = [], []
+    lazy.drafter.runner.register_forward_pre_hook(lambda *a: calls.append(1))
+    prefill = lazy._prefill
+    lazy._prefill = lambda seqs: (n := len(calls), prefill(seqs), in_prefill.append(len(calls) - n))
+    got, tokens = _drafts(lazy, PROMPTS, params)
+    ref, ref_tokens = _drafts(engine(_FedAtOnce(head_for(tiny, 3000))), PROMPTS, params)
+    late, _ = _drafts(engine(_FedAtOnce(head_for(tiny, 3000), shift=2)), PROMPTS, params)
+    assert tokens == ref_tokens == [w.token_ids for w in want]
+    assert len(got) == len(ref) > 3 and calls and in_prefill == [0]
+    for (t, n), (rt, rn) in zip(got, ref):
+        assert torch.equal(n, rn) and torch.equal(t, rt)
+    assert any(not torch.equal(t, lt) for (t, _), (lt, _) in zip(got, late))
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_a_timed_sd_step_finds_the_prompt_fed(tiny, hybrid):
+    """What the cost profile times (`RolloutEngine.time_step`) is an SD step, not the head's feed of
+    the prompt: the drafter consumes the synthetic rows' text untimed (`Drafter.settle`), so the
+    timed step finds at most k + 1 pairs pending a row (power: without it, the whole context)."""
+    from respec.drafters.history import HistoryDrafter
+    from respec.drafters.hybrid import HybridDrafter
+    from respec.profiling import synthetic_steps
+
+    head = EagleDrafter(head_for(tiny, 3000))
+    drafter = HybridDrafter(head, HistoryDrafter()) if hybrid else head
+    engine = RolloutEngine(tiny, kv_cache_bytes=64 << 20, eager=True, drafter=drafter, num_draft_tokens=3)
+    found = []
+    speculate = engine._speculate
+    engine._speculate = lambda seqs, k, caps: (found.append([head._count(head.pending[s.id]) for s in seqs]),
+                                               speculate(seqs, k, caps))[1]
+    synthetic_steps(engine, 2, 3, 32, 1)
+    assert found == [[1, 1]]
+    engine.drafter.settle, found[:] = lambda seqs, k: None, []
+    synthetic_steps(engine, 2, 3, 32, 1)
+    assert found == [[32, 32]]  # (the context's pairs, the newest's included)

@@ -8,7 +8,8 @@ state behind them (a new kind is one new file in this folder):
   on_prefill(seqs, ...)   sequences were admitted (or readmitted after a preemption): their prompt
                           and text were cached by the target, and their first token sampled
   on_decode(seqs, ...)    a plain decode step (SD off this step) emitted one token per row
-  catch_up(seqs, k)       before an SD step: consume whatever was emitted while SD was off
+  catch_up(seqs, k)       before an SD step: consume whatever was emitted while SD was off (a
+                          model drafter's prompt too: it is fed in the first step that drafts a row)
   draft(batch)            propose up to `batch.max_drafts[i]` tokens per row -> `Drafts`
   commit(seqs, n, ...)    after the verify: row i kept its first n[i] drafts and one target token
                           (also for rows it did not draft this step: a hybrid's proposer rows)
@@ -156,6 +157,12 @@ class Drafter:
 
     def catch_up(self, seqs, k: int) -> None:
         pass
+
+    def settle(self, seqs, k: int) -> None:
+        """Consume everything the rows hold pending now, as the first SD step of them would (a model
+        drafter feeds on the prompt there): what the engine does untimed before it times an SD
+        step (`RolloutEngine.time_step`), so that a cost profile prices the steps, not the prompts."""
+        self.catch_up(seqs, k)
 
     def draft(self, batch: DraftBatch) -> Drafts:
         raise NotImplementedError

@@ -163,16 +163,18 @@ class EagleDrafter(Drafter):
         return json.dumps(self.module.cfg.to_json(), sort_keys=True)
 
     def on_prefill(self, seqs, tokens, positions, valid, block_tables, taps, first_tokens) -> None:
-        """The head consumes the prompt pairs (feature of position j-1, token j), j = 0..L-1 (a zero
-        feature before the first token); the pair of the first sampled token waits."""
-        head, B = self.runner, tokens.shape[0]
-        shifted = torch.cat([taps.new_zeros(B, 1, taps.shape[-1]), taps[:, :-1]], dim=1)
-        kv = PagedKV.build(self.view.draft_pools, block_tables, positions, head.n_rep, valid=valid)
-        head(head.project(shifted), tokens, positions, self.view.target.embed_tokens, kv.layer(0))
-        last = valid.long().sum(1) - 1  # (B,) each row's last prompt position
-        at = self.log.append(taps[torch.arange(B, device=taps.device), last], first_tokens[:B])
+        """The prompt's pairs (feature of position j-1, token j), j = 0..L-1 (a zero feature before
+        the first token), and the first sampled token's, wait in the log with the row's others: the
+        head consumes them in the first step it drafts the row in (`catch_up`), so a row SD never
+        turns on for (a rollout whose batch never shrinks to where SD pays) costs the head no
+        forward over its prompt. One copy for the batch (row i's pairs at i * (T + 1))."""
+        B, T = tokens.shape
+        features = torch.cat([taps.new_zeros(B, 1, taps.shape[-1]), taps[:B]], dim=1)  # (B, T + 1, F)
+        pairs = torch.cat([tokens, tokens.new_zeros(B, 1)], dim=1)
+        pairs.scatter_(1, valid.long().sum(1, keepdim=True), first_tokens[:B].view(B, 1).to(pairs.dtype))
+        at = self.log.append(features.reshape(B * (T + 1), -1), pairs.reshape(-1))
         for i, s in enumerate(seqs):
-            self.pending[s.id], self.pending_start[s.id] = [(at + i, 1)], len(s.tokens)
+            self.pending[s.id], self.pending_start[s.id] = [(at + i * (T + 1), len(s.tokens) + 1)], 0
 
     def on_decode(self, seqs, taps, next_tokens) -> None:
         """The head will need (feature of the input token, the token sampled after it)."""

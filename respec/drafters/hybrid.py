@@ -87,6 +87,11 @@ class HybridDrafter(Drafter):
         for p in self.proposers:
             p.catch_up(seqs, k)
 
+    def settle(self, seqs, k: int) -> None:
+        self.catch_up(seqs, k)
+        if self.model is not None:
+            self.model.settle(seqs, k)
+
     def long_drafts(self, seqs) -> list[int] | None:
         offers = [o for p in self.proposers if (o := p.long_drafts(seqs)) is not None]
         return [max(row) for row in zip(*offers)] if offers else None

@@ -72,10 +72,10 @@ class LayerDrafter(Drafter):
         self.runner(tokens, positions, kv)
 
     def on_prefill(self, seqs, tokens, positions, valid, block_tables, taps, first_tokens) -> None:
-        kv = PagedKV.build(self.view.draft_pools, block_tables, positions, self.module.cfg.n_rep, valid=valid)
-        self.runner(tokens, positions, kv)
+        """Nothing cached yet: the prompt (and the text before a preemption) is cached in the first
+        step that drafts the row (`catch_up`), so a row SD never turns on for costs no forward."""
         for s in seqs:
-            self.drafted[s.id] = len(s.tokens)  # the prompt (and the text before a preemption)
+            self.drafted[s.id] = 0
 
     def catch_up(self, seqs, k: int) -> None:
         behind = [s for s in seqs if self.drafted[s.id] < len(s.tokens) - 2]
