@@ -79,9 +79,10 @@ from respec import storage
 # Bumped when the engine's step costs change for the same model and machine (2: the two-level
 # sampler; 3: a model-free drafter that drafts from a request's continuation, replay alone, was
 # profiled proposing nothing, its SD steps timed as plain ones; 4: a model drafter keeps no draft
-# distribution under the match rule, the history index writes four maps a token), so that a cached
-# profile of the old engine is measured again.
-COST_VERSION = 4
+# distribution under the match rule, the history index writes four maps a token; 5: the timed SD
+# step no longer includes the drafter's catch-up on the synthetic rows' whole text, `Drafter.settle`),
+# so that a cached profile of the old engine is measured again.
+COST_VERSION = 5
 FEATURES = ("step", "sd_step", "target_token", "context_token", "draft_step", "draft_row")
 
 
