@@ -674,8 +674,7 @@ def profile_costs(timer, *, batch_sizes=(1, 4, 16, 64), ks=None, contexts=(64, 4
     StepTimer, which leaves each shape's warm-up calls untimed)."""
     from tqdm import tqdm
 
-    max_k = timer.k
-    ks = ks if ks is not None else sorted({0, 1, max(1, max_k // 2), max_k})
+    ks = profiled_ks(timer.k, ks)
     grid = [(c, B, k) for c in contexts for B in batch_sizes for k in ks]
     samples = []
     for c, B, k in tqdm(grid, desc="profiling step costs", disable=not progress):
@@ -683,12 +682,28 @@ def profile_costs(timer, *, batch_sizes=(1, 4, 16, 64), ks=None, contexts=(64, 4
     return samples
 
 
+def profiled_ks(max_k: int, ks=None) -> list[int]:
+    """The draft lengths a profile times: `ks`, or by default 0, 1, half and all of `max_k`."""
+    return sorted(set(ks) if ks is not None else {0, 1, max(1, max_k // 2), max_k})
+
+
+def grid_key(key: str, max_k: int, *, batch_sizes=(1, 4, 16, 64), ks=None, contexts=(64, 448), **_) -> str:
+    """`key` (model, drafter, machine: `cost_key`) with the grid a profile measures: the same
+    command reads the profile its own grid measured, never one another run's grid left in the
+    cache (a default run whose 16-row verifies were extrapolated from a 1-4-row profile, or a long
+    run's batch-1 costs fitted beside 16-row ones, depending on which of the two ran first)."""
+    grid = json.dumps([sorted(set(batch_sizes)), profiled_ks(max_k, ks), sorted(set(contexts))])
+    return hashlib.sha256(f"{key}|{grid}".encode()).hexdigest()[:16]
+
+
 def load_or_profile(timer, key: str, path: Path | None = None, *, max_error: float = 0.15, **profile_kwargs) -> tuple[CostModel, bool]:
-    """The cost model cached at `path` if it was fitted for `key`, else profile, fit and cache it.
-    A fit whose median error exceeds `max_error` (the machine was busy: seen here, a profile taken
-    while another job ran fitted with 57% error and predicted SD steps as cheap as plain ones) is
-    measured once more with twice the repetitions, and the better of the two kept.
-    `path` defaults to the project cache's costs/<key>.json. Returns (model, loaded_from_cache)."""
+    """The cost model cached at `path` if it was fitted for `key` over the same grid (`grid_key`),
+    else profile, fit and cache it. A fit whose median error exceeds `max_error` (the machine was
+    busy: seen here, a profile taken while another job ran fitted with 57% error and predicted SD
+    steps as cheap as plain ones) is measured once more with twice the repetitions, and the better
+    of the two kept. `path` defaults to the project cache's costs/<grid key>.json. Returns (model,
+    loaded_from_cache)."""
+    key = grid_key(key, timer.k, **profile_kwargs)
     path = Path(path) if path is not None else cache_dir() / "costs" / f"{key}.json"
     if path.exists():
         try:

@@ -11,7 +11,7 @@ from models.drafter import truncated_drafter
 from respec.engine import RolloutEngine, SamplingParams
 from respec.profiling import StepTimer
 from respec.solver import (AdaptiveK, CostModel, FixedK, Policy, conditional_alpha, expected_tokens, fit_costs,
-                           load_or_profile, machine_key, step_features)
+                           grid_key, load_or_profile, machine_key, step_features)
 
 # A memory-bound-then-compute-bound machine in miniature: 10 ms per step, 0.5 ms per token the
 # target processes, 1 ms per draft step (coefficients in FEATURES order).
@@ -128,6 +128,13 @@ def test_profile_is_cached(tiny, tmp_path):
     assert cached and again.coef == first.coef
     _, cached = load_or_profile(StepTimer(engine), "key-b", path, **kw)  # another model/machine: measured anew
     assert not cached
+    load_or_profile(StepTimer(engine), "key-a", path, **kw)
+    _, cached = load_or_profile(StepTimer(engine), "key-a", path, **{**kw, "batch_sizes": (1, 2, 3)})
+    assert not cached  # another grid (another run's batch sizes): measured anew, not extrapolated
+    _, cached = load_or_profile(StepTimer(engine), "key-a", path, **{**kw, "batch_sizes": (2, 1), "reps": 2})
+    assert not cached  # (the file held the (1, 2, 3) grid's)
+    _, cached = load_or_profile(StepTimer(engine), "key-a", path, **{**kw, "batch_sizes": (2, 1), "reps": 2})
+    assert cached  # the same grid in any order, however many repetitions measured it
     assert engine.blocks.num_free == engine.blocks.num_blocks - 1  # profiling leaves no blocks behind
     assert engine.stats.decode_steps == 0
 
@@ -178,7 +185,7 @@ def test_profiles_written_at_once_do_not_collide(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", replace_after_another_rank)
     model, cached = load_or_profile(Flat(), "key", path, **kw)
     assert not cached and not nested[0][1]
-    assert CostModel.from_json(json.loads(path.read_text())).key == "key"
+    assert CostModel.from_json(json.loads(path.read_text())).key == grid_key("key", Flat.k, **kw)
     assert [f.name for f in tmp_path.iterdir()] == ["costs.json"]  # no temporary file left behind
 
 
