@@ -147,7 +147,7 @@ class _FedAtOnce(EagleDrafter):
             self.pending[s.id], self.pending_start[s.id] = [(at + i, 1)], len(s.tokens) + self.shift
 
 
-def _drafts(engine, prompts, params) -> list:
+def _drafts(engine, prompts, params) -> tuple[list, list]:
     """Every draft the engine's drafter proposed, a step at a time, and the completions."""
     out, drafter = [], engine.drafter
     for name in ("draft", "draft_ahead"):
