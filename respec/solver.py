@@ -666,7 +666,10 @@ def cost_key(model_desc: str, drafter_desc: str, engine) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def profile_costs(timer, *, batch_sizes=(1, 4, 16, 64), ks=None, contexts=(64, 448), reps: int = 2,
+PROFILE_BATCHES, PROFILE_CONTEXTS = (1, 4, 16, 64), (64, 448)  # a profile's default grid (with `profiled_ks`)
+
+
+def profile_costs(timer, *, batch_sizes=PROFILE_BATCHES, ks=None, contexts=PROFILE_CONTEXTS, reps: int = 2,
                   progress: bool = True) -> list[dict]:
     """Time an engine's real decode (k = 0) and SD steps (k >= 1) on synthetic sequences of
     `context` cached tokens (their KV contents do not change the time): `timer` has the engine's
@@ -687,7 +690,7 @@ def profiled_ks(max_k: int, ks=None) -> list[int]:
     return sorted(set(ks) if ks is not None else {0, 1, max(1, max_k // 2), max_k})
 
 
-def grid_key(key: str, max_k: int, *, batch_sizes=(1, 4, 16, 64), ks=None, contexts=(64, 448), **_) -> str:
+def grid_key(key: str, max_k: int, *, batch_sizes=PROFILE_BATCHES, ks=None, contexts=PROFILE_CONTEXTS, **_) -> str:
     """`key` (model, drafter, machine: `cost_key`) with the grid a profile measures: the same
     command reads the profile its own grid measured, never one another run's grid left in the
     cache (a default run whose 16-row verifies were extrapolated from a 1-4-row profile, or a long

@@ -10,10 +10,10 @@ import generate
 import train
 from models.decoder import PRESETS
 from models.eagle import EagleConfig, EagleHead, load_eagle, save_eagle
-from respec.drafters.eagle import EagleDrafter
-from respec.paged_attention import PagedKV
 from models.loading import random_model
+from respec.drafters.eagle import EagleDrafter
 from respec.engine import RolloutEngine, SamplingParams
+from respec.paged_attention import PagedKV
 from tests.test_speculative import (LENGTH, N_SAMPLES, PROMPT, SHARPEN, SMALL, chi2_quantile_999, chi_square,
                                     exact_sequence_probs, sample_sequences)
 
