@@ -95,6 +95,10 @@ class GenerateConfig:
     new_tokens: int = shared(DrafterConfig, "new_tokens", 128, parse=positive_int, needs=NEEDS_RUN)
     json: Path | None = option(None, "write the --bench or --sweep results here (an existing file is never "
                                "overwritten)", parse=Path, needs=NEEDS_RUN)
+    reps: int = option(1, "timed rollouts of each arm per batch size, plain and SD alternated (plain, SD, SD, plain, "
+                       "...), each SD one from the same drafter and solver state; the mean times count",
+                       parse=positive_int, needs=Needs("bench", lambda bench: bench, "only --bench times rollouts "
+                                                       "against each other"))
     past_rollouts: int = option(0, "rollouts of the same prompts (other seeds) generated before the timed SD one, "
                                 "as RL sees its prompts again each epoch; what the history drafter can draw on",
                                 needs=(NEEDS_DRAFTER, Needs("bench", lambda bench: bench, "only --bench times a "

@@ -184,6 +184,48 @@ def test_bench_sd_with_the_solver_choosing(tmp_path, monkeypatch, capsys):
     one_line_error(*run_main(capsys, "--model", "tiny", "--drafter", "history", "--sd", "adaptive"), "--bench")
 
 
+def test_bench_reps_alternate_from_one_state(tmp_path, monkeypatch):
+    """`--bench --reps 3`: each batch's plain and SD rollouts timed three times each, alternated
+    (plain, SD, SD, plain, plain, SD), every SD rollout from the drafter's state before the first:
+    the same tokens and acceptance each time, and the arms' tok/s from their mean times. Power: with
+    the state not restored, the history drafter drafts the second rollout from the first's text."""
+    import json
+
+    from respec.engine import RolloutEngine
+    from respec.lab import bench
+
+    calls = []
+    generate_one = RolloutEngine.generate
+
+    def logged(self, prompts, params, *a, **kw):
+        calls.append(self.drafter.kind)
+        return generate_one(self, prompts, params, *a, **kw)
+
+    monkeypatch.setattr(RolloutEngine, "generate", logged)
+    argv = ["--model", "tiny", "--dtype", "fp32", "--eager", "--bench", "--temperature", "1", "--drafter", "history",
+            "--k", "3", "--batch-sizes", "2", "--new-tokens", "24", "--run-ahead", "0", "--reps", "3"]
+    reports = []
+    for name in ("restored", "not restored"):
+        if name == "not restored":
+            monkeypatch.setattr(bench, "restore", lambda sd_engine, state: None)
+        calls.clear()
+        out = tmp_path / f"{name}.json"
+        assert generate.main(argv + ["--json", str(out)]) == 0
+        # the timed rollouts first (alternated); then the kernel count's plain step (the profiler)
+        assert calls[:6] == ["none", "history", "history", "none", "none", "history"]
+        reports.append(json.loads(out.read_text()))
+    report, unrestored = reports
+    assert report["reps"] == 3
+    (r,), (u,) = report["results"], unrestored["results"]
+    assert len(r["respec_s"]) == len(r["sd_s"]) == 3
+    tokens = r["tokens_per_row"] * 2
+    assert r["respec_tok_s"] == pytest.approx(tokens / (sum(r["respec_s"]) / 3), rel=0.01)
+    assert r["sd_tok_s"] == pytest.approx(r["sd_tokens_per_row"] * 2 / (sum(r["sd_s"]) / 3), rel=0.01)
+    assert r["sd_same_across_reps"] == r["sd_same_as_plain"] == "2/2"  # (the match rule: plain's tokens)
+    assert len(set(r["accept_len_reps"])) == 1
+    assert u["accept_len_reps"][0] == r["accept_len_reps"][0] and u["accept_len_reps"][1] > r["accept_len_reps"][0] + 1
+
+
 def test_bench_records_a_failing_static_baseline(tmp_path, monkeypatch, capsys):
     """Where transformers' static-cache baseline cannot run (here: a cache it does not know), the
     report says why in one line and the bench goes on, the eager baseline beside respec."""

@@ -13,6 +13,12 @@ Two transformers baselines run on the very weights respec runs:
     model or a machine torch.compile cannot handle) the report says why in one line and the bench
     goes on without it.
 
+With a drafter, each batch size's plain and SD rollouts are timed `--reps` times each, alternated
+(plain, SD, SD, plain, plain, SD, ...), so that a machine whose speed drifts during the bench weighs
+on both arms alike; each SD rollout starts from the drafter's and the solver's state as the first
+found it (a history drafter that kept one run's text would draft the next run from it), and the
+arms' mean times count.
+
 Whole `generate` calls include the prefill; a decoding step is timed apart on both sides. respec's
 engine times its prefill and its decoding steps itself (EngineStats). transformers' cannot be asked,
 so its decoding step is derived from two calls: T(1), a call for one new token (the prefill samples
@@ -21,9 +27,11 @@ it; no decoding step runs), and T(N), a call for N; a decoding step is (T(N) - T
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -215,6 +223,56 @@ def step_by_step(engine, prompts: list[list[int]], params: list[SamplingParams])
     return out, seconds, list(unwarmed)
 
 
+@dataclass
+class Arm:
+    """One arm's timed rollouts of a batch: each one's completions and seconds, and the timed step
+    calls of shapes not warmed up."""
+    outputs: list = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    unwarmed: list = field(default_factory=list)
+
+    @property
+    def mean_s(self) -> float:
+        return sum(self.seconds) / len(self.seconds)
+
+
+def sd_state(sd_engine) -> tuple:
+    """What an SD rollout starts from and changes: the drafter's carried state (a history drafter's
+    earlier rollouts) and the solver's (its acceptance estimate), as copies a later rollout leaves alone."""
+    return sd_engine.drafter.state_dict(), copy.deepcopy(sd_engine.policy)
+
+
+def restore(sd_engine, state: tuple) -> None:
+    drafter_state, policy = state
+    sd_engine.drafter.load_state_dict(copy.deepcopy(drafter_state))
+    sd_engine.policy = copy.deepcopy(policy)
+
+
+def alternated(engine, sd_engine, prompts: list[list[int]], params: list[SamplingParams], reps: int,
+               start: tuple | None = None) -> tuple:
+    """`reps` timed rollouts of `prompts` on each engine, alternated (plain, SD, SD, plain, ...;
+    plain alone without `sd_engine`): (the plain arm, the SD arm or None). Every SD rollout starts
+    from `start` (`sd_state`, taken before); the state the last one left stays, as one rollout's
+    would (the solver's estimate calibrated by it, `end_rollout`, as in a run)."""
+    plain, sd = Arm(), (Arm() if sd_engine is not None else None)
+    order = [arm for r in range(reps) for arm in (("plain", "sd") if r % 2 == 0 else ("sd", "plain"))]
+    for name in order:
+        if name == "sd" and sd is None:
+            continue
+        if name == "sd":
+            restore(sd_engine, start)
+        eng, arm = (engine, plain) if name == "plain" else (sd_engine, sd)
+        with eng.steps.timed() as unwarmed:
+            t0 = time.perf_counter()
+            out = eng.generate(prompts, params)
+            arm.seconds.append(time.perf_counter() - t0)
+        arm.outputs.append(out)
+        arm.unwarmed += unwarmed
+        if name == "sd" and isinstance(sd_engine.policy, AdaptiveK):
+            sd_engine.policy.end_rollout()
+    return plain, sd
+
+
 def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int], prior: list[float] | None = None) -> dict:
     """respec's engine against transformers' generate (generate.py --bench): tokens/s per batch size,
     the read-bandwidth roofline, tokens that differ, and SD with `drafter` when given: k = --k every
@@ -281,10 +339,12 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int], prior: lis
     results = []
     for b in args.batch_sizes:
         prompts = prompts_for[b]
-        with engine.steps.timed() as unwarmed:
-            t0 = time.perf_counter()
-            ours = engine.generate(prompts, params(b))
-            respec_s = time.perf_counter() - t0
+        if sd_engine is not None:
+            for r in range(args.past_rollouts):  # earlier rollouts of these prompts (the history drafter keeps them)
+                sd_engine.generate(prompts, params(b, rollout=r + 1))
+        before_sd = sd_state(sd_engine) if sd_engine is not None else None
+        plain, sd = alternated(engine, sd_engine, prompts, params(b), args.reps, before_sd)
+        ours, respec_s, unwarmed = plain.outputs[0], plain.mean_s, plain.unwarmed
         plain_tokens = sum(len(o.token_ids) for o in ours)
         step_ms = ours.stats.decode_s / max(len(ours.stats.chosen_k), 1) * 1e3  # per decoding step, plain or SD
         row = {"batch": b, "respec_tok_s": round(plain_tokens / respec_s, 2),
@@ -292,7 +352,8 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int], prior: lis
                # the engine's own clocks: its decoding steps alone (step_ms by its explicit name), and its prefill
                "decode_ms_per_step": round(step_ms, 2), "decode_tok_s": round(ours.stats.decode_tok_s, 2),
                "prefill_ms": round(ours.stats.prefill_s * 1e3, 2),
-               "roofline_ms": round(roofline_ms, 4), "unwarmed_shapes": list(unwarmed)}
+               "roofline_ms": round(roofline_ms, 4), "unwarmed_shapes": list(unwarmed),
+               "respec_s": [round(t, 3) for t in plain.seconds]}
         same = lambda theirs: f"{sum(o.token_ids == t for o, t in zip(ours, theirs))}/{b}"  # noqa: E731
         if engine.run_ahead:  # the step-by-step loop beside the run ahead (respec/run_ahead.py), until a GPU says
             steps, steps_s, unwarmed = step_by_step(engine, prompts, params(b))
@@ -326,18 +387,20 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int], prior: lis
                         "hf_static_decode_ms_per_step": ms(t["decode_ms"]),
                         "hf_static_decode_tok_s": per_s(t["decode_ms"]),
                         "hf_static_prefill_ms": round(t["prefill_ms"], 2), "hf_static_warm_s": round(t["warm_s"], 1)}
-        if sd_engine is not None:
-            for r in range(args.past_rollouts):  # earlier rollouts of these prompts (the history drafter keeps them)
-                sd_engine.generate(prompts, params(b, rollout=r + 1))
-            with sd_engine.steps.timed() as unwarmed:
-                t0 = time.perf_counter()
-                spec = sd_engine.generate(prompts, params(b))
-                sd_s = time.perf_counter() - t0
-            row["unwarmed_shapes"] += unwarmed
+        if sd is not None:
+            spec, sd_s = sd.outputs[0], sd.mean_s
+            row["unwarmed_shapes"] += sd.unwarmed
             st = spec.stats
             sd_tokens = sum(len(x.token_ids) for x in spec)
+            # every SD rollout started from the same state: the same tokens, drafts and choices each time
+            same_each_time = sum(all(o[i].token_ids == x.token_ids for o in sd.outputs) for i, x in enumerate(spec))
+            row |= {"sd_s": [round(t, 3) for t in sd.seconds], "sd_same_across_reps": f"{same_each_time}/{b}",
+                    "accept_len_reps": [round(o.stats.accept_len, 3) for o in sd.outputs]}
             if sd_engine.run_ahead and sd_engine.drafter.runs_ahead:  # SD step by step beside its run ahead
+                after = sd_state(sd_engine)  # (from the timed rollouts' start; the state after them kept)
+                restore(sd_engine, before_sd)
                 sd_steps, sd_steps_s, unwarmed = step_by_step(sd_engine, prompts, params(b))  # (respec/sd_ahead.py)
+                restore(sd_engine, after)
                 row["unwarmed_shapes"] += unwarmed
                 row |= {"sd_ahead_steps": st.sd_ahead_steps, "sd_steps": st.sd_steps,
                         "sd_step_by_step_tok_s": round(sum(len(x.token_ids) for x in sd_steps) / sd_steps_s, 2),
@@ -352,8 +415,6 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int], prior: lis
             per_step = lambda t: round(t / max(phased.sd_steps - phased.sd_ahead_steps, 1) * 1e3, 2)  # noqa: E731
             row |= {"sd_draft_ms": per_step(phased.sd_phase_s["draft"]),
                     "sd_verify_ms": per_step(phased.sd_phase_s["verify"]), "sd_host_ms": per_step(phased.sd_phase_s["host"])}
-            if isinstance(sd_engine.policy, AdaptiveK):
-                sd_engine.policy.end_rollout()  # (its estimate calibrated by what the rollout measured, as in a run)
             row |= {"sd_tok_s": round(sd_tokens / sd_s, 2), "sd_tokens_per_row": round(sd_tokens / b, 1),
                     "sd_chosen_k": {str(k): n for k, n in sorted(Counter(st.chosen_k).items())},
                     "accept_len": round(st.accept_len, 3), "sd_step_fraction": round(st.sd_steps / max(len(st.chosen_k), 1), 3),
@@ -369,7 +430,7 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int], prior: lis
     report = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "compile_s": round(compile_s, 1),
               "drafter": args.drafter, "k": args.k if drafter is not None else 0, "temperature": args.temperature,
               "sd": args.sd if drafter is not None else None, "cost_profile_s": profile_s,
-              "past_rollouts": args.past_rollouts, "read_bandwidth_gb_s": round(bandwidth, 1),
+              "past_rollouts": args.past_rollouts, "reps": args.reps, "read_bandwidth_gb_s": round(bandwidth, 1),
               "weight_bytes": weight_bytes, "new_tokens": args.new_tokens, "attention": args.attention,
               "launch_us_eager": round(launch["eager"], 3),
               "launch_us_graph": None if launch["graph"] is None else round(launch["graph"], 3),
@@ -435,6 +496,12 @@ def print_table(report: dict) -> None:
             print(f"{r['batch']:>5} {r['respec_tok_s']:>12.1f} {r['sd_tok_s']:>9.1f} {r['sd_tok_s'] / r['respec_tok_s']:>8.2f}x"
                   f" {r['accept_len']:>11.2f} {r['sd_step_fraction']:>9.0%} {r['sd_tokens_per_row']:>11}"
                   f" {r.get('sd_same_as_plain', '-'):>14} {r['step_ms']:>14.1f} {phases:>34}  {r['accept_per_pos']}")
+        if report.get("reps", 1) > 1:
+            print(f"each arm's {report['reps']} timed rollouts, alternated (plain, SD, SD, plain, ...), seconds:")
+            for r in sd_rows:
+                print(f"{r['batch']:>5} plain {' '.join(f'{t:.2f}' for t in r['respec_s'])}   SD "
+                      f"{' '.join(f'{t:.2f}' for t in r['sd_s'])}   SD tokens the same each time: "
+                      f"{r['sd_same_across_reps']}, accept len {r['accept_len_reps']}")
 
 
 def _num(x, width: int, digits: int) -> str:
