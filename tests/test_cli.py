@@ -186,19 +186,22 @@ def test_bench_sd_with_the_solver_choosing(tmp_path, monkeypatch, capsys):
 
 def test_bench_reps_alternate_from_one_state(tmp_path, monkeypatch):
     """`--bench --reps 3`: each batch's plain and SD rollouts timed three times each, alternated
-    (plain, SD, SD, plain, plain, SD), every SD rollout from the drafter's state before the first:
-    the same tokens and acceptance each time, and the arms' tok/s from their mean times. Power: with
-    the state not restored, the history drafter drafts the second rollout from the first's text."""
+    (plain, SD, SD, plain, plain, SD), the plain ones on the SD engine with its drafter off, every SD
+    rollout from the drafter's state before the first: the same tokens and acceptance each time, and
+    the arms' tok/s from their mean times. Power: with the state not restored, the history drafter
+    drafts the second rollout from the first's text."""
     import json
 
     from respec.engine import RolloutEngine
     from respec.lab import bench
+    from respec.solver import FixedK
 
     calls = []
     generate_one = RolloutEngine.generate
 
     def logged(self, prompts, params, *a, **kw):
-        calls.append(self.drafter.kind)
+        plain = isinstance(kw.get("policy"), FixedK) and kw["policy"].k == 0
+        calls.append(f"{'plain' if plain else 'sd'} on {self.drafter.kind}")
         return generate_one(self, prompts, params, *a, **kw)
 
     monkeypatch.setattr(RolloutEngine, "generate", logged)
@@ -212,10 +215,11 @@ def test_bench_reps_alternate_from_one_state(tmp_path, monkeypatch):
         out = tmp_path / f"{name}.json"
         assert generate.main(argv + ["--json", str(out)]) == 0
         # the timed rollouts first (alternated); then the kernel count's plain step (the profiler)
-        assert calls[:6] == ["none", "history", "history", "none", "none", "history"]
+        plain, sd = "plain on history", "sd on history"  # (both on the SD engine)
+        assert calls[:6] == [plain, sd, sd, plain, plain, sd]
         reports.append(json.loads(out.read_text()))
     report, unrestored = reports
-    assert report["reps"] == 3
+    assert report["reps"] == 3 and report["plain_on"] == "the SD engine, its drafter off"
     (r,), (u,) = report["results"], unrestored["results"]
     assert len(r["respec_s"]) == len(r["sd_s"]) == 3
     tokens = r["tokens_per_row"] * 2

@@ -14,10 +14,14 @@ Two transformers baselines run on the very weights respec runs:
     goes on without it.
 
 With a drafter, each batch size's plain and SD rollouts are timed `--reps` times each, alternated
-(plain, SD, SD, plain, plain, SD, ...), so that a machine whose speed drifts during the bench weighs
-on both arms alike; each SD rollout starts from the drafter's and the solver's state as the first
-found it (a history drafter that kept one run's text would draft the next run from it), and the
-arms' mean times count.
+(plain, SD, SD, plain, plain, SD, ...; an even number cancels a steady drift), so that a machine
+whose speed drifts during the bench weighs on both arms alike; each SD rollout starts from the
+drafter's and the solver's state as the first found it (a history drafter that kept one run's text
+would draft the next run from it), and the arms' mean times count. The plain arm runs on the SD
+engine with its drafter off (`FixedK(0)`), on the same weights, KV pool and compiled steps (two
+engine instances, each with its own, can run a few percent apart on a CPU); a drafter that reads
+the target's features (a head) has plain decoding on its own engine, since the SD engine's plain
+steps still return them.
 
 Whole `generate` calls include the prefill; a decoding step is timed apart on both sides. respec's
 engine times its prefill and its decoding steps itself (EngineStats). transformers' cannot be asked,
@@ -40,7 +44,7 @@ from compile.policy import FIRST_CALL_S
 from models.loading import resolve_checkpoint, save_hf_checkpoint
 from respec.engine import RolloutEngine, SamplingParams
 from respec.profiling import StepTimer, warmup
-from respec.solver import AdaptiveK, cost_key, load_or_profile
+from respec.solver import AdaptiveK, FixedK, cost_key, load_or_profile
 from respec.tasks import DEFAULT_TASK, chat_prompt, make_problems
 
 
@@ -250,10 +254,11 @@ def restore(sd_engine, state: tuple) -> None:
 
 def alternated(engine, sd_engine, prompts: list[list[int]], params: list[SamplingParams], reps: int,
                start: tuple | None = None) -> tuple:
-    """`reps` timed rollouts of `prompts` on each engine, alternated (plain, SD, SD, plain, ...;
-    plain alone without `sd_engine`): (the plain arm, the SD arm or None). Every SD rollout starts
-    from `start` (`sd_state`, taken before); the state the last one left stays, as one rollout's
-    would (the solver's estimate calibrated by it, `end_rollout`, as in a run)."""
+    """`reps` timed rollouts of `prompts` with plain decoding on `engine` (which may be `sd_engine`
+    itself: `FixedK(0)` takes its drafter off) and with SD on `sd_engine`, alternated (plain, SD,
+    SD, plain, ...; plain alone without `sd_engine`): (the plain arm, the SD arm or None). Every SD
+    rollout starts from `start` (`sd_state`, taken before); the state the last one left stays, as
+    one rollout's would (the solver's estimate calibrated by it, `end_rollout`, as in a run)."""
     plain, sd = Arm(), (Arm() if sd_engine is not None else None)
     order = [arm for r in range(reps) for arm in (("plain", "sd") if r % 2 == 0 else ("sd", "plain"))]
     for name in order:
@@ -261,10 +266,10 @@ def alternated(engine, sd_engine, prompts: list[list[int]], params: list[Samplin
             continue
         if name == "sd":
             restore(sd_engine, start)
-        eng, arm = (engine, plain) if name == "plain" else (sd_engine, sd)
+        eng, arm, policy = (engine, plain, FixedK(0)) if name == "plain" else (sd_engine, sd, None)
         with eng.steps.timed() as unwarmed:
             t0 = time.perf_counter()
-            out = eng.generate(prompts, params)
+            out = eng.generate(prompts, params, policy=policy)
             arm.seconds.append(time.perf_counter() - t0)
         arm.outputs.append(out)
         arm.unwarmed += unwarmed
@@ -336,6 +341,9 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int], prior: lis
             hf = hf_model_for(args.model, model, tokenizer, dtype, device, Path(tmp))
     static_kw = hf_static_kw(device, compiled=not args.eager)
     static_error = None  # why transformers' static-cache baseline could not run, once it could not
+    # SD's plain arm: the SD engine itself with its drafter off (the same weights, KV pool and
+    # steps), unless its drafter reads the target's features, which its plain steps still return
+    plain_engine = sd_engine if sd_engine is not None and not sd_engine.feature_layers else engine
     results = []
     for b in args.batch_sizes:
         prompts = prompts_for[b]
@@ -343,7 +351,7 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int], prior: lis
             for r in range(args.past_rollouts):  # earlier rollouts of these prompts (the history drafter keeps them)
                 sd_engine.generate(prompts, params(b, rollout=r + 1))
         before_sd = sd_state(sd_engine) if sd_engine is not None else None
-        plain, sd = alternated(engine, sd_engine, prompts, params(b), args.reps, before_sd)
+        plain, sd = alternated(plain_engine, sd_engine, prompts, params(b), args.reps, before_sd)
         ours, respec_s, unwarmed = plain.outputs[0], plain.mean_s, plain.unwarmed
         plain_tokens = sum(len(o.token_ids) for o in ours)
         step_ms = ours.stats.decode_s / max(len(ours.stats.chosen_k), 1) * 1e3  # per decoding step, plain or SD
@@ -430,7 +438,8 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int], prior: lis
     report = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "compile_s": round(compile_s, 1),
               "drafter": args.drafter, "k": args.k if drafter is not None else 0, "temperature": args.temperature,
               "sd": args.sd if drafter is not None else None, "cost_profile_s": profile_s,
-              "past_rollouts": args.past_rollouts, "reps": args.reps, "read_bandwidth_gb_s": round(bandwidth, 1),
+              "past_rollouts": args.past_rollouts, "reps": args.reps,
+              "plain_on": "the SD engine, its drafter off" if plain_engine is sd_engine else "its own engine", "read_bandwidth_gb_s": round(bandwidth, 1),
               "weight_bytes": weight_bytes, "new_tokens": args.new_tokens, "attention": args.attention,
               "launch_us_eager": round(launch["eager"], 3),
               "launch_us_graph": None if launch["graph"] is None else round(launch["graph"], 3),
