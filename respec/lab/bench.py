@@ -260,10 +260,8 @@ def alternated(engine, sd_engine, prompts: list[list[int]], params: list[Samplin
     rollout starts from `start` (`sd_state`, taken before); the state the last one left stays, as
     one rollout's would (the solver's estimate calibrated by it, `end_rollout`, as in a run)."""
     plain, sd = Arm(), (Arm() if sd_engine is not None else None)
-    order = [arm for r in range(reps) for arm in (("plain", "sd") if r % 2 == 0 else ("sd", "plain"))]
-    for name in order:
-        if name == "sd" and sd is None:
-            continue
+    arms = ("plain", "sd") if sd is not None else ("plain",)
+    for name in [name for r in range(reps) for name in (arms if r % 2 == 0 else arms[::-1])]:
         if name == "sd":
             restore(sd_engine, start)
         eng, arm, policy = (engine, plain, FixedK(0)) if name == "plain" else (sd_engine, sd, None)
