@@ -407,6 +407,8 @@ class CompiledSteps:
                 check_runs_on(self.device, None if self.mode == "eager" else self.backend)
             if self.mode == "eager":
                 step = partial(fn, **static_kwargs)
+            elif getattr(fn, "own_shapes", False):
+                step = self._helper(fn, static_kwargs)
             elif self.mode in ("regional", "regional-dynamic"):
                 params = inspect.signature(fn).parameters
                 regions = {name: region for name, region in (("run_block", self._run_block), ("run_head", self._run_head))
@@ -419,6 +421,16 @@ class CompiledSteps:
                 step = self._whole_step(fn, static_kwargs)
             self._cache[key] = step
         return self._cache[key]
+
+    def _helper(self, fn, static_kwargs: dict):
+        """A device-side helper whose shapes are its own, not a step's rows and block-table width (a
+        drafter's state laid out per run, respec/drafters/history_ahead.py): compiled once as one
+        graph with dynamic shapes, no bounds declared, no CUDA graphs (shared by the process's
+        engines)."""
+        backend = "inductor" if self.backend == "tensorrt" else self.backend
+        key = ("helper", fn, tuple(sorted(static_kwargs.items())), backend)
+        return _shared(key, lambda: torch.compile(partial(fn, **static_kwargs), fullgraph=True, dynamic=True,
+                                                  backend=backend))
 
     def _whole_step(self, fn, static_kwargs: dict):
         """The whole step compiled as one graph (shared by the process's engines), called with this

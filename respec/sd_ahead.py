@@ -122,7 +122,8 @@ def sd_run_ahead(engine, seqs, group, steps: int, policy, should_stop=None) -> N
     verify = engine.steps.get(verify_step, use_filter=use_filter, rule=engine.verify, late=late,
                               hidden_layers=engine.feature_layers, attention=engine.attention)
     watching = engine._watching(seqs, rows)
-    out_tokens, out_logprobs, out_n = [], [], []
+    out_tokens, out_logprobs, out_n, out_proposed = [], [], [], []
+    capped = True  # every row proposed its cap at every step (a model drafter; history's rows may propose fewer)
     while len(out_tokens) < steps:
         drafts = drafter.draft_ahead(batch, state)
         # the verify, and in the same compiled step each row's next input token, position, room and
@@ -134,6 +135,8 @@ def sd_run_ahead(engine, seqs, group, steps: int, policy, should_stop=None) -> N
         out_tokens.append(tokens_d)
         out_logprobs.append(logprobs_d)
         out_n.append(n_d)
+        out_proposed.append(drafts.lengths)
+        capped = capped and drafts.lengths is batch.max_drafts
         state = drafter.advance(state, tokens_d, *pairs, taps)
         if should_stop is not None and should_stop():
             break
@@ -146,18 +149,20 @@ def sd_run_ahead(engine, seqs, group, steps: int, policy, should_stop=None) -> N
         if len(out_tokens) < steps:
             flag.send(ended)
     _record(engine, seqs, group, policy, torch.stack(out_tokens, 1), torch.stack(out_logprobs, 1),
-            torch.stack(out_n, 1), reserved, rooms, left, taps)
+            torch.stack(out_n, 1), None if capped else torch.stack(out_proposed, 1), reserved, rooms, left, taps)
     stats = engine.stats
     stats.decode_s += time.perf_counter() - t0
     stats.sd_ahead_steps += len(out_tokens)
 
 
-def _record(engine, seqs, group, policy, tokens, logprobs, accepted, reserved: list[int], rooms: list[int],
-            rooms_d, taps) -> None:
+def _record(engine, seqs, group, policy, tokens, logprobs, accepted, proposed, reserved: list[int],
+            rooms: list[int], rooms_d, taps) -> None:
     """The run's tokens (rows, ran, k+1), log-probs and accepted counts (rows, ran) into the rows, each
     row's up to and with its first EOS and at most its room (`rooms`, and on the device `rooms_d`);
     one host read: the emitted tokens compacted row by row on the device, and each step's rows
-    counted there by (drafts accepted, drafts the row could propose); then the slots, the
+    counted there by (drafts accepted, drafts the row could propose: what the solver counts a
+    verify by) and, where a row may propose fewer (`proposed` (rows, ran); None: every row its cap),
+    by (drafts accepted, drafts proposed: what the statistics count); then the slots, the
     statistics, the solver and the drafter."""
     from respec.engine import read_back
 
@@ -178,7 +183,13 @@ def _record(engine, seqs, group, policy, tokens, logprobs, accepted, reserved: l
     emitted = acc + 1
     caps = (rooms_d[:n].view(n, 1) - (emitted.cumsum(1) - emitted) - 1).clamp(0, k)
     by_pair = torch.nn.functional.one_hot(caps * k1 + acc, k1 * k1).sum(0)  # (ran, (k+1)^2)
-    flat_tokens, flat_logprobs, acc, by_pair = read_back(flat_tokens, flat_logprobs, acc, by_pair)
+    if proposed is None:
+        flat_tokens, flat_logprobs, acc, by_pair = read_back(flat_tokens, flat_logprobs, acc, by_pair)
+        by_proposed, proposed = by_pair, None
+    else:
+        by_proposed = torch.nn.functional.one_hot(proposed[:n] * k1 + acc, k1 * k1).sum(0)
+        flat_tokens, flat_logprobs, acc, by_pair, by_proposed, proposed = read_back(
+            flat_tokens, flat_logprobs, acc, by_pair, by_proposed, proposed[:n])
     counts = [sum(a) + len(a) for a in acc]  # (the device's `counts`, from what was read)
     eos, max_len, stats = engine.eos, engine.max_len, engine.stats
     ended = {}  # row -> (the step of its last token, tokens it emitted in that step), where it ended
@@ -207,7 +218,7 @@ def _record(engine, seqs, group, policy, tokens, logprobs, accepted, reserved: l
     counted = 0 if any(group.offered) else min((step for step, _ in ended.values()), default=ran)
     kind = engine.drafter.ahead_kind
     if counted:
-        total = Verified.from_counts([sum(c) for c in zip(*by_pair[:counted])], k1)
+        total = Verified.from_counts([sum(c) for c in zip(*by_proposed[:counted])], k1)
         stats.count_verified(kind, total)
         stats.sd_emitted += total.accepted + total.rows
         stats.generated_tokens += total.accepted + total.rows
@@ -222,16 +233,17 @@ def _record(engine, seqs, group, policy, tokens, logprobs, accepted, reserved: l
         caps = [max(0, min(k, r - sum(a[:step]) - step - 1)) for r, a in zip(rooms, acc)]
         rows = [i for i in range(n) if i not in ended or ended[i][0] >= step]
         m, caps = [m[i] for i in rows], [caps[i] for i in rows]
+        lengths = caps if proposed is None else [proposed[i][step] for i in rows]
         emitted = [ended[i][1] if i in ended and ended[i][0] == step else a + 1 for i, a in zip(rows, m)]
         stats.sd_emitted += sum(emitted)
         stats.generated_tokens += sum(emitted)
-        stats.count_kinds([kind] * len(rows), caps, list(map(min, m, emitted)), emitted)
-        stats.count_acceptance(m, caps)
+        stats.count_kinds([kind] * len(rows), lengths, list(map(min, m, emitted)), emitted)
+        stats.count_acceptance(m, lengths)
         stats.sd_steps += 1
         stats.sd_rows += len(rows)
         stats.batch_sizes.append(len(rows))
         stats.chosen_k.append(k)
-        policy.observe_group(_rows_of(group, rows, caps), m, caps)
+        policy.observe_group(_rows_of(group, rows, caps), m, lengths)
     running = [i for i, s in enumerate(seqs) if not s.finish_reason]
     last = [a[-1] for a in acc]
     if len(running) == n:  # the drafter's pairs of the last verify (its earlier ones are in its state's past)

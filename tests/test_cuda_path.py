@@ -378,9 +378,10 @@ def fake_cuda_rollout(kind: str) -> int:
                                       for i in range(len(REPEATING))])
     assert [len(o.token_ids) for o in out] == [6, 7, 8]
     assert engine.stats.ahead_steps > 0 or kind != "plain"
-    # on a GPU a hybrid's head steps run ahead of the host where history offers nothing (on a CPU
-    # they do not: respec/drafters/hybrid.py)
-    assert (engine.drafter.runs_ahead and engine.stats.sd_ahead_steps > 0) == (kind in ("eagle", "hybrid"))
+    # on a GPU a hybrid's head steps run ahead of the host where history offers nothing, and the
+    # history drafter's steps matched on the device (on a CPU neither does: respec/drafters/hybrid.py,
+    # respec/drafters/history_ahead.py)
+    assert (engine.drafter.runs_ahead and engine.stats.sd_ahead_steps > 0) == (kind in ("eagle", "history", "hybrid"))
     return engine.stats.sd_steps
 
 
@@ -434,10 +435,13 @@ def test_a_decoding_step_reads_the_device_once(sd):
     run of up to 32 steps."""
     from respec.lab.host_overhead import syncs_per_step
 
-    counted = [syncs_per_step(rows, sd) for rows in (1, 4)]
+    counted = [syncs_per_step(rows, sd, run_ahead=0 if sd else 32) for rows in (1, 4)]
     assert [c["syncs"] for c in counted] == [1.0, 1.0]
     if sd:
         assert [c["blocking"] for c in counted] == [1.0, 1.0]
+        # matched on the device, its steps run ahead: the host waits once per run
+        ahead = [syncs_per_step(rows, sd) for rows in (1, 4)]
+        assert [c["syncs"] for c in ahead] == [1.0, 1.0] and all(0 < c["blocking"] <= 1 / 16 for c in ahead)
     else:
         assert all(0 < c["blocking"] <= 1 / 16 for c in counted)
 
@@ -453,7 +457,9 @@ def test_a_decoding_step_sends_its_inputs_in_one_copy():
     step without waiting for it: the host waits for the device once per run."""
     from respec.lab.host_overhead import syncs_per_step
 
-    assert syncs_per_step(4, True)["uploads"] == 2.0
+    assert syncs_per_step(4, True, run_ahead=0)["uploads"] == 2.0
+    ahead = syncs_per_step(4, True)  # (matched on the device: its documents sent once per run)
+    assert ahead["syncs"] == 1.0 and 0 < ahead["blocking"] <= 1 / 16 and 0 < ahead["uploads"] <= 4 / 16
     assert syncs_per_step(4, True, drafter="eagle", run_ahead=0) == {"syncs": 1.0, "blocking": 1.0, "uploads": 2.0}
     ahead = syncs_per_step(4, True, drafter="eagle")
     assert ahead["syncs"] == 1.0 and 0 < ahead["blocking"] <= 1 / 16 and 0 < ahead["uploads"] <= 4 / 16

@@ -97,6 +97,86 @@ def test_suffix_index_finds_the_latest_longest_match_as_a_brute_force_search_doe
     assert differed > 0  # the short scan was tested where it differs
 
 
+def device_match_state(seed: int, rows: int = 12, C: int = 16):
+    """Random texts over a 3-token vocabulary as `history_ahead.propose` takes them: (texts, docs,
+    lengths, seen, left); row i's own text is text i, and it sees its own, some earlier documents
+    and some other rows' (oldest first, padded with the last, empty one); rooms 0..6."""
+    from respec.drafters.history_ahead import PAD
+
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda hi: int(torch.randint(0, hi, (1,), generator=gen))  # noqa: E731
+    texts = [torch.randint(0, 3, (rnd(C - 4),), generator=gen).tolist() for _ in range(rows + 6)] + [[]]
+    docs = torch.full((len(texts), C + 1), PAD, dtype=torch.int64)
+    for d, t in enumerate(texts):
+        docs[d, : len(t)] = torch.tensor(t, dtype=torch.int64)
+    seen = [sorted({i, *[rows + rnd(6) for _ in range(rnd(4))], *[rnd(rows) for _ in range(rnd(3))]}) for i in range(rows)]
+    V = max(map(len, seen))
+    seen = torch.tensor([m + [len(texts) - 1] * (V - len(m)) for m in seen])
+    left = torch.tensor([rnd(7) for _ in range(rows)])
+    return texts, docs, torch.tensor([len(t) for t in texts]), seen, left
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_device_suffix_match_is_a_brute_force_search(seed):
+    """The history drafter's match on the device (respec/drafters/history_ahead.py `propose`) against
+    a search in Python: rows whose own texts and visible documents (oldest first, the row's own
+    among them, padded with an empty one) are random over a 3-token vocabulary; each row proposes
+    what followed the place with the longest match of its last tokens (at most max_match, at least
+    min_match), the latest of equals (a later document, then a later place), at most min(k, its
+    room - 1) tokens and never past that document's end; nothing without such a match, and nothing
+    for a padding row (room 0). Power: matches of several lengths, rows with none, proposals cut
+    by a document's end and by a room."""
+    from respec.drafters.history_ahead import propose
+
+    k, max_match, min_match = 4, 5, 2
+    texts, docs, lengths, seen, left = device_match_state(seed)
+    rows = seen.shape[0]
+    tokens, count = propose(docs, lengths, seen, left, k=k, max_match=max_match, min_match=min_match)
+    matched, cut = set(), 0
+    for i in range(rows):
+        own, best = texts[i], None
+        for v, d in enumerate(seen[i].tolist()):
+            doc = texts[d]
+            for j in range(1, len(doc)):
+                m = 0
+                while m < max_match and m < j and m < len(own) and doc[j - 1 - m] == own[len(own) - 1 - m]:
+                    m += 1
+                if m >= min_match and (best is None or (m, v, j) > best[:3]):
+                    best = (m, v, j, doc)
+        cap = max(0, min(k, int(left[i]) - 1))
+        want = [] if best is None else best[3][best[2]: best[2] + cap]
+        assert count[i] == len(want) and tokens[i, : len(want)].tolist() == want, i
+        matched.add(best[0] if best else 0)
+        cut += best is not None and 0 < len(want) < cap
+    assert len(matched) >= 3 and 0 in matched and cut > 0 and (left <= 1).any()
+
+
+def test_device_suffix_match_compiled_equals_eager():
+    """The match and the write as a run asks `CompiledSteps` for them (`own_shapes`: one graph with
+    dynamic shapes; inductor on the CPU) give what the eager functions give, at two shapes of the
+    state and two k (the column past the documents, where unused slots go, aside)."""
+    from compile.policy import CompiledSteps
+    from respec.drafters.history_ahead import propose, write
+
+    steps = CompiledSteps(eager=False, device=torch.device("cpu"))
+    for seed, rows, C in ((0, 12, 16), (1, 7, 40)):
+        _, docs, lengths, seen, left = device_match_state(seed, rows, C)
+        for k in (3, 4):
+            want = propose(docs, lengths, seen, left, k=k, max_match=5, min_match=2)
+            got = steps.get(propose, k=k, max_match=5, min_match=2)(docs, lengths, seen, left)
+            assert all(torch.equal(g, w) for g, w in zip(got, want))
+        tokens = torch.randint(0, 3, (rows, 4))
+        positions = lengths[:rows].view(rows, 1) + torch.arange(4).view(1, 4)
+        valid = torch.arange(4).view(1, 4) <= torch.randint(0, 4, (rows, 1))
+        state = [t.clone() for t in (docs, lengths, left)]
+        write(*state, tokens, positions.clamp(max=C - 1), valid)
+        compiled = [t.clone() for t in (docs, lengths, left)]
+        steps.get(write)(*compiled, tokens, positions.clamp(max=C - 1), valid)
+        assert torch.equal(compiled[0][:, :C], state[0][:, :C])
+        assert all(torch.equal(g, w) for g, w in zip(compiled[1:], state[1:]))
+        assert not torch.equal(state[0][:, :C], docs[:, :C]) and not torch.equal(state[1], lengths)  # (the write wrote)
+
+
 def test_suffix_index_indexes_the_prompt_once():
     """Every document of an index starts with its prompt: the second document indexes only from
     where its text begins (a prompt-internal match still proposes the prompt's continuation; the

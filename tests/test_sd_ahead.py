@@ -189,3 +189,85 @@ def test_a_hybrid_runs_its_heads_steps_ahead_where_history_offers_nothing(target
         assert kinds["model"]["accepted"] > 0
         assert set(kinds) <= {"model", "history", "plain"}  # (a run's rows are the head's)
         assert sum(c["rows"] for c in kinds.values()) == sd_rows
+
+
+class DeviceHistory:
+    """The history drafter matching on the device at every step (`history_ahead`), also step by step:
+    a run ahead and the step-by-step loop then propose the same drafts, so the two rollouts compare
+    draft for draft; every proposal recorded, and each step-by-step step's lengths."""
+
+    def __new__(cls, steps_lengths: list, drafts: list):
+        from respec.drafters.history import HistoryDrafter
+
+        class Drafter(HistoryDrafter):
+            def draft(self, batch):
+                out = self.draft_ahead(batch, self.ahead_state(batch))
+                out.lengths_list = out.lengths[: len(batch.seqs)].tolist()
+                steps_lengths.append(out.lengths_list)
+                return out
+
+            def draft_ahead(self, batch, state):
+                out = super().draft_ahead(batch, state)
+                n, caps = len(batch.seqs), (state[3] - 1).clamp(0, batch.k)  # (each row's cap: its room)
+                drafts.append((out.tokens[:n].tolist(), out.lengths[:n].tolist(), caps[:n].tolist()))
+                return out
+        return Drafter(ahead=True, min_match=1)
+
+
+@pytest.mark.parametrize("verify, late", [("match", False), ("match", True), ("rejection", False), ("rejection", True)])
+def test_history_runs_ahead_as_its_steps_one_by_one(target, monkeypatch, verify, late):
+    """The history drafter's suffix match on the device (respec/drafters/history_ahead.py): SD steps run
+    ahead of the host (the rows' text written on the device after each verify) give what the same
+    matcher gives step by step: tokens, finish reasons, log-probabilities, the drafts and how many
+    each row proposed (rows with no match, or a match near a text's end, propose fewer than their
+    cap), the statistics (counted by what rows proposed) and each verify's outcome as the solver is
+    told it (counted against the caps); greedy and sampled, over two rollouts of each prompt's two
+    rows (siblings' and the earlier rollout's text to match), the flag read at once and a step late.
+    Power: a quarter of the SD steps or more ran ahead, rows accepted drafts, and some row proposed
+    fewer than its cap."""
+    import respec.run_ahead as ahead
+
+    monkeypatch.setattr(ahead, "READ_LATE", late)
+    # every token in each prompt before its last: a row always has a match (min_match 1), so no step
+    # by itself finds nothing and decodes plainly where a run's step verifies (no drafts: one token)
+    gen = torch.Generator().manual_seed(0)
+    perms = [torch.randperm(VOCAB, generator=gen).tolist() for _ in range(len(PROMPTS))]
+    prompts = [p + p[: 2 + i] for i, p in enumerate(perms) for _ in range(2)]
+    for temperature in (0.0, 1.0) if verify == "match" else (1.0,):
+        params = [SamplingParams(max_new_tokens=24 + 4 * i, temperature=temperature, seed=i, stop_on_eos=i != 0)
+                  for i in range(len(prompts))]
+        results = []
+        for run_ahead in (0, 32):
+            lengths, drafts = [], []
+            engine = RolloutEngine(target, kv_cache_bytes=64 << 20, block_size=4, eager=True,
+                                   drafter=DeviceHistory(lengths, drafts), num_draft_tokens=3, policy=Recorded(),
+                                   run_ahead=run_ahead, eos_token_ids=[EOS], verify=verify)
+            outs = [engine.generate(prompts, params) for _ in range(2)]
+            assert engine.blocks.num_free == engine.blocks.num_blocks - 1
+            results.append((outs, engine.policy.seen, drafts, lengths))
+        (want, want_seen, want_drafts, step_lengths), (got, seen, drafts, _) = results
+        assert all(any(ln) for ln in step_lengths)  # (every step-by-step step verified: a run's steps all do)
+        ran_ahead = sd_steps = 0
+        for g_out, w_out in zip(got, want):
+            assert [o.token_ids for o in g_out] == [o.token_ids for o in w_out]
+            assert [o.finish_reason for o in g_out] == [o.finish_reason for o in w_out]
+            for g, w in zip(g_out, w_out):
+                assert g.logprobs == pytest.approx(w.logprobs, abs=1e-5)
+            for field in ("sd_steps", "sd_rows", "sd_emitted", "generated_tokens", "sd_accepted_at", "sd_reached_at",
+                          "sd_kinds", "batch_sizes", "chosen_k"):
+                assert getattr(g_out.stats, field) == getattr(w_out.stats, field), field
+            assert w_out.stats.sd_ahead_steps == 0
+            ran_ahead += g_out.stats.sd_ahead_steps
+            sd_steps += g_out.stats.sd_steps
+        assert seen == want_seen
+        print(f"T={temperature}: {ran_ahead} of {sd_steps} SD steps ran ahead")
+        assert ran_ahead > sd_steps / 4  # (greedy rows end together: late reads stop runs k + 1 tokens early)
+        if late:  # a late read's step past an EOS drafts for the ended row too
+            same = [d for d, w in zip(drafts, want_drafts) if len(d[0]) == len(w[0])]
+            assert same == [w for d, w in zip(drafts, want_drafts) if len(d[0]) == len(w[0])]
+            assert len(same) > len(drafts) / 2
+        else:
+            assert drafts == want_drafts
+        assert any(n < c for _, ln, caps in drafts for n, c in zip(ln, caps))  # rows proposed fewer than their cap
+        kinds = sum((o.stats.sd_kinds["history"]["accepted"] for o in want), 0)
+        assert kinds > 0

@@ -28,7 +28,7 @@ from __future__ import annotations
 from array import array
 from collections import OrderedDict
 
-from respec.drafters import DraftBatch, Drafter, Drafts
+from respec.drafters import DraftBatch, Drafter, Drafts, history_ahead
 
 
 def _place(doc: int, end: int) -> int:
@@ -200,7 +200,9 @@ class SuffixIndex:
 class HistoryDrafter(Drafter):
     kind = "history"
 
-    def __init__(self, *, max_match: int = 8, min_match: int = 2, window: int = 32, max_prompts: int = 4096):
+    def __init__(self, *, max_match: int = 8, min_match: int = 2, window: int = 32, max_prompts: int = 4096,
+                 ahead: bool | None = None):
+        self.ahead = ahead  # SD steps run ahead, matched on the device (None: on a GPU, `attach`)
         self.max_match = max_match  # longest suffix looked up (tokens)
         self.min_match = min_match  # shortest suffix worth proposing from
         self.window = window  # finished rollouts kept per prompt
@@ -212,6 +214,26 @@ class HistoryDrafter(Drafter):
         self.doc: dict[int, tuple[tuple[int, ...], int, SuffixIndex]] = {}
         self.crowded: set[tuple[int, ...]] = set()  # prompts due for a rebuild (too many evicted documents)
         self.next_doc = 0
+
+    @property
+    def runs_ahead(self) -> bool:
+        return bool(self.ahead)
+
+    def attach(self, view) -> None:
+        super().attach(view)
+        if self.ahead is None:
+            self.ahead = view.device.type == "cuda"
+
+    def ahead_state(self, batch: DraftBatch):
+        """The rows' documents on the device, for a run of SD steps matched there
+        (respec/drafters/history_ahead.py); after `catch_up`."""
+        return history_ahead.lay_out(self, batch)
+
+    def draft_ahead(self, batch: DraftBatch, state) -> Drafts:
+        return history_ahead.draft(self, batch, state)
+
+    def advance(self, state, tokens, positions, valid, taps):
+        return history_ahead.advance(self, state, tokens, positions, valid)
 
     def _index_of(self, s) -> SuffixIndex:
         key = tuple(s.prompt)

@@ -34,8 +34,9 @@ CUDA graphs against eager and recorded without skips, no recording inside a time
 CUDA graphs, SD losslessness); then `generate.py --bench` on the SmolLM2-135M shape: plain (steps run
 ahead of the host, and the step-by-step loop beside them) against
 transformers' `generate` (greedy, the same weights; eager, and with its static cache and compiled
-decoding step, the fair baseline) and SD with the history drafter, at batch 1, 8 and 32, with each
-compiled step's cold compile time and a kernel-launch microbenchmark. Every timed shape is warmed
+decoding step, the fair baseline) and SD with the history drafter (its match on the device and its
+steps run ahead of the host, respec/drafters/history_ahead.py, beside the step-by-step loop with
+the host index), at batch 1, 8 and 32, with each compiled step's cold compile time and a kernel-launch microbenchmark. Every timed shape is warmed
 up (called twice, for each block-table width) before timing; a timed region that compiles or
 records a CUDA graph lists it (`unwarmed_shapes`), and the stage fails if one does. Then the
 same bench at batch 1 and 32 with `--compile-mode graphs` (the step captured by hand, one CUDA graph

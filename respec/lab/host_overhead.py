@@ -15,8 +15,10 @@ where no GPU is needed, with the tiny model on the CPU:
   rollout's decoding steps (`plain_step_us` / `sd_step_us`: the same with the step functions'
   time left in, the whole decoding step as the rollout ran it). Plain rollouts decode without a
   drafter; SD rollouts run the history drafter with k = 3 on prompts that repeat, so most steps
-  draft and verify (`--drafter eagle`: an untrained EAGLE head, k = 3, every step drafting: its
-  steps run ahead of the host, respec/sd_ahead.py, unless `--run-ahead 0`; `--drafter hybrid`:
+  draft and verify, its match on the device and its steps run ahead of the host as on a GPU
+  (respec/drafters/history_ahead.py, respec/sd_ahead.py; the match is one of the step functions,
+  device work), unless `--run-ahead 0` (`--drafter eagle`: an untrained EAGLE head, k = 3, every
+  step drafting: its steps run ahead too, unless `--run-ahead 0`; `--drafter hybrid`:
   the two side by side as a training run drafts, the head's steps run ahead where history offers
   no row anything, as on a GPU). The figure is the
   median of `--runs` rollouts, after every shape is compiled (`respec.profiling.warmup`) and one
@@ -79,10 +81,10 @@ def make_drafter(kind: str, model):
     accepted, but every step drafts and verifies: what is measured is the host's part), or the two
     side by side as a training run drafts (`hybrid`: history's rows where its match is long, the
     head's elsewhere), the head's steps run ahead where history offers nothing, as on a GPU."""
-    if kind == "history":
+    if kind == "history":  # (matched on the device and run ahead, as on a GPU; step by step with --run-ahead 0)
         from respec.drafters.history import HistoryDrafter
 
-        return HistoryDrafter(min_match=1)
+        return HistoryDrafter(min_match=1, ahead=True)
     if kind == "hybrid":
         from respec.drafters.history import HistoryDrafter
         from respec.drafters.hybrid import HybridDrafter
