@@ -194,13 +194,23 @@ def test_a_hybrid_runs_its_heads_steps_ahead_where_history_offers_nothing(target
 class DeviceHistory:
     """The history drafter matching on the device at every step (`history_ahead`), also step by step:
     a run ahead and the step-by-step loop then propose the same drafts, so the two rollouts compare
-    draft for draft; every proposal recorded, and each step-by-step step's lengths."""
+    draft for draft; every proposal recorded, each step-by-step step's lengths, and how many prompts'
+    earlier documents each layout kept from the one before (`anew`: none, every step laid out from
+    nothing)."""
 
-    def __new__(cls, steps_lengths: list, drafts: list):
+    def __new__(cls, steps_lengths: list, drafts: list, reused: list, *, anew: bool):
         from respec.drafters.history import HistoryDrafter
 
         class Drafter(HistoryDrafter):
+            def ahead_state(self, batch):
+                before = dict(self.ahead_docs)
+                state = super().ahead_state(batch)
+                reused.append(sum(before.get(key) is block for key, block in self.ahead_docs.items()))
+                return state
+
             def draft(self, batch):
+                if anew:  # (laid out from nothing each step: what a run's kept documents must equal)
+                    self.ahead_docs = {}
                 out = self.draft_ahead(batch, self.ahead_state(batch))
                 out.lengths_list = out.lengths[: len(batch.seqs)].tolist()
                 steps_lengths.append(out.lengths_list)
@@ -238,10 +248,11 @@ def test_history_runs_ahead_as_its_steps_one_by_one(target, monkeypatch, verify,
                   for i in range(len(prompts))]
         results = []
         for run_ahead in (0, 32):
-            lengths, drafts = [], []
-            engine = RolloutEngine(target, kv_cache_bytes=64 << 20, block_size=4, eager=True,
-                                   drafter=DeviceHistory(lengths, drafts), num_draft_tokens=3, policy=Recorded(),
-                                   run_ahead=run_ahead, eos_token_ids=[EOS], verify=verify)
+            lengths, drafts, reused = [], [], []
+            drafter = DeviceHistory(lengths, drafts, reused, anew=not run_ahead)
+            engine = RolloutEngine(target, kv_cache_bytes=64 << 20, block_size=4, eager=True, drafter=drafter,
+                                   num_draft_tokens=3, policy=Recorded(), run_ahead=run_ahead, eos_token_ids=[EOS],
+                                   verify=verify)
             outs = [engine.generate(prompts, params) for _ in range(2)]
             assert engine.blocks.num_free == engine.blocks.num_blocks - 1
             results.append((outs, engine.policy.seen, drafts, lengths))
@@ -260,6 +271,7 @@ def test_history_runs_ahead_as_its_steps_one_by_one(target, monkeypatch, verify,
             ran_ahead += g_out.stats.sd_ahead_steps
             sd_steps += g_out.stats.sd_steps
         assert seen == want_seen
+        assert sum(reused) > 0  # runs kept earlier documents on the device from the run before
         print(f"T={temperature}: {ran_ahead} of {sd_steps} SD steps ran ahead")
         assert ran_ahead > sd_steps / 4  # (greedy rows end together: late reads stop runs k + 1 tokens early)
         if late:  # a late read's step past an EOS drafts for the ended row too

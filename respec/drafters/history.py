@@ -213,6 +213,7 @@ class HistoryDrafter(Drafter):
         # building and hashing its prompt again (a tuple of a hundred tokens, twice a row a step)
         self.doc: dict[int, tuple[tuple[int, ...], int, SuffixIndex]] = {}
         self.crowded: set[tuple[int, ...]] = set()  # prompts due for a rebuild (too many evicted documents)
+        self.ahead_docs: dict = {}  # a run ahead's prompts' earlier documents on the device (history_ahead.py)
         self.next_doc = 0
 
     @property

@@ -8,15 +8,18 @@ state between two steps is device tensors and its steps can run ahead (respec/sd
 * the run's text, one tensor `docs` (D, C + 1): row i's own text in doc i (the batch's padding rows
   hold empty ones), then every earlier document the rows' prompts hold in the host index (group
   siblings' and earlier rollouts'), then one empty document; -1 past each document's end, and the
-  last column a place nothing reads, where the writes of a verify's unused slots go;
+  last column a place nothing reads, where the writes of a verify's unused slots go. The rows' own
+  texts are sent once a run; a prompt's earlier documents stay on the device from one run to the
+  next while they are the same;
 * each row's visible documents `seen` (rows, V): its prompt's documents (its own, its siblings',
   the earlier ones), oldest first, padded with the empty one;
 * after a verify (`advance`), each row's emitted tokens are written at their positions in its own
   document, on the device.
 
 A draft (`propose`) compares each row's last `max_match` tokens with the tokens before every place
-of every document it sees (V x C places, `max_match` comparisons each: a few million at 64 rows,
-microseconds of a GPU's time) and proposes what followed the place with the longest match (at
+of every document it sees (V x C places, `max_match` comparisons each: millions at 64 rows; on a
+CPU that costs more than the host index's lookups, docs/benchmarks.md, so there the drafter matches
+on the host; no GPU has timed it yet) and proposes what followed the place with the longest match (at
 least `min_match` tokens), the latest of equals (a later document, then a later place), capped by
 the row's room and by the end of that document. That is the longest suffix seen up to `max_match`,
 where the host index takes the longest among the last few occurrences of its last three tokens: the
@@ -88,37 +91,60 @@ write.own_shapes = True
 
 def lay_out(drafter, batch) -> tuple:
     """A run's state (docs, lengths, seen, left) on the device: the rows' documents as the host
-    index holds them after `catch_up` (see the module docstring), in one host-to-device copy."""
-    seqs, rows = batch.seqs, batch.tokens.shape[0]
-    texts: list = [s.tokens for s in seqs] + [[]] * (rows - len(seqs))
-    placed = {}  # (the prompt's index, document) -> its place in `docs`
+    index holds them after `catch_up` (see the module docstring). The rows' own texts go in one
+    host-to-device copy a run; each prompt's earlier documents stay on the device from one run to
+    the next while they are the same (`drafter.ahead_docs`)."""
+    seqs, rows, dev = batch.seqs, batch.tokens.shape[0], batch.tokens.device
+    own = {}  # (the prompt's index, document) -> the row whose own text it is
+    indexes = {}  # id -> the rows' prompts' indexes, in the rows' order
     for i, s in enumerate(seqs):
         _, doc, index = drafter.doc[s.id]
-        placed[id(index), doc] = i
-    seen = []
+        own[id(index), doc] = i
+        indexes.setdefault(id(index), index)
+    # as wide as any document, or as any row can grow (its token limit)
+    C = max(max(len(s.tokens) + s.params.max_new_tokens - len(s.out) for s in seqs),
+            max(len(t) for index in indexes.values() for t in index.docs.values()))
+    C = -(-C // 64) * 64
+    blocks, at, placed, cache = [], rows, {}, {}
+    for key, index in indexes.items():  # each prompt's earlier documents: a block of rows after the rows' own
+        past = [d for d in sorted(index.docs) if (key, d) not in own]
+        block = _past_block(drafter, index, past, C, dev)
+        cache[key] = block
+        placed |= {(key, d): at + j for j, d in enumerate(past)}
+        blocks.append(block[3:])
+        at += len(past)
+    drafter.ahead_docs = cache  # (the prompts of this run only)
+    placed |= own
+    empty = at
+    seen = []  # each row's prompt's documents, oldest first
     for s in seqs:
         index = drafter.doc[s.id][2]
-        mine = []
-        for doc in sorted(index.docs):  # oldest first
-            if (id(index), doc) not in placed:
-                placed[id(index), doc] = len(texts)
-                texts.append(index.docs[doc])
-            mine.append(placed[id(index), doc])
-        seen.append(mine)
-    empty = len(texts)
-    texts.append([])
+        seen.append([placed[id(index), d] for d in sorted(index.docs)])
     V = 1 << (max(map(len, seen)) - 1).bit_length()  # (a power of two: few shapes)
     seen = [m + [empty] * (V - len(m)) for m in seen] + [[empty] * V] * (rows - len(seqs))
-    # as wide as any document, or as any row can grow (its token limit)
-    C = max(max(map(len, texts)), max(len(s.tokens) + s.params.max_new_tokens - len(s.out) for s in seqs))
-    C = -(-C // 64) * 64
     pad = [PAD] * (C + 1)
-    dev = batch.tokens.device
-    docs, lengths, seen = to_device(dev, [t + pad[len(t):] for t in texts], [len(t) for t in texts], seen)
-    if dev.type != "cpu":  # (one copy's views of one buffer: the two written in place get their own)
-        docs, lengths = docs.clone(), lengths.clone()
+    texts = [s.tokens for s in seqs] + [[]] * (rows - len(seqs) + 1)  # (then the empty document)
+    own_docs, own_lengths, seen = to_device(dev, [t + pad[len(t):] for t in texts[:-1]] + [pad],
+                                            [len(t) for t in texts], seen)
+    docs = torch.cat([own_docs[:rows]] + [b[0] for b in blocks] + [own_docs[rows:]])
+    lengths = torch.cat([own_lengths[:rows]] + [b[1] for b in blocks] + [own_lengths[rows:]])
     real = torch.arange(rows, device=dev) < len(seqs)
     return docs, lengths, seen, torch.where(real, batch.left, 0)
+
+
+def _past_block(drafter, index, past: list[int], C: int, dev) -> tuple:
+    """(index, what it holds, width, docs (len(past), C + 1), lengths) of a prompt's earlier documents
+    `past` on the device: the last run's where they are the same documents, as long, as wide."""
+    what = (tuple(past), tuple(len(index.docs[d]) for d in past))
+    last = drafter.ahead_docs.get(id(index))
+    if last is not None and last[0] is index and last[1] == what and last[2] == C:
+        return last
+    if not past:
+        return index, what, C, torch.empty(0, C + 1, dtype=torch.int64, device=dev), \
+            torch.empty(0, dtype=torch.int64, device=dev)
+    pad = [PAD] * (C + 1)
+    docs, lengths = to_device(dev, [index.docs[d] + pad[len(index.docs[d]):] for d in past], list(what[1]))
+    return index, what, C, docs, lengths
 
 
 def draft(drafter, batch, state) -> Drafts:
