@@ -430,18 +430,20 @@ def test_trainer_builds_and_rolls_out_on_fake_cuda(tokenizer, sd):
 def test_a_decoding_step_reads_the_device_once(sd):
     """On a GPU every host read of a device tensor waits for the device. Counted on fake CUDA over
     rollouts of two lengths (the prefill's reads cancel), at 1 and 4 rows: an SD step (history
-    drafter, k = 3) reads its outputs back in one copy; plain steps run ahead of the host
-    (respec/run_ahead.py) read one flag per step without blocking, and wait for the device once per
-    run of up to 32 steps."""
+    drafter, k = 3) taken by itself reads its outputs back in one copy; plain steps run ahead of
+    the host (respec/run_ahead.py) read one flag per step without blocking, and wait for the device
+    once per run of up to 32 steps; so do the history drafter's SD steps matched on the device (at
+    4 rows; respec/drafters/history_ahead.py), which send their inputs once per run."""
     from respec.lab.host_overhead import syncs_per_step
 
     counted = [syncs_per_step(rows, sd, run_ahead=0 if sd else 32) for rows in (1, 4)]
     assert [c["syncs"] for c in counted] == [1.0, 1.0]
     if sd:
         assert [c["blocking"] for c in counted] == [1.0, 1.0]
-        # matched on the device, its steps run ahead: the host waits once per run
-        ahead = [syncs_per_step(rows, sd) for rows in (1, 4)]
-        assert [c["syncs"] for c in ahead] == [1.0, 1.0] and all(0 < c["blocking"] <= 1 / 16 for c in ahead)
+        # matched on the device, its steps run ahead: the host waits once per run, and sends the
+        # rows' texts (and their prompts' earlier documents) once per run
+        ahead = syncs_per_step(4, sd)
+        assert ahead["syncs"] == 1.0 and 0 < ahead["blocking"] <= 1 / 16 and 0 < ahead["uploads"] <= 4 / 16
     else:
         assert all(0 < c["blocking"] <= 1 / 16 for c in counted)
 
@@ -457,9 +459,7 @@ def test_a_decoding_step_sends_its_inputs_in_one_copy():
     step without waiting for it: the host waits for the device once per run."""
     from respec.lab.host_overhead import syncs_per_step
 
-    assert syncs_per_step(4, True, run_ahead=0)["uploads"] == 2.0
-    ahead = syncs_per_step(4, True)  # (matched on the device: its documents sent once per run)
-    assert ahead["syncs"] == 1.0 and 0 < ahead["blocking"] <= 1 / 16 and 0 < ahead["uploads"] <= 4 / 16
+    assert syncs_per_step(4, True, run_ahead=0)["uploads"] == 2.0  # (matched on the device: the test above)
     assert syncs_per_step(4, True, drafter="eagle", run_ahead=0) == {"syncs": 1.0, "blocking": 1.0, "uploads": 2.0}
     ahead = syncs_per_step(4, True, drafter="eagle")
     assert ahead["syncs"] == 1.0 and 0 < ahead["blocking"] <= 1 / 16 and 0 < ahead["uploads"] <= 4 / 16
