@@ -91,9 +91,9 @@ write.own_shapes = True
 
 def lay_out(drafter, batch) -> tuple:
     """A run's state (docs, lengths, seen, left) on the device: the rows' documents as the host
-    index holds them after `catch_up` (see the module docstring). The rows' own texts go in one
-    host-to-device copy a run; each prompt's earlier documents stay on the device from one run to
-    the next while they are the same (`drafter.ahead_docs`)."""
+    index holds them after `catch_up` (see the module docstring), in one host-to-device copy: the
+    rows' own texts, and each prompt's earlier documents where they are not on the device from the
+    run before (`drafter.ahead_docs`: kept while they are the same)."""
     seqs, rows, dev = batch.seqs, batch.tokens.shape[0], batch.tokens.device
     own = {}  # (the prompt's index, document) -> the row whose own text it is
     indexes = {}  # id -> the rows' prompts' indexes, in the rows' order
@@ -105,15 +105,19 @@ def lay_out(drafter, batch) -> tuple:
     C = max(max(len(s.tokens) + s.params.max_new_tokens - len(s.out) for s in seqs),
             max(len(t) for index in indexes.values() for t in index.docs.values()))
     C = -(-C // 64) * 64
-    blocks, at, placed, cache = [], rows, {}, {}
-    for key, index in indexes.items():  # each prompt's earlier documents: a block of rows after the rows' own
+    # each prompt's earlier documents: a block of rows after the rows' own, the last run's where it
+    # holds the same documents, as long, as wide; the others sent with the rows' own texts
+    blocks, at, placed, send = [], rows, {}, []
+    for key, index in indexes.items():
         past = [d for d in sorted(index.docs) if (key, d) not in own]
-        block = _past_block(drafter, index, past, C, dev)
-        cache[key] = block
+        what = (tuple(past), tuple(len(index.docs[d]) for d in past))
+        last = drafter.ahead_docs.get(key)
+        if last is None or last[0] is not index or last[1] != what or last[2] != C:
+            last = (index, what, C, len(send))  # (its tensors: rows of this run's copy)
+            send += [index.docs[d] for d in past]
+        blocks.append((key, last))
         placed |= {(key, d): at + j for j, d in enumerate(past)}
-        blocks.append(block[3:])
         at += len(past)
-    drafter.ahead_docs = cache  # (the prompts of this run only)
     placed |= own
     empty = at
     seen = []  # each row's prompt's documents, oldest first
@@ -123,28 +127,20 @@ def lay_out(drafter, batch) -> tuple:
     V = 1 << (max(map(len, seen)) - 1).bit_length()  # (a power of two: few shapes)
     seen = [m + [empty] * (V - len(m)) for m in seen] + [[empty] * V] * (rows - len(seqs))
     pad = [PAD] * (C + 1)
-    texts = [s.tokens for s in seqs] + [[]] * (rows - len(seqs) + 1)  # (then the empty document)
-    own_docs, own_lengths, seen = to_device(dev, [t + pad[len(t):] for t in texts[:-1]] + [pad],
-                                            [len(t) for t in texts], seen)
-    docs = torch.cat([own_docs[:rows]] + [b[0] for b in blocks] + [own_docs[rows:]])
-    lengths = torch.cat([own_lengths[:rows]] + [b[1] for b in blocks] + [own_lengths[rows:]])
+    texts = [s.tokens for s in seqs] + [[]] * (rows - len(seqs) + 1) + send  # (rows, the empty one, the sent)
+    sent, sent_lengths, seen = to_device(dev, [t + pad[len(t):] for t in texts], [len(t) for t in texts], seen)
+    cache, parts = {}, []
+    for key, block in blocks:
+        if len(block) == 4:  # (sent now: rows + 1 + its start)
+            first, n = rows + 1 + block[3], len(block[1][0])
+            block = block[:3] + (sent[first: first + n], sent_lengths[first: first + n])
+        cache[key] = block
+        parts.append(block[3:])
+    drafter.ahead_docs = cache  # (the prompts of this run only)
+    docs = torch.cat([sent[:rows]] + [b[0] for b in parts] + [sent[rows: rows + 1]])
+    lengths = torch.cat([sent_lengths[:rows]] + [b[1] for b in parts] + [sent_lengths[rows: rows + 1]])
     real = torch.arange(rows, device=dev) < len(seqs)
     return docs, lengths, seen, torch.where(real, batch.left, 0)
-
-
-def _past_block(drafter, index, past: list[int], C: int, dev) -> tuple:
-    """(index, what it holds, width, docs (len(past), C + 1), lengths) of a prompt's earlier documents
-    `past` on the device: the last run's where they are the same documents, as long, as wide."""
-    what = (tuple(past), tuple(len(index.docs[d]) for d in past))
-    last = drafter.ahead_docs.get(id(index))
-    if last is not None and last[0] is index and last[1] == what and last[2] == C:
-        return last
-    if not past:
-        return index, what, C, torch.empty(0, C + 1, dtype=torch.int64, device=dev), \
-            torch.empty(0, dtype=torch.int64, device=dev)
-    pad = [PAD] * (C + 1)
-    docs, lengths = to_device(dev, [index.docs[d] + pad[len(index.docs[d]):] for d in past], list(what[1]))
-    return index, what, C, docs, lengths
 
 
 def draft(drafter, batch, state) -> Drafts:
