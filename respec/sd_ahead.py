@@ -7,7 +7,8 @@ verified pairs, and only then builds the next step's inputs from the rows' text:
 device take turns, and the host's turn grows with the rows (docs/benchmarks.md measures it). Where
 the drafter's state between steps can live on the device (`Drafter.runs_ahead`: the EAGLE head, whose
 next inputs are the verify's own outputs; a hybrid's head where no proposer offers a row anything at
-the run's start, `Drafter.holds_back`) and the plan is one group of every row with one draft
+the run's start, `Drafter.holds_back`; the history drafter on a GPU, whose rows' texts are written
+on the device, respec/drafters/history_ahead.py) and the plan is one group of every row with one draft
 length k (each row capped by its room), none of that is needed between two steps while the batch cannot change:
 
 * the rows' state lives on the device: each row's newest token (the verify's token after its

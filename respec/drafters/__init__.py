@@ -16,7 +16,8 @@ state behind them (a new kind is one new file in this folder):
   forget(seq)             the sequence finished, was preempted or abandoned: drop its state
 
 A drafter whose state between two SD steps can live on the device (`runs_ahead`: the EAGLE head,
-whose next input is the verify's own output) lets SD steps run ahead of the host
+whose next input is the verify's own output; the history drafter on a GPU, its rows' texts and
+suffix match there, history_ahead.py) lets SD steps run ahead of the host
 (respec/sd_ahead.py): after `catch_up`, `ahead_state(batch)` lays its rows' state out on the device,
 then each step `draft_ahead(batch, state)` proposes and `advance(state, ...)` moves the state past
 the verify without the host; the run ends with one `commit` of the last verify, as a step would.
@@ -183,8 +184,9 @@ class Drafter:
         return self.kind
 
     def draft_ahead(self, batch: DraftBatch, state) -> Drafts:
-        """With `runs_ahead`: `draft` from `state`, nothing read from the host; every row proposes
-        its `max_drafts`."""
+        """With `runs_ahead`: `draft` from `state`, nothing read from the host; each row proposes
+        at most its cap (a model drafter: `batch.max_drafts`, returned as `Drafts.lengths`; a
+        model-free one may propose fewer, its lengths on the device only)."""
         raise NotImplementedError
 
     def advance(self, state, tokens: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
