@@ -30,6 +30,7 @@ import shutil
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from compile.policy import use_persistent_cache
@@ -37,7 +38,7 @@ from models.loading import ModelLoadError, load_model, load_tokenizer
 from respec import checkpoint, distributed, guards, host_memory, metrics, storage
 from respec.cli import OneLineParser, add_options, given_options, option_fields, refuse_inert
 from respec.config import TrainConfig, default_prompts
-from respec.drafter_choice import ensure_head, split_spec
+from respec.drafter_choice import default_head_dir, ensure_head, split_spec
 from respec.drafter_training import DrafterConfig
 from respec.run_plots import plot_run, read_evaluations
 from respec.trainer import Trainer, run_data
@@ -208,7 +209,8 @@ def summary(history: list[dict], run_dir: Path, wall_s: float, prep: dict, verif
     step = sum(r["step_s"] for r in history)
     lines = [
         f"run {run_dir}: {len(history)} steps in {wall_s:.0f} s wall "
-        f"(compile {prep.get('compile_s', 0):.0f} s, SD cost profile {prep.get('profile_s', 0):.0f} s)",
+        f"(compile {prep.get('compile_s', 0):.0f} s, SD cost profile {prep.get('profile_s', 0):.0f} s"
+        + (f", the default head pretrained {prep['pretrain_s']:.0f} s" if prep.get("pretrain_s") else "") + ")",
         f"reward  first {len(first)} steps {mean(first, 'reward_mean'):.3f}  ->  last {len(last)} steps "
         f"{mean(last, 'reward_mean'):.3f}   (accuracy {mean(first, 'accuracy'):.3f} -> {mean(last, 'accuracy'):.3f})",
         f"rollout {rollout / step:.0%} of step time; {sum(r['rollout_tok_s'] * r['rollout_s'] for r in history) / rollout:.0f} "
@@ -245,6 +247,43 @@ def summary(history: list[dict], run_dir: Path, wall_s: float, prep: dict, verif
     return "\n".join(lines)
 
 
+def head_missing(cfg: TrainConfig) -> bool:
+    """Whether `--drafter` asks for the default head (`auto`) and the cache has none for this setting."""
+    if cfg.drafter == "none" or split_spec(cfg.drafter)[0] != "auto":
+        return False
+    name = cfg.task if cfg.data is None else str(cfg.data)
+    return not (default_head_dir(cfg.model, name, cfg.task_config, cfg.max_new_tokens) / "config.json").is_file()
+
+
+def untrained_spec(spec: str) -> str:
+    """`spec` with an untrained head of the default head's shape in place of the default head."""
+    _, free = split_spec(spec)
+    return "+".join(["random", *free])
+
+
+def decide_head(trainer: Trainer, cfg: TrainConfig, wanted: str, make_head, run_dir: Path, d) -> dict:
+    """A run that asked for a default head the cache lacks started with an untrained one (`head_missing`).
+    With its cost model fitted, `--pretrain-drafter auto` pretrains the default head where it can pay
+    back within the run (respec/drafter_choice.py `pretraining_payback`) and drafts with it; else
+    (or with `off`) the run keeps the untrained head, distilled online, and its config.json says so
+    (a resumed run goes on with what it had). Returns the step's timings for the summary."""
+    payback = trainer.head_payback() if cfg.pretrain_drafter == "auto" else None  # (--sd adaptive: a cost model)
+    if payback is not None and d.main:
+        log(f"drafter: no cached default head; its pretraining would take about {payback.cost_s:.0f} s (this run's "
+            f"cost model, counted low) and speculation could save at most {payback.saved_s:.0f} s in this run "
+            "(every draft accepted, drafting free): " + ("pretraining it" if payback.pays else
+                                                          "starting from an untrained head, distilled online "
+                                                          "(--pretrain-drafter on makes the default head anyway)"))
+    if payback is None or not payback.pays:
+        return {"pretrain_s": 0.0}
+    t0 = time.perf_counter()
+    trainer.adopt_head(make_head(wanted))
+    cfg.drafter = wanted
+    if d.main:
+        storage.write_text(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    return {"pretrain_s": round(time.perf_counter() - t0, 1)}
+
+
 def run_grpo(ns, given: dict, d: distributed.Dist) -> int:
     if ns.resume is not None:
         cfg = resumed_config(ns.resume, given)
@@ -265,12 +304,18 @@ def run_grpo(ns, given: dict, d: distributed.Dist) -> int:
     wall = time.perf_counter()
     tok = load_tokenizer(cfg.model)
     data = run_data(cfg, tok)  # bad data fails here, before a default head is pretrained
+    make_head = partial(ensure_head, model=cfg.model, task_name=cfg.task if cfg.data is None else str(cfg.data),
+                        task=cfg.pretraining_task(), tokenizer=tok, task_config=cfg.task_config,
+                        max_new_tokens=cfg.max_new_tokens, pretrain_here=d.node_main,
+                        wait=lambda: distributed.barrier(d), log=log if d.main else quiet, dtype=cfg.dtype,
+                        device=d.device, seed=cfg.seed, k=cfg.k, temperature=cfg.temperature, progress=cfg.progress)
+    wanted = None  # a spec whose default head waits for the cost model's word (pretraining_payback)
     if cfg.sd != "off":  # the default head, pretrained once where the cache lacks it (the first rank of each node)
-        ensure_head(cfg.drafter, model=cfg.model, task_name=cfg.task if cfg.data is None else str(cfg.data),
-                    task=cfg.pretraining_task(), tokenizer=tok, task_config=cfg.task_config,
-                    max_new_tokens=cfg.max_new_tokens, pretrain_here=d.node_main, wait=lambda: distributed.barrier(d),
-                    log=log if d.main else quiet, dtype=cfg.dtype, device=d.device, seed=cfg.seed, k=cfg.k,
-                    temperature=cfg.temperature, progress=cfg.progress)
+        deferred = cfg.pretrain_drafter == "off" or (cfg.pretrain_drafter == "auto" and cfg.sd == "adaptive")
+        if ns.resume is None and deferred and head_missing(cfg):
+            wanted, cfg.drafter = cfg.drafter, untrained_spec(cfg.drafter)  # a head of its shape, untrained
+        else:
+            make_head(cfg.drafter)
     trainer = Trainer(cfg, d=d, run_dir=run_dir, data=data, tokenizer=tok, log=log if d.main else quiet)
     if d.main and ns.resume is None:
         with storage.writing(run_dir):
@@ -282,6 +327,8 @@ def run_grpo(ns, given: dict, d: distributed.Dist) -> int:
         if d.main:
             log(f"{run_dir} has no complete checkpoint yet: starting it from step 0")
     prep = trainer.start(start)
+    if wanted is not None:
+        prep.update(decide_head(trainer, cfg, wanted, make_head, run_dir, d))
     if start is not None and d.main:
         log(f"resumed {run_dir} from {start.name} (step {trainer.step})")
     history = trainer.run()  # (its last checkpoint announced as the others are)

@@ -167,6 +167,11 @@ class TrainConfig(DataConfig):
                           "earlier epochs), or a model spec joined by '+' with replay and/or history, tried per row "
                           "in that order (auto+replay+history; the default: the head, and history where its match "
                           "is long)")
+    pretrain_drafter: str = option("auto", "where --drafter asks for the default head (auto) and the cache lacks it: "
+                                   "on (pretrain it first), off (start from an untrained head, distilled online) or "
+                                   "auto (pretrain it where the cost model says it can pay back within the run, else "
+                                   "start untrained: respec/drafter_choice.py pretraining_payback)",
+                                   choices=("auto", "on", "off"))
     k: int = option(3, "largest draft length: tokens drafted per speculative step (--sd adaptive and generate.py "
                     "--sweep try 0 up to it)")
     replay_k: int = option(16, "most drafts a replay (last epoch's completion, --drafter ...+replay) proposes per "

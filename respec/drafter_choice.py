@@ -1,8 +1,9 @@
 """From a `--drafter` spec to the drafter the engine runs, in one place for train.py and generate.py.
 
 Two steps, so that building a trainer trains nothing: `ensure_head` makes the default head where a
-spec asks for it and the cache lacks it (train.py and generate.py call it first), and
-`choose_drafter` only loads.
+spec asks for it and the cache lacks it (generate.py calls it first; train.py too, or, where the
+solver chooses k, only once its fitted cost model says the pretraining can pay back within the run:
+`pretraining_payback`), and `choose_drafter` only loads.
 
 Specs: an EAGLE head directory; `auto` (the default head for this model and task, pretrained once
 and cached); `random` (an untrained head, for a cold start that only online distillation
@@ -55,6 +56,51 @@ def _stderr(msg: str) -> None:
 def pretrain_tokens(max_new_tokens: int) -> int:
     """Tokens per pretraining rollout for runs whose completions are up to `max_new_tokens` long."""
     return min(max_new_tokens, DEFAULT_HEAD_RECIPE["max_new_tokens"])
+
+
+@dataclass
+class Payback:
+    """Whether the default head's pretraining can pay back within the run it is made for."""
+
+    cost_s: float  # the pretraining, estimated low: its rollouts by the cost model, doubled
+    saved_s: float  # the most speculation could save in the run (every draft accepted, no drafting cost)
+
+    @property
+    def pays(self) -> bool:
+        return self.saved_s > self.cost_s
+
+
+# The default head's pretraining took 2.5x (bf16, AMX) to 4.2x (fp32, AVX2) its rollouts' time on
+# 2-core CPUs (docs/benchmarks.md): the target's features and the head's training come after them.
+# `pretraining_payback` counts 2x, less than either.
+PRETRAIN_PER_ROLLOUT = 2.0
+
+
+def pretraining_payback(costs, *, rows: int, steps: int, max_new_tokens: int, k: int,
+                        prompt_tokens: int = 64) -> Payback:
+    """The default head's pretraining against what it could buy in a run of `steps` rollouts of
+    `rows` rows (per process) and up to `max_new_tokens` tokens, both from the fitted step costs
+    (`costs`: respec/solver.py CostModel) and both biased towards pretraining:
+
+      cost   its rollouts, `prompts` rows decoded `max_batch` at a time for
+             `pretrain_tokens(max_new_tokens)` steps each (at the rollout temperature one row of a
+             batch nearly always runs to the length), times `PRETRAIN_PER_ROLLOUT` for the target's
+             features and the head's training, less than they were measured to take;
+      saved  every step decoding all its rows for `max_new_tokens` tokens, each verify of k + 1
+             tokens accepted whole at the k that pays best, drafts costing nothing, against plain
+             decoding of the same tokens.
+
+    The head is made where `saved > cost`: a head that could not pay back its pretraining in the
+    run it is made for even drafting perfectly and for free is not worth making there (a later run
+    with the same model, task and length decides again; `--pretrain-drafter on` makes it anyway)."""
+    r = DEFAULT_HEAD_RECIPE
+    n = pretrain_tokens(max_new_tokens)
+    batches = -(-r["prompts"] // r["max_batch"])
+    cost = PRETRAIN_PER_ROLLOUT * batches * n * costs.step_s(r["max_batch"], 0, prompt_tokens + n / 2)
+    context = prompt_tokens + max_new_tokens / 2
+    plain = costs.step_s(rows, 0, context)  # a token for every row
+    best = min(costs.verify_s(rows, j + 1, context) / (j + 1) for j in range(1, max(k, 1) + 1))
+    return Payback(cost_s=cost, saved_s=steps * max_new_tokens * max(plain - best, 0.0))
 
 
 def default_head_dir(model: str, task: str, task_config: dict | None = None, max_new_tokens: int = 64) -> Path:

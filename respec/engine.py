@@ -332,11 +332,12 @@ class RolloutEngine:
 
     @torch.no_grad()
     def load_drafter_weights(self, source: torch.nn.Module) -> None:
-        """New drafter weights (an online distillation update of its master copy, `source`): copied
-        into the drafter the engine runs (in the rollout dtype), its packed copy refreshed."""
-        live = dict(self.drafter.module.named_parameters())
-        for name, p in source.named_parameters():
-            live[name].copy_(p)
+        """New drafter weights (an online distillation update of its master copy, `source`, or a head
+        of the same shape): its parameters and saved buffers (a head's draft vocabulary) copied into
+        the drafter the engine runs, in place (in the rollout dtype), its packed copy refreshed."""
+        live = self.drafter.module.state_dict()  # (aliases of the live tensors)
+        for name, t in source.state_dict().items():
+            live[name].copy_(t)
         self.sync_drafter()
 
     # ------------------------------------------------------------------------------------------

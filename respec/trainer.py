@@ -53,10 +53,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from models.eagle import load_eagle
 from models.loading import eos_token_ids, load_model, load_tokenizer, model_config, resolve_dtype
 from respec import checkpoint, distributed, grpo, guards, host_memory, metrics, rewards
 from respec.config import TrainConfig
-from respec.drafter_choice import Chosen, choose_drafter, split_spec
+from respec.drafter_choice import Chosen, Payback, choose_drafter, pretraining_payback, split_spec
 from respec.drafters.replay import ReplayStore
 from respec.engine import EngineStats, RolloutEngine, Stopped
 from respec.flex_paged import require_cuda_compiled
@@ -67,7 +68,7 @@ from respec.lora import apply_lora
 from respec.online_learner import DrafterUpdate, OnlineLearner
 from respec.profiling import StepTimer, warmup
 from respec.rollout_seeds import RolloutSeeds
-from respec.solver import AdaptiveK, FixedK, Policy, cost_key, load_or_profile
+from respec.solver import AdaptiveK, FixedK, Policy, cost_key, drafter_alpha, load_or_profile
 from respec.tasks import PromptFormat
 from respec.update import MICRO_TOKENS, policy_update
 
@@ -108,7 +109,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, d: distributed.Dist, run_dir: Path, data: RunData | None = None,
                  tokenizer=None, log=None):
         """The run's collaborators, in the order they depend on each other; nothing trains, compiles
-        or pretrains here (`start` compiles and plans; a default head is made before, by train.py)."""
+        or pretrains here (`start` compiles and plans; a default head is made by train.py, before or,
+        where it waits for the cost model, after `start`: `adopt_head`)."""
         self.cfg, self.d, self.run_dir = cfg, d, Path(run_dir)
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if d.main else None)
         self.tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
@@ -253,6 +255,39 @@ class Trainer:
             self.log(f"SD adaptive: cost model {'cached' if cached else 'profiled'} (fit error {costs.rel_error:.1%}), "
                      f"initial acceptance {[round(a, 2) for a in self.policy.alpha]}")
         return out
+
+    def head_payback(self) -> Payback | None:
+        """After `start`: whether the default head's pretraining can pay back in the steps left
+        (respec/drafter_choice.py `pretraining_payback`, from this run's fitted step costs; None
+        without a cost model: a fixed k, whose user asked for speculation, always gets the head).
+        Every rank decides alike: each figure is the largest over ranks."""
+        if not isinstance(self.policy, AdaptiveK):
+            return None
+        cfg = self.cfg
+        rows = min(cfg.prompts // self.d.world * cfg.group, cfg.max_batch)
+        p = pretraining_payback(self.policy.costs, rows=rows, steps=cfg.steps - self.step,
+                                max_new_tokens=cfg.max_new_tokens, k=cfg.k)
+        cost, saved = distributed.all_reduce_max([p.cost_s, p.saved_s], self.d)
+        return Payback(cost, saved)
+
+    @torch.no_grad()
+    def adopt_head(self, directory: Path) -> None:
+        """A head pretrained after `start` (the run began with an untrained one of the same shape):
+        its weights into the master copy and the engine's, its held-out acceptance to the solver, and
+        its first distillation budgeted like any later one."""
+        head = load_eagle(directory, dtype=torch.float32, device=self.d.device)
+        if head.cfg.to_json() != self.master.cfg.to_json():
+            raise ValueError(f"the head in {directory} is not the shape this run compiled for")
+        self.master.load_state_dict(head.state_dict())
+        self.engine.load_drafter_weights(self.master)
+        prior = drafter_alpha(directory, self.cfg.k)
+        self.drafter_prior = prior
+        if prior and isinstance(self.policy, AdaptiveK):
+            self.policy.set_alpha(prior)
+        if self.learner is not None:
+            self.learner.estimated = bool(prior) and any(a > 0 for a in prior)
+        self.log(f"drafter: the default head from {directory}, initial acceptance "
+                 f"{[round(a, 2) for a in self.policy.alpha] if isinstance(self.policy, AdaptiveK) else prior}")
 
     def _profiled_ks(self) -> list[int]:
         """Draft lengths the cost profile times: the model's, and a replay group's widest verify."""

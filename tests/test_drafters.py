@@ -497,6 +497,31 @@ def test_default_head_key_covers_task_options_and_length():
     assert pretrain_tokens(64) == 64 and pretrain_tokens(512) == 128  # rollouts up to the recipe's cap
 
 
+def test_the_default_heads_pretraining_is_weighed_against_a_perfect_drafters_savings():
+    """`pretraining_payback`: the pretraining's rollouts by the cost model, doubled, against every
+    row's every token drafted perfectly and for free at the best k. A machine where a verify costs
+    its width (a compute-bound CPU) never pays; one where it costs a plain step (a GPU's small
+    batches) pays; more steps or longer completions pay more, the pretraining capped at its length."""
+    from respec.drafter_choice import DEFAULT_HEAD_RECIPE, PRETRAIN_PER_ROLLOUT, pretraining_payback
+    from respec.solver import CostModel
+
+    r = DEFAULT_HEAD_RECIPE
+    cpu = CostModel((0.05, 0.0, 0.003, 1e-6, 0.009, 0.0))  # 50 ms a step, 3 ms a token (AVX2 fp32's fit)
+    p = pretraining_payback(cpu, rows=16, steps=20, max_new_tokens=64, k=3)
+    batches = -(-r["prompts"] // r["max_batch"])
+    assert p.cost_s == pytest.approx(PRETRAIN_PER_ROLLOUT * batches * 64 * cpu.step_s(64, 0, 96))
+    plain, best = cpu.step_s(16, 0, 96), cpu.verify_s(16, 4, 96) / 4  # k = 3 is the best of 1..3 here
+    assert p.saved_s == pytest.approx(20 * 64 * (plain - best)) and not p.pays
+    flat = CostModel((0.003, 0.0, 1e-6, 0.0, 0.0003, 0.0))  # a step costs its launches, whatever its width
+    assert pretraining_payback(flat, rows=16, steps=20, max_new_tokens=64, k=3).pays
+    width = CostModel((0.0, 0.0, 0.003, 0.0, 0.0, 0.0))  # a verify costs exactly its width: nothing to save
+    assert pretraining_payback(width, rows=16, steps=10**6, max_new_tokens=64, k=3).saved_s == 0
+    longer = pretraining_payback(cpu, rows=4, steps=16, max_new_tokens=512, k=3)
+    capped = pretraining_payback(cpu, rows=4, steps=16, max_new_tokens=128, k=3)
+    assert longer.cost_s == pytest.approx(capped.cost_s) and longer.saved_s > 3.9 * capped.saved_s
+    assert pretraining_payback(cpu, rows=16, steps=40, max_new_tokens=64, k=3).saved_s == pytest.approx(2 * p.saved_s)
+
+
 def test_a_drafter_spec_is_the_drafters_it_names(tiny, tokenizer):
     """`--drafter`: a model part alone is that drafter (an EAGLE head, whose SD steps can run ahead of
     the host), with model-free parts a hybrid of exactly those, tried in the order named; model-free

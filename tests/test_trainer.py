@@ -605,3 +605,72 @@ def test_checkpointing_is_on_by_default_on_a_cpu_and_changes_no_update(tmp_path,
     initial = Trainer(cfg, d=distributed.Dist(), run_dir=tmp_path / "x", tokenizer=tokenizer, log=lambda m: None).actor
     moved = sum(int(not torch.equal(p, weights[0][n])) for n, p in initial.named_parameters())
     assert moved > 0  # the updates moved weights: equality says something
+
+
+def test_a_missing_default_head_is_pretrained_only_where_it_can_pay(tmp_path, monkeypatch, capsys):
+    """`--drafter auto+history` with no cached default head starts from an untrained head of its
+    shape and asks the fitted cost model (`pretraining_payback`) before pretraining one: `off` never
+    pretrains; `auto` on a compute-bound machine (this test's own profile: a verify costs its width)
+    does not; where it pays, the head pretrained then (a stand-in: an untrained head of another seed
+    and draft vocabulary, with a held-out report) is what the engine drafts with, the solver's
+    estimate is its report's and its first distillation is budgeted. config.json says what ran."""
+    import train as train_py
+    from models.eagle import load_eagle, save_eagle
+    from models.loading import load_model
+    from respec import drafter_choice, host_memory
+    from respec import trainer as trainer_mod
+    from respec.drafter_choice import Payback
+    from respec.drafter_training import untrained_head
+
+    monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
+    pretrained = []
+
+    def apart(fn, model, path, tokenizer, task, **kw):  # the pretraining, without its minutes
+        assert fn is drafter_choice.pretrain_default_head
+        pretrained.append(path)
+        head = untrained_head(load_model("tiny", dtype=torch.float32), [[5, 6, 7, 8]], seed=11)
+        head.d2t.copy_(head.d2t.roll(1))  # a draft vocabulary of its own
+        save_eagle(head, path)
+        (path / "train_report.json").write_text(json.dumps(
+            {"held_out_sampled": {"3": {"accept_per_pos": [0.8, 0.6, 0.45]}}}))
+
+    monkeypatch.setattr(host_memory, "run_apart", apart)
+    adopted = {}
+    adopt = trainer_mod.Trainer.adopt_head
+
+    def watched(self, directory):
+        before = self.engine.drafter.module.d2t.clone()
+        adopt(self, directory)
+        clone = lambda m: {k: t.clone() for k, t in m.state_dict().items()}  # noqa: E731
+        adopted.update(before=before, master=clone(self.master), live=clone(self.engine.drafter.module),
+                       directory=directory,
+                       alpha=list(self.policy.alpha), estimated=self.learner.estimated)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "adopt_head", watched)
+    args = [*[a for a in TOY if a not in ("--sd", "off")], "--sd", "adaptive", "--k", "3", "--steps", "1"]
+
+    def run(name: str, *extra: str) -> tuple[dict, str]:
+        capsys.readouterr()
+        assert train_py.main([*args, *extra, "--out", str(tmp_path / name)]) == 0
+        return json.loads((tmp_path / name / "config.json").read_text()), capsys.readouterr().err
+
+    config, _ = run("off", "--pretrain-drafter", "off")  # (and caches the cost profile)
+    assert not pretrained and config["drafter"] == "random+history"
+    (profile,) = (tmp_path / "cache" / "costs").glob("*.json")
+    data = json.loads(profile.read_text())
+    profile.write_text(json.dumps({**data, "coef": [0.001, 0.0, 0.01, 0.0, 0.0002, 0.0], "rel_error": 0.0}))
+    config, err = run("compute-bound")
+    assert not pretrained and config["drafter"] == "random+history" and "starting from an untrained head" in err
+    assert not adopted
+
+    monkeypatch.setattr(trainer_mod, "pretraining_payback", lambda costs, **kw: Payback(1.0, 2.0))
+    config, err = run("pays")
+    assert len(pretrained) == 1 and config["drafter"] == "auto+history" and "pretraining it" in err
+    head = load_eagle(pretrained[0])
+    live = adopted["live"]
+    assert adopted["directory"] == pretrained[0] and torch.equal(live["d2t"], head.d2t)
+    for name, t in head.state_dict().items():  # the master copy: exactly; the engine's: in its dtype
+        assert torch.equal(adopted["master"][name], t), name
+        assert torch.equal(live[name], t.to(live[name].dtype)), name
+    assert adopted["alpha"] == pytest.approx([0.8, 0.75, 0.75]) and adopted["estimated"]
+    assert not torch.equal(adopted["before"], head.d2t)  # (the run's untrained head had a vocabulary of its own)
