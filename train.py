@@ -265,8 +265,10 @@ def decide_head(trainer: Trainer, cfg: TrainConfig, wanted: str, make_head, run_
     """A run that asked for a default head the cache lacks started with an untrained one (`head_missing`).
     With its cost model fitted, `--pretrain-drafter auto` pretrains the default head where it can pay
     back within the run (respec/drafter_choice.py `pretraining_payback`) and drafts with it; else
-    (or with `off`) the run keeps the untrained head, distilled online, and its config.json says so
-    (a resumed run goes on with what it had). Returns the step's timings for the summary."""
+    the run keeps the untrained head, distilled online within the distillation's budget
+    (`Trainer.keep_untrained_head`), and its config.json says so (a resumed run goes on with what it
+    had). With `off` the untrained head is a cold start (`--drafter random`'s). Returns the timings
+    for the summary."""
     payback = trainer.head_payback() if cfg.pretrain_drafter == "auto" else None  # (--sd adaptive: a cost model)
     if payback is not None and d.main:
         log(f"drafter: no cached default head; its pretraining would take about {payback.cost_s:.0f} s (this run's "
@@ -275,6 +277,8 @@ def decide_head(trainer: Trainer, cfg: TrainConfig, wanted: str, make_head, run_
                                                           "starting from an untrained head, distilled online "
                                                           "(--pretrain-drafter on makes the default head anyway)"))
     if payback is None or not payback.pays:
+        if payback is not None:
+            trainer.keep_untrained_head()
         return {"pretrain_s": 0.0}
     t0 = time.perf_counter()
     trainer.adopt_head(make_head(wanted))

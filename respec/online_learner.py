@@ -44,8 +44,11 @@ forward of the actor over the step's sequences and a training pass of the head o
 at 0.6-2.3x the update on a 2-core CPU). The distillation is an investment the speculation repays:
 a small share to keep the head and its estimate from going stale, and whatever SD earned back. A
 head that comes with an acceptance estimate of its own (an exported head's report, the default
-head's) waits for its budget like any later distillation; an untrained one is distilled at the
-first step whatever it costs, since until then the solver has no estimate that could turn SD on.
+head's) waits for its budget like any later distillation (`budgeted`), and so does the untrained
+head a run keeps where the default head's pretraining could not pay back within it (train.py
+`decide_head`: its distillation cannot be assumed to either); an untrained one asked for
+(`--drafter random`) is distilled at the first step whatever it costs, since until then the solver
+has no estimate that could turn SD on.
 On a few CPU cores a distillation after every step cost more time than the speculation it enabled
 saved (docs/benchmarks.md); on a GPU it has a stream of its own and no bound.
 
@@ -120,10 +123,10 @@ class OnlineLearner:
     copy of its weights in the rollout dtype, which the trainer refreshes from `DrafterUpdate`s)."""
 
     def __init__(self, head: EagleHead, cfg: KDConfig, *, world: int = 1, k: int = 3, main: bool = True,
-                 estimated: bool = False):
+                 budgeted: bool = False):
         cfg.validate()
         self.cfg, self.k, self.world, self.main = cfg, k, world, main
-        self.estimated = estimated  # the head came with an acceptance estimate: its first distillation is budgeted
+        self.budgeted = budgeted  # its first distillation waits for the budget too (below, `due`)
         # the latest finite acceptance estimate: the solver's, and the exported head's prior
         self.last_alpha_est: list[float] | None = None
         self.head = head.float().train().requires_grad_(True)
@@ -183,9 +186,9 @@ class OnlineLearner:
         the head drafted, else once every `idle_interval` steps; and only while the distillation's
         time so far plus the next one's expected time is within its `budget` share of the run's plus
         what SD saved so far. The first one is due at once where there is no budget (1) or the head
-        has no estimate of its own.
+        is not `budgeted` (an untrained head asked for).
         Every rank must pass the same `drafted`; the budget's times are summed over ranks."""
-        if self.last_submit is None and (not self.estimated or self.cfg.budget >= 1):
+        if self.last_submit is None and (not self.budgeted or self.cfg.budget >= 1):
             return True
         since = step - self.last_submit if self.last_submit is not None else step + 1
         if not (drafted or since >= self.cfg.idle_interval):

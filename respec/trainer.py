@@ -122,9 +122,10 @@ class Trainer:
         self._build_drafter()  # the drafter --drafter names, loaded
         self._build_engine()  # the KV pool and the rollout engine
         kd = cfg.kd(d.device.type) if self.master is not None else None  # the head's online distillation, unless frozen
-        estimated = bool(self.drafter_prior) and any(a > 0 for a in self.drafter_prior)  # (a report's, not a cold start's)
+        # a head with an acceptance estimate (a report's, not a cold start's) is distilled within its budget
+        budgeted = bool(self.drafter_prior) and any(a > 0 for a in self.drafter_prior)
         self.learner = OnlineLearner(self.master, kd, world=d.world, k=cfg.k, main=d.main,
-                                     estimated=estimated) if kd else None
+                                     budgeted=budgeted) if kd else None
         self.policy: Policy = FixedK(0)  # the SD policy of the rollouts: `start` makes it
         self.seeds = RolloutSeeds(cfg.rollout_seeds, seed=cfg.seed, group=cfg.group, reseed_every=cfg.reseed_every)
         # last epoch's completion of every (row, sample), where a replay drafter proposes from them
@@ -285,9 +286,16 @@ class Trainer:
         if prior and isinstance(self.policy, AdaptiveK):
             self.policy.set_alpha(prior)
         if self.learner is not None:
-            self.learner.estimated = bool(prior) and any(a > 0 for a in prior)
+            self.learner.budgeted = bool(prior) and any(a > 0 for a in prior)
         self.log(f"drafter: the default head from {directory}, initial acceptance "
                  f"{[round(a, 2) for a in self.policy.alpha] if isinstance(self.policy, AdaptiveK) else prior}")
+
+    def keep_untrained_head(self) -> None:
+        """The untrained head a run started with stays (the default head's pretraining could not pay
+        back within it): its distillation, an investment of the same kind, waits for its budget
+        from the first one on (respec/online_learner.py `due`)."""
+        if self.learner is not None:
+            self.learner.budgeted = True
 
     def _profiled_ks(self) -> list[int]:
         """Draft lengths the cost profile times: the model's, and a replay group's widest verify."""

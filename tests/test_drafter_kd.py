@@ -114,9 +114,9 @@ def make_learner(tiny, seqs, **kw):
                            num_draft_tokens=3)
     # T = 0.1: the random tiny model's full distribution is nearly uniform over 49k tokens (no drafter
     # could be accepted), its sharpened one is not
-    estimated = kw.pop("estimated", False)
+    budgeted = kw.pop("budgeted", False)
     cfg = KDConfig(**{"weighting": "rkd", "lr": 3e-3, "batch": 4, "temperature": 0.1, "async_update": False, **kw})
-    return OnlineLearner(head, cfg, k=3, estimated=estimated), engine
+    return OnlineLearner(head, cfg, k=3, budgeted=budgeted), engine
 
 
 def collect(learner, engine):
@@ -392,7 +392,7 @@ def test_a_head_with_an_estimate_waits_for_its_budget(tiny, rollouts):
     actor update (unknown before any step: not due), then what the last one took. Unbounded (1), or
     a head without an estimate: at once, as before."""
     seqs, plens = rollouts
-    learner, _ = make_learner(tiny, seqs, budget=0.1, idle_interval=1, estimated=True)
+    learner, _ = make_learner(tiny, seqs, budget=0.1, idle_interval=1, budgeted=True)
     assert not learner.due(0, drafted=True)  # nothing known of the cost yet
     learner.account(10.0, update_s=2.0)  # allowance 1 s, a distillation expected to take 2
     assert not learner.due(1, drafted=True)
@@ -411,5 +411,5 @@ def test_a_head_with_an_estimate_waits_for_its_budget(tiny, rollouts):
     assert learner.due(4, drafted=True)
     state = learner.state_dict()
     assert (state["last_s"], state["update_s"]) == (took, 1e9)
-    for kw in ({"budget": 0.1}, {"budget": 1.0, "estimated": True}):
+    for kw in ({"budget": 0.1}, {"budget": 1.0, "budgeted": True}):
         assert make_learner(tiny, seqs, idle_interval=1, **kw)[0].due(0, drafted=False)

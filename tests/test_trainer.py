@@ -613,7 +613,8 @@ def test_a_missing_default_head_is_pretrained_only_where_it_can_pay(tmp_path, mo
     pretrains; `auto` on a compute-bound machine (this test's own profile: a verify costs its width)
     does not; where it pays, the head pretrained then (a stand-in: an untrained head of another seed
     and draft vocabulary, with a held-out report) is what the engine drafts with, the solver's
-    estimate is its report's and its first distillation is budgeted. config.json says what ran."""
+    estimate is its report's and its first distillation is budgeted (as the kept untrained head's
+    is where the pretraining does not pay). config.json says what ran."""
     import train as train_py
     from models.eagle import load_eagle, save_eagle
     from models.loading import load_model
@@ -644,9 +645,17 @@ def test_a_missing_default_head_is_pretrained_only_where_it_can_pay(tmp_path, mo
         clone = lambda m: {k: t.clone() for k, t in m.state_dict().items()}  # noqa: E731
         adopted.update(before=before, master=clone(self.master), live=clone(self.engine.drafter.module),
                        directory=directory,
-                       alpha=list(self.policy.alpha), estimated=self.learner.estimated)
+                       alpha=list(self.policy.alpha), budgeted=self.learner.budgeted)
 
     monkeypatch.setattr(trainer_mod.Trainer, "adopt_head", watched)
+    kept = []
+    keep = trainer_mod.Trainer.keep_untrained_head
+
+    def watched_keep(self):
+        keep(self)
+        kept.append(self.learner.budgeted)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "keep_untrained_head", watched_keep)
     args = [*[a for a in TOY if a not in ("--sd", "off")], "--sd", "adaptive", "--k", "3", "--steps", "1"]
 
     def run(name: str, *extra: str) -> tuple[dict, str]:
@@ -655,22 +664,22 @@ def test_a_missing_default_head_is_pretrained_only_where_it_can_pay(tmp_path, mo
         return json.loads((tmp_path / name / "config.json").read_text()), capsys.readouterr().err
 
     config, _ = run("off", "--pretrain-drafter", "off")  # (and caches the cost profile)
-    assert not pretrained and config["drafter"] == "random+history"
+    assert not pretrained and config["drafter"] == "random+history" and not kept  # (a cold start's distillation)
     (profile,) = (tmp_path / "cache" / "costs").glob("*.json")
     data = json.loads(profile.read_text())
     profile.write_text(json.dumps({**data, "coef": [0.001, 0.0, 0.01, 0.0, 0.0002, 0.0], "rel_error": 0.0}))
     config, err = run("compute-bound")
     assert not pretrained and config["drafter"] == "random+history" and "starting from an untrained head" in err
-    assert not adopted
+    assert not adopted and kept == [True]  # its distillation waits for its budget
 
     monkeypatch.setattr(trainer_mod, "pretraining_payback", lambda costs, **kw: Payback(1.0, 2.0))
     config, err = run("pays")
-    assert len(pretrained) == 1 and config["drafter"] == "auto+history" and "pretraining it" in err
+    assert len(pretrained) == 1 and config["drafter"] == "auto+history" and "pretraining it" in err and len(kept) == 1
     head = load_eagle(pretrained[0])
     live = adopted["live"]
     assert adopted["directory"] == pretrained[0] and torch.equal(live["d2t"], head.d2t)
     for name, t in head.state_dict().items():  # the master copy: exactly; the engine's: in its dtype
         assert torch.equal(adopted["master"][name], t), name
         assert torch.equal(live[name], t.to(live[name].dtype)), name
-    assert adopted["alpha"] == pytest.approx([0.8, 0.75, 0.75]) and adopted["estimated"]
+    assert adopted["alpha"] == pytest.approx([0.8, 0.75, 0.75]) and adopted["budgeted"]
     assert not torch.equal(adopted["before"], head.d2t)  # (the run's untrained head had a vocabulary of its own)
