@@ -281,7 +281,7 @@ def decide_head(trainer: Trainer, cfg: TrainConfig, wanted: str, make_head, run_
             trainer.keep_untrained_head()
         return {"pretrain_s": 0.0}
     t0 = time.perf_counter()
-    trainer.adopt_head(make_head(wanted))
+    trainer.adopt_head(trainer.apart_from_rollout(lambda: make_head(wanted)))
     cfg.drafter = wanted
     if d.main:
         storage.write_text(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")

@@ -290,6 +290,19 @@ class Trainer:
         self.log(f"drafter: the default head from {directory}, initial acceptance "
                  f"{[round(a, 2) for a in self.policy.alpha] if isinstance(self.policy, AdaptiveK) else prior}")
 
+    def apart_from_rollout(self, job):
+        """`job()` (a default head pretrained after `start`, in a child process) while the rollout's
+        copies of the weights are dropped, as during an update, and made again after it: beside the
+        child the run holds the actor's master weights, not its rollout copies too."""
+        self.engine.release_weights()
+        self.rollout.release()
+        self.release_host_memory()
+        try:
+            return job()
+        finally:
+            self.rollout.sync()
+            self.engine.sync_weights()
+
     def keep_untrained_head(self) -> None:
         """The untrained head a run started with stays (the default head's pretraining could not pay
         back within it): its distillation, an investment of the same kind, waits for its budget

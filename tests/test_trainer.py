@@ -656,7 +656,8 @@ def test_a_missing_default_head_is_pretrained_only_where_it_can_pay(tmp_path, mo
         kept.append(self.learner.budgeted)
 
     monkeypatch.setattr(trainer_mod.Trainer, "keep_untrained_head", watched_keep)
-    args = [*[a for a in TOY if a not in ("--sd", "off")], "--sd", "adaptive", "--k", "3", "--steps", "1"]
+    args = [*[a for a in TOY if a not in ("--sd", "off")], "--sd", "adaptive", "--k", "3", "--steps", "1",
+            "--log-completions", "all"]
 
     def run(name: str, *extra: str) -> tuple[dict, str]:
         capsys.readouterr()
@@ -683,3 +684,7 @@ def test_a_missing_default_head_is_pretrained_only_where_it_can_pay(tmp_path, mo
         assert torch.equal(live[name], t.to(live[name].dtype)), name
     assert adopted["alpha"] == pytest.approx([0.8, 0.75, 0.75]) and adopted["budgeted"]
     assert not torch.equal(adopted["before"], head.d2t)  # (the run's untrained head had a vocabulary of its own)
+    # the rollout's weights, dropped while the head was made, came back: the same tokens as without it
+    completions = lambda name: [json.loads(line)["completion"]  # noqa: E731
+                                for line in (tmp_path / name / "completions.jsonl").read_text().splitlines()]
+    assert completions("pays") == completions("compute-bound") and len(completions("pays")) == 32

@@ -137,7 +137,10 @@ def command(args, variant: str, seed: int) -> list[str]:
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "--standalone"]
     if (run / "config.json").is_file():  # started before: continue it
         return launcher + [str(ROOT / "train.py"), "--resume", str(run), "--steps", str(args.steps), "--no-progress"]
-    return launcher + [str(ROOT / "train.py"), *args.train_args, *VARIANTS[variant], "--seed", str(seed),
+    # every variant with a head drafts with the pretrained default head, whatever a run's cost model
+    # would say of pretraining it (train.py's default weighs that per run; given after --, it still can)
+    return launcher + [str(ROOT / "train.py"), "--pretrain-drafter", "on", *args.train_args, *VARIANTS[variant],
+                       "--seed", str(seed),
                        "--steps", str(args.steps), "--out", str(run), "--keep-checkpoints", "1", "--no-progress"]
 
 
