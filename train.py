@@ -210,7 +210,7 @@ def summary(history: list[dict], run_dir: Path, wall_s: float, prep: dict, verif
     lines = [
         f"run {run_dir}: {len(history)} steps in {wall_s:.0f} s wall "
         f"(compile {prep.get('compile_s', 0):.0f} s, SD cost profile {prep.get('profile_s', 0):.0f} s"
-        + (f", the default head pretrained {prep['pretrain_s']:.0f} s" if prep.get("pretrain_s") else "") + ")",
+        + (f", the default head pretrained in {prep['pretrain_s']:.0f} s" if prep.get("pretrain_s") else "") + ")",
         f"reward  first {len(first)} steps {mean(first, 'reward_mean'):.3f}  ->  last {len(last)} steps "
         f"{mean(last, 'reward_mean'):.3f}   (accuracy {mean(first, 'accuracy'):.3f} -> {mean(last, 'accuracy'):.3f})",
         f"rollout {rollout / step:.0%} of step time; {sum(r['rollout_tok_s'] * r['rollout_s'] for r in history) / rollout:.0f} "
@@ -316,7 +316,8 @@ def run_grpo(ns, given: dict, d: distributed.Dist) -> int:
     wanted = None  # a spec whose default head waits for the cost model's word (pretraining_payback)
     if cfg.sd != "off":  # the default head, pretrained once where the cache lacks it (the first rank of each node)
         deferred = cfg.pretrain_drafter == "off" or (cfg.pretrain_drafter == "auto" and cfg.sd == "adaptive")
-        if ns.resume is None and deferred and head_missing(cfg):
+        # (every rank alike: a node whose cache lacks the head makes every rank wait for the cost model)
+        if ns.resume is None and deferred and distributed.all_reduce_max([float(head_missing(cfg))], d)[0] > 0:
             wanted, cfg.drafter = cfg.drafter, untrained_spec(cfg.drafter)  # a head of its shape, untrained
         else:
             make_head(cfg.drafter)
