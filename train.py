@@ -276,9 +276,10 @@ def decide_head(trainer: Trainer, cfg: TrainConfig, wanted: str, make_head, run_
             "(every draft accepted, drafting free): " + ("pretraining it" if payback.pays else
                                                           "starting from an untrained head, distilled online "
                                                           "(--pretrain-drafter on makes the default head anyway)"))
-    if payback is None or not payback.pays:
-        if payback is not None:
-            trainer.keep_untrained_head()
+    if payback is None:  # --pretrain-drafter off: a cold start
+        return {"pretrain_s": 0.0}
+    if not payback.pays:
+        trainer.keep_untrained_head()
         return {"pretrain_s": 0.0}
     t0 = time.perf_counter()
     trainer.adopt_head(trainer.apart_from_rollout(lambda: make_head(wanted)))
