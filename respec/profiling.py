@@ -82,13 +82,22 @@ def warmup(engine: RolloutEngine, batch_sizes: list[int] | None = None, *, ks: l
     t0 = time.perf_counter()
     largest = max(batch_sizes) if batch_sizes else engine.max_batch
     buckets = sorted({engine.steps.batch_bucket(b, engine.max_batch) for b in buckets_up_to(largest)})
-    if ks is None:
-        fixed = isinstance(engine.policy, FixedK)
-        ks = [0] if not engine.k else sorted({0, engine.policy.k}) if fixed else list(range(engine.k + 1))
-    shapes = [(b, k, context) for b in buckets for k in ks for context in warm_contexts(engine, k, max_context)]
+    shapes = [(b, k, context) for b in buckets for k in warm_ks(engine, ks)
+              for context in warm_contexts(engine, k, max_context)]
     for b, k, context in tqdm(shapes, desc="compiling step shapes", disable=not progress):
         synthetic_steps(engine, b, k, context, engine.steps.warm_calls, use_filter=use_filter)
     return time.perf_counter() - t0
+
+
+def warm_ks(engine: RolloutEngine, ks: list[int] | None = None) -> list[int]:
+    """The draft lengths `warmup` compiles: `ks`, or what the engine's policy can choose now (0 and
+    its k for a fixed policy, 0..k for any other). A caller that sets the policy after the warm-up
+    (the solver needs a warm engine to fit its cost model) passes the ks of the policy to come."""
+    if ks is not None:
+        return list(ks)
+    if not engine.k:
+        return [0]
+    return sorted({0, engine.policy.k}) if isinstance(engine.policy, FixedK) else list(range(engine.k + 1))
 
 
 def warm_contexts(engine: RolloutEngine, k: int, max_context: int | None) -> list[int]:

@@ -163,10 +163,21 @@ def test_bench_tiny_writes_report(tmp_path):
 def test_bench_sd_with_the_solver_choosing(tmp_path, monkeypatch, capsys):
     """`--bench --temperature 1 --drafter history --sd adaptive`: the SD rollout's k chosen per step by
     the solver over the cost model profiled on the SD engine; its tokens are plain decoding's (the
-    match rule), and the k it chose per step are in the report. `--sd` without a drafter or without
-    --bench: one line."""
+    match rule), and the k it chose per step are in the report; the SD engine was warmed up for every
+    k the solver can choose, not only the fixed k it started with (power: warmed by its first policy,
+    0 and --k). `--sd` without a drafter or without --bench: one line."""
     import json
 
+    from respec import profiling
+    from respec.lab import bench
+
+    warmed = {}  # the draft lengths each engine's warm-up compiles, as `warmup` resolves them
+
+    def recording(engine, batch_sizes, *, ks=None, **kw):
+        warmed[engine.drafter.kind if engine.k else "plain"] = profiling.warm_ks(engine, ks)
+        return profiling.warmup(engine, batch_sizes, ks=ks, **kw)
+
+    monkeypatch.setattr(bench, "warmup", recording)
     monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "bench.json"
     assert generate.main(["--model", "tiny", "--dtype", "fp32", "--eager", "--bench", "--temperature", "1",
@@ -179,6 +190,7 @@ def test_bench_sd_with_the_solver_choosing(tmp_path, monkeypatch, capsys):
         assert r["sd_same_as_plain"] == f"{r['batch']}/{r['batch']}" and r["sd_tok_s"] > 0
         chosen = {int(k): n for k, n in r["sd_chosen_k"].items()}
         assert set(chosen) <= {0, 1, 2} and sum(chosen.values()) > 0
+    assert warmed == {"plain": [0], "history": [0, 1, 2]}
     capsys.readouterr()
     one_line_error(*run_main(capsys, "--model", "tiny", "--bench", "--sd", "adaptive"), "--drafter")
     one_line_error(*run_main(capsys, "--model", "tiny", "--drafter", "history", "--sd", "adaptive"), "--bench")

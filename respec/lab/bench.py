@@ -321,7 +321,10 @@ def run_bench(args, model, tokenizer, dtype, drafter, eos: list[int], prior: lis
     longest = max(len(p) for prompts in prompts_for.values() for p in prompts) + args.new_tokens
     compile_s = warmup(engine, args.batch_sizes, use_filter=use_filter, max_context=longest)
     if sd_engine is not None:
-        compile_s += warmup(sd_engine, args.batch_sizes, use_filter=use_filter, max_context=longest)
+        # with the solver choosing (its policy set once the warm engine has fitted the cost model),
+        # every k from 0 to --k, not the fixed k the engine starts with
+        compile_s += warmup(sd_engine, args.batch_sizes, ks=list(range(args.k + 1)) if args.sd == "adaptive" else None,
+                            use_filter=use_filter, max_context=longest)
     profile_s = None
     if sd_engine is not None and args.sd == "adaptive":
         t0 = time.perf_counter()
