@@ -25,7 +25,8 @@ six coefficients by least squares on relative error, with none negative.
 alpha is tracked online (`observe`: within a rollout, the estimate it started with, weighed as
 `SCALE_PRIOR` verified drafts, blended per draft position with what the rollout's verifies measured
 so far, so that a 64-row verify counts 64 times a 1-row one and a cold estimate is corrected within
-a step or two) and can be set from outside (`set_alpha`): when SD is off there are no SD steps to
+a step or two; the default estimate, which nothing measured, weighs as `GUESS_PRIOR` drafts only,
+until a rollout has measured its position) and can be set from outside (`set_alpha`): when SD is off there are no SD steps to
 learn from, and the drafter's distillation can report `1 - TV(p_target, q_draft)` so that an
 improving drafter turns SD back on.
 
@@ -402,6 +403,7 @@ class AdaptiveK(Policy):
     MIN_REACHED = 16  # verifies of a position before its measured rate refits its scale
     SCALE_RANGE = (0.05, 1.5)
     SCALE_PRIOR = 32  # verifies of a position that weigh as much as the scale so far
+    GUESS_PRIOR = 4  # ... as much as the default estimate, a guess no verify has measured yet
 
     def __init__(self, costs: CostModel, max_k: int, alpha: list[float] | None = None, *,
                  prior: float = 0.5, beta: float = 0.9, margin: float | None = None, online: bool = True):
@@ -411,6 +413,10 @@ class AdaptiveK(Policy):
         self.online = online  # the estimate follows the rollout's verifies within it (else only at its end)
         self.alpha = [prior] * max_k
         self.start = list(self.alpha)  # the estimate the rollout started with (what `observe` blends from)
+        # verified drafts the start weighs as, per position: few for the default (a guess, where no
+        # estimate is given: at T = 1 a model-free drafter may accept 0.15 against its 0.5, and
+        # weighed as 32 verifies it kept SD on at 4 rows for as many steps as it took to measure 32)
+        self.weight = [self.SCALE_PRIOR if alpha is not None else self.GUESS_PRIOR] * max_k
         self.beta = beta  # conditional acceptance of a replay row's drafts (any position), as the rollout started
         self.long_counts = [0, 0]  # replay drafts accepted, reached since then (`long_beta`)
         self.base_margin = (costs.rel_error or 0.0) if margin is None else margin
@@ -436,6 +442,7 @@ class AdaptiveK(Policy):
         if not vals:
             return
         self.external = vals + [vals[-1]] * (self.max_k - len(vals))
+        self.weight = [self.SCALE_PRIOR] * self.max_k
         self._calibrate()
 
     def _calibrate(self) -> None:
@@ -493,10 +500,10 @@ class AdaptiveK(Policy):
         for j in range(min(len(reached_at), self.max_k)):
             self.counts[0][j] += accepted_at[j]
             self.counts[1][j] += reached_at[j]
-        if self.online:  # the start weighed as SCALE_PRIOR drafts, with every draft verified since
-            for j, (a, r) in enumerate(zip(*self.counts)):
+        if self.online:  # the start weighed as `weight` drafts, with every draft verified since
+            for j, (a, r, w) in enumerate(zip(*self.counts, self.weight)):
                 if r:
-                    self.alpha[j] = (self.SCALE_PRIOR * self.start[j] + a) / (self.SCALE_PRIOR + r)
+                    self.alpha[j] = (w * self.start[j] + a) / (w + r)
 
     def choose_long(self, batch: int, context: float, limit: int, others: int = 0,
                     lead: int | None = None) -> tuple[int, bool]:
@@ -584,19 +591,21 @@ class AdaptiveK(Policy):
     def state_dict(self) -> dict:
         """What a resumed run needs to choose as this one would (the counts are empty between rollouts)."""
         return {"alpha": list(self.alpha), "beta": self.beta, "external": self.external, "scale": list(self.scale),
-                "accept_error": self.accept_error}
+                "accept_error": self.accept_error, "weight": list(self.weight)}
 
     def load_state_dict(self, state: dict) -> None:
         self.alpha, self.beta = list(state["alpha"]), state["beta"]
         self.external, self.scale = state["external"], list(state["scale"])
         self.accept_error = state["accept_error"]
+        self.weight = list(state.get("weight", [self.SCALE_PRIOR] * self.max_k))  # (saved before it was kept)
         self.start = list(self.alpha)
 
     def end_rollout(self) -> Tally:
         """After a rollout: the tally of its verifies (taken: the next starts at zero); the estimate
         refitted to the rates each draft position measured (where it was reached often enough):
         the scale of an external estimate, else the estimate itself, each moved by weight
-        reached / (reached + SCALE_PRIOR), and the replay rows' beta the same way (`long_beta`); and
+        reached / (reached + the start's weight), after which the position's estimate is a measured one
+        (weighed as SCALE_PRIOR from then on), and the replay rows' beta the same way (`long_beta`); and
         the margin's acceptance part, the estimate's optimism (predicted above emitted, relative),
         which halves in a rollout that verified nothing."""
         tally, self.tally = self.tally, Tally()
@@ -609,9 +618,10 @@ class AdaptiveK(Policy):
         for j, (a, r) in enumerate(zip(*self.counts)):
             if r < self.MIN_REACHED:
                 continue
-            weight = r / (r + self.SCALE_PRIOR)  # a rollout's rate counts by its verifies
+            weight = r / (r + self.weight[j])  # a rollout's rate counts by its verifies
             if self.external is None:  # (what `observe` blended online, the same whether or not it did)
                 self.alpha[j] = self.start[j] + weight * (a / r - self.start[j])
+                self.weight[j] = self.SCALE_PRIOR
             elif self.external[j] > 0.02:
                 ratio = (a / r) / self.external[j]
                 self.scale[j] = min(max(self.scale[j] + weight * (ratio - self.scale[j]), lo), hi)

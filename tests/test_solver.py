@@ -60,6 +60,30 @@ def test_online_acceptance_moves_toward_observations():
     assert policy.choose(1, 100) == 0
 
 
+def test_the_default_estimate_is_a_guess_the_first_verifies_overrule():
+    """Where no estimate is given, the default (0.5) was measured by nothing: it weighs as GUESS_PRIOR
+    (4) verified drafts, so a 4-row verify at 0.25 turns SD off at 4 rows after one step (weighed as 32,
+    the step it measured left 0.47 and SD on). Once a rollout measured a position, its estimate
+    weighs as SCALE_PRIOR; a given estimate does from the start; a resumed solver keeps the weights."""
+    costs = CostModel((0.020, 0.001, 0.003, 0.0, 0.001, 0.0))  # SD pays at 4 rows from about 0.45
+    guessed, given = AdaptiveK(costs, max_k=3), AdaptiveK(costs, max_k=3, alpha=[0.5] * 3)
+    assert guessed.choose(4, 64) == given.choose(4, 64) > 0
+    for policy in (guessed, given):
+        policy.observe([1, 0, 0, 0], 3)  # position 1: 1 of 4 accepted, position 2: 0 of 1
+    assert guessed.alpha[:2] == pytest.approx([(4 * 0.5 + 1) / 8, 2 / 5])
+    assert given.alpha[:2] == pytest.approx([(16 + 1) / 36, 16 / 33])
+    assert guessed.choose(4, 64) == 0 and given.choose(4, 64) > 0
+    for _ in range(3):
+        guessed.observe([1, 0, 0, 0], 3)
+    guessed.end_rollout()  # position 1 reached 16 times: measured; positions 2 and 3 not
+    assert guessed.weight == [AdaptiveK.SCALE_PRIOR, AdaptiveK.GUESS_PRIOR, AdaptiveK.GUESS_PRIOR]
+    assert guessed.alpha[0] == pytest.approx(0.5 + 16 / 20 * (0.25 - 0.5))
+    resumed = AdaptiveK(costs, max_k=3)
+    resumed.load_state_dict(json.loads(json.dumps(guessed.state_dict())))
+    assert resumed.weight == guessed.weight and resumed.alpha == guessed.alpha
+    assert given.weight == [AdaptiveK.SCALE_PRIOR] * 3
+
+
 def test_a_verify_counts_by_its_rows():
     """A cold estimate (0.5) where drafts are accepted at 0.15: one verify of 64 rows moves it most of
     the way and turns SD off at 64 rows; as many 1-row verifies as it takes to verify 64 drafts too,
