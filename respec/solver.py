@@ -26,9 +26,9 @@ alpha is tracked online (`observe`: within a rollout, the estimate it started wi
 `SCALE_PRIOR` verified drafts, blended per draft position with what the rollout's verifies measured
 so far, so that a 64-row verify counts 64 times a 1-row one and a cold estimate is corrected within
 a step or two; the default estimate, which nothing measured, weighs as `GUESS_PRIOR` drafts only,
-until a rollout has measured its position) and can be set from outside (`set_alpha`): when SD is off there are no SD steps to
-learn from, and the drafter's distillation can report `1 - TV(p_target, q_draft)` so that an
-improving drafter turns SD back on.
+until a rollout has measured its position) and can be set from outside (`set_alpha`): when SD is
+off there are no SD steps to learn from, and the drafter's distillation can report
+`1 - TV(p_target, q_draft)` so that an improving drafter turns SD back on.
 
 Rows with a replay (last epoch's completion, respec/drafters/replay.py) verify with a longer draft
 than the others (respec/engine.py). Their acceptance is tracked on its own (`observe_long`: one
@@ -414,8 +414,8 @@ class AdaptiveK(Policy):
         self.alpha = [prior] * max_k
         self.start = list(self.alpha)  # the estimate the rollout started with (what `observe` blends from)
         # verified drafts the start weighs as, per position: few for the default (a guess, where no
-        # estimate is given: at T = 1 a model-free drafter may accept 0.15 against its 0.5, and
-        # weighed as 32 verifies it kept SD on at 4 rows for as many steps as it took to measure 32)
+        # estimate is given: at T = 1 the history drafter accepted 0.17 against its 0.5, and weighed
+        # as 32 drafts the guess kept SD on at 4 rows, costing time, for the first several steps)
         self.weight = [self.SCALE_PRIOR if alpha is not None else self.GUESS_PRIOR] * max_k
         self.beta = beta  # conditional acceptance of a replay row's drafts (any position), as the rollout started
         self.long_counts = [0, 0]  # replay drafts accepted, reached since then (`long_beta`)
