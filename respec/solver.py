@@ -416,7 +416,7 @@ class AdaptiveK(Policy):
         # verified drafts the start weighs as, per position: few for the default (a guess, where no
         # estimate is given: at T = 1 the history drafter accepted 0.17 against its 0.5, and weighed
         # as 32 drafts the guess kept SD on at 4 rows, costing time, for the first several steps)
-        self.weight = [self.SCALE_PRIOR if alpha is not None else self.GUESS_PRIOR] * max_k
+        self.weight = [self.GUESS_PRIOR] * max_k  # (`set_alpha` makes a given estimate's SCALE_PRIOR)
         self.beta = beta  # conditional acceptance of a replay row's drafts (any position), as the rollout started
         self.long_counts = [0, 0]  # replay drafts accepted, reached since then (`long_beta`)
         self.base_margin = (costs.rel_error or 0.0) if margin is None else margin
