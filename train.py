@@ -210,7 +210,8 @@ def summary(history: list[dict], run_dir: Path, wall_s: float, prep: dict, verif
     lines = [
         f"run {run_dir}: {len(history)} steps in {wall_s:.0f} s wall "
         f"(compile {prep.get('compile_s', 0):.0f} s, SD cost profile {prep.get('profile_s', 0):.0f} s"
-        + (f", the default head pretrained in {prep['pretrain_s']:.0f} s" if prep.get("pretrain_s") else "") + ")",
+        + (f", the default head pretrained in {prep['pretrain_s']:.0f} s" if prep.get("pretrain_s") else "")
+        + (f", the default head's pilot {prep['pilot_s']:.0f} s (not made)" if prep.get("pilot_s") else "") + ")",
         f"reward  first {len(first)} steps {mean(first, 'reward_mean'):.3f}  ->  last {len(last)} steps "
         f"{mean(last, 'reward_mean'):.3f}   (accuracy {mean(first, 'accuracy'):.3f} -> {mean(last, 'accuracy'):.3f})",
         f"rollout {rollout / step:.0%} of step time; {sum(r['rollout_tok_s'] * r['rollout_s'] for r in history) / rollout:.0f} "
@@ -264,25 +265,31 @@ def untrained_spec(spec: str) -> str:
 def decide_head(trainer: Trainer, cfg: TrainConfig, wanted: str, make_head, run_dir: Path, d) -> dict:
     """A run that asked for a default head the cache lacks started with an untrained one (`head_missing`).
     With its cost model fitted, `--pretrain-drafter auto` pretrains the default head where it can pay
-    back within the run (respec/drafter_choice.py `pretraining_payback`) and drafts with it; else
+    back within the run (respec/drafter_choice.py `pretraining_payback`, then the pretraining's own
+    pilot: `pretrain_default_head`) and drafts with it; else
     the run keeps the untrained head, distilled online within the distillation's budget
     (`Trainer.keep_untrained_head`), and its config.json says so (a resumed run goes on with what it
     had). With `off` the untrained head is a cold start (`--drafter random`'s). Returns the timings
     for the summary."""
     payback = trainer.head_payback() if cfg.pretrain_drafter == "auto" else None  # (--sd adaptive: a cost model)
+    untrained = ("starting from an untrained head, distilled online (--pretrain-drafter on makes the default "
+                 "head anyway)")
     if payback is not None and d.main:
-        log(f"drafter: no cached default head; its pretraining would take about {payback.cost_s:.0f} s (this run's "
-            f"cost model, counted low) and speculation could save at most {payback.saved_s:.0f} s in this run "
-            "(every draft accepted, drafting free): " + ("pretraining it" if payback.pays else
-                                                          "starting from an untrained head, distilled online "
-                                                          "(--pretrain-drafter on makes the default head anyway)"))
+        log(f"drafter: no cached default head; its pretraining would take at least about {payback.cost_s:.0f} s "
+            f"(this run's cost model, counted low) and speculation could save at most {payback.saved_s:.0f} s in "
+            "this run (every draft accepted): " + ("its pilot decides" if payback.pays else untrained))
     if payback is None:  # --pretrain-drafter off: a cold start
         return {"pretrain_s": 0.0}
-    if not payback.pays:
-        trainer.keep_untrained_head()
-        return {"pretrain_s": 0.0}
     t0 = time.perf_counter()
-    trainer.adopt_head(trainer.apart_from_rollout(lambda: make_head(wanted)))
+    directory = None
+    if payback.pays:  # the pilot, and the pretraining where the pilot's figure is below what it could save
+        directory = trainer.apart_from_rollout(lambda: make_head(wanted, budget_s=payback.saved_s))
+    if distributed.all_reduce_max([float(directory is None)], d)[0] > 0:  # (every rank alike)
+        if payback.pays and d.main:
+            log("drafter: " + untrained)
+        trainer.keep_untrained_head()
+        return {"pretrain_s": 0.0, "pilot_s": round(time.perf_counter() - t0, 1) if payback.pays else 0.0}
+    trainer.adopt_head(directory)
     cfg.drafter = wanted
     if d.main:
         storage.write_text(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")

@@ -169,8 +169,9 @@ class TrainConfig(DataConfig):
                           "is long)")
     pretrain_drafter: str = option("auto", "where --drafter asks for the default head (auto) and the cache lacks it: "
                                    "on (pretrain it first), off (start from an untrained head, distilled online) or "
-                                   "auto (pretrain it where the cost model says it can pay back within the run, else "
-                                   "start untrained: respec/drafter_choice.py pretraining_payback)",
+                                   "auto (pretrain it where the cost model and the pretraining's pilot say it can pay "
+                                   "back within the run, else start untrained: respec/drafter_choice.py "
+                                   "pretraining_payback)",
                                    choices=("auto", "on", "off"))
     k: int = option(3, "largest draft length: tokens drafted per speculative step (--sd adaptive and generate.py "
                     "--sweep try 0 up to it)")

@@ -2,8 +2,8 @@
 
 Two steps, so that building a trainer trains nothing: `ensure_head` makes the default head where a
 spec asks for it and the cache lacks it (generate.py calls it first; train.py too, or, where the
-solver chooses k, only once its fitted cost model says the pretraining can pay back within the run:
-`pretraining_payback`), and `choose_drafter` only loads.
+solver chooses k, only once its fitted cost model says the pretraining can pay back within the run,
+`pretraining_payback`, and the pretraining's own pilot agrees), and `choose_drafter` only loads.
 
 Specs: an EAGLE head directory; `auto` (the default head for this model and task, pretrained once
 and cached); `random` (an untrained head, for a cold start that only online distillation
@@ -63,7 +63,7 @@ class Payback:
     """Whether the default head's pretraining can pay back within the run it is made for."""
 
     cost_s: float  # the pretraining, estimated low: its rollouts by the cost model, doubled
-    saved_s: float  # the most speculation could save in the run (every draft accepted, no drafting cost)
+    saved_s: float  # the most speculation could save in the run (every draft accepted, drafting at its cost)
 
     @property
     def pays(self) -> bool:
@@ -86,20 +86,22 @@ def pretraining_payback(costs, *, rows: int, steps: int, max_new_tokens: int, k:
              `pretrain_tokens(max_new_tokens)` steps each (at the rollout temperature one row of a
              batch nearly always runs to the length), times `PRETRAIN_PER_ROLLOUT` for the target's
              features and the head's training, less than they were measured to take;
-      saved  every step decoding all its rows for `max_new_tokens` tokens, each verify of k + 1
-             tokens accepted whole at the k that pays best, drafts costing nothing, against plain
-             decoding of the same tokens.
+      saved  every step decoding all its rows for `max_new_tokens` tokens, each SD step of k drafts
+             accepted whole at the k that pays best, against plain decoding of the same tokens (an
+             SD step's cost, its drafts' included, is the profile's: it times the run's untrained
+             head, whose drafting costs what a trained one's does).
 
-    The head is made where `saved > cost`: a head that could not pay back its pretraining in the
-    run it is made for even drafting perfectly and for free is not worth making there (a later run
-    with the same model, task and length decides again; `--pretrain-drafter on` makes it anyway)."""
+    Where `saved <= cost` the head is not worth making in the run it is made for, even drafting
+    perfectly; else the pretraining's own pilot measures what it will take on this machine before it
+    starts and weighs that against `saved` (`pretrain_default_head`'s `budget_s`). A later run with
+    the same model, task and length decides again; `--pretrain-drafter on` makes the head anyway."""
     r = DEFAULT_HEAD_RECIPE
     n = pretrain_tokens(max_new_tokens)
     batches = -(-r["prompts"] // r["max_batch"])
     cost = PRETRAIN_PER_ROLLOUT * batches * n * costs.step_s(r["max_batch"], 0, prompt_tokens + n / 2)
     context = prompt_tokens + max_new_tokens / 2
     plain = costs.step_s(rows, 0, context)  # a token for every row
-    best = min(costs.verify_s(rows, j + 1, context) / (j + 1) for j in range(1, max(k, 1) + 1))
+    best = min(costs.step_s(rows, j, context) / (j + 1) for j in range(1, max(k, 1) + 1))
     return Payback(cost_s=cost, saved_s=steps * max_new_tokens * max(plain - best, 0.0))
 
 
@@ -114,19 +116,34 @@ def default_head_dir(model: str, task: str, task_config: dict | None = None, max
 
 def pretrain_default_head(model: str, path: Path, tokenizer, task, *, max_new_tokens: int = 64, dtype: str = "auto",
                           device="cpu", seed: int = 0, k: int = 3, temperature: float = 1.0, log=print,
-                          progress: bool = True) -> None:
+                          progress: bool = True, budget_s: float | None = None) -> bool:
     """A short `train.py --stage drafter` run on `device`, written to a temporary directory and
     renamed into place (an interrupted pretraining leaves nothing half-written in the cache, and the
     next one removes its debris: respec/storage.py `staging`; of two nodes pretraining into one
-    shared cache, the first to finish wins and both use its head)."""
-    from respec.drafter_training import pretrain
+    shared cache, the first to finish wins and both use its head). With a `budget_s` (the most the
+    head could save in the run that asks for it) a pilot first measures what the pretraining will
+    take here (respec/drafter_training.py `pretraining_pilot`), and a pretraining that would take
+    longer is not made. Returns whether the head was made."""
+    from respec.drafter_training import pretrain, pretraining_pilot
 
     target = load_model(model, dtype=dtype, device=device)
+    recipe = DEFAULT_HEAD_RECIPE
+    # Problems from far beyond any data position a run reaches: the head never sees the RL prompts.
+    problems = task.problems(10**6, recipe["prompts"] + recipe["held_out"])
+    if budget_s is not None:
+        pilot = pretraining_pilot(target, tokenizer, problems=problems, held_out=recipe["held_out"],
+                                  new_tokens=pretrain_tokens(max_new_tokens), temperature=temperature,
+                                  epochs=recipe["epochs"], batch=recipe["batch"], unroll=recipe["unroll"],
+                                  lr=recipe["lr"], decay=recipe["step_decay"], max_batch=recipe["max_batch"], seed=seed)
+        pays = pilot["total_s"] < budget_s
+        log(f"drafter: its pilot ({pilot['pilot_s']:.0f} s) measured the pretraining at about {pilot['total_s']:.0f} s "
+            f"(rollouts {pilot['rollout_s']:.0f}, features {pilot['features_s']:.0f}, training {pilot['train_s']:.0f}, "
+            f"held-out {pilot['held_out_s']:.0f}) against at most {budget_s:.0f} s saved: "
+            + ("pretraining it" if pays else "not made"))
+        if not pays:
+            return False
     with storage.staging(path) as tmp:  # (removes what a killed pretraining left)
-        recipe = DEFAULT_HEAD_RECIPE
         t0 = time.perf_counter()
-        # Problems from far beyond any data position a run reaches: the head never sees the RL prompts.
-        problems = task.problems(10**6, recipe["prompts"] + recipe["held_out"])
         pretrain(target, tokenizer, tmp, problems=problems, held_out=recipe["held_out"],
                  new_tokens=pretrain_tokens(max_new_tokens), temperature=temperature, epochs=recipe["epochs"],
                  unroll=recipe["unroll"], batch=recipe["batch"], lr=recipe["lr"], decay=recipe["step_decay"],
@@ -137,32 +154,36 @@ def pretrain_default_head(model: str, path: Path, tokenizer, task, *, max_new_to
         except OSError:
             if not (path / "config.json").is_file():
                 raise
+    return True
 
 
 def default_head(model: str, task_name: str, task, tokenizer, *, task_config: dict | None = None,
                  max_new_tokens: int = 64, pretrain_here: bool = True, wait=lambda: None, log=print,
-                 **pretrain_kw) -> Path:
+                 **pretrain_kw) -> Path | None:
     """The directory of the default head for this model and task; a missing one is pretrained
     where `pretrain_here` (the first rank of each node: each node has its own cache), and every
-    caller then `wait()`s for it."""
+    caller then `wait()`s for it. None where a `budget_s` in `pretrain_kw` kept it from being made
+    (`pretrain_default_head`)."""
     directory = default_head_dir(model, task_name, task_config, max_new_tokens)
     if not (directory / "config.json").is_file():
         if pretrain_here:
-            log(f"no cached drafter for this model, task and length: pretraining one into {directory} (once)")
+            log(f"no cached drafter for this model, task and length: "
+                + ("weighing" if "budget_s" in pretrain_kw else "pretraining") + f" one into {directory} (once)")
             # in a child process: the run that follows starts from the head on disk, not beside the
             # memory the pretraining held (respec/host_memory.py)
             host_memory.run_apart(pretrain_default_head, model, directory, tokenizer, task,
                                   max_new_tokens=max_new_tokens, log=log if host_memory.picklable(log) else _stderr,
                                   **pretrain_kw)
         wait()
-    return directory
+    return directory if (directory / "config.json").is_file() or "budget_s" not in pretrain_kw else None
 
 
 def ensure_head(spec: str, *, model: str, task_name: str, task, tokenizer, task_config: dict | None = None,
                 max_new_tokens: int = 64, **pretrain_kw) -> Path | None:
     """Where `spec` asks for the default head (`auto`, alone or with model-free parts): its directory,
-    pretrained first if the cache lacks it (`default_head`'s other arguments: `pretrain_kw`); None for
-    any other spec, which `choose_drafter` loads as it is."""
+    pretrained first if the cache lacks it (`default_head`'s other arguments: `pretrain_kw`; None where
+    its `budget_s` kept it from being made); None for any other spec, which `choose_drafter` loads as
+    it is."""
     if spec == "none" or split_spec(spec)[0] != "auto":
         return None
     return default_head(model, task_name, task, tokenizer, task_config=task_config, max_new_tokens=max_new_tokens,

@@ -25,6 +25,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -156,6 +157,49 @@ def held_out_acceptance(target, head: EagleHead, prompts: list[list[int]], *, k:
     params = [SamplingParams(max_new_tokens=new_tokens, temperature=temperature, seed=seed + i) for i in range(len(prompts))]
     sd.generate(prompts, params)
     return {"accept_len": round(sd.stats.accept_len, 3), "accept_per_pos": [round(a, 3) for a in sd.stats.accept_per_pos]}
+
+
+def pretraining_pilot(target, tokenizer, *, problems: list, held_out: int, new_tokens: int,
+                      temperature: float = 1.0, draft_vocab: int = 8192, epochs: int = 4, batch: int = 8,
+                      unroll: int = 3, lr: float = 1e-3, decay: float = 1.0, max_batch: int = 64, seed: int = 0,
+                      decode_steps: int = 8) -> dict:
+    """What `pretrain` with these arguments will take on this machine, from its own units timed here
+    (seconds, per part, and the pilot's own time): its rollout engine's prefill of one batch of
+    prompts and `decode_steps` steps at that batch, the target's features of `batch` sequences, and
+    one of the head's optimizer steps on them (after one untimed), each times how often `pretrain`
+    does it. Sequences count at their full length: decoding runs to a batch's longest row, and the
+    features and the training pad each batch to its longest sequence, which at the rollout
+    temperature nearly always runs to the length (where rows end early this counts high). The decode
+    steps are timed at the prompts' context (low: a step's attention grows with it), and the held-out
+    measurement (`held_out` rows verifying a few drafts each) as `new_tokens` steps of that batch."""
+    t_pilot = time.perf_counter()
+    target.requires_grad_(False)
+    n_train = len(problems) - held_out
+    prompts = [chat_prompt(tokenizer, p.messages()) for p in problems[:min(n_train, max_batch)]]
+    # rollouts: a prefill of one batch and `decode_steps` steps (no EOS: every row decodes them)
+    engine = RolloutEngine(target, kv_cache_bytes=1 << 30, max_batch=len(prompts), eager=True)
+    engine.generate(prompts, [SamplingParams(max_new_tokens=1 + decode_steps, temperature=temperature, seed=seed + i,
+                                             stop_on_eos=False) for i in range(len(prompts))])
+    prefill_s, step_s = engine.stats.prefill_s, engine.stats.decode_s / max(engine.stats.decode_steps, 1)
+    del engine
+    # features and training: `batch` sequences of the prompt and a whole rollout (the prompt's tokens again)
+    seqs = Sequences([p + (p * (new_tokens // max(len(p), 1) + 1))[:new_tokens] for p in prompts[:batch]],
+                     [len(p) for p in prompts[:batch]])
+    head = new_head(target, draft_vocabulary(seqs, draft_vocab, target.cfg.vocab_size), seed)
+    feats, t_feat = timed(target_features, target, seqs, head.cfg.feature_layers, temperature=temperature)
+    step = partial(train_head, head, target, seqs, feats, epochs=1, batch=len(seqs.tokens), unroll=unroll, lr=lr,
+                   temperature=temperature, decay=decay, seed=seed, compute_dtype=target.embed_tokens.weight.dtype,
+                   progress=False)
+    step()  # (the first optimizer step also allocates what the later ones reuse)
+    _, t_train = timed(step)
+    batches = -(-n_train // max_batch)
+    parts = {"rollout_s": batches * (prefill_s + new_tokens * step_s),
+             "features_s": n_train * t_feat / len(seqs.tokens),
+             "train_s": -(-n_train // batch) * epochs * t_train,
+             "held_out_s": new_tokens * step_s if held_out else 0.0}
+    return {**{k: round(v, 1) for k, v in parts.items()}, "total_s": round(sum(parts.values()), 1),
+            "prefill_s": round(prefill_s, 3), "decode_step_s": round(step_s, 4),
+            "pilot_s": round(time.perf_counter() - t_pilot, 1)}
 
 
 def pretrain(target, tokenizer, out_dir, *, problems: list, held_out: int, new_tokens: int,

@@ -5,6 +5,7 @@ the engine's per-row bookkeeping (late admission, per-row draft caps, acceptance
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -499,7 +500,7 @@ def test_default_head_key_covers_task_options_and_length():
 
 def test_the_default_heads_pretraining_is_weighed_against_a_perfect_drafters_savings():
     """`pretraining_payback`: the pretraining's rollouts by the cost model, doubled, against every
-    row's every token drafted perfectly and for free at the best k. A machine where a verify costs
+    row's every token drafted perfectly at the best k, the drafts at their profiled cost. A machine where a verify costs
     its width (a compute-bound CPU) never pays; one where it costs a plain step (a GPU's small
     batches) pays; more steps or longer completions pay more, the pretraining capped at its length."""
     from respec.drafter_choice import DEFAULT_HEAD_RECIPE, PRETRAIN_PER_ROLLOUT, pretraining_payback
@@ -510,8 +511,11 @@ def test_the_default_heads_pretraining_is_weighed_against_a_perfect_drafters_sav
     p = pretraining_payback(cpu, rows=16, steps=20, max_new_tokens=64, k=3)
     batches = -(-r["prompts"] // r["max_batch"])
     assert p.cost_s == pytest.approx(PRETRAIN_PER_ROLLOUT * batches * 64 * cpu.step_s(64, 0, 96))
-    plain, best = cpu.step_s(16, 0, 96), cpu.verify_s(16, 4, 96) / 4  # k = 3 is the best of 1..3 here
+    plain, best = cpu.step_s(16, 0, 96), cpu.step_s(16, 3, 96) / 4  # k = 3 is the best of 1..3 here
+    assert best < min(cpu.step_s(16, 1, 96) / 2, cpu.step_s(16, 2, 96) / 3) and best > cpu.verify_s(16, 4, 96) / 4
     assert p.saved_s == pytest.approx(20 * 64 * (plain - best)) and not p.pays
+    slow_drafts = CostModel((0.05, 0.0, 0.003, 1e-6, 0.2, 0.0))  # the same verifies, drafts dearer than they save
+    assert pretraining_payback(slow_drafts, rows=16, steps=20, max_new_tokens=64, k=3).saved_s == 0
     flat = CostModel((0.003, 0.0, 1e-6, 0.0, 0.0003, 0.0))  # a step costs its launches, whatever its width
     assert pretraining_payback(flat, rows=16, steps=20, max_new_tokens=64, k=3).pays
     width = CostModel((0.0, 0.0, 0.003, 0.0, 0.0, 0.0))  # a verify costs exactly its width: nothing to save
@@ -520,6 +524,55 @@ def test_the_default_heads_pretraining_is_weighed_against_a_perfect_drafters_sav
     capped = pretraining_payback(cpu, rows=4, steps=16, max_new_tokens=128, k=3)
     assert longer.cost_s == pytest.approx(capped.cost_s) and longer.saved_s > 3.9 * capped.saved_s
     assert pretraining_payback(cpu, rows=16, steps=40, max_new_tokens=64, k=3).saved_s == pytest.approx(2 * p.saved_s)
+
+
+def test_the_pretrainings_pilot_counts_each_part_as_often_as_pretrain_runs_it(tiny, tokenizer, monkeypatch, tmp_path):
+    """`pretraining_pilot`: its rollout engine's prefill and decode steps as the engine timed them,
+    times the batches and the length `pretrain` decodes; the features of one batch and one optimizer
+    step (this test's stand-in times: 2 s and 0.5 s) times the sequences and the optimizer steps
+    `pretrain` runs on the same arguments (its report's). `pretrain_default_head` with a budget
+    makes nothing where the pilot's figure is above it (nothing in the cache, `pretrain` never
+    called), and pretrains where it is below."""
+    from respec import drafter_choice, drafter_training
+    from respec.drafter_choice import pretrain_default_head
+    from respec.tasks import make_task
+
+    def stand_in(fn, *args, **kwargs):
+        out = fn(*args, **kwargs)
+        return out, (2.0 if fn is drafter_training.target_features else 0.5)
+
+    monkeypatch.setattr(drafter_training, "timed", stand_in)
+    task = make_task(task="toy-letters")
+    problems = task.problems(10**6, 14)
+    kw = dict(problems=problems, held_out=2, new_tokens=6, epochs=2, batch=4, unroll=2, max_batch=5, draft_vocab=64)
+    pilot = drafter_training.pretraining_pilot(tiny, tokenizer, **kw)
+    n_train = 12
+    assert pilot["features_s"] == pytest.approx(n_train * 2.0 / 4)
+    assert pilot["train_s"] == pytest.approx(3 * 2 * 0.5)
+    assert pilot["rollout_s"] == pytest.approx(3 * (pilot["prefill_s"] + 6 * pilot["decode_step_s"]), abs=0.06)
+    assert pilot["prefill_s"] > 0 and pilot["decode_step_s"] > 0
+    assert pilot["held_out_s"] == pytest.approx(6 * pilot["decode_step_s"], abs=0.06)
+    parts = ("rollout_s", "features_s", "train_s", "held_out_s")
+    assert pilot["total_s"] == pytest.approx(sum(pilot[k] for k in parts), abs=0.2)
+    report = drafter_training.pretrain(tiny, tokenizer, tmp_path / "head", held_out_ks=[2], greedy=False,
+                                       progress=False, log=lambda m: None, **kw)
+    assert report["steps"] * 0.5 == pytest.approx(pilot["train_s"])  # the optimizer steps pretrain took
+    assert report["prompts"] * 2.0 / 4 == pytest.approx(pilot["features_s"])  # the sequences it takes features of
+
+    made = []
+    monkeypatch.setattr(drafter_training, "pretraining_pilot", lambda *a, **k: {**{p: 2.5 for p in parts},
+                                                                                 "total_s": 10.0, "pilot_s": 1.0})
+    monkeypatch.setattr(drafter_training, "pretrain",
+                        lambda target, tok, out_dir, **k: made.append((Path(out_dir) / "config.json").write_text("{}")))
+    head = tmp_path / "cache" / "drafters" / "key"
+    head.parent.mkdir(parents=True)
+    logged = []
+    assert not pretrain_default_head("tiny", head, tokenizer, task, budget_s=9.0, log=logged.append)
+    assert not made and not head.exists() and "not made" in logged[-1]
+    assert pretrain_default_head("tiny", head, tokenizer, task, budget_s=11.0, log=logged.append)
+    assert len(made) == 1 and (head / "config.json").is_file() and "pretraining it" in logged[-2]
+    assert drafter_choice.pretrain_default_head("tiny", tmp_path / "other", tokenizer, task, log=logged.append)
+    assert len(made) == 2  # no budget (generate.py, --pretrain-drafter on): no pilot, the head is made
 
 
 def test_a_drafter_spec_is_the_drafters_it_names(tiny, tokenizer):

@@ -611,7 +611,8 @@ def test_a_missing_default_head_is_pretrained_only_where_it_can_pay(tmp_path, mo
     """`--drafter auto+history` with no cached default head starts from an untrained head of its
     shape and asks the fitted cost model (`pretraining_payback`) before pretraining one: `off` never
     pretrains; `auto` on a compute-bound machine (this test's own profile: a verify costs its width)
-    does not; where it pays, the head pretrained then (a stand-in: an untrained head of another seed
+    does not; where the bound says it could pay, the pretraining's pilot weighs it against the bound's
+    savings (a stand-in's figure: above them, the untrained head stays); where it pays, the head pretrained then (a stand-in: an untrained head of another seed
     and draft vocabulary, with a held-out report) is what the engine drafts with, the solver's
     estimate is its report's and its first distillation is budgeted (as the kept untrained head's
     is where the pretraining does not pay). config.json says what ran."""
@@ -626,14 +627,21 @@ def test_a_missing_default_head_is_pretrained_only_where_it_can_pay(tmp_path, mo
     monkeypatch.setenv("RESPEC_CACHE", str(tmp_path / "cache"))
     pretrained = []
 
+    pilot = {"s": 0.0}  # what the stand-in's pilot measures the pretraining at
+    budgets = []
+
     def apart(fn, model, path, tokenizer, task, **kw):  # the pretraining, without its minutes
         assert fn is drafter_choice.pretrain_default_head
+        budgets.append(kw["budget_s"])
+        if pilot["s"] >= kw["budget_s"]:  # (pretrain_default_head: its pilot's figure against the budget)
+            return False
         pretrained.append(path)
         head = untrained_head(load_model("tiny", dtype=torch.float32), [[5, 6, 7, 8]], seed=11)
         head.d2t.copy_(head.d2t.roll(1))  # a draft vocabulary of its own
         save_eagle(head, path)
         (path / "train_report.json").write_text(json.dumps(
             {"held_out_sampled": {"3": {"accept_per_pos": [0.8, 0.6, 0.45]}}}))
+        return True
 
     monkeypatch.setattr(host_memory, "run_apart", apart)
     adopted = {}
@@ -674,8 +682,14 @@ def test_a_missing_default_head_is_pretrained_only_where_it_can_pay(tmp_path, mo
     assert not adopted and kept == [True]  # its distillation waits for its budget
 
     monkeypatch.setattr(trainer_mod, "pretraining_payback", lambda costs, **kw: Payback(1.0, 2.0))
+    pilot["s"] = 3.0  # the bound says it could pay, the pilot measures more than it could save
+    config, err = run("pilot-declines")
+    assert budgets == [2.0] and not pretrained and config["drafter"] == "random+history"
+    assert "its pilot decides" in err and "starting from an untrained head" in err
+    assert not adopted and kept == [True, True]
+    pilot["s"] = 1.5
     config, err = run("pays")
-    assert len(pretrained) == 1 and config["drafter"] == "auto+history" and "pretraining it" in err and len(kept) == 1
+    assert len(pretrained) == 1 and config["drafter"] == "auto+history" and "its pilot decides" in err and len(kept) == 2
     head = load_eagle(pretrained[0])
     live = adopted["live"]
     assert adopted["directory"] == pretrained[0] and torch.equal(live["d2t"], head.d2t)
