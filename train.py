@@ -283,7 +283,8 @@ def decide_head(trainer: Trainer, cfg: TrainConfig, wanted: str, make_head, run_
     t0 = time.perf_counter()
     directory = None
     if payback.pays:  # the pilot, and the pretraining where the pilot's figure is below what it could save
-        directory = trainer.apart_from_rollout(lambda: make_head(wanted, budget_s=payback.saved_s))
+        directory = trainer.apart_from_rollout(lambda: make_head(wanted, budget_s=payback.saved_s,
+                                                                 machine=payback.machine))
     if distributed.all_reduce_max([float(directory is None)], d)[0] > 0:  # (every rank alike)
         if payback.pays and d.main:
             log("drafter: " + untrained)

@@ -64,6 +64,7 @@ class Payback:
 
     cost_s: float  # the pretraining, estimated low: its rollouts by the cost model, doubled
     saved_s: float  # the most speculation could save in the run (every draft accepted, drafting at its cost)
+    machine: str | None = None  # the run's cost-profile key: where the pretraining's pilot keeps its figures
 
     @property
     def pays(self) -> bool:
@@ -114,16 +115,43 @@ def default_head_dir(model: str, task: str, task_config: dict | None = None, max
     return cache_dir() / "drafters" / hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
+def pilot_path(head_dir: Path, machine: str) -> Path:
+    """Where the pilot of a default head's pretraining (`pretrain_default_head`) keeps what it measured,
+    next to the head's directory, per machine kind (`machine`: the run's cost-profile key, which
+    names the model, dtype, CPU or GPU and torch version): a later run weighs it without measuring
+    again."""
+    return head_dir.with_name(f"{head_dir.name}.pilot-{machine}.json")
+
+
+def read_pilot(path: Path | None) -> dict | None:
+    """A pilot's figures as `pretrain_default_head` wrote them; None where there are none (or they
+    do not read: measured again)."""
+    try:
+        data = json.loads(path.read_text()) if path is not None else None
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("total_s"), (int, float)) else None
+
+
+def pilot_verdict(pilot: dict, budget_s: float, *, measured_now: bool) -> str:
+    when = f"{pilot['pilot_s']:.0f} s" if measured_now else "measured before on this machine"
+    return (f"drafter: its pilot ({when}) "
+            f"put the pretraining at about {pilot['total_s']:.0f} s (rollouts {pilot['rollout_s']:.0f}, features "
+            f"{pilot['features_s']:.0f}, training {pilot['train_s']:.0f}, held-out {pilot['held_out_s']:.0f}) against at "
+            f"most {budget_s:.0f} s saved: " + ("pretraining it" if pilot["total_s"] < budget_s else "not made"))
+
+
 def pretrain_default_head(model: str, path: Path, tokenizer, task, *, max_new_tokens: int = 64, dtype: str = "auto",
                           device="cpu", seed: int = 0, k: int = 3, temperature: float = 1.0, log=print,
-                          progress: bool = True, budget_s: float | None = None) -> bool:
+                          progress: bool = True, budget_s: float | None = None, machine: str | None = None) -> bool:
     """A short `train.py --stage drafter` run on `device`, written to a temporary directory and
     renamed into place (an interrupted pretraining leaves nothing half-written in the cache, and the
     next one removes its debris: respec/storage.py `staging`; of two nodes pretraining into one
     shared cache, the first to finish wins and both use its head). With a `budget_s` (the most the
     head could save in the run that asks for it) a pilot first measures what the pretraining will
-    take here (respec/drafter_training.py `pretraining_pilot`), and a pretraining that would take
-    longer is not made. Returns whether the head was made."""
+    take here (respec/drafter_training.py `pretraining_pilot`; kept at `pilot_path(path, machine)`
+    where a `machine` is named, and read from there by the next run), and a pretraining that would
+    take longer is not made. Returns whether the head was made."""
     from respec.drafter_training import pretrain, pretraining_pilot
 
     target = load_model(model, dtype=dtype, device=device)
@@ -131,16 +159,18 @@ def pretrain_default_head(model: str, path: Path, tokenizer, task, *, max_new_to
     # Problems from far beyond any data position a run reaches: the head never sees the RL prompts.
     problems = task.problems(10**6, recipe["prompts"] + recipe["held_out"])
     if budget_s is not None:
-        pilot = pretraining_pilot(target, tokenizer, problems=problems, held_out=recipe["held_out"],
-                                  new_tokens=pretrain_tokens(max_new_tokens), temperature=temperature,
-                                  epochs=recipe["epochs"], batch=recipe["batch"], unroll=recipe["unroll"],
-                                  lr=recipe["lr"], decay=recipe["step_decay"], max_batch=recipe["max_batch"], seed=seed)
-        pays = pilot["total_s"] < budget_s
-        log(f"drafter: its pilot ({pilot['pilot_s']:.0f} s) measured the pretraining at about {pilot['total_s']:.0f} s "
-            f"(rollouts {pilot['rollout_s']:.0f}, features {pilot['features_s']:.0f}, training {pilot['train_s']:.0f}, "
-            f"held-out {pilot['held_out_s']:.0f}) against at most {budget_s:.0f} s saved: "
-            + ("pretraining it" if pays else "not made"))
-        if not pays:
+        kept = pilot_path(path, machine) if machine else None
+        pilot = read_pilot(kept)
+        if pilot is None:
+            pilot = pretraining_pilot(target, tokenizer, problems=problems, held_out=recipe["held_out"],
+                                      new_tokens=pretrain_tokens(max_new_tokens), temperature=temperature,
+                                      epochs=recipe["epochs"], batch=recipe["batch"], unroll=recipe["unroll"],
+                                      lr=recipe["lr"], decay=recipe["step_decay"], max_batch=recipe["max_batch"],
+                                      seed=seed)
+            if kept is not None:
+                storage.write_text(kept, json.dumps(pilot) + "\n")
+            log(pilot_verdict(pilot, budget_s, measured_now=True))
+        if pilot["total_s"] >= budget_s:
             return False
     with storage.staging(path) as tmp:  # (removes what a killed pretraining left)
         t0 = time.perf_counter()
@@ -165,6 +195,15 @@ def default_head(model: str, task_name: str, task, tokenizer, *, task_config: di
     caller then `wait()`s for it. None where a `budget_s` in `pretrain_kw` kept it from being made
     (`pretrain_default_head`)."""
     directory = default_head_dir(model, task_name, task_config, max_new_tokens)
+    budget_s, machine = pretrain_kw.get("budget_s"), pretrain_kw.get("machine")
+    if budget_s is not None and not (directory / "config.json").is_file():
+        measured = read_pilot(pilot_path(directory, machine)) if machine else None
+        if measured is not None:  # (no child process to start: what an earlier run's pilot measured here)
+            if pretrain_here:
+                log(pilot_verdict(measured, budget_s, measured_now=False))
+            if measured["total_s"] >= budget_s:
+                wait()
+                return None
     if not (directory / "config.json").is_file():
         if pretrain_here:
             log(f"no cached drafter for this model, task and length: "

@@ -269,7 +269,7 @@ class Trainer:
         p = pretraining_payback(self.policy.costs, rows=rows, steps=cfg.steps - self.step,
                                 max_new_tokens=cfg.max_new_tokens, k=cfg.k)
         cost, saved = distributed.all_reduce_max([p.cost_s, p.saved_s], self.d)
-        return Payback(cost, saved)
+        return Payback(cost, saved, machine=self.policy.costs.key)
 
     @torch.no_grad()
     def adopt_head(self, directory: Path) -> None:

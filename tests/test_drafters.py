@@ -5,6 +5,7 @@ the engine's per-row bookkeeping (late admission, per-row draft caps, acceptance
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -559,20 +560,37 @@ def test_the_pretrainings_pilot_counts_each_part_as_often_as_pretrain_runs_it(ti
     assert report["steps"] * 0.5 == pytest.approx(pilot["train_s"])  # the optimizer steps pretrain took
     assert report["prompts"] * 2.0 / 4 == pytest.approx(pilot["features_s"])  # the sequences it takes features of
 
-    made = []
-    monkeypatch.setattr(drafter_training, "pretraining_pilot", lambda *a, **k: {**{p: 2.5 for p in parts},
-                                                                                 "total_s": 10.0, "pilot_s": 1.0})
+    made, piloted = [], []
+
+    def pilot_stand_in(*a, **k):
+        piloted.append(1)
+        return {**{p: 2.5 for p in parts}, "total_s": 10.0, "pilot_s": 1.0}
+
+    monkeypatch.setattr(drafter_training, "pretraining_pilot", pilot_stand_in)
     monkeypatch.setattr(drafter_training, "pretrain",
                         lambda target, tok, out_dir, **k: made.append((Path(out_dir) / "config.json").write_text("{}")))
     head = tmp_path / "cache" / "drafters" / "key"
     head.parent.mkdir(parents=True)
     logged = []
-    assert not pretrain_default_head("tiny", head, tokenizer, task, budget_s=9.0, log=logged.append)
-    assert not made and not head.exists() and "not made" in logged[-1]
-    assert pretrain_default_head("tiny", head, tokenizer, task, budget_s=11.0, log=logged.append)
-    assert len(made) == 1 and (head / "config.json").is_file() and "pretraining it" in logged[-2]
+    assert not pretrain_default_head("tiny", head, tokenizer, task, budget_s=9.0, machine="m1", log=logged.append)
+    assert not made and not head.exists() and "not made" in logged[-1] and len(piloted) == 1
+    kept = drafter_choice.pilot_path(head, "m1")
+    assert json.loads(kept.read_text())["total_s"] == 10.0  # what the next run on this machine reads
+    # a later run: no child process where the kept figure says no, the figure read where it says yes
+    monkeypatch.setattr(drafter_choice, "default_head_dir", lambda *a, **k: head)
+    monkeypatch.setattr(drafter_choice.host_memory, "run_apart", lambda *a, **k: pytest.fail("a child process"))
+    assert drafter_choice.default_head("tiny", "toy-letters", task, tokenizer, log=logged.append, budget_s=9.0,
+                                       machine="m1") is None
+    assert "measured before on this machine" in logged[-1] and "not made" in logged[-1] and len(piloted) == 1
+    monkeypatch.setattr(drafter_choice.host_memory, "run_apart", lambda fn, *a, **k: fn(*a, **k))
+    assert drafter_choice.default_head("tiny", "toy-letters", task, tokenizer, log=logged.append, budget_s=11.0,
+                                       machine="m1") == head
+    assert len(made) == 1 and (head / "config.json").is_file() and len(piloted) == 1  # (the kept figure)
+    assert "pretraining it" in logged[-3] and "measured before" in logged[-3]
     assert drafter_choice.pretrain_default_head("tiny", tmp_path / "other", tokenizer, task, log=logged.append)
-    assert len(made) == 2  # no budget (generate.py, --pretrain-drafter on): no pilot, the head is made
+    assert len(made) == 2 and len(piloted) == 1  # no budget (generate.py, --pretrain-drafter on): no pilot
+    assert not pretrain_default_head("tiny", tmp_path / "third", tokenizer, task, budget_s=9.0, log=logged.append)
+    assert len(piloted) == 2 and not list(tmp_path.glob("third*"))  # no machine named: measured, kept nowhere
 
 
 def test_a_drafter_spec_is_the_drafters_it_names(tiny, tokenizer):
