@@ -168,6 +168,7 @@ def pretrain_default_head(model: str, path: Path, tokenizer, task, *, max_new_to
                                       lr=recipe["lr"], decay=recipe["step_decay"], max_batch=recipe["max_batch"],
                                       seed=seed)
             if kept is not None:
+                kept.parent.mkdir(parents=True, exist_ok=True)
                 storage.write_text(kept, json.dumps(pilot) + "\n")
             log(pilot_verdict(pilot, budget_s, measured_now=True))
         if pilot["total_s"] >= budget_s:

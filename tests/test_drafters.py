@@ -569,8 +569,7 @@ def test_the_pretrainings_pilot_counts_each_part_as_often_as_pretrain_runs_it(ti
     monkeypatch.setattr(drafter_training, "pretraining_pilot", pilot_stand_in)
     monkeypatch.setattr(drafter_training, "pretrain",
                         lambda target, tok, out_dir, **k: made.append((Path(out_dir) / "config.json").write_text("{}")))
-    head = tmp_path / "cache" / "drafters" / "key"
-    head.parent.mkdir(parents=True)
+    head = tmp_path / "cache" / "drafters" / "key"  # (a cache with no drafters yet: its folder made as needed)
     logged = []
     assert not pretrain_default_head("tiny", head, tokenizer, task, budget_s=9.0, machine="m1", log=logged.append)
     assert not made and not head.exists() and "not made" in logged[-1] and len(piloted) == 1
