@@ -130,7 +130,8 @@ def read_pilot(path: Path | None) -> dict | None:
         data = json.loads(path.read_text()) if path is not None else None
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and isinstance(data.get("total_s"), (int, float)) else None
+    parts = ("total_s", "rollout_s", "features_s", "train_s", "held_out_s")  # (what `pilot_verdict` reports)
+    return data if isinstance(data, dict) and all(isinstance(data.get(k), (int, float)) for k in parts) else None
 
 
 def pilot_verdict(pilot: dict, budget_s: float, *, measured_now: bool) -> str:

@@ -575,6 +575,11 @@ def test_the_pretrainings_pilot_counts_each_part_as_often_as_pretrain_runs_it(ti
     assert not made and not head.exists() and "not made" in logged[-1] and len(piloted) == 1
     kept = drafter_choice.pilot_path(head, "m1")
     assert json.loads(kept.read_text())["total_s"] == 10.0  # what the next run on this machine reads
+    assert drafter_choice.read_pilot(kept)["total_s"] == 10.0
+    for broken in ("{", '{"total_s": 10.0}', "[]"):  # unreadable or incomplete: measured again
+        stray = tmp_path / "stray.json"
+        stray.write_text(broken)
+        assert drafter_choice.read_pilot(stray) is None
     # a later run: no child process where the kept figure says no, the figure read where it says yes
     monkeypatch.setattr(drafter_choice, "default_head_dir", lambda *a, **k: head)
     monkeypatch.setattr(drafter_choice.host_memory, "run_apart", lambda *a, **k: pytest.fail("a child process"))
