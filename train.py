@@ -211,7 +211,7 @@ def summary(history: list[dict], run_dir: Path, wall_s: float, prep: dict, verif
         f"run {run_dir}: {len(history)} steps in {wall_s:.0f} s wall "
         f"(compile {prep.get('compile_s', 0):.0f} s, SD cost profile {prep.get('profile_s', 0):.0f} s"
         + (f", the default head pretrained in {prep['pretrain_s']:.0f} s" if prep.get("pretrain_s") else "")
-        + (f", the default head's pilot {prep['pilot_s']:.0f} s (not made)" if prep.get("pilot_s") else "") + ")",
+        + (f", the default head weighed in {prep['pilot_s']:.1f} s (not made)" if prep.get("pilot_s") else "") + ")",
         f"reward  first {len(first)} steps {mean(first, 'reward_mean'):.3f}  ->  last {len(last)} steps "
         f"{mean(last, 'reward_mean'):.3f}   (accuracy {mean(first, 'accuracy'):.3f} -> {mean(last, 'accuracy'):.3f})",
         f"rollout {rollout / step:.0%} of step time; {sum(r['rollout_tok_s'] * r['rollout_s'] for r in history) / rollout:.0f} "
