@@ -11,9 +11,9 @@ flex_attention which of its blocks a row reads and in which positions:
     `logical` (B, num_blocks): which entry of the row's table holds each block, -1 where none. A
     query sees a key at logical position <= its own, never the null block (a padding row sees
     nothing and gets zeros, finite as the gather path's garbage).
-Compiled for CUDA, flex_attention becomes one Triton kernel per layer (flex_decoding's for the few
-query tokens of a decode or verify step) that loads the row's blocks through the table: no copy,
-no mask tensor. The block mask is built once per forward and shared by every layer.
+Compiled for CUDA, flex_attention becomes one Triton kernel per layer (its main kernel: the decode
+kernel's conditions, below, are not met) that loads the row's blocks through the table: no copy,
+no mask tensor; its tiles are set to the cache's blocks (`tile_options`). The block mask is built once per forward and shared by every layer.
 
 Where it runs: eager anywhere (torch's unfused reference, used to test it against the gather path
 on a CPU) and compiled for CUDA. Compiled for a CPU, torch 2.13's flex_attention generated C++ that
@@ -22,6 +22,8 @@ only (`check_runs_on`). The landed path stays the default until a GPU shows this
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -78,10 +80,27 @@ def paged_block_mask(block_tables: torch.Tensor, positions: torch.Tensor, num_bl
                                     seq_lengths=(T, num_blocks * block_size), compute_q_blocks=False)
 
 
+def tile_options(block_size: int, queries) -> dict:
+    """The compiled kernel's Triton tiles, as flex_attention's `kernel_options`. Inductor's main flex
+    kernel, the one a decode or verify step of these models reaches (its decode kernel wants a static
+    batch and a power-of-two ratio of query to kv heads: 9/3 for SmolLM2, 7/1 for Qwen2.5-7B), refuses
+    to compile unless the mask's kv block, the cache's 16-slot block, is a multiple of its BLOCK_N,
+    whose CUDA defaults are 32-128 ("Q and KV block size must be divisible by BLOCK_M and BLOCK_N").
+    So a kv tile is a cache block (up to 64 slots of one), and a query tile covers the step's
+    `queries` (a power of two, at least 16, tl.dot's least; 64 where the count is symbolic), within
+    the mask's query block."""
+    kv = math.gcd(block_size, 64)
+    if kv < 16:
+        raise ValueError(f"--attention flex needs a cache block of a multiple of 16 slots, got {block_size}")
+    q = min(Q_BLOCK, max(16, 1 << (queries - 1).bit_length())) if isinstance(queries, int) else 64
+    return {"BLOCK_N": kv, "BLOCK_M": q}
+
+
 def flex_paged_attention(q: torch.Tensor, pool: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
     """q (B, T, H, D) against one layer's pool (2, num_blocks, bs, Hkv, D) -> (B, T, H, D)."""
     _, n, bs, hkv, d = pool.shape
     k = pool[0].view(1, n * bs, hkv, d).transpose(1, 2)  # (1, Hkv, n*bs, D): a view, no copy
     v = pool[1].view(1, n * bs, hkv, d).transpose(1, 2)
-    o = flex_attention(q.transpose(1, 2), k, v, block_mask=block_mask, enable_gqa=q.shape[2] != hkv)
+    o = flex_attention(q.transpose(1, 2), k, v, block_mask=block_mask, enable_gqa=q.shape[2] != hkv,
+                       kernel_options=tile_options(bs, q.shape[1]))
     return o.transpose(1, 2)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from respec import flex_paged
 from respec.engine import RolloutEngine, SamplingParams
+from respec.flex_paged import Q_BLOCK, tile_options
 from respec.paged_attention import PagedKV, paged_attention
 
 from tests.test_cuda_path import GraphInspector, REPEATING, drafter_of, rollout, whole_step_engine
@@ -62,6 +64,43 @@ def test_flex_hides_what_the_mask_hides():
     seen = pool.clone()
     seen[:, tables[1, 0], 0] += 100.0  # row 1's first key
     assert not torch.allclose(paged_attention(q, kv(seen))[1], base[1])
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (9, 0), (10, 0)])  # A100, H100 / H200, B200
+def test_flex_tiles_fit_inductors_cuda_kernel(monkeypatch, capability):
+    """Inductor's main flex kernel on CUDA refuses a mask whose kv block (the cache's 16 slots) is
+    not a multiple of its BLOCK_N, or whose query block (128) is not a multiple of its BLOCK_M. The
+    kernel options `flex_paged_attention` passes (`tile_options`, checked as they reach
+    flex_attention) make every default config of these GPUs admissible, for decode, verify and
+    prompt widths, at the head sizes and dtypes of the GPU check's shapes, with tiles tl.dot accepts
+    (>= 16) and one query tile for a step's queries. Power: without them, these GPUs' default config
+    for SmolLM2's heads (64, bf16) is refused."""
+    from torch._inductor.template_heuristics.triton import CUDAConfigHeuristic
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    configs = lambda d, dtype: CUDAConfigHeuristic().get_flex_attn_fwd_configs(d, dtype)  # noqa: E731
+    tiles = lambda opts, c: (opts.get("BLOCK_M", c.block_m), opts.get("BLOCK_N", c.block_n))  # noqa: E731
+    admissible = lambda m, n: Q_BLOCK % m == 0 and 16 % n == 0  # noqa: E731
+    assert not all(admissible(*tiles({}, c)) for c in configs(64, torch.bfloat16))
+    for T in (1, 4, 9, 20, 128):
+        opts = tile_options(16, T)
+        for d in (64, 128):
+            for dtype in (torch.bfloat16, torch.float32):
+                for c in configs(d, dtype):
+                    m, n = tiles(opts, c)
+                    assert admissible(m, n) and m >= 16 and n >= 16 and m >= T
+    for T in (1, 4, 20):  # as they reach flex_attention
+        opts = tile_options(16, T)
+        q, pool, tables, positions = paged_case(T)
+        seen = []
+        real = flex_paged.flex_attention
+        monkeypatch.setattr(flex_paged, "flex_attention",
+                            lambda *a, **k: seen.append(k["kernel_options"]) or real(*a, **k))
+        flex = PagedKV.build([pool], tables, positions, q.shape[2] // pool.shape[3], attention="flex").layer(0)
+        paged_attention(q, flex)
+        monkeypatch.setattr(flex_paged, "flex_attention", real)
+        assert seen == [opts]
+    assert tile_options(16, object())["BLOCK_M"] == 64  # a symbolic count of queries: one fixed tile
 
 
 def test_flex_engine_tokens_equal_the_gather_engine(tiny):
