@@ -45,6 +45,7 @@ import torch
 from compile.cpu_linear import packed_view, packing_available, repack, unpack
 from compile.policy import CompiledSteps
 from respec.drafters import DraftBatch, Drafter, EngineView, NoDrafter
+from respec import flex_paged
 from respec.drafters.wrap import as_drafter
 from respec.host_copy import to_device
 from respec.host_memory import heap_reused
@@ -281,6 +282,8 @@ class RolloutEngine:
         if attention not in ATTENTION_KINDS:
             raise ValueError(f"unknown attention {attention!r} (choose {', '.join(ATTENTION_KINDS)})")
         self.attention = attention
+        if attention == "flex":
+            flex_paged.check_queries(max(self.k, replay_k) + 1)
         self.policy = policy if policy is not None else FixedK(self.k)
         self.drafter.check(model)
         self.cache = PagedKVCache(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
@@ -309,7 +312,7 @@ class RolloutEngine:
         self.feature_layers = self.drafter.feature_layers
         self.drafter.attach(EngineView(target=self.runner, draft_pools=self.cache.draft_pools, steps=self.steps,
                                        tables=self._tables, device=self.device, dtype=self.dtype,
-                                       pack_weights=pack_weights))
+                                       pack_weights=pack_weights, max_len=self.max_len))
 
     def release_weights(self) -> None:
         """Call before the model's weights change (an optimizer step), when nothing will decode until
@@ -491,14 +494,16 @@ class RolloutEngine:
         return [max(0, min(self.max_len - len(s.tokens) - 1, s.params.max_new_tokens - len(s.out) - 1))
                 for s in running]
 
-    def time_step(self, seqs: list[Sequence], k: int) -> float:
+    def time_step(self, seqs: list[Sequence], k: int, *, ahead: bool = False) -> float:
         """Seconds of one decoding step (k = 0) or SD step with up to k drafts per row of `seqs`, new
         sequences (ids no running one has) whose text is cached first by an untimed prefill and
         whose blocks are freed after: what the solver's cost profile times and the warm-up runs to
         compile every shape (respec/profiling.py). The prefill's sample is replaced by the text's own
         next token (nothing of it is cached yet), so that a drafter matching the text proposes; a
-        row with a `replay` past the drafter's k verifies that many. The statistics of rollouts are
-        left as they were."""
+        row with a `replay` past the drafter's k verifies that many. With `ahead` (k > 0, a drafter
+        that `runs_ahead`) two SD steps run ahead of the host instead (respec/sd_ahead.py: what the
+        warm-up runs to compile the drafter's own device helpers), told to a throwaway policy. The
+        statistics of rollouts are left as they were."""
         stats, self.stats = self.stats, EngineStats()
         self._sampling = None
         try:
@@ -514,12 +519,17 @@ class RolloutEngine:
                 caps = [min(k, room) for room in self._room(seqs)]
                 if any(caps):  # (a model drafter's feed of the text: the first SD step's, not every step's)
                     self.drafter.settle(seqs, k)
-                for s, cap in zip(seqs, caps):  # slots for the newest token and the drafts
-                    self.blocks.append(s.id, cap + 1)
+                ahead = ahead and k > 0 and self.drafter.runs_ahead and min(caps) == k
+                for s, cap in zip(seqs, caps):  # slots for the newest token and the drafts (a run reserves its own)
+                    if not ahead:
+                        self.blocks.append(s.id, cap + 1)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 t0 = time.perf_counter()
-                self._speculate(seqs, k, caps)
+                if ahead:
+                    sd_ahead.sd_run_ahead(self, seqs, Group(list(range(len(seqs))), k, caps), 2, FixedK(k))
+                else:
+                    self._speculate(seqs, k, caps)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 return time.perf_counter() - t0

@@ -40,6 +40,16 @@ def check_runs_on(device: torch.device, backend: str | None) -> None:
                          "for paged masks); on a CPU run it eager (as the tests do), or use attention gather")
 
 
+def check_queries(widest: int) -> None:
+    """The block mask has one query block (`Q_BLOCK` tokens): an engine whose widest decode or
+    verify step has more queries (a replay's `--replay-k` drafts + 1) is refused, where its kernel's
+    second query tile would read past the mask (the prefill gathers, whatever its length)."""
+    if widest > Q_BLOCK:
+        raise ValueError(f"--attention flex verifies at most {Q_BLOCK} tokens a step (one query block of its mask); "
+                         f"this engine's widest verify is {widest} (--replay-k or k + 1): lower it or use "
+                         "--attention gather")
+
+
 def require_cuda_compiled(device: torch.device, compiled: bool) -> None:
     """The option's rule for a run (train.py, generate.py): compiled for CUDA. Eager, flex_attention
     scores every query against the whole pool (torch's unfused reference), fine for a test's small
@@ -68,7 +78,11 @@ def paged_block_mask(block_tables: torch.Tensor, positions: torch.Tensor, num_bl
     used = (newest // block_size + 1).clamp(max=W).to(torch.int32)
     kv_num_blocks = used.view(B, 1, 1)
     kv_indices = torch.zeros(B, 1, 1, num_blocks, dtype=torch.int32, device=dev)  # flex wants one slot per block
-    kv_indices[:, 0, 0, :W] = block_tables.to(torch.int32)
+    # the table's entries in its first W slots: scattered, not sliced in, as a table can be wider than
+    # the pool has blocks (its width rounded up to a power of two), and a slice would tie the graph's
+    # width to the pool's size; entries past the pool's last block are null blocks, like the last's
+    slot = torch.arange(W, device=dev).clamp(max=num_blocks - 1).expand(B, W)
+    kv_indices.view(B, num_blocks).scatter_(1, slot, block_tables.to(torch.int32))
 
     def mask_mod(b, h, q_idx, kv_idx):
         block = kv_idx // block_size

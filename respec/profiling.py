@@ -22,8 +22,9 @@ from respec.solver import FixedK
 
 
 def synthetic_steps(engine: RolloutEngine, batch: int, k: int, context: int, calls: int, *,
-                    use_filter: bool = False) -> list[float]:
-    """Seconds of each of `calls` identical steps (greedy rows, or sampled with a top-p filter)."""
+                    use_filter: bool = False, ahead: bool = False) -> list[float]:
+    """Seconds of each of `calls` identical steps (greedy rows, or sampled with a top-p filter;
+    `ahead`: runs of SD steps ahead of the host, `RolloutEngine.time_step`)."""
     widest = max(engine.k, engine.replay_k) if engine.k else 0
     if k > widest:
         raise ValueError(f"cannot time k={k}: the engine drafts at most {widest}")
@@ -47,7 +48,7 @@ def synthetic_steps(engine: RolloutEngine, batch: int, k: int, context: int, cal
         seqs = [Sequence(-1 - call * batch - i, text[:context - 1], params, out=[text[context - 1]],
                          replay=text[context - 1: context + k] if k > engine.k or repeat else None)
                 for i, text in enumerate(texts)]
-        times.append(engine.time_step(seqs, k))
+        times.append(engine.time_step(seqs, k, ahead=ahead))
     return times
 
 
@@ -86,6 +87,9 @@ def warmup(engine: RolloutEngine, batch_sizes: list[int] | None = None, *, ks: l
               for context in warm_contexts(engine, k, max_context)]
     for b, k, context in tqdm(shapes, desc="compiling step shapes", disable=not progress):
         synthetic_steps(engine, b, k, context, engine.steps.warm_calls, use_filter=use_filter)
+    if engine.drafter.runs_ahead:  # its own device helpers (the history drafter's search), met in runs only
+        for b, k in sorted({(b, k) for b, k, _ in shapes if k}):
+            synthetic_steps(engine, b, k, warm_contexts(engine, k, None)[0], 1, use_filter=use_filter, ahead=True)
     return time.perf_counter() - t0
 
 

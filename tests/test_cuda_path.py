@@ -82,12 +82,14 @@ class GraphInspector:
 
 def drafter_of(kind, model):
     return {"plain": lambda: None, "eagle": lambda: head_for(model, 300),
-            "history": lambda: HistoryDrafter(min_match=1)}[kind]()
+            "history": lambda: HistoryDrafter(min_match=1),
+            "history-ahead": lambda: HistoryDrafter(min_match=1, ahead=True)}[kind]()
 
 
 def whole_step_engine(model, kind, inspector=None, *, mode="whole", **kw):
     drafter = drafter_of(kind, model)
-    engine = RolloutEngine(model, kv_cache_bytes=64 << 20, eager=inspector is None, compile_mode=mode, max_batch=8,
+    engine = RolloutEngine(model, kv_cache_bytes=kw.pop("kv_cache_bytes", 64 << 20), eager=inspector is None,
+                           compile_mode=mode, max_batch=8,
                            drafter=drafter, num_draft_tokens=3 if drafter is not None else 0, **kw)
     if inspector is not None:
         engine.steps.backend = inspector
@@ -97,8 +99,9 @@ def whole_step_engine(model, kind, inspector=None, *, mode="whole", **kw):
 def rollout(engine, kind):
     """Rows of different lengths, so the batch goes through buckets 8, 4 and 2 (greedy on repeating
     prompts for the history drafter, which then proposes; sampled at T = 0.8 otherwise)."""
-    prompts = REPEATING if kind == "history" else PROMPTS
-    params = [SamplingParams(max_new_tokens=8 + 6 * i, seed=i, temperature=0.0 if kind == "history" else 0.8,
+    history = kind.startswith("history")
+    prompts = REPEATING if history else PROMPTS
+    params = [SamplingParams(max_new_tokens=8 + 6 * i, seed=i, temperature=0.0 if history else 0.8,
                              stop_on_eos=False) for i in range(len(prompts))]
     return [c.token_ids for c in engine.generate(prompts, params)]
 
@@ -146,11 +149,11 @@ def test_unmarked_pools_fail_the_static_check(tiny, monkeypatch):
     assert inspector.graphs and all(not set(g["mutated"]) <= g["static"] for g in inspector.graphs)
 
 
-@pytest.mark.parametrize("kind", ["plain", "history"])
+@pytest.mark.parametrize("kind", ["plain", "history", "history-ahead", "eagle"])
 def test_warmup_leaves_no_shape_to_record_in_a_timed_region(tiny, kind):
     """After `warmup` (each batch bucket, k and block-table width called twice) a timed rollout
     meets only warm shapes; without it, it does not (so the check can fail)."""
-    prompts = REPEATING if kind == "history" else PROMPTS
+    prompts = REPEATING if kind.startswith("history") else PROMPTS
     longest = max(map(len, prompts)) + 8 + 6 * (len(prompts) - 1)
 
     cold = whole_step_engine(tiny, kind, GraphInspector())

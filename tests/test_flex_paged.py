@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from respec import flex_paged
+from respec.drafters.history import HistoryDrafter
 from respec.engine import RolloutEngine, SamplingParams
 from respec.flex_paged import Q_BLOCK, tile_options
+from respec.kv_cache import pool_bytes_for
 from respec.paged_attention import PagedKV, paged_attention
 
 from tests.test_cuda_path import GraphInspector, REPEATING, drafter_of, rollout, whole_step_engine
@@ -116,6 +118,30 @@ def test_flex_engine_tokens_equal_the_gather_engine(tiny):
     for g in inspector.graphs:
         assert g["mutated"] and set(g["mutated"]) <= g["static"]
     assert len(inspector.graphs) == 2  # the decode step and the k = 3 verify
+
+
+def test_flex_with_a_pool_of_fewer_blocks_than_the_graphs_table_width(tiny):
+    """A pool of 12 blocks: whole-step graphs declare the block-table width up to 16 (a power of two
+    at least the 11 blocks a row can hold), more than the pool has. The block mask must not tie the
+    width to the pool's size (its kv indices sliced in did: a guard against the declared range, an
+    error when traced); the tokens are the gather path's."""
+    cfg = tiny.cfg
+    small = pool_bytes_for(rows=11, tokens=16, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
+                           head_dim=cfg.head_dim, dtype=torch.float32)
+    want = rollout(whole_step_engine(tiny, "history", kv_cache_bytes=small), "history")
+    engine = whole_step_engine(tiny, "history", GraphInspector(), attention="flex", kv_cache_bytes=small)
+    assert engine.blocks.num_blocks == 12 and engine.steps.max_width == 16
+    assert rollout(engine, "history") == want
+    assert engine.stats.sd_steps > 0
+
+
+def test_flex_refuses_a_verify_wider_than_its_query_block(tiny):
+    """The mask has one query block of 128 tokens: a replay verify of 128 drafts (129 queries) is
+    refused when the engine is built; 127 drafts fit."""
+    kw = dict(kv_cache_bytes=16 << 20, attention="flex", drafter=HistoryDrafter(), num_draft_tokens=3)
+    with pytest.raises(ValueError, match="--attention flex verifies at most 128 tokens a step"):
+        RolloutEngine(tiny, replay_k=128, **kw)
+    assert RolloutEngine(tiny, replay_k=127, **kw).replay_k == 127
 
 
 def test_flex_compiled_by_inductor_on_a_cpu_is_refused(tiny):

@@ -74,6 +74,7 @@ class EngineView:
     device: torch.device
     dtype: torch.dtype  # the rollout dtype
     pack_weights: bool  # whether the engine packs linears (compile/cpu_linear.py); drafters with weights follow
+    max_len: int  # the target's context: no row's text grows past it
 
 
 @dataclass

@@ -101,8 +101,8 @@ def lay_out(drafter, batch) -> tuple:
         _, doc, index = drafter.doc[s.id]
         own[id(index), doc] = i
         indexes.setdefault(id(index), index)
-    # as wide as any document, or as any row can grow (its token limit)
-    C = max(max(len(s.tokens) + s.params.max_new_tokens - len(s.out) for s in seqs),
+    # as wide as any document, or as any row can grow (its token limit, within the target's context)
+    C = max(max(min(len(s.tokens) + s.params.max_new_tokens - len(s.out), drafter.view.max_len) for s in seqs),
             max(len(t) for index in indexes.values() for t in index.docs.values()))
     C = -(-C // 64) * 64
     # each prompt's earlier documents: a block of rows after the rows' own, the last run's where it
@@ -124,7 +124,8 @@ def lay_out(drafter, batch) -> tuple:
     for s in seqs:
         index = drafter.doc[s.id][2]
         seen.append([placed[id(index), d] for d in sorted(index.docs)])
-    V = 1 << (max(map(len, seen)) - 1).bit_length()  # (a power of two: few shapes)
+    # (a power of two: few shapes; at least 2, as the compiled search would specialise a size of 1)
+    V = max(2, 1 << (max(map(len, seen)) - 1).bit_length())
     seen = [m + [empty] * (V - len(m)) for m in seen] + [[empty] * V] * (rows - len(seqs))
     pad = [PAD] * (C + 1)
     texts = [s.tokens for s in seqs] + [[]] * (rows - len(seqs) + 1) + send  # (rows, the empty one, the sent)
