@@ -163,6 +163,14 @@ def _mark_rows_dynamic(tensors, max_rows: int) -> None:
             _mark_dynamic(t, 0, 2, max_rows)
 
 
+def _mark_slots_dynamic(slot_mapping: torch.Tensor) -> None:
+    """A regional step's slot mapping (rows x the step's tokens, flattened) dynamic without bounds:
+    its size is the rows' times the tokens a row writes (k + 1 in a verify), which a bound of
+    `max_rows` would refuse, and which the graph derives from the rows anyway."""
+    if slot_mapping.shape[0] > 1:
+        torch._dynamo.maybe_mark_dynamic(slot_mapping, 0)
+
+
 def _mark_width_dynamic(block_tables: torch.Tensor, mask: torch.Tensor | None = None, *,
                         max_width: int | None = None) -> None:
     """The block-table width dynamic: up to `max_width` blocks in whole-step graphs (the mask is
@@ -328,13 +336,15 @@ class CompiledSteps:
     def _run_block(self, block, x, cos, sin, kv):
         _mark_width_dynamic(kv.block_tables, kv.mask)
         if self.dynamic_batch:
-            _mark_rows_dynamic((x, cos, sin, kv.block_tables, kv.slot_mapping, kv.mask), self.max_rows)
+            _mark_rows_dynamic((x, cos, sin, kv.block_tables, kv.mask), self.max_rows)
+            _mark_slots_dynamic(kv.slot_mapping)
         return self._block(block, x, cos, sin, kv)
 
     def _run_head(self, head, feature, tokens, positions, embed, kv):
         _mark_width_dynamic(kv.block_tables, kv.mask)
         if self.dynamic_batch:
-            _mark_rows_dynamic((feature, tokens, positions, kv.block_tables, kv.slot_mapping, kv.mask), self.max_rows)
+            _mark_rows_dynamic((feature, tokens, positions, kv.block_tables, kv.mask), self.max_rows)
+            _mark_slots_dynamic(kv.slot_mapping)
         return self._head(head, feature, tokens, positions, embed, kv)
 
     def batch_bucket(self, n: int, max_batch: int) -> int:
@@ -404,7 +414,7 @@ class CompiledSteps:
         key = (fn, tuple(sorted(static_kwargs.items())))
         if key not in self._cache:
             if static_kwargs.get("attention") == "flex":
-                check_runs_on(self.device, None if self.mode == "eager" else self.backend)
+                check_runs_on(self.device, None if self.mode == "eager" else self.backend, self.mode)
             if self.mode == "eager":
                 step = partial(fn, **static_kwargs)
             elif getattr(fn, "own_shapes", False):

@@ -32,12 +32,17 @@ NULL_BLOCK = 0  # respec/paged_attention.py's null block (that module imports th
 Q_BLOCK = 128  # the mask's query block: one block holds any decode, verify or prompt chunk up to 128 tokens
 
 
-def check_runs_on(device: torch.device, backend: str | None) -> None:
+def check_runs_on(device: torch.device, backend: str | None, mode: str | None = None) -> None:
     """Refuse where this path is known not to work: compiled by inductor for a CPU (module
-    docstring). backend: the torch.compile backend, None for eager."""
+    docstring), and regional graphs with a dynamic batch (`mode` regional-dynamic: the block mask is
+    built outside them, its tensors at the step's rows, which pins the graphs' dynamic rows to one
+    size). backend: the torch.compile backend, None for eager."""
     if torch.device(device).type == "cpu" and backend == "inductor":
         raise ValueError("--attention flex runs compiled on CUDA only (torch's compiled CPU flex_attention fails "
                          "for paged masks); on a CPU run it eager (as the tests do), or use attention gather")
+    if mode == "regional-dynamic":
+        raise ValueError("--attention flex does not run with --compile-mode regional-dynamic (its block mask is built "
+                         "outside the regional graphs, at one batch size): use the whole-step path or attention gather")
 
 
 def check_queries(widest: int) -> None:

@@ -148,3 +148,14 @@ def test_flex_compiled_by_inductor_on_a_cpu_is_refused(tiny):
     engine = RolloutEngine(tiny, kv_cache_bytes=16 << 20, attention="flex", compile_mode="whole")
     with pytest.raises(ValueError, match="--attention flex runs compiled on CUDA only"):
         engine.generate(REPEATING[:1], [SamplingParams(max_new_tokens=2)])
+
+
+def test_flex_on_regional_graphs_with_a_dynamic_batch_is_refused(tiny):
+    """Its block mask is built outside the regional graphs, at the step's rows: traced with a
+    dynamic batch that was a constraint violation at the first step (the rows pinned to one size);
+    it is refused in one line instead (the GPU check skips its flex bench on that fallback)."""
+    engine = whole_step_engine(tiny, "history", GraphInspector(), mode="regional-dynamic", attention="flex")
+    with pytest.raises(ValueError, match="--attention flex does not run with --compile-mode regional-dynamic"):
+        rollout(engine, "history")
+    assert rollout(whole_step_engine(tiny, "history", GraphInspector(), mode="regional", attention="flex"),
+                   "history") == rollout(whole_step_engine(tiny, "history"), "history")

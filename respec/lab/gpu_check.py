@@ -333,6 +333,9 @@ class Check:
             if self.device != "cuda" or self.path == "eager":
                 self.record(stage, status=f"skipped: {variant} runs compiled on CUDA only")
                 return
+            if attention == "flex" and self.path == "regional-dynamic":  # (respec/flex_paged.py check_runs_on)
+                self.record(stage, status="skipped: --attention flex does not run on the regional-dynamic fallback")
+                return
             name = f"{name} {attention if attention != 'gather' else mode}"
             extra = ["--attention", attention] if attention != "gather" else []
             extra += ["--batch-sizes", "1,32", "--new-tokens", "64"]
