@@ -500,8 +500,8 @@ class RolloutEngine:
         whose blocks are freed after: what the solver's cost profile times and the warm-up runs to
         compile every shape (respec/profiling.py). The prefill's sample is replaced by the text's own
         next token (nothing of it is cached yet), so that a drafter matching the text proposes; a
-        row with a `replay` past the drafter's k verifies that many. With `ahead` (k > 0, a drafter
-        that `runs_ahead`) two SD steps run ahead of the host instead (respec/sd_ahead.py: what the
+        row with a `replay` past the drafter's k verifies that many. With `ahead` (where a rollout's
+        plan of these rows would: `sd_ahead.runs_ahead`) two SD steps run ahead of the host instead (respec/sd_ahead.py: what the
         warm-up runs to compile the drafter's own device helpers), told to a throwaway policy. The
         statistics of rollouts are left as they were."""
         stats, self.stats = self.stats, EngineStats()
@@ -519,7 +519,8 @@ class RolloutEngine:
                 caps = [min(k, room) for room in self._room(seqs)]
                 if any(caps):  # (a model drafter's feed of the text: the first SD step's, not every step's)
                     self.drafter.settle(seqs, k)
-                ahead = ahead and k > 0 and self.drafter.runs_ahead and min(caps) == k
+                group = Group(list(range(len(seqs))), k, caps)
+                ahead = ahead and k > 0 and sd_ahead.runs_ahead(self, [group], self._room(seqs), seqs) == k
                 for s, cap in zip(seqs, caps):  # slots for the newest token and the drafts (a run reserves its own)
                     if not ahead:
                         self.blocks.append(s.id, cap + 1)
@@ -527,7 +528,7 @@ class RolloutEngine:
                     torch.cuda.synchronize(self.device)
                 t0 = time.perf_counter()
                 if ahead:
-                    sd_ahead.sd_run_ahead(self, seqs, Group(list(range(len(seqs))), k, caps), 2, FixedK(k))
+                    sd_ahead.sd_run_ahead(self, seqs, group, 2, FixedK(k))
                 else:
                     self._speculate(seqs, k, caps)
                 if self.device.type == "cuda":
