@@ -27,7 +27,8 @@ read a step behind, the tokens read once per run); so do SD steps where every ro
 same k with a drafter whose state stays on the device (respec/sd_ahead.py: the EAGLE head); otherwise there is one
 host sync per step (the sampled tokens come back to decide who finished and what to draft). Sampling
 noise is counter-based (`respec/sampling.py`), so a request's tokens depend on its seed and text,
-not on batch composition or preemption, as far as the logits do not: in fp32 exactly (the tests);
+not on batch composition or preemption, as far as the logits do not: in fp32 on a CPU exactly (the
+tests; a GPU's matmuls and split reductions are chosen by shape, so there fp32 may round too);
 in bf16 a forward of another shape (batch bucket, verify width, recompute) rounds the logits
 differently and a near-tie under the noise flips (measured in docs/benchmarks.md:
 `python -m respec.lab.flips`).

@@ -184,6 +184,53 @@ def test_steps_captured_by_hand_equal_eager(tiny, kind):
     assert (cuda_graphs.captures(), compiled_graphs()) == (before, graphs)
 
 
+def filtered_sampling_case(rows: int, device: torch.device) -> tuple:
+    """A sampler's inputs at SmolLM2's vocabulary: peaked random logits, and rows that filter by
+    top-k, top-p and min-p alone and together, a greedy row and an unfiltered one among them."""
+    g = torch.Generator(device=device).manual_seed(rows)
+    logits = torch.randn(rows, 49152, device=device, generator=g) * 4
+    cycle = lambda values: torch.tensor([values[i % len(values)] for i in range(rows)], device=device)  # noqa: E731
+    temperature = cycle([0.0, 0.7, 1.0, 0.7, 1.0])
+    top_k = cycle([0, 50, 0, 0, 20, 0, 0])
+    top_p = cycle([1.0, 1.0, 0.9, 0.5, 0.8, 1.0])
+    min_p = cycle([0.0, 0.0, 0.0, 0.05, 0.0, 0.02, 0.0])
+    seed = torch.arange(rows, device=device) + 1000
+    position = torch.full((rows,), 7, device=device)
+    return logits, temperature, top_k, top_p, min_p, seed, position
+
+
+def filtered_sampling_step(logits, temperature, top_k, top_p, min_p, seed, position):
+    from respec.sampling import sample, sampling_logprobs
+
+    logprobs = sampling_logprobs(logits, temperature, top_k, top_p, use_filter=True, min_p=min_p)
+    return (logprobs, *sample(logprobs, temperature, seed, position))
+
+
+def assert_same_sampling(got: tuple, want: tuple) -> None:
+    (logprobs, tokens, token_logprobs), (want_logprobs, want_tokens, want_token_logprobs) = got, want
+    kept = want_logprobs.isfinite()
+    assert torch.equal(logprobs.isfinite(), kept), "the filters kept different tokens"
+    assert kept.sum(-1).min() >= 1 and (~kept).any()  # (every row samples; some tokens were filtered out)
+    torch.testing.assert_close(logprobs[kept], want_logprobs[kept], rtol=0, atol=1e-4)
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(token_logprobs, want_token_logprobs, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [2, 32])
+def test_filtered_sampling_compiled_equals_eager(rows):
+    """top-k, top-p and min-p compiled for CUDA with the sampler's options, as the decode and verify
+    steps compile them: at a 49,152-token vocabulary and fewer rows than twice the GPU's SMs the
+    filter's cumsum becomes a Triton scan split across thread blocks, a kernel no CPU graph has
+    (inductor's C++ backend has no scan) and no other test here compiles (the engines here sample
+    unfiltered; the lossless test runs eager). The eager filter's kept tokens, log-probabilities
+    and samples."""
+    from compile.policy import SAMPLER_OPTIONS
+
+    case = filtered_sampling_case(rows, CUDA)
+    compiled = torch.compile(filtered_sampling_step, options=SAMPLER_OPTIONS, fullgraph=True)
+    assert_same_sampling(compiled(*case), filtered_sampling_step(*case))
+
+
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
 def test_sd_sampling_is_lossless(temperature, top_p):
     """The chi-square test of tests/test_speculative.py with the engine on the GPU."""

@@ -31,8 +31,9 @@ no GGUF package and no reasoning-gym, 10 minutes a command, 15 minutes in all, a
 
 Part a, in order: the smoke stage; tests/test_cuda.py (logits and generation against transformers,
 CUDA graphs against eager and recorded without skips, no recording inside a timed region, SD under
-CUDA graphs, SD losslessness); then `generate.py --bench` on the SmolLM2-135M shape: plain (steps run
-ahead of the host, and the step-by-step loop beside them) against
+CUDA graphs, the compiled top-k/top-p/min-p sampler against eager, SD losslessness); then
+`generate.py --bench` on the SmolLM2-135M shape: plain (steps run ahead of the host, and the
+step-by-step loop beside them) against
 transformers' `generate` (greedy, the same weights; eager, and with its static cache and compiled
 decoding step, the fair baseline) and SD with the history drafter (its match on the device and its
 steps run ahead of the host, respec/drafters/history_ahead.py, beside the step-by-step loop with
