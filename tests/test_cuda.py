@@ -216,17 +216,16 @@ def assert_same_sampling(got: tuple, want: tuple) -> None:
     torch.testing.assert_close(token_logprobs, want_token_logprobs, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("rows", [2, 32])
-def test_filtered_sampling_compiled_equals_eager(rows):
+def test_filtered_sampling_compiled_equals_eager():
     """top-k, top-p and min-p compiled for CUDA with the sampler's options, as the decode and verify
     steps compile them: at a 49,152-token vocabulary and fewer rows than twice the GPU's SMs the
     filter's cumsum becomes a Triton scan split across thread blocks, a kernel no CPU graph has
     (inductor's C++ backend has no scan) and no other test here compiles (the engines here sample
-    unfiltered; the lossless test runs eager). The eager filter's kept tokens, log-probabilities
-    and samples."""
+    unfiltered; the lossless test runs eager). 32 rows, greedy, unfiltered and filtered ones mixed:
+    the eager filter's kept tokens, log-probabilities and samples."""
     from compile.policy import SAMPLER_OPTIONS
 
-    case = filtered_sampling_case(rows, CUDA)
+    case = filtered_sampling_case(32, CUDA)
     compiled = torch.compile(filtered_sampling_step, options=SAMPLER_OPTIONS, fullgraph=True)
     assert_same_sampling(compiled(*case), filtered_sampling_step(*case))
 

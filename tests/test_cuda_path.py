@@ -71,13 +71,29 @@ class GraphInspector:
             index = {node: i for i, node in enumerate(graph.graph.find_nodes(op="placeholder"))}
             copies = graph.graph.find_nodes(op="call_function", target=torch.ops.aten.copy_.default)
             mutated = sorted({index[n.args[0]] for n in copies if n.args[0] in index})
+            ops = {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
             self.graphs.append({"mutated": mutated, "static": set(meta.static_input_indices),
-                                "mutated_shapes": [tuple(inputs[i].shape) for i in mutated]})
+                                "mutated_shapes": [tuple(inputs[i].shape) for i in mutated], "ops": ops})
             return make_boxed_func(graph.forward)
 
         # keep_inference_input_mutations: the in-place writes stay in the graph as copy_ into the
         # inputs, as inductor compiles them
         return aot_autograd(fw_compiler=inspect, keep_inference_input_mutations=True)(gm, example_inputs)
+
+
+# Ops a step captured as a CUDA graph must not hold: a host read of a device value (an error while a
+# stream captures) or a data-dependent shape, and a draw from torch's generator (the engine's noise is
+# counter-based, respec/sampling.py: a draw would tie tokens to the order of calls, and the warm runs
+# before a capture would advance it)
+CAPTURE_FORBIDDEN = {"_local_scalar_dense", "item", "nonzero", "masked_select", "unique", "bernoulli", "normal",
+                     "exponential", "multinomial", "uniform", "rand", "rand_like", "randn", "randn_like",
+                     "randint", "randint_like", "randperm", "seed", "philox_rand", "run_with_rng_state"}
+
+
+def capture_faults(graph: dict) -> list[str]:
+    """The ops of an inspected graph (GraphInspector) that a CUDA graph's capture refuses or freezes."""
+    return sorted(op for op in graph["ops"] if op.split(".")[-2 if op.count(".") >= 2 else -1].rstrip("_")
+                  in CAPTURE_FORBIDDEN)
 
 
 def drafter_of(kind, model):
@@ -108,6 +124,9 @@ def rollout(engine, kind):
 
 @pytest.mark.parametrize("kind", ["plain", "eagle", "history"])
 def test_whole_step_graphs_are_what_cuda_graphs_need(tiny, kind):
+    """The whole-step graphs (what CUDA-graph trees record and `--compile-mode graphs` captures by
+    hand) give the eager tokens, write only the KV pools, all static inputs, and hold no op a
+    capture refuses or freezes (`capture_faults`)."""
     want = rollout(whole_step_engine(tiny, kind), kind)
     inspector = GraphInspector()
     engine = whole_step_engine(tiny, kind, inspector)
@@ -123,10 +142,28 @@ def test_whole_step_graphs_are_what_cuda_graphs_need(tiny, kind):
         assert g["mutated"], "a step that writes no KV pool"
         assert set(g["mutated"]) <= g["static"], f"mutated inputs not static: {sorted(set(g['mutated']) - g['static'])}"
         assert set(g["mutated_shapes"]) <= {pool_shape} | draft_shapes, g["mutated_shapes"]  # only the pools
+        assert not capture_faults(g), capture_faults(g)
     # one graph per (step function, k) for every batch size: plain decoding; + the verify at k = 3;
     # + the head's draft step (EAGLE)
     assert len(inspector.graphs) == {"plain": 1, "history": 2, "eagle": 3}[kind]
     assert set(engine.stats.batch_sizes) >= {1, 2, 3}
+
+
+def test_the_capture_check_finds_host_reads_and_generator_draws():
+    """Power of the check above: a step that reads a value back to the host or draws from torch's
+    generator is named by `capture_faults`; its own arithmetic is not."""
+    def step(x):
+        count = (x > 0).sum().item()  # an int read back (a float one dynamo keeps on the device)
+        return x * count + torch.rand_like(x) + torch.randn(3), torch.nonzero(x)
+
+    inspector = GraphInspector()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True):
+        torch.compile(step, backend=inspector, fullgraph=True)(torch.ones(3))
+    torch.compile(lambda x: x * 2 + 1, backend=inspector, fullgraph=True)(torch.ones(3))
+    faults = [capture_faults(g) for g in inspector.graphs]
+    assert faults[0] == ["aten._local_scalar_dense.default", "aten.nonzero.default", "aten.rand_like.default",
+                         "aten.randn.default"], faults
+    assert faults[1] == []
 
 
 def test_engines_share_one_compiled_step_per_function_and_k(tiny):
