@@ -157,5 +157,8 @@ def test_flex_on_regional_graphs_with_a_dynamic_batch_is_refused(tiny):
     engine = whole_step_engine(tiny, "history", GraphInspector(), mode="regional-dynamic", attention="flex")
     with pytest.raises(ValueError, match="--attention flex does not run with --compile-mode regional-dynamic"):
         rollout(engine, "history")
-    assert rollout(whole_step_engine(tiny, "history", GraphInspector(), mode="regional", attention="flex"),
-                   "history") == rollout(whole_step_engine(tiny, "history"), "history")
+    params = [SamplingParams(max_new_tokens=12, seed=i, temperature=0.0, stop_on_eos=False) for i in range(2)]
+    tokens = lambda engine: [c.token_ids for c in engine.generate(REPEATING[:2], params)]  # noqa: E731
+    regional = whole_step_engine(tiny, "history", GraphInspector(), mode="regional", attention="flex")
+    assert tokens(regional) == tokens(whole_step_engine(tiny, "history"))  # (static regional graphs: flex runs)
+    assert regional.stats.sd_steps > 0
