@@ -32,16 +32,24 @@ the per-step inputs and are always copied.
 On a CPU there are no CUDA graphs: `SimulatedGraph` stands in with the same contract (its replay
 runs the step on the static input buffers and writes the results into the outputs' fixed tensors),
 so tests/test_cuda_path.py checks the buffering on the CPU: an input not copied in, or an output
-not cloned out, gives wrong tokens there as it would on a GPU.
+not cloned out, gives wrong tokens there as it would on a GPU. A capture also freezes where its
+kernels read everything else (the weights, the pools, the sampler's tables): a tensor replaced
+after the capture, rather than copied into, is one a CUDA graph never reads (it reads the freed
+old memory), while a re-run on the CPU reads the new one and gives the same tokens. So the
+simulated step's graphs are compiled `noting_reads` (compile/policy.py), and a replay whose graphs
+are handed any tensor at another address than the capture's raises.
 """
 
 from __future__ import annotations
 
+import threading
+from functools import partial
 from typing import Callable
 
 import torch
 
 _CAPTURES = 0  # graphs captured in this process (what a timed region must not contain)
+_RUNNING = threading.local()  # .graph: the SimulatedGraph whose step this thread runs, if any
 
 
 def captures() -> int:
@@ -77,21 +85,86 @@ class CudaGraph:
         self.graph.replay()
 
 
+def noting_reads(backend, options: dict | None = None) -> Callable:
+    """`backend` (a torch.compile backend, or its name; inductor's `options` given here) whose graphs,
+    at every call, tell the SimulatedGraph this thread is running (if any) every tensor they are
+    handed: the step's own inputs and all it reads from outside (the parameters, the pools, a table
+    in a global), which is what a CUDA graph's capture fixes the address of."""
+    if backend == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        inner = partial(compile_fx, config_patches=dict(options or {}))
+    else:
+        inner = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
+
+    def compile_noting(gm, example_inputs):
+        compiled = inner(gm, example_inputs)
+
+        def run(*args):
+            graph = getattr(_RUNNING, "graph", None)
+            if graph is not None:  # (a boxed call hands one list)
+                graph.note(args[0] if len(args) == 1 and isinstance(args[0], list) else args)
+            return compiled(*args)
+
+        run._boxed_call = getattr(compiled, "_boxed_call", False)
+        return run
+
+    return compile_noting
+
+
 class SimulatedGraph:
     """A CUDA graph's contract on any device: a replay runs `fn` on the inputs captured (the static
-    buffers) and writes its results into the outputs' fixed tensors, which a later replay overwrites."""
+    buffers) and writes its results into the outputs' fixed tensors, which a later replay overwrites;
+    and where `fn`'s graphs were compiled `noting_reads`, a replay whose graphs are handed a tensor
+    at another address than at the capture raises (a CUDA graph would read the capture's)."""
 
     def __init__(self, fn: Callable, inputs: tuple, pool, warm_runs: int):
         for _ in range(warm_runs):
             fn(*inputs)
         self.fn, self.inputs = fn, inputs
-        self.outputs = fn(*inputs)
+        self.outputs, self.reads = self._run()  # the capture
         self.pool = pool
 
+    def _run(self) -> tuple:
+        """`fn` on the static inputs: (its outputs, the addresses its graphs were handed, call by call)."""
+        self._noted = []
+        _RUNNING.graph = self
+        try:
+            out = self.fn(*self.inputs)
+        finally:
+            _RUNNING.graph = None
+        return out, self._noted
+
+    def note(self, handed) -> None:
+        self._noted.append(tuple((_address(t), tuple(t.shape)) if isinstance(t, torch.Tensor) else None
+                                 for t in handed))
+
     def replay(self) -> None:
-        for mine, new in zip(self.outputs, self.fn(*self.inputs)):
+        outputs, reads = self._run()
+        if reads != self.reads:
+            raise RuntimeError(f"a replay's graph was handed {_moved(self.reads, reads)} at another address than "
+                               "at its capture: a CUDA graph reads the captured address (copy into the tensor "
+                               "instead of replacing it)")
+        for mine, new in zip(self.outputs, outputs):
             if isinstance(mine, torch.Tensor):
                 mine.copy_(new)
+
+
+def _address(t: torch.Tensor) -> int:
+    """Where `t`'s data is (a oneDNN-packed CPU weight, respec's cpu_linear.py, has no pointer to
+    give: the tensor itself stands for it)."""
+    return id(t) if t.layout == torch._mkldnn else t.data_ptr()
+
+
+def _moved(captured: list, replayed: list) -> str:
+    """The first tensor two runs' noted addresses disagree on, in words."""
+    if len(captured) != len(replayed):
+        return f"{len(replayed)} graph calls where the capture made {len(captured)} (and so its tensors)"
+    for c, (was, now) in enumerate(zip(captured, replayed)):
+        for i, (a, b) in enumerate(zip(was, now)):
+            if a != b:
+                return f"input {i} of call {c} (shape {list((b or a)[1])})"
+    return "its inputs"
 
 
 class StepGraphs:

@@ -446,11 +446,16 @@ class CompiledSteps:
         """The whole step compiled as one graph (shared by the process's engines), called with this
         engine's bounds declared and, under CUDA graphs, its outputs copied out of the graph's memory."""
         trees = self.mode == "whole" and self.device.type == "cuda"
-        key = ("whole", fn, tuple(sorted(static_kwargs.items())), self.backend, trees)
+        # captured graphs simulated off CUDA check what a capture fixes (compile/cuda_graphs.py)
+        simulated = self.mode == "graphs" and self.device.type != "cuda"
+        key = ("whole", fn, tuple(sorted(static_kwargs.items())), self.backend, trees, simulated)
         # (CUDA-graph trees are asked for by mode, which excludes options: a GPU's threshold is 30 anyway)
         options = SAMPLER_OPTIONS if self.backend == "inductor" and not trees else None
+        backend = self.backend
+        if simulated:
+            backend, options = cuda_graphs.noting_reads(backend, options), None
         graph = _shared(key, lambda: torch.compile(partial(fn, **static_kwargs), fullgraph=True, dynamic=False,
-                                                   backend=self.backend, options=options,
+                                                   backend=backend, options=options,
                                                    mode="reduce-overhead" if trees else None))
         signature = inspect.signature(fn)
         name = step_name(fn, static_kwargs)

@@ -194,10 +194,11 @@ class RolloutCopy:
     the actor's (sharded) parameters after every optimizer step. An actor with LoRA adapters
     (respec/lora.py) always has a copy: the rollout reads the merged weights."""
 
-    def __init__(self, actor, *, dtype: torch.dtype, sharded: bool):
+    def __init__(self, actor, *, dtype: torch.dtype, sharded: bool, captured: bool = False):
         from respec import lora
 
         self.actor = actor
+        self.captured = captured  # the engine captures its steps by hand (`--compile-mode graphs`): see `release`
         self.lora_scale = lora.scalings(actor) if lora.has_lora(actor) else None
         self.shared = not sharded and next(actor.parameters()).dtype == dtype and self.lora_scale is None
         if self.shared:
@@ -220,8 +221,9 @@ class RolloutCopy:
         """While the actor trains, when nothing reads the copy until `sync`: on a CPU its weights are
         dropped (their memory is the update's: 0.25 GiB of SmolLM2-135M in bf16) and `sync` makes
         them again, in the same Parameter objects (every module that shares them sees the new ones).
-        Not on a GPU, where graphs captured over the copy read its weights at fixed addresses."""
-        if self.shared or next(self.model.parameters()).device.type != "cpu":
+        Not on a GPU, where graphs captured over the copy read its weights at fixed addresses, nor
+        where the engine's steps are captured by hand on a CPU (their simulation checks the same)."""
+        if self.shared or self.captured or next(self.model.parameters()).device.type != "cpu":
             return
         for p in self.model.parameters():
             p.data = p.data.new_empty(0)

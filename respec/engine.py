@@ -250,7 +250,8 @@ class RolloutEngine:
         max_batch: int = 64,  # most sequences decoding at once
         max_prefill_tokens: int = 4096,  # padded prompt tokens per prefill batch
         eager: bool = False,  # no torch.compile (debugging; same tokens)
-        pack_weights: bool = True,  # oneDNN-packed linears on CPU (compile/cpu_linear.py)
+        pack_weights: bool = True,  # oneDNN-packed linears on CPU (compile/cpu_linear.py; not under
+        # `compile_mode="graphs"`, whose captured steps read the weights where they were, and a repack makes new ones)
         compile_mode: str | None = None,  # regional / whole (default per device, see compile/policy.py)
         drafter=None,  # speculative decoding: a respec.drafters.Drafter, or a model `as_drafter` wraps in one
         num_draft_tokens: int = 0,  # k (the largest k with a policy), tokens drafted per SD step (>= 1)
@@ -263,6 +264,7 @@ class RolloutEngine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.model = model
+        pack_weights = pack_weights and (eager or compile_mode != "graphs")
         self.runner = packed_view(model) if pack_weights and packing_available(self.device, self.dtype) else model
         self.released = False  # release_weights() dropped the packed weights; sync_weights() makes them again
         cfg = model.cfg

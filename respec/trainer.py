@@ -157,7 +157,8 @@ class Trainer:
         self.n_head = self.actor.lm_head.weight.numel()
         self.n_body = self.n_params - self.actor.embed_tokens.weight.numel() - (
             0 if self.actor.cfg.tie_word_embeddings else self.n_head)
-        self.rollout = distributed.RolloutCopy(self.actor, dtype=self.rollout_dtype, sharded=sharded)
+        self.rollout = distributed.RolloutCopy(self.actor, dtype=self.rollout_dtype, sharded=sharded,
+                                               captured=cfg.compile_mode == "graphs")
         self.reference = None
         if cfg.kl_coef > 0:  # the frozen initial model, sharded like the actor (each rank keeps 1/W of it)
             self.reference = distributed.load_sharded(lambda: load().requires_grad_(False), d,
