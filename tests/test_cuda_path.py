@@ -289,21 +289,25 @@ def test_a_replay_handed_a_replaced_tensor_is_refused():
         rollout(engine, "plain")
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_grpo_steps_on_captured_graphs_update_the_weights_in_place(tmp_path, tokenizer, dtype):
+@pytest.mark.parametrize("dtype,sd", [("fp32", "off"), ("bf16", "off"), ("fp32", "head")])
+def test_grpo_steps_on_captured_graphs_update_the_weights_in_place(tmp_path, tokenizer, dtype, sd):
     """Two GRPO steps with the engine's steps captured by hand (`--compile-mode graphs`, traced with
     aot_eager here): the second rollout replays the first one's graphs, which pass the check above
     only if every update reached the weights where the capture read them. It failed in both ways a
     CPU run refreshed them: oneDNN's packed copies made anew after each update (fp32: the actor is
     the rollout's model), and a rollout copy (bf16) dropped during the update and made again. Now a
-    captured engine packs nothing and its copy is kept through the update (on a GPU neither happens)."""
+    captured engine packs nothing and its copy is kept through the update (on a GPU neither happens).
+    With an EAGLE head distilled online (in line), the second rollout drafts with the updated head,
+    its weights copied into the head the graphs were captured over."""
     from respec import distributed
     from respec.config import TrainConfig
     from respec.trainer import Trainer
 
+    drafting = dict(sd="on", k=2, drafter="random", drafter_update="rkd", drafter_async=False) if sd == "head" \
+        else dict(sd="off")
     cfg = TrainConfig(model="tiny", task="toy-letters", steps=2, prompts=2, group=2, max_new_tokens=6, dtype=dtype,
-                      compile="on", compile_mode="graphs", sd="off", progress=False, kv_cache_mb=16, lr=1e-2,
-                      warmup_steps=0)
+                      compile="on", compile_mode="graphs", progress=False, kv_cache_mb=16, lr=1e-2,
+                      warmup_steps=0, **drafting)
     trainer = Trainer(cfg, d=distributed.Dist(), run_dir=tmp_path / "run", tokenizer=tokenizer, log=lambda m: None)
     trainer.engine.steps.backend = "aot_eager"
     (tmp_path / "run").mkdir()
@@ -314,6 +318,8 @@ def test_grpo_steps_on_captured_graphs_update_the_weights_in_place(tmp_path, tok
     graphs = [g for step in trainer.engine.steps._cache.values() for g, _ in getattr(step, "graphs", {}).values()]
     assert graphs and all(g.reads for g in graphs)  # captured (at `start`), each noting what it was handed
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.rollout.model.parameters()))  # (it learned)
+    if sd == "head":
+        assert [m["drafter_version"] for m in history] == [0, 1] and all(m["sd_fraction"] > 0 for m in history)
 
 
 def test_the_cuda_capture_calls_torch_as_a_capture_needs(monkeypatch):
