@@ -548,7 +548,7 @@ def test_a_decoding_step_reads_the_device_once(sd):
     assert [c["syncs"] for c in counted] == [1.0, 1.0]
     # step by step, an SD step sends its inputs in one copy and its drafts in one more (the test below);
     # plain steps run ahead send theirs once per run
-    assert counted[1]["uploads"] == 2.0 if sd else counted[1]["uploads"] < 1.0
+    assert (counted[1]["uploads"] == 2.0) if sd else (counted[1]["uploads"] < 1.0)
     if sd:
         assert [c["blocking"] for c in counted] == [1.0, 1.0]
         # matched on the device, its steps run ahead: the host waits once per run, and sends the
