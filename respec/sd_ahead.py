@@ -245,6 +245,7 @@ def _record(engine, seqs, group, policy, tokens, logprobs, accepted, proposed, r
         stats.batch_sizes.append(len(rows))
         stats.chosen_k.append(k)
         policy.observe_group(_rows_of(group, rows, caps), m, lengths)
+    engine.drafter.ran_ahead(seqs)
     running = [i for i, s in enumerate(seqs) if not s.finish_reason]
     last = [a[-1] for a in acc]
     if len(running) == n:  # the drafter's pairs of the last verify (its earlier ones are in its state's past)

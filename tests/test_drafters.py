@@ -133,7 +133,7 @@ def test_device_suffix_match_is_a_brute_force_search(seed):
     k, max_match, min_match = 4, 5, 2
     texts, docs, lengths, seen, left = device_match_state(seed)
     rows = seen.shape[0]
-    tokens, count = propose(docs, lengths, seen, left, k=k, max_match=max_match, min_match=min_match)
+    tokens, count = propose(docs, lengths, torch.arange(rows), seen, left, k=k, max_match=max_match, min_match=min_match)
     matched, cut = set(), 0
     for i in range(rows):
         own, best = texts[i], None
@@ -154,29 +154,156 @@ def test_device_suffix_match_is_a_brute_force_search(seed):
 
 
 def test_device_suffix_match_compiled_equals_eager():
-    """The match and the write as a run asks `CompiledSteps` for them (`own_shapes`: one graph with
-    dynamic shapes; inductor on the CPU) give what the eager functions give, at two shapes of the
-    state and two k (the column past the documents, where unused slots go, aside)."""
+    """The match, the write and the store's update as a run asks `CompiledSteps` for them
+    (`own_shapes`: one graph with dynamic shapes; inductor on the CPU) give what the eager functions
+    give, at two shapes of the state and two k (the column past the documents, where unused slots
+    go, aside)."""
     from compile.policy import CompiledSteps
-    from respec.drafters.history_ahead import propose, write
+    from respec.drafters.history_ahead import propose, update, write
 
     steps = CompiledSteps(eager=False, device=torch.device("cpu"))
     for seed, rows, C in ((0, 12, 16), (1, 7, 40)):
         _, docs, lengths, seen, left = device_match_state(seed, rows, C)
         for k in (3, 4):
-            want = propose(docs, lengths, seen, left, k=k, max_match=5, min_match=2)
-            got = steps.get(propose, k=k, max_match=5, min_match=2)(docs, lengths, seen, left)
+            want = propose(docs, lengths, torch.arange(rows), seen, left, k=k, max_match=5, min_match=2)
+            got = steps.get(propose, k=k, max_match=5, min_match=2)(docs, lengths, torch.arange(rows), seen, left)
             assert all(torch.equal(g, w) for g, w in zip(got, want))
         tokens = torch.randint(0, 3, (rows, 4))
         positions = lengths[:rows].view(rows, 1) + torch.arange(4).view(1, 4)
         valid = torch.arange(4).view(1, 4) <= torch.randint(0, 4, (rows, 1))
+        own = torch.arange(rows)
         state = [t.clone() for t in (docs, lengths, left)]
-        write(*state, tokens, positions.clamp(max=C - 1), valid)
+        write(*state[:2], own, state[2], tokens, positions.clamp(max=C - 1), valid)
         compiled = [t.clone() for t in (docs, lengths, left)]
-        steps.get(write)(*compiled, tokens, positions.clamp(max=C - 1), valid)
+        steps.get(write)(*compiled[:2], own, compiled[2], tokens, positions.clamp(max=C - 1), valid)
         assert torch.equal(compiled[0][:, :C], state[0][:, :C])
         assert all(torch.equal(g, w) for g, w in zip(compiled[1:], state[1:]))
         assert not torch.equal(state[0][:, :C], docs[:, :C]) and not torch.equal(state[1], lengths)  # (the write wrote)
+        # the store's update: spans of tokens written, prompts copied, lengths set (as `lay_out` pads them)
+        D, cut = docs.shape[0], torch.randint(1, 4, (rows,))
+        place, count = torch.randperm(D)[:rows], torch.randint(1, 4, (rows,))
+        start = (C - count - 1).clamp(min=0)
+        values = torch.randint(3, 9, (int(count.sum()),))
+        copy = torch.randperm(D)[:4]
+        args = (values, place, start, count, copy[:2], copy[2:], cut[:2], torch.arange(D), torch.randint(0, C, (D,)))
+        eager, compiled = [[t.clone() for t in (docs, lengths)] for _ in range(2)]
+        update(*eager, *args)
+        steps.get(update)(*compiled, *args)
+        assert all(torch.equal(g, w) for g, w in zip(compiled, eager)) and not torch.equal(eager[0], docs)
+
+
+def _laid_out(drafter, seqs, rows: int, left: int = 5):
+    """`history_ahead.lay_out` of `seqs` (after `catch_up`) in a batch of `rows`, and each row's own
+    text and visible texts as the device holds them (up to each document's length there)."""
+    from types import SimpleNamespace
+
+    from respec.drafters.history_ahead import lay_out
+
+    drafter.catch_up(seqs, 3)
+    state = lay_out(drafter, SimpleNamespace(seqs=seqs, tokens=torch.zeros(rows), left=torch.full((rows,), left)))
+    text = lambda slot: state.docs[slot, : state.lengths[slot]].tolist()  # noqa: E731
+    return state, [text(s) for s in state.own.tolist()], [[text(s) for s in m] for m in state.seen.tolist()]
+
+
+def _holds_what_the_host_holds(drafter, seqs, rows, own, seen) -> bool:
+    """Each row's own document on the device is its text; its visible ones are its prompt's documents
+    in the host index, oldest first, then empty ones; the padding rows' own and visible ones empty."""
+    want_seen = []
+    for s in seqs:
+        index = drafter.doc[s.id][2]
+        want_seen.append([index.docs[d] for d in sorted(index.docs)])
+    V = len(seen[0])
+    want_seen = [m + [[]] * (V - len(m)) for m in want_seen] + [[[]] * V] * (rows - len(seqs))
+    return own == [s.tokens for s in seqs] + [[]] * (rows - len(seqs)) and seen == want_seen
+
+
+def test_device_store_sends_each_document_once_and_holds_what_the_host_holds():
+    """The history drafter's documents on the device (respec/drafters/history_ahead.py `DocStore`):
+    after every layout each row's own and visible documents there are what the host index holds,
+    while a layout sends only what a document gained since it was last on the device: nothing for a
+    document unchanged or written there by a run ahead (`ran_ahead`; a row written past its end
+    there, as a row that ended in a run is, cut back to the host's length), a new document's tokens
+    after its prompt where a document of that prompt is there, everything for a new prompt's first;
+    through the store's growth, its widening and its dropping of documents no layout needs. Power:
+    a store told of a run's tokens that were never written on the device holds other texts."""
+    from types import SimpleNamespace
+
+    from compile.policy import CompiledSteps
+    from respec.drafters.history_ahead import write
+    from respec.engine import Sequence
+
+    drafter = HistoryDrafter(ahead=True, min_match=1)
+    drafter.view = SimpleNamespace(max_len=512, runs_ahead=lambda: True,  # (the host index only notes the text)
+                                   steps=CompiledSteps(eager=True, device=torch.device("cpu")))
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 50, (7 + i,), generator=gen).tolist() for i in range(12)]
+    ids = iter(range(1000))
+
+    def rows_of(which, group=2, out=3, max_new=20):
+        return [Sequence(next(ids), prompts[p], SamplingParams(max_new_tokens=max_new),
+                         out=torch.randint(3, 50, (out,), generator=gen).tolist()) for p in which for _ in range(group)]
+
+    seqs = rows_of([0, 1])
+    state, own, seen = _laid_out(drafter, seqs, 6)
+    store = drafter.store
+    assert _holds_what_the_host_holds(drafter, seqs, 6, own, seen)
+    assert store.uploaded == len(prompts[0]) + len(prompts[1]) + 4 * 3  # (each prompt once, its siblings copy it)
+    _, own, seen = _laid_out(drafter, seqs, 6)
+    assert store.uploaded == 0 and store.kept == 4 and _holds_what_the_host_holds(drafter, seqs, 6, own, seen)
+    seqs[1].extend([7, 8], [0.0, 0.0])  # (a step taken step by step: the host's text only)
+    _, own, seen = _laid_out(drafter, seqs, 6)
+    assert store.uploaded == 2 and _holds_what_the_host_holds(drafter, seqs, 6, own, seen)
+    # a run ahead: two steps written on the device as its verifies write them; row 0 ends at its
+    # first token of the second step (its other tokens there written on the device all the same)
+    for step in range(2):
+        state = _laid_out(drafter, seqs, 6)[0] if step == 0 else state
+        tokens = torch.randint(3, 50, (6, 4), generator=gen)
+        positions = state.lengths[state.own].view(6, 1) + torch.arange(4).view(1, 4)
+        valid = torch.arange(4).view(1, 4) <= torch.tensor([2, 1, 0, 3, 0, 0]).view(6, 1)
+        write(state.docs, state.lengths, state.own, state.left, tokens, positions, valid)
+        for i, s in enumerate(seqs):
+            kept = tokens[i, : int(valid[i].sum())].tolist()
+            s.extend(kept[:1] if (step, i) == (1, 0) else kept, [0.0] * len(kept))
+    drafter.ran_ahead(seqs)
+    _, own, seen = _laid_out(drafter, seqs, 6)
+    assert store.uploaded == 0 and _holds_what_the_host_holds(drafter, seqs, 6, own, seen)
+    # the next rollout: the finished documents stay; a new document copies its prompt where one is there
+    for s in seqs:
+        drafter.forget(s)
+    seqs = rows_of([0, 2], out=1)
+    _, own, seen = _laid_out(drafter, seqs, 4)
+    assert store.uploaded == 2 * 1 + len(prompts[2]) + 2 * 1 and store.kept == 2
+    assert _holds_what_the_host_holds(drafter, seqs, 4, own, seen)
+    # more documents than slots (the store grows), wider rows (it widens), then other prompts (it drops)
+    for s in seqs:
+        drafter.forget(s)
+    slots, width = store.docs.shape
+    for which, max_new in (([0, 3, 4, 5, 6, 7, 8], 80), ([9, 10, 11], 20), ([0], 20)):
+        seqs = rows_of(which, group=3, max_new=max_new)
+        _, own, seen = _laid_out(drafter, seqs, len(seqs))
+        assert _holds_what_the_host_holds(drafter, seqs, len(seqs), own, seen)
+        assert store.kept == (4 if max_new == 80 else 0)  # (prompt 0's kept through the growth)
+        for s in seqs:
+            drafter.forget(s)
+    assert store.docs.shape[0] > slots and store.docs.shape[1] > width
+    assert len(store.slot) < sum(len(index.docs) for index in drafter.index.values())  # (some dropped)
+    # a row preempted (its document kept as it was then, and passed over from then on) and readmitted
+    # (a new document, its text growing)
+    seqs = rows_of([2], out=2)
+    _laid_out(drafter, seqs, 2)
+    frozen = list(seqs[0].tokens)
+    drafter.forget(seqs[0])  # (not finished)
+    for more in ([5, 6], [7]):
+        seqs[0].extend(more, [0.0] * len(more))
+        _, own, seen = _laid_out(drafter, seqs, 2)
+        assert _holds_what_the_host_holds(drafter, seqs, 2, own, seen) and frozen in seen[0]
+    # power: a run's tokens the device never saw, the store told they are there
+    seqs = rows_of([1], out=2)
+    _laid_out(drafter, seqs, 2)
+    seqs[0].extend([9, 9], [0.0, 0.0])
+    drafter.ran_ahead(seqs)
+    _, own, seen = _laid_out(drafter, seqs, 2)
+    assert not _holds_what_the_host_holds(drafter, seqs, 2, own, seen)
 
 
 def test_suffix_index_indexes_the_prompt_once():
@@ -205,7 +332,8 @@ def test_suffix_index_indexes_the_prompt_once():
 def test_history_window_is_bounded():
     """A prompt keeps its live documents and at most 2 x window finished ones."""
     drafter = HistoryDrafter(window=3)
-    seq = lambda i, out: type("S", (), {"id": i, "prompt": [1, 2], "out": out, "tokens": [1, 2] + out})()  # noqa: E731
+    seq = lambda i, out: type("S", (), {"id": i, "prompt": [1, 2], "out": out, "tokens": [1, 2] + out,  # noqa: E731
+                                        "finish_reason": "stop"})()
     for i in range(20):
         s = seq(i, [3, 4, i + 10])
         drafter.catch_up([s], 0)

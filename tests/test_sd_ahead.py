@@ -194,23 +194,22 @@ def test_a_hybrid_runs_its_heads_steps_ahead_where_history_offers_nothing(target
 class DeviceHistory:
     """The history drafter matching on the device at every step (`history_ahead`), also step by step:
     a run ahead and the step-by-step loop then propose the same drafts, so the two rollouts compare
-    draft for draft; every proposal recorded, each step-by-step step's lengths, and how many prompts'
-    earlier documents each layout kept from the one before (`anew`: none, every step laid out from
-    nothing)."""
+    draft for draft; every proposal recorded, each step-by-step step's lengths, and how many
+    documents each layout found on the device whole, sending none of their tokens (`anew`: every
+    step laid out in a new store, from nothing)."""
 
     def __new__(cls, steps_lengths: list, drafts: list, reused: list, *, anew: bool):
         from respec.drafters.history import HistoryDrafter
 
         class Drafter(HistoryDrafter):
             def ahead_state(self, batch):
-                before = dict(self.ahead_docs)
                 state = super().ahead_state(batch)
-                reused.append(sum(before.get(key) is block for key, block in self.ahead_docs.items()))
+                reused.append(self.store.kept)
                 return state
 
             def draft(self, batch):
                 if anew:  # (laid out from nothing each step: what a run's kept documents must equal)
-                    self.ahead_docs = {}
+                    self.store = None
                 out = self.draft_ahead(batch, self.ahead_state(batch))
                 out.lengths_list = out.lengths[: len(batch.seqs)].tolist()
                 steps_lengths.append(out.lengths_list)
@@ -218,7 +217,7 @@ class DeviceHistory:
 
             def draft_ahead(self, batch, state):
                 out = super().draft_ahead(batch, state)
-                n, caps = len(batch.seqs), (state[3] - 1).clamp(0, batch.k)  # (each row's cap: its room)
+                n, caps = len(batch.seqs), (state.left - 1).clamp(0, batch.k)  # (each row's cap: its room)
                 drafts.append((out.tokens[:n].tolist(), out.lengths[:n].tolist(), caps[:n].tolist()))
                 return out
         return Drafter(ahead=True, min_match=1)
@@ -271,7 +270,7 @@ def test_history_runs_ahead_as_its_steps_one_by_one(target, monkeypatch, verify,
             ran_ahead += g_out.stats.sd_ahead_steps
             sd_steps += g_out.stats.sd_steps
         assert seen == want_seen
-        assert sum(reused) > 0  # runs kept earlier documents on the device from the run before
+        assert sum(reused) > 0  # runs found documents on the device whole from the runs before
         print(f"T={temperature}: {ran_ahead} of {sd_steps} SD steps ran ahead")
         assert ran_ahead > sd_steps / 4  # (greedy rows end together: late reads stop runs k + 1 tokens early)
         if late:  # a late read's step past an EOS drafts for the ended row too
@@ -283,3 +282,4 @@ def test_history_runs_ahead_as_its_steps_one_by_one(target, monkeypatch, verify,
         assert any(n < c for _, ln, caps in drafts for n, c in zip(ln, caps))  # rows proposed fewer than their cap
         kinds = sum((o.stats.sd_kinds["history"]["accepted"] for o in want), 0)
         assert kinds > 0
+

@@ -197,6 +197,10 @@ class Drafter:
         `valid` (rows, k+1), taps (rows, k+1, F) the target's features there; device ops only."""
         raise NotImplementedError
 
+    def ran_ahead(self, seqs) -> None:
+        """With `runs_ahead`: a run of these rows ended and its tokens are recorded in them (the rows
+        that ended in it too, before `forget`)."""
+
     def long_drafts(self, seqs) -> list[int] | None:
         """Tokens each row could propose now, known before drafting, for a longer verify than k
         (a replay's remaining continuation); None: this drafter has no such proposals."""

@@ -213,7 +213,7 @@ class HistoryDrafter(Drafter):
         # building and hashing its prompt again (a tuple of a hundred tokens, twice a row a step)
         self.doc: dict[int, tuple[tuple[int, ...], int, SuffixIndex]] = {}
         self.crowded: set[tuple[int, ...]] = set()  # prompts due for a rebuild (too many evicted documents)
-        self.ahead_docs: dict = {}  # a run ahead's prompts' earlier documents on the device (history_ahead.py)
+        self.store = None  # the documents on the device, for runs ahead (history_ahead.py `DocStore`)
         self.next_doc = 0
 
     @property
@@ -235,6 +235,10 @@ class HistoryDrafter(Drafter):
 
     def advance(self, state, tokens, positions, valid, taps):
         return history_ahead.advance(self, state, tokens, positions, valid)
+
+    def ran_ahead(self, seqs) -> None:
+        if self.store is not None:
+            self.store.ran([self.doc[s.id][1] for s in seqs], [len(s.tokens) for s in seqs])
 
     def _index_of(self, s) -> SuffixIndex:
         key = tuple(s.prompt)
@@ -287,12 +291,15 @@ class HistoryDrafter(Drafter):
     def forget(self, seq) -> None:
         """The sequence's text stays as an earlier rollout of its prompt, whether it finished or was
         preempted (then the readmitted sequence starts a new document: the same prefix twice does no
-        harm). A prompt keeps its live documents and its last `window` finished ones: evicted ones
+        harm; the document keeps the text as it was, not the readmitted row's list, which grows).
+        A prompt keeps its live documents and its last `window` finished ones: evicted ones
         leave the index once `window` of them have piled up, at the next `catch_up` (so a batch of
         rows finishing together costs one rebuild)."""
         if seq.id not in self.doc:
             return
-        key, doc, _ = self.doc.pop(seq.id)
+        key, doc, index = self.doc.pop(seq.id)
+        if seq.finish_reason is None and doc in index.docs:
+            index.docs[doc] = list(index.docs[doc])
         if key in self.past:
             self.past[key].append(doc)
             if len(self.past[key]) >= 2 * self.window:
@@ -316,6 +323,7 @@ class HistoryDrafter(Drafter):
         self.index.clear()
         self.past.clear()
         self.doc.clear()
+        self.store = None  # (its document numbers are the saved state's now)
         for saved in state.get("prompts", []):
             key, index = tuple(saved["prompt"]), SuffixIndex(self.max_match, len(saved["prompt"]))
             index.docs, index.indexed = {doc: list(t) for doc, t in saved["docs"].items()}, dict(saved["indexed"])

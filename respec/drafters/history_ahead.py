@@ -5,16 +5,19 @@ a few dictionary lookups a row, but a host step between every two verifies, and 
 with the rows. Here the same question is answered by brute force on the device, so that the drafter's
 state between two steps is device tensors and its steps can run ahead (respec/sd_ahead.py):
 
-* the run's text, one tensor `docs` (D, C + 1): row i's own text in doc i (the batch's padding rows
-  hold empty ones), then every earlier document the rows' prompts hold in the host index (group
-  siblings' and earlier rollouts'), then one empty document; -1 past each document's end, and the
-  last column a place nothing reads, where the writes of a verify's unused slots go. The rows' own
-  texts are sent once a run; a prompt's earlier documents stay on the device from one run to the
-  next while they are the same;
-* each row's visible documents `seen` (rows, V): its prompt's documents (its own, its siblings',
-  the earlier ones), oldest first, padded with the empty one;
+* the run's text lives in a store of documents on the device (`DocStore`), one a row of its tensor
+  `docs` (slots, C + 1): every document the rows' prompts hold in the host index (each row's own,
+  its group siblings', earlier rollouts'), -1 past each document's end, and the last column a place
+  nothing reads, where the writes of a verify's unused slots go; two slots of the store's own, an
+  empty document and the one the batch's padding rows write into. A document is sent once, by
+  what it gained since it was last on the device: a new one's prompt is copied on the device from
+  a document of the same prompt there; a row's text written by a run ahead (below) is not sent
+  again; a finished document is never sent again while the store keeps it, nor looked at by the
+  host (the host's work a layout grows with the rows, not with the rollouts their prompts hold);
+* each row's own document `own` (rows,) and visible documents `seen` (rows, V): its prompt's
+  documents (its own, its siblings', the earlier ones), oldest first, padded with the empty one;
 * after a verify (`advance`), each row's emitted tokens are written at their positions in its own
-  document, on the device.
+  document, on the device; when the run ends the host text holds them too (`ran_ahead`).
 
 A draft (`propose`) compares each row's last `max_match` tokens with the tokens before every place
 of every document it sees (V x C places, `max_match` comparisons each: millions at 64 rows; on a
@@ -27,10 +30,13 @@ two may propose differently, and either is exact (a proposal is a point mass; `D
 How many tokens a row proposes depends only on the text, never on what a draft samples.
 
 `propose` and `write` are device helpers a run asks `CompiledSteps` for (their shapes are their
-own: `own_shapes`); `lay_out` builds the state on the host at a run's start.
+own: `own_shapes`); `lay_out` brings the store up to date and builds a run's state at its start,
+and a step's between runs where the drafter matches on the device (`HistoryDrafter.on_device`).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -39,18 +45,19 @@ from respec.host_copy import to_device
 
 PAD = -1  # past a document's end
 NOTHING = -2  # before a row's text starts (matches nothing, not even PAD)
+EMPTY, SINK = 0, 1  # the store's own slots: an empty document (`seen`'s padding), the padding rows' own
 
 
-def propose(docs, lengths, seen, left, *, k: int, max_match: int, min_match: int):
+def propose(docs, lengths, own, seen, left, *, k: int, max_match: int, min_match: int):
     """Each row's proposal: (tokens (rows, k), lengths (rows,)). docs (D, C + 1), lengths (D,) the
-    documents and their lengths, row i's own text being document i; seen (rows, V) each row's
+    documents and their lengths; own (rows,) each row's own document; seen (rows, V) each row's
     visible documents, oldest first (a later one wins a tie); left (rows,) tokens each row may still
     emit (0: a padding row), so that it proposes at most min(k, left - 1)."""
     rows, V = seen.shape
     C = docs.shape[1] - 1
     dev = docs.device
-    at = lengths[:rows].view(rows, 1) - 1 - torch.arange(max_match, device=dev).view(1, -1)
-    suffix = torch.where(at >= 0, docs[:rows].gather(1, at.clamp(min=0)), NOTHING)  # (rows, n): last token first
+    at = lengths[own].view(rows, 1) - 1 - torch.arange(max_match, device=dev).view(1, -1)
+    suffix = torch.where(at >= 0, docs[own.view(rows, 1), at.clamp(min=0)], NOTHING)  # (rows, n): last token first
     text = torch.nn.functional.pad(docs[seen][..., :C], (max_match, 0), value=PAD)  # (rows, V, n + C)
     # the place j (the token after a match, 0..C-1) matches m tokens: text[j - 1 - i] == suffix[i], i < m
     run = text[..., max_match - 1: max_match - 1 + C] == suffix[:, 0].view(rows, 1, 1)
@@ -75,84 +82,187 @@ def propose(docs, lengths, seen, left, *, k: int, max_match: int, min_match: int
 propose.own_shapes = True
 
 
-def write(docs, lengths, left, tokens, positions, valid) -> None:
-    """Each row's verified tokens (rows, k+1) written in its own document at `positions` where
-    `valid` (invalid ones to the last column, which nothing reads), its length and room moved: in
-    place."""
-    rows = tokens.shape[0]
+def write(docs, lengths, own, left, tokens, positions, valid) -> None:
+    """Each row's verified tokens (rows, k+1) written in its own document `own` at `positions` where
+    `valid` (invalid ones to the last column, which nothing reads; so are the padding rows' places
+    past it, all in one document nothing reads), its length and room moved: in place."""
+    rows, k1 = tokens.shape
     C = docs.shape[1] - 1
-    docs[:rows].scatter_(1, torch.where(valid, positions, C), tokens)
-    lengths[:rows] = lengths[:rows].maximum(torch.where(valid, positions + 1, 0).amax(1))
+    docs.index_put_((own.view(rows, 1).expand(rows, k1), torch.where(valid, positions, C).clamp(max=C)), tokens)
+    lengths.index_put_((own,), lengths[own].maximum(torch.where(valid, positions + 1, 0).amax(1)))
     left.sub_(valid.sum(1))
 
 
 write.own_shapes = True
 
 
-def lay_out(drafter, batch) -> tuple:
-    """A run's state (docs, lengths, seen, left) on the device: the rows' documents as the host
-    index holds them after `catch_up` (see the module docstring), in one host-to-device copy: the
-    rows' own texts, and each prompt's earlier documents where they are not on the device from the
-    run before (`drafter.ahead_docs`: kept while they are the same)."""
+def update(docs, lengths, values, place, start, count, dst, src, prompt, at, length) -> None:
+    """The store brought up to the host (`lay_out`), in place: the tokens `values` written into
+    document slots `place`, count[i] of them from position start[i]; then the first prompt[j]
+    tokens of slot src[j] copied into slot dst[j]; then the lengths of slots `at` set to `length`."""
+    n, dev = values.shape[0], docs.device
+    rows_of = torch.repeat_interleave(place, count, output_size=n)
+    first = torch.repeat_interleave(start - (count.cumsum(0) - count), count, output_size=n)
+    docs.index_put_((rows_of, first + torch.arange(n, device=dev)), values)
+    columns = torch.arange(docs.shape[1], device=dev).view(1, -1)
+    docs[dst] = torch.where(columns < prompt.view(-1, 1), docs[src], docs[dst])
+    lengths[at] = length
+
+
+update.own_shapes = True
+
+
+class Layout(NamedTuple):
+    """A run's state on the device (`lay_out`): the store's documents and lengths (written in place
+    by the run), each row's own document and visible ones, and each row's room."""
+    docs: torch.Tensor
+    lengths: torch.Tensor
+    own: torch.Tensor
+    seen: torch.Tensor
+    left: torch.Tensor
+
+
+class DocStore:
+    """Documents on the device, each in a slot (a row of `docs`), kept from one run to the next.
+    `sent[d]`: how many of document d's first tokens the device holds as the host does (a document
+    only grows; its text past that is sent, or was written there by a run ahead, `ran`); `final`:
+    documents no row writes any more (finished, or left by a preempted row) whose text and length
+    there are the host's, which a layout passes over. Slots are taken from `free`; where none is
+    left, the documents the layout does not need are dropped (sent again if a later run needs them),
+    then the store doubles; it widens when a run needs wider documents."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.docs = torch.full((16, 65), PAD, dtype=torch.int64, device=device)
+        self.lengths = torch.zeros(16, dtype=torch.int64, device=device)
+        self.slot: dict[int, int] = {}  # document -> its slot
+        self.sent: dict[int, int] = {}
+        self.final: set[int] = set()
+        self.free = list(range(15, SINK, -1))  # (popped from the end: the lowest slot first)
+        self.listed: dict[int, tuple] = {}  # id(index) -> (its documents, `dropped`, them oldest first, their slots)
+        self.dropped = 0  # times documents were dropped (a slot then may hold another)
+        self.kept = 0  # documents the last layout needed and found on the device whole
+        self.uploaded = 0  # tokens the last layout sent
+
+    def make_room(self, width: int, new: int, needed) -> None:
+        """At least `new` free slots and `width` columns (past the last one, where unused writes go),
+        keeping the documents `needed()` gives."""
+        if len(self.free) < new:
+            keep = needed()
+            for d in [d for d in self.slot if d not in keep]:
+                self.free.append(self.slot.pop(d))
+                self.sent.pop(d, None)
+                self.final.discard(d)
+            self.dropped += 1
+        slots, columns = self.docs.shape
+        if len(self.free) < new:
+            grown = max(2 * slots, slots + new - len(self.free))
+            self.free += range(grown - 1, slots - 1, -1)
+            self.free.sort(reverse=True)
+            slots = grown
+        if width + 1 > columns or slots > self.docs.shape[0]:
+            docs = torch.full((slots, max(width + 1, columns)), PAD, dtype=torch.int64, device=self.device)
+            docs[: self.docs.shape[0], : columns - 1] = self.docs[:, : columns - 1]  # (not the old last column)
+            lengths = self.lengths.new_zeros(slots)
+            lengths[: self.lengths.shape[0]] = self.lengths
+            self.docs, self.lengths = docs, lengths
+
+    def ran(self, docs: list[int], lengths: list[int]) -> None:
+        """A run ahead wrote these documents' tokens on the device, as far as the host's `lengths`
+        now (a row that ended in the run was written past its end there: never read, a length caps it)."""
+        for d, n in zip(docs, lengths):
+            if d in self.slot:
+                self.sent[d] = n
+
+
+def lay_out(drafter, batch) -> Layout:
+    """A run's state on the device: the store (`drafter.store`) brought up to the host index's
+    documents of the rows' prompts after `catch_up` (see the module docstring), in one host-to-device
+    copy: what each document gained since it was on the device and its length (the documents not
+    `final`), the rows' own and visible documents. The host's work grows with the rows and with the
+    documents still written, not with the finished ones."""
     seqs, rows, dev = batch.seqs, batch.tokens.shape[0], batch.tokens.device
-    own = {}  # (the prompt's index, document) -> the row whose own text it is
-    indexes = {}  # id -> the rows' prompts' indexes, in the rows' order
-    for i, s in enumerate(seqs):
-        _, doc, index = drafter.doc[s.id]
-        own[id(index), doc] = i
-        indexes.setdefault(id(index), index)
-    # as wide as any document, or as any row can grow (its token limit, within the target's context)
-    C = max(max(min(len(s.tokens) + s.params.max_new_tokens - len(s.out), drafter.view.max_len) for s in seqs),
-            max(len(t) for index in indexes.values() for t in index.docs.values()))
-    C = -(-C // 64) * 64
-    # each prompt's earlier documents: a block of rows after the rows' own, the last run's where it
-    # holds the same documents, as long, as wide; the others sent with the rows' own texts
-    blocks, at, placed, send = [], rows, {}, []
-    for key, index in indexes.items():
-        past = [d for d in sorted(index.docs) if (key, d) not in own]
-        what = (tuple(past), tuple(len(index.docs[d]) for d in past))
-        last = drafter.ahead_docs.get(key)
-        if last is None or last[0] is not index or last[1] != what or last[2] != C:
-            last = (index, what, C, len(send))  # (its tensors: rows of this run's copy)
-            send += [index.docs[d] for d in past]
-        blocks.append((key, last))
-        placed |= {(key, d): at + j for j, d in enumerate(past)}
-        at += len(past)
-    placed |= own
-    empty = at
-    seen = []  # each row's prompt's documents, oldest first
+    store = drafter.store
+    if store is None or store.device != dev:
+        store = drafter.store = DocStore(dev)
+    indexes, own = {}, []  # id -> the rows' prompts' indexes, in the rows' order; each row's document
     for s in seqs:
-        index = drafter.doc[s.id][2]
-        seen.append([placed[id(index), d] for d in sorted(index.docs)])
-    # (a power of two: few shapes; at least 2, as the compiled search would specialise a size of 1)
-    V = max(2, 1 << (max(map(len, seen)) - 1).bit_length())
-    seen = [m + [empty] * (V - len(m)) for m in seen] + [[empty] * V] * (rows - len(seqs))
-    pad = [PAD] * (C + 1)
-    texts = [s.tokens for s in seqs] + [[]] * (rows - len(seqs) + 1) + send  # (rows, the empty one, the sent)
-    sent, sent_lengths, seen = to_device(dev, [t + pad[len(t):] for t in texts], [len(t) for t in texts], seen)
-    cache, parts = {}, []
-    for key, block in blocks:
-        if len(block) == 4:  # (sent now: rows + 1 + its start)
-            first, n = rows + 1 + block[3], len(block[1][0])
-            block = block[:3] + (sent[first: first + n], sent_lengths[first: first + n])
-        cache[key] = block
-        parts.append(block[3:])
-    drafter.ahead_docs = cache  # (the prompts of this run only)
-    docs = torch.cat([sent[:rows]] + [b[0] for b in parts] + [sent[rows: rows + 1]])
-    lengths = torch.cat([sent_lengths[:rows]] + [b[1] for b in parts] + [sent_lengths[rows: rows + 1]])
+        _, doc, index = drafter.doc[s.id]
+        own.append(doc)
+        indexes.setdefault(id(index), index)
+    live = {doc for _, doc, _ in drafter.doc.values()}
+    slot, sent, final = store.slot, store.sent, store.final
+    # as wide as any document, or as any row can grow (its token limit, within the target's context)
+    C = max(min(len(s.tokens) + s.params.max_new_tokens - len(s.out), drafter.view.max_len) for s in seqs)
+    plan, new = [], 0  # each prompt's (index, its documents, oldest first, their slots if known, those to look at)
+    for key, index in indexes.items():
+        keys, known = tuple(index.docs), store.listed.get(key)
+        if known is not None and known[0] == keys and known[1] == store.dropped:
+            docs, slots = known[2], known[3]
+        else:
+            docs, slots = sorted(keys), None
+        look = [d for d in docs if d not in final]
+        for d in look:
+            C, new = max(C, len(index.docs[d])), new + (d not in slot)
+        plan.append((key, index, keys, docs, slots, look))
+    C = -(-C // 64) * 64
+    store.make_room(C, new, lambda: {d for p in plan for d in p[3]})
+    # what each document gained: (slot, from, count) and the tokens; a new document's prompt copied
+    # from a document of its prompt whose prompt is on the device (before this copy's writes: from
+    # one whose tokens are sent now too where there is none)
+    values, spans, copies, lengths, kept, seen = [], ([], [], []), ([], [], []), ([EMPTY, SINK], [0, 0]), 0, {}
+    for key, index, keys, docs, slots, look in plan:
+        shared = index.shared
+        source = next((d for d in docs if d in final and len(index.docs[d]) >= shared), None)
+        for d in look:
+            text, copied = index.docs[d], False
+            if d not in slot:
+                slot[d] = store.free.pop()
+                if source is not None and 0 < shared <= len(text):
+                    copies[0].append(slot[d]), copies[1].append(slot[source]), copies[2].append(shared)
+                    sent[d], copied = shared, True
+            n = sent.get(d, 0)
+            if n < len(text):
+                spans[0].append(slot[d]), spans[1].append(n), spans[2].append(len(text) - n)
+                values += text[n:]
+                sent[d] = len(text)
+                kept -= 1
+            if source is None and len(text) >= shared and not copied:
+                source = d
+            lengths[0].append(slot[d]), lengths[1].append(len(text))
+            if d not in live:  # (its length set now, and no row writes it again)
+                final.add(d)
+        kept += len(docs)
+        if slots is None:
+            slots = [slot[d] for d in docs]
+            store.listed[key] = (keys, store.dropped, docs, slots)
+        seen[key] = slots
+    store.kept, store.uploaded = kept, len(values)
+    # (each list at least two long, so that the compiled update never meets a size it specialises
+    # on: two tokens written into the padding rows' slot, which nothing reads; two copies of nothing)
+    values += [PAD, PAD]
+    for part, pad in zip(spans + copies, (SINK, 0, 1, SINK, SINK, 0)):
+        part += [pad] * 2
+    spans[1][-1] = 1
+    V = max(2, 1 << (max(map(len, seen.values())) - 1).bit_length())  # (a power of two: few shapes; at
+    # least 2, as the compiled search would specialise a size of 1)
+    seen = [seen[id(drafter.doc[s.id][2])] for s in seqs]
+    seen = [m + [EMPTY] * (V - len(m)) for m in seen] + [[EMPTY] * V] * (rows - len(seqs))
+    own = [slot[d] for d in own] + [SINK] * (rows - len(seqs))
+    *update_args, own, seen = to_device(dev, values, *spans, *copies, *lengths, own, seen)
+    drafter.view.steps.get(update)(store.docs, store.lengths, *update_args)
     real = torch.arange(rows, device=dev) < len(seqs)
-    return docs, lengths, seen, torch.where(real, batch.left, 0)
+    return Layout(store.docs, store.lengths, own, seen, torch.where(real, batch.left, 0))
 
 
-def draft(drafter, batch, state) -> Drafts:
+def draft(drafter, batch, state: Layout) -> Drafts:
     """Every row's proposal from `state`, on the device."""
-    docs, lengths, seen, left = state
     step = drafter.view.steps.get(propose, k=batch.k, max_match=drafter.max_match, min_match=drafter.min_match)
-    tokens, count = step(docs, lengths, seen, left)
+    tokens, count = step(state.docs, state.lengths, state.own, state.seen, state.left)
     return Drafts(tokens, count, None)
 
 
-def advance(drafter, state, tokens, positions, valid) -> tuple:
+def advance(drafter, state: Layout, tokens, positions, valid) -> Layout:
     """`state` after a verify of `tokens` (rows, k+1) emitted at `positions` where `valid`."""
-    drafter.view.steps.get(write)(*state[:2], state[3], tokens, positions, valid)
+    drafter.view.steps.get(write)(state.docs, state.lengths, state.own, state.left, tokens, positions, valid)
     return state

@@ -137,6 +137,9 @@ class HybridDrafter(Drafter):
     def advance(self, state, tokens, positions, valid, taps):
         return self.model.advance(state, tokens, positions, valid, taps)
 
+    def ran_ahead(self, seqs) -> None:
+        self.model.ran_ahead(seqs)
+
     def draft(self, batch: DraftBatch) -> Drafts:
         rows, n, caps = batch.tokens.shape[0], len(batch.seqs), batch.max_drafts_list
         held, self._held = self._held, None
