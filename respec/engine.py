@@ -315,7 +315,8 @@ class RolloutEngine:
         self.feature_layers = self.drafter.feature_layers
         self.drafter.attach(EngineView(target=self.runner, draft_pools=self.cache.draft_pools, steps=self.steps,
                                        tables=self._tables, device=self.device, dtype=self.dtype,
-                                       pack_weights=pack_weights, max_len=self.max_len))
+                                       pack_weights=pack_weights, max_len=self.max_len,
+                                       runs_ahead=lambda: self.run_ahead > 1))
 
     def release_weights(self) -> None:
         """Call before the model's weights change (an optimizer step), when nothing will decode until

@@ -283,3 +283,48 @@ def test_history_runs_ahead_as_its_steps_one_by_one(target, monkeypatch, verify,
         kinds = sum((o.stats.sd_kinds["history"]["accepted"] for o in want), 0)
         assert kinds > 0
 
+
+def test_history_on_the_device_leaves_its_host_index_to_be_written_when_read(target):
+    """Where the history drafter and its engine run ahead, every SD step matches on the device, the
+    steps taken one by one between runs too (respec/drafters/history.py `on_device`): the host index
+    only notes the rows' text, its maps never written while they are not read; with the engine
+    turned to step by step (`run_ahead` 0) the host proposes again, from maps written then, and a
+    saved state carries them. Greedy tokens equal plain decoding's throughout, and rows accept
+    drafts both ways. Power: steps were taken one by one beside the runs, and the maps once
+    written hold every document."""
+    from respec.drafters.history import HistoryDrafter
+
+    gen = torch.Generator().manual_seed(1)
+    perms = [torch.randperm(VOCAB - 1, generator=gen).tolist() for _ in range(3)]
+    prompts = [p + p[:4] for p in perms for _ in range(2)]
+    params = [SamplingParams(max_new_tokens=20 + 3 * i, temperature=0.0) for i in range(len(prompts))]
+    plain = RolloutEngine(target, kv_cache_bytes=64 << 20, block_size=4, eager=True, eos_token_ids=[EOS])
+    want = [o.token_ids for o in plain.generate(prompts, params)]
+    drafter = HistoryDrafter(ahead=True, min_match=1)
+    engine = RolloutEngine(target, kv_cache_bytes=64 << 20, block_size=4, eager=True, drafter=drafter,
+                           num_draft_tokens=3, policy=FixedK(3), eos_token_ids=[EOS])
+    assert drafter.on_device
+    by_device = [engine.generate(prompts, params) for _ in range(2)]
+    for out in by_device:
+        assert [o.token_ids for o in out] == want
+    st = by_device[1].stats
+    assert st.sd_ahead_steps > 0 and st.sd_steps > st.sd_ahead_steps  # (runs, and steps one by one)
+    assert sum(st.sd_accepted_at) > 0
+    assert drafter.behind and not any(index.places or index.full for index in drafter.index.values())
+    engine.run_ahead = 0  # the host's matching again, on the same documents
+    assert not drafter.on_device
+    noted = {key: list(index.docs) for key, index in drafter.index.items()}
+    by_host = engine.generate(prompts, params)
+    assert [o.token_ids for o in by_host] == want and by_host.stats.sd_ahead_steps == 0
+    assert sum(by_host.stats.sd_accepted_at) > 0 and not drafter.behind
+    for key, docs in noted.items():  # (every noted document indexed whole when the host first proposed)
+        index = drafter.index[key]
+        assert all(index.indexed[d] == len(index.docs[d]) for d in docs)
+    engine.run_ahead = 32
+    engine.generate(prompts, params)
+    saved = drafter.state_dict()  # (the maps written for it)
+    assert not drafter.behind
+    loaded = HistoryDrafter(min_match=1)
+    loaded.load_state_dict(saved)
+    for key, index in drafter.index.items():
+        assert loaded.index[key].places == index.places and loaded.index[key].full == index.full

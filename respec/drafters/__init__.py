@@ -75,6 +75,9 @@ class EngineView:
     dtype: torch.dtype  # the rollout dtype
     pack_weights: bool  # whether the engine packs linears (compile/cpu_linear.py); drafters with weights follow
     max_len: int  # the target's context: no row's text grows past it
+    # whether the engine runs SD steps ahead of the host now (its `run_ahead`; read when asked: a
+    # bench turns it off for a rollout step by step)
+    runs_ahead: Callable[[], bool] = lambda: False
 
 
 @dataclass

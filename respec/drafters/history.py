@@ -103,14 +103,24 @@ class SuffixIndex:
         self.indexed[doc] = max(start, len(tokens))
         self.prompt_indexed = self.prompt_indexed or len(tokens) >= self.shared
 
-    def keep_only(self, docs: list[int]) -> None:
+    def note(self, doc: int, tokens: list[int]) -> None:
+        """Document `doc` is now `tokens`, not indexed yet (`catch_up` indexes it)."""
+        self.docs[doc] = tokens
+
+    def catch_up(self) -> None:
+        """Index what every document gained since it was last indexed, document by document."""
+        for d, t in list(self.docs.items()):
+            if self.indexed.get(d, -1) < len(t):
+                self.extend(d, t)
+
+    def keep_only(self, docs: list[int], index: bool = True) -> None:
         """Drop every document not in `docs` and re-index the rest (in the given order, oldest first,
-        so the latest occurrence still wins)."""
+        so the latest occurrence still wins; not `index`: only noted, for `catch_up`)."""
         kept = [(d, self.docs[d]) for d in docs]
         self.docs, self.indexed, self.full, self.single, self.pair, self.places = {}, {}, {}, {}, {}, {}
         self.prompt_indexed = False
         for d, t in kept:
-            self.extend(d, t)
+            self.extend(d, t) if index else self.note(d, t)
 
     def propose(self, doc: int, min_n: int, limit: int) -> tuple[list[int], int]:
         """The continuation (at most `limit` tokens) of the longest suffix of `doc` (>= min_n tokens)
@@ -214,11 +224,21 @@ class HistoryDrafter(Drafter):
         self.doc: dict[int, tuple[tuple[int, ...], int, SuffixIndex]] = {}
         self.crowded: set[tuple[int, ...]] = set()  # prompts due for a rebuild (too many evicted documents)
         self.store = None  # the documents on the device, for runs ahead (history_ahead.py `DocStore`)
+        self.behind: set[tuple[int, ...]] = set()  # prompts whose documents were noted, not indexed (`on_device`)
         self.next_doc = 0
 
     @property
     def runs_ahead(self) -> bool:
         return bool(self.ahead)
+
+    @property
+    def on_device(self) -> bool:
+        """Every SD step matched on the device, where this drafter runs ahead and so does its engine:
+        the runs, and the steps taken one by one between them (from the same documents there, laid
+        out again by what they gained). The host index then only notes the documents; its maps are
+        written when read (`proposals`, `state_dict`), document by document (not in the order the
+        rows' text arrived: where the engine stops running ahead, the host proposes from them)."""
+        return bool(self.ahead) and getattr(self, "view", None) is not None and self.view.runs_ahead()
 
     def attach(self, view) -> None:
         super().attach(view)
@@ -253,12 +273,15 @@ class HistoryDrafter(Drafter):
 
     def catch_up(self, seqs, k: int) -> None:
         """Index whatever the rows emitted since the last step (new rows: their prompt and text)."""
+        lazy = self.on_device
         for key in self.crowded:  # prompts with `window` evicted documents piled up: rebuild once
             if key in self.index:
                 past = self.past[key]
                 del past[: len(past) - self.window]
                 live = [d for p, d, _ in self.doc.values() if p == key]
-                self.index[key].keep_only(sorted(past + live))
+                self.index[key].keep_only(sorted(past + live), index=not lazy)
+                if lazy:
+                    self.behind.add(key)
         self.crowded.clear()
         touched = set()  # the prompts marked as used this step (once each, not once a row)
         for s in seqs:
@@ -270,10 +293,24 @@ class HistoryDrafter(Drafter):
             if id(index) not in touched:
                 touched.add(id(index))
                 self.index.move_to_end(key)
-            index.extend(doc, s.tokens)
+                if lazy:
+                    self.behind.add(key)
+            if lazy:
+                index.note(doc, s.tokens)
+            else:
+                index.extend(doc, s.tokens)
+
+    def _index_behind(self) -> None:
+        """Index the documents `catch_up` only noted."""
+        for key in self.behind:
+            if key in self.index:
+                self.index[key].catch_up()
+        self.behind.clear()
 
     def proposals(self, seqs, caps: list[int]) -> list[tuple[list[int], int]]:
         """Each row's (proposal of at most `caps[i]` tokens, length of the suffix it matched)."""
+        if self.behind:
+            self._index_behind()
         doc = self.doc
         return [doc[s.id][2].propose(doc[s.id][1], self.min_match, cap) if cap else ([], 0)
                 for s, cap in zip(seqs, caps)]
@@ -285,6 +322,10 @@ class HistoryDrafter(Drafter):
                 for (prop, match), cap in zip(self.proposals(seqs, caps), caps)]
 
     def draft(self, batch: DraftBatch) -> Drafts:
+        if self.on_device:  # (the lengths read back: the engine decodes plainly where none proposed)
+            out = self.draft_ahead(batch, self.ahead_state(batch))
+            out.lengths_list = out.lengths[: len(batch.seqs)].tolist()
+            return out
         return Drafts.proposed([prop for prop, _ in self.proposals(batch.seqs, batch.max_drafts_list)],
                                batch.tokens.shape[0], batch.k, batch.tokens.device)
 
@@ -311,6 +352,7 @@ class HistoryDrafter(Drafter):
         to depends on the order the rows' text arrived in, and a rebuilt one would propose
         differently. Each entry is a place in a document (`SuffixIndex.spans`), not the n-gram
         itself. (After a Ctrl-C that abandons a rollout, its partial text is history too.)"""
+        self._index_behind()
         prompts = []
         for key, index in self.index.items():
             prompts.append({"prompt": list(key), "docs": {doc: list(t) for doc, t in index.docs.items()},
@@ -324,6 +366,7 @@ class HistoryDrafter(Drafter):
         self.past.clear()
         self.doc.clear()
         self.store = None  # (its document numbers are the saved state's now)
+        self.behind.clear()
         for saved in state.get("prompts", []):
             key, index = tuple(saved["prompt"]), SuffixIndex(self.max_match, len(saved["prompt"]))
             index.docs, index.indexed = {doc: list(t) for doc, t in saved["docs"].items()}, dict(saved["indexed"])

@@ -15,10 +15,11 @@ where no GPU is needed, with the tiny model on the CPU:
   rollout's decoding steps (`plain_step_us` / `sd_step_us`: the same with the step functions'
   time left in, the whole decoding step as the rollout ran it). Plain rollouts decode without a
   drafter; SD rollouts run the history drafter with k = 3 on prompts that repeat, so most steps
-  draft and verify, its match on the device and its steps run ahead of the host as on a GPU
-  (respec/drafters/history_ahead.py, respec/sd_ahead.py; the match is one of the step functions,
-  device work), unless `--run-ahead 0` (`--drafter eagle`: an untrained EAGLE head, k = 3, every
-  step drafting: its steps run ahead too, unless `--run-ahead 0`; `--drafter hybrid`:
+  draft and verify, its match on the device (the steps between runs too) and its steps run ahead
+  of the host as on a GPU (respec/drafters/history_ahead.py, respec/sd_ahead.py; the match is one of
+  the step functions, device work), unless `--run-ahead 0` (the host's index, step by step;
+  `--drafter eagle`: an untrained EAGLE head, k = 3, every step drafting: its steps run ahead
+  too, unless `--run-ahead 0`; `--drafter hybrid`:
   the two side by side as a training run drafts, the head's steps run ahead where history offers
   no row anything, as on a GPU). The figure is the
   median of `--runs` rollouts, after every shape is compiled (`respec.profiling.warmup`) and one
