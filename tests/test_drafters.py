@@ -267,6 +267,19 @@ def test_device_store_sends_each_document_once_and_holds_what_the_host_holds():
     drafter.ran_ahead(seqs)
     _, own, seen = _laid_out(drafter, seqs, 6)
     assert store.uploaded == 0 and _holds_what_the_host_holds(drafter, seqs, 6, own, seen)
+    # no prompt's documents changed since: the last layout's lists serve (`_quick`), for the rows
+    # left after row 0 ended (its document cut back to the host's length; the others in new places),
+    # for some of them while a row of another batch (row 1) gains tokens, and for them all again
+    listed = store.last.row
+    drafter.forget(seqs[0])
+    _, own, seen = _laid_out(drafter, seqs[1:], 6)
+    assert store.uploaded == 0 and _holds_what_the_host_holds(drafter, seqs[1:], 6, own, seen)
+    seqs[1].extend([11, 12], [0.0, 0.0])
+    _, own, seen = _laid_out(drafter, seqs[2:], 6)
+    assert store.uploaded == 2 and _holds_what_the_host_holds(drafter, seqs[2:], 6, own, seen)
+    _, own, seen = _laid_out(drafter, seqs[1:], 6)  # (row 1's new tokens there since the layout before)
+    assert store.uploaded == 0 and _holds_what_the_host_holds(drafter, seqs[1:], 6, own, seen)
+    assert store.last.row is listed and store.kept == 4  # (none laid out anew)
     # the next rollout: the finished documents stay; a new document copies its prompt where one is there
     for s in seqs:
         drafter.forget(s)
@@ -304,6 +317,29 @@ def test_device_store_sends_each_document_once_and_holds_what_the_host_holds():
     drafter.ran_ahead(seqs)
     _, own, seen = _laid_out(drafter, seqs, 2)
     assert not _holds_what_the_host_holds(drafter, seqs, 2, own, seen)
+
+
+def test_device_store_lays_out_anew_where_a_prompts_documents_change():
+    """The layout that reuses the last one's lists (`history_ahead._quick`) does not where a prompt's
+    set of documents changed since: here the rows left after two ended, whose prompt's finished
+    documents piled past `window` and were dropped by the host index's rebuild; the device's visible
+    documents follow the host's."""
+    from types import SimpleNamespace
+
+    from compile.policy import CompiledSteps
+    from respec.engine import Sequence
+
+    drafter = HistoryDrafter(ahead=True, min_match=1, window=1)
+    drafter.view = SimpleNamespace(max_len=512, runs_ahead=lambda: True,
+                                   steps=CompiledSteps(eager=True, device=torch.device("cpu")))
+    seqs = [Sequence(i, [5, 6, 7, 8], SamplingParams(max_new_tokens=20), out=[9 + i, 3]) for i in range(3)]
+    _laid_out(drafter, seqs, 4)
+    for s in seqs[:2]:
+        drafter.forget(s)
+    _, own, seen = _laid_out(drafter, seqs[2:], 4)
+    index = drafter.index[(5, 6, 7, 8)]
+    assert sorted(index.docs) == [1, 2]  # (document 0 dropped by the rebuild)
+    assert _holds_what_the_host_holds(drafter, seqs[2:], 4, own, seen)
 
 
 def test_suffix_index_indexes_the_prompt_once():

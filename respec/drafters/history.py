@@ -225,6 +225,7 @@ class HistoryDrafter(Drafter):
         self.crowded: set[tuple[int, ...]] = set()  # prompts due for a rebuild (too many evicted documents)
         self.store = None  # the documents on the device, for runs ahead (history_ahead.py `DocStore`)
         self.behind: set[tuple[int, ...]] = set()  # prompts whose documents were noted, not indexed (`on_device`)
+        self.changes = 0  # times a prompt's set of documents changed (one added or dropped; `history_ahead.Laid`)
         self.next_doc = 0
 
     @property
@@ -280,6 +281,7 @@ class HistoryDrafter(Drafter):
                 del past[: len(past) - self.window]
                 live = [d for p, d, _ in self.doc.values() if p == key]
                 self.index[key].keep_only(sorted(past + live), index=not lazy)
+                self.changes += 1
                 if lazy:
                     self.behind.add(key)
         self.crowded.clear()
@@ -289,6 +291,7 @@ class HistoryDrafter(Drafter):
             if live is None:
                 live = self.doc[s.id] = (tuple(s.prompt), self.next_doc, self._index_of(s))
                 self.next_doc += 1
+                self.changes += 1
             key, doc, index = live
             if id(index) not in touched:
                 touched.add(id(index))

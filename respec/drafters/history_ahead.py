@@ -122,6 +122,22 @@ class Layout(NamedTuple):
     left: torch.Tensor
 
 
+class Laid(NamedTuple):
+    """What a layout leaves for the next one, which reuses it where no prompt's set of documents has
+    changed since (the drafter's `changes`, the store's `dropped`) and its rows are some of this
+    one's, in a batch as wide: each row's own slot, its prompt, its visible slots; the documents not
+    final after it (the only ones whose text may have grown); the rows' own and visible documents
+    on the device, as it sent them."""
+    changes: int
+    dropped: int
+    rows: int  # the batch's rows, padding included
+    ids: tuple  # its sequences' ids, in order
+    row: dict  # sequence id -> (its own slot, id of its prompt's index, its visible slots)
+    pending: list  # (document, its index), the documents not final after the layout
+    own: torch.Tensor
+    seen: torch.Tensor
+
+
 class DocStore:
     """Documents on the device, each in a slot (a row of `docs`), kept from one run to the next.
     `sent[d]`: how many of document d's first tokens the device holds as the host does (a document
@@ -143,6 +159,7 @@ class DocStore:
         self.dropped = 0  # times documents were dropped (a slot then may hold another)
         self.kept = 0  # documents the last layout needed and found on the device whole
         self.uploaded = 0  # tokens the last layout sent
+        self.last: Laid | None = None  # what the last layout left for the next one (`lay_out`'s quick path)
 
     def make_room(self, width: int, new: int, needed) -> None:
         """At least `new` free slots and `width` columns (past the last one, where unused writes go),
@@ -180,11 +197,16 @@ def lay_out(drafter, batch) -> Layout:
     documents of the rows' prompts after `catch_up` (see the module docstring), in one host-to-device
     copy: what each document gained since it was on the device and its length (the documents not
     `final`), the rows' own and visible documents. The host's work grows with the rows and with the
-    documents still written, not with the finished ones."""
+    documents still written, not with the finished ones; where no prompt's set of documents changed
+    since the last layout and its rows are some of that one's (the steps between two runs, a run after
+    some rows ended), only the documents still written are looked at (`_quick`)."""
     seqs, rows, dev = batch.seqs, batch.tokens.shape[0], batch.tokens.device
     store = drafter.store
     if store is None or store.device != dev:
         store = drafter.store = DocStore(dev)
+    quick = _quick(drafter, store, seqs, rows)
+    if quick is not None:
+        return _laid(drafter, store, batch, *quick)
     indexes, own = {}, []  # id -> the rows' prompts' indexes, in the rows' order; each row's document
     for s in seqs:
         _, doc, index = drafter.doc[s.id]
@@ -210,7 +232,7 @@ def lay_out(drafter, batch) -> Layout:
     # what each document gained: (slot, from, count) and the tokens; a new document's prompt copied
     # from a document of its prompt whose prompt is on the device (before this copy's writes: from
     # one whose tokens are sent now too where there is none)
-    values, spans, copies, lengths, kept, seen = [], ([], [], []), ([], [], []), ([EMPTY, SINK], [0, 0]), 0, {}
+    values, spans, copies, lengths, kept, seen, pending = [], ([], [], []), ([], [], []), ([], []), 0, {}, []
     for key, index, keys, docs, slots, look in plan:
         shared = index.shared
         source = next((d for d in docs if d in final and len(index.docs[d]) >= shared), None)
@@ -232,24 +254,77 @@ def lay_out(drafter, batch) -> Layout:
             lengths[0].append(slot[d]), lengths[1].append(len(text))
             if d not in live:  # (its length set now, and no row writes it again)
                 final.add(d)
+            else:
+                pending.append((d, index))
         kept += len(docs)
         if slots is None:
             slots = [slot[d] for d in docs]
             store.listed[key] = (keys, store.dropped, docs, slots)
         seen[key] = slots
-    store.kept, store.uploaded = kept, len(values)
+    row = {s.id: (slot[d], key, seen[key]) for s, d, key in zip(seqs, own, (id(drafter.doc[s.id][2]) for s in seqs))}
+    store.kept = kept
+    store.last = Laid(drafter.changes, store.dropped, rows, (), row, pending, None, None)
+    return _laid(drafter, store, batch, values, spans, copies, lengths)
+
+
+def _quick(drafter, store: DocStore, seqs, rows: int):
+    """`lay_out`'s update of the store where the last layout's lists still hold (see `Laid`): what
+    the documents not final then gained, their lengths; those no row writes any more made final.
+    None: lay out anew."""
+    last = store.last
+    if last is None or (last.changes, last.dropped, last.rows) != (drafter.changes, store.dropped, rows):
+        return None
+    known = last.row
+    if any(s.id not in known for s in seqs):
+        return None
+    width = store.docs.shape[1] - 1
+    if any(len(index.docs[d]) > width for d, index in last.pending):  # (a row of another batch grew)
+        return None
+    live = {doc for _, doc, _ in drafter.doc.values()}
+    slot, sent, final = store.slot, store.sent, store.final
+    values, spans, lengths, pending = [], ([], [], []), ([], []), []
+    for d, index in last.pending:
+        text, n, at = index.docs[d], sent.get(d, 0), slot[d]
+        if n < len(text):
+            spans[0].append(at), spans[1].append(n), spans[2].append(len(text) - n)
+            values += text[n:]
+            sent[d] = len(text)
+        lengths[0].append(at), lengths[1].append(len(text))
+        if d in live:
+            pending.append((d, index))
+        else:
+            final.add(d)
+    seen = {key: slots for _, key, slots in (known[s.id] for s in seqs)}
+    store.kept = sum(map(len, seen.values())) - len(spans[0])
+    store.last = last._replace(pending=pending)
+    return values, spans, ([], [], []), lengths
+
+
+def _laid(drafter, store: DocStore, batch, values, spans, copies, lengths) -> Layout:
+    """The store's update sent and run (one host-to-device copy, one compiled call), and the run's
+    state: the rows' own and visible documents sent with it where the last layout's do not serve."""
+    seqs, rows, dev, last = batch.seqs, batch.tokens.shape[0], batch.tokens.device, store.last
+    store.uploaded = len(values)
     # (each list at least two long, so that the compiled update never meets a size it specialises
-    # on: two tokens written into the padding rows' slot, which nothing reads; two copies of nothing)
+    # on: two tokens written into the padding rows' slot, which nothing reads; two copies of nothing;
+    # two lengths of the store's own slots)
     values += [PAD, PAD]
-    for part, pad in zip(spans + copies, (SINK, 0, 1, SINK, SINK, 0)):
+    for part, pad in zip(spans + copies + lengths, (SINK, 0, 1, SINK, SINK, 0, EMPTY, 0)):
         part += [pad] * 2
     spans[1][-1] = 1
-    V = max(2, 1 << (max(map(len, seen.values())) - 1).bit_length())  # (a power of two: few shapes; at
-    # least 2, as the compiled search would specialise a size of 1)
-    seen = [seen[id(drafter.doc[s.id][2])] for s in seqs]
-    seen = [m + [EMPTY] * (V - len(m)) for m in seen] + [[EMPTY] * V] * (rows - len(seqs))
-    own = [slot[d] for d in own] + [SINK] * (rows - len(seqs))
-    *update_args, own, seen = to_device(dev, values, *spans, *copies, *lengths, own, seen)
+    lengths[0][-1] = SINK
+    ids = tuple(s.id for s in seqs)
+    if ids == last.ids:
+        update_args = to_device(dev, values, *spans, *copies, *lengths)
+        own, seen = last.own, last.seen
+    else:
+        row = [last.row[i] for i in ids]
+        V = max(2, 1 << (max(len(m) for _, _, m in row) - 1).bit_length())  # (a power of two: few shapes;
+        # at least 2, as the compiled search would specialise a size of 1)
+        seen = [m + [EMPTY] * (V - len(m)) for _, _, m in row] + [[EMPTY] * V] * (rows - len(seqs))
+        own = [o for o, _, _ in row] + [SINK] * (rows - len(seqs))
+        *update_args, own, seen = to_device(dev, values, *spans, *copies, *lengths, own, seen)
+        store.last = last._replace(ids=ids, own=own, seen=seen)
     drafter.view.steps.get(update)(store.docs, store.lengths, *update_args)
     real = torch.arange(rows, device=dev) < len(seqs)
     return Layout(store.docs, store.lengths, own, seen, torch.where(real, batch.left, 0))
