@@ -29,11 +29,14 @@ length k (each row capped by its room), none of that is needed between two steps
   (`Verified`), so that the host's work a step does not grow with the rows (from the step in which
   a row ended, if one did, row by row).
 
-A run lasts at most `max_steps` steps and stops where a row's room (its token or context limit)
-falls under two tokens: each row drafts up to its room less one, at most k (the plan's cap, moved
-on the device as the row emits), so a row may reach its limit inside a run, and no step is one in
-which no row could draft (the step-by-step loop's plain step); where the flag is read a step late,
-the run stops k + 1 tokens earlier, the room the step after the flag takes. The draft length is the
+A run starts where every row has at least two tokens of room (its token or context limit), lasts
+at most `max_steps` steps and stops where a row reaches its limit: each row drafts up to its room
+less one, at most k (the plan's cap, moved on the device as the row emits), so a row with one token
+of room drafts nothing and emits its last token in the run, as the step-by-step loop's step would
+(a rollout's rows then end in its runs, not in steps taken one by one after them); the run also
+stops before a step in which no row could draft (the step-by-step loop's plain step). Where the
+flag is read a step late, the run stops where a row's room falls under k + 3 tokens, leaving the
+step after the flag the k + 1 it takes and the rows one to draft with (`stops_under`). The draft length is the
 plan's at the run's start: the solver sees the run's verifies when it ends (its estimate moves by a
 few steps' worth).
 
@@ -53,7 +56,7 @@ from respec.drafters import DraftBatch
 from respec.host_copy import to_device
 from respec.run_ahead import Behind
 from respec.solver import Verified
-from respec.speculative import slack, verify_step
+from respec.speculative import ENDLESS, slack, verify_step
 
 
 def runs_ahead(engine, groups, room: list[int], seqs) -> int:
@@ -83,8 +86,8 @@ def reads_late(device: torch.device) -> bool:
 def steps_ahead(engine, seqs, k: int, max_steps: int) -> int:
     """How many SD steps of draft length `k` `seqs` may run before the batch can change, at most
     `max_steps`: as many as the pool has slots for without preempting (a row needs k + 1 a step, up to
-    its room); none where a row's room is under `slack` (the run would stop at once). 0 or 1: run the
-    step-by-step loop."""
+    its room); none where a row's room is under `slack` (a row could not draft at the first step).
+    0 or 1: run the step-by-step loop."""
     blocks, rooms = engine.blocks, [room(engine, s) for s in seqs]
     if min(rooms) < slack(k, reads_late(engine.device)):
         return 0
@@ -97,8 +100,8 @@ def steps_ahead(engine, seqs, k: int, max_steps: int) -> int:
 def sd_run_ahead(engine, seqs, group, steps: int, policy, should_stop=None) -> None:
     """Up to `steps` SD steps of `seqs` with `group.width` drafts a row (see the module docstring):
     their tokens recorded, finish reasons set, slots handed back, statistics, solver and drafter
-    told; the run stops early where a row emits EOS, a row's room falls under `slack`, or
-    `should_stop()`."""
+    told; the run stops early where a row emits EOS, a row's room falls under `stops_under` (on a
+    CPU: a row reached its limit), no row could draft at the next step, or `should_stop()`."""
     t0 = time.perf_counter()
     k, dev, drafter, n = group.width, engine.device, engine.drafter, len(seqs)
     flag = Behind(dev)
@@ -115,7 +118,7 @@ def sd_run_ahead(engine, seqs, group, steps: int, policy, should_stop=None) -> N
     caps = [min(k, r - 1) for r in rooms]  # the plan's (every room is at least the slack)
     tokens, positions, tables, max_drafts, left = to_device(
         dev, [s.tokens[-1] for s in seqs] + pad, [len(s.tokens) - 1 for s in seqs] + pad,
-        engine._table_rows(seqs, rows), caps + pad, rooms + [1 << 40] * (rows - n))  # (tables as wide as the last step needs)
+        engine._table_rows(seqs, rows), caps + pad, rooms + [ENDLESS] * (rows - n))  # (tables as wide as the last step needs)
     batch = DraftBatch(seqs=seqs, k=k, sampling=sampling, use_filter=use_filter, coupled=engine.verify == "match",
                        tokens=tokens, positions=positions, block_tables=tables, max_drafts=max_drafts,
                        max_drafts_list=caps, left=left)

@@ -139,12 +139,23 @@ def draft_next(drafter, hidden, seeds, temperature, top_k, top_p, min_p, next_po
 
 
 def slack(k: int, late: bool) -> int:
-    """The room every row of a run ahead of the host (respec/sd_ahead.py) must have left for the run
-    to go on: 2, so that each row drafts at least one token at every step (a row drafts up to its
-    room less one, as the plan caps it; a step in which no row could draft is the step-by-step
-    loop's plain step); where the flag is read a step late, one more step runs after it, which takes
-    up to k + 1 more."""
+    """The room every row of a run ahead of the host (respec/sd_ahead.py) must have at its start: 2,
+    so that each row drafts at least one token at its first step (a row drafts up to its room less
+    one, as the plan caps it; a step in which no row could draft is the step-by-step loop's plain
+    step); where the flag is read a step late, one more step runs after it, which takes up to k + 1
+    more."""
     return k + 3 if late else 2
+
+
+def stops_under(k: int, late: bool) -> int:
+    """The room under which a row stops the run (`next_inputs`): 1 where the flag is read at once (a
+    row with one token of room drafts nothing and emits its last token in the run, as the step-by-step
+    loop's step would; the run stops where no row could draft at the next step); where it is read a
+    step late, `slack`, the step after the flag taking up to k + 1 more."""
+    return k + 3 if late else 1
+
+
+ENDLESS = 1 << 40  # a padding row's room in a run ahead of the host
 
 
 def next_inputs(tokens, n, positions, left, lengths, eos_ids, watching, *, late: bool):
@@ -157,8 +168,9 @@ def next_inputs(tokens, n, positions, left, lengths, eos_ids, watching, *, late:
     * the verified pairs, as a drafter that runs ahead consumes them: pair j (the token emitted
       after position positions + j) at position positions + 1 + j, valid for j <= n;
     * whether the run must stop (0-d bool): a `watching` row (B,) emitted one of `eos_ids` (1, E;
-      -1 where there are none), or a row's room fell under the run's `slack` (`late`: the host reads
-      the flag a step late).
+      -1 where there are none), a row's room fell under `stops_under` (`late`: the host reads the
+      flag a step late), or no row could draft at the next step (every room at most one token; a
+      padding row's is `ENDLESS`).
 
     Device ops only, inside the verify's compiled tail; the step-by-step loop reads none of it."""
     B, k1 = tokens.shape
@@ -170,7 +182,7 @@ def next_inputs(tokens, n, positions, left, lengths, eos_ids, watching, *, late:
     left = left - n - 1
     caps = (left - 1).clamp(min=0).minimum(torch.where(lengths > 0, k1 - 1, 0))
     hit = ((tokens.unsqueeze(2) == eos_ids.view(1, 1, -1)).any(2) & valid).any(1) & watching  # (B,)
-    ended = (left < slack(k1 - 1, late)).any() | hit.any()
+    ended = (left < stops_under(k1 - 1, late)).any() | hit.any() | ((left <= 1) | (left > ENDLESS // 2)).all()
     return newest, positions + n + 1, left, caps, ended, pair_positions, valid
 
 

@@ -297,7 +297,9 @@ def test_history_on_the_device_leaves_its_host_index_to_be_written_when_read(tar
     gen = torch.Generator().manual_seed(1)
     perms = [torch.randperm(VOCAB - 1, generator=gen).tolist() for _ in range(3)]
     prompts = [p + p[:4] for p in perms for _ in range(2)]
-    params = [SamplingParams(max_new_tokens=20 + 3 * i, temperature=0.0) for i in range(len(prompts))]
+    # (two rows of each prompt, one token of limit apart: where a run stops at the first one's limit,
+    # the second has one token of room, too little to start a run, and steps one by one)
+    params = [SamplingParams(max_new_tokens=20 + 3 * (i // 2) + i % 2, temperature=0.0) for i in range(len(prompts))]
     plain = RolloutEngine(target, kv_cache_bytes=64 << 20, block_size=4, eager=True, eos_token_ids=[EOS])
     want = [o.token_ids for o in plain.generate(prompts, params)]
     drafter = HistoryDrafter(ahead=True, min_match=1)
